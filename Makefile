@@ -1,0 +1,41 @@
+# edgeact: `make test` and `make demo` each set up .venv themselves (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+# Debian packages the tests need: libusb for pyrealsense2.
+APT_PACKAGES := libusb-1.0-0
+EXTRAS := export,serial,can,realsense,dev
+
+.PHONY: setup system-deps test demo bench clean
+
+setup: $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# torch first, from the pinned CPU wheel, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt | system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q
+
+demo: system-deps $(STAMP)
+	$(VENV)/bin/edgeact demo
+
+bench: system-deps $(STAMP)
+	$(VENV)/bin/edgeact bench-suite
+
+clean:
+	rm -rf $(VENV) build *.egg-info

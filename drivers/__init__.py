@@ -1,0 +1,1 @@
+"""Motor buses (serial, CAN), cameras, and simulated devices speaking the real wire protocols."""

@@ -1,0 +1,1 @@
+"""Motor buses: the interface, vendor protocols (Feetech, Dynamixel, Damiao), setup and safety."""

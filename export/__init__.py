@@ -1,0 +1,1 @@
+"""Export toolchain: reference ARM in PyTorch, checkpoints, ONNX export, quantization, engines, bundles."""

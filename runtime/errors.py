@@ -1,0 +1,21 @@
+"""Error types shared by every package; each message names the problem and the fix."""
+
+
+class EdgeactError(Exception):
+    """Base of errors a user can act on (shown without a traceback by the CLI)."""
+
+
+class CheckpointError(EdgeactError):
+    """A checkpoint directory is missing a file, has a bad key, shape or config."""
+
+
+class ConfigError(EdgeactError):
+    """A config file or config field is invalid."""
+
+
+class BundleError(EdgeactError):
+    """A bundle is corrupt, partial, of the wrong schema, or failed verification."""
+
+
+class GrammarError(EdgeactError):
+    """Text or token ids do not follow the answer grammar."""
