@@ -1,6 +1,119 @@
 """Driver sub-commands (`edgeact motors ...`); pyserial / python-can are imported inside handlers."""
 from __future__ import annotations
 
+import argparse
+
+PROTOCOLS = ("feetech", "dynamixel")
+
+
+def parse_ids(text: str) -> list[int]:
+    """'1,2,5' or '1-6' or '1-3,7' -> sorted ids."""
+    ids: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            ids.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ids {text!r} unreadable; write them like 1,2,5 or 1-6") from None
+    if not ids or min(ids) < 0 or max(ids) > 252:
+        raise argparse.ArgumentTypeError(f"ids {text!r} must lie in 0-252")
+    return sorted(ids)
+
 
 def register(subparsers) -> None:
-    pass
+    motors = subparsers.add_parser("motors", help="scan, set up and simulate serial servo buses (Feetech, Dynamixel)")
+    actions = motors.add_subparsers(dest="motors_action", metavar="ACTION")
+    actions.required = True
+
+    scan = actions.add_parser("scan", help="list the motors that answer on a port, at every baud rate")
+    scan.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyACM0 (or a simulator's /dev/pts/N)")
+    scan.add_argument("--protocol", choices=PROTOCOLS, help="only this protocol (default: both)")
+    scan.add_argument("--baud", type=int, nargs="+", help="baud rates to try (default: all the protocol supports)")
+    scan.add_argument("--ids", type=parse_ids, help="ids to search, e.g. 1-10 (default: 0-252)")
+    scan.add_argument("--timeout", type=float, default=0.02, help="seconds to wait for each reply (default 0.02)")
+    scan.set_defaults(handler=_scan)
+
+    setup = actions.add_parser("setup", help="give ONE connected motor a new id and baud rate, plus safe defaults")
+    setup.add_argument("--port", required=True)
+    setup.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    setup.add_argument("--id", type=int, required=True, help="the id to give the motor")
+    setup.add_argument("--baud", type=int, required=True, help="the baud rate to give the motor")
+    setup.add_argument("--search-baud", type=int, nargs="+", help="baud rates to look for it at (default: all)")
+    setup.add_argument("--search-ids", type=parse_ids, help="ids it may have now (default 0-252; bounds the search)")
+    setup.add_argument("--timeout", type=float, default=0.05, help="seconds to wait for each reply (default 0.05)")
+    setup.add_argument("--yes", action="store_true", help="do not ask before writing to the motor")
+    setup.set_defaults(handler=_setup)
+
+    sim = actions.add_parser("sim", help="run a simulated servo bus on a pty and print its port (no hardware)")
+    sim.add_argument("--protocol", choices=PROTOCOLS, default="feetech")
+    sim.add_argument("--ids", type=parse_ids, default=[1, 2, 3, 4, 5, 6], help="motor ids (default 1-6)")
+    sim.add_argument("--model", help="motor model (default: sts3215 / xl430-w250)")
+    sim.add_argument("--baud", type=int, default=1_000_000)
+    sim.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    sim.set_defaults(handler=_sim)
+
+
+def _scan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeact.drivers.motors.bus import MotorBusError
+    from edgeact.drivers.motors.setup import scan_port
+
+    protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
+    report = scan_port(args.port, protocols, args.baud, args.ids, args.timeout)
+    console = Console()
+    if report.found:
+        table = Table(title=f"motors on {args.port}")
+        for column in ("protocol", "baud rate", "id", "model", "model number"):
+            table.add_column(column)
+        for m in report.found:
+            table.add_row(m.protocol, str(m.baud_rate), str(m.motor_id), m.model or "unknown", str(m.model_number))
+        console.print(table)
+    for protocol, baud, motor_id in report.collisions:
+        console.print(f"[yellow]id {motor_id} at {baud} baud ({protocol}): replies collide; two motors probably share "
+                      "this id. Connect them one at a time and give each its own id with `edgeact motors setup`.")
+    if not report.found and not report.collisions:
+        tried = "; ".join(f"{p} at {', '.join(map(str, b))} baud" for p, b in report.baud_rates_tried.items())
+        raise MotorBusError(f"no motor answered on {args.port} ({tried}); check the power supply, the cable, "
+                            "and the protocol")
+    return 1 if report.collisions else 0
+
+
+def _setup(args) -> int:
+    from edgeact.drivers.motors.setup import check_new_settings, find_single_motor, flash_motor
+
+    check_new_settings(args.protocol, args.id, args.baud)
+    if not args.yes:
+        input(f"Connect ONLY the motor to set up to {args.port} and power it, then press Enter (Ctrl-C aborts) ")
+    found = find_single_motor(args.port, args.protocol, args.search_baud, args.search_ids, args.timeout)
+    print(f"found {found.model} (model {found.model_number}) with id {found.motor_id} at {found.baud_rate} baud")
+    if not args.yes:
+        answer = input(f"Write id {args.id} and baud rate {args.baud} (plus safe defaults) to it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("aborted; nothing was written")
+            return 1
+    done = flash_motor(args.port, found, args.id, args.baud, args.timeout)
+    print(f"done: the {done.model} now answers as id {done.motor_id} at {done.baud_rate} baud")
+    return 0
+
+
+def _sim(args) -> int:
+    import threading
+
+    from edgeact.drivers.sim.servo_bus import SimServoBus
+    from edgeact.runtime.cli import CommandError
+
+    try:
+        sim = SimServoBus(args.protocol, ids=args.ids, model=args.model, baud_rate=args.baud)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    with sim:
+        print(f"simulated {args.protocol} bus: motors {', '.join(map(str, args.ids))} ({sim.default_model}) "
+              f"at {args.baud} baud on {sim.port}", flush=True)
+        print(f"try: edgeact motors scan --port {sim.port} --protocol {args.protocol}", flush=True)
+        try:
+            threading.Event().wait(args.duration)   # Ctrl-C interrupts the wait
+        except KeyboardInterrupt:
+            print("stopped")
+    return 0

@@ -58,6 +58,9 @@ class AdapterConfig:
     intermediate_size: int = 18944
     text_hidden_size: int = 3584
     image_padding_embed: str | None = None
+    # MolmoAct pools with query = mean of all 4 slots (padding slots zeroed) and no key mask;
+    # Molmo2-style configs set this to mean over valid slots and mask padding keys.
+    pooling_attention_mask: bool = False
 
 
 @dataclass

@@ -12,7 +12,10 @@ import sys
 # Modules that contribute sub-commands; each adds its own parsers.
 COMMAND_MODULES = (
     "edgeact.export.commands",
+    "edgeact.export.commands_export",
+    "edgeact.export.commands_quantize",
     "edgeact.drivers.commands",
+    "edgeact.runtime.commands",
 )
 
 

@@ -1,0 +1,290 @@
+"""Intel RealSense RGB-D through pyrealsense2: a live device by serial number, or a recording played back.
+
+pyrealsense2 is imported inside functions, so this module imports on a machine without it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeact.drivers.cameras.base import (Camera, CameraConfig, CameraError, CameraNotFoundError, EndOfStream,
+                                          Intrinsics, RGBDFrame, register_camera)
+from edgeact.drivers.cameras.playback import RecordingConfig
+from edgeact.runtime.errors import ConfigError
+
+NO_DEVICE_MESSAGE = ("no RealSense device found; is it plugged into a USB3 port? "
+                     "`rs-enumerate-devices` lists what librealsense sees")
+
+# Modes of the D415 / D435 / D455 over USB3 (width, height): frame rates. Color is asked for as
+# rgb8, depth as z16; both streams run at one frame rate so librealsense can pair them.
+COLOR_MODES: dict[tuple[int, int], tuple[int, ...]] = {
+    (1920, 1080): (6, 15, 30), (1280, 720): (6, 15, 30), (960, 540): (6, 15, 30, 60),
+    (848, 480): (6, 15, 30, 60), (640, 480): (6, 15, 30, 60), (640, 360): (6, 15, 30, 60),
+    (424, 240): (6, 15, 30, 60), (320, 240): (6, 30, 60), (320, 180): (6, 30, 60),
+}
+DEPTH_MODES: dict[tuple[int, int], tuple[int, ...]] = {
+    (1280, 720): (6, 15, 30), (848, 480): (6, 15, 30, 60, 90), (640, 480): (6, 15, 30, 60, 90),
+    (640, 360): (6, 15, 30, 60, 90), (480, 270): (6, 15, 30, 60, 90), (424, 240): (6, 15, 30, 60, 90),
+}
+
+# Recorded color formats we turn into RGB: the buffer's channels that make R, G, B (None: as is).
+_COLOR_FORMATS: dict[str, list[int] | None] = {"rgb8": None, "bgr8": [2, 1, 0], "rgba8": [0, 1, 2], "bgra8": [2, 1, 0]}
+
+
+def _modes_text(table: dict[tuple[int, int], tuple[int, ...]]) -> str:
+    return ", ".join(f"{w}x{h}@{'/'.join(map(str, rates))}" for (w, h), rates in table.items())
+
+
+@register_camera("realsense")
+@dataclass
+class RealSenseConfig(CameraConfig):
+    serial_number: str | None = None    # None: the only attached device
+    width: int = 640
+    height: int = 480
+    fps: int = 30
+    depth_width: int | None = None      # None: the color size if depth has it, else the largest depth mode
+    depth_height: int | None = None
+    check_mode: bool = True             # False for models outside the D400 table (librealsense then decides)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.depth_width is None) != (self.depth_height is None):
+            raise ConfigError(f"camera {self.name!r}: give both depth_width and depth_height, or neither")
+        if self.depth_width is None:
+            size = (self.width, self.height)
+            if self.check_mode and self.fps in DEPTH_MODES.get(size, ()):
+                self.depth_width, self.depth_height = size
+            elif self.check_mode:
+                self.depth_width, self.depth_height = max(
+                    (s for s, rates in DEPTH_MODES.items() if self.fps in rates), key=lambda s: s[0] * s[1],
+                    default=size)
+            else:
+                self.depth_width, self.depth_height = size
+        if not self.check_mode:
+            return
+        if self.fps not in COLOR_MODES.get((self.width, self.height), ()):
+            raise ConfigError(f"camera {self.name!r}: color {self.width}x{self.height} at {self.fps} fps is not a "
+                              f"RealSense D400 mode; use one of {_modes_text(COLOR_MODES)} "
+                              f"(or check_mode=False for another model)")
+        if self.fps not in DEPTH_MODES.get((self.depth_width, self.depth_height), ()):
+            raise ConfigError(f"camera {self.name!r}: depth {self.depth_width}x{self.depth_height} at {self.fps} fps "
+                              f"is not a RealSense D400 mode; use one of {_modes_text(DEPTH_MODES)} "
+                              f"(or check_mode=False for another model)")
+
+    def make_camera(self) -> "RealSenseCamera":
+        return RealSenseCamera(self)
+
+
+def import_pyrealsense2() -> Any:
+    try:
+        import pyrealsense2 as rs
+    except ImportError as exc:
+        raise CameraError("pyrealsense2 is not installed; `pip install 'edgeact[realsense]'` "
+                          "(on a Jetson, build librealsense with its Python bindings)") from exc
+    return rs
+
+
+def intrinsics_from_rs(intr: Any) -> Intrinsics:
+    """Our Intrinsics from an rs.intrinsics (model 'distortion.brown_conrady' -> 'brown_conrady')."""
+    return Intrinsics(fx=intr.fx, fy=intr.fy, cx=intr.ppx, cy=intr.ppy, width=intr.width, height=intr.height,
+                      distortion_model=str(intr.model).rsplit(".", 1)[-1], distortion_coeffs=tuple(intr.coeffs))
+
+
+def _reason(exc: Exception) -> str:
+    """librealsense's own reason, without its 'Failed to resolve request ...' preamble."""
+    text = str(exc)
+    return text.split("Reason: ", 1)[-1]
+
+
+def _is_identity(depth_profile: Any, color_profile: Any) -> bool:
+    try:
+        extrinsics = depth_profile.get_extrinsics_to(color_profile)
+    except RuntimeError:    # no extrinsics recorded: let rs.align decide
+        return False
+    return (np.allclose(extrinsics.rotation, np.eye(3).ravel(), atol=1e-9)
+            and np.allclose(extrinsics.translation, 0.0, atol=1e-9))
+
+
+class RealSenseCamera(Camera):
+    """Color (RGB) and depth (metres) aligned to color, from a device or a recording.
+
+    The capture thread calls `try_wait_for_frames` with a short timeout; librealsense keeps one
+    frameset waiting, so a reader that falls behind gets the newest and the gap is counted as drops.
+    """
+
+    def __init__(self, config: RealSenseConfig | RecordingConfig):
+        super().__init__(config)
+        self._rs: Any = None
+        self._pipeline: Any = None
+        self._playback: Any = None
+        self._align: Any = None
+        self._depth_scale_m = 0.0
+        self._color_channels: list[int] | None = None
+        self._last_color_number: int | None = None
+        self._pair_tolerance_ms = 0.0
+        self.device_name = ""
+        self.serial_number = ""
+
+    @property
+    def is_recording(self) -> bool:
+        return isinstance(self.config, RecordingConfig)
+
+    @property
+    def depth_scale_m(self) -> float:
+        """Metres per z16 depth unit, read from the depth sensor."""
+        return self._depth_scale_m
+
+    # -- open ------------------------------------------------------------------------------------
+    def _open(self) -> Intrinsics:
+        rs = self._rs = import_pyrealsense2()
+        pipeline = rs.pipeline()
+        rs_config = rs.config()
+        if self.is_recording:
+            self._select_recording(rs, rs_config)
+        else:
+            self._select_device(rs, rs_config)
+        try:
+            # Resolving first gives us the playback device before any frame flows.
+            profile = rs_config.resolve(rs.pipeline_wrapper(pipeline))
+        except RuntimeError as exc:
+            raise self._open_error(exc) from exc
+        device = profile.get_device()
+        self.device_name = device.get_info(rs.camera_info.name)
+        self.serial_number = device.get_info(rs.camera_info.serial_number)
+        self._playback = device.as_playback() if device.is_playback() else None
+        if self._playback is not None:
+            self._playback.set_real_time(self.config.real_time)
+            # Paused until every sensor runs: librealsense starts the recorded sensors one after
+            # another, and a sensor not yet started would lose its first frame.
+            self._playback.pause()
+        try:
+            profile = pipeline.start(rs_config)
+        except RuntimeError as exc:
+            raise self._open_error(exc) from exc
+        try:
+            intrinsics = self._configure_streams(rs, profile)
+        except BaseException:
+            pipeline.stop()
+            raise
+        self._pipeline = pipeline
+        self._last_color_number = None
+        return intrinsics
+
+    def _select_recording(self, rs: Any, rs_config: Any) -> None:
+        path = Path(self.config.path)
+        if not path.is_file():
+            raise CameraNotFoundError(f"recording {path} not found")
+        rs_config.enable_device_from_file(str(path), repeat_playback=self.config.repeat)
+
+    def _select_device(self, rs: Any, rs_config: Any) -> None:
+        config: RealSenseConfig = self.config
+        devices = [(d.get_info(rs.camera_info.name), d.get_info(rs.camera_info.serial_number))
+                   for d in rs.context().query_devices()]
+        if not devices:
+            raise CameraNotFoundError(NO_DEVICE_MESSAGE)
+        if config.serial_number is not None:
+            if config.serial_number not in [serial for _, serial in devices]:
+                attached = ", ".join(f"{name} (serial {serial})" for name, serial in devices)
+                raise CameraNotFoundError(f"no RealSense with serial {config.serial_number}; attached: {attached}")
+            rs_config.enable_device(config.serial_number)
+        elif len(devices) > 1:
+            raise CameraError(f"{len(devices)} RealSense devices attached ("
+                              + ", ".join(serial for _, serial in devices)
+                              + f"); set serial_number for camera {self.name!r}")
+        rs_config.enable_stream(rs.stream.color, config.width, config.height, rs.format.rgb8, config.fps)
+        rs_config.enable_stream(rs.stream.depth, config.depth_width, config.depth_height, rs.format.z16, config.fps)
+
+    def _open_error(self, exc: RuntimeError) -> CameraError:
+        if self.is_recording:
+            return CameraError(f"recording {self.config.path} could not be read ({_reason(exc)}); is it a "
+                               f"RealSense recording (.db3, or .bag from an older librealsense)?")
+        c = self.config
+        return CameraError(f"RealSense for camera {self.name!r} could not start color {c.width}x{c.height} and "
+                           f"depth {c.depth_width}x{c.depth_height} at {c.fps} fps ({_reason(exc)}); is another "
+                           f"process using it? On a USB2 port only small modes work: use a USB3 port, or "
+                           f"424x240 at 15 fps")
+
+    def _configure_streams(self, rs: Any, profile: Any) -> Intrinsics:
+        streams = {s.stream_type(): s for s in profile.get_streams()}
+        source = f"recording {self.config.path}" if self.is_recording else f"camera {self.name!r}"
+        for kind, needed in ((rs.stream.color, "color"), (rs.stream.depth, "depth")):
+            if kind not in streams:
+                held = ", ".join(f"{s.stream_name()} {s.format()}" for s in streams.values())
+                raise CameraError(f"{source} has no {needed} stream (it holds: {held}); record color and depth")
+        color = streams[rs.stream.color].as_video_stream_profile()
+        depth = streams[rs.stream.depth].as_video_stream_profile()
+        color_format = str(color.format()).rsplit(".", 1)[-1]
+        if color_format not in _COLOR_FORMATS:
+            raise CameraError(f"{source}: color format {color_format} unsupported; use one of "
+                              f"{', '.join(_COLOR_FORMATS)}")
+        if depth.format() != rs.format.z16:
+            raise CameraError(f"{source}: depth format {depth.format()} unsupported; use z16")
+        self._color_channels = _COLOR_FORMATS[color_format]
+        # librealsense's syncer pairs frames less than half a frame period apart.
+        self._pair_tolerance_ms = 500.0 / max(color.fps(), 1)
+        self._depth_scale_m = profile.get_device().first_depth_sensor().get_depth_scale()
+        color_intrinsics = intrinsics_from_rs(color.get_intrinsics())
+        # Depth already on the color grid (same intrinsics, same origin) needs no aligning, and
+        # rs.align would not leave it alone: its rounding of pixel edges shifts some pixels by one.
+        on_color_grid = (intrinsics_from_rs(depth.get_intrinsics()) == color_intrinsics
+                         and _is_identity(depth, color))
+        self._align = None if on_color_grid else rs.align(rs.stream.color)
+        return color_intrinsics
+
+    def _capture_started(self) -> None:
+        # Resumed only now: resume() waits for the playback's reader to settle, and without
+        # real-time pacing that reader waits for frames to be taken, by the capture thread.
+        if self._playback is not None:
+            self._playback.resume()
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _read(self, timeout_s: float) -> RGBDFrame | None:
+        try:
+            ok, frames = self._pipeline.try_wait_for_frames(max(1, int(timeout_s * 1000)))
+        except RuntimeError as exc:
+            raise CameraError(f"RealSense {self.serial_number} of camera {self.name!r} failed ({exc}); "
+                              f"was it unplugged?") from exc
+        if not ok:
+            if (self._playback is not None and not self.config.repeat
+                    and self._playback.current_status() == self._rs.playback_status.stopped):
+                raise EndOfStream
+            return None
+        received_s = time.monotonic()
+        if self._align is not None:
+            frames = self._align.process(frames)
+        color_frame = frames.get_color_frame()
+        depth_frame = frames.get_depth_frame()
+        if not color_frame or not depth_frame:
+            return None
+        number = color_frame.get_frame_number()
+        if number == self._last_color_number:
+            return None     # the pipeline re-sent the last color frame with a newer depth frame
+        if (color_frame.get_frame_timestamp_domain() == depth_frame.get_frame_timestamp_domain()
+                and abs(color_frame.get_timestamp() - depth_frame.get_timestamp()) > self._pair_tolerance_ms):
+            # The pipeline completes a set with the last frame it holds of a stream that had none
+            # to match (after a dropped frame or a looping recording): that depth is of another time.
+            return None
+        self._last_color_number = number
+        pixels = np.asanyarray(color_frame.get_data())
+        # Both copy out of librealsense's frame pool: the frames go back to it when we return.
+        color = pixels.copy() if self._color_channels is None else pixels[..., self._color_channels]
+        depth_m = np.asanyarray(depth_frame.get_data()).astype(np.float32) * np.float32(self._depth_scale_m)
+        return RGBDFrame(color=color, depth_m=depth_m,
+                         timestamp_s=color_frame.get_timestamp() / 1000.0, capture_monotonic_s=received_s,
+                         frame_number=number)
+
+    def _close(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        self._playback = None
+        if pipeline is not None:
+            pipeline.stop()
+
+    def _ended_message(self, frames: int) -> str:
+        if self.is_recording:
+            return (f"recording {self.config.path} of camera {self.name!r} ended after {frames} frames; "
+                    f"set repeat=True to loop it")
+        return super()._ended_message(frames)

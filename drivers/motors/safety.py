@@ -1,0 +1,268 @@
+"""The safety layer over any MotorsBus: joint limits, step and velocity limits, a latching e-stop, a watchdog.
+
+    with SafetyGuard(bus, SafetyConfig(joint_limits_rad={"elbow": (-1.5, 1.5)}), estop=estop_event) as robot:
+        robot.enable_torque()
+        while running:
+            sent = robot.send(goal)          # what really went to the motors, after every limit
+
+`send` applies, in order: the joint's position limits, `max_step_rad` from the last sent (or, at
+first, measured) position, and `max_velocity_rad_s` times the real time since the previous command.
+When no command arrives for `watchdog_timeout_s`, or the e-stop input is set, the robot goes to
+its safe state:
+    "hold"        every joint holds its measured position (torque on); wheels get zero velocity
+    "torque_off"  every motor's torque is turned off
+    "stop"        wheels (velocity-mode motors) get zero velocity; joints keep their last command
+A watchdog trip ends with the next command; an e-stop latches until `reset_estop()`. Leaving the
+`with` block, by an exception or Ctrl-C too, puts the robot in its safe state and then disconnects
+the bus (which turns torque off unless the bus was built with disable_torque_on_exit=False).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edgeact.drivers.motors.bus import MotorBusError, MotorsBus, MotorState
+from edgeact.drivers.motors.watchdog import Watchdog
+from edgeact.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAFE_STATES = ("hold", "torque_off", "stop")
+
+
+@dataclass
+class SafetyConfig:
+    joint_limits_rad: dict[str, tuple[float, float]] = field(default_factory=dict)   # joints not listed: the bus's own range
+    max_step_rad: float = 0.2
+    max_velocity_rad_s: float = 3.0
+    watchdog_timeout_s: float = 0.5
+    safe_state: str = "hold"
+
+    def __post_init__(self):
+        for name in ("max_step_rad", "max_velocity_rad_s", "watchdog_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.safe_state not in SAFE_STATES:
+            raise ConfigError(f"safe_state must be one of {', '.join(map(repr, SAFE_STATES))}, got {self.safe_state!r}")
+        for joint, limits in self.joint_limits_rad.items():
+            ok = len(limits) == 2 and all(math.isfinite(v) for v in limits) and limits[0] < limits[1]
+            if not ok:
+                raise ConfigError(f"joint_limits_rad[{joint!r}] must be (low, high) in rad with low < high, got {limits}")
+
+
+class SafetyError(MotorBusError):
+    """The safety layer refused a command."""
+
+
+class EStopLatchedError(SafetyError):
+    """The e-stop is latched: commands are refused until `reset_estop()`."""
+
+
+@dataclass(frozen=True)
+class SafetyTrip:
+    """One time the robot was put in its safe state."""
+
+    reason: str                 # "watchdog", "estop" or "exit"
+    safe_state: str
+    time_s: float               # time.monotonic()
+    detail: str
+    error: str | None = None    # set when reaching the safe state failed (e.g. a motor stopped answering)
+
+
+class SafetyGuard(MotorsBus):
+    """A MotorsBus that wraps another one and makes every command pass the safety limits."""
+
+    def __init__(self, bus: MotorsBus, config: SafetyConfig, estop: threading.Event | Callable[[], bool] | None = None,
+                 on_trip: Callable[[SafetyTrip], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        super().__init__(bus.motors, bus.calibration, bus.disable_torque_on_exit)
+        unknown = sorted(set(config.joint_limits_rad) - set(bus.motors))
+        if unknown:
+            raise ConfigError(f"joint_limits_rad names unknown joints {unknown}; the bus has {sorted(bus.motors)}")
+        wheels = [n for n, m in bus.motors.items() if m.mode == "velocity"]
+        if wheels and not hasattr(bus, "send_velocity"):
+            raise ConfigError(f"wheels {wheels} need a bus with send_velocity(); {type(bus).__name__} has none")
+        if config.safe_state == "stop" and not wheels:
+            raise ConfigError("safe_state 'stop' stops wheels (velocity-mode motors) and this bus has none; "
+                              "use 'hold' or 'torque_off'")
+        self.bus, self.config, self.on_trip, self.clock = bus, config, on_trip, clock
+        self._estop_input = (estop.is_set if hasattr(estop, "is_set") else estop) or (lambda: False)
+        self.trips: list[SafetyTrip] = []
+        self.watchdog_trips = 0
+        self._latched: SafetyTrip | None = None
+        self._reference_rad: dict[str, float] = {}     # last sent position per joint, the origin of the next step
+        self._last_send_s: float | None = None
+        self._lock = threading.RLock()
+        self._watchdog = Watchdog(config.watchdog_timeout_s, self._on_watchdog, on_poll=self._poll_estop,
+                                  name="safety-watchdog")
+
+    # -- life ------------------------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        return self.bus.is_connected
+
+    def connect(self) -> None:
+        if not self.bus.is_connected:
+            self.bus.connect()
+        self._watchdog.start()
+
+    def disconnect(self, disable_torque: bool | None = None) -> None:
+        self._watchdog.stop()
+        self.bus.disconnect(disable_torque)
+
+    def __exit__(self, *exc) -> None:
+        self._watchdog.stop()   # first, so it cannot act while the robot is put away
+        try:
+            if self.bus.is_connected:
+                self.go_safe("exit", "leaving the safety block" + (f" on {exc[0].__name__}" if exc[0] else ""))
+        finally:
+            self.bus.disconnect()
+
+    # -- the e-stop --------------------------------------------------------------------
+    @property
+    def estopped(self) -> bool:
+        return self._latched is not None
+
+    def trigger_estop(self, detail: str = "software e-stop") -> None:
+        with self._lock:
+            if self._latched is None:
+                self._latched = self.go_safe("estop", detail)
+
+    def reset_estop(self) -> None:
+        """Accept commands again; the next command starts from the measured positions (after the
+        'torque_off' safe state, call enable_torque() before sending)."""
+        with self._lock:
+            if self._estop_input():
+                raise SafetyError("the e-stop input is still active; release it before reset_estop()")
+            self._latched = None
+            self._forget_reference()
+
+    def _poll_estop(self) -> None:
+        if self._latched is None and self._estop_input():
+            self.trigger_estop("e-stop input set")
+
+    def _refuse_if_estopped(self) -> None:
+        self._poll_estop()
+        if self._latched is not None:
+            raise EStopLatchedError(f"e-stop latched ({self._latched.detail}); the robot is in its safe state "
+                                    f"'{self._latched.safe_state}': release the e-stop and call reset_estop() to resume")
+
+    # -- the watchdog and the safe state -----------------------------------------------------
+    def _on_watchdog(self, age_s: float) -> None:
+        with self._lock:
+            if self._watchdog.armed or self._latched is not None:
+                return      # a command arrived while this trip waited for the lock, or the e-stop already acted
+            self.watchdog_trips += 1
+            self.go_safe("watchdog", f"no command for {age_s * 1000:.0f} ms (limit {self.config.watchdog_timeout_s * 1000:.0f} ms)")
+
+    def go_safe(self, reason: str, detail: str) -> SafetyTrip:
+        """Put the robot in the configured safe state now, report it, and return the report."""
+        with self._lock:
+            state, error = self.config.safe_state, None
+            try:
+                self._apply_safe_state(state)
+            except MotorBusError as e:      # report it; the caller's own error path still disconnects
+                error = str(e)
+                log.error("could not reach safe state %r after %s: %s", state, reason, e)
+            self._forget_reference()
+            trip = SafetyTrip(reason, state, time.monotonic(), detail, error)
+            self.trips.append(trip)
+        if self.on_trip is not None:
+            try:
+                self.on_trip(trip)
+            except Exception:       # a broken report hook must not undo the safe state
+                log.exception("on_trip callback failed")
+        return trip
+
+    def _apply_safe_state(self, state: str) -> None:
+        if state == "torque_off":
+            self.bus.disable_torque()
+            return
+        wheels = [n for n, m in self.motors.items() if m.mode == "velocity"]
+        joints = [n for n, m in self.motors.items() if m.mode != "velocity"]
+        if wheels:      # first: a rolling base is the larger hazard
+            self.bus.send_velocity({n: 0.0 for n in wheels})
+        if state == "hold" and joints:
+            self.bus.send(self.bus.read_state(joints).position_rad)
+
+    def _forget_reference(self) -> None:
+        self._reference_rad.clear()
+        self._last_send_s = None
+
+    # -- commands ----------------------------------------------------------------------
+    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
+        with self._lock:
+            self._refuse_if_estopped()
+            self._check_goal(goal_position_rad)
+            now = self.clock()
+            missing = [n for n in goal_position_rad if n not in self._reference_rad]
+            if missing:
+                self._reference_rad.update(self.bus.read_state(missing).position_rad)
+            step = self.config.max_step_rad
+            if self._last_send_s is not None:
+                step = min(step, self.config.max_velocity_rad_s * max(now - self._last_send_s, 0.0))
+            limited = {}
+            for name, goal in goal_position_rad.items():
+                low, high = self.config.joint_limits_rad.get(name, (-math.inf, math.inf))
+                ref = self._reference_rad[name]
+                limited[name] = min(max(min(max(goal, low), high), ref - step), ref + step)
+            sent = self.bus.send(limited)
+            self._reference_rad.update(sent)
+            self._last_send_s = now
+            self._watchdog.feed()
+            return sent
+
+    def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
+        """Wheel velocities, each clamped to ±max_velocity_rad_s; feeds the watchdog like `send`."""
+        if not hasattr(self.bus, "send_velocity"):
+            raise ConfigError(f"{type(self.bus).__name__} has no send_velocity()")
+        with self._lock:
+            self._refuse_if_estopped()
+            self._check_goal(goal_velocity_rad_s)
+            v_max = self.config.max_velocity_rad_s
+            sent = self.bus.send_velocity({n: min(max(v, -v_max), v_max) for n, v in goal_velocity_rad_s.items()})
+            self._watchdog.feed()
+            return sent
+
+    def _check_goal(self, goal: dict[str, float]) -> None:
+        unknown = sorted(set(goal) - set(self.motors))
+        if unknown:
+            raise ConfigError(f"unknown joints {unknown}; the bus has {sorted(self.motors)}")
+        bad = sorted(n for n, v in goal.items() if not math.isfinite(v))
+        if bad:
+            raise SafetyError(f"non-finite goal for {bad}; refusing to send it (check the policy's output)")
+
+    def enable_torque(self, motors: list[str] | None = None) -> None:
+        with self._lock:
+            self._refuse_if_estopped()
+            self._forget_reference()    # the joints may have moved while torque was off
+            self.bus.enable_torque(motors)
+
+    def disable_torque(self, motors: list[str] | None = None) -> None:
+        self.bus.disable_torque(motors)
+
+    def read_state(self, motors: list[str] | None = None) -> MotorState:
+        return self.bus.read_state(motors)
+
+    # -- the rest passes through ---------------------------------------------------------
+    def ping(self, motor_id: int) -> int | None:
+        return self.bus.ping(motor_id)
+
+    def scan(self, ids: range | list[int] | None = None) -> dict[int, int]:
+        return self.bus.scan(ids)
+
+    def read(self, register: str, motor: str) -> int:
+        return self.bus.read(register, motor)
+
+    def write(self, register: str, motor: str, value: int) -> None:
+        self.bus.write(register, motor, value)
+
+    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
+        return self.bus.sync_read(register, motors)
+
+    def sync_write(self, register: str, values: dict[str, int]) -> None:
+        self.bus.sync_write(register, values)

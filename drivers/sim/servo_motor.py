@@ -1,0 +1,147 @@
+"""One simulated serial servo: control-table memory from the vendor table, simple dynamics, injectable errors."""
+from __future__ import annotations
+
+import time
+
+from edgeact.drivers.motors.serial_bus import ModelSpec, Register
+
+
+class SimServo:
+    """A servo's control table as bytes, updated lazily: motion is integrated whenever it is touched.
+
+    Position mode: with torque on the position walks to the goal at `max_speed_ticks_s`.
+    Velocity (wheel) mode: with torque on the position integrates the goal velocity.
+    Torque off: nothing moves. EEPROM registers survive `power_cycle()` when they were
+    persisted (Feetech: only while the lock register is 0; Dynamixel: always).
+    """
+
+    def __init__(self, spec: ModelSpec, motor_id: int, baud_rate: int, *, position_ticks: int = 2048,
+                 max_speed_ticks_s: float = 3000.0, wrap_ticks: int | None = None):
+        self.spec = spec
+        self.max_speed_ticks_s = max_speed_ticks_s
+        self.wrap_ticks = wrap_ticks            # Feetech reports a single turn; Dynamixel counts turns
+        self.hardware_error = 0                 # injected vendor error bits (0: healthy)
+        self.powered = True                     # False: silent, as with a loose cable
+        self.staged: tuple[int, bytes] | None = None   # a REG_WRITE waiting for ACTION
+        self.memory = bytearray(256)            # the control table, filled by _factory_reset
+        self._position = float(position_ticks)
+        self._last_update_s = time.monotonic()
+        self._factory_reset(motor_id, baud_rate)
+        self._saved = bytes(self.memory)        # what the EEPROM holds across a power cycle
+
+    def _factory_reset(self, motor_id: int, baud_rate: int) -> None:
+        self.memory = bytearray(256)
+        self.staged = None
+        defaults = {
+            "model_number": self.spec.model_number, "firmware_version": 45, "firmware_major": 3, "id": motor_id,
+            "baud_rate": self.spec.baud_rates[baud_rate], "return_delay_time": 250, "response_status_level": 1,
+            "status_return_level": 2, "max_position_limit": 4095, "max_torque_limit": 1000, "torque_limit": 1000,
+            "pwm_limit": 885, "velocity_limit": self.spec.max_velocity_raw, "max_voltage_limit": 140,
+            "operating_mode": self.spec.operating_modes["position"], "lock": 1, "present_voltage": 120,
+            "present_input_voltage": 120, "present_temperature": 30,
+        }
+        for name, value in defaults.items():
+            if name in self.spec.registers:
+                self.set(name, value)
+        self._store_motion(0.0)
+        self.set("goal_position", round(self._position))
+
+    # -- registers ---------------------------------------------------------------------------
+    def _reg(self, name: str) -> Register:
+        return self.spec.register(name)
+
+    def get(self, name: str) -> int:
+        self.update()
+        reg = self._reg(name)
+        return reg.decode(self.memory[reg.address:reg.address + reg.size])
+
+    def set(self, name: str, value: int) -> None:
+        """Set a register directly (tests, defaults): no access rules, nothing persisted."""
+        reg = self._reg(name)
+        self.memory[reg.address:reg.address + reg.size] = reg.encode(value)
+
+    @property
+    def id(self) -> int:
+        return self.memory[self._reg("id").address]
+
+    @property
+    def baud_rate(self) -> int:
+        return self.spec.baud_for_code(self.memory[self._reg("baud_rate").address])
+
+    @property
+    def position_ticks(self) -> float:
+        self.update()
+        return self._position
+
+    @position_ticks.setter
+    def position_ticks(self, ticks: float) -> None:
+        """Turn the shaft by hand (tests, demos)."""
+        self.update()
+        self._position = float(ticks)
+        self._store_motion(0.0)
+
+    def touches(self, address: int, size: int, eeprom: bool | None = None, read_only: bool | None = None) -> list[Register]:
+        return [reg for reg in self.spec.registers.values()
+                if reg.address < address + size and address < reg.address + reg.size
+                and (eeprom is None or reg.eeprom == eeprom) and (read_only is None or reg.read_only == read_only)]
+
+    def read_bytes(self, address: int, size: int) -> bytes:
+        self.update()
+        return bytes(self.memory[address:address + size])
+
+    def write_bytes(self, address: int, data: bytes) -> None:
+        self.update()  # motion so far happened under the old goal
+        self.memory[address:address + len(data)] = data
+        persist = "lock" not in self.spec.registers or self.get("lock") == 0
+        if persist and self.touches(address, len(data), eeprom=True):
+            saved = bytearray(self._saved)
+            saved[address:address + len(data)] = data
+            self._saved = bytes(saved)
+
+    def power_cycle(self) -> None:
+        """RAM back to defaults, EEPROM back to what was persisted, errors cleared; the shaft stays put."""
+        saved = self._saved
+        self.hardware_error = 0
+        self._factory_reset(saved[self._reg("id").address], self.spec.baud_for_code(saved[self._reg("baud_rate").address]))
+        for reg in self.spec.registers.values():
+            if reg.eeprom:
+                self.memory[reg.address:reg.address + reg.size] = saved[reg.address:reg.address + reg.size]
+
+    # -- dynamics ----------------------------------------------------------------------------
+    def update(self) -> None:
+        now = time.monotonic()
+        dt, self._last_update_s = max(0.0, now - self._last_update_s), now
+        torque = self.memory[self._reg("torque_enable").address]
+        mode = self.memory[self._reg("operating_mode").address]
+        velocity_ticks_s = 0.0
+        if torque and mode == self.spec.operating_modes["velocity"]:
+            goal = self._reg("goal_velocity")
+            raw = goal.decode(self.memory[goal.address:goal.address + goal.size])
+            velocity_ticks_s = raw * self.spec.velocity_unit_rad_s / self.spec.rad_per_tick
+            self._position += velocity_ticks_s * dt
+        elif torque and mode == self.spec.operating_modes["position"] and dt > 0:
+            goal = self._reg("goal_position")
+            target = goal.decode(self.memory[goal.address:goal.address + goal.size])
+            low, high = self._limit("min_position_limit"), self._limit("max_position_limit")
+            if low < high:
+                target = min(max(target, low), high)
+            step = max(-self.max_speed_ticks_s * dt, min(self.max_speed_ticks_s * dt, target - self._position))
+            self._position += step
+            velocity_ticks_s = step / dt
+        if self.wrap_ticks:
+            self._position %= self.wrap_ticks
+        self._store_motion(velocity_ticks_s)
+
+    def _limit(self, name: str) -> int:
+        reg = self._reg(name)
+        return reg.decode(self.memory[reg.address:reg.address + reg.size])
+
+    def _store_motion(self, velocity_ticks_s: float) -> None:
+        ticks = round(self._position)
+        self.set("present_position", ticks % self.wrap_ticks if self.wrap_ticks else ticks)
+        velocity_raw = round(velocity_ticks_s * self.spec.rad_per_tick / self.spec.velocity_unit_rad_s)
+        self.set("present_velocity", velocity_raw)
+        self.set("moving", int(velocity_raw != 0))
+        for name in ("status", "hardware_error_status"):
+            if name in self.spec.registers:
+                self.set(name, self.hardware_error)

@@ -1,0 +1,200 @@
+"""Checkpoint -> bundle: the vision and decoder ONNX stages, embedding and LM-head arrays, tokenizer, grammar, statistics.
+
+Shape ranges and engine profiles are derived here, once, from the model and its preprocessor
+(a typical 640x480 camera frame and the MolmoAct prompt give the `opt` sizes); the TensorRT
+engine builder and the runtime read them from the manifest and never repeat them.
+
+External data: a stage's weights go into `stages/NAME.onnx.data` beside the graph when they
+exceed EXTERNAL_DATA_BYTES (protobuf caps a single file at 2 GB; a 7B decoder is 15-30 GB).
+Smaller stages are one self-contained .onnx file. Consumers must accept both, as the manifest's
+`external_data` lists say (`onnx.load(path)` and onnxruntime resolve them beside the file).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.errors import ConfigError
+
+EXTERNAL_DATA_BYTES = 1 << 30
+TYPICAL_FRAME_HW = (480, 640)            # a RealSense D435 colour stream: the `opt` of the vision shapes
+TYPICAL_INSTRUCTION = "pick up the red block and put it in the bowl"
+TYPICAL_ANSWER_TOKENS = 256              # depth 102 + trace ~50 + sentences ~40 + actions ~20, rounded up
+EXPORT_STEPS = ("load checkpoint", "export vision", "export decoder", "write weights and tokenizer", "publish bundle")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    max_seq: int | None = None      # decoder positions (prompt + answer); default the config's max_position_embeddings
+    max_images: int = 2             # camera images per observation the vision ranges allow
+    n_actions: int = 1              # actions per answer in the recorded grammar (fine-tuned checkpoints: 8)
+    opset: int | None = None        # default onnx_export.DEFAULT_OPSET
+    external_data: bool | None = None   # None: only stages whose weights exceed EXTERNAL_DATA_BYTES
+    name: str = ""                  # free-form model name for the manifest (default: the checkpoint's directory name)
+
+    def __post_init__(self) -> None:
+        if self.max_seq is not None and self.max_seq < 2:
+            raise ConfigError(f"max_seq is {self.max_seq}; a decoder needs room for a prompt and an answer (e.g. 2048)")
+        if self.max_images < 1:
+            raise ConfigError(f"max_images is {self.max_images}; allow at least one camera image")
+        if self.n_actions < 1:
+            raise ConfigError(f"n_actions is {self.n_actions}; use 1 or the checkpoint's chunk size (8)")
+        if self.opset is not None and self.opset < 17:
+            raise ConfigError(f"opset {self.opset} is too old: LayerNormalization needs 17; use 19 (default) or newer")
+
+
+def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
+                  overwrite: bool = False, on_step: Callable[[str], None] | None = None) -> Path:
+    """Export a MolmoAct checkpoint into a bundle at `out_dir` (written atomically); verification is 'not_run'."""
+    import torch
+
+    from edgeact.export.bundle_writer import BundleWriter
+    from edgeact.export.checkpoint import load_model
+    from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, VisionStage, decoder_io, export_stage, vision_io
+    from edgeact.runtime.bundle import sha256_file
+    from edgeact.runtime.grammar import AnswerGrammar
+    from edgeact.runtime.preprocess import ImagePreprocessor
+    from edgeact.runtime.preprocess_config import PreprocessConfig
+    from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+    step = on_step or (lambda name: None)
+    checkpoint_dir, out_dir = Path(checkpoint_dir).absolute(), Path(out_dir).absolute()
+    opset = options.opset or DEFAULT_OPSET
+    writer = BundleWriter(out_dir, overwrite=overwrite)      # refuses an existing bundle before the long work
+
+    model, ckpt = load_model(checkpoint_dir, dtype=torch.float32)
+    cfg = model.cfg
+    max_seq = _max_seq(options, cfg.llm_config.max_position_embeddings)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    layout = TokenLayout.from_tokenizer(tokenizer, str(ckpt.tokenizer_path))
+    AnswerGrammar(tokenizer, layout, n_actions=options.n_actions)   # the tokenizer must support the answer grammar
+    preprocess = ckpt.preprocess_config or PreprocessConfig.for_model(cfg)
+    preprocessor = ImagePreprocessor(cfg, preprocess)
+    typical = _typical_sizes(preprocessor, tokenizer, layout)
+    step(EXPORT_STEPS[0])
+
+    with writer, tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.trace-") as scratch:
+        vin, vout = vision_io(model, preprocess.pooling[0] * preprocess.pooling[1])
+        proto = export_stage(VisionStage(model).eval(), _vision_example(preprocessor), vin, vout,
+                             Path(scratch) / "vision.onnx", opset)
+        writer.add_onnx(io.VISION_STAGE, proto, precision="fp32", inputs=vin, outputs=vout,
+                        dim_ranges=_vision_ranges(preprocessor, options.max_images, typical),
+                        external_data=_external(options, proto),
+                        doc="ViT + 2x2 attention pooling + projector: one LLM-width feature per pooled image token")
+        del proto
+        step(EXPORT_STEPS[1])
+
+        din, dout = decoder_io(model)
+        proto = export_stage(DecoderStage(model).eval(), _decoder_example(model), din, dout,
+                             Path(scratch) / "decoder.onnx", opset)
+        ranges, profiles = _decoder_ranges(max_seq, typical["prompt_tokens"])
+        writer.add_onnx(io.DECODER_STAGE, proto, precision="fp32", inputs=din, outputs=dout, dim_ranges=ranges,
+                        profiles=profiles, external_data=_external(options, proto),
+                        doc="the LLM trunk for prefill chunks and single decode steps alike; returns only the new "
+                            "cache entries, which the runtime writes into its (1, max_seq, K, h) buffers; "
+                            "max_seq = dim_ranges.seq.max")
+        del proto
+        step(EXPORT_STEPS[2])
+
+        with torch.no_grad():
+            wte = model.decoder.wte
+            writer.add_array(io.EMBEDDING_WEIGHT, torch.cat([wte.embedding, wte.new_embedding]).numpy())
+            head = wte.embedding if cfg.llm_config.tie_word_embeddings else model.lm_head.weight
+            writer.add_array(io.LM_HEAD_WEIGHT, head.numpy())
+        writer.add_tokenizer(ckpt.tokenizer_path, preprocess.to_dict(), base_vocab_size=layout.base_vocab_size,
+                             bos_id=layout.bos_id, image_patch_id=layout.im_patch_id)
+        writer.set_model(cfg, checkpoint=checkpoint_dir, config_sha256=sha256_file(checkpoint_dir / "config.json"),
+                         name=options.name or checkpoint_dir.name)
+        writer.set_grammar(grammar_record(options.n_actions))
+        writer.set_norm_stats(ckpt.norm_stats)
+        step(EXPORT_STEPS[3])
+    step(EXPORT_STEPS[4])
+    return out_dir
+
+
+def grammar_record(n_actions: int) -> dict:
+    """What the manifest says about the answer; the runtime builds AnswerGrammar(tokenizer, layout, n_actions) from it."""
+    from edgeact.runtime.action_bins import ACTION_DIMS, N_ACTION_BINS
+    from edgeact.runtime.answer import MAX_TRACE_POINTS, N_DEPTH_TOKENS
+
+    return {"kind": "molmoact-answer", "version": 1, "n_actions": n_actions, "max_trace_points": MAX_TRACE_POINTS,
+            "n_depth_tokens": N_DEPTH_TOKENS, "action_dims": ACTION_DIMS, "n_action_bins": N_ACTION_BINS,
+            "decoding": "greedy, every step masked to the answer grammar (edgeact.runtime.grammar_walk)"}
+
+
+def _max_seq(options: ExportOptions, config_max: int) -> int:
+    if options.max_seq is None:
+        return config_max
+    if options.max_seq > config_max:
+        raise ConfigError(f"max_seq {options.max_seq} exceeds the model's max_position_embeddings {config_max}; "
+                          f"use --max-seq {config_max} or less")
+    return options.max_seq
+
+
+def _external(options: ExportOptions, proto) -> bool:
+    if options.external_data is not None:
+        return options.external_data
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+
+
+def _typical_sizes(preprocessor, tokenizer, layout) -> dict[str, int]:
+    from edgeact.runtime.prompt import build_prompt_ids
+
+    inputs = preprocessor(np.zeros((*TYPICAL_FRAME_HW, 3), np.uint8))
+    prompt = build_prompt_ids(tokenizer, layout, TYPICAL_INSTRUCTION, inputs)
+    return {"crops": int(inputs.images.shape[0]), "tokens": inputs.n_image_tokens, "prompt_tokens": len(prompt)}
+
+
+def _vision_ranges(preprocessor, max_images: int, typical: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+    pool_h, pool_w = preprocessor.config.pooling
+    max_crops = (preprocessor.config.max_crops + 1) * max_images
+    # Every patch is pooled at most once, and a stitched grid never exceeds its crops' patches, so a
+    # crop contributes at most ceil(side / pool) ** 2 tokens.
+    side = preprocessor.crop_patches
+    max_tokens = max_crops * math.ceil(side / pool_h) * math.ceil(side / pool_w)
+    return {io.N_CROPS: (1, min(typical["crops"], max_crops), max_crops),
+            io.N_TOKENS: (1, min(typical["tokens"], max_tokens), max_tokens)}
+
+
+def _decoder_ranges(max_seq: int, prompt_tokens: int) -> tuple[dict, list[dict]]:
+    prompt = min(prompt_tokens, max_seq)
+    past_max = max_seq - 1      # the runtime keeps past_seq + seq <= max_seq (its cache size)
+    ranges = {io.BATCH: (1, 1, 1), io.SEQ: (1, prompt, max_seq), io.PAST_SEQ: (0, min(prompt, past_max), past_max)}
+    profiles = [
+        # Prompt prefill (past 0) and the answer's fixed sentences fed as chunks after a past.
+        {"name": "prefill", "dim_ranges": {io.SEQ: (1, prompt, max_seq), io.PAST_SEQ: (0, 0, past_max)}},
+        {"name": "decode", "dim_ranges": {io.SEQ: (1, 1, 1),
+                                          io.PAST_SEQ: (0, min(prompt + TYPICAL_ANSWER_TOKENS, past_max), past_max)}},
+    ]
+    return ranges, profiles
+
+
+def _vision_example(preprocessor):
+    """Real preprocessor output for a small synthetic frame: indices with padding rows, as at run time."""
+    import torch
+
+    from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
+
+    frame = SyntheticCamera(SyntheticConfig(width=160, height=120)).render(0).color
+    inputs = preprocessor(frame)
+    return tuple(torch.from_numpy(np.array(a)) for a in (inputs.images, inputs.image_masks, inputs.pooled_patches_idx))
+
+
+def _decoder_example(model):
+    """A 5-token chunk after 3 past positions: neither size is 0 or 1, which a tracer could treat as special."""
+    import torch
+
+    l = model.cfg.llm_config
+    gen = torch.Generator().manual_seed(0)
+    n_new, n_past = 5, 3
+    past = [torch.randn(1, n_past, l.num_key_value_heads, l.head_dim, generator=gen)
+            for _ in range(2 * l.num_hidden_layers)]
+    return (torch.randn(1, n_new, l.hidden_size, generator=gen), torch.arange(n_past, n_past + n_new)[None], *past)

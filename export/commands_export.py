@@ -1,0 +1,177 @@
+"""`edgeact export CHECKPOINT --out BUNDLE` and `edgeact verify BUNDLE`; torch is imported inside handlers only."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+DEFAULT_FRAMES = 3   # literal copy of verify.DEFAULT_FRAMES: importing verify here would cost `edgeact --help` time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to a bundle (vision + decoder ONNX stages, weights, tokenizer) and verify it",
+        description="Trace the vision and decoder stages to ONNX (fp32), write them with the embedding table, "
+                    "LM head, tokenizer, answer grammar and action statistics into a bundle (atomically), then "
+                    "verify every stage against the PyTorch reference on held-out inputs and record the result.",
+    )
+    p.add_argument("checkpoint", type=Path, help="MolmoAct checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--max-seq", type=_positive_int, help="decoder positions, prompt + answer (default: the "
+                   "config's max_position_embeddings); the runtime's KV cache holds this many")
+    p.add_argument("--max-images", type=_positive_int, default=2, help="camera images per observation (default 2)")
+    p.add_argument("--chunk", type=_positive_int, default=1, help="actions per answer (fine-tuned checkpoints: 8)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 19)")
+    p.add_argument("--external-data", action="store_true",
+                   help="store every stage's weights in a .onnx.data file (default: only stages over 1 GiB)")
+    p.add_argument("--name", default="", help="model name for the manifest (default: the checkpoint directory name)")
+    p.add_argument("--overwrite", action="store_true", help="replace BUNDLE if it is a bundle already")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (the manifest says 'not_run')")
+    _add_verify_options(p)
+    p.set_defaults(handler=_export)
+
+    p = subparsers.add_parser(
+        "verify", help="compare every stage of a bundle with the PyTorch reference and record passed/failed",
+        description="Run each stage with onnxruntime (CPU) and the PyTorch reference on held-out camera frames "
+                    "and instructions: vision features, decoder hidden states and cache (prefill, single steps, "
+                    "chunks), logits, and grammar-masked greedy token agreement for depth, trace and actions. "
+                    "Gates depend on each stage's precision; the verdict is written into the manifest.",
+    )
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
+    p.add_argument("--checkpoint", type=Path, help="reference checkpoint (default: the one recorded at export)")
+    _add_verify_options(p)
+    p.set_defaults(handler=_verify)
+
+
+def _add_verify_options(p) -> None:
+    p.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES,
+                   help=f"held-out observations to verify on (default {DEFAULT_FRAMES})")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and onnxruntime (default: theirs)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edgeact.export.bundle_export import EXPORT_STEPS, ExportOptions, export_bundle
+
+    options = ExportOptions(max_seq=args.max_seq, max_images=args.max_images, n_actions=args.chunk, opset=args.opset,
+                            external_data=True if args.external_data else None, name=args.name)
+    _set_threads(args.threads)
+    console = _console()
+    start = time.perf_counter()
+    with _progress(console) as progress:
+        task = progress.add_task(EXPORT_STEPS[0], total=len(EXPORT_STEPS))
+
+        def on_step(done: str) -> None:
+            index = EXPORT_STEPS.index(done)
+            progress.update(task, advance=1, description=EXPORT_STEPS[min(index + 1, len(EXPORT_STEPS) - 1)])
+
+        out = export_bundle(args.checkpoint, args.out, options, overwrite=args.overwrite, on_step=on_step)
+    seconds = time.perf_counter() - start
+    report = None if args.no_verify else _run_verification(console, out, args.checkpoint, args)
+    _print_bundle_summary(console, out, seconds)
+    if report is not None:
+        _print_report(console, report)
+        return 0 if report.passed else 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    console = _console()
+    report = _run_verification(console, args.bundle, args.checkpoint, args)
+    _print_report(console, report)
+    return 0 if report.passed else 1
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_verification(console, bundle: Path, checkpoint: Path | None, args: argparse.Namespace):
+    from edgeact.export.verify import verify_bundle
+
+    with _progress(console) as progress:
+        task = progress.add_task("verifying on held-out frames", total=args.frames)
+        return verify_bundle(bundle, checkpoint, frames=args.frames, threads=args.threads,
+                             on_frame=lambda done, total: progress.update(task, completed=done))
+
+
+def _print_bundle_summary(console, out: Path, seconds: float) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgeact.runtime.bundle import read_manifest
+
+    m = read_manifest(out)
+    table = Table(title=f"bundle {out} ({seconds:.1f} s)")
+    for col in ("part", "precision", "files", "size", "shape / dim ranges (min/opt/max)"):
+        table.add_column(col)
+    for s in m.stages.values():
+        ranges = ", ".join(f"{k} {r.min}/{r.opt}/{r.max}" for k, r in s.dim_ranges.items())
+        size = sum(m.files[f].bytes for f in s.files())
+        table.add_row(*map(Text, (f"stage {s.name}", s.precision, ", ".join(s.files()), _size(size), ranges)))
+    for w in m.weights.values():
+        table.add_row(*map(Text, (f"weight {w.name}", w.dtype, w.file, _size(m.files[w.file].bytes), str(list(w.shape)))))
+    total = sum(f.bytes for f in m.files.values())
+    table.add_row(*map(Text, ("total", "", f"{len(m.files)} files", _size(total), "")))
+    console.print(table)
+
+
+def _value(row: dict) -> str:
+    v = row["value"]
+    if v is None:
+        return "nan"
+    # A cosine near 1 reads better as its distance from 1.
+    return f"1 - {1 - v:.1e}" if row["gate"].endswith(".cosine") and 0 < 1 - v < 1e-3 else f"{v:.6f}"
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.2f} GiB"
+
+
+def _print_report(console, report) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"verification against {report.checkpoint}: {report.frames} held-out frames, {report.seconds:.1f} s")
+    for col in ("gate", "stage", "precision", "value", "limit", "detail", "result"):
+        table.add_column(col)
+    for row in report.rows:
+        value = _value(row)
+        table.add_row(*map(Text, (row["gate"], row["stage"], row["precision"], value, f"{row['limit']:g}", row["detail"])),
+                      Text("pass", style="green") if row["passed"] else Text("FAIL", style="bold red"))
+    console.print(table)
+    if report.passed:
+        console.print(Text("verification passed; recorded in the manifest", style="green"))
+    else:
+        gates = ", ".join(r["gate"] for r in report.failing())
+        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest, and load_bundle refuses the "
+                           "bundle unless --allow-unverified is given", style="bold red"))

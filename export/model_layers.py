@@ -1,0 +1,95 @@
+"""Building blocks shared by the vision tower and the decoder: float32 norms, activations, grouped attention.
+
+Everything here is traceable by the ONNX exporter: no Python branches on tensor values, only
+on shapes and on flags fixed at construction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeact.runtime.errors import ConfigError
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # CLIP's sigmoid approximation of GELU; the -O checkpoints were trained with it.
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str, where: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function a config names; `where` says which config field, for the error."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"{where} is {name!r}; the reference model knows {sorted(_ACTIVATIONS)}") from None
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype, so fp16/bf16 ViTs stay stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as MolmoAct computes it: normalize in float32, cast back, then scale by the weight."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    float32_scores: bool,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads, softmax in float32.
+
+    q: (B, H, Tq, h); k, v: (B, K, Tk, h) with H a multiple of K; query head i reads KV head
+    i // (H // K), as Qwen2's repeat_kv does. mask: bool, True = may attend, broadcastable to
+    (B, K, H // K, Tq, Tk); None = attend everywhere. float32_scores also runs both matmuls in
+    float32 (the ViT and pooling `float32_attention` flag). Returns (B, H, Tq, h) in q's dtype.
+    """
+    out_dtype = q.dtype
+    b, n_heads, t_q, head_dim = q.shape
+    n_kv = k.shape[1]
+    # Broadcasting the KV heads over a group axis avoids materializing repeated K/V (the cache
+    # is read once per step, which is where decode time goes).
+    q = q.reshape(b, n_kv, n_heads // n_kv, t_q, head_dim)
+    k = k.unsqueeze(2)
+    v = v.unsqueeze(2)
+    if float32_scores:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+    scores = scores.float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)
+    return out.reshape(b, n_heads, t_q, head_dim).to(out_dtype)

@@ -1,0 +1,192 @@
+"""Trace the reference model's two deployable stages, vision and decoder, into ONNX graphs with named dynamic dims.
+
+The wrappers below only adapt I/O to the runtime's contract; the arithmetic is the reference
+model's own (`MolmoActModel.vision`, `.decoder`), so an exported stage computes what the
+reference computes. Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`.
+It keeps the `dynamic_axes` names as the graph's dim_params, traces shape arithmetic (causal
+mask, cache slicing) symbolically, and folds each Linear's transposed weight into an (in, out)
+initializer feeding a plain MatMul (never a Gemm), which the int4 weight-only quantizer needs.
+The dynamo exporter specializes sizes 0 and 1 (an empty past, a one-token step), which this
+one graph must accept.
+
+After tracing, `finish_graph` renames each MatMul weight after its checkpoint tensor
+(`<checkpoint name>.T`: stored transposed, (in, out)) so quantization reports and layer
+exclusions speak the checkpoint's language, and restores graph inputs the tracer dropped
+because the variant does not read them (-D ignores `image_masks`).
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeact.export.model import MolmoActModel
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.stage_spec import TensorSpec
+
+# Opset 19: QuantizeLinear/DequantizeLinear with float8 types (the fp8 recipe) exist from 19,
+# TensorRT 10's parser and onnxruntime 1.32 both take it. The int4 recipe needs 21 for int4
+# Q/DQ and raises the opset itself when it writes them.
+DEFAULT_OPSET = 19
+TRANSPOSED_SUFFIX = ".T"
+
+
+# ----------------------------------------------------------------------------------- wrappers
+class VisionStage(nn.Module):
+    """images, image_masks, pooled_patches_idx -> image_features for EVERY row of pooled_patches_idx."""
+
+    def __init__(self, model: MolmoActModel):
+        super().__init__()
+        # Held under the checkpoint's own prefix, so the graph's initializers carry checkpoint names.
+        self.model = nn.ModuleDict({"vision_backbone": model.vision})
+
+    def forward(self, images: torch.Tensor, image_masks: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        return self.model["vision_backbone"](images, image_masks, pooled_patches_idx)
+
+
+class DecoderStage(nn.Module):
+    """inputs_embeds, position_ids, past keys/values (seq-major) -> hidden_states and the chunk's new keys/values.
+
+    The runtime keeps one (1, max_seq, K, h) buffer per layer and kind; with the sequence axis
+    before the heads, the filled part of a batch-1 buffer is a contiguous prefix it can feed
+    without a copy, and the new entries are written right after it.
+    """
+
+    def __init__(self, model: MolmoActModel):
+        super().__init__()
+        self.model = nn.ModuleDict({"transformer": model.decoder})
+        self.n_layers = model.cfg.llm_config.num_hidden_layers
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The reference cache is head-major (B, K, T, h).
+        cache = [(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2)) for i in range(self.n_layers)]
+        hidden, present = self.model["transformer"](inputs_embeds, position_ids, cache)
+        n_new = inputs_embeds.shape[1]
+        new: list[torch.Tensor] = []
+        for key, value in present:
+            n_all = key.shape[2]
+            new += [key[:, :, n_all - n_new:].transpose(1, 2), value[:, :, n_all - n_new:].transpose(1, 2)]
+        return (hidden, *new)
+
+
+# ------------------------------------------------------------------------------ I/O contracts
+def vision_io(model: MolmoActModel, patches_per_token: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    cfg = model.cfg
+    v = cfg.vit_config
+    n_patches = v.image_num_pos - (1 if v.use_cls_token else 0)
+    inputs = [
+        TensorSpec(io.IMAGES, "float32", (io.N_CROPS, n_patches, v.patch_dim),
+                   "crops (global view first), patchified and normalized by the preprocessor; patch pixels in (py, px, channel) order"),
+        TensorSpec(io.IMAGE_MASKS, "float32", (io.N_CROPS, n_patches),
+                   "share of real (non-padding) pixels per patch; read by -O's padding embeddings, ignored by -D"),
+        TensorSpec(io.POOLED_PATCHES_IDX, "int64", (io.N_TOKENS, patches_per_token),
+                   "per pooled image token, the patches (flat index over crops x patches) it pools; -1 = padding"),
+    ]
+    outputs = [TensorSpec(io.IMAGE_FEATURES, "float32", (io.N_TOKENS, cfg.llm_config.hidden_size),
+                          "one LLM-width feature per row of pooled_patches_idx, ALL rows: the runtime drops rows whose "
+                          "indices are all -1 (as MolmoAct does) and adds the i-th remaining row to the embedding of "
+                          "the i-th <im_patch> token")]
+    return inputs, outputs
+
+
+def decoder_io(model: MolmoActModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    l = model.cfg.llm_config
+    K, h, D = l.num_key_value_heads, l.head_dim, l.hidden_size
+    b, s, p = io.BATCH, io.SEQ, io.PAST_SEQ
+    inputs = [
+        TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, D),
+                   "embeddings of the chunk's tokens (the `embedding` table row; plus the image feature at <im_patch>)"),
+        TensorSpec(io.POSITION_IDS, "int64", (b, s),
+                   "RoPE positions: past_seq + 0 .. seq-1. Attention is causal from the shapes alone (no mask "
+                   "input): every row of a batch has the same past, no padding (batch 1 on the robot)"),
+    ]
+    outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, D),
+                          "hidden states after the final norm; logits = hidden_states @ lm_head.T")]
+    for n in range(l.num_hidden_layers):
+        inputs += [
+            TensorSpec(io.past_key(n), "float32", (b, p, K, h),
+                       f"layer {n} keys of the past positions, RoPE applied, seq-major; past_seq may be 0"),
+            TensorSpec(io.past_value(n), "float32", (b, p, K, h), f"layer {n} values of the past positions, seq-major"),
+        ]
+        outputs += [
+            TensorSpec(io.new_key(n), "float32", (b, s, K, h),
+                       f"layer {n} keys of this chunk only (RoPE applied): write at cache[past_seq:past_seq+seq]"),
+            TensorSpec(io.new_value(n), "float32", (b, s, K, h), f"layer {n} values of this chunk only"),
+        ]
+    return inputs, outputs
+
+
+# ---------------------------------------------------------------------------------- exporting
+def export_stage(module: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
+                 outputs: list[TensorSpec], path: Path, opset: int = DEFAULT_OPSET):
+    """Trace `module` on `example` to an ONNX file at `path`, then return the finished ModelProto."""
+    import onnx
+
+    dynamic_axes = {t.name: {axis: d for axis, d in enumerate(t.dims) if isinstance(d, str)} for t in (*inputs, *outputs)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python int it records from a shape and about its own deprecation;
+        # dynamic_axes make those shape reads symbolic, and the tests run each graph at other sizes.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=[t.name for t in inputs],
+                          output_names=[t.name for t in outputs], dynamic_axes=dynamic_axes,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    finish_graph(proto, module, inputs)
+    return proto
+
+
+def finish_graph(proto, module: nn.Module, inputs: list[TensorSpec]) -> None:
+    """Name MatMul weights after checkpoint tensors, restore dropped inputs, refuse Gemm (see module doc)."""
+    gemms = [n.name for n in proto.graph.node if n.op_type == "Gemm"]
+    if gemms:
+        raise BundleError(f"the exporter produced Gemm nodes {gemms[:3]}; stages must use MatMul with (in, out) "
+                          "weights for the int4 quantizer: feed Linear layers 3-D inputs")
+    _name_matmul_weights(proto, module)
+    _restore_inputs(proto, inputs)
+
+
+def _tensor_key(array) -> tuple:
+    return tuple(array.shape), str(array.dtype), hashlib.sha1(array.tobytes()).hexdigest()
+
+
+def _name_matmul_weights(proto, module: nn.Module) -> None:
+    from onnx import numpy_helper
+
+    transposed = {}
+    for name, param in module.named_parameters():
+        if param.dim() == 2:
+            transposed[_tensor_key(param.detach().t().contiguous().numpy())] = name + TRANSPOSED_SUFFIX
+    inits = {t.name: t for t in proto.graph.initializer}
+    taken = set(inits)
+    renames: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1] in renames:
+            continue
+        old = node.input[1]
+        new = transposed.get(_tensor_key(numpy_helper.to_array(inits[old])))
+        if new is not None and new not in taken:
+            renames[old] = new
+            taken.add(new)
+    for tensor in proto.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _restore_inputs(proto, inputs: list[TensorSpec]) -> None:
+    """Add declared inputs the graph does not read (legal ONNX), so both variants share one contract."""
+    from onnx import TensorProto, helper
+
+    present = [v.name for v in proto.graph.input]
+    elem = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+    for position, spec in enumerate(inputs):
+        if spec.name not in present:
+            info = helper.make_tensor_value_info(spec.name, elem[spec.dtype], list(spec.dims))
+            proto.graph.input.insert(position, info)
+            present.insert(position, spec.name)

@@ -1,0 +1,134 @@
+"""Calibration inputs for each stage, made by the fp32 bundle from a calibration set, and activation statistics over them.
+
+Vision: the sample's preprocessed frame as is. Decoder: per sample, the whole sequence (prompt +
+the fp32 model's own answer) as one prefill chunk with an empty cache -- a causal decoder
+computes the same per-token activations in one chunk as token by token -- plus single-token
+decode steps at random answer positions with the real cache before them (sliced from the
+chunk's own keys and values: position p's keys do not depend on later tokens), so the
+cache inputs and the attention over them see realistic values too.
+Feeds are produced lazily: a 7B decoder's cache for one step is gigabytes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edgeact.calibration.calibration_set import CalibrationSet
+from edgeact.export.quant_decode import OrtBundle, make_session
+from edgeact.runtime import stage_io
+
+Feeds = dict[str, np.ndarray]
+FeedSource = Callable[[], Iterator[Feeds]]   # a fresh pass over the feeds on every call
+
+
+def stage_feeds(fp32: OrtBundle, calib: CalibrationSet, stage: str, decode_steps: int = 1, seed: int = 0) -> FeedSource:
+    if stage == stage_io.VISION_STAGE:
+        return lambda: (fp32.vision_feeds(s.image_inputs()) for s in calib.samples)
+    if stage == stage_io.DECODER_STAGE:
+        return lambda: _decoder_feeds(fp32, calib, decode_steps, seed)
+    raise KeyError(stage)
+
+
+def _decoder_feeds(fp32: OrtBundle, calib: CalibrationSet, decode_steps: int, seed: int) -> Iterator[Feeds]:
+    rng = np.random.default_rng(seed)
+    for sample in calib.samples:
+        ids = sample.sequence_ids[:-1]           # the final end-of-text is never fed back
+        prompt = fp32.prompt_embeddings(sample.prompt_ids, sample.image_inputs())
+        embeds = np.concatenate([prompt, fp32.embed_ids(ids[len(sample.prompt_ids):])], axis=1)
+        empty = fp32.empty_past()
+        yield fp32.decoder_feeds(embeds, 0, empty)
+        if decode_steps < 1 or len(ids) <= len(sample.prompt_ids):
+            continue
+        _, cache = fp32.run_decoder(embeds, 0, empty)
+        for p in rng.integers(len(sample.prompt_ids), len(ids), size=decode_steps):
+            past = {name: np.ascontiguousarray(np.take(a, np.arange(p), axis=fp32.past_axis(name)))
+                    for name, a in cache.items()}
+            yield fp32.decoder_feeds(embeds[:, p:p + 1], int(p), past)
+
+
+class FeedReader:
+    """onnxruntime.quantization's CalibrationDataReader over a FeedSource (rewindable; `get_first` for ModelOpt)."""
+
+    def __init__(self, source: FeedSource, input_names: set[str] | None = None) -> None:
+        self.source, self.names = source, input_names
+        self._it = self.source()
+
+    def get_next(self) -> Feeds | None:
+        feeds = next(self._it, None)
+        if feeds is None or self.names is None:
+            return feeds
+        return {k: v for k, v in feeds.items() if k in self.names}
+
+    def rewind(self) -> None:
+        self._it = self.source()
+
+    def get_first(self) -> Feeds | None:
+        first = next(self.source(), None)
+        return first if first is None or self.names is None else {k: v for k, v in first.items() if k in self.names}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Feeds:
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
+        return feeds
+
+
+def as_calibration_reader(source: FeedSource):
+    """A FeedReader that onnxruntime's quantize_static accepts (it checks the base class)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(FeedReader, CalibrationDataReader):
+        pass
+
+    return _Reader(source)
+
+
+# ----------------------------------------------------------------------------- statistics
+def const_weight_matmuls(proto, op_types: tuple[str, ...] = ("MatMul",), exclude: tuple[str, ...] = ()):
+    """Nodes of `op_types` whose second input is a 2-D float initializer: the model's linear layers."""
+    import onnx
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type not in op_types or node.name in exclude or len(node.input) < 2:
+            continue
+        weight = inits.get(node.input[1])
+        if weight is not None and len(weight.dims) == 2 and weight.data_type == onnx.TensorProto.FLOAT:
+            nodes.append(node)
+    return nodes
+
+
+def activation_absmax(model_path: str | Path, tensor_names: list[str], feeds: FeedSource, work_dir: Path,
+                      threads: int | None = None) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of each named tensor over every feed: SmoothQuant and FP8 scales need it."""
+    import onnx
+
+    proto = onnx.load(str(model_path))
+    known = {o.name for o in proto.graph.output}
+    for name in tensor_names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    path = Path(work_dir) / "absmax_probe.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=_big(proto),
+                    all_tensors_to_one_file=True, location="absmax_probe.onnx.data")
+    del proto
+    session = make_session(path, threads)
+    names = [i.name for i in session.get_inputs()]
+    absmax: dict[str, np.ndarray] = {}
+    for feed in feeds():
+        outs = session.run(tensor_names, {k: v for k, v in feed.items() if k in names})
+        for name, value in zip(tensor_names, outs):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)
+    return absmax
+
+
+def _big(proto) -> bool:
+    # protobuf cannot serialize a message over 2 GB: big models go to an external-data file.
+    return sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)

@@ -1,0 +1,170 @@
+"""TensorRT targets, the precisions each can run, and engine optimization profiles derived from a manifest.
+
+Pure logic (no tensorrt import) so it is tested everywhere. Shapes come only from a stage's
+manifest (`dims` + `dim_ranges` + `profiles`), never from literals repeated in scripts: change
+the exporter's ranges and the engines follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from edgeact.runtime.bundle import DimRange, EngineRecord, StageSpec, dim_terms
+from edgeact.runtime.errors import BundleError, ConfigError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    compute_capability: tuple[int, int]
+    memory_bandwidth_gb_s: float          # what bounds decode speed: every token reads every weight once
+    embedded: bool
+    also_reports: tuple[tuple[int, int], ...] = ()   # other SM numbers the same chip reports
+
+    @property
+    def sm(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+
+def _t(name, description, cc, bw, embedded, also=()) -> tuple[str, Target]:
+    return name, Target(name, description, cc, bw, embedded, also)
+
+
+TARGETS: Mapping[str, Target] = MappingProxyType(dict([
+    # Jetson modules (developer.nvidia.com/cuda-gpus lists Orin AGX / NX / Nano at 8.7).
+    _t("orin", "Jetson AGX Orin 64GB (Ampere)", (8, 7), 204.8, True),
+    _t("orin-nx", "Jetson Orin NX 16GB (Ampere)", (8, 7), 102.4, True),
+    _t("orin-nano", "Jetson Orin Nano 8GB (Ampere)", (8, 7), 68.0, True),
+    # Jetson AGX Thor (T5000, Blackwell): CUDA 13.0 renumbered its SM101 as SM110 ("SM101 has been
+    # renumbered as SM110", CUDA 13.0 release notes; see also openxla/xla#30514 and
+    # developer.nvidia.com/cuda-gpus, which lists Jetson T5000/T4000 at 11.0). Toolkits before 13
+    # report 10.1. Memory: 128 GB LPDDR5X, 256-bit, 273 GB/s (T5000 module data sheet).
+    _t("thor", "Jetson AGX Thor T5000 (Blackwell)", (11, 0), 273.0, True, ((10, 1),)),
+    # Desktop / data-centre GPUs a lent machine may have; bandwidth of the named card.
+    _t("h100", "NVIDIA H100 SXM (Hopper)", (9, 0), 3350.0, False),
+    _t("h200", "NVIDIA H200 (Hopper)", (9, 0), 4800.0, False),
+    _t("ada", "Ada, SM 8.9 (L40S; RTX 40xx alike)", (8, 9), 864.0, False),
+    _t("ampere", "Ampere, SM 8.6 (A10; A40, RTX 30xx alike)", (8, 6), 600.0, False),
+    _t("a100", "NVIDIA A100 80GB (Ampere, SM 8.0)", (8, 0), 2039.0, False),
+]))
+
+# Lowest SM each stage precision runs at in TensorRT. FP8 needs Ada / Hopper / Blackwell tensor
+# cores; INT4 is weight-only (W4A16: DQ into an fp16/bf16 GEMM) and, like BF16, needs Ampere.
+# (NVIDIA Model Optimizer support matrix: FP8 "Ada and later"; INT8 and W4A16 "Ampere and later".)
+PRECISION_MIN_SM: Mapping[str, tuple[int, int]] = MappingProxyType({
+    "fp32": (7, 5), "fp16": (7, 5), "bf16": (8, 0), "int8": (7, 5), "fp8": (8, 9), "int4": (8, 0),
+})
+_PRECISION_NOTES = {"int8": "int8 (SmoothQuant W8A8 or W8A16)", "int4": "int4 (weight-only)", "fp8": "fp8",
+                    "fp16": "fp16", "bf16": "bf16"}
+_ARCHS = {7: "Turing", 8: "Ampere", 9: "Hopper", 10: "Blackwell", 11: "Blackwell", 12: "Blackwell"}
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown TensorRT target {name!r}; use one of {', '.join(TARGETS)}") from None
+
+
+def targets_for_device(compute_capability: tuple[int, int]) -> list[Target]:
+    cc = tuple(compute_capability)
+    return [t for t in TARGETS.values() if t.compute_capability == cc or cc in t.also_reports]
+
+
+def supported_precisions(target: str | Target) -> tuple[str, ...]:
+    target = get_target(target)
+    return tuple(p for p, sm in PRECISION_MIN_SM.items() if target.compute_capability >= sm)
+
+
+def check_precision(target: str | Target, precision: str) -> None:
+    """Refuse a precision the target cannot run, naming the ones it can."""
+    target = get_target(target)
+    if precision not in PRECISION_MIN_SM:
+        raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISION_MIN_SM)}")
+    need = PRECISION_MIN_SM[precision]
+    if target.compute_capability >= need:
+        return
+    instead = [_PRECISION_NOTES[p] for p in ("int8", "int4", "fp16", "bf16")
+               if p in supported_precisions(target) and p != precision]
+    raise ConfigError(
+        f"{precision} needs SM >= {need[0]}.{need[1]} ({_ARCHS.get(need[0], '')} or newer); {target.name} "
+        f"({target.description}) is SM {target.sm}: use {' or '.join(instead[:2])} instead")
+
+
+def check_device(target: str | Target, compute_capability: tuple[int, int]) -> None:
+    """TensorRT engines run only on the SM they were built on: refuse to build for another target."""
+    target = get_target(target)
+    cc = tuple(compute_capability)
+    if cc == target.compute_capability or cc in target.also_reports:
+        return
+    here = ", ".join(t.name for t in targets_for_device(cc)) or "no known target"
+    raise ConfigError(
+        f"this GPU is SM {cc[0]}.{cc[1]} ({here}) but target {target.name} is SM {target.sm}; engines built here "
+        f"would not run there: run build-engines on the {target.name} itself")
+
+
+# ---------------------------------------------------------------------------------- profiles
+def _as_stage(stage: StageSpec | Mapping[str, Any]) -> StageSpec:
+    if isinstance(stage, StageSpec):
+        return stage
+    return StageSpec.from_dict(str(stage.get("name", "stage")), dict(stage), "stage")
+
+
+def resolve_dim(dim: int | str, ranges: Mapping[str, DimRange]) -> DimRange:
+    """Range of one dim: an int is fixed; a symbol reads its range; 'past_seq+seq' adds the ranges."""
+    lo = opt = hi = 0
+    for term in dim_terms(dim):
+        if isinstance(term, int):
+            r = DimRange(term, term, term)
+        elif term in ranges:
+            r = ranges[term]
+        else:
+            raise BundleError(f"dim {dim!r}: symbol {term!r} has no range; add it to the stage's dim_ranges")
+        lo, opt, hi = lo + r.min, opt + r.opt, hi + r.max
+    return DimRange(lo, opt, hi)
+
+
+def profile_dim_ranges(stage: StageSpec | Mapping[str, Any]) -> list[tuple[str, dict[str, DimRange]]]:
+    """(profile name, symbol ranges) per engine profile; one 'default' profile when none are declared."""
+    stage = _as_stage(stage)
+    if not stage.profiles:
+        return [("default", dict(stage.dim_ranges))]
+    return [(p.name, {**stage.dim_ranges, **p.dim_ranges}) for p in stage.profiles]
+
+
+def profile_names(stage: StageSpec | Mapping[str, Any]) -> list[str]:
+    return [name for name, _ in profile_dim_ranges(stage)]
+
+
+def optimization_profiles(stage: StageSpec | Mapping[str, Any]) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """Per profile, {input name: (min shape, opt shape, max shape)}, in profile_names() order."""
+    stage = _as_stage(stage)
+    profiles = []
+    for _, ranges in profile_dim_ranges(stage):
+        shapes = {}
+        for tensor in stage.inputs:
+            dims = [resolve_dim(d, ranges) for d in tensor.dims]
+            shapes[tensor.name] = (tuple(r.min for r in dims), tuple(r.opt for r in dims), tuple(r.max for r in dims))
+        profiles.append(shapes)
+    return profiles
+
+
+# ----------------------------------------------------------------------------- engine records
+def engine_file(target: str | Target, stage: str) -> str:
+    return f"engines/{get_target(target).name}/{stage}.plan"
+
+
+def engine_record(stage: StageSpec, target: str | Target, *, trt_version: str, compute_capability: tuple[int, int],
+                  sha256: str, built_utc: str = "") -> EngineRecord:
+    target = get_target(target)
+    return EngineRecord(
+        stage=stage.name, file=engine_file(target, stage.name), target=target.name, trt_version=trt_version,
+        compute_capability=f"{compute_capability[0]}.{compute_capability[1]}", precision=stage.precision,
+        sha256=sha256, profiles=tuple(profile_names(stage)), built_utc=built_utc,
+    )

@@ -1,0 +1,226 @@
+"""Verify a bundle against its PyTorch reference on held-out inputs, gate the numbers by precision, record the verdict.
+
+`GATES` is the one table of accuracy gates: a row per stage precision, frozen. Each stage's
+rows are gated by its own precision (vision by the vision stage's, decoder and logits by the
+decoder's); token agreement, which every stage affects, by the loosest gate of all stages.
+`verify_bundle` works on any bundle (exported or quantized) and writes status, gates and rows
+into the manifest, where `load_bundle` refuses a failed bundle unless overridden.
+
+Held-out inputs: synthetic camera frames numbered from HELD_OUT_FRAME_BASE on, at camera
+poses of their own, and instructions of their own; calibration sets must draw frames below
+HELD_OUT_FRAME_BASE so that verification never sees what calibration fitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.stage_spec import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Minimum accepted values. Cosines are per row (feature, token, logits row), worst row over all frames."""
+    vision_cosine: float
+    decoder_cosine: float       # hidden states (prefill, decode step, chunk) and the new cache entries
+    logits_cosine: float
+    forced_agreement: float     # teacher-forced: masked argmax at every choice of the reference answer
+    greedy_agreement: float     # free-running masked greedy, per kind (depth, trace, action)
+
+
+# fp32 must reproduce the reference: only kernel summation order differs. Reduced precisions are
+# judged mostly on teacher-forced agreement: a free-running answer that flips one early token
+# continues differently, so its agreement measures luck as much as accuracy.
+GATES: Mapping[str, Gate] = MappingProxyType({
+    "fp32": Gate(0.99999, 0.99999, 0.99999, 1.0, 1.0),
+    "fp16": Gate(0.9995, 0.9995, 0.9995, 0.98, 0.9),
+    "bf16": Gate(0.995, 0.995, 0.995, 0.95, 0.8),
+    "int8": Gate(0.99, 0.99, 0.99, 0.9, 0.7),
+    "fp8": Gate(0.99, 0.99, 0.99, 0.9, 0.7),
+    "int4": Gate(0.98, 0.98, 0.98, 0.85, 0.6),
+})
+if set(GATES) != set(PRECISIONS):   # a new precision must get its gates here, not silently none
+    raise RuntimeError(f"GATES covers {sorted(GATES)} but stages may be {sorted(PRECISIONS)}")
+
+HELD_OUT_FRAME_BASE = 100_000
+HELD_OUT_INSTRUCTIONS = (
+    "pick up the red block",
+    "push the green box to the left",
+    "put the blue box next to the wall",
+    "move the gripper above the red block",
+)
+HELD_OUT_CAMERA_PX = (320, 240)      # width, height
+DEFAULT_FRAMES = 3
+
+# measurement key -> (gate row name, stage whose precision gates it, or None for all stages, Gate field)
+_ROWS = (
+    ("vision", "vision.cosine", "vision", "vision_cosine"),
+    ("decoder.prefill", "decoder.prefill.cosine", "decoder", "decoder_cosine"),
+    ("decoder.cache", "decoder.cache.cosine", "decoder", "decoder_cosine"),
+    ("decoder.step", "decoder.step.cosine", "decoder", "decoder_cosine"),
+    ("decoder.chunk", "decoder.chunk.cosine", "decoder", "decoder_cosine"),
+    ("logits", "logits.cosine", "decoder", "logits_cosine"),
+    ("tokens.forced", "tokens.forced", None, "forced_agreement"),
+    ("tokens.greedy.depth", "tokens.greedy.depth", None, "greedy_agreement"),
+    ("tokens.greedy.trace", "tokens.greedy.trace", None, "greedy_agreement"),
+    ("tokens.greedy.action", "tokens.greedy.action", None, "greedy_agreement"),
+)
+
+
+@dataclass
+class VerificationReport:
+    status: str                              # "passed" or "failed"
+    stage_precisions: dict[str, str]
+    rows: list[dict[str, Any]]               # each: gate, stage, precision, value, limit, passed, and details
+    frames: int
+    checkpoint: str
+    seconds: float
+    gates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def failing(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if not r["passed"]]
+
+
+def gate_for(precisions: list[str]) -> Gate:
+    """The loosest gate of several stage precisions, field by field."""
+    gates = [GATES[p] for p in precisions]
+    return Gate(**{f.name: min(getattr(g, f.name) for g in gates) for f in dataclasses.fields(Gate)})
+
+
+def held_out_observations(n: int) -> list[tuple[Any, str]]:
+    """n (RGB frame, instruction) pairs no calibration set uses; the same n always gives the same pairs."""
+    from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
+
+    width, height = HELD_OUT_CAMERA_PX
+    out = []
+    for k in range(n):
+        camera = SyntheticCamera(SyntheticConfig(width=width, height=height, pitch_deg=30.0 + 5.0 * (k % 3)))
+        out.append((camera.render(HELD_OUT_FRAME_BASE + 7 * k).color, HELD_OUT_INSTRUCTIONS[k % len(HELD_OUT_INSTRUCTIONS)]))
+    return out
+
+
+def verify_bundle(bundle_dir: str | Path, checkpoint_dir: str | Path | None = None, frames: int = DEFAULT_FRAMES, *,
+                  record: bool = True, threads: int | None = None,
+                  on_frame: Callable[[int, int], None] | None = None) -> VerificationReport:
+    """Compare every stage of the bundle with the reference on `frames` held-out observations; record the verdict.
+
+    The reference is the checkpoint the manifest names (model.source.checkpoint) unless
+    `checkpoint_dir` is given; it runs in float32 whatever the bundle's precision.
+    """
+    import torch
+
+    from edgeact.export.checkpoint import load_model
+    from edgeact.export.verify_compare import compare_observation
+    from edgeact.runtime.bundle import load_bundle
+    from edgeact.runtime.grammar import AnswerGrammar
+    from edgeact.runtime.ort_stages import OrtStages
+    from edgeact.runtime.preprocess import ImagePreprocessor
+    from edgeact.runtime.preprocess_config import PreprocessConfig
+    from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+    if frames < 1:
+        raise BundleError(f"frames is {frames}; verify on at least one held-out frame (default {DEFAULT_FRAMES})")
+    start = time.perf_counter()
+    bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=True)
+    ckpt_dir = reference_checkpoint(bundle, checkpoint_dir)
+    model, _ = load_model(ckpt_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer.file))
+    layout = TokenLayout.from_tokenizer(tokenizer, str(bundle.path(bundle.manifest.tokenizer.file)))
+    grammar = AnswerGrammar(tokenizer, layout, n_actions=int(bundle.manifest.grammar.get("n_actions", 1)))
+    preprocessor = ImagePreprocessor(bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file)))
+    stages = OrtStages(bundle, threads=threads)
+
+    totals: dict[str, Any] = {}
+    observations = held_out_observations(frames)
+    for k, (rgb, instruction) in enumerate(observations):
+        for key, value in compare_observation(model, stages, grammar, tokenizer, layout, preprocessor, rgb, instruction).items():
+            totals[key] = value if key not in totals else _combine(totals[key], value)
+        if on_frame is not None:
+            on_frame(k + 1, frames)
+
+    precisions = {name: spec.precision for name, spec in bundle.manifest.stages.items()}
+    rows = _gate_rows(totals, precisions)
+    report = VerificationReport(
+        status="passed" if all(r["passed"] for r in rows) else "failed", stage_precisions=precisions, rows=rows,
+        frames=frames, checkpoint=str(ckpt_dir), seconds=time.perf_counter() - start,
+        gates={"table": {p: dataclasses.asdict(GATES[p]) for p in sorted(set(precisions.values()))},
+               "stages": precisions, "frames": frames, "checkpoint": str(ckpt_dir),
+               "held_out": {"frame_base": HELD_OUT_FRAME_BASE, "instructions": len(HELD_OUT_INSTRUCTIONS)}},
+    )
+    if record:
+        record_verification(bundle_dir, report)
+    return report
+
+
+def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
+    """The checkpoint to compare with; refuses one whose config.json is not the one the bundle was exported from."""
+    from edgeact.runtime.bundle import sha256_file
+
+    source = bundle.manifest.model.source_checkpoint
+    if checkpoint_dir is None and not source:
+        raise BundleError(f"{bundle.root}: the manifest records no source checkpoint; pass --checkpoint DIR")
+    path = Path(checkpoint_dir if checkpoint_dir is not None else source)
+    config = path / "config.json"
+    if not config.is_file():
+        how = "given" if checkpoint_dir is not None else "recorded at export"
+        raise BundleError(f"{path}: reference checkpoint ({how}) not found; pass --checkpoint DIR with the checkpoint "
+                          "this bundle was exported from")
+    recorded = bundle.manifest.model.source_config_sha256
+    if recorded and sha256_file(config) != recorded:
+        raise BundleError(f"{config}: differs from the config the bundle was exported from (sha256 {recorded[:12]}); "
+                          "pass --checkpoint DIR with the checkpoint this bundle came from")
+    return path
+
+
+def record_verification(bundle_dir: str | Path, report: VerificationReport):
+    """Write the report into the bundle's manifest (atomically); returns the new Manifest."""
+    from edgeact.export.bundle_writer import update_manifest
+    from edgeact.runtime.bundle import VerificationInfo
+
+    def edit(manifest) -> None:
+        manifest.verification = VerificationInfo(status=report.status, gates=report.gates, results=tuple(report.rows))
+
+    return update_manifest(bundle_dir, edit)
+
+
+def _combine(a, b):
+    return a.worst(b) if hasattr(a, "worst") else a + b
+
+
+def _gate_rows(totals: dict[str, Any], precisions: dict[str, str]) -> list[dict[str, Any]]:
+    from edgeact.export.verify_compare import Agreement
+
+    rows = []
+    for key, gate_name, stage, field_name in _ROWS:
+        if key not in totals:
+            continue
+        scope = [precisions[stage]] if stage in precisions else list(precisions.values())
+        limit = getattr(gate_for(scope), field_name)
+        m = totals[key]
+        row: dict[str, Any] = {"gate": gate_name, "stage": stage or "all",
+                               "precision": scope[0] if len(set(scope)) == 1 else "+".join(sorted(set(scope)))}
+        if isinstance(m, Agreement):
+            value = m.fraction
+            row.update(value=value, limit=limit, detail=f"{m.matches}/{m.total} tokens")
+        else:
+            value = m.cosine
+            row.update(value=_finite(value), limit=limit, detail=f"max abs err {m.max_abs_err:.3g}",
+                       max_abs_err=_finite(m.max_abs_err))
+        row["passed"] = bool(not math.isnan(value) and value >= limit)
+        rows.append(row)
+    return rows
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a non-finite number is recorded as null (and its gate has failed)."""
+    return x if math.isfinite(x) else None

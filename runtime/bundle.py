@@ -1,0 +1,181 @@
+"""Load a bundle from disk and prove it is whole: manifest, schema version, files, sha256, verification.
+
+`load_bundle` is the one door into a bundle on the robot. It refuses, with a message that
+names the file and the fix, anything that is not exactly what the exporter wrote: a missing
+or interrupted export, a manifest of another schema version, a missing, truncated or
+modified file, or a bundle whose verification failed (unless explicitly overridden).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeact.runtime.arm_config import ArmConfig
+# The schema is part of this module's API: `from edgeact.runtime.bundle import StageSpec, ...`.
+from edgeact.runtime.bundle_manifest import (  # noqa: F401
+    MANIFEST_NAME, SCHEMA_VERSION, VERIFICATION_STATUSES, EngineRecord, FileEntry, Manifest, ModelInfo,
+    QuantizationInfo, TokenizerInfo, ToolInfo, VerificationInfo, WeightSpec,
+)
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.stage_spec import (  # noqa: F401
+    DTYPES, PRECISIONS, DimRange, StageProfile, StageSpec, TensorSpec, check_relpath, dim_symbols, dim_terms,
+)
+
+PARTIAL_INFIX = ".partial-"      # the writer builds `.NAME.partial-XXXX` beside the final directory
+ALLOW_UNVERIFIED_FLAG = "--allow-unverified"
+_CHUNK_BYTES = 1 << 20            # stream hashes: a 7B stage is gigabytes, never read it whole
+FIX_COPY = "re-copy or re-export the bundle"
+
+
+def tool_version() -> str:
+    try:
+        return importlib.metadata.version("edgeact")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def partial_exports(bundle_dir: str | Path) -> list[Path]:
+    """Temporary directories an interrupted BundleWriter left beside `bundle_dir`."""
+    bundle_dir = Path(bundle_dir)
+    parent = bundle_dir.parent
+    if not parent.is_dir():
+        return []
+    return sorted(parent.glob(f".{bundle_dir.name}{PARTIAL_INFIX}*"))
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Parse and validate manifest.json (schema, fields, config); does not look at the other files."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        partial = partial_exports(bundle_dir)
+        hint = (f"; found {partial[0].name} beside it: the export was interrupted; re-run it" if partial else "")
+        if not bundle_dir.exists():
+            raise BundleError(f"{bundle_dir}: no bundle here{hint or '; check the path or run the export first'}")
+        raise BundleError(f"{path}: missing; {bundle_dir} is not a bundle or an incomplete copy"
+                          f"{hint or '; ' + FIX_COPY}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); the file is corrupt: {FIX_COPY}") from None
+    _check_schema_version(data, path)
+    try:
+        return Manifest.from_dict(data)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}; the manifest is malformed or was edited by hand: re-export the bundle") from None
+
+
+def _check_schema_version(data: Any, path: Path) -> None:
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found == SCHEMA_VERSION:
+        return
+    ours = tool_version()
+    fix = f"re-export with edgeact {ours}"
+    if isinstance(found, int) and found > SCHEMA_VERSION:
+        writer = (data.get("tool") or {}).get("version", "a newer version")
+        fix += f", or upgrade edgeact here to the version that wrote it ({writer})"
+    raise BundleError(f"{path}: schema_version {found!r}, but edgeact {ours} reads schema_version "
+                      f"{SCHEMA_VERSION}; {fix}")
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True) -> None:
+    """Every listed file exists with its recorded size and (if `checksums`) its sha256."""
+    root = Path(bundle_dir)
+    for rel, entry in sorted(manifest.files.items()):
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{rel}: missing from {root} (listed in {MANIFEST_NAME}); the copy is incomplete: {FIX_COPY}")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{rel}: {size} bytes but the manifest says {entry.bytes} (file truncated or modified); {FIX_COPY}")
+    if checksums:
+        for rel, entry in sorted(manifest.files.items()):
+            if sha256_file(root / rel) != entry.sha256:
+                raise BundleError(f"{rel}: sha256 mismatch (file corrupt or modified); {FIX_COPY}")
+
+
+def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool = False) -> None:
+    v = manifest.verification
+    if v.status != "failed" or allow_failed:
+        return
+    first = v.failing()[0]
+    details = ", ".join(f"{k}={first[k]}" for k in first if k not in ("gate", "passed"))
+    more = len(v.failing()) - 1
+    raise BundleError(
+        f"{where}: verification failed at gate {first['gate']!r}" + (f" ({details})" if details else "")
+        + (f" and {more} more" if more else "")
+        + f"; its outputs differ from the reference beyond the gate. Re-export or quantize with another recipe, "
+        f"or pass {ALLOW_UNVERIFIED_FLAG} to load it anyway")
+
+
+class Bundle:
+    """A loaded, checked bundle: the manifest, paths of its files, and its weight arrays (memory-mapped)."""
+
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self._weights: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.root)!r}, stages={list(self.manifest.stages)})"
+
+    @property
+    def config(self) -> ArmConfig:
+        return self.manifest.model.arm_config()
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def stage(self, name: str) -> StageSpec:
+        try:
+            return self.manifest.stages[name]
+        except KeyError:
+            raise BundleError(f"{self.root}: no stage {name!r}; it has {sorted(self.manifest.stages)}") from None
+
+    def stage_path(self, name: str) -> Path:
+        return self.path(self.stage(name).file)
+
+    def engine(self, stage: str, target: str) -> EngineRecord | None:
+        return self.manifest.engines_for(target).get(stage)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The array, memory-mapped read-only on first use (the embedding table need not fit twice in RAM)."""
+        if name not in self._weights:
+            try:
+                spec = self.manifest.weights[name]
+            except KeyError:
+                raise BundleError(f"{self.root}: no weight {name!r}; it has {sorted(self.manifest.weights)}") from None
+            array = np.load(self.path(spec.file), mmap_mode="r", allow_pickle=False)
+            if str(array.dtype) != spec.dtype or tuple(array.shape) != spec.shape:
+                raise BundleError(f"{spec.file}: holds {array.dtype}{list(array.shape)} but the manifest says "
+                                  f"{spec.dtype}{list(spec.shape)}; {FIX_COPY}")
+            self._weights[name] = array
+        return self._weights[name]
+
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.manifest.files.values())
+
+
+def load_bundle(path: str | Path, verify_checksums: bool = True, allow_failed_verification: bool = False) -> Bundle:
+    """Open a bundle directory; raises BundleError naming the file and the fix on anything wrong.
+
+    Sizes are always checked; `verify_checksums` also hashes every file (seconds per GB).
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    check_verification(manifest, root, allow_failed_verification)   # cheap: refuse before hashing gigabytes
+    verify_files(root, manifest, checksums=verify_checksums)
+    return Bundle(root, manifest)

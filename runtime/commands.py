@@ -1,0 +1,192 @@
+"""Runtime sub-commands: `edgeact inspect BUNDLE` and `edgeact build-engines BUNDLE --target T`; no torch."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from edgeact.runtime.bundle import ALLOW_UNVERIFIED_FLAG
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show what a bundle holds: model, stages, quantization, verification, engines")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory (holds manifest.json)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of tables")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads the whole bundle)")
+    p.set_defaults(handler=_inspect)
+
+    p = subparsers.add_parser("build-engines", help="build TensorRT engines for a bundle's stages on this GPU")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
+    p.add_argument("--target", required=True, metavar="T",
+                   help="orin, orin-nx, orin-nano, thor, h100, h200, ada, ampere, a100 (must be this GPU)")
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace (default 4 GB)")
+    p.add_argument("--timing-cache", metavar="PATH", help="timing cache file, read if present and saved after each stage")
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="build only these stages (default: all)")
+    p.add_argument(ALLOW_UNVERIFIED_FLAG, dest="allow_unverified", action="store_true",
+                   help="build even if the bundle's verification failed")
+    p.set_defaults(handler=_build_engines)
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output (tests, logs) gets a wide fixed width so paths and dims are not wrapped mid-word.
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _inspect(args) -> int:
+    from edgeact.runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, verify_checksums=args.verify, allow_failed_verification=True)
+    if args.json:
+        print(json.dumps(bundle.manifest.to_dict(), indent=2))
+        return 0
+    console = _console()
+    for renderable in _inspect_renderables(bundle, checked=args.verify):
+        console.print(renderable)
+    return 0
+
+
+def _inspect_renderables(bundle, checked: bool) -> list:
+    from rich.table import Table
+    from rich.text import Text
+
+    m = bundle.manifest
+    files = m.files
+    out: list = [Text(
+        f"bundle {bundle.root}  ·  schema {m.schema_version}  ·  {m.tool.name} {m.tool.version}  ·  created {m.created_utc}\n"
+        f"{len(files)} files, {_size(bundle.total_bytes())}; sizes checked, sha256 "
+        + ("checked" if checked else "not checked (--verify)"))]
+
+    cfg = bundle.config
+    v, a, l = cfg.vit_config, cfg.adapter_config, cfg.llm_config
+    model = Table(title="model", show_header=False)
+    for key, value in (
+        ("variant", f"{m.model.variant}" + (f" ({m.model.name})" if m.model.name else "")),
+        ("decoder", f"{l.num_hidden_layers} layers, width {l.hidden_size}, {l.num_attention_heads} heads / "
+                    f"{l.num_key_value_heads} KV heads of {l.head_dim}, MLP {l.intermediate_size}"),
+        ("vocabulary", f"{l.vocab_size} + {l.additional_vocab_size} additional rows"),
+        ("vision", f"{v.num_hidden_layers} layers, width {v.hidden_size}, {v.image_default_input_size[0]}x"
+                   f"{v.image_default_input_size[1]} px, patch {v.image_patch_size}, layers {a.vit_layers} to the connector"),
+        ("source", f"{m.model.source_checkpoint or '-'} (config sha256 {m.model.source_config_sha256[:12] or '-'})"),
+        ("norm stats", ", ".join(sorted(m.norm_stats)) or "-"),
+    ):
+        model.add_row(key, Text(value))
+    out.append(model)
+
+    stages = Table(title="stages")
+    for col in ("stage", "precision", "file", "size", "profiles", "dim ranges (min/opt/max)"):
+        stages.add_column(col)
+    io = Table(title="stage inputs and outputs")
+    for col in ("stage", "", "name", "dtype", "dims", "doc"):
+        io.add_column(col)
+    for s in m.stages.values():
+        size = sum(files[f].bytes for f in s.files())
+        ranges = ", ".join(f"{k} {r.min}/{r.opt}/{r.max}" for k, r in s.dim_ranges.items())
+        profiles = ", ".join(p.name for p in s.profiles) or "default"
+        stages.add_row(*map(Text, (s.name, s.precision, s.file, _size(size), profiles, ranges)))
+        for kind, tensors in (("in", s.inputs), ("out", s.outputs)):
+            for t in tensors:
+                io.add_row(*map(Text, (s.name, kind, t.name, t.dtype, "[" + ", ".join(map(str, t.dims)) + "]", t.doc)))
+    out += [stages, io]
+
+    if m.weights:
+        weights = Table(title="weights")
+        for col in ("name", "dtype", "shape", "file", "size"):
+            weights.add_column(col)
+        for w in m.weights.values():
+            weights.add_row(*map(Text, (w.name, w.dtype, str(list(w.shape)), w.file, _size(files[w.file].bytes))))
+        out.append(weights)
+
+    q = m.quantization
+    out.append(Text("quantization: " + (f"{q.recipe}  {_compact(q.options)}" if q else "none (exported precision)")))
+    if q and q.report:
+        out.append(_rows_table("quantization report", q.report))
+
+    ver = m.verification
+    out.append(Text(f"verification: {ver.status}"
+                    + (f" (failing: {', '.join(r['gate'] for r in ver.failing())})" if ver.failing() else ""),
+                    style={"passed": "green", "failed": "bold red"}.get(ver.status, "yellow")))
+    if ver.results:
+        out.append(_rows_table("verification results", list(ver.results)))
+
+    if m.engines:
+        engines = Table(title="engines")
+        for col in ("target", "stage", "precision", "TensorRT", "SM", "file", "size", "sha256", "profiles"):
+            engines.add_column(col)
+        for r in m.engines:
+            engines.add_row(*map(Text, (r.target, r.stage, r.precision, r.trt_version, r.compute_capability, r.file,
+                                        _size(files[r.file].bytes), r.sha256[:12], ", ".join(r.profiles))))
+        out.append(engines)
+    else:
+        out.append(Text("engines: none (build them on the target: edgeact build-engines BUNDLE --target T)"))
+    return out
+
+
+def _rows_table(title: str, data: Any):
+    """A table from a report: a list of row dicts, a dict of row dicts, or a flat dict."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        rows = [{"name": k, **v} for k, v in data.items()]
+    elif isinstance(data, dict):
+        rows = [{"key": k, "value": v} for k, v in data.items()]
+    elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        rows = data
+    else:
+        rows = [{"value": data}]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(Text(_cell(row.get(col, ""))) for col in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "pass" if value else "FAIL"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return _compact(value)
+    return str(value)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _build_engines(args) -> int:
+    # Lazy: the engine builder is only needed on a machine that builds engines (it imports no torch).
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgeact.export.engines import build_engines
+
+    console = _console()
+
+    def on_stage(name: str, index: int, total: int) -> None:
+        console.print(f"building {name} for {args.target} ({index + 1}/{total}); TensorRT takes minutes per stage ...")
+
+    records = build_engines(args.bundle, args.target, workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
+                            stages=args.stages, allow_unverified=args.allow_unverified, on_stage=on_stage)
+    table = Table(title=f"engines built for {args.target}")
+    for col in ("stage", "precision", "file", "TensorRT", "SM", "profiles"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(*map(Text, (r.stage, r.precision, r.file, r.trt_version, r.compute_capability, ", ".join(r.profiles))))
+    console.print(table)
+    return 0

@@ -1,0 +1,179 @@
+"""Run a bundle's stages with plain onnxruntime sessions: the simple, obviously-right runner (batch 1, no torch).
+
+Verification and tests compare it with the PyTorch reference; the robot's fast decode program
+(I/O binding, sliced LM head, forced chunks) is checked against it in turn. It follows the
+reference's `generate_greedy` step for step: one prefill of the prompt, then one decoder call
+per token, logits from the bundle's `lm_head` array (only the allowed rows when a constraint
+gives them), ties to the lowest id.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import Bundle
+from edgeact.runtime.errors import BundleError, EdgeactError
+
+AllowedTokenFn = Callable[[int, list[int]], "Sequence[int] | None"]
+_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class SequenceTooLongError(EdgeactError):
+    """Prompt plus answer would overflow the KV cache the bundle was exported for."""
+
+
+class OrtStage:
+    """One stage of a bundle as an onnxruntime InferenceSession, fed and read by the manifest's tensor names."""
+
+    def __init__(self, bundle: Bundle, name: str, *, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.spec = bundle.stage(name)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        path = bundle.stage_path(name)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+            raise BundleError(f"{path}: onnxruntime cannot load stage {name!r} ({exc}); re-export the bundle") from None
+        self.output_names = [t.name for t in self.spec.outputs]
+        self.input_dtypes = {t.name: _numpy_dtype(t.dtype, f"stage {name!r} input {t.name!r}") for t in self.spec.inputs}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = sorted(set(self.input_dtypes) - set(feeds))
+        if missing:
+            raise EdgeactError(f"stage {self.spec.name!r}: inputs {missing} not given; it takes {list(self.input_dtypes)}")
+        typed = {name: np.asarray(feeds[name], dtype=dtype) for name, dtype in self.input_dtypes.items()}
+        return dict(zip(self.output_names, self.session.run(self.output_names, typed)))
+
+
+class KVCache:
+    """Per layer one key and one value buffer of (1, max_seq, K, h), allocated once; `length` positions are filled.
+
+    Sequence-major, so the filled part is a contiguous prefix view fed to the decoder as its past.
+    """
+
+    def __init__(self, n_layers: int, max_seq: int, kv_heads: int, head_dim: int, dtype=np.float32):
+        self.max_seq = max_seq
+        self.keys = np.zeros((n_layers, 1, max_seq, kv_heads, head_dim), dtype)
+        self.values = np.zeros_like(self.keys)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def past_feeds(self) -> dict[str, np.ndarray]:
+        n = self.length
+        feeds = {}
+        for layer in range(self.keys.shape[0]):
+            feeds[io.past_key(layer)] = self.keys[layer, :, :n]
+            feeds[io.past_value(layer)] = self.values[layer, :, :n]
+        return feeds
+
+    def append(self, outputs: dict[str, np.ndarray]) -> None:
+        n_new = outputs[io.new_key(0)].shape[1]
+        start, end = self.length, self.length + n_new
+        if end > self.max_seq:
+            raise SequenceTooLongError(f"{end} positions exceed the bundle's max_seq {self.max_seq}; "
+                                       "re-export with a larger --max-seq or shorten the prompt")
+        for layer in range(self.keys.shape[0]):
+            self.keys[layer, :, start:end] = outputs[io.new_key(layer)]
+            self.values[layer, :, start:end] = outputs[io.new_value(layer)]
+        self.length = end
+
+
+class OrtStages:
+    """A bundle's vision and decoder stages, embedding table and LM head, run with onnxruntime (batch 1)."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        self.vision = OrtStage(bundle, io.VISION_STAGE, threads=threads, providers=providers)
+        self.decoder = OrtStage(bundle, io.DECODER_STAGE, threads=threads, providers=providers)
+        self.embedding = bundle.weight(io.EMBEDDING_WEIGHT)
+        self.lm_head = bundle.weight(io.LM_HEAD_WEIGHT)
+        cfg = bundle.config
+        self.image_patch_id = cfg.image_patch_id
+        llm = cfg.llm_config
+        self.cache = KVCache(llm.num_hidden_layers, self.decoder.spec.dim_ranges[io.SEQ].max,
+                             llm.num_key_value_heads, llm.head_dim, self.decoder.input_dtypes[io.past_key(0)])
+
+    def image_features(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
+        """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included."""
+        out = self.vision.run({io.IMAGES: images, io.IMAGE_MASKS: image_masks, io.POOLED_PATCHES_IDX: pooled_patches_idx})
+        return out[io.IMAGE_FEATURES]
+
+    def embed(self, ids: Sequence[int] | np.ndarray, image_features: np.ndarray | None = None,
+              pooled_patches_idx: np.ndarray | None = None) -> np.ndarray:
+        """(T, D) float32: table rows, plus the i-th real pooled feature at the i-th <im_patch> (as MolmoAct adds them)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        embeds = self.embedding[ids].astype(np.float32)
+        positions = np.flatnonzero(ids == self.image_patch_id)
+        features = np.zeros((0, embeds.shape[1]), np.float32)
+        if image_features is not None:
+            features = image_features[(np.asarray(pooled_patches_idx) >= 0).any(-1)]
+        if len(positions) != len(features):
+            raise EdgeactError(f"{len(positions)} <im_patch> tokens for {len(features)} image features; build the "
+                               "prompt and pooled_patches_idx from the same preprocessing")
+        embeds[positions] += features.astype(np.float32)
+        return embeds
+
+    def decode(self, embeds: np.ndarray) -> np.ndarray:
+        """Run a chunk (T, D) after the cached past; appends its keys/values; returns hidden states (T, D)."""
+        past = self.cache.length
+        n = embeds.shape[0]
+        if past + n > self.cache.max_seq:
+            raise SequenceTooLongError(f"{past + n} positions exceed the bundle's max_seq {self.cache.max_seq}; "
+                                       "re-export with a larger --max-seq or shorten the prompt")
+        feeds = {io.INPUTS_EMBEDS: embeds[None], io.POSITION_IDS: np.arange(past, past + n, dtype=np.int64)[None],
+                 **self.cache.past_feeds()}
+        out = self.decoder.run(feeds)
+        self.cache.append(out)
+        return out[io.HIDDEN_STATES][0].astype(np.float32)
+
+    def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Logits of hidden (..., D) for every vocabulary row, or only for `ids`."""
+        head = self.lm_head if ids is None else self.lm_head[ids]
+        return hidden.astype(np.float32) @ head.astype(np.float32).T
+
+    def pick(self, hidden: np.ndarray, allowed: Sequence[int] | None) -> int:
+        """Greedy choice for one (D,) hidden state, restricted to `allowed`; ties go to the lowest id."""
+        if allowed is None:
+            return int(np.argmax(self.logits(hidden)))
+        ids = np.unique(np.asarray(allowed, dtype=np.int64))    # sorted: argmax's first maximum is the lowest id
+        if ids.size == 0 or ids[0] < 0 or ids[-1] >= self.lm_head.shape[0]:
+            raise EdgeactError(f"allowed ids {ids[:4].tolist()}... are empty or outside the LM head's "
+                               f"{self.lm_head.shape[0]} rows")
+        return int(ids[np.argmax(self.logits(hidden, ids))])
+
+    def generate(self, prompt_ids: Sequence[int] | np.ndarray, images: np.ndarray | None, image_masks: np.ndarray | None,
+                 pooled_patches_idx: np.ndarray | None, *, max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, allowed_token_fn: AllowedTokenFn | None = None,
+                 image_features: np.ndarray | None = None) -> list[int]:
+        """Greedy decoding of one prompt, as the reference's generate_greedy (eos included when it ends)."""
+        if max_new_tokens < 1:
+            raise EdgeactError(f"max_new_tokens is {max_new_tokens}; ask for at least 1 token")
+        stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        if image_features is None and images is not None:
+            image_features = self.image_features(images, image_masks, pooled_patches_idx)
+        self.cache.reset()
+        hidden = self.decode(self.embed(prompt_ids, image_features, pooled_patches_idx))[-1]
+        generated: list[int] = []
+        while True:
+            allowed = None if allowed_token_fn is None else allowed_token_fn(len(generated), list(generated))
+            token = self.pick(hidden, allowed)
+            generated.append(token)
+            if token in stop or len(generated) >= max_new_tokens:
+                return generated
+            hidden = self.decode(self.embed([token]))[-1]
+
+
+def _numpy_dtype(name: str, where: str):
+    try:
+        return _NUMPY[name]
+    except KeyError:
+        raise BundleError(f"{where} is {name}; the onnxruntime runner feeds {sorted(_NUMPY)} only") from None

@@ -1,0 +1,44 @@
+"""Names of the exported stages, their tensors and the bundle's weight arrays: the exporter's contract with the runtime.
+
+Stage `vision`:  images, image_masks, pooled_patches_idx -> image_features (one row per pooled token).
+Stage `decoder`: inputs_embeds, position_ids, past_key.L / past_value.L -> hidden_states, new_key.L / new_value.L.
+Weights: `embedding` (vocab_size + additional rows, D) and `lm_head` (vocab_size, D).
+Dims, dtypes and documentation of every tensor are in the bundle's manifest (written by
+edgeact.export.onnx_export); this module holds only the names, so torch-free code can use them.
+"""
+from __future__ import annotations
+
+VISION_STAGE = "vision"
+DECODER_STAGE = "decoder"
+
+IMAGES = "images"
+IMAGE_MASKS = "image_masks"
+POOLED_PATCHES_IDX = "pooled_patches_idx"
+IMAGE_FEATURES = "image_features"
+
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+HIDDEN_STATES = "hidden_states"
+
+EMBEDDING_WEIGHT = "embedding"
+LM_HEAD_WEIGHT = "lm_head"
+
+# Symbolic dims of the decoder; the cache the runtime allocates holds dim_ranges["seq"].max positions.
+BATCH, SEQ, PAST_SEQ = "batch", "seq", "past_seq"
+N_CROPS, N_TOKENS = "n_crops", "n_tokens"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def new_key(layer: int) -> str:
+    return f"new_key.{layer}"
+
+
+def new_value(layer: int) -> str:
+    return f"new_value.{layer}"

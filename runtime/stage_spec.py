@@ -1,0 +1,238 @@
+"""A stage's I/O contract in the bundle manifest: tensors, symbolic dims, their ranges, engine profiles.
+
+Also the field-validation helpers the whole manifest schema shares. Dims are ints or symbols
+('seq', 'past_seq') or sums of them ('past_seq+seq'); every symbol has a {min, opt, max}
+range, and TensorRT optimization profiles derive from these alone (export/trt_targets.py).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from edgeact.runtime.errors import BundleError
+
+# Element types a stage I/O or a weight array may have (ONNX names, lower case; numpy where one exists).
+DTYPES = frozenset({
+    "float64", "float32", "float16", "bfloat16", "float8e4m3fn", "float8e5m2",
+    "int64", "int32", "int16", "int8", "uint8", "int4", "uint4", "bool",
+})
+# Compute precision of a stage graph: what the exporter / quantizer baked into it.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
+
+_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+T = TypeVar("T")
+
+
+def field_error(where: str, problem: str) -> BundleError:
+    # The loader prefixes the manifest's path and the fix; the writer's caller sees the field and the problem.
+    return BundleError(f"{where}: {problem}")
+
+
+def get_field(data: Any, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if not isinstance(data, dict):
+        raise field_error(where, f"expected an object, found {type(data).__name__}")
+    if key not in data:
+        if default is ...:
+            raise field_error(f"{where}.{key}" if where else key, "missing")
+        return default
+    value = data[key]
+    # bool is an int in Python; a dim or a size must not be True.
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise field_error(f"{where}.{key}" if where else key, f"expected {getattr(kind, '__name__', kind)}, found {value!r}")
+    return value
+
+
+def map_fields(data: dict, where: str, build: Callable[[str, Any, str], T]) -> dict[str, T]:
+    if not isinstance(data, dict):
+        raise field_error(where, "expected an object")
+    return {name: build(name, value, f"{where}.{name}") for name, value in data.items()}
+
+
+def check_relpath(path: str, where: str) -> str:
+    """A bundle path is relative, POSIX, and stays inside the bundle (no '..', no absolute path)."""
+    if not isinstance(path, str):
+        raise field_error(where, f"file path must be a string, found {path!r}")
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        raise field_error(where, f"file path {path!r} must be relative and inside the bundle")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- dims
+def dim_terms(dim: int | str) -> list[int | str]:
+    """'past_seq+seq' -> ['past_seq', 'seq']; 'seq' -> ['seq']; 4 -> [4]."""
+    if isinstance(dim, int):
+        return [dim]
+    return [int(t) if t.isdigit() else t for t in dim.replace(" ", "").split("+")]
+
+
+def _check_dim(dim: Any, where: str) -> int | str:
+    if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+        raise field_error(where, f"a dim is an int or a symbol such as 'seq', found {dim!r}")
+    if isinstance(dim, int):
+        if dim < 0:
+            raise field_error(where, f"dim {dim} is negative")
+        return dim
+    for term in dim_terms(dim):
+        if isinstance(term, str) and not _SYMBOL.match(term):
+            raise field_error(where, f"dim {dim!r} is not a symbol or a sum of symbols such as 'past_seq+seq'")
+    return dim.replace(" ", "")
+
+
+def dim_symbols(dim: int | str) -> list[str]:
+    return [t for t in dim_terms(dim) if isinstance(t, str)]
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """The sizes a symbolic dim takes: engines are optimized for `opt` and accept min..max."""
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min, int) and isinstance(self.opt, int) and isinstance(self.max, int)):
+            raise BundleError(f"dim range {self} needs integers")
+        if not 0 <= self.min <= self.opt <= self.max:
+            raise BundleError(f"dim range min={self.min} opt={self.opt} max={self.max} must satisfy 0 <= min <= opt <= max")
+
+    @classmethod
+    def coerce(cls, value: Any, where: str) -> "DimRange":
+        """From {min, opt, max}, a (min, opt, max) triple, or a DimRange."""
+        if isinstance(value, DimRange):
+            return value
+        try:
+            if isinstance(value, dict):
+                return cls(int(value["min"]), int(value["opt"]), int(value["max"]))
+            lo, opt, hi = value
+            return cls(int(lo), int(opt), int(hi))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise field_error(where, f"a dim range is {{min, opt, max}}, found {value!r} ({exc})") from None
+        except BundleError as exc:
+            raise field_error(where, str(exc)) from None
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+# -------------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"tensor {self.name!r}"
+        if not self.name:
+            raise field_error(where, "empty name")
+        if self.dtype not in DTYPES:
+            raise field_error(where, f"dtype {self.dtype!r} unknown; use one of {sorted(DTYPES)}")
+        object.__setattr__(self, "dims", tuple(_check_dim(d, f"{where} dims") for d in self.dims))
+
+    def symbols(self) -> list[str]:
+        return [s for d in self.dims for s in dim_symbols(d)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims), "doc": self.doc}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "TensorSpec":
+        return cls(name=get_field(data, "name", str, where), dtype=get_field(data, "dtype", str, where),
+                   dims=tuple(get_field(data, "dims", list, where)), doc=get_field(data, "doc", str, where, ""))
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """One engine optimization profile: the stage's dim_ranges with these symbols overridden."""
+    name: str
+    dim_ranges: dict[str, DimRange] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim_ranges", {k: DimRange.coerce(v, f"profiles.{self.name}.dim_ranges.{k}")
+                                                for k, v in self.dim_ranges.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dim_ranges": {k: r.to_dict() for k, r in self.dim_ranges.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "StageProfile":
+        ranges = get_field(data, "dim_ranges", dict, where, {})
+        return cls(name=get_field(data, "name", str, where),
+                   dim_ranges={k: DimRange.coerce(v, f"{where}.dim_ranges.{k}") for k, v in ranges.items()})
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One ONNX graph of the model (vision, prefill/decode, ...) and the contract of its I/O."""
+    name: str
+    file: str
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dim_ranges: dict[str, DimRange] = field(default_factory=dict)
+    profiles: tuple[StageProfile, ...] = ()
+    external_data: tuple[str, ...] = ()   # ONNX external-data files beside `file`
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"stages.{self.name}"
+        check_relpath(self.file, f"{where}.file")
+        for ext in self.external_data:
+            check_relpath(ext, f"{where}.external_data")
+        # Exporters may pass lists, tuples and (min, opt, max) triples: hold one canonical form.
+        for kind in ("inputs", "outputs"):
+            object.__setattr__(self, kind, tuple(
+                t if isinstance(t, TensorSpec) else TensorSpec.from_dict(t, f"{where}.{kind}") for t in getattr(self, kind)))
+        object.__setattr__(self, "external_data", tuple(self.external_data))
+        object.__setattr__(self, "dim_ranges", {k: DimRange.coerce(v, f"{where}.dim_ranges.{k}")
+                                                for k, v in self.dim_ranges.items()})
+        object.__setattr__(self, "profiles", tuple(
+            p if isinstance(p, StageProfile) else StageProfile.from_dict(p, f"{where}.profiles") for p in self.profiles))
+        if self.precision not in PRECISIONS:
+            raise field_error(where, f"precision {self.precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+        if not self.inputs or not self.outputs:
+            raise field_error(where, "a stage needs at least one input and one output")
+        names = [t.name for t in (*self.inputs, *self.outputs)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise field_error(where, f"tensor names {dupes} appear more than once")
+        used = {s for t in self.inputs + self.outputs for s in t.symbols()}
+        missing = sorted(used - set(self.dim_ranges))
+        if missing:
+            raise field_error(where, f"symbolic dims {missing} have no dim_ranges entry; every symbol needs {{min, opt, max}}")
+        seen_profiles = set()
+        for profile in self.profiles:
+            unknown = sorted(set(profile.dim_ranges) - set(self.dim_ranges))
+            if unknown:
+                raise field_error(f"{where}.profiles.{profile.name}", f"overrides unknown symbols {unknown}")
+            if profile.name in seen_profiles:
+                raise field_error(f"{where}.profiles", f"profile {profile.name!r} appears twice")
+            seen_profiles.add(profile.name)
+
+    def files(self) -> tuple[str, ...]:
+        return (self.file, *self.external_data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "precision": self.precision,
+            "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+            "dim_ranges": {k: r.to_dict() for k, r in self.dim_ranges.items()},
+            "profiles": [p.to_dict() for p in self.profiles],
+            "external_data": list(self.external_data), "doc": self.doc,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any, where: str) -> "StageSpec":
+        return cls(
+            name=name, file=get_field(data, "file", str, where), precision=get_field(data, "precision", str, where),
+            inputs=tuple(TensorSpec.from_dict(t, f"{where}.inputs") for t in get_field(data, "inputs", list, where)),
+            outputs=tuple(TensorSpec.from_dict(t, f"{where}.outputs") for t in get_field(data, "outputs", list, where)),
+            dim_ranges={k: DimRange.coerce(v, f"{where}.dim_ranges.{k}")
+                        for k, v in get_field(data, "dim_ranges", dict, where, {}).items()},
+            profiles=tuple(StageProfile.from_dict(p, f"{where}.profiles") for p in get_field(data, "profiles", list, where, [])),
+            external_data=tuple(get_field(data, "external_data", list, where, [])),
+            doc=get_field(data, "doc", str, where, ""),
+        )

@@ -1,0 +1,150 @@
+"""Damiao driver under faults: error states, a motor that stops answering, garbage frames, Ctrl-C."""
+import time
+import uuid
+
+import can
+import pytest
+
+from edgeact.drivers.motors.bus import Motor, MotorBusError, MotorHardwareError, MotorTimeoutError
+from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
+from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def arm_motors():
+    return {"shoulder": Motor(0x01, "dm4310"), "elbow": Motor(0x02, "dm4340")}
+
+
+def cfg(channel, **kw):
+    return DamiaoBusConfig(interface="virtual", channel=channel, **{"timeout_s": 0.2, **kw})
+
+
+@pytest.fixture
+def channel():
+    return f"dmf-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def sim(channel):
+    with DamiaoSim(channel, [SimDamiaoMotor(0x01, "dm4310"), SimDamiaoMotor(0x02, "dm4340")]) as s:
+        yield s
+    assert s.handler_errors == []
+
+
+@pytest.mark.parametrize("code, words", [
+    (0x8, "overvoltage"), (0x9, "undervoltage"), (0xA, "overcurrent"), (0xB, "MOS overtemperature"),
+    (0xC, "coil overtemperature"), (0xD, "communication lost"), (0xE, "overload"),
+])
+def test_error_state_feedback_raises_a_clear_hardware_error(sim, channel, code, words):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.enable_torque()
+        with sim.lock:
+            sim.motor(2).inject_error(code)
+        with pytest.raises(MotorHardwareError, match=rf"motor 'elbow' \(CAN id 0x02\) reports {words}: .*"
+                                                     r"clear_error\(\['elbow'\]\) and enable_torque\(\['elbow'\]\)"):
+            bus.read_state()
+        with pytest.raises(MotorHardwareError, match=words):
+            bus.send({"shoulder": 0.0, "elbow": 0.0})
+        with pytest.raises(MotorHardwareError, match=words):
+            bus.enable_torque(["elbow"])
+        bus.clear_error(["elbow"])
+        bus.enable_torque(["elbow"])
+        assert bus.send({"elbow": 0.1})["elbow"] == pytest.approx(0.1, abs=1e-3)
+        assert sim.motor(2).enabled and sim.motor(2).error is None
+
+
+def test_motor_own_timeout_reports_communication_lost(sim, channel):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.write("TIMEOUT", "shoulder", 1000)      # 1000 x 50 µs = 50 ms without commands
+        bus.enable_torque(["shoulder"])
+        deadline = time.monotonic() + 10.0
+        while sim.motor(1).error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(MotorHardwareError, match="communication lost: commands stopped for longer than TIMEOUT"):
+            bus.read_state()
+
+
+def test_motor_that_stops_answering_times_out_and_the_others_end_disabled(sim, channel):
+    timeout_s, retries = 0.05, 2
+    with pytest.raises(MotorTimeoutError) as err:
+        with DamiaoBus(arm_motors(), config=cfg(channel, timeout_s=timeout_s, retries=retries)) as bus:
+            bus.enable_torque()
+            bus.send({"shoulder": 0.2, "elbow": 0.2})
+            sim.motor(1).stop_answering()
+            t0 = time.monotonic()
+            try:
+                bus.read_state()
+            finally:
+                elapsed = time.monotonic() - t0
+    message = str(err.value)
+    assert "motor 'shoulder' (CAN id 0x01) stopped answering" in message
+    assert "check the CAN cable/termination and the motor's power" in message and "elbow" not in message
+    assert (retries + 1) * timeout_s <= elapsed < 5.0       # bounded: three tries, not forever
+    assert sim.motor(1).frames_handled > 0
+    assert not sim.motor(2).enabled                         # leaving the block disabled the motor still there
+    assert sim.motor(1).enabled                             # (the silent one never heard it)
+
+
+def test_garbage_frames_are_ignored_and_counted(sim, channel):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.enable_torque()
+        noise = can.Bus(interface="virtual", channel=channel)
+        try:
+            junk = [
+                can.Message(arbitration_id=0x11, data=b"\x11\x80", is_extended_id=False),       # short feedback
+                can.Message(arbitration_id=0x11, data=bytes(8), is_extended_id=True),           # extended id
+                can.Message(arbitration_id=0x11, is_remote_frame=True, dlc=8, is_extended_id=False),
+                can.Message(arbitration_id=0x123, data=bytes(8), is_extended_id=False),         # nobody's id
+                can.Message(arbitration_id=0x7FF, data=b"\x09\x00\x33\x07\x00\x00\x00\x00", is_extended_id=False),
+                can.Message(arbitration_id=0x01, data=b"\xff\xfc", is_extended_id=False),       # short enable
+                can.Message(arbitration_id=0x12, data=b"\x13" + bytes(7), is_extended_id=False),  # wrong id nibble
+            ]
+            for msg in junk:
+                noise.send(msg)
+            state = bus.read_state()
+        finally:
+            noise.shutdown()
+        assert set(state.position_rad) == {"shoulder", "elbow"}
+        assert bus.ignored_frames >= len(junk)
+        assert sim.garbage_frames >= 3          # short, extended and remote frames
+        assert bus.send({"shoulder": 0.1})["shoulder"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_late_replies_do_not_answer_the_next_exchange(sim, channel):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.enable_torque()
+        noise = can.Bus(interface="virtual", channel=channel)
+        try:   # a stale parameter reply for shoulder's TIMEOUT lands before the driver asks
+            noise.send(can.Message(arbitration_id=0x11, data=b"\x01\x00\x33\x09\x39\x05\x00\x00", is_extended_id=False))
+            time.sleep(0.05)
+            assert bus.read("TIMEOUT", "shoulder") == 0
+            assert bus.ignored_frames == 1          # dropped, not mistaken for shoulder's state frame
+            assert bus.last_feedback["shoulder"].position_rad == pytest.approx(0.0, abs=1e-3)
+        finally:
+            noise.shutdown()
+
+
+def test_non_finite_command_is_refused(sim, channel):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.enable_torque()
+        with pytest.raises(MotorBusError, match=r"non-finite \['position_rad'\]"):
+            bus.send({"shoulder": float("nan")})
+        assert sim.motor(1).command.kp == 0.0      # nothing went out
+
+
+def test_keyboard_interrupt_in_the_block_turns_torque_off(sim, channel):
+    with pytest.raises(KeyboardInterrupt):
+        with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+            bus.enable_torque()
+            bus.send({"shoulder": 0.3, "elbow": -0.3})
+            assert sim.motor(1).enabled and sim.motor(2).enabled
+            raise KeyboardInterrupt
+    assert not sim.motor(1).enabled and not sim.motor(2).enabled
+    assert not bus.is_connected
+
+
+def test_commands_on_a_closed_bus_say_connect(channel):
+    bus = DamiaoBus(arm_motors(), config=cfg(channel))
+    with pytest.raises(MotorBusError, match=r"call connect\(\) first"):
+        bus.read_state()

@@ -1,0 +1,174 @@
+"""The writer publishes a bundle atomically or not at all; update_manifest and copy_bundle keep it whole."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
+from edgeact.runtime.bundle import EngineRecord, VerificationInfo, load_bundle, read_manifest, sha256_file
+from edgeact.runtime.errors import BundleError
+from tests.runtime.test_bundle import DECODER_RANGES, tiny_config, tiny_decoder_onnx, write_tiny_bundle
+
+
+def _hidden_siblings(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_exception_inside_the_block_leaves_nothing(tmp_path):
+    target = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        with BundleWriter(target) as w:
+            w.add_array("embed_tokens", np.zeros((4, 4), np.float32))
+            assert w.tmp_dir.parent == tmp_path and w.tmp_dir.name.startswith(".b.partial-")
+            raise RuntimeError("exporter crashed")
+    assert not target.exists() and _hidden_siblings(tmp_path) == []
+
+
+def test_commit_without_a_model_fails_cleanly(tmp_path):
+    with pytest.raises(BundleError, match=r"no model recorded; call writer.set_model"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_array("embed_tokens", np.zeros((4, 4), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_bundle_is_kept_unless_overwrite(tmp_path):
+    path = write_tiny_bundle(tmp_path / "b", precision="fp16")
+    with pytest.raises(BundleError, match=r"already exists; pass overwrite=True \(--overwrite\)"):
+        BundleWriter(path)
+    write_tiny_bundle(path, precision="int8", overwrite=True)
+    assert load_bundle(path).stage("decoder").precision == "int8"
+    assert _hidden_siblings(tmp_path) == []      # the old bundle and the temporary are gone
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_bundle(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("precious")
+    with pytest.raises(BundleError, match="exists and is not a bundle .*refusing to replace it"):
+        BundleWriter(home, overwrite=True)
+    assert (home / "notes.txt").read_text() == "precious"
+
+
+def _writer_with_basics(w):
+    w.set_model(tiny_config())
+    w.add_json("tokenizer.json", {"model": {"type": "BPE"}})     # written in place, as an exporter may
+    w.add_tokenizer(w.path_for("tokenizer.json"), {"image_size": 28})
+
+
+def test_declared_io_must_match_the_graph(tmp_path):
+    with pytest.raises(BundleError, match=r"stage 'decoder': declared inputs do not match the graph: not in the graph \['ids'\]"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_onnx("decoder", tiny_decoder_onnx(), precision="fp16", dim_ranges=DECODER_RANGES,
+                       inputs=[{"name": "ids", "dtype": "int64", "dims": ["batch", "seq"]},
+                               {"name": "past_key", "dtype": "float32", "dims": ["batch", 2, "past_seq", 16]}])
+    with pytest.raises(BundleError, match=r"input 'past_key' axis 1 is fixed to 2 in the graph but declared 'kv'"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_onnx("decoder", tiny_decoder_onnx(), precision="fp16", dim_ranges={**DECODER_RANGES, "kv": (2, 2, 2)},
+                       inputs=[{"name": "input_ids", "dtype": "int64", "dims": ["batch", "seq"]},
+                               {"name": "past_key", "dtype": "float32", "dims": ["batch", "kv", "past_seq", 16]}])
+    assert not (tmp_path / "b").exists()
+
+
+def test_onnx_from_a_path_brings_its_external_data(tmp_path):
+    src = tmp_path / "export"
+    src.mkdir()
+    onnx.save_model(tiny_decoder_onnx(with_weight=True), str(src / "dec.onnx"), save_as_external_data=True,
+                    location="dec.weights")
+    with BundleWriter(tmp_path / "b") as w:
+        _writer_with_basics(w)
+        spec = w.add_onnx("decoder", src / "dec.onnx", precision="fp16", dim_ranges=DECODER_RANGES)
+    assert spec.file == "stages/decoder.onnx" and spec.external_data == ("stages/dec.weights",)
+    bundle = load_bundle(tmp_path / "b")
+    assert "stages/dec.weights" in bundle.manifest.files
+    model = onnx.load(str(bundle.stage_path("decoder")))       # resolves the external data beside it
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), np.eye(16, dtype=np.float32))
+
+
+def test_onnx_written_in_place_and_proto_with_external_data(tmp_path):
+    with BundleWriter(tmp_path / "b") as w:
+        _writer_with_basics(w)
+        onnx.save_model(tiny_decoder_onnx(), str(w.stage_path("decoder")))   # as an exporter would
+        in_place = w.add_onnx("decoder", w.stage_path("decoder"), precision="fp16", dim_ranges=DECODER_RANGES)
+        proto = w.add_onnx("decoder_int8", tiny_decoder_onnx(with_weight=True), precision="int8",
+                           dim_ranges=DECODER_RANGES, external_data=True)
+    assert in_place.file == "stages/decoder.onnx" and in_place.external_data == ()
+    assert proto.external_data == ("stages/decoder_int8.onnx.data",)
+    assert set(load_bundle(tmp_path / "b").manifest.stages) == {"decoder", "decoder_int8"}
+
+
+def test_update_manifest_records_new_files_and_refuses_tampering(tmp_path):
+    path = write_tiny_bundle(tmp_path / "b", verification="not_run")
+    plan = path / "engines/orin/decoder.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan-v1")
+    record = EngineRecord("decoder", "engines/orin/decoder.plan", "orin", "10.3.0", "8.7", "fp16",
+                          sha256_file(plan), ("prefill", "decode"))
+
+    def mark(m):
+        m.verification = VerificationInfo("passed", {}, ({"gate": "decoder.top1_agreement", "passed": True},))
+        m.engines.append(record)
+    update_manifest(path, mark)
+    bundle = load_bundle(path)
+    assert bundle.manifest.verification.status == "passed" and bundle.engine("decoder", "orin") == record
+    assert bundle.manifest.files["engines/orin/decoder.plan"].bytes == len(b"plan-v1")
+
+    plan.write_bytes(b"plan-v2, rebuilt")
+    with pytest.raises(BundleError, match="engines/orin/decoder.plan: size changed since export"):
+        update_manifest(path, lambda m: None)
+    update_manifest(path, lambda m: None, rehash=["engines/orin/decoder.plan"])
+    load_bundle(path)                             # the new checksum is recorded
+
+    before = (path / "manifest.json").read_text()
+    with pytest.raises(BundleError, match="engine .* is for unknown stage 'vision'"):
+        update_manifest(path, lambda m: m.engines.append(EngineRecord("vision", "tokenizer.json", "orin", "10", "8.7", "fp16", "0" * 64)))
+    assert (path / "manifest.json").read_text() == before      # a refused update changes nothing
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json: missing"):
+        update_manifest(path, lambda m: None)
+
+
+def test_copy_bundle_derives_a_new_bundle_and_never_touches_the_source(tmp_path):
+    src = write_tiny_bundle(tmp_path / "src", verification="passed")
+    update_manifest(src, lambda m: None)        # (no-op update keeps the source valid)
+    before = _snapshot(src)
+    with BundleWriter(tmp_path / "q") as w:
+        source = copy_bundle(src, w, skip_stages=["decoder"])
+        w.add_onnx("decoder", tiny_decoder_onnx(), precision="int8", dim_ranges=source.stages["decoder"].dim_ranges,
+                   profiles=source.stages["decoder"].profiles)
+        w.set_quantization("smoothquant-w8a8", {"alpha": 0.8}, [{"stage": "decoder", "max_abs_err": 0.02}])
+    assert _snapshot(src) == before
+    q = load_bundle(tmp_path / "q").manifest
+    assert q.stages["decoder"].precision == "int8" and q.verification.status == "not_run" and q.engines == []
+    assert q.model == source.model and q.grammar == source.grammar and set(q.weights) == {"embed_tokens"}
+    assert json.loads((tmp_path / "q/preprocessor_config.json").read_text()) == {"image_size": 28}
+
+
+def test_copy_bundle_detects_a_corrupt_source(tmp_path):
+    src = write_tiny_bundle(tmp_path / "src")
+    data = bytearray((src / "weights/embed_tokens.npy").read_bytes())
+    data[-1] ^= 1
+    (src / "weights/embed_tokens.npy").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights/embed_tokens.npy: sha256 mismatch in the source bundle"):
+        with BundleWriter(tmp_path / "q") as w:
+            copy_bundle(src, w)
+    assert not (tmp_path / "q").exists()
+    assert read_manifest(src).files["weights/embed_tokens.npy"]      # source manifest untouched
+
+
+def test_symlinks_are_refused_and_nothing_is_published(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x")
+    with pytest.raises(BundleError, match="extra/link.bin: not a regular file"):
+        with BundleWriter(tmp_path / "b") as w:
+            _writer_with_basics(w)
+            w.add_onnx("decoder", tiny_decoder_onnx(), precision="fp16", dim_ranges=DECODER_RANGES)
+            w.path_for("extra/link.bin").symlink_to(outside)
+    assert not (tmp_path / "b").exists() and _hidden_siblings(tmp_path) == []

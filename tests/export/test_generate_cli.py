@@ -1,0 +1,33 @@
+"""`edgeact generate`: the reference run a new user makes from the README, on a tiny checkpoint."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeact.export.synthetic import make_checkpoint
+from edgeact.runtime.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint("O", "tiny", seed=5, out_dir=tmp_path_factory.mktemp("gen") / "ck")
+
+
+def test_grammar_masked_generation_prints_a_parsed_answer(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--instruction", "move to the red block", "--chunk", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "<DEPTH_START>" in out and "<DEPTH_END>" in out
+    assert "actions (un-normalized)" in out and "trace (px of 320x240)" in out
+
+
+def test_image_file_is_used_and_a_missing_one_is_a_clear_error(checkpoint, tmp_path, capsys):
+    img = tmp_path / "frame.png"
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(img)
+    assert main(["generate", str(checkpoint), "--image", str(img)]) == 0
+    assert "px of 80x60" in capsys.readouterr().out
+    assert main(["generate", str(checkpoint), "--image", str(tmp_path / "nope.png")]) == 2
+    assert "cannot read the image" in capsys.readouterr().err
+
+
+def test_free_decoding_of_random_weights_reports_the_unparseable_answer(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--free", "--max-new-tokens", "8"]) == 1
+    assert "not a valid answer" in capsys.readouterr().out

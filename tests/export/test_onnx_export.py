@@ -1,0 +1,172 @@
+"""Exported vision and decoder stages compute what the PyTorch reference computes, and greedy decoding with them is identical."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
+from edgeact.export.bundle_export import ExportOptions, export_bundle
+from edgeact.export.checkpoint import load_model
+from edgeact.export.generate import generate_greedy
+from edgeact.export.onnx_export import DEFAULT_OPSET, TRANSPOSED_SUFFIX
+from edgeact.export.synthetic import make_checkpoint
+from edgeact.export.verify_compare import closeness
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
+from edgeact.runtime.ort_stages import OrtStage, OrtStages, SequenceTooLongError
+from edgeact.runtime.preprocess import ImagePreprocessor
+from edgeact.runtime.prompt import build_prompt_ids
+from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+COSINE = 0.99999
+
+
+class Exported:
+    """A tiny checkpoint, its reference model and its exported bundle."""
+
+    def __init__(self, root, variant: str):
+        self.checkpoint = make_checkpoint(variant, "tiny", seed=3, out_dir=root / f"ck{variant}")
+        self.bundle_dir = export_bundle(self.checkpoint, root / f"bundle{variant}")
+        self.model, self.ckpt = load_model(self.checkpoint)
+        self.bundle = load_bundle(self.bundle_dir)
+        self.tokenizer = load_tokenizer(self.ckpt.tokenizer_path)
+        self.layout = TokenLayout.from_tokenizer(self.tokenizer)
+        self.preprocessor = ImagePreprocessor(self.ckpt.config, self.ckpt.preprocess_config)
+
+    def observation(self, width: int, height: int, frame: int, instruction: str = "pick up the red block"):
+        inputs = self.preprocessor(SyntheticCamera(SyntheticConfig(width=width, height=height)).render(frame).color)
+        return inputs, build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
+
+
+@pytest.fixture(scope="module", params=["D", "O"])
+def exported(request, tmp_path_factory):
+    return Exported(tmp_path_factory.mktemp(f"export{request.param}"), request.param)
+
+
+def _tensors(*arrays):
+    return tuple(torch.from_numpy(np.array(a)) for a in arrays)
+
+
+def test_stages_declare_named_dynamic_io_and_ranges_from_the_config(exported):
+    m = exported.bundle.manifest
+    llm = exported.model.cfg.llm_config
+    vision, decoder = m.stages[io.VISION_STAGE], m.stages[io.DECODER_STAGE]
+    assert [t.name for t in vision.inputs] == [io.IMAGES, io.IMAGE_MASKS, io.POOLED_PATCHES_IDX]
+    assert vision.inputs[0].dims[0] == io.N_CROPS and vision.outputs[0].dims == (io.N_TOKENS, llm.hidden_size)
+    names = [t.name for t in decoder.inputs]
+    assert names[:2] == [io.INPUTS_EMBEDS, io.POSITION_IDS]
+    assert names[2:] == [n for layer in range(llm.num_hidden_layers) for n in (io.past_key(layer), io.past_value(layer))]
+    past = decoder.inputs[2]
+    assert past.dims == (io.BATCH, io.PAST_SEQ, llm.num_key_value_heads, llm.head_dim)      # seq-major
+    assert decoder.outputs[1].dims == (io.BATCH, io.SEQ, llm.num_key_value_heads, llm.head_dim)
+    assert decoder.dim_ranges[io.SEQ].max == llm.max_position_embeddings
+    assert decoder.dim_ranges[io.PAST_SEQ].min == 0
+    assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {"prefill": llm.max_position_embeddings, "decode": 1}
+    assert all(t.doc for t in (*vision.inputs, *vision.outputs, *decoder.inputs, *decoder.outputs))
+    assert m.weights[io.EMBEDDING_WEIGHT].shape == (llm.vocab_size + llm.additional_vocab_size, llm.hidden_size)
+    assert m.grammar["n_actions"] == 1 and m.verification.status == "not_run"
+
+
+def test_linears_are_matmuls_with_in_out_weights_named_after_the_checkpoint(exported):
+    tensors = exported.ckpt.tensors
+    for stage in (io.VISION_STAGE, io.DECODER_STAGE):
+        proto = onnx.load(str(exported.bundle.stage_path(stage)))
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= DEFAULT_OPSET
+        assert not [n for n in proto.graph.node if n.op_type == "Gemm"]
+        inits = {t.name: t for t in proto.graph.initializer}
+        weights = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert weights and all(w.endswith(TRANSPOSED_SUFFIX) for w in weights)
+        for w in weights:
+            original = tensors[w[:-len(TRANSPOSED_SUFFIX)]]
+            np.testing.assert_array_equal(numpy_helper.to_array(inits[w]), original.numpy().T)
+
+
+def test_weight_arrays_are_the_embedding_table_and_lm_head(exported):
+    t = exported.ckpt.tensors
+    embedding = exported.bundle.weight(io.EMBEDDING_WEIGHT)
+    np.testing.assert_array_equal(embedding, torch.cat([t["model.transformer.wte.embedding"],
+                                                        t["model.transformer.wte.new_embedding"]]).numpy())
+    np.testing.assert_array_equal(exported.bundle.weight(io.LM_HEAD_WEIGHT), t["lm_head.weight"].numpy())
+
+
+@pytest.mark.parametrize("size", [(160, 120), (64, 200)])
+def test_vision_features_match_the_reference_for_every_pooled_row(exported, size):
+    inputs, _ = exported.observation(*size, frame=11)
+    stage = OrtStage(exported.bundle, io.VISION_STAGE, threads=1)
+    got = stage.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
+                     io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})[io.IMAGE_FEATURES]
+    with torch.inference_mode():
+        want = exported.model.image_features(*_tensors(inputs.images, inputs.image_masks, inputs.pooled_patches_idx))
+    assert (inputs.pooled_patches_idx < 0).all(-1).any() or size == (160, 120)   # a padding-only row is included
+    assert got.shape == (inputs.n_image_tokens, want.shape[1])
+    assert closeness(got, want.numpy()).cosine >= COSINE
+
+
+def test_decoder_matches_the_reference_for_prefill_chunks_and_single_steps(exported):
+    llm = exported.model.cfg.llm_config
+    stage = OrtStage(exported.bundle, io.DECODER_STAGE, threads=1)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 12, llm.hidden_size, generator=gen)
+    decoder = exported.model.decoder
+    shape = (1, 0, llm.num_key_value_heads, llm.head_dim)
+    past_np = [np.zeros(shape, np.float32) for _ in range(2 * llm.num_hidden_layers)]
+    cache = None
+    # Prefill 7 tokens on an empty past, then a 3-token chunk, then two single-token steps.
+    for start, stop in ((0, 7), (7, 10), (10, 11), (11, 12)):
+        chunk, positions = embeds[:, start:stop], torch.arange(start, stop)[None]
+        with torch.inference_mode():
+            hidden, cache = decoder(chunk, positions, cache)
+        feeds = {io.INPUTS_EMBEDS: chunk.numpy(), io.POSITION_IDS: positions.numpy()}
+        for layer in range(llm.num_hidden_layers):
+            feeds[io.past_key(layer)], feeds[io.past_value(layer)] = past_np[2 * layer], past_np[2 * layer + 1]
+        out = stage.run(feeds)
+        assert closeness(out[io.HIDDEN_STATES], hidden.numpy()).cosine >= COSINE
+        for layer, (key, value) in enumerate(cache):
+            new_key, new_value = out[io.new_key(layer)], out[io.new_value(layer)]
+            assert new_key.shape == (1, stop - start, llm.num_key_value_heads, llm.head_dim)
+            assert closeness(new_key, key[:, :, start:stop].transpose(1, 2).numpy()).cosine >= COSINE
+            assert closeness(new_value, value[:, :, start:stop].transpose(1, 2).numpy()).cosine >= COSINE
+            past_np[2 * layer] = np.concatenate([past_np[2 * layer], new_key], axis=1)
+            past_np[2 * layer + 1] = np.concatenate([past_np[2 * layer + 1], new_value], axis=1)
+
+
+@pytest.mark.parametrize("n_actions", [1, 2])
+def test_greedy_decoding_with_the_stages_gives_identical_tokens(exported, n_actions):
+    grammar = AnswerGrammar(exported.tokenizer, exported.layout, n_actions=n_actions)
+    stages = OrtStages(exported.bundle, threads=1)
+    for frame, instruction in ((21, "push the green box"), (35, "pick up the red block")):
+        inputs, prompt = exported.observation(160, 120, frame, instruction)
+        images, masks, idx = _tensors(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
+        reference = generate_greedy(exported.model, torch.from_numpy(prompt)[None], images, masks, idx,
+                                    max_new_tokens=400, eos_token_id=exported.layout.bos_id,
+                                    allowed_token_fn=MaskedGreedyConstraint(grammar)).token_ids
+        got = stages.generate(prompt, inputs.images, inputs.image_masks, inputs.pooled_patches_idx,
+                              max_new_tokens=400, eos_token_id=exported.layout.bos_id,
+                              allowed_token_fn=MaskedGreedyConstraint(grammar))
+        assert got == reference
+        assert grammar.parse_ids(got).action_ids.shape == (n_actions, 7)
+
+
+def test_max_seq_and_external_data_options(tmp_path, exported):
+    out = export_bundle(exported.checkpoint, tmp_path / "short", ExportOptions(max_seq=200, external_data=True))
+    bundle = load_bundle(out)
+    decoder = bundle.stage(io.DECODER_STAGE)
+    assert decoder.dim_ranges[io.SEQ].max == 200 and decoder.dim_ranges[io.PAST_SEQ].max == 199
+    assert decoder.external_data == ("stages/decoder.onnx.data",)
+    assert bundle.stage(io.VISION_STAGE).external_data == ("stages/vision.onnx.data",)
+    stages = OrtStages(bundle, threads=1)
+    inputs, prompt = exported.observation(160, 120, frame=5)
+    assert stages.cache.keys.shape[2] == 200 and len(prompt) < 200
+    hidden = stages.decode(stages.embed(prompt, stages.image_features(inputs.images, inputs.image_masks,
+                                                                      inputs.pooled_patches_idx), inputs.pooled_patches_idx))
+    assert hidden.shape == (len(prompt), exported.model.cfg.llm_config.hidden_size)
+    with pytest.raises(SequenceTooLongError, match=r"exceed the bundle's max_seq 200; re-export with a larger --max-seq"):
+        stages.decode(stages.embed(prompt[:200 - len(prompt) + 1]))
+    with pytest.raises(ConfigError, match=r"max_seq 5000 exceeds the model's max_position_embeddings 4096"):
+        export_bundle(exported.checkpoint, tmp_path / "long", ExportOptions(max_seq=5000))

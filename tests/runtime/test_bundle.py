@@ -1,0 +1,262 @@
+"""The bundle loader accepts exactly what the writer wrote and refuses every damaged bundle with a clear error.
+
+`write_tiny_bundle` (also used by the export tests) writes a real bundle: a tiny decoder-shaped
+ONNX graph, an embedding table, tokenizer files, a quantization report and verification rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeact.runtime.arm_config import AdapterConfig, ArmConfig, LlmConfig, VitConfig
+from edgeact.runtime.bundle import (
+    SCHEMA_VERSION, Bundle, DimRange, Manifest, StageSpec, TensorSpec, load_bundle, read_manifest, tool_version,
+)
+from edgeact.runtime.cli import main
+from edgeact.runtime.errors import BundleError
+
+DECODER_RANGES = {"batch": (1, 1, 1), "seq": (1, 16, 64), "past_seq": (0, 64, 256)}
+DECODER_PROFILES = [{"name": "prefill", "dim_ranges": {"seq": (1, 16, 64)}},
+                    {"name": "decode", "dim_ranges": {"seq": (1, 1, 1)}}]
+FAILED_RESULTS = [{"gate": "vision.cosine", "passed": True, "value": 0.9999, "limit": 0.999},
+                  {"gate": "decoder.top1_agreement", "passed": False, "value": 0.91, "limit": 0.99}]
+
+
+def tiny_config() -> ArmConfig:
+    vit = VitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=16, image_default_input_size=[28, 28], image_patch_size=14,
+                    image_num_pos=4)
+    adapter = AdapterConfig(vit_layers=[-1], hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                            head_dim=16, intermediate_size=48, text_hidden_size=64)
+    llm = LlmConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                    additional_vocab_size=128, num_hidden_layers=2, intermediate_size=96)
+    return ArmConfig(vit, adapter, llm, image_patch_id=503)
+
+
+def tiny_decoder_onnx(with_weight: bool = False):
+    """input_ids[batch, seq] -> hidden[batch, seq]; past_key[batch, 2, past_seq, 16] -> present_key."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT)]
+    inits = []
+    if with_weight:   # 1 KiB: big enough for onnx to move it to an external-data file
+        inits.append(numpy_helper.from_array(np.eye(16, dtype=np.float32), "w_key"))
+        nodes.append(helper.make_node("MatMul", ["past_key", "w_key"], ["present_key"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["past_key"], ["present_key"]))
+    nodes.append(helper.make_node("Identity", ["ids_f"], ["hidden"]))
+    graph = helper.make_graph(
+        nodes, "decoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, ["batch", 2, "past_seq", 16])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq"]),
+         helper.make_tensor_value_info("present_key", TensorProto.FLOAT, ["batch", 2, "past_seq", 16])],
+        initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def write_tiny_bundle(out_dir: Path, *, verification: str = "passed", precision: str = "fp16",
+                      overwrite: bool = False, dim_ranges: dict | None = None) -> Path:
+    from edgeact.export.bundle_writer import BundleWriter
+
+    out_dir = Path(out_dir)
+    src = out_dir.parent / f"{out_dir.name}-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+    with BundleWriter(out_dir, overwrite=overwrite) as w:
+        w.set_model(tiny_config(), checkpoint="/ckpt/tiny", config_sha256="ab" * 32, name="tiny-sim")
+        w.add_tokenizer(src / "tokenizer.json", {"image_size": 28})
+        w.add_onnx("decoder", tiny_decoder_onnx(), precision=precision, dim_ranges=dim_ranges or DECODER_RANGES,
+                   profiles=DECODER_PROFILES, doc="prefill and decode steps")
+        w.add_array("embed_tokens", np.arange(640 * 64, dtype=np.float16).reshape(640, 64))
+        w.set_norm_stats({"sim_pick": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}})
+        w.set_grammar({"kind": "molmoact-answer", "version": 1})
+        w.set_quantization("smoothquant-w8a8", {"alpha": 0.5},
+                           [{"stage": "decoder", "layers": 2, "max_abs_err": 0.0125}])
+        results = FAILED_RESULTS if verification == "failed" else FAILED_RESULTS[:1] if verification == "passed" else []
+        w.set_verification(verification, {"decoder.top1_agreement": {"min": 0.99}}, results)
+    return out_dir
+
+
+@pytest.fixture
+def bundle_dir(tmp_path) -> Path:
+    return write_tiny_bundle(tmp_path / "tiny")
+
+
+def _edit_manifest(bundle_dir: Path, fn) -> None:
+    path = bundle_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_round_trip_loads_what_was_written(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    assert m.schema_version == SCHEMA_VERSION and m.tool.version == tool_version()
+    assert bundle.config.to_dict() == tiny_config().to_dict() and m.model.variant == "D"
+    stage = bundle.stage("decoder")
+    assert [t.name for t in stage.inputs] == ["input_ids", "past_key"]
+    assert stage.inputs[1].dims == ("batch", 2, "past_seq", 16) and stage.dim_ranges["past_seq"] == DimRange(0, 64, 256)
+    assert [p.name for p in stage.profiles] == ["prefill", "decode"]
+    embed = bundle.weight("embed_tokens")
+    assert isinstance(embed, np.memmap) and not embed.flags.writeable
+    np.testing.assert_array_equal(embed, np.arange(640 * 64, dtype=np.float16).reshape(640, 64))
+    assert m.verification.status == "passed" and m.quantization.recipe == "smoothquant-w8a8"
+    assert Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
+
+
+def test_files_cover_every_file_but_the_manifest(bundle_dir):
+    on_disk = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
+    assert set(load_bundle(bundle_dir).manifest.files) == on_disk - {"manifest.json"}
+    assert {"stages/decoder.onnx", "weights/embed_tokens.npy", "tokenizer.json", "preprocessor_config.json"} <= on_disk
+
+
+def test_corrupted_file_is_refused_by_its_sha256(bundle_dir):
+    path = bundle_dir / "stages/decoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"stages/decoder.onnx: sha256 mismatch \(file corrupt or modified\); re-copy or re-export"):
+        load_bundle(bundle_dir)
+    # Without hashing, only sizes are checked: the same-size corruption passes (the documented trade-off).
+    load_bundle(bundle_dir, verify_checksums=False)
+
+
+def test_truncated_and_missing_files_are_named(bundle_dir):
+    weights = bundle_dir / "weights/embed_tokens.npy"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"weights/embed_tokens.npy: 100 bytes but the manifest says \d+"):
+        load_bundle(bundle_dir, verify_checksums=False)
+    weights.unlink()
+    with pytest.raises(BundleError, match=r"weights/embed_tokens.npy: missing .*re-copy or re-export"):
+        load_bundle(bundle_dir)
+
+
+def test_wrong_schema_version_names_both_versions_and_the_fix(bundle_dir):
+    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=SCHEMA_VERSION + 1))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_dir)
+    msg = str(err.value)
+    assert f"schema_version {SCHEMA_VERSION + 1}" in msg and f"reads schema_version {SCHEMA_VERSION}" in msg
+    assert f"re-export with edgeact {tool_version()}" in msg and "upgrade edgeact" in msg
+
+
+def test_invalid_json_and_missing_manifest(bundle_dir, tmp_path):
+    (bundle_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
+        load_bundle(bundle_dir)
+    (bundle_dir / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json: missing; .* not a bundle or an incomplete copy"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="no bundle here; check the path"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_failed_verification_is_refused_unless_overridden(tmp_path):
+    path = write_tiny_bundle(tmp_path / "bad", verification="failed")
+    with pytest.raises(BundleError) as err:
+        load_bundle(path)
+    msg = str(err.value)
+    assert "verification failed at gate 'decoder.top1_agreement'" in msg and "value=0.91" in msg
+    assert "--allow-unverified" in msg
+    bundle = load_bundle(path, allow_failed_verification=True)
+    assert [r["gate"] for r in bundle.manifest.verification.failing()] == ["decoder.top1_agreement"]
+
+
+def test_interrupted_export_leaves_no_bundle_and_the_loader_says_so(tmp_path):
+    # A real kill: the process dies inside the with-block (os._exit skips every cleanup, like SIGKILL).
+    code = (
+        "import os, sys, numpy as np\n"
+        "from edgeact.export.bundle_writer import BundleWriter\n"
+        "w = BundleWriter(sys.argv[1]).__enter__()\n"
+        "w.add_array('embed_tokens', np.zeros((4, 4), np.float32))\n"
+        "os._exit(9)\n"
+    )
+    target = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not target.exists()
+    assert [p.name.startswith(".killed.partial-") for p in tmp_path.iterdir()] == [True]
+    with pytest.raises(BundleError, match=r"killed: no bundle here; found \.killed\.partial-\S+ beside it: the export was interrupted; re-run it"):
+        load_bundle(target)
+
+
+def test_invalid_config_is_refused(bundle_dir):
+    _edit_manifest(bundle_dir, lambda d: d["model"]["config"]["llm_config"].update(num_key_value_heads=3))
+    with pytest.raises(BundleError, match="model.config.*not a multiple of num_key_value_heads.*re-export"):
+        load_bundle(bundle_dir)
+
+
+def test_manifest_paths_must_stay_inside_the_bundle(bundle_dir):
+    def escape(d):
+        d["stages"]["decoder"]["file"] = "../outside.onnx"
+    _edit_manifest(bundle_dir, escape)
+    with pytest.raises(BundleError, match="stages.decoder.file: file path '../outside.onnx' must be relative and inside"):
+        load_bundle(bundle_dir)
+
+
+def test_referenced_file_without_checksum_is_refused(bundle_dir):
+    _edit_manifest(bundle_dir, lambda d: d["files"].pop("weights/embed_tokens.npy"))
+    with pytest.raises(BundleError, match="weights.embed_tokens: file 'weights/embed_tokens.npy' is not listed in 'files'"):
+        read_manifest(bundle_dir)
+
+
+def test_weight_with_other_dtype_than_the_manifest_is_refused(bundle_dir):
+    _edit_manifest(bundle_dir, lambda d: d["weights"]["embed_tokens"].update(dtype="float32"))
+    bundle = load_bundle(bundle_dir, verify_checksums=False)
+    with pytest.raises(BundleError, match=r"weights/embed_tokens.npy: holds float16\[640, 64\] but the manifest says float32"):
+        bundle.weight("embed_tokens")
+
+
+def test_stage_spec_validation_names_the_problem():
+    ids = TensorSpec("input_ids", "int64", ("batch", "seq"))
+    out = TensorSpec("hidden", "float32", ("batch", "past_seq+seq"))
+    with pytest.raises(BundleError, match=r"symbolic dims \['past_seq', 'seq'\] have no dim_ranges entry"):
+        StageSpec("decoder", "stages/decoder.onnx", "fp16", (ids,), (out,), {"batch": DimRange(1, 1, 1)})
+    with pytest.raises(BundleError, match="precision 'fp12' unknown"):
+        StageSpec("decoder", "stages/decoder.onnx", "fp12", (ids,), (out,), {})
+    with pytest.raises(BundleError, match="0 <= min <= opt <= max"):
+        DimRange(4, 2, 8)
+    with pytest.raises(BundleError, match="dtype 'float' unknown"):
+        TensorSpec("x", "float", (1,))
+
+
+def test_inspect_prints_the_key_facts(tmp_path, capsys):
+    path = write_tiny_bundle(tmp_path / "tiny", verification="failed")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for fact in ("D (tiny-sim)", "2 layers, width 64", "512 + 128 additional rows", "decoder", "fp16",
+                 "stages/decoder.onnx", "prefill, decode", "input_ids", "int64", "[batch, 2, past_seq, 16]",
+                 "past_seq 0/64/256", "embed_tokens", "[640, 64]", "smoothquant-w8a8", "max_abs_err", "0.0125",
+                 "verification: failed (failing: decoder.top1_agreement)", "FAIL", "engines: none"):
+        assert fact in out, fact
+
+
+def test_inspect_json_prints_the_manifest(bundle_dir, capsys):
+    assert main(["inspect", str(bundle_dir), "--json", "--verify"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((bundle_dir / "manifest.json").read_text())
+
+
+def test_inspect_of_a_damaged_bundle_is_one_clear_line(bundle_dir, capsys):
+    (bundle_dir / "tokenizer.json").unlink()
+    assert main(["inspect", str(bundle_dir)]) == 2
+    assert "edgeact inspect: error: tokenizer.json: missing" in capsys.readouterr().err
+
+
+def test_bundle_object_errors_list_what_exists(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    assert isinstance(bundle, Bundle) and bundle.stage_path("decoder") == bundle_dir / "stages/decoder.onnx"
+    with pytest.raises(BundleError, match=r"no stage 'vision'; it has \['decoder'\]"):
+        bundle.stage("vision")
+    with pytest.raises(BundleError, match=r"no weight 'lm_head'; it has \['embed_tokens'\]"):
+        bundle.weight("lm_head")
+    assert bundle.engine("decoder", "orin") is None
+    assert os.path.getsize(bundle_dir / "weights/embed_tokens.npy") <= bundle.total_bytes()
