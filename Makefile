@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: libusb for pyrealsense2.
 APT_PACKAGES := libusb-1.0-0
-EXTRAS := export,serial,can,realsense,dev
+EXTRAS := export,serial,can,realsense,plot,dev
 
 .PHONY: setup system-deps test demo bench clean
 

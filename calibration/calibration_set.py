@@ -130,6 +130,7 @@ class CalibrationSet:
             arrays = {f"{name}_{i}": getattr(s, name) for i, s in enumerate(self.samples) for name in _ARRAYS}
             np.savez(tmp / ARRAYS_FILE, **arrays)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self._manifest(), indent=2) + "\n")
+            tmp.chmod(0o755)                  # mkdtemp made it private; a calibration set is plain data
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)

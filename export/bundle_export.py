@@ -140,9 +140,10 @@ def _max_seq(options: ExportOptions, config_max: int) -> int:
 def _external(options: ExportOptions, proto) -> bool:
     if options.external_data is not None:
         return options.external_data
-    from onnx import numpy_helper
+    from onnx.helper import tensor_dtype_to_np_dtype
 
-    return sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    weight_bytes = sum(math.prod(t.dims) * tensor_dtype_to_np_dtype(t.data_type).itemsize for t in proto.graph.initializer)
+    return weight_bytes > EXTERNAL_DATA_BYTES
 
 
 def _typical_sizes(preprocessor, tokenizer, layout) -> dict[str, int]:

@@ -17,15 +17,15 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from edgeact.export.atomic_dir import fsync_path, fsync_tree, partial_dir, publish
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.bundle import (
-    MANIFEST_NAME, PARTIAL_INFIX, FileEntry, Manifest, ModelInfo, QuantizationInfo, StageProfile,
+    MANIFEST_NAME, FileEntry, Manifest, ModelInfo, QuantizationInfo, StageProfile,
     StageSpec, TensorSpec, TokenizerInfo, ToolInfo, VerificationInfo, WeightSpec, load_bundle, read_manifest,
     check_relpath, sha256_file, tool_version,
 )
@@ -67,8 +67,7 @@ class BundleWriter:
 
     # -------------------------------------------------------------------- life cycle
     def __enter__(self) -> "BundleWriter":
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}{PARTIAL_INFIX}", dir=self.out_dir.parent))
+        self.tmp_dir = partial_dir(self.out_dir)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -204,8 +203,9 @@ class BundleWriter:
         # Round-trip through JSON and the loader's own parser: what is published is what loads.
         manifest = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
         _write_json_durably(tmp / MANIFEST_NAME, manifest.to_dict())
-        _fsync_dirs(tmp)
-        _publish(tmp, self.out_dir, self.overwrite)
+        fsync_tree(tmp)
+        _check_replaceable(self.out_dir, self.overwrite)
+        publish(tmp, self.out_dir)
         self.tmp_dir = None
         self.manifest = manifest
         return self.out_dir
@@ -220,23 +220,6 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     # Never delete a directory that is not a bundle: a typo must not wipe someone's home.
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
         raise BundleError(f"{out_dir}: exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    _check_replaceable(out_dir, overwrite)
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "bundle")
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(old / "bundle", out_dir)
-            raise
-        shutil.rmtree(old)
-    else:
-        # rename() onto a directory that appeared meanwhile fails (ENOTEMPTY) rather than mixing two bundles.
-        os.rename(tmp, out_dir)
-    _fsync_path(out_dir.parent)
 
 
 def _hash_tree(root: Path, fsync: bool) -> Iterator[tuple[str, FileEntry]]:
@@ -254,19 +237,6 @@ def _hash_entry(path: Path, fsync: bool) -> FileEntry:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dirs(root: Path) -> None:
-    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_path(d)
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:
@@ -320,7 +290,7 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
         tmp = root / f".{MANIFEST_NAME}.tmp"
         _write_json_durably(tmp, checked.to_dict())
         os.replace(tmp, root / MANIFEST_NAME)
-        _fsync_path(root)
+        fsync_path(root)
         return checked
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from edgeact.export.atomic_dir import fsync_tree, partial_dir, publish
 from edgeact.export.tensor_names import expected_tensor_shapes
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import CheckpointError
@@ -141,8 +140,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ArmConfig, tensors: dict[str, torc
     names = list(expected_tensor_shapes(cfg))
     groups = _plan_shards(names, {k: _nbytes(tensors[k]) for k in names}, max_shard_bytes, n_shards)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = partial_dir(out)
     try:
         _write_weights(tmp, tensors, groups, notify)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -150,8 +148,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ArmConfig, tensors: dict[str, torc
         (tmp / PREPROCESSOR_FILE).write_text(json.dumps(_as_dict(preprocessor_config), indent=2) + "\n")
         for name in (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE):
             notify(name)
-        _set_usual_permissions(tmp)
-        _move_into_place(tmp, out)
+        fsync_tree(tmp)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # also on Ctrl-C: leave nothing half-written behind
         raise
@@ -246,29 +244,6 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     raise CheckpointError(f"preprocessor config of type {type(obj).__name__} cannot be written; pass a PreprocessConfig or a dict")
-
-
-def _set_usual_permissions(directory: Path) -> None:
-    """mkdtemp (and safetensors' own temporary file) make owner-only entries; give the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory onto `out`; an old `out` is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")  # tmp's random suffix: unique
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
 
 
 # --------------------------------------------------------------------------- reading

@@ -149,17 +149,15 @@ def finish_graph(proto, module: nn.Module, inputs: list[TensorSpec]) -> None:
     _restore_inputs(proto, inputs)
 
 
-def _tensor_key(array) -> tuple:
-    return tuple(array.shape), str(array.dtype), hashlib.sha1(array.tobytes()).hexdigest()
-
-
 def _name_matmul_weights(proto, module: nn.Module) -> None:
-    from onnx import numpy_helper
+    """Match each MatMul weight to the parameter whose transpose it is, by content (the tracer dropped the name)."""
+    def key(shape, data: bytes) -> tuple:
+        return tuple(shape), hashlib.sha1(data).hexdigest()
 
     transposed = {}
     for name, param in module.named_parameters():
-        if param.dim() == 2:
-            transposed[_tensor_key(param.detach().t().contiguous().numpy())] = name + TRANSPOSED_SUFFIX
+        if param.dim() == 2 and param.dtype == torch.float32:
+            transposed[key(param.shape[::-1], param.detach().t().contiguous().numpy().tobytes())] = name + TRANSPOSED_SUFFIX
     inits = {t.name: t for t in proto.graph.initializer}
     taken = set(inits)
     renames: dict[str, str] = {}
@@ -167,7 +165,7 @@ def _name_matmul_weights(proto, module: nn.Module) -> None:
         if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1] in renames:
             continue
         old = node.input[1]
-        new = transposed.get(_tensor_key(numpy_helper.to_array(inits[old])))
+        new = transposed.get(key(inits[old].dims, inits[old].raw_data))
         if new is not None and new not in taken:
             renames[old] = new
             taken.add(new)

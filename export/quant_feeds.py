@@ -10,16 +10,16 @@ Feeds are produced lazily: a 7B decoder's cache for one step is gigabytes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from edgeact.calibration.calibration_set import CalibrationSet
-from edgeact.export.quant_decode import OrtBundle, make_session
+from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet
+from edgeact.export.quant_decode import Feeds, OrtBundle, make_session
 from edgeact.runtime import stage_io
 
-Feeds = dict[str, np.ndarray]
 FeedSource = Callable[[], Iterator[Feeds]]   # a fresh pass over the feeds on every call
 
 
@@ -34,17 +34,18 @@ def stage_feeds(fp32: OrtBundle, calib: CalibrationSet, stage: str, decode_steps
 def _decoder_feeds(fp32: OrtBundle, calib: CalibrationSet, decode_steps: int, seed: int) -> Iterator[Feeds]:
     rng = np.random.default_rng(seed)
     for sample in calib.samples:
-        ids = sample.sequence_ids[:-1]           # the final end-of-text is never fed back
-        prompt = fp32.prompt_embeddings(sample.prompt_ids, sample.image_inputs())
-        embeds = np.concatenate([prompt, fp32.embed_ids(ids[len(sample.prompt_ids):])], axis=1)
-        empty = fp32.empty_past()
-        yield fp32.decoder_feeds(embeds, 0, empty)
-        if decode_steps < 1 or len(ids) <= len(sample.prompt_ids):
+        n_prompt = len(sample.prompt_ids)
+        # The final end-of-text is never fed back.
+        embeds = fp32.sequence_embeddings(sample.prompt_ids, sample.image_inputs(), sample.answer_ids[:-1])
+        yield fp32.decoder_feeds(embeds, 0, fp32.empty_past())
+        if decode_steps < 1 or embeds.shape[1] <= n_prompt:
             continue
-        _, cache = fp32.run_decoder(embeds, 0, empty)
-        for p in rng.integers(len(sample.prompt_ids), len(ids), size=decode_steps):
-            past = {name: np.ascontiguousarray(np.take(a, np.arange(p), axis=fp32.past_axis(name)))
-                    for name, a in cache.items()}
+        keys, values = fp32.cache_after(embeds)
+        for p in sorted(rng.integers(n_prompt, embeds.shape[1], size=decode_steps)):
+            past = {}
+            for layer in range(keys.shape[0]):
+                past[stage_io.past_key(layer)] = np.ascontiguousarray(keys[layer, :, :p])
+                past[stage_io.past_value(layer)] = np.ascontiguousarray(values[layer, :, :p])
             yield fp32.decoder_feeds(embeds[:, p:p + 1], int(p), past)
 
 
@@ -104,9 +105,25 @@ def const_weight_matmuls(proto, op_types: tuple[str, ...] = ("MatMul",), exclude
     return nodes
 
 
-def activation_absmax(model_path: str | Path, tensor_names: list[str], feeds: FeedSource, work_dir: Path,
-                      threads: int | None = None) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each named tensor over every feed: SmoothQuant and FP8 scales need it."""
+@dataclass
+class TensorStats:
+    """Range of one tensor over all calibration feeds; `channel_absmax` over the last axis."""
+    min: float
+    max: float
+    channel_absmax: np.ndarray
+
+    @property
+    def absmax(self) -> float:
+        return float(self.channel_absmax.max())
+
+    def update(self, value: np.ndarray) -> None:
+        self.min, self.max = min(self.min, float(value.min())), max(self.max, float(value.max()))
+        np.maximum(self.channel_absmax, np.abs(value.reshape(-1, value.shape[-1])).max(axis=0), out=self.channel_absmax)
+
+
+def tensor_stats(model_path: str | Path, tensor_names: list[str], feeds: FeedSource, work_dir: Path,
+                 threads: int | None = None) -> dict[str, TensorStats]:
+    """Ranges of the named tensors, reduced feed by feed (never holding a feed's activations past its run)."""
     import onnx
 
     proto = onnx.load(str(model_path))
@@ -114,21 +131,27 @@ def activation_absmax(model_path: str | Path, tensor_names: list[str], feeds: Fe
     for name in tensor_names:
         if name not in known:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    path = Path(work_dir) / "absmax_probe.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=_big(proto),
-                    all_tensors_to_one_file=True, location="absmax_probe.onnx.data")
+    path = Path(work_dir) / "stats_probe.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
+                    location="stats_probe.onnx.data")
     del proto
     session = make_session(path, threads)
-    names = [i.name for i in session.get_inputs()]
-    absmax: dict[str, np.ndarray] = {}
+    names = {i.name for i in session.get_inputs()}
+    stats: dict[str, TensorStats] = {}
     for feed in feeds():
-        outs = session.run(tensor_names, {k: v for k, v in feed.items() if k in names})
-        for name, value in zip(tensor_names, outs):
-            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)
-    return absmax
+        for name, value in zip(tensor_names, session.run(tensor_names, {k: v for k, v in feed.items() if k in names})):
+            if value.size == 0 or value.dtype.kind != "f":
+                continue        # an empty cache has no values to range; indices are not quantized
+            if name not in stats:
+                stats[name] = TensorStats(float(value.min()), float(value.max()),
+                                          np.abs(value.reshape(-1, value.shape[-1])).max(axis=0))
+            else:
+                stats[name].update(value)
+    if not stats:
+        raise CalibrationError("the calibration feeds produced no values; give a calibration set with samples")
+    return stats
 
 
-def _big(proto) -> bool:
+def is_big(proto) -> bool:
     # protobuf cannot serialize a message over 2 GB: big models go to an external-data file.
     return sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)

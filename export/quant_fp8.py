@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.export.quant_feeds import FeedSource, activation_absmax, const_weight_matmuls
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
 
 E4M3_MAX = 448.0
@@ -44,8 +44,7 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
     proto = onnx.load(str(src))
     _ensure_opset(proto)
     nodes = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if "MatMul" in options.op_types]
-    amax = {k: float(v.max()) for k, v in
-            activation_absmax(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads).items()}
+    amax = {k: v.absmax for k, v in tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads).items()}
     inits = {t.name: t for t in proto.graph.initializer}
     readers = defaultdict(list)
     for node in nodes:
@@ -70,10 +69,11 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
         proto.graph.initializer.remove(inits[node.input[1]])
         proto.graph.initializer.extend([quantized, numpy_helper.from_array(w_scale, s_name)])
         attrs = {"axis": 1} if options.per_channel else {}
-        added.append(helper.make_node("DequantizeLinear", [q_name, s_name, zero.name], [out], name=f"{node.name}.w_dq", **attrs))
+        # No zero point: x's type says float8, and a per-axis zero point would need one per channel.
+        added.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=f"{node.name}.w_dq", **attrs))
         node.input[1] = out
     _insert_before_readers(proto, added)
-    onnx.save_model(proto, str(dst), save_as_external_data=_big(proto), all_tensors_to_one_file=True,
+    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
                     location=f"{dst.name}.data")
     return {"format": "qdq", "activations": "float8e4m3fn per-tensor, amax/448",
             "weights": f"float8e4m3fn per-{'channel' if options.per_channel else 'tensor'}, amax/448",
@@ -110,7 +110,3 @@ def _insert_before_readers(proto, added: list) -> None:
         ordered.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(ordered)
-
-
-def _big(proto) -> bool:
-    return sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)

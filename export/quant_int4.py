@@ -28,7 +28,9 @@ def quantize_int4(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
     fmt = options.resolved_int4_format()
     proto = onnx.load(str(src))
     linear = {n.name for n in const_weight_matmuls(proto, ("MatMul",))}
-    exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in linear] + list(options.exclude_nodes)
+    # Activation x activation MatMuls (attention) have no weight to quantize.
+    exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in linear]
+    exclude += list(options.exclude_nodes)
     config = DefaultWeightOnlyQuantConfig(
         block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
@@ -37,7 +39,8 @@ def quantize_int4(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
         quantizer.process()
     result = quantizer.model.model
     big = sum(len(t.raw_data) for t in result.graph.initializer) > (1 << 30)
-    onnx.save_model(result, str(dst), save_as_external_data=big, all_tensors_to_one_file=True, location=f"{dst.name}.data")
+    onnx.save_model(result, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data")
     op = "MatMulNBits" if fmt == "nbits" else "DequantizeLinear"
     return {"format": fmt, "weights": f"int4 symmetric, blocks of {options.block_size} (RTN)", "activations": "fp32",
             "quantized_nodes": sum(1 for n in result.graph.node if n.op_type == op),

@@ -3,8 +3,9 @@
 onnxruntime.quantization.quantize_static writes the QDQ graph. Choices, for TensorRT first:
 - symmetric activations and weights (zero point 0): TensorRT supports only symmetric INT8;
 - weights per output channel (axis 1 of a MatMul's (in, out) weight), activations per tensor;
-- MatMul with a constant weight only by default (MatMulConstBOnly): Q/DQ on the attention's
-  activation x activation products and on norms / residual adds costs accuracy for little speed;
+- MatMul with a constant weight only by default (MatMulConstBOnly), and its inputs only: Q/DQ
+  on the attention's activation x activation products, on GEMM outputs (onnxruntime's default),
+  norms or residual adds costs accuracy for little speed;
 - MinMax calibration: the histogram methods stack every feed into one array and cannot mix a
   prefill chunk with single-token steps; ranges are merged after every few feeds to bound memory;
 - optional SmoothQuant (export/smoothquant.py) before calibration, for outlier channels.
@@ -13,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeact.export.quant_feeds import FeedSource, activation_absmax, as_calibration_reader, const_weight_matmuls
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
 
-_MERGE_EVERY_FEEDS = 4
 
 
 @contextlib.contextmanager
@@ -56,32 +55,56 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
     proto = onnx.load(str(src))
     nodes = target_nodes(proto, options)
     if options.smoothquant_alpha is not None:
-        linear = const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes)
-        linear = [n for n in linear if n.name in set(nodes)]
-        absmax = activation_absmax(src, sorted({n.input[0] for n in linear}), feeds, work_dir, threads)
         from edgeact.export.smoothquant import apply_smoothquant
 
-        rows = apply_smoothquant(proto, linear, absmax, options.smoothquant_alpha)
-        smoothed = work_dir / "smoothed.onnx"
-        onnx.save_model(proto, str(smoothed), save_as_external_data=_big(proto), all_tensors_to_one_file=True,
+        linear = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if n.name in set(nodes)]
+        stats = tensor_stats(src, sorted({n.input[0] for n in linear}), feeds, work_dir, threads)
+        rows = apply_smoothquant(proto, linear, {k: v.channel_absmax for k, v in stats.items()}, options.smoothquant_alpha)
+        src = work_dir / "smoothed.onnx"
+        onnx.save_model(proto, str(src), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
                         location="smoothed.onnx.data")
-        src = smoothed
         notes["smoothquant"] = {"alpha": options.smoothquant_alpha, "tensors": len(rows),
                                 "folded_into_norms": sum(r["folded"] for r in rows),
-                                "max_act_absmax_before": max((r["act_absmax"] for r in rows), default=0.0),
-                                "max_act_absmax_after": max((r["act_absmax_smoothed"] for r in rows), default=0.0)}
-    big = _big(proto)
+                                "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),
+                                "max_act_absmax_after": round(max((r["act_absmax_smoothed"] for r in rows), default=0.0), 4)}
+    cache = work_dir / "int8_ranges.json"
+    _write_range_cache(cache, tensor_stats(src, _calibrated_tensors(proto, nodes), feeds, work_dir, threads))
+    big = is_big(proto)
     del proto
+    # Outputs stay float: Q/DQ on a GEMM's output would round the residual stream it is added to.
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": not options.quantize_attention,
-             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}, "CalibMaxIntermediateOutputs": _MERGE_EVERY_FEEDS}
+             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+             "OpTypesToExcludeOutputQuantization": list(options.op_types), "DedicatedQDQPair": True}
     with quiet_quantizer_logs():
-        quantize_static(str(src), str(dst), as_calibration_reader(feeds), quant_format=QuantFormat.QDQ,
+        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, calibration_cache_path=str(cache),
                         op_types_to_quantize=list(options.op_types), nodes_to_quantize=nodes,
                         per_channel=options.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=big,
                         extra_options={**extra, **options.extra.get("ort_extra_options", {})})
     notes["quantized_nodes"] = count_qdq_matmuls(dst)
     return notes
+
+
+def _calibrated_tensors(proto, node_names: list[str]) -> list[str]:
+    """Activations into the nodes to quantize: the tensors that get a Q/DQ pair."""
+    wanted = set(node_names)
+    inits = {t.name for t in proto.graph.initializer}
+    return sorted({t for n in proto.graph.node if n.name in wanted for t in n.input if t and t not in inits})
+
+
+def _write_range_cache(path: Path, stats) -> None:
+    """Ranges computed feed by feed, handed to quantize_static as its calibration cache.
+
+    onnxruntime's own MinMax calibrator keeps every feed's activations until the end (gigabytes
+    for a decoder over whole answers), and its CalibMaxIntermediateOutputs option drops the
+    collected feeds instead of merging them (onnxruntime 1.32).
+    """
+    import numpy as np
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    data = {name: TensorData(lowest=np.float32(min(s.min, 0.0)), highest=np.float32(max(s.max, 0.0)))
+            for name, s in stats.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
 def count_qdq_matmuls(path: Path) -> int:
@@ -91,15 +114,3 @@ def count_qdq_matmuls(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     dq_out = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     return sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in dq_out)
-
-
-def _big(proto) -> bool:
-    return sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)
-
-
-def copy_stage(src: Path, dst_dir: Path, external: tuple[Path, ...] = ()) -> Path:
-    """A private copy of a source stage (and its external data) to quantize: the source bundle is only read."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for path in (src, *external):
-        shutil.copyfile(path, dst_dir / path.name)
-    return dst_dir / src.name

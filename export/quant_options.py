@@ -86,5 +86,6 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["stages"], data["op_types"], data["exclude_nodes"] = list(self.stages), list(self.op_types), list(self.exclude_nodes)
+        for key in ("stages", "op_types", "exclude_nodes"):
+            data[key] = list(data[key])
         return data

@@ -19,7 +19,8 @@ import torch
 
 from edgeact.export.generate import generate_greedy
 from edgeact.export.model import MolmoActModel
-from edgeact.runtime.answer import Answer
+from edgeact.runtime.action_bins import ACTION_DIMS
+from edgeact.runtime.answer import N_DEPTH_TOKENS, TRACE_RANGE, Answer
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.grammar_walk import Choice, MaskedGreedyConstraint, answer_steps
 from edgeact.runtime.ort_stages import OrtStages
@@ -103,8 +104,8 @@ def grammar_positions(grammar: AnswerGrammar, ids: Sequence[int]) -> list[tuple[
 
 def max_answer_tokens(grammar: AnswerGrammar) -> int:
     """Length of the longest answer the grammar allows (every trace point, three-digit coordinates)."""
-    longest = Answer(np.zeros(100, np.int64), [[255, 255]] * grammar.max_trace_points,
-                     np.full((grammar.n_actions, 7), grammar.action_first_id, np.int64))
+    longest = Answer(np.zeros(N_DEPTH_TOKENS, np.int64), [[TRACE_RANGE - 1] * 2] * grammar.max_trace_points,
+                     np.full((grammar.n_actions, ACTION_DIMS), grammar.action_first_id, np.int64))
     return len(grammar.to_ids(longest))
 
 
@@ -134,7 +135,8 @@ def compare_observation(model: MolmoActModel, stages: OrtStages, grammar: Answer
 def _decoder_measurements(model, stages, prompt, images, masks, idx, reference: list[int],
                           grammar: AnswerGrammar) -> dict[str, Measurement]:
     n_prompt = len(prompt)
-    answer = torch.tensor(reference[:-1], dtype=torch.long)[None]   # the last token is never fed back
+    # The last token is never fed back; the grammar makes every answer over 100 tokens long.
+    answer = torch.tensor(reference[:-1], dtype=torch.long)[None]
     n_steps = min(DECODE_STEPS, answer.shape[1])
     with torch.inference_mode():
         embeds = model.embed_multimodal(torch.from_numpy(prompt)[None], images, masks, idx)
@@ -157,12 +159,10 @@ def _decoder_measurements(model, stages, prompt, images, masks, idx, reference: 
         kv = kv.worst(closeness(stages.cache.values[layer, 0, :n_prompt], value[0].transpose(0, 1).numpy()))
     out["decoder.cache"] = kv
     ort_steps = [stages.decode(answer_np[i:i + 1])[0] for i in range(n_steps)]
-    if n_steps:
-        out["decoder.step"] = closeness(np.stack(ort_steps), torch.cat(step_hidden).numpy())
-    stages.cache.length = n_prompt          # rewind: the chunk goes right after the prompt
-    ort_chunk = stages.decode(answer_np) if answer.shape[1] else np.zeros((0, ort_hidden.shape[1]), np.float32)
-    if answer.shape[1]:
-        out["decoder.chunk"] = closeness(ort_chunk, chunk_hidden[0].numpy())
+    out["decoder.step"] = closeness(np.stack(ort_steps), torch.cat(step_hidden).numpy())
+    stages.cache.rewind(n_prompt)           # the chunk goes right after the prompt
+    ort_chunk = stages.decode(answer_np)
+    out["decoder.chunk"] = closeness(ort_chunk, chunk_hidden[0].numpy())
 
     # Position i of the answer is predicted from the prompt's last state (i = 0) or chunk row i - 1.
     ort_states = np.concatenate([ort_hidden[-1:], ort_chunk])

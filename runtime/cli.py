@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "edgeact.export.commands_quantize",
     "edgeact.drivers.commands",
     "edgeact.runtime.commands",
+    "edgeact.runtime.commands_loop",
 )
 
 

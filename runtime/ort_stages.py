@@ -67,6 +67,12 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (e.g. to decode another continuation of the same prompt)."""
+        if not 0 <= length <= self.length:
+            raise EdgeactError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+
     def past_feeds(self) -> dict[str, np.ndarray]:
         n = self.length
         feeds = {}
@@ -75,12 +81,16 @@ class KVCache:
             feeds[io.past_value(layer)] = self.values[layer, :, :n]
         return feeds
 
-    def append(self, outputs: dict[str, np.ndarray]) -> None:
-        n_new = outputs[io.new_key(0)].shape[1]
-        start, end = self.length, self.length + n_new
-        if end > self.max_seq:
-            raise SequenceTooLongError(f"{end} positions exceed the bundle's max_seq {self.max_seq}; "
+    def check_room(self, n_new: int) -> None:
+        if self.length + n_new > self.max_seq:
+            raise SequenceTooLongError(f"{self.length + n_new} positions exceed the bundle's max_seq {self.max_seq}; "
                                        "re-export with a larger --max-seq or shorten the prompt")
+
+    def append(self, outputs: dict[str, np.ndarray]) -> None:
+        """Write a decoder call's new_key.L / new_value.L right after the filled part."""
+        n_new = outputs[io.new_key(0)].shape[1]
+        self.check_room(n_new)
+        start, end = self.length, self.length + n_new
         for layer in range(self.keys.shape[0]):
             self.keys[layer, :, start:end] = outputs[io.new_key(layer)]
             self.values[layer, :, start:end] = outputs[io.new_value(layer)]
@@ -124,11 +134,8 @@ class OrtStages:
 
     def decode(self, embeds: np.ndarray) -> np.ndarray:
         """Run a chunk (T, D) after the cached past; appends its keys/values; returns hidden states (T, D)."""
-        past = self.cache.length
-        n = embeds.shape[0]
-        if past + n > self.cache.max_seq:
-            raise SequenceTooLongError(f"{past + n} positions exceed the bundle's max_seq {self.cache.max_seq}; "
-                                       "re-export with a larger --max-seq or shorten the prompt")
+        past, n = self.cache.length, embeds.shape[0]
+        self.cache.check_room(n)        # before the call: a too-long chunk must not run at all
         feeds = {io.INPUTS_EMBEDS: embeds[None], io.POSITION_IDS: np.arange(past, past + n, dtype=np.int64)[None],
                  **self.cache.past_feeds()}
         out = self.decoder.run(feeds)

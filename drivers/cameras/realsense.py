@@ -4,6 +4,7 @@ pyrealsense2 is imported inside functions, so this module imports on a machine w
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ DEPTH_MODES: dict[tuple[int, int], tuple[int, ...]] = {
     (1280, 720): (6, 15, 30), (848, 480): (6, 15, 30, 60, 90), (640, 480): (6, 15, 30, 60, 90),
     (640, 360): (6, 15, 30, 60, 90), (480, 270): (6, 15, 30, 60, 90), (424, 240): (6, 15, 30, 60, 90),
 }
+
+# resume() is bounded by librealsense itself (its reader thread's 10 s flush timeout); this is our
+# bound on waiting for a background resume when disconnecting.
+RESUME_LIMIT_S = 15.0
 
 # Recorded color formats we turn into RGB: the buffer's channels that make R, G, B (None: as is).
 _COLOR_FORMATS: dict[str, list[int] | None] = {"rgb8": None, "bgr8": [2, 1, 0], "rgba8": [0, 1, 2], "bgra8": [2, 1, 0]}
@@ -114,6 +119,11 @@ class RealSenseCamera(Camera):
 
     The capture thread calls `try_wait_for_frames` with a short timeout; librealsense keeps one
     frameset waiting, so a reader that falls behind gets the newest and the gap is counted as drops.
+
+    A recording is always played once by librealsense and looped here (see `_replay`): the
+    pipeline's own repeat_playback restarts the recorded sensors one after another while its
+    reader already runs, so a pass can lose one stream's frames and, when that pass ends before
+    the restart is done, the playback stays stopped for good (no frame ever again).
     """
 
     def __init__(self, config: RealSenseConfig | RecordingConfig):
@@ -126,6 +136,12 @@ class RealSenseCamera(Camera):
         self._color_channels: list[int] | None = None
         self._last_color_number: int | None = None
         self._pair_tolerance_ms = 0.0
+        self._rs_config: Any = None
+        self._resumer: threading.Thread | None = None
+        self._resume_error: BaseException | None = None
+        # Set once resume() has returned: until then a stopped playback has not started, not ended.
+        self._playing = threading.Event()
+        self._pass_frames = 0                   # frames delivered since the recording last (re)started
         self.device_name = ""
         self.serial_number = ""
 
@@ -171,14 +187,19 @@ class RealSenseCamera(Camera):
             pipeline.stop()
             raise
         self._pipeline = pipeline
+        self._rs_config = rs_config
         self._last_color_number = None
+        self._pass_frames = 0
+        self._resume_error = None
+        self._playing.clear()
         return intrinsics
 
     def _select_recording(self, rs: Any, rs_config: Any) -> None:
         path = Path(self.config.path)
         if not path.is_file():
             raise CameraNotFoundError(f"recording {path} not found")
-        rs_config.enable_device_from_file(str(path), repeat_playback=self.config.repeat)
+        # Never librealsense's repeat: it can stop for good at the loop point; _replay loops instead.
+        rs_config.enable_device_from_file(str(path), repeat_playback=False)
 
     def _select_device(self, rs: Any, rs_config: Any) -> None:
         config: RealSenseConfig = self.config
@@ -240,6 +261,55 @@ class RealSenseCamera(Camera):
         # real-time pacing that reader waits for frames to be taken, by the capture thread.
         if self._playback is not None:
             self._playback.resume()
+            self._playing.set()
+
+    # -- looping a recording -----------------------------------------------------------------------
+    def _recording_ended(self) -> bool:
+        """Whether the playback has played the whole file (called after a read that got nothing)."""
+        if self._resume_error is not None:
+            raise CameraError(f"recording {self.config.path} of camera {self.name!r} could not be resumed "
+                              f"({self._resume_error})") from self._resume_error
+        return self._playing.is_set() and self._playback.current_status() == self._rs.playback_status.stopped
+
+    def _replay(self) -> None:
+        """Start the recording over, on the capture thread, as _open started it: paused until
+        both sensors run, then resumed while this thread takes the frames."""
+        if self._pass_frames == 0:
+            raise CameraError(f"recording {self.config.path} of camera {self.name!r} played through without one "
+                              f"color frame paired with depth; is it a RealSense recording of both streams?")
+        self._join_resumer()
+        self._pass_frames = 0
+        self._last_color_number = None      # the next pass numbers its frames from the start again
+        self._playing.clear()
+        self._pipeline.stop()
+        self._playback.pause()
+        try:
+            self._pipeline.start(self._rs_config)
+        except RuntimeError as exc:
+            self._pipeline = None           # stopped: nothing for _close to stop
+            raise CameraError(f"recording {self.config.path} of camera {self.name!r} could not be started "
+                              f"again ({_reason(exc)})") from exc
+        # resume() cannot run here: it can wait for frames to be taken, and this thread takes them.
+        self._resumer = threading.Thread(target=self._resume_in_background, name=f"camera-{self.name}-resume",
+                                         daemon=True)
+        self._resumer.start()
+
+    def _resume_in_background(self) -> None:
+        try:
+            self._playback.resume()
+        except RuntimeError as exc:      # handed to the capture thread by _recording_ended
+            self._resume_error = exc
+        finally:
+            self._playing.set()
+
+    def _join_resumer(self) -> None:
+        resumer, self._resumer = self._resumer, None
+        if resumer is None:
+            return
+        resumer.join(timeout=RESUME_LIMIT_S)
+        if resumer.is_alive():
+            raise CameraError(f"recording {self.config.path} of camera {self.name!r}: librealsense did not resume "
+                              f"its playback within {RESUME_LIMIT_S:.0f} s")
 
     # -- capture ---------------------------------------------------------------------------------
     def _read(self, timeout_s: float) -> RGBDFrame | None:
@@ -249,9 +319,10 @@ class RealSenseCamera(Camera):
             raise CameraError(f"RealSense {self.serial_number} of camera {self.name!r} failed ({exc}); "
                               f"was it unplugged?") from exc
         if not ok:
-            if (self._playback is not None and not self.config.repeat
-                    and self._playback.current_status() == self._rs.playback_status.stopped):
-                raise EndOfStream
+            if self._playback is not None and self._recording_ended():
+                if not self.config.repeat:
+                    raise EndOfStream
+                self._replay()
             return None
         received_s = time.monotonic()
         if self._align is not None:
@@ -266,9 +337,10 @@ class RealSenseCamera(Camera):
         if (color_frame.get_frame_timestamp_domain() == depth_frame.get_frame_timestamp_domain()
                 and abs(color_frame.get_timestamp() - depth_frame.get_timestamp()) > self._pair_tolerance_ms):
             # The pipeline completes a set with the last frame it holds of a stream that had none
-            # to match (after a dropped frame or a looping recording): that depth is of another time.
+            # to match (after a dropped frame): that depth is of another time.
             return None
         self._last_color_number = number
+        self._pass_frames += 1
         pixels = np.asanyarray(color_frame.get_data())
         # Both copy out of librealsense's frame pool: the frames go back to it when we return.
         color = pixels.copy() if self._color_channels is None else pixels[..., self._color_channels]
@@ -278,10 +350,13 @@ class RealSenseCamera(Camera):
                          frame_number=number)
 
     def _close(self) -> None:
-        pipeline, self._pipeline = self._pipeline, None
-        self._playback = None
-        if pipeline is not None:
-            pipeline.stop()
+        try:
+            self._join_resumer()        # stopping the pipeline under a running resume() is not safe
+        finally:
+            pipeline, self._pipeline = self._pipeline, None
+            self._playback = None
+            if pipeline is not None:
+                pipeline.stop()
 
     def _ended_message(self, frames: int) -> str:
         if self.is_recording:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeact.drivers.motors.bus import MotorBusError
-from edgeact.drivers.motors.serial_bus import MotorConfigError, SerialMotorsBus
+from edgeact.drivers.motors.serial_bus import SerialMotorsBus
+from edgeact.drivers.motors.serial_types import MotorConfigError
 
 log = logging.getLogger(__name__)
 

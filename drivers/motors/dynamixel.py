@@ -8,7 +8,8 @@ from typing import ClassVar
 from edgeact.drivers.motors.bus import MotorBusError, MotorProtocolError, MotorTimeoutError
 from edgeact.drivers.motors.dynamixel_table import (ALERT_BIT, BAUD_RATES, HARDWARE_ERROR_BITS, INSTRUCTION_ERRORS,
                                                     MODELS)
-from edgeact.drivers.motors.serial_bus import PacketCodec, SerialBusConfig, SerialMotorsBus, StatusPacket
+from edgeact.drivers.motors.serial_bus import SerialMotorsBus
+from edgeact.drivers.motors.serial_types import PacketCodec, SerialBusConfig, StatusPacket
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from edgeact.drivers.motors.serial_bus import ModelSpec, Register, table
+from edgeact.drivers.motors.serial_types import ModelSpec, Register, table
 
 # Baud rate -> value of the baud_rate register (address 8).
 BAUD_RATES = {9_600: 0, 57_600: 1, 115_200: 2, 1_000_000: 3, 2_000_000: 4, 3_000_000: 5, 4_000_000: 6, 4_500_000: 7}

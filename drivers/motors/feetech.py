@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from edgeact.drivers.motors.feetech_table import BAUD_RATES, ERROR_BITS, MODELS, STS_SMS_REGISTERS
-from edgeact.drivers.motors.serial_bus import (ModelSpec, PacketCodec, Register, SerialBusConfig, SerialMotorsBus,
-                                               StatusPacket)
+from edgeact.drivers.motors.serial_bus import SerialMotorsBus
+from edgeact.drivers.motors.serial_types import ModelSpec, PacketCodec, Register, SerialBusConfig, StatusPacket
 
 HEADER = b"\xff\xff"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from edgeact.drivers.motors.serial_bus import ModelSpec, Register, table
+from edgeact.drivers.motors.serial_types import ModelSpec, Register, table
 
 # Baud rate -> value of the baud_rate register (the STS/SMS memory table, address 6).
 BAUD_RATES = {1_000_000: 0, 500_000: 1, 250_000: 2, 128_000: 3, 115_200: 4, 76_800: 5, 57_600: 6, 38_400: 7}

@@ -1,203 +1,26 @@
-"""The serial MotorsBus shared by Feetech and Dynamixel: tables, port life, bounded exchanges, torque safety.
-
-A vendor module supplies a `PacketCodec` (framing, checksums), its model tables and a few hooks
-(how a ping yields a model number, how EEPROM is unlocked, what error bits mean). Retries,
-timeouts, error translation, sync read/write, torque safety and the raw<->rad mapping live
-here once. pyserial is imported only when a port is opened.
-"""
+"""SerialMotorsBus: one serial port, its bounded exchanges, registers by id, discovery and the bus's life."""
 from __future__ import annotations
 
 import abc
 import errno
-import importlib
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from edgeact.drivers.motors.bus import (Motor, MotorBusError, MotorCalibration, MotorHardwareError,
-                                        MotorProtocolError, MotorState, MotorsBus, MotorTimeoutError)
-from edgeact.runtime.errors import ConfigError
+                                        MotorProtocolError, MotorsBus, MotorTimeoutError)
+from edgeact.drivers.motors.serial_motion import SerialMotion
+from edgeact.drivers.motors.serial_types import (ModelSpec, MotorConfigError, MotorPortError, PacketCodec, Register,
+                                                 SerialBusConfig, StatusPacket, check_baud_rate)
+# This module used to hold the whole serial vocabulary; what was importable from it still is.
+from edgeact.drivers.motors.bus import MotorState  # noqa: F401
+from edgeact.drivers.motors.serial_types import SERIAL_PROTOCOLS, make_serial_bus, serial_bus_class, table  # noqa: F401
+from edgeact.runtime.errors import ConfigError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-# Short protocol name -> module exposing BUS_TYPE (imported on demand, so neither vendor loads the other).
-SERIAL_PROTOCOLS = {"feetech": "edgeact.drivers.motors.feetech", "dynamixel": "edgeact.drivers.motors.dynamixel"}
 READ_SLICE_S = 0.005   # pyserial read timeout: short, so an exchange's own deadline decides when to give up
-
-
-class MotorPortError(MotorBusError):
-    """The serial port cannot be opened, is busy, or vanished mid-run."""
-
-
-class MotorConfigError(MotorBusError, ConfigError):
-    """A bus or motor setting is invalid (bad baud rate, unknown model, duplicate id ...)."""
-
-
-# -- register tables ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Register:
-    """One entry of a control table; values are little-endian on both vendors' wires."""
-
-    address: int
-    size: int                       # bytes
-    eeprom: bool = False            # persisted: written with torque off (and Feetech's lock open)
-    read_only: bool = False
-    signed: bool = False            # two's complement (Dynamixel)
-    sign_bit: int | None = None     # sign-magnitude with this bit as the sign (Feetech)
-    name: str = ""
-
-    def encode(self, value: int) -> bytes:
-        value = int(value)
-        if self.sign_bit is not None:
-            if abs(value) >= 1 << self.sign_bit:
-                raise MotorBusError(f"value {value} does not fit register '{self.name}' (magnitude below {1 << self.sign_bit})")
-            raw = abs(value) | ((1 << self.sign_bit) if value < 0 else 0)
-        elif self.signed:
-            half = 1 << (8 * self.size - 1)
-            if not -half <= value < half:
-                raise MotorBusError(f"value {value} does not fit register '{self.name}' ([{-half}, {half - 1}])")
-            raw = value & ((1 << 8 * self.size) - 1)
-        else:
-            if not 0 <= value < 1 << 8 * self.size:
-                raise MotorBusError(f"value {value} does not fit register '{self.name}' ([0, {(1 << 8 * self.size) - 1}])")
-            raw = value
-        return raw.to_bytes(self.size, "little")
-
-    def decode(self, data: bytes) -> int:
-        raw = int.from_bytes(bytes(data[: self.size]), "little")
-        if self.sign_bit is not None:
-            magnitude = raw & ((1 << self.sign_bit) - 1)
-            return -magnitude if raw >> self.sign_bit & 1 else magnitude
-        if self.signed and raw >> (8 * self.size - 1):
-            return raw - (1 << 8 * self.size)
-        return raw
-
-
-def table(**registers: Register) -> dict[str, Register]:
-    """A control table keyed by register name (each Register learns its own name)."""
-    return {name: replace(reg, name=name) for name, reg in registers.items()}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    model_number: int
-    registers: dict[str, Register]
-    baud_rates: dict[int, int]          # baud rate -> value of the baud_rate register
-    operating_modes: dict[str, int]     # Motor.mode -> value of the operating_mode register
-    setup_defaults: dict[str, int]      # known-safe values `edgeact motors setup` writes
-    velocity_unit_rad_s: float          # one raw unit of present/goal velocity
-    max_velocity_raw: int               # goal velocity clamp (about the no-load speed)
-    resolution_ticks: int = 4096        # encoder ticks per turn
-
-    @property
-    def rad_per_tick(self) -> float:
-        return 2 * math.pi / self.resolution_ticks
-
-    def register(self, name: str) -> Register:
-        if name not in self.registers:
-            raise MotorBusError(f"{self.name} has no register '{name}'; known: {', '.join(sorted(self.registers))}")
-        return self.registers[name]
-
-    def baud_for_code(self, code: int) -> int:
-        for baud, value in self.baud_rates.items():
-            if value == code:
-                return baud
-        raise MotorBusError(f"{self.name}: baud_rate register value {code} unknown; known: {sorted(self.baud_rates.values())}")
-
-
-# -- packets -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StatusPacket:
-    motor_id: int
-    error: int
-    params: bytes
-    raw: bytes = b""                    # the whole frame as received (Dynamixel's fast sync read splits it)
-
-
-class PacketCodec(abc.ABC):
-    """One protocol's bytes: builds instruction packets and takes status packets out of a stream."""
-
-    name: ClassVar[str]
-    field_bytes: ClassVar[int]          # width of the address and length fields (Feetech 1, Dynamixel 2)
-    status_overhead: ClassVar[int]      # bytes of a status packet besides its params
-    ping_params_len: ClassVar[int]      # params of a ping's status packet
-    broadcast_id: ClassVar[int] = 0xFE
-    max_id: ClassVar[int] = 252
-    PING, READ, WRITE, REG_WRITE, ACTION, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x82, 0x83
-
-    @abc.abstractmethod
-    def packet(self, motor_id: int, instruction: int, params: bytes = b"") -> bytes: ...
-
-    @abc.abstractmethod
-    def take_status(self, buf: bytearray, max_params: int) -> tuple[StatusPacket | None, int]:
-        """Remove the first valid status packet (at most `max_params` params) from `buf`.
-
-        Returns it (None: more bytes are needed) and how many bytes were dropped as garbage,
-        bad headers or bad checksums on the way."""
-
-    def _field(self, value: int) -> bytes:
-        return int(value).to_bytes(self.field_bytes, "little")
-
-    def ping(self, motor_id: int) -> bytes:
-        return self.packet(motor_id, self.PING)
-
-    def read(self, motor_id: int, address: int, size: int) -> bytes:
-        return self.packet(motor_id, self.READ, self._field(address) + self._field(size))
-
-    def write(self, motor_id: int, address: int, data: bytes, instruction: int = WRITE) -> bytes:
-        return self.packet(motor_id, instruction, self._field(address) + bytes(data))
-
-    def sync_read(self, address: int, size: int, ids: list[int], instruction: int = SYNC_READ) -> bytes:
-        return self.packet(self.broadcast_id, instruction, self._field(address) + self._field(size) + bytes(ids))
-
-    def sync_write(self, address: int, size: int, data_by_id: dict[int, bytes]) -> bytes:
-        body = b"".join(bytes([motor_id]) + bytes(data) for motor_id, data in data_by_id.items())
-        return self.packet(self.broadcast_id, self.SYNC_WRITE, self._field(address) + self._field(size) + body)
-
-
-# -- config and registry ---------------------------------------------------------------
-@dataclass
-class SerialBusConfig:
-    port: str                           # e.g. /dev/ttyACM0, or a simulator's /dev/pts/N
-    baud_rate: int = 1_000_000
-    timeout_s: float = 0.05             # wait for a status packet beyond its transfer time
-    retries: int = 2                    # extra attempts after a timeout or a garbled reply
-
-    PROTOCOL: ClassVar[str] = ""
-    BAUD_RATES: ClassVar[tuple[int, ...]] = ()
-
-    def __post_init__(self):
-        if not isinstance(self.port, str) or not self.port:
-            raise MotorConfigError("port is empty; name the serial device, e.g. /dev/ttyACM0")
-        check_baud_rate(self.PROTOCOL, self.baud_rate, self.BAUD_RATES)
-        if not 0 < self.timeout_s <= 5.0:
-            raise MotorConfigError(f"timeout_s {self.timeout_s} out of range; use (0, 5] seconds (0.05 suits 1 Mbaud)")
-        if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
-            raise MotorConfigError(f"retries {self.retries} out of range; use an integer in [0, 10]")
-
-
-def check_baud_rate(protocol: str, baud_rate: int, supported: tuple[int, ...]) -> None:
-    if baud_rate not in supported:
-        raise MotorConfigError(f"baud rate {baud_rate} not supported by {protocol} motors; "
-                               f"use one of {', '.join(str(b) for b in supported)}")
-
-
-def serial_bus_class(protocol: str) -> type["SerialMotorsBus"]:
-    if protocol not in SERIAL_PROTOCOLS:
-        raise MotorConfigError(f"unknown serial protocol {protocol!r}; use one of {', '.join(SERIAL_PROTOCOLS)}")
-    return importlib.import_module(SERIAL_PROTOCOLS[protocol]).BUS_TYPE
-
-
-def make_serial_bus(protocol: str, port: str, motors: dict[str, Motor] | None = None,
-                    calibration: dict[str, MotorCalibration] | None = None,
-                    disable_torque_on_exit: bool = True, **options) -> "SerialMotorsBus":
-    """A bus by protocol name; `options` are fields of that protocol's config (baud_rate, timeout_s ...)."""
-    bus_type = serial_bus_class(protocol)
-    return bus_type(bus_type.CONFIG_TYPE(port=port, **options), motors or {}, calibration, disable_torque_on_exit)
 
 
 def _open_failure(port: str, exc: Exception) -> str:
@@ -213,12 +36,13 @@ def _open_failure(port: str, exc: Exception) -> str:
 
 
 # -- the bus ------------------------------------------------------------------------------
-class SerialMotorsBus(MotorsBus):
+class SerialMotorsBus(SerialMotion, MotorsBus):
     """Named motors on one serial port speaking one vendor protocol (see feetech.py, dynamixel.py).
 
     Every exchange is bounded: `config.timeout_s` per reply and `config.retries` extra attempts,
     then a MotorBusError subclass that names the motor and the fix. One lock serializes the
-    bus, so a watchdog thread (the mobile base's) may share it with the control loop.
+    bus, so a watchdog thread (the mobile base's) may share it with the control loop. A vendor
+    supplies the codec, model tables and hooks below; the named-motor calls come from SerialMotion.
     """
 
     CONFIG_TYPE: ClassVar[type[SerialBusConfig]]
@@ -468,70 +292,7 @@ class SerialMotorsBus(MotorsBus):
         if reg.name == "baud_rate":
             self.set_baud_rate(spec.baud_for_code(value))
 
-    # -- registers by name ---------------------------------------------------------------------
-    def read(self, register: str, motor: str) -> int:
-        m, spec = self._motor(motor)
-        return self.read_register(m.id, register, spec)
-
-    def write(self, register: str, motor: str, value: int) -> None:
-        m, spec = self._motor(motor)
-        self.write_register(m.id, register, value, spec)
-
-    def reg_write(self, register: str, motor: str, value: int) -> None:
-        """Stage a RAM write that takes effect at `action()`: many motors start at one instant."""
-        m, spec = self._motor(motor)
-        reg = self._ram_register(spec, register)
-        self._exchange(self.codec.write(m.id, reg.address, reg.encode(value), self.codec.REG_WRITE), [m.id], 0)
-
-    def action(self) -> None:
-        self._exchange(self.codec.packet(self.codec.broadcast_id, self.codec.ACTION), [], 0)
-
-    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
-        return self._sync_read_registers([register], self._names(motors))[register]
-
-    def sync_write(self, register: str, values: dict[str, int]) -> None:
-        data, layout = {}, None
-        for name, value in values.items():
-            motor, spec = self._motor(name)
-            layout = self._same_layout(layout, self._ram_register(spec, register))
-            data[motor.id] = layout.encode(value)
-        if data:
-            self._exchange(self.codec.sync_write(layout.address, layout.size, data), [], 0)
-
-    @staticmethod
-    def _ram_register(spec: ModelSpec, register: str) -> Register:
-        reg = spec.register(register)
-        if reg.read_only or reg.eeprom:
-            raise MotorBusError(f"register '{register}' is {'read-only' if reg.read_only else 'in EEPROM'}; "
-                                "write EEPROM one motor at a time with write() and torque off")
-        return reg
-
-    @staticmethod
-    def _same_layout(layout: Register | None, reg: Register) -> Register:
-        if layout is not None and (layout.address, layout.size) != (reg.address, reg.size):
-            raise MotorBusError(f"register '{reg.name}' sits at different addresses on this bus's models; "
-                                "access it motor by motor")
-        return reg
-
-    def _sync_read_registers(self, registers: list[str], names: list[str],
-                             check_errors: bool = True) -> dict[str, dict[str, int]]:
-        """Several registers of several motors in one transaction over the span that covers them."""
-        out: dict[str, dict[str, int]] = {r: {} for r in registers}
-        if not names:
-            return out
-        layouts: list[Register | None] = [None] * len(registers)
-        for name in names:
-            spec = self._motor(name)[1]
-            layouts = [self._same_layout(lay, spec.register(r)) for lay, r in zip(layouts, registers, strict=True)]
-        start = min(reg.address for reg in layouts)
-        size = max(reg.address + reg.size for reg in layouts) - start
-        ids = [self.motors[n].id for n in names]
-        raw = self._sync_read_bytes(start, size, ids, check_errors)
-        for name, motor_id in zip(names, ids, strict=True):
-            for reg in layouts:
-                out[reg.name][name] = reg.decode(raw[motor_id][reg.address - start:])
-        return out
-
+    # Under every named-motor sync read; Dynamixel overrides it with the fast sync read.
     def _sync_read_bytes(self, address: int, size: int, ids: list[int], check_errors: bool = True) -> dict[int, bytes]:
         replies = self._exchange(self.codec.sync_read(address, size, ids), ids, size, check_errors=check_errors)
         return {i: self._params_of(i, replies[i], size) for i in ids}
@@ -575,88 +336,6 @@ class SerialMotorsBus(MotorsBus):
             replies, bad = self._collect(None, self.codec.ping_params_len, time.monotonic() + window_s, {})
         return {motor_id: self._ping_reply_model(s) for motor_id, s in sorted(replies.items())}, bad
 
-    # -- torque and motion -------------------------------------------------------------------
-    def enable_torque(self, motors: list[str] | None = None) -> None:
-        names = self._names(motors)
-        with self._lock:
-            self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
-            self.sync_write("torque_enable", dict.fromkeys(names, 1))
-            self._expect_torque(names, True)
-
-    def disable_torque(self, motors: list[str] | None = None) -> None:
-        names = self._names(motors)
-        with self._lock:
-            self._stop_wheels(names)
-            self.sync_write("torque_enable", dict.fromkeys(names, 0))
-            self._expect_torque(names, False)
-            self._hold_in_place(names)  # no stale goal is left for the next enable
-
-    def _hold_in_place(self, names: list[str], check_errors: bool = True) -> None:
-        joints = [n for n in names if self.motors[n].mode == "position"]
-        if joints:
-            present = self._sync_read_registers(["present_position"], joints, check_errors)["present_position"]
-            self.sync_write("goal_position", present)
-        self._stop_wheels(names)
-
-    def _stop_wheels(self, names: list[str]) -> None:
-        self.sync_write("goal_velocity", {n: 0 for n in names if self.motors[n].mode == "velocity"})
-
-    def _expect_torque(self, names: list[str], on: bool, check_errors: bool = True) -> None:
-        got = self._sync_read_registers(["torque_enable"], names, check_errors)["torque_enable"]
-        wrong = [self.motors[n].id for n in names if bool(got[n]) != on]
-        if wrong:
-            raise MotorBusError(f"{self.describe_ids(wrong)} still {'without' if on else 'with'} torque after the "
-                                "write; check the motor's error state and power")
-
-    def read_state(self, motors: list[str] | None = None) -> MotorState:
-        names = self._names(motors)
-        raw = self._sync_read_registers(["present_position", "present_velocity"], names)
-        state = MotorState(timestamp_s=time.monotonic())
-        for name in names:
-            spec = self._motor(name)[1]
-            state.position_rad[name] = self._raw_to_rad(name, raw["present_position"][name])
-            state.velocity_rad_s[name] = self._sign(name) * raw["present_velocity"][name] * spec.velocity_unit_rad_s
-        return state
-
-    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
-        raws, sent = {}, {}
-        for name, rad in goal_position_rad.items():
-            motor, _ = self._motor(name)
-            if motor.mode != "position":
-                raise MotorBusError(f"motor '{name}' is a wheel (velocity mode); drive it with send_velocity")
-            if not math.isfinite(rad):
-                raise MotorBusError(f"goal for motor '{name}' is {rad}; refusing to send a non-finite position")
-            raws[name] = self._rad_to_raw(name, rad)
-            sent[name] = self._raw_to_rad(name, raws[name])
-        self.sync_write("goal_position", raws)
-        return sent
-
-    def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
-        """Wheel speeds in one transaction, clamped to each model's top speed; returns what was sent."""
-        raws, sent = {}, {}
-        for name, rad_s in goal_velocity_rad_s.items():
-            motor, spec = self._motor(name)
-            if motor.mode != "velocity":
-                raise MotorBusError(f"motor '{name}' is a joint (position mode); drive it with send")
-            if not math.isfinite(rad_s):
-                raise MotorBusError(f"velocity for motor '{name}' is {rad_s}; refusing to send it")
-            raw = round(self._sign(name) * rad_s / spec.velocity_unit_rad_s)
-            raws[name] = max(-spec.max_velocity_raw, min(spec.max_velocity_raw, raw))
-            sent[name] = self._sign(name) * raws[name] * spec.velocity_unit_rad_s
-        self.sync_write("goal_velocity", raws)
-        return sent
-
-    def _sign(self, name: str) -> float:
-        return -1.0 if self.calibration.get(name, MotorCalibration()).drive_mode else 1.0
-
-    def _raw_to_rad(self, name: str, raw: int) -> float:
-        cal = self.calibration.get(name, MotorCalibration())
-        return self._sign(name) * (raw - cal.homing_offset) * self._motor(name)[1].rad_per_tick
-
-    def _rad_to_raw(self, name: str, rad: float) -> int:
-        cal = self.calibration.get(name, MotorCalibration())
-        raw = round(cal.homing_offset + self._sign(name) * rad / self._motor(name)[1].rad_per_tick)
-        return min(max(raw, cal.range_min), cal.range_max)
 
     # -- life ----------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -713,30 +392,6 @@ class SerialMotorsBus(MotorsBus):
         if failures:
             raise MotorBusError(f"disconnected from {self.config.port}, but {'; '.join(failures)}; "
                                 "the motors may still hold torque: cut their power")
-
-    def _safe_stop(self) -> list[str]:
-        """Best effort on the way out: wheels to 0, torque off, goals to present. Returns what failed."""
-        names = list(self.motors)
-        try:
-            self._stop_wheels(names)
-            self.sync_write("torque_enable", dict.fromkeys(names, 0))   # broadcasts: no reply to lose
-            self._settle(names)
-            return []
-        except MotorPortError as exc:
-            return [f"the port vanished before torque could be turned off ({exc})"]
-        except MotorBusError:
-            pass  # a silent or garbled motor spoils the group read: go one by one so the others settle
-        failures = []
-        for name in names:
-            try:
-                self._settle([name])
-            except MotorBusError as exc:
-                failures.append(f"could not confirm torque off ({exc})")
-        return failures
-
-    def _settle(self, names: list[str]) -> None:
-        self._expect_torque(names, False, check_errors=False)
-        self._hold_in_place(names, check_errors=False)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

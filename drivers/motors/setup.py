@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgeact.drivers.motors.bus import MotorBusError, MotorProtocolError, MotorTimeoutError
-from edgeact.drivers.motors.serial_bus import (MotorConfigError, SerialMotorsBus, check_baud_rate, make_serial_bus,
-                                               serial_bus_class)
+from edgeact.drivers.motors.serial_bus import SerialMotorsBus
+from edgeact.drivers.motors.serial_types import MotorConfigError, check_baud_rate, make_serial_bus, serial_bus_class
 
 # After a broadcast ping, ROBOTIS' SDK (and LeRobot's Feetech driver after it) waits 3 ms per possible
 # id, as motors may answer one after another in id order. Whether they queue or collide, the search

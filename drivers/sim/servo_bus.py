@@ -21,7 +21,7 @@ import tty
 from dataclasses import dataclass
 
 from edgeact.drivers.motors import dynamixel_table, feetech_table
-from edgeact.drivers.motors.serial_bus import ModelSpec
+from edgeact.drivers.motors.serial_types import ModelSpec
 from edgeact.drivers.sim.servo_motor import SimServo
 from edgeact.drivers.sim.servo_wire import WIRES, Instruction, SimWire, collide
 

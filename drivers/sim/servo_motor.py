@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from edgeact.drivers.motors.serial_bus import ModelSpec, Register
+from edgeact.drivers.motors.serial_types import ModelSpec, Register
 
 
 class SimServo:

@@ -35,7 +35,8 @@ def start_sim():
     yield start
     for sim in started:
         sim.stop()
-    assert not [t.name for t in threading.enumerate() if t.name in SIM_THREADS], "a simulator or watchdog thread outlived its test"
+    leaked = [t.name for t in threading.enumerate() if t.name in SIM_THREADS]
+    assert not leaked, f"threads outlived their test: {leaked}"
     if started:
         assert len(os.listdir("/proc/self/fd")) <= fds_before, "a simulator or driver leaked file descriptors"
 

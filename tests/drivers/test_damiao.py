@@ -4,7 +4,6 @@ import random
 import struct
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -14,31 +13,11 @@ from edgeact.drivers.motors.can_bus import CanConfig, CanLink
 from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
 from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
 from edgeact.runtime.errors import ConfigError
+from tests.drivers.damiao_helpers import arm_motors, cfg, channel, sim  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
 DM4310 = dt.MODELS["dm4310"]
-
-
-def arm_motors():
-    return {"shoulder": Motor(0x01, "dm4310"), "elbow": Motor(0x02, "dm4340")}
-
-
-def cfg(channel, **kw):
-    # generous per-try timeout: the sim thread shares two loaded cores; a real motor answers in < 1 ms
-    return DamiaoBusConfig(interface="virtual", channel=channel, **{"timeout_s": 0.2, **kw})
-
-
-@pytest.fixture
-def channel():
-    return f"dm-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def sim(channel):
-    with DamiaoSim(channel, [SimDamiaoMotor(0x01, "dm4310"), SimDamiaoMotor(0x02, "dm4340")]) as s:
-        yield s
-    assert s.handler_errors == []
 
 
 def wait_until(predicate, timeout_s=10.0):

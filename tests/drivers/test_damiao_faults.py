@@ -1,35 +1,14 @@
 """Damiao driver under faults: error states, a motor that stops answering, garbage frames, Ctrl-C."""
 import time
-import uuid
 
 import can
 import pytest
 
-from edgeact.drivers.motors.bus import Motor, MotorBusError, MotorHardwareError, MotorTimeoutError
-from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
-from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
+from edgeact.drivers.motors.bus import MotorBusError, MotorHardwareError, MotorTimeoutError
+from edgeact.drivers.motors.damiao import DamiaoBus
+from tests.drivers.damiao_helpers import arm_motors, cfg, channel, sim  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def arm_motors():
-    return {"shoulder": Motor(0x01, "dm4310"), "elbow": Motor(0x02, "dm4340")}
-
-
-def cfg(channel, **kw):
-    return DamiaoBusConfig(interface="virtual", channel=channel, **{"timeout_s": 0.2, **kw})
-
-
-@pytest.fixture
-def channel():
-    return f"dmf-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def sim(channel):
-    with DamiaoSim(channel, [SimDamiaoMotor(0x01, "dm4310"), SimDamiaoMotor(0x02, "dm4340")]) as s:
-        yield s
-    assert s.handler_errors == []
 
 
 @pytest.mark.parametrize("code, words", [

@@ -156,20 +156,36 @@ def test_latest_is_the_newest_frame_and_the_end_of_a_recording_is_reported(numbe
         camera.disconnect()
 
 
-def test_a_repeating_recording_loops_without_counting_drops(numbered_recording):
-    camera = RecordingConfig(path=str(numbered_recording), real_time=False, repeat=True).make_camera()
+def _play_repeating(path, frame_count: int) -> tuple[RealSenseCamera, list]:
+    """The first `frame_count` frames of a looping, non-real-time playback, in the order they arrived."""
+    camera = RecordingConfig(path=str(path), real_time=False, repeat=True).make_camera()
     frames = []
     camera.add_listener(frames.append)
     with camera:
         for _ in range(1000):
-            if len(frames) >= 25:
+            if len(frames) >= frame_count:
                 break
             camera.next_frame(timeout_s=10)
-    assert len(frames) >= 25 and camera.restarts >= 2
-    assert camera.frames_dropped == 0
+    return camera, frames[:frame_count]
+
+
+def test_a_repeating_recording_loops_without_counting_drops(numbered_recording):
+    camera, frames = _play_repeating(numbered_recording, 25)
+    # Every pass plays every frame: the loop loses none of either stream.
+    assert [f.frame_number for f in frames] == (list(range(10)) * 3)[:25]
+    assert camera.restarts >= 2 and camera.frames_dropped == 0
     for frame in frames:
         assert frame.color[0, 0, 0] == frame.frame_number
         assert frame.depth_m[0, 0] == pytest.approx(1.0 + frame.frame_number / 1000, abs=6e-4)
+
+
+def test_a_one_frame_recording_repeats_its_frame(tmp_path):
+    # Each pass repeats frame number 0: a new pass, not the pipeline re-sending its last frame.
+    path = tmp_path / "still.db3"
+    write_recording(path, _numbered_frames(1), COLOR_INTRINSICS, fps=FPS)
+    camera, frames = _play_repeating(path, 6)
+    assert len(frames) == 6 and camera.restarts >= 5 and camera.frames_dropped == 0
+    assert all(f.frame_number == 0 and f.color[0, 0, 0] == 0 for f in frames)
 
 
 def test_real_time_playback_keeps_the_recorded_pace(tmp_path):

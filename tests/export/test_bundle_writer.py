@@ -172,3 +172,16 @@ def test_symlinks_are_refused_and_nothing_is_published(tmp_path):
             w.add_onnx("decoder", tiny_decoder_onnx(), precision="fp16", dim_ranges=DECODER_RANGES)
             w.path_for("extra/link.bin").symlink_to(outside)
     assert not (tmp_path / "b").exists() and _hidden_siblings(tmp_path) == []
+
+
+def test_published_bundle_is_readable_by_other_users(tmp_path):
+    """The temporary directory is owner-only; a bundle flashed to a robot is run by a service user."""
+    import os
+    import stat
+
+    out = write_tiny_bundle(tmp_path / "b")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *out.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, path

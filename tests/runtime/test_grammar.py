@@ -25,16 +25,6 @@ DESIGN_ANSWER = (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def layout(tok):
-    return TokenLayout.from_tokenizer(tok)
-
-
-@pytest.fixture(scope="module")
 def grammar(tok, layout):
     return AnswerGrammar(tok, layout)
 

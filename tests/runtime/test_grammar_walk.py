@@ -2,22 +2,10 @@
 import numpy as np
 import pytest
 
-from edgeact.export.tokenizer_build import build_tokenizer
 from edgeact.runtime.answer import Answer
 from edgeact.runtime.errors import GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.grammar_walk import Choice, Forced, MaskedGreedyConstraint, answer_steps
-from edgeact.runtime.token_layout import TokenLayout
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def layout(tok):
-    return TokenLayout.from_tokenizer(tok)
 
 
 def walk(grammar, pick, **force):

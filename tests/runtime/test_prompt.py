@@ -2,12 +2,10 @@
 import numpy as np
 import pytest
 
-from edgeact.export.tokenizer_build import build_tokenizer
 from edgeact.runtime.arm_config import AdapterConfig, ArmConfig, LlmConfig, VitConfig
 from edgeact.runtime.errors import EdgeactError
 from edgeact.runtime.preprocess import ImageInputs, ImagePreprocessor, concat_image_inputs
 from edgeact.runtime.prompt import build_prompt_ids, chat_text, image_token_ids, molmoact_prompt
-from edgeact.runtime.token_layout import TokenLayout
 
 EXPECTED_PROMPT = (
     "The task is pick up the red block. What is the action that the robot should take. To figure out the "
@@ -17,16 +15,6 @@ EXPECTED_PROMPT = (
     "along with other images from different camera views as additional information, what is the action that the "
     "robot should take?"
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def layout(tok):
-    return TokenLayout.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

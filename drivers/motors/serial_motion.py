@@ -1,0 +1,189 @@
+"""Named-motor half of SerialMotorsBus: registers by name, torque, state, goals, raw<->rad and the safe stop."""
+from __future__ import annotations
+
+import math
+import time
+
+from edgeact.drivers.motors.bus import MotorBusError, MotorCalibration, MotorState
+from edgeact.drivers.motors.serial_types import ModelSpec, MotorPortError, Register
+
+
+class SerialMotion:
+    """The MotorsBus calls on the config's named motors; a mixin of SerialMotorsBus, useless alone.
+
+    Every byte goes through the host bus's bounded exchanges (`_exchange`, `_sync_read_bytes`) and
+    id-level register access (`read_register`, `write_register`) under its lock, and names resolve
+    through its `_motor` / `_names`, so the port, its retries and its errors live in one place.
+    """
+
+    # -- registers by name ---------------------------------------------------------------------
+    def read(self, register: str, motor: str) -> int:
+        m, spec = self._motor(motor)
+        return self.read_register(m.id, register, spec)
+
+    def write(self, register: str, motor: str, value: int) -> None:
+        m, spec = self._motor(motor)
+        self.write_register(m.id, register, value, spec)
+
+    def reg_write(self, register: str, motor: str, value: int) -> None:
+        """Stage a RAM write that takes effect at `action()`: many motors start at one instant."""
+        m, spec = self._motor(motor)
+        reg = self._ram_register(spec, register)
+        self._exchange(self.codec.write(m.id, reg.address, reg.encode(value), self.codec.REG_WRITE), [m.id], 0)
+
+    def action(self) -> None:
+        self._exchange(self.codec.packet(self.codec.broadcast_id, self.codec.ACTION), [], 0)
+
+    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
+        return self._sync_read_registers([register], self._names(motors))[register]
+
+    def sync_write(self, register: str, values: dict[str, int]) -> None:
+        data, layout = {}, None
+        for name, value in values.items():
+            motor, spec = self._motor(name)
+            layout = self._same_layout(layout, self._ram_register(spec, register))
+            data[motor.id] = layout.encode(value)
+        if data:
+            self._exchange(self.codec.sync_write(layout.address, layout.size, data), [], 0)
+
+    @staticmethod
+    def _ram_register(spec: ModelSpec, register: str) -> Register:
+        reg = spec.register(register)
+        if reg.read_only or reg.eeprom:
+            raise MotorBusError(f"register '{register}' is {'read-only' if reg.read_only else 'in EEPROM'}; "
+                                "write EEPROM one motor at a time with write() and torque off")
+        return reg
+
+    @staticmethod
+    def _same_layout(layout: Register | None, reg: Register) -> Register:
+        if layout is not None and (layout.address, layout.size) != (reg.address, reg.size):
+            raise MotorBusError(f"register '{reg.name}' sits at different addresses on this bus's models; "
+                                "access it motor by motor")
+        return reg
+
+    def _sync_read_registers(self, registers: list[str], names: list[str],
+                             check_errors: bool = True) -> dict[str, dict[str, int]]:
+        """Several registers of several motors in one transaction over the span that covers them."""
+        out: dict[str, dict[str, int]] = {r: {} for r in registers}
+        if not names:
+            return out
+        layouts: list[Register | None] = [None] * len(registers)
+        for name in names:
+            spec = self._motor(name)[1]
+            layouts = [self._same_layout(lay, spec.register(r)) for lay, r in zip(layouts, registers, strict=True)]
+        start = min(reg.address for reg in layouts)
+        size = max(reg.address + reg.size for reg in layouts) - start
+        ids = [self.motors[n].id for n in names]
+        raw = self._sync_read_bytes(start, size, ids, check_errors)
+        for name, motor_id in zip(names, ids, strict=True):
+            for reg in layouts:
+                out[reg.name][name] = reg.decode(raw[motor_id][reg.address - start:])
+        return out
+
+    # -- torque and motion -------------------------------------------------------------------
+    def enable_torque(self, motors: list[str] | None = None) -> None:
+        names = self._names(motors)
+        with self._lock:
+            self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
+            self.sync_write("torque_enable", dict.fromkeys(names, 1))
+            self._expect_torque(names, True)
+
+    def disable_torque(self, motors: list[str] | None = None) -> None:
+        names = self._names(motors)
+        with self._lock:
+            self._stop_wheels(names)
+            self.sync_write("torque_enable", dict.fromkeys(names, 0))
+            self._expect_torque(names, False)
+            self._hold_in_place(names)  # no stale goal is left for the next enable
+
+    def _hold_in_place(self, names: list[str], check_errors: bool = True) -> None:
+        joints = [n for n in names if self.motors[n].mode == "position"]
+        if joints:
+            present = self._sync_read_registers(["present_position"], joints, check_errors)["present_position"]
+            self.sync_write("goal_position", present)
+        self._stop_wheels(names)
+
+    def _stop_wheels(self, names: list[str]) -> None:
+        self.sync_write("goal_velocity", {n: 0 for n in names if self.motors[n].mode == "velocity"})
+
+    def _expect_torque(self, names: list[str], on: bool, check_errors: bool = True) -> None:
+        got = self._sync_read_registers(["torque_enable"], names, check_errors)["torque_enable"]
+        wrong = [self.motors[n].id for n in names if bool(got[n]) != on]
+        if wrong:
+            raise MotorBusError(f"{self.describe_ids(wrong)} still {'without' if on else 'with'} torque after the "
+                                "write; check the motor's error state and power")
+
+    def read_state(self, motors: list[str] | None = None) -> MotorState:
+        names = self._names(motors)
+        raw = self._sync_read_registers(["present_position", "present_velocity"], names)
+        state = MotorState(timestamp_s=time.monotonic())
+        for name in names:
+            spec = self._motor(name)[1]
+            state.position_rad[name] = self._raw_to_rad(name, raw["present_position"][name])
+            state.velocity_rad_s[name] = self._sign(name) * raw["present_velocity"][name] * spec.velocity_unit_rad_s
+        return state
+
+    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
+        raws, sent = {}, {}
+        for name, rad in goal_position_rad.items():
+            motor, _ = self._motor(name)
+            if motor.mode != "position":
+                raise MotorBusError(f"motor '{name}' is a wheel (velocity mode); drive it with send_velocity")
+            if not math.isfinite(rad):
+                raise MotorBusError(f"goal for motor '{name}' is {rad}; refusing to send a non-finite position")
+            raws[name] = self._rad_to_raw(name, rad)
+            sent[name] = self._raw_to_rad(name, raws[name])
+        self.sync_write("goal_position", raws)
+        return sent
+
+    def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
+        """Wheel speeds in one transaction, clamped to each model's top speed; returns what was sent."""
+        raws, sent = {}, {}
+        for name, rad_s in goal_velocity_rad_s.items():
+            motor, spec = self._motor(name)
+            if motor.mode != "velocity":
+                raise MotorBusError(f"motor '{name}' is a joint (position mode); drive it with send")
+            if not math.isfinite(rad_s):
+                raise MotorBusError(f"velocity for motor '{name}' is {rad_s}; refusing to send it")
+            raw = round(self._sign(name) * rad_s / spec.velocity_unit_rad_s)
+            raws[name] = max(-spec.max_velocity_raw, min(spec.max_velocity_raw, raw))
+            sent[name] = self._sign(name) * raws[name] * spec.velocity_unit_rad_s
+        self.sync_write("goal_velocity", raws)
+        return sent
+
+    def _sign(self, name: str) -> float:
+        return -1.0 if self.calibration.get(name, MotorCalibration()).drive_mode else 1.0
+
+    def _raw_to_rad(self, name: str, raw: int) -> float:
+        cal = self.calibration.get(name, MotorCalibration())
+        return self._sign(name) * (raw - cal.homing_offset) * self._motor(name)[1].rad_per_tick
+
+    def _rad_to_raw(self, name: str, rad: float) -> int:
+        cal = self.calibration.get(name, MotorCalibration())
+        raw = round(cal.homing_offset + self._sign(name) * rad / self._motor(name)[1].rad_per_tick)
+        return min(max(raw, cal.range_min), cal.range_max)
+
+    # -- the safe stop (disconnect turns torque off through it) -------------------------------
+    def _safe_stop(self) -> list[str]:
+        """Best effort on the way out: wheels to 0, torque off, goals to present. Returns what failed."""
+        names = list(self.motors)
+        try:
+            self._stop_wheels(names)
+            self.sync_write("torque_enable", dict.fromkeys(names, 0))   # broadcasts: no reply to lose
+            self._settle(names)
+            return []
+        except MotorPortError as exc:
+            return [f"the port vanished before torque could be turned off ({exc})"]
+        except MotorBusError:
+            pass  # a silent or garbled motor spoils the group read: go one by one so the others settle
+        failures = []
+        for name in names:
+            try:
+                self._settle([name])
+            except MotorBusError as exc:
+                failures.append(f"could not confirm torque off ({exc})")
+        return failures
+
+    def _settle(self, names: list[str]) -> None:
+        self._expect_torque(names, False, check_errors=False)
+        self._hold_in_place(names, check_errors=False)

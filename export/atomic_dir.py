@@ -1,0 +1,59 @@
+"""Write a directory atomically: fill a hidden sibling, then rename it into place (checkpoints, bundles)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edgeact.runtime.bundle import PARTIAL_INFIX  # the loader recognises interrupted writes by it
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """A new empty hidden sibling of `out_dir` on the same file system (so the final rename is atomic)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL_INFIX}", dir=out_dir.parent))
+
+
+def set_usual_permissions(root: Path) -> None:
+    """mkdtemp (and some libraries' temporary files) make owner-only entries; give the umask's usual modes,
+    so a checkpoint or bundle copied onto a robot is readable by the service user that runs it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory below `root`, so a power cut after publishing loses nothing."""
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            fsync_path(path)
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` onto `out_dir`. An existing `out_dir` is moved aside first and removed
+    only after the rename succeeded; if the rename fails it is put back."""
+    set_usual_permissions(tmp)
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "previous")
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old / "previous", out_dir)
+            raise
+        shutil.rmtree(old)
+    else:
+        # rename() onto a directory that appeared meanwhile fails (ENOTEMPTY) rather than mixing two writes.
+        os.rename(tmp, out_dir)
+    fsync_path(out_dir.parent)

@@ -1,0 +1,95 @@
+"""`edgeact bench-quant`: one checkpoint or bundle quantized every way, compared side by side with its fp32 bundle.
+
+From a checkpoint the fp32 bundle is exported first (reused when the work directory already
+holds one exported from the same config); then one calibration set (reused likewise) serves
+the int8 and fp8 recipes, int4 needs none, and every bundle decodes the same held-out frames
+in one report run, so the decode speeds compare on one machine at one time. FP8 is built for
+a target with SM >= 8.9 (Thor by default): Orin has no FP8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeact.runtime.errors import ConfigError
+
+BENCH_RECIPES = ("int8", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    precisions: tuple[str, ...] = BENCH_RECIPES
+    fp8_target: str = "thor"
+    calibration_samples: int = 8
+    report_frames: int = 4
+    seed: int = 0
+    threads: int | None = None
+    smoothquant_alpha: float | None = None
+    int4_block_size: int = 128
+    max_seq: int | None = None                   # export: decoder positions (default the config's)
+    fresh: bool = False                          # re-export and re-calibrate even when the work dir has them
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.precisions if p not in BENCH_RECIPES]
+        if unknown or not self.precisions:
+            raise ConfigError(f"precisions {unknown or '(none)'}: bench some of {', '.join(BENCH_RECIPES)}")
+        from edgeact.export.trt_targets import check_precision
+
+        if "fp8" in self.precisions:
+            check_precision(self.fp8_target, "fp8")
+
+
+def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchOptions = BenchOptions(),
+                       on_step: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Rows (fp32 first) of the side-by-side report; bundles are left in work_dir for inspection."""
+    from edgeact.calibration.calibration_build import build_calibration_set
+    from edgeact.export.quant_options import QuantizeOptions
+    from edgeact.export.quant_report import compare_bundles
+    from edgeact.export.quantize import quantize_bundle
+
+    step = on_step or (lambda name: None)
+    work = Path(work_dir).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = _fp32_bundle(Path(source).absolute(), work / "fp32", options)
+    step("fp32 bundle")
+    calib_dir = work / "calibration"
+    if not (calib_dir / "manifest.json").is_file() or options.fresh:
+        build_calibration_set(fp32, calib_dir, options.calibration_samples, options.seed,
+                              threads=options.threads, overwrite=True)
+    step("calibration set")
+    outputs = []
+    for precision in options.precisions:
+        quant = QuantizeOptions(
+            precision, target=options.fp8_target if precision == "fp8" else None,
+            smoothquant_alpha=options.smoothquant_alpha if precision == "int8" else None,
+            block_size=options.int4_block_size)
+        out = work / precision
+        quantize_bundle(fp32, out, quant, calib_dir, overwrite=True, report_frames=0, seed=options.seed,
+                        threads=options.threads)
+        outputs.append(out)
+        step(f"{precision} bundle")
+    rows = compare_bundles(fp32, outputs, n_frames=options.report_frames, seed=options.seed, threads=options.threads)
+    step("report")
+    return rows
+
+
+def _fp32_bundle(source: Path, out: Path, options: BenchOptions) -> Path:
+    """The source itself if it is a bundle; else the checkpoint exported to `out` (reused when it matches)."""
+    from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, read_manifest, sha256_file
+
+    if (source / MANIFEST_NAME).is_file():
+        bundle = load_bundle(source, verify_checksums=False)
+        if any(s.precision != "fp32" for s in bundle.manifest.stages.values()):
+            raise ConfigError(f"{source}: not an fp32 bundle; bench from the checkpoint or the bundle `edgeact export` wrote")
+        return source
+    config = source / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{source}: neither a bundle nor a checkpoint (no {MANIFEST_NAME} or config.json)")
+    if (out / MANIFEST_NAME).is_file() and not options.fresh:
+        if read_manifest(out).model.source_config_sha256 == sha256_file(config):
+            return out
+    from edgeact.export.bundle_export import ExportOptions, export_bundle
+
+    return export_bundle(source, out, ExportOptions(max_seq=options.max_seq), overwrite=True)

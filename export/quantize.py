@@ -1,0 +1,201 @@
+"""`edgeact quantize`: a new bundle whose stages are quantized by a recipe (int8, fp8, int4); the source bundle is only read.
+
+The new bundle is the source copied file by file (checksums checked while copying), the chosen
+stages replaced by their quantized graphs, and the manifest's `quantization` saying what was
+done: recipe, every option, per-stage notes (Q/DQ format, nodes quantized, calibration) and
+the report comparing it with the source (export/quant_report.py). Each quantized graph is
+loaded and run in onnxruntime on the CPU before the bundle is published.
+
+Backends. onnxruntime.quantization (with this package's own FP8 writer) is the default: it is
+a dependency already, runs on any CPU, and its Q/DQ placement -- int8/fp8 weights stored
+quantized, one Q/DQ pair on each linear layer's input, nothing on GEMM outputs, norms,
+residual adds or attention products -- is the explicit-quantization pattern TensorRT fuses
+into INT8/FP8 GEMMs: TensorRT decides what runs in low precision from where the Q/DQ nodes
+sit, not from a flag. NVIDIA ModelOpt (`--backend modelopt`, modelopt.onnx.quantization,
+export/quant_modelopt.py) is an option where installed, not a dependency: 0.47.0 pins
+onnxruntime-gpu 1.24, onnx 1.21 and cupy-cuda12x, which would replace this project's CPU
+onnxruntime 1.32 and onnx 1.23. Tried in a separate environment with those swapped back for
+the CPU onnxruntime 1.32: int8, fp8 and int4 (rtn_dq) all run on the CPU with
+calibration_eps=['cpu'] and load at onnxruntime's default optimization level; it also puts
+Q/DQ on the attention products (TensorRT's fused-attention rules), keeps int8/fp8 weights
+in float behind a Q->DQ pair (TensorRT folds them at build; the ONNX file grows), and was
+reported to write wrong int4 AWQ block scales for transposed Gemm weights (ours are MatMul).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet
+from edgeact.export.quant_options import QuantizeOptions
+from edgeact.runtime.bundle import Bundle, load_bundle
+from edgeact.runtime.errors import BundleError
+
+DEFAULT_CALIBRATION_SAMPLES = 8
+QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "publish bundle", "report")
+
+
+def _recipes() -> dict[str, Callable[..., dict[str, Any]]]:
+    from edgeact.export.quant_fp8 import quantize_fp8
+    from edgeact.export.quant_int4 import quantize_int4
+    from edgeact.export.quant_int8 import quantize_int8
+
+    return {"int8": quantize_int8, "fp8": quantize_fp8, "int4": quantize_int4}
+
+
+def recipe_name(options: QuantizeOptions) -> str:
+    if options.backend == "modelopt":
+        return f"modelopt-{options.precision}"
+    if options.precision == "int8":
+        return "int8-smoothquant-qdq" if options.smoothquant_alpha is not None else "int8-qdq"
+    if options.precision == "fp8":
+        return "fp8-e4m3-qdq"
+    return f"int4-rtn-{options.resolved_int4_format()}"
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out: Path
+    recipe: str
+    stage_notes: dict[str, dict[str, Any]]
+    report: list[dict[str, Any]]
+    verification: str | None = None     # "passed" / "failed" when verified against the checkpoint, else None
+
+
+def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
+                    calibration: str | Path | CalibrationSet | None = None, *, overwrite: bool = False,
+                    report_frames: int = 4, seed: int = 0, threads: int | None = None, verify: bool = False,
+                    on_step: Callable[[str], None] | None = None) -> QuantizeResult:
+    """Quantize `options.stages` of bundle `src` into a new bundle at `out` (atomic); returns what was done.
+
+    calibration: a calibration set (or its directory); None builds DEFAULT_CALIBRATION_SAMPLES
+    synthetic-camera samples answered by `src` itself (int4 needs none). report_frames: held-out
+    frames the report decodes with both bundles (0: no report). verify: run `edgeact verify`'s
+    comparison with the source checkpoint (if the manifest's checkpoint exists) and record the verdict.
+    """
+    from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
+    from edgeact.export.quant_decode import OrtBundle
+    from edgeact.export.quant_report import compare_bundles
+
+    step = on_step or (lambda name: None)
+    src, out = Path(src).absolute(), Path(out).absolute()
+    if src == out:
+        raise BundleError(f"{out}: the quantized bundle must go to a new directory; the source bundle is never modified")
+    source = load_bundle(src)
+    _check_source(source, options)
+    BundleWriter(out, overwrite=overwrite)                  # refuse an existing --out before the long work
+    fp32 = OrtBundle(source, threads=threads)
+    calib, calib_info = _calibration(source, calibration, options, seed, threads)
+    step(QUANTIZE_STEPS[0])
+
+    stage_notes: dict[str, dict[str, Any]] = {}
+    arrays = [n for n in source.manifest.weights if options.arrays_dtype == "float16"]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.quant-") as scratch, \
+            BundleWriter(out, overwrite=overwrite) as writer:
+        manifest = copy_bundle(src, writer, skip_stages=options.stages, skip_weights=arrays)
+        for name in options.stages:
+            stage_notes[name] = _quantize_stage(source, fp32, calib, name, options, Path(scratch) / name, writer,
+                                                manifest.stages[name], seed, threads)
+        step(QUANTIZE_STEPS[1])
+        step(QUANTIZE_STEPS[2])
+        for name in arrays:
+            writer.add_array(name, source.weight(name).astype("float16"), rel=manifest.weights[name].file)
+        recipe = recipe_name(options)
+        writer.set_quantization(recipe, {**options.to_dict(), "calibration": calib_info, "stages": stage_notes})
+    step(QUANTIZE_STEPS[3])
+
+    rows: list[dict[str, Any]] = []
+    if report_frames > 0:
+        rows = compare_bundles(src, [out], n_frames=report_frames, seed=seed, threads=threads)
+
+        def set_report(m):
+            m.quantization = dataclasses.replace(m.quantization, report=rows)
+
+        update_manifest(out, set_report)
+    step(QUANTIZE_STEPS[4])
+    verdict = None
+    if verify and Path(source.manifest.model.source_checkpoint or "/nonexistent").is_dir():
+        from edgeact.export.verify import verify_bundle
+
+        verdict = verify_bundle(out, threads=threads).status
+    return QuantizeResult(out, recipe, stage_notes, rows, verdict)
+
+
+def _check_source(source: Bundle, options: QuantizeOptions) -> None:
+    for name in options.stages:
+        spec = source.stage(name)
+        if spec.precision not in ("fp32", "fp16", "bf16"):
+            raise BundleError(f"{source.root}: stage {name!r} is already {spec.precision}; quantize from the fp32 "
+                              f"bundle `edgeact export` wrote (quantization is not stacked)")
+
+
+def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: int, threads: int | None
+                 ) -> tuple[CalibrationSet | None, dict[str, Any]]:
+    if options.precision == "int4" and options.backend == "onnxruntime":
+        return None, {"used": False, "why": "int4 RTN is weight-only: no activation statistics"}
+    if calibration is None:
+        from edgeact.calibration.calibration_build import build_calibration_set
+
+        calib = build_calibration_set(source.root, None, DEFAULT_CALIBRATION_SAMPLES, seed, threads=threads)
+        where = f"built on the fly: {DEFAULT_CALIBRATION_SAMPLES} synthetic-camera samples, seed {seed}"
+    else:
+        calib = calibration if isinstance(calibration, CalibrationSet) else CalibrationSet.load(calibration)
+        where = str(calibration) if not isinstance(calibration, CalibrationSet) else "in memory"
+    cfg = source.config
+    try:
+        calib.check_model(source.manifest.model.source_config_sha256, cfg.vit_config.patch_dim,
+                          source.weight("embedding").shape[0])
+    except CalibrationError as exc:
+        raise CalibrationError(f"{where}: {exc}") from None
+    return calib, {"used": True, "source": where, "samples": len(calib), "seed": calib.seed,
+                   "frames": calib.frames_source, "answered_by": calib.model, "decode_steps": options.decode_steps}
+
+
+def _quantize_stage(source: Bundle, fp32, calib, name: str, options: QuantizeOptions, work: Path, writer,
+                    spec, seed: int, threads: int | None) -> dict[str, Any]:
+    import onnx
+
+    from edgeact.export.quant_feeds import stage_feeds
+
+    local = _copy_stage(source.stage_path(name), work, tuple(source.path(e) for e in spec.external_data))
+    feeds = stage_feeds(fp32, calib, name, options.decode_steps, seed) if calib is not None else (lambda: iter(()))
+    dst = work / "quantized.onnx"
+    if options.backend == "modelopt":
+        from edgeact.export.quant_modelopt import quantize_modelopt
+
+        notes = quantize_modelopt(local, dst, feeds, options, work, threads)
+    else:
+        notes = _recipes()[options.precision](local, dst, feeds, options, work, threads)
+    _check_runs(dst, name, feeds, calib is not None)
+    proto = onnx.load(str(dst))
+    big = sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)
+    writer.add_onnx(name, proto, precision=options.precision, dim_ranges=spec.dim_ranges, profiles=spec.profiles,
+                    inputs=spec.inputs, outputs=spec.outputs, external_data=bool(spec.external_data) or big, doc=spec.doc)
+    return notes
+
+
+def _copy_stage(src: Path, dst_dir: Path, external: tuple[Path, ...] = ()) -> Path:
+    """A private copy of a source stage (and its external data) to quantize: the source bundle is only read."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for path in (src, *external):
+        shutil.copyfile(path, dst_dir / path.name)
+    return dst_dir / src.name
+
+
+def _check_runs(path: Path, stage: str, feeds, have_feeds: bool) -> None:
+    """Load and run the quantized graph on the CPU (at onnxruntime's default graph optimizations, as the runtime does)."""
+    from edgeact.export.quant_decode import make_session
+
+    try:
+        session = make_session(path, threads=1)
+        if have_feeds:
+            names = {i.name for i in session.get_inputs()}
+            session.run(None, {k: v for k, v in next(feeds()).items() if k in names})
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+        raise BundleError(f"the quantized {stage} stage does not run in onnxruntime on the CPU "
+                          f"({str(exc).splitlines()[0][:300]}); try another recipe or --exclude-nodes for the "
+                          "failing nodes") from None

@@ -1,0 +1,193 @@
+"""The bundle-backed policy: camera frame + instruction -> preprocess -> vision -> decode program -> Plan (no torch).
+
+Usable on its own (`BundlePolicy(path).infer(rgb, instruction)`) or from the loop as policy
+type "bundle". Two ways to skip decoding work, both token-identical to what the model would
+do under the same constraints:
+
+- forced depth: the 100 depth codes come from the caller instead of 100 decoder steps:
+  fixed codes, a depth tokenizer (a callable depth_m -> codes), or "sensor": the bundle's own
+  `depth_tokenizer` stage when a bundle has one (the hook is here; the stage is not exported yet);
+- steering: a user-edited trace (`steer(trace)`) is forced; only the actions are decoded.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.action_bins import ActionStats
+from edgeact.runtime.bundle import Bundle, load_bundle
+from edgeact.runtime.decode_program import DecodeProgram, DecodeResult
+from edgeact.runtime.engines import open_backend
+from edgeact.runtime.errors import BundleError, CheckpointError, ConfigError
+from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext, register_policy
+from edgeact.runtime.preprocess import ImagePreprocessor
+from edgeact.runtime.preprocess_config import PreprocessConfig
+from edgeact.runtime.prompt import build_prompt_ids
+from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+DEPTH_TOKENIZER_STAGE = "depth_tokenizer"
+DEFAULT_PREFILL_CHUNK = 512
+# depth_m (H, W) metres aligned to the RGB frame -> 100 depth codes in [0, 128)
+DepthTokenizer = Callable[[np.ndarray], Sequence[int]]
+ForcedDepth = Union[None, str, Sequence[int], np.ndarray, DepthTokenizer]
+
+
+class BundlePolicy:
+    """A bundle's stages and decode program behind the loop's Policy interface; one decoding thread."""
+
+    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", *, n_actions: int | None = None,
+                 unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_unverified: bool = False,
+                 verify_checksums: bool = True, backend_options: dict[str, Any] | None = None):
+        # load_bundle refuses a bundle whose verification failed unless allow_unverified.
+        self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
+                                           allow_failed_verification=allow_unverified)
+        tokenizer_path = bundle.path(bundle.manifest.tokenizer.file)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.layout = TokenLayout.from_tokenizer(self.tokenizer, str(tokenizer_path))
+        n_actions = n_actions if n_actions is not None else int(bundle.manifest.grammar.get("n_actions", 1))
+        self.grammar = AnswerGrammar(self.tokenizer, self.layout, n_actions=n_actions)
+        self.preprocessor = ImagePreprocessor(
+            bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file)))
+        self.stats = _action_stats(bundle, unnorm_key)
+        options = dict(backend_options or {})
+        if threads is not None:
+            options["threads"] = threads
+        self.backend = open_backend(backend, **options)
+        self.vision = self.backend.stage(bundle, io.VISION_STAGE)
+        self.decoder = self.backend.decoder(bundle, prefill_chunk)
+        self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
+                                     self.grammar, bundle.config.image_patch_id, self.stats)
+        self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle)
+        self._trace: np.ndarray | None = None
+        self.depth_fallbacks = 0     # steps whose observation had no depth image: depth was decoded instead
+
+    # -------------------------------------------------------------------------------- steering
+    def steer(self, trace: Sequence[Sequence[int]] | None) -> None:
+        """Force this trace ([x, y] in [0, 256), 1..5 points) in every following step; None to let the model plan."""
+        self._trace = None if trace is None else np.asarray(trace, dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def steering_trace(self) -> np.ndarray | None:
+        return self._trace
+
+    # ------------------------------------------------------------------------------- inference
+    def infer(self, rgb: np.ndarray, instruction: str, *, depth_m: np.ndarray | None = None,
+              depth_codes: Sequence[int] | None = None, trace: Sequence[Sequence[int]] | None = None) -> DecodeResult:
+        """One answer for one RGB frame (H, W, 3) uint8. Forced depth: `depth_codes`, else the policy's
+        forced_depth (fixed codes, or its depth tokenizer on `depth_m`). Forced trace: `trace`, else steer()'s."""
+        start = time.perf_counter()
+        inputs = self.preprocessor(rgb)
+        prompt = build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
+        seconds = {"preprocess": time.perf_counter() - start}
+        if depth_codes is None:
+            depth_codes = self._forced_depth(depth_m, seconds)
+        start = time.perf_counter()
+        features = self.vision.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
+                                    io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})[io.IMAGE_FEATURES]
+        seconds["vision"] = time.perf_counter() - start
+        height, width = rgb.shape[:2]
+        return self.program.run(prompt, features, inputs.pooled_patches_idx, depth_codes=depth_codes,
+                                trace=self._trace if trace is None else trace, image_size_px=(width, height),
+                                stage_seconds=seconds)
+
+    def _forced_depth(self, depth_m: np.ndarray | None, seconds: dict[str, float]) -> Sequence[int] | None:
+        if self._fixed_depth is not None:
+            return self._fixed_depth
+        if self._depth_tokenizer is None:
+            return None
+        if depth_m is None:
+            self.depth_fallbacks += 1
+            return None
+        start = time.perf_counter()
+        codes = self._depth_tokenizer(depth_m)
+        seconds["depth_tokenizer"] = time.perf_counter() - start
+        return codes
+
+    def step(self, obs: Observation) -> Plan:
+        result = self.infer(obs.rgb, obs.instruction, depth_m=obs.depth_m)
+        return Plan(actions=result.actions, actions_normalized=result.actions_normalized, trace_px=result.trace_px,
+                    depth_codes=result.depth_codes, observation_time_s=obs.timestamp_s,
+                    created_time_s=time.monotonic(), stage_seconds=dict(result.stage_seconds),
+                    decode_steps=result.decode_steps)
+
+    def close(self) -> None:
+        """Release device memory (TensorRT); host buffers and sessions go with the object."""
+        self.backend.close()
+
+
+def _action_stats(bundle: Bundle, unnorm_key: str | None) -> ActionStats | None:
+    norm_stats = bundle.manifest.norm_stats
+    if not norm_stats and unnorm_key is None:
+        return None     # a bundle without statistics: actions stay normalized
+    try:
+        return ActionStats.from_norm_stats(norm_stats, unnorm_key)
+    except CheckpointError as exc:      # here the statistics come from the bundle, and the key from the caller
+        raise ConfigError(f"{bundle.root}: {exc}") from None
+
+
+def _depth_source(forced_depth: ForcedDepth, bundle: Bundle) -> tuple[np.ndarray | None, DepthTokenizer | None]:
+    """(fixed codes, tokenizer) from the forced_depth option."""
+    if forced_depth is None:
+        return None, None
+    if isinstance(forced_depth, str):
+        if forced_depth != "sensor":
+            raise ConfigError(f"forced_depth {forced_depth!r} unknown; use 'sensor', 100 codes, a depth tokenizer "
+                              "callable, or None to let the model decode depth")
+        if DEPTH_TOKENIZER_STAGE not in bundle.manifest.stages:
+            raise BundleError(f"{bundle.root}: forced_depth='sensor' needs a {DEPTH_TOKENIZER_STAGE!r} stage (the depth "
+                              "VQ-VAE encoder) and this bundle has none; pass a depth tokenizer callable, fixed codes, "
+                              "or forced_depth=None")
+        raise BundleError(f"{bundle.root}: this edgeact cannot run {DEPTH_TOKENIZER_STAGE!r} stages yet; pass a depth "
+                          "tokenizer callable instead")
+    if callable(forced_depth):
+        return None, forced_depth
+    return np.asarray(forced_depth, dtype=np.int64).reshape(-1), None
+
+
+@register_policy("bundle")
+@dataclass
+class BundlePolicyConfig(PolicyConfig):
+    """A policy that runs an exported bundle on this machine."""
+
+    path: str = ""                         # bundle directory (relative: to the robot config's directory)
+    backend: str = "onnxruntime"           # onnxruntime or tensorrt
+    provider: str | None = None            # onnxruntime only: cpu, cuda, tensorrt
+    target: str | None = None              # tensorrt only: which engines (default: those for this GPU)
+    n_actions: int | None = None           # actions per answer (default: the bundle's)
+    unnorm_key: str | None = None          # which norm_stats (required when the bundle has several)
+    forced_depth: str | None = None        # None, or "sensor": depth codes from the bundle's depth tokenizer
+    threads: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    allow_unverified: bool = False
+    verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("path: the bundle directory is required, e.g. path: bundles/molmoact-int8")
+        if self.forced_depth not in (None, "sensor"):
+            raise ConfigError(f"forced_depth: {self.forced_depth!r} unknown; use 'sensor' or leave it unset")
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk: {self.prefill_chunk} must be >= 1 (e.g. 512)")
+        if self.n_actions is not None and self.n_actions < 1:
+            raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")
+
+    def make_policy(self, context: PolicyContext) -> BundlePolicy:
+        path = Path(self.path)
+        if not path.is_absolute() and context.config_dir is not None:
+            path = Path(context.config_dir) / path
+        options: dict[str, Any] = {}
+        if self.provider is not None:
+            options["provider"] = self.provider
+        if self.target is not None:
+            options["target"] = self.target
+        return BundlePolicy(path, self.backend, n_actions=self.n_actions, unnorm_key=self.unnorm_key,
+                            forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
+                            allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
+                            backend_options=options)

@@ -1,0 +1,265 @@
+"""Loop sub-commands: `edgeact run CONFIG`, `edgeact bench [CONFIG] --seconds N`, `edgeact demo` (simulated robot)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+DEMO_SECONDS = 10.0
+DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
+EXIT_INTERRUPTED, EXIT_ESTOP = 130, 3
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run the perception -> plan -> act loop on the robot a config describes")
+    p.add_argument("config", metavar="CONFIG", help="robot config (.json or .toml); `edgeact demo --write-config` "
+                                                    "writes a sample")
+    p.add_argument("--seconds", type=_positive, help="stop after this long (default: run until Ctrl-C or e-stop)")
+    p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here")
+    p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
+    p.set_defaults(handler=_run)
+
+    p = subparsers.add_parser("bench", help="measure the loop: control frequency, overruns, stage latencies")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="robot config (default: the built-in simulated robot)")
+    p.add_argument("--seconds", type=_positive, default=10.0, help="how long to run (default 10)")
+    p.add_argument("--out", metavar="DIR", default="out/bench",
+                   help="where bench.json and bench.png go (default out/bench)")
+    p.add_argument("--record", metavar="PATH", help="also write every command as JSON lines here")
+    p.set_defaults(handler=_bench_command)
+
+    p = subparsers.add_parser("demo", help="run the loop on the built-in simulated arm (Feetech bus on a pty, "
+                                           "synthetic camera) and report the control frequency")
+    p.add_argument("--seconds", type=_positive, default=DEMO_SECONDS, help=f"how long (default {DEMO_SECONDS:g})")
+    p.add_argument("--policy", choices=DEMO_POLICIES, default="scripted",
+                   help="scripted: a deterministic stand-in (default); bundle: the model in --bundle")
+    p.add_argument("--bundle", metavar="PATH", help="bundle directory for --policy bundle")
+    p.add_argument("--out", metavar="DIR", default="out/demo",
+                   help="where demo.json and demo.png go (default out/demo)")
+    p.add_argument("--write-config", metavar="PATH", help="only write the demo's robot config (JSON) here and exit")
+    p.set_defaults(handler=_demo)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+def _run(args) -> int:
+    from edgeact.runtime.loop import run_robot
+    from edgeact.runtime.robot_config import load_robot_config
+    from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats
+
+    _log_to_stderr(logging.INFO)
+    config = load_robot_config(args.config)
+    stats = TimingStats(config.rates.control_hz)
+    subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
+    estop = threading.Event()
+    with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
+        result = run_robot(config, args.seconds, subscribers, estop=estop)
+    console = _console()
+    console.print(_summary_tables(stats.summary()))
+    if args.json:
+        console.print(f"timing summary: {stats.write_json(args.json)}")
+    return _finish(result, console)
+
+
+def _bench_command(args) -> int:
+    from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
+    from edgeact.runtime.sim_robot import sim_robot_config_dict
+
+    config = (load_robot_config(args.config) if args.config
+              else robot_config_from_dict(sim_robot_config_dict(), source="<built-in simulated robot>"))
+    return _measure_and_report(config, args.seconds, Path(args.out), "bench", args.record)
+
+
+def _demo(args) -> int:
+    from edgeact.runtime.demo import demo_config, demo_config_dict
+
+    if args.write_config:
+        data = demo_config_dict(args.policy, args.bundle)
+        path = Path(args.write_config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote the simulated robot's config to {path}; run it with `edgeact run {path}`")
+        return 0
+    return _measure_and_report(demo_config(args.policy, args.bundle), args.seconds, Path(args.out), "demo")
+
+
+def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record: str | None = None) -> int:
+    """Run behind a progress bar, print the tables and where the JSON and PNG went."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgeact.runtime.demo import measure
+
+    _log_to_stderr(logging.WARNING)
+    console = _console()
+    console.print(f"{name}: {config.source}, policy {config.policy.type_name!r}, "
+                  f"control {config.rates.control_hz:g} Hz, actions {config.rates.action_rate_hz:g} Hz, {seconds:g} s")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:.1f} s"),
+                        TimeRemainingColumn(), console=console, transient=True)
+    estop = threading.Event()
+    with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
+        task = progress.add_task("running the loop", total=seconds)
+        run = measure(config, seconds, out_dir, name, record, estop=estop,
+                      progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
+    console.print(_summary_tables(run.summary))
+    console.print(f"timing JSON: {run.json_path}\ntiming plot: {run.plot_path or 'not written: ' + run.plot_note}")
+    return _finish(run.result, console)
+
+
+def _finish(result, console) -> int:
+    """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report."""
+    console.print(f"stopped: {result.reason} ({result.detail})")
+    if result.reason == "interrupt":
+        return EXIT_INTERRUPTED
+    if result.reason == "estop":
+        return EXIT_ESTOP
+    if result.error is not None:
+        raise result.error
+    if not result.clean:
+        from edgeact.runtime.cli import CommandError
+
+        raise CommandError(f"the loop stopped: {result.reason}: {result.detail}; the robot was put in its safe state")
+    return 0
+
+
+# -- output --------------------------------------------------------------------------------------
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+
+
+def _summary_tables(summary: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    c, p = summary["control"], summary["policy"]
+    loop = Table(title=f"control loop (target {c['target_hz']:g} Hz)", show_header=False)
+    loop.add_column("metric")
+    loop.add_column("value", justify="right")
+    period, error = c["period_ms"], c["period_error_ms"]
+    modes = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
+    for key, value in (
+        ("achieved frequency", f"{_fmt(c['achieved_hz'])} Hz"),
+        ("period p50 / p99 / max", f"{_fmt(period['p50'])} / {_fmt(period['p99'])} / {_fmt(period['max'])} ms"),
+        ("period error vs target p99", f"{_fmt(error['p99'])} ms"),
+        ("overruns", f"{c['overruns']} of {c['ticks']} ticks ({_fmt((c['overrun_fraction'] or 0) * 100)} %)"),
+        ("tick modes", modes or "-"),
+        ("policy steps per second", _fmt(p["plans_per_s"])),
+        ("plans", str(p["plans"])),
+        ("stale actions skipped per plan", _fmt(p["skipped_actions_mean"])),
+        ("camera frames per second", _fmt(summary["camera"]["fps"])),
+    ):
+        loop.add_row(key, value)
+    latency = Table(title="latency (ms)")
+    for col in ("stage", "n", "p50", "p99", "max"):
+        latency.add_column(col, justify="left" if col == "stage" else "right")
+    rows = {**summary["stages_ms"], "plan (frame -> plan ready)": p["latency_ms"],
+            "frame -> command": summary["frame_to_command_ms"]}
+    for stage, s in rows.items():
+        latency.add_row(stage, str(s["n"]), _fmt(s["p50"]), _fmt(s["p99"]), _fmt(s["max"]))
+    return Group(loop, latency)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def _log_to_stderr(level: int) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- operator inputs -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """`kill PID` stops the robot like Ctrl-C does (into the safe state), not by dying mid-command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class KeyEstop:
+    """Sets `event` when `key` is pressed on the terminal at `fd` (stdin); a no-op without a key or a terminal.
+
+    The terminal goes to cbreak mode (keys arrive without Enter, Ctrl-C still interrupts) and is
+    restored on exit.
+    """
+
+    def __init__(self, key: str | None, event: threading.Event, fd: int | None = None):
+        self.key, self.event = key, event
+        self.fd = sys.stdin.fileno() if fd is None and key is not None and _has_stdin() else fd
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved = None
+
+    def __enter__(self) -> "KeyEstop":
+        if self.key is None:
+            return self
+        if self.fd is None or not os.isatty(self.fd):
+            logging.getLogger(__name__).warning("e-stop key %r needs a terminal on stdin; it is OFF for this run "
+                                                "(use the e-stop file instead)", self.key)
+            return self
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self.fd)
+        tty.setcbreak(self.fd)
+        self._thread = threading.Thread(target=self._watch, name="estop-key", daemon=True)
+        self._thread.start()
+        print(f"e-stop: press {self.key!r}", file=sys.stderr)
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                data = os.read(self.fd, 64).decode(errors="replace")
+                if self.key in data:
+                    self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+def _has_stdin() -> bool:
+    try:
+        sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    return True

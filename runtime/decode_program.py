@@ -1,0 +1,222 @@
+"""The decode program: an answer decoded as forced chunks and closed choices, token-identical to masked greedy decoding.
+
+It walks `grammar_walk.answer_steps`, the one definition of the answer's constraints:
+
+- tokens the grammar forces (the fixed sentences, forced depth codes, a forced trace) are
+  not generated one by one: they are queued, and everything queued is fed to the decoder as
+  ONE chunk when a choice next needs the hidden state of the last queued token; the prompt
+  and the answer's leading forced run go out together as the prefill (split into chunks of
+  at most `max_chunk` positions);
+- at a choice, logits are computed for the allowed ids only, with an LM head sliced per
+  choice set once and cached (depth codes, digits and separators, action bins); the greedy
+  pick is the argmax, ties to the lowest id as export/generate.py's masked_argmax; a set of
+  one id needs no logits at all; the chosen token is queued like a forced one;
+- the answer's last tokens (after the last choice) are never fed: nothing follows them.
+
+So a model invocation happens once per real choice instead of once per token. Where the time
+goes: the decoder steps (one per choice after the prefill); the sliced LM head is a
+(k x D) product with k <= 256; the grammar walk and buffer bookkeeping are microseconds.
+Buffers (token sequence, embeddings, logits per choice set) are allocated at load.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from edgeact.runtime.action_bins import ActionStats, action_ids_to_values, unnormalize_actions
+from edgeact.runtime.answer import Answer, trace_to_pixels
+from edgeact.runtime.engines import DecoderEngine
+from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes
+from edgeact.runtime.grammar_walk import Forced, answer_steps
+from edgeact.runtime.ort_stages import SequenceTooLongError
+
+STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeResult:
+    """One decoded answer with its actions in both forms, and what producing it cost."""
+    answer: Answer
+    token_ids: np.ndarray              # (n,) the answer's ids, end-of-text included (as generate_greedy returns them)
+    actions_normalized: np.ndarray     # (n_actions, 7) bin centres in [-1, 1]
+    actions: np.ndarray                # (n_actions, 7) un-normalized with the bundle's statistics (gripper stays normalized)
+    trace_px: np.ndarray | None        # (n_points, 2) [u, v] pixels of the first image, when its size is known
+    prompt_tokens: int
+    decode_steps: int                  # decoder invocations after the prefill (prompt + the answer's leading forced run)
+    depth_forced: bool
+    trace_forced: bool
+    stage_seconds: dict[str, float] = field(default_factory=dict)   # keys from STAGES
+
+    @property
+    def depth_codes(self) -> np.ndarray:
+        return self.answer.depth_codes
+
+    @property
+    def trace(self) -> np.ndarray:
+        return self.answer.trace
+
+
+class _Head:
+    """The LM head's rows for one closed set of ids, as a contiguous float32 matrix, and its logits buffer."""
+
+    def __init__(self, lm_head: np.ndarray, ids: np.ndarray):
+        self.ids = np.unique(np.asarray(ids, dtype=np.int64))      # sorted: the first maximum is the lowest id
+        if self.ids[0] < 0 or self.ids[-1] >= lm_head.shape[0]:
+            raise EdgeactError(f"choice ids {self.ids[0]}..{self.ids[-1]} lie outside the LM head's {lm_head.shape[0]} "
+                               "rows; the bundle's tokenizer and weights do not match: re-export it")
+        self.weight = np.ascontiguousarray(lm_head[self.ids], dtype=np.float32)
+        self.logits = np.empty(len(self.ids), np.float32)
+
+    def pick(self, hidden: np.ndarray) -> int:
+        np.matmul(self.weight, hidden, out=self.logits)
+        return int(self.ids[int(np.argmax(self.logits))])
+
+
+class DecodeProgram:
+    """Decodes answers with one DecoderEngine; not thread-safe (one program per decoding thread)."""
+
+    def __init__(self, decoder: DecoderEngine, embedding: np.ndarray, lm_head: np.ndarray, grammar: AnswerGrammar,
+                 image_patch_id: int, stats: ActionStats | None = None):
+        if embedding.shape[1] != decoder.layout.hidden_size or lm_head.shape[1] != decoder.layout.hidden_size:
+            raise EdgeactError(f"embedding {list(embedding.shape)} / lm_head {list(lm_head.shape)} do not match the "
+                               f"decoder's width {decoder.layout.hidden_size}; the bundle is inconsistent: re-export it")
+        self.decoder, self.embedding, self.lm_head = decoder, embedding, lm_head
+        self.grammar, self.image_patch_id, self.stats = grammar, image_patch_id, stats
+        self._base_vocab = grammar.layout.base_vocab_size
+        self._seq = np.zeros(decoder.layout.max_seq, np.int64)     # prompt, then answer ids: what is (to be) fed
+        self._hidden = np.zeros(decoder.layout.hidden_size, np.float32)
+        self._patches = (np.zeros(0, np.int64), np.zeros((0, decoder.layout.hidden_size), np.float32))
+        # The LM head sliced per closed set, keyed by the set's id bytes. Depth codes and action bins
+        # are sliced now; the trace's sets (a dozen subsets of the digits and its separators, a few
+        # rows each) on first use.
+        self._heads: dict[bytes, _Head] = {}
+        for seg in grammar.segments:
+            if isinstance(seg, DepthCodes):
+                self._head_for(np.array(sorted(seg.code_ids), dtype=np.int64))
+            elif isinstance(seg, Actions):
+                self._head_for(np.array(sorted(seg.action_ids), dtype=np.int64))
+
+    def _head_for(self, ids: np.ndarray) -> _Head:
+        key = ids.tobytes()
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = _Head(self.lm_head, ids)
+        return head
+
+    # ------------------------------------------------------------------------------ decoding
+    def run(self, prompt_ids: Sequence[int] | np.ndarray, image_features: np.ndarray | None = None,
+            pooled_patches_idx: np.ndarray | None = None, *, depth_codes: Sequence[int] | None = None,
+            trace: Sequence[Sequence[int]] | None = None, image_size_px: tuple[int, int] | None = None,
+            stage_seconds: dict[str, float] | None = None) -> DecodeResult:
+        """Decode one answer after `prompt_ids` (image features added at its <im_patch> tokens).
+
+        depth_codes: force these 100 codes (e.g. from the depth sensor) instead of choosing them.
+        trace: force these [x, y] points in [0, 256) (a user's edited plan); only actions are chosen.
+        image_size_px: (width, height) of the first image, to give the trace in pixels.
+        stage_seconds: times already spent (preprocess, vision); prefill, decode and parse are added.
+        """
+        seconds = dict(stage_seconds or {})
+        start = time.perf_counter()
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        n_prompt = len(prompt)
+        if n_prompt == 0:
+            raise EdgeactError("the prompt is empty; build it with edgeact.runtime.prompt.build_prompt_ids")
+        self._check_room(0, n_prompt)
+        self._seq[:n_prompt] = prompt
+        self._patches = self._patch_features(prompt, image_features, pooled_patches_idx)
+        self.decoder.reset()
+        n_seq, fed, steps = n_prompt, 0, 0
+        prefill_end = None
+        walk = answer_steps(self.grammar, depth_codes=depth_codes, trace=trace)
+        step = next(walk)
+        while True:
+            if isinstance(step, Forced):
+                k = len(step.ids)
+                self._check_room(n_seq, k)
+                self._seq[n_seq:n_seq + k] = step.ids
+                n_seq += k
+                sent = None
+            else:
+                if len(step.ids) == 1:
+                    sent = int(step.ids[0])      # a closed set of one: the masked argmax needs no logits
+                else:
+                    calls = self._feed(fed, n_seq)
+                    fed = n_seq
+                    if prefill_end is None:
+                        prefill_end = time.perf_counter()
+                    else:
+                        steps += calls
+                    sent = self._head_for(step.ids).pick(self._hidden)
+                self._check_room(n_seq, 1)
+                self._seq[n_seq] = sent
+                n_seq += 1
+            try:
+                step = walk.send(sent)
+            except StopIteration:
+                break
+        decoded = time.perf_counter()
+        seconds["prefill"] = (prefill_end or decoded) - start
+        seconds["decode"] = decoded - (prefill_end or decoded)
+        return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, depth_codes is not None,
+                            trace is not None, image_size_px, seconds)
+
+    def _check_room(self, n_seq: int, k: int) -> None:
+        if n_seq + k > len(self._seq):
+            raise SequenceTooLongError(f"prompt and answer need more than the bundle's max_seq {len(self._seq)} "
+                                       "positions; re-export with a larger --max-seq or shorten the prompt")
+
+    def _feed(self, start: int, end: int) -> int:
+        """Feed seq[start:end] in chunks of at most max_chunk; the last position's hidden state is left in _hidden."""
+        decoder, calls = self.decoder, 0
+        while start < end:
+            n = min(end - start, decoder.max_chunk)
+            self._embed(start, n)
+            self._hidden = decoder.step(n)
+            start += n
+            calls += 1
+        return calls
+
+    def _embed(self, start: int, n: int) -> None:
+        """Embeddings of seq[start:start+n] into the decoder's input buffer, image features added in the prompt."""
+        out, ids, table = self.decoder.embeds[:n], self._seq[start:start + n], self.embedding
+        if n == 1:
+            np.copyto(out[0], table[ids[0]])          # a row view: no temporary (the per-token path)
+        elif table.dtype == np.float32:
+            np.take(table, ids, axis=0, out=out)
+        else:
+            out[...] = table[ids]
+        positions, features = self._patches
+        if len(positions) and start <= positions[-1]:
+            lo, hi = np.searchsorted(positions, (start, start + n))
+            if hi > lo:
+                out[positions[lo:hi] - start] += features[lo:hi]
+
+    def _patch_features(self, prompt: np.ndarray, image_features, pooled_patches_idx) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of <im_patch> in the prompt, the feature added at each): padding-only pooled rows dropped."""
+        positions = np.flatnonzero(prompt == self.image_patch_id)
+        if image_features is None:
+            features = np.zeros((0, self.decoder.layout.hidden_size), np.float32)
+        else:
+            if pooled_patches_idx is None:
+                raise EdgeactError("image features given without pooled_patches_idx; pass the preprocessor's too")
+            features = np.asarray(image_features, dtype=np.float32)[(np.asarray(pooled_patches_idx) >= 0).any(-1)]
+        if len(positions) != len(features):
+            raise EdgeactError(f"{len(positions)} <im_patch> tokens for {len(features)} image features; build the prompt "
+                               "and pooled_patches_idx from the same preprocessing")
+        return positions, features
+
+    def _result(self, token_ids: np.ndarray, n_prompt: int, steps: int, depth_forced: bool, trace_forced: bool,
+                image_size_px: tuple[int, int] | None, seconds: dict[str, float]) -> DecodeResult:
+        start = time.perf_counter()
+        answer = self.grammar.parse_ids(token_ids)
+        normalized = action_ids_to_values(answer.action_ids, self._base_vocab)
+        actions = unnormalize_actions(normalized, self.stats) if self.stats is not None else normalized
+        trace_px = trace_to_pixels(answer.trace, *image_size_px) if image_size_px else None
+        seconds["parse"] = time.perf_counter() - start
+        return DecodeResult(answer=answer, token_ids=token_ids, actions_normalized=normalized, actions=actions,
+                            trace_px=trace_px, prompt_tokens=n_prompt, decode_steps=steps, depth_forced=depth_forced,
+                            trace_forced=trace_forced, stage_seconds=seconds)

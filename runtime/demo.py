@@ -1,0 +1,60 @@
+"""The demo and the benchmark: run the loop for a while with timing statistics, write them as JSON and a PNG.
+
+`edgeact demo` is this on the built-in simulated robot (sim_robot.py): a Feetech arm on a pty,
+driven through the real serial driver and SafetyGuard, and a synthetic camera.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeact.runtime.errors import ConfigError, EdgeactError
+from edgeact.runtime.loop import RunResult, run_robot
+from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
+from edgeact.runtime.sim_robot import sim_robot_config_dict
+from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats
+
+DEMO_POLICIES = ("scripted", "bundle")
+
+
+def demo_config_dict(policy: str = "scripted", bundle: str | None = None) -> dict[str, Any]:
+    """The simulated robot's config with the demo's policy: the scripted stand-in, or a bundle."""
+    if policy not in DEMO_POLICIES:
+        raise ConfigError(f"demo policy {policy!r} unknown; use one of {', '.join(DEMO_POLICIES)}")
+    if policy == "bundle":
+        if not bundle:
+            raise ConfigError("the bundle policy needs a bundle directory (--bundle PATH, from `edgeact export`)")
+        return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle)})
+    if bundle:
+        raise ConfigError("a bundle was given but the policy is 'scripted'; add --policy bundle to use it")
+    return sim_robot_config_dict()
+
+
+def demo_config(policy: str = "scripted", bundle: str | None = None) -> RobotConfig:
+    return robot_config_from_dict(demo_config_dict(policy, bundle), source="<demo: built-in simulated robot>")
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    result: RunResult
+    summary: dict[str, Any]
+    json_path: Path
+    plot_path: Path | None
+    plot_note: str = ""                 # why there is no plot
+
+
+def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",
+            record: str | Path | None = None, progress: Callable[[float], None] | None = None,
+            estop: threading.Event | None = None) -> MeasuredRun:
+    """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png."""
+    stats = TimingStats(config.rates.control_hz)
+    subscribers = [stats, LogSubscriber()] + ([CommandRecorder(record)] if record else [])
+    result = run_robot(config, seconds, subscribers, progress=progress, estop=estop)
+    out_dir = Path(out_dir)
+    json_path = stats.write_json(out_dir / f"{name}.json")
+    try:
+        return MeasuredRun(result, stats.summary(), json_path, stats.plot_png(out_dir / f"{name}.png"))
+    except EdgeactError as exc:       # no matplotlib on this robot: the JSON still has every number
+        return MeasuredRun(result, stats.summary(), json_path, None, str(exc))

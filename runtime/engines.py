@@ -1,0 +1,157 @@
+"""Stage engines: what every inference backend provides, and the registry that opens one by name.
+
+A backend (onnxruntime, native TensorRT, ...) opens two kinds of engine over a bundle:
+
+- a `StageEngine` for a stateless stage (vision): named arrays in, named arrays out;
+- a `DecoderEngine` for the decoder: it owns the KV cache and its input/output buffers, all
+  allocated once at load; the caller writes a chunk's embeddings into `embeds[:n]` and calls
+  `step(n)`, which runs the chunk after the cached past, appends its keys/values to the
+  cache in place and returns the hidden state of the chunk's last position.
+
+Backends register themselves with `@register_backend("name")`; `open_backend` imports the
+built-in ones on first use, so `import edgeact.runtime.engines` loads neither onnxruntime nor
+TensorRT.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from edgeact.runtime.bundle import Bundle
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.kv_cache import CacheLayout, KVCache
+from edgeact.runtime.stage_spec import StageSpec, TensorSpec, dim_terms
+
+# Built-in backends: the module that registers each (imported lazily, heavy dependencies inside).
+BUILTIN_BACKENDS = {
+    "onnxruntime": "edgeact.runtime.ort_engine",
+    "tensorrt": "edgeact.runtime.trt_engine",
+}
+_REGISTRY: dict[str, Callable[..., "Backend"]] = {}
+
+
+class StageEngine(ABC):
+    """One stateless stage run by one backend."""
+
+    spec: StageSpec
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name. They may be views of the engine's own buffers, valid until the next run."""
+
+
+class DecoderEngine(ABC):
+    """The decoder stage with its KV cache and I/O buffers, allocated once (batch 1)."""
+
+    spec: StageSpec
+    layout: CacheLayout
+    cache: KVCache
+    max_chunk: int            # most positions one step() may feed
+    embeds: np.ndarray        # (max_chunk, D) float32 host buffer: the caller writes a chunk's embeddings here
+
+    @property
+    def length(self) -> int:
+        """Positions in the cache (the next chunk's first position)."""
+        return self.cache.length
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @abstractmethod
+    def step(self, n: int) -> np.ndarray:
+        """Run embeds[:n] at positions length .. length+n-1; returns the (D,) hidden state of the last one
+        (a view of the engine's buffer, valid until the next step)."""
+
+
+class Backend(ABC):
+    """Opens a bundle's stages as engines of one kind."""
+
+    name: str = ""
+
+    @abstractmethod
+    def stage(self, bundle: Bundle, name: str) -> StageEngine:
+        ...
+
+    @abstractmethod
+    def decoder(self, bundle: Bundle, max_chunk: int) -> DecoderEngine:
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds outside Python's memory (device buffers); its engines are unusable after."""
+
+
+def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+    """Class decorator: `@register_backend("onnxruntime")` makes `open_backend("onnxruntime", ...)` build it."""
+    def add(factory: Callable[..., Backend]) -> Callable[..., Backend]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ConfigError(f"backend {name!r} is registered twice ({_REGISTRY[name]} and {factory})")
+        _REGISTRY[name] = factory
+        return factory
+    return add
+
+
+def backend_names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(BUILTIN_BACKENDS))
+
+
+def open_backend(name: str, **options: Any) -> Backend:
+    """The backend registered as `name`, built with its options (each backend validates its own)."""
+    if name not in _REGISTRY and name in BUILTIN_BACKENDS:
+        importlib.import_module(BUILTIN_BACKENDS[name])
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"backend {name!r} unknown; use one of {', '.join(backend_names())}") from None
+    try:
+        return factory(**options)
+    except TypeError as exc:   # an option this backend does not take: name it
+        raise ConfigError(f"backend {name!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- shared shape logic
+def bind_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], where: str) -> dict[str, int]:
+    """Values of the symbolic dims, read off concrete input shapes; refuses inconsistent or wrong-rank inputs."""
+    values: dict[str, int] = {}
+    for spec in specs:
+        shape = tuple(shapes[spec.name])
+        if len(shape) != len(spec.dims):
+            raise EdgeactError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {list(spec.dims)}")
+        for axis, (dim, size) in enumerate(zip(spec.dims, shape)):
+            if isinstance(dim, int):
+                if dim != size:
+                    raise EdgeactError(f"{where}: input {spec.name!r} axis {axis} is {size}, the stage takes {dim}")
+            elif dim_terms(dim) == [dim]:      # a plain symbol fixes its value; sums are checked below
+                if values.setdefault(dim, size) != size:
+                    raise EdgeactError(f"{where}: dim {dim!r} is {values[dim]} in one input and {size} in "
+                                       f"{spec.name!r}; inputs must agree")
+    return values
+
+
+def resolve_shape(dims: Sequence[int | str], values: Mapping[str, int], where: str) -> tuple[int, ...]:
+    """Concrete shape of dims like (batch, 'past_seq+seq', 4) for symbol values."""
+    shape = []
+    for dim in dims:
+        total = 0
+        for term in dim_terms(dim):
+            if isinstance(term, int):
+                total += term
+            elif term in values:
+                total += values[term]
+            else:
+                raise BundleError(f"{where}: dim {dim!r} depends on {term!r}, which no input fixes")
+        shape.append(total)
+    return tuple(shape)
+
+
+def max_shape(dims: Sequence[int | str], spec: StageSpec) -> tuple[int, ...]:
+    """Largest shape a tensor takes within the stage's dim_ranges (what buffers are sized for)."""
+    return resolve_shape(dims, {k: r.max for k, r in spec.dim_ranges.items()}, f"stage {spec.name!r}")
+
+
+def check_max_chunk(max_chunk: int, layout: CacheLayout) -> int:
+    if max_chunk < 1:
+        raise ConfigError(f"max_chunk is {max_chunk}; a decoder chunk holds at least one position (e.g. 256)")
+    return min(max_chunk, layout.max_seq)

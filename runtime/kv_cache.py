@@ -1,0 +1,146 @@
+"""The decoder's KV cache: one block per layer and kind, sized from the manifest and allocated once at load.
+
+Layout: (n_layers, 2 [key, value], 1, max_seq, K, h), sequence-major as the decoder stage's
+`past_key.L` / `new_key.L` tensors are. With batch 1 the filled part of one (layer, kind) block
+is a contiguous prefix, bound as the past without a copy, and a chunk's new entries land
+right after it: the backends bind `new_key.L` straight into `pointer(L, KEY, length)`, so the
+cache is never copied or grown. Capacity is the stage's `dim_ranges["seq"].max` (the exporter's
+max_seq), never a literal. The storage is host memory (numpy) unless a backend passes an
+allocator for device memory (CUDA), in which case only pointers are handed out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.ort_stages import SequenceTooLongError
+from edgeact.runtime.stage_spec import StageSpec
+
+KEY, VALUE = 0, 1
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+# allocate(nbytes) -> (owner kept alive by the cache, base address of the block)
+DeviceAllocator = Callable[[int], tuple[Any, int]]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Sizes of the decoder's cache and I/O, read off the decoder stage's manifest entry."""
+    n_layers: int
+    max_seq: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: str                 # element type of past_key / new_key ("float32" or "float16")
+
+    def __post_init__(self) -> None:
+        if min(self.n_layers, self.max_seq, self.kv_heads, self.head_dim, self.hidden_size) < 1:
+            raise BundleError(f"decoder cache layout {self} has an empty dimension; re-export the bundle")
+        if self.dtype not in _NUMPY_DTYPES:
+            raise BundleError(f"decoder cache dtype {self.dtype!r} unsupported; the runtime keeps float32 or float16 caches")
+
+    @property
+    def numpy_dtype(self):
+        return _NUMPY_DTYPES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one position of one layer's keys (K*h elements)."""
+        return self.kv_heads * self.head_dim * np.dtype(self.numpy_dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * self.max_seq * self.row_bytes
+
+    @classmethod
+    def from_stage(cls, spec: StageSpec) -> "CacheLayout":
+        """Layers are counted from the past_key.L inputs; K, h and D are the fixed dims of the tensors."""
+        inputs = {t.name: t for t in spec.inputs}
+        n_layers = 0
+        while io.past_key(n_layers) in inputs:
+            n_layers += 1
+        where = f"stage {spec.name!r}"
+        if n_layers == 0 or io.INPUTS_EMBEDS not in inputs:
+            raise BundleError(f"{where}: no {io.INPUTS_EMBEDS} / {io.past_key(0)} inputs; this is not a decoder stage "
+                              "of the edgeact contract (runtime/stage_io.py); re-export the bundle")
+        past = inputs[io.past_key(0)]
+        embeds = inputs[io.INPUTS_EMBEDS]
+        fixed = (past.dims[2], past.dims[3], embeds.dims[2])
+        if len(past.dims) != 4 or len(embeds.dims) != 3 or not all(isinstance(d, int) for d in fixed):
+            raise BundleError(f"{where}: past keys {list(past.dims)} / embeddings {list(embeds.dims)} must be "
+                              "(batch, past_seq, K, h) / (batch, seq, D) with fixed K, h, D; re-export the bundle")
+        if io.SEQ not in spec.dim_ranges:
+            raise BundleError(f"{where}: dim_ranges has no {io.SEQ!r}; the cache size is its max: re-export the bundle")
+        return cls(n_layers=n_layers, max_seq=spec.dim_ranges[io.SEQ].max, kv_heads=fixed[0], head_dim=fixed[1],
+                   hidden_size=fixed[2], dtype=past.dtype)
+
+
+class KVCache:
+    """Every layer's keys and values for up to max_seq positions; `length` of them are filled.
+
+    Positions are reserved before a decoder call (`start = reserve(n)`) and committed after it
+    succeeded (`commit(n)`), so a failed call leaves the cache as it was.
+    """
+
+    def __init__(self, layout: CacheLayout, allocate: DeviceAllocator | None = None, device: str = "cpu"):
+        self.layout = layout
+        self.device = device
+        self.length = 0
+        self._host: np.ndarray | None = None
+        if allocate is None:
+            if device != "cpu":
+                raise BundleError(f"a {device} KV cache needs the backend's device allocator")
+            self._host = np.zeros((layout.n_layers, 2, 1, layout.max_seq, layout.kv_heads, layout.head_dim),
+                                  layout.numpy_dtype)
+            self._owner: Any = self._host
+            self._base = self._host.ctypes.data
+        else:
+            self._owner, self._base = allocate(layout.nbytes)
+        # Block start addresses as plain ints, computed once: the per-token path does integer arithmetic only.
+        self._row_bytes = layout.row_bytes
+        block = layout.max_seq * layout.row_bytes
+        self._blocks = [[self._base + (2 * layer + kind) * block for kind in (KEY, VALUE)] for layer in range(layout.n_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.layout.max_seq
+
+    @property
+    def is_host(self) -> bool:
+        return self._host is not None
+
+    def reset(self) -> None:
+        """Forget every position (the memory is reused, not cleared: positions past `length` are never read)."""
+        self.length = 0
+
+    def reserve(self, n: int) -> int:
+        """Check there is room for n more positions; returns where they start."""
+        end = self.length + n
+        if n < 1 or end > self.layout.max_seq:
+            if n < 1:
+                raise ValueError(f"reserve({n}): a decoder call feeds at least one position")
+            raise SequenceTooLongError(
+                f"{end} positions exceed the bundle's max_seq {self.layout.max_seq}; re-export with a larger "
+                "--max-seq or shorten the prompt (fewer cameras or crops)")
+        return self.length
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def pointer(self, layer: int, kind: int, position: int = 0) -> int:
+        """Address of (layer, kind)'s entry at `position`; entries from there on are contiguous."""
+        return self._blocks[layer][kind] + position * self._row_bytes
+
+    def block(self, layer: int, kind: int) -> np.ndarray:
+        """Host view (1, max_seq, K, h) of one layer's keys (KEY) or values (VALUE)."""
+        if self._host is None:
+            raise BundleError(f"the KV cache lives on {self.device}; only its pointers are available on the host")
+        return self._host[layer, kind]
+
+    def prefix(self, layer: int, kind: int) -> np.ndarray:
+        """The filled part (1, length, K, h) as a view: what the decoder reads as its past."""
+        return self.block(layer, kind)[:, :self.length]

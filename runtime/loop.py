@@ -1,0 +1,294 @@
+"""The pipelined perception -> plan -> act loop: a planner thread, a paced control thread, a supervisor.
+
+    camera thread   (Camera's own)   keeps the newest frame
+    planner thread  newest frame + last joint read -> policy.step -> the current plan
+    control thread  every 1/control_hz: read joints, follow the plan, send through the SafetyGuard
+    supervisor      (the caller's thread) watches the control heartbeat, the e-stop, errors, Ctrl-C
+
+The control thread never waits for the model: it follows whatever plan is newest (see
+control.ChunkFollower). Every way out - the duration, Ctrl-C, an exception in any thread, a
+subscriber failing, the e-stop, a stalled control thread - ends in the robot's safe state, and
+every event reaches the subscribers (the StopEvent, then the trips of the teardown, come last).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from edgeact.drivers.cameras.base import Camera, RGBDFrame
+from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard
+from edgeact.runtime.control import ActionMapper, ChunkFollower
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.loop_events import CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent
+from edgeact.runtime.policy import Observation, Plan, Policy
+
+if TYPE_CHECKING:
+    from edgeact.runtime.robot_config import RobotConfig
+
+log = logging.getLogger(__name__)
+
+STOP_REASONS = ("duration", "interrupt", "stopped", "estop", "stall", "error")
+CLEAN_REASONS = ("duration", "interrupt", "stopped")
+JOIN_S = 2.0            # how long to wait for a thread to finish its step at the end
+SAFE_STATE_WAIT_S = 3.0  # how long a stuck driver may delay the safe state before we say "cut power"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    control_hz: float = 100.0
+    action_rate_hz: float = 10.0
+    plan_max_age_s: float = 1.5
+    max_frame_age_s: float = 0.25
+    control_stall_s: float = 0.5
+    instruction: str = ""
+    supervise_s: float = 0.01           # how often the supervisor looks
+
+    def __post_init__(self) -> None:
+        if not (self.control_hz > 0 and self.action_rate_hz > 0 and self.control_stall_s > 0):
+            raise ConfigError(f"control_hz, action_rate_hz and control_stall_s must be > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    reason: str                         # one of STOP_REASONS
+    detail: str
+    duration_s: float
+    ticks: int
+    plans: int
+    overruns: int
+    stale_frames: int
+    error: BaseException | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.reason in CLEAN_REASONS
+
+
+class RobotLoop:
+    """One run of the loop on a connected SafetyGuard and camera; the caller owns their life."""
+
+    def __init__(self, robot: SafetyGuard, camera: Camera, policy: Policy, mapper: ActionMapper,
+                 settings: LoopSettings, hub: EventHub, clock: Callable[[], float] = time.monotonic):
+        self.robot, self.camera, self.policy, self.mapper = robot, camera, policy, mapper
+        self.settings, self.hub, self.clock = settings, hub, clock
+        self.ticks = self.plans = self.overruns = self.stale_frames = 0
+        self._stop = threading.Event()
+        self._ended: tuple[str, str, BaseException | None] | None = None    # the first reason to stop wins
+        self._ended_lock = threading.Lock()
+        self._plan: Plan | None = None          # swapped whole: readers never see half a plan
+        self._proprio: dict[str, float] | None = None
+        self._heartbeat_s = math.nan
+        self._started = self._finished = False
+        self._frames_lock = threading.Lock()
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, duration_s: float | None = None, progress: Callable[[float], None] | None = None) -> RunResult:
+        """Run until `duration_s` passes or something stops it; the robot ends in its safe state."""
+        if self._started:
+            raise RuntimeError("a RobotLoop runs once; build a new one for the next run")
+        self._started = True
+        self.camera.add_listener(self._on_frame)
+        self.robot.enable_torque()
+        initial = self.robot.read_state()
+        self._proprio = dict(initial.position_rad)
+        follower = ChunkFollower(self.mapper, self.settings.action_rate_hz, self.settings.plan_max_age_s,
+                                 initial.position_rad)
+        start_s = self._heartbeat_s = self.clock()
+        threads = [threading.Thread(target=self._guarded, args=(self._control, follower), name="loop-control",
+                                    daemon=True),
+                   threading.Thread(target=self._guarded, args=(self._planner,), name="loop-planner", daemon=True)]
+        try:
+            for thread in threads:
+                thread.start()
+            self._supervise(start_s, duration_s, progress)
+        except KeyboardInterrupt:
+            self._end("interrupt", "Ctrl-C")
+        finally:
+            self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
+            self._stop.set()
+            for thread in threads:
+                thread.join(JOIN_S)
+                if thread.is_alive():
+                    log.error("thread %s still busy %.0f s after the stop; going on without it", thread.name, JOIN_S)
+            reason, detail, error = self._ended
+            if not self.robot.estopped:                 # a latched e-stop already applied the safe state
+                self._bounded(lambda: self.robot.go_safe("exit", f"loop ended: {reason} ({detail})"))
+            with self._frames_lock:                     # no frame event after the stop event
+                self._finished = True
+                self.hub.publish(StopEvent(self.clock(), reason, detail))
+        return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
+                         self.stale_frames, error)
+
+    def _supervise(self, start_s: float, duration_s: float | None, progress) -> None:
+        stall_s = self.settings.control_stall_s
+        while not self._stop.wait(self.settings.supervise_s):
+            now = self.clock()
+            if self.hub.error is not None:
+                self._end("error", f"event subscriber failed: {self.hub.error}", self.hub.error)
+            elif now - self._heartbeat_s > stall_s:
+                detail = (f"control thread silent for {(now - self._heartbeat_s) * 1e3:.0f} ms "
+                          f"(limit {stall_s * 1e3:.0f} ms): stalled in the driver or the step")
+                self._bounded(lambda: self.robot.trigger_estop(detail))
+                self._end("stall", detail)
+            elif self.robot.estopped:
+                self._end("estop", self.robot.trips[-1].detail if self.robot.trips else "e-stop")
+            elif duration_s is not None and now - start_s >= duration_s:
+                self._end("duration", f"{duration_s:g} s elapsed")
+            elif progress is not None:
+                progress(now - start_s)
+
+    def _end(self, reason: str, detail: str, error: BaseException | None = None) -> None:
+        with self._ended_lock:
+            if self._ended is None:
+                self._ended = (reason, detail, error)
+        self._stop.set()
+
+    def _bounded(self, action: Callable[[], object]) -> None:
+        """Run a safe-state action on its own thread: a driver stuck mid-exchange must not hang the stop."""
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                action()
+            except Exception:       # logged: the caller still stops, and the bus exit turns torque off
+                log.exception("reaching the safe state failed")
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name="loop-safe-state", daemon=True).start()
+        if not done.wait(SAFE_STATE_WAIT_S):
+            log.critical("the safe state was not confirmed within %.0f s: the motor driver is stuck; "
+                         "CUT THE MOTOR POWER", SAFE_STATE_WAIT_S)
+
+    def _guarded(self, body: Callable, *args) -> None:
+        try:
+            body(*args)
+        except EStopLatchedError as exc:
+            self._end("estop", str(exc))
+        except Exception as exc:    # the thread's boundary: hand it to the supervisor, stop everything
+            if not self._stop.is_set():
+                log.exception("%s failed", threading.current_thread().name)
+            self._end("error", f"{threading.current_thread().name}: {type(exc).__name__}: {exc}", exc)
+
+    # -- threads ---------------------------------------------------------------------------------
+    def _on_frame(self, frame: RGBDFrame) -> None:
+        with self._frames_lock:                         # the camera outlives the run by a little
+            if not self._finished:
+                self.hub.publish(FrameEvent(self.clock(), frame.frame_number, frame.capture_monotonic_s))
+
+    def _control(self, follower: ChunkFollower) -> None:
+        period_s = 1.0 / self.settings.control_hz
+        next_s = self.clock()
+        previous_s = math.nan
+        while not self._stop.is_set():
+            start_s = self.clock()
+            measured = self.robot.read_state().position_rad         # observe
+            self._proprio = measured
+            read_s = self.clock()
+            plan = self._plan
+            decision = follower.decide(read_s, plan)                # decide
+            write_s = self.clock()
+            sent = self.robot.send(decision.targets_rad)            # act
+            done_s = self.clock()
+            follower.record_sent(sent)
+            self._heartbeat_s = done_s
+            self.hub.publish(CommandEvent(                          # notify
+                start_s, self.ticks, start_s - previous_s, decision.mode, decision.targets_rad, sent, measured,
+                decision.action_index, decision.skipped_actions, decision.new_plan,
+                done_s - plan.observation_time_s if decision.new_plan else math.nan,
+                read_s - start_s, done_s - write_s, done_s - start_s))
+            self.ticks += 1
+            previous_s = start_s
+            next_s += period_s
+            if done_s > next_s:     # overran the slot: count it, then start afresh (no burst of catch-up ticks)
+                self.overruns += 1
+                self.hub.publish(OverrunEvent(done_s, self.ticks - 1, done_s - next_s))
+                next_s = done_s
+            else:
+                self._stop.wait(next_s - done_s)
+
+    def _planner(self) -> None:
+        last_number: int | None = None
+        max_age_s = self.settings.max_frame_age_s
+        while not self._stop.is_set():
+            frame = self.camera.latest()
+            if frame.frame_number == last_number or frame.age_s() > max_age_s:
+                frame = self.camera.next_frame()        # bounded by the camera's timeout
+                if frame.age_s() > max_age_s:           # this machine cannot keep up with the camera
+                    self.stale_frames += 1
+                    continue
+            taken_s = self.clock()
+            obs = Observation(rgb=frame.color, depth_m=frame.depth_m, timestamp_s=frame.capture_monotonic_s,
+                              proprio=self._proprio, instruction=self.settings.instruction,
+                              frame_number=frame.frame_number)
+            plan = self.policy.step(obs)
+            if self._stop.is_set():
+                return
+            done_s = self.clock()
+            self._plan = plan
+            self.hub.publish(PlanEvent(done_s, plan, self.plans, frame.frame_number,
+                                       taken_s - frame.capture_monotonic_s, done_s - taken_s))
+            self.plans += 1
+            last_number = frame.frame_number
+
+
+# -- a whole run from a config ------------------------------------------------------------------
+
+def run_robot(config: "RobotConfig", duration_s: float | None = None, subscribers: list | tuple = (),
+              progress: Callable[[float], None] | None = None, estop: threading.Event | None = None,
+              policy: Policy | None = None) -> RunResult:
+    """Build what `config` describes (starting the simulator for bus "sim"), run the loop, take it all down.
+
+    Teardown runs in reverse on every way out: the SafetyGuard's exit (safe state, then the bus
+    disconnect turns torque off), the policy's close, the camera, the simulator; then the
+    subscribers get their last events and are closed (files flushed). `estop` is an extra
+    e-stop input (the CLI's key listener sets it); `policy` replaces the configured one (tests).
+    """
+    # Here, not at the top: a robot's runtime imports neither the camera registry nor the simulator until it runs.
+    from edgeact.drivers.cameras.base import make_camera
+    from edgeact.runtime.policy import PolicyContext, TimedPolicy
+    from edgeact.runtime.sim_robot import start_sim_bus
+
+    settings = LoopSettings(control_hz=config.rates.control_hz, action_rate_hz=config.rates.action_rate_hz,
+                            plan_max_age_s=config.plan.max_age_s, max_frame_age_s=config.plan.max_frame_age_s,
+                            control_stall_s=config.watchdog.control_stall_s, instruction=config.instruction)
+    estop_input = estop_check(config, estop)
+    hub = EventHub(list(subscribers)).start()
+    try:
+        if estop_input():
+            raise ConfigError(f"the e-stop is active before the start ({_estop_source(config)}); release it to start")
+        with ExitStack() as stack:
+            port = stack.enter_context(start_sim_bus(config.robot)).port if config.robot.bus == "sim" else None
+            bus = config.robot.make_bus(port)
+            mapper = config.actions.make_mapper(list(bus.motors))
+            camera = stack.enter_context(make_camera(config.camera))
+            if policy is None:
+                context = PolicyContext(config.rates.action_rate_hz, tuple(bus.motors), config.config_dir,
+                                        camera.intrinsics)
+                policy = config.policy.make_policy(context)
+            stack.callback(policy.close)
+            guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
+            loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub)
+            return loop.run(duration_s, progress)
+    finally:
+        hub.close()
+
+
+def estop_check(config: "RobotConfig", event: threading.Event | None = None) -> Callable[[], bool]:
+    """The e-stop input the SafetyGuard polls: the config's e-stop file exists, or `event` is set."""
+    path = config.estop.file
+
+    def active() -> bool:
+        return (event is not None and event.is_set()) or (path is not None and os.path.exists(path))
+
+    return active
+
+
+def _estop_source(config: "RobotConfig") -> str:
+    return f"e-stop file {config.estop.file} exists" if config.estop.file else "the e-stop input is set"

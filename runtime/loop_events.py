@@ -1,0 +1,154 @@
+"""The loop's events and the hub that hands them to subscribers, on its own thread, off the control path.
+
+The loop's threads only `publish` events (a queue put); one hub thread hands them to the
+subscribers in order, so a slow disk or a plot never delays a control tick. A subscriber that
+raises is kept as the hub's `error`, and the loop stops on it (into the safe state).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from edgeact.drivers.motors.safety import SafetyTrip
+from edgeact.runtime.policy import Plan
+
+log = logging.getLogger(__name__)
+
+
+# -- events ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FrameEvent:
+    time_s: float
+    frame_number: int
+    capture_s: float
+
+
+@dataclass(frozen=True)
+class PlanEvent:
+    time_s: float                   # when the plan was ready
+    plan: Plan
+    index: int                      # plans made so far in this run, from 0
+    frame_number: int
+    frame_age_s: float              # capture -> the worker took the frame (the "capture" stage)
+    step_s: float                   # the policy's step, wall time
+
+
+@dataclass(frozen=True)
+class CommandEvent:
+    time_s: float                   # tick start
+    tick: int
+    period_s: float                 # since the previous tick's start (nan on the first)
+    mode: str                       # see control.MODES
+    targets_rad: dict[str, float]
+    sent_rad: dict[str, float]
+    measured_rad: dict[str, float] | None
+    action_index: int | None
+    skipped_actions: int
+    new_plan: bool
+    frame_to_command_s: float       # on a plan's first tick: frame capture -> this command written; else nan
+    state_read_s: float
+    command_write_s: float
+    work_s: float                   # the whole tick, before sleeping
+
+
+@dataclass(frozen=True)
+class OverrunEvent:
+    time_s: float
+    tick: int
+    late_s: float                   # how far past its deadline the tick ended
+
+
+@dataclass(frozen=True)
+class TripEvent:
+    trip: SafetyTrip
+
+
+@dataclass(frozen=True)
+class StopEvent:
+    time_s: float
+    reason: str
+    detail: str
+
+
+class Subscriber:
+    """Override the hooks you need; all run on the hub thread, in event order."""
+
+    def on_frame(self, event: FrameEvent) -> None: ...
+    def on_plan(self, event: PlanEvent) -> None: ...
+    def on_command(self, event: CommandEvent) -> None: ...
+    def on_overrun(self, event: OverrunEvent) -> None: ...
+    def on_trip(self, event: TripEvent) -> None: ...
+    def on_stop(self, event: StopEvent) -> None: ...
+
+    def close(self) -> None:
+        """Flush and release; called once, after the last event."""
+
+
+_HOOKS = {FrameEvent: "on_frame", PlanEvent: "on_plan", CommandEvent: "on_command", OverrunEvent: "on_overrun",
+          TripEvent: "on_trip", StopEvent: "on_stop"}
+_CLOSE = object()
+
+
+class EventHub:
+    """Delivers published events to subscribers on its own thread; `close()` drains, then closes them."""
+
+    def __init__(self, subscribers: list[Subscriber] | None = None):
+        self.subscribers = list(subscribers or [])
+        self.error: BaseException | None = None
+        self.published = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self) -> "EventHub":
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="loop-events", daemon=True)
+            self._thread.start()
+        return self
+
+    def publish(self, event: Any) -> None:
+        if not self._closed:
+            self.published += 1
+            self._queue.put(event)
+
+    def trip(self, trip: SafetyTrip) -> None:
+        """SafetyGuard's on_trip hook."""
+        self.publish(TripEvent(trip))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued, stop the thread, close every subscriber (each even if another fails)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_CLOSE)
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("event subscribers still busy after %.0f s; closing them anyway", timeout_s)
+        for sub in self.subscribers:
+            try:
+                sub.close()
+            except Exception as exc:    # keep closing the others: each holds its own file
+                log.exception("closing subscriber %s failed", type(sub).__name__)
+                self.error = self.error or exc
+
+    def __enter__(self) -> "EventHub":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not _CLOSE:
+            hook = _HOOKS[type(event)]
+            for sub in self.subscribers:
+                try:
+                    getattr(sub, hook)(event)
+                except Exception as exc:    # the loop sees self.error and stops into the safe state
+                    if self.error is None:
+                        log.exception("subscriber %s failed on %s", type(sub).__name__, hook)
+                        self.error = exc

@@ -1,0 +1,276 @@
+"""The onnxruntime backend: stages as InferenceSessions driven through I/O binding into buffers allocated at load.
+
+Execution provider by name: "cpu", "cuda", or "tensorrt" (the TensorRT EP, CUDA and CPU as
+fallbacks for nodes it does not take), with its optimization profiles derived from the
+manifest. The graph optimization level is the one the manifest records for a stage
+(`quantization.options.stages.NAME.ort_graph_optimization`, written by `edgeact quantize`:
+some fp8 / int4 graphs only run at "basic"), unless the options override it.
+
+Where the decoder's time goes, per step: the session run itself (the model's arithmetic and
+one read of the cache), then 4*n_layers+3 bind calls (a few microseconds each: the past
+grows, so its shapes change every step). Nothing is copied: the past is bound as the cache's
+contiguous prefix, new keys/values are written by onnxruntime straight into the cache at
+offset `length`, the hidden states into a buffer sized for the largest chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import Bundle
+from edgeact.runtime.engines import (
+    Backend, DecoderEngine, StageEngine, bind_symbols, check_max_chunk, max_shape, register_backend, resolve_shape,
+)
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+from edgeact.runtime.stage_spec import StageSpec
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+GRAPH_LEVELS = ("disabled", "basic", "extended", "all")
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+                "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"     # TensorRT-EP engine cache inside the bundle, per device
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    threads: int | None = None             # intra-op threads (None: onnxruntime's default, all cores)
+    provider: str = "cpu"                  # cpu, cuda, tensorrt
+    device_id: int = 0
+    graph_optimization: str | None = None  # None: the level the manifest records per stage, else "all"
+    trt_fp16: bool = False                 # TensorRT EP: let fp32 layers run in fp16
+    trt_cache_dir: str | None = None       # TensorRT EP engine cache (default: BUNDLE/engines/ort-tensorrt)
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"onnxruntime provider {self.provider!r} unknown; use one of {', '.join(PROVIDERS)}")
+        if self.graph_optimization is not None and self.graph_optimization not in GRAPH_LEVELS:
+            raise ConfigError(f"graph_optimization {self.graph_optimization!r} unknown; use one of {', '.join(GRAPH_LEVELS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads is {self.threads}; use a positive number or leave it unset")
+
+    @property
+    def on_device(self) -> bool:
+        return self.provider != "cpu"
+
+
+def recorded_graph_level(bundle: Bundle, stage: str) -> str:
+    """The optimization level `edgeact quantize` checked the stage at; "all" for stages it did not touch."""
+    q = bundle.manifest.quantization
+    notes = ((q.options.get("stages") or {}).get(stage) or {}) if q else {}
+    level = notes.get("ort_graph_optimization") or "all"
+    if level not in GRAPH_LEVELS:
+        raise BundleError(f"{bundle.root}: stage {stage!r} records graph optimization {level!r}; expected one of "
+                          f"{', '.join(GRAPH_LEVELS)}: re-quantize the bundle")
+    return level
+
+
+def trt_profile_options(spec: StageSpec) -> dict[str, str]:
+    """The TensorRT EP's explicit profiles (trt_profile_{min,opt,max}_shapes), one per manifest profile.
+
+    Format "name:1x7x64,other:...", each input repeated once per profile, in profile order.
+    """
+    profiles = [{**spec.dim_ranges, **p.dim_ranges} for p in spec.profiles] or [dict(spec.dim_ranges)]
+    out = {}
+    for key, pick in (("min", lambda r: r.min), ("opt", lambda r: r.opt), ("max", lambda r: r.max)):
+        entries = []
+        for ranges in profiles:
+            values = {name: pick(r) for name, r in ranges.items()}
+            for tensor in spec.inputs:
+                shape = resolve_shape(tensor.dims, values, f"stage {spec.name!r}")
+                entries.append(f"{tensor.name}:{'x'.join(str(s) for s in shape)}")
+        out[f"trt_profile_{key}_shapes"] = ",".join(entries)
+    return out
+
+
+def make_session(bundle: Bundle, stage: str, options: OrtOptions):
+    import onnxruntime as ort
+
+    spec = bundle.stage(stage)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3          # Q/DQ graphs warn once per unfused pair
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+    level = options.graph_optimization or recorded_graph_level(bundle, stage)
+    so.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    providers = _providers(bundle, spec, options, ort.get_available_providers())
+    path = bundle.stage_path(stage)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise BundleError(f"{path}: onnxruntime cannot load stage {stage!r} with {options.provider} at graph "
+                          f"optimization {level!r} ({str(exc).splitlines()[0]}); re-export the bundle, or try "
+                          "graph_optimization='basic'") from None
+
+
+def _providers(bundle: Bundle, spec: StageSpec, options: OrtOptions, available: list[str]) -> list:
+    wanted = PROVIDERS[options.provider]
+    if wanted[0] not in available:
+        raise ConfigError(f"onnxruntime here has no {wanted[0]} (it has {', '.join(available)}); install "
+                          "onnxruntime-gpu (Jetson: the JetPack wheel) or use provider='cpu'")
+    out: list[Any] = []
+    for name in wanted:
+        if name == "TensorrtExecutionProvider":
+            cache = Path(options.trt_cache_dir) if options.trt_cache_dir else bundle.path(ORT_TRT_CACHE_DIR)
+            out.append((name, {"device_id": options.device_id, "trt_fp16_enable": options.trt_fp16,
+                               "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                               **trt_profile_options(spec)}))
+        elif name == "CUDAExecutionProvider":
+            out.append((name, {"device_id": options.device_id}))
+        else:
+            out.append(name)
+    return out
+
+
+def numpy_dtype(name: str, where: str):
+    try:
+        return NUMPY_DTYPES[name]
+    except KeyError:
+        raise BundleError(f"{where} is {name}; the onnxruntime engine binds {sorted(NUMPY_DTYPES)} only") from None
+
+
+class OrtStageEngine(StageEngine):
+    """A stateless stage; outputs land in host buffers sized for the stage's largest shapes, allocated once."""
+
+    def __init__(self, bundle: Bundle, name: str, options: OrtOptions):
+        self.spec = bundle.stage(name)
+        self.session = make_session(bundle, name, options)
+        self._binding = self.session.io_binding()
+        self._run_options = _run_options()
+        self._where = f"stage {name!r}"
+        self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"{self._where} input {t.name!r}") for t in self.spec.inputs}
+        input_symbols = {s for t in self.spec.inputs for s in t.symbols()}
+        # An output whose dims the inputs fix gets a buffer now; any other is left for onnxruntime to allocate.
+        self._outputs = {}
+        for t in self.spec.outputs:
+            dtype = numpy_dtype(t.dtype, f"{self._where} output {t.name!r}")
+            buffer = np.empty(max_shape(t.dims, self.spec), dtype) if set(t.symbols()) <= input_symbols else None
+            self._outputs[t.name] = (t, buffer)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = sorted(set(self._in_dtypes) - set(feeds))
+        if missing:
+            raise EdgeactError(f"{self._where}: inputs {missing} not given; it takes {list(self._in_dtypes)}")
+        # The bound arrays must stay alive until run_with_iobinding returns: keep them in `arrays`.
+        arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._in_dtypes.items()}
+        values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, self._where)
+        b = self._binding
+        for name, array in arrays.items():
+            b.bind_cpu_input(name, array)
+        out: dict[str, np.ndarray] = {}
+        for name, (t, buffer) in self._outputs.items():
+            if buffer is None:
+                b.bind_output(name, "cpu")
+                continue
+            shape = resolve_shape(t.dims, values, self._where)
+            view = buffer.reshape(-1)[:int(np.prod(shape))].reshape(shape)   # a contiguous prefix of the buffer
+            b.bind_output(name, "cpu", 0, buffer.dtype, list(shape), view.ctypes.data)
+            out[name] = view
+        self.session.run_with_iobinding(b, self._run_options)
+        if len(out) < len(self._outputs):
+            for name, value in zip(self.session.get_outputs(), b.copy_outputs_to_cpu()):
+                out.setdefault(name.name, value)
+        return out
+
+
+class OrtDecoderEngine(DecoderEngine):
+    """The decoder through one I/O binding over buffers allocated once: cache, embeddings, positions, hidden states."""
+
+    def __init__(self, bundle: Bundle, options: OrtOptions, max_chunk: int):
+        self.spec = bundle.stage(io.DECODER_STAGE)
+        self.layout = layout = CacheLayout.from_stage(self.spec)
+        self.max_chunk = check_max_chunk(max_chunk, layout)
+        self.session = make_session(bundle, io.DECODER_STAGE, options)
+        self._binding = self.session.io_binding()
+        # One RunOptions for every step: with None, onnxruntime 1.32 keeps ~100 B per call (a leak).
+        self._run_options = _run_options()
+        D, n = layout.hidden_size, self.max_chunk
+        self.embeds = np.zeros((n, D), np.float32)
+        self._positions = np.zeros(n, np.int64)
+        self._ramp = np.arange(n, dtype=np.int64)
+        self._hidden = np.zeros((n, D), np.float32)
+        if options.on_device:
+            self._device = ("cuda", options.device_id)
+            self.cache = KVCache(layout, allocate=_ort_device_allocator(options.device_id), device="cuda")
+        else:
+            self._device = ("cpu", 0)
+            self.cache = KVCache(layout)
+        # Names, element types and base addresses resolved once; the step does integer arithmetic only.
+        self._cache_dtype = layout.numpy_dtype
+        self._layers = [(io.past_key(l), io.past_value(l), io.new_key(l), io.new_value(l)) for l in range(layout.n_layers)]
+        self._embeds_ptr = self.embeds.ctypes.data
+        self._positions_ptr = self._positions.ctypes.data
+        self._hidden_ptr = self._hidden.ctypes.data
+        self._row = [layout.kv_heads, layout.head_dim]
+
+    def step(self, n: int) -> np.ndarray:
+        if not 1 <= n <= self.max_chunk:
+            raise EdgeactError(f"decoder step of {n} positions; this engine takes 1..{self.max_chunk} (max_chunk)")
+        past = self.cache.reserve(n)
+        np.add(self._ramp[:n], past, out=self._positions[:n])
+        b, (device, device_id), dtype = self._binding, self._device, self._cache_dtype
+        b.bind_input(io.INPUTS_EMBEDS, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._embeds_ptr)
+        b.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self._positions_ptr)
+        past_shape, new_shape = [1, past, *self._row], [1, n, *self._row]
+        cache = self.cache
+        for layer, (pk, pv, nk, nv) in enumerate(self._layers):
+            b.bind_input(pk, device, device_id, dtype, past_shape, cache.pointer(layer, KEY))
+            b.bind_input(pv, device, device_id, dtype, past_shape, cache.pointer(layer, VALUE))
+            b.bind_output(nk, device, device_id, dtype, new_shape, cache.pointer(layer, KEY, past))
+            b.bind_output(nv, device, device_id, dtype, new_shape, cache.pointer(layer, VALUE, past))
+        b.bind_output(io.HIDDEN_STATES, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._hidden_ptr)
+        self.session.run_with_iobinding(b, self._run_options)
+        cache.commit(n)
+        return self._hidden[n - 1]
+
+    def hidden_states(self, n: int) -> np.ndarray:
+        """(n, D) view of the last step's hidden states (the decode program needs only the last row)."""
+        return self._hidden[:n]
+
+
+def _run_options():
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    # run_with_iobinding looks this key up on every run; absent, the lookup raises and catches an
+    # exception (~25 us a step). -1 is "no graph capture", which is what these runs are anyway:
+    # the past grows every step, so a captured CUDA/WebGPU graph could never be replayed.
+    options.add_run_config_entry("gpu_graph_id", "-1")
+    return options
+
+
+def _ort_device_allocator(device_id: int):
+    def allocate(nbytes: int):
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, "cuda", device_id)
+        return value, value.data_ptr()
+    return allocate
+
+
+@register_backend("onnxruntime")
+class OrtBackend(Backend):
+    """Opens stages as onnxruntime sessions; options as OrtOptions (threads, provider, graph_optimization ...)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, **options: Any):
+        self.options = OrtOptions(**options)
+
+    def stage(self, bundle: Bundle, name: str) -> OrtStageEngine:
+        return OrtStageEngine(bundle, name, self.options)
+
+    def decoder(self, bundle: Bundle, max_chunk: int) -> OrtDecoderEngine:
+        return OrtDecoderEngine(bundle, self.options, max_chunk)

@@ -1,0 +1,246 @@
+"""The loop's policy interface: Observation in, Plan out; a registry of policy types; wrappers; a scripted policy.
+
+A policy type is a config dataclass registered under a short name, whose `make_policy(context)`
+builds the policy. The loop only ever looks types up by name, so a new kind of policy (the
+bundle policy, a remote policy) is one module that registers itself:
+
+    @register_policy("bundle")
+    @dataclass
+    class BundlePolicyConfig(PolicyConfig):
+        path: str = ""
+        def make_policy(self, context: PolicyContext) -> Policy: ...
+
+Wrappers (`TimedPolicy`) have the same interface as what they wrap.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from edgeact.runtime.action_bins import ACTION_DIMS, ActionStats, unnormalize_actions
+from edgeact.runtime.errors import ConfigError
+
+# Modules whose policy types register themselves on import. A listed module that does not exist
+# yet is skipped, so shipping `bundle_policy.py` is all it takes to add the "bundle" type.
+BUILTIN_POLICY_MODULES = (
+    "edgeact.runtime.bundle_policy",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Observation:
+    """What the policy sees: the newest camera frame plus the joint state of the last control read."""
+
+    rgb: np.ndarray                         # (H, W, 3) uint8
+    depth_m: np.ndarray | None              # (H, W) float32 metres aligned to rgb; 0 = no data
+    timestamp_s: float                      # time.monotonic() when the frame was captured
+    proprio: dict[str, float] | None        # joint -> rad, from the control thread's last read
+    instruction: str
+    frame_number: int = -1                  # the camera's frame counter (telemetry)
+
+    def __post_init__(self) -> None:
+        rgb = self.rgb
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+            raise ValueError(f"Observation.rgb must be (H, W, 3) uint8, got "
+                             f"{getattr(rgb, 'shape', None)} {getattr(rgb, 'dtype', type(rgb).__name__)}")
+        if self.depth_m is not None and self.depth_m.shape != rgb.shape[:2]:
+            raise ValueError(f"Observation.depth_m must be {rgb.shape[:2]} like rgb, got {self.depth_m.shape}")
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """One policy step's result: an action chunk in robot units, planned from one observation."""
+
+    actions: np.ndarray                     # (n, 7) un-normalized [dx, dy, dz, droll, dpitch, dyaw, gripper]
+    actions_normalized: np.ndarray          # (n, 7) the same in [-1, 1] (bin centres)
+    trace_px: np.ndarray | None             # (k, 2) [u, v] pixels of the first image, or None
+    depth_codes: np.ndarray | None          # (100,) depth VQ codes, or None
+    observation_time_s: float               # the observation's timestamp_s: action 0 starts then
+    created_time_s: float                   # time.monotonic() when the plan was ready
+    stage_seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall seconds of this step
+    decode_steps: int = 0                   # sequential decoder steps this plan took
+
+    def __post_init__(self) -> None:
+        for name in ("actions", "actions_normalized"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.ndim != 2 or value.shape[1] != ACTION_DIMS or value.shape[0] < 1:
+                raise ValueError(f"Plan.{name} must be (n >= 1, {ACTION_DIMS}), got {value.shape}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"Plan.{name} holds non-finite values; the policy's output is broken")
+            object.__setattr__(self, name, value)
+        if self.actions.shape != self.actions_normalized.shape:
+            raise ValueError(f"Plan.actions {self.actions.shape} and actions_normalized "
+                             f"{self.actions_normalized.shape} differ in shape")
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def latency_s(self) -> float:
+        """Observation (frame capture) to plan ready: how stale the plan's first action already is."""
+        return self.created_time_s - self.observation_time_s
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def step(self, obs: Observation) -> Plan: ...
+
+    def close(self) -> None: ...
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the robot tells a policy when it is built (policies take what they need)."""
+
+    action_rate_hz: float                   # how long one action of a chunk lasts: 1 / action_rate_hz
+    joint_names: tuple[str, ...] = ()
+    config_dir: Path | None = None          # resolve relative paths in the config against this
+    intrinsics: Any = None                  # the camera's Intrinsics (color stream), when known
+
+
+@dataclass
+class PolicyConfig:
+    """Base of every policy type's config; subclasses add fields and register a type name."""
+
+    type_name: ClassVar[str] = ""
+
+    def make_policy(self, context: PolicyContext) -> Policy:
+        raise NotImplementedError(f"{type(self).__name__} does not say how to build its policy")
+
+
+_POLICY_TYPES: dict[str, type[PolicyConfig]] = {}
+
+
+def register_policy(type_name: str) -> Callable[[type[PolicyConfig]], type[PolicyConfig]]:
+    """Class decorator: make a PolicyConfig subclass reachable by its short type name."""
+
+    def decorate(cls: type[PolicyConfig]) -> type[PolicyConfig]:
+        if type_name in _POLICY_TYPES and _POLICY_TYPES[type_name].__qualname__ != cls.__qualname__:
+            raise ConfigError(f"policy type {type_name!r} registered twice "
+                              f"({_POLICY_TYPES[type_name].__name__} and {cls.__name__})")
+        cls.type_name = type_name
+        _POLICY_TYPES[type_name] = cls
+        return cls
+
+    return decorate
+
+
+def policy_types() -> dict[str, type[PolicyConfig]]:
+    """{type name: config class} of every registered policy type."""
+    for module in BUILTIN_POLICY_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:      # the module exists but something it imports is missing: say so
+                raise
+    return dict(_POLICY_TYPES)
+
+
+def policy_type(type_name: str) -> type[PolicyConfig]:
+    types = policy_types()
+    if type_name not in types:
+        raise ConfigError(f"policy type {type_name!r} unknown; use one of {', '.join(sorted(types))}")
+    return types[type_name]
+
+
+# -- wrappers ----------------------------------------------------------------------------------
+
+class TimedPolicy:
+    """Adds the step's wall time ("policy_total") and what the stages did not account for ("policy_other")."""
+
+    def __init__(self, inner: Policy, clock: Callable[[], float] = time.monotonic):
+        self.inner, self.clock = inner, clock
+
+    def step(self, obs: Observation) -> Plan:
+        start = self.clock()
+        plan = self.inner.step(obs)
+        total = self.clock() - start
+        stages = dict(plan.stage_seconds)
+        other = max(total - sum(stages.values()), 0.0)
+        stages.update(policy_total=total, policy_other=other)
+        return replace(plan, stage_seconds=stages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# -- the scripted policy -------------------------------------------------------------------------
+
+@register_policy("scripted")
+@dataclass
+class ScriptedPolicyConfig(PolicyConfig):
+    """Deterministic chunks without a model: a baseline for the loop, and the policy of the tests.
+
+    Normalized action d of chunk entry i is offset[d] + amplitude * sin(2 pi t_i / period_s + d),
+    t_i = (obs time - first obs time) + i / action_rate_hz, so plans made at different times
+    agree where they overlap, as a real policy's should. Robot units: value * action_scale[d]
+    (the gripper, last, stays normalized as in MolmoAct).
+    """
+
+    chunk_size: int = 8
+    latency_s: float = 0.05                 # how long each step takes (sleeps): a stand-in for inference
+    amplitude: float = 0.5
+    period_s: float = 4.0
+    offset: list[float] = field(default_factory=lambda: [0.0] * ACTION_DIMS)
+    action_scale: list[float] = field(default_factory=lambda: [0.01, 0.01, 0.01, 0.05, 0.05, 0.05])
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.chunk_size, int) and 1 <= self.chunk_size <= 256):
+            raise ConfigError(f"chunk_size: must be an integer in [1, 256], got {self.chunk_size}")
+        if not (0.0 <= self.latency_s <= 60.0):
+            raise ConfigError(f"latency_s: must be in [0, 60] seconds, got {self.latency_s}")
+        if not (0.0 <= self.amplitude <= 1.0):
+            raise ConfigError(f"amplitude: must be in [0, 1] (normalized actions), got {self.amplitude}")
+        if not (self.period_s > 0 and math.isfinite(self.period_s)):
+            raise ConfigError(f"period_s: must be > 0, got {self.period_s}")
+        if len(self.offset) != ACTION_DIMS or any(abs(v) > 1.0 for v in self.offset):
+            raise ConfigError(f"offset: must be {ACTION_DIMS} values in [-1, 1], got {self.offset}")
+        if len(self.action_scale) != ACTION_DIMS - 1 or any(not v >= 0 for v in self.action_scale):
+            raise ConfigError(f"action_scale: must be {ACTION_DIMS - 1} values >= 0 (robot units per normalized "
+                              f"unit of dx..dyaw), got {self.action_scale}")
+
+    def make_policy(self, context: PolicyContext) -> "ScriptedPolicy":
+        return ScriptedPolicy(self, context.action_rate_hz)
+
+
+class ScriptedPolicy:
+    def __init__(self, config: ScriptedPolicyConfig, action_rate_hz: float,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        if not action_rate_hz > 0:
+            raise ConfigError(f"action_rate_hz must be > 0, got {action_rate_hz}")
+        self.config, self.action_rate_hz, self.sleep, self.clock = config, action_rate_hz, sleep, clock
+        scale = np.asarray(config.action_scale + [1.0], dtype=np.float64)
+        # Symmetric statistics make un-normalizing a plain scale: 0.5 (v + 1)(2 s) - s = v s.
+        self.stats = ActionStats(q01=-scale, q99=scale, mask=np.ones(ACTION_DIMS, dtype=bool))
+        self._t0: float | None = None
+        self.steps = 0
+
+    def normalized_chunk(self, obs_time_s: float) -> np.ndarray:
+        if self._t0 is None:
+            self._t0 = obs_time_s
+        c = self.config
+        t = (obs_time_s - self._t0) + np.arange(c.chunk_size)[:, None] / self.action_rate_hz
+        phase = 2 * np.pi * t / c.period_s + np.arange(ACTION_DIMS)[None, :]
+        return np.clip(np.asarray(c.offset)[None, :] + c.amplitude * np.sin(phase), -1.0, 1.0)
+
+    def step(self, obs: Observation) -> Plan:
+        start = self.clock()
+        normalized = self.normalized_chunk(obs.timestamp_s)
+        if self.config.latency_s > 0:
+            self.sleep(max(self.config.latency_s - (self.clock() - start), 0.0))
+        self.steps += 1
+        return Plan(actions=unnormalize_actions(normalized, self.stats), actions_normalized=normalized,
+                    trace_px=None, depth_codes=None, observation_time_s=obs.timestamp_s,
+                    created_time_s=self.clock(), stage_seconds={"scripted": self.clock() - start}, decode_steps=0)
+
+    def close(self) -> None:
+        pass

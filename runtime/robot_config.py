@@ -1,0 +1,369 @@
+"""The robot's one config file (JSON or TOML): bus and motors, camera, policy, rates, limits, watchdog, e-stop.
+
+Every section is a dataclass validated at construction; a bad file is refused with the field's
+dotted path and the fix ("rates.control_hz: must be in (0, 1000], got 0"; an unknown key gets a
+"did you mean"). Camera, policy and action-mapper sections pick their type from the registries
+by `"type"`, so a new camera or policy needs no change here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeact.drivers.cameras.base import CameraConfig, camera_types
+from edgeact.drivers.motors.bus import Motor, MotorCalibration, MotorsBus
+from edgeact.drivers.motors.safety import SafetyConfig
+from edgeact.runtime.control import MapperConfig, mapper_type
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.policy import PolicyConfig, policy_type
+
+BUS_TYPES = ("sim", "feetech", "dynamixel", "damiao-can")
+ESTOP_KEYS = {"space": " ", "enter": "\n", "esc": "\x1b", "tab": "\t"}
+MAX_CONTROL_HZ = 1000.0
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+@dataclass
+class MotorEntry:
+    id: int
+    model: str
+    mode: str = "position"                  # "position" (joints) or "velocity" (wheels)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.id <= 252:
+            raise ConfigError(f"id: must be in 0..252, got {self.id}")
+        if self.mode not in ("position", "velocity"):
+            raise ConfigError(f"mode: must be 'position' or 'velocity', got {self.mode!r}")
+
+
+@dataclass
+class RobotSection:
+    """The motor bus. "sim" starts the built-in simulated Feetech bus on a pty (no port needed)."""
+
+    bus: str
+    motors: dict[str, MotorEntry]
+    port: str = ""                          # serial device; unused by "sim" and "damiao-can"
+    baud_rate: int = 1_000_000              # serial buses
+    calibration: dict[str, MotorCalibration] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)   # more fields of the bus's own config
+
+    def __post_init__(self) -> None:
+        if self.bus not in BUS_TYPES:
+            raise ConfigError(f"bus: must be one of {', '.join(BUS_TYPES)}, got {self.bus!r}"
+                              f"{_suggest(self.bus, BUS_TYPES)}")
+        if not self.motors:
+            raise ConfigError('motors: name at least one motor, e.g. {"shoulder_pan": {"id": 1, "model": "sts3215"}}')
+        if self.bus in ("feetech", "dynamixel") and not self.port:
+            raise ConfigError(f"port: a {self.bus} bus needs its serial device, e.g. /dev/ttyACM0")
+        if self.bus == "sim" and self.port:
+            raise ConfigError("port: the simulated bus opens its own pty; remove the port (or use bus \"feetech\")")
+        unknown = sorted(set(self.calibration) - set(self.motors))
+        if unknown:
+            raise ConfigError(f"calibration: names motors {unknown} that are not in motors ({', '.join(self.motors)})")
+        self._check_models()
+
+    @property
+    def protocol(self) -> str:
+        return "feetech" if self.bus == "sim" else self.bus
+
+    def _check_models(self) -> None:
+        """Every model is one the bus's vendor makes; `options` are fields of the bus's own config."""
+        if self.bus == "damiao-can":
+            from edgeact.drivers.motors import damiao_table
+            from edgeact.drivers.motors.damiao import DamiaoBusConfig
+
+            for name, m in self.motors.items():
+                try:
+                    damiao_table.model(m.model)
+                except ConfigError as exc:
+                    raise ConfigError(f"motors.{name}.model: {exc}") from None
+            _check_keys(self.options, {f.name for f in dataclasses.fields(DamiaoBusConfig)}, "options")
+            try:
+                DamiaoBusConfig(**self.options)
+            except ConfigError as exc:
+                raise ConfigError(f"options: {exc}") from None
+            return
+        from edgeact.drivers.motors.serial_bus import serial_bus_class
+
+        bus_type = serial_bus_class(self.protocol)
+        for name, m in self.motors.items():
+            if m.model not in bus_type.MODELS:
+                raise ConfigError(f"motors.{name}.model: {m.model!r} is not a {self.protocol} model; use one of "
+                                  f"{', '.join(bus_type.MODELS)}{_suggest(m.model, bus_type.MODELS)}")
+        config_fields = {f.name for f in dataclasses.fields(bus_type.CONFIG_TYPE)} - {"port", "baud_rate"}
+        _check_keys(self.options, config_fields, "options")
+        try:
+            bus_type.CONFIG_TYPE(port=self.port or "(the simulator's pty)", baud_rate=self.baud_rate, **self.options)
+        except ConfigError as exc:
+            raise ConfigError(f"options or baud_rate: {exc}") from None
+
+    def motor_objects(self) -> dict[str, Motor]:
+        return {name: Motor(m.id, m.model, m.mode) for name, m in self.motors.items()}
+
+    def make_bus(self, port: str | None = None) -> MotorsBus:
+        """The driver bus (not connected); `port` overrides the configured one (the simulator's pty)."""
+        if self.bus == "damiao-can":
+            from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
+
+            return DamiaoBus(self.motor_objects(), self.calibration, config=DamiaoBusConfig(**self.options))
+        from edgeact.drivers.motors.serial_bus import make_serial_bus
+
+        return make_serial_bus(self.protocol, port or self.port, self.motor_objects(), self.calibration,
+                               baud_rate=self.baud_rate, **self.options)
+
+
+@dataclass
+class RatesSection:
+    control_hz: float = 100.0               # control ticks per second
+    action_rate_hz: float = 10.0            # an action of a chunk lasts 1 / action_rate_hz (the training data's rate)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.control_hz <= MAX_CONTROL_HZ:
+            raise ConfigError(f"control_hz: must be in (0, {MAX_CONTROL_HZ:g}], got {self.control_hz}")
+        if not 0 < self.action_rate_hz <= self.control_hz:
+            raise ConfigError(f"action_rate_hz: must be in (0, control_hz = {self.control_hz:g}] so each action "
+                              f"spans at least one control tick, got {self.action_rate_hz}")
+
+
+@dataclass
+class PlanSection:
+    max_age_s: float = 1.5                  # hold when the plan's observation is older than this
+    max_frame_age_s: float = 0.25           # the planner waits for a newer frame than this
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_frame_age_s"):
+            value = getattr(self, name)
+            if not (0 < value <= 600):
+                raise ConfigError(f"{name}: must be in (0, 600] seconds, got {value}")
+
+
+@dataclass
+class WatchdogSection:
+    control_stall_s: float = 0.5            # the control thread silent this long: e-stop and end the run
+
+    def __post_init__(self) -> None:
+        if not (0 < self.control_stall_s <= 60):
+            raise ConfigError(f"control_stall_s: must be in (0, 60] seconds, got {self.control_stall_s}")
+
+
+@dataclass
+class EstopSection:
+    file: str | None = None                 # the e-stop latches when this file exists (`touch` it)
+    key: str | None = None                  # ... or when this key is pressed: one character, or space/enter/esc/tab
+
+    def __post_init__(self) -> None:
+        if self.key is not None and len(self.key) != 1 and self.key not in ESTOP_KEYS:
+            raise ConfigError(f"key: one character or one of {', '.join(ESTOP_KEYS)}, got {self.key!r}")
+        if self.file == "":
+            raise ConfigError("file: give a path (e.g. /tmp/edgeact.estop) or leave it out")
+
+    @property
+    def key_char(self) -> str | None:
+        return None if self.key is None else ESTOP_KEYS.get(self.key, self.key)
+
+
+@dataclass
+class RobotConfig:
+    robot: RobotSection
+    camera: CameraConfig
+    policy: PolicyConfig
+    actions: MapperConfig
+    instruction: str = ""
+    rates: RatesSection = field(default_factory=RatesSection)
+    limits: SafetyConfig = field(default_factory=SafetyConfig)
+    plan: PlanSection = field(default_factory=PlanSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    estop: EstopSection = field(default_factory=EstopSection)
+    source: str = "<dict>"                  # where it was read from (messages, relative paths)
+
+    def __post_init__(self) -> None:
+        motors = list(self.robot.motors)
+        unknown = sorted(set(self.limits.joint_limits_rad) - set(motors))
+        if unknown:
+            raise ConfigError(f"limits.joint_limits_rad: joints {unknown} are not motors ({', '.join(motors)})")
+        self.actions.make_mapper(motors)    # its joints must exist; raises with the fix
+        period_s = 1.0 / self.rates.control_hz
+        for where, value in (("limits.watchdog_timeout_s", self.limits.watchdog_timeout_s),
+                             ("watchdog.control_stall_s", self.watchdog.control_stall_s)):
+            if value < 3 * period_s:
+                raise ConfigError(f"{where}: {value} s is under three control periods ({3 * period_s:.3f} s at "
+                                  f"{self.rates.control_hz:g} Hz); raise it or the watchdog trips on jitter")
+
+    @property
+    def config_dir(self) -> Path | None:
+        return None if self.source.startswith("<") else Path(self.source).resolve().parent
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: _plain(getattr(self, name)) for name in ("robot", "camera", "policy", "actions", "instruction",
+                                                              "rates", "limits", "plan", "watchdog", "estop")}
+        out["camera"] = {"type": self.camera.type_name, **out["camera"]}
+        out["policy"] = {"type": self.policy.type_name, **out["policy"]}
+        out["actions"] = {"type": self.actions.type_name, **out["actions"]}
+        return out
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+SECTIONS = {"robot": RobotSection, "rates": RatesSection, "limits": SafetyConfig, "plan": PlanSection,
+            "watchdog": WatchdogSection, "estop": EstopSection}
+TOP_LEVEL = ("robot", "camera", "policy", "actions", "instruction", "rates", "limits", "plan", "watchdog", "estop")
+
+
+def load_robot_config(path: str | Path) -> RobotConfig:
+    """Read and validate a .json or .toml robot config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path} not found; write a sample with `edgeact demo --write-config {path}`")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ConfigError(f"config {path}: use a .json or .toml file")
+    try:
+        import tomllib      # Python 3.11+; JetPack 6's Python 3.10 reads the JSON form
+    except ImportError:
+        if suffix == ".toml":
+            raise ConfigError(f"config {path}: reading TOML needs Python 3.11 or newer; use a .json config") from None
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except ValueError as exc:       # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"config {path} is not valid {suffix[1:].upper()}: {exc}") from None
+    return robot_config_from_dict(data, source=str(path))
+
+
+def robot_config_from_dict(data: Any, source: str = "<dict>") -> RobotConfig:
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"the top level must be a table of sections ({', '.join(TOP_LEVEL)})")
+        _check_keys(data, TOP_LEVEL, "")
+        for name in ("robot", "camera", "policy", "actions"):
+            if name not in data:
+                raise ConfigError(f"{name}: missing section; see `edgeact demo --write-config sample.json`")
+        kwargs: dict[str, Any] = {name: _build(cls, data[name], name) for name, cls in SECTIONS.items() if name in data}
+        kwargs["camera"] = _build_typed(data["camera"], "camera", lambda t: _lookup(camera_types(), t, "camera"))
+        kwargs["policy"] = _build_typed(data["policy"], "policy", policy_type)
+        kwargs["actions"] = _build_typed(data["actions"], "actions", mapper_type)
+        if "instruction" in data:
+            kwargs["instruction"] = _typed(data["instruction"], str, "instruction")
+        return RobotConfig(source=source, **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"config {source}: {exc}") from None
+
+
+def _lookup(registry: dict[str, type], type_name: Any, where: str) -> type:
+    if type_name not in registry:
+        raise ConfigError(f"{where} type {type_name!r} unknown; use one of {', '.join(sorted(registry))}")
+    return registry[type_name]
+
+
+def _build_typed(data: Any, where: str, lookup) -> Any:
+    if not isinstance(data, dict) or "type" not in data:
+        raise ConfigError(f"{where}: must be a table with a \"type\" key")
+    rest = dict(data)
+    try:
+        cls = lookup(rest.pop("type"))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.type: {exc}") from None
+    return _build(cls, rest, where)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """A dataclass from a dict: keys checked (with a suggestion), simple types checked, then constructed."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table of fields, got {type(data).__name__}")
+    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _check_keys(data, fields_, where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}")
+    missing = [n for n, f in fields_.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}" if _names_field(str(exc), fields_) else f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _names_field(message: str, fields_: dict) -> bool:
+    """Does the message start with one of the fields ("control_hz: ...", "motors.x.model: ...")?"""
+    head = message.split(":", 1)[0].split(" ", 1)[0]
+    return head.split("[", 1)[0].split(".", 1)[0] in fields_
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check a value against a field's type; nested dataclasses (motors, calibration) are built here."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a table, got {type(value).__name__}")
+        value_hint = args[1] if args else Any
+        return {k: _convert(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list, got {type(value).__name__}")
+        if origin is tuple and args and args[-1] is not Ellipsis:     # fixed length, e.g. (low, high)
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: must be a list of {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if hint in (int, float, str, bool):
+        return _typed(value, hint, where)
+    return value
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    # An int is a fine float (kept as written, so messages echo the user's value); a bool is no number.
+    accepted = (int, float) if kind is float else kind
+    ok = isinstance(value, accepted) and not (kind in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: must be {_KIND_NAMES[kind]}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_keys(data: dict, known, where: str) -> None:
+    for key in data:
+        if key not in known:
+            place = f"{where}: " if where else ""
+            raise ConfigError(f"{place}unknown key {key!r}{_suggest(key, known)}; "
+                              f"known keys: {', '.join(sorted(known))}")
+
+
+def _suggest(word: Any, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, class-level fields dropped: what to_dict writes."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

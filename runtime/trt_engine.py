@@ -1,0 +1,308 @@
+"""The native TensorRT backend: engines that `edgeact build-engines` built, run with the TensorRT 10 Python API.
+
+Per stage: deserialize the plan, one execution context per optimization profile (the
+manifest's profiles, in the engine record's order: switching a context's profile costs a
+synchronization, keeping one context each costs only activation memory), device buffers
+sized once from the manifest's dim ranges. A call picks the narrowest profile that holds its
+shapes, sets input shapes (`set_input_shape`) and addresses (`set_tensor_address`) and runs
+`execute_async_v3` on the engine's stream.
+
+The decoder's KV cache lives in device memory (cudaMalloc once, sized like the host cache);
+keys/values of a chunk are written by the engine straight into the cache at offset `length`.
+Per step only the chunk's embeddings and positions go host->device and one hidden row
+(D floats) comes back. tensorrt and cuda-python are imported when a backend is opened, with
+an error that says what to install.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import Bundle, DimRange, EngineRecord, StageSpec
+from edgeact.runtime.engines import (
+    Backend, DecoderEngine, StageEngine, bind_symbols, check_max_chunk, max_shape, register_backend, resolve_shape,
+)
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+
+TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
+                    "(Jetson: JetPack ships TensorRT; pip install cuda-python); or use backend 'onnxruntime'")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+
+# ------------------------------------------------------------------------------- pure logic
+def profile_ranges(spec: StageSpec, record: EngineRecord) -> list[dict[str, DimRange]]:
+    """Symbol ranges of each engine profile, in engine profile-index order (the record's names)."""
+    by_name = {p.name: {**spec.dim_ranges, **p.dim_ranges} for p in spec.profiles}
+    if not record.profiles:
+        return [dict(spec.dim_ranges)]
+    missing = [n for n in record.profiles if n not in by_name and n != "default"]
+    if missing:
+        raise BundleError(f"engine {record.file}: profiles {missing} are not in the manifest's stage {spec.name!r}; "
+                          f"rebuild it: edgeact build-engines BUNDLE --target {record.target}")
+    return [by_name.get(n, dict(spec.dim_ranges)) for n in record.profiles]
+
+
+def select_profile(ranges: Sequence[Mapping[str, DimRange]], values: Mapping[str, int]) -> int:
+    """Index of the narrowest profile whose ranges hold every symbol value (ties: the lower index)."""
+    best, best_span = -1, None
+    for index, profile in enumerate(ranges):
+        if all(name not in profile or profile[name].min <= v <= profile[name].max for name, v in values.items()):
+            span = sum(profile[name].max - profile[name].min for name in values if name in profile)
+            if best_span is None or span < best_span:
+                best, best_span = index, span
+    if best < 0:
+        raise EdgeactError(f"no engine profile holds {dict(values)}; profiles: "
+                           + "; ".join(str({k: (r.min, r.max) for k, r in p.items()}) for p in ranges)
+                           + ". Rebuild the engines with wider dim_ranges, or feed smaller chunks")
+    return best
+
+
+def tensor_bytes(dims: Sequence[int | str], dtype: str, spec: StageSpec) -> int:
+    """Bytes of a tensor at its largest shape within the stage's ranges (device buffers are this big)."""
+    if dtype not in _ITEMSIZE:
+        raise BundleError(f"stage {spec.name!r}: element type {dtype} has no buffer size here")
+    return int(np.prod(max_shape(dims, spec), dtype=np.int64)) * _ITEMSIZE[dtype]
+
+
+def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capability: tuple[int, int] | None,
+                trt_version: str) -> EngineRecord:
+    """The engine record to run: the named target's, or the one built for this GPU's SM; same TensorRT version."""
+    records = [r for r in bundle.manifest.engines if r.stage == stage]
+    how = f"edgeact build-engines {bundle.root} --target T"
+    if target is not None:
+        records = [r for r in records if r.target == target]
+    elif compute_capability is not None:
+        records = [r for r in records if r.compute_capability == f"{compute_capability[0]}.{compute_capability[1]}"]
+    if not records:
+        have = sorted({f"{r.target} (SM {r.compute_capability})" for r in bundle.manifest.engines if r.stage == stage})
+        raise BundleError(f"{bundle.root}: no TensorRT engine for stage {stage!r}"
+                          + (f" and target {target!r}" if target else "")
+                          + (f" on SM {compute_capability[0]}.{compute_capability[1]}" if compute_capability and not target else "")
+                          + f"; it has {', '.join(have) or 'none'}. Build them on this device: {how}")
+    if len(records) > 1:
+        raise ConfigError(f"stage {stage!r} has engines for targets {[r.target for r in records]} on this SM; "
+                          "choose one with the target option")
+    record = records[0]
+    if record.trt_version != trt_version:
+        raise BundleError(f"{record.file}: built with TensorRT {record.trt_version}, this is TensorRT {trt_version}; "
+                          f"engines run only on the version that built them: rebuild with {how}")
+    return record
+
+
+# ------------------------------------------------------------------------------- CUDA glue
+@dataclass(frozen=True)
+class TrtOptions:
+    target: str | None = None        # the engine record's target; None: the one built for this GPU's SM
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device_id < 0:
+            raise ConfigError(f"device_id is {self.device_id}; CUDA devices count from 0")
+
+
+def import_trt() -> tuple[Any, Any]:
+    """(tensorrt, cuda runtime bindings), or an EdgeactError saying what to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):       # OSError: the wheel is there but libnvinfer is not
+        raise EdgeactError(TENSORRT_MISSING) from None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise EdgeactError(TENSORRT_MISSING) from None
+    return tensorrt, cudart
+
+
+class Cuda:
+    """The few CUDA runtime calls the engines need, each checked."""
+
+    def __init__(self, cudart, device_id: int):
+        self.rt = cudart
+        self.check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        self.stream = self.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._blocks: list[int] = []
+
+    def check(self, result, what: str):
+        err, *value = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise EdgeactError(f"CUDA {what} failed with error {int(err)} ({err}); check the GPU and its free memory")
+        return value[0] if len(value) == 1 else tuple(value)
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = int(self.check(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+        self._blocks.append(ptr)
+        return ptr
+
+    def allocator(self, nbytes: int) -> tuple[Any, int]:
+        ptr = self.malloc(nbytes)
+        return ptr, ptr
+
+    def to_device(self, dst: int, src: np.ndarray, nbytes: int) -> None:
+        self.check(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, nbytes, self.h2d, self.stream), "cudaMemcpyAsync")
+
+    def to_host(self, dst: np.ndarray, src: int, nbytes: int) -> None:
+        self.check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, nbytes, self.d2h, self.stream), "cudaMemcpyAsync")
+
+    def sync(self) -> None:
+        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        for ptr in self._blocks:
+            self.rt.cudaFree(ptr)
+        self._blocks.clear()
+
+
+class _Plan:
+    """A deserialized engine and one execution context per optimization profile."""
+
+    def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord):
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(bundle.path(record.file).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{record.file}: TensorRT could not deserialize the engine (see its log); rebuild it "
+                              f"with edgeact build-engines {bundle.root} --target {record.target}")
+        self.spec = bundle.stage(record.stage)
+        self.ranges = profile_ranges(self.spec, record)
+        if self.engine.num_optimization_profiles != len(self.ranges):
+            raise BundleError(f"{record.file}: {self.engine.num_optimization_profiles} profiles in the engine, "
+                              f"{len(self.ranges)} in the manifest; rebuild the engine")
+        self.contexts = []
+        for index in range(len(self.ranges)):
+            context = self.engine.create_execution_context()
+            context.set_optimization_profile_async(index, int(cuda.stream))
+            self.contexts.append(context)
+        cuda.sync()
+        self.stream = int(cuda.stream)
+
+    def run(self, values: Mapping[str, int], shapes: Mapping[str, Sequence[int]], addresses: Mapping[str, int]):
+        context = self.contexts[select_profile(self.ranges, values)]
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, tuple(shape)):
+                raise EdgeactError(f"stage {self.spec.name!r}: TensorRT refused shape {list(shape)} for {name!r}")
+        for name, address in addresses.items():
+            context.set_tensor_address(name, address)
+        if not context.execute_async_v3(self.stream):
+            raise EdgeactError(f"stage {self.spec.name!r}: TensorRT execution failed (see its log)")
+        return context
+
+
+class TrtStageEngine(StageEngine):
+    """A stateless stage: inputs copied into device buffers sized at load, outputs copied back into host buffers."""
+
+    def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord):
+        self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
+        self.spec = self.plan.spec
+        self._device = {t.name: cuda.malloc(tensor_bytes(t.dims, t.dtype, self.spec))
+                        for t in (*self.spec.inputs, *self.spec.outputs)}
+        self._host = {t.name: np.empty(max_shape(t.dims, self.spec), _numpy(t.dtype)) for t in self.spec.outputs}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        where = f"stage {self.spec.name!r}"
+        missing = sorted({t.name for t in self.spec.inputs} - set(feeds))
+        if missing:
+            raise EdgeactError(f"{where}: inputs {missing} not given; it takes {[t.name for t in self.spec.inputs]}")
+        arrays = {t.name: np.ascontiguousarray(feeds[t.name], dtype=_numpy(t.dtype)) for t in self.spec.inputs}
+        values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, where)
+        for name, array in arrays.items():
+            self.cuda.to_device(self._device[name], array, array.nbytes)
+        self.plan.run(values, {k: a.shape for k, a in arrays.items()}, self._device)
+        out = {}
+        for t in self.spec.outputs:
+            shape = resolve_shape(t.dims, values, where)
+            view = self._host[t.name].reshape(-1)[:int(np.prod(shape))].reshape(shape)
+            self.cuda.to_host(view, self._device[t.name], view.nbytes)
+            out[t.name] = view
+        self.cuda.sync()
+        return out
+
+
+class TrtDecoderEngine(DecoderEngine):
+    """The decoder engine over a device-resident KV cache; returns the chunk's last hidden row on the host."""
+
+    def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord, max_chunk: int):
+        self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
+        self.spec = self.plan.spec
+        self.layout = layout = CacheLayout.from_stage(self.spec)
+        self.max_chunk = check_max_chunk(max_chunk, layout)
+        self.cache = KVCache(layout, allocate=cuda.allocator, device="cuda")
+        D, n = layout.hidden_size, self.max_chunk
+        self.embeds = np.zeros((n, D), np.float32)
+        self._positions = np.zeros(n, np.int64)
+        self._ramp = np.arange(n, dtype=np.int64)
+        self._last = np.zeros(D, np.float32)
+        self._embeds_dev, self._positions_dev = cuda.malloc(n * D * 4), cuda.malloc(n * 8)
+        self._hidden_dev = cuda.malloc(n * D * 4)
+        self._row_bytes = D * 4
+        self._layers = [(io.past_key(l), io.past_value(l), io.new_key(l), io.new_value(l)) for l in range(layout.n_layers)]
+        self._addresses: dict[str, int] = {io.INPUTS_EMBEDS: self._embeds_dev, io.POSITION_IDS: self._positions_dev,
+                                           io.HIDDEN_STATES: self._hidden_dev}
+        self._shapes: dict[str, list[int]] = {}
+        self._values = {io.BATCH: 1, io.SEQ: 1, io.PAST_SEQ: 0}
+
+    def step(self, n: int) -> np.ndarray:
+        if not 1 <= n <= self.max_chunk:
+            raise EdgeactError(f"decoder step of {n} positions; this engine takes 1..{self.max_chunk} (max_chunk)")
+        past = self.cache.reserve(n)
+        np.add(self._ramp[:n], past, out=self._positions[:n])
+        cuda, cache, D = self.cuda, self.cache, self.layout.hidden_size
+        cuda.to_device(self._embeds_dev, self.embeds, n * self._row_bytes)
+        cuda.to_device(self._positions_dev, self._positions, n * 8)
+        shapes, addresses, row = self._shapes, self._addresses, [self.layout.kv_heads, self.layout.head_dim]
+        shapes[io.INPUTS_EMBEDS], shapes[io.POSITION_IDS] = [1, n, D], [1, n]
+        for layer, (pk, pv, nk, nv) in enumerate(self._layers):
+            shapes[pk] = shapes[pv] = [1, past, *row]
+            addresses[pk], addresses[pv] = cache.pointer(layer, KEY), cache.pointer(layer, VALUE)
+            addresses[nk], addresses[nv] = cache.pointer(layer, KEY, past), cache.pointer(layer, VALUE, past)
+        self._values[io.SEQ], self._values[io.PAST_SEQ] = n, past
+        self.plan.run(self._values, shapes, addresses)
+        cuda.to_host(self._last, self._hidden_dev + (n - 1) * self._row_bytes, self._row_bytes)
+        cuda.sync()
+        cache.commit(n)
+        return self._last
+
+
+def _numpy(dtype: str):
+    table = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+             "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+    if dtype not in table:
+        raise BundleError(f"a stage I/O tensor is {dtype}; the TensorRT runner binds {sorted(table)}")
+    return table[dtype]
+
+
+@register_backend("tensorrt")
+class TrtBackend(Backend):
+    """Opens the bundle's TensorRT engines (built by `edgeact build-engines`); options as TrtOptions."""
+
+    name = "tensorrt"
+
+    def __init__(self, **options: Any):
+        self.options = TrtOptions(**options)
+        self.trt, cudart = import_trt()
+        self.cuda = Cuda(cudart, self.options.device_id)
+        major = self.cuda.check(cudart.cudaDeviceGetAttribute(
+            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, self.options.device_id), "cudaDeviceGetAttribute")
+        minor = self.cuda.check(cudart.cudaDeviceGetAttribute(
+            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, self.options.device_id), "cudaDeviceGetAttribute")
+        self.compute_capability = (int(major), int(minor))
+
+    def _record(self, bundle: Bundle, stage: str) -> EngineRecord:
+        return pick_engine(bundle, stage, self.options.target, self.compute_capability, str(self.trt.__version__))
+
+    def stage(self, bundle: Bundle, name: str) -> TrtStageEngine:
+        return TrtStageEngine(self.trt, self.cuda, bundle, self._record(bundle, name))
+
+    def decoder(self, bundle: Bundle, max_chunk: int) -> TrtDecoderEngine:
+        return TrtDecoderEngine(self.trt, self.cuda, bundle, self._record(bundle, io.DECODER_STAGE), max_chunk)
+
+    def close(self) -> None:
+        self.cuda.close()

@@ -1,0 +1,125 @@
+"""Calibration sets: the on-disk format round-trips, the builder answers frames with the fp32 model, bad sets are named."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeact.calibration.calibration_build import recording_frames, synthetic_frames
+from edgeact.calibration.calibration_set import (
+    ARRAYS_FILE, MANIFEST_FILE, CalibrationError, CalibrationSample, CalibrationSet, build_calibration_set,
+)
+from edgeact.export.quant_decode import OrtBundle
+from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.cli import main
+from tests.export.quant_fixtures import CALIBRATION_SAMPLES, tiny_sources
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return tiny_sources(tmp_path_factory)
+
+
+def _sample(frame: int = 0, n_tokens: int = 4) -> CalibrationSample:
+    rng = np.random.default_rng(frame)
+    return CalibrationSample(
+        instruction="pick up the red block", frame=frame, grids=((1, 2), (1, n_tokens - 2)),
+        images=rng.standard_normal((2, 9, 588)).astype(np.float32), image_masks=np.ones((2, 9), np.float32),
+        pooled_patches_idx=np.arange(n_tokens * 4).reshape(n_tokens, 4), prompt_ids=np.arange(20),
+        answer_ids=np.array([5, 6, 7]), camera={"type": "synthetic", "pitch_deg": 30.0})
+
+
+def test_save_and_load_round_trip_every_array_and_field(tmp_path):
+    calib = CalibrationSet((_sample(0), _sample(1, 6)), seed=3, frames_source={"type": "synthetic"},
+                           model={"name": "m", "config_sha256": "ab" * 32}, created_utc="2026-01-01T00:00:00Z")
+    loaded = CalibrationSet.load(calib.save(tmp_path / "calib"))
+    assert (loaded.seed, loaded.frames_source, loaded.model, loaded.created_utc) == \
+           (3, {"type": "synthetic"}, calib.model, calib.created_utc)
+    for a, b in zip(calib.samples, loaded.samples, strict=True):
+        assert (a.instruction, a.frame, a.grids, a.camera) == (b.instruction, b.frame, b.grids, b.camera)
+        for name in ("images", "image_masks", "pooled_patches_idx", "prompt_ids", "answer_ids"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+            assert getattr(a, name).dtype == getattr(b, name).dtype
+    np.testing.assert_array_equal(loaded.samples[0].sequence_ids, np.r_[np.arange(20), 5, 6, 7])
+    with pytest.raises(CalibrationError, match="already exists"):
+        calib.save(tmp_path / "calib")
+    calib.save(tmp_path / "calib", overwrite=True)
+    assert not list(tmp_path.glob(".calib.partial-*"))
+
+
+def test_malformed_sets_are_named_with_the_fix(tmp_path):
+    with pytest.raises(CalibrationError, match="edgeact calibrate"):
+        CalibrationSet.load(tmp_path / "nothing")
+    path = CalibrationSet((_sample(),), 0, {}, {}).save(tmp_path / "c")
+    meta = json.loads((path / MANIFEST_FILE).read_text())
+    (path / MANIFEST_FILE).write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(CalibrationError, match="version 99"):
+        CalibrationSet.load(path)
+    (path / MANIFEST_FILE).write_text(json.dumps(meta))
+    (path / ARRAYS_FILE).unlink()
+    with pytest.raises(CalibrationError, match="incomplete"):
+        CalibrationSet.load(path)
+    with pytest.raises(CalibrationError, match="grids"):
+        CalibrationSample("x", 0, ((1, 1),), np.zeros((1, 2, 3)), np.zeros((1, 2)), np.zeros((4, 4)), np.ones(3), np.ones(0))
+    with pytest.raises(CalibrationError, match="at least one sample"):
+        CalibrationSet((), 0, {}, {})
+
+
+def test_check_model_refuses_another_model_or_patch_size():
+    calib = CalibrationSet((_sample(),), 0, {}, {"config_sha256": "ab" * 32})
+    calib.check_model("ab" * 32, 588, 100)
+    with pytest.raises(CalibrationError, match="another model"):
+        calib.check_model("cd" * 32, 588, 100)
+    with pytest.raises(CalibrationError, match="patches of 588"):
+        calib.check_model("ab" * 32, 768, 100)
+    with pytest.raises(CalibrationError, match="outside the model's 10 embedding rows"):
+        calib.check_model("", 588, 10)
+
+
+def test_builder_answers_with_the_bundle_and_agrees_with_the_checkpoint(sources):
+    calib = CalibrationSet.load(sources["calibration"])       # built by the fixture from the fp32 bundle
+    assert len(calib) == CALIBRATION_SAMPLES and calib.model["kind"] == "bundle"
+    bundle = load_bundle(sources["bundle"])
+    assert calib.model["config_sha256"] == bundle.manifest.model.source_config_sha256
+    grammar = OrtBundle(bundle, threads=1).io.grammar
+    for sample in calib.samples:
+        answer = grammar.parse_ids(sample.answer_ids.tolist())     # complete, grammatical answers
+        assert len(answer.depth_codes) == 100
+    from_torch = build_calibration_set(sources["checkpoint"], None, CALIBRATION_SAMPLES, seed=0, threads=1)
+    assert from_torch.model["kind"] == "checkpoint" and from_torch.model["config_sha256"] == calib.model["config_sha256"]
+    for a, b in zip(calib.samples, from_torch.samples, strict=True):
+        np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+        np.testing.assert_array_equal(a.answer_ids, b.answer_ids)     # ONNX stages and reference decode alike
+
+
+def test_synthetic_frames_are_seeded_and_held_out_frames_differ():
+    first = [(f, c["pitch_deg"]) for f, _, c in synthetic_frames(6, seed=1)]
+    assert first == [(f, c["pitch_deg"]) for f, _, c in synthetic_frames(6, seed=1)]
+    assert first != [(f, c["pitch_deg"]) for f, _, c in synthetic_frames(6, seed=1, held_out=True)]
+    assert first != [(f, c["pitch_deg"]) for f, _, c in synthetic_frames(6, seed=2)]
+
+
+def test_frames_from_a_realsense_recording(tmp_path):
+    pytest.importorskip("pyrealsense2")
+    from edgeact.drivers.cameras.base import Intrinsics
+    from edgeact.drivers.cameras.recording import write_recording
+
+    w, h = 64, 48
+    path = tmp_path / "rec.db3"
+    frames = [(np.full((h, w, 3), 10 * i, np.uint8), np.full((h, w), 1.0, np.float32)) for i in range(6)]
+    write_recording(path, frames, Intrinsics(fx=50.0, fy=50.0, cx=31.5, cy=23.5, width=w, height=h), fps=30)
+    got = list(recording_frames(path, 3, seed=0))
+    values = [int(color[0, 0, 0]) for _, color, _ in got]
+    assert len(got) == 3 and values == sorted(values) and set(values) <= {10 * i for i in range(6)}
+    assert all(meta == {"type": "recording", "path": str(path)} for _, _, meta in got)
+
+
+def test_cli_calibrate_writes_a_set(sources, tmp_path, capsys):
+    out = tmp_path / "calib"
+    assert main(["calibrate", str(sources["bundle"]), "--out", str(out), "--samples", "1", "--seed", "4",
+                 "--instruction", "touch the blue box", "--threads", "1"]) == 0
+    calib = CalibrationSet.load(out)
+    assert len(calib) == 1 and calib.seed == 4 and calib.samples[0].instruction == "touch the blue box"
+    assert "answered by" in capsys.readouterr().out
+    assert main(["calibrate", str(tmp_path), "--out", str(tmp_path / "x"), "--samples", "1"]) == 2

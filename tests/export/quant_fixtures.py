@@ -1,0 +1,30 @@
+"""One tiny checkpoint, its fp32 bundle and a small calibration set, built once per test session for the quantization tests."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_BUILT: dict[str, Path] = {}
+CALIBRATION_SAMPLES = 2
+
+
+def tiny_sources(tmp_path_factory) -> dict[str, Path]:
+    """{'checkpoint', 'bundle', 'calibration'}: -D variant, tiny size, seed 5; built on first use."""
+    if not _BUILT:
+        from edgeact.calibration.calibration_set import build_calibration_set
+        from edgeact.export.bundle_export import ExportOptions, export_bundle
+        from edgeact.export.synthetic import make_checkpoint
+
+        root = tmp_path_factory.mktemp("quant_sources")
+        checkpoint = make_checkpoint("D", "tiny", seed=5, out_dir=root / "checkpoint")
+        bundle = export_bundle(checkpoint, root / "fp32", ExportOptions(max_seq=1024))
+        calibration = root / "calibration"
+        build_calibration_set(bundle, calibration, CALIBRATION_SAMPLES, seed=0, threads=1)
+        _BUILT.update(checkpoint=checkpoint, bundle=bundle, calibration=calibration)
+    return dict(_BUILT)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path: proves a directory was not touched."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

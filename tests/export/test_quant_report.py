@@ -1,0 +1,86 @@
+"""The quantization report: agreement and action error as defined, rows with every field, the side-by-side bench."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeact.export.quant_bench import BenchOptions, bench_quantization
+from edgeact.export.quant_decode import DecodedAnswer
+from edgeact.export.quant_report import ROW_FIELDS, agreement, compare_bundles, report_table
+from edgeact.runtime.errors import ConfigError
+from tests.export.quant_fixtures import tiny_sources
+
+VB = 1000   # base vocabulary: action ids are 744 .. 999, bin = VB - 1 - id
+
+
+def _answer(depth, trace, action) -> DecodedAnswer:
+    ids = [*depth, *trace, *action, 7]
+    kinds = ("depth",) * len(depth) + ("trace",) * len(trace) + ("action",) * len(action) + (None,)
+    return DecodedAnswer(np.asarray(ids, np.int64), kinds, 0.0)
+
+
+def test_agreement_counts_positions_per_kind_and_bin_error():
+    ref = [_answer([1, 2, 3, 4], [10, 11, 12], [999, 990, 980]), _answer([5, 6], [10], [900, 900, 900])]
+    got = [_answer([1, 2, 0, 0], [10, 11], [999, 992, 970]), _answer([5, 6], [10, 11, 12], [900, 901, 900])]
+    scores = agreement(ref, got, VB)
+    assert scores["agreement_depth"] == pytest.approx(4 / 6)
+    assert scores["agreement_trace"] == pytest.approx(3 / 6)    # a shorter/longer trace: missing points disagree
+    assert scores["agreement_action"] == pytest.approx(3 / 6)
+    assert scores["action_error_bins"] == pytest.approx((0 + 2 + 10 + 0 + 1 + 0) / 6)
+
+
+def test_identical_answers_agree_fully():
+    a = [_answer([1, 2], [3], [999] * 7)]
+    assert agreement(a, a, VB) == {"agreement_depth": 1.0, "agreement_trace": 1.0, "agreement_action": 1.0,
+                                   "action_error_bins": 0.0}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return tiny_sources(tmp_path_factory)
+
+
+def test_bench_reports_every_precision_side_by_side_and_reuses_its_work(sources, tmp_path):
+    work = tmp_path / "bench"
+    options = BenchOptions(precisions=("int8", "fp8", "int4"), calibration_samples=1, report_frames=1, threads=1,
+                           int4_block_size=32)
+    rows = bench_quantization(sources["checkpoint"], work, options)
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "fp8", "int4"]
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row)
+        assert 0.0 <= row["agreement_depth"] <= 1.0 and 0.0 <= row["agreement_forced"] <= 1.0
+        assert row["action_error_bins"] >= 0 and row["decode_tokens_s"] > 0
+    assert rows[0]["size_ratio"] == 1.0 and rows[0]["agreement_action"] == 1.0 and rows[0]["decode_ratio"] == 1.0
+    assert all(r["size_ratio"] < 1.0 for r in rows[1:])          # every recipe shrinks the stages
+    assert sum(rows[3]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
+    table = report_table(rows)
+    assert table.row_count == 4 and len(table.columns) == 11
+
+    exported = (work / "fp32" / "manifest.json").stat().st_mtime_ns
+    again = bench_quantization(sources["checkpoint"], work, BenchOptions(precisions=("int4",), calibration_samples=1,
+                                                                         report_frames=1, threads=1))
+    assert (work / "fp32" / "manifest.json").stat().st_mtime_ns == exported     # the fp32 export was reused
+    assert [r["precision"] for r in again] == ["fp32", "int4"]
+
+
+def test_compare_bundles_rows_for_the_reference_alone(sources):
+    rows = compare_bundles(sources["bundle"], [], n_frames=1, threads=1, decode_steps=4)
+    assert len(rows) == 1 and rows[0]["precision"] == "fp32" and rows[0]["recipe"] == "none"
+    assert set(rows[0]["stage_bytes"]) == {"vision", "decoder"}
+
+
+def test_bench_refuses_fp8_for_orin():
+    with pytest.raises(ConfigError, match="int8"):
+        BenchOptions(fp8_target="orin")
+
+
+def test_teacher_forced_choices_of_a_bundle_reproduce_its_own_free_running_answer(sources):
+    from edgeact.export.quant_decode import OrtBundle
+    from edgeact.export.quant_report import forced_agreement, held_out_observations
+
+    runner = OrtBundle(sources["bundle"], threads=1)
+    observations = held_out_observations(runner.io, 2, seed=1)
+    answers = [runner.decode(p, inputs) for p, inputs in observations]
+    picked = runner.forced_choices(*observations[0], answers[0])
+    assert len(picked) == sum(k is not None for k in answers[0].kinds) > 100
+    assert forced_agreement(runner, observations, answers) == 1.0

@@ -1,0 +1,229 @@
+"""`edgeact quantize`: int8 / fp8 / int4 bundles load, run in onnxruntime and decode; the source stays untouched; graphs are what the recipe says."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeact.export.quant_decode import OrtBundle
+from edgeact.export.quant_fp8 import E4M3_MAX, fp8_scale, to_e4m3
+from edgeact.export.quant_options import QuantizeOptions
+from edgeact.export.quantize import quantize_bundle
+from edgeact.export.smoothquant import apply_smoothquant
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.cli import main
+from edgeact.runtime.errors import BundleError, ConfigError
+from tests.export.quant_fixtures import tiny_sources, tree_digest
+
+RECIPES = {
+    "int8": QuantizeOptions("int8"),
+    "fp8": QuantizeOptions("fp8", target="thor"),
+    "int4": QuantizeOptions("int4", block_size=32),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return tiny_sources(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def quantized(sources, tmp_path_factory):
+    """Each recipe's bundle, and the source bundle's digest before and after all of them."""
+    before = tree_digest(sources["bundle"])
+    root = tmp_path_factory.mktemp("quantized")
+    results = {p: quantize_bundle(sources["bundle"], root / p, options, sources["calibration"], report_frames=1,
+                                  threads=1)
+               for p, options in RECIPES.items()}
+    return results, before, tree_digest(sources["bundle"])
+
+
+def _graph(bundle_dir, stage=io.DECODER_STAGE):
+    bundle = load_bundle(bundle_dir)
+    return onnx.load(str(bundle.stage_path(stage)))
+
+
+@pytest.mark.parametrize("precision", list(RECIPES))
+def test_quantized_bundle_loads_runs_and_decodes_a_full_answer(quantized, precision):
+    results, _, _ = quantized
+    bundle = load_bundle(results[precision].out, verify_checksums=True)
+    runner = OrtBundle(bundle, threads=1)
+    from edgeact.calibration.calibration_build import synthetic_frames
+    from edgeact.runtime.prompt import build_prompt_ids
+
+    _, rgb, _ = next(synthetic_frames(1, seed=3, held_out=True))
+    inputs = runner.io.preprocessor(rgb)
+    answer = runner.decode(build_prompt_ids(runner.io.tokenizer, runner.io.layout, "touch the blue box", inputs), inputs)
+    parsed = runner.io.grammar.parse_ids(answer.token_ids.tolist())     # raises unless the answer is complete
+    assert len(parsed.depth_codes) == 100 and parsed.action_ids.size == 7
+    assert answer.token_ids[-1] == runner.io.layout.bos_id
+
+
+def test_source_bundle_is_byte_identical_afterwards(quantized):
+    _, before, after = quantized
+    assert before == after
+
+
+@pytest.mark.parametrize("precision", list(RECIPES))
+def test_manifest_records_recipe_options_report_and_stage_precisions(quantized, precision):
+    results, _, _ = quantized
+    m = load_bundle(results[precision].out).manifest
+    q = m.quantization
+    assert q.recipe == results[precision].recipe and q.recipe.startswith(precision)
+    assert q.options["precision"] == precision and q.options["stages"].keys() == set(RECIPES[precision].stages)
+    assert q.options["calibration"]["used"] is (precision != "int4")
+    assert [row["precision"] for row in q.report] == ["fp32", precision]
+    for name, spec in m.stages.items():
+        assert spec.precision == (precision if name in RECIPES[precision].stages else "fp32")
+    assert m.verification.status == "not_run"        # the copy's verdict is not inherited
+    assert m.weights[io.EMBEDDING_WEIGHT].dtype == "float32"
+
+
+def test_int8_puts_qdq_only_around_linear_matmuls(quantized, sources):
+    results, _, _ = quantized
+    source = _graph(sources["bundle"])
+    inits = {t.name for t in source.graph.initializer}
+    linear = {n.name for n in source.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    attention = {n.name for n in source.graph.node if n.op_type == "MatMul"} - linear
+    graph = _graph(results["int8"].out)
+    dq_outputs = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    readers = {n.name: n for n in graph.graph.node}
+    # Shape nodes may read a dequantized tensor (dims only); no arithmetic but the linear MatMuls does.
+    quantized_ops = {n.name for n in graph.graph.node if any(i in dq_outputs for i in n.input) and n.op_type != "Shape"}
+    assert quantized_ops == linear and attention and not attention & quantized_ops
+    for node in graph.graph.node:
+        if node.name in linear:
+            assert all(i in dq_outputs for i in node.input[:2]), node.name   # activation and weight both Q/DQ
+    assert all(readers[name].op_type == "MatMul" for name in quantized_ops)
+    weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(weights) == len(linear)
+
+
+def test_int4_writes_matmulnbits_for_onnxruntime_and_int4_qdq_for_tensorrt(quantized, sources, tmp_path):
+    results, _, _ = quantized
+    graph = _graph(results["int4"].out)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == results["int4"].stage_notes["decoder"]["quantized_nodes"] > 0
+    assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.graph.initializer}
+                   for n in graph.graph.node)
+    block = {a.name: a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
+    assert block["block_size"] == 32 and block["bits"] == 4
+
+    out = quantize_bundle(sources["bundle"], tmp_path / "orin", QuantizeOptions("int4", target="orin", block_size=32),
+                          report_frames=0).out
+    trt = _graph(out)
+    assert "MatMulNBits" not in [n.op_type for n in trt.graph.node]
+    dq = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"]
+    int4 = {t.name for t in trt.graph.initializer if t.data_type == onnx.TensorProto.INT4}
+    assert dq and all(n.input[0] in int4 for n in dq)
+    assert load_bundle(out).manifest.quantization.recipe == "int4-rtn-qdq"
+
+
+def test_fp8_graph_is_e4m3_qdq_at_opset_19(quantized):
+    results, _, _ = quantized
+    graph = _graph(results["fp8"].out)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    fp8 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) > results["fp8"].stage_notes["decoder"]["quantized_nodes"] > 0   # weights plus the zero point
+
+
+def test_fp8_for_orin_is_refused_naming_int8_and_int4(sources, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"fp8 needs SM >= 8\.9.*int8.*int4"):
+        QuantizeOptions("fp8", target="orin")
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "fp8", "--target", "orin", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "int8" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_quantizing_a_quantized_bundle_or_into_the_source_is_refused(quantized, sources):
+    results, _, _ = quantized
+    with pytest.raises(BundleError, match="already int8"):
+        quantize_bundle(results["int8"].out, results["int8"].out.parent / "again", QuantizeOptions("int8"), report_frames=0)
+    with pytest.raises(BundleError, match="never modified"):
+        quantize_bundle(sources["bundle"], sources["bundle"], QuantizeOptions("int4"), report_frames=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(precision="fp8", smoothquant_alpha=0.5), "int8 option"),
+    (dict(precision="int8", smoothquant_alpha=1.5), r"alpha 1\.5"),
+    (dict(precision="int4", block_size=48), "power of two"),
+    (dict(precision="int8", stages=("lm_head",)), "quantize some of"),
+    (dict(precision="int8", op_types=("LayerNorm",)), "not quantizable"),
+    (dict(precision="int2"), "precision 'int2' unknown"),
+])
+def test_options_are_validated_with_a_fix(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantizeOptions(**bad)
+
+
+def test_cli_quantize_int4_with_fp16_arrays(sources, tmp_path):
+    out = tmp_path / "int4"
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "int4", "--block-size", "32", "--arrays-fp16",
+               "--report-frames", "0", "--no-verify", "--out", str(out), "--threads", "1"])
+    bundle = load_bundle(out)
+    assert rc == 0 and bundle.manifest.weights[io.EMBEDDING_WEIGHT].dtype == "float16"
+    assert bundle.manifest.quantization.options["arrays_dtype"] == "float16"
+
+
+# ---------------------------------------------------------------------------- transforms
+def _two_linear_graph(rng):
+    """y = (x * gain) @ W1 ; z = x @ W2 -- one foldable and one unfoldable activation."""
+    from onnx import TensorProto, helper
+
+    gain = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    w1, w2 = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["xg"], name="norm"),
+             helper.make_node("MatMul", ["xg", "w1"], ["y"], name="fc1"),
+             helper.make_node("MatMul", ["x", "w2"], ["z"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(a, n) for a, n in ((gain, "gain"), (w1, "w1"), (w2, "w2"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_smoothquant_keeps_the_function_and_flattens_outlier_channels():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    model = _two_linear_graph(rng)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    x[:, 3] *= 50.0                                         # an outlier channel
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    before = run(model)
+    xg = x * numpy_helper.to_array(model.graph.initializer[0])
+    absmax = {"xg": np.abs(xg).max(0), "x": np.abs(x).max(0)}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMul"]
+    rows = apply_smoothquant(model, nodes, absmax, alpha=0.5)
+    onnx.checker.check_model(model)
+    after = run(model)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert {r["tensor"]: r["folded"] for r in rows} == {"xg": True, "x": False}
+    assert all(r["act_absmax_smoothed"] < r["act_absmax"] / 3 for r in rows)
+    assert [n.op_type for n in model.graph.node].count("Mul") == 2     # the norm's, plus one inserted for x
+
+
+def test_fp8_cast_saturates_at_448_and_scales_by_amax():
+    from ml_dtypes import float8_e4m3fn
+
+    scale = fp8_scale(896.0)
+    assert scale == pytest.approx(2.0)
+    q = to_e4m3(np.array([1e6, -1e6, 896.0, 1.0], np.float32), scale)
+    assert q.dtype == float8_e4m3fn
+    np.testing.assert_array_equal(q.astype(np.float32), [E4M3_MAX, -E4M3_MAX, E4M3_MAX, 0.5])
+
+
+def test_modelopt_backend_names_the_install_when_missing(sources, tmp_path):
+    import importlib.util
+
+    from edgeact.runtime.errors import EdgeactError
+
+    if importlib.util.find_spec("modelopt") is not None:
+        pytest.skip("NVIDIA ModelOpt is installed here; the message is for environments without it")
+    with pytest.raises(EdgeactError, match=r"nvidia-modelopt\[onnx\]"):
+        quantize_bundle(sources["bundle"], tmp_path / "mo", QuantizeOptions("int4", backend="modelopt"), report_frames=0)
+    assert not (tmp_path / "mo").exists()

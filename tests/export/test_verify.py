@@ -1,0 +1,144 @@
+"""Verification passes a faithful fp32 bundle, fails (and records) a broken one, and gates by each stage's precision."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeact.export.bundle_export import export_bundle
+from edgeact.export.bundle_writer import update_manifest
+from edgeact.export.synthetic import make_checkpoint
+from edgeact.export.verify import GATES, Gate, gate_for, held_out_observations, verify_bundle
+from edgeact.runtime.bundle import load_bundle, read_manifest
+from edgeact.runtime.cli import main
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.stage_spec import PRECISIONS
+
+GATE_NAMES = ["vision.cosine", "decoder.prefill.cosine", "decoder.cache.cosine", "decoder.step.cosine",
+              "decoder.chunk.cosine", "logits.cosine", "tokens.forced", "tokens.greedy.depth",
+              "tokens.greedy.trace", "tokens.greedy.action"]
+PERTURBED = "model.transformer.blocks.0.mlp.ff_out.weight.T"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    return {v: make_checkpoint(v, "tiny", seed=7, out_dir=root / f"ck{v}") for v in ("D", "O")}
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {v: export_bundle(ck, root / f"b{v}") for v, ck in checkpoints.items()}
+
+
+def _copy(bundle_dir, tmp_path):
+    return shutil.copytree(bundle_dir, tmp_path / "copy")
+
+
+def _perturb_decoder(bundle_dir, relative_noise: float) -> None:
+    """Add noise to one decoder weight and re-hash the file, as a corrupted or badly quantized stage would be."""
+    path = bundle_dir / "stages" / "decoder.onnx"
+    proto = onnx.load(str(path))
+    init = next(t for t in proto.graph.initializer if t.name == PERTURBED)
+    w = numpy_helper.to_array(init)
+    noise = np.random.default_rng(0).standard_normal(w.shape) * relative_noise * np.abs(w).mean()
+    init.CopyFrom(numpy_helper.from_array((w + noise).astype(np.float32), PERTURBED))
+    onnx.save(proto, str(path))
+    update_manifest(bundle_dir, lambda m: None, rehash=["stages/decoder.onnx"])
+
+
+@pytest.mark.parametrize("variant", ["D", "O"])
+def test_fp32_bundle_passes_every_gate_and_the_manifest_says_so(bundles, variant):
+    report = verify_bundle(bundles[variant], frames=1, threads=1)
+    assert report.passed and [r["gate"] for r in report.rows] == GATE_NAMES
+    assert all(r["precision"] == "fp32" and r["limit"] == (1.0 if r["gate"].startswith("tokens") else 0.99999)
+               for r in report.rows)
+    verification = load_bundle(bundles[variant]).manifest.verification
+    assert verification.status == "passed"
+    assert [r["gate"] for r in verification.results] == GATE_NAMES
+    assert verification.gates["table"] == {"fp32": dataclasses.asdict(GATES["fp32"])}
+
+
+def test_a_broken_stage_fails_its_gates_is_recorded_and_refused_by_the_loader(bundles, tmp_path):
+    bundle_dir = _copy(bundles["D"], tmp_path)
+    _perturb_decoder(bundle_dir, relative_noise=1.0)
+    report = verify_bundle(bundle_dir, frames=1, threads=1)
+    failing = {r["gate"] for r in report.failing()}
+    assert not report.passed and {"decoder.prefill.cosine", "logits.cosine", "tokens.forced"} <= failing
+    assert "vision.cosine" not in failing              # the error is charged to the stage that makes it
+    assert read_manifest(bundle_dir).verification.status == "failed"
+    with pytest.raises(BundleError, match=r"verification failed at gate 'decoder.prefill.cosine'.*--allow-unverified"):
+        load_bundle(bundle_dir)
+    assert load_bundle(bundle_dir, allow_failed_verification=True).manifest.verification.status == "failed"
+    assert main(["verify", str(bundle_dir), "--frames", "1", "--threads", "1"]) == 1
+
+
+def test_gates_follow_the_stage_precision_in_the_manifest(bundles, tmp_path):
+    bundle_dir = _copy(bundles["D"], tmp_path)
+    _perturb_decoder(bundle_dir, relative_noise=0.01)   # small: what a fair quantization error looks like
+    assert not verify_bundle(bundle_dir, frames=1, threads=1).passed
+
+    def relabel(m) -> None:
+        m.stages["decoder"] = dataclasses.replace(m.stages["decoder"], precision="int8")
+
+    update_manifest(bundle_dir, relabel)
+    report = verify_bundle(bundle_dir, frames=1, threads=1)
+    by_gate = {r["gate"]: r for r in report.rows}
+    assert by_gate["decoder.prefill.cosine"]["precision"] == "int8"
+    assert by_gate["decoder.prefill.cosine"]["limit"] == GATES["int8"].decoder_cosine
+    assert by_gate["vision.cosine"]["limit"] == GATES["fp32"].vision_cosine
+    assert by_gate["tokens.forced"]["precision"] == "fp32+int8"
+    assert by_gate["tokens.forced"]["limit"] == GATES["int8"].forced_agreement
+    # The cosines and teacher-forced choices pass int8's gates; free-running agreement is left out here:
+    # after one flipped token an answer continues differently, which says little about the stage.
+    assert all(by_gate[g]["passed"] for g in GATE_NAMES[:7]), report.failing()
+
+
+def test_the_gate_table_is_frozen_complete_and_fp32_is_strictest():
+    assert set(GATES) == set(PRECISIONS)
+    with pytest.raises(TypeError):
+        GATES["fp32"] = GATES["int4"]           # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GATES["fp32"].vision_cosine = 0.5       # type: ignore[misc]
+    for field in dataclasses.fields(Gate):
+        assert all(getattr(GATES["fp32"], field.name) >= getattr(g, field.name) for g in GATES.values())
+    assert gate_for(["fp32", "int4", "fp16"]) == GATES["int4"]
+
+
+def test_held_out_observations_are_deterministic_and_distinct():
+    first, again = held_out_observations(3), held_out_observations(3)
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again))
+    assert not np.array_equal(first[0][0], first[1][0]) and first[0][1] != first[1][1]
+
+
+def test_the_reference_must_be_the_exported_checkpoint(bundles, checkpoints, tmp_path):
+    with pytest.raises(BundleError, match=r"differs from the config the bundle was exported from"):
+        verify_bundle(bundles["D"], checkpoints["O"], frames=1, record=False)
+    with pytest.raises(BundleError, match=r"reference checkpoint \(given\) not found; pass --checkpoint DIR"):
+        verify_bundle(bundles["D"], tmp_path / "nowhere", frames=1, record=False)
+
+
+def test_cli_export_verify_and_inspect(checkpoints, tmp_path, capsys):
+    out = tmp_path / "cli-bundle"
+    assert main(["export", str(checkpoints["O"]), "--out", str(out), "--frames", "1", "--threads", "1",
+                 "--max-seq", "1024", "--chunk", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "stage decoder" in text and "seq 1/" in text and "verification passed" in text
+    assert main(["export", str(checkpoints["O"]), "--out", str(out), "--no-verify"]) == 2
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+
+    assert main(["verify", str(out), "--frames", "1", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens.greedy.action" in text and "verification passed" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["verification"]["status"] == "passed" and manifest["grammar"]["n_actions"] == 2
+    assert manifest["stages"]["decoder"]["dim_ranges"]["seq"]["max"] == 1024
+    assert main(["inspect", str(out)]) == 0
+    assert "verification: passed" in capsys.readouterr().out

@@ -1,0 +1,117 @@
+"""The bundle policy: a frame and an instruction in, a Plan out; forced depth, steering, refusals, the loop registry."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgeact.runtime.answer import trace_to_pixels
+from edgeact.runtime.bundle_policy import BundlePolicy, BundlePolicyConfig
+from edgeact.runtime.errors import BundleError, ConfigError
+from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.policy import Observation, Plan, Policy, PolicyContext, policy_type
+from tests.runtime.test_decode_program import FRAME_PX, exported_bundle
+
+DEPTH = (np.arange(100) * 11) % 128
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return exported_bundle(tmp_path_factory, "D")
+
+
+@pytest.fixture(scope="module")
+def policy(exported):
+    return BundlePolicy(exported.bundle_dir, threads=1, prefill_chunk=96)
+
+
+def observation(exported, frame=7, instruction="pick up the red block", depth_m=None) -> Observation:
+    rgb, _, _ = exported.observation(frame, instruction)
+    return Observation(rgb=rgb, depth_m=depth_m, timestamp_s=12.5, proprio=None, instruction=instruction)
+
+
+def test_a_step_gives_the_plan_of_the_reference_answer(exported, policy):
+    obs = observation(exported)
+    plan = policy.step(obs)
+    assert isinstance(policy, Policy) and isinstance(plan, Plan)
+    _, inputs, prompt = exported.observation(7)
+    reference = exported.reference(prompt, inputs, AnswerGrammar(exported.tokenizer, exported.layout))
+    answer = policy.grammar.parse_ids(reference)
+    np.testing.assert_array_equal(plan.depth_codes, answer.depth_codes)
+    np.testing.assert_allclose(plan.trace_px, trace_to_pixels(answer.trace, *FRAME_PX))
+    assert plan.actions.shape == (1, 7) and plan.observation_time_s == 12.5 and plan.created_time_s > 0
+    assert {"preprocess", "vision", "prefill", "decode", "parse"} <= set(plan.stage_seconds)
+    assert plan.decode_steps >= 100      # depth decoded by the model: 100 sequential choices
+
+
+def test_forced_depth_and_steering_cut_the_decode_steps(exported):
+    policy = BundlePolicy(exported.bundle_dir, threads=1, forced_depth=DEPTH)
+    forced = policy.infer(*_frame(exported))
+    np.testing.assert_array_equal(forced.depth_codes, DEPTH)
+    policy.steer([[30, 40], [200, 100]])
+    steered = policy.step(observation(exported))
+    np.testing.assert_allclose(steered.trace_px, trace_to_pixels(np.array([[30, 40], [200, 100]]), *FRAME_PX))
+    assert steered.decode_steps == 6 < forced.decode_steps
+    policy.steer(None)
+    assert policy.infer(*_frame(exported)).token_ids.tolist() == forced.token_ids.tolist()
+
+
+def test_a_depth_tokenizer_reads_the_observation_depth(exported):
+    seen = []
+
+    def tokenizer(depth_m):
+        seen.append(depth_m.shape)
+        return DEPTH
+
+    policy = BundlePolicy(exported.bundle_dir, threads=1, forced_depth=tokenizer)
+    depth_m = np.full(FRAME_PX[::-1], 0.8, np.float32)
+    plan = policy.step(observation(exported, depth_m=depth_m))
+    assert seen == [depth_m.shape] and "depth_tokenizer" in plan.stage_seconds
+    np.testing.assert_array_equal(plan.depth_codes, DEPTH)
+    # A frame without depth: the model decodes depth, and the policy counts it.
+    plan = policy.step(observation(exported))
+    assert policy.depth_fallbacks == 1 and plan.decode_steps >= 100
+
+
+def test_sensor_depth_needs_a_depth_tokenizer_stage(exported):
+    with pytest.raises(BundleError, match="forced_depth='sensor' needs a 'depth_tokenizer' stage"):
+        BundlePolicy(exported.bundle_dir, forced_depth="sensor")
+    with pytest.raises(ConfigError, match="forced_depth 'lidar' unknown"):
+        BundlePolicy(exported.bundle_dir, forced_depth="lidar")
+
+
+def test_a_bundle_that_failed_verification_is_refused_unless_allowed(exported, tmp_path):
+    dst = shutil.copytree(exported.bundle_dir, tmp_path / "failed")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["verification"] = {"status": "failed", "gates": {},
+                                "results": [{"gate": "tokens.greedy.action", "passed": False, "value": 0.4, "limit": 0.7}]}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="verification failed at gate 'tokens.greedy.action'.*--allow-unverified"):
+        BundlePolicy(dst)
+    assert BundlePolicy(dst, threads=1, allow_unverified=True).infer(*_frame(exported)).actions.shape == (1, 7)
+
+
+def test_unnorm_key_must_name_the_bundle_statistics(exported):
+    with pytest.raises(ConfigError, match="unnorm_key 'bridge' not in norm_stats; available keys: edgeact_sim"):
+        BundlePolicy(exported.bundle_dir, unnorm_key="bridge")
+
+
+def test_registered_as_policy_type_bundle(exported, tmp_path):
+    assert policy_type("bundle") is BundlePolicyConfig
+    link = tmp_path / "bundles"
+    link.mkdir()
+    shutil.copytree(exported.bundle_dir, link / "tiny")
+    config = BundlePolicyConfig(path="bundles/tiny", threads=1, prefill_chunk=64)
+    policy = config.make_policy(PolicyContext(action_rate_hz=10.0, config_dir=tmp_path))
+    assert isinstance(policy, BundlePolicy) and policy.decoder.max_chunk == 64
+    with pytest.raises(ConfigError, match="path: the bundle directory is required"):
+        BundlePolicyConfig()
+    with pytest.raises(ConfigError, match="forced_depth: 'stereo' unknown"):
+        BundlePolicyConfig(path="x", forced_depth="stereo")
+
+
+def _frame(exported):
+    rgb, _, _ = exported.observation(7)
+    return rgb, "pick up the red block"

@@ -1,0 +1,190 @@
+"""The decode program gives exactly the tokens of masked greedy decoding with the full PyTorch model, in far fewer steps.
+
+Also the home of `exported_bundle`: tiny synthetic checkpoints exported once per test session
+(fp32, max_seq 512) that the other runtime-engine tests share.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.action_bins import ActionStats, unnormalize_actions
+from edgeact.runtime.answer import trace_to_pixels
+from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.decode_program import DecodeProgram
+from edgeact.runtime.engines import open_backend
+from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.grammar_walk import Forced, MaskedGreedyConstraint, answer_steps
+from edgeact.runtime.preprocess import ImagePreprocessor
+from edgeact.runtime.preprocess_config import PreprocessConfig
+from edgeact.runtime.prompt import build_prompt_ids
+from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+MAX_SEQ = 512                      # prompt (~165 tokens for 160x120 frames) + answer (~190) fit
+FRAME_PX = (160, 120)
+_EXPORTS: dict[str, "Exported"] = {}
+
+
+class Exported:
+    """A tiny synthetic checkpoint, its fp32 bundle, and what turns a frame into stage inputs."""
+
+    def __init__(self, root, variant: str):
+        from edgeact.export.bundle_export import ExportOptions, export_bundle
+        from edgeact.export.synthetic import make_checkpoint
+
+        self.variant = variant
+        self.checkpoint = make_checkpoint(variant, "tiny", seed=5, out_dir=root / "checkpoint")
+        self.bundle_dir = export_bundle(self.checkpoint, root / "bundle", ExportOptions(max_seq=MAX_SEQ))
+        self.bundle = load_bundle(self.bundle_dir)
+        self.tokenizer = load_tokenizer(self.bundle.path("tokenizer.json"))
+        self.layout = TokenLayout.from_tokenizer(self.tokenizer)
+        self.preprocessor = ImagePreprocessor(self.bundle.config,
+                                              PreprocessConfig.load(self.bundle.path("preprocessor_config.json")))
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            import torch
+
+            from edgeact.export.checkpoint import load_model
+
+            torch.set_num_threads(1)     # tiny tensors: extra threads only spin on a shared CPU
+            self._model = load_model(self.checkpoint)[0]
+        return self._model
+
+    def observation(self, frame: int, instruction: str = "pick up the red block"):
+        rgb = SyntheticCamera(SyntheticConfig(width=FRAME_PX[0], height=FRAME_PX[1])).render(frame).color
+        inputs = self.preprocessor(rgb)
+        return rgb, inputs, build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
+
+    def reference(self, prompt, inputs, grammar, depth_codes=None, trace=None) -> list[int]:
+        """Masked greedy decoding with the full PyTorch model, one token per step."""
+        import torch
+
+        from edgeact.export.generate import generate_greedy
+
+        tensors = [torch.from_numpy(np.array(a)) for a in (inputs.images, inputs.image_masks, inputs.pooled_patches_idx)]
+        return generate_greedy(self.model, torch.from_numpy(prompt)[None], *tensors, max_new_tokens=600,
+                               eos_token_id=self.layout.bos_id,
+                               allowed_token_fn=MaskedGreedyConstraint(grammar, depth_codes=depth_codes, trace=trace)).token_ids
+
+
+def exported_bundle(tmp_path_factory, variant: str) -> Exported:
+    if variant not in _EXPORTS:
+        _EXPORTS[variant] = Exported(tmp_path_factory.mktemp(f"runtime_bundle_{variant}"), variant)
+    return _EXPORTS[variant]
+
+
+def choices_made(grammar: AnswerGrammar, tokens, depth_codes=None, trace=None) -> int:
+    """How many answer tokens were picked from a closed set of more than one id (replaying the walk)."""
+    walk, i, n = answer_steps(grammar, depth_codes=depth_codes, trace=trace), 0, 0
+    step = next(walk)
+    while True:
+        if isinstance(step, Forced):
+            i, sent = i + len(step.ids), None
+        else:
+            n += len(step.ids) > 1
+            sent, i = int(tokens[i]), i + 1
+        try:
+            step = walk.send(sent)
+        except StopIteration:
+            return n
+
+
+class Runner:
+    def __init__(self, exported: Exported, n_actions: int = 1, max_chunk: int = 64):
+        self.exported = exported
+        backend = open_backend("onnxruntime", threads=1)
+        bundle = exported.bundle
+        self.vision = backend.stage(bundle, io.VISION_STAGE)
+        self.grammar = AnswerGrammar(exported.tokenizer, exported.layout, n_actions=n_actions)
+        self.stats = ActionStats.from_norm_stats(bundle.manifest.norm_stats)
+        self.program = DecodeProgram(backend.decoder(bundle, max_chunk), bundle.weight(io.EMBEDDING_WEIGHT),
+                                     bundle.weight(io.LM_HEAD_WEIGHT), self.grammar, bundle.config.image_patch_id,
+                                     self.stats)
+
+    def run(self, prompt, inputs, **forced):
+        features = self.vision.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
+                                    io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})[io.IMAGE_FEATURES]
+        return self.program.run(prompt, features, inputs.pooled_patches_idx, image_size_px=FRAME_PX, **forced)
+
+
+@pytest.fixture(scope="module", params=["D", "O"])
+def exported(request, tmp_path_factory):
+    return exported_bundle(tmp_path_factory, request.param)
+
+
+FORCED_DEPTH = (np.arange(100) * 37) % 128
+FORCED_TRACE = [[12, 200], [90, 7], [255, 0]]
+
+
+@pytest.mark.parametrize("forced", ["none", "depth", "trace", "depth+trace"])
+def test_tokens_are_identical_to_masked_greedy_decoding_of_the_reference(exported, forced):
+    depth = FORCED_DEPTH if "depth" in forced else None
+    trace = FORCED_TRACE if "trace" in forced else None
+    runner = Runner(exported, max_chunk=64)     # the ~165-token prompt goes in 3 chunks
+    for frame, instruction in ((3, "pick up the red block"), (8, "push the green box to the left")):
+        _, inputs, prompt = exported.observation(frame, instruction)
+        reference = exported.reference(prompt, inputs, runner.grammar, depth, trace)
+        result = runner.run(prompt, inputs, depth_codes=depth, trace=trace)
+        assert result.token_ids.tolist() == reference
+        # One decoder call per real choice after the prefill; the last choice's token is never fed.
+        assert result.decode_steps == choices_made(runner.grammar, reference, depth, trace) - 1
+        if depth is not None:
+            np.testing.assert_array_equal(result.depth_codes, depth)
+        if trace is not None:
+            np.testing.assert_array_equal(result.trace, trace)
+
+
+def test_an_action_chunk_is_identical_too(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported, n_actions=2, max_chunk=512)
+    _, inputs, prompt = exported.observation(5)
+    reference = exported.reference(prompt, inputs, runner.grammar, FORCED_DEPTH)
+    result = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    assert result.token_ids.tolist() == reference and result.actions.shape == (2, 7)
+
+
+def test_forcing_depth_and_trace_leaves_only_the_actions_to_decode(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported)
+    _, inputs, prompt = exported.observation(11)
+    free = runner.run(prompt, inputs)
+    depth = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    steered = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH, trace=FORCED_TRACE)
+    n_tokens = len(depth.token_ids)
+    # The 100 depth codes are 100 sequential choices; forced, the whole answer costs under half its tokens.
+    assert free.decode_steps >= 100 > depth.decode_steps
+    assert depth.decode_steps < n_tokens / 2
+    # Steered: everything up to the first action token is prefill; 7 action tokens need 6 more steps.
+    assert steered.decode_steps == 6 and steered.trace_forced and steered.depth_forced
+    np.testing.assert_array_equal(steered.trace, FORCED_TRACE)
+    np.testing.assert_allclose(steered.trace_px, trace_to_pixels(np.array(FORCED_TRACE), *FRAME_PX))
+    assert set(steered.stage_seconds) == {"prefill", "decode", "parse"}
+
+
+def test_actions_are_bin_centres_unnormalized_with_the_bundle_statistics(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported)
+    _, inputs, prompt = exported.observation(4)
+    result = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    vb = exported.layout.base_vocab_size
+    bins = np.clip(vb - result.answer.action_ids - 1, 0, 254)
+    np.testing.assert_allclose(result.actions_normalized, -1 + (2 * bins + 1) / 255)
+    np.testing.assert_allclose(result.actions, unnormalize_actions(result.actions_normalized, runner.stats))
+    assert result.actions[0, -1] == result.actions_normalized[0, -1]      # the gripper stays normalized
+
+
+def test_mismatched_image_tokens_and_features_are_refused(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported)
+    _, inputs, prompt = exported.observation(4)
+    with pytest.raises(EdgeactError, match=r"<im_patch> tokens for .* image features"):
+        runner.program.run(prompt[prompt != exported.layout.im_patch_id], np.zeros((4, 64), np.float32),
+                           inputs.pooled_patches_idx[:4])
+    with pytest.raises(EdgeactError, match="prompt is empty"):
+        runner.program.run([])

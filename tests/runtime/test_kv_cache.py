@@ -1,0 +1,91 @@
+"""The KV cache: sized from the manifest, allocated once, contiguous prefixes, and nothing allocated per decode step."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.engines import open_backend
+from edgeact.runtime.errors import BundleError
+from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+from edgeact.runtime.ort_stages import SequenceTooLongError
+from edgeact.runtime.stage_spec import StageSpec, TensorSpec
+from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
+
+
+def decoder_spec(n_layers=3, kv_heads=2, head_dim=8, width=32, max_seq=40) -> StageSpec:
+    b, s, p = io.BATCH, io.SEQ, io.PAST_SEQ
+    inputs = [TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, width)), TensorSpec(io.POSITION_IDS, "int64", (b, s))]
+    outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, width))]
+    for layer in range(n_layers):
+        inputs += [TensorSpec(io.past_key(layer), "float32", (b, p, kv_heads, head_dim)),
+                   TensorSpec(io.past_value(layer), "float32", (b, p, kv_heads, head_dim))]
+        outputs += [TensorSpec(io.new_key(layer), "float32", (b, s, kv_heads, head_dim)),
+                    TensorSpec(io.new_value(layer), "float32", (b, s, kv_heads, head_dim))]
+    return StageSpec("decoder", "stages/decoder.onnx", "fp32", inputs, outputs,
+                     dim_ranges={b: (1, 1, 1), s: (1, 8, max_seq), p: (0, 8, max_seq - 1)})
+
+
+def test_layout_is_read_off_the_decoder_stage():
+    layout = CacheLayout.from_stage(decoder_spec())
+    assert (layout.n_layers, layout.max_seq, layout.kv_heads, layout.head_dim, layout.hidden_size) == (3, 40, 2, 8, 32)
+    assert layout.row_bytes == 2 * 8 * 4 and layout.nbytes == 2 * 3 * 40 * 64
+    vision = StageSpec("vision", "stages/vision.onnx", "fp32", [TensorSpec("images", "float32", (1, 4))],
+                       [TensorSpec("image_features", "float32", (1, 4))])
+    with pytest.raises(BundleError, match="not a decoder stage"):
+        CacheLayout.from_stage(vision)
+
+
+def test_filled_prefixes_are_contiguous_views_at_the_pointers_handed_out():
+    cache = KVCache(CacheLayout.from_stage(decoder_spec()))
+    base = cache.block(0, KEY).ctypes.data
+    for n in (1, 5, 17, 40):
+        cache.reset()
+        cache.commit(cache.reserve(n) + n)
+        for layer in range(3):
+            for kind in (KEY, VALUE):
+                prefix = cache.prefix(layer, kind)
+                assert prefix.shape == (1, n, 2, 8) and prefix.flags.c_contiguous
+                assert np.shares_memory(prefix, cache.block(layer, kind))
+                assert prefix.ctypes.data == cache.pointer(layer, kind)
+                # new entries of the next chunk go right after the prefix
+                assert cache.pointer(layer, kind, n) == prefix.ctypes.data + prefix.nbytes
+    assert cache.block(0, KEY).ctypes.data == base          # never reallocated
+
+
+def test_reserve_refuses_overflow_and_leaves_the_length():
+    cache = KVCache(CacheLayout.from_stage(decoder_spec(max_seq=10)))
+    cache.commit(cache.reserve(8) + 8)
+    with pytest.raises(SequenceTooLongError, match="11 positions exceed the bundle's max_seq 10; re-export with a larger"):
+        cache.reserve(3)
+    assert cache.length == 8 and cache.reserve(2) == 8
+    with pytest.raises(BundleError, match="needs the backend's device allocator"):
+        KVCache(cache.layout, device="cuda")
+
+
+def test_decode_steps_allocate_nothing_per_token(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    engine = open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=64)
+    assert engine.layout.max_seq == MAX_SEQ
+    engine.embeds[:64] = np.random.default_rng(0).standard_normal((64, engine.layout.hidden_size))
+    for _ in range(4):                     # a long past first: copying it would be visible
+        engine.step(64)
+    engine.step(1)
+    past_bytes = 2 * engine.layout.n_layers * engine.length * engine.layout.row_bytes
+    hidden_buffer = engine.hidden_states(1).base
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(50):
+            last = engine.step(1)
+        end, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A per-step copy of the past would show as a peak of past_bytes; a leak as growth with steps.
+    assert past_bytes > 60_000
+    assert peak - start < 4096, f"{peak - start} bytes allocated at once during decode steps"
+    assert end - start < 1024, f"{end - start} bytes kept after 50 decode steps"
+    assert np.shares_memory(last, hidden_buffer) and engine.length == 4 * 64 + 51

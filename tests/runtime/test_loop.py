@@ -1,0 +1,271 @@
+"""The loop on the simulated Feetech arm: pacing, latency skipping, events, and a safe stop on every way out.
+
+The simulator runs in the test process and the loop drives it through the real serial driver,
+so "torque off" is read from the simulated motors' own registers.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeact.drivers.motors.feetech import FeetechMotorsBus
+from edgeact.drivers.motors.serial_bus import make_serial_bus
+from edgeact.drivers.sim.servo_bus import SimServoBus
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.loop import run_robot
+from edgeact.runtime.loop_events import CommandEvent, FrameEvent, PlanEvent, StopEvent, Subscriber, TripEvent
+from edgeact.runtime.policy import Observation, Plan, PolicyContext, ScriptedPolicy, ScriptedPolicyConfig, TimedPolicy
+from edgeact.runtime.robot_config import robot_config_from_dict
+from edgeact.runtime.sim_robot import sim_robot_config_dict
+from edgeact.runtime.telemetry import CommandRecorder
+
+pytestmark = pytest.mark.timeout(60)
+
+IDS = range(1, 7)
+# Runs `edgeact` in a child process, with the loop's commands even before the CLI lists them.
+CLI = ("import sys, edgeact.runtime.cli as cli\n"
+       "m = 'edgeact.runtime.commands_loop'\n"
+       "cli.COMMAND_MODULES += () if m in cli.COMMAND_MODULES else (m,)\n"
+       "sys.exit(cli.main(sys.argv[1:]))\n")
+
+
+@pytest.fixture
+def sim():
+    with SimServoBus("feetech", ids=IDS) as bus:
+        yield bus
+
+
+def config_data(sim, latency_s=0.02, **sections):
+    """The sample robot on the test's simulator (bus "feetech" on its pty), with a fast scripted policy.
+
+    The watchdogs are generous so a loaded test machine never trips them by accident."""
+    data = sim_robot_config_dict()
+    data["robot"] = {**data["robot"], "bus": "feetech", "port": sim.port, "options": {"timeout_s": 0.2}}
+    data["policy"] = {"type": "scripted", "chunk_size": 8, "latency_s": latency_s}
+    data["limits"]["watchdog_timeout_s"] = 2.0
+    data["watchdog"]["control_stall_s"] = 1.5
+    for name, fields in sections.items():
+        data[name] = {**data[name], **fields}
+    return data
+
+
+def torque(sim):
+    return [sim.register(i, "torque_enable") for i in IDS]
+
+
+class Collect(Subscriber):
+    """Keeps every event; `at_tick` calls a function on the hub thread when that control tick is reported."""
+
+    def __init__(self, at_tick=None, action=None):
+        self.events, self.at_tick, self.action = [], at_tick, action
+
+    def _add(self, event):
+        self.events.append(event)
+
+    on_frame = on_plan = on_overrun = on_trip = on_stop = _add
+
+    def on_command(self, event):
+        self.events.append(event)
+        if event.tick == self.at_tick:
+            self.action()
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def observation(t):
+    return Observation(rgb=np.zeros((4, 4, 3), np.uint8), depth_m=None, timestamp_s=t, proprio=None, instruction="x")
+
+
+def test_scripted_plans_agree_where_they_overlap_and_are_scaled_to_robot_units():
+    clock = iter(np.arange(0.0, 100.0, 0.01))
+    policy = ScriptedPolicy(ScriptedPolicyConfig(chunk_size=8, latency_s=0.05), 10.0, sleep=lambda s: None,
+                            clock=lambda: float(next(clock)))
+    first, second = policy.step(observation(50.0)), policy.step(observation(50.3))
+    assert first.actions.shape == (8, 7) and first.observation_time_s == 50.0
+    # Action 3 of the first plan and action 0 of the second are meant for the same instant.
+    np.testing.assert_allclose(first.actions_normalized[3:], second.actions_normalized[:5])
+    np.testing.assert_allclose(first.actions[:, :6], first.actions_normalized[:, :6] * 0.01 * [1, 1, 1, 5, 5, 5])
+    np.testing.assert_allclose(first.actions[:, 6], first.actions_normalized[:, 6])   # the gripper stays normalized
+    assert np.abs(first.actions_normalized).max() <= 0.5 + 1e-12
+
+
+def test_timed_policy_adds_the_step_time_and_what_the_stages_missed():
+    ticks = iter([10.0, 10.5])
+
+    class Inner:
+        closed = False
+
+        def step(self, obs):
+            return Plan(np.zeros((1, 7)), np.zeros((1, 7)), None, None, obs.timestamp_s, 10.5, {"vision": 0.2})
+
+        def close(self):
+            self.closed = True
+
+    inner = Inner()
+    timed = TimedPolicy(inner, clock=lambda: next(ticks))
+    plan = timed.step(observation(9.9))
+    assert plan.stage_seconds == {"vision": 0.2, "policy_total": 0.5, "policy_other": pytest.approx(0.3)}
+    assert plan.latency_s == pytest.approx(0.6)
+    timed.close()
+    assert inner.closed
+
+
+def test_observation_and_plan_refuse_malformed_data():
+    with pytest.raises(ValueError, match=r"rgb must be \(H, W, 3\) uint8"):
+        Observation(rgb=np.zeros((4, 4), np.uint8), depth_m=None, timestamp_s=0.0, proprio=None, instruction="")
+    with pytest.raises(ValueError, match="non-finite"):
+        Plan(np.full((2, 7), np.nan), np.zeros((2, 7)), None, None, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"must be \(n >= 1, 7\)"):
+        Plan(np.zeros((2, 6)), np.zeros((2, 6)), None, None, 0.0, 0.0)
+
+
+def test_run_paces_follows_plans_and_ends_with_torque_off(sim):
+    config = robot_config_from_dict(config_data(sim, latency_s=0.12))
+    events = Collect()
+    result = run_robot(config, 1.5, [events])
+    assert result.reason == "duration" and result.clean and result.error is None
+    commands = events.of(CommandEvent)
+    # Paced: never faster than 100 Hz (after an overrun it resyncs, no catch-up burst); loose below (loaded machine).
+    assert 40 <= result.ticks == len(commands) <= 1.5 * 100 * 1.05 + 2
+    assert result.plans >= 2 and len(events.of(PlanEvent)) == result.plans and events.of(FrameEvent)
+    firsts = [c for c in commands if c.new_plan]
+    assert firsts and all(c.skipped_actions >= 1 for c in firsts)  # 120 ms of inference > one 100 ms action
+    assert all(c.frame_to_command_s >= 0.12 for c in firsts)
+    pan = [c.sent_rad["shoulder_pan"] for c in commands if c.mode == "follow"]
+    assert max(pan) - min(pan) > 0.01                                # the plans really moved the joint
+    assert {c.mode for c in commands} <= {"wait", "follow", "done"}
+    assert isinstance(events.events[-1], (StopEvent, TripEvent))
+    assert [e.reason for e in events.of(StopEvent)] == ["duration"]
+    assert {t.trip.reason for t in events.of(TripEvent)} == {"exit"}
+    assert torque(sim) == [0] * 6
+
+
+def test_policy_exception_stops_safely_and_flushes_the_recording(sim, tmp_path):
+    config = robot_config_from_dict(config_data(sim))
+    scripted = ScriptedPolicyConfig(latency_s=0.02).make_policy(PolicyContext(10.0))
+
+    class Failing:
+        def step(self, obs):
+            if scripted.steps == 3:
+                raise RuntimeError("the model fell over")
+            return scripted.step(obs)
+
+        def close(self):
+            pass
+
+    record = tmp_path / "commands.jsonl"
+    result = run_robot(config, 20.0, [CommandRecorder(record)], policy=Failing())
+    assert result.reason == "error" and isinstance(result.error, RuntimeError)
+    assert "loop-planner: RuntimeError: the model fell over" in result.detail
+    assert result.duration_s < 10
+    lines = [json.loads(line) for line in record.read_text().splitlines()]   # complete: every line parses
+    assert sum(r["event"] == "plan" for r in lines) == 3
+    stops = [r for r in lines if r["event"] == "stop"]
+    assert len(stops) == 1 and stops[0]["reason"] == "error"
+    assert any(r["event"] == "trip" and r["reason"] == "exit" for r in lines)
+    assert torque(sim) == [0] * 6
+
+
+def test_estop_file_latches_the_safe_state_and_ends_the_run(sim, tmp_path):
+    stop_file = tmp_path / "estop"
+    config = robot_config_from_dict(config_data(sim, estop={"file": str(stop_file)}))
+    events = Collect(at_tick=20, action=stop_file.touch)
+    result = run_robot(config, 20.0, [events])
+    assert result.reason == "estop" and not result.clean and result.duration_s < 10
+    estops = [t.trip for t in events.of(TripEvent) if t.trip.reason == "estop"]
+    assert len(estops) == 1 and estops[0].safe_state == "hold" and estops[0].error is None
+    assert torque(sim) == [0] * 6
+    # Still there: the next start refuses, before touching the motors.
+    with pytest.raises(ConfigError, match=r"e-stop is active before the start \(e-stop file .* exists\)"):
+        run_robot(config, 1.0)
+
+
+def test_estop_input_event_ends_the_run(sim):
+    config = robot_config_from_dict(config_data(sim))
+    estop = threading.Event()
+    result = run_robot(config, 20.0, [Collect(at_tick=10, action=estop.set)], estop=estop)
+    assert result.reason == "estop" and result.duration_s < 10
+    assert torque(sim) == [0] * 6
+
+
+class StallingBus(FeetechMotorsBus):
+    """The real driver, except that once `stall` is set, the control thread's next read hangs for 2.5 s."""
+
+    stall = None
+
+    def read_state(self, motors=None):
+        if self.stall.is_set():
+            self.stall.clear()
+            time.sleep(2.5)
+        return super().read_state(motors)
+
+
+def test_stalled_driver_trips_the_control_watchdog_into_the_safe_state(sim):
+    config = robot_config_from_dict(config_data(sim, limits={"safe_state": "torque_off", "watchdog_timeout_s": 5.0},
+                                                watchdog={"control_stall_s": 0.5}))
+    real = make_serial_bus("feetech", sim.port, config.robot.motor_objects(), config.robot.calibration, timeout_s=0.2)
+    stall = threading.Event()
+    bus = StallingBus(real.config, real.motors, real.calibration)
+    bus.stall = stall
+    config.robot.make_bus = lambda port=None: bus
+    events = Collect(at_tick=20, action=stall.set)
+    result = run_robot(config, 20.0, [events])
+    assert result.reason == "stall" and "control thread silent" in result.detail and result.duration_s < 10
+    first = events.of(TripEvent)[0].trip        # the watchdog acted first, before the exit
+    assert first.reason == "estop" and first.safe_state == "torque_off" and first.error is None
+    assert "control thread silent" in first.detail
+    assert torque(sim) == [0] * 6
+
+
+def test_sigint_to_edgeact_run_ends_in_the_safe_state(sim, tmp_path):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim)))
+    record = tmp_path / "commands.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path), "--record", str(record)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while torque(sim) != [1] * 6 or len(sim.received) < 100:   # running: torque on, commands flowing
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "edgeact run did not start commanding the simulated arm"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "stopped: interrupt (Ctrl-C)" in out and "achieved frequency" in out
+    assert torque(sim) == [0] * 6
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert any(r["event"] == "command" for r in lines)
+    assert [r["reason"] for r in lines if r["event"] == "stop"] == ["interrupt"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(sim, tmp_path):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim)))
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while torque(sim) != [1] * 6:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "edgeact run did not start"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert torque(sim) == [0] * 6

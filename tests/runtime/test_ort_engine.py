@@ -1,0 +1,135 @@
+"""The onnxruntime engines compute what a plain InferenceSession computes, into buffers allocated at load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.engines import backend_names, open_backend
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.kv_cache import KEY, VALUE
+from edgeact.runtime.ort_engine import OrtOptions, make_session, recorded_graph_level, trt_profile_options
+from edgeact.runtime.ort_stages import SequenceTooLongError
+from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
+
+
+@pytest.fixture(scope="module", params=["D", "O"])
+def exported(request, tmp_path_factory):
+    return exported_bundle(tmp_path_factory, request.param)
+
+
+def plain_session(bundle, stage):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(bundle.stage_path(stage)), options, providers=["CPUExecutionProvider"])
+
+
+def test_decoder_engine_matches_a_plain_session_chunk_by_chunk(exported):
+    bundle = exported.bundle
+    engine = open_backend("onnxruntime", threads=1).decoder(bundle, max_chunk=16)
+    session = plain_session(bundle, io.DECODER_STAGE)
+    layout = engine.layout
+    assert (layout.max_seq, layout.n_layers) == (MAX_SEQ, bundle.config.llm_config.num_hidden_layers)
+    rng = np.random.default_rng(0)
+    embeds = rng.standard_normal((24, layout.hidden_size)).astype(np.float32)
+    past = [np.zeros((1, 0, layout.kv_heads, layout.head_dim), np.float32) for _ in range(2 * layout.n_layers)]
+    # An empty past, a 7-token chunk, single steps, and a full max_chunk chunk.
+    for start, stop in ((0, 7), (7, 8), (8, 9), (9, 10), (10, 24 - 8), (16, 24)):
+        n = stop - start
+        feeds = {io.INPUTS_EMBEDS: embeds[None, start:stop], io.POSITION_IDS: np.arange(start, stop)[None]}
+        for layer in range(layout.n_layers):
+            feeds[io.past_key(layer)], feeds[io.past_value(layer)] = past[2 * layer], past[2 * layer + 1]
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        engine.embeds[:n] = embeds[start:stop]
+        last = engine.step(n)
+        np.testing.assert_allclose(engine.hidden_states(n), want[io.HIDDEN_STATES][0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(last, engine.hidden_states(n)[-1])
+        assert engine.length == stop
+        for layer in range(layout.n_layers):
+            for kind, name in ((KEY, io.new_key(layer)), (VALUE, io.new_value(layer))):
+                # The new entries were written by onnxruntime straight into the cache, after the past.
+                np.testing.assert_allclose(engine.cache.block(layer, kind)[:, start:stop], want[name], rtol=1e-6, atol=1e-6)
+                past[2 * layer + kind] = np.concatenate([past[2 * layer + kind], want[name]], axis=1)
+
+
+def test_vision_engine_matches_a_plain_session(exported):
+    bundle = exported.bundle
+    engine = open_backend("onnxruntime", threads=1).stage(bundle, io.VISION_STAGE)
+    session = plain_session(bundle, io.VISION_STAGE)
+    for frame in (1, 2):
+        _, inputs, _ = exported.observation(frame)
+        feeds = {io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
+                 io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx}
+        got = engine.run(feeds)[io.IMAGE_FEATURES]
+        np.testing.assert_allclose(got, session.run(None, feeds)[0], rtol=1e-6, atol=1e-6)
+    # Outputs are views of one buffer sized for the stage's largest n_tokens, allocated at load.
+    assert got.base is not None and got.base.size >= bundle.stage(io.VISION_STAGE).dim_ranges[io.N_TOKENS].max * got.shape[1]
+
+
+def test_the_cache_is_sized_from_the_manifest_and_overflow_is_refused(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    engine = open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=128)
+    assert engine.cache.block(0, KEY).shape[1] == exported.bundle.stage(io.DECODER_STAGE).dim_ranges[io.SEQ].max
+    for _ in range(MAX_SEQ // 128):
+        engine.step(128)
+    with pytest.raises(SequenceTooLongError, match=rf"{MAX_SEQ + 1} positions exceed the bundle's max_seq {MAX_SEQ}"):
+        engine.step(1)
+    assert engine.length == MAX_SEQ            # a refused step leaves the cache as it was
+    with pytest.raises(EdgeactError, match=r"1\.\.128 \(max_chunk\)"):
+        engine.step(129)
+    engine.reset()
+    assert engine.length == 0 and engine.step(1).shape == (engine.layout.hidden_size,)
+
+
+def test_options_are_validated_and_name_the_fix(tmp_path_factory):
+    bundle = exported_bundle(tmp_path_factory, "D").bundle
+    with pytest.raises(ConfigError, match=r"provider 'rocm' unknown; use one of cpu, cuda, tensorrt"):
+        open_backend("onnxruntime", provider="rocm")
+    with pytest.raises(ConfigError, match=r"backend 'onnxruntime'.*unexpected keyword"):
+        open_backend("onnxruntime", workers=2)
+    with pytest.raises(ConfigError, match=r"backend 'openvino' unknown; use one of onnxruntime, tensorrt"):
+        open_backend("openvino")
+    assert {"onnxruntime", "tensorrt"} <= set(backend_names())
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ConfigError, match="no CUDAExecutionProvider.*install onnxruntime-gpu"):
+            open_backend("onnxruntime", provider="cuda").decoder(bundle, 8)
+
+
+def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_factory, tmp_path):
+    import shutil
+
+    src = exported_bundle(tmp_path_factory, "D").bundle_dir
+    dst = shutil.copytree(src, tmp_path / "bundle")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["quantization"] = {"recipe": "fp8", "options": {"stages": {"decoder": {"ort_graph_optimization": "basic"}}}}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(dst)
+    assert recorded_graph_level(bundle, io.DECODER_STAGE) == "basic"
+    assert recorded_graph_level(bundle, io.VISION_STAGE) == "all"
+    level = make_session(bundle, io.DECODER_STAGE, OrtOptions(threads=1)).get_session_options().graph_optimization_level
+    assert level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    level = make_session(bundle, io.DECODER_STAGE, OrtOptions(threads=1, graph_optimization="all")
+                         ).get_session_options().graph_optimization_level
+    assert level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    manifest["quantization"]["options"]["stages"]["decoder"]["ort_graph_optimization"] = "turbo"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="records graph optimization 'turbo'"):
+        recorded_graph_level(load_bundle(dst), io.DECODER_STAGE)
+
+
+def test_tensorrt_ep_profiles_come_from_the_manifest(tmp_path_factory):
+    spec = exported_bundle(tmp_path_factory, "D").bundle.stage(io.DECODER_STAGE)
+    options = trt_profile_options(spec)
+    entries = {k: v.split(",") for k, v in options.items()}
+    n_inputs = len(spec.inputs)
+    assert all(len(v) == 2 * n_inputs for v in entries.values())      # two profiles: prefill, decode
+    D = spec.inputs[0].dims[2]
+    # prefill: seq 1..max_seq at past 0; decode: seq 1 at past 0..max_seq-1
+    assert entries["trt_profile_max_shapes"][0] == f"{io.INPUTS_EMBEDS}:1x{MAX_SEQ}x{D}"
+    assert entries["trt_profile_max_shapes"][n_inputs] == f"{io.INPUTS_EMBEDS}:1x1x{D}"
+    assert entries["trt_profile_min_shapes"][2].startswith(f"{io.past_key(0)}:1x0x")
+    assert entries["trt_profile_max_shapes"][n_inputs + 2].startswith(f"{io.past_key(0)}:1x{MAX_SEQ - 1}x")

@@ -1,0 +1,172 @@
+"""The robot config file: the sample loads and round-trips, JSON and TOML read, bad fields are named with the fix."""
+import json
+
+import pytest
+
+from edgeact.drivers.cameras.synthetic import SyntheticConfig
+from edgeact.drivers.motors.safety import SafetyConfig
+from edgeact.runtime.control import JointDeltaConfig
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.policy import ScriptedPolicyConfig, policy_type, policy_types
+from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
+from edgeact.runtime.sim_robot import sim_robot_config_dict
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_sample_config_loads_with_typed_sections():
+    cfg = robot_config_from_dict(sim_robot_config_dict())
+    assert cfg.robot.bus == "sim" and len(cfg.robot.motors) == 6
+    assert cfg.robot.calibration["gripper"].homing_offset == 2048
+    assert isinstance(cfg.camera, SyntheticConfig) and cfg.camera.width == 128
+    assert isinstance(cfg.policy, ScriptedPolicyConfig)
+    assert isinstance(cfg.actions, JointDeltaConfig) and cfg.actions.dims == [0, 1, 2, 4, 3]
+    assert isinstance(cfg.limits, SafetyConfig) and cfg.limits.joint_limits_rad["gripper"] == (-0.1, 1.0)
+    assert cfg.rates.control_hz == 100.0 and cfg.estop.file is None
+
+
+def test_to_dict_round_trips():
+    cfg = robot_config_from_dict(sim_robot_config_dict())
+    again = robot_config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_json_and_toml_files(tmp_path):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(sim_robot_config_dict()))
+    cfg = load_robot_config(path)
+    assert cfg.source == str(path) and cfg.config_dir == tmp_path.resolve()
+    toml = tmp_path / "robot.toml"
+    toml.write_text("""
+instruction = "wave"
+[robot]
+bus = "feetech"
+port = "/dev/ttyACM0"
+[robot.motors.elbow]
+id = 2
+model = "sts3215"
+[camera]
+type = "synthetic"
+fps = 15
+[policy]
+type = "scripted"
+latency_s = 0
+[actions]
+type = "joint_delta"
+joints = ["elbow"]
+gains = [0.5]
+[rates]
+control_hz = 50
+[estop]
+file = "/tmp/stop-the-arm"
+""")
+    cfg = load_robot_config(toml)
+    assert cfg.robot.port == "/dev/ttyACM0" and cfg.robot.motors["elbow"].id == 2
+    assert cfg.camera.fps == 15.0 and cfg.rates.control_hz == 50.0 and cfg.instruction == "wave"
+    assert cfg.estop.file == "/tmp/stop-the-arm"
+
+
+def _error(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        robot_config_from_dict(data, source="robot.json")
+    return str(info.value)
+
+
+def _with(section, **fields):
+    data = sim_robot_config_dict()
+    data[section] = {**data[section], **fields}
+    return data
+
+
+@pytest.mark.parametrize("data, expected", [
+    (_with("rates", control_hz=0), "config robot.json: rates.control_hz: must be in (0, 1000], got 0"),
+    (_with("rates", contol_hz=50), "rates: unknown key 'contol_hz' (did you mean 'control_hz'?)"),
+    (_with("rates", control_hz="fast"), "rates.control_hz: must be a number, got 'fast'"),
+    (_with("rates", action_rate_hz=200), "rates.action_rate_hz: must be in (0, control_hz = 100]"),
+    ({**sim_robot_config_dict(), "instrucion": "x"}, "unknown key 'instrucion' (did you mean 'instruction'?)"),
+    (_with("camera", fsp=30), "camera: unknown key 'fsp' (did you mean 'fps'?)"),
+    (_with("camera", fps=0), "camera: synthetic camera 'front': fps=0 must be in (0, 240]"),
+    (_with("camera", type="webcam"), "camera.type: camera type 'webcam' unknown; use one of"),
+    (_with("policy", type="bundel"), "policy.type: policy type 'bundel' unknown; use one of"),
+    (_with("policy", chunk_size=0), "policy.chunk_size: must be an integer in [1, 256], got 0"),
+    (_with("actions", gains=[1.0]), "actions.gains: give one finite gain"),
+    (_with("actions", joints=["shoulder_pan", "elbow", "wrist_flex", "wrist_roll", "shoulder_lift"]),
+     "joints ['elbow'] are not motors of the robot"),
+    (_with("limits", max_step_rad=0), "limits.max_step_rad must be > 0, got 0"),
+    (_with("limits", safe_state="off"), "limits.safe_state must be one of"),
+    (_with("limits", joint_limits_rad={"knee": [-1, 1]}), "limits.joint_limits_rad: joints ['knee'] are not motors"),
+    (_with("limits", joint_limits_rad={"gripper": [0, 1, 2]}),
+     "limits.joint_limits_rad.gripper: must be a list of 2 values, got [0, 1, 2]"),
+    (_with("limits", joint_limits_rad={"gripper": [0, "x"]}),
+     "limits.joint_limits_rad.gripper[1]: must be a number, got 'x'"),
+    (_with("robot", baud_rate=9600), "robot.options or baud_rate: baud rate 9600 not supported by feetech motors"),
+    (_with("limits", watchdog_timeout_s=0.01), "limits.watchdog_timeout_s: 0.01 s is under three control periods"),
+    (_with("watchdog", control_stall_s=-1), "watchdog.control_stall_s: must be in (0, 60] seconds, got -1"),
+    (_with("robot", bus="feetch"), "robot.bus: must be one of sim, feetech, dynamixel, damiao-can, got 'feetch' "
+                                   "(did you mean 'feetech'?)"),
+    (_with("robot", port="/dev/ttyUSB0"), "robot.port: the simulated bus opens its own pty"),
+    (_with("robot", bus="feetech"), "robot.port: a feetech bus needs its serial device"),
+    (_with("robot", motors={**sim_robot_config_dict()["robot"]["motors"], "gripper": {"id": 6, "model": "sts3251"}}),
+     "robot.motors.gripper.model: 'sts3251' is not a feetech model; use one of sts3215, sts3250, sm8512bl "
+     "(did you mean 'sts3250'?)"),
+    (_with("robot", motors={"elbow": {"id": 1}}), "robot.motors.elbow: missing field(s) model"),
+    (_with("robot", options={"timeout": 0.1}), "robot.options: unknown key 'timeout' (did you mean 'timeout_s'?)"),
+    (_with("estop", key="F12"), "estop.key: one character or one of space"),
+    ({k: v for k, v in sim_robot_config_dict().items() if k != "actions"}, "actions: missing section"),
+    ([1, 2], "the top level must be a table of sections"),
+])
+def test_bad_config_names_the_field_and_the_fix(data, expected):
+    message = _error(data)
+    assert expected in message
+    after = message[message.index(expected) + len(expected):][:1]
+    assert not (after.isdigit() or after == "."), f"{expected!r} matched only part of a number in {message!r}"
+
+
+def test_file_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="not found; write a sample with `edgeact demo --write-config"):
+        load_robot_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_robot_config(bad)
+    yaml = tmp_path / "robot.yaml"
+    yaml.write_text("robot: {}")
+    with pytest.raises(ConfigError, match="use a .json or .toml file"):
+        load_robot_config(yaml)
+
+
+def test_policy_registry_finds_types_by_name():
+    assert policy_types()["scripted"] is ScriptedPolicyConfig
+    assert policy_type("scripted") is ScriptedPolicyConfig
+    with pytest.raises(ConfigError, match="policy type 'nope' unknown; use one of .*scripted"):
+        policy_type("nope")
+
+
+def test_policy_registry_skips_a_listed_module_that_is_not_there_yet(monkeypatch, tmp_path):
+    from edgeact.runtime import policy
+
+    monkeypatch.setattr(policy, "BUILTIN_POLICY_MODULES", ("edgeact.runtime.no_such_policy",))
+    assert "scripted" in policy_types()
+    # ... but a module that is there and fails to import is an error, not a silently missing type.
+    (tmp_path / "broken_policy_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(policy, "BUILTIN_POLICY_MODULES", ("broken_policy_mod",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        policy_types()
+
+
+def _damiao(**robot):
+    data = sim_robot_config_dict()
+    data["robot"] = {"bus": "damiao-can", "motors": {"elbow": {"id": 1, "model": "dm4310"}}, **robot}
+    data["actions"] = {"type": "joint_delta", "joints": ["elbow"], "gains": [1.0]}
+    data["limits"] = {}
+    return data
+
+
+def test_damiao_can_bus_section():
+    cfg = robot_config_from_dict(_damiao(options={"interface": "virtual", "channel": "arm"}))
+    assert cfg.robot.make_bus().config.channel == "arm"
+    assert "robot.options: unknown key 'chanel' (did you mean 'channel'?)" in _error(_damiao(options={"chanel": "x"}))
+    assert "robot.options: gains of 'default'" in _error(_damiao(options={"kp": -1.0}))
+    assert "robot.motors.elbow.model: unknown Damiao model 'dm9999'" in _error(
+        _damiao(motors={"elbow": {"id": 1, "model": "dm9999"}}))

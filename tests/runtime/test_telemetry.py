@@ -1,0 +1,135 @@
+"""Events and subscribers: the hub's order, threads and failures; the recorder's file; the timing summary and plot."""
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from edgeact.drivers.motors.safety import SafetyTrip
+from edgeact.runtime.loop_events import (CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent,
+                                         Subscriber, TripEvent)
+from edgeact.runtime.policy import Plan
+from edgeact.runtime.telemetry import CommandRecorder, TimingStats
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Collect(Subscriber):
+    def __init__(self):
+        self.events, self.threads, self.closed = [], set(), False
+
+    def _add(self, event):
+        self.events.append(event)
+        self.threads.add(threading.current_thread().name)
+
+    on_frame = on_plan = on_command = on_overrun = on_trip = on_stop = _add
+
+    def close(self):
+        self.closed = True
+
+
+class Broken(Collect):
+    def on_command(self, event):
+        raise OSError("disk full")
+
+
+def command(tick, t, period=0.01, new_plan=False, frame_to_command=math.nan, mode="follow"):
+    return CommandEvent(time_s=t, tick=tick, period_s=period, mode=mode, targets_rad={"a": 0.1}, sent_rad={"a": 0.1},
+                        measured_rad={"a": 0.0}, action_index=0, skipped_actions=2 if new_plan else 0,
+                        new_plan=new_plan, frame_to_command_s=frame_to_command, state_read_s=0.001,
+                        command_write_s=0.0005, work_s=0.002)
+
+
+def plan_event(index, t, latency=0.1):
+    plan = Plan(actions=np.zeros((8, 7)), actions_normalized=np.zeros((8, 7)), trace_px=None, depth_codes=None,
+                observation_time_s=t - latency, created_time_s=t, stage_seconds={"vision": 0.03, "decode": 0.06},
+                decode_steps=40)
+    return PlanEvent(time_s=t, plan=plan, index=index, frame_number=index, frame_age_s=0.01, step_s=0.09)
+
+
+def test_hub_delivers_in_order_on_its_own_thread_then_closes_subscribers():
+    a, b = Collect(), Collect()
+    hub = EventHub([a, b]).start()
+    events = [FrameEvent(1.0, 1, 1.0), command(0, 1.0), OverrunEvent(1.0, 0, 0.002), StopEvent(2.0, "duration", "x")]
+    for e in events:
+        hub.publish(e)
+    hub.close()
+    assert a.events == events and b.events == events
+    assert a.threads == {"loop-events"}
+    assert a.closed and b.closed
+    hub.publish(command(1, 3.0))        # after close: dropped, not delivered half-way
+    assert len(a.events) == len(events)
+
+
+def test_a_failing_subscriber_is_reported_and_the_others_still_get_everything():
+    broken, good = Broken(), Collect()
+    hub = EventHub([broken, good]).start()
+    for i in range(3):
+        hub.publish(command(i, float(i)))
+    hub.publish(StopEvent(3.0, "error", "x"))
+    hub.close()
+    assert isinstance(hub.error, OSError)
+    assert len(good.events) == 4 and broken.closed and good.closed
+
+
+def test_recorder_writes_json_lines_and_flushes_on_close(tmp_path):
+    path = tmp_path / "runs" / "commands.jsonl"
+    hub = EventHub([CommandRecorder(path)]).start()
+    hub.publish(plan_event(0, 10.0))
+    hub.publish(command(0, 10.0))
+    hub.trip(SafetyTrip("estop", "torque_off", 10.5, "e-stop file exists"))
+    hub.publish(StopEvent(10.6, "estop", "e-stop file exists"))
+    hub.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["plan", "command", "trip", "stop"]
+    assert lines[0]["actions"] == [[0.0] * 7] * 8 and lines[0]["stage_s"] == {"vision": 0.03, "decode": 0.06}
+    assert lines[1]["sent_rad"] == {"a": 0.1} and lines[2]["safe_state"] == "torque_off"
+    assert lines[3] == {"event": "stop", "t": 10.6, "reason": "estop", "detail": "e-stop file exists"}
+
+
+def _filled_stats():
+    stats = TimingStats(target_hz=100.0)
+    for tick in range(101):         # 1 s at 100 Hz, periods alternating 9 and 11 ms
+        period = math.nan if tick == 0 else (0.009 if tick % 2 else 0.011)
+        new_plan = tick in (10, 60)
+        stats.on_command(command(tick, tick * 0.01, period, new_plan, 0.12 if new_plan else math.nan))
+    for i in range(5):
+        stats.on_plan(plan_event(i, 0.1 + 0.2 * i))
+    stats.on_frame(FrameEvent(0.0, 0, 0.0))
+    stats.on_overrun(OverrunEvent(0.5, 50, 0.003))
+    stats.on_trip(TripEvent(SafetyTrip("exit", "hold", 1.0, "loop ended")))
+    stats.on_stop(StopEvent(1.0, "duration", "1 s elapsed"))
+    return stats
+
+
+def test_timing_summary_has_the_bench_fields():
+    s = _filled_stats().summary()
+    c = s["control"]
+    assert c["ticks"] == 101 and c["achieved_hz"] == pytest.approx(100.0)
+    assert c["period_ms"]["p50"] == pytest.approx(10.0, abs=1.01) and c["period_ms"]["max"] == pytest.approx(11.0)
+    assert c["period_error_ms"]["p99"] == pytest.approx(1.0) and c["overruns"] == 1
+    assert c["modes"] == {"follow": 101}
+    p = s["policy"]
+    assert p["plans"] == 5 and p["plans_per_s"] == pytest.approx(5.0)
+    assert p["latency_ms"]["p50"] == pytest.approx(100.0) and p["decode_steps_mean"] == 40.0
+    assert p["skipped_actions_mean"] == 2.0
+    assert list(s["stages_ms"]) == ["capture", "vision", "decode", "state_read", "control_tick", "command_write"]
+    assert s["stages_ms"]["decode"]["p99"] == pytest.approx(60.0)
+    assert s["frame_to_command_ms"]["n"] == 2 and s["frame_to_command_ms"]["max"] == pytest.approx(120.0)
+    assert s["trips"][0]["reason"] == "exit" and s["stop"]["reason"] == "duration"
+
+
+def test_summary_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="the timing plot needs matplotlib")
+    stats = _filled_stats()
+    data = json.loads(stats.write_json(tmp_path / "bench.json").read_text())
+    assert data["schema"] == "edgeact.bench/1" and data["control"]["ticks"] == 101
+    png = stats.plot_png(tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_empty_run_summary_is_valid_json():
+    data = TimingStats(50.0).summary()
+    assert data["control"]["achieved_hz"] is None and data["policy"]["latency_ms"]["n"] == 0
+    json.dumps(data, allow_nan=False)

@@ -1,0 +1,236 @@
+"""The native TensorRT runner: profile choice, buffer sizing, engine records, and the whole decoder path.
+
+Without a GPU, the runner is driven through stand-ins for `tensorrt` and cuda-python that
+implement the documented API surface it uses (deserialize_cuda_engine, one context per
+profile, set_input_shape, set_tensor_address, execute_async_v3; cudaMalloc, cudaMemcpyAsync)
+over host memory, and "execute" a plan by running the stage's ONNX graph with onnxruntime on
+the tensors at the addresses the runner set. So shapes, addresses, cache offsets and profile
+choice are checked against the onnxruntime engine. The real run is the `gpu`-marked test.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import DimRange, EngineRecord, load_bundle
+from edgeact.runtime.engines import open_backend
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.trt_engine import (
+    TENSORRT_MISSING, pick_engine, profile_ranges, select_profile, tensor_bytes,
+)
+from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
+
+FAKE_TRT_VERSION = "10.9.0"
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+
+
+def _record(stage="decoder", target="h100", cc="9.0", version=FAKE_TRT_VERSION, profiles=("prefill", "decode")):
+    return EngineRecord(stage=stage, file=f"engines/{target}/{stage}.plan", target=target, trt_version=version,
+                        compute_capability=cc, precision="fp32", sha256="0" * 64, profiles=profiles)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return exported_bundle(tmp_path_factory, "D")
+
+
+# ------------------------------------------------------------------------------- pure logic
+def test_the_narrowest_profile_holding_the_shapes_is_chosen(exported):
+    spec = exported.bundle.stage(io.DECODER_STAGE)
+    ranges = profile_ranges(spec, _record())
+    assert ranges[1][io.SEQ] == DimRange(1, 1, 1) and ranges[0][io.SEQ].max == MAX_SEQ
+    assert select_profile(ranges, {io.SEQ: 1, io.PAST_SEQ: 300}) == 1        # a decode step
+    assert select_profile(ranges, {io.SEQ: 120, io.PAST_SEQ: 0}) == 0        # the prompt
+    assert select_profile(ranges, {io.SEQ: 40, io.PAST_SEQ: 200}) == 0       # a forced chunk after a past
+    with pytest.raises(EdgeactError, match="no engine profile holds"):
+        select_profile(ranges, {io.SEQ: MAX_SEQ + 1, io.PAST_SEQ: 0})
+    with pytest.raises(BundleError, match=r"profiles \['turbo'\] are not in the manifest"):
+        profile_ranges(spec, _record(profiles=("prefill", "turbo")))
+
+
+def test_buffers_are_sized_for_the_largest_shapes_in_the_manifest(exported):
+    spec = exported.bundle.stage(io.DECODER_STAGE)
+    llm = exported.bundle.config.llm_config
+    hidden = next(t for t in spec.outputs if t.name == io.HIDDEN_STATES)
+    past = next(t for t in spec.inputs if t.name == io.past_key(0))
+    assert tensor_bytes(hidden.dims, hidden.dtype, spec) == MAX_SEQ * llm.hidden_size * 4
+    assert tensor_bytes(past.dims, past.dtype, spec) == (MAX_SEQ - 1) * llm.num_key_value_heads * llm.head_dim * 4
+
+
+def test_the_engine_record_must_fit_this_gpu_and_tensorrt(exported, tmp_path):
+    bundle = _with_records(exported, tmp_path, [_record(), _record(target="orin", cc="8.7")])
+    assert pick_engine(bundle, "decoder", None, (9, 0), FAKE_TRT_VERSION).target == "h100"
+    assert pick_engine(bundle, "decoder", "orin", None, FAKE_TRT_VERSION).target == "orin"
+    with pytest.raises(BundleError, match=r"on SM 8\.9; it has h100 \(SM 9\.0\), orin \(SM 8\.7\)\. Build them"):
+        pick_engine(bundle, "decoder", None, (8, 9), FAKE_TRT_VERSION)
+    with pytest.raises(BundleError, match=r"built with TensorRT 10\.9\.0, this is TensorRT 10\.13\.0.*rebuild"):
+        pick_engine(bundle, "decoder", None, (9, 0), "10.13.0")
+    with pytest.raises(BundleError, match="no TensorRT engine for stage 'vision'"):
+        pick_engine(bundle, "vision", None, (9, 0), FAKE_TRT_VERSION)
+
+
+def test_missing_tensorrt_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)      # import tensorrt raises ImportError
+    with pytest.raises(EdgeactError) as err:
+        open_backend("tensorrt")
+    assert str(err.value) == TENSORRT_MISSING
+    with pytest.raises(ConfigError, match="device_id is -1"):
+        open_backend("tensorrt", device_id=-1)
+
+
+# ----------------------------------------------------------------- the runner, end to end
+def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    reference = open_backend("onnxruntime", threads=1).decoder(bundle, max_chunk=32)
+    rng = np.random.default_rng(1)
+    for n in (20, 32, 1, 1, 5, 1):
+        chunk = rng.standard_normal((n, engine.layout.hidden_size)).astype(np.float32)
+        engine.embeds[:n] = reference.embeds[:n] = chunk
+        np.testing.assert_allclose(engine.step(n), reference.step(n), rtol=1e-6, atol=1e-6)
+    assert engine.length == reference.length == 60
+    # One context per profile; single-token steps ran on the decode profile (index 1), chunks on prefill (0).
+    assert [(profile, seq) for profile, seq in calls["executed"]] == [(0, 20), (0, 32), (1, 1), (1, 1), (0, 5), (1, 1)]
+    assert calls["contexts"] == [0, 1]
+
+
+def test_vision_stage_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
+    bundle = _with_records(exported, tmp_path, [_record(), _record(stage="vision", profiles=())], plans=True)
+    _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").stage(bundle, io.VISION_STAGE)
+    reference = open_backend("onnxruntime", threads=1).stage(bundle, io.VISION_STAGE)
+    _, inputs, _ = exported.observation(3)
+    feeds = {io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks, io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx}
+    np.testing.assert_allclose(engine.run(feeds)[io.IMAGE_FEATURES], reference.run(feeds)[io.IMAGE_FEATURES],
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_decoder_engine_on_a_real_gpu(exported, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        pytest.skip("needs an NVIDIA GPU with TensorRT 10 and cuda-python")
+    from edgeact.export.engines import build_engines, device_compute_capability
+    from edgeact.export.trt_targets import targets_for_device
+
+    targets = targets_for_device(device_compute_capability())
+    if not targets:
+        pytest.skip("this GPU is no known TensorRT target")
+    bundle_dir = shutil.copytree(exported.bundle_dir, tmp_path / "gpu")
+    build_engines(bundle_dir, targets[0].name, stages=[io.DECODER_STAGE])
+    bundle = load_bundle(bundle_dir)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=64)
+    reference = open_backend("onnxruntime", threads=1).decoder(bundle, max_chunk=64)
+    rng = np.random.default_rng(2)
+    for n in (40, 1, 1, 7):
+        engine.embeds[:n] = reference.embeds[:n] = rng.standard_normal((n, engine.layout.hidden_size))
+        np.testing.assert_allclose(engine.step(n), reference.step(n), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ stand-ins
+def _with_records(exported, tmp_path, records, plans=False):
+    """A copy of the bundle whose manifest lists `records`; with plans, each 'plan' is its stage's ONNX bytes."""
+    from edgeact.export.bundle_writer import update_manifest
+
+    root = shutil.copytree(exported.bundle_dir, tmp_path / "bundle")
+    for r in records:
+        path = root / r.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((root / "stages" / f"{r.stage}.onnx").read_bytes() if plans else b"plan")
+
+    def add(manifest):
+        manifest.engines = list(records)
+    update_manifest(root, add)
+    return load_bundle(root)
+
+
+def _host_array(address: int, shape, dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=dtype).reshape(shape)
+
+
+def _install_fakes(monkeypatch) -> dict:
+    calls = {"executed": [], "contexts": []}
+    blocks = {}
+
+    cudart = types.SimpleNamespace(
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2),
+        cudaDeviceAttr=types.SimpleNamespace(cudaDevAttrComputeCapabilityMajor=75, cudaDevAttrComputeCapabilityMinor=76),
+        cudaSetDevice=lambda device: (0,),
+        cudaStreamCreate=lambda: (0, 7),
+        cudaStreamSynchronize=lambda stream: (0,),
+        cudaDeviceGetAttribute=lambda attr, device: (0, 9 if attr == 75 else 0),
+        cudaFree=lambda ptr: (blocks.pop(ptr, None), 0)[1:],
+    )
+
+    def malloc(nbytes):
+        block = np.zeros(nbytes, np.uint8)
+        blocks[block.ctypes.data] = block
+        return 0, block.ctypes.data
+
+    def memcpy(dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    cudart.cudaMalloc, cudart.cudaMemcpyAsync = malloc, memcpy
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses, self.profile = engine, {}, {}, 0
+
+        def set_optimization_profile_async(self, index, stream):
+            self.profile = index
+            calls["contexts"].append(index)
+            return True
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, address):
+            self.addresses[name] = address
+            return True
+
+        def execute_async_v3(self, stream):
+            session = self.engine.session
+            feeds = {i.name: _host_array(self.addresses[i.name], self.shapes[i.name], _ORT_TYPES[i.type]).copy()
+                     for i in session.get_inputs()}
+            for out, value in zip(session.get_outputs(), session.run(None, feeds)):
+                _host_array(self.addresses[out.name], value.shape, value.dtype)[...] = value
+            calls["executed"].append((self.profile, self.shapes[session.get_inputs()[0].name][1]))
+            return True
+
+    class Engine:
+        def __init__(self, data):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.num_optimization_profiles = 2 if any(i.name == io.POSITION_IDS for i in self.session.get_inputs()) else 1
+
+        def create_execution_context(self):
+            return Context(self)
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = FAKE_TRT_VERSION
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
+    trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
+                                       "deserialize_cuda_engine": lambda self, data: Engine(data)})
+    cuda = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    cuda.bindings = bindings
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    return calls
