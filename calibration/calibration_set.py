@@ -19,9 +19,7 @@ it needs onnxruntime or torch, this module only numpy) or `edgeact calibrate`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,23 +115,22 @@ class CalibrationSet:
 
     # ------------------------------------------------------------------ disk
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write atomically: a hidden sibling directory renamed into place once complete."""
+        """Write atomically (export/atomic_dir.py): a hidden sibling directory renamed into place once complete."""
+        from edgeact.export.atomic_dir import fsync_tree, partial_dir, publish
+
         out = Path(out).absolute()
         if out.exists():
             if not overwrite:
                 raise CalibrationError(f"{out}: already exists; pass --overwrite or choose another --out")
             if not (out / MANIFEST_FILE).is_file():
                 raise CalibrationError(f"{out}: exists and is not a calibration set; refusing to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = partial_dir(out)
         try:
             arrays = {f"{name}_{i}": getattr(s, name) for i, s in enumerate(self.samples) for name in _ARRAYS}
             np.savez(tmp / ARRAYS_FILE, **arrays)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self._manifest(), indent=2) + "\n")
-            tmp.chmod(0o755)                  # mkdtemp made it private; a calibration set is plain data
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(tmp, out)
+            fsync_tree(tmp)
+            publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -50,33 +50,20 @@ def _decoder_feeds(fp32: OrtBundle, calib: CalibrationSet, decode_steps: int, se
 
 
 class FeedReader:
-    """onnxruntime.quantization's CalibrationDataReader over a FeedSource (rewindable; `get_first` for ModelOpt)."""
+    """A CalibrationDataReader over a FeedSource: rewindable, with the `get_first` ModelOpt asks for."""
 
-    def __init__(self, source: FeedSource, input_names: set[str] | None = None) -> None:
-        self.source, self.names = source, input_names
+    def __init__(self, source: FeedSource) -> None:
+        self.source = source
         self._it = self.source()
 
     def get_next(self) -> Feeds | None:
-        feeds = next(self._it, None)
-        if feeds is None or self.names is None:
-            return feeds
-        return {k: v for k, v in feeds.items() if k in self.names}
+        return next(self._it, None)
 
     def rewind(self) -> None:
         self._it = self.source()
 
     def get_first(self) -> Feeds | None:
-        first = next(self.source(), None)
-        return first if first is None or self.names is None else {k: v for k, v in first.items() if k in self.names}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Feeds:
-        feeds = self.get_next()
-        if feeds is None:
-            raise StopIteration
-        return feeds
+        return next(self.source(), None)
 
 
 def as_calibration_reader(source: FeedSource):

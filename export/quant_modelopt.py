@@ -20,13 +20,19 @@ MODELOPT_MISSING = ("--backend modelopt needs NVIDIA ModelOpt, which is not inst
                     "cupy with the CPU onnxruntime), or use --backend onnxruntime")
 
 
-def quantize_modelopt(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
-                      threads: int | None = None) -> dict[str, Any]:
+def require_modelopt():
     try:
         import modelopt.onnx.quantization as moq
     except ImportError:
         raise EdgeactError(MODELOPT_MISSING) from None
+    return moq
+
+
+def quantize_modelopt(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
+                      threads: int | None = None) -> dict[str, Any]:
     import onnx
+
+    moq = require_modelopt()
 
     big = is_big(onnx.load(str(src), load_external_data=False)) or bool(list(src.parent.glob(f"{src.name}.data")))
     kwargs: dict[str, Any] = dict(

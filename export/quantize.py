@@ -85,6 +85,10 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     src, out = Path(src).absolute(), Path(out).absolute()
     if src == out:
         raise BundleError(f"{out}: the quantized bundle must go to a new directory; the source bundle is never modified")
+    if options.backend == "modelopt":
+        from edgeact.export.quant_modelopt import require_modelopt
+
+        require_modelopt()                                   # before any long work
     source = load_bundle(src)
     _check_source(source, options)
     BundleWriter(out, overwrite=overwrite)                  # refuse an existing --out before the long work

@@ -2,7 +2,9 @@
 
 Pure logic (no tensorrt import) so it is tested everywhere. Shapes come only from a stage's
 manifest (`dims` + `dim_ranges` + `profiles`), never from literals repeated in scripts: change
-the exporter's ranges and the engines follow.
+the exporter's ranges and the engines follow. The derivation itself lives in
+runtime/stage_spec.py, so engines built here and the runtime that runs them read the same
+profiles; this module adds only manifest-dict input and the engine records.
 """
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from edgeact.runtime.bundle import DimRange, EngineRecord, StageSpec, dim_terms
-from edgeact.runtime.errors import BundleError, ConfigError
-
-Shape = tuple[int, ...]
+from edgeact.runtime import stage_spec
+from edgeact.runtime.bundle import EngineRecord, StageSpec
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.stage_spec import DimRange, Shape
 
 
 @dataclass(frozen=True)
@@ -116,26 +118,9 @@ def _as_stage(stage: StageSpec | Mapping[str, Any]) -> StageSpec:
     return StageSpec.from_dict(str(stage.get("name", "stage")), dict(stage), "stage")
 
 
-def resolve_dim(dim: int | str, ranges: Mapping[str, DimRange]) -> DimRange:
-    """Range of one dim: an int is fixed; a symbol reads its range; 'past_seq+seq' adds the ranges."""
-    lo = opt = hi = 0
-    for term in dim_terms(dim):
-        if isinstance(term, int):
-            r = DimRange(term, term, term)
-        elif term in ranges:
-            r = ranges[term]
-        else:
-            raise BundleError(f"dim {dim!r}: symbol {term!r} has no range; add it to the stage's dim_ranges")
-        lo, opt, hi = lo + r.min, opt + r.opt, hi + r.max
-    return DimRange(lo, opt, hi)
-
-
 def profile_dim_ranges(stage: StageSpec | Mapping[str, Any]) -> list[tuple[str, dict[str, DimRange]]]:
     """(profile name, symbol ranges) per engine profile; one 'default' profile when none are declared."""
-    stage = _as_stage(stage)
-    if not stage.profiles:
-        return [("default", dict(stage.dim_ranges))]
-    return [(p.name, {**stage.dim_ranges, **p.dim_ranges}) for p in stage.profiles]
+    return stage_spec.profile_dim_ranges(_as_stage(stage))
 
 
 def profile_names(stage: StageSpec | Mapping[str, Any]) -> list[str]:
@@ -144,15 +129,7 @@ def profile_names(stage: StageSpec | Mapping[str, Any]) -> list[str]:
 
 def optimization_profiles(stage: StageSpec | Mapping[str, Any]) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
     """Per profile, {input name: (min shape, opt shape, max shape)}, in profile_names() order."""
-    stage = _as_stage(stage)
-    profiles = []
-    for _, ranges in profile_dim_ranges(stage):
-        shapes = {}
-        for tensor in stage.inputs:
-            dims = [resolve_dim(d, ranges) for d in tensor.dims]
-            shapes[tensor.name] = (tuple(r.min for r in dims), tuple(r.opt for r in dims), tuple(r.max for r in dims))
-        profiles.append(shapes)
-    return profiles
+    return stage_spec.optimization_profiles(_as_stage(stage))
 
 
 # ----------------------------------------------------------------------------- engine records

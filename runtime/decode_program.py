@@ -29,10 +29,9 @@ import numpy as np
 from edgeact.runtime.action_bins import ActionStats, action_ids_to_values, unnormalize_actions
 from edgeact.runtime.answer import Answer, trace_to_pixels
 from edgeact.runtime.engines import DecoderEngine
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.errors import EdgeactError, SequenceTooLongError
 from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes
 from edgeact.runtime.grammar_walk import Forced, answer_steps
-from edgeact.runtime.ort_stages import SequenceTooLongError
 
 STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
 

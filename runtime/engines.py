@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from edgeact.runtime.bundle import Bundle
-from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache
-from edgeact.runtime.stage_spec import StageSpec, TensorSpec, dim_terms
+from edgeact.runtime.stage_spec import StageSpec
 
 # Built-in backends: the module that registers each (imported lazily, heavy dependencies inside).
 BUILTIN_BACKENDS = {
@@ -111,46 +111,7 @@ def open_backend(name: str, **options: Any) -> Backend:
         raise ConfigError(f"backend {name!r}: {exc}") from None
 
 
-# --------------------------------------------------------------------------- shared shape logic
-def bind_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], where: str) -> dict[str, int]:
-    """Values of the symbolic dims, read off concrete input shapes; refuses inconsistent or wrong-rank inputs."""
-    values: dict[str, int] = {}
-    for spec in specs:
-        shape = tuple(shapes[spec.name])
-        if len(shape) != len(spec.dims):
-            raise EdgeactError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {list(spec.dims)}")
-        for axis, (dim, size) in enumerate(zip(spec.dims, shape)):
-            if isinstance(dim, int):
-                if dim != size:
-                    raise EdgeactError(f"{where}: input {spec.name!r} axis {axis} is {size}, the stage takes {dim}")
-            elif dim_terms(dim) == [dim]:      # a plain symbol fixes its value; sums are checked below
-                if values.setdefault(dim, size) != size:
-                    raise EdgeactError(f"{where}: dim {dim!r} is {values[dim]} in one input and {size} in "
-                                       f"{spec.name!r}; inputs must agree")
-    return values
-
-
-def resolve_shape(dims: Sequence[int | str], values: Mapping[str, int], where: str) -> tuple[int, ...]:
-    """Concrete shape of dims like (batch, 'past_seq+seq', 4) for symbol values."""
-    shape = []
-    for dim in dims:
-        total = 0
-        for term in dim_terms(dim):
-            if isinstance(term, int):
-                total += term
-            elif term in values:
-                total += values[term]
-            else:
-                raise BundleError(f"{where}: dim {dim!r} depends on {term!r}, which no input fixes")
-        shape.append(total)
-    return tuple(shape)
-
-
-def max_shape(dims: Sequence[int | str], spec: StageSpec) -> tuple[int, ...]:
-    """Largest shape a tensor takes within the stage's dim_ranges (what buffers are sized for)."""
-    return resolve_shape(dims, {k: r.max for k, r in spec.dim_ranges.items()}, f"stage {spec.name!r}")
-
-
+# ------------------------------------------------------------------------------- shared checks
 def check_max_chunk(max_chunk: int, layout: CacheLayout) -> int:
     if max_chunk < 1:
         raise ConfigError(f"max_chunk is {max_chunk}; a decoder chunk holds at least one position (e.g. 256)")

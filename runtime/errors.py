@@ -17,5 +17,9 @@ class BundleError(EdgeactError):
     """A bundle is corrupt, partial, of the wrong schema, or failed verification."""
 
 
+class SequenceTooLongError(BundleError):
+    """Prompt plus answer would overflow the KV cache the bundle was exported for (its max_seq)."""
+
+
 class GrammarError(EdgeactError):
     """Text or token ids do not follow the answer grammar."""

@@ -6,18 +6,19 @@ is a contiguous prefix, bound as the past without a copy, and a chunk's new entr
 right after it: the backends bind `new_key.L` straight into `pointer(L, KEY, length)`, so the
 cache is never copied or grown. Capacity is the stage's `dim_ranges["seq"].max` (the exporter's
 max_seq), never a literal. The storage is host memory (numpy) unless a backend passes an
-allocator for device memory (CUDA), in which case only pointers are handed out.
+allocator for device memory (CUDA), in which case only pointers are handed out. A host cache
+also serves the plain onnxruntime runner (runtime/ort_stages.py), which feeds the prefixes
+by name and copies each call's new keys/values in (`past_feeds`, `append`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from edgeact.runtime import stage_io as io
-from edgeact.runtime.errors import BundleError
-from edgeact.runtime.ort_stages import SequenceTooLongError
+from edgeact.runtime.errors import BundleError, EdgeactError, SequenceTooLongError
 from edgeact.runtime.stage_spec import StageSpec
 
 KEY, VALUE = 0, 1
@@ -106,7 +107,7 @@ class KVCache:
         self._blocks = [[self._base + (2 * layer + kind) * block for kind in (KEY, VALUE)] for layer in range(layout.n_layers)]
 
     @property
-    def capacity(self) -> int:
+    def max_seq(self) -> int:
         return self.layout.max_seq
 
     @property
@@ -131,16 +132,53 @@ class KVCache:
     def commit(self, n: int) -> None:
         self.length += n
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (e.g. to decode another continuation of the same prompt)."""
+        if not 0 <= length <= self.length:
+            raise EdgeactError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+
     def pointer(self, layer: int, kind: int, position: int = 0) -> int:
         """Address of (layer, kind)'s entry at `position`; entries from there on are contiguous."""
         return self._blocks[layer][kind] + position * self._row_bytes
 
-    def block(self, layer: int, kind: int) -> np.ndarray:
-        """Host view (1, max_seq, K, h) of one layer's keys (KEY) or values (VALUE)."""
+    def _host_blocks(self) -> np.ndarray:
         if self._host is None:
             raise BundleError(f"the KV cache lives on {self.device}; only its pointers are available on the host")
-        return self._host[layer, kind]
+        return self._host
+
+    def block(self, layer: int, kind: int) -> np.ndarray:
+        """Host view (1, max_seq, K, h) of one layer's keys (KEY) or values (VALUE)."""
+        return self._host_blocks()[layer, kind]
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Host view (n_layers, 1, max_seq, K, h) of every layer's keys."""
+        return self._host_blocks()[:, KEY]
+
+    @property
+    def values(self) -> np.ndarray:
+        """Host view (n_layers, 1, max_seq, K, h) of every layer's values."""
+        return self._host_blocks()[:, VALUE]
 
     def prefix(self, layer: int, kind: int) -> np.ndarray:
         """The filled part (1, length, K, h) as a view: what the decoder reads as its past."""
         return self.block(layer, kind)[:, :self.length]
+
+    # ------------------------------------------------------- the plain runner's copying path
+    def past_feeds(self) -> dict[str, np.ndarray]:
+        """Every layer's filled prefix by decoder input name (past_key.L / past_value.L), as views: no copy."""
+        feeds = {}
+        for layer in range(self.layout.n_layers):
+            feeds[io.past_key(layer)] = self.prefix(layer, KEY)
+            feeds[io.past_value(layer)] = self.prefix(layer, VALUE)
+        return feeds
+
+    def append(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Copy a decoder call's new_key.L / new_value.L outputs in right after the filled part."""
+        n = outputs[io.new_key(0)].shape[1]
+        start = self.reserve(n)
+        for layer in range(self.layout.n_layers):
+            self.block(layer, KEY)[:, start:start + n] = outputs[io.new_key(layer)]
+            self.block(layer, VALUE)[:, start:start + n] = outputs[io.new_value(layer)]
+        self.commit(n)

@@ -22,12 +22,12 @@ import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
-from edgeact.runtime.engines import (
-    Backend, DecoderEngine, StageEngine, bind_symbols, check_max_chunk, max_shape, register_backend, resolve_shape,
-)
+from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
-from edgeact.runtime.stage_spec import StageSpec
+from edgeact.runtime.stage_spec import (
+    StageSpec, bind_symbols, max_shape, numpy_dtype, optimization_profiles, resolve_shape,
+)
 
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
@@ -35,8 +35,6 @@ PROVIDERS = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 GRAPH_LEVELS = ("disabled", "basic", "extended", "all")
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-                "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"     # TensorRT-EP engine cache inside the bundle, per device
 
 
@@ -78,15 +76,11 @@ def trt_profile_options(spec: StageSpec) -> dict[str, str]:
 
     Format "name:1x7x64,other:...", each input repeated once per profile, in profile order.
     """
-    profiles = [{**spec.dim_ranges, **p.dim_ranges} for p in spec.profiles] or [dict(spec.dim_ranges)]
+    profiles = optimization_profiles(spec)
     out = {}
-    for key, pick in (("min", lambda r: r.min), ("opt", lambda r: r.opt), ("max", lambda r: r.max)):
-        entries = []
-        for ranges in profiles:
-            values = {name: pick(r) for name, r in ranges.items()}
-            for tensor in spec.inputs:
-                shape = resolve_shape(tensor.dims, values, f"stage {spec.name!r}")
-                entries.append(f"{tensor.name}:{'x'.join(str(s) for s in shape)}")
+    for index, key in enumerate(("min", "opt", "max")):
+        entries = [f"{name}:{'x'.join(str(s) for s in shapes[index])}"
+                   for profile in profiles for name, shapes in profile.items()]
         out[f"trt_profile_{key}_shapes"] = ",".join(entries)
     return out
 
@@ -132,13 +126,6 @@ def _providers(bundle: Bundle, spec: StageSpec, options: OrtOptions, available: 
         else:
             out.append(name)
     return out
-
-
-def numpy_dtype(name: str, where: str):
-    try:
-        return NUMPY_DTYPES[name]
-    except KeyError:
-        raise BundleError(f"{where} is {name}; the onnxruntime engine binds {sorted(NUMPY_DTYPES)} only") from None
 
 
 class OrtStageEngine(StageEngine):

@@ -4,7 +4,8 @@ Verification and tests compare it with the PyTorch reference; the robot's fast d
 (I/O binding, sliced LM head, forced chunks) is checked against it in turn. It follows the
 reference's `generate_greedy` step for step: one prefill of the prompt, then one decoder call
 per token, logits from the bundle's `lm_head` array (only the allowed rows when a constraint
-gives them), ties to the lowest id.
+gives them), ties to the lowest id. Its KV cache is the runtime's (runtime/kv_cache.py) in host
+memory: the past is fed as the cache's prefix views, and each call's new keys/values are copied in.
 """
 from __future__ import annotations
 
@@ -15,13 +16,10 @@ import numpy as np
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.kv_cache import CacheLayout, KVCache
+from edgeact.runtime.stage_spec import numpy_dtype
 
 AllowedTokenFn = Callable[[int, list[int]], "Sequence[int] | None"]
-_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
-
-class SequenceTooLongError(EdgeactError):
-    """Prompt plus answer would overflow the KV cache the bundle was exported for."""
 
 
 class OrtStage:
@@ -42,7 +40,7 @@ class OrtStage:
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
             raise BundleError(f"{path}: onnxruntime cannot load stage {name!r} ({exc}); re-export the bundle") from None
         self.output_names = [t.name for t in self.spec.outputs]
-        self.input_dtypes = {t.name: _numpy_dtype(t.dtype, f"stage {name!r} input {t.name!r}") for t in self.spec.inputs}
+        self.input_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {name!r} input {t.name!r}") for t in self.spec.inputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = sorted(set(self.input_dtypes) - set(feeds))
@@ -50,51 +48,6 @@ class OrtStage:
             raise EdgeactError(f"stage {self.spec.name!r}: inputs {missing} not given; it takes {list(self.input_dtypes)}")
         typed = {name: np.asarray(feeds[name], dtype=dtype) for name, dtype in self.input_dtypes.items()}
         return dict(zip(self.output_names, self.session.run(self.output_names, typed)))
-
-
-class KVCache:
-    """Per layer one key and one value buffer of (1, max_seq, K, h), allocated once; `length` positions are filled.
-
-    Sequence-major, so the filled part is a contiguous prefix view fed to the decoder as its past.
-    """
-
-    def __init__(self, n_layers: int, max_seq: int, kv_heads: int, head_dim: int, dtype=np.float32):
-        self.max_seq = max_seq
-        self.keys = np.zeros((n_layers, 1, max_seq, kv_heads, head_dim), dtype)
-        self.values = np.zeros_like(self.keys)
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def rewind(self, length: int) -> None:
-        """Forget every position from `length` on (e.g. to decode another continuation of the same prompt)."""
-        if not 0 <= length <= self.length:
-            raise EdgeactError(f"cannot rewind a cache of {self.length} positions to {length}")
-        self.length = length
-
-    def past_feeds(self) -> dict[str, np.ndarray]:
-        n = self.length
-        feeds = {}
-        for layer in range(self.keys.shape[0]):
-            feeds[io.past_key(layer)] = self.keys[layer, :, :n]
-            feeds[io.past_value(layer)] = self.values[layer, :, :n]
-        return feeds
-
-    def check_room(self, n_new: int) -> None:
-        if self.length + n_new > self.max_seq:
-            raise SequenceTooLongError(f"{self.length + n_new} positions exceed the bundle's max_seq {self.max_seq}; "
-                                       "re-export with a larger --max-seq or shorten the prompt")
-
-    def append(self, outputs: dict[str, np.ndarray]) -> None:
-        """Write a decoder call's new_key.L / new_value.L right after the filled part."""
-        n_new = outputs[io.new_key(0)].shape[1]
-        self.check_room(n_new)
-        start, end = self.length, self.length + n_new
-        for layer in range(self.keys.shape[0]):
-            self.keys[layer, :, start:end] = outputs[io.new_key(layer)]
-            self.values[layer, :, start:end] = outputs[io.new_value(layer)]
-        self.length = end
 
 
 class OrtStages:
@@ -106,11 +59,8 @@ class OrtStages:
         self.decoder = OrtStage(bundle, io.DECODER_STAGE, threads=threads, providers=providers)
         self.embedding = bundle.weight(io.EMBEDDING_WEIGHT)
         self.lm_head = bundle.weight(io.LM_HEAD_WEIGHT)
-        cfg = bundle.config
-        self.image_patch_id = cfg.image_patch_id
-        llm = cfg.llm_config
-        self.cache = KVCache(llm.num_hidden_layers, self.decoder.spec.dim_ranges[io.SEQ].max,
-                             llm.num_key_value_heads, llm.head_dim, self.decoder.input_dtypes[io.past_key(0)])
+        self.image_patch_id = bundle.config.image_patch_id
+        self.cache = KVCache(CacheLayout.from_stage(self.decoder.spec))
 
     def image_features(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
         """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included."""
@@ -134,8 +84,8 @@ class OrtStages:
 
     def decode(self, embeds: np.ndarray) -> np.ndarray:
         """Run a chunk (T, D) after the cached past; appends its keys/values; returns hidden states (T, D)."""
-        past, n = self.cache.length, embeds.shape[0]
-        self.cache.check_room(n)        # before the call: a too-long chunk must not run at all
+        n = embeds.shape[0]
+        past = self.cache.reserve(n)    # before the call: a too-long chunk must not run at all
         feeds = {io.INPUTS_EMBEDS: embeds[None], io.POSITION_IDS: np.arange(past, past + n, dtype=np.int64)[None],
                  **self.cache.past_feeds()}
         out = self.decoder.run(feeds)
@@ -177,10 +127,3 @@ class OrtStages:
             if token in stop or len(generated) >= max_new_tokens:
                 return generated
             hidden = self.decode(self.embed([token]))[-1]
-
-
-def _numpy_dtype(name: str, where: str):
-    try:
-        return _NUMPY[name]
-    except KeyError:
-        raise BundleError(f"{where} is {name}; the onnxruntime runner feeds {sorted(_NUMPY)} only") from None

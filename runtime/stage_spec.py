@@ -2,26 +2,36 @@
 
 Also the field-validation helpers the whole manifest schema shares. Dims are ints or symbols
 ('seq', 'past_seq') or sums of them ('past_seq+seq'); every symbol has a {min, opt, max}
-range, and TensorRT optimization profiles derive from these alone (export/trt_targets.py).
+range. Every shape derives from these alone, here and nowhere else: concrete shapes for the
+symbol values of a call, buffer sizes at the ranges' max, and the engine optimization profiles
+(min / opt / max shape per input) that the runtime's engines and the exporter's engine builder
+(export/trt_targets.py) both use.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from edgeact.runtime.errors import BundleError
+import numpy as np
+
+from edgeact.runtime.errors import BundleError, EdgeactError
 
 # Element types a stage I/O or a weight array may have (ONNX names, lower case; numpy where one exists).
 DTYPES = frozenset({
     "float64", "float32", "float16", "bfloat16", "float8e4m3fn", "float8e5m2",
     "int64", "int32", "int16", "int8", "uint8", "int4", "uint4", "bool",
 })
+# The element types a stage's inputs and outputs can have in host memory (numpy has no bf16, fp8, int4:
+# those stay inside the graphs), for every runner that feeds or binds them.
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+                "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 # Compute precision of a stage graph: what the exporter / quantizer baked into it.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
 
 _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
+Shape = tuple[int, ...]
 
 
 def field_error(where: str, problem: str) -> BundleError:
@@ -57,6 +67,15 @@ def check_relpath(path: str, where: str) -> str:
     if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
         raise field_error(where, f"file path {path!r} must be relative and inside the bundle")
     return path
+
+
+def numpy_dtype(name: str, where: str):
+    """The numpy type of a stage I/O element type, or a BundleError naming the tensor (`where`)."""
+    try:
+        return NUMPY_DTYPES[name]
+    except KeyError:
+        raise BundleError(f"{where} is {name}; the runtime feeds and binds {sorted(NUMPY_DTYPES)} only: "
+                          "re-export the stage with one of those at its inputs and outputs") from None
 
 
 # ---------------------------------------------------------------------------------------- dims
@@ -236,3 +255,76 @@ class StageSpec:
             external_data=tuple(get_field(data, "external_data", list, where, [])),
             doc=get_field(data, "doc", str, where, ""),
         )
+
+
+# ------------------------------------------------------------------------ shapes and profiles
+def resolve_dim(dim: int | str, ranges: Mapping[str, DimRange]) -> DimRange:
+    """Range of one dim: an int is fixed; a symbol reads its range; 'past_seq+seq' adds the ranges."""
+    lo = opt = hi = 0
+    for term in dim_terms(dim):
+        if isinstance(term, int):
+            r = DimRange(term, term, term)
+        elif term in ranges:
+            r = ranges[term]
+        else:
+            raise BundleError(f"dim {dim!r}: symbol {term!r} has no range; add it to the stage's dim_ranges")
+        lo, opt, hi = lo + r.min, opt + r.opt, hi + r.max
+    return DimRange(lo, opt, hi)
+
+
+def resolve_shape(dims: Sequence[int | str], values: Mapping[str, int], where: str) -> Shape:
+    """Concrete shape of dims like (batch, 'past_seq+seq', 4) for symbol values."""
+    shape = []
+    for dim in dims:
+        total = 0
+        for term in dim_terms(dim):
+            if isinstance(term, int):
+                total += term
+            elif term in values:
+                total += values[term]
+            else:
+                raise BundleError(f"{where}: dim {dim!r} depends on {term!r}, which no input fixes")
+        shape.append(total)
+    return tuple(shape)
+
+
+def max_shape(dims: Sequence[int | str], spec: StageSpec) -> Shape:
+    """Largest shape a tensor takes within the stage's dim_ranges (what buffers are sized for)."""
+    return resolve_shape(dims, {k: r.max for k, r in spec.dim_ranges.items()}, f"stage {spec.name!r}")
+
+
+def bind_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], where: str) -> dict[str, int]:
+    """Values of the symbolic dims, read off concrete input shapes; refuses inconsistent or wrong-rank inputs."""
+    values: dict[str, int] = {}
+    for spec in specs:
+        shape = tuple(shapes[spec.name])
+        if len(shape) != len(spec.dims):
+            raise EdgeactError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {list(spec.dims)}")
+        for axis, (dim, size) in enumerate(zip(spec.dims, shape)):
+            if isinstance(dim, int):
+                if dim != size:
+                    raise EdgeactError(f"{where}: input {spec.name!r} axis {axis} is {size}, the stage takes {dim}")
+            elif dim_terms(dim) == [dim]:      # a plain symbol fixes its value; sums are checked below
+                if values.setdefault(dim, size) != size:
+                    raise EdgeactError(f"{where}: dim {dim!r} is {values[dim]} in one input and {size} in "
+                                       f"{spec.name!r}; inputs must agree")
+    return values
+
+
+def profile_dim_ranges(spec: StageSpec) -> list[tuple[str, dict[str, DimRange]]]:
+    """(profile name, symbol ranges) per engine profile in manifest order; one 'default' when none are declared."""
+    if not spec.profiles:
+        return [("default", dict(spec.dim_ranges))]
+    return [(p.name, {**spec.dim_ranges, **p.dim_ranges}) for p in spec.profiles]
+
+
+def optimization_profiles(spec: StageSpec) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """Per engine profile (profile_dim_ranges order), {input name: (min shape, opt shape, max shape)}."""
+    profiles = []
+    for _, ranges in profile_dim_ranges(spec):
+        shapes = {}
+        for tensor in spec.inputs:
+            dims = [resolve_dim(d, ranges) for d in tensor.dims]
+            shapes[tensor.name] = (tuple(r.min for r in dims), tuple(r.opt for r in dims), tuple(r.max for r in dims))
+        profiles.append(shapes)
+    return profiles

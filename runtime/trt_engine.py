@@ -22,11 +22,10 @@ import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle, DimRange, EngineRecord, StageSpec
-from edgeact.runtime.engines import (
-    Backend, DecoderEngine, StageEngine, bind_symbols, check_max_chunk, max_shape, register_backend, resolve_shape,
-)
+from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+from edgeact.runtime.stage_spec import bind_symbols, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape
 
 TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
                     "(Jetson: JetPack ships TensorRT; pip install cuda-python); or use backend 'onnxruntime'")
@@ -36,7 +35,7 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, 
 # ------------------------------------------------------------------------------- pure logic
 def profile_ranges(spec: StageSpec, record: EngineRecord) -> list[dict[str, DimRange]]:
     """Symbol ranges of each engine profile, in engine profile-index order (the record's names)."""
-    by_name = {p.name: {**spec.dim_ranges, **p.dim_ranges} for p in spec.profiles}
+    by_name = dict(profile_dim_ranges(spec))
     if not record.profiles:
         return [dict(spec.dim_ranges)]
     missing = [n for n in record.profiles if n not in by_name and n != "default"]
@@ -204,14 +203,18 @@ class TrtStageEngine(StageEngine):
         self.spec = self.plan.spec
         self._device = {t.name: cuda.malloc(tensor_bytes(t.dims, t.dtype, self.spec))
                         for t in (*self.spec.inputs, *self.spec.outputs)}
-        self._host = {t.name: np.empty(max_shape(t.dims, self.spec), _numpy(t.dtype)) for t in self.spec.outputs}
+        stage = self.spec.name
+        self._host = {t.name: np.empty(max_shape(t.dims, self.spec),
+                                       numpy_dtype(t.dtype, f"stage {stage!r} output {t.name!r}"))
+                      for t in self.spec.outputs}
+        self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {stage!r} input {t.name!r}") for t in self.spec.inputs}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         where = f"stage {self.spec.name!r}"
         missing = sorted({t.name for t in self.spec.inputs} - set(feeds))
         if missing:
             raise EdgeactError(f"{where}: inputs {missing} not given; it takes {[t.name for t in self.spec.inputs]}")
-        arrays = {t.name: np.ascontiguousarray(feeds[t.name], dtype=_numpy(t.dtype)) for t in self.spec.inputs}
+        arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._in_dtypes.items()}
         values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, where)
         for name, array in arrays.items():
             self.cuda.to_device(self._device[name], array, array.nbytes)
@@ -269,14 +272,6 @@ class TrtDecoderEngine(DecoderEngine):
         cuda.sync()
         cache.commit(n)
         return self._last
-
-
-def _numpy(dtype: str):
-    table = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-             "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-    if dtype not in table:
-        raise BundleError(f"a stage I/O tensor is {dtype}; the TensorRT runner binds {sorted(table)}")
-    return table[dtype]
 
 
 @register_backend("tensorrt")

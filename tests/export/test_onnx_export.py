@@ -16,10 +16,10 @@ from edgeact.export.synthetic import make_checkpoint
 from edgeact.export.verify_compare import closeness
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, SequenceTooLongError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
-from edgeact.runtime.ort_stages import KVCache, OrtStage, OrtStages, SequenceTooLongError
+from edgeact.runtime.ort_stages import OrtStage, OrtStages
 from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.prompt import build_prompt_ids
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
@@ -172,19 +172,3 @@ def test_max_seq_and_external_data_options(tmp_path, exported):
         stages.decode(stages.embed(np.full(200 - len(prompt) + 1, exported.layout.bos_id)))
     with pytest.raises(ConfigError, match=r"max_seq 5000 exceeds the model's max_position_embeddings 4096"):
         export_bundle(exported.checkpoint, tmp_path / "long", ExportOptions(max_seq=5000))
-
-
-def test_kv_cache_feeds_its_filled_prefix_without_copying():
-    cache = KVCache(n_layers=2, max_seq=8, kv_heads=2, head_dim=4)
-    new = {name: np.full((1, 3, 2, 4), float(layer + 1), np.float32)
-           for layer in range(2) for name in (io.new_key(layer), io.new_value(layer))}
-    cache.append(new)
-    past = cache.past_feeds()[io.past_key(1)]
-    assert past.shape == (1, 3, 2, 4) and past.flags.c_contiguous and np.shares_memory(past, cache.keys)
-    assert (past == 2.0).all()
-    cache.rewind(1)
-    assert cache.past_feeds()[io.past_value(0)].shape == (1, 1, 2, 4)
-    cache.append(new)
-    cache.append(new)
-    with pytest.raises(SequenceTooLongError, match="10 positions exceed the bundle's max_seq 8"):
-        cache.append(new)

@@ -7,10 +7,11 @@ import pytest
 
 from edgeact.export.trt_targets import (
     TARGETS, check_device, check_precision, engine_record, get_target, optimization_profiles, profile_names,
-    resolve_dim, supported_precisions, targets_for_device,
+    supported_precisions, targets_for_device,
 )
 from edgeact.runtime.bundle import DimRange, EngineRecord, Manifest, StageProfile, StageSpec, TensorSpec
 from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.stage_spec import resolve_dim
 
 
 def decoder_stage(seq_max: int = 64, past_max: int = 256, precision: str = "int8") -> StageSpec:

@@ -8,9 +8,8 @@ import pytest
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.engines import open_backend
-from edgeact.runtime.errors import BundleError
+from edgeact.runtime.errors import BundleError, EdgeactError, SequenceTooLongError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
-from edgeact.runtime.ort_stages import SequenceTooLongError
 from edgeact.runtime.stage_spec import StageSpec, TensorSpec
 from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
 
@@ -63,6 +62,26 @@ def test_reserve_refuses_overflow_and_leaves_the_length():
     assert cache.length == 8 and cache.reserve(2) == 8
     with pytest.raises(BundleError, match="needs the backend's device allocator"):
         KVCache(cache.layout, device="cuda")
+
+
+def test_the_plain_runner_feeds_filled_prefixes_and_copies_new_entries_in():
+    # runtime/ort_stages.py's path: past fed by name as views, a call's new keys/values appended after it.
+    cache = KVCache(CacheLayout.from_stage(decoder_spec(n_layers=2, kv_heads=2, head_dim=4, max_seq=9)))
+    new = {name: np.full((1, 3, 2, 4), float(layer + 1), np.float32)
+           for layer in range(2) for name in (io.new_key(layer), io.new_value(layer))}
+    cache.append(new)
+    past = cache.past_feeds()[io.past_key(1)]
+    assert past.shape == (1, 3, 2, 4) and past.flags.c_contiguous and np.shares_memory(past, cache.keys)
+    assert (past == 2.0).all() and (cache.values[0, 0, :3] == 1.0).all() and (cache.keys[:, :, 3:] == 0).all()
+    cache.rewind(1)
+    assert cache.past_feeds()[io.past_value(0)].shape == (1, 1, 2, 4)
+    cache.append(new)
+    cache.append(new)
+    with pytest.raises(SequenceTooLongError, match="10 positions exceed the bundle's max_seq 9"):
+        cache.append(new)
+    assert cache.length == 7 and cache.max_seq == 9
+    with pytest.raises(EdgeactError, match="cannot rewind a cache of 7 positions to 8"):
+        cache.rewind(8)
 
 
 def test_decode_steps_allocate_nothing_per_token(tmp_path_factory):

@@ -10,10 +10,9 @@ import pytest
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.engines import backend_names, open_backend
-from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError, SequenceTooLongError
 from edgeact.runtime.kv_cache import KEY, VALUE
 from edgeact.runtime.ort_engine import OrtOptions, make_session, recorded_graph_level, trt_profile_options
-from edgeact.runtime.ort_stages import SequenceTooLongError
 from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
 
 
