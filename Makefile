@@ -5,9 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
-# Debian packages the tests need: libusb for pyrealsense2.
-APT_PACKAGES := libusb-1.0-0
-EXTRAS := export,serial,can,realsense,plot,dev
+# Debian packages the tests need: libusb for pyrealsense2; EGL + Mesa for MuJoCo offscreen rendering.
+APT_PACKAGES := libusb-1.0-0 libegl1 libopengl0 libgl1-mesa-dri
+EXTRAS := export,serial,can,realsense,sim,plot,dev
 
 .PHONY: setup system-deps test demo bench clean
 
@@ -31,11 +31,17 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job on the built-in simulated robot: a synthetic MolmoAct-layout checkpoint is exported to
+# a verified bundle, and the bundle policy drives the simulated arm (Feetech bus on a pty, camera)
+# through the pipelined loop. The checkpoint has seeded random weights until the reference ARM is trained.
+DEMO := out/demo
 demo: system-deps $(STAMP)
-	$(VENV)/bin/edgeact demo
+	test -f $(DEMO)/checkpoint/config.json || $(VENV)/bin/edgeact make-checkpoint --variant D --size small --seed 0 --out $(DEMO)/checkpoint
+	$(VENV)/bin/edgeact export $(DEMO)/checkpoint --out $(DEMO)/bundle-fp32 --overwrite --frames 1
+	$(VENV)/bin/edgeact demo --policy bundle --bundle $(DEMO)/bundle-fp32 --seconds 15 --out $(DEMO)
 
 bench: system-deps $(STAMP)
-	$(VENV)/bin/edgeact bench-suite
+	$(VENV)/bin/edgeact bench-suite --out out/bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,7 @@ with the right timing; it is not a kinematic model of any arm.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -64,7 +65,15 @@ def register_mapper(type_name: str) -> Callable[[type[MapperConfig]], type[Mappe
     return decorate
 
 
+# Mappers defined outside this module register on import; looked up lazily so that importing the
+# control step never pulls in a kinematics library a robot does not use.
+BUILTIN_MAPPER_MODULES = ("edgeact.runtime.kinematics",)
+
+
 def mapper_type(type_name: str) -> type[MapperConfig]:
+    if type_name not in _MAPPER_TYPES:
+        for module in BUILTIN_MAPPER_MODULES:
+            importlib.import_module(module)
     if type_name not in _MAPPER_TYPES:
         raise ConfigError(f"action mapper type {type_name!r} unknown; use one of {', '.join(sorted(_MAPPER_TYPES))}")
     return _MAPPER_TYPES[type_name]

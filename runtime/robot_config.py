@@ -25,6 +25,7 @@ from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.policy import PolicyConfig, policy_type
 
 BUS_TYPES = ("sim", "feetech", "dynamixel", "damiao-can")
+SIM_PHYSICS = ("simple", "mujoco")     # the "sim" bus's motors: speed-limited servos alone, or MuJoCo joints
 ESTOP_KEYS = {"space": " ", "enter": "\n", "esc": "\x1b", "tab": "\t"}
 MAX_CONTROL_HZ = 1000.0
 
@@ -46,7 +47,11 @@ class MotorEntry:
 
 @dataclass
 class RobotSection:
-    """The motor bus. "sim" starts the built-in simulated Feetech bus on a pty (no port needed)."""
+    """The motor bus. "sim" starts the built-in simulated Feetech bus on a pty (no port needed).
+
+    `physics` says what the "sim" bus's motors move: "simple" servos that walk to their goals, or
+    the joints of the MuJoCo robot (drivers/sim/mujoco_robot.py), whose world a "mujoco" camera renders.
+    """
 
     bus: str
     motors: dict[str, MotorEntry]
@@ -54,11 +59,17 @@ class RobotSection:
     baud_rate: int = 1_000_000              # serial buses
     calibration: dict[str, MotorCalibration] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)   # more fields of the bus's own config
+    physics: str = "simple"                 # "sim" bus only: "simple" or "mujoco"
 
     def __post_init__(self) -> None:
         if self.bus not in BUS_TYPES:
             raise ConfigError(f"bus: must be one of {', '.join(BUS_TYPES)}, got {self.bus!r}"
                               f"{_suggest(self.bus, BUS_TYPES)}")
+        if self.physics not in SIM_PHYSICS:
+            raise ConfigError(f"physics: must be one of {', '.join(SIM_PHYSICS)}, got {self.physics!r}")
+        if self.physics != "simple" and self.bus != "sim":
+            raise ConfigError(f"physics: {self.physics!r} is for the simulated bus (bus \"sim\"); a {self.bus} bus "
+                              "drives real motors")
         if not self.motors:
             raise ConfigError('motors: name at least one motor, e.g. {"shoulder_pan": {"id": 1, "model": "sts3215"}}')
         if self.bus in ("feetech", "dynamixel") and not self.port:

@@ -19,6 +19,7 @@ BUILTIN_CAMERA_MODULES = (
     "edgeact.drivers.cameras.realsense",
     "edgeact.drivers.cameras.playback",
     "edgeact.drivers.cameras.synthetic",
+    "edgeact.drivers.cameras.mujoco_camera",   # imports mujoco lazily, only when a world is built
 )
 
 DISTORTION_MODELS = ("none", "brown_conrady", "modified_brown_conrady", "inverse_brown_conrady",

@@ -1,9 +1,33 @@
 """One simulated serial servo: control-table memory from the vendor table, simple dynamics, injectable errors."""
 from __future__ import annotations
 
+import abc
 import time
+from dataclasses import dataclass
 
 from edgeact.drivers.motors.serial_types import ModelSpec, Register
+
+
+@dataclass(frozen=True)
+class ServoCommand:
+    """What the control table asks of the shaft, in raw units."""
+
+    torque_on: bool
+    mode: str                       # "position", "velocity" (wheel mode), or "other" (a mode nobody models)
+    goal_position_ticks: float      # already clamped to the min/max position limit registers
+    goal_velocity_ticks_s: float
+
+
+class ServoPlant(abc.ABC):
+    """Moves a servo's shaft instead of the built-in dynamics (a physics engine's joint, say)."""
+
+    @abc.abstractmethod
+    def command(self, command: ServoCommand) -> None:
+        """The control table changed: follow this from now on."""
+
+    @abc.abstractmethod
+    def state_ticks(self) -> tuple[float, float]:
+        """(position in ticks, velocity in ticks/s) of the shaft now."""
 
 
 class SimServo:
@@ -12,7 +36,8 @@ class SimServo:
     Position mode: with torque on the position walks to the goal at `max_speed_ticks_s`.
     Velocity (wheel) mode: with torque on the position integrates the goal velocity.
     Torque off: nothing moves. EEPROM registers survive `power_cycle()` when they were
-    persisted (Feetech: only while the lock register is 0; Dynamixel: always).
+    persisted (Feetech: only while the lock register is 0; Dynamixel: always). With a plant
+    attached (`attach_plant`) the plant moves the shaft instead, and hears every write.
     """
 
     def __init__(self, spec: ModelSpec, motor_id: int, baud_rate: int, *, position_ticks: int = 2048,
@@ -23,6 +48,7 @@ class SimServo:
         self.hardware_error = 0                 # injected vendor error bits (0: healthy)
         self.powered = True                     # False: silent, as with a loose cable
         self.staged: tuple[int, bytes] | None = None   # a REG_WRITE waiting for ACTION
+        self.plant: ServoPlant | None = None    # None: the built-in speed-limited dynamics
         self.memory = bytearray(256)            # the control table, filled by _factory_reset
         self._position = float(position_ticks)
         self._last_update_s = time.monotonic()
@@ -97,6 +123,13 @@ class SimServo:
             saved = bytearray(self._saved)
             saved[address:address + len(data)] = data
             self._saved = bytes(saved)
+        if self.plant is not None:
+            self.plant.command(self.command())
+
+    def attach_plant(self, plant: ServoPlant) -> None:
+        """Let `plant` move the shaft from now on; it gets the current command at once."""
+        self.plant = plant
+        plant.command(self.command())
 
     def power_cycle(self) -> None:
         """RAM back to defaults, EEPROM back to what was persisted, errors cleared; the shaft stays put."""
@@ -106,26 +139,42 @@ class SimServo:
         for reg in self.spec.registers.values():
             if reg.eeprom:
                 self.memory[reg.address:reg.address + reg.size] = saved[reg.address:reg.address + reg.size]
+        if self.plant is not None:
+            self.plant.command(self.command())
 
     # -- dynamics ----------------------------------------------------------------------------
+    def command(self) -> ServoCommand:
+        """The control table's command, read straight from memory (no update)."""
+        torque = self.memory[self._reg("torque_enable").address]
+        mode = self.memory[self._reg("operating_mode").address]
+        goal = self._reg("goal_velocity")
+        raw = goal.decode(self.memory[goal.address:goal.address + goal.size])
+        velocity_ticks_s = raw * self.spec.velocity_unit_rad_s / self.spec.rad_per_tick
+        goal = self._reg("goal_position")
+        target = goal.decode(self.memory[goal.address:goal.address + goal.size])
+        low, high = self._limit("min_position_limit"), self._limit("max_position_limit")
+        if low < high:
+            target = min(max(target, low), high)
+        names = {value: name for name, value in self.spec.operating_modes.items()}
+        return ServoCommand(bool(torque), names.get(mode, "other"), float(target), velocity_ticks_s)
+
     def update(self) -> None:
         now = time.monotonic()
         dt, self._last_update_s = max(0.0, now - self._last_update_s), now
-        torque = self.memory[self._reg("torque_enable").address]
-        mode = self.memory[self._reg("operating_mode").address]
+        if self.plant is not None:
+            self._position, velocity_ticks_s = self.plant.state_ticks()
+            if self.wrap_ticks:
+                self._position %= self.wrap_ticks
+            self._store_motion(velocity_ticks_s)
+            return
+        command = self.command()
         velocity_ticks_s = 0.0
-        if torque and mode == self.spec.operating_modes["velocity"]:
-            goal = self._reg("goal_velocity")
-            raw = goal.decode(self.memory[goal.address:goal.address + goal.size])
-            velocity_ticks_s = raw * self.spec.velocity_unit_rad_s / self.spec.rad_per_tick
+        if command.torque_on and command.mode == "velocity":
+            velocity_ticks_s = command.goal_velocity_ticks_s
             self._position += velocity_ticks_s * dt
-        elif torque and mode == self.spec.operating_modes["position"] and dt > 0:
-            goal = self._reg("goal_position")
-            target = goal.decode(self.memory[goal.address:goal.address + goal.size])
-            low, high = self._limit("min_position_limit"), self._limit("max_position_limit")
-            if low < high:
-                target = min(max(target, low), high)
-            step = max(-self.max_speed_ticks_s * dt, min(self.max_speed_ticks_s * dt, target - self._position))
+        elif command.torque_on and command.mode == "position" and dt > 0:
+            step = max(-self.max_speed_ticks_s * dt,
+                       min(self.max_speed_ticks_s * dt, command.goal_position_ticks - self._position))
             self._position += step
             velocity_ticks_s = step / dt
         if self.wrap_ticks:

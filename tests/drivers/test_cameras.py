@@ -40,7 +40,7 @@ def test_config_from_dict_round_trips_and_builds_the_right_camera():
 
 
 def test_config_from_dict_names_unknown_types_and_fields():
-    with pytest.raises(ConfigError, match="'kinect' unknown; use one of realsense, recording, synthetic"):
+    with pytest.raises(ConfigError, match="'kinect' unknown; use one of mujoco, realsense, recording, synthetic"):
         camera_config_from_dict({"type": "kinect"})
     with pytest.raises(ConfigError, match="no field\\(s\\) exposure"):
         camera_config_from_dict({"type": "realsense", "exposure": 100})
@@ -99,7 +99,7 @@ def test_cameras_import_without_pyrealsense2():
         "import sys; sys.modules['pyrealsense2'] = None\n"
         "import edgeact.drivers.cameras.base as base, edgeact.drivers.cameras.recording\n"
         "from edgeact.drivers.cameras.base import make_camera, CameraError\n"
-        "assert sorted(base.camera_types()) == ['realsense', 'recording', 'synthetic']\n"
+        "assert sorted(base.camera_types()) == ['mujoco', 'realsense', 'recording', 'synthetic']\n"
         "cam = make_camera({'type': 'realsense'})\n"
         "try:\n    cam.connect()\nexcept CameraError as exc:\n    print(exc)\n"
         "with make_camera({'type': 'synthetic', 'width': 32, 'height': 24}) as syn:\n"

@@ -138,7 +138,7 @@ def test_joint_delta_config_names_the_bad_field(fields, message):
 
 def test_mapper_registry_and_unknown_joints():
     assert mapper_type("joint_delta") is JointDeltaConfig
-    with pytest.raises(ConfigError, match="'ik' unknown; use one of joint_delta"):
-        mapper_type("ik")
+    with pytest.raises(ConfigError, match="'cartesian' unknown; use one of ik, joint_delta"):
+        mapper_type("cartesian")
     with pytest.raises(ConfigError, match=r"joints \['elbow'\] are not motors of the robot"):
         JointDeltaConfig(joints=["elbow"], gains=[1.0]).make_mapper(["shoulder"])

@@ -1,0 +1,350 @@
+"""Forward and inverse kinematics of the arm from the robot description (Pinocchio), and the "ik" action mapper.
+
+Frames. The description's base frame (x forward, y left, z up; origin on the floor under the
+base's centre) is the world here: the base's planar joints, the wheels and the gripper are locked
+at zero, leaving the arm's joints. Poses and action deltas are expressed in a *reference frame*:
+"base", or any frame of the description fixed to the base, e.g. "camera_optical" (the depth
+camera's optical frame: x right, y down, z forward).
+
+A delta [dx, dy, dz, droll, dpitch, dyaw] moves the end-effector frame (the tool centre point,
+site "ee") by (dx, dy, dz) metres along the reference frame's axes and turns it about its own
+origin by R = Rz(dyaw) Ry(dpitch) Rx(droll), the angles taken about the reference frame's axes:
+R_target = R @ R_now.
+
+IK is damped least squares with task priority: the position is the first task, the orientation
+the second, solved in the first task's null space. A 5-joint arm cannot reach every orientation
+at every position; it then reaches the position and comes as close to the orientation as it can.
+Joint limits come from the description; a joint at its limit is taken out of the step, so the
+others make up for it. An unreachable target ends at the nearest pose the arm reaches (`converged`
+is False), never in an exception.
+
+Pinocchio is imported inside functions: this module imports without it (the config validates).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeact.runtime.control import GRIPPER_DIM, ActionMapper, MapperConfig, register_mapper
+from edgeact.runtime.errors import ConfigError
+
+ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
+BASE_FRAME = "base"
+
+
+def default_description() -> Path:
+    """The project's robot description (MJCF), shipped beside the simulator."""
+    from edgeact.drivers import sim
+
+    return Path(sim.__file__).resolve().parent / "robot_description" / "robot.xml"
+
+
+def import_pinocchio():
+    try:
+        import pinocchio
+    except ImportError as exc:
+        raise ConfigError(f"the arm's kinematics need Pinocchio ({exc}); install it with `pip install pin==4.1.0` "
+                          "(the edgeact[sim] extra)") from None
+    return pinocchio
+
+
+def rpy_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """Rz(yaw) @ Ry(pitch) @ Rx(roll): roll, pitch, yaw about the fixed x, y, z axes, in that order."""
+    cr, sr, cp, sp, cy, sy = (math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch),
+                              math.cos(yaw), math.sin(yaw))
+    return np.array([[cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
+                     [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
+                     [-sp, cp * sr, cp * cr]])
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A frame's position (m) and orientation (3x3 rotation) in the reference frame."""
+
+    position_m: np.ndarray
+    rotation: np.ndarray
+
+    def moved(self, delta: Sequence[float]) -> "Pose":
+        """This pose moved by [dx, dy, dz, droll, dpitch, dyaw] (see the module docstring)."""
+        d = np.asarray(delta, dtype=np.float64)
+        return Pose(self.position_m + d[:3], rpy_matrix(*d[3:6]) @ self.rotation)
+
+
+@dataclass(frozen=True)
+class IkResult:
+    q_rad: np.ndarray               # joint positions in ArmKinematics.joints order, within the limits
+    position_error_m: float         # |target - reached|
+    rotation_error_rad: float       # angle of the rotation from reached to target
+    iterations: int
+    converged: bool                 # both errors within the tolerances
+
+
+@dataclass(frozen=True)
+class IkSettings:
+    tolerance_m: float = 1e-5
+    tolerance_rad: float = 1e-4
+    max_iterations: int = 40
+    damping: float = 1e-3           # least-squares damping (m, and rad for the orientation task)
+    max_step_rad: float = 0.3       # largest joint change in one iteration: no wild jumps near singularities
+    track_orientation: bool = True  # False: position only (the orientation is whatever the arm ends at)
+
+
+class ArmKinematics:
+    """FK and IK of one arm chain of a description; safe to share between threads (calls serialize)."""
+
+    def __init__(self, description: str | Path | None = None, joints: Sequence[str] = ARM_JOINTS,
+                 ee_frame: str = "ee", reference_frame: str = BASE_FRAME,
+                 limits_rad: dict[str, Sequence[float]] | None = None):
+        """`limits_rad` narrows the description's joint limits (e.g. to the SafetyGuard's)."""
+        pin = self._pin = import_pinocchio()
+        path = Path(description) if description else default_description()
+        if not path.is_file():
+            raise ConfigError(f"robot description {path} not found; give an MJCF file (default: "
+                              f"{default_description()})")
+        try:
+            full = pin.buildModelFromMJCF(str(path))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"Pinocchio cannot read the robot description {path}: {exc}") from None
+        self.description = path
+        self.joints = tuple(joints)
+        names = list(full.names)
+        missing = [j for j in self.joints if j not in names]
+        if missing or len(set(self.joints)) != len(self.joints) or not self.joints:
+            raise ConfigError(f"joints {list(self.joints)}: name distinct joints of {path.name}; {missing} are not in "
+                              f"it (its joints: {', '.join(names[1:])})")
+        keep = {full.getJointId(j) for j in self.joints}
+        lock = [i for i in range(1, full.njoints) if i not in keep]
+        self.model = pin.buildReducedModel(full, lock, pin.neutral(full))
+        self.data = self.model.createData()
+        # The reduced model keeps the description's joint order; map ours onto it.
+        self._q_index = np.array([self.model.joints[self.model.getJointId(j)].idx_q for j in self.joints])
+        if any(self.model.joints[self.model.getJointId(j)].nq != 1 for j in self.joints):
+            raise ConfigError(f"joints {list(self.joints)}: the arm's joints must each be one hinge or slide")
+        self.lower_rad = self.model.lowerPositionLimit[self._q_index].copy()
+        self.upper_rad = self.model.upperPositionLimit[self._q_index].copy()
+        for joint, (low, high) in (limits_rad or {}).items():
+            if joint not in self.joints:
+                raise ConfigError(f"joint limits for {joint!r}: not one of the arm's joints {list(self.joints)}")
+            i = self.joints.index(joint)
+            self.lower_rad[i], self.upper_rad[i] = max(self.lower_rad[i], low), min(self.upper_rad[i], high)
+            if not self.lower_rad[i] < self.upper_rad[i]:
+                raise ConfigError(f"joint limits for {joint!r}: [{low}, {high}] leave nothing of the description's "
+                                  f"range [{self.model.lowerPositionLimit[self._q_index[i]]}, "
+                                  f"{self.model.upperPositionLimit[self._q_index[i]]}]")
+        self.ee_frame = ee_frame
+        self._ee = self._frame_id(ee_frame)
+        self.reference_frame = reference_frame
+        self._reference = pin.SE3.Identity()
+        if reference_frame != BASE_FRAME:
+            frame = self.model.frames[self._frame_id(reference_frame)]
+            if frame.parentJoint != 0:
+                raise ConfigError(f"reference frame {reference_frame!r} moves with joint "
+                                  f"{self.model.names[frame.parentJoint]!r}; use a frame fixed to the base")
+            self._reference = frame.placement
+        self._lock = threading.Lock()
+
+    def _frame_id(self, name: str) -> int:
+        if not self.model.existFrame(name):
+            frames = sorted({f.name for f in self.model.frames})
+            raise ConfigError(f"no frame {name!r} in {self.description.name}; its frames: {', '.join(frames)}")
+        return self.model.getFrameId(name)
+
+    def _full_q(self, q_rad: Sequence[float]) -> np.ndarray:
+        q_rad = np.asarray(q_rad, dtype=np.float64)
+        if q_rad.shape != (len(self.joints),) or not np.all(np.isfinite(q_rad)):
+            raise ValueError(f"joint positions must be {len(self.joints)} finite numbers ({', '.join(self.joints)}), "
+                             f"got {q_rad}")
+        q = self._pin.neutral(self.model)
+        q[self._q_index] = q_rad
+        return q
+
+    # -- forward kinematics -----------------------------------------------------------------------
+    def forward(self, q_rad: Sequence[float]) -> Pose:
+        """The end effector's pose in the reference frame."""
+        return self.frame_pose(self.ee_frame, q_rad)
+
+    def frame_pose(self, frame: str, q_rad: Sequence[float]) -> Pose:
+        """Any frame of the description, in the reference frame."""
+        frame_id = self._frame_id(frame)
+        with self._lock:
+            self._pin.framesForwardKinematics(self.model, self.data, self._full_q(q_rad))
+            placement = self._reference.actInv(self.data.oMf[frame_id])
+            return Pose(placement.translation.copy(), placement.rotation.copy())
+
+    def q_from(self, positions_rad: dict[str, float]) -> np.ndarray:
+        """Joint positions by name -> the array in `joints` order."""
+        missing = [j for j in self.joints if j not in positions_rad]
+        if missing:
+            raise ValueError(f"no positions for joints {missing}")
+        return np.array([positions_rad[j] for j in self.joints], dtype=np.float64)
+
+    # -- inverse kinematics -----------------------------------------------------------------------
+    def solve(self, target: Pose, q_start_rad: Sequence[float], settings: IkSettings = IkSettings()) -> IkResult:
+        """Joint positions that put the end effector at `target` (reference frame), starting the search
+        from `q_start_rad` (the nearest solution to it is found)."""
+        pin = self._pin
+        q_arm = np.clip(np.asarray(q_start_rad, dtype=np.float64), self.lower_rad, self.upper_rad)
+        ref_rotation_t = self._reference.rotation.T
+        previous = (math.inf, math.inf, q_arm)
+        with self._lock:
+            for iteration in range(settings.max_iterations + 1):
+                q = self._full_q(q_arm)
+                pin.computeJointJacobians(self.model, self.data, q)
+                pin.updateFramePlacements(self.model, self.data)
+                reached = self._reference.actInv(self.data.oMf[self._ee])
+                error_p = target.position_m - reached.translation
+                error_r = pin.log3(target.rotation @ reached.rotation.T)
+                distance_m, angle_rad = float(np.linalg.norm(error_p)), float(np.linalg.norm(error_r))
+                converged = distance_m <= settings.tolerance_m and (
+                    angle_rad <= settings.tolerance_rad or not settings.track_orientation)
+                # Stop when done, or when an iteration no longer gets closer (the nearest pose the arm reaches);
+                # a last step that made the position worse is taken back.
+                stuck = previous[0] - distance_m < 1e-6 and previous[1] - angle_rad < 1e-5
+                if stuck and distance_m > previous[0]:
+                    distance_m, angle_rad, q_arm = previous
+                if converged or stuck or iteration == settings.max_iterations:
+                    break
+                previous = (distance_m, angle_rad, q_arm)
+                jacobian = pin.getFrameJacobian(self.model, self.data, self._ee, pin.LOCAL_WORLD_ALIGNED)
+                jacobian = jacobian[:, self._q_index]
+                step = self._step(ref_rotation_t @ jacobian[:3], error_p, ref_rotation_t @ jacobian[3:], error_r,
+                                  q_arm, settings)
+                if not np.any(np.abs(step) > 1e-9):
+                    break       # nothing moves any more: the nearest reachable pose, or a limit
+                q_arm = np.clip(q_arm + step, self.lower_rad, self.upper_rad)
+        return IkResult(q_arm, distance_m, angle_rad, iteration, converged)
+
+    def _step(self, j_pos: np.ndarray, e_pos: np.ndarray, j_rot: np.ndarray, e_rot: np.ndarray, q: np.ndarray,
+              settings: IkSettings) -> np.ndarray:
+        """One task-priority DLS step; joints at a limit that the step would push further are frozen."""
+        free = np.ones(len(q), dtype=bool)
+        for _ in range(len(q)):
+            step = _prioritized_step(j_pos * free, e_pos, j_rot * free if settings.track_orientation else None,
+                                     e_rot, settings.damping)
+            at_lower, at_upper = q <= self.lower_rad + 1e-12, q >= self.upper_rad - 1e-12
+            blocked = free & ((at_lower & (step < 0)) | (at_upper & (step > 0)))
+            if not blocked.any():
+                break
+            free &= ~blocked
+        largest = float(np.max(np.abs(step), initial=0.0))
+        return step * (settings.max_step_rad / largest) if largest > settings.max_step_rad else step
+
+
+def _damped_pinv(jacobian: np.ndarray, damping: float) -> np.ndarray:
+    rows = jacobian.shape[0]
+    return jacobian.T @ np.linalg.inv(jacobian @ jacobian.T + damping ** 2 * np.eye(rows))
+
+
+def _prioritized_step(j1: np.ndarray, e1: np.ndarray, j2: np.ndarray | None, e2: np.ndarray,
+                      damping: float) -> np.ndarray:
+    """dq = J1+ e1 + N1 (J2 N1)+ (e2 - J2 J1+ e1): the second task only uses what the first leaves free."""
+    j1_pinv = _damped_pinv(j1, damping)
+    step = j1_pinv @ e1
+    if j2 is None:
+        return step
+    null = np.eye(j1.shape[1]) - j1_pinv @ j1
+    j2_null = j2 @ null
+    return step + null @ (_damped_pinv(j2_null, damping) @ (e2 - j2 @ step))
+
+
+# -- the "ik" action mapper ------------------------------------------------------------------------
+
+@register_mapper("ik")
+@dataclass
+class IkConfig(MapperConfig):
+    """End-effector deltas -> arm joint targets through the description's kinematics (see the module docstring).
+
+    An action's delta is [dx, dy, dz] * translation_scale (m) and [droll, dpitch, dyaw] *
+    rotation_scale (rad) in `frame`, each part shortened to max_translation_m / max_rotation_rad.
+    Over one action the end effector moves along the delta linearly (fraction of it at each
+    control tick). The gripper maps as in joint_delta: linear from gripper_action_range to
+    gripper_range_rad, clipped.
+    """
+
+    description: str = ""                   # MJCF of the robot; "" = the packaged robot description
+    joints: list[str] = field(default_factory=lambda: list(ARM_JOINTS))
+    ee_frame: str = "ee"
+    frame: str = BASE_FRAME                 # "base" or a frame fixed to the base, e.g. "camera_optical"
+    translation_scale: float = 1.0          # metres per action unit
+    rotation_scale: float = 1.0             # radians per action unit
+    max_translation_m: float = 0.05         # per action, after scaling
+    max_rotation_rad: float = 0.5
+    track_orientation: bool = True          # False: follow the position deltas only
+    # Narrower joint limits than the description's (rad): give the SafetyGuard's, so IK never plans past them.
+    joint_limits_rad: dict[str, list[float]] = field(default_factory=dict)
+    gripper_joint: str | None = "gripper"
+    gripper_action_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
+    gripper_range_rad: list[float] = field(default_factory=lambda: [0.0, 1.0])
+
+    def __post_init__(self) -> None:
+        if not self.joints or len(set(self.joints)) != len(self.joints):
+            raise ConfigError(f"joints: name the arm's joints once each, got {self.joints}")
+        for name in ("translation_scale", "rotation_scale", "max_translation_m", "max_rotation_rad"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}: must be a positive number, got {value}")
+        if self.gripper_joint in self.joints:
+            raise ConfigError(f"gripper_joint: {self.gripper_joint!r} is also an arm joint; name it once")
+        for joint, pair in self.joint_limits_rad.items():
+            if joint not in self.joints:
+                raise ConfigError(f"joint_limits_rad: {joint!r} is not one of joints {self.joints}")
+            if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair) \
+                    or not pair[0] < pair[1]:
+                raise ConfigError(f"joint_limits_rad.{joint}: must be [low, high] with low < high, got {pair}")
+        for name in ("gripper_action_range", "gripper_range_rad"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
+                raise ConfigError(f"{name}: must be two finite numbers [a, b], got {pair}")
+        if not self.gripper_action_range[0] < self.gripper_action_range[1]:
+            raise ConfigError(f"gripper_action_range: must be [low, high] with low < high, got "
+                              f"{self.gripper_action_range}")
+
+    def make_mapper(self, joint_names: list[str]) -> "IkMapper":
+        wanted = self.joints + ([self.gripper_joint] if self.gripper_joint else [])
+        missing = [j for j in wanted if j not in joint_names]
+        if missing:
+            raise ConfigError(f"actions: joints {missing} are not motors of the robot; its motors are "
+                              f"{', '.join(joint_names)}")
+        kinematics = ArmKinematics(self.description or None, self.joints, self.ee_frame, self.frame,
+                                   self.joint_limits_rad)
+        return IkMapper(self, kinematics)
+
+
+class IkMapper(ActionMapper):
+    def __init__(self, config: IkConfig, kinematics: ArmKinematics):
+        self.config, self.kinematics = config, kinematics
+        self.joints = tuple(config.joints) + ((config.gripper_joint,) if config.gripper_joint else ())
+        self.settings = IkSettings(track_orientation=config.track_orientation)
+        self.last_result: IkResult | None = None     # the newest solve (telemetry, tests)
+
+    def delta(self, action: np.ndarray) -> np.ndarray:
+        """The action's end-effector delta after scaling and the per-action caps."""
+        c = self.config
+        action = np.asarray(action, dtype=np.float64)
+        translation, rotation = action[:3] * c.translation_scale, action[3:6] * c.rotation_scale
+        for part, cap in ((translation, c.max_translation_m), (rotation, c.max_rotation_rad)):
+            norm = float(np.linalg.norm(part))
+            if norm > cap:
+                part *= cap / norm
+        return np.concatenate([translation, rotation])
+
+    def gripper_goal_rad(self, gripper_value: float) -> float:
+        (a_lo, a_hi), (r_lo, r_hi) = self.config.gripper_action_range, self.config.gripper_range_rad
+        t = min(max((gripper_value - a_lo) / (a_hi - a_lo), 0.0), 1.0)
+        return r_lo + t * (r_hi - r_lo)
+
+    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float) -> dict[str, float]:
+        q_start = self.kinematics.q_from(start_rad)
+        target = self.kinematics.forward(q_start).moved(fraction * self.delta(action))
+        result = self.kinematics.solve(target, q_start, self.settings)
+        self.last_result = result
+        out = {j: float(q) for j, q in zip(self.config.joints, result.q_rad)}
+        if self.config.gripper_joint:
+            g = self.config.gripper_joint
+            out[g] = start_rad[g] + fraction * (self.gripper_goal_rad(float(action[GRIPPER_DIM])) - start_rad[g])
+        return out
