@@ -1,0 +1,225 @@
+"""Expert demonstrations of the reference task as a training set in MolmoAct's answer terms (npz shards + manifest).
+
+One sample per decision step of a successful expert episode (every `stride_actions` actions):
+  rgb         (H, W, 3) uint8     the "front" camera's colour image at that moment
+  depth_m     (H, W) float32      its aligned depth, metres (0: no data); the depth tokens come from this
+  instruction str                 e.g. "push the red block to the left"
+  trace       (5, 2) int64        the end effector's future path in this image as MolmoAct writes it:
+                                  [x, y] in [0, 256), pixel = x / 255 * (W - 1); rows past trace_len are -1
+  trace_len   int                 1..5 points
+  actions     (8, 7) float32      the next chunk, raw units of the "ik" mapper (m, rad, gripper in [-1, 1])
+  episode, step int               where it came from
+The manifest holds the image size, the camera intrinsics, every episode's parameters, and the
+normalization statistics of all executed actions (q01/q99/mask/mean/std/min/max, gripper unmasked)
+under `norm_stats[NORM_KEY]`, the form `ActionStats.from_norm_stats` reads.
+
+The trace: the end-effector site's true positions at the next chunk's action boundaries 0, 2, 4, 6
+and 8 (the last one clipped at the episode's end), projected with the camera's intrinsics and
+extrinsics (site "camera_optical"); repeated points (a still arm) are written once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from edgeact.drivers.sim.expert import ExpertConfig, run_expert, runtime_action_mapper
+from edgeact.drivers.sim.task import TEMPLATES, TaskConfig, sample_episode
+from edgeact.runtime.answer import MAX_TRACE_POINTS, pixels_to_trace
+from edgeact.runtime.errors import ConfigError, EdgeactError
+
+MANIFEST = "manifest.json"
+FORMAT = "edgeact-sim-demos/1"
+NORM_KEY = "edgeact_sim_reference"
+CAMERA, OPTICAL_SITE = "front", "camera_optical"
+ARRAYS = ("rgb", "depth_m", "instruction", "trace", "trace_len", "actions", "episode", "step")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    width: int = 160
+    height: int = 120
+    stride_actions: int = 4             # a decision every this many actions (chunks overlap by chunk - stride)
+    episodes_per_shard: int = 25
+
+    def __post_init__(self) -> None:
+        if not (16 <= self.width <= 640 and 16 <= self.height <= 480):
+            raise ConfigError(f"demo image {self.width}x{self.height}: use 16..640 x 16..480 (scene.xml's buffer)")
+        if not (1 <= self.stride_actions <= 64 and self.episodes_per_shard >= 1):
+            raise ConfigError(f"stride_actions must be in [1, 64] and episodes_per_shard >= 1, got "
+                              f"{self.stride_actions}, {self.episodes_per_shard}")
+
+
+class DemoDatasetError(EdgeactError):
+    """A demonstration directory is missing, incomplete or of another format; the message says which."""
+
+
+def project_points(points_m: np.ndarray, camera_position_m: np.ndarray, camera_rotation: np.ndarray,
+                   intrinsics: Any) -> np.ndarray:
+    """World points (n, 3) -> pixels (n, 2) [u, v] through an optical frame (x right, y down, z forward)."""
+    in_camera = (np.asarray(points_m, dtype=np.float64) - camera_position_m) @ camera_rotation
+    z = np.maximum(in_camera[:, 2], 1e-6)
+    return np.stack([intrinsics.fx * in_camera[:, 0] / z + intrinsics.cx,
+                     intrinsics.fy * in_camera[:, 1] / z + intrinsics.cy], axis=1)
+
+
+def future_trace(ee_positions_m: np.ndarray, k: int, chunk_size: int, camera_pose: tuple[np.ndarray, np.ndarray],
+                 intrinsics: Any) -> np.ndarray:
+    """The trace (n, 2) ints in [0, 256) of the end effector from action boundary k over the next chunk."""
+    last = len(ee_positions_m) - 1
+    picks = [min(k + round(i * chunk_size / (MAX_TRACE_POINTS - 1)), last) for i in range(MAX_TRACE_POINTS)]
+    pixels = project_points(ee_positions_m[picks], *camera_pose, intrinsics)
+    trace = pixels_to_trace(pixels, intrinsics.width, intrinsics.height)
+    keep = [0] + [i for i in range(1, len(trace)) if not np.array_equal(trace[i], trace[i - 1])]
+    return trace[keep]
+
+
+def action_statistics(actions: np.ndarray) -> dict[str, list]:
+    """q01/q99/mean/std/min/max per dimension of (n, 7) actions, and the mask (the gripper is never scaled)."""
+    a = np.asarray(actions, dtype=np.float64)
+    mask = [True] * (a.shape[1] - 1) + [False]
+    stats = {"q01": np.quantile(a, 0.01, axis=0), "q99": np.quantile(a, 0.99, axis=0), "mean": a.mean(axis=0),
+             "std": a.std(axis=0), "min": a.min(axis=0), "max": a.max(axis=0)}
+    return {**{k: [float(x) for x in v] for k, v in stats.items()}, "mask": mask}
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    out_dir: Path
+    episodes: int
+    successes: dict[str, list[int]]     # template -> [successes, attempts]
+    samples: int
+    seconds: float
+    bytes_written: int
+
+
+def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConfig = DemoConfig(),
+                 expert: ExpertConfig | None = None, task: TaskConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> DemoSummary:
+    """Run `episodes` expert episodes (templates in turn, episode i from seed + i) and write the successful ones."""
+    from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+
+    if episodes < 1:
+        raise ConfigError(f"episodes: record at least 1, got {episodes}")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    mapper, rates = runtime_action_mapper()
+    expert = expert or ExpertConfig(**rates)
+    world = MujocoWorld()
+    renderer = MujocoRgbdRenderer(world, CAMERA, config.width, config.height)
+    camera_pose = world.site_pose(OPTICAL_SITE)     # the camera rides on the base, which the expert never moves
+    start_s = time.perf_counter()
+    successes = {t: [0, 0] for t in TEMPLATES}
+    records, all_actions, shards, pending = [], [], [], _Shard()
+    try:
+        for i in range(episodes):
+            episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
+            frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+            def grab(k: int, _world: Any) -> None:
+                if k % config.stride_actions == 0:
+                    frames[k] = renderer.render()[:2]
+
+            rollout = run_expert(world, episode, mapper, expert, on_action=grab, task_config=task)
+            successes[episode.template][1] += 1
+            if rollout.outcome.success:
+                successes[episode.template][0] += 1
+                for k, (rgb, depth) in sorted(frames.items()):
+                    if k < rollout.n_actions:
+                        trace = future_trace(rollout.ee_positions_m, k, expert.chunk_size, camera_pose,
+                                             renderer.intrinsics)
+                        pending.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k)
+                all_actions.append(rollout.actions)
+                records.append({"index": i, **episode.to_dict(), "n_actions": rollout.n_actions})
+            if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
+                shards.append(pending.write(out / f"shard_{len(shards):04d}.npz"))
+                pending = _Shard()
+            if progress is not None:
+                progress(i + 1, episodes)
+    finally:
+        renderer.close()
+    if not all_actions:
+        raise DemoDatasetError(f"the expert succeeded in none of {episodes} episodes; nothing to write to {out}")
+    intr = renderer.intrinsics
+    manifest = {
+        "format": FORMAT, "seed": seed, "episodes_attempted": episodes, "episodes": records,
+        "successes": successes, "samples": sum(s["samples"] for s in shards), "shards": shards,
+        "image": {"width": config.width, "height": config.height, "camera": CAMERA,
+                  "intrinsics": {"fx": intr.fx, "fy": intr.fy, "cx": intr.cx, "cy": intr.cy},
+                  "camera_optical_pose_base": {"position_m": camera_pose[0].tolist(),
+                                               "rotation": camera_pose[1].tolist()}},
+        "actions": {"chunk_size": expert.chunk_size, "action_rate_hz": expert.action_rate_hz,
+                    "units": "ik mapper, frame base: m, rad, gripper in [-1, 1]"},
+        "demo_config": asdict(config), "expert_config": asdict(expert),
+        "norm_stats": {NORM_KEY: {"action": action_statistics(np.concatenate(all_actions))}},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    size = sum(p.stat().st_size for p in out.iterdir())
+    return DemoSummary(out, len(records), successes, manifest["samples"], time.perf_counter() - start_s, size)
+
+
+class _Shard:
+    """Samples gathered in memory until they are written as one compressed npz."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {name: [] for name in ARRAYS}
+        self.n = 0
+
+    def add(self, rgb, depth_m, instruction, trace, actions, episode, step) -> None:
+        padded = np.full((MAX_TRACE_POINTS, 2), -1, dtype=np.int64)
+        padded[:len(trace)] = trace
+        for name, value in zip(ARRAYS, (rgb, depth_m, instruction, padded, len(trace),
+                                        actions.astype(np.float32), episode, step)):
+            self.columns[name].append(value)
+        self.n += 1
+
+    def write(self, path: Path) -> dict[str, Any]:
+        np.savez_compressed(path, **{name: np.asarray(values) for name, values in self.columns.items()})
+        return {"file": path.name, "samples": self.n}
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def norm_stats(self) -> dict[str, Any]:
+        return self.manifest["norm_stats"]
+
+    def shards(self) -> Iterator[dict[str, np.ndarray]]:
+        """Each shard's arrays (see the module docstring), in order."""
+        for shard in self.manifest["shards"]:
+            with np.load(self.path / shard["file"], allow_pickle=False) as data:
+                arrays = {name: data[name] for name in ARRAYS}
+            if len(arrays["rgb"]) != shard["samples"]:
+                raise DemoDatasetError(f"{self.path / shard['file']} holds {len(arrays['rgb'])} samples, the manifest "
+                                       f"says {shard['samples']}; the set is damaged: record it again")
+            yield arrays
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All shards concatenated."""
+        parts = list(self.shards())
+        return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
+
+
+def load_demos(path: str | Path) -> DemoDataset:
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise DemoDatasetError(f"{root} has no {MANIFEST}: not a finished demonstration set (record one with "
+                               "`edgeact sim-demos --out DIR`)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [s["file"] for s in manifest["shards"] if not (root / s["file"]).is_file()]
+    if missing:
+        raise DemoDatasetError(f"{root}: shards {missing} are missing; copy the whole directory")
+    return DemoDataset(root, manifest)

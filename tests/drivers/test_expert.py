@@ -1,0 +1,207 @@
+"""The scripted expert solves its task through the runtime's IK mapping; its demonstrations: trace, dataset, CLI."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip install mujoco==4.0.0)")
+pytest.importorskip("pinocchio", reason="the expert acts through the 'ik' mapper (pip install pin==4.1.0)")
+
+from edgeact.drivers.sim.expert import ExpertConfig, run_expert, runtime_action_mapper  # noqa: E402
+from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
+from edgeact.drivers.sim.task import TEMPLATES, reset_world, sample_episode  # noqa: E402
+from edgeact.runtime.action_bins import ActionStats, normalize_actions, unnormalize_actions  # noqa: E402
+from edgeact.runtime.control import ChunkFollower  # noqa: E402
+from edgeact.runtime.policy import Plan  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+SEEDS_PER_TEMPLATE = 10
+
+
+@pytest.fixture(scope="module")
+def world():
+    return MujocoWorld()
+
+
+@pytest.fixture(scope="module")
+def mapper():
+    return runtime_action_mapper()[0]
+
+
+@pytest.fixture(scope="module")
+def rollouts(world, mapper):
+    """SEEDS_PER_TEMPLATE expert episodes of each template, seeds 100.. (stepped by hand, not in real time)."""
+    return {t: [run_expert(world, sample_episode(100 + s, t), mapper) for s in range(SEEDS_PER_TEMPLATE)]
+            for t in TEMPLATES}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_the_expert_solves_each_template(rollouts, template):
+    outcomes = [r.outcome for r in rollouts[template]]
+    rate = sum(o.success for o in outcomes) / len(outcomes)
+    assert rate >= 0.9, [(o.target_displacement_m.round(3).tolist(), o.ee_to_target_m.round(3).tolist())
+                         for o in outcomes if not o.success]
+    for r in rollouts[template]:
+        assert r.n_actions <= r.episode.time_limit_s * ExpertConfig().action_rate_hz
+
+
+def test_actions_stay_inside_what_the_mapper_passes_unchanged(rollouts, mapper):
+    config = ExpertConfig()
+    actions = np.concatenate([r.actions for rs in rollouts.values() for r in rs])
+    assert np.linalg.norm(actions[:, :3], axis=1).max() <= config.step_m + 1e-12
+    assert np.abs(actions[:, 3:6]).max() <= config.max_rotation_step_rad + 1e-12
+    assert np.all(actions[:, 6] == -1.0)                 # the gripper stays closed in these templates
+    for a in actions[::17]:
+        assert mapper.delta(a) == pytest.approx(a[:6], abs=1e-15)      # no per-action cap cuts them
+    assert np.abs(actions[:, 4]).max() > 0.1             # the hand really pitches down on the way
+
+
+def test_chunks_are_the_next_actions_then_holds(rollouts):
+    r = rollouts["push_left"][0]
+    assert r.chunk(0) == pytest.approx(r.actions[:8])
+    tail = r.chunk(r.n_actions - 3)
+    assert tail[:3] == pytest.approx(r.actions[-3:])
+    assert tail[3:, :6] == pytest.approx(np.zeros((5, 6))) and np.all(tail[3:, 6] == r.actions[-1, 6])
+
+
+def test_the_same_seed_gives_the_same_demonstration(world, mapper, rollouts):
+    again = run_expert(world, sample_episode(100, "push_right"), mapper)
+    first = rollouts["push_right"][0]
+    assert np.array_equal(again.actions, first.actions)
+    assert np.array_equal(again.ee_positions_m, first.ee_positions_m)
+
+
+def test_the_runtime_control_step_replays_the_expert(world, mapper, rollouts):
+    """The expert's actions, followed as one plan by the runtime's ChunkFollower at the control rate, end where the
+    expert ended: demonstrations mean the same thing to the runtime."""
+    expert = rollouts["push_left"][1]
+    reset_world(world, expert.episode)
+    follower = ChunkFollower(mapper, 10.0, 100.0, world.joint_positions(mapper.joints))
+    plan = Plan(actions=expert.actions, actions_normalized=np.zeros_like(expert.actions), trace_px=None,
+                depth_codes=None, observation_time_s=0.0, created_time_s=0.0)
+    steps_per_tick = round(0.01 / world.timestep_s)
+    for tick in range(1, expert.n_actions * 10 + 1):
+        decision = follower.decide(tick / 100.0, plan)
+        for joint, q in decision.targets_rad.items():
+            world.drive(joint, torque_on=True, mode="position", goal=q)
+        follower.record_sent(decision.targets_rad)
+        world.step(steps_per_tick)
+    assert world.site_pose("ee")[0] == pytest.approx(expert.ee_positions_m[-1], abs=2e-3)
+    block = expert.episode.target_block
+    moved = world.body_pose(block)[0] - expert.episode.block_positions_m[block]
+    assert moved == pytest.approx(expert.outcome.target_displacement_m, abs=5e-3)
+
+
+# -- demonstrations ---------------------------------------------------------------------------------
+
+def test_a_projected_point_lands_on_its_pixel_in_the_render(world):
+    from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+    from edgeact.drivers.sim.demos import project_points
+
+    renderer = MujocoRgbdRenderer(world, "front", 160, 120)
+    try:
+        reset_world(world, sample_episode(0, "move_to"))
+        for body, xy in (("red_block", (0.40, -0.12)), ("green_block", (0.44, 0.15)), ("blue_block", (0.30, 0.12))):
+            world.set_body_pose(body, [xy[0], xy[1], 0.215])
+        color, depth_m, _ = renderer.render()
+        camera_position, camera_rotation = world.site_pose("camera_optical")
+        for body, channel in (("red_block", 0), ("green_block", 1), ("blue_block", 2)):
+            top = world.body_pose(body)[0] + [0.0, 0.0, 0.015]
+            u, v = project_points(top[None], camera_position, camera_rotation, renderer.intrinsics)[0]
+            pixel = color[int(round(v)), int(round(u))].astype(int)
+            assert pixel[channel] > 100 and pixel[channel] > 1.5 * np.delete(pixel, channel).max(), (body, pixel)
+            # The depth sensor sees the top face at the camera-frame z of the projected point.
+            z_m = (top - camera_position) @ camera_rotation[:, 2]
+            assert depth_m[int(round(v)), int(round(u))] == pytest.approx(z_m, abs=3e-3)
+            # And the block's blob is centred where its centre projects.
+            others = np.delete(color, channel, axis=2).max(axis=2)
+            mask = (color[..., channel] > 100) & (color[..., channel] > 1.5 * others)
+            rows, cols = np.nonzero(mask)
+            centre = project_points(world.body_pose(body)[0][None], camera_position, camera_rotation,
+                                    renderer.intrinsics)[0]
+            assert [cols.mean(), rows.mean()] == pytest.approx(centre, abs=1.5)
+    finally:
+        renderer.close()
+
+
+def test_the_trace_is_the_end_effector_over_the_next_chunk_in_the_image(world, rollouts):
+    from edgeact.drivers.cameras.base import Intrinsics
+    from edgeact.drivers.sim.demos import future_trace, project_points
+    from edgeact.runtime.answer import pixels_to_trace
+
+    intrinsics = Intrinsics(fx=150.0, fy=150.0, cx=79.5, cy=59.5, width=160, height=120)
+    camera = world.site_pose("camera_optical")
+    r = rollouts["push_right"][2]
+    expected = pixels_to_trace(project_points(r.ee_positions_m, *camera, intrinsics), 160, 120)
+    trace = future_trace(r.ee_positions_m, 8, 8, camera, intrinsics)
+    assert len(trace) == 5 and np.array_equal(trace, expected[[8, 10, 12, 14, 16]])
+    # At the end the arm is still: points past the last action collapse into one.
+    end = future_trace(r.ee_positions_m, r.n_actions, 8, camera, intrinsics)
+    assert np.array_equal(end, expected[[-1]])
+
+
+def test_demonstrations_round_trip(tmp_path):
+    from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos
+    from edgeact.runtime.answer import Answer, trace_to_pixels
+
+    summary = record_demos(tmp_path / "demos", episodes=4, seed=7, config=DemoConfig(width=64, height=48,
+                                                                                      episodes_per_shard=2))
+    assert summary.episodes == 4 and sum(n for _, n in summary.successes.values()) == 4
+    data = load_demos(tmp_path / "demos")
+    manifest = json.loads((tmp_path / "demos" / "manifest.json").read_text())
+    assert manifest["image"]["width"] == 64 and manifest["image"]["height"] == 48 and len(manifest["shards"]) == 2
+    a = data.arrays()
+    n = summary.samples
+    assert a["rgb"].shape == (n, 48, 64, 3) and a["rgb"].dtype == np.uint8
+    assert a["depth_m"].shape == (n, 48, 64) and 0.2 < np.median(a["depth_m"]) < 1.0
+    assert a["actions"].shape == (n, 8, 7) and a["trace"].shape == (n, 5, 2)
+    assert set(a["instruction"]) <= {e["instruction"] for e in manifest["episodes"]}
+    # Every sample is a valid MolmoAct answer once depth codes exist; its trace starts at the end effector.
+    for i in range(n):
+        trace = a["trace"][i][:a["trace_len"][i]]
+        Answer(np.zeros(100, np.int64), trace, np.zeros((8, 7), np.int64))
+        assert np.all(a["trace"][i][a["trace_len"][i]:] == -1)
+    # The statistics cover the actions, and normalizing with them round-trips within a bin.
+    stats = ActionStats.from_norm_stats(data.norm_stats)
+    action = data.norm_stats["edgeact_sim_reference"]["action"]
+    assert action["mask"] == [True] * 6 + [False]
+    flat = a["actions"].reshape(-1, 7).astype(np.float64)
+    assert np.all(flat >= np.asarray(action["min"]) - 1e-6) and np.all(flat <= np.asarray(action["max"]) + 1e-6)
+    inside = (flat >= stats.q01) & (flat <= stats.q99)
+    assert inside[:, :6].mean() > 0.95
+    back = unnormalize_actions(normalize_actions(flat, stats), stats)
+    span = stats.q99 - stats.q01
+    assert np.all(np.abs(back - flat)[inside] <= np.broadcast_to(span / 255 + 1e-9, flat.shape)[inside])
+    first = a["trace"][0][:a["trace_len"][0]]
+    assert trace_to_pixels(first, 64, 48).shape == (len(first), 2)
+
+
+def test_an_existing_set_is_not_overwritten(tmp_path):
+    from edgeact.drivers.sim.demos import DemoDatasetError, load_demos, record_demos
+    from edgeact.runtime.errors import ConfigError
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds"):
+        record_demos(tmp_path, episodes=1, seed=0)
+    with pytest.raises(DemoDatasetError, match="format"):
+        load_demos(tmp_path)
+    with pytest.raises(DemoDatasetError, match="no manifest.json"):
+        load_demos(tmp_path / "nothing")
+
+
+def test_the_sim_demos_command_records_a_set(tmp_path, capsys):
+    import argparse
+
+    from edgeact.drivers import commands_sim
+    from edgeact.drivers.sim.demos import load_demos
+
+    parser = argparse.ArgumentParser()
+    commands_sim.register(parser.add_subparsers())
+    args = parser.parse_args(["sim-demos", "--episodes", "3", "--seed", "4", "--out", str(tmp_path / "d"),
+                              "--width", "48", "--height", "32", "--stride", "8"])
+    assert args.handler(args) == 0
+    assert "3 episodes" in capsys.readouterr().out
+    manifest = load_demos(tmp_path / "d").manifest
+    assert manifest["demo_config"]["stride_actions"] == 8 and manifest["image"]["width"] == 48
+    assert [e["template"] for e in manifest["episodes"]] == list(TEMPLATES)

@@ -1,0 +1,121 @@
+"""The reference task: templates, seeded scene randomization and its constraints, world reset, success predicates."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgeact.runtime.errors import ConfigError
+
+pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip install mujoco==4.0.0)")
+
+from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
+from edgeact.drivers.sim.task import (BLOCKS, PUSH_SIGN, SHOULDER_XY_M, TEMPLATES, TaskConfig,  # noqa: E402
+                                      evaluate, instruction_for, reset_world, sample_episode)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return MujocoWorld()
+
+
+def test_each_template_reads_as_an_instruction():
+    assert instruction_for("move_to", "red") == "move to the red block"
+    assert instruction_for("push_left", "blue") == "push the blue block to the left"
+    assert instruction_for("push_right", "green") == "push the green block to the right"
+    with pytest.raises(ConfigError, match="push_up.*move_to"):
+        instruction_for("push_up", "red")
+    with pytest.raises(ConfigError, match="purple"):
+        instruction_for("move_to", "purple")
+
+
+def test_an_episode_is_a_function_of_its_seed():
+    a, b = sample_episode(11), sample_episode(11)
+    assert a.to_dict() == b.to_dict()
+    others = [sample_episode(s).to_dict() for s in range(12, 16)]
+    assert all(o["block_positions_m"] != a.to_dict()["block_positions_m"] for o in others)
+    # Drawing the template does not change what a given template would get with the same seed.
+    forced = sample_episode(11, a.template)
+    assert forced.to_dict() == a.to_dict()
+    templates = {sample_episode(s).template for s in range(30)}
+    assert templates == set(TEMPLATES)
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_layouts_keep_the_task_doable(template):
+    config = TaskConfig()
+    for seed in range(40):
+        e = sample_episode(seed, template)
+        xy = {b: p[:2] for b, p in e.block_positions_m.items()}
+        target = xy[e.target_block]
+        assert np.linalg.norm(target - SHOULDER_XY_M) <= config.max_reach_m
+        assert config.x_range_m[0] <= target[0] <= config.x_range_m[1]
+        names = list(xy)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert np.linalg.norm(xy[a] - xy[b]) >= config.min_separation_m
+        if template in PUSH_SIGN:
+            assert abs(target[1] + PUSH_SIGN[template] * config.push_distance_m) <= config.push_reach_y_m
+            for body, p in xy.items():
+                d = np.abs(p - target)
+                assert body == e.target_block or d[0] >= config.lane_half_width_m or d[1] >= config.lane_length_m
+        assert all(abs(q) <= config.arm_start_noise_rad for q in e.arm_start_rad.values())
+
+
+def test_task_config_is_validated():
+    with pytest.raises(ConfigError, match="success_push_m"):
+        TaskConfig(success_push_m=0.2)
+    with pytest.raises(ConfigError, match="x_range_m"):
+        TaskConfig(x_range_m=(0.4, 0.3))
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        TaskConfig(time_limit_s={"move_to": 3.0})
+
+
+def test_reset_places_the_blocks_and_the_arm(world):
+    e = sample_episode(3, "push_left")
+    reset_world(world, e)
+    for body, position in e.block_positions_m.items():
+        got, rotation = world.body_pose(body)
+        assert got == pytest.approx(position, abs=1e-9)
+        assert np.arctan2(rotation[1, 0], rotation[0, 0]) == pytest.approx(e.block_yaws_rad[body], abs=1e-9)
+    assert world.joint_positions(list(e.arm_start_rad)) == pytest.approx(e.arm_start_rad, abs=1e-12)
+    # Servos hold the start: a second of physics leaves the arm and the blocks where they were.
+    world.step(round(1.0 / world.timestep_s))
+    assert world.joint_positions(list(e.arm_start_rad)) == pytest.approx(e.arm_start_rad, abs=0.02)
+    assert not evaluate(world, e).success
+
+
+def test_push_success_needs_the_named_block_moved_the_asked_way(world):
+    e = sample_episode(5, "push_left")
+    reset_world(world, e)
+    start = e.block_positions_m[e.target_block]
+    world.set_body_pose(e.target_block, start + [0.0, 0.06, 0.0])
+    assert evaluate(world, e).success
+    right = sample_episode(5, "push_right")
+    reset_world(world, right)
+    world.set_body_pose(right.target_block, right.block_positions_m[right.target_block] + [0.0, 0.06, 0.0])
+    assert not evaluate(world, right).success           # moved, but the wrong way
+    world.set_body_pose(right.target_block, right.block_positions_m[right.target_block] - [0.0, 0.06, 0.0])
+    assert evaluate(world, right).success
+    other = next(b for b in BLOCKS.values() if b != right.target_block)
+    world.set_body_pose(other, right.block_positions_m[other] + [0.05, 0.0, 0.0])
+    outcome = evaluate(world, right)
+    assert not outcome.success and outcome.max_other_displacement_m == pytest.approx(0.05, abs=1e-6)
+
+
+def test_move_to_success_needs_the_end_effector_just_above_the_block(world):
+    e = sample_episode(8, "move_to")
+    reset_world(world, e)
+    ee = world.site_pose("ee")[0]
+
+    def block_at(position_m):
+        """The episode as if the named block had started at position_m (under the end effector), and the world so."""
+        world.set_body_pose(e.target_block, position_m)
+        return dataclasses.replace(e, block_positions_m={**e.block_positions_m, e.target_block: np.array(position_m)})
+
+    far_below = evaluate(world, block_at([ee[0], ee[1], ee[2] - 0.12]))
+    assert far_below.ee_to_target_m == pytest.approx([0.0, 0.0, 0.105], abs=1e-9)
+    assert not far_below.success                        # 10.5 cm above the top face: too high to count
+    assert evaluate(world, block_at([ee[0], ee[1], ee[2] - 0.06])).success
+    assert not evaluate(world, block_at([ee[0] + 0.04, ee[1], ee[2] - 0.06])).success
