@@ -6,7 +6,7 @@ do under the same constraints:
 
 - forced depth: the 100 depth codes come from the caller instead of 100 decoder steps:
   fixed codes, a depth tokenizer (a callable depth_m -> codes), or "sensor": the bundle's own
-  `depth_tokenizer` stage when a bundle has one (the hook is here; the stage is not exported yet);
+  `depth_tokenizer` stage (runtime/depth_tokenizer.py; `edgeact add-depth-tokenizer` adds one);
 - steering: a user-edited trace (`steer(trace)`) is forced; only the actions are decoded.
 """
 from __future__ import annotations
@@ -22,8 +22,10 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.action_bins import ActionStats
 from edgeact.runtime.bundle import Bundle, load_bundle
 from edgeact.runtime.decode_program import DecodeProgram, DecodeResult
-from edgeact.runtime.engines import open_backend
-from edgeact.runtime.errors import BundleError, CheckpointError, ConfigError
+from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_TOKENIZER_STAGE  # noqa: F401  (the policy's name for it)
+from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
+from edgeact.runtime.engines import Backend, open_backend
+from edgeact.runtime.errors import CheckpointError, ConfigError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext, register_policy
 from edgeact.runtime.preprocess import ImagePreprocessor
@@ -31,7 +33,6 @@ from edgeact.runtime.preprocess_config import PreprocessConfig
 from edgeact.runtime.prompt import build_prompt_ids
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
 
-DEPTH_TOKENIZER_STAGE = "depth_tokenizer"
 DEFAULT_PREFILL_CHUNK = 512
 # depth_m (H, W) metres aligned to the RGB frame -> 100 depth codes in [0, 128)
 DepthTokenizer = Callable[[np.ndarray], Sequence[int]]
@@ -64,7 +65,7 @@ class BundlePolicy:
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
         self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
                                      self.grammar, bundle.config.image_patch_id, self.stats)
-        self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle)
+        self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle, self.backend)
         self._trace: np.ndarray | None = None
         self.depth_fallbacks = 0     # steps whose observation had no depth image: depth was decoded instead
 
@@ -132,20 +133,16 @@ def _action_stats(bundle: Bundle, unnorm_key: str | None) -> ActionStats | None:
         raise ConfigError(f"{bundle.root}: {exc}") from None
 
 
-def _depth_source(forced_depth: ForcedDepth, bundle: Bundle) -> tuple[np.ndarray | None, DepthTokenizer | None]:
-    """(fixed codes, tokenizer) from the forced_depth option."""
+def _depth_source(forced_depth: ForcedDepth, bundle: Bundle,
+                  backend: Backend) -> tuple[np.ndarray | None, DepthTokenizer | None]:
+    """(fixed codes, tokenizer) from the forced_depth option; "sensor" runs the bundle's stage on `backend`."""
     if forced_depth is None:
         return None, None
     if isinstance(forced_depth, str):
         if forced_depth != "sensor":
             raise ConfigError(f"forced_depth {forced_depth!r} unknown; use 'sensor', 100 codes, a depth tokenizer "
                               "callable, or None to let the model decode depth")
-        if DEPTH_TOKENIZER_STAGE not in bundle.manifest.stages:
-            raise BundleError(f"{bundle.root}: forced_depth='sensor' needs a {DEPTH_TOKENIZER_STAGE!r} stage (the depth "
-                              "VQ-VAE encoder) and this bundle has none; pass a depth tokenizer callable, fixed codes, "
-                              "or forced_depth=None")
-        raise BundleError(f"{bundle.root}: this edgeact cannot run {DEPTH_TOKENIZER_STAGE!r} stages yet; pass a depth "
-                          "tokenizer callable instead")
+        return None, open_depth_tokenizer(bundle, backend)
     if callable(forced_depth):
         return None, forced_depth
     return np.asarray(forced_depth, dtype=np.int64).reshape(-1), None

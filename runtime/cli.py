@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "edgeact.export.commands",
     "edgeact.export.commands_export",
     "edgeact.export.commands_quantize",
+    "edgeact.export.commands_depth",
     "edgeact.drivers.commands",
     "edgeact.drivers.commands_sim",
     "edgeact.runtime.commands",
