@@ -7,6 +7,7 @@ from pathlib import Path
 
 # Literal copies (quant_options imports nothing heavy, but `edgeact --help` should import nothing at all).
 PRECISIONS = ("int8", "fp8", "int4")
+INT8_MODES = ("w8a8", "w8a16")
 TARGETS_HELP = "orin, orin-nx, orin-nano, thor, h100, h200, ada, ampere, a100"
 
 
@@ -39,7 +40,8 @@ def _console():
 def _register_quantize(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="write a new bundle with stages quantized to int8, fp8 or int4 (the source is never modified)",
-        description="Quantize a bundle's stages by a recipe into a new bundle: int8 (per-channel weights, "
+        description="Quantize a bundle's stages by a recipe into a new bundle: int8 w8a16 (weight-only int8, no "
+                    "calibration: the default, as decoding is bandwidth-bound), int8 w8a8 (per-channel weights, "
                     "calibrated activations, Q/DQ around linear layers, optional SmoothQuant), fp8 (E4M3 Q/DQ, "
                     "for SM >= 8.9: Ada, Hopper, Thor) or int4 (weight-only, block-wise). The new bundle's "
                     "manifest records the recipe, its options and a report against the source: size, agreement of "
@@ -48,9 +50,15 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS, required=True)
     p.add_argument("--out", type=Path, required=True, help="new bundle directory")
     p.add_argument("--target", help=f"TensorRT target the bundle is for ({TARGETS_HELP}); refuses a precision "
-                                    "it cannot run (fp8 on Orin); int4 is written as Q/DQ for TensorRT targets")
+                                    "it cannot run (fp8 on Orin); int4 and int8 w8a16 are written as Q/DQ for TensorRT targets")
+    p.add_argument("--int8-mode", choices=INT8_MODES,
+                   help="int8: w8a16 (weights only; the default) or w8a8 (weights and calibrated activations; the "
+                        "default when --smoothquant, --quantize-attention or more --op-types ask for it)")
+    p.add_argument("--int8-format", choices=("auto", "nbits", "qdq"), default="auto",
+                   help="int8 w8a16: nbits (onnxruntime MatMulNBits) or qdq (int8 DequantizeLinear, for TensorRT); "
+                        "auto: by --target")
     p.add_argument("--calibration", type=Path, help="calibration set (`edgeact calibrate`); default: build 8 "
-                                                    "synthetic-camera samples from BUNDLE on the fly")
+                                                    "synthetic-camera samples from BUNDLE on the fly (int8 w8a8, fp8)")
     p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,decoder; "
                                                "int4: decoder)")
     p.add_argument("--op-types", type=_csv, default=("MatMul",),
@@ -60,8 +68,10 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--per-tensor", action="store_true", help="int8/fp8: one weight scale per tensor, not per channel")
     p.add_argument("--quantize-attention", action="store_true",
                    help="int8/fp8: also the attention's activation x activation products")
-    p.add_argument("--block-size", type=int, default=128, help="int4: weights per scale (32, 64 or 128; default 128)")
-    p.add_argument("--accuracy-level", type=int, help="int4 MatMulNBits compute on the CPU: 0 fp32 ... 4 int8")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="int4, int8 w8a16 nbits: weights per scale (32, 64 or 128; default 128)")
+    p.add_argument("--accuracy-level", type=int, help="MatMulNBits compute on the CPU: 0 fp32 ... 4 int8 "
+                                                      "(default: 4 for int8 w8a16, 0 for int4)")
     p.add_argument("--int4-format", choices=("auto", "nbits", "qdq"), default="auto",
                    help="nbits: onnxruntime MatMulNBits; qdq: int4 DequantizeLinear for TensorRT (auto: by --target)")
     p.add_argument("--arrays-fp16", action="store_true", help="store the embedding and LM-head arrays as float16")
@@ -86,7 +96,8 @@ def _quantize(args: argparse.Namespace) -> int:
         args.precision, target=args.target, stages=args.stages, op_types=args.op_types, exclude_nodes=args.exclude_nodes,
         smoothquant_alpha=args.smoothquant, per_channel=not args.per_tensor, quantize_attention=args.quantize_attention,
         block_size=args.block_size, accuracy_level=args.accuracy_level, int4_format=args.int4_format,
-        arrays_dtype="float16" if args.arrays_fp16 else "float32", backend=args.backend, decode_steps=args.decode_steps)
+        arrays_dtype="float16" if args.arrays_fp16 else "float32", backend=args.backend, decode_steps=args.decode_steps,
+        int8_mode=args.int8_mode, int8_format=args.int8_format)
     console = _console()
     with _progress(console) as progress:
         task = progress.add_task(f"quantize {args.precision}", total=len(QUANTIZE_STEPS))
@@ -167,7 +178,9 @@ def _register_bench(subparsers) -> None:
     p.add_argument("--work", type=Path, help="directory for the bundles (default: SOURCE-quant-bench beside SOURCE)")
     p.add_argument("--precisions", type=_csv, default=PRECISIONS, help="comma-separated (default int8,fp8,int4)")
     p.add_argument("--fp8-target", default="thor", help="target the fp8 bundle is for (SM >= 8.9; default thor)")
-    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="int8 with SmoothQuant")
+    p.add_argument("--int8-modes", type=_csv, default=INT8_MODES,
+                   help="int8 modes to bench, a bundle and a row each (default w8a8,w8a16)")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="int8 w8a8 with SmoothQuant")
     p.add_argument("--block-size", type=int, default=128, help="int4 block size (default 128)")
     p.add_argument("--samples", type=_positive_int, default=8, help="calibration samples (default 8)")
     p.add_argument("--frames", type=_positive_int, default=4, help="held-out frames for agreement (default 4)")
@@ -184,11 +197,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     options = BenchOptions(precisions=args.precisions, fp8_target=args.fp8_target, calibration_samples=args.samples,
                            report_frames=args.frames, seed=args.seed, threads=args.threads,
-                           smoothquant_alpha=args.smoothquant, int4_block_size=args.block_size, fresh=args.fresh)
+                           smoothquant_alpha=args.smoothquant, int4_block_size=args.block_size, fresh=args.fresh,
+                           int8_modes=args.int8_modes)
     work = args.work or args.source.parent / f"{args.source.name}-quant-bench"
     console = _console()
     with _progress(console) as progress:
-        task = progress.add_task("bench-quant", total=3 + len(options.precisions))
+        task = progress.add_task("bench-quant", total=3 + len(options.recipes()))
         rows = bench_quantization(args.source, work, options, on_step=lambda name: progress.advance(task))
     print_report(rows, console, title=f"quantization of {args.source.name} (CPU, onnxruntime)")
     if args.json:

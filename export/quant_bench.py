@@ -2,9 +2,10 @@
 
 From a checkpoint the fp32 bundle is exported first (reused when the work directory already
 holds one exported from the same config); then one calibration set (reused likewise) serves
-the int8 and fp8 recipes, int4 needs none, and every bundle decodes the same held-out frames
-in one report run, so the decode speeds compare on one machine at one time. FP8 is built for
-a target with SM >= 8.9 (Thor by default): Orin has no FP8.
+the int8 w8a8 and fp8 recipes, weight-only int8 w8a16 and int4 need none, and every bundle
+decodes the same held-out frames in one report run, so the decode speeds compare on one
+machine at one time. int8 gets a bundle (and a row) per int8 mode, in work/int8-w8a8 and
+work/int8-w8a16. FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeact.export.quant_options import INT8_MODES, QuantizeOptions
 from edgeact.runtime.errors import ConfigError
 
 BENCH_RECIPES = ("int8", "fp8", "int4")
@@ -27,6 +29,7 @@ class BenchOptions:
     threads: int | None = None
     smoothquant_alpha: float | None = None
     int4_block_size: int = 128
+    int8_modes: tuple[str, ...] = INT8_MODES     # int8: a bundle per mode
     max_seq: int | None = None                   # export: decoder positions (default the config's)
     fresh: bool = False                          # re-export and re-calibrate even when the work dir has them
     extra: dict[str, Any] = field(default_factory=dict)
@@ -35,41 +38,55 @@ class BenchOptions:
         unknown = [p for p in self.precisions if p not in BENCH_RECIPES]
         if unknown or not self.precisions:
             raise ConfigError(f"precisions {unknown or '(none)'}: bench some of {', '.join(BENCH_RECIPES)}")
+        bad_modes = [m for m in self.int8_modes if m not in INT8_MODES]
+        if "int8" in self.precisions and (bad_modes or not self.int8_modes):
+            raise ConfigError(f"int8 modes {bad_modes or '(none)'}: bench some of {', '.join(INT8_MODES)}")
         from edgeact.export.trt_targets import check_precision
 
         if "fp8" in self.precisions:
             check_precision(self.fp8_target, "fp8")
+
+    def recipes(self) -> list[tuple[str, QuantizeOptions]]:
+        """(bundle directory name, options) of every quantized bundle, in table order."""
+        out: list[tuple[str, QuantizeOptions]] = []
+        for precision in self.precisions:
+            if precision == "int8":
+                out += [(f"int8-{mode}", QuantizeOptions(
+                    "int8", int8_mode=mode, smoothquant_alpha=self.smoothquant_alpha if mode == "w8a8" else None))
+                    for mode in self.int8_modes]
+            elif precision == "fp8":
+                out.append(("fp8", QuantizeOptions("fp8", target=self.fp8_target)))
+            else:
+                out.append(("int4", QuantizeOptions("int4", block_size=self.int4_block_size)))
+        return out
 
 
 def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchOptions = BenchOptions(),
                        on_step: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows (fp32 first) of the side-by-side report; bundles are left in work_dir for inspection."""
     from edgeact.calibration.calibration_build import build_calibration_set
-    from edgeact.export.quant_options import QuantizeOptions
     from edgeact.export.quant_report import compare_bundles
     from edgeact.export.quantize import quantize_bundle
 
     step = on_step or (lambda name: None)
+    recipes = options.recipes()
     work = Path(work_dir).absolute()
     work.mkdir(parents=True, exist_ok=True)
     fp32 = _fp32_bundle(Path(source).absolute(), work / "fp32", options)
     step("fp32 bundle")
     calib_dir = work / "calibration"
-    if not (calib_dir / "manifest.json").is_file() or options.fresh:
+    needs_calibration = any(not quant.weight_only for _, quant in recipes)
+    if needs_calibration and (not (calib_dir / "manifest.json").is_file() or options.fresh):
         build_calibration_set(fp32, calib_dir, options.calibration_samples, options.seed,
                               threads=options.threads, overwrite=True)
     step("calibration set")
     outputs = []
-    for precision in options.precisions:
-        quant = QuantizeOptions(
-            precision, target=options.fp8_target if precision == "fp8" else None,
-            smoothquant_alpha=options.smoothquant_alpha if precision == "int8" else None,
-            block_size=options.int4_block_size)
-        out = work / precision
-        quantize_bundle(fp32, out, quant, calib_dir, overwrite=True, report_frames=0, seed=options.seed,
-                        threads=options.threads)
+    for name, quant in recipes:
+        out = work / name
+        quantize_bundle(fp32, out, quant, calib_dir if needs_calibration else None, overwrite=True, report_frames=0,
+                        seed=options.seed, threads=options.threads)
         outputs.append(out)
-        step(f"{precision} bundle")
+        step(f"{name} bundle")
     rows = compare_bundles(fp32, outputs, n_frames=options.report_frames, seed=options.seed, threads=options.threads)
     step("report")
     return rows

@@ -8,6 +8,8 @@ it in one of two forms:
   W4A16 pattern TensorRT builds weight-only INT4 GEMMs from. MatMulNBits is a contrib op
   TensorRT cannot parse, so TensorRT targets get this form.
 No calibration data: RTN needs none (activation-aware variants such as AWQ would).
+The int8 weight-only recipe (export/quant_w8a16.py) writes its MatMulNBits form with
+`write_matmul_nbits` too.
 """
 from __future__ import annotations
 
@@ -21,19 +23,29 @@ from edgeact.export.quant_options import QuantizeOptions
 
 def quantize_int4(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
                   threads: int | None = None) -> dict[str, Any]:
+    fmt = options.resolved_int4_format()
+    count = write_matmul_nbits(src, dst, options, bits=4, qdq=fmt == "qdq")
+    return {"format": fmt, "weights": f"int4 symmetric, blocks of {options.block_size} (RTN)", "activations": "fp32",
+            "quantized_nodes": count, "accuracy_level": options.accuracy_level if fmt == "nbits" else None}
+
+
+def write_matmul_nbits(src: Path, dst: Path, options: QuantizeOptions, bits: int, qdq: bool = False) -> int:
+    """Block-wise symmetric RTN of every linear MatMul's weight to `bits`, saved at dst; returns the nodes quantized.
+
+    qdq: a blocked DequantizeLinear + MatMul instead of MatMulNBits (onnxruntime writes it for 4 bits only).
+    """
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    fmt = options.resolved_int4_format()
     proto = onnx.load(str(src))
     linear = {n.name for n in const_weight_matmuls(proto, ("MatMul",))}
     # Activation x activation MatMuls (attention) have no weight to quantize.
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in linear]
     exclude += list(options.exclude_nodes)
     config = DefaultWeightOnlyQuantConfig(
-        block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level,
-        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+        block_size=options.block_size, is_symmetric=True, accuracy_level=options.accuracy_level, bits=bits,
+        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
     with quiet_quantizer_logs():
         quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=exclude, algo_config=config)
         quantizer.process()
@@ -41,7 +53,5 @@ def quantize_int4(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
     big = sum(len(t.raw_data) for t in result.graph.initializer) > (1 << 30)
     onnx.save_model(result, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=f"{dst.name}.data")
-    op = "MatMulNBits" if fmt == "nbits" else "DequantizeLinear"
-    return {"format": fmt, "weights": f"int4 symmetric, blocks of {options.block_size} (RTN)", "activations": "fp32",
-            "quantized_nodes": sum(1 for n in result.graph.node if n.op_type == op),
-            "accuracy_level": options.accuracy_level if fmt == "nbits" else None}
+    op = "DequantizeLinear" if qdq else "MatMulNBits"
+    return sum(1 for n in result.graph.node if n.op_type == op)

@@ -10,9 +10,15 @@ from edgeact.runtime.errors import ConfigError
 PRECISIONS = ("int8", "fp8", "int4")
 BACKENDS = ("onnxruntime", "modelopt")
 INT4_FORMATS = ("auto", "nbits", "qdq")
+INT8_FORMATS = INT4_FORMATS                 # weight-only int8 (w8a16) is written in int4's two forms
+# int8: w8a8 is static Q/DQ on weights and activations (calibrated, SmoothQuant optional); w8a16 quantizes the
+# weights only. QuantizeOptions._default_int8_mode says which is chosen when none is asked for, and why.
+INT8_MODES = ("w8a8", "w8a16")
+W8A16_ACCURACY_LEVEL = 4                    # int8 compute in MatMulNBits: the fast 8-bit kernel
 ARRAY_DTYPES = ("float32", "float16")
 # Stages each precision quantizes unless told: INT4 is weight-only, which pays where weights dominate
-# (the bandwidth-bound decoder); the small compute-bound ViT gains nothing from it.
+# (the bandwidth-bound decoder); the small compute-bound ViT gains nothing from it. int8 takes the ViT in
+# both modes: w8a16 keeps its accuracy there and, on the `bench` checkpoint, its speed (0.9x the fp32 time).
 DEFAULT_STAGES = {"int8": (stage_io.VISION_STAGE, stage_io.DECODER_STAGE),
                   "fp8": (stage_io.VISION_STAGE, stage_io.DECODER_STAGE),
                   "int4": (stage_io.DECODER_STAGE,)}
@@ -29,13 +35,16 @@ class QuantizeOptions:
     op_types: tuple[str, ...] = ("MatMul",)
     exclude_nodes: tuple[str, ...] = ()
     smoothquant_alpha: float | None = None  # int8: SmoothQuant strength in (0, 1); None: off
-    per_channel: bool = True                # int8 / fp8 weights: one scale per output channel
+    per_channel: bool = True                # int8 (w8a8, w8a16 qdq) / fp8 weights: one scale per output channel
     quantize_attention: bool = False        # int8 / fp8: also the activation x activation MatMuls (QK^T, PV)
-    block_size: int = 128                   # int4: weights per scale, along the input dim
-    accuracy_level: int | None = None       # int4 MatMulNBits compute: 0/None fp32 ... 4 int8 (onnxruntime CPU)
+    block_size: int = 128                   # int4, int8 w8a16 nbits: weights per scale, along the input dim
+    accuracy_level: int | None = None       # MatMulNBits compute: 0 fp32 ... 4 int8 (onnxruntime CPU); None: 4 for
+                                            # int8 w8a16 (its fast 8-bit kernel), 0 for int4
     int4_format: str = "auto"               # nbits: MatMulNBits (onnxruntime); qdq: DequantizeLinear int4 (TensorRT)
     arrays_dtype: str = "float32"           # embedding / lm_head arrays: kept fp32 unless asked
     backend: str = "onnxruntime"
+    int8_mode: str | None = None            # int8: w8a8 / w8a16; None: chosen in __post_init__ (see _default_int8_mode)
+    int8_format: str = "auto"               # int8 w8a16: nbits (MatMulNBits bits=8) or qdq (int8 DequantizeLinear)
     decode_steps: int = 2                   # decoder calibration: single-token steps per sample besides the chunk
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,19 +73,76 @@ class QuantizeOptions:
                 raise ConfigError(f"SmoothQuant alpha {self.smoothquant_alpha} must be in (0, 1); 0.5 is usual, "
                                   "0.75-0.85 for models with strong activation outliers")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"int4 block size {self.block_size} must be a power of two >= 16 (32, 64 or 128)")
+            raise ConfigError(f"block size {self.block_size} must be a power of two >= 16 (32, 64 or 128)")
         if self.accuracy_level is not None and self.accuracy_level not in range(5):
             raise ConfigError(f"accuracy level {self.accuracy_level} must be 0-4 (onnxruntime MatMulNBits)")
         for name, value, choices in (("int4 format", self.int4_format, INT4_FORMATS),
                                      ("arrays dtype", self.arrays_dtype, ARRAY_DTYPES), ("backend", self.backend, BACKENDS)):
             if value not in choices:
                 raise ConfigError(f"{name} {value!r} unknown; use one of {', '.join(choices)}")
+        self._check_int8_mode()
         if self.decode_steps < 0:
             raise ConfigError(f"decode_steps is {self.decode_steps}; use 0 or more")
+
+    def _check_int8_mode(self) -> None:
+        if self.precision != "int8":
+            if self.int8_mode is not None or self.int8_format != "auto":
+                raise ConfigError(f"int8 mode / format are int8 options; drop them for {self.precision}")
+            return
+        if self.int8_mode is None:
+            object.__setattr__(self, "int8_mode", self._default_int8_mode())
+        if self.int8_mode not in INT8_MODES:
+            raise ConfigError(f"int8 mode {self.int8_mode!r} unknown; use one of {', '.join(INT8_MODES)}")
+        if self.int8_format not in INT8_FORMATS:
+            raise ConfigError(f"int8 format {self.int8_format!r} unknown; use one of {', '.join(INT8_FORMATS)}")
+        if self.int8_mode == "w8a8":
+            if self.int8_format != "auto":
+                raise ConfigError("int8 format (nbits / qdq) chooses how w8a16 weights are written; w8a8 is always "
+                                  "Q/DQ: drop the format or use int8 mode w8a16")
+            return
+        w8a8_only = self._w8a8_only_options()
+        if w8a8_only:
+            raise ConfigError(f"int8 mode w8a16 quantizes linear layers' weights only, but {', '.join(w8a8_only)} "
+                              "asks for activation quantization (or a quantizer without weight-only int8); "
+                              "use int8 mode w8a8, or drop those options")
+        if self.accuracy_level is None and self.resolved_int8_format() == "nbits":
+            # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
+            object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
+
+    def _default_int8_mode(self) -> str:
+        """w8a16 unless an option only W8A8 has was given.
+
+        Decoding one token reads every weight once and does two FLOPs per weight: on a robot's GPU
+        (AGX Orin: 204.8 GB/s) and on a CPU alike the decoder is bandwidth-bound, so what pays is
+        one byte per weight, which W8A16 gives without calibration and with less error (no static
+        activation ranges). W8A8's int8 GEMMs pay only where compute bounds -- long prefills, the ViT on
+        a GPU with INT8 tensor cores -- and on onnxruntime's CPU its Q/DQ graph decodes slower
+        than fp32 (it quantizes every linear layer's input on each run and leaves some weight
+        DequantizeLinear nodes unfused). Ask for w8a8 (--int8-mode w8a8) where compute bounds.
+        """
+        return "w8a8" if self._w8a8_only_options() else "w8a16"
+
+    def _w8a8_only_options(self) -> list[str]:
+        """The options given that mean activation quantization, or a backend without weight-only int8."""
+        return [what for what, asked in (
+            ("SmoothQuant", self.smoothquant_alpha is not None), ("quantize_attention", self.quantize_attention),
+            (f"op types {list(self.op_types)}", self.op_types != ("MatMul",)),
+            ("the modelopt backend", self.backend == "modelopt")) if asked]
 
     @property
     def for_tensorrt(self) -> bool:
         return self.target is not None
+
+    @property
+    def weight_only(self) -> bool:
+        """Weights quantized, activations float: no calibration set needed."""
+        return self.precision == "int4" or (self.precision == "int8" and self.int8_mode == "w8a16")
+
+    def resolved_int8_format(self) -> str:
+        """Like int4: MatMulNBits (bits=8) for onnxruntime, int8 DequantizeLinear + MatMul for TensorRT."""
+        if self.int8_format != "auto":
+            return self.int8_format
+        return "qdq" if self.for_tensorrt else "nbits"
 
     def resolved_int4_format(self) -> str:
         """MatMulNBits is an onnxruntime contrib op TensorRT cannot parse: TensorRT targets get int4 Q/DQ."""

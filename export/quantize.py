@@ -6,6 +6,12 @@ done: recipe, every option, per-stage notes (Q/DQ format, nodes quantized, calib
 the report comparing it with the source (export/quant_report.py). Each quantized graph is
 loaded and run in onnxruntime on the CPU before the bundle is published.
 
+int8 has two modes: w8a8 (export/quant_int8.py: static Q/DQ on weights and calibrated
+activations, SmoothQuant optional) and w8a16 (export/quant_w8a16.py: weights only, no
+calibration), the default unless a W8A8-only option is given (QuantizeOptions._default_int8_mode
+says why). Recipe names: int8-qdq / int8-smoothquant-qdq (w8a8), int8-w8a16-nbits (onnxruntime's
+MatMulNBits) / int8-w8a16-qdq (int8 DequantizeLinear + MatMul, for TensorRT targets).
+
 Backends. onnxruntime.quantization (with this package's own FP8 writer) is the default: it is
 a dependency already, runs on any CPU, and its Q/DQ placement -- int8/fp8 weights stored
 quantized, one Q/DQ pair on each linear layer's input, nothing on GEMM outputs, norms,
@@ -40,17 +46,25 @@ QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "pub
 
 
 def _recipes() -> dict[str, Callable[..., dict[str, Any]]]:
+    """Recipe by precision (int8 w8a16: "int8-w8a16"): (src, dst, feeds, options, work_dir, threads) -> stage notes."""
     from edgeact.export.quant_fp8 import quantize_fp8
     from edgeact.export.quant_int4 import quantize_int4
     from edgeact.export.quant_int8 import quantize_int8
+    from edgeact.export.quant_w8a16 import quantize_w8a16
 
-    return {"int8": quantize_int8, "fp8": quantize_fp8, "int4": quantize_int4}
+    return {"int8": quantize_int8, "int8-w8a16": quantize_w8a16, "fp8": quantize_fp8, "int4": quantize_int4}
+
+
+def _recipe_key(options: QuantizeOptions) -> str:
+    return "int8-w8a16" if options.precision == "int8" and options.int8_mode == "w8a16" else options.precision
 
 
 def recipe_name(options: QuantizeOptions) -> str:
     if options.backend == "modelopt":
         return f"modelopt-{options.precision}"
     if options.precision == "int8":
+        if options.int8_mode == "w8a16":
+            return f"int8-w8a16-{options.resolved_int8_format()}"
         return "int8-smoothquant-qdq" if options.smoothquant_alpha is not None else "int8-qdq"
     if options.precision == "fp8":
         return "fp8-e4m3-qdq"
@@ -73,8 +87,9 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     """Quantize `options.stages` of bundle `src` into a new bundle at `out` (atomic); returns what was done.
 
     calibration: a calibration set (or its directory); None builds DEFAULT_CALIBRATION_SAMPLES
-    synthetic-camera samples answered by `src` itself (int4 needs none). report_frames: held-out
-    frames the report decodes with both bundles (0: no report). verify: run `edgeact verify`'s
+    synthetic-camera samples answered by `src` itself (weight-only recipes, int4 and int8 w8a16, need
+    none and ignore one given). report_frames: held-out frames the report decodes with both bundles
+    (0: no report). verify: run `edgeact verify`'s
     comparison with the source checkpoint (if the manifest's checkpoint exists) and record the verdict.
     """
     from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
@@ -98,6 +113,7 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
 
     stage_notes: dict[str, dict[str, Any]] = {}
     arrays = [n for n in source.manifest.weights if options.arrays_dtype == "float16"]
+    out.parent.mkdir(parents=True, exist_ok=True)   # the scratch space sits beside the new bundle
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.quant-") as scratch, \
             BundleWriter(out, overwrite=overwrite) as writer:
         manifest = copy_bundle(src, writer, skip_stages=options.stages, skip_weights=arrays)
@@ -139,8 +155,9 @@ def _check_source(source: Bundle, options: QuantizeOptions) -> None:
 
 def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: int, threads: int | None
                  ) -> tuple[CalibrationSet | None, dict[str, Any]]:
-    if options.precision == "int4" and options.backend == "onnxruntime":
-        return None, {"used": False, "why": "int4 RTN is weight-only: no activation statistics"}
+    if options.weight_only and options.backend == "onnxruntime":
+        what = "int4 RTN" if options.precision == "int4" else "int8 w8a16"
+        return None, {"used": False, "why": f"{what} is weight-only: no activation statistics"}
     if calibration is None:
         from edgeact.calibration.calibration_build import build_calibration_set
 
@@ -173,7 +190,7 @@ def _quantize_stage(source: Bundle, fp32, calib, name: str, options: QuantizeOpt
 
         notes = quantize_modelopt(local, dst, feeds, options, work, threads)
     else:
-        notes = _recipes()[options.precision](local, dst, feeds, options, work, threads)
+        notes = _recipes()[_recipe_key(options)](local, dst, feeds, options, work, threads)
     _check_runs(dst, name, feeds, calib is not None)
     proto = onnx.load(str(dst))
     big = sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)

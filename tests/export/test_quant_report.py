@@ -45,16 +45,17 @@ def test_bench_reports_every_precision_side_by_side_and_reuses_its_work(sources,
     options = BenchOptions(precisions=("int8", "fp8", "int4"), calibration_samples=1, report_frames=1, threads=1,
                            int4_block_size=32)
     rows = bench_quantization(sources["checkpoint"], work, options)
-    assert [r["precision"] for r in rows] == ["fp32", "int8", "fp8", "int4"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8", "fp8", "int4"]     # a row per int8 mode
+    assert [r["recipe"] for r in rows] == ["none", "int8-qdq", "int8-w8a16-nbits", "fp8-e4m3-qdq", "int4-rtn-nbits"]
     for row in rows:
         assert set(ROW_FIELDS) <= set(row)
         assert 0.0 <= row["agreement_depth"] <= 1.0 and 0.0 <= row["agreement_forced"] <= 1.0
         assert row["action_error_bins"] >= 0 and row["decode_tokens_s"] > 0
     assert rows[0]["size_ratio"] == 1.0 and rows[0]["agreement_action"] == 1.0 and rows[0]["decode_ratio"] == 1.0
     assert all(r["size_ratio"] < 1.0 for r in rows[1:])          # every recipe shrinks the stages
-    assert sum(rows[3]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
+    assert sum(rows[4]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
     table = report_table(rows)
-    assert table.row_count == 4 and len(table.columns) == 11
+    assert table.row_count == 5 and len(table.columns) == 11
 
     exported = (work / "fp32" / "manifest.json").stat().st_mtime_ns
     again = bench_quantization(sources["checkpoint"], work, BenchOptions(precisions=("int4",), calibration_samples=1,
@@ -72,6 +73,8 @@ def test_compare_bundles_rows_for_the_reference_alone(sources):
 def test_bench_refuses_fp8_for_orin():
     with pytest.raises(ConfigError, match="int8"):
         BenchOptions(fp8_target="orin")
+    with pytest.raises(ConfigError, match="int8 modes"):
+        BenchOptions(int8_modes=("w4a4",))
 
 
 def test_teacher_forced_choices_of_a_bundle_reproduce_its_own_free_running_answer(sources):

@@ -1,4 +1,4 @@
-"""`edgeact quantize`: int8 / fp8 / int4 bundles load, run in onnxruntime and decode; the source stays untouched; graphs are what the recipe says."""
+"""`edgeact quantize`: int8 (w8a8, w8a16), fp8, int4 bundles load, run and decode; the source stays untouched."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from edgeact.export.quant_decode import OrtBundle
 from edgeact.export.quant_fp8 import E4M3_MAX, fp8_scale, to_e4m3
 from edgeact.export.quant_options import QuantizeOptions
+from edgeact.export.quant_report import stage_bytes
 from edgeact.export.quantize import quantize_bundle
 from edgeact.export.smoothquant import apply_smoothquant
 from edgeact.runtime import stage_io as io
@@ -18,7 +19,9 @@ from edgeact.runtime.errors import BundleError, ConfigError
 from tests.export.quant_fixtures import tiny_sources, tree_digest
 
 RECIPES = {
-    "int8": QuantizeOptions("int8"),
+    "int8": QuantizeOptions("int8", int8_mode="w8a8"),
+    "int8-w8a16": QuantizeOptions("int8", block_size=32),               # the default int8 mode
+    "int8-w8a16-orin": QuantizeOptions("int8", int8_mode="w8a16", target="orin"),   # its TensorRT form
     "fp8": QuantizeOptions("fp8", target="thor"),
     "int4": QuantizeOptions("int4", block_size=32),
 }
@@ -34,10 +37,19 @@ def quantized(sources, tmp_path_factory):
     """Each recipe's bundle, and the source bundle's digest before and after all of them."""
     before = tree_digest(sources["bundle"])
     root = tmp_path_factory.mktemp("quantized")
-    results = {p: quantize_bundle(sources["bundle"], root / p, options, sources["calibration"], report_frames=1,
-                                  threads=1)
-               for p, options in RECIPES.items()}
+    # int4 goes under a directory that does not exist yet: quantize creates the parents it needs.
+    results = {name: quantize_bundle(sources["bundle"], root / ("missing-parent" if name == "int4" else "") / name,
+                                     options, sources["calibration"],
+                                     report_frames=1, threads=1)
+               for name, options in RECIPES.items()}
     return results, before, tree_digest(sources["bundle"])
+
+
+def test_missing_parent_directories_of_the_output_are_created(quantized):
+    results, _, _ = quantized
+    out = results["int4"].out
+    assert out.parent.name == "missing-parent"
+    assert load_bundle(out, allow_failed_verification=True).stage(io.DECODER_STAGE).precision == "int4"
 
 
 def _graph(bundle_dir, stage=io.DECODER_STAGE):
@@ -45,10 +57,10 @@ def _graph(bundle_dir, stage=io.DECODER_STAGE):
     return onnx.load(str(bundle.stage_path(stage)))
 
 
-@pytest.mark.parametrize("precision", list(RECIPES))
-def test_quantized_bundle_loads_runs_and_decodes_a_full_answer(quantized, precision):
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_quantized_bundle_loads_runs_and_decodes_a_full_answer(quantized, name):
     results, _, _ = quantized
-    bundle = load_bundle(results[precision].out, verify_checksums=True)
+    bundle = load_bundle(results[name].out, verify_checksums=True)
     runner = OrtBundle(bundle, threads=1)
     from edgeact.calibration.calibration_build import synthetic_frames
     from edgeact.runtime.prompt import build_prompt_ids
@@ -66,23 +78,27 @@ def test_source_bundle_is_byte_identical_afterwards(quantized):
     assert before == after
 
 
-@pytest.mark.parametrize("precision", list(RECIPES))
-def test_manifest_records_recipe_options_report_and_stage_precisions(quantized, precision):
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_manifest_records_recipe_options_report_and_stage_precisions(quantized, name):
     results, _, _ = quantized
-    m = load_bundle(results[precision].out).manifest
+    options = RECIPES[name]
+    precision = options.precision
+    m = load_bundle(results[name].out).manifest
     q = m.quantization
-    assert q.recipe == results[precision].recipe and q.recipe.startswith(precision)
-    assert q.options["precision"] == precision and q.options["stages"].keys() == set(RECIPES[precision].stages)
-    assert q.options["calibration"]["used"] is (precision != "int4")
+    assert q.recipe == results[name].recipe and q.recipe.startswith(precision)
+    assert q.options["precision"] == precision and q.options["stages"].keys() == set(options.stages)
+    assert q.options["int8_mode"] == options.int8_mode and (options.int8_mode is None) is (precision != "int8")
+    assert q.options["calibration"]["used"] is (not options.weight_only)
     assert [row["precision"] for row in q.report] == ["fp32", precision]
-    for name, spec in m.stages.items():
-        assert spec.precision == (precision if name in RECIPES[precision].stages else "fp32")
+    for stage, spec in m.stages.items():
+        assert spec.precision == (precision if stage in options.stages else "fp32")
     assert m.verification.status == "not_run"        # the copy's verdict is not inherited
     assert m.weights[io.EMBEDDING_WEIGHT].dtype == "float32"
 
 
 def test_int8_puts_qdq_only_around_linear_matmuls(quantized, sources):
     results, _, _ = quantized
+    assert results["int8"].recipe == "int8-qdq"
     source = _graph(sources["bundle"])
     inits = {t.name for t in source.graph.initializer}
     linear = {n.name for n in source.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
@@ -99,6 +115,76 @@ def test_int8_puts_qdq_only_around_linear_matmuls(quantized, sources):
     assert all(readers[name].op_type == "MatMul" for name in quantized_ops)
     weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(weights) == len(linear)
+
+
+def _linear_weights(graph) -> dict[str, np.ndarray]:
+    """Float weight of each constant-weight MatMul, by node name."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in graph.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def test_int8_w8a16_is_weight_only_matmulnbits_8_bit_for_onnxruntime(quantized, sources):
+    results, _, _ = quantized
+    assert results["int8-w8a16"].recipe == "int8-w8a16-nbits"
+    linear = _linear_weights(_graph(sources["bundle"]))
+    graph = _graph(results["int8-w8a16"].out)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == len(linear) == results["int8-w8a16"].stage_notes["decoder"]["quantized_nodes"]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops       # activations stay float
+    assert not _linear_weights(graph)
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4)
+    # Weights shrink to a byte plus a float scale per 32: the linear layers' bytes drop to ~0.28x.
+    fp32_bytes, w8a16_bytes = (stage_bytes(load_bundle(b))["decoder"]
+                               for b in (sources["bundle"], results["int8-w8a16"].out))
+    weight_bytes = sum(w.nbytes for w in linear.values())
+    assert (weight_bytes - (fp32_bytes - w8a16_bytes)) / weight_bytes <= 0.3
+
+
+def test_int8_w8a16_for_tensorrt_is_per_channel_int8_dequantize_into_matmul(quantized, sources):
+    results, _, _ = quantized
+    assert results["int8-w8a16-orin"].recipe == "int8-w8a16-qdq"
+    linear = _linear_weights(_graph(sources["bundle"]))
+    graph = _graph(results["int8-w8a16-orin"].out)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    dq = {n.output[0]: n for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    ops = [n.op_type for n in graph.graph.node]
+    assert "MatMulNBits" not in ops and "QuantizeLinear" not in ops and len(dq) == len(linear)
+    for node in graph.graph.node:
+        if node.name not in linear:
+            assert not any(i in dq for i in node.input), node.name              # only linear weights are dequantized
+            continue
+        assert node.op_type == "MatMul" and node.input[0] not in dq             # activation float, weight int8
+        weight_dq = dq[node.input[1]]
+        q, scale = (inits[i] for i in weight_dq.input[:2])
+        assert q.dtype == np.int8 and len(weight_dq.input) == 2               # no zero point: symmetric
+        assert {a.name: a.i for a in weight_dq.attribute} == {"axis": 1}
+        w = linear[node.name]
+        assert scale.shape == (w.shape[1],) and np.abs(q).max() == 127     # one scale per output channel
+        assert np.all(np.abs(q * scale - w) <= scale / 2 * 1.0001)          # round to nearest, per column
+
+
+@pytest.mark.parametrize("name", ["int8-w8a16", "int8-w8a16-orin"])
+def test_int8_w8a16_agrees_with_fp32_within_the_int8_gate(quantized, name):
+    """Teacher-forced agreement with the fp32 bundle on held-out frames (the quantize report's row)."""
+    from edgeact.export.verify import GATES
+
+    results, _, _ = quantized
+    report = load_bundle(results[name].out).manifest.quantization.report
+    assert report[1]["agreement_forced"] >= GATES["int8"].forced_agreement
+
+
+def test_int8_mode_defaults_to_w8a16_unless_activation_options_ask_for_w8a8():
+    default = QuantizeOptions("int8")
+    assert default.int8_mode == "w8a16" and default.weight_only and default.accuracy_level == 4
+    assert QuantizeOptions("int8", smoothquant_alpha=0.5).int8_mode == "w8a8"
+    assert QuantizeOptions("int8", quantize_attention=True).int8_mode == "w8a8"
+    orin = QuantizeOptions("int8", target="orin")
+    assert orin.resolved_int8_format() == "qdq" and orin.accuracy_level is None     # MatMulNBits only on the CPU
+    assert QuantizeOptions("int4").int8_mode is None and QuantizeOptions("int4").accuracy_level is None
 
 
 def test_int4_writes_matmulnbits_for_onnxruntime_and_int4_qdq_for_tensorrt(quantized, sources, tmp_path):
@@ -151,6 +237,11 @@ def test_quantizing_a_quantized_bundle_or_into_the_source_is_refused(quantized, 
     (dict(precision="int8", stages=("lm_head",)), "quantize some of"),
     (dict(precision="int8", op_types=("LayerNorm",)), "not quantizable"),
     (dict(precision="int2"), "precision 'int2' unknown"),
+    (dict(precision="int8", int8_mode="w8a16", smoothquant_alpha=0.5), "use int8 mode w8a8"),
+    (dict(precision="int8", int8_mode="w8a16", op_types=("MatMul", "Add")), "weights only"),
+    (dict(precision="int8", int8_mode="w8a4"), "int8 mode 'w8a4' unknown"),
+    (dict(precision="int8", int8_mode="w8a8", int8_format="nbits"), "w8a8 is always"),
+    (dict(precision="int4", int8_mode="w8a16"), "int8 options"),
 ])
 def test_options_are_validated_with_a_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -164,6 +255,18 @@ def test_cli_quantize_int4_with_fp16_arrays(sources, tmp_path):
     bundle = load_bundle(out)
     assert rc == 0 and bundle.manifest.weights[io.EMBEDDING_WEIGHT].dtype == "float16"
     assert bundle.manifest.quantization.options["arrays_dtype"] == "float16"
+
+
+def test_cli_quantize_int8_mode_w8a16_needs_no_calibration_and_is_an_int8_option_only(sources, tmp_path, capsys):
+    out = tmp_path / "w8a16"
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "int8", "--int8-mode", "w8a16", "--target", "orin",
+               "--stages", "decoder", "--report-frames", "0", "--no-verify", "--out", str(out), "--threads", "1"])
+    q = load_bundle(out).manifest.quantization
+    assert rc == 0 and q.recipe == "int8-w8a16-qdq" and q.options["int8_mode"] == "w8a16"
+    assert q.options["calibration"]["used"] is False
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "int4", "--int8-mode", "w8a16",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "int8 options" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------- transforms
