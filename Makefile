@@ -37,7 +37,7 @@ test: system-deps $(STAMP)
 DEMO := out/demo
 demo: system-deps $(STAMP)
 	test -f $(DEMO)/checkpoint/config.json || $(VENV)/bin/edgeact make-checkpoint --variant D --size small --seed 0 --out $(DEMO)/checkpoint
-	$(VENV)/bin/edgeact export $(DEMO)/checkpoint --out $(DEMO)/bundle-fp32 --overwrite --frames 1
+	$(VENV)/bin/edgeact export $(DEMO)/checkpoint --out $(DEMO)/bundle-fp32 --overwrite --frames 1 --chunk 8
 	$(VENV)/bin/edgeact demo --policy bundle --bundle $(DEMO)/bundle-fp32 --seconds 15 --out $(DEMO)
 
 bench: system-deps $(STAMP)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, ClassVar, Sequence, Union
 
 import numpy as np
 
@@ -152,6 +152,10 @@ def _depth_source(forced_depth: ForcedDepth, bundle: Bundle,
 @dataclass
 class BundlePolicyConfig(PolicyConfig):
     """A policy that runs an exported bundle on this machine."""
+
+    # In its own process by default: the decode program's Python between engine calls would
+    # otherwise contend for the GIL with the 100 Hz control thread (`process: false` opts out).
+    process_default: ClassVar[bool] = True
 
     path: str = ""                         # bundle directory (relative: to the robot config's directory)
     backend: str = "onnxruntime"           # onnxruntime or tensorrt

@@ -60,9 +60,10 @@ def _positive(text: str) -> float:
 # -- handlers -----------------------------------------------------------------------------------
 
 def _run(args) -> int:
+    from edgeact.runtime.demo import policy_bundle_dir
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
-    from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats
+    from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, run_summary
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
@@ -72,9 +73,10 @@ def _run(args) -> int:
     with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
         result = run_robot(config, args.seconds, subscribers, estop=estop)
     console = _console()
-    console.print(_summary_tables(stats.summary()))
+    extra = run_summary(result, policy_bundle_dir(config))
+    console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
-        console.print(f"timing summary: {stats.write_json(args.json)}")
+        console.print(f"timing summary: {stats.write_json(args.json, extra)}")
     return _finish(result, console)
 
 
@@ -166,8 +168,13 @@ def _summary_tables(summary: dict):
         ("plans", str(p["plans"])),
         ("stale actions skipped per plan", _fmt(p["skipped_actions_mean"])),
         ("camera frames per second", _fmt(summary["camera"]["fps"])),
+        ("safety trips (besides the exit)", str(sum(t["reason"] != "exit" for t in summary["trips"]))),
     ):
         loop.add_row(key, value)
+    if "control_thread" in summary:
+        loop.add_row("control thread", summary["control_thread"]["scheduling"])
+    if summary.get("memory", {}).get("peak_rss_mb"):
+        loop.add_row("peak RSS (VmHWM)", _memory_row(summary["memory"]))
     latency = Table(title="latency (ms)")
     for col in ("stage", "n", "p50", "p99", "max"):
         latency.add_column(col, justify="left" if col == "stage" else "right")
@@ -176,6 +183,19 @@ def _summary_tables(summary: dict):
     for stage, s in rows.items():
         latency.add_row(stage, str(s["n"]), _fmt(s["p50"]), _fmt(s["p99"]), _fmt(s["max"]))
     return Group(loop, latency)
+
+
+def _memory_row(memory: dict) -> str:
+    from edgeact.runtime.telemetry import RUNTIME_ROLES
+
+    rss = memory["peak_rss_mb"]
+    text = " + ".join(f"{role} {mb:.0f}" for role, mb in rss.items() if role in RUNTIME_ROLES)
+    text += f" = {memory['runtime_peak_rss_mb']:.0f} MB"
+    if memory["budget_mb"] is not None:
+        verdict = "within" if memory["within_budget"] else "OVER"
+        text += f" ({verdict} {memory['budget_mb']:.0f} MB = 1.3 x {memory['bundle_mb']:.1f} MB bundle + 300 MB)"
+    simulator = [f"{role} {mb:.0f} MB" for role, mb in rss.items() if role not in RUNTIME_ROLES]
+    return text + (f"; simulator (not counted): {', '.join(simulator)}" if simulator else "")
 
 
 def _fmt(value) -> str:

@@ -1,7 +1,9 @@
 """The demo and the benchmark: run the loop for a while with timing statistics, write them as JSON and a PNG.
 
 `edgeact demo` is this on the built-in simulated robot (sim_robot.py): a Feetech arm on a pty,
-driven through the real serial driver and SafetyGuard, and a synthetic camera.
+driven through the real serial driver and SafetyGuard, and a synthetic camera. As on a robot, the
+model runs in its own process (process_policy.py) and the simulated motors in theirs, so what is
+measured is the control process itself.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop import RunResult, run_robot
 from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats
+from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, run_summary
 
 DEMO_POLICIES = ("scripted", "bundle")
 
@@ -26,7 +28,7 @@ def demo_config_dict(policy: str = "scripted", bundle: str | None = None) -> dic
     if policy == "bundle":
         if not bundle:
             raise ConfigError("the bundle policy needs a bundle directory (--bundle PATH, from `edgeact export`)")
-        return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle)})
+        return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle), "process": True})
     if bundle:
         raise ConfigError("a bundle was given but the policy is 'scripted'; add --policy bundle to use it")
     return sim_robot_config_dict()
@@ -48,13 +50,30 @@ class MeasuredRun:
 def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",
             record: str | Path | None = None, progress: Callable[[float], None] | None = None,
             estop: threading.Event | None = None) -> MeasuredRun:
-    """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png."""
+    """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png.
+
+    Besides TimingStats' numbers the summary has the run's own: how the control thread was
+    scheduled, and each process's peak memory against the budget 1.3 x bundle bytes + 300 MB.
+    """
     stats = TimingStats(config.rates.control_hz)
     subscribers = [stats, LogSubscriber()] + ([CommandRecorder(record)] if record else [])
     result = run_robot(config, seconds, subscribers, progress=progress, estop=estop)
     out_dir = Path(out_dir)
-    json_path = stats.write_json(out_dir / f"{name}.json")
+    extra = run_summary(result, policy_bundle_dir(config))
+    json_path = stats.write_json(out_dir / f"{name}.json", extra)
+    summary = {**stats.summary(), **extra}
     try:
-        return MeasuredRun(result, stats.summary(), json_path, stats.plot_png(out_dir / f"{name}.png"))
+        return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"))
     except EdgeactError as exc:       # no matplotlib on this robot: the JSON still has every number
-        return MeasuredRun(result, stats.summary(), json_path, None, str(exc))
+        return MeasuredRun(result, summary, json_path, None, str(exc))
+
+
+def policy_bundle_dir(config: RobotConfig) -> Path | None:
+    """The bundle directory the config's policy loads (its `path`, relative to the config), if it has one."""
+    path = getattr(config.policy, "path", None)
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_absolute() and config.config_dir is not None:
+        path = config.config_dir / path
+    return path if path.is_dir() else None

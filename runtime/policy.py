@@ -10,7 +10,8 @@ bundle policy, a remote policy) is one module that registers itself:
         path: str = ""
         def make_policy(self, context: PolicyContext) -> Policy: ...
 
-Wrappers (`TimedPolicy`) have the same interface as what they wrap.
+Wrappers (`TimedPolicy`; `ProcessPolicy` in process_policy.py, chosen by the `process` option) have
+the same interface as what they wrap.
 """
 from __future__ import annotations
 
@@ -109,12 +110,31 @@ class PolicyContext:
 
 @dataclass
 class PolicyConfig:
-    """Base of every policy type's config; subclasses add fields and register a type name."""
+    """Base of every policy type's config; subclasses add fields and register a type name.
+
+    Every type takes `process`: run the policy in a child process (process_policy.py), so its
+    Python work never holds the GIL the control thread needs. Unset, the type's `process_default`
+    decides: a type whose step is seconds of Python between engine calls (a model) sets it True.
+    """
 
     type_name: ClassVar[str] = ""
+    process_default: ClassVar[bool] = False
+    process: bool | None = field(default=None, kw_only=True)
 
     def make_policy(self, context: PolicyContext) -> Policy:
         raise NotImplementedError(f"{type(self).__name__} does not say how to build its policy")
+
+    @property
+    def in_own_process(self) -> bool:
+        return self.process_default if self.process is None else self.process
+
+    def make_robot_policy(self, context: PolicyContext) -> Policy:
+        """The policy as the robot runs it: in its own process when `in_own_process`, else `make_policy`'s."""
+        if not self.in_own_process:
+            return self.make_policy(context)
+        from edgeact.runtime.process_policy import ProcessPolicy   # multiprocessing only for robots that use it
+
+        return ProcessPolicy(self, context)
 
 
 _POLICY_TYPES: dict[str, type[PolicyConfig]] = {}

@@ -51,6 +51,10 @@ class RobotSection:
 
     `physics` says what the "sim" bus's motors move: "simple" servos that walk to their goals, or
     the joints of the MuJoCo robot (drivers/sim/mujoco_robot.py), whose world a "mujoco" camera renders.
+    `sim_process` serves the simulated motors from their own process, as real motors answer from
+    their own microcontrollers (the simulator's Python then costs the control process nothing);
+    unset, yes for "simple". The MuJoCo world stays in this process for now: the "mujoco" camera
+    renders it here, and moving it means moving the camera too, with its frames in shared memory.
     """
 
     bus: str
@@ -60,6 +64,7 @@ class RobotSection:
     calibration: dict[str, MotorCalibration] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)   # more fields of the bus's own config
     physics: str = "simple"                 # "sim" bus only: "simple" or "mujoco"
+    sim_process: bool | None = None         # "sim" bus only: serve the simulator from a child process
 
     def __post_init__(self) -> None:
         if self.bus not in BUS_TYPES:
@@ -70,6 +75,11 @@ class RobotSection:
         if self.physics != "simple" and self.bus != "sim":
             raise ConfigError(f"physics: {self.physics!r} is for the simulated bus (bus \"sim\"); a {self.bus} bus "
                               "drives real motors")
+        if self.sim_process is not None and self.bus != "sim":
+            raise ConfigError(f"sim_process: is for the simulated bus (bus \"sim\"); remove it for a {self.bus} bus")
+        if self.sim_process and self.physics == "mujoco":
+            raise ConfigError("sim_process: the MuJoCo world cannot run in its own process yet (the \"mujoco\" camera "
+                              "renders it in this one); set it to false or leave it out")
         if not self.motors:
             raise ConfigError('motors: name at least one motor, e.g. {"shoulder_pan": {"id": 1, "model": "sts3215"}}')
         if self.bus in ("feetech", "dynamixel") and not self.port:
@@ -80,6 +90,10 @@ class RobotSection:
         if unknown:
             raise ConfigError(f"calibration: names motors {unknown} that are not in motors ({', '.join(self.motors)})")
         self._check_models()
+
+    @property
+    def sim_in_own_process(self) -> bool:
+        return self.physics == "simple" if self.sim_process is None else self.sim_process
 
     @property
     def protocol(self) -> str:
@@ -135,8 +149,13 @@ class RobotSection:
 class RatesSection:
     control_hz: float = 100.0               # control ticks per second
     action_rate_hz: float = 10.0            # an action of a chunk lasts 1 / action_rate_hz (the training data's rate)
+    # SCHED_FIFO priority asked for the control thread, so its wake-ups beat every normal thread on the machine;
+    # best effort (needs root, CAP_SYS_NICE or an rtprio limit: `ulimit -r`); null: normal scheduling.
+    control_priority: int | None = 50
 
     def __post_init__(self) -> None:
+        if self.control_priority is not None and not 1 <= self.control_priority <= 99:
+            raise ConfigError(f"control_priority: must be in 1..99 (SCHED_FIFO) or null, got {self.control_priority}")
         if not 0 < self.control_hz <= MAX_CONTROL_HZ:
             raise ConfigError(f"control_hz: must be in (0, {MAX_CONTROL_HZ:g}], got {self.control_hz}")
         if not 0 < self.action_rate_hz <= self.control_hz:

@@ -203,10 +203,12 @@ class TimingStats(Subscriber):
             "stop": self.stop,
         }
 
-    def write_json(self, path: str | Path) -> Path:
+    def write_json(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """The summary, plus `extra` sections (run_summary's), as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        summary = {**self.summary(), **(extra or {})}
+        path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         return path
 
     def plot_png(self, path: str | Path) -> Path:
@@ -237,6 +239,44 @@ class TimingStats(Subscriber):
         bottom.tick_params(axis="x", labelrotation=20)
         fig.savefig(path, dpi=100)
         return path
+
+
+# -- the run's own numbers ----------------------------------------------------------------------
+
+MEMORY_BUDGET_FACTOR = 1.3          # the runtime's resident memory <= 1.3 x the bundle's bytes + 300 MB
+MEMORY_BUDGET_EXTRA_BYTES = 300 * 2**20
+RUNTIME_ROLES = ("control", "policy")   # the robot's processes; "sim" stands in for hardware and is shown apart
+
+
+def run_summary(result: Any, bundle_dir: str | Path | None = None) -> dict[str, Any]:
+    """What a RunResult adds to the timing summary: the control thread's scheduling and the peak memory.
+
+    The runtime's figure sums each process's VmHWM: an upper bound (shared library pages count in
+    each process, and peaks need not coincide).
+    """
+    rss = dict(result.peak_rss_bytes)
+    runtime_bytes = sum(rss[role] for role in RUNTIME_ROLES if role in rss)
+    bundle_bytes = directory_bytes(bundle_dir) if bundle_dir is not None else None
+    budget = MEMORY_BUDGET_FACTOR * bundle_bytes + MEMORY_BUDGET_EXTRA_BYTES if bundle_bytes is not None else None
+    return {
+        "control_thread": {"scheduling": result.control_scheduling},
+        "memory": {
+            "peak_rss_mb": {role: _mb(value) for role, value in rss.items()},
+            "runtime_peak_rss_mb": _mb(runtime_bytes) if rss else None,
+            "bundle_mb": _mb(bundle_bytes),
+            "budget_mb": _mb(budget),
+            "within_budget": None if budget is None or not rss else runtime_bytes <= budget,
+        },
+    }
+
+
+def directory_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (a bundle: stages, weights, tokenizer, manifest)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
 
 
 def _array(series, keep_nan: bool = False) -> np.ndarray:
