@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := libusb-1.0-0 libegl1 libopengl0 libgl1-mesa-dri
 EXTRAS := export,serial,can,realsense,sim,plot,dev
 
-.PHONY: setup system-deps test demo bench clean
+.PHONY: setup system-deps test demo bench train-reference clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ demo: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(VENV)/bin/edgeact bench-suite --out out/bench
+
+# The reference ARM: scripted-expert demonstrations on the MuJoCo robot, then CPU training (~25 min on 2 cores).
+train-reference: system-deps $(STAMP)
+	$(VENV)/bin/edgeact train-reference --generate-demos 400 --demos out/reference/demos --out out/reference/checkpoint --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,7 @@ from pathlib import Path
 
 # Choices are literals here (not imported from synthetic.py) so `edgeact --help` never loads torch.
 VARIANT_CHOICES = ("D", "O")
-SIZE_CHOICES = ("tiny", "small", "bench")
+SIZE_CHOICES = ("tiny", "small", "bench", "reference")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 

@@ -74,6 +74,13 @@ SIZES: dict[str, SyntheticSize] = {
         vit_layers_d=(-3, -9), vit_layers_o=(-2, -9), projector_mlp=2816,
         llm_width=1024, llm_depth=16, llm_heads=16, llm_kv_heads_d=4, llm_mlp=2816,
     ),
+    # About 3 M parameters for the reference ARM trained on the CPU (export.train_reference): the LLM
+    # narrower than "small" since the training step's time goes into the decoder over ~550 tokens.
+    "reference": SyntheticSize(
+        image_px_d=126, image_px_o=126, vit_width=64, vit_depth=4, vit_heads=4, vit_mlp=256,
+        vit_layers_d=(-2, -4), vit_layers_o=(-1, -4), projector_mlp=512,
+        llm_width=192, llm_depth=4, llm_heads=6, llm_kv_heads_d=2, llm_mlp=640,
+    ),
 }
 
 

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "edgeact.export.commands_export",
     "edgeact.export.commands_quantize",
     "edgeact.export.commands_depth",
+    "edgeact.export.commands_train",
     "edgeact.drivers.commands",
     "edgeact.drivers.commands_sim",
     "edgeact.runtime.commands",

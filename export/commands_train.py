@@ -1,0 +1,142 @@
+"""`edgeact train-reference`: train the reference ARM on simulated expert demos (optionally recording them first)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 1200, 4, 1e-3, "reference"
+LOSS_PLOT = "training_loss.png"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-reference", help="train the small reference ARM (MolmoAct architecture) on the simulated task's demos",
+        description="Train a MolmoAct-architecture model of a few million parameters on the CPU to emit the full "
+                    "answer (100 depth codes, the end-effector trace, an 8-action chunk) for the simulated "
+                    "reference task, and save it as a MolmoAct checkpoint with the demos' action statistics "
+                    "(norm_stats key 'edgeact_sim_reference'). With --generate-demos N the expert demonstrations "
+                    "are recorded into --demos first (or reused when that directory already holds exactly that "
+                    "recording), so one command is the whole recipe.",
+    )
+    p.add_argument("--demos", type=Path, required=True, help="demonstration set (edgeact sim-demos --out DIR)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--generate-demos", type=_positive_int, metavar="N",
+                   help="record N expert episodes into --demos first (seeded by --seed)")
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR})")
+    p.add_argument("--seed", type=int, default=0, help="weights, batch order and held-out split (default 0)")
+    p.add_argument("--size", default=DEFAULT_SIZE, help=f"synthetic size of the architecture (default {DEFAULT_SIZE})")
+    p.add_argument("--variant", default="D", choices=("D", "O"), help="MolmoAct-7B-D or -O architecture (default D)")
+    p.add_argument("--depth-tokenizer", type=Path, metavar="DIR",
+                   help="depth VQ-VAE (edgeact train-depth-tokenizer) for the depth codes; default: the pooled-depth "
+                        "stand-in (see export/train_reference_data.py)")
+    # Measured on a shared 2-core machine: two threads spin-wait against other processes and ran a step
+    # 3-5x slower than one; on an idle machine --threads 2 gains at most 2x.
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: robust on a busy machine; try 2 on an idle one)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
+    p.set_defaults(handler=_train)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _record(demos: Path, episodes: int, seed: int, console) -> None:
+    """Record the demos, or reuse a finished recording of the same episodes and seed."""
+    from rich.progress import Progress
+
+    from edgeact.drivers.sim.demos import MANIFEST, record_demos
+    from edgeact.runtime.errors import ConfigError
+
+    manifest_path = demos / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("episodes_attempted") == episodes and manifest.get("seed") == seed:
+            console.print(f"reusing the {manifest['samples']} samples already recorded in {demos}")
+            return
+        raise ConfigError(f"{demos} holds a recording of {manifest.get('episodes_attempted')} episodes from seed "
+                          f"{manifest.get('seed')}, not {episodes} from {seed}; give another --demos or delete it")
+    with Progress(transient=True, console=console) as bar:
+        task = bar.add_task("expert episodes", total=episodes)
+        summary = record_demos(demos, episodes, seed, progress=lambda done, total: bar.update(task, completed=done))
+    console.print(f"recorded {summary.samples} samples from {summary.episodes} successful episodes of {episodes} "
+                  f"in {summary.seconds:.0f} s -> {demos}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from edgeact.export.train_reference import TrainOptions, train_reference
+    from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
+
+    console = Console(highlight=False)
+    torch.set_num_threads(args.threads)
+    if args.generate_demos:
+        _record(args.demos, args.generate_demos, args.seed, console)
+    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
+                           variant=args.variant)
+    depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
+    recent: list[float] = []
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("training", total=options.steps)
+
+        def on_step(step: int, loss: float) -> None:
+            recent.append(loss)
+            shown = sum(recent[-20:]) / len(recent[-20:])
+            progress.update(task, completed=step + 1, description=f"training (loss {shown:.3f})")
+
+        report = train_reference(args.demos, args.out, options, depth_fn, overwrite=args.overwrite, on_step=on_step)
+    table = Table(title=f"reference ARM -> {report.out_dir}")
+    table.add_column("measure")
+    table.add_column("value")
+    losses = report.losses
+    window = max(1, min(20, len(losses) // 5))
+    rows = [("parameters", f"{report.n_parameters / 1e6:.2f} M"),
+            ("train / held-out samples", f"{report.train_samples} / {report.held_out_samples}"),
+            ("steps x batch", f"{options.steps} x {options.batch_size} ({report.seconds_per_step:.2f} s per step)"),
+            ("loss first / last", f"{sum(losses[:window]) / window:.3f} / {sum(losses[-window:]) / window:.3f} "
+                                  f"(mean of {window} steps)")]
+    rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of tokens (teacher-forced)")
+             for kind, acc in report.held_out_accuracy.items()]
+    if report.held_out_accuracy:
+        rows.append(("held-out action bin error", f"{report.action_bin_error:.1f} bins of 255 (mean abs)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    plot = _plot_losses(losses, report.out_dir / LOSS_PLOT)
+    console.print(f"loss curve: {plot}" if plot else "loss curve: not plotted (no matplotlib); see training_log.json")
+    return 0
+
+
+def _plot_losses(losses: list[float], path: Path) -> Path | None:
+    """The per-step loss and its running mean as a PNG; None where matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import numpy as np
+
+    fig = Figure(figsize=(8, 4), layout="constrained")     # no pyplot: no global state
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    steps = np.arange(len(losses))
+    ax.plot(steps, losses, lw=0.5, alpha=0.5, label="per step")
+    window = max(1, min(50, len(losses) // 10))
+    ax.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="cross-entropy on answer tokens", yscale="log", title="reference ARM training")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    return path

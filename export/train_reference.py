@@ -1,0 +1,257 @@
+"""Train the reference ARM on the CPU: a small MolmoAct-architecture model learns the full answer from expert demos.
+
+    report = train_reference("out/demos", "out/reference", TrainOptions(steps=1500))
+
+The model is `synthetic_config(variant, size)` with the tokenizer rebuilt to include the task's
+instructions; it is trained from PyTorch's default initialization (seeded) with AdamW, linear
+warm-up and cosine decay, on right-padded batches (the decoder is causal, so padding after a
+sequence changes nothing before it) with the loss on the answer tokens only. The result is a
+MolmoAct checkpoint (config.json with the demos' norm_stats, safetensors, tokenizer.json,
+preprocessor_config.json) plus `training_log.json` (loss per step, held-out accuracy).
+Same demos, options and seed -> the same weights (on the same machine and thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeact.export.train_reference_data import (IGNORE, KINDS, DepthCodesFn, ReferenceEncoder, TrainingSequence,
+                                                 pooled_depth_codes, split_by_episode, task_instructions)
+from edgeact.runtime.arm_config import ArmConfig
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.preprocess import concat_image_inputs
+from edgeact.runtime.preprocess_config import PreprocessConfig
+
+LOG_FILE = "training_log.json"
+NORM_KEY = "edgeact_sim_reference"      # drivers.sim.demos.NORM_KEY (not imported: that pulls in mujoco)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    steps: int = 1500
+    batch_size: int = 4
+    lr: float = 1e-3
+    min_lr_fraction: float = 0.1        # cosine decay ends at lr * this
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    variant: str = "D"
+    size: str = "reference"
+    max_crops: int = 1                  # one high-resolution crop besides the global view: CPU-sized prompts
+    held_out_fraction: float = 0.1      # of episodes, for teacher-forced accuracy
+    eval_samples: int = 64              # held-out samples scored at the end (0: none)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
+            raise ConfigError(f"TrainOptions: steps and batch_size >= 1, warmup_steps and eval_samples >= 0; got "
+                              f"{self.steps}, {self.batch_size}, {self.warmup_steps}, {self.eval_samples}")
+        if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and self.weight_decay >= 0 and self.grad_clip > 0):
+            raise ConfigError(f"TrainOptions: lr > 0, min_lr_fraction in [0, 1], weight_decay >= 0, grad_clip > 0; "
+                              f"got {self.lr}, {self.min_lr_fraction}, {self.weight_decay}, {self.grad_clip}")
+
+
+@dataclass
+class TrainReport:
+    out_dir: Path | None
+    n_parameters: int
+    train_samples: int
+    held_out_samples: int
+    losses: list[float] = field(default_factory=list)      # one per optimizer step
+    seconds_per_step: float = 0.0
+    held_out_accuracy: dict[str, float] = field(default_factory=dict)   # teacher-forced, per KINDS + "all"
+    action_bin_error: float = float("nan")                 # mean |predicted - true| action bin, held out
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "out_dir": str(self.out_dir) if self.out_dir else None}
+
+
+@dataclass
+class Trainer:
+    """The model, its encoder and the split, ready to step; `train_reference` drives it."""
+    model: torch.nn.Module
+    encoder: ReferenceEncoder
+    arrays: dict[str, np.ndarray]
+    train_idx: np.ndarray
+    held_idx: np.ndarray
+    options: TrainOptions
+    cfg: ArmConfig
+    preprocess_config: PreprocessConfig
+
+
+def prepare(demos_dir: str | Path, options: TrainOptions,
+            depth_codes_fn: DepthCodesFn = pooled_depth_codes) -> Trainer:
+    """Load the demos, build the tokenizer, config and seeded model."""
+    from edgeact.drivers.sim.demos import load_demos
+    from edgeact.export.model import MolmoActModel
+    from edgeact.export.synthetic import synthetic_config
+    from edgeact.export.tokenizer_build import build_tokenizer
+
+    demos = load_demos(demos_dir)
+    if NORM_KEY not in demos.norm_stats:
+        raise ConfigError(f"{demos_dir}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
+                          "`edgeact sim-demos`")
+    arrays = demos.arrays()
+    tokenizer = build_tokenizer(extra_texts=task_instructions())
+    cfg = dataclasses.replace(synthetic_config(options.variant, options.size, tokenizer),
+                              norm_stats={NORM_KEY: demos.norm_stats[NORM_KEY]})
+    preprocess_config = PreprocessConfig.for_model(cfg, max_crops=options.max_crops)
+    encoder = ReferenceEncoder(tokenizer, cfg, preprocess_config, cfg.norm_stats, NORM_KEY, depth_codes_fn)
+    train_idx, held_idx = split_by_episode(arrays["episode"], options.held_out_fraction, options.seed)
+    if not len(train_idx):
+        raise ConfigError(f"{demos_dir}: no training samples left after holding out episodes; record more episodes")
+    torch.manual_seed(options.seed)
+    model = MolmoActModel(cfg)
+    return Trainer(model, encoder, arrays, train_idx, held_idx, options, cfg, preprocess_config)
+
+
+def collate(sequences: list[TrainingSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; images of all samples joined (pooled indices shifted onto them)."""
+    length = max(len(s.ids) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    labels = np.full((len(sequences), length), IGNORE, dtype=np.int64)
+    kinds = np.full((len(sequences), length), -1, dtype=np.int64)
+    for b, s in enumerate(sequences):
+        ids[b, :len(s.ids)], labels[b, :len(s.ids)], kinds[b, :len(s.ids)] = s.ids, s.labels, s.kinds
+    images = concat_image_inputs([s.image_inputs for s in sequences])
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "kinds": torch.from_numpy(kinds),
+            "images": torch.from_numpy(images.images), "image_masks": torch.from_numpy(images.image_masks),
+            "pooled_patches_idx": torch.from_numpy(images.pooled_patches_idx)}
+
+
+def batch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Padding is never an <im_patch>, so the i-th image feature still lands on the i-th <im_patch>.
+    return model(batch["input_ids"], batch["images"], batch["image_masks"], batch["pooled_patches_idx"])
+
+
+def lr_at(step: int, options: TrainOptions) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_fraction at the last step."""
+    if step < options.warmup_steps:
+        return options.lr * (step + 1) / options.warmup_steps
+    span = max(options.steps - options.warmup_steps, 1)
+    progress = min((step - options.warmup_steps) / span, 1.0)
+    floor = options.min_lr_fraction
+    return options.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Run options.steps AdamW steps over shuffled epochs of the training samples; the loss of each step."""
+    options, model = trainer.options, trainer.model
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=options.lr, betas=(0.9, 0.95))
+    order_rng = np.random.default_rng(options.seed)
+    order: list[int] = []
+    pad_id = trainer.encoder.layout.bos_id
+    losses = []
+    model.train()
+    for step in range(options.steps):
+        while len(order) < options.batch_size:
+            order += order_rng.permutation(trainer.train_idx).tolist()
+        picks, order = order[:options.batch_size], order[options.batch_size:]
+        batch = collate([trainer.encoder.encode(trainer.arrays, i) for i in picks], pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, options)
+        logits = batch_logits(model, batch)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise ConfigError(f"training diverged at step {step} (loss {losses[-1]}); lower --lr")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def teacher_forced_accuracy(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -> tuple[dict[str, float], float]:
+    """Share of answer tokens the model predicts right given the true prefix, per kind; and the mean action bin error."""
+    hits = np.zeros(len(KINDS) + 1)
+    counts = np.zeros(len(KINDS) + 1)
+    bin_errors: list[np.ndarray] = []
+    first_action = int(trainer.encoder.layout.action_ids[0])
+    pad_id = trainer.encoder.layout.bos_id
+    with torch.inference_mode():
+        for start in range(0, len(indices), batch_size):
+            batch = collate([trainer.encoder.encode(trainer.arrays, int(i)) for i in indices[start:start + batch_size]],
+                            pad_id)
+            predicted = batch_logits(trainer.model, batch).argmax(-1)
+            answer = batch["labels"] != IGNORE
+            right = (predicted == batch["labels"]) & answer
+            for k in range(len(KINDS)):
+                of_kind = batch["kinds"] == k
+                hits[k] += int((right & of_kind).sum())
+                counts[k] += int(of_kind.sum())
+            hits[-1] += int(right.sum())
+            counts[-1] += int(answer.sum())
+            is_action = batch["kinds"] == KINDS.index("action")
+            # A prediction outside the action tokens counts as the farthest bin.
+            guess = (predicted[is_action] - first_action).clamp(-1, 256).numpy()
+            truth = (batch["labels"][is_action] - first_action).numpy()
+            bin_errors.append(np.where((guess < 0) | (guess > 255), 255, np.abs(guess - truth)))
+    names = list(KINDS) + ["all"]
+    accuracy = {name: float(h / c) for name, h, c in zip(names, hits, counts) if c}
+    errors = np.concatenate(bin_errors) if bin_errors else np.zeros(0)
+    return accuracy, float(errors.mean()) if errors.size else float("nan")
+
+
+def greedy_answer(model, encoder: ReferenceEncoder, rgb: np.ndarray, instruction: str):
+    """The model's answer under grammar-masked greedy decoding (always parses): an Answer."""
+    from edgeact.export.generate import generate_greedy
+    from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
+
+    image_inputs = encoder.image_inputs(rgb)
+    ids = encoder.prompt(instruction, image_inputs)
+    # Above the longest answer (~390 ids: fixed text, 100 codes, 5 points of 3-digit coordinates, 8 x 7 actions
+    # with separators); the grammar ends generation with end-of-text anyway.
+    bound = 400 + 8 * 7 * 4
+    result = generate_greedy(model, torch.from_numpy(ids), torch.from_numpy(image_inputs.images),
+                             torch.from_numpy(image_inputs.image_masks),
+                             torch.from_numpy(image_inputs.pooled_patches_idx), bound,
+                             eos_token_id=encoder.layout.bos_id,
+                             allowed_token_fn=MaskedGreedyConstraint(encoder.grammar))
+    return encoder.grammar.parse_ids(result.token_ids)
+
+
+def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: bool = False) -> Path:
+    """The trained model as a MolmoAct checkpoint, with the training log beside the weights."""
+    from edgeact.export.checkpoint import save_checkpoint
+
+    tensors = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    out = save_checkpoint(out_dir, trainer.cfg, tensors, trainer.encoder.tokenizer, trainer.preprocess_config,
+                          overwrite=overwrite)
+    report.out_dir = out
+    (out / LOG_FILE).write_text(json.dumps({"options": dataclasses.asdict(trainer.options), **report.to_dict()},
+                                           indent=1) + "\n")
+    return out
+
+
+def train_reference(demos_dir: str | Path, out_dir: str | Path | None, options: TrainOptions = TrainOptions(),
+                    depth_codes_fn: DepthCodesFn = pooled_depth_codes, *, overwrite: bool = False,
+                    on_step: Callable[[int, float], None] | None = None) -> TrainReport:
+    """Prepare, train, score the held-out episodes, and save to out_dir (None: keep nothing on disk)."""
+    trainer = prepare(demos_dir, options, depth_codes_fn)
+    report = TrainReport(None, sum(p.numel() for p in trainer.model.parameters()), len(trainer.train_idx),
+                         len(trainer.held_idx))
+    start = time.perf_counter()
+    report.losses = train_steps(trainer, on_step)
+    report.seconds_per_step = (time.perf_counter() - start) / options.steps
+    held = trainer.held_idx[:options.eval_samples]
+    if len(held):
+        report.held_out_accuracy, report.action_bin_error = teacher_forced_accuracy(trainer, held)
+    if out_dir is not None:
+        save(trainer, out_dir, report, overwrite)
+    return report

@@ -1,0 +1,153 @@
+"""Demonstrations -> training sequences for the reference ARM: prompt ids, image inputs and the full answer's ids.
+
+One sample becomes `prompt_ids + answer_ids`: the prompt is exactly what the runtime builds
+(`build_prompt_ids` over the preprocessed front-camera image), the answer is the MolmoAct
+answer grammar's encoding of (depth codes, trace, 8-action chunk), ending in end-of-text.
+The loss is taken on the answer tokens only.
+
+Depth codes: `depth_codes_fn(depth_m) -> (100,)` codes in [0, 128). The default,
+`pooled_depth_codes`, is a STAND-IN for the depth VQ-VAE: the 10x10 average-pooled depth
+quantized into 128 even bins over DEPTH_RANGE_M. It is deterministic and carries the scene's
+layout, so the model learns a real depth-prediction sub-task; switching to the VQ-VAE is
+`depth_codes_fn=vqvae_depth_codes_fn(tokenizer_dir)` (CLI: `--depth-tokenizer DIR`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeact.runtime.action_bins import ActionStats, normalize_actions, values_to_action_ids
+from edgeact.runtime.answer import N_DEPTH_CODES, N_DEPTH_TOKENS, Answer
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.preprocess import ImageInputs, ImagePreprocessor
+from edgeact.runtime.prompt import build_prompt_ids
+from edgeact.runtime.token_layout import TokenLayout
+
+DepthCodesFn = Callable[[np.ndarray], np.ndarray]
+DEPTH_RANGE_M = (0.2, 2.0)      # the simulated table scene lies within 0.25..1.8 m of the front camera
+DEPTH_GRID = 10                 # 10 x 10 = MolmoAct's 100 depth tokens
+IGNORE = -100                   # label of a position without loss (prompt, padding)
+KINDS = ("depth", "trace", "action", "text")   # what each answer token is, for per-kind accuracy
+
+
+def pooled_depth_codes(depth_m: np.ndarray) -> np.ndarray:
+    """STAND-IN depth tokenizer: the mean valid depth of each cell of a 10x10 grid, in 128 bins over DEPTH_RANGE_M.
+
+    Pixels reading 0 (no data) are left out of a cell's mean; a cell without data gets code 0.
+    """
+    depth = np.asarray(depth_m, dtype=np.float64)
+    if depth.ndim != 2 or min(depth.shape) < DEPTH_GRID:
+        raise ConfigError(f"depth_m must be an (H, W) image of at least {DEPTH_GRID}x{DEPTH_GRID} px, got {depth.shape}")
+    rows = np.array_split(np.arange(depth.shape[0]), DEPTH_GRID)
+    cols = np.array_split(np.arange(depth.shape[1]), DEPTH_GRID)
+    low, high = DEPTH_RANGE_M
+    codes = np.zeros(N_DEPTH_TOKENS, dtype=np.int64)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            cell = depth[r[0]:r[-1] + 1, c[0]:c[-1] + 1]
+            valid = cell[cell > 0]
+            if valid.size:
+                scaled = (valid.mean() - low) / (high - low) * N_DEPTH_CODES
+                codes[i * DEPTH_GRID + j] = int(np.clip(np.floor(scaled), 0, N_DEPTH_CODES - 1))
+    return codes
+
+
+def vqvae_depth_codes_fn(tokenizer_dir: str | Path) -> DepthCodesFn:
+    """The trained depth VQ-VAE (edgeact train-depth-tokenizer) as a depth_codes_fn."""
+    import torch
+
+    from edgeact.export.depth_tokenizer import load_depth_tokenizer
+
+    model = load_depth_tokenizer(tokenizer_dir)
+
+    def codes(depth_m: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.codes(torch.as_tensor(np.asarray(depth_m, dtype=np.float32))).numpy().astype(np.int64)
+
+    return codes
+
+
+def task_instructions() -> list[str]:
+    """Every instruction of the reference task (templates x colours): extra tokenizer training text."""
+    from edgeact.drivers.sim.task import COLOURS, TEMPLATES, instruction_for
+
+    return [instruction_for(t, c) for t in TEMPLATES for c in COLOURS]
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One training sequence: ids (T,), labels (T,) (IGNORE where no loss), kinds (T,) index into KINDS or -1."""
+    ids: np.ndarray
+    labels: np.ndarray
+    kinds: np.ndarray
+    image_inputs: ImageInputs
+    n_prompt: int
+
+
+class ReferenceEncoder:
+    """Turns demonstration samples into the model's inputs and targets (one tokenizer, one preprocessing)."""
+
+    def __init__(self, tokenizer, cfg, preprocess_config, norm_stats: dict, unnorm_key: str,
+                 depth_codes_fn: DepthCodesFn = pooled_depth_codes, n_actions: int = 8):
+        self.tokenizer = tokenizer
+        self.layout = TokenLayout.from_tokenizer(tokenizer)
+        self.grammar = AnswerGrammar(tokenizer, self.layout, n_actions=n_actions)
+        self.preprocessor = ImagePreprocessor(cfg, preprocess_config)
+        self.stats = ActionStats.from_norm_stats(norm_stats, unnorm_key)
+        self.depth_codes_fn = depth_codes_fn
+        self.n_actions = n_actions
+        self._prompts: dict[tuple, np.ndarray] = {}
+        depth_ids = np.asarray(self.layout.depth_code_ids)
+        self._kind_of = {**{int(i): 0 for i in depth_ids}, **{int(i): 1 for i in self.layout.digit_ids},
+                         **{int(i): 2 for i in self.layout.action_ids}}
+
+    def answer(self, arrays: dict[str, np.ndarray], i: int) -> Answer:
+        """The target answer of sample i of `load_demos(...).arrays()`."""
+        actions = np.asarray(arrays["actions"][i], dtype=np.float64)
+        if actions.shape[0] != self.n_actions:
+            raise ConfigError(f"demo sample {i} holds {actions.shape[0]} actions per chunk; the model is trained "
+                              f"for {self.n_actions}: record demos with that chunk size")
+        action_ids = values_to_action_ids(normalize_actions(actions, self.stats), self.layout.base_vocab_size)
+        codes = np.asarray(self.depth_codes_fn(arrays["depth_m"][i]), dtype=np.int64).reshape(-1)
+        trace = arrays["trace"][i][:int(arrays["trace_len"][i])]
+        return Answer(codes, trace, action_ids)
+
+    def prompt(self, instruction: str, image_inputs: ImageInputs) -> np.ndarray:
+        key = (instruction, image_inputs.grids)    # the prompt depends on the image only through its grids
+        if key not in self._prompts:
+            self._prompts[key] = build_prompt_ids(self.tokenizer, self.layout, instruction, image_inputs)
+        return self._prompts[key]
+
+    def image_inputs(self, rgb: np.ndarray) -> ImageInputs:
+        inputs = self.preprocessor(np.ascontiguousarray(rgb))
+        # The preprocessor's plan arrays are shared and read-only; a batch owns copies.
+        return ImageInputs(inputs.images, inputs.image_masks.copy(), inputs.pooled_patches_idx.copy(), inputs.grids)
+
+    def encode(self, arrays: dict[str, np.ndarray], i: int) -> TrainingSequence:
+        image_inputs = self.image_inputs(arrays["rgb"][i])
+        prompt = self.prompt(str(arrays["instruction"][i]), image_inputs)
+        answer = self.grammar.to_ids(self.answer(arrays, i))
+        # Inputs drop the last answer token (nothing follows it); position t predicts token t + 1.
+        ids = np.concatenate([prompt, answer[:-1]])
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels[len(prompt) - 1:] = answer
+        kinds = np.full(len(ids), -1, dtype=np.int64)
+        kinds[len(prompt) - 1:] = [self._kind_of.get(int(t), 3) for t in answer]
+        return TrainingSequence(ids, labels, kinds, image_inputs, len(prompt))
+
+
+def split_by_episode(episodes: np.ndarray, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices (train, held out): whole episodes are held out, so no held-out frame has a near twin in training."""
+    if not 0 <= held_out_fraction < 1:
+        raise ConfigError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    unique = np.unique(episodes)
+    n_held = int(round(len(unique) * held_out_fraction))
+    if held_out_fraction > 0 and len(unique) > 1:
+        n_held = min(max(n_held, 1), len(unique) - 1)
+    held = set(np.random.default_rng(seed).permutation(unique)[:n_held].tolist())
+    is_held = np.array([e in held for e in episodes.tolist()], dtype=bool)
+    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
