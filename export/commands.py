@@ -28,7 +28,8 @@ def _register_make_checkpoint(subparsers) -> None:
     p.add_argument("--variant", choices=VARIANT_CHOICES, default="D",
                    help="D: SigLIP2-like ViT + Qwen2-like decoder; O: CLIP-like ViT + OLMo2-like decoder (default D)")
     p.add_argument("--size", choices=SIZE_CHOICES, default="tiny",
-                   help="tiny: unit tests; small: a few M parameters; bench: 100-300 M parameters (default tiny)")
+                   help="tiny: unit tests; small: a few M parameters; bench: 100-300 M parameters; "
+                        "reference: the size trained on the simulated task (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="weights seed; the same seed gives identical files (default 0)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
     p.add_argument("--shards", type=_positive_int, default=1, help="number of safetensors shards (default 1: model.safetensors)")
