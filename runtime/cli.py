@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "edgeact.export.commands_quantize",
     "edgeact.export.commands_depth",
     "edgeact.export.commands_train",
+    "edgeact.export.commands_bench",
     "edgeact.drivers.commands",
     "edgeact.drivers.commands_sim",
     "edgeact.runtime.commands",

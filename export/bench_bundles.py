@@ -1,0 +1,122 @@
+"""The bundles a benchmark compares: a checkpoint (synthetic if missing), its fp32 export and default quantizations, reused when valid.
+
+The layout is `edgeact bench-quant`'s work directory (fp32/, calibration/, one directory per
+recipe), so bench-policy and bench-quant reuse each other's bundles. "Valid" is checked, never
+assumed: the fp32 bundle must come from this checkpoint (path, config hash, written after its
+weights), and a quantized one must record the options it would be made with now and hold the
+fp32 bundle's own arrays.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgeact.runtime.errors import ConfigError
+
+QUANTIZED = ("int8", "int4")
+DEFAULT_SIZE = "bench"
+
+
+def ensure_checkpoint(path: str | Path, size: str = DEFAULT_SIZE, seed: int = 0) -> Path:
+    """`path` if it holds a checkpoint; a synthetic -D checkpoint of `size` written there if nothing is there."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path}: not a checkpoint (no config.json) and not empty; point at a checkpoint "
+                          "directory or at a new one to create a synthetic checkpoint in")
+    from edgeact.export.synthetic import make_checkpoint
+
+    return make_checkpoint("D", size, seed, path, overwrite=path.exists())
+
+
+def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions: tuple[str, ...] = QUANTIZED, *,
+                    seed: int = 0, threads: int | None = None, calibration_samples: int = 8, fresh: bool = False,
+                    on_step: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """{"fp32": ..., "int8": ..., "int4": ...}: bundles under bundles_dir in bench-quant's layout, reused when valid.
+
+    Each precision is `edgeact quantize --precision P` with its default options (int8: its default
+    mode), in the directory bench-quant gives that recipe, so either command reuses the other's.
+    """
+    from edgeact.export.bundle_export import ExportOptions, export_bundle
+    from edgeact.export.quantize import quantize_bundle
+
+    step = on_step or (lambda name: None)
+    checkpoint, root = Path(checkpoint).absolute(), Path(bundles_dir).absolute()
+    fp32 = root / "fp32"
+    exported = fresh or not exported_from(fp32, checkpoint)
+    if exported:
+        export_bundle(checkpoint, fp32, ExportOptions(), overwrite=True)
+    step("fp32 bundle")
+    bundles = {"fp32": fp32}
+    for precision in precisions:
+        name, quant = default_recipe(precision)
+        out = root / name
+        if fresh or not quantized_from(out, fp32, quant):
+            calibration = None
+            if not quant.weight_only:
+                calibration = _calibration(fp32, root / "calibration", calibration_samples, seed, threads, exported)
+            quantize_bundle(fp32, out, quant, calibration, overwrite=True, report_frames=0, seed=seed, threads=threads)
+        bundles[precision] = out
+        step(f"{precision} bundle")
+    return bundles
+
+
+def default_recipe(precision: str):
+    """(directory name in bench-quant's work dir, QuantizeOptions) of `edgeact quantize --precision P`'s defaults."""
+    from edgeact.export.quant_bench import BenchOptions
+    from edgeact.export.quant_options import QuantizeOptions
+
+    default = QuantizeOptions(precision)
+    names = [name for name, quant in BenchOptions(precisions=(precision,)).recipes() if quant == default]
+    return (names[0] if names else precision), default
+
+
+def exported_from(bundle_dir: Path, checkpoint: Path) -> bool:
+    """An fp32 bundle exported from this checkpoint (path and config) after its weights were last written."""
+    from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, sha256_file
+    from edgeact.runtime.errors import BundleError
+
+    if not (bundle_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = load_bundle(bundle_dir, verify_checksums=False, allow_failed_verification=True).manifest
+    except BundleError:
+        return False
+    newest_weights = max(p.stat().st_mtime for p in checkpoint.glob("*.safetensors*"))
+    return (all(s.precision == "fp32" for s in manifest.stages.values())
+            and manifest.model.source_checkpoint == str(checkpoint)
+            and manifest.model.source_config_sha256 == sha256_file(checkpoint / "config.json")
+            and (bundle_dir / MANIFEST_NAME).stat().st_mtime >= newest_weights)
+
+
+def quantized_from(bundle_dir: Path, fp32_dir: Path, quant) -> bool:
+    """A bundle quantized with these options whose copied files (the arrays) are the fp32 bundle's own."""
+    from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle
+    from edgeact.runtime.errors import BundleError
+
+    if not (bundle_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = load_bundle(bundle_dir, verify_checksums=False, allow_failed_verification=True).manifest
+        source = load_bundle(fp32_dir, verify_checksums=False, allow_failed_verification=True).manifest
+    except BundleError:
+        return False
+    q = manifest.quantization
+    if q is None:
+        return False
+    # The manifest records every option, except that "stages" holds per-stage notes keyed by stage.
+    recorded = {**q.options, "stages": list(q.options.get("stages") or ())}
+    wanted = {k: v for k, v in quant.to_dict().items() if k != "extra"}
+    arrays = [spec.file for spec in source.weights.values()]
+    return (all(recorded.get(k) == v for k, v in wanted.items())
+            and all(rel in manifest.files and manifest.files[rel].sha256 == source.files[rel].sha256 for rel in arrays))
+
+
+def _calibration(fp32: Path, calib_dir: Path, samples: int, seed: int, threads: int | None, rebuild: bool) -> Path:
+    """bench-quant's calibration set when there is one for this fp32 bundle; else built (and kept) here."""
+    from edgeact.calibration.calibration_build import build_calibration_set
+
+    if rebuild or not (calib_dir / "manifest.json").is_file():
+        build_calibration_set(fp32, calib_dir, samples, seed, threads=threads, overwrite=True)
+    return calib_dir

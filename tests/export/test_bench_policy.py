@@ -1,0 +1,154 @@
+"""bench-policy on a tiny checkpoint: every system's row with its ratios, agreement with the reference, JSON, tables, CLI wiring."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from edgeact.export import commands_bench
+from edgeact.export.bench_bundles import default_recipe, ensure_checkpoint, exported_from, prepare_bundles
+from edgeact.export.bench_policy import JSON_NAME, REFERENCE, PolicyBenchOptions, bench_policy
+from edgeact.runtime.errors import ConfigError
+
+SYSTEMS = [REFERENCE, "fp32", "fp32+depth", "int8", "int8+depth", "int4", "int4+depth"]
+OPTIONS = PolicyBenchOptions(frames=1, threads=1, size="tiny", calibration_samples=1, decode_rate_steps=4,
+                             rss_steps=1, probe_bytes=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_policy")
+    report = bench_policy(root / "ckpt", root / "out", OPTIONS, command="edgeact bench-policy (test)")
+    return root, report
+
+
+def test_every_system_has_a_row_with_ratios_to_the_reference(bench):
+    _, report = bench
+    rows = {s["system"]: s for s in report["systems"]}
+    assert list(rows) == SYSTEMS
+    ref = rows[REFERENCE]
+    assert ref["latency_ratio"] == 1.0 and ref["steps_ratio"] == 1.0
+    for row in rows.values():
+        assert row["latency_ratio"] == pytest.approx(row["latency_s_median"] / ref["latency_s_median"], abs=1e-3)
+        assert row["steps_ratio"] == pytest.approx(row["decode_steps_median"] / ref["decode_steps_median"], abs=1e-3)
+        assert set(row["stage_s_median"]) == {"preprocess", "vision+prefill", "decode", "parse"}
+    # One decoder call per token after the first for the reference; the decode program needs far fewer.
+    assert ref["decode_steps"] == [n - 1 for n in ref["answer_tokens"]]
+    for precision in ("fp32", "int8", "int4"):
+        assert rows[f"{precision}+depth"]["decode_steps_median"] + 90 < rows[precision]["decode_steps_median"]
+    assert rows["fp32"]["decode_steps_median"] < ref["decode_steps_median"]
+
+
+def test_fp32_bundle_reports_the_reference_tokens(bench):
+    _, report = bench
+    rows = {s["system"]: s for s in report["systems"]}
+    for key in ("fp32", "fp32+depth"):      # forced depth = the reference's own codes: the same answer
+        assert rows[key]["identical_to_reference"] == [True] and rows[key]["token_agreement"] == 1.0
+    for key in SYSTEMS:
+        assert 0.0 <= rows[key]["token_agreement"] <= 1.0
+
+
+def test_frames_machine_and_json(bench):
+    root, report = bench
+    frames = report["frames"]
+    assert (frames["n"], frames["width"], frames["height"]) == (1, 640, 480)
+    assert frames["prompt_tokens"][0] > 100 and 1 <= frames["crops"] <= frames["max_crops"] + 1
+    assert report["machine"]["threads"] == 1
+    assert json.loads((root / "out" / JSON_NAME).read_text()) == json.loads(json.dumps(report))
+
+
+def test_decode_against_bandwidth_and_memory_rows(bench):
+    _, report = bench
+    assert [d["precision"] for d in report["decode"]] == ["fp32", "int8", "int4"]
+    fp32, int8, int4 = report["decode"]
+    assert int8["bytes_per_token"]["decoder_bytes"] < fp32["bytes_per_token"]["decoder_bytes"]
+    assert "int4-packed" in int4["bytes_per_token"]["decoder_by_kind"]
+    for d in report["decode"]:
+        assert d["decode_tokens_s"] > 0 and math.isfinite(d["limit_tokens_s"])
+        assert d["fraction_of_limit"] == pytest.approx(d["decode_tokens_s"] / d["limit_tokens_s"], rel=0.01)
+    assert report["bandwidth"]["read_gb_s"] > 0 and report["bandwidth"]["threads"] == 1
+    for m in report["memory"]:
+        assert 0 < m["rss_after_load_bytes"] <= m["peak_rss_bytes"]
+        assert m["budget_ratio"] == pytest.approx(m["peak_rss_bytes"] / m["budget_bytes"])
+
+
+def test_tables_carry_the_ratios_and_footnotes(bench):
+    from rich.console import Console
+
+    _, report = bench
+    console = Console(record=True, width=250)
+    for table in commands_bench.policy_tables(report):
+        console.print(table)
+    text = console.export_text()
+    for needle in ("(a) PyTorch reference (generate_greedy)", "edgeact int4, forced depth", "MaskedGreedyConstraint",
+                   "add-depth-tokenizer", "of limit", "peak / budget", "1.00x"):
+        assert needle in text
+
+
+def test_valid_bundles_are_reused(bench):
+    root, _ = bench
+    names = ["fp32", default_recipe("int8")[0], default_recipe("int4")[0]]
+    manifests = [root / "out" / "bundles" / name / "manifest.json" for name in names]
+    before = {p: p.stat().st_mtime_ns for p in manifests}
+    prepare_bundles(root / "ckpt", root / "out" / "bundles", ("int8", "int4"), seed=0, threads=1)
+    assert {p: p.stat().st_mtime_ns for p in manifests} == before
+    # Another checkpoint (same config, another path) does not own these bundles.
+    other = ensure_checkpoint(root / "other", "tiny", seed=1)
+    assert exported_from(root / "out" / "bundles" / "fp32", (root / "ckpt").absolute())
+    assert not exported_from(root / "out" / "bundles" / "fp32", other.absolute())
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="compares fp32 with some of int8, int4"):
+        PolicyBenchOptions(precisions=("fp8",))
+    with pytest.raises(ConfigError, match="threads"):
+        PolicyBenchOptions(threads=0)
+
+
+def test_cli_passes_its_options_and_prints_the_tables(bench, monkeypatch, tmp_path, capsys):
+    _, report = bench
+    seen = {}
+
+    def fake_bench(checkpoint, out, options, bundles, command, on_step):
+        seen.update(checkpoint=checkpoint, out=out, options=options, bundles=bundles, command=command)
+        return report
+
+    monkeypatch.setattr("edgeact.export.bench_policy.bench_policy", fake_bench)
+    parser = argparse.ArgumentParser()
+    commands_bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench-policy", str(tmp_path / "ck"), "--frames", "3", "--threads", "2",
+                              "--precisions", "int4", "--out", str(tmp_path / "o")])
+    assert args.handler(args) == 0
+    options = seen["options"]
+    assert (options.frames, options.threads, options.precisions, options.size) == (3, 2, ("int4",), "bench")
+    assert seen["bundles"] == commands_bench.Path(commands_bench.DEFAULT_BUNDLES)
+    assert "edgeact int8, forced depth" in capsys.readouterr().out
+
+
+def test_suite_runs_quant_then_policy_then_the_loop_on_the_int8_bundle(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("edgeact.export.bench_bundles.ensure_checkpoint", lambda path, size, seed: path)
+    monkeypatch.setattr("edgeact.export.quant_bench.bench_quantization",
+                        lambda source, work, options, on_step: calls.append(("quant", work, options.precisions)) or [])
+    monkeypatch.setattr("edgeact.export.quant_report.print_report", lambda rows, console, title: None)
+    monkeypatch.setattr(commands_bench, "run_policy_bench",
+                        lambda checkpoint, out, options, bundles, console: calls.append(("policy", out, bundles)))
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(commands_bench.subprocess, "run", lambda command, check: calls.append(("loop", command)) or Done)
+    parser = argparse.ArgumentParser()
+    commands_bench.register(parser.add_subparsers())
+    out = tmp_path / "bench"
+    args = parser.parse_args(["bench-suite", "--out", str(out), "--loop-seconds", "3"])
+    assert args.handler(args) == 0
+    assert [c[0] for c in calls] == ["quant", "policy", "loop"]
+    assert calls[0][1] == out / "bundles" and calls[0][2] == ("int8", "fp8", "int4")
+    assert calls[1][1:] == (out / "policy", out / "bundles")
+    assert calls[2][1][-6:] == ["bench", str(out / "loop-config.json"), "--seconds", "3", "--out", str(out / "loop")]
+    config = json.loads((out / "loop-config.json").read_text())
+    assert config["policy"]["type"] == "bundle" and config["policy"]["path"] == str((out / "bundles" / default_recipe("int8")[0]).absolute())
+    assert set(json.loads((out / "suite.json").read_text())["wall_s"]) >= {"bench-quant", "bench-policy", "total"}
