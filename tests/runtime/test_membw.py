@@ -9,11 +9,11 @@ import pytest
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.errors import ConfigError, EdgeactError
-from edgeact.runtime.telemetry import MEMORY_BUDGET_EXTRA_BYTES, MEMORY_BUDGET_FACTOR
 from edgeact.runtime.membw import (
     bandwidth_limit_tokens_s, decode_bytes_per_token,
     measure_bandwidth, onnx_initializers, policy_peak_rss,
 )
+from edgeact.runtime.telemetry import MEMORY_BUDGET_EXTRA_BYTES, MEMORY_BUDGET_FACTOR
 from tests.runtime.test_decode_program import exported_bundle
 
 
