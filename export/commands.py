@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Choices are literals here (not imported from synthetic.py) so `edgeact --help` never loads torch.
 VARIANT_CHOICES = ("D", "O")
@@ -36,13 +37,6 @@ def _register_make_checkpoint(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weight dtype in the files (default float32)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(handler=_make_checkpoint)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:

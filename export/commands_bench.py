@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from edgeact.runtime.cli_args import console as _console, positive_float as _positive_float, positive_int as _positive_int
 
 # Literal copies of bench_policy's defaults: importing it here would cost `edgeact --help` time.
 DEFAULT_CHECKPOINT = "out/bench/ckpt"
@@ -65,28 +66,8 @@ def _add_policy_options(p, default_out: str) -> None:
     p.add_argument("--fresh", action="store_true", help="re-export and re-quantize even when valid bundles exist")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
-
-
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def _progress(console):

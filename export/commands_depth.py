@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would cost `edgeact --help` time.
 DEFAULT_IMAGES, DEFAULT_STEPS, DEFAULT_SEED = 256, 400, 0
@@ -38,21 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="NEW_BUNDLE", help="bundle directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace NEW_BUNDLE if it is a bundle already")
     p.set_defaults(handler=_add)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _console():
-    import sys
-
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
 
 DEFAULT_FRAMES = 3   # literal copy of verify.DEFAULT_FRAMES: importing verify here would cost `edgeact --help` time
 
@@ -47,21 +48,6 @@ def _add_verify_options(p) -> None:
     p.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES,
                    help=f"held-out observations to verify on (default {DEFAULT_FRAMES})")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and onnxruntime (default: theirs)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _console():
-    import sys
-
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def _progress(console):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
 
 # Literal copies (quant_options imports nothing heavy, but `edgeact --help` should import nothing at all).
 PRECISIONS = ("int8", "fp8", "int4")
@@ -17,23 +18,8 @@ def register(subparsers) -> None:
     _register_bench(subparsers)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _console():
-    import sys
-
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 # ------------------------------------------------------------------------------------ quantize

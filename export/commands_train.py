@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 1200, 4, 1e-3, "reference"
@@ -39,13 +40,6 @@ def register(subparsers) -> None:
                    help="torch CPU threads (default 1: robust on a busy machine; try 2 on an idle one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def _record(demos: Path, episodes: int, seed: int, console) -> None:

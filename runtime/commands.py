@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from edgeact.runtime.bundle import ALLOW_UNVERIFIED_FLAG
+from edgeact.runtime.cli_args import console as _console
 
 
 def register(subparsers) -> None:
@@ -25,13 +25,6 @@ def register(subparsers) -> None:
     p.add_argument(ALLOW_UNVERIFIED_FLAG, dest="allow_unverified", action="store_true",
                    help="build even if the bundle's verification failed")
     p.set_defaults(handler=_build_engines)
-
-
-def _console():
-    from rich.console import Console
-
-    # Piped output (tests, logs) gets a wide fixed width so paths and dims are not wrapped mid-word.
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def _inspect(args) -> int:

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Iterator
+from edgeact.runtime.cli_args import console as _console
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
@@ -72,7 +73,7 @@ def _run(args) -> int:
     estop = threading.Event()
     with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
         result = run_robot(config, args.seconds, subscribers, estop=estop)
-    console = _console()
+    console = _console(120)
     extra = run_summary(result, policy_bundle_dir(config))
     console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
@@ -109,7 +110,7 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
     from edgeact.runtime.demo import measure
 
     _log_to_stderr(logging.WARNING)
-    console = _console()
+    console = _console(120)
     console.print(f"{name}: {config.source}, policy {config.policy.type_name!r}, "
                   f"control {config.rates.control_hz:g} Hz, actions {config.rates.action_rate_hz:g} Hz, {seconds:g} s")
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:.1f} s"),
@@ -141,11 +142,6 @@ def _finish(result, console) -> int:
 
 
 # -- output --------------------------------------------------------------------------------------
-
-def _console():
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
 
 
 def _summary_tables(summary: dict):
