@@ -1,7 +1,6 @@
 """Loop sub-commands: `edgeact run CONFIG`, `edgeact bench [CONFIG] --seconds N`, `edgeact demo` (simulated robot)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -12,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Iterator
-from edgeact.runtime.cli_args import console as _console
+from edgeact.runtime.cli_args import console as _console, positive_float
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
@@ -23,14 +22,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the perception -> plan -> act loop on the robot a config describes")
     p.add_argument("config", metavar="CONFIG", help="robot config (.json or .toml); `edgeact demo --write-config` "
                                                     "writes a sample")
-    p.add_argument("--seconds", type=_positive, help="stop after this long (default: run until Ctrl-C or e-stop)")
+    p.add_argument("--seconds", type=positive_float, help="stop after this long (default: run until Ctrl-C or e-stop)")
     p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
     p.set_defaults(handler=_run)
 
     p = subparsers.add_parser("bench", help="measure the loop: control frequency, overruns, stage latencies")
     p.add_argument("config", metavar="CONFIG", nargs="?", help="robot config (default: the built-in simulated robot)")
-    p.add_argument("--seconds", type=_positive, default=10.0, help="how long to run (default 10)")
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="how long to run (default 10)")
     p.add_argument("--out", metavar="DIR", default="out/bench",
                    help="where bench.json and bench.png go (default out/bench)")
     p.add_argument("--record", metavar="PATH", help="also write every command as JSON lines here")
@@ -38,7 +37,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="run the loop on the built-in simulated arm (Feetech bus on a pty, "
                                            "synthetic camera) and report the control frequency")
-    p.add_argument("--seconds", type=_positive, default=DEMO_SECONDS, help=f"how long (default {DEMO_SECONDS:g})")
+    p.add_argument("--seconds", type=positive_float, default=DEMO_SECONDS, help=f"how long (default {DEMO_SECONDS:g})")
     p.add_argument("--policy", choices=DEMO_POLICIES, default="scripted",
                    help="scripted: a deterministic stand-in (default); bundle: the model in --bundle")
     p.add_argument("--bundle", metavar="PATH", help="bundle directory for --policy bundle")
@@ -46,16 +45,6 @@ def register(subparsers) -> None:
                    help="where demo.json and demo.png go (default out/demo)")
     p.add_argument("--write-config", metavar="PATH", help="only write the demo's robot config (JSON) here and exit")
     p.set_defaults(handler=_demo)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 # -- handlers -----------------------------------------------------------------------------------
