@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.drivers.cameras.base import Camera, CameraConfig, CameraError, Intrinsics, RGBDFrame, register_camera
+from edgeact.drivers.cameras.base import CameraConfig, CameraError, Intrinsics, RGBDFrame, register_camera
+from edgeact.drivers.cameras.rendered import RenderedCamera
 from edgeact.runtime.errors import ConfigError
 
 GL_PACKAGES_HINT = ("offscreen OpenGL needs EGL (Debian: libegl1 libopengl0 libgl1-mesa-dri) or, with "
@@ -150,7 +151,7 @@ def _gl_context_class() -> Any:
     return GLContext
 
 
-class MujocoCamera(Camera):
+class MujocoCamera(RenderedCamera):
     """Frame k is rendered at connect time + k/fps, from the world as it is then; like a real sensor
     it keeps its own clock, so a capture thread that falls behind skips frames (counted as dropped).
 
@@ -164,8 +165,6 @@ class MujocoCamera(Camera):
         self.config: MujocoCameraConfig = config
         self._world = world
         self._renderer: MujocoRgbdRenderer | None = None
-        self._next_number = 0
-        self._start_s = 0.0
 
     def _renderer_now(self) -> MujocoRgbdRenderer:
         if self._renderer is None:
@@ -181,8 +180,7 @@ class MujocoCamera(Camera):
 
     def _open(self) -> Intrinsics:
         intrinsics = self._renderer_now().intrinsics
-        self._next_number = 0
-        self._start_s = time.monotonic()
+        self._start_clock()
         return intrinsics
 
     def render(self, frame_number: int = 0) -> RGBDFrame:
@@ -193,18 +191,6 @@ class MujocoCamera(Camera):
         return RGBDFrame(color=color, depth_m=depth_m, timestamp_s=sim_time_s, capture_monotonic_s=captured_s,
                          frame_number=frame_number)
 
-    def _read(self, timeout_s: float) -> RGBDFrame | None:
-        due_s = self._start_s + self._next_number / self.config.fps
-        wait_s = due_s - time.monotonic()
-        if wait_s > timeout_s:
-            self._stop.wait(timeout_s)
-            return None
-        if wait_s > 0 and self._stop.wait(wait_s):
-            return None
-        # The newest frame whose time has come; older unrendered ones are lost, as on a real sensor.
-        number = max(self._next_number, int((time.monotonic() - self._start_s) * self.config.fps))
-        self._next_number = number + 1
-        return self.render(number)
 
     def _close(self) -> None:
         renderer, self._renderer = self._renderer, None

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeact.drivers.cameras.base import Camera, CameraConfig, Intrinsics, RGBDFrame, register_camera
+from edgeact.drivers.cameras.base import CameraConfig, Intrinsics, RGBDFrame, register_camera
+from edgeact.drivers.cameras.rendered import RenderedCamera
 from edgeact.runtime.errors import ConfigError
 
 # Boxes standing on the floor: (x_min, x_max, z_min, z_max, height) in metres, and an RGB colour.
@@ -55,7 +56,7 @@ class SyntheticConfig(CameraConfig):
                           width=self.width, height=self.height)
 
 
-class SyntheticCamera(Camera):
+class SyntheticCamera(RenderedCamera):
     """Frame k shows the scene at time k/fps; like a real sensor it keeps its own clock, so a
     capture thread that falls behind skips frames (and counts them as dropped)."""
 
@@ -65,8 +66,6 @@ class SyntheticCamera(Camera):
         super().__init__(config)
         self.config: SyntheticConfig = config
         self._rays = _camera_rays(config)          # computed once; each frame reuses them
-        self._next_number = 0
-        self._start_s = 0.0
 
     def render(self, frame_number: int, capture_monotonic_s: float | None = None) -> RGBDFrame:
         """Frame `frame_number` of the scene; the same number always gives the same pixels."""
@@ -77,23 +76,9 @@ class SyntheticCamera(Camera):
                          frame_number=frame_number)
 
     def _open(self) -> Intrinsics:
-        self._next_number = 0
-        self._start_s = time.monotonic()
+        self._start_clock()
         return self.config.intrinsics()
 
-    def _read(self, timeout_s: float) -> RGBDFrame | None:
-        due_s = self._start_s + self._next_number / self.config.fps
-        wait_s = due_s - time.monotonic()
-        if wait_s > timeout_s:
-            self._stop.wait(timeout_s)
-            return None
-        if wait_s > 0 and self._stop.wait(wait_s):
-            return None
-        # The newest frame whose time has come; any older unread ones are lost, as on a real sensor.
-        newest_due = int((time.monotonic() - self._start_s) * self.config.fps)
-        number = max(self._next_number, newest_due)
-        self._next_number = number + 1
-        return self.render(number)
 
     def _close(self) -> None:
         pass
