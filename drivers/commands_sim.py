@@ -11,6 +11,9 @@ def register(subparsers) -> None:
     demos.add_argument("--width", type=int, default=160, help="image width in pixels (default 160)")
     demos.add_argument("--height", type=int, default=120, help="image height in pixels (default 120)")
     demos.add_argument("--stride", type=int, default=4, help="a sample every this many actions (default 4)")
+    demos.add_argument("--execution-noise", type=float, default=0.0,
+                       help="noise added to the executed steps, relative to the step (the recorded actions stay "
+                            "the expert's: it shows how to come back to its path); default 0")
     demos.set_defaults(handler=_demos)
 
 
@@ -21,7 +24,8 @@ def _demos(args) -> int:
 
     from edgeact.drivers.sim.demos import DemoConfig, record_demos
 
-    config = DemoConfig(width=args.width, height=args.height, stride_actions=args.stride)
+    config = DemoConfig(width=args.width, height=args.height, stride_actions=args.stride,
+                        execution_noise=args.execution_noise)
     with Progress(transient=True) as bar:
         task = bar.add_task("expert episodes", total=args.episodes)
         summary = record_demos(args.out, args.episodes, args.seed, config,

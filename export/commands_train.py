@@ -7,8 +7,10 @@ from pathlib import Path
 from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 1200, 4, 1e-3, "reference"
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 1400, 8, 1.5e-3, "reference"
 LOSS_PLOT = "training_loss.png"
+# The recording --generate-demos makes: a sample every 2 actions, executed with noise (see ExpertConfig).
+DEMO_STRIDE, DEMO_EXECUTION_NOISE = 2, 0.25
 
 
 def register(subparsers) -> None:
@@ -46,7 +48,7 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
     """Record the demos, or reuse a finished recording of the same episodes and seed."""
     from rich.progress import Progress
 
-    from edgeact.drivers.sim.demos import MANIFEST, record_demos
+    from edgeact.drivers.sim.demos import MANIFEST, DemoConfig, record_demos
     from edgeact.runtime.errors import ConfigError
 
     manifest_path = demos / MANIFEST
@@ -59,7 +61,8 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
                           f"{manifest.get('seed')}, not {episodes} from {seed}; give another --demos or delete it")
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("expert episodes", total=episodes)
-        summary = record_demos(demos, episodes, seed, progress=lambda done, total: bar.update(task, completed=done))
+        summary = record_demos(demos, episodes, seed, DemoConfig(stride_actions=DEMO_STRIDE,
+                                                                 execution_noise=DEMO_EXECUTION_NOISE), progress=lambda done, total: bar.update(task, completed=done))
     console.print(f"recorded {summary.samples} samples from {summary.episodes} successful episodes of {episodes} "
                   f"in {summary.seconds:.0f} s -> {demos}")
 

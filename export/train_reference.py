@@ -1,6 +1,6 @@
 """Train the reference ARM on the CPU: a small MolmoAct-architecture model learns the full answer from expert demos.
 
-    report = train_reference("out/demos", "out/reference", TrainOptions(steps=1500))
+    report = train_reference("out/demos", "out/reference", TrainOptions(steps=1400))
 
 The model is `synthetic_config(variant, size)` with the tokenizer rebuilt to include the task's
 instructions; it is trained from PyTorch's default initialization (seeded) with AdamW, linear
@@ -37,9 +37,9 @@ NORM_KEY = "edgeact_sim_reference"      # drivers.sim.demos.NORM_KEY (not import
 
 @dataclass(frozen=True)
 class TrainOptions:
-    steps: int = 1500
-    batch_size: int = 4
-    lr: float = 1e-3
+    steps: int = 1400
+    batch_size: int = 8
+    lr: float = 1.5e-3
     min_lr_fraction: float = 0.1        # cosine decay ends at lr * this
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -50,11 +50,19 @@ class TrainOptions:
     max_crops: int = 1                  # one high-resolution crop besides the global view: CPU-sized prompts
     held_out_fraction: float = 0.1      # of episodes, for teacher-forced accuracy
     eval_samples: int = 64              # held-out samples scored at the end (0: none)
+    # Loss weight per answer-token kind (KINDS order: depth, trace, action, text). The fixed text is forced at
+    # run time and the depth codes can come from the sensor, so the trace and the actions, which move the
+    # robot, get most of the gradient.
+    loss_weights: tuple[float, float, float, float] = (0.3, 1.0, 1.0, 0.1)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
             raise ConfigError(f"TrainOptions: steps and batch_size >= 1, warmup_steps and eval_samples >= 0; got "
                               f"{self.steps}, {self.batch_size}, {self.warmup_steps}, {self.eval_samples}")
+        if len(self.loss_weights) != len(KINDS) or any(not (w >= 0) for w in self.loss_weights) or \
+                not any(self.loss_weights):
+            raise ConfigError(f"TrainOptions.loss_weights: {len(KINDS)} weights >= 0 ({', '.join(KINDS)}), not all 0; "
+                              f"got {self.loss_weights}")
         if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and self.weight_decay >= 0 and self.grad_clip > 0):
             raise ConfigError(f"TrainOptions: lr > 0, min_lr_fraction in [0, 1], weight_decay >= 0, grad_clip > 0; "
                               f"got {self.lr}, {self.min_lr_fraction}, {self.weight_decay}, {self.grad_clip}")
@@ -133,6 +141,14 @@ def batch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_ids"], batch["images"], batch["image_masks"], batch["pooled_patches_idx"])
 
 
+def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, each weighted by its kind (weights[kind]; weights[-1] = 0 for no loss)."""
+    token_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE, reduction="none")
+    token_w = weights[batch["kinds"].reshape(-1)] * (batch["labels"].reshape(-1) != IGNORE)
+    return (token_ce * token_w).sum() / token_w.sum().clamp_min(1e-12)
+
+
 def lr_at(step: int, options: TrainOptions) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_fraction at the last step."""
     if step < options.warmup_steps:
@@ -153,6 +169,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     order_rng = np.random.default_rng(options.seed)
     order: list[int] = []
     pad_id = trainer.encoder.layout.bos_id
+    weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
     losses = []
     model.train()
     for step in range(options.steps):
@@ -163,7 +180,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, options)
         logits = batch_logits(model, batch)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=IGNORE)
+        loss = weighted_loss(logits, batch, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)

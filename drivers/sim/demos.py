@@ -45,6 +45,7 @@ class DemoConfig:
     height: int = 120
     stride_actions: int = 4             # a decision every this many actions (chunks overlap by chunk - stride)
     episodes_per_shard: int = 25
+    execution_noise: float = 0.0        # ExpertConfig.execution_noise of the expert (when none is given)
 
     def __post_init__(self) -> None:
         if not (16 <= self.width <= 640 and 16 <= self.height <= 480):
@@ -111,7 +112,7 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
         raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     mapper, rates = runtime_action_mapper()
-    expert = expert or ExpertConfig(**rates)
+    expert = expert or ExpertConfig(**rates, execution_noise=config.execution_noise)
     world = MujocoWorld()
     renderer = MujocoRgbdRenderer(world, CAMERA, config.width, config.height)
     camera_pose = world.site_pose(OPTICAL_SITE)     # the camera rides on the base, which the expert never moves

@@ -55,6 +55,10 @@ class ExpertConfig:
     waypoint_tolerance_m: float = 0.003
     settle_actions: int = 3             # actions after the last waypoint (no translation): the arm comes to rest
     max_actions: int = 200              # a plan longer than this is a bug, not a slow arm
+    # Executed translation = the expert's + Gaussian noise of this std per axis, relative to the step asked
+    # (seeded by the episode): the recorded actions stay the expert's own, taken from states a little off its
+    # path, so a model trained on them learns to come back to it (DART, Laskey et al. 2017). 0: none.
+    execution_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("action_rate_hz", "control_hz", "speed_m_s", "hover_m", "travel_m", "push_ee_z_m",
@@ -66,6 +70,8 @@ class ExpertConfig:
         if abs(ticks - round(ticks)) > 1e-9 or ticks < 1:
             raise ConfigError(f"ExpertConfig: control_hz ({self.control_hz}) must be a whole multiple of "
                               f"action_rate_hz ({self.action_rate_hz})")
+        if not (math.isfinite(self.execution_noise) and 0 <= self.execution_noise <= 1):
+            raise ConfigError(f"ExpertConfig.execution_noise: must be in [0, 1], got {self.execution_noise}")
         if not (1 <= self.chunk_size <= 64 and 0 <= self.settle_actions and self.max_actions >= 1):
             raise ConfigError(f"ExpertConfig: chunk_size in [1, 64], settle_actions >= 0, max_actions >= 1; got "
                               f"{self.chunk_size}, {self.settle_actions}, {self.max_actions}")
@@ -136,7 +142,7 @@ class ActionExecutor:
 @dataclass(frozen=True, eq=False)
 class ExpertRollout:
     episode: Episode
-    actions: np.ndarray             # (T, 7) raw units, as executed
+    actions: np.ndarray             # (T, 7) raw units, the expert's (executed with config.execution_noise added)
     ee_positions_m: np.ndarray      # (T + 1, 3) the end-effector site (world frame) at each action boundary
     outcome: Outcome
     chunk_size: int
@@ -195,6 +201,7 @@ def run_expert(world: Any, episode: Episode, mapper: Any, config: ExpertConfig =
     waypoints = expert_waypoints(episode, config, task_config)
     limit = min(config.max_actions, int(episode.time_limit_s * config.action_rate_hz))
     actions, ee = [], [world.site_pose("ee")[0]]
+    noise_rng = np.random.default_rng([episode.seed, 0x5EED])
     index, settle = 0, 0
     last_position_m, last_asked_m = np.zeros(3), 0.0
     while len(actions) < limit and settle < config.settle_actions:
@@ -214,7 +221,9 @@ def run_expert(world: Any, episode: Episode, mapper: Any, config: ExpertConfig =
             settle += 1
         action[3:6] = _rotation_step(pose.rotation, pose.position_m + action[:3], config)
         last_position_m, last_asked_m = pose.position_m, float(np.linalg.norm(action[:3]))
-        executor.execute(action)
+        executed = action.copy()
+        executed[:3] += noise_rng.normal(0.0, config.execution_noise * last_asked_m, 3)
+        executor.execute(executed)
         actions.append(action)
         ee.append(world.site_pose("ee")[0])
     if on_action is not None:

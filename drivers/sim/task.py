@@ -40,6 +40,7 @@ GRIPPER = "gripper"
 TABLE_TOP_Z_M = 0.20                    # scene.xml: the table's top face
 BLOCK_HALF_M = 0.015                    # scene.xml: the blocks are 3 cm cubes
 SHOULDER_XY_M = np.array([0.06, 0.0])   # robot.xml: the shoulder pan axis, base frame
+READY_EE_XY_M = np.array([0.29, 0.0])   # robot.xml: the end effector with every joint at 0 ("ready"), base frame
 MAX_SAMPLE_TRIES = 200                  # a layout is redrawn at most this often before the config is blamed
 
 
@@ -60,6 +61,8 @@ class TaskConfig:
     success_push_m: float = 0.05        # the least displacement along the asked direction that succeeds
     move_radius_m: float = 0.025        # move_to: end effector within this of the block's vertical axis
     move_height_m: tuple[float, float] = (0.0, 0.09)        # ... and this far above its top face
+    move_start_clearance_m: float = 0.07    # move_to: the block this far (horizontally) from the ready end effector,
+                                            # so no arm start is already a success
     disturb_m: float = 0.025            # a block the task does not name may move at most this far
     arm_start_noise_rad: float = 0.15   # each arm joint starts uniformly within +- this of zero ("ready")
     time_limit_s: dict[str, float] = field(default_factory=lambda: {"move_to": 5.0, "push_left": 9.0,
@@ -71,7 +74,7 @@ class TaskConfig:
             if not low < high:
                 raise ConfigError(f"TaskConfig.{name}: must be (low, high) with low < high, got {(low, high)}")
         for name in ("max_reach_m", "min_separation_m", "lane_half_width_m", "lane_length_m", "push_reach_y_m",
-                     "push_distance_m", "success_push_m", "move_radius_m", "disturb_m"):
+                     "push_distance_m", "success_push_m", "move_radius_m", "disturb_m", "move_start_clearance_m"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"TaskConfig.{name}: must be a positive number, got {value}")
@@ -159,6 +162,8 @@ def _placement_ok(p: np.ndarray, is_target: bool, target: np.ndarray | None, pla
                   template: str, config: TaskConfig) -> bool:
     if is_target:
         if np.linalg.norm(p - SHOULDER_XY_M) > config.max_reach_m:
+            return False
+        if template == "move_to" and np.linalg.norm(p - READY_EE_XY_M) < config.move_start_clearance_m:
             return False
         return template not in PUSH_SIGN or abs(p[1] + PUSH_SIGN[template] * config.push_distance_m) <= \
             config.push_reach_y_m

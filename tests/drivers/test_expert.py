@@ -72,6 +72,23 @@ def test_the_same_seed_gives_the_same_demonstration(world, mapper, rollouts):
     assert np.array_equal(again.ee_positions_m, first.ee_positions_m)
 
 
+def test_execution_noise_moves_the_arm_off_the_path_and_the_expert_steers_back(world, mapper, rollouts):
+    # DART: the executed steps are perturbed (seeded by the episode); the recorded actions are the expert's
+    # answers from the perturbed states, and it still solves the task.
+    clean = rollouts["push_left"][0]
+    noisy_config = ExpertConfig(execution_noise=0.25)
+    noisy = run_expert(world, sample_episode(100, "push_left"), mapper, noisy_config)
+    again = run_expert(world, sample_episode(100, "push_left"), mapper, noisy_config)
+    assert np.array_equal(noisy.actions, again.actions)                  # seeded: reproducible
+    assert np.array_equal(noisy.actions[0], clean.actions[0])           # the first answer is from the same state
+    n = min(len(noisy.ee_positions_m), len(clean.ee_positions_m))
+    assert np.abs(noisy.ee_positions_m[:n] - clean.ee_positions_m[:n]).max() > 2e-3
+    assert noisy.outcome.success
+    assert np.linalg.norm(noisy.actions[:, :3], axis=1).max() <= noisy_config.step_m + 1e-12
+    with pytest.raises(Exception, match="execution_noise"):
+        ExpertConfig(execution_noise=-0.1)
+
+
 def test_the_runtime_control_step_replays_the_expert(world, mapper, rollouts):
     """The expert's actions, followed as one plan by the runtime's ChunkFollower at the control rate, end where the
     expert ended: demonstrations mean the same thing to the runtime."""

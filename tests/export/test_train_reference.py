@@ -152,3 +152,25 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     args = parser.parse_args(argv + ["--overwrite"])
     assert args.handler(args) == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_the_loss_weighs_each_answer_kind(demos):
+    from edgeact.export.train_reference import weighted_loss
+    from edgeact.export.train_reference_data import KINDS
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    batch = collate([trainer.encoder.encode(trainer.arrays, i) for i in (0, 1)], trainer.encoder.layout.bos_id)
+    with torch.inference_mode():
+        logits = batch_logits(trainer.model, batch)
+    token_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                                                 ignore_index=IGNORE, reduction="none")
+    kinds = batch["kinds"].reshape(-1)
+    for k, name in enumerate(KINDS):
+        only = torch.zeros(len(KINDS) + 1)
+        only[k] = 1.0
+        expected = token_ce[kinds == k].mean()      # one kind weighted: the mean loss of that kind's tokens
+        assert torch.allclose(weighted_loss(logits, batch, only), expected), name
+    equal = torch.tensor([1.0] * len(KINDS) + [0.0])
+    assert torch.allclose(weighted_loss(logits, batch, equal), token_ce[batch["labels"].reshape(-1) != IGNORE].mean())
+    with pytest.raises(Exception, match="loss_weights"):
+        TrainOptions(loss_weights=(0.0, 0.0, 0.0, 0.0))
