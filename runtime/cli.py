@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "edgeact.drivers.commands_sim",
     "edgeact.runtime.commands",
     "edgeact.runtime.commands_loop",
+    "edgeact.runtime.commands_eval",
 )
 
 

@@ -15,6 +15,8 @@ from edgeact.runtime.cli_args import console as _console, positive_float
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
+DEMO_ROBOTS = ("simple", "mujoco")       # demo.DEMO_ROBOTS
+DEMO_TEMPLATES = ("move_to", "push_left", "push_right")     # drivers.sim.task.TEMPLATES (no mujoco import for --help)
 EXIT_INTERRUPTED, EXIT_ESTOP = 130, 3
 
 
@@ -37,7 +39,13 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="run the loop on the built-in simulated arm (Feetech bus on a pty, "
                                            "synthetic camera) and report the control frequency")
-    p.add_argument("--seconds", type=positive_float, default=DEMO_SECONDS, help=f"how long (default {DEMO_SECONDS:g})")
+    p.add_argument("--seconds", type=positive_float,
+                   help=f"how long (default: {DEMO_SECONDS:g} s on the simple robot, the episode's limit on mujoco)")
+    p.add_argument("--robot", choices=DEMO_ROBOTS, default="simple",
+                   help="simple: Feetech arm, simple physics, synthetic camera (default); mujoco: the mobile "
+                        "manipulator on the reference task, one episode, with its result")
+    p.add_argument("--seed", type=int, help="mujoco: the episode's seed (default: the demo's evaluation episode)")
+    p.add_argument("--template", choices=DEMO_TEMPLATES, help="mujoco: the task template (default: the demo's)")
     p.add_argument("--policy", choices=DEMO_POLICIES, default="scripted",
                    help="scripted: a deterministic stand-in (default); bundle: the model in --bundle")
     p.add_argument("--bundle", metavar="PATH", help="bundle directory for --policy bundle")
@@ -80,16 +88,31 @@ def _bench_command(args) -> int:
 
 
 def _demo(args) -> int:
-    from edgeact.runtime.demo import demo_config, demo_config_dict
+    from edgeact.runtime.demo import DEMO_EPISODE, demo_config, demo_config_dict
 
+    if args.robot == "simple" and (args.seed is not None or args.template):
+        from edgeact.runtime.errors import ConfigError
+
+        raise ConfigError("--seed and --template choose a task episode: add --robot mujoco")
+    episode = (DEMO_EPISODE[0] if args.seed is None else args.seed, args.template or DEMO_EPISODE[1])
     if args.write_config:
-        data = demo_config_dict(args.policy, args.bundle)
+        data = demo_config_dict(args.policy, args.bundle, args.robot, episode)
         path = Path(args.write_config)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"wrote the simulated robot's config to {path}; run it with `edgeact run {path}`")
         return 0
-    return _measure_and_report(demo_config(args.policy, args.bundle), args.seconds, Path(args.out), "demo")
+    config = demo_config(args.policy, args.bundle, args.robot, episode)
+    seconds = args.seconds
+    if seconds is None:
+        seconds = DEMO_SECONDS if args.robot == "simple" else _episode_limit_s(episode)
+    return _measure_and_report(config, seconds, Path(args.out), "demo")
+
+
+def _episode_limit_s(episode: tuple[int, str]) -> float:
+    from edgeact.drivers.sim.task import sample_episode
+
+    return sample_episode(*episode).time_limit_s
 
 
 def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record: str | None = None) -> int:
@@ -97,6 +120,7 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgeact.runtime.demo import measure
+    from edgeact.runtime.sim_eval import FirstPlan
 
     _log_to_stderr(logging.WARNING)
     console = _console(120)
@@ -105,13 +129,46 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:.1f} s"),
                         TimeRemainingColumn(), console=console, transient=True)
     estop = threading.Event()
+    first_plan = FirstPlan()
     with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
         task = progress.add_task("running the loop", total=seconds)
-        run = measure(config, seconds, out_dir, name, record, estop=estop,
+        run = measure(config, seconds, out_dir, name, record, estop=estop, subscribers=(first_plan,),
                       progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
     console.print(_summary_tables(run.summary))
     console.print(f"timing JSON: {run.json_path}\ntiming plot: {run.plot_path or 'not written: ' + run.plot_note}")
+    if run.result.task is not None:
+        _report_task(console, run, first_plan, out_dir / f"{name}-episode.png")
     return _finish(run.result, console)
+
+
+def _report_task(console, run, first_plan, sheet_path: Path) -> None:
+    """The task's outcome, and the episode's sheet (frame with the first plan's trace, its actions, timing)."""
+    from rich.table import Table
+
+    from edgeact.runtime.errors import EdgeactError
+    from edgeact.runtime.sim_eval import episode_sheet_from_run
+
+    task = run.result.task
+    episode = task["episode"]
+    verdict = "[green]SUCCESS[/]" if task["first_success_s"] is not None else "[red]not done[/]"
+    table = Table(title=f"task: \"{episode['instruction']}\" (seed {episode['seed']})", show_header=False)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    when = task["first_success_s"]
+    table.add_row("result", verdict + (f" after {when:.1f} s" if when is not None else
+                                        f" within {episode['time_limit_s']:g} s"))
+    table.add_row("named block moved (x, y, z)", " ".join(f"{v * 100:+.1f}" for v in task["target_displacement_m"])
+                  + " cm")
+    table.add_row("end effector to the block's top (x, y, z)",
+                  " ".join(f"{v * 100:+.1f}" for v in task["ee_to_target_m"]) + " cm")
+    table.add_row("other blocks moved at most", f"{task['max_other_displacement_m'] * 100:.1f} cm")
+    console.print(table)
+    if first_plan.plan is not None:
+        try:
+            path = episode_sheet_from_run(sheet_path, task, first_plan.plan, run.stats)
+            console.print(f"episode sheet: {path}")
+        except EdgeactError as exc:
+            console.print(f"episode sheet: not written: {exc}")
 
 
 def _finish(result, console) -> int:

@@ -19,23 +19,47 @@ from edgeact.runtime.sim_robot import sim_robot_config_dict
 from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, run_summary
 
 DEMO_POLICIES = ("scripted", "bundle")
+DEMO_ROBOTS = ("simple", "mujoco")
+DEMO_EPISODE = (1_000_000, "push_left")    # the MuJoCo demo's episode: an evaluation seed, never a training one
 
 
-def demo_config_dict(policy: str = "scripted", bundle: str | None = None) -> dict[str, Any]:
-    """The simulated robot's config with the demo's policy: the scripted stand-in, or a bundle."""
+def demo_config_dict(policy: str = "scripted", bundle: str | None = None, robot: str = "simple",
+                     episode: tuple[int, str | None] = DEMO_EPISODE) -> dict[str, Any]:
+    """The simulated robot's config with the demo's policy: the scripted stand-in, or a bundle.
+
+    robot "simple": the Feetech arm with simple physics and a synthetic camera; "mujoco": the mobile
+    manipulator in MuJoCo set to the reference task's `episode` (seed, template), its camera at the
+    size the reference ARM was trained on, and the depth forced from the camera when the bundle has
+    a depth tokenizer stage.
+    """
     if policy not in DEMO_POLICIES:
         raise ConfigError(f"demo policy {policy!r} unknown; use one of {', '.join(DEMO_POLICIES)}")
-    if policy == "bundle":
-        if not bundle:
-            raise ConfigError("the bundle policy needs a bundle directory (--bundle PATH, from `edgeact export`)")
-        return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle), "process": True})
-    if bundle:
+    if robot not in DEMO_ROBOTS:
+        raise ConfigError(f"demo robot {robot!r} unknown; use one of {', '.join(DEMO_ROBOTS)}")
+    if policy == "bundle" and not bundle:
+        raise ConfigError("the bundle policy needs a bundle directory (--bundle PATH, from `edgeact export`)")
+    if policy != "bundle" and bundle:
         raise ConfigError("a bundle was given but the policy is 'scripted'; add --policy bundle to use it")
-    return sim_robot_config_dict()
+    if robot == "simple":
+        if policy == "bundle":
+            return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle), "process": True})
+        return sim_robot_config_dict()
+    from edgeact.runtime.sim_eval import EVAL_CAMERA_PX, has_depth_stage
+    from edgeact.runtime.sim_robot import episode_config_dict, mujoco_robot_config_dict
+
+    sections: dict[str, Any] = {}
+    if policy == "bundle":
+        sections["policy"] = {"type": "bundle", "path": str(bundle), "process": True,
+                              "forced_depth": "sensor" if has_depth_stage(bundle) else None}
+    base = mujoco_robot_config_dict(**sections)
+    base["camera"].update(width=EVAL_CAMERA_PX[0], height=EVAL_CAMERA_PX[1])
+    return episode_config_dict(base, *episode)
 
 
-def demo_config(policy: str = "scripted", bundle: str | None = None) -> RobotConfig:
-    return robot_config_from_dict(demo_config_dict(policy, bundle), source="<demo: built-in simulated robot>")
+def demo_config(policy: str = "scripted", bundle: str | None = None, robot: str = "simple",
+                episode: tuple[int, str | None] = DEMO_EPISODE) -> RobotConfig:
+    return robot_config_from_dict(demo_config_dict(policy, bundle, robot, episode),
+                                  source=f"<demo: built-in {robot} simulated robot>")
 
 
 @dataclass(frozen=True)
@@ -45,27 +69,28 @@ class MeasuredRun:
     json_path: Path
     plot_path: Path | None
     plot_note: str = ""                 # why there is no plot
+    stats: TimingStats | None = None    # the samples behind the summary
 
 
 def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",
             record: str | Path | None = None, progress: Callable[[float], None] | None = None,
-            estop: threading.Event | None = None) -> MeasuredRun:
+            estop: threading.Event | None = None, subscribers: tuple = ()) -> MeasuredRun:
     """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png.
 
     Besides TimingStats' numbers the summary has the run's own: how the control thread was
     scheduled, and each process's peak memory against the budget 1.3 x bundle bytes + 300 MB.
     """
     stats = TimingStats(config.rates.control_hz)
-    subscribers = [stats, LogSubscriber()] + ([CommandRecorder(record)] if record else [])
-    result = run_robot(config, seconds, subscribers, progress=progress, estop=estop)
+    every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])
+    result = run_robot(config, seconds, every, progress=progress, estop=estop)
     out_dir = Path(out_dir)
     extra = run_summary(result, policy_bundle_dir(config))
     json_path = stats.write_json(out_dir / f"{name}.json", extra)
     summary = {**stats.summary(), **extra}
     try:
-        return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"))
+        return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"), stats=stats)
     except EdgeactError as exc:       # no matplotlib on this robot: the JSON still has every number
-        return MeasuredRun(result, summary, json_path, None, str(exc))
+        return MeasuredRun(result, summary, json_path, None, str(exc), stats)
 
 
 def policy_bundle_dir(config: RobotConfig) -> Path | None:

@@ -67,6 +67,7 @@ class RunResult:
     error: BaseException | None = None
     control_scheduling: str = ""        # what the control thread ran under: "SCHED_FIFO 50", or normal and why
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)   # process role ("control", "policy", "sim") -> VmHWM
+    task: dict | None = None            # the simulated task's report at the end (sim_mujoco.TaskTracker); None: no task
 
     @property
     def clean(self) -> bool:
@@ -251,8 +252,9 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     """Build what `config` describes (starting the simulator for bus "sim"), run the loop, take it all down.
 
     The policy runs in its own process when its config says so (`process`, see policy.py), and the
-    simulator (its bus, its synthetic camera) in processes of its own (robot.sim_process): the
-    control process then holds only what a robot computer runs, and its GIL serves the control thread.
+    simulator (its bus, its synthetic camera; the MuJoCo world with its bus and camera) in processes of
+    its own (robot.sim_process): the control process then holds only what a robot computer runs, and
+    its GIL serves the control thread. A simulator that judges a task (robot.task) reports it in `task`.
 
     Teardown runs in reverse on every way out: the SafetyGuard's exit (safe state, then the bus
     disconnect turns torque off), the policy's close, the camera, the simulator; then the
@@ -283,14 +285,20 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
                                         camera.intrinsics)
                 policy = config.policy.make_robot_policy(context)
             stack.callback(policy.close)
+            mark_start = getattr(sim, "mark_episode_start", None)
+            if mark_start is not None:      # a task's times count from here (the loop's start), not the reset
+                mark_start()
             guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
             loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub)
             result = loop.run(duration_s, progress)
-            # Read while the children live: each process's peak resident memory (the simulator is not the robot's).
+            # Read while the children live: each process's peak resident memory (the simulator is not the robot's),
+            # and the task's outcome as the simulator judged it.
             pids = {"control": os.getpid(), "policy": getattr(policy, "pid", None), "sim": getattr(sim, "pid", None),
                     "sim_camera": getattr(camera, "pid", None)}
+            task_report = getattr(sim, "task_report", None)
             return replace(result, peak_rss_bytes={role: rss for role, pid in pids.items()
-                                                   if pid is not None and (rss := peak_rss_bytes(pid)) is not None})
+                                                   if pid is not None and (rss := peak_rss_bytes(pid)) is not None},
+                           task=task_report() if task_report is not None else None)
     finally:
         hub.close()
 

@@ -46,6 +46,23 @@ class MotorEntry:
 
 
 @dataclass
+class SimTaskSection:
+    """An episode of the simulated task (drivers/sim/task.py) for the MuJoCo robot to start in and be judged on."""
+
+    seed: int                               # the episode's random draw (block layout, colour, arm start)
+    template: str | None = None             # "move_to", "push_left", "push_right"; null: drawn from the seed
+
+    def __post_init__(self) -> None:
+        from edgeact.drivers.sim.task import TEMPLATES
+
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be a non-negative integer, got {self.seed}")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ConfigError(f"template: must be one of {', '.join(TEMPLATES)} or null, got {self.template!r}"
+                              f"{_suggest(self.template, TEMPLATES)}")
+
+
+@dataclass
 class RobotSection:
     """The motor bus. "sim" starts the built-in simulated Feetech bus on a pty (no port needed).
 
@@ -53,8 +70,9 @@ class RobotSection:
     the joints of the MuJoCo robot (drivers/sim/mujoco_robot.py), whose world a "mujoco" camera renders.
     `sim_process` serves the simulated motors from their own process, as real motors answer from
     their own microcontrollers (the simulator's Python then costs the control process nothing);
-    unset, yes for "simple". The MuJoCo world stays in this process for now: the "mujoco" camera
-    renders it here, and moving it means moving the camera too, with its frames in shared memory.
+    unset, yes. With "mujoco" that process holds the world and renders the "mujoco" camera too
+    (its frames reach this process in shared memory). `task` (MuJoCo only) starts the world as an
+    episode of the simulated task, which that process then judges (the run's result says how it went).
     """
 
     bus: str
@@ -65,6 +83,7 @@ class RobotSection:
     options: dict[str, Any] = field(default_factory=dict)   # more fields of the bus's own config
     physics: str = "simple"                 # "sim" bus only: "simple" or "mujoco"
     sim_process: bool | None = None         # "sim" bus only: serve the simulator from a child process
+    task: SimTaskSection | None = None      # physics "mujoco" only: {"seed": 7, "template": "move_to"}
 
     def __post_init__(self) -> None:
         if self.bus not in BUS_TYPES:
@@ -77,9 +96,9 @@ class RobotSection:
                               "drives real motors")
         if self.sim_process is not None and self.bus != "sim":
             raise ConfigError(f"sim_process: is for the simulated bus (bus \"sim\"); remove it for a {self.bus} bus")
-        if self.sim_process and self.physics == "mujoco":
-            raise ConfigError("sim_process: the MuJoCo world cannot run in its own process yet (the \"mujoco\" camera "
-                              "renders it in this one); set it to false or leave it out")
+        if self.task is not None and self.physics != "mujoco":
+            raise ConfigError(f"task: episodes are of the MuJoCo simulated robot (bus \"sim\", physics \"mujoco\"), "
+                              f"not of physics {self.physics!r} on a {self.bus} bus; remove the task")
         if not self.motors:
             raise ConfigError('motors: name at least one motor, e.g. {"shoulder_pan": {"id": 1, "model": "sts3215"}}')
         if self.bus in ("feetech", "dynamixel") and not self.port:
@@ -93,7 +112,7 @@ class RobotSection:
 
     @property
     def sim_in_own_process(self) -> bool:
-        return self.physics == "simple" if self.sim_process is None else self.sim_process
+        return True if self.sim_process is None else self.sim_process
 
     @property
     def protocol(self) -> str:
@@ -249,6 +268,11 @@ TOP_LEVEL = ("robot", "camera", "policy", "actions", "instruction", "rates", "li
 
 def load_robot_config(path: str | Path) -> RobotConfig:
     """Read and validate a .json or .toml robot config."""
+    return robot_config_from_dict(read_config_dict(path), source=str(path))
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """The plain sections of a .json or .toml robot config file, not yet validated (callers may edit them)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config {path} not found; write a sample with `edgeact demo --write-config {path}`")
@@ -265,7 +289,7 @@ def load_robot_config(path: str | Path) -> RobotConfig:
         data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except ValueError as exc:       # JSONDecodeError and TOMLDecodeError are ValueErrors
         raise ConfigError(f"config {path} is not valid {suffix[1:].upper()}: {exc}") from None
-    return robot_config_from_dict(data, source=str(path))
+    return data
 
 
 def robot_config_from_dict(data: Any, source: str = "<dict>") -> RobotConfig:

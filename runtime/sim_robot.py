@@ -1,5 +1,6 @@
 """The built-in simulated robots: a 6-motor Feetech arm on the simulated servo bus, a synthetic camera, its config;
-and the MuJoCo mobile manipulator (physics "mujoco"): the same arm and three wheels as MuJoCo joints, a rendered camera.
+and the MuJoCo mobile manipulator (physics "mujoco"): the same arm and three wheels as MuJoCo joints, a rendered camera
+(its world, bus and camera in sim_mujoco.py; the cameras' frames out of child processes in sim_camera.py).
 
 The motors speak the real Feetech protocol on a pty, so `edgeact run` drives them through the real
 serial driver, the real SafetyGuard and the real loop; only the motors and the camera are fake.
@@ -11,16 +12,14 @@ import contextlib
 import copy
 import os
 import signal
-import threading
 from typing import Any, Iterator
 
-import numpy as np
-
-from edgeact.drivers.cameras.base import Camera, CameraConfig, CameraError, Intrinsics, RGBDFrame, make_camera
+from edgeact.drivers.cameras.base import Camera, make_camera
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime.errors import ConfigError
-from edgeact.runtime.process_policy import ChildProcess, FrameSlab, portable_error, send_quietly
+from edgeact.runtime.process_policy import ChildProcess, send_quietly
+from edgeact.runtime.sim_camera import ProcessCamera
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 GRIPPER = "gripper"
@@ -108,17 +107,33 @@ def mujoco_robot_config_dict(**overrides: Any) -> dict[str, Any]:
     return sim_robot_config_dict(**{**copy.deepcopy(MUJOCO_ROBOT_SECTIONS), **overrides})
 
 
+def episode_config_dict(base: dict[str, Any], seed: int, template: str | None = None) -> dict[str, Any]:
+    """`base` (a MuJoCo robot config dict) as the task's episode `seed`: robot.task set, and the instruction the
+    episode's (drivers/sim/task.py; `template` None draws one from the seed, as the episode does)."""
+    from edgeact.drivers.sim.task import sample_episode
+
+    data = copy.deepcopy(base)
+    if not isinstance(data.get("robot"), dict):
+        raise ConfigError("episode_config_dict: the base config needs a robot section (see mujoco_robot_config_dict)")
+    data["robot"]["task"] = {"seed": seed, "template": template}
+    data["instruction"] = sample_episode(seed, template).instruction
+    return data
+
+
 @contextlib.contextmanager
-def start_sim_bus(section, priority: int | None = None) -> Iterator[SimServoBus | SimBusProcess]:
+def start_sim_bus(section, priority: int | None = None) -> Iterator[Any]:
     """The simulated Feetech bus for a "sim" robot section: its motors, ids and models, each at its zero.
 
-    Served from a child process when `section.sim_in_own_process` (the default for the simple physics),
-    in this process otherwise (tests that inspect the simulated registers, the MuJoCo world). The
-    child asks for SCHED_FIFO `priority` (best effort): real motors answer in microseconds however busy
-    the robot computer is, and a simulator starved by the machine's load would be blamed on the loop.
+    Served from a child process when `section.sim_in_own_process` (the default), in this process
+    otherwise (tests that inspect the simulated registers or poke the MuJoCo world). The child asks
+    for SCHED_FIFO `priority` (best effort): real motors answer in microseconds however busy the
+    robot computer is, and a simulator starved by the machine's load would be blamed on the loop.
+    Physics "mujoco" yields a MujocoSimProcess (sim_mujoco.py), or the in-process MujocoServoBus.
     """
     if section.physics == "mujoco":
-        with _start_mujoco_bus(section) as sim:
+        from edgeact.runtime.sim_mujoco import start_mujoco_sim
+
+        with start_mujoco_sim(section, priority) as sim:
             yield sim
         return
     motors = [(name, motor.id, motor.model,
@@ -188,14 +203,24 @@ class SimBusProcess:
         self._child.stop()
 
 
+def ask_realtime(priority: int | None) -> None:
+    """SCHED_FIFO `priority` for the calling thread, or normal scheduling for None; best effort, silently.
+
+    Refused, the simulator answers at normal priority (later under load); threads the caller starts
+    afterwards inherit what it got.
+    """
+    policy, param = (os.SCHED_OTHER, 0) if priority is None else (os.SCHED_FIFO, priority)
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(param))
+    except (OSError, AttributeError):   # no permission, or not Linux
+        pass
+
+
 def _serve_sim_bus(conn, motors: list[tuple[str, int, str, int]], baud_rate: int, priority: int | None) -> None:
     """The simulated bus's process: serve the pty, answer register reads, stop on "stop" or when the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # like real motors, Ctrl-C does not stop it: the safe state needs it
     if priority is not None:
-        try:    # before the bus thread starts: threads inherit their creator's scheduling
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-        except (OSError, AttributeError):   # refused: the simulator answers at normal priority, later under load
-            pass
+        ask_realtime(priority)      # before the bus thread starts: threads inherit their creator's scheduling
     try:
         sim = _make_sim_bus(motors, baud_rate).start()
     except ConfigError as exc:
@@ -222,155 +247,21 @@ def _serve_sim_bus(conn, motors: list[tuple[str, int, str, int]], baud_rate: int
         sim.stop()
 
 
-@contextlib.contextmanager
-def _start_mujoco_bus(section) -> Iterator[SimServoBus]:
-    """The MuJoCo world, started in real time under the name "default" (a "mujoco" camera renders it), and a
-    bus whose motors are its joints; each motor's calibration says how its ticks sit on its joint."""
-    from edgeact.drivers.sim.mujoco_robot import MujocoWorld, MujocoWorldError
-    from edgeact.drivers.sim.mujoco_servo_bus import MujocoServoBus, ServoJoint
+# -- the simulated cameras ---------------------------------------------------------------------------
 
-    joints = {}
-    for name, motor in section.motors.items():
-        cal = section.calibration.get(name)
-        joints[name] = ServoJoint(motor.id, motor.model, cal.homing_offset if cal else CENTRE_TICKS,
-                                  cal.drive_mode if cal else 0)
-    try:
-        world = MujocoWorld()
-        sim = MujocoServoBus(world, joints, baud_rate=section.baud_rate)
-    except MujocoWorldError as exc:
-        raise ConfigError(f"robot: the MuJoCo simulator cannot build it: {exc}") from None
-    with world:
-        sim.start()
-        try:
-            yield sim
-        finally:
-            sim.stop()
-
-
-# -- the simulated camera in its own process -------------------------------------------------------
-
-SIMULATED_CAMERAS = ("synthetic",)  # "mujoco" renders this process's world; playback and realsense are real sources
-CAMERA_SLABS = 3                    # frames in flight: one being read here, one being written there, one spare
-CAMERA_START_TIMEOUT_S = 60.0
+SIMULATED_CAMERAS = ("synthetic",)  # rendered in a process of their own; "mujoco" renders in the simulator's
 
 
 def make_robot_camera(config) -> Camera:
-    """The camera of a robot config (not connected): a simulated camera of a simulated robot whose simulator runs
-    in its own process (robot.sim_in_own_process) runs in a process of its own too, like the bus."""
-    robot = config.robot
-    if robot.bus == "sim" and robot.sim_in_own_process and config.camera.type_name in SIMULATED_CAMERAS:
-        return ProcessCamera(config.camera)
-    return make_camera(config.camera)
+    """The camera of a robot config (not connected). A simulated robot whose simulator runs in its own process
+    (robot.sim_in_own_process) has its simulated camera out of this process too: a synthetic camera in a process
+    of its own, a "mujoco" camera in the MuJoCo simulator's process (the world it renders is there)."""
+    robot, camera = config.robot, config.camera
+    if robot.bus == "sim" and robot.sim_in_own_process:
+        if camera.type_name in SIMULATED_CAMERAS:
+            return ProcessCamera(camera)
+        if camera.type_name == "mujoco" and robot.physics == "mujoco":
+            from edgeact.runtime.sim_mujoco import MujocoProcessCamera
 
-
-class ProcessCamera(Camera):
-    """A camera run in a child process, its frames handed over in shared memory (a ring of CAMERA_SLABS).
-
-    A synthetic camera ray-casts every frame in numpy (milliseconds of held GIL, 30 times a second);
-    in the robot's process that work delays the control thread's wake-ups whenever the machine is
-    busy. Here the capture thread only copies the newest frame out of its slab and hands the slab
-    back; frames the child finds no free slab for are dropped (gaps in the frame numbers, as on a
-    real sensor whose host lags).
-    """
-
-    timeout_hint = "is the camera process alive? (its errors go to stderr)"
-
-    def __init__(self, config: CameraConfig):
-        super().__init__(config)
-        self._child: ChildProcess | None = None
-        self._slabs: list[FrameSlab] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child is not None else None
-
-    def _open(self) -> Intrinsics:
-        self._child = ChildProcess(_serve_camera, (self.config,), f"edgeact-camera-{self.name}")
-        try:
-            message = self._child.receive(CAMERA_START_TIMEOUT_S)
-            if message is None:
-                raise CameraError(f"the process of camera {self.name!r} did not start within "
-                                  f"{CAMERA_START_TIMEOUT_S:g} s ({self._child.exit_status()})")
-            kind, *payload = message
-            if kind == "error":
-                raise payload[0]
-            intrinsics, names, shape_hw = payload
-            self._slabs = [FrameSlab(*shape_hw, name=name) for name in names]
-        except BaseException:
-            self._close()
-            raise
-        return intrinsics
-
-    def _read(self, timeout_s: float) -> RGBDFrame | None:
-        if not self._child.conn.poll(timeout_s):
-            return None
-        newest = None
-        while newest is None or self._child.conn.poll(0):      # take the newest announced frame, hand older ones back
-            message = self._child.receive(0)
-            if message is None:
-                raise CameraError(f"the process of camera {self.name!r} exited ({self._child.exit_status()}); "
-                                  "its error output says why")
-            if message[0] == "error":
-                raise message[1]
-            if newest is not None:
-                self._child.send(("free", newest[1]))
-            newest = message
-        _, index, timestamp_s, capture_monotonic_s, frame_number = newest
-        slab = self._slabs[index]
-        color, depth_m = slab.rgb.copy(), slab.depth_m.copy()     # the frame outlives the slab's next use
-        self._child.send(("free", index))
-        return RGBDFrame(color=color, depth_m=depth_m, timestamp_s=timestamp_s,
-                         capture_monotonic_s=capture_monotonic_s, frame_number=frame_number)
-
-    def _close(self) -> None:
-        for slab in self._slabs:
-            slab.close()                # the child created them and unlinks them
-        self._slabs = []
-        if self._child is not None:
-            self._child.stop()
-
-
-def _serve_camera(conn, config: CameraConfig) -> None:
-    """The camera's process: capture, write each frame into a free slab, announce it; stop on "stop" or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us, after the robot is safe
-    slabs: list[FrameSlab] = []
-    free = set(range(CAMERA_SLABS))
-    lock = threading.Lock()
-
-    def on_frame(frame: RGBDFrame) -> None:         # on the camera's capture thread
-        with lock:
-            if not slabs or not free:               # not ready yet, or every slab is with the parent: dropped
-                return
-            index = min(free)
-            free.discard(index)
-        np.copyto(slabs[index].rgb, frame.color)
-        np.copyto(slabs[index].depth_m, frame.depth_m)
-        send_quietly(conn, ("frame", index, frame.timestamp_s, frame.capture_monotonic_s, frame.frame_number))
-
-    try:
-        camera = make_camera(config)
-        camera.add_listener(on_frame)
-        camera.connect()
-    except Exception as exc:        # the process boundary: the parent raises it from connect()
-        send_quietly(conn, ("error", portable_error(exc)))
-        return
-    try:
-        shape_hw = (camera.intrinsics.height, camera.intrinsics.width)
-        ring = [FrameSlab(*shape_hw) for _ in range(CAMERA_SLABS)]
-        ready = send_quietly(conn, ("ready", camera.intrinsics, [slab.name for slab in ring], shape_hw))
-        slabs[:] = ring                 # only now may frames be announced: the parent reads "ready" first
-        if not ready:
-            return
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):     # the parent is gone
-                return
-            if message[0] == "stop":
-                return
-            with lock:
-                free.add(message[1])
-    finally:
-        camera.disconnect()
-        for slab in slabs:
-            slab.close(unlink=True)
+            return MujocoProcessCamera(camera)
+    return make_camera(camera)

@@ -99,3 +99,33 @@ def test_estop_key_without_a_terminal_is_off_and_says_so(caplog, tmp_path):
     with open(tmp_path / "not-a-tty", "w+") as f, commands_loop.KeyEstop("q", event, fd=f.fileno()) as key:
         assert key._thread is None
     assert "needs a terminal on stdin; it is OFF" in caplog.text
+
+
+def test_the_mujoco_demo_runs_one_episode_and_reports_the_task(tmp_path, capsys):
+    pytest.importorskip("mujoco", reason="the MuJoCo robot needs mujoco (pip install mujoco==4.0.0)")
+    # The scripted stand-in does not solve the task: the report says so, with where the block and the hand are.
+    assert edgeact("demo", "--robot", "mujoco", "--seed", "3", "--template", "move_to", "--seconds", "2",
+                   "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    for text in ("control loop (target 100 Hz)", 'task: "move to the', "(seed 3)", "not done within 5 s",
+                 "end effector to the block's top", "peak RSS (VmHWM)", "simulator (not counted): sim"):
+        assert text in out, text
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["control"]["ticks"] > 50 and summary["policy"]["plans"] >= 2
+    if _has_matplotlib():
+        assert (tmp_path / "demo-episode.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(EdgeactError, match="--robot mujoco"):
+        edgeact("demo", "--seed", "3", "--seconds", "1")
+
+
+def test_the_mujoco_demo_config_sets_the_episode_and_the_trained_camera(tmp_path):
+    pytest.importorskip("mujoco", reason="the MuJoCo robot needs mujoco (pip install mujoco==4.0.0)")
+    from edgeact.drivers.sim.task import sample_episode
+
+    path = tmp_path / "robot.json"
+    assert edgeact("demo", "--robot", "mujoco", "--seed", "11", "--template", "push_right",
+                   "--write-config", str(path)) == 0
+    config = load_robot_config(path)
+    assert (config.robot.task.seed, config.robot.task.template) == (11, "push_right")
+    assert config.instruction == sample_episode(11, "push_right").instruction
+    assert (config.camera.width, config.camera.height) == (160, 120) and config.robot.physics == "mujoco"

@@ -51,15 +51,16 @@ def test_the_bus_in_its_own_process_moves_under_the_real_driver_and_ends_with_to
     assert not sim.running
 
 
-def test_in_process_on_request_and_for_mujoco():
+def test_in_process_on_request_and_out_of_it_by_default_for_both_physics():
     with start_sim_bus(robot_section(sim_process=False)) as sim:
         assert isinstance(sim, SimServoBus)
-    assert not robot_section(physics="mujoco").sim_in_own_process
+    assert robot_section(physics="mujoco").sim_in_own_process
+    assert not robot_section(physics="mujoco", sim_process=False).sim_in_own_process
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"bus": "feetech", "port": "/dev/ttyACM0", "sim_process": True}, "sim_process: is for the simulated bus"),
-    ({"physics": "mujoco", "sim_process": True}, "sim_process: the MuJoCo world cannot run in its own process yet"),
+    ({"task": {"seed": 1}}, "task: episodes are of the MuJoCo simulated robot"),
 ])
 def test_sim_process_is_refused_where_it_cannot_apply(fields, message):
     with pytest.raises(ConfigError, match=message):

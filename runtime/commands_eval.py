@@ -1,0 +1,96 @@
+"""`edgeact eval CONFIG --episodes N`: closed-loop success of bundles on the simulated reference task (runtime/sim_eval.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeact.runtime.cli_args import console as _console, positive_int
+
+DEFAULT_OUT = "out/eval"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="closed-loop evaluation on the simulated reference task: success rate, episode time, "
+                     "control frequency and policy rate per bundle and depth source",
+        description="Run seeded episodes of the reference task (MuJoCo robot) for each bundle, with the model's own "
+                    "depth codes and/or the depth forced from the camera through the bundle's depth tokenizer; "
+                    "print one table, write eval.json and a PNG sheet for the first --sheets episodes of each.")
+    p.add_argument("config", metavar="CONFIG", nargs="?",
+                   help="robot config of the MuJoCo robot (default: the built-in one; `--write-config` writes it)")
+    p.add_argument("--episodes", type=positive_int, default=50, help="episodes per system (default 50)")
+    p.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                   help="a bundle to evaluate, e.g. fp32=out/b32 (repeat to compare); default: the config's policy")
+    p.add_argument("--depth", nargs="+", default=["generated", "forced"], metavar="SOURCE",
+                   help="generated and/or forced (default both)")
+    p.add_argument("--timing", choices=("realtime", "lockstep"), default="realtime",
+                   help="realtime: the pipelined loop as on a robot (default); lockstep: the simulator waits for the "
+                        "policy (the model alone; for precisions this computer cannot run in time)")
+    p.add_argument("--replan-every", type=positive_int, default=2,
+                   help="lockstep: actions executed per plan (default 2)")
+    p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
+                                            "any training recording's)")
+    p.add_argument("--sheets", type=int, default=3, help="episodes per system with a PNG sheet (default 3)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"where eval.json and sheets/ go (default {DEFAULT_OUT})")
+    p.add_argument("--write-config", metavar="PATH", help="only write the built-in MuJoCo robot's config here and exit")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    from rich.table import Table
+
+    from edgeact.runtime.errors import ConfigError
+    from edgeact.runtime.robot_config import read_config_dict
+    from edgeact.runtime.sim_eval import EVAL_SEED, EvalOptions, eval_systems, evaluate
+    from edgeact.runtime.sim_robot import mujoco_robot_config_dict
+
+    console = _console()
+    if args.write_config:
+        path = Path(args.write_config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mujoco_robot_config_dict(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {path}")
+        return 0
+    base = read_config_dict(args.config) if args.config else mujoco_robot_config_dict()
+    source = str(args.config) if args.config else "<eval: built-in MuJoCo robot>"
+    bundles = {}
+    for item in args.bundle:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--bundle {item!r}: write NAME=PATH, e.g. int8=out/bundle-int8")
+        bundles[name] = path
+    if not bundles:
+        policy = base.get("policy") or {}
+        if policy.get("type") == "bundle" and policy.get("path"):
+            path = Path(policy["path"])
+            if not path.is_absolute() and args.config:
+                path = Path(args.config).resolve().parent / path
+            bundles["config"] = str(path)
+    systems = eval_systems(bundles, args.depth)
+    options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
+                          args.timing, args.replan_every, args.sheets)
+
+    def progress(system: str, index: int, result) -> None:
+        mark = "[green]ok[/]" if result.success else "[red]fail[/]"
+        console.print(f"{system}: episode {index + 1}/{options.episodes} {result.instruction!r} {mark} "
+                      f"({result.episode_s:.1f} s)")
+
+    report = evaluate(base, systems, options, progress, source)
+    json_path = report.write_json(options.out_dir / "eval.json")
+    table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing})")
+    for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
+                   "policy plans/s", "decode steps"):
+        table.add_column(column)
+    for row in report.rows():
+        per = " ".join(f"{t} {ok}/{n}" for t, (ok, n) in row["per_template"].items())
+        table.add_row(row["system"], f"{row['success_rate']:.0%} ({row['successes']}/{row['episodes']})", per,
+                      _fmt(row["episode_s_mean"], 1), _fmt(row["control_hz_mean"], 1),
+                      _fmt(row["period_error_p99_ms_max"], 2), _fmt(row["policy_hz_mean"], 2),
+                      _fmt(row["decode_steps_mean"], 1))
+    console.print(table)
+    console.print(f"results: {json_path}; sheets: {options.out_dir / 'sheets'}")
+    return 0
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,379 @@
+"""Closed-loop evaluation on the simulated reference task: seeded episodes per system, success with loop timing.
+
+    systems = eval_systems({"fp32": "out/b32", "int8": "out/b8"}, depths=("generated", "forced"))
+    report = evaluate(read_config_dict("robot.json"), systems, EvalOptions(episodes=50, out_dir="out/eval"))
+
+A system is a bundle with a depth source: "generated" (the model decodes the 100 depth codes) or
+"forced" (the bundle's depth_tokenizer stage turns the camera's depth into them). Episode i of
+every system is the same scene: seed `options.seed + i`, the task's templates in turn.
+
+Two timings:
+  realtime  the pipelined loop of `edgeact run` (runtime.loop.run_robot) on the MuJoCo robot in its
+            own process, for the episode's time limit: what a robot would do with this computer,
+            inference latency and control jitter included. Success is the task's predicate holding
+            at some moment of the episode (checked ~10 times per simulated second by the simulator).
+  lockstep  the simulator waits while the policy thinks: every `replan_every` actions a new plan from
+            the current frame, its first actions executed as the control step executes them. It
+            measures the model alone, for precisions this computer cannot run in time (fp8 without
+            fp8 kernels) and for quick checks; its control and policy rates are not a robot's.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.loop_events import Subscriber
+
+EVAL_SEED = 1_000_000          # episode seeds far from the training recordings' (sim-demos counts from its --seed)
+TIMINGS = ("realtime", "lockstep")
+DEPTH_SOURCES = ("generated", "forced")
+DEPTH_STAGE = "depth_tokenizer"
+# The camera the reference ARM was trained on (drivers.sim.demos.DemoConfig): same size, same rendering.
+EVAL_CAMERA_PX = (160, 120)
+
+
+@dataclass(frozen=True)
+class EvalSystem:
+    name: str                   # "int8 / forced depth"
+    bundle: Path
+    precision: str              # the bundle manifest's
+    depth: str                  # one of DEPTH_SOURCES
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    episodes: int
+    out_dir: Path
+    seed: int = EVAL_SEED
+    timing: str = "realtime"
+    replan_every: int = 2       # lockstep: actions executed per plan
+    sheets: int = 3             # episodes per system that get a PNG sheet (the first ones)
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ConfigError(f"--episodes: evaluate at least 1 episode, got {self.episodes}")
+        if self.timing not in TIMINGS:
+            raise ConfigError(f"--timing {self.timing!r} unknown; use one of {', '.join(TIMINGS)}")
+        if not 1 <= self.replan_every <= 64 or self.sheets < 0:
+            raise ConfigError(f"--replan-every must be in [1, 64] and --sheets >= 0; got {self.replan_every}, "
+                              f"{self.sheets}")
+
+
+@dataclass
+class EpisodeResult:
+    system: str
+    index: int
+    seed: int
+    template: str
+    instruction: str
+    success: bool
+    episode_s: float                        # time to the first success, else the episode's limit
+    time_limit_s: float
+    plans: int
+    policy_hz: float | None                 # plans per second of episode time
+    decode_steps_mean: float | None
+    control_hz: float | None                # realtime only
+    period_error_p99_ms: float | None       # realtime only
+    trips: int = 0
+    stop: str = ""
+    sheet: str | None = None
+
+
+@dataclass
+class EvalReport:
+    systems: list[EvalSystem]
+    options: EvalOptions
+    episodes: list[EpisodeResult] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One summary row per system: success rate (overall and per template) and the timing means."""
+        rows = []
+        for system in self.systems:
+            eps = [e for e in self.episodes if e.system == system.name]
+            if not eps:
+                continue
+            wins = [e for e in eps if e.success]
+            per_template: dict[str, list[int]] = {}
+            for e in eps:
+                per_template.setdefault(e.template, [0, 0])
+                per_template[e.template][0] += e.success
+                per_template[e.template][1] += 1
+            rows.append({
+                "system": system.name, "precision": system.precision, "depth": system.depth,
+                "bundle": str(system.bundle), "episodes": len(eps), "successes": len(wins),
+                "success_rate": len(wins) / len(eps), "per_template": per_template,
+                "episode_s_mean": _mean([e.episode_s for e in wins]),
+                "control_hz_mean": _mean([e.control_hz for e in eps]),
+                "period_error_p99_ms_max": _max([e.period_error_p99_ms for e in eps]),
+                "policy_hz_mean": _mean([e.policy_hz for e in eps]),
+                "decode_steps_mean": _mean([e.decode_steps_mean for e in eps]),
+                "trips": sum(e.trips for e in eps),
+            })
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "edgeact.eval/1", "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
+                "systems": self.rows(), "episodes": [asdict(e) for e in self.episodes]}
+
+    def write_json(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        return path
+
+
+def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
+    """(seed, template) of each episode: seed + i, the task's templates in turn."""
+    from edgeact.drivers.sim.task import TEMPLATES
+
+    names = list(TEMPLATES)
+    return [(seed + i, names[i % len(names)]) for i in range(episodes)]
+
+
+def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[str]) -> list[EvalSystem]:
+    """The systems to compare: each named bundle with each depth source (checked: exists, has the stage)."""
+    from edgeact.runtime.bundle import load_bundle
+
+    if not bundles:
+        raise ConfigError("no bundle to evaluate: give --bundle NAME=PATH (or a config whose policy is a bundle)")
+    unknown = sorted(set(depths) - set(DEPTH_SOURCES))
+    if unknown or not depths:
+        raise ConfigError(f"--depth {unknown or '(none)'}: use {' and/or '.join(DEPTH_SOURCES)}")
+    systems = []
+    for name, path in bundles.items():
+        bundle = load_bundle(path, verify_checksums=False)
+        for depth in depths:
+            if depth == "forced" and not has_depth_stage(bundle):
+                raise ConfigError(f"bundle {path} has no {DEPTH_STAGE} stage, so its depth cannot be forced; add one "
+                                  "with `edgeact add-depth-tokenizer` or evaluate --depth generated")
+            systems.append(EvalSystem(f"{name} / {depth} depth", Path(path).resolve(),
+                                      bundle_precision(bundle.manifest), depth))
+    return systems
+
+
+def has_depth_stage(bundle) -> bool:
+    """Whether a bundle (a loaded Bundle or its directory) can force depth from the camera."""
+    from edgeact.runtime.bundle import load_bundle
+
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle, verify_checksums=False)
+    return DEPTH_STAGE in bundle.manifest.stages
+
+
+def bundle_precision(manifest) -> str:
+    """The decoder stage's precision (what the quantizer made of the bundle), e.g. "fp32", "int8"."""
+    decoder = manifest.stages.get("decoder")
+    return decoder.precision if decoder is not None else "?"
+
+
+def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: EvalOptions,
+             progress: Callable[[str, int, EpisodeResult], None] | None = None, source: str = "<eval>") -> EvalReport:
+    """Every system on the same seeded episodes; `progress(system, index, result)` after each episode."""
+    report = EvalReport(systems, options)
+    plan = episode_plan(options.episodes, options.seed)
+    for system in systems:
+        runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
+                  else LockstepRunner(base_config, system, options.replan_every, source))
+        try:
+            for index, (seed, template) in enumerate(plan):
+                sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
+                    if index < options.sheets else None
+                result = runner.episode(index, seed, template, sheet)
+                report.episodes.append(result)
+                if progress is not None:
+                    progress(system.name, index, result)
+        finally:
+            runner.close()
+    return report
+
+
+def system_config_dict(base: dict[str, Any], system: EvalSystem) -> dict[str, Any]:
+    """The robot config with this system's bundle and depth source, and the camera at the trained size."""
+    data = copy.deepcopy(base)
+    policy = dict(data.get("policy") or {})
+    if policy.get("type") not in (None, "bundle"):
+        policy = {}
+    policy.update({"type": "bundle", "path": str(system.bundle),
+                   "forced_depth": "sensor" if system.depth == "forced" else None})
+    data["policy"] = policy
+    camera = dict(data.get("camera") or {})
+    if camera.get("type") != "mujoco":
+        raise ConfigError(f"camera.type is {camera.get('type')!r}: the evaluation needs the MuJoCo robot's camera "
+                          "(type 'mujoco'); start from `edgeact eval --write-config PATH`")
+    camera["width"], camera["height"] = EVAL_CAMERA_PX
+    data["camera"] = camera
+    return data
+
+
+class RealtimeRunner:
+    """Episodes through `run_robot`: the whole robot stack (simulator, camera and policy processes) per episode."""
+
+    def __init__(self, base: dict[str, Any], system: EvalSystem, source: str):
+        if (base.get("robot") or {}).get("physics") != "mujoco":
+            raise ConfigError("robot.physics must be 'mujoco' for the evaluation (the task lives in the MuJoCo "
+                              "world); start from `edgeact eval --write-config PATH`")
+        self.base, self.system, self.source = system_config_dict(base, system), system, source
+
+    def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
+        from edgeact.drivers.sim.task import sample_episode
+        from edgeact.runtime.loop import run_robot
+        from edgeact.runtime.robot_config import robot_config_from_dict
+        from edgeact.runtime.sim_robot import episode_config_dict
+        from edgeact.runtime.telemetry import TimingStats
+
+        episode = sample_episode(seed, template)
+        config = robot_config_from_dict(episode_config_dict(self.base, seed, template), source=self.source)
+        stats, first = TimingStats(config.rates.control_hz), FirstPlan()
+        result = run_robot(config, episode.time_limit_s, [stats, first])
+        out = realtime_result(self.system.name, index, result.task, stats, result.reason)
+        if sheet is not None and first.plan is not None:
+            out.sheet = str(episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats, stop: str) -> EpisodeResult:
+    """An episode run by the loop, from the simulator's task report and the loop's TimingStats."""
+    if not task:
+        raise ConfigError("the run has no task report: the robot config needs robot.task (an episode) and "
+                          "the MuJoCo robot (robot.physics 'mujoco')")
+    episode = task["episode"]
+    limit_s = float(episode["time_limit_s"])
+    first_success = task.get("first_success_s")
+    success = first_success is not None and first_success <= limit_s
+    summary = stats.summary()
+    return EpisodeResult(system, index, int(episode["seed"]), episode["template"], episode["instruction"], success,
+                         float(first_success) if success else limit_s, limit_s, stats.plans,
+                         _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
+                         summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
+                         len(stats.trips), stop)
+
+
+def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:
+    """The sheet of an episode the loop ran: the scene as reset (about the first plan's frame), plan, timing."""
+    from edgeact.drivers.sim.task import Episode
+
+    e = task["episode"]
+    result = result or realtime_result("demo", 0, task, stats, "")
+    episode = Episode(int(e["seed"]), e["template"], e["colour"], e["instruction"],
+                      {body: np.asarray(p, dtype=float) for body, p in e["block_positions_m"].items()},
+                      dict(e["block_yaws_rad"]), dict(e["arm_start_rad"]), float(e["time_limit_s"]))
+    frame = _initial_frame(episode)
+    return _sheet(Path(path), result, frame, plan, np.asarray(stats.period_s) * 1e3, np.asarray(stats.step_s) * 1e3)
+
+
+class LockstepRunner:
+    """Episodes in this process: the world waits while `policy.infer` runs (the system's bundle unless given)."""
+
+    def __init__(self, base: dict[str, Any], system: EvalSystem, replan_every: int, source: str, policy=None):
+        from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+        from edgeact.drivers.sim.expert import ActionExecutor, ExpertConfig
+        from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+        from edgeact.runtime.bundle_policy import BundlePolicy
+        from edgeact.runtime.robot_config import robot_config_from_dict
+
+        config = robot_config_from_dict(system_config_dict(base, system), source=source)
+        self.system, self.replan_every = system, replan_every
+        self.mapper = config.actions.make_mapper(list(config.robot.motors))
+        self.expert = ExpertConfig(action_rate_hz=config.rates.action_rate_hz, control_hz=config.rates.control_hz)
+        self._executor_type = ActionExecutor
+        self.policy = policy if policy is not None else BundlePolicy(
+            system.bundle, forced_depth="sensor" if system.depth == "forced" else None,
+            threads=getattr(config.policy, "threads", None))
+        self.world = MujocoWorld()
+        self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
+
+    def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
+        from edgeact.drivers.sim.task import evaluate as task_outcome
+        from edgeact.drivers.sim.task import reset_world, sample_episode
+
+        episode = sample_episode(seed, template)
+        reset_world(self.world, episode)
+        executor = self._executor_type(self.world, self.mapper, self.expert)
+        limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))
+        done, plans, steps, step_s, first_plan, first_frame = 0, 0, [], [], None, None
+        success_at: float | None = None
+        while done < limit and success_at is None:
+            rgb, depth_m = self.renderer.render()[:2]
+            start = time.perf_counter()
+            result = self.policy.infer(rgb, episode.instruction, depth_m=depth_m)
+            step_s.append(time.perf_counter() - start)
+            plans += 1
+            steps.append(result.decode_steps)
+            if first_plan is None:
+                first_plan, first_frame = result, rgb
+            for action in result.actions[:self.replan_every]:
+                executor.execute(action)
+                done += 1
+                if task_outcome(self.world, episode).success:
+                    success_at = done / self.expert.action_rate_hz
+                    break
+        out = EpisodeResult(self.system.name, index, seed, template, episode.instruction, success_at is not None,
+                            success_at if success_at is not None else episode.time_limit_s, episode.time_limit_s,
+                            plans, _per_s(plans, sum(step_s)), _mean(steps), None, None, stop="lockstep")
+        if sheet is not None and first_plan is not None:
+            out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
+        return out
+
+    def close(self) -> None:
+        self.renderer.close()
+        self.policy.close()
+
+
+class FirstPlan(Subscriber):
+    """A loop subscriber keeping the episode's first plan (for the sheet)."""
+
+    plan = None
+
+    def on_plan(self, event) -> None:
+        if self.plan is None:
+            self.plan = event.plan
+
+
+def _initial_frame(episode) -> np.ndarray:
+    """The camera's view of the episode's first moment (the first plan was made from about this frame)."""
+    from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+    from edgeact.drivers.sim.task import reset_world
+
+    world = MujocoWorld()
+    reset_world(world, episode)
+    renderer = MujocoRgbdRenderer(world, "front", *EVAL_CAMERA_PX)
+    try:
+        return renderer.render()[0]
+    finally:
+        renderer.close()
+
+
+def _sheet(path: Path, result: EpisodeResult, frame: np.ndarray, plan, period_ms: np.ndarray,
+           step_ms: np.ndarray) -> Path:
+    from edgeact.runtime.eval_sheet import episode_sheet
+
+    return episode_sheet(path, result, frame, plan, period_ms, step_ms)
+
+
+def _slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+def _per_s(count: int, seconds: float) -> float | None:
+    return round(count / seconds, 4) if seconds > 0 else None
+
+
+def _mean(values) -> float | None:
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return round(sum(kept) / len(kept), 4) if kept else None
+
+
+def _max(values) -> float | None:
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return max(kept) if kept else None

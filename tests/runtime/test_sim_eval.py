@@ -1,0 +1,137 @@
+"""`edgeact eval`: seeded episodes per system, success detection, the report, the sheets, and bad input."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco", reason="the evaluation runs the MuJoCo robot (pip install mujoco==4.0.0)")
+
+from edgeact.runtime.errors import ConfigError  # noqa: E402
+from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EvalOptions, LockstepRunner, episode_plan,  # noqa: E402
+                                      eval_systems, evaluate, system_config_dict)
+from edgeact.runtime.sim_robot import mujoco_robot_config_dict  # noqa: E402
+from tests.export.test_depth_tokenizer import trained_tokenizer  # noqa: E402
+from tests.runtime.test_decode_program import exported_bundle  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return exported_bundle(tmp_path_factory, "D")
+
+
+@pytest.fixture(scope="module")
+def with_depth(exported, tmp_path_factory):
+    from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
+    from edgeact.export.train_depth_tokenizer import sim_depth_images
+
+    return add_depth_tokenizer(exported.bundle_dir, trained_tokenizer(tmp_path_factory).dir,
+                               tmp_path_factory.mktemp("eval_sensor") / "bundle",
+                               check_images=sim_depth_images(2, 4242, size_px=EVAL_CAMERA_PX))
+
+
+def test_episodes_are_seeded_and_cycle_through_the_templates():
+    assert episode_plan(4, 10) == [(10, "move_to"), (11, "push_left"), (12, "push_right"), (13, "move_to")]
+
+
+def test_forced_depth_needs_the_depth_tokenizer_stage(exported):
+    with pytest.raises(ConfigError, match="add-depth-tokenizer"):
+        eval_systems({"fp32": exported.bundle_dir}, ["forced"])
+    with pytest.raises(ConfigError, match="generated and/or forced"):
+        eval_systems({"fp32": exported.bundle_dir}, ["sensor"])
+    with pytest.raises(ConfigError, match="--bundle"):
+        eval_systems({}, ["generated"])
+
+
+def test_the_system_config_takes_the_bundle_the_depth_source_and_the_trained_camera_size(with_depth):
+    system = eval_systems({"fp32": with_depth}, ["forced"])[0]
+    assert (system.name, system.precision, system.depth) == ("fp32 / forced depth", "fp32", "forced")
+    data = system_config_dict(mujoco_robot_config_dict(), system)
+    assert data["policy"]["path"] == str(with_depth.resolve()) and data["policy"]["forced_depth"] == "sensor"
+    assert (data["camera"]["width"], data["camera"]["height"]) == EVAL_CAMERA_PX
+    simple = mujoco_robot_config_dict(camera={"type": "synthetic", "name": "front", "width": 64, "height": 48})
+    with pytest.raises(ConfigError, match="camera.type"):
+        system_config_dict(simple, system)
+
+
+class _ReplayExpert:
+    """A stand-in policy that plays the scripted expert's actions of one episode, ignoring the frames."""
+
+    def __init__(self, actions: np.ndarray):
+        self.actions, self.done = actions, 0
+
+    def infer(self, rgb, instruction, depth_m=None):
+        chunk = self.actions[self.done:self.done + 8]
+        if len(chunk) < 8:      # past the expert's end: hold
+            hold = np.zeros((8 - len(chunk), 7))
+            hold[:, -1] = -1.0
+            chunk = np.concatenate([chunk, hold])
+        self.done += 2          # replan_every below
+        return SimpleNamespace(actions=chunk, trace_px=None, decode_steps=0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_lockstep_execution_is_the_experts_so_its_actions_succeed(exported, tmp_path):
+    # The evaluation executes actions exactly as the demonstrations were recorded: the expert's own actions,
+    # replayed through it, solve the episode, and the success is seen when it happens.
+    from edgeact.drivers.sim.expert import run_expert, runtime_action_mapper
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+    from edgeact.drivers.sim.task import sample_episode
+
+    seed, template = 1_000_001, "push_left"
+    mapper, rates = runtime_action_mapper()
+    rollout = run_expert(MujocoWorld(), sample_episode(seed, template), mapper)
+    assert rollout.outcome.success
+    system = eval_systems({"expert": exported.bundle_dir}, ["generated"])[0]
+    runner = LockstepRunner(mujoco_robot_config_dict(), system, 2, "<test>", policy=_ReplayExpert(rollout.actions))
+    try:
+        result = runner.episode(0, seed, template, tmp_path / "sheet.png")
+    finally:
+        runner.close()
+    assert result.success and result.episode_s <= rollout.n_actions / rates["action_rate_hz"] + 1e-9
+    assert result.plans >= result.episode_s * rates["action_rate_hz"] / 2 - 1
+    assert (tmp_path / "sheet.png").stat().st_size > 10_000
+
+
+def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp_path):
+    systems = eval_systems({"tiny": with_depth}, ["generated", "forced"])
+    options = EvalOptions(episodes=2, out_dir=tmp_path, timing="lockstep", replan_every=8, sheets=1)
+    seen = []
+    report = evaluate(mujoco_robot_config_dict(), systems, options, lambda name, i, r: seen.append((name, i)))
+    assert seen == [(s.name, i) for s in systems for i in range(2)]
+    by_system = {s.name: [e for e in report.episodes if e.system == s.name] for s in systems}
+    generated, forced = by_system.values()
+    assert [(e.seed, e.template) for e in generated] == [(e.seed, e.template) for e in forced]
+    # Forced depth: the 100 depth codes come from the sensor, not from 100 decoder steps.
+    assert np.mean([e.decode_steps_mean for e in forced]) < np.mean([e.decode_steps_mean for e in generated]) - 90
+    rows = report.rows()
+    assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
+    data = json.loads(report.write_json(tmp_path / "eval.json").read_text())
+    assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
+    sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
+    assert sheets == ["tiny-forced-depth_000.png", "tiny-generated-depth_000.png"]
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="--timing"):
+        EvalOptions(episodes=1, out_dir=".", timing="fast")
+    with pytest.raises(ConfigError, match="--episodes"):
+        EvalOptions(episodes=0, out_dir=".")
+
+
+def test_a_realtime_episode_runs_the_loop_and_reads_the_simulators_verdict(exported, tmp_path):
+    systems = eval_systems({"tiny": exported.bundle_dir}, ["generated"])
+    options = EvalOptions(episodes=1, out_dir=tmp_path, timing="realtime", sheets=1)
+    report = evaluate(mujoco_robot_config_dict(), systems, options)
+    (episode,) = report.episodes
+    assert (episode.seed, episode.template, episode.time_limit_s) == (options.seed, "move_to", 5.0)
+    assert episode.stop == "duration" and episode.plans >= 1 and episode.decode_steps_mean > 100
+    assert 50 < episode.control_hz <= 101 and episode.period_error_p99_ms is not None
+    assert episode.success == (episode.episode_s < episode.time_limit_s)
+    assert (tmp_path / "sheets" / "tiny-generated-depth_000.png").read_bytes()[:4] == b"\x89PNG"
