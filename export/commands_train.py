@@ -7,7 +7,7 @@ from pathlib import Path
 from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 1400, 8, 1.5e-3, "reference"
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 2400, 8, 1.5e-3, "reference"
 LOSS_PLOT = "training_loss.png"
 # The recording --generate-demos makes: a sample every 2 actions, executed with noise (see ExpertConfig).
 DEMO_STRIDE, DEMO_EXECUTION_NOISE = 2, 0.25

@@ -1,6 +1,6 @@
 """Train the reference ARM on the CPU: a small MolmoAct-architecture model learns the full answer from expert demos.
 
-    report = train_reference("out/demos", "out/reference", TrainOptions(steps=1400))
+    report = train_reference("out/demos", "out/reference", TrainOptions(steps=2400))
 
 The model is `synthetic_config(variant, size)` with the tokenizer rebuilt to include the task's
 instructions; it is trained from PyTorch's default initialization (seeded) with AdamW, linear
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from edgeact.export.train_reference_data import (IGNORE, KINDS, DepthCodesFn, ReferenceEncoder, TrainingSequence,
                                                  pooled_depth_codes, split_by_episode, task_instructions)
+from edgeact.runtime.action_bins import ACTION_DIMS
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.preprocess import concat_image_inputs
@@ -37,7 +38,7 @@ NORM_KEY = "edgeact_sim_reference"      # drivers.sim.demos.NORM_KEY (not import
 
 @dataclass(frozen=True)
 class TrainOptions:
-    steps: int = 1400
+    steps: int = 2400
     batch_size: int = 8
     lr: float = 1.5e-3
     min_lr_fraction: float = 0.1        # cosine decay ends at lr * this
@@ -54,11 +55,19 @@ class TrainOptions:
     # run time and the depth codes can come from the sensor, so the trace and the actions, which move the
     # robot, get most of the gradient.
     loss_weights: tuple[float, float, float, float] = (0.3, 1.0, 1.0, 0.1)
+    # The first action of the chunk counts this many times an action token: the later ones nearly repeat it,
+    # so given the true prefix they are easy to copy, while the first must be read from the image and trace.
+    first_action_weight: float = 4.0
+    # Matrix products in bfloat16 (torch.autocast) where the CPU has native bf16 (AVX512-BF16 / AMX): 1.6x
+    # faster steps measured on this project's CI class of machine; the weights and the optimizer stay fp32.
+    bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
             raise ConfigError(f"TrainOptions: steps and batch_size >= 1, warmup_steps and eval_samples >= 0; got "
                               f"{self.steps}, {self.batch_size}, {self.warmup_steps}, {self.eval_samples}")
+        if not self.first_action_weight >= 0:
+            raise ConfigError(f"TrainOptions.first_action_weight: must be >= 0, got {self.first_action_weight}")
         if len(self.loss_weights) != len(KINDS) or any(not (w >= 0) for w in self.loss_weights) or \
                 not any(self.loss_weights):
             raise ConfigError(f"TrainOptions.loss_weights: {len(KINDS)} weights >= 0 ({', '.join(KINDS)}), not all 0; "
@@ -141,12 +150,27 @@ def batch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_ids"], batch["images"], batch["image_masks"], batch["pooled_patches_idx"])
 
 
-def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the answer tokens, each weighted by its kind (weights[kind]; weights[-1] = 0 for no loss)."""
+def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], weights: torch.Tensor,
+                  first_action_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, each weighted by its kind (weights[kind]; weights[-1] = 0 for no loss),
+    the first action's ACTION_DIMS tokens of each sequence once more by first_action_weight."""
+    kinds = batch["kinds"]
+    is_action = kinds == KINDS.index("action")
+    lead = is_action & (is_action.cumsum(dim=1) <= ACTION_DIMS)
+    token_w = weights[kinds] * (batch["labels"] != IGNORE) * torch.where(lead, first_action_weight, 1.0)
     token_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                ignore_index=IGNORE, reduction="none")
-    token_w = weights[batch["kinds"].reshape(-1)] * (batch["labels"].reshape(-1) != IGNORE)
+    token_w = token_w.reshape(-1)
     return (token_ce * token_w).sum() / token_w.sum().clamp_min(1e-12)
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (oneDNN's check)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def lr_at(step: int, options: TrainOptions) -> float:
@@ -170,6 +194,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     order: list[int] = []
     pad_id = trainer.encoder.layout.bos_id
     weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
+    use_bf16 = options.bf16 and bf16_supported()
     losses = []
     model.train()
     for step in range(options.steps):
@@ -179,8 +204,9 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         batch = collate([trainer.encoder.encode(trainer.arrays, i) for i in picks], pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, options)
-        logits = batch_logits(model, batch)
-        loss = weighted_loss(logits, batch, weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = batch_logits(model, batch)
+        loss = weighted_loss(logits.float(), batch, weights, options.first_action_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)

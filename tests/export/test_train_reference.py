@@ -172,5 +172,14 @@ def test_the_loss_weighs_each_answer_kind(demos):
         assert torch.allclose(weighted_loss(logits, batch, only), expected), name
     equal = torch.tensor([1.0] * len(KINDS) + [0.0])
     assert torch.allclose(weighted_loss(logits, batch, equal), token_ce[batch["labels"].reshape(-1) != IGNORE].mean())
+    # The first action's 7 tokens of each sequence weigh first_action_weight times the other actions'.
+    actions_only = torch.zeros(len(KINDS) + 1)
+    actions_only[KINDS.index("action")] = 1.0
+    is_action = (batch["kinds"] == KINDS.index("action"))
+    lead = (is_action & (is_action.cumsum(dim=1) <= 7)).reshape(-1)
+    rest = is_action.reshape(-1) & ~lead
+    assert int(lead.sum()) == 7 * 2
+    expected = (3 * token_ce[lead].sum() + token_ce[rest].sum()) / (3 * int(lead.sum()) + int(rest.sum()))
+    assert torch.allclose(weighted_loss(logits, batch, actions_only, first_action_weight=3.0), expected)
     with pytest.raises(Exception, match="loss_weights"):
         TrainOptions(loss_weights=(0.0, 0.0, 0.0, 0.0))
