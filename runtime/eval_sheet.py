@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.telemetry import png_figure
 
 ACTION_LABELS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
@@ -17,16 +17,8 @@ def episode_sheet(path: str | Path, result: Any, frame_rgb: np.ndarray, plan: An
 
     period_ms: the control ticks' periods (empty in lockstep: no loop ran); step_ms: the policy steps' wall times.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise EdgeactError("the episode sheets need matplotlib; install it with `pip install matplotlib` "
-                           "or pass --sheets 0 (the JSON has every number)") from None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(13, 4.2), layout="constrained")      # no pyplot: no global state
-    FigureCanvasAgg(fig)
+    fig = png_figure(path, (13, 4.2), "the episode sheet", "or pass --sheets 0: the JSON has every number")
     image_ax, action_ax, timing_ax = fig.subplots(1, 3, width_ratios=(1.1, 1, 1))
     verdict = "success" if result.success else "failure"
     fig.suptitle(f"{result.system}: \"{result.instruction}\" (seed {result.seed}) -> {verdict} "

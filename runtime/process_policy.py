@@ -281,35 +281,44 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
         send_quietly(conn, ("error", portable_error(exc), traceback.format_exc()))
         return
     slab: FrameSlab | None = None
+
+    def answer(request: tuple) -> tuple:
+        nonlocal slab
+        _, slab_name, shape_hw, has_depth, timestamp_s, proprio, instruction, frame_number = request
+        if slab is None or slab.name != slab_name:
+            if slab is not None:
+                slab.close()
+            slab = FrameSlab(*shape_hw, name=slab_name)
+        obs = Observation(rgb=_read_only(slab.rgb), depth_m=_read_only(slab.depth_m) if has_depth else None,
+                          timestamp_s=timestamp_s, proprio=proprio, instruction=instruction,
+                          frame_number=frame_number)
+        try:
+            return ("plan", policy.step(obs))
+        except Exception as exc:        # the step's error is the parent's to raise
+            return ("error", portable_error(exc), traceback.format_exc())
+
     try:
-        if not send_quietly(conn, ("ready", os.getpid())):
-            return
-        while True:
-            try:
-                request = conn.recv()
-            except (EOFError, OSError):     # the parent is gone
-                return
-            if request[0] == "stop":
-                return
-            _, slab_name, shape_hw, has_depth, timestamp_s, proprio, instruction, frame_number = request
-            if slab is None or slab.name != slab_name:
-                if slab is not None:
-                    slab.close()
-                slab = FrameSlab(*shape_hw, name=slab_name)
-            obs = Observation(rgb=_read_only(slab.rgb), depth_m=_read_only(slab.depth_m) if has_depth else None,
-                              timestamp_s=timestamp_s, proprio=proprio, instruction=instruction,
-                              frame_number=frame_number)
-            try:
-                reply = ("plan", policy.step(obs))
-            except Exception as exc:        # the step's error is the parent's to raise
-                reply = ("error", portable_error(exc), traceback.format_exc())
-            del obs
-            if not send_quietly(conn, reply):
-                return
+        if send_quietly(conn, ("ready", os.getpid())):
+            serve_until_stop(conn, answer)
     finally:
         policy.close()
         if slab is not None:
             slab.close()
+
+
+def serve_until_stop(conn, answer: Callable[[tuple], tuple | None]) -> None:
+    """A child process's request loop: every message but ("stop",) goes to `answer`, whose reply (unless None)
+    is sent back. Ends on ("stop",), when the parent is gone (end of file), or when a reply cannot be sent."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):     # the parent is gone
+            return
+        if message[0] == "stop":
+            return
+        reply = answer(message)
+        if reply is not None and not send_quietly(conn, reply):
+            return
 
 
 def _read_only(view: np.ndarray) -> np.ndarray:

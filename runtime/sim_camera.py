@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from edgeact.drivers.cameras.base import Camera, CameraConfig, CameraError, Intrinsics, RGBDFrame, make_camera
-from edgeact.runtime.process_policy import ChildProcess, FrameSlab, portable_error, send_quietly
+from edgeact.runtime.process_policy import ChildProcess, FrameSlab, portable_error, send_quietly, serve_until_stop
 
 CAMERA_SLABS = 3                    # frames in flight: one being read here, one being written there, one spare
 CAMERA_START_TIMEOUT_S = 60.0
@@ -171,16 +171,8 @@ def _serve_camera(conn, config: CameraConfig) -> None:
         send_quietly(conn, ("error", portable_error(exc)))
         return
     try:
-        if not ring.open(camera.intrinsics):
-            return
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):     # the parent is gone
-                return
-            if message[0] == "stop":
-                return
-            ring.free(message[1])
+        if ring.open(camera.intrinsics):
+            serve_until_stop(conn, lambda message: ring.free(message[1]))     # ("free", slab index): no reply
     finally:
         camera.disconnect()
         ring.close()

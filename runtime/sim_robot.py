@@ -18,7 +18,7 @@ from edgeact.drivers.cameras.base import Camera, make_camera
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime.errors import ConfigError
-from edgeact.runtime.process_policy import ChildProcess, send_quietly
+from edgeact.runtime.process_policy import ChildProcess, send_quietly, serve_until_stop
 from edgeact.runtime.sim_camera import ProcessCamera
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
@@ -216,6 +216,13 @@ def ask_realtime(priority: int | None) -> None:
         pass
 
 
+def _register_reply(sim: SimServoBus, motor_id: int, name: str) -> tuple:
+    try:
+        return ("value", sim.register(motor_id, name))
+    except (KeyError, MotorBusError) as exc:     # no such motor / register: the caller's mistake
+        return ("error", exc)
+
+
 def _serve_sim_bus(conn, motors: list[tuple[str, int, str, int]], baud_rate: int, priority: int | None) -> None:
     """The simulated bus's process: serve the pty, answer register reads, stop on "stop" or when the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # like real motors, Ctrl-C does not stop it: the safe state needs it
@@ -227,22 +234,8 @@ def _serve_sim_bus(conn, motors: list[tuple[str, int, str, int]], baud_rate: int
         send_quietly(conn, ("error", exc))
         return
     try:
-        if not send_quietly(conn, ("ready", sim.port)):
-            return
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):     # the parent is gone
-                return
-            if message[0] == "stop":
-                return
-            _, motor_id, name = message
-            try:
-                reply = ("value", sim.register(motor_id, name))
-            except (KeyError, MotorBusError) as exc:     # no such motor / register: the caller's mistake
-                reply = ("error", exc)
-            if not send_quietly(conn, reply):
-                return
+        if send_quietly(conn, ("ready", sim.port)):
+            serve_until_stop(conn, lambda message: _register_reply(sim, *message[1:]))
     finally:
         sim.stop()
 

@@ -213,16 +213,8 @@ class TimingStats(Subscriber):
 
     def plot_png(self, path: str | Path) -> Path:
         """Control periods over time and the stage latencies, as one PNG (needs matplotlib)."""
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise EdgeactError("the timing plot needs matplotlib; install it with `pip install matplotlib` "
-                               "(the JSON has the same numbers)") from None
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig = Figure(figsize=(10, 7), layout="constrained")    # no pyplot: no global state, any thread
-        FigureCanvasAgg(fig)
+        fig = png_figure(path, (10, 7), "the timing plot", "the JSON has the same numbers")
         top, bottom = fig.subplots(2, 1)
         times = _array(self.tick_time_s)
         if times.size:
@@ -239,6 +231,22 @@ class TimingStats(Subscriber):
         bottom.tick_params(axis="x", labelrotation=20)
         fig.savefig(path, dpi=100)
         return path
+
+
+def png_figure(path: Path, figsize: tuple[float, float], what: str, fallback: str) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, any thread), its folder made.
+
+    Without matplotlib: an EdgeactError naming `what` needs it and the `fallback` the user still has.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise EdgeactError(f"{what} needs matplotlib; install it with `pip install matplotlib` ({fallback})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 # -- the run's own numbers ----------------------------------------------------------------------
