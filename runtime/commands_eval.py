@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                         "policy (the model alone; for precisions this computer cannot run in time)")
     p.add_argument("--replan-every", type=positive_int, default=2,
                    help="lockstep: actions executed per plan (default 2)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="also run bundles whose verification failed (refused otherwise), to measure what it costs")
     p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
                                             "any training recording's)")
     p.add_argument("--sheets", type=int, default=3, help="episodes per system with a PNG sheet (default 3)")
@@ -66,7 +68,7 @@ def _eval(args) -> int:
             if not path.is_absolute() and args.config:
                 path = Path(args.config).resolve().parent / path
             bundles["config"] = str(path)
-    systems = eval_systems(bundles, args.depth)
+    systems = eval_systems(bundles, args.depth, args.allow_unverified)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
                           args.timing, args.replan_every, args.sheets)
 

@@ -46,6 +46,7 @@ class EvalSystem:
     bundle: Path
     precision: str              # the bundle manifest's
     depth: str                  # one of DEPTH_SOURCES
+    allow_unverified: bool = False  # run it although its verification failed (to measure what that costs)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
     return [(seed + i, names[i % len(names)]) for i in range(episodes)]
 
 
-def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[str]) -> list[EvalSystem]:
-    """The systems to compare: each named bundle with each depth source (checked: exists, has the stage)."""
+def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[str],
+                 allow_unverified: bool = False) -> list[EvalSystem]:
+    """The systems to compare: each named bundle with each depth source (checked: exists, verified unless
+    `allow_unverified`, has the depth stage for "forced")."""
     from edgeact.runtime.bundle import load_bundle
 
     if not bundles:
@@ -148,13 +151,13 @@ def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[
         raise ConfigError(f"--depth {unknown or '(none)'}: use {' and/or '.join(DEPTH_SOURCES)}")
     systems = []
     for name, path in bundles.items():
-        bundle = load_bundle(path, verify_checksums=False)
+        bundle = load_bundle(path, verify_checksums=False, allow_failed_verification=allow_unverified)
         for depth in depths:
             if depth == "forced" and not has_depth_stage(bundle):
                 raise ConfigError(f"bundle {path} has no {DEPTH_STAGE} stage, so its depth cannot be forced; add one "
                                   "with `edgeact add-depth-tokenizer` or evaluate --depth generated")
             systems.append(EvalSystem(f"{name} / {depth} depth", Path(path).resolve(),
-                                      bundle_precision(bundle.manifest), depth))
+                                      bundle_precision(bundle.manifest), depth, allow_unverified))
     return systems
 
 
@@ -201,7 +204,8 @@ def system_config_dict(base: dict[str, Any], system: EvalSystem) -> dict[str, An
     if policy.get("type") not in (None, "bundle"):
         policy = {}
     policy.update({"type": "bundle", "path": str(system.bundle),
-                   "forced_depth": "sensor" if system.depth == "forced" else None})
+                   "forced_depth": "sensor" if system.depth == "forced" else None,
+                   "allow_unverified": system.allow_unverified})
     data["policy"] = policy
     camera = dict(data.get("camera") or {})
     if camera.get("type") != "mujoco":
@@ -288,7 +292,7 @@ class LockstepRunner:
         self._executor_type = ActionExecutor
         self.policy = policy if policy is not None else BundlePolicy(
             system.bundle, forced_depth="sensor" if system.depth == "forced" else None,
-            threads=getattr(config.policy, "threads", None))
+            threads=getattr(config.policy, "threads", None), allow_unverified=system.allow_unverified)
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
 

@@ -135,3 +135,15 @@ def test_a_realtime_episode_runs_the_loop_and_reads_the_simulators_verdict(expor
     assert 50 < episode.control_hz <= 101 and episode.period_error_p99_ms is not None
     assert episode.success == (episode.episode_s < episode.time_limit_s)
     assert (tmp_path / "sheets" / "tiny-generated-depth_000.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_bundle_that_failed_verification_is_evaluated_only_when_asked(tmp_path):
+    from edgeact.runtime.errors import EdgeactError
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    path = write_tiny_bundle(tmp_path / "bad", verification="failed")
+    with pytest.raises(EdgeactError, match="verification failed"):
+        eval_systems({"int4": path}, ["generated"])
+    (system,) = eval_systems({"int4": path}, ["generated"], allow_unverified=True)
+    assert system.allow_unverified
+    assert system_config_dict(mujoco_robot_config_dict(), system)["policy"]["allow_unverified"] is True
