@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := libusb-1.0-0 libegl1 libopengl0 libgl1-mesa-dri
 EXTRAS := export,serial,can,realsense,sim,plot,dev
 
-.PHONY: setup system-deps test demo bench train-reference clean
+.PHONY: setup system-deps test demo bench train-reference eval clean
 
 setup: $(STAMP)
 
@@ -31,21 +31,33 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job on the built-in simulated robot: a synthetic MolmoAct-layout checkpoint is exported to
-# a verified bundle, and the bundle policy drives the simulated arm (Feetech bus on a pty, camera)
-# through the pipelined loop. The checkpoint has seeded random weights until the reference ARM is trained.
+# The main job on the built-in simulated robot: the committed reference ARM (trained by `make train-reference`)
+# is exported to a verified bundle, given the depth tokenizer stage (depth forced from the camera) and
+# quantized to int8; then one episode of the reference task runs on the MuJoCo mobile manipulator (servo bus
+# on a pty, rendered RGB-D camera, both in the simulator's process) through the pipelined loop.
 DEMO := out/demo
+REFERENCE := drivers/sim/reference_arm
+EDGEACT := $(VENV)/bin/edgeact
 demo: system-deps $(STAMP)
-	test -f $(DEMO)/checkpoint/config.json || $(VENV)/bin/edgeact make-checkpoint --variant D --size small --seed 0 --out $(DEMO)/checkpoint
-	$(VENV)/bin/edgeact export $(DEMO)/checkpoint --out $(DEMO)/bundle-fp32 --overwrite --frames 1 --chunk 8
-	$(VENV)/bin/edgeact demo --policy bundle --bundle $(DEMO)/bundle-fp32 --seconds 15 --out $(DEMO)
+	$(EDGEACT) export $(REFERENCE)/checkpoint --out $(DEMO)/export-fp32 --overwrite --frames 1 --chunk 8
+	$(EDGEACT) add-depth-tokenizer $(DEMO)/export-fp32 --tokenizer $(REFERENCE)/depth_tokenizer --out $(DEMO)/bundle-fp32 --overwrite
+	rm -rf $(DEMO)/bundle-int8
+	$(EDGEACT) quantize $(DEMO)/bundle-fp32 --precision int8 --out $(DEMO)/bundle-int8
+	MUJOCO_GL=egl $(EDGEACT) demo --robot mujoco --policy bundle --bundle $(DEMO)/bundle-int8 --out $(DEMO)
 
 bench: system-deps $(STAMP)
-	$(VENV)/bin/edgeact bench-suite --out out/bench
+	$(EDGEACT) bench-suite --out out/bench
 
-# The reference ARM: scripted-expert demonstrations on the MuJoCo robot, then CPU training (~25 min on 2 cores).
+# The reference ARM: the depth tokenizer on simulated depth images, scripted-expert demonstrations on the
+# MuJoCo robot, then CPU training (about 30 min on 2 idle cores). Copy out/reference/{checkpoint,depth_tokenizer}
+# into $(REFERENCE) to make it the one `make demo` uses.
 train-reference: system-deps $(STAMP)
-	$(VENV)/bin/edgeact train-reference --generate-demos 400 --demos out/reference/demos --out out/reference/checkpoint --overwrite
+	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer
+	$(EDGEACT) train-reference --generate-demos 800 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
+
+# Closed-loop success of the reference ARM per precision, with and without forced depth (see README).
+eval: system-deps $(STAMP)
+	MUJOCO_GL=egl $(EDGEACT) eval --episodes 50 --bundle fp32=$(DEMO)/bundle-fp32 --bundle int8=$(DEMO)/bundle-int8 --out out/eval
 
 clean:
 	rm -rf $(VENV) build *.egg-info
