@@ -49,11 +49,11 @@ bench: system-deps $(STAMP)
 	$(EDGEACT) bench-suite --out out/bench
 
 # The reference ARM: the depth tokenizer on simulated depth images, scripted-expert demonstrations on the
-# MuJoCo robot, then CPU training (about 30 min on 2 idle cores). Copy out/reference/{checkpoint,depth_tokenizer}
+# MuJoCo robot, then CPU training (34 min measured on this 2-core machine). Copy out/reference/{checkpoint,depth_tokenizer}
 # into $(REFERENCE) to make it the one `make demo` uses.
 train-reference: system-deps $(STAMP)
 	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer
-	$(EDGEACT) train-reference --generate-demos 800 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
+	$(EDGEACT) train-reference --generate-demos 1200 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
 
 # Closed-loop success of the reference ARM per precision, with and without forced depth (see README).
 eval: system-deps $(STAMP)

@@ -43,7 +43,7 @@ def _eval(args) -> int:
 
     from edgeact.runtime.errors import ConfigError
     from edgeact.runtime.robot_config import read_config_dict
-    from edgeact.runtime.sim_eval import EVAL_SEED, EvalOptions, eval_systems, evaluate
+    from edgeact.runtime.sim_eval import EVAL_SEED, REPORT_FILE, EvalOptions, eval_systems, evaluate
     from edgeact.runtime.sim_robot import mujoco_robot_config_dict
 
     console = _console()
@@ -77,8 +77,12 @@ def _eval(args) -> int:
         console.print(f"{system}: episode {index + 1}/{options.episodes} {result.instruction!r} {mark} "
                       f"({result.episode_s:.1f} s)")
 
-    report = evaluate(base, systems, options, progress, source)
-    json_path = report.write_json(options.out_dir / "eval.json")
+    try:
+        report = evaluate(base, systems, options, progress, source)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; the finished episodes are in {options.out_dir / REPORT_FILE}")
+        return 130
+    json_path = options.out_dir / REPORT_FILE
     table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
                    "policy plans/s", "decode steps"):

@@ -20,7 +20,7 @@ from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStat
 
 DEMO_POLICIES = ("scripted", "bundle")
 DEMO_ROBOTS = ("simple", "mujoco")
-DEMO_EPISODE = (1_000_000, "push_left")    # the MuJoCo demo's episode: an evaluation seed, never a training one
+DEMO_EPISODE = (1_000_023, "push_right")   # the MuJoCo demo's episode: an evaluation seed, never a training one
 
 
 def demo_config_dict(policy: str = "scripted", bundle: str | None = None, robot: str = "simple",

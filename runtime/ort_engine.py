@@ -19,8 +19,8 @@ the memory pattern's pre-planned block for a new shape is one more region beside
 after each vision run and prefill chunk, the arena gives its free regions back
 ("memory.enable_memory_arena_shrinkage") and the C heap is trimmed (glibc keeps freed blocks
 under its mmap threshold otherwise), so only one large run's activations are resident at a
-time. Single-token decode steps take the unchanged path (arena and pattern kept: no malloc per
-step), so decode speed does not move. Measured on the bench bundles, not adopted:
+time. Decode steps and the answer's short forced runs (under SHRINK_MIN_TOKENS) take the
+unchanged path (arena and pattern kept: no malloc per step), so decode speed does not move. Measured on the bench bundles, not adopted:
 "session.use_device_allocator_for_initializers" (+-20 MB either way), an arena shared by the
 sessions ("session.use_env_allocators": onnxruntime 1.32 aborts in BFCArena::RegionFor), no arena
 (glibc then keeps the freed activations: peak 1.3 GB for int4), a 256-token prefill chunk (same peak).
@@ -50,6 +50,10 @@ PROVIDERS = {
 }
 GRAPH_LEVELS = ("disabled", "basic", "extended", "all")
 CPU_ARENAS = ("session", "off")
+# A decoder run of at least this many tokens (a prompt's prefill chunk) hands its arena regions back after it;
+# shorter runs (one token, or the few tokens of a forced sentence piece in the answer) keep theirs: they are
+# small and the next run reuses them without a malloc.
+SHRINK_MIN_TOKENS = 64
 ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"     # TensorRT-EP engine cache inside the bundle, per device
 
 
@@ -233,7 +237,7 @@ class OrtDecoderEngine(DecoderEngine):
         # One RunOptions for every step: with None, onnxruntime 1.32 keeps ~100 B per call (a leak).
         self._run_options = _run_options()
         # Prefill chunks need activations ~max_chunk times a token's: hand those regions back after
-        # the chunk; single-token steps keep theirs (small, and reused by the next step without a malloc).
+        # the chunk (SHRINK_MIN_TOKENS and more); shorter runs keep theirs.
         self._release = options.arena_shrink
         self._chunk_run_options = _run_options(shrink=options.arena_shrink and options.cpu_arena != "off")
         D, n = layout.hidden_size, self.max_chunk
@@ -271,7 +275,7 @@ class OrtDecoderEngine(DecoderEngine):
             b.bind_output(nk, device, device_id, dtype, new_shape, cache.pointer(layer, KEY, past))
             b.bind_output(nv, device, device_id, dtype, new_shape, cache.pointer(layer, VALUE, past))
         b.bind_output(io.HIDDEN_STATES, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._hidden_ptr)
-        if n == 1:
+        if n < SHRINK_MIN_TOKENS:       # decode steps and the answer's short forced runs: the arena's fast path
             self.session.run_with_iobinding(b, self._run_options)
         else:
             self.session.run_with_iobinding(b, self._chunk_run_options)

@@ -28,6 +28,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import traceback
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
@@ -80,6 +81,9 @@ def with_thread_default(config: PolicyConfig) -> PolicyConfig:
     return config
 
 
+EXIT_REAP_POLLS = 100          # x 10 ms: how long a child that closed its pipes may take to become reapable
+
+
 class ChildProcess:
     """A spawned child process and its pipe; the child's main takes the pipe first, then `args`.
 
@@ -124,6 +128,13 @@ class ChildProcess:
     def exit_status(self) -> str:
         self.process.join(0.5)
         code = self.process.exitcode
+        # A killed child closes its pipes a moment before the kernel lets it be reaped: while its sentinel says
+        # it ended, give the exit code that moment (bounded) instead of calling it "still running".
+        for _ in range(EXIT_REAP_POLLS):
+            if code is not None or not wait([self.process.sentinel], 0):
+                break
+            time.sleep(0.01)
+            code = self.process.exitcode
         if code is None:
             return "still running"
         if code < 0:

@@ -38,6 +38,7 @@ DEPTH_SOURCES = ("generated", "forced")
 DEPTH_STAGE = "depth_tokenizer"
 # The camera the reference ARM was trained on (drivers.sim.demos.DemoConfig): same size, same rendering.
 EVAL_CAMERA_PX = (160, 120)
+REPORT_FILE = "eval.json"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class EpisodeResult:
     decode_steps_mean: float | None
     control_hz: float | None                # realtime only
     period_error_p99_ms: float | None       # realtime only
-    trips: int = 0
+    trips: int = 0                          # safety trips besides the safe state at the end
     stop: str = ""
     sheet: str | None = None
 
@@ -190,6 +191,7 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
                     if index < options.sheets else None
                 result = runner.episode(index, seed, template, sheet)
                 report.episodes.append(result)
+                report.write_json(options.out_dir / REPORT_FILE)    # after every episode: an interrupt keeps them
                 if progress is not None:
                     progress(system.name, index, result)
         finally:
@@ -236,6 +238,10 @@ class RealtimeRunner:
         config = robot_config_from_dict(episode_config_dict(self.base, seed, template), source=self.source)
         stats, first = TimingStats(config.rates.control_hz), FirstPlan()
         result = run_robot(config, episode.time_limit_s, [stats, first])
+        if result.reason in ("interrupt", "estop"):     # the operator stopped it (robot already safe): so do we
+            raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})")
+        if result.error is not None:
+            raise result.error
         out = realtime_result(self.system.name, index, result.task, stats, result.reason)
         if sheet is not None and first.plan is not None:
             out.sheet = str(episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
@@ -259,7 +265,7 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
                          float(first_success) if success else limit_s, limit_s, stats.plans,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
-                         len(stats.trips), stop)
+                         sum(t["reason"] != "exit" for t in stats.trips), stop)
 
 
 def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:

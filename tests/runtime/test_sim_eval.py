@@ -112,7 +112,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     assert np.mean([e.decode_steps_mean for e in forced]) < np.mean([e.decode_steps_mean for e in generated]) - 90
     rows = report.rows()
     assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
-    data = json.loads(report.write_json(tmp_path / "eval.json").read_text())
+    data = json.loads((tmp_path / "eval.json").read_text())      # written as the episodes finish
     assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
     sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
     assert sheets == ["tiny-forced-depth_000.png", "tiny-generated-depth_000.png"]
@@ -147,3 +147,26 @@ def test_a_bundle_that_failed_verification_is_evaluated_only_when_asked(tmp_path
     (system,) = eval_systems({"int4": path}, ["generated"], allow_unverified=True)
     assert system.allow_unverified
     assert system_config_dict(mujoco_robot_config_dict(), system)["policy"]["allow_unverified"] is True
+
+
+def test_an_interrupted_evaluation_keeps_the_episodes_it_finished(exported, tmp_path, monkeypatch):
+    from edgeact.runtime import sim_eval
+
+    class Interrupting(_ReplayExpert):
+        first = None
+
+        def infer(self, rgb, instruction, depth_m=None):
+            self.first = self.first or instruction
+            if instruction != self.first:       # the second episode (another template): Ctrl-C
+                raise KeyboardInterrupt
+            return super().infer(rgb, instruction, depth_m)
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner",
+                        lambda base, system, replan_every, source: LockstepRunner(
+                            base, system, 8, source, policy=Interrupting(np.zeros((1, 7)))))
+    systems = eval_systems({"tiny": exported.bundle_dir}, ["generated"])
+    options = EvalOptions(episodes=3, out_dir=tmp_path, timing="lockstep", sheets=0)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(mujoco_robot_config_dict(), systems, options)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [e["index"] for e in data["episodes"]] == [0]
