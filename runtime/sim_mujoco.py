@@ -27,7 +27,7 @@ from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.process_policy import ChildProcess, portable_error, send_quietly
 from edgeact.runtime.sim_camera import CAMERA_START_TIMEOUT_S, FrameRing, SlabFrames
-from edgeact.runtime.sim_robot import CENTRE_TICKS, ask_realtime
+from edgeact.runtime.sim_robot import CENTRE_TICKS, SimChild, ask_realtime
 
 TASK_EVAL_PERIOD_S = 0.1            # simulated seconds between judgements of the episode
 SIM_START_TIMEOUT_S = 60.0          # spawn, import mujoco, compile the scene
@@ -153,13 +153,15 @@ class TaskTracker:
 
 # -- the parent's side ---------------------------------------------------------------------------
 
-class MujocoSimProcess:
+class MujocoSimProcess(SimChild):
     """The MuJoCo world, its servo bus on a pty and its camera's renderer, served from one child process.
 
     Same face as SimBusProcess for the loop (`port`, `pid`, `stop()`); `task_report()` for the episode;
     a MujocoProcessCamera of the same world name gets its frames. A dead child surfaces as a
     MotorBusError (requests) or CameraError (frames) that names how it ended.
     """
+
+    label = "MuJoCo simulator"
 
     def __init__(self, joints: dict[str, Any], baud_rate: int, priority: int | None = None,
                  task: tuple[int, str | None] | None = None, world_name: str = "default",
@@ -184,14 +186,6 @@ class MujocoSimProcess:
         with _running_lock:
             _running[world_name] = self
 
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def running(self) -> bool:
-        return self._child.alive
-
     def task_report(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
         """The episode's report (see TaskTracker.report); None when the config set no task."""
         if self.task is None:
@@ -213,16 +207,6 @@ class MujocoSimProcess:
                 raise MotorBusError(f"the MuJoCo simulator process is gone ({self._child.exit_status()}) before "
                                     f"{doing}; its error output says why")
             return self._answer(timeout_s, doing)
-
-    def _answer(self, timeout_s: float, doing: str) -> Any:
-        message = self._child.receive(timeout_s)
-        if message is None:
-            raise MotorBusError(f"the MuJoCo simulator process gave no answer within {timeout_s:g} s while {doing} "
-                                f"({self._child.exit_status()}); its error output says why")
-        kind, value = message
-        if kind == "error":
-            raise value
-        return value
 
     def open_camera(self, config: CameraConfig, timeout_s: float = CAMERA_START_TIMEOUT_S
                     ) -> tuple[Intrinsics, SlabFrames]:

@@ -158,13 +158,41 @@ def _make_sim_bus(motors: list[tuple[str, int, str, int]], baud_rate: int) -> Si
     return sim
 
 
-class SimBusProcess:
+class SimChild:
+    """What the simulators served from a child process share: the child, its liveness, and answers to requests."""
+
+    label = "simulator"                 # how messages name it
+    _child: ChildProcess
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    @property
+    def running(self) -> bool:
+        return self._child.alive
+
+    def _answer(self, timeout_s: float, doing: str):
+        """The child's reply to the last request: its value, or its error raised here."""
+        message = self._child.receive(timeout_s)
+        if message is None:
+            raise MotorBusError(f"the {self.label} process gave no answer within {timeout_s:g} s while {doing} "
+                                f"({self._child.exit_status()}); its error output says why")
+        kind, value = message
+        if kind == "error":
+            raise value
+        return value
+
+
+class SimBusProcess(SimChild):
     """The simulated bus served from a child process, as real motors answer from their own microcontrollers.
 
     In the robot's process the simulator's packet parsing would hold the GIL that the control thread
     needs, and load the measurement with work no real robot does. Same face as SimServoBus for the
     loop (`port`, `stop()`) and for checks (`register(id, name)`, answered over the pipe).
     """
+
+    label = "simulated bus"
 
     def __init__(self, motors: list[tuple[str, int, str, int]], baud_rate: int, priority: int | None = None,
                  start_timeout_s: float = 60.0):
@@ -175,28 +203,10 @@ class SimBusProcess:
             self._child.stop()
             raise
 
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def running(self) -> bool:
-        return self._child.alive
-
     def register(self, motor_id: int, name: str, timeout_s: float = 5.0) -> int:
         """A register of a simulated motor's control table, as the simulator holds it now."""
         self._child.send(("register", motor_id, name))
         return self._answer(timeout_s, f"reading {name} of motor {motor_id}")
-
-    def _answer(self, timeout_s: float, doing: str):
-        message = self._child.receive(timeout_s)
-        if message is None:
-            raise MotorBusError(f"the simulated bus process gave no answer while {doing} "
-                                f"({self._child.exit_status()}); its error output says why")
-        kind, value = message
-        if kind == "error":
-            raise value
-        return value
 
     def stop(self) -> None:
         """Close the pty and end the process; safe to call twice."""
