@@ -99,16 +99,19 @@ class RobotLoop:
             raise RuntimeError("a RobotLoop runs once; build a new one for the next run")
         self._started = True
         self.camera.add_listener(self._on_frame)
-        self.robot.enable_torque()
-        initial = self.robot.read_state()
-        self._proprio = dict(initial.position_rad)
-        follower = ChunkFollower(self.mapper, self.settings.action_rate_hz, self.settings.plan_max_age_s,
-                                 initial.position_rad)
-        start_s = self._heartbeat_s = self.clock()
-        threads = [threading.Thread(target=self._guarded, args=(self._control, follower), name="loop-control",
-                                    daemon=True),
-                   threading.Thread(target=self._guarded, args=(self._planner,), name="loop-planner", daemon=True)]
-        try:
+        start_s = self.clock()
+        threads: list[threading.Thread] = []
+        try:        # from the torque on: a Ctrl-C or SIGTERM at any moment ends as "interrupt", in the safe state
+            self.robot.enable_torque()
+            initial = self.robot.read_state()
+            self._proprio = dict(initial.position_rad)
+            follower = ChunkFollower(self.mapper, self.settings.action_rate_hz, self.settings.plan_max_age_s,
+                                     initial.position_rad)
+            self._heartbeat_s = self.clock()
+            threads = [threading.Thread(target=self._guarded, args=(self._control, follower), name="loop-control",
+                                        daemon=True),
+                       threading.Thread(target=self._guarded, args=(self._planner,), name="loop-planner",
+                                        daemon=True)]
             for thread in threads:
                 thread.start()
             self._supervise(start_s, duration_s, progress)

@@ -111,7 +111,26 @@ class SlabFrames:
         self._slabs = []
 
 
-class ProcessCamera(Camera):
+class SlabCamera(Camera):
+    """A camera whose frames another process renders into a ring of slabs (SlabFrames); subclasses open the ring
+    in `_open` (into `self._frames`) and say in `_release` how the producer lets go of it."""
+
+    _frames: SlabFrames | None = None
+
+    def _read(self, timeout_s: float) -> RGBDFrame | None:
+        return self._frames.read(timeout_s)
+
+    def _close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
+        self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class ProcessCamera(SlabCamera):
     """A camera run in a child process of its own, its frames handed over through a FrameRing.
 
     A synthetic camera ray-casts every frame in numpy (milliseconds of held GIL, 30 times a second);
@@ -148,13 +167,7 @@ class ProcessCamera(Camera):
             raise
         return intrinsics
 
-    def _read(self, timeout_s: float) -> RGBDFrame | None:
-        return self._frames.read(timeout_s)
-
-    def _close(self) -> None:
-        if self._frames is not None:
-            self._frames.close()
-            self._frames = None
+    def _release(self) -> None:
         if self._child is not None:
             self._child.stop()
 

@@ -22,11 +22,11 @@ import signal
 import threading
 from typing import Any, Iterator
 
-from edgeact.drivers.cameras.base import Camera, CameraConfig, CameraError, Intrinsics, RGBDFrame
+from edgeact.drivers.cameras.base import CameraConfig, CameraError, Intrinsics
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.process_policy import ChildProcess, portable_error, send_quietly
-from edgeact.runtime.sim_camera import CAMERA_START_TIMEOUT_S, FrameRing, SlabFrames
+from edgeact.runtime.sim_camera import CAMERA_START_TIMEOUT_S, FrameRing, SlabCamera, SlabFrames
 from edgeact.runtime.sim_robot import CENTRE_TICKS, SimChild, ask_realtime
 
 TASK_EVAL_PERIOD_S = 0.1            # simulated seconds between judgements of the episode
@@ -251,7 +251,7 @@ class MujocoSimProcess(SimChild):
         self._frames.close()
 
 
-class MujocoProcessCamera(Camera):
+class MujocoProcessCamera(SlabCamera):
     """A "mujoco" camera whose world runs in a MujocoSimProcess: rendered there, its frames read here.
 
     The simulator process must run (under the config's world name) when the camera connects.
@@ -277,13 +277,7 @@ class MujocoProcessCamera(Camera):
         self._sim = sim
         return intrinsics
 
-    def _read(self, timeout_s: float) -> RGBDFrame | None:
-        return self._frames.read(timeout_s)
-
-    def _close(self) -> None:
-        if self._frames is not None:
-            self._frames.close()
-            self._frames = None
+    def _release(self) -> None:
         if self._sim is not None:
             self._sim.close_camera()
             self._sim = None

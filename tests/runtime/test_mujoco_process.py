@@ -5,7 +5,6 @@ import math
 import multiprocessing
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from edgeact.runtime.sim_robot import (CENTRE_TICKS, episode_config_dict, make_r
 pytest.importorskip("mujoco", reason="the MuJoCo simulator needs mujoco (pip install mujoco==4.0.0)")
 
 from edgeact.drivers.sim.task import reset_world, sample_episode  # noqa: E402
+from tests.drivers.test_mujoco_robot import wait_for  # noqa: E402
 from edgeact.runtime.sim_mujoco import (MujocoProcessCamera, MujocoSimProcess, TaskTracker,  # noqa: E402
                                         servo_joints)
 
@@ -35,16 +35,6 @@ def episode_config(template="move_to", policy=None, **robot_fields):
     data = episode_config_dict(base, SEED, template)
     data["robot"].update(robot_fields)
     return robot_config_from_dict(data)
-
-
-def wait_for(condition, timeout_s: float = 5.0, poll_s: float = 0.02) -> bool:
-    """Poll until `condition()` holds (the physics runs in real time on a loaded machine)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return condition()
 
 
 @pytest.fixture(scope="module")
