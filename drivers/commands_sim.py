@@ -14,6 +14,12 @@ def register(subparsers) -> None:
     demos.add_argument("--execution-noise", type=float, default=0.0,
                        help="noise added to the executed steps, relative to the step (the recorded actions stay "
                             "the expert's: it shows how to come back to its path); default 0")
+    demos.add_argument("--siblings", type=int, default=0,
+                       help="also demonstrate each scene under up to this many other instructions naming another "
+                            "block (default 0)")
+    demos.add_argument("--trace-horizon", type=int, default=8, metavar="ACTIONS",
+                       help="the trace covers this many actions ahead (default 8, the chunk; 0: to the end of the "
+                            "episode)")
     demos.set_defaults(handler=_demos)
 
 
@@ -25,7 +31,8 @@ def _demos(args) -> int:
     from edgeact.drivers.sim.demos import DemoConfig, record_demos
 
     config = DemoConfig(width=args.width, height=args.height, stride_actions=args.stride,
-                        execution_noise=args.execution_noise)
+                        execution_noise=args.execution_noise, siblings=args.siblings,
+                        trace_horizon_actions=args.trace_horizon)
     with Progress(transient=True) as bar:
         task = bar.add_task("expert episodes", total=args.episodes)
         summary = record_demos(args.out, args.episodes, args.seed, config,
@@ -37,6 +44,6 @@ def _demos(args) -> int:
         table.add_row(template, str(ok), str(n), f"{ok / n:.0%}" if n else "-")
     console = Console()
     console.print(table)
-    console.print(f"{summary.samples} samples from {summary.episodes} episodes, {summary.bytes_written / 1e6:.1f} MB, "
+    console.print(f"{summary.samples} samples from {summary.episodes} successful episodes, {summary.bytes_written / 1e6:.1f} MB, "
                   f"{summary.seconds:.1f} s ({summary.seconds / args.episodes:.2f} s per episode)")
     return 0

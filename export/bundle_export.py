@@ -1,4 +1,4 @@
-"""Checkpoint -> bundle: the vision and decoder ONNX stages, embedding and LM-head arrays, tokenizer, grammar, statistics.
+"""Checkpoint -> bundle: the vision, connector and decoder ONNX stages, embedding and LM-head arrays, tokenizer, grammar, statistics.
 
 Shape ranges and engine profiles are derived here, once, from the model and its preprocessor
 (a typical 640x480 camera frame and the MolmoAct prompt give the `opt` sizes); the TensorRT
@@ -56,7 +56,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
 
     from edgeact.export.bundle_writer import BundleWriter
     from edgeact.export.checkpoint import load_model
-    from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, VisionStage, decoder_io, export_stage, vision_io
+    from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, decoder_io, export_stage
     from edgeact.runtime.bundle import sha256_file
     from edgeact.runtime.grammar import AnswerGrammar
     from edgeact.runtime.preprocess import ImagePreprocessor
@@ -80,14 +80,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
     step(EXPORT_STEPS[0])
 
     with writer, tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.trace-") as scratch:
-        vin, vout = vision_io(model, preprocess.pooling[0] * preprocess.pooling[1])
-        proto = export_stage(VisionStage(model).eval(), _vision_example(preprocessor), vin, vout,
-                             Path(scratch) / "vision.onnx", opset)
-        writer.add_onnx(io.VISION_STAGE, proto, precision="fp32", inputs=vin, outputs=vout,
-                        dim_ranges=_vision_ranges(preprocessor, options.max_images, typical),
-                        external_data=_external(options, proto),
-                        doc="ViT + 2x2 attention pooling + projector: one LLM-width feature per pooled image token")
-        del proto
+        _export_vision(writer, model, preprocessor, options, typical, Path(scratch), opset)
         step(EXPORT_STEPS[1])
 
         din, dout = decoder_io(model)
@@ -154,15 +147,46 @@ def _typical_sizes(preprocessor, tokenizer, layout) -> dict[str, int]:
     return {"crops": int(inputs.images.shape[0]), "tokens": inputs.n_image_tokens, "prompt_tokens": len(prompt)}
 
 
-def _vision_ranges(preprocessor, max_images: int, typical: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+def _export_vision(writer, model, preprocessor, options: ExportOptions, typical: dict[str, int], scratch: Path,
+                   opset: int) -> None:
+    """The ViT (`vision`, run crop by crop) and the pooling + projector (`connector`, all crops at once)."""
+    import torch
+
+    from edgeact.export.onnx_export import ConnectorStage, VisionStage, connector_io, export_stage, vision_io
+
+    images, masks, idx = _vision_example(preprocessor)
+    pool_h, pool_w = preprocessor.config.pooling
+    vision_ranges, connector_ranges = _vision_ranges(preprocessor, options.max_images, typical)
+    vin, vout = vision_io(model)
+    proto = export_stage(VisionStage(model).eval(), (images, masks), vin, vout, scratch / "vision.onnx", opset)
+    # The graph takes a batch of crops (dim_ranges), but engines are built for what the runtime runs: one
+    # crop per call. A batch profile would size TensorRT's activation memory for every crop at once.
+    writer.add_onnx(io.VISION_STAGE, proto, precision="fp32", inputs=vin, outputs=vout, dim_ranges=vision_ranges,
+                    profiles=[{"name": "crop", "dim_ranges": {io.N_CROPS: (1, 1, 1)}}],
+                    external_data=_external(options, proto),
+                    doc="the ViT, one crop per call: per patch, the concatenated outputs of adapter_config.vit_layers")
+    del proto
+    with torch.no_grad():      # the connector is traced on the ViT's real output for the example crops
+        features = VisionStage(model).eval()(images, masks)
+    cin, cout = connector_io(model, pool_h * pool_w)
+    proto = export_stage(ConnectorStage(model).eval(), (features, idx), cin, cout, scratch / "connector.onnx", opset)
+    writer.add_onnx(io.CONNECTOR_STAGE, proto, precision="fp32", inputs=cin, outputs=cout, dim_ranges=connector_ranges,
+                    external_data=_external(options, proto),
+                    doc="2x2 attention pooling over every crop's patch features + projector: one LLM-width feature "
+                        "per pooled image token")
+
+
+def _vision_ranges(preprocessor, max_images: int, typical: dict[str, int]) -> tuple[dict, dict]:
+    """(vision ranges, connector ranges)."""
     pool_h, pool_w = preprocessor.config.pooling
     max_crops = (preprocessor.config.max_crops + 1) * max_images
     # Every patch is pooled at most once, and a stitched grid never exceeds its crops' patches, so a
     # crop contributes at most ceil(side / pool) ** 2 tokens.
     side = preprocessor.crop_patches
     max_tokens = max_crops * math.ceil(side / pool_h) * math.ceil(side / pool_w)
-    return {io.N_CROPS: (1, min(typical["crops"], max_crops), max_crops),
-            io.N_TOKENS: (1, min(typical["tokens"], max_tokens), max_tokens)}
+    crops = (1, min(typical["crops"], max_crops), max_crops)
+    return ({io.N_CROPS: (1, 1, max_crops)},
+            {io.N_CROPS: crops, io.N_TOKENS: (1, min(typical["tokens"], max_tokens), max_tokens)})
 
 
 def _decoder_ranges(max_seq: int, prompt_tokens: int) -> tuple[dict, list[dict]]:

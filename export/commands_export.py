@@ -11,8 +11,10 @@ DEFAULT_FRAMES = 3   # literal copy of verify.DEFAULT_FRAMES: importing verify h
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a checkpoint to a bundle (vision + decoder ONNX stages, weights, tokenizer) and verify it",
-        description="Trace the vision and decoder stages to ONNX (fp32), write them with the embedding table, "
+        "export", help="export a checkpoint to a bundle (vision, connector and decoder ONNX stages, weights, "
+                       "tokenizer) and verify it",
+        description="Trace the vision (ViT, run one crop at a time), connector (pooling + projector) and decoder "
+                    "stages to ONNX (fp32), write them with the embedding table, "
                     "LM head, tokenizer, answer grammar and action statistics into a bundle (atomically), then "
                     "verify every stage against the PyTorch reference on held-out inputs and record the result.",
     )
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "verify", help="compare every stage of a bundle with the PyTorch reference and record passed/failed",
         description="Run each stage with onnxruntime (CPU) and the PyTorch reference on held-out camera frames "
-                    "and instructions: vision features, decoder hidden states and cache (prefill, single steps, "
+                    "and instructions: ViT patch features, connector image features, decoder hidden states and cache (prefill, single steps, "
                     "chunks), logits, and grammar-masked greedy token agreement for depth, trace and actions. "
                     "Gates depend on each stage's precision; the verdict is written into the manifest.",
     )

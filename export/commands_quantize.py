@@ -45,8 +45,8 @@ def _register_quantize(subparsers) -> None:
                         "auto: by --target")
     p.add_argument("--calibration", type=Path, help="calibration set (`edgeact calibrate`); default: build 8 "
                                                     "synthetic-camera samples from BUNDLE on the fly (int8 w8a8, fp8)")
-    p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,decoder; "
-                                               "int4: decoder)")
+    p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,connector,"
+                                               "decoder; int4: decoder)")
     p.add_argument("--op-types", type=_csv, default=("MatMul",),
                    help="op types to quantize (default MatMul: linear layers only; more wrecks decoders)")
     p.add_argument("--exclude-nodes", type=_csv, default=(), help="node names to keep in float, comma-separated")

@@ -1,8 +1,8 @@
-"""Trace the reference model's two deployable stages, vision and decoder, into ONNX graphs with named dynamic dims.
+"""Trace the reference model's deployable stages, vision (ViT), connector and decoder, into ONNX graphs with named dynamic dims.
 
 The wrappers below only adapt I/O to the runtime's contract; the arithmetic is the reference
-model's own (`MolmoActModel.vision`, `.decoder`), so an exported stage computes what the
-reference computes. Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`.
+model's own (`MolmoActModel.vision.patch_features`, `.vision.connect`, `.decoder`), so an
+exported stage computes what the reference computes. Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`.
 It keeps the `dynamic_axes` names as the graph's dim_params, traces shape arithmetic (causal
 mask, cache slicing) symbolically, and folds each Linear's transposed weight into an (in, out)
 initializer feeding a plain MatMul (never a Gemm), which the int4 weight-only quantizer needs.
@@ -37,15 +37,26 @@ TRANSPOSED_SUFFIX = ".T"
 
 # ----------------------------------------------------------------------------------- wrappers
 class VisionStage(nn.Module):
-    """images, image_masks, pooled_patches_idx -> image_features for EVERY row of pooled_patches_idx."""
+    """images, image_masks -> patch_features: the ViT, each crop on its own (the runtime feeds one crop per call)."""
 
     def __init__(self, model: MolmoActModel):
         super().__init__()
         # Held under the checkpoint's own prefix, so the graph's initializers carry checkpoint names.
         self.model = nn.ModuleDict({"vision_backbone": model.vision})
 
-    def forward(self, images: torch.Tensor, image_masks: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
-        return self.model["vision_backbone"](images, image_masks, pooled_patches_idx)
+    def forward(self, images: torch.Tensor, image_masks: torch.Tensor) -> torch.Tensor:
+        return self.model["vision_backbone"].patch_features(images, image_masks)
+
+
+class ConnectorStage(nn.Module):
+    """patch_features of every crop, pooled_patches_idx -> image_features for EVERY row of pooled_patches_idx."""
+
+    def __init__(self, model: MolmoActModel):
+        super().__init__()
+        self.model = nn.ModuleDict({"vision_backbone": model.vision})
+
+    def forward(self, patch_features: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        return self.model["vision_backbone"].connect(patch_features, pooled_patches_idx)
 
 
 class DecoderStage(nn.Module):
@@ -74,15 +85,34 @@ class DecoderStage(nn.Module):
 
 
 # ------------------------------------------------------------------------------ I/O contracts
-def vision_io(model: MolmoActModel, patches_per_token: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def patch_feature_width(model: MolmoActModel) -> int:
+    """F: the ViT width times the number of adapter_config.vit_layers concatenated per patch."""
+    return model.cfg.vit_config.hidden_size * len(model.vision.vit_layers)
+
+
+def vision_io(model: MolmoActModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    v = model.cfg.vit_config
+    n_patches = v.image_num_pos - (1 if v.use_cls_token else 0)
+    inputs = [
+        TensorSpec(io.IMAGES, "float32", (io.N_CROPS, n_patches, v.patch_dim),
+                   "crops, patchified and normalized by the preprocessor; patch pixels in (py, px, channel) order. "
+                   "The runtime feeds one crop per call (n_crops = 1); crops never attend to each other"),
+        TensorSpec(io.IMAGE_MASKS, "float32", (io.N_CROPS, n_patches),
+                   "share of real (non-padding) pixels per patch; read by -O's padding embeddings, ignored by -D"),
+    ]
+    outputs = [TensorSpec(io.PATCH_FEATURES, "float32", (io.N_CROPS, n_patches, patch_feature_width(model)),
+                          "per patch, the outputs of the ViT layers adapter_config.vit_layers concatenated in that "
+                          "order (CLS dropped; -O: padding embeddings added): the connector's input")]
+    return inputs, outputs
+
+
+def connector_io(model: MolmoActModel, patches_per_token: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
     cfg = model.cfg
     v = cfg.vit_config
     n_patches = v.image_num_pos - (1 if v.use_cls_token else 0)
     inputs = [
-        TensorSpec(io.IMAGES, "float32", (io.N_CROPS, n_patches, v.patch_dim),
-                   "crops (global view first), patchified and normalized by the preprocessor; patch pixels in (py, px, channel) order"),
-        TensorSpec(io.IMAGE_MASKS, "float32", (io.N_CROPS, n_patches),
-                   "share of real (non-padding) pixels per patch; read by -O's padding embeddings, ignored by -D"),
+        TensorSpec(io.PATCH_FEATURES, "float32", (io.N_CROPS, n_patches, patch_feature_width(model)),
+                   "the vision stage's patch_features of every crop of the observation (global view first), in order"),
         TensorSpec(io.POOLED_PATCHES_IDX, "int64", (io.N_TOKENS, patches_per_token),
                    "per pooled image token, the patches (flat index over crops x patches) it pools; -1 = padding"),
     ]

@@ -81,7 +81,12 @@ class OrtBundle:
     # ------------------------------------------------------------------ feeds
     def vision_feeds(self, inputs: ImageInputs) -> Feeds:
         return {stage_io.IMAGES: np.asarray(inputs.images, np.float32),
-                stage_io.IMAGE_MASKS: np.asarray(inputs.image_masks, np.float32),
+                stage_io.IMAGE_MASKS: np.asarray(inputs.image_masks, np.float32)}
+
+    def connector_feeds(self, inputs: ImageInputs) -> Feeds:
+        """This bundle's ViT features of every crop (computed crop by crop), with the pooling indices."""
+        features = self.stages.vision.patch_features(inputs.images, inputs.image_masks)
+        return {stage_io.PATCH_FEATURES: features.copy(),       # the buffer is overwritten by the next sample
                 stage_io.POOLED_PATCHES_IDX: np.asarray(inputs.pooled_patches_idx, np.int64)}
 
     def sequence_embeddings(self, prompt_ids: np.ndarray, inputs: ImageInputs, answer_ids: np.ndarray) -> np.ndarray:

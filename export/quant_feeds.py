@@ -1,11 +1,13 @@
 """Calibration inputs for each stage, made by the fp32 bundle from a calibration set, and activation statistics over them.
 
-Vision: the sample's preprocessed frame as is. Decoder: per sample, the whole sequence (prompt +
-the fp32 model's own answer) as one prefill chunk with an empty cache -- a causal decoder
-computes the same per-token activations in one chunk as token by token -- plus single-token
-decode steps at random answer positions with the real cache before them (sliced from the
-chunk's own keys and values: position p's keys do not depend on later tokens), so the
-cache inputs and the attention over them see realistic values too.
+Vision (the ViT): the sample's preprocessed crops, all in one feed (crops never attend to each
+other: a batch gives each crop's activations as a one-crop run does). Connector: the fp32
+ViT's patch features of those crops with the sample's pooling indices. Decoder: per sample,
+the whole sequence (prompt + the fp32 model's own answer) as one prefill chunk with an empty
+cache -- a causal decoder computes the same per-token activations in one chunk as token by
+token -- plus single-token decode steps at random answer positions with the real cache before
+them (sliced from the chunk's own keys and values: position p's keys do not depend on later
+tokens), so the cache inputs and the attention over them see realistic values too.
 Feeds are produced lazily: a 7B decoder's cache for one step is gigabytes.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ FeedSource = Callable[[], Iterator[Feeds]]   # a fresh pass over the feeds on ev
 def stage_feeds(fp32: OrtBundle, calib: CalibrationSet, stage: str, decode_steps: int = 1, seed: int = 0) -> FeedSource:
     if stage == stage_io.VISION_STAGE:
         return lambda: (fp32.vision_feeds(s.image_inputs()) for s in calib.samples)
+    if stage == stage_io.CONNECTOR_STAGE:
+        return lambda: (fp32.connector_feeds(s.image_inputs()) for s in calib.samples)
     if stage == stage_io.DECODER_STAGE:
         return lambda: _decoder_feeds(fp32, calib, decode_steps, seed)
     raise KeyError(stage)

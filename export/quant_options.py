@@ -19,8 +19,9 @@ ARRAY_DTYPES = ("float32", "float16")
 # Stages each precision quantizes unless told: INT4 is weight-only, which pays where weights dominate
 # (the bandwidth-bound decoder); the small compute-bound ViT gains nothing from it. int8 takes the ViT in
 # both modes: w8a16 keeps its accuracy there and, on the `bench` checkpoint, its speed (0.9x the fp32 time).
-DEFAULT_STAGES = {"int8": (stage_io.VISION_STAGE, stage_io.DECODER_STAGE),
-                  "fp8": (stage_io.VISION_STAGE, stage_io.DECODER_STAGE),
+# The connector (pooling + projector) goes with the ViT: together they were the one `vision` stage.
+DEFAULT_STAGES = {"int8": stage_io.MODEL_STAGES,
+                  "fp8": stage_io.MODEL_STAGES,
                   "int4": (stage_io.DECODER_STAGE,)}
 # Op types a QDQ recipe may be asked to quantize. Linear layers are MatMul; quantizing Add/Mul/Softmax
 # too puts Q/DQ on the residual stream and the attention probabilities, which wrecks a decoder.
@@ -58,9 +59,9 @@ class QuantizeOptions:
         object.__setattr__(self, "stages", tuple(self.stages or DEFAULT_STAGES[self.precision]))
         object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
-        unknown = [s for s in self.stages if s not in (stage_io.VISION_STAGE, stage_io.DECODER_STAGE)]
+        unknown = [s for s in self.stages if s not in stage_io.MODEL_STAGES]
         if unknown or not self.stages:
-            raise ConfigError(f"stages {list(self.stages)}: quantize some of {stage_io.VISION_STAGE}, {stage_io.DECODER_STAGE}")
+            raise ConfigError(f"stages {list(self.stages)}: quantize some of {', '.join(stage_io.MODEL_STAGES)}")
         bad_ops = [o for o in self.op_types if o not in QDQ_OP_TYPES]
         if bad_ops or not self.op_types:
             raise ConfigError(f"op types {bad_ops or '(none)'} not quantizable here; use some of {', '.join(QDQ_OP_TYPES)} "

@@ -61,6 +61,9 @@ class TrainOptions:
     # Matrix products in bfloat16 (torch.autocast) where the CPU has native bf16 (AVX512-BF16 / AMX): 1.6x
     # faster steps measured on this project's CI class of machine; the weights and the optimizer stay fp32.
     bf16: bool = True
+    # torch.compile (inductor) of the model for the training steps: 2.0x faster steps measured here (0.32 s vs
+    # 0.65 s at batch 8) after a one-time compilation of about 80 s, so it pays from about 250 steps on.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
@@ -195,6 +198,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     pad_id = trainer.encoder.layout.bos_id
     weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
     use_bf16 = options.bf16 and bf16_supported()
+    forward = torch.compile(model, dynamic=True) if options.compile else model
     losses = []
     model.train()
     for step in range(options.steps):
@@ -205,7 +209,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, options)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = batch_logits(model, batch)
+            logits = batch_logits(forward, batch)
         loss = weighted_loss(logits.float(), batch, weights, options.first_action_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

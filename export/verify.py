@@ -1,8 +1,9 @@
 """Verify a bundle against its PyTorch reference on held-out inputs, gate the numbers by precision, record the verdict.
 
 `GATES` is the one table of accuracy gates: a row per stage precision, frozen. Each stage's
-rows are gated by its own precision (vision by the vision stage's, decoder and logits by the
-decoder's); token agreement, which every stage affects, by the loosest gate of all stages.
+rows are gated by its own precision (vision by the ViT stage's, connector by the connector's,
+decoder and logits by the decoder's); token agreement, which every stage affects, by the loosest
+gate of all stages.
 `verify_bundle` works on any bundle (exported or quantized) and writes status, gates and rows
 into the manifest, where `load_bundle` refuses a failed bundle unless overridden.
 
@@ -27,7 +28,7 @@ from edgeact.runtime.stage_spec import PRECISIONS
 @dataclass(frozen=True)
 class Gate:
     """Minimum accepted values. Cosines are per row (feature, token, logits row), worst row over all frames."""
-    vision_cosine: float
+    vision_cosine: float        # the ViT's patch features, and the connector's image features
     decoder_cosine: float       # hidden states (prefill, decode step, chunk) and the new cache entries
     logits_cosine: float
     forced_agreement: float     # teacher-forced: masked argmax at every choice of the reference answer
@@ -60,7 +61,8 @@ DEFAULT_FRAMES = 3
 
 # measurement key -> (gate row name, stage whose precision gates it, or None for all stages, Gate field)
 _ROWS = (
-    ("vision", "vision.cosine", "vision", "vision_cosine"),
+    ("vision", "vision.cosine", "vision", "vision_cosine"),           # the ViT's patch features
+    ("connector", "connector.cosine", "connector", "vision_cosine"),  # pooled + projected image features
     ("decoder.prefill", "decoder.prefill.cosine", "decoder", "decoder_cosine"),
     ("decoder.cache", "decoder.cache.cosine", "decoder", "decoder_cosine"),
     ("decoder.step", "decoder.step.cosine", "decoder", "decoder_cosine"),

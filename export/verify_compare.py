@@ -1,7 +1,8 @@
 """One held-out observation through a bundle's onnxruntime stages and through the PyTorch reference, stage by stage.
 
 Each stage is fed the reference's own inputs, so an error is charged to the stage that makes
-it: vision on the preprocessed frame; the decoder on the reference's prompt embeddings (prefill
+it: vision (the ViT, crop by crop as the runtime runs it) on the preprocessed frame; the
+connector on the reference's patch features; the decoder on the reference's prompt embeddings (prefill
 with an empty past), on single-token steps after that past, and on the whole reference answer
 as one multi-token chunk after it. Logits come from the bundle's `lm_head` array. Token
 agreement is measured twice: teacher-forced (the bundle's masked argmax at every choice of the
@@ -19,6 +20,7 @@ import torch
 
 from edgeact.export.generate import generate_greedy
 from edgeact.export.model import MolmoActModel
+from edgeact.runtime import stage_io
 from edgeact.runtime.action_bins import ACTION_DIMS
 from edgeact.runtime.answer import N_DEPTH_TOKENS, TRACE_RANGE, Answer
 from edgeact.runtime.grammar import AnswerGrammar
@@ -117,9 +119,18 @@ def compare_observation(model: MolmoActModel, stages: OrtStages, grammar: Answer
     images, masks, idx = (torch.from_numpy(np.array(a)) for a in (inputs.images, inputs.image_masks, inputs.pooled_patches_idx))
     out: dict[str, Measurement] = {}
 
-    ort_features = stages.image_features(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
     with torch.inference_mode():
-        out["vision"] = closeness(ort_features, model.image_features(images, masks, idx).numpy())
+        ref_patches = model.vision.patch_features(images, masks)
+        ref_features = model.vision.connect(ref_patches, idx)
+    ort_patches = stages.vision.patch_features(inputs.images, inputs.image_masks)
+    out["vision"] = closeness(ort_patches, ref_patches.numpy())
+    connector = stages.vision.connector
+    out["connector"] = closeness(connector.run({stage_io.PATCH_FEATURES: ref_patches.numpy(),
+                                                stage_io.POOLED_PATCHES_IDX: idx.numpy()})[stage_io.IMAGE_FEATURES],
+                                 ref_features.numpy())
+    # End to end (the bundle's ViT features into its connector) for the free-running answer.
+    ort_features = connector.run({stage_io.PATCH_FEATURES: ort_patches,
+                                  stage_io.POOLED_PATCHES_IDX: idx.numpy()})[stage_io.IMAGE_FEATURES]
     reference = generate_greedy(model, torch.from_numpy(prompt)[None], images, masks, idx,
                                 max_new_tokens=max_answer_tokens(grammar), eos_token_id=layout.bos_id,
                                 allowed_token_fn=MaskedGreedyConstraint(grammar)).token_ids

@@ -1,8 +1,9 @@
 """MolmoAct's vision side: the ViT (SigLIP2 for -D, CLIP for -O), 2x2 attention pooling and the SwiGLU projector.
 
 Parameter names follow the checkpoint (`image_vit.transformer.resblocks.N.attention.wq`, ...),
-so the module tree loads a MolmoAct state dict without renaming. `VisionBackbone.forward` has
-no branches on tensor values, so the exporter can trace it as the vision stage.
+so the module tree loads a MolmoAct state dict without renaming. `VisionBackbone.patch_features`
+(the ViT, crop by crop) and `.connect` (pooling and projector over all crops) have no branches
+on tensor values, so the exporter traces them as the `vision` and `connector` stages.
 """
 from __future__ import annotations
 
@@ -184,8 +185,15 @@ class VisionBackbone(nn.Module):
         attend = valid | ~valid.any(-1, keepdim=True)
         return self.image_pooling_2d(query, to_pool, attend)[:, 0]
 
-    def forward(self, images: torch.Tensor, image_masks: torch.Tensor | None, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
-        """-> (n_image_tokens, D): projected features for every row of pooled_patches_idx, in order."""
-        features = self.patch_features(images, image_masks)
+    def connect(self, features: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """The connector: patch features (n_crops, n_patches, C) of every crop -> (n_image_tokens, D).
+
+        It sees all crops at once because a pooled token may take patches from two crops
+        (pooled_patches_idx indexes the flattened crops x patches).
+        """
         pooled = self.pool(features.reshape(-1, features.shape[-1]), pooled_patches_idx.long())
         return self.image_projector(pooled)
+
+    def forward(self, images: torch.Tensor, image_masks: torch.Tensor | None, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """-> (n_image_tokens, D): projected features for every row of pooled_patches_idx, in order."""
+        return self.connect(self.patch_features(images, image_masks), pooled_patches_idx)

@@ -18,7 +18,7 @@ import numpy as np
 from edgeact.runtime.arm_config import ArmConfig
 # The schema is part of this module's API: `from edgeact.runtime.bundle import StageSpec, ...`.
 from edgeact.runtime.bundle_manifest import (  # noqa: F401
-    MANIFEST_NAME, SCHEMA_VERSION, VERIFICATION_STATUSES, EngineRecord, FileEntry, Manifest, ModelInfo,
+    MANIFEST_NAME, SCHEMA_CHANGES, SCHEMA_VERSION, VERIFICATION_STATUSES, EngineRecord, FileEntry, Manifest, ModelInfo,
     QuantizationInfo, TokenizerInfo, ToolInfo, VerificationInfo, WeightSpec,
 )
 from edgeact.runtime.errors import BundleError
@@ -87,8 +87,9 @@ def _check_schema_version(data: Any, path: Path) -> None:
     if isinstance(found, int) and found > SCHEMA_VERSION:
         writer = (data.get("tool") or {}).get("version", "a newer version")
         fix += f", or upgrade edgeact here to the version that wrote it ({writer})"
+    why = f" ({SCHEMA_CHANGES[found]})" if isinstance(found, int) and found in SCHEMA_CHANGES else ""
     raise BundleError(f"{path}: schema_version {found!r}, but edgeact {ours} reads schema_version "
-                      f"{SCHEMA_VERSION}; {fix}")
+                      f"{SCHEMA_VERSION}{why}; {fix}")
 
 
 def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True) -> None:

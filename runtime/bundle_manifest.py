@@ -15,7 +15,12 @@ from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import BundleError, CheckpointError
 from edgeact.runtime.stage_spec import DTYPES, StageSpec, check_relpath, field_error, get_field, map_fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each older schema lacks, for the error that refuses it (runtime/bundle.py).
+SCHEMA_CHANGES = {
+    1: "schema 1 ran the ViT, pooling and projector as one `vision` stage over all crops at once; schema 2 splits "
+       "them into `vision` (the ViT, run one crop at a time) and `connector`, which keeps the runtime's memory lower",
+}
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_STATUSES = ("passed", "failed", "not_run")
 

@@ -1,4 +1,4 @@
-"""The bundle-backed policy: camera frame + instruction -> preprocess -> vision -> decode program -> Plan (no torch).
+"""The bundle-backed policy: camera frame + instruction -> preprocess -> vision (ViT per crop, connector) -> decode program -> Plan (no torch).
 
 Usable on its own (`BundlePolicy(path).infer(rgb, instruction)`) or from the loop as policy
 type "bundle". Two ways to skip decoding work, both token-identical to what the model would
@@ -32,6 +32,7 @@ from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
 from edgeact.runtime.prompt import build_prompt_ids
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+from edgeact.runtime.vision_stages import VisionStages
 
 DEFAULT_PREFILL_CHUNK = 512
 # depth_m (H, W) metres aligned to the RGB frame -> 100 depth codes in [0, 128)
@@ -61,7 +62,8 @@ class BundlePolicy:
         if threads is not None:
             options["threads"] = threads
         self.backend = open_backend(backend, **options)
-        self.vision = self.backend.stage(bundle, io.VISION_STAGE)
+        self.vision = VisionStages(self.backend.stage(bundle, io.VISION_STAGE),
+                                   self.backend.stage(bundle, io.CONNECTOR_STAGE))
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
         self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
                                      self.grammar, bundle.config.image_patch_id, self.stats)
@@ -90,9 +92,8 @@ class BundlePolicy:
         if depth_codes is None:
             depth_codes = self._forced_depth(depth_m, seconds)
         start = time.perf_counter()
-        features = self.vision.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
-                                    io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})[io.IMAGE_FEATURES]
-        seconds["vision"] = time.perf_counter() - start
+        features = self.vision.run(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
+        seconds["vision"] = time.perf_counter() - start       # ViT over every crop + connector
         height, width = rgb.shape[:2]
         return self.program.run(prompt, features, inputs.pooled_patches_idx, depth_codes=depth_codes,
                                 trace=self._trace if trace is None else trace, image_size_px=(width, height),

@@ -39,8 +39,13 @@ class StageEngine(ABC):
     spec: StageSpec
 
     @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name. They may be views of the engine's own buffers, valid until the next run."""
+    def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
+        """Outputs by name. They may be views of the engine's own buffers, valid until the next run.
+
+        release: the backend may give back the run's transient memory after it (onnxruntime: its
+        arena's free regions). False when the next call runs the same shapes at once (the ViT's
+        next crop), which then reuses that memory instead of allocating it again.
+        """
 
 
 class DecoderEngine(ABC):

@@ -14,13 +14,16 @@ offset `length`, the hidden states into a buffer sized for the largest chunk.
 
 Host memory (OrtOptions cpu_arena / mem_pattern / arena_shrink). Left alone, a policy's
 resident memory grows over its first steps to up to 5x the bundle's bytes: each session's arena keeps the
-regions of its largest run (vision over every crop, a 512-token prefill chunk) for good, and
-the memory pattern's pre-planned block for a new shape is one more region beside them. Here,
-after each vision run and prefill chunk, the arena gives its free regions back
+regions of its largest run (a 512-token prefill chunk; before the vision split, the ViT over every
+crop) for good, and the memory pattern's pre-planned block for a new shape is one more region
+beside them. Here, after each stateless stage run (the ViT on one crop, the connector, the depth
+tokenizer) and each prefill chunk, the arena gives its free regions back
 ("memory.enable_memory_arena_shrinkage") and the C heap is trimmed (glibc keeps freed blocks
 under its mmap threshold otherwise), so only one large run's activations are resident at a
-time. Decode steps and the answer's short forced runs (under SHRINK_MIN_TOKENS) take the
-unchanged path (arena and pattern kept: no malloc per step), so decode speed does not move. Measured on the bench bundles, not adopted:
+time. The ViT runs once per crop (runtime/vision_stages.py), so its largest run is one crop's.
+Decode steps and the answer's short forced runs (under SHRINK_MIN_TOKENS) take the unchanged path
+(arena and pattern kept: no malloc per step), so decode speed does not move. Measured on the
+bench bundles, not adopted:
 "session.use_device_allocator_for_initializers" (+-20 MB either way), an arena shared by the
 sessions ("session.use_env_allocators": onnxruntime 1.32 aborts in BFCArena::RegionFor), no arena
 (glibc then keeps the freed activations: peak 1.3 GB for int4), a 256-token prefill chunk (same peak).
@@ -68,7 +71,8 @@ class OrtOptions:
     # Host memory: why these defaults (they keep a policy near 1.3 x bundle + 300 MB) is in the module docstring.
     cpu_arena: str = "session"             # session: an arena per session; off: every tensor from malloc
     mem_pattern: bool = True               # onnxruntime's pre-planned block per input shape (freed by the shrink)
-    arena_shrink: bool = True              # after a vision run or a prefill chunk, give the arena's free regions back
+    arena_shrink: bool = True              # after a stage run (one ViT crop, the connector) or a prefill chunk,
+                                           # give the arena's free regions back
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -142,7 +146,7 @@ def _release_heap() -> None:
     Freed arena regions smaller than glibc's mmap threshold (which rises to 32 MB after the
     first large free) go back to the heap, not the system: without a trim every large run
     leaves its activations resident. A trim walks the heap once (~0.05 ms measured after 200 MB
-    of frees), and runs only after vision runs and prefill chunks.
+    of frees), and runs only after stateless stage runs (each ViT crop) and prefill chunks.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -187,6 +191,7 @@ class OrtStageEngine(StageEngine):
         self._binding = self.session.io_binding()
         self._release = options.arena_shrink
         self._run_options = _run_options(shrink=options.arena_shrink and options.cpu_arena != "off")
+        self._keep_run_options = _run_options()      # run(release=False): the next run reuses the arena's regions
         self._where = f"stage {name!r}"
         self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"{self._where} input {t.name!r}") for t in self.spec.inputs}
         input_symbols = {s for t in self.spec.inputs for s in t.symbols()}
@@ -197,7 +202,7 @@ class OrtStageEngine(StageEngine):
             buffer = np.empty(max_shape(t.dims, self.spec), dtype) if set(t.symbols()) <= input_symbols else None
             self._outputs[t.name] = (t, buffer)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         missing = sorted(set(self._in_dtypes) - set(feeds))
         if missing:
             raise EdgeactError(f"{self._where}: inputs {missing} not given; it takes {list(self._in_dtypes)}")
@@ -216,8 +221,8 @@ class OrtStageEngine(StageEngine):
             view = buffer.reshape(-1)[:int(np.prod(shape))].reshape(shape)   # a contiguous prefix of the buffer
             b.bind_output(name, "cpu", 0, buffer.dtype, list(shape), view.ctypes.data)
             out[name] = view
-        self.session.run_with_iobinding(b, self._run_options)
-        if self._release:
+        self.session.run_with_iobinding(b, self._run_options if release else self._keep_run_options)
+        if self._release and release:
             _release_heap()
         if len(out) < len(self._outputs):
             for name, value in zip(self.session.get_outputs(), b.copy_outputs_to_cpu()):

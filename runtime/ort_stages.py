@@ -18,6 +18,7 @@ from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import BundleError, EdgeactError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache
 from edgeact.runtime.stage_spec import numpy_dtype
+from edgeact.runtime.vision_stages import VisionStages
 
 AllowedTokenFn = Callable[[int, list[int]], "Sequence[int] | None"]
 
@@ -42,7 +43,8 @@ class OrtStage:
         self.output_names = [t.name for t in self.spec.outputs]
         self.input_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {name!r} input {t.name!r}") for t in self.spec.inputs}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
+        """Outputs by name (new arrays); `release` is the StageEngine interface's, with no effect here."""
         missing = sorted(set(self.input_dtypes) - set(feeds))
         if missing:
             raise EdgeactError(f"stage {self.spec.name!r}: inputs {missing} not given; it takes {list(self.input_dtypes)}")
@@ -51,11 +53,13 @@ class OrtStage:
 
 
 class OrtStages:
-    """A bundle's vision and decoder stages, embedding table and LM head, run with onnxruntime (batch 1)."""
+    """A bundle's vision, connector and decoder stages, embedding table and LM head, run with onnxruntime (batch 1)."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)):
-        self.vision = OrtStage(bundle, io.VISION_STAGE, threads=threads, providers=providers)
+        # The ViT runs crop by crop, as on the robot (runtime/vision_stages.py).
+        self.vision = VisionStages(OrtStage(bundle, io.VISION_STAGE, threads=threads, providers=providers),
+                                   OrtStage(bundle, io.CONNECTOR_STAGE, threads=threads, providers=providers))
         self.decoder = OrtStage(bundle, io.DECODER_STAGE, threads=threads, providers=providers)
         self.embedding = bundle.weight(io.EMBEDDING_WEIGHT)
         self.lm_head = bundle.weight(io.LM_HEAD_WEIGHT)
@@ -64,8 +68,7 @@ class OrtStages:
 
     def image_features(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
         """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included."""
-        out = self.vision.run({io.IMAGES: images, io.IMAGE_MASKS: image_masks, io.POOLED_PATCHES_IDX: pooled_patches_idx})
-        return out[io.IMAGE_FEATURES]
+        return self.vision.run(images, image_masks, pooled_patches_idx)
 
     def embed(self, ids: Sequence[int] | np.ndarray, image_features: np.ndarray | None = None,
               pooled_patches_idx: np.ndarray | None = None) -> np.ndarray:

@@ -1,7 +1,12 @@
 """Names of the exported stages, their tensors and the bundle's weight arrays: the exporter's contract with the runtime.
 
-Stage `vision`:  images, image_masks, pooled_patches_idx -> image_features (one row per pooled token).
-Stage `decoder`: inputs_embeds, position_ids, past_key.L / past_value.L -> hidden_states, new_key.L / new_value.L.
+Stage `vision`:    images, image_masks -> patch_features. The ViT, crop by crop: the runtime calls it
+                   once per crop (n_crops = 1) into one (n_crops, n_patches, F) buffer, so only one
+                   crop's activations are ever live; the shape allows a batch of crops.
+Stage `connector`: patch_features (all crops), pooled_patches_idx -> image_features (one row per
+                   pooled token). Pooling sees every crop at once: a pooled token may take patches
+                   from two crops.
+Stage `decoder`:   inputs_embeds, position_ids, past_key.L / past_value.L -> hidden_states, new_key.L / new_value.L.
 Weights: `embedding` (vocab_size + additional rows, D) and `lm_head` (vocab_size, D).
 Dims, dtypes and documentation of every tensor are in the bundle's manifest (written by
 edgeact.export.onnx_export); this module holds only the names, so torch-free code can use them.
@@ -9,11 +14,14 @@ edgeact.export.onnx_export); this module holds only the names, so torch-free cod
 from __future__ import annotations
 
 VISION_STAGE = "vision"
+CONNECTOR_STAGE = "connector"
 DECODER_STAGE = "decoder"
+MODEL_STAGES = (VISION_STAGE, CONNECTOR_STAGE, DECODER_STAGE)    # what `edgeact export` writes, in run order
 
 IMAGES = "images"
 IMAGE_MASKS = "image_masks"
 POOLED_PATCHES_IDX = "pooled_patches_idx"
+PATCH_FEATURES = "patch_features"
 IMAGE_FEATURES = "image_features"
 
 INPUTS_EMBEDS = "inputs_embeds"

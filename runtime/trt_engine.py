@@ -3,9 +3,10 @@
 Per stage: deserialize the plan, one execution context per optimization profile (the
 manifest's profiles, in the engine record's order: switching a context's profile costs a
 synchronization, keeping one context each costs only activation memory), device buffers
-sized once from the manifest's dim ranges. A call picks the narrowest profile that holds its
-shapes, sets input shapes (`set_input_shape`) and addresses (`set_tensor_address`) and runs
-`execute_async_v3` on the engine's stream.
+sized once for the largest shapes its profiles take. A call picks the narrowest profile that
+holds its shapes, sets input shapes (`set_input_shape`) and addresses (`set_tensor_address`)
+and runs `execute_async_v3` on the engine's stream. The ViT's one profile is one crop
+(runtime/vision_stages.py calls it per crop), so its activations are one crop's on the GPU too.
 
 The decoder's KV cache lives in device memory (cudaMalloc once, sized like the host cache);
 keys/values of a chunk are written by the engine straight into the cache at offset `length`.
@@ -60,11 +61,25 @@ def select_profile(ranges: Sequence[Mapping[str, DimRange]], values: Mapping[str
     return best
 
 
-def tensor_bytes(dims: Sequence[int | str], dtype: str, spec: StageSpec) -> int:
-    """Bytes of a tensor at its largest shape within the stage's ranges (device buffers are this big)."""
+def engine_shape(dims: Sequence[int | str], spec: StageSpec, ranges: Sequence[Mapping[str, DimRange]]) -> tuple[int, ...]:
+    """Largest shape of a tensor in any of the engine's profiles (`profile_ranges`).
+
+    An engine takes nothing larger, and a stage's profiles may be narrower than its dim_ranges:
+    the ViT's graph takes a batch of crops, its engine one crop (the runtime's call).
+    """
+    values = {name: max((p[name].max for p in ranges if name in p), default=r.max)
+              for name, r in spec.dim_ranges.items()}
+    return resolve_shape(dims, values, f"stage {spec.name!r}")
+
+
+def tensor_bytes(dims: Sequence[int | str], dtype: str, spec: StageSpec,
+                 ranges: Sequence[Mapping[str, DimRange]] | None = None) -> int:
+    """Bytes of a tensor at its largest shape within the engine's profile `ranges` (default: the stage's
+    dim_ranges); device buffers are this big."""
     if dtype not in _ITEMSIZE:
         raise BundleError(f"stage {spec.name!r}: element type {dtype} has no buffer size here")
-    return int(np.prod(max_shape(dims, spec), dtype=np.int64)) * _ITEMSIZE[dtype]
+    shape = max_shape(dims, spec) if ranges is None else engine_shape(dims, spec, ranges)
+    return int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
 
 
 def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capability: tuple[int, int] | None,
@@ -201,21 +216,24 @@ class TrtStageEngine(StageEngine):
     def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord):
         self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
         self.spec = self.plan.spec
-        self._device = {t.name: cuda.malloc(tensor_bytes(t.dims, t.dtype, self.spec))
+        ranges = self.plan.ranges
+        self._device = {t.name: cuda.malloc(tensor_bytes(t.dims, t.dtype, self.spec, ranges))
                         for t in (*self.spec.inputs, *self.spec.outputs)}
         stage = self.spec.name
-        self._host = {t.name: np.empty(max_shape(t.dims, self.spec),
+        self._host = {t.name: np.empty(engine_shape(t.dims, self.spec, ranges),
                                        numpy_dtype(t.dtype, f"stage {stage!r} output {t.name!r}"))
                       for t in self.spec.outputs}
         self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {stage!r} input {t.name!r}") for t in self.spec.inputs}
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
+        # `release` has nothing to do here: device buffers and activation memory are allocated once at load.
         where = f"stage {self.spec.name!r}"
         missing = sorted({t.name for t in self.spec.inputs} - set(feeds))
         if missing:
             raise EdgeactError(f"{where}: inputs {missing} not given; it takes {[t.name for t in self.spec.inputs]}")
         arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._in_dtypes.items()}
         values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, where)
+        select_profile(self.plan.ranges, values)     # refuses shapes no profile holds before they overrun a buffer
         for name, array in arrays.items():
             self.cuda.to_device(self._device[name], array, array.nbytes)
         self.plan.run(values, {k: a.shape for k, a in arrays.items()}, self._device)

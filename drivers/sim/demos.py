@@ -13,9 +13,18 @@ The manifest holds the image size, the camera intrinsics, every episode's parame
 normalization statistics of all executed actions (q01/q99/mask/mean/std/min/max, gripper unmasked)
 under `norm_stats[NORM_KEY]`, the form `ActionStats.from_norm_stats` reads.
 
-The trace: the end-effector site's true positions at the next chunk's action boundaries 0, 2, 4, 6
-and 8 (the last one clipped at the episode's end), projected with the camera's intrinsics and
-extrinsics (site "camera_optical"); repeated points (a still arm) are written once.
+The trace: the end-effector site's true positions at 5 action boundaries evenly spaced over the next
+`DemoConfig.trace_horizon_actions` actions (default 8: the chunk's boundaries 0, 2, 4, 6, 8, the
+last one clipped at the episode's end), projected with the camera's intrinsics and extrinsics
+(site "camera_optical"); repeated points (a still arm) are written once. Horizon 0 spans the rest
+of the expert's episode instead, as MolmoAct's own traces do (the path to the goal); the reference
+ARM trained on those did worse on pushes (see README), so the chunk stays the default.
+
+Siblings: with `DemoConfig.siblings` = n, each drawn scene is also demonstrated under up to n other
+instructions naming another block (`task.retarget`: same blocks, same arm start, only where that
+task could have been drawn). Their first frames are the same image with another answer, which
+only the instruction's words explain. Siblings share the scene's `episode` number, so a held-out
+split never separates them.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgeact.drivers.sim.expert import ExpertConfig, run_expert, runtime_action_mapper
-from edgeact.drivers.sim.task import TEMPLATES, TaskConfig, sample_episode
+from edgeact.drivers.sim.task import COLOURS, TEMPLATES, Episode, TaskConfig, retarget, sample_episode
 from edgeact.runtime.answer import MAX_TRACE_POINTS, pixels_to_trace
 from edgeact.runtime.errors import ConfigError, EdgeactError
 
@@ -46,6 +55,8 @@ class DemoConfig:
     stride_actions: int = 4             # a decision every this many actions (chunks overlap by chunk - stride)
     episodes_per_shard: int = 25
     execution_noise: float = 0.0        # ExpertConfig.execution_noise of the expert (when none is given)
+    siblings: int = 0                   # other instructions demonstrated on each scene (see the module docstring)
+    trace_horizon_actions: int = 8      # the trace covers this many actions ahead; 0: to the end of the episode
 
     def __post_init__(self) -> None:
         if not (16 <= self.width <= 640 and 16 <= self.height <= 480):
@@ -53,6 +64,9 @@ class DemoConfig:
         if not (1 <= self.stride_actions <= 64 and self.episodes_per_shard >= 1):
             raise ConfigError(f"stride_actions must be in [1, 64] and episodes_per_shard >= 1, got "
                               f"{self.stride_actions}, {self.episodes_per_shard}")
+        if not (0 <= self.siblings < len(COLOURS) * len(TEMPLATES) and self.trace_horizon_actions >= 0):
+            raise ConfigError(f"siblings must be in [0, {len(COLOURS) * len(TEMPLATES) - 1}] and "
+                              f"trace_horizon_actions >= 0, got {self.siblings}, {self.trace_horizon_actions}")
 
 
 class DemoDatasetError(EdgeactError):
@@ -68,11 +82,13 @@ def project_points(points_m: np.ndarray, camera_position_m: np.ndarray, camera_r
                      intrinsics.fy * in_camera[:, 1] / z + intrinsics.cy], axis=1)
 
 
-def future_trace(ee_positions_m: np.ndarray, k: int, chunk_size: int, camera_pose: tuple[np.ndarray, np.ndarray],
-                 intrinsics: Any) -> np.ndarray:
-    """The trace (n, 2) ints in [0, 256) of the end effector from action boundary k over the next chunk."""
+def future_trace(ee_positions_m: np.ndarray, k: int, horizon_actions: int,
+                 camera_pose: tuple[np.ndarray, np.ndarray], intrinsics: Any) -> np.ndarray:
+    """The trace (n, 2) ints in [0, 256) of the end effector from action boundary k over the next horizon_actions
+    actions (0: to the last boundary), at evenly spaced boundaries."""
     last = len(ee_positions_m) - 1
-    picks = [min(k + round(i * chunk_size / (MAX_TRACE_POINTS - 1)), last) for i in range(MAX_TRACE_POINTS)]
+    horizon = horizon_actions if horizon_actions > 0 else max(last - k, 0)
+    picks = [min(k + round(i * horizon / (MAX_TRACE_POINTS - 1)), last) for i in range(MAX_TRACE_POINTS)]
     pixels = project_points(ee_positions_m[picks], *camera_pose, intrinsics)
     trace = pixels_to_trace(pixels, intrinsics.width, intrinsics.height)
     keep = [0] + [i for i in range(1, len(trace)) if not np.array_equal(trace[i], trace[i - 1])]
@@ -88,10 +104,25 @@ def action_statistics(actions: np.ndarray) -> dict[str, list]:
     return {**{k: [float(x) for x in v] for k, v in stats.items()}, "mask": mask}
 
 
+def sibling_episodes(scene: Episode, n: int, task: TaskConfig | None = None) -> list[Episode]:
+    """Up to n other instructions on the scene's layout, each naming another block (order seeded by the scene)."""
+    if n <= 0:
+        return []
+    candidates = [(template, colour) for template in TEMPLATES for colour in COLOURS if colour != scene.colour]
+    siblings = []
+    for j in np.random.default_rng([scene.seed, 0x51B]).permutation(len(candidates)):
+        episode = retarget(scene, *candidates[j], task)
+        if episode is not None:
+            siblings.append(episode)
+            if len(siblings) == n:
+                break
+    return siblings
+
+
 @dataclass(frozen=True)
 class DemoSummary:
     out_dir: Path
-    episodes: int
+    episodes: int                       # successful expert episodes written (siblings included)
     successes: dict[str, list[int]]     # template -> [successes, attempts]
     samples: int
     seconds: float
@@ -101,7 +132,8 @@ class DemoSummary:
 def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConfig = DemoConfig(),
                  expert: ExpertConfig | None = None, task: TaskConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> DemoSummary:
-    """Run `episodes` expert episodes (templates in turn, episode i from seed + i) and write the successful ones."""
+    """Run `episodes` expert episodes (templates in turn, episode i from seed + i; each with up to config.siblings
+    sibling instructions) and write the successful ones."""
     from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
     from edgeact.drivers.sim.mujoco_robot import MujocoWorld
 
@@ -121,24 +153,26 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     records, all_actions, shards, pending = [], [], [], _Shard()
     try:
         for i in range(episodes):
-            episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
-            frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            scene = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
+            for sibling, episode in enumerate([scene] + sibling_episodes(scene, config.siblings, task)):
+                frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-            def grab(k: int, _world: Any) -> None:
-                if k % config.stride_actions == 0:
-                    frames[k] = renderer.render()[:2]
+                def grab(k: int, _world: Any) -> None:
+                    if k % config.stride_actions == 0:
+                        frames[k] = renderer.render()[:2]
 
-            rollout = run_expert(world, episode, mapper, expert, on_action=grab, task_config=task)
-            successes[episode.template][1] += 1
-            if rollout.outcome.success:
+                rollout = run_expert(world, episode, mapper, expert, on_action=grab, task_config=task)
+                successes[episode.template][1] += 1
+                if not rollout.outcome.success:
+                    continue
                 successes[episode.template][0] += 1
                 for k, (rgb, depth) in sorted(frames.items()):
                     if k < rollout.n_actions:
-                        trace = future_trace(rollout.ee_positions_m, k, expert.chunk_size, camera_pose,
+                        trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, camera_pose,
                                              renderer.intrinsics)
                         pending.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k)
                 all_actions.append(rollout.actions)
-                records.append({"index": i, **episode.to_dict(), "n_actions": rollout.n_actions})
+                records.append({"index": i, "sibling": sibling, **episode.to_dict(), "n_actions": rollout.n_actions})
             if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
                 shards.append(pending.write(out / f"shard_{len(shards):04d}.npz"))
                 pending = _Shard()

@@ -20,7 +20,7 @@ the push); the other blocks anywhere the camera sees on the table, apart from th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -136,6 +136,26 @@ def sample_episode(seed: int, template: str | None = None, config: TaskConfig | 
     arm = {joint: float(rng.uniform(-noise, noise)) for joint in ARM_JOINTS}
     arm[GRIPPER] = 0.0
     return Episode(seed, template, colour, instruction, positions, yaws, arm, config.time_limit_s[template])
+
+
+def retarget(episode: Episode, template: str, colour: str, config: TaskConfig | None = None) -> Episode | None:
+    """The same scene (blocks, arm start, seed) with another instruction, or None where its layout would never have
+    been drawn for that task: the named block outside the named block's ranges or reach, too near the ready pose
+    (move_to), or another block in the push's lane. Demonstrations of one scene under several instructions show
+    the model that the words, not the layout, decide where the arm goes."""
+    config = config or TaskConfig()
+    instruction = instruction_for(template, colour)
+    target = episode.block_positions_m[BLOCKS[colour]][:2]
+    (x_low, x_high), (y_low, y_high) = config.x_range_m, config.y_range_m
+    if not (x_low <= target[0] <= x_high and y_low <= target[1] <= y_high):
+        return None
+    if not _placement_ok(target, True, None, [], template, config):
+        return None
+    others = [p[:2] for body, p in episode.block_positions_m.items() if body != BLOCKS[colour]]
+    if not all(_placement_ok(p, False, target, [], template, config) for p in others):
+        return None
+    return replace(episode, template=template, colour=colour, instruction=instruction,
+                               time_limit_s=config.time_limit_s[template])
 
 
 def _sample_layout(rng: np.random.Generator, template: str, target: str, config: TaskConfig,

@@ -12,6 +12,7 @@ from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
 from edgeact.drivers.sim.task import TEMPLATES, reset_world, sample_episode  # noqa: E402
 from edgeact.runtime.action_bins import ActionStats, normalize_actions, unnormalize_actions  # noqa: E402
 from edgeact.runtime.control import ChunkFollower  # noqa: E402
+from edgeact.runtime.errors import ConfigError  # noqa: E402
 from edgeact.runtime.policy import Plan  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -142,7 +143,7 @@ def test_a_projected_point_lands_on_its_pixel_in_the_render(world):
         renderer.close()
 
 
-def test_the_trace_is_the_end_effector_over_the_next_chunk_in_the_image(world, rollouts):
+def test_the_trace_is_the_end_effector_path_in_the_image(world, rollouts):
     from edgeact.drivers.cameras.base import Intrinsics
     from edgeact.drivers.sim.demos import future_trace, project_points
     from edgeact.runtime.answer import pixels_to_trace
@@ -151,11 +152,43 @@ def test_the_trace_is_the_end_effector_over_the_next_chunk_in_the_image(world, r
     camera = world.site_pose("camera_optical")
     r = rollouts["push_right"][2]
     expected = pixels_to_trace(project_points(r.ee_positions_m, *camera, intrinsics), 160, 120)
+    # Bounded to the next 8 actions: the boundaries 0, 2, 4, 6, 8 from now.
     trace = future_trace(r.ee_positions_m, 8, 8, camera, intrinsics)
     assert len(trace) == 5 and np.array_equal(trace, expected[[8, 10, 12, 14, 16]])
+    # Unbounded (the default): evenly spaced to the end of the episode, so it ends where the push ended.
+    last = r.n_actions
+    assert last > 24
+    full = future_trace(r.ee_positions_m, 8, 0, camera, intrinsics)
+    assert len(full) == 5 and np.array_equal(full, expected[[8 + round(i * (last - 8) / 4) for i in range(5)]])
     # At the end the arm is still: points past the last action collapse into one.
-    end = future_trace(r.ee_positions_m, r.n_actions, 8, camera, intrinsics)
-    assert np.array_equal(end, expected[[-1]])
+    for horizon in (8, 0):
+        assert np.array_equal(future_trace(r.ee_positions_m, r.n_actions, horizon, camera, intrinsics), expected[[-1]])
+
+
+def test_siblings_show_one_scene_under_other_instructions(tmp_path):
+    from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos, sibling_episodes
+
+    seed = next(s for s in range(100) if len(sibling_episodes(sample_episode(s, "move_to"), 2)) == 2)
+    scene = sample_episode(seed, "move_to")
+    siblings = sibling_episodes(scene, 2)
+    # Seeded by the scene: the same siblings each time, and the first of two is the one of one.
+    assert [e.to_dict() for e in sibling_episodes(scene, 1)] == [siblings[0].to_dict()]
+    assert sibling_episodes(scene, 0) == []
+    assert all(e.colour != scene.colour and e.block_positions_m is scene.block_positions_m for e in siblings)
+    summary = record_demos(tmp_path / "d", episodes=1, seed=seed, config=DemoConfig(width=64, height=48, siblings=2))
+    manifest = load_demos(tmp_path / "d").manifest
+    assert [(e["index"], e["sibling"]) for e in manifest["episodes"]] == [(0, 0), (0, 1), (0, 2)]
+    assert [e["instruction"] for e in manifest["episodes"]] == [e.instruction for e in [scene] + siblings]
+    assert summary.episodes == 3 and sum(n for _, n in summary.successes.values()) == 3
+    a = load_demos(tmp_path / "d").arrays()
+    # One scene for the held-out split; each rollout's first frame is the same image with another instruction.
+    assert set(a["episode"].tolist()) == {0}
+    first = np.nonzero(a["step"] == 0)[0]
+    assert len(first) == 3 and len(set(a["instruction"][first])) == 3
+    assert all(np.array_equal(a["rgb"][first[0]], a["rgb"][i]) for i in first[1:])
+    assert not np.array_equal(a["trace"][first[0]], a["trace"][first[1]])
+    with pytest.raises(ConfigError, match="siblings"):
+        DemoConfig(siblings=-1)
 
 
 def test_demonstrations_round_trip(tmp_path):
@@ -216,9 +249,11 @@ def test_the_sim_demos_command_records_a_set(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     commands_sim.register(parser.add_subparsers())
     args = parser.parse_args(["sim-demos", "--episodes", "3", "--seed", "4", "--out", str(tmp_path / "d"),
-                              "--width", "48", "--height", "32", "--stride", "8"])
+                              "--width", "48", "--height", "32", "--stride", "8", "--siblings", "1",
+                              "--trace-horizon", "0"])
     assert args.handler(args) == 0
-    assert "3 episodes" in capsys.readouterr().out
     manifest = load_demos(tmp_path / "d").manifest
+    assert f"{len(manifest['episodes'])} successful episodes" in capsys.readouterr().out
     assert manifest["demo_config"]["stride_actions"] == 8 and manifest["image"]["width"] == 48
-    assert [e["template"] for e in manifest["episodes"]] == list(TEMPLATES)
+    assert manifest["demo_config"]["siblings"] == 1 and manifest["demo_config"]["trace_horizon_actions"] == 0
+    assert [e["template"] for e in manifest["episodes"] if e["sibling"] == 0] == list(TEMPLATES)

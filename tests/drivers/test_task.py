@@ -9,8 +9,9 @@ from edgeact.runtime.errors import ConfigError
 pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip install mujoco==4.0.0)")
 
 from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
-from edgeact.drivers.sim.task import (BLOCKS, PUSH_SIGN, SHOULDER_XY_M, TEMPLATES, TaskConfig,  # noqa: E402
-                                      evaluate, instruction_for, reset_world, sample_episode)
+from edgeact.drivers.sim.task import (BLOCKS, COLOURS, PUSH_SIGN, READY_EE_XY_M, SHOULDER_XY_M,  # noqa: E402
+                                      TEMPLATES, TaskConfig, evaluate, instruction_for, reset_world, retarget,
+                                      sample_episode)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,25 +43,54 @@ def test_an_episode_is_a_function_of_its_seed():
     assert templates == set(TEMPLATES)
 
 
+def doable(e, config: TaskConfig) -> bool:
+    """The layout constraints of the task, restated: the named block reachable inside its ranges, the blocks apart,
+    a push's lane clear and its end within reach, a move_to not already done, the arm near ready."""
+    xy = {b: p[:2] for b, p in e.block_positions_m.items()}
+    target = xy[e.target_block]
+    ok = (np.linalg.norm(target - SHOULDER_XY_M) <= config.max_reach_m
+          and config.x_range_m[0] <= target[0] <= config.x_range_m[1]
+          and config.y_range_m[0] <= target[1] <= config.y_range_m[1])
+    names = list(xy)
+    ok &= all(np.linalg.norm(xy[a] - xy[b]) >= config.min_separation_m
+              for i, a in enumerate(names) for b in names[i + 1:])
+    if e.template in PUSH_SIGN:
+        ok &= abs(target[1] + PUSH_SIGN[e.template] * config.push_distance_m) <= config.push_reach_y_m
+        ok &= all(body == e.target_block or abs(p[0] - target[0]) >= config.lane_half_width_m
+                  or abs(p[1] - target[1]) >= config.lane_length_m for body, p in xy.items())
+    else:
+        ok &= np.linalg.norm(target - READY_EE_XY_M) >= config.move_start_clearance_m
+    return bool(ok and all(abs(q) <= config.arm_start_noise_rad for q in e.arm_start_rad.values()))
+
+
 @pytest.mark.parametrize("template", list(TEMPLATES))
 def test_layouts_keep_the_task_doable(template):
     config = TaskConfig()
+    assert all(doable(sample_episode(seed, template), config) for seed in range(40))
+
+
+def test_a_scene_is_retargeted_only_where_that_task_could_have_been_drawn():
+    config = TaskConfig()
+    accepted = refused = 0
     for seed in range(40):
-        e = sample_episode(seed, template)
-        xy = {b: p[:2] for b, p in e.block_positions_m.items()}
-        target = xy[e.target_block]
-        assert np.linalg.norm(target - SHOULDER_XY_M) <= config.max_reach_m
-        assert config.x_range_m[0] <= target[0] <= config.x_range_m[1]
-        names = list(xy)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                assert np.linalg.norm(xy[a] - xy[b]) >= config.min_separation_m
-        if template in PUSH_SIGN:
-            assert abs(target[1] + PUSH_SIGN[template] * config.push_distance_m) <= config.push_reach_y_m
-            for body, p in xy.items():
-                d = np.abs(p - target)
-                assert body == e.target_block or d[0] >= config.lane_half_width_m or d[1] >= config.lane_length_m
-        assert all(abs(q) <= config.arm_start_noise_rad for q in e.arm_start_rad.values())
+        scene = sample_episode(seed)
+        for template in TEMPLATES:
+            for colour in COLOURS:
+                e = retarget(scene, template, colour, config)
+                asked = dataclasses.replace(scene, template=template, colour=colour)
+                assert (e is not None) == doable(asked, config), (seed, template, colour)
+                if e is None:
+                    refused += 1
+                    continue
+                accepted += 1
+                assert e.instruction == instruction_for(template, colour)
+                assert e.time_limit_s == config.time_limit_s[template]
+                assert (e.seed, e.block_positions_m, e.block_yaws_rad, e.arm_start_rad) == \
+                    (scene.seed, scene.block_positions_m, scene.block_yaws_rad, scene.arm_start_rad)
+    # Both answers occur: the check is not vacuous either way.
+    assert accepted > 40 and refused > 40
+    with pytest.raises(ConfigError, match="purple"):
+        retarget(sample_episode(0), "move_to", "purple")
 
 
 def test_task_config_is_validated():

@@ -1,4 +1,4 @@
-"""Exported vision and decoder stages compute what the PyTorch reference computes, and greedy decoding with them is identical."""
+"""Exported vision, connector and decoder stages compute what the PyTorch reference computes; greedy decoding with them is identical."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,6 +23,7 @@ from edgeact.runtime.ort_stages import OrtStage, OrtStages
 from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.prompt import build_prompt_ids
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+from edgeact.runtime.vision_stages import VisionStages
 
 COSINE = 0.99999
 
@@ -56,9 +57,19 @@ def _tensors(*arrays):
 def test_stages_declare_named_dynamic_io_and_ranges_from_the_config(exported):
     m = exported.bundle.manifest
     llm = exported.model.cfg.llm_config
-    vision, decoder = m.stages[io.VISION_STAGE], m.stages[io.DECODER_STAGE]
-    assert [t.name for t in vision.inputs] == [io.IMAGES, io.IMAGE_MASKS, io.POOLED_PATCHES_IDX]
-    assert vision.inputs[0].dims[0] == io.N_CROPS and vision.outputs[0].dims == (io.N_TOKENS, llm.hidden_size)
+    assert tuple(m.stages) == io.MODEL_STAGES
+    vision, connector, decoder = (m.stages[name] for name in io.MODEL_STAGES)
+    vit, adapter = exported.model.cfg.vit_config, exported.model.cfg.adapter_config
+    n_patches = vit.image_num_pos - vit.use_cls_token
+    width = vit.hidden_size * len(adapter.vit_layers)
+    assert [t.name for t in vision.inputs] == [io.IMAGES, io.IMAGE_MASKS]
+    assert [(t.name, t.dims) for t in vision.outputs] == [(io.PATCH_FEATURES, (io.N_CROPS, n_patches, width))]
+    # The graph takes a batch of crops; engines are built for one crop per call, as the runtime runs it.
+    assert vision.dim_ranges[io.N_CROPS].max == connector.dim_ranges[io.N_CROPS].max > 1
+    assert [(p.name, p.dim_ranges[io.N_CROPS].max) for p in vision.profiles] == [("crop", 1)]
+    assert [t.name for t in connector.inputs] == [io.PATCH_FEATURES, io.POOLED_PATCHES_IDX]
+    assert connector.inputs[0].dims == vision.outputs[0].dims
+    assert connector.outputs[0].dims == (io.N_TOKENS, llm.hidden_size)
     names = [t.name for t in decoder.inputs]
     assert names[:2] == [io.INPUTS_EMBEDS, io.POSITION_IDS]
     assert names[2:] == [n for layer in range(llm.num_hidden_layers) for n in (io.past_key(layer), io.past_value(layer))]
@@ -68,14 +79,14 @@ def test_stages_declare_named_dynamic_io_and_ranges_from_the_config(exported):
     assert decoder.dim_ranges[io.SEQ].max == llm.max_position_embeddings
     assert decoder.dim_ranges[io.PAST_SEQ].min == 0
     assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {"prefill": llm.max_position_embeddings, "decode": 1}
-    assert all(t.doc for t in (*vision.inputs, *vision.outputs, *decoder.inputs, *decoder.outputs))
+    assert all(t.doc for stage in (vision, connector, decoder) for t in (*stage.inputs, *stage.outputs))
     assert m.weights[io.EMBEDDING_WEIGHT].shape == (llm.vocab_size + llm.additional_vocab_size, llm.hidden_size)
     assert m.grammar["n_actions"] == 1 and m.verification.status == "not_run"
 
 
 def test_linears_are_matmuls_with_in_out_weights_named_after_the_checkpoint(exported):
     tensors = exported.ckpt.tensors
-    for stage in (io.VISION_STAGE, io.DECODER_STAGE):
+    for stage in io.MODEL_STAGES:
         proto = onnx.load(str(exported.bundle.stage_path(stage)))
         onnx.checker.check_model(proto, full_check=True)
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= DEFAULT_OPSET
@@ -97,17 +108,30 @@ def test_weight_arrays_are_the_embedding_table_and_lm_head(exported):
 
 
 @pytest.mark.parametrize("size", [(160, 120), (64, 200)])
-def test_vision_features_match_the_reference_for_every_pooled_row(exported, size):
+def test_vision_crop_by_crop_then_connector_matches_the_reference_for_every_pooled_row(exported, size):
     inputs, _ = exported.observation(*size, frame=11)
+    assert len(inputs.images) > 1 and _straddles_crops(inputs.pooled_patches_idx, inputs.images.shape[1])
     # An all-padding row too: the stage returns a feature for it, the runtime drops it.
     idx = np.concatenate([inputs.pooled_patches_idx, np.full((1, 4), -1, np.int64)])
-    stage = OrtStage(exported.bundle, io.VISION_STAGE, threads=1)
-    got = stage.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
-                     io.POOLED_PATCHES_IDX: idx})[io.IMAGE_FEATURES]
+    vision = VisionStages(OrtStage(exported.bundle, io.VISION_STAGE, threads=1),
+                          OrtStage(exported.bundle, io.CONNECTOR_STAGE, threads=1))
+    got = vision.run(inputs.images, inputs.image_masks, idx)
+    images, masks, idx_t = _tensors(inputs.images, inputs.image_masks, idx)
     with torch.inference_mode():
-        want = exported.model.image_features(*_tensors(inputs.images, inputs.image_masks, idx)).numpy()
+        want = exported.model.image_features(images, masks, idx_t).numpy()
+        patches = exported.model.vision.patch_features(images, masks).numpy()
     assert got.shape == (len(idx), want.shape[1]) and np.isfinite(got).all()
     assert closeness(got, want).cosine >= COSINE
+    assert closeness(vision.features[:len(images)], patches).cosine >= COSINE
+    # One ViT call over the batch of crops gives what the crop-by-crop calls gave.
+    batch = vision.vit.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks})[io.PATCH_FEATURES]
+    np.testing.assert_allclose(batch, vision.features[:len(images)], rtol=1e-5, atol=1e-5)
+
+
+def _straddles_crops(idx: np.ndarray, n_patches: int) -> bool:
+    """Some pooled token takes patches from two crops (so the connector must see every crop at once)."""
+    crops = np.where(idx >= 0, idx // n_patches, -1)
+    return any(len(set(row[row >= 0].tolist())) > 1 for row in crops)
 
 
 def test_decoder_matches_the_reference_for_prefill_chunks_and_single_steps(exported):
@@ -162,6 +186,7 @@ def test_max_seq_and_external_data_options(tmp_path, exported):
     assert decoder.dim_ranges[io.SEQ].max == 200 and decoder.dim_ranges[io.PAST_SEQ].max == 199
     assert decoder.external_data == ("stages/decoder.onnx.data",)
     assert bundle.stage(io.VISION_STAGE).external_data == ("stages/vision.onnx.data",)
+    assert bundle.stage(io.CONNECTOR_STAGE).external_data == ("stages/connector.onnx.data",)
     stages = OrtStages(bundle, threads=1)
     inputs, prompt = exported.observation(160, 120, frame=5)
     assert stages.cache.keys.shape[2] == 200 and len(prompt) < 200

@@ -67,7 +67,7 @@ def test_bench_reports_every_precision_side_by_side_and_reuses_its_work(sources,
 def test_compare_bundles_rows_for_the_reference_alone(sources):
     rows = compare_bundles(sources["bundle"], [], n_frames=1, threads=1, decode_steps=4)
     assert len(rows) == 1 and rows[0]["precision"] == "fp32" and rows[0]["recipe"] == "none"
-    assert set(rows[0]["stage_bytes"]) == {"vision", "decoder"}
+    assert set(rows[0]["stage_bytes"]) == {"vision", "connector", "decoder"}
 
 
 def test_bench_refuses_fp8_for_orin():

@@ -19,7 +19,7 @@ from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import PRECISIONS
 
-GATE_NAMES = ["vision.cosine", "decoder.prefill.cosine", "decoder.cache.cosine", "decoder.step.cosine",
+GATE_NAMES = ["vision.cosine", "connector.cosine", "decoder.prefill.cosine", "decoder.cache.cosine", "decoder.step.cosine",
               "decoder.chunk.cosine", "logits.cosine", "tokens.forced", "tokens.greedy.depth",
               "tokens.greedy.trace", "tokens.greedy.action"]
 PERTURBED = "model.transformer.blocks.0.mlp.ff_out.weight.T"
@@ -41,16 +41,16 @@ def _copy(bundle_dir, tmp_path):
     return shutil.copytree(bundle_dir, tmp_path / "copy")
 
 
-def _perturb_decoder(bundle_dir, relative_noise: float) -> None:
-    """Add noise to one decoder weight and re-hash the file, as a corrupted or badly quantized stage would be."""
-    path = bundle_dir / "stages" / "decoder.onnx"
+def _perturb_decoder(bundle_dir, relative_noise: float, stage: str = "decoder", weight: str = PERTURBED) -> None:
+    """Add noise to one weight of a stage and re-hash the file, as a corrupted or badly quantized stage would be."""
+    path = bundle_dir / "stages" / f"{stage}.onnx"
     proto = onnx.load(str(path))
-    init = next(t for t in proto.graph.initializer if t.name == PERTURBED)
+    init = next(t for t in proto.graph.initializer if t.name == weight)
     w = numpy_helper.to_array(init)
     noise = np.random.default_rng(0).standard_normal(w.shape) * relative_noise * np.abs(w).mean()
-    init.CopyFrom(numpy_helper.from_array((w + noise).astype(np.float32), PERTURBED))
+    init.CopyFrom(numpy_helper.from_array((w + noise).astype(np.float32), weight))
     onnx.save(proto, str(path))
-    update_manifest(bundle_dir, lambda m: None, rehash=["stages/decoder.onnx"])
+    update_manifest(bundle_dir, lambda m: None, rehash=[f"stages/{stage}.onnx"])
 
 
 @pytest.mark.parametrize("variant", ["D", "O"])
@@ -71,12 +71,20 @@ def test_a_broken_stage_fails_its_gates_is_recorded_and_refused_by_the_loader(bu
     report = verify_bundle(bundle_dir, frames=1, threads=1)
     failing = {r["gate"] for r in report.failing()}
     assert not report.passed and {"decoder.prefill.cosine", "logits.cosine", "tokens.forced"} <= failing
-    assert "vision.cosine" not in failing              # the error is charged to the stage that makes it
+    assert not {"vision.cosine", "connector.cosine"} & failing     # the error is charged to the stage that makes it
     assert read_manifest(bundle_dir).verification.status == "failed"
     with pytest.raises(BundleError, match=r"verification failed at gate 'decoder.prefill.cosine'.*--allow-unverified"):
         load_bundle(bundle_dir)
     assert load_bundle(bundle_dir, allow_failed_verification=True).manifest.verification.status == "failed"
     assert main(["verify", str(bundle_dir), "--frames", "1", "--threads", "1"]) == 1
+
+
+def test_a_broken_connector_fails_its_own_gate_not_the_vits(bundles, tmp_path):
+    bundle_dir = _copy(bundles["D"], tmp_path)
+    _perturb_decoder(bundle_dir, 1.0, stage="connector", weight="model.vision_backbone.image_projector.w2.weight.T")
+    by_gate = {r["gate"]: r for r in verify_bundle(bundle_dir, frames=1, threads=1, record=False).rows}
+    assert not by_gate["connector.cosine"]["passed"] and by_gate["vision.cosine"]["passed"]
+    assert by_gate["decoder.prefill.cosine"]["passed"]     # fed the reference's embeddings
 
 
 def test_gates_follow_the_stage_precision_in_the_manifest(bundles, tmp_path):
@@ -97,7 +105,7 @@ def test_gates_follow_the_stage_precision_in_the_manifest(bundles, tmp_path):
     assert by_gate["tokens.forced"]["limit"] == GATES["int8"].forced_agreement
     # The cosines and teacher-forced choices pass int8's gates; free-running agreement is left out here:
     # after one flipped token an answer continues differently, which says little about the stage.
-    assert all(by_gate[g]["passed"] for g in GATE_NAMES[:7]), report.failing()
+    assert all(by_gate[g]["passed"] for g in GATE_NAMES[:8]), report.failing()
 
 
 def test_the_gate_table_is_frozen_complete_and_fp32_is_strictest():

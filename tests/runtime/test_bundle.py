@@ -139,6 +139,13 @@ def test_truncated_and_missing_files_are_named(bundle_dir):
         load_bundle(bundle_dir)
 
 
+def test_a_bundle_from_before_the_vision_split_is_refused_with_the_reason_and_the_fix(bundle_dir):
+    _edit_manifest(bundle_dir, lambda d: d.update(schema_version=1))
+    with pytest.raises(BundleError, match=rf"schema_version 1, but edgeact .* reads schema_version {SCHEMA_VERSION} "
+                                          r"\(schema 1 ran .* one `vision` stage .* `connector`.*\); re-export with edgeact"):
+        load_bundle(bundle_dir)
+
+
 def test_wrong_schema_version_names_both_versions_and_the_fix(bundle_dir):
     _edit_manifest(bundle_dir, lambda d: d.update(schema_version=SCHEMA_VERSION + 1))
     with pytest.raises(BundleError) as err:

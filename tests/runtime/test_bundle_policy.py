@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from edgeact.runtime import stage_io as io
 from edgeact.runtime.answer import trace_to_pixels
 from edgeact.runtime.bundle_policy import BundlePolicy, BundlePolicyConfig
 from edgeact.runtime.errors import BundleError, ConfigError
@@ -44,6 +45,19 @@ def test_a_step_gives_the_plan_of_the_reference_answer(exported, policy):
     assert plan.actions.shape == (1, 7) and plan.observation_time_s == 12.5 and plan.created_time_s > 0
     assert {"preprocess", "vision", "prefill", "decode", "parse"} <= set(plan.stage_seconds)
     assert plan.decode_steps >= 100      # depth decoded by the model: 100 sequential choices
+
+
+def test_the_vit_runs_once_per_crop_then_the_connector_once_over_all_crops(exported, policy, monkeypatch):
+    calls = []
+    for engine, tensor in ((policy.vision.vit, io.IMAGES), (policy.vision.connector, io.PATCH_FEATURES)):
+        def counted(feeds, release=True, run=engine.run, name=engine.spec.name, tensor=tensor):
+            calls.append((name, feeds[tensor].shape[0]))
+            return run(feeds, release=release)
+        monkeypatch.setattr(engine, "run", counted)
+    rgb, inputs, _ = exported.observation(9)
+    policy.infer(rgb, "pick up the red block", depth_codes=DEPTH)
+    n_crops = len(inputs.images)
+    assert n_crops > 1 and calls == [(io.VISION_STAGE, 1)] * n_crops + [(io.CONNECTOR_STAGE, n_crops)]
 
 
 def test_forced_depth_and_steering_cut_the_decode_steps(exported):

@@ -22,6 +22,7 @@ from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
 from edgeact.runtime.prompt import build_prompt_ids
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+from edgeact.runtime.vision_stages import VisionStages
 
 MAX_SEQ = 512                      # prompt (~165 tokens for 160x120 frames) + answer (~190) fit
 FRAME_PX = (160, 120)
@@ -100,7 +101,7 @@ class Runner:
         self.exported = exported
         backend = open_backend("onnxruntime", threads=1)
         bundle = exported.bundle
-        self.vision = backend.stage(bundle, io.VISION_STAGE)
+        self.vision = VisionStages(backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE))
         self.grammar = AnswerGrammar(exported.tokenizer, exported.layout, n_actions=n_actions)
         self.stats = ActionStats.from_norm_stats(bundle.manifest.norm_stats)
         self.program = DecodeProgram(backend.decoder(bundle, max_chunk), bundle.weight(io.EMBEDDING_WEIGHT),
@@ -108,8 +109,7 @@ class Runner:
                                      self.stats)
 
     def run(self, prompt, inputs, **forced):
-        features = self.vision.run({io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
-                                    io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})[io.IMAGE_FEATURES]
+        features = self.vision.run(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
         return self.program.run(prompt, features, inputs.pooled_patches_idx, image_size_px=FRAME_PX, **forced)
 
 

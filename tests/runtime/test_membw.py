@@ -65,7 +65,7 @@ def test_bandwidth_probe_gives_positive_finite_rates():
 
 def test_initializers_of_fp32_and_int4_graphs_match_the_onnx_package(exported, int4_bundle):
     for bundle in (exported.bundle, int4_bundle):
-        for stage in (io.DECODER_STAGE, io.VISION_STAGE):
+        for stage in (io.DECODER_STAGE, io.VISION_STAGE, io.CONNECTOR_STAGE):
             path = bundle.stage_path(stage)
             ours = {i.name: (i.dtype, i.nbytes, i.shape) for i in onnx_initializers(path)}
             assert ours == onnx_counts(path)

@@ -55,18 +55,23 @@ def test_decoder_engine_matches_a_plain_session_chunk_by_chunk(exported):
                 past[2 * layer + kind] = np.concatenate([past[2 * layer + kind], want[name]], axis=1)
 
 
-def test_vision_engine_matches_a_plain_session(exported):
+def test_vision_and_connector_engines_match_plain_sessions(exported):
     bundle = exported.bundle
-    engine = open_backend("onnxruntime", threads=1).stage(bundle, io.VISION_STAGE)
-    session = plain_session(bundle, io.VISION_STAGE)
+    backend = open_backend("onnxruntime", threads=1)
+    vit, connector = backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE)
+    vit_session, connector_session = plain_session(bundle, io.VISION_STAGE), plain_session(bundle, io.CONNECTOR_STAGE)
     for frame in (1, 2):
         _, inputs, _ = exported.observation(frame)
-        feeds = {io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks,
+        crop = {io.IMAGES: inputs.images[:1], io.IMAGE_MASKS: inputs.image_masks[:1]}
+        patches = vit.run(crop, release=frame == 2)[io.PATCH_FEATURES]     # arena kept, then given back
+        np.testing.assert_allclose(patches, vit_session.run(None, crop)[0], rtol=1e-6, atol=1e-6)
+        feeds = {io.PATCH_FEATURES: vit_session.run(None, {io.IMAGES: inputs.images,
+                                                            io.IMAGE_MASKS: inputs.image_masks})[0],
                  io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx}
-        got = engine.run(feeds)[io.IMAGE_FEATURES]
-        np.testing.assert_allclose(got, session.run(None, feeds)[0], rtol=1e-6, atol=1e-6)
+        got = connector.run(feeds)[io.IMAGE_FEATURES]
+        np.testing.assert_allclose(got, connector_session.run(None, feeds)[0], rtol=1e-6, atol=1e-6)
     # Outputs are views of one buffer sized for the stage's largest n_tokens, allocated at load.
-    assert got.base is not None and got.base.size >= bundle.stage(io.VISION_STAGE).dim_ranges[io.N_TOKENS].max * got.shape[1]
+    assert got.base is not None and got.base.size >= bundle.stage(io.CONNECTOR_STAGE).dim_ranges[io.N_TOKENS].max * got.shape[1]
 
 
 def test_the_cache_is_sized_from_the_manifest_and_overflow_is_refused(tmp_path_factory):
@@ -108,7 +113,7 @@ def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_fa
     (dst / "manifest.json").write_text(json.dumps(manifest))
     bundle = load_bundle(dst)
     assert recorded_graph_level(bundle, io.DECODER_STAGE) == "basic"
-    assert recorded_graph_level(bundle, io.VISION_STAGE) == "all"
+    assert recorded_graph_level(bundle, io.VISION_STAGE) == recorded_graph_level(bundle, io.CONNECTOR_STAGE) == "all"
     level = make_session(bundle, io.DECODER_STAGE, OrtOptions(threads=1)).get_session_options().graph_optimization_level
     assert level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     level = make_session(bundle, io.DECODER_STAGE, OrtOptions(threads=1, graph_optimization="all")

@@ -34,17 +34,20 @@ def test_an_unknown_arena_mode_is_refused_by_name():
 @pytest.mark.parametrize("cpu_arena,mem_pattern", [("session", True), ("session", False), ("off", True)])
 def test_sessions_are_created_with_the_memory_options(exported, cpu_arena, mem_pattern):
     options = OrtOptions(threads=1, cpu_arena=cpu_arena, mem_pattern=mem_pattern)
-    for stage in (io.VISION_STAGE, io.DECODER_STAGE):
+    for stage in io.MODEL_STAGES:
         made = make_session(exported.bundle, stage, options).get_session_options()
         assert made.enable_cpu_mem_arena is (cpu_arena != "off")
         assert made.enable_mem_pattern is mem_pattern
 
 
-def test_only_vision_runs_and_prefill_chunks_shrink_the_arena(exported):
+def test_only_vision_and_connector_runs_and_prefill_chunks_shrink_the_arena(exported):
     backend = open_backend("onnxruntime", threads=1)
-    stage = backend.stage(exported.bundle, io.VISION_STAGE)
     decoder = backend.decoder(exported.bundle, max_chunk=8)
-    assert stage._run_options.get_run_config_entry(SHRINK) == "cpu:0"
+    for name in (io.VISION_STAGE, io.CONNECTOR_STAGE):
+        stage = backend.stage(exported.bundle, name)
+        assert stage._run_options.get_run_config_entry(SHRINK) == "cpu:0"
+        with pytest.raises(RuntimeError):     # run(release=False), the ViT's crops but the last: the next reuses them
+            stage._keep_run_options.get_run_config_entry(SHRINK)
     assert decoder._chunk_run_options.get_run_config_entry(SHRINK) == "cpu:0"
     with pytest.raises(RuntimeError):     # onnxruntime raises for an absent key: single steps keep their blocks
         decoder._run_options.get_run_config_entry(SHRINK)

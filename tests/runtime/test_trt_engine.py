@@ -23,8 +23,9 @@ from edgeact.runtime.bundle import DimRange, EngineRecord, load_bundle
 from edgeact.runtime.engines import open_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.trt_engine import (
-    TENSORRT_MISSING, pick_engine, profile_ranges, select_profile, tensor_bytes,
+    TENSORRT_MISSING, engine_shape, pick_engine, profile_ranges, select_profile, tensor_bytes,
 )
+from edgeact.runtime.vision_stages import VisionStages
 from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
 
 FAKE_TRT_VERSION = "10.9.0"
@@ -98,19 +99,37 @@ def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, t
         np.testing.assert_allclose(engine.step(n), reference.step(n), rtol=1e-6, atol=1e-6)
     assert engine.length == reference.length == 60
     # One context per profile; single-token steps ran on the decode profile (index 1), chunks on prefill (0).
-    assert [(profile, seq) for profile, seq in calls["executed"]] == [(0, 20), (0, 32), (1, 1), (1, 1), (0, 5), (1, 1)]
+    assert [(profile, shape[1]) for profile, shape in calls["executed"]] == [(0, 20), (0, 32), (1, 1), (1, 1), (0, 5), (1, 1)]
     assert calls["contexts"] == [0, 1]
 
 
-def test_vision_stage_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
-    bundle = _with_records(exported, tmp_path, [_record(), _record(stage="vision", profiles=())], plans=True)
-    _install_fakes(monkeypatch)
-    engine = open_backend("tensorrt").stage(bundle, io.VISION_STAGE)
-    reference = open_backend("onnxruntime", threads=1).stage(bundle, io.VISION_STAGE)
+def test_vision_crop_by_crop_and_connector_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
+    records = [_record(), _record(stage=io.VISION_STAGE, profiles=("crop",)), _record(stage=io.CONNECTOR_STAGE, profiles=())]
+    bundle = _with_records(exported, tmp_path, records, plans=True)
+    calls = _install_fakes(monkeypatch)
+    backend = open_backend("tensorrt")
+    vision = VisionStages(backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE))
+    cpu = open_backend("onnxruntime", threads=1)
+    reference = VisionStages(cpu.stage(bundle, io.VISION_STAGE), cpu.stage(bundle, io.CONNECTOR_STAGE))
     _, inputs, _ = exported.observation(3)
-    feeds = {io.IMAGES: inputs.images, io.IMAGE_MASKS: inputs.image_masks, io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx}
-    np.testing.assert_allclose(engine.run(feeds)[io.IMAGE_FEATURES], reference.run(feeds)[io.IMAGE_FEATURES],
-                               rtol=1e-6, atol=1e-6)
+    args = (inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
+    np.testing.assert_allclose(vision.run(*args), reference.run(*args), rtol=1e-6, atol=1e-6)
+    n_crops = len(inputs.images)
+    # The ViT engine ran once per crop (its one profile: one crop), the connector once over all crops.
+    assert [shape[0] for _, shape in calls["executed"]] == [1] * n_crops + [n_crops]
+    with pytest.raises(EdgeactError, match="no engine profile holds"):
+        vision.vit.run({io.IMAGES: inputs.images[:2], io.IMAGE_MASKS: inputs.image_masks[:2]})
+
+
+def test_buffers_of_a_one_crop_engine_hold_one_crop(exported):
+    spec = exported.bundle.stage(io.VISION_STAGE)
+    images, features = spec.inputs[0], spec.outputs[0]
+    one_crop = profile_ranges(spec, _record(stage=io.VISION_STAGE, profiles=("crop",)))
+    n_patches, width = features.dims[1:]
+    assert tensor_bytes(features.dims, features.dtype, spec, one_crop) == n_patches * width * 4
+    assert engine_shape(images.dims, spec, one_crop) == (1, *images.dims[1:])
+    # Without the profile, the engine takes the graph's whole range of crops.
+    assert engine_shape(images.dims, spec, [spec.dim_ranges])[0] == spec.dim_ranges[io.N_CROPS].max > 1
 
 
 @pytest.mark.gpu
@@ -207,7 +226,7 @@ def _install_fakes(monkeypatch) -> dict:
                      for i in session.get_inputs()}
             for out, value in zip(session.get_outputs(), session.run(None, feeds)):
                 _host_array(self.addresses[out.name], value.shape, value.dtype)[...] = value
-            calls["executed"].append((self.profile, self.shapes[session.get_inputs()[0].name][1]))
+            calls["executed"].append((self.profile, self.shapes[session.get_inputs()[0].name]))
             return True
 
     class Engine:

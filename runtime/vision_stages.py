@@ -1,0 +1,82 @@
+"""The vision side at run time: the ViT stage once per crop into one buffer, then the connector once over all crops.
+
+Why crop by crop: the ViT's activations grow with the crops it sees at once (a global view and
+up to max_crops crops per image), and over all crops they were the largest allocation of a
+policy step. One crop per call keeps one crop's activations live. Crops never attend to each
+other, so the result is the same as one batched call. The connector cannot be split that way:
+a pooled token may take patches from two neighbouring crops, so it runs once over the buffer.
+
+Where the time goes: n_crops ViT runs (the ViT's arithmetic is the same as one batched run;
+each run adds its binds, and one-crop GEMMs use the threads a little less well) plus one
+connector run; the copy of each crop's features into the buffer is a few MB at most. The
+crops' runs keep onnxruntime's arena regions for the next crop (an arena shrink and re-fault
+after every crop cost ~6% of the vision time on the `bench` checkpoint); the last gives them back.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.stage_spec import StageSpec, max_shape
+
+
+class RunsStage(Protocol):
+    """What both a backend's StageEngine and the plain runner's OrtStage provide."""
+
+    spec: StageSpec
+
+    def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
+        ...
+
+
+class VisionStages:
+    """images, image_masks, pooled_patches_idx -> image_features through the `vision` and `connector` stages."""
+
+    def __init__(self, vit: RunsStage, connector: RunsStage):
+        self.vit, self.connector = vit, connector
+        features = _tensor(connector.spec, io.PATCH_FEATURES, inputs=True)
+        produced = _tensor(vit.spec, io.PATCH_FEATURES, inputs=False)
+        if tuple(produced.dims[1:]) != tuple(features.dims[1:]):
+            raise BundleError(f"stage {vit.spec.name!r} writes patch_features {list(produced.dims)} but stage "
+                              f"{connector.spec.name!r} reads {list(features.dims)}; re-export the bundle")
+        # Sized once for the connector's most crops. np.empty maps pages lazily: only the rows an
+        # observation fills become resident.
+        self.features = np.empty(max_shape(features.dims, connector.spec), np.float32)
+        self.max_crops = self.features.shape[0]
+
+    def run(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
+        """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included.
+
+        The result may be a view of the connector's output buffer, valid until the next run.
+        """
+        features = self.patch_features(images, image_masks)
+        out = self.connector.run({io.PATCH_FEATURES: features, io.POOLED_PATCHES_IDX: pooled_patches_idx})
+        return out[io.IMAGE_FEATURES]
+
+    def patch_features(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
+        """(n_crops, n_patches, F): the ViT on each crop in turn; a view of the buffer, valid until the next call."""
+        n_crops = len(images)
+        if not 1 <= n_crops <= self.max_crops or len(image_masks) != n_crops:
+            raise EdgeactError(f"{n_crops} crops with {len(image_masks)} masks; this bundle's connector takes 1.."
+                               f"{self.max_crops} crops, each with its mask: re-export with a larger --max-images "
+                               "or preprocess fewer images per observation")
+        for crop in range(n_crops):
+            # A slice along the first axis of a C-ordered array is contiguous: fed without a copy. Every crop
+            # reuses the previous crop's activation memory; the last run gives it back.
+            out = self.vit.run({io.IMAGES: images[crop:crop + 1], io.IMAGE_MASKS: image_masks[crop:crop + 1]},
+                               release=crop == n_crops - 1)
+            self.features[crop] = out[io.PATCH_FEATURES][0]
+        return self.features[:n_crops]
+
+
+def _tensor(spec: StageSpec, name: str, inputs: bool):
+    tensors = spec.inputs if inputs else spec.outputs
+    for tensor in tensors:
+        if tensor.name == name:
+            return tensor
+    kind = "input" if inputs else "output"
+    raise BundleError(f"stage {spec.name!r} has no {kind} {name!r} (it has {[t.name for t in tensors]}); the bundle "
+                      "predates the vision/connector split or was edited: re-export it")
