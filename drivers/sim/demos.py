@@ -17,8 +17,8 @@ The trace: the end-effector site's true positions at 5 action boundaries evenly 
 `DemoConfig.trace_horizon_actions` actions (default 8: the chunk's boundaries 0, 2, 4, 6, 8, the
 last one clipped at the episode's end), projected with the camera's intrinsics and extrinsics
 (site "camera_optical"); repeated points (a still arm) are written once. Horizon 0 spans the rest
-of the expert's episode instead, as MolmoAct's own traces do (the path to the goal); the reference
-ARM trained on those did worse on pushes (see README), so the chunk stays the default.
+of the expert's episode instead, as MolmoAct's own traces do (the path to the goal); a reference
+ARM trained on those, with siblings, did worse on pushes (see README), so the chunk stays the default.
 
 Siblings: with `DemoConfig.siblings` = n, each drawn scene is also demonstrated under up to n other
 instructions naming another block (`task.retarget`: same blocks, same arm start, only where that
