@@ -8,6 +8,7 @@ from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 2400, 8, 1.5e-3, "reference"
+DEFAULT_POINTING_BATCH, DEFAULT_GROUNDING_WEIGHT = 0, 0.0
 LOSS_PLOT = "training_loss.png"
 # The recording --generate-demos makes: a sample every 2 actions, executed with noise (see ExpertConfig). Siblings
 # (DemoConfig.siblings 2) and traces to the episode's end (trace_horizon_actions 0) were tried and did not help:
@@ -45,6 +46,12 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the model with torch.compile for training: 2x faster steps after ~80 s of "
                         "compilation, but not bit-identical to the eager run that made the committed reference ARM")
+    p.add_argument("--pointing-batch", type=int, default=DEFAULT_POINTING_BATCH, metavar="N",
+                   help="pointing samples per step besides the batch ('point to the red block' -> its place in the "
+                        f"image): a grounding pre-task (default {DEFAULT_POINTING_BATCH}; 0: none)")
+    p.add_argument("--grounding-weight", type=float, default=DEFAULT_GROUNDING_WEIGHT, metavar="W",
+                   help="weight of the dense grounding loss on the pointing samples' image tokens (which block each "
+                        f"shows, and where): needs --pointing-batch (default {DEFAULT_GROUNDING_WEIGHT}; 0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -55,7 +62,7 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
 
     from rich.progress import Progress
 
-    from edgeact.drivers.sim.demos import MANIFEST, DemoConfig, record_demos
+    from edgeact.drivers.sim.demos import FORMAT, MANIFEST, DemoConfig, record_demos
     from edgeact.runtime.errors import ConfigError
 
     config = DemoConfig(stride_actions=DEMO_STRIDE, execution_noise=DEMO_EXECUTION_NOISE)
@@ -63,12 +70,12 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if (manifest.get("episodes_attempted") == episodes and manifest.get("seed") == seed
-                and manifest.get("demo_config") == asdict(config)):
+                and manifest.get("demo_config") == asdict(config) and manifest.get("format") == FORMAT):
             console.print(f"reusing the {manifest['samples']} samples already recorded in {demos}")
             return
         raise ConfigError(f"{demos} holds another recording ({manifest.get('episodes_attempted')} episodes from seed "
-                          f"{manifest.get('seed')}, {manifest.get('demo_config')}), not {episodes} from {seed} with "
-                          f"{asdict(config)}; give another --demos or delete it")
+                          f"{manifest.get('seed')}, {manifest.get('demo_config')}, format {manifest.get('format')}), not {episodes} "
+                          f"from {seed} with {asdict(config)}, format {FORMAT}; give another --demos or delete it")
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("expert episodes", total=episodes)
         summary = record_demos(demos, episodes, seed, config,
@@ -91,7 +98,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.generate_demos:
         _record(args.demos, args.generate_demos, args.seed, console)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
-                           variant=args.variant, compile=args.compile)
+                           variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
+                           grounding_weight=args.grounding_weight)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 
@@ -115,8 +123,8 @@ def _train(args: argparse.Namespace) -> int:
             ("steps x batch", f"{options.steps} x {options.batch_size} ({report.seconds_per_step:.2f} s per step)"),
             ("loss first / last", f"{sum(losses[:window]) / window:.3f} / {sum(losses[-window:]) / window:.3f} "
                                   f"(mean of {window} steps)")]
-    rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of tokens (teacher-forced)")
-             for kind, acc in report.held_out_accuracy.items()]
+    rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of {'answers' if kind == 'point' else 'tokens'} "
+                                            "(teacher-forced)") for kind, acc in report.held_out_accuracy.items()]
     if report.held_out_accuracy:
         rows.append(("held-out action bin error", f"{report.action_bin_error:.1f} bins of 255 (mean abs)"))
     for name, value in rows:

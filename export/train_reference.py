@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeact.export.train_reference_data import (IGNORE, KINDS, DepthCodesFn, ReferenceEncoder, TrainingSequence,
-                                                 pooled_depth_codes, split_by_episode, task_instructions)
+                                                 grounding_labels, pointing_targets, pooled_depth_codes,
+                                                 split_by_episode, task_instructions, token_centres)
 from edgeact.runtime.action_bins import ACTION_DIMS
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import ConfigError
@@ -64,11 +65,26 @@ class TrainOptions:
     # torch.compile (inductor) of the model for the training steps: 2.0x faster steps measured here (0.32 s vs
     # 0.65 s at batch 8) after a one-time compilation of about 80 s, so it pays from about 250 steps on.
     compile: bool = False
+    # Pointing samples per step besides the batch (0: none): "point to the {colour} block" -> ` [[x, y]]` on the
+    # same frames, Molmo's grounding pre-task. Short sequences whose whole loss is finding the named block, which
+    # the full answer, 200+ tokens of which only a few depend on the colour word, teaches too weakly.
+    pointing_batch: int = 0
+    pointing_weight: float = 1.0        # their loss's weight against the batch's
+    # A dense grounding loss on the pointing samples' image tokens, from two linear heads that are trained here and
+    # not saved: which block (none, red, green, blue) each token shows, and where the token is in its view. It
+    # gives the small ViT the block colours and positions that the pointing answers then read (0: off).
+    grounding_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
             raise ConfigError(f"TrainOptions: steps and batch_size >= 1, warmup_steps and eval_samples >= 0; got "
                               f"{self.steps}, {self.batch_size}, {self.warmup_steps}, {self.eval_samples}")
+        if self.grounding_weight and not self.pointing_batch:
+            raise ConfigError("TrainOptions.grounding_weight: the grounding loss is taken on the pointing samples; "
+                              "set pointing_batch too")
+        if self.pointing_batch < 0 or not self.pointing_weight >= 0 or not self.grounding_weight >= 0:
+            raise ConfigError(f"TrainOptions: pointing_batch, pointing_weight and grounding_weight >= 0; got "
+                              f"{self.pointing_batch}, {self.pointing_weight}, {self.grounding_weight}")
         if not self.first_action_weight >= 0:
             raise ConfigError(f"TrainOptions.first_action_weight: must be >= 0, got {self.first_action_weight}")
         if len(self.loss_weights) != len(KINDS) or any(not (w >= 0) for w in self.loss_weights) or \
@@ -121,7 +137,7 @@ def prepare(demos_dir: str | Path, options: TrainOptions,
         raise ConfigError(f"{demos_dir}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
                           "`edgeact sim-demos`")
     arrays = demos.arrays()
-    tokenizer = build_tokenizer(extra_texts=task_instructions())
+    tokenizer = build_tokenizer(extra_texts=task_instructions(pointing=options.pointing_batch > 0))
     cfg = dataclasses.replace(synthetic_config(options.variant, options.size, tokenizer),
                               norm_stats={NORM_KEY: demos.norm_stats[NORM_KEY]})
     preprocess_config = PreprocessConfig.for_model(cfg, max_crops=options.max_crops)
@@ -186,6 +202,35 @@ def lr_at(step: int, options: TrainOptions) -> float:
     return options.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Grounding:
+    """The grounding loss (TrainOptions.grounding_weight): linear heads on the image tokens, dropped after training."""
+
+    NONE_WEIGHT = 0.1       # most tokens show no block
+
+    def __init__(self, trainer: Trainer):
+        from edgeact.drivers.sim.task import COLOURS
+
+        height, width = trainer.arrays["rgb"].shape[1:3]
+        self.size = (width, height)
+        self.centres, self.grids = token_centres(trainer.encoder.preprocessor, height, width)
+        per_view = max(rows * cols for rows, cols in self.grids)
+        offsets = np.concatenate([[0], np.cumsum([rows * cols for rows, cols in self.grids])[:-1]])
+        within = np.arange(len(self.centres)) - np.repeat(offsets, [rows * cols for rows, cols in self.grids])
+        self.places = np.where(np.isnan(self.centres[:, 0]), IGNORE, within)
+        hidden = trainer.cfg.llm_config.hidden_size
+        self.heads = torch.nn.ModuleDict({"block": torch.nn.Linear(hidden, 1 + len(COLOURS)),
+                                          "place": torch.nn.Linear(hidden, per_view)})
+        self.class_weights = torch.tensor([self.NONE_WEIGHT] + [1.0] * len(COLOURS))
+
+    def loss(self, model, batch: dict[str, torch.Tensor], samples: list[int], arrays) -> torch.Tensor:
+        features = model.image_features(batch["images"], batch["image_masks"], batch["pooled_patches_idx"]).float()
+        blocks = torch.from_numpy(np.concatenate([grounding_labels(arrays["blocks"][i], self.centres, self.grids,
+                                                                   *self.size) for i in samples]))
+        places = torch.from_numpy(np.tile(self.places, len(samples)))
+        return (F.cross_entropy(self.heads["block"](features), blocks, weight=self.class_weights, ignore_index=IGNORE)
+                + F.cross_entropy(self.heads["place"](features), places, ignore_index=IGNORE))
+
+
 def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Run options.steps AdamW steps over shuffled epochs of the training samples; the loss of each step."""
     options, model = trainer.options, trainer.model
@@ -193,12 +238,21 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=options.lr, betas=(0.9, 0.95))
+    grounding = Grounding(trainer) if options.grounding_weight else None
+    if grounding is not None:
+        optimizer.add_param_group({"params": list(grounding.heads.parameters()), "weight_decay": 0.0})
     order_rng = np.random.default_rng(options.seed)
     order: list[int] = []
     pad_id = trainer.encoder.layout.bos_id
     weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
     use_bf16 = options.bf16 and bf16_supported()
     forward = torch.compile(model, dynamic=True) if options.compile else model
+    pointing = pointing_targets(trainer.arrays, trainer.train_idx) if options.pointing_batch else None
+    if pointing is not None and not len(pointing):
+        raise ConfigError("TrainOptions.pointing_batch: the demos show no visible block to point to; record them "
+                          "again with `edgeact sim-demos` (format 2 records where the blocks are)")
+    point_rng = np.random.default_rng([options.seed, 1])
+    point_order: list[int] = []
     losses = []
     model.train()
     for step in range(options.steps):
@@ -211,6 +265,18 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = batch_logits(forward, batch)
         loss = weighted_loss(logits.float(), batch, weights, options.first_action_weight)
+        if pointing is not None:
+            while len(point_order) < options.pointing_batch:
+                point_order += point_rng.permutation(len(pointing)).tolist()
+            pairs, point_order = pointing[point_order[:options.pointing_batch]], point_order[options.pointing_batch:]
+            points = collate([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c)) for i, c in pairs], pad_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                point_logits = batch_logits(forward, points)
+            loss = loss + options.pointing_weight * weighted_loss(point_logits.float(), points, weights)
+            if grounding is not None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    aux = grounding.loss(model, points, [int(i) for i, _ in pairs], trainer.arrays)
+                loss = loss + options.grounding_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
@@ -222,6 +288,19 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def pointing_accuracy(trainer: Trainer, pairs: np.ndarray, batch_size: int = 8) -> float:
+    """Share of pointing answers (pairs of [sample, colour]) whose coordinates' digits are all right, teacher-forced."""
+    right = 0
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c))
+                             for i, c in pairs[start:start + batch_size]], trainer.encoder.layout.bos_id)
+            predicted = batch_logits(trainer.model, batch).argmax(-1)
+            digits = batch["kinds"] == KINDS.index("trace")
+            right += int(((predicted == batch["labels"]) | ~digits).all(dim=1).sum())
+    return right / len(pairs) if len(pairs) else float("nan")
 
 
 def teacher_forced_accuracy(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -> tuple[dict[str, float], float]:
@@ -299,6 +378,9 @@ def train_reference(demos_dir: str | Path, out_dir: str | Path | None, options: 
     held = trainer.held_idx[:options.eval_samples]
     if len(held):
         report.held_out_accuracy, report.action_bin_error = teacher_forced_accuracy(trainer, held)
+        if options.pointing_batch:
+            report.held_out_accuracy["point"] = pointing_accuracy(
+                trainer, pointing_targets(trainer.arrays, held)[:options.eval_samples])
     if out_dir is not None:
         save(trainer, out_dir, report, overwrite)
     return report

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from edgeact.runtime.action_bins import ActionStats, normalize_actions, values_to_action_ids
-from edgeact.runtime.answer import N_DEPTH_CODES, N_DEPTH_TOKENS, Answer
+from edgeact.runtime.answer import N_DEPTH_CODES, N_DEPTH_TOKENS, Answer, trace_to_pixels
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.preprocess import ImageInputs, ImagePreprocessor
@@ -71,11 +71,16 @@ def vqvae_depth_codes_fn(tokenizer_dir: str | Path) -> DepthCodesFn:
     return codes
 
 
-def task_instructions() -> list[str]:
-    """Every instruction of the reference task (templates x colours): extra tokenizer training text."""
+POINT_TEMPLATE = "point to the {colour} block"
+
+
+def task_instructions(pointing: bool = False) -> list[str]:
+    """Every instruction of the reference task (templates x colours), with pointing's too if asked: extra tokenizer
+    training text. Without pointing the tokenizer is the one the committed reference ARM was trained with."""
     from edgeact.drivers.sim.task import COLOURS, TEMPLATES, instruction_for
 
-    return [instruction_for(t, c) for t in TEMPLATES for c in COLOURS]
+    return [instruction_for(t, c) for t in TEMPLATES for c in COLOURS] + \
+        ([POINT_TEMPLATE.format(colour=c) for c in COLOURS] if pointing else [])
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class ReferenceEncoder:
         self.n_actions = n_actions
         self._prompts: dict[tuple, np.ndarray] = {}
         depth_ids = np.asarray(self.layout.depth_code_ids)
+        self._digit_set = {int(i) for i in self.layout.digit_ids}
         self._kind_of = {**{int(i): 0 for i in depth_ids}, **{int(i): 1 for i in self.layout.digit_ids},
                          **{int(i): 2 for i in self.layout.action_ids}}
 
@@ -138,6 +144,85 @@ class ReferenceEncoder:
         kinds = np.full(len(ids), -1, dtype=np.int64)
         kinds[len(prompt) - 1:] = [self._kind_of.get(int(t), 3) for t in answer]
         return TrainingSequence(ids, labels, kinds, image_inputs, len(prompt))
+
+    def encode_pointing(self, arrays: dict[str, np.ndarray], i: int, colour: int) -> TrainingSequence:
+        """A pointing sample, Molmo's grounding pre-task: the prompt of sample i's frame with the instruction
+        "point to the {colour} block", the answer that block's place in trace form, ` [[x, y]]` + end-of-text.
+        Its digits are of kind "trace", so it teaches the trace's coordinates to find a named block."""
+        from edgeact.drivers.sim.task import COLOURS
+
+        x, y = (int(v) for v in arrays["blocks"][i][colour])
+        if x < 0:
+            raise ConfigError(f"demo sample {i}: the {COLOURS[colour]} block is hidden there; point only to "
+                              "visible blocks (pointing_targets)")
+        image_inputs = self.image_inputs(arrays["rgb"][i])
+        prompt = self.prompt(POINT_TEMPLATE.format(colour=COLOURS[colour]), image_inputs)
+        pieces = [self._text(" [["), self._digits(x), self._text(", "), self._digits(y), self._text("]]"),
+                  np.array([self.layout.bos_id], dtype=np.int64)]
+        answer = np.concatenate(pieces)
+        ids = np.concatenate([prompt, answer[:-1]])
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels[len(prompt) - 1:] = answer
+        kinds = np.full(len(ids), -1, dtype=np.int64)
+        kinds[len(prompt) - 1:] = [1 if int(t) in self._digit_set else 3 for t in answer]
+        return TrainingSequence(ids, labels, kinds, image_inputs, len(prompt))
+
+    def _text(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def _digits(self, value: int) -> np.ndarray:
+        return np.asarray([self.layout.digit_ids[int(d)] for d in str(value)], dtype=np.int64)
+
+
+def token_centres(preprocessor: ImagePreprocessor, height: int, width: int) -> tuple[np.ndarray, tuple]:
+    """(n_image_tokens, 2) [u, v] pixel where each pooled image token of an (height, width) frame looks, NaN for
+    tokens of padding only; and the grids. Found by preprocessing a frame whose red and green channels encode
+    each pixel's column and row (blue 255 marks the image, padding is darker), so it holds for any resize,
+    crop and pooling the preprocessor does."""
+    v, u = np.mgrid[0:height, 0:width]
+    coded = np.stack([np.rint(u * 255 / max(width - 1, 1)), np.rint(v * 255 / max(height - 1, 1)),
+                      np.full(u.shape, 255)], axis=-1).astype(np.uint8)
+    inputs = preprocessor(coded)
+    pixels = (inputs.images.reshape(inputs.images.shape[0], inputs.images.shape[1], -1, 3) + 1.0) / 2.0 * 255.0
+    real = pixels[..., 2] > 200
+    per_patch = np.full((pixels.shape[0] * pixels.shape[1], 2), np.nan)
+    counts = real.sum(axis=2).reshape(-1)
+    sums = np.stack([(pixels[..., 0] * real).sum(axis=2), (pixels[..., 1] * real).sum(axis=2)], axis=-1).reshape(-1, 2)
+    seen = counts > 0
+    per_patch[seen] = sums[seen] / counts[seen, None] / 255.0 * [width - 1, height - 1]
+    idx = inputs.pooled_patches_idx
+    slots = np.where((idx >= 0)[..., None], per_patch[idx.clip(0)], np.nan)
+    valid = ~np.isnan(slots[..., 0])
+    n = valid.sum(axis=1)
+    centres = np.full((len(idx), 2), np.nan)
+    centres[n > 0] = np.nansum(slots, axis=1)[n > 0] / n[n > 0, None]
+    return centres, inputs.grids
+
+
+def grounding_labels(blocks: np.ndarray, centres: np.ndarray, grids: tuple, width: int, height: int) -> np.ndarray:
+    """Per image token: 1 + the colour index of the visible block nearest its centre in each image view (the
+    token that shows it), 0 for the others, IGNORE for padding-only tokens. `blocks` (n_colours, 2) in trace units."""
+    labels = np.zeros(len(centres), dtype=np.int64)
+    padding = np.isnan(centres[:, 0])
+    labels[padding] = IGNORE
+    view = np.repeat(np.arange(len(grids)), [rows * cols for rows, cols in grids])
+    for colour, (x, y) in enumerate(np.asarray(blocks)):
+        if x < 0:
+            continue
+        at = trace_to_pixels(np.array([[x, y]]), width, height)[0]
+        distance = np.where(padding, np.inf, np.abs(centres - at).sum(axis=1))
+        for v in range(len(grids)):
+            labels[np.argmin(np.where(view == v, distance, np.inf))] = colour + 1
+    return labels
+
+
+def pointing_targets(arrays: dict[str, np.ndarray], indices: np.ndarray) -> np.ndarray:
+    """(n, 2) [sample, colour] pairs among `indices` whose block is visible: the pointing samples to draw from."""
+    if "blocks" not in arrays:
+        return np.zeros((0, 2), dtype=np.int64)
+    visible = arrays["blocks"][indices][:, :, 0] >= 0
+    rows, colours = np.nonzero(visible)
+    return np.stack([np.asarray(indices)[rows], colours], axis=1).astype(np.int64)
 
 
 def split_by_episode(episodes: np.ndarray, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

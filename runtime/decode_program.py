@@ -157,6 +157,7 @@ class DecodeProgram:
                 step = walk.send(sent)
             except StopIteration:
                 break
+        self.decoder.release()
         decoded = time.perf_counter()
         seconds["prefill"] = (prefill_end or decoded) - start
         seconds["decode"] = decoded - (prefill_end or decoded)

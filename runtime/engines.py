@@ -70,6 +70,9 @@ class DecoderEngine(ABC):
         """Run embeds[:n] at positions length .. length+n-1; returns the (D,) hidden state of the last one
         (a view of the engine's buffer, valid until the next step)."""
 
+    def release(self) -> None:
+        """The answer is complete: give back host memory the decode steps keep for reuse (default: none to give)."""
+
 
 class Backend(ABC):
     """Opens a bundle's stages as engines of one kind."""

@@ -22,11 +22,16 @@ tokenizer) and each prefill chunk, the arena gives its free regions back
 under its mmap threshold otherwise), so only one large run's activations are resident at a
 time. The ViT runs once per crop (runtime/vision_stages.py), so its largest run is one crop's.
 Decode steps and the answer's short forced runs (under SHRINK_MIN_TOKENS) take the unchanged path
-(arena and pattern kept: no malloc per step), so decode speed does not move. Measured on the
-bench bundles, not adopted:
+(arena and pattern kept: no malloc per step), so decode speed does not move; once the answer is
+complete, `release()` gives those regions back too (one uncommitted 1-token run with the shrink),
+so they are not held beside the next observation's vision and prefill. Loading a session frees the
+parsed model's copy of the weights, which a heap trim gives back. With 128-token prefill chunks
+(bundle_policy.DEFAULT_PREFILL_CHUNK) these put every bench bundle within 1.3 x bundle + 300 MB
+(`python -m edgeact.runtime.membw BUNDLE --steps 2 --threads 2`). Measured on the bench bundles, not adopted:
 "session.use_device_allocator_for_initializers" (+-20 MB either way), an arena shared by the
 sessions ("session.use_env_allocators": onnxruntime 1.32 aborts in BFCArena::RegionFor), no arena
-(glibc then keeps the freed activations: peak 1.3 GB for int4), a 256-token prefill chunk (same peak).
+(glibc then keeps the freed activations: peak 1.3-1.4 GB), "session.disable_prepacking" (int8 MatMulNBits
+6x slower for a few MB), mem_pattern off (within the noise).
 """
 from __future__ import annotations
 
@@ -133,14 +138,18 @@ def make_session(bundle: Bundle, stage: str, options: OrtOptions):
     providers = _providers(bundle, spec, options, ort.get_available_providers())
     path = bundle.stage_path(stage)
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        session = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
         raise BundleError(f"{path}: onnxruntime cannot load stage {stage!r} with {options.provider} at graph "
                           f"optimization {level!r} ({str(exc).splitlines()[0]}); re-export the bundle, or try "
                           "graph_optimization='basic'") from None
+    # Loading frees the parsed model's copies of the weights (prepacked kernels keep their own); without a trim
+    # glibc keeps those pages: 80 MB of the int8 bench bundle's 394 MB after load (measured, /proc VmRSS).
+    release_heap()
+    return session
 
 
-def _release_heap() -> None:
+def release_heap() -> None:
     """Return the C heap's free pages to the system (glibc's malloc_trim); a no-op where there is none.
 
     Freed arena regions smaller than glibc's mmap threshold (which rises to 32 MB after the
@@ -223,7 +232,7 @@ class OrtStageEngine(StageEngine):
             out[name] = view
         self.session.run_with_iobinding(b, self._run_options if release else self._keep_run_options)
         if self._release and release:
-            _release_heap()
+            release_heap()
         if len(out) < len(self._outputs):
             for name, value in zip(self.session.get_outputs(), b.copy_outputs_to_cpu()):
                 out.setdefault(name.name, value)
@@ -267,7 +276,19 @@ class OrtDecoderEngine(DecoderEngine):
     def step(self, n: int) -> np.ndarray:
         if not 1 <= n <= self.max_chunk:
             raise EdgeactError(f"decoder step of {n} positions; this engine takes 1..{self.max_chunk} (max_chunk)")
-        past = self.cache.reserve(n)
+        self._run(n, self.cache.reserve(n), release=n >= SHRINK_MIN_TOKENS)
+        self.cache.commit(n)
+        return self._hidden[n - 1]
+
+    def release(self) -> None:
+        """One more 1-token run, not committed to the cache, that shrinks the arena: the regions the decode steps
+        keep (~60 MB of the int8 bench bundle's, growing with the past) are then not held while the next
+        observation's vision and prefill run, which is where the policy's peak is. Costs one decode step."""
+        if self._release and self._device[0] == "cpu" and self.cache.length < self.layout.max_seq:
+            self._run(1, self.cache.length, release=True)
+
+    def _run(self, n: int, past: int, release: bool) -> None:
+        """embeds[:n] at positions past .. past+n-1; new keys/values land in the cache after `past`."""
         np.add(self._ramp[:n], past, out=self._positions[:n])
         b, (device, device_id), dtype = self._binding, self._device, self._cache_dtype
         b.bind_input(io.INPUTS_EMBEDS, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._embeds_ptr)
@@ -280,14 +301,12 @@ class OrtDecoderEngine(DecoderEngine):
             b.bind_output(nk, device, device_id, dtype, new_shape, cache.pointer(layer, KEY, past))
             b.bind_output(nv, device, device_id, dtype, new_shape, cache.pointer(layer, VALUE, past))
         b.bind_output(io.HIDDEN_STATES, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._hidden_ptr)
-        if n < SHRINK_MIN_TOKENS:       # decode steps and the answer's short forced runs: the arena's fast path
+        if not release:                 # decode steps and the answer's short forced runs: the arena's fast path
             self.session.run_with_iobinding(b, self._run_options)
         else:
             self.session.run_with_iobinding(b, self._chunk_run_options)
             if self._release:
-                _release_heap()
-        cache.commit(n)
-        return self._hidden[n - 1]
+                release_heap()
 
     def hidden_states(self, n: int) -> np.ndarray:
         """(n, D) view of the last step's hidden states (the decode program needs only the last row)."""

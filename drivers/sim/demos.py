@@ -9,6 +9,9 @@ One sample per decision step of a successful expert episode (every `stride_actio
   trace_len   int                 1..5 points
   actions     (8, 7) float32      the next chunk, raw units of the "ik" mapper (m, rad, gripper in [-1, 1])
   episode, step int               where it came from
+  blocks      (3, 2) int64        where each block (COLOURS order) is in this image, in trace units: the centre
+                                  of its top face; -1 where it is hidden (the arm in front) or out of view.
+                                  Pointing samples ("point to the red block") are made from these.
 The manifest holds the image size, the camera intrinsics, every episode's parameters, and the
 normalization statistics of all executed actions (q01/q99/mask/mean/std/min/max, gripper unmasked)
 under `norm_stats[NORM_KEY]`, the form `ActionStats.from_norm_stats` reads.
@@ -37,15 +40,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgeact.drivers.sim.expert import ExpertConfig, run_expert, runtime_action_mapper
-from edgeact.drivers.sim.task import COLOURS, TEMPLATES, Episode, TaskConfig, retarget, sample_episode
+from edgeact.drivers.sim.task import (BLOCK_HALF_M, BLOCKS, COLOURS, TEMPLATES, Episode, TaskConfig, retarget,
+                                      sample_episode)
 from edgeact.runtime.answer import MAX_TRACE_POINTS, pixels_to_trace
 from edgeact.runtime.errors import ConfigError, EdgeactError
 
 MANIFEST = "manifest.json"
-FORMAT = "edgeact-sim-demos/1"
+FORMAT = "edgeact-sim-demos/2"      # 2: + blocks
 NORM_KEY = "edgeact_sim_reference"
 CAMERA, OPTICAL_SITE = "front", "camera_optical"
-ARRAYS = ("rgb", "depth_m", "instruction", "trace", "trace_len", "actions", "episode", "step")
+ARRAYS = ("rgb", "depth_m", "instruction", "trace", "trace_len", "actions", "episode", "step", "blocks")
+HIDDEN_TOLERANCE_M = 0.01               # a block's top is hidden where the depth image reads nearer than this
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,25 @@ def future_trace(ee_positions_m: np.ndarray, k: int, horizon_actions: int,
     trace = pixels_to_trace(pixels, intrinsics.width, intrinsics.height)
     keep = [0] + [i for i in range(1, len(trace)) if not np.array_equal(trace[i], trace[i - 1])]
     return trace[keep]
+
+
+def block_pixels(world: Any, depth_m: np.ndarray, camera_pose: tuple[np.ndarray, np.ndarray],
+                 intrinsics: Any) -> np.ndarray:
+    """(len(COLOURS), 2) trace coordinates of each block's top-face centre in this image; -1 where it is hidden
+    (the rendered depth there is nearer than the block's top) or outside the image."""
+    out = np.full((len(COLOURS), 2), -1, dtype=np.int64)
+    height, width = depth_m.shape
+    for c, colour in enumerate(COLOURS):
+        top = world.body_pose(BLOCKS[colour])[0] + np.array([0.0, 0.0, BLOCK_HALF_M])
+        (u, v), = project_points(top[None], *camera_pose, intrinsics)
+        col, row = int(round(u)), int(round(v))
+        if not (0 <= col < width and 0 <= row < height):
+            continue
+        z_m = float((top - camera_pose[0]) @ camera_pose[1][:, 2])     # depth along the optical axis
+        seen = float(depth_m[row, col])
+        if seen > 0 and seen >= z_m - HIDDEN_TOLERANCE_M:
+            out[c] = pixels_to_trace(np.array([[u, v]]), width, height)[0]
+    return out
 
 
 def action_statistics(actions: np.ndarray) -> dict[str, list]:
@@ -155,22 +179,23 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
         for i in range(episodes):
             scene = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
             for sibling, episode in enumerate([scene] + sibling_episodes(scene, config.siblings, task)):
-                frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+                frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-                def grab(k: int, _world: Any) -> None:
+                def grab(k: int, at: Any) -> None:
                     if k % config.stride_actions == 0:
-                        frames[k] = renderer.render()[:2]
+                        rgb, depth = renderer.render()[:2]
+                        frames[k] = rgb, depth, block_pixels(at, depth, camera_pose, renderer.intrinsics)
 
                 rollout = run_expert(world, episode, mapper, expert, on_action=grab, task_config=task)
                 successes[episode.template][1] += 1
                 if not rollout.outcome.success:
                     continue
                 successes[episode.template][0] += 1
-                for k, (rgb, depth) in sorted(frames.items()):
+                for k, (rgb, depth, blocks) in sorted(frames.items()):
                     if k < rollout.n_actions:
                         trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, camera_pose,
                                              renderer.intrinsics)
-                        pending.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k)
+                        pending.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k, blocks)
                 all_actions.append(rollout.actions)
                 records.append({"index": i, "sibling": sibling, **episode.to_dict(), "n_actions": rollout.n_actions})
             if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
@@ -207,11 +232,11 @@ class _Shard:
         self.columns: dict[str, list] = {name: [] for name in ARRAYS}
         self.n = 0
 
-    def add(self, rgb, depth_m, instruction, trace, actions, episode, step) -> None:
+    def add(self, rgb, depth_m, instruction, trace, actions, episode, step, blocks) -> None:
         padded = np.full((MAX_TRACE_POINTS, 2), -1, dtype=np.int64)
         padded[:len(trace)] = trace
         for name, value in zip(ARRAYS, (rgb, depth_m, instruction, padded, len(trace),
-                                        actions.astype(np.float32), episode, step)):
+                                        actions.astype(np.float32), episode, step, blocks)):
             self.columns[name].append(value)
         self.n += 1
 
@@ -253,7 +278,8 @@ def load_demos(path: str | Path) -> DemoDataset:
                                "`edgeact sim-demos --out DIR`)")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
-        raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
+                               "record the set again with `edgeact sim-demos` (or train-reference --generate-demos)")
     missing = [s["file"] for s in manifest["shards"] if not (root / s["file"]).is_file()]
     if missing:
         raise DemoDatasetError(f"{root}: shards {missing} are missing; copy the whole directory")

@@ -257,3 +257,28 @@ def test_the_sim_demos_command_records_a_set(tmp_path, capsys):
     assert manifest["demo_config"]["stride_actions"] == 8 and manifest["image"]["width"] == 48
     assert manifest["demo_config"]["siblings"] == 1 and manifest["demo_config"]["trace_horizon_actions"] == 0
     assert [e["template"] for e in manifest["episodes"] if e["sibling"] == 0] == list(TEMPLATES)
+
+
+def test_the_demos_record_where_each_block_is_and_whether_it_is_seen(tmp_path):
+    from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos
+    from edgeact.drivers.sim.task import COLOURS
+    from edgeact.runtime.answer import trace_to_pixels
+
+    record_demos(tmp_path / "d", episodes=3, seed=0, config=DemoConfig(stride_actions=2))
+    a = load_demos(tmp_path / "d").arrays()
+    assert a["blocks"].shape == (len(a["rgb"]), len(COLOURS), 2) and a["blocks"].dtype == np.int64
+    seen = a["blocks"][:, :, 0] >= 0
+    assert seen.mean() > 0.7 and not seen.all()     # the arm hides a block now and then (move_to ends above it)
+    assert np.all(a["blocks"][~seen] == -1) and np.all(a["blocks"][seen] < 256)
+    channel = {"red": 0, "green": 1, "blue": 2}
+    for i, c in zip(*np.nonzero(seen)):
+        # A seen block's pixel shows that block's colour: its own channel dominates the other two.
+        u, v = np.rint(trace_to_pixels(a["blocks"][i, c][None], 160, 120)[0]).astype(int)
+        patch = a["rgb"][i, max(v - 1, 0):v + 2, max(u - 1, 0):u + 2].reshape(-1, 3).astype(int).mean(axis=0)
+        own = channel[COLOURS[c]]
+        assert patch[own] > 1.5 * max(patch[k] for k in range(3) if k != own), (i, COLOURS[c], patch)
+    # A hidden block is not in its colour where it would be: something (the arm) stands in front of it.
+    i, c = next(zip(*np.nonzero(~seen)))
+    first = np.nonzero((a["episode"] == a["episode"][i]) & seen[:, c])[0][0]
+    u, v = np.rint(trace_to_pixels(a["blocks"][first, c][None], 160, 120)[0]).astype(int)
+    assert a["depth_m"][i, v, u] < a["depth_m"][first, v, u] - 0.01

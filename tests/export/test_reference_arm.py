@@ -49,3 +49,14 @@ def test_its_bundle_plans_on_a_frame_of_the_simulated_camera(tmp_path):
     assert result.actions.shape == (8, 7) and np.all(np.isfinite(result.actions))
     assert result.depth_forced and result.decode_steps < 100      # no decoder step spent on the 100 depth codes
     assert result.trace_px is not None and len(result.trace_px) >= 1
+
+
+def test_the_recipe_builds_the_committed_tokenizer():
+    # `make train-reference` (no pointing samples) must rebuild exactly the committed model's vocabulary; pointing's
+    # instructions would add words to it.
+    from edgeact.export.tokenizer_build import build_tokenizer
+    from edgeact.export.train_reference_data import task_instructions
+
+    committed = json.loads((REFERENCE / "checkpoint" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads(build_tokenizer(extra_texts=task_instructions()).to_str())["model"]["vocab"] == committed
+    assert json.loads(build_tokenizer(extra_texts=task_instructions(pointing=True)).to_str())["model"]["vocab"] != committed

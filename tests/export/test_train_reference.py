@@ -23,6 +23,8 @@ from edgeact.export.train_reference_data import (  # noqa: E402
     DEPTH_RANGE_M,
     IGNORE,
     ReferenceEncoder,
+    grounding_labels,
+    pointing_targets,
     pooled_depth_codes,
     split_by_episode,
     task_instructions,
@@ -142,10 +144,13 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     commands_train.register(parser.add_subparsers())
     argv = ["train-reference", "--generate-demos", "3", "--demos", str(tmp_path / "demos"), "--out",
-            str(tmp_path / "ckpt"), "--steps", "2", "--size", "tiny", "--batch-size", "2", "--threads", "1"]
+            str(tmp_path / "ckpt"), "--steps", "2", "--size", "tiny", "--batch-size", "2", "--threads", "1",
+            "--pointing-batch", "2"]
     args = parser.parse_args(argv)
     assert args.handler(args) == 0
-    assert "reference ARM" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference ARM" in out and "held-out accuracy: point" in out
+    assert json.loads((tmp_path / "ckpt" / "training_log.json").read_text())["options"]["pointing_batch"] == 2
     assert NORM_KEY in load_checkpoint(tmp_path / "ckpt").norm_stats
     assert (tmp_path / "ckpt" / commands_train.LOSS_PLOT).stat().st_size > 1000
     # Again: the same recording is reused; an existing checkpoint needs --overwrite.
@@ -183,3 +188,82 @@ def test_the_loss_weighs_each_answer_kind(demos):
     assert torch.allclose(weighted_loss(logits, batch, actions_only, first_action_weight=3.0), expected)
     with pytest.raises(Exception, match="loss_weights"):
         TrainOptions(loss_weights=(0.0, 0.0, 0.0, 0.0))
+
+
+def test_pointing_samples_ask_for_a_named_block_and_train_beside_the_batch(demos):
+    from edgeact.drivers.sim.task import COLOURS
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    enc, a = trainer.encoder, trainer.arrays
+    pairs = pointing_targets(a, np.arange(len(a["rgb"])))
+    # Only visible blocks are pointed at; every visible one is.
+    assert len(pairs) == int((a["blocks"][:, :, 0] >= 0).sum()) and np.all(a["blocks"][pairs[:, 0], pairs[:, 1], 0] >= 0)
+    i, c = (int(v) for v in pairs[0])
+    seq = enc.encode_pointing(a, i, c)
+    assert np.array_equal(seq.ids[:seq.n_prompt], enc.prompt(f"point to the {COLOURS[c]} block", seq.image_inputs))
+    answer = seq.labels[seq.n_prompt - 1:]
+    assert np.all(seq.labels[:seq.n_prompt - 1] == IGNORE) and answer[-1] == enc.layout.bos_id
+    text = enc.tokenizer.decode(answer[:-1].tolist(), skip_special_tokens=False)
+    x, y = a["blocks"][i, c]
+    assert text.strip() == f"[[{x}, {y}]]"
+    digits = seq.kinds[seq.n_prompt - 1:] == 1            # the coordinates weigh as trace digits
+    assert "".join(enc.tokenizer.decode([int(t)]) for t in answer[digits]) == f"{x}{y}"
+    hidden = np.argwhere(a["blocks"][:, :, 0] < 0)
+    if len(hidden):
+        with pytest.raises(Exception, match="hidden"):
+            enc.encode_pointing(a, int(hidden[0][0]), int(hidden[0][1]))
+
+    report = train_reference(demos, None, TrainOptions(steps=3, pointing_batch=2, **TINY))
+    assert len(report.losses) == 3 and all(np.isfinite(report.losses))
+    assert 0.0 <= report.held_out_accuracy["point"] <= 1.0
+    # The pointing loss adds to the batch's: the first step's loss (same weights, same batch) is larger with it.
+    plain = train_reference(demos, None, TrainOptions(steps=1, **TINY)).losses[0]
+    assert train_reference(demos, None, TrainOptions(steps=1, pointing_batch=2, **TINY)).losses[0] > plain
+    with pytest.raises(Exception, match="pointing_batch"):
+        TrainOptions(pointing_batch=-1)
+
+
+def test_token_centres_say_which_image_token_shows_a_pixel(demos):
+    from edgeact.export.train_reference_data import token_centres
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    pre = trainer.encoder.preprocessor
+    height, width = 120, 160
+    centres, grids = token_centres(pre, height, width)
+    assert len(centres) == sum(r * c for r, c in grids)
+    real = ~np.isnan(centres[:, 0])
+    assert real.any() and np.all((centres[real] >= 0) & (centres[real] <= [width - 1, height - 1]))
+    # A white square on black: the token it lights up most is the one whose centre is nearest, in every view.
+    offsets = np.cumsum([0] + [r * c for r, c in grids])
+    first_view = np.nonzero(real[:offsets[1]])[0]
+    for token in (first_view[0], first_view[len(first_view) // 2], first_view[-1]):
+        u, v = np.rint(centres[token]).astype(int)
+        rgb = np.zeros((height, width, 3), np.uint8)
+        rgb[max(v - 3, 0):v + 4, max(u - 3, 0):u + 4] = 255
+        inputs = pre(rgb)
+        light = (inputs.images.reshape(-1, inputs.images.shape[-1]) > 0.5).sum(axis=1)     # white values per patch
+        idx = inputs.pooled_patches_idx
+        per_token = np.where(idx >= 0, light[idx.clip(0)], 0).sum(axis=1)
+        for k in range(len(grids)):
+            view = slice(offsets[k], offsets[k + 1])
+            nearest = np.nanargmin(np.abs(centres[view] - [u, v]).sum(axis=1))
+            assert np.argmax(per_token[view]) == nearest, (u, v, k)
+
+
+def test_grounding_labels_mark_the_token_of_each_visible_block():
+    centres = np.array([[10.0, 10.0], [50.0, 10.0], [10.0, 50.0], [np.nan, np.nan],     # view 0 (2 x 2)
+                        [10.0, 10.0], [50.0, 10.0], [10.0, 50.0], [50.0, 50.0]])        # view 1
+    grids = ((2, 2), (2, 2))
+    blocks = np.array([[255, 0], [-1, -1], [0, 255]])        # red at the top right; green hidden; blue bottom left
+    labels = grounding_labels(blocks, centres, grids, width=61, height=61)
+    assert labels.tolist() == [0, 1, 3, IGNORE, 0, 1, 3, 0]
+    with pytest.raises(Exception, match="grounding_weight"):
+        TrainOptions(grounding_weight=1.0)                   # the loss is taken on pointing samples: none asked
+
+
+def test_the_grounding_loss_trains_beside_the_pointing_samples(demos):
+    options = dict(TINY, steps=1, pointing_batch=2)
+    with_grounding = train_reference(demos, None, TrainOptions(grounding_weight=1.0, **options)).losses[0]
+    assert with_grounding > train_reference(demos, None, TrainOptions(**options)).losses[0]
+    report = train_reference(demos, None, TrainOptions(**dict(options, steps=3), grounding_weight=0.5))
+    assert len(report.losses) == 3 and all(np.isfinite(report.losses))

@@ -81,3 +81,50 @@ def test_a_small_bundle_policy_peaks_within_the_memory_budget(exported):
     memory = policy_peak_rss(exported.bundle_dir, steps=2, threads=1, frame_px=(160, 120))
     assert memory.peak_rss_bytes <= memory.budget_bytes, (
         f"peak RSS {memory.peak_rss_bytes >> 20} MB over the budget {memory.budget_bytes >> 20} MB")
+
+
+def test_release_after_an_answer_shrinks_the_arena_without_touching_the_cache(exported, monkeypatch):
+    engines = [open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=8) for _ in range(2)]
+    runs = []
+    real = engines[1].session.run_with_iobinding
+    monkeypatch.setattr(engines[1].session, "run_with_iobinding",
+                        lambda binding, options: runs.append(options) or real(binding, options))
+    embeds = np.random.default_rng(2).standard_normal((10, engines[0].layout.hidden_size)).astype(np.float32)
+    for engine in engines:
+        engine.embeds[:8] = embeds[:8]
+        engine.step(8)
+        engine.embeds[:1] = embeds[8:9]
+        engine.step(1)
+    runs.clear()
+    engines[1].release()
+    # One 1-token run whose options shrink the arena; nothing is committed to the cache.
+    assert len(runs) == 1 and runs[0].get_run_config_entry(SHRINK) == "cpu:0"
+    assert engines[1].length == engines[0].length == 9
+    for engine in engines:
+        engine.embeds[:1] = embeds[9:10]
+    np.testing.assert_array_equal(engines[1].step(1), engines[0].step(1))
+    # Without arena shrink, or with a full cache, there is nothing to do and no run.
+    kept = open_backend("onnxruntime", threads=1, arena_shrink=False).decoder(exported.bundle, max_chunk=8)
+    monkeypatch.setattr(kept.session, "run_with_iobinding", lambda *a: pytest.fail("ran"))
+    kept.release()
+    engines[1].cache.length = engines[1].layout.max_seq
+    runs.clear()
+    engines[1].release()
+    assert runs == []
+
+
+def test_every_answer_ends_with_a_release_and_loading_trims_the_heap(exported, monkeypatch):
+    from edgeact.runtime import ort_engine
+    from edgeact.runtime.bundle_policy import BundlePolicy
+
+    trims = []
+    monkeypatch.setattr(ort_engine, "release_heap", lambda: trims.append(1))
+    policy = BundlePolicy(exported.bundle_dir, threads=1, prefill_chunk=96)
+    assert len(trims) >= len(io.MODEL_STAGES)            # one per session made
+    released = []
+    real = policy.decoder.release
+    monkeypatch.setattr(policy.decoder, "release", lambda: released.append(policy.decoder.length) or real())
+    rgb = np.random.default_rng(3).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    for k in range(2):
+        result = policy.infer(rgb, "pick up the red block")
+        assert len(released) == k + 1 and released[-1] == policy.decoder.length >= len(result.token_ids)
