@@ -223,6 +223,8 @@ class Grounding:
         self.class_weights = torch.tensor([self.NONE_WEIGHT] + [1.0] * len(COLOURS))
 
     def loss(self, model, batch: dict[str, torch.Tensor], samples: list[int], arrays) -> torch.Tensor:
+        # The image tokens again, outside the (possibly compiled) forward that consumed them: the ViT runs twice on
+        # the pointing images, a small part of a step (it is 4 layers of width 64 against the decoder's sequences).
         features = model.image_features(batch["images"], batch["image_masks"], batch["pooled_patches_idx"]).float()
         blocks = torch.from_numpy(np.concatenate([grounding_labels(arrays["blocks"][i], self.centres, self.grids,
                                                                    *self.size) for i in samples]))

@@ -218,8 +218,6 @@ def grounding_labels(blocks: np.ndarray, centres: np.ndarray, grids: tuple, widt
 
 def pointing_targets(arrays: dict[str, np.ndarray], indices: np.ndarray) -> np.ndarray:
     """(n, 2) [sample, colour] pairs among `indices` whose block is visible: the pointing samples to draw from."""
-    if "blocks" not in arrays:
-        return np.zeros((0, 2), dtype=np.int64)
     visible = arrays["blocks"][indices][:, :, 0] >= 0
     rows, colours = np.nonzero(visible)
     return np.stack([np.asarray(indices)[rows], colours], axis=1).astype(np.int64)
