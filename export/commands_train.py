@@ -8,6 +8,8 @@ from edgeact.runtime.cli_args import positive_int as _positive_int
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 2400, 8, 1.5e-3, "reference"
+# Pointing samples and the grounding loss are off by default: tried (README, "The reference task and its
+# evaluation"), they taught pointing but not a better closed loop.
 DEFAULT_POINTING_BATCH, DEFAULT_GROUNDING_WEIGHT = 0, 0.0
 LOSS_PLOT = "training_loss.png"
 # The recording --generate-demos makes: a sample every 2 actions, executed with noise (see ExpertConfig). Siblings
@@ -74,8 +76,9 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
             console.print(f"reusing the {manifest['samples']} samples already recorded in {demos}")
             return
         raise ConfigError(f"{demos} holds another recording ({manifest.get('episodes_attempted')} episodes from seed "
-                          f"{manifest.get('seed')}, {manifest.get('demo_config')}, format {manifest.get('format')}), not {episodes} "
-                          f"from {seed} with {asdict(config)}, format {FORMAT}; give another --demos or delete it")
+                          f"{manifest.get('seed')}, {manifest.get('demo_config')}, format {manifest.get('format')}), "
+                          f"not {episodes} from {seed} with {asdict(config)}, format {FORMAT}; give another --demos "
+                          "or delete it")
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("expert episodes", total=episodes)
         summary = record_demos(demos, episodes, seed, config,
