@@ -107,7 +107,6 @@ class ReferenceEncoder:
         self.n_actions = n_actions
         self._prompts: dict[tuple, np.ndarray] = {}
         depth_ids = np.asarray(self.layout.depth_code_ids)
-        self._digit_set = {int(i) for i in self.layout.digit_ids}
         self._kind_of = {**{int(i): 0 for i in depth_ids}, **{int(i): 1 for i in self.layout.digit_ids},
                          **{int(i): 2 for i in self.layout.action_ids}}
 
@@ -164,7 +163,7 @@ class ReferenceEncoder:
         labels = np.full(len(ids), IGNORE, dtype=np.int64)
         labels[len(prompt) - 1:] = answer
         kinds = np.full(len(ids), -1, dtype=np.int64)
-        kinds[len(prompt) - 1:] = [1 if int(t) in self._digit_set else 3 for t in answer]
+        kinds[len(prompt) - 1:] = [self._kind_of.get(int(t), 3) for t in answer]
         return TrainingSequence(ids, labels, kinds, image_inputs, len(prompt))
 
     def _text(self, text: str) -> np.ndarray:
