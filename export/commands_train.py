@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--grounding-weight", type=float, default=DEFAULT_GROUNDING_WEIGHT, metavar="W",
                    help="weight of the dense grounding loss on the pointing samples' image tokens (which block each "
                         f"shows, and where): needs --pointing-batch (default {DEFAULT_GROUNDING_WEIGHT}; 0: off)")
+    p.add_argument("--pointing-first", type=int, default=0, metavar="N",
+                   help="train the first N steps on the pointing samples alone, then the full answer: a grounding "
+                        "curriculum (needs --pointing-batch; default 0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -102,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
         _record(args.demos, args.generate_demos, args.seed, console)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
-                           grounding_weight=args.grounding_weight)
+                           grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 
@@ -126,10 +129,15 @@ def _train(args: argparse.Namespace) -> int:
             ("steps x batch", f"{options.steps} x {options.batch_size} ({report.seconds_per_step:.2f} s per step)"),
             ("loss first / last", f"{sum(losses[:window]) / window:.3f} / {sum(losses[-window:]) / window:.3f} "
                                   f"(mean of {window} steps)")]
-    rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of {'answers' if kind == 'point' else 'tokens'} "
-                                            "(teacher-forced)") for kind, acc in report.held_out_accuracy.items()]
+    rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of answers point nearest the named block (greedy)"
+              if kind == "point" else f"{acc * 100:.1f}% of tokens (teacher-forced)")
+             for kind, acc in report.held_out_accuracy.items()]
     if report.held_out_accuracy:
         rows.append(("held-out action bin error", f"{report.action_bin_error:.1f} bins of 255 (mean abs)"))
+    if report.trace_end:
+        end = report.trace_end
+        rows.append(("held-out trace end (greedy)", f"{end['model']:.1f} units off; a constant end point: "
+                                                    f"{end['constant']:.1f} ({end['frames']} first frames)"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

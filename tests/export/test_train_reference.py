@@ -267,3 +267,82 @@ def test_the_grounding_loss_trains_beside_the_pointing_samples(demos):
     assert with_grounding > train_reference(demos, None, TrainOptions(**options)).losses[0]
     report = train_reference(demos, None, TrainOptions(**dict(options, steps=3), grounding_weight=0.5))
     assert len(report.losses) == 3 and all(np.isfinite(report.losses))
+
+
+def test_pointing_first_steps_train_on_pointing_samples_alone(demos):
+    options = TrainOptions(**dict(TINY, steps=3, batch_size=2, pointing_batch=2, pointing_first_steps=2))
+    trainer = prepare(demos, options)
+    encoded = {"answers": 0, "points": 0}
+    encode, encode_pointing = trainer.encoder.encode, trainer.encoder.encode_pointing
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            encoded[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.encoder.encode = count("answers", encode)
+    trainer.encoder.encode_pointing = count("points", encode_pointing)
+    losses = train_steps(trainer)
+    # Steps 0 and 1 see pointing samples only; step 2 adds the batch of full answers.
+    assert encoded == {"answers": 2, "points": 6} and len(losses) == 3 and all(np.isfinite(losses))
+    for bad in (dict(pointing_first_steps=2), dict(pointing_first_steps=3, pointing_batch=2),
+                dict(pointing_first_steps=-1, pointing_batch=2)):
+        with pytest.raises(Exception, match="pointing_first_steps"):
+            TrainOptions(**dict(TINY, steps=3, **bad))
+
+
+def test_trace_end_error_compares_the_answer_with_a_constant_end_point(demos):
+    from edgeact.export.train_reference import trace_end_error
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    a = trainer.arrays
+    everything = np.arange(len(a["step"]))
+    firsts = [int(i) for i in everything if a["step"][i] == 0]
+    assert len(firsts) >= 2
+    truth = {a["rgb"][i].tobytes(): a["trace"][i, :a["trace_len"][i]] for i in firsts}
+    ends = np.array([a["trace"][i, a["trace_len"][i] - 1] for i in firsts], dtype=float)
+
+    class Answer:
+        def __init__(self, trace):
+            self.trace = trace
+
+    # An answer with the true trace is 0 off; one that always ends at the true ends' mean is the constant baseline.
+    exact = trace_end_error(trainer, everything, answer_fn=lambda rgb, _: Answer(truth[rgb.tobytes()]))
+    assert exact[0] == 0.0 and exact[1] > 0 and exact[2] == len(firsts)
+    mean = trace_end_error(trainer, everything, answer_fn=lambda rgb, _: Answer(ends.mean(axis=0)[None]))
+    assert mean[0] == pytest.approx(mean[1]) and mean[1] == exact[1]
+    # Only first frames count, at most `frames` of them; none held out: nothing to say.
+    assert trace_end_error(trainer, everything, frames=1, answer_fn=lambda rgb, _: Answer(ends[:1]))[2] == 1
+    later = np.array([i for i in everything if a["step"][i] > 0])
+    assert trace_end_error(trainer, later)[2] == 0
+    # The real model answers greedily: a finite distance in trace units.
+    model_error, _, frames = trace_end_error(trainer, everything, frames=2)
+    assert frames == 2 and 0 <= model_error < 256 * 2 ** 0.5
+
+
+def test_pointing_accuracy_counts_answers_nearest_the_named_block(demos, monkeypatch):
+    import edgeact.export.generate as generate
+    from edgeact.export.train_reference import pointing_accuracy
+
+    trainer = prepare(demos, TrainOptions(steps=1, pointing_batch=2, **TINY))
+    a, tok = trainer.arrays, trainer.encoder.tokenizer
+    pairs = pointing_targets(a, np.arange(len(a["step"])))[:6]
+    answers = iter([])
+
+    class Result:
+        def __init__(self, text):
+            self.token_ids = tok.encode(text).ids
+
+    monkeypatch.setattr(generate, "generate_greedy", lambda *args, **kwargs: Result(next(answers)))
+    # A few units off the named block still finds it; no numbers is a miss.
+    answers = iter(f" [[{min(a['blocks'][i, c, 0] + 2, 255)}, {a['blocks'][i, c, 1]}]]" for i, c in pairs)
+    assert pointing_accuracy(trainer, pairs) == 1.0
+    answers = iter(" [[" for _ in pairs)
+    assert pointing_accuracy(trainer, pairs) == 0.0
+    # Pointing at another visible block is a miss.
+    others = [(i, c, next((k for k in range(3) if k != c and a["blocks"][i, k, 0] >= 0), None)) for i, c in pairs]
+    others = [(i, c, k) for i, c, k in others if k is not None]
+    assert others
+    answers = iter(f" [[{a['blocks'][i, k, 0]}, {a['blocks'][i, k, 1]}]]" for i, _, k in others)
+    assert pointing_accuracy(trainer, np.array([[i, c] for i, c, _ in others])) == 0.0
