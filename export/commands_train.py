@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--pointing-first", type=int, default=0, metavar="N",
                    help="train the first N steps on the pointing samples alone, then the full answer: a grounding "
                         "curriculum (needs --pointing-batch; default 0: off)")
+    p.add_argument("--trace-batch", type=int, default=0, metavar="N",
+                   help="trace-only samples per step besides the batch ('trajectory to {instruction}' -> the trace "
+                        "alone), as in MolmoAct's training mix (default 0: none)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -105,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
         _record(args.demos, args.generate_demos, args.seed, console)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
-                           grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first)
+                           grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
+                           trace_batch=args.trace_batch)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 

@@ -81,6 +81,9 @@ class TrainOptions:
     # The first this many steps train on the pointing samples alone (a grounding curriculum): the full answer's trace
     # can settle on a colour-blind average before pointing is learned, so finding the named block comes first (0: off).
     pointing_first_steps: int = 0
+    # Trace-only samples per step besides the batch (0: none): "trajectory to {instruction}" -> the sample's trace
+    # alone, as in MolmoAct's training mix; the full answer's trace learns the gripper but not the goal (README).
+    trace_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
@@ -93,6 +96,8 @@ class TrainOptions:
             raise ConfigError(f"TrainOptions.pointing_first_steps: the steps on pointing samples alone need "
                               f"pointing_batch > 0 and must leave steps for the full answer (0 < N < steps = "
                               f"{self.steps}); got {self.pointing_first_steps} with pointing_batch {self.pointing_batch}")
+        if self.trace_batch < 0:
+            raise ConfigError(f"TrainOptions.trace_batch: trace-only samples per step, >= 0; got {self.trace_batch}")
         if self.pointing_batch < 0 or not self.pointing_weight >= 0 or not self.grounding_weight >= 0:
             raise ConfigError(f"TrainOptions: pointing_batch, pointing_weight and grounding_weight >= 0; got "
                               f"{self.pointing_batch}, {self.pointing_weight}, {self.grounding_weight}")
@@ -150,7 +155,8 @@ def prepare(demos_dir: str | Path, options: TrainOptions,
         raise ConfigError(f"{demos_dir}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
                           "`edgeact sim-demos`")
     arrays = demos.arrays()
-    tokenizer = build_tokenizer(extra_texts=task_instructions(pointing=options.pointing_batch > 0))
+    tokenizer = build_tokenizer(extra_texts=task_instructions(pointing=options.pointing_batch > 0,
+                                                              trace=options.trace_batch > 0))
     cfg = dataclasses.replace(synthetic_config(options.variant, options.size, tokenizer),
                               norm_stats={NORM_KEY: demos.norm_stats[NORM_KEY]})
     preprocess_config = PreprocessConfig.for_model(cfg, max_crops=options.max_crops)
@@ -268,6 +274,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
                           "again with `edgeact sim-demos` (format 2 records where the blocks are)")
     point_rng = np.random.default_rng([options.seed, 1])
     point_order: list[int] = []
+    trace_rng, trace_order = np.random.default_rng([options.seed, 2]), []
     losses = []
     model.train()
     for step in range(options.steps):
@@ -294,6 +301,14 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     aux = grounding.loss(model, points, [int(i) for i, _ in pairs], trainer.arrays)
                 loss = loss + options.grounding_weight * aux
+        if options.trace_batch:
+            while len(trace_order) < options.trace_batch:
+                trace_order += trace_rng.permutation(trainer.train_idx).tolist()
+            picks, trace_order = trace_order[:options.trace_batch], trace_order[options.trace_batch:]
+            traces = collate([trainer.encoder.encode_trace(trainer.arrays, i) for i in picks], pad_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                trace_logits = batch_logits(forward, traces)
+            loss = loss + weighted_loss(trace_logits.float(), traces, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)

@@ -72,15 +72,18 @@ def vqvae_depth_codes_fn(tokenizer_dir: str | Path) -> DepthCodesFn:
 
 
 POINT_TEMPLATE = "point to the {colour} block"
+TRACE_TEMPLATE = "trajectory to {instruction}"     # MolmoAct's trace-only question, in this task's words
 
 
-def task_instructions(pointing: bool = False) -> list[str]:
-    """Every instruction of the reference task (templates x colours), with pointing's too if asked: extra tokenizer
-    training text. Without pointing the tokenizer is the one the committed reference ARM was trained with."""
+def task_instructions(pointing: bool = False, trace: bool = False) -> list[str]:
+    """Every instruction of the reference task (templates x colours), with pointing's and the trace-only questions'
+    too if asked: extra tokenizer training text. Without them the tokenizer is the one the committed reference ARM
+    was trained with."""
     from edgeact.drivers.sim.task import COLOURS, TEMPLATES, instruction_for
 
-    return [instruction_for(t, c) for t in TEMPLATES for c in COLOURS] + \
-        ([POINT_TEMPLATE.format(colour=c) for c in COLOURS] if pointing else [])
+    instructions = [instruction_for(t, c) for t in TEMPLATES for c in COLOURS]
+    return instructions + ([POINT_TEMPLATE.format(colour=c) for c in COLOURS] if pointing else []) + \
+        ([TRACE_TEMPLATE.format(instruction=i) for i in instructions] if trace else [])
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,24 @@ class ReferenceEncoder:
         if x < 0:
             raise ConfigError(f"demo sample {i}: the {COLOURS[colour]} block is hidden there; point only to "
                               "visible blocks (pointing_targets)")
-        image_inputs = self.image_inputs(arrays["rgb"][i])
-        prompt = self.prompt(POINT_TEMPLATE.format(colour=COLOURS[colour]), image_inputs)
-        pieces = [self._text(" [["), self._digits(x), self._text(", "), self._digits(y), self._text("]]"),
-                  np.array([self.layout.bos_id], dtype=np.int64)]
-        answer = np.concatenate(pieces)
+        return self._points_sequence(arrays["rgb"][i], POINT_TEMPLATE.format(colour=COLOURS[colour]), [(x, y)])
+
+    def encode_trace(self, arrays: dict[str, np.ndarray], i: int) -> TrainingSequence:
+        """A trace-only sample, as in MolmoAct's training mix: sample i's frame with "trajectory to {instruction}",
+        the answer its trace alone, ` [[x, y], [x, y], ...]` + end-of-text: the full answer's trace without the 100
+        depth codes before it, so its whole loss is where the task goes."""
+        trace = arrays["trace"][i][:int(arrays["trace_len"][i])]
+        question = TRACE_TEMPLATE.format(instruction=str(arrays["instruction"][i]))
+        return self._points_sequence(arrays["rgb"][i], question, [(int(x), int(y)) for x, y in trace])
+
+    def _points_sequence(self, rgb: np.ndarray, question: str, points: list[tuple[int, int]]) -> TrainingSequence:
+        """The frame, the question, and the answer ` [[x, y], ...]` + end-of-text (digits of kind "trace")."""
+        image_inputs = self.image_inputs(rgb)
+        prompt = self.prompt(question, image_inputs)
+        pieces = [self._text(" [[")]
+        for n, (x, y) in enumerate(points):
+            pieces += ([self._text("], [")] if n else []) + [self._digits(x), self._text(", "), self._digits(y)]
+        answer = np.concatenate(pieces + [self._text("]]"), np.array([self.layout.bos_id], dtype=np.int64)])
         ids = np.concatenate([prompt, answer[:-1]])
         labels = np.full(len(ids), IGNORE, dtype=np.int64)
         labels[len(prompt) - 1:] = answer

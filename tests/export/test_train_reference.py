@@ -22,6 +22,7 @@ from edgeact.export.train_reference import (  # noqa: E402
 from edgeact.export.train_reference_data import (  # noqa: E402
     DEPTH_RANGE_M,
     IGNORE,
+    KINDS,
     ReferenceEncoder,
     grounding_labels,
     pointing_targets,
@@ -346,3 +347,31 @@ def test_pointing_accuracy_counts_answers_nearest_the_named_block(demos, monkeyp
     assert others
     answers = iter(f" [[{a['blocks'][i, k, 0]}, {a['blocks'][i, k, 1]}]]" for i, _, k in others)
     assert pointing_accuracy(trainer, np.array([[i, c] for i, c, _ in others])) == 0.0
+
+
+def test_trace_only_samples_ask_for_the_trace_alone(demos):
+    from edgeact.export.train_reference_data import TRACE_TEMPLATE
+
+    trainer = prepare(demos, TrainOptions(steps=1, trace_batch=2, **TINY))
+    enc, a = trainer.encoder, trainer.arrays
+    i = int(np.argmax(a["trace_len"]))
+    seq = enc.encode_trace(a, i)
+    image_inputs = enc.image_inputs(a["rgb"][i])
+    question = TRACE_TEMPLATE.format(instruction=str(a["instruction"][i]))
+    assert np.array_equal(seq.ids[:seq.n_prompt], enc.prompt(question, image_inputs))
+    answer = seq.labels[seq.n_prompt - 1:]
+    assert np.all(seq.labels[:seq.n_prompt - 1] == IGNORE) and answer[-1] == enc.layout.bos_id
+    points = a["trace"][i][:a["trace_len"][i]].tolist()
+    assert enc.tokenizer.decode(answer[:-1].tolist(), skip_special_tokens=False).strip() == str(points)
+    # The same tokens as the full answer's trace: the full answer holds this answer's ids (end-of-text aside).
+    full = enc.grammar.to_ids(enc.answer(a, i)).tolist()
+    body = answer[1:-3].tolist()                  # from the first digit to the last (before "]", "]", end-of-text)
+    assert any(full[k:k + len(body)] == body for k in range(len(full)))
+    assert set(seq.kinds[seq.n_prompt - 1:][np.isin(answer, enc.layout.digit_ids)]) == {KINDS.index("trace")}
+
+    report = train_reference(demos, None, TrainOptions(steps=2, trace_batch=2, **TINY))
+    assert len(report.losses) == 2 and all(np.isfinite(report.losses))
+    plain = train_reference(demos, None, TrainOptions(steps=1, **TINY)).losses[0]
+    assert train_reference(demos, None, TrainOptions(steps=1, trace_batch=2, **TINY)).losses[0] > plain
+    with pytest.raises(Exception, match="trace_batch"):
+        TrainOptions(trace_batch=-1)
