@@ -252,6 +252,19 @@ class Grounding:
                 + F.cross_entropy(self.heads["place"](features), places, ignore_index=IGNORE))
 
 
+class Draws:
+    """Shuffled epochs over a pool of sample indices, without end: `take(n)` gives the next n (seeded order)."""
+
+    def __init__(self, pool: np.ndarray, seed):
+        self.pool, self.rng, self.queue = np.asarray(pool), np.random.default_rng(seed), []
+
+    def take(self, n: int) -> list[int]:
+        while len(self.queue) < n:
+            self.queue += self.rng.permutation(self.pool).tolist()
+        picked, self.queue = self.queue[:n], self.queue[n:]
+        return picked
+
+
 def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Run options.steps AdamW steps over shuffled epochs of the training samples; the loss of each step."""
     options, model = trainer.options, trainer.model
@@ -262,8 +275,6 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     grounding = Grounding(trainer) if options.grounding_weight else None
     if grounding is not None:
         optimizer.add_param_group({"params": list(grounding.heads.parameters()), "weight_decay": 0.0})
-    order_rng = np.random.default_rng(options.seed)
-    order: list[int] = []
     pad_id = trainer.encoder.layout.bos_id
     weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
     use_bf16 = options.bf16 and bf16_supported()
@@ -272,9 +283,16 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     if pointing is not None and not len(pointing):
         raise ConfigError("TrainOptions.pointing_batch: the demos show no visible block to point to; record them "
                           "again with `edgeact sim-demos` (format 2 records where the blocks are)")
-    point_rng = np.random.default_rng([options.seed, 1])
-    point_order: list[int] = []
-    trace_rng, trace_order = np.random.default_rng([options.seed, 2]), []
+    answers = Draws(trainer.train_idx, options.seed)
+    point_draws = Draws(np.arange(len(pointing)), [options.seed, 1]) if pointing is not None else None
+    trace_draws = Draws(trainer.train_idx, [options.seed, 2])
+
+    def sequences_loss(sequences: list[TrainingSequence], first_action_weight: float = 1.0):
+        batch = collate(sequences, pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = batch_logits(forward, batch)
+        return batch, weighted_loss(logits.float(), batch, weights, first_action_weight)
+
     losses = []
     model.train()
     for step in range(options.steps):
@@ -282,33 +300,20 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             group["lr"] = lr_at(step, options)
         loss = torch.zeros(())
         if step >= options.pointing_first_steps:
-            while len(order) < options.batch_size:
-                order += order_rng.permutation(trainer.train_idx).tolist()
-            picks, order = order[:options.batch_size], order[options.batch_size:]
-            batch = collate([trainer.encoder.encode(trainer.arrays, i) for i in picks], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                logits = batch_logits(forward, batch)
-            loss = weighted_loss(logits.float(), batch, weights, options.first_action_weight)
-        if pointing is not None:
-            while len(point_order) < options.pointing_batch:
-                point_order += point_rng.permutation(len(pointing)).tolist()
-            pairs, point_order = pointing[point_order[:options.pointing_batch]], point_order[options.pointing_batch:]
-            points = collate([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c)) for i, c in pairs], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                point_logits = batch_logits(forward, points)
-            loss = loss + options.pointing_weight * weighted_loss(point_logits.float(), points, weights)
+            loss = sequences_loss([trainer.encoder.encode(trainer.arrays, i) for i in answers.take(options.batch_size)],
+                                  options.first_action_weight)[1]
+        if point_draws is not None:
+            pairs = pointing[point_draws.take(options.pointing_batch)]
+            points, point_loss = sequences_loss([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c))
+                                                 for i, c in pairs])
+            loss = loss + options.pointing_weight * point_loss
             if grounding is not None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     aux = grounding.loss(model, points, [int(i) for i, _ in pairs], trainer.arrays)
                 loss = loss + options.grounding_weight * aux
         if options.trace_batch:
-            while len(trace_order) < options.trace_batch:
-                trace_order += trace_rng.permutation(trainer.train_idx).tolist()
-            picks, trace_order = trace_order[:options.trace_batch], trace_order[options.trace_batch:]
-            traces = collate([trainer.encoder.encode_trace(trainer.arrays, i) for i in picks], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                trace_logits = batch_logits(forward, traces)
-            loss = loss + weighted_loss(trace_logits.float(), traces, weights)
+            loss = loss + sequences_loss([trainer.encoder.encode_trace(trainer.arrays, i)
+                                          for i in trace_draws.take(options.trace_batch)])[1]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
