@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--trace-batch", type=int, default=0, metavar="N",
                    help="trace-only samples per step besides the batch ('trajectory to {instruction}' -> the trace "
                         "alone), as in MolmoAct's training mix (default 0: none)")
+    p.add_argument("--action-sigma", type=float, default=0.0, metavar="BINS",
+                   help="soft targets for the action tokens: a Gaussian of this width in bins around the true bin "
+                        "(default 0: the one bin)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -109,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
-                           trace_batch=args.trace_batch)
+                           trace_batch=args.trace_batch, action_sigma=args.action_sigma)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 

@@ -84,6 +84,8 @@ class TrainOptions:
     # Trace-only samples per step besides the batch (0: none): "trajectory to {instruction}" -> the sample's trace
     # alone, as in MolmoAct's training mix; the full answer's trace learns the gripper but not the goal (README).
     trace_batch: int = 0
+    # Soft targets for the action tokens: a Gaussian of this many bins around the true bin (0: the one bin).
+    action_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
@@ -96,6 +98,8 @@ class TrainOptions:
             raise ConfigError(f"TrainOptions.pointing_first_steps: the steps on pointing samples alone need "
                               f"pointing_batch > 0 and must leave steps for the full answer (0 < N < steps = "
                               f"{self.steps}); got {self.pointing_first_steps} with pointing_batch {self.pointing_batch}")
+        if not self.action_sigma >= 0:
+            raise ConfigError(f"TrainOptions.action_sigma: a width in action bins, >= 0; got {self.action_sigma}")
         if self.trace_batch < 0:
             raise ConfigError(f"TrainOptions.trace_batch: trace-only samples per step, >= 0; got {self.trace_batch}")
         if self.pointing_batch < 0 or not self.pointing_weight >= 0 or not self.grounding_weight >= 0:
@@ -189,15 +193,29 @@ def batch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], weights: torch.Tensor,
-                  first_action_weight: float = 1.0) -> torch.Tensor:
+                  first_action_weight: float = 1.0, action_ids: torch.Tensor | None = None,
+                  action_sigma: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the answer tokens, each weighted by its kind (weights[kind]; weights[-1] = 0 for no loss),
-    the first action's ACTION_DIMS tokens of each sequence once more by first_action_weight."""
+    the first action's ACTION_DIMS tokens of each sequence once more by first_action_weight.
+
+    With action_sigma > 0 (and action_ids, the 256 action token ids in bin order) an action token's target is a
+    Gaussian over the neighbouring bins (sigma in bins) instead of its one bin: the bins are ordered, so a guess
+    one bin off is nearly right, and an uncertain prediction peaks in the middle of its mass rather than at
+    whichever single bin collects most (with hard targets, the end bins that hold the clipped tails)."""
     kinds = batch["kinds"]
     is_action = kinds == KINDS.index("action")
     lead = is_action & (is_action.cumsum(dim=1) <= ACTION_DIMS)
     token_w = weights[kinds] * (batch["labels"] != IGNORE) * torch.where(lead, first_action_weight, 1.0)
-    token_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
-                               ignore_index=IGNORE, reduction="none")
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+    token_ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="none")
+    if action_sigma > 0 and action_ids is not None:
+        rows = torch.nonzero(is_action.reshape(-1) & (flat_labels != IGNORE)).squeeze(1)
+        if len(rows):
+            log_p = F.log_softmax(flat_logits[rows], dim=-1)[:, action_ids]           # (n, 256) in bin order
+            true_bin = torch.searchsorted(action_ids, flat_labels[rows]).unsqueeze(1).float()
+            offsets = torch.arange(len(action_ids), dtype=torch.float32).unsqueeze(0)
+            target = torch.softmax(-0.5 * ((offsets - true_bin) / action_sigma) ** 2, dim=-1)
+            token_ce = token_ce.index_copy(0, rows, -(target * log_p).sum(dim=-1))
     token_w = token_w.reshape(-1)
     return (token_ce * token_w).sum() / token_w.sum().clamp_min(1e-12)
 
@@ -286,12 +304,14 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     answers = Draws(trainer.train_idx, options.seed)
     point_draws = Draws(np.arange(len(pointing)), [options.seed, 1]) if pointing is not None else None
     trace_draws = Draws(trainer.train_idx, [options.seed, 2])
+    action_ids = torch.as_tensor(np.asarray(trainer.encoder.layout.action_ids, dtype=np.int64))
 
     def sequences_loss(sequences: list[TrainingSequence], first_action_weight: float = 1.0):
         batch = collate(sequences, pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = batch_logits(forward, batch)
-        return batch, weighted_loss(logits.float(), batch, weights, first_action_weight)
+        return batch, weighted_loss(logits.float(), batch, weights, first_action_weight, action_ids,
+                                    options.action_sigma)
 
     losses = []
     model.train()

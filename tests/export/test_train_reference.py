@@ -375,3 +375,27 @@ def test_trace_only_samples_ask_for_the_trace_alone(demos):
     assert train_reference(demos, None, TrainOptions(steps=1, trace_batch=2, **TINY)).losses[0] > plain
     with pytest.raises(Exception, match="trace_batch"):
         TrainOptions(trace_batch=-1)
+
+
+def test_soft_action_targets_make_a_near_bin_cheaper_than_a_far_one():
+    from edgeact.export.train_reference import weighted_loss
+
+    action_ids = torch.arange(100, 356)                      # 256 action ids in bin order
+    action, trace = KINDS.index("action"), KINDS.index("trace")
+    batch = {"labels": torch.tensor([[5, 200, 7]]), "kinds": torch.tensor([[trace, action, -1]])}
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+
+    def peaked(at: int) -> torch.Tensor:
+        logits = torch.zeros(1, 3, 400)
+        logits[0, 0, 5] = logits[0, 1, at] = 8.0
+        return logits
+
+    near, far = peaked(201), peaked(300)
+    hard = [weighted_loss(x, batch, weights) for x in (near, far)]
+    assert hard[0] == pytest.approx(hard[1])                 # one bin: a near miss costs as much as a far one
+    soft = [weighted_loss(x, batch, weights, action_ids=action_ids, action_sigma=3.0) for x in (near, far)]
+    assert soft[0] < soft[1] - 0.25
+    # A vanishing width is the one-bin loss again; the trace token's loss is untouched either way.
+    assert weighted_loss(far, batch, weights, action_ids=action_ids, action_sigma=1e-3) == pytest.approx(hard[1])
+    with pytest.raises(Exception, match="action_sigma"):
+        TrainOptions(action_sigma=-1.0)
