@@ -138,14 +138,7 @@ class ReferenceEncoder:
     def encode(self, arrays: dict[str, np.ndarray], i: int) -> TrainingSequence:
         image_inputs = self.image_inputs(arrays["rgb"][i])
         prompt = self.prompt(str(arrays["instruction"][i]), image_inputs)
-        answer = self.grammar.to_ids(self.answer(arrays, i))
-        # Inputs drop the last answer token (nothing follows it); position t predicts token t + 1.
-        ids = np.concatenate([prompt, answer[:-1]])
-        labels = np.full(len(ids), IGNORE, dtype=np.int64)
-        labels[len(prompt) - 1:] = answer
-        kinds = np.full(len(ids), -1, dtype=np.int64)
-        kinds[len(prompt) - 1:] = [self._kind_of.get(int(t), 3) for t in answer]
-        return TrainingSequence(ids, labels, kinds, image_inputs, len(prompt))
+        return self._sequence(prompt, self.grammar.to_ids(self.answer(arrays, i)), image_inputs)
 
     def encode_pointing(self, arrays: dict[str, np.ndarray], i: int, colour: int) -> TrainingSequence:
         """A pointing sample, Molmo's grounding pre-task: the prompt of sample i's frame with the instruction
@@ -175,6 +168,10 @@ class ReferenceEncoder:
         for n, (x, y) in enumerate(points):
             pieces += ([self._text("], [")] if n else []) + [self._digits(x), self._text(", "), self._digits(y)]
         answer = np.concatenate(pieces + [self._text("]]"), np.array([self.layout.bos_id], dtype=np.int64)])
+        return self._sequence(prompt, answer, image_inputs)
+
+    def _sequence(self, prompt: np.ndarray, answer: np.ndarray, image_inputs: ImageInputs) -> TrainingSequence:
+        # Inputs drop the last answer token (nothing follows it); position t predicts token t + 1.
         ids = np.concatenate([prompt, answer[:-1]])
         labels = np.full(len(ids), IGNORE, dtype=np.int64)
         labels[len(prompt) - 1:] = answer
