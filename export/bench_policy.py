@@ -28,12 +28,14 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
+from edgeact.runtime.bundle_policy import DEFAULT_PREFILL_CHUNK
 from edgeact.runtime.errors import ConfigError
 
 REFERENCE = "reference"
 HALF_ANSWER_TOKENS = 100          # decode rate is measured at prompt + half an answer of context
 WARMUP_TRACE = ((128, 128),)      # warm-up steps force depth and trace: a handful of decoder calls
 JSON_NAME = "bench-policy.json"
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,20 @@ class PolicyBenchOptions:
     rss_steps: int = 2
     probe_bytes: int = 512 << 20             # memory-bandwidth probe array
     fresh: bool = False                      # re-export and re-quantize even when valid bundles exist
+    device: str = "cpu"                      # cpu, or cuda: the reference on torch's GPU, edgeact on the CUDA EP
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK   # the bundle policies' prompt positions per decoder run
+    crops_per_run: int = 1                   # the bundle policies' ViT crops per run
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device {self.device!r} unknown; use one of {', '.join(DEVICES)}")
         unknown = [p for p in self.precisions if p not in QUANTIZED]
         if unknown:
             raise ConfigError(f"precisions {unknown}: bench-policy compares fp32 with some of {', '.join(QUANTIZED)}")
-        if self.frames < 1 or self.decode_rate_steps < 1 or self.rss_steps < 1 or self.calibration_samples < 1:
-            raise ConfigError("frames, decode_rate_steps, rss_steps and calibration_samples must be >= 1")
+        if min(self.frames, self.decode_rate_steps, self.rss_steps, self.calibration_samples, self.prefill_chunk,
+               self.crops_per_run) < 1:
+            raise ConfigError("frames, decode_rate_steps, rss_steps, calibration_samples, prefill_chunk and "
+                              "crops_per_run must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads is {self.threads}; use a positive number or leave it unset (every core)")
         if min(self.frame_px) < 16:
@@ -82,7 +91,7 @@ class StepRun:
 class Reference:
     """The PyTorch model decoding the full answer one token per step, grammar-masked (MaskedGreedyConstraint)."""
 
-    def __init__(self, checkpoint: Path, fp32_bundle):
+    def __init__(self, checkpoint: Path, fp32_bundle, device: str = "cpu"):
         import torch
 
         from edgeact.export.checkpoint import load_model
@@ -91,7 +100,7 @@ class Reference:
         from edgeact.runtime.preprocess_config import PreprocessConfig
 
         self.torch = torch
-        self.model = load_model(checkpoint, dtype=torch.float32)[0]
+        self.model = load_model(checkpoint, dtype=torch.float32)[0].to(device)
         self.policy = fp32_bundle          # tokenizer, layout, grammar and statistics: the same as the bundle's
         self.preprocessor = ImagePreprocessor(fp32_bundle.bundle.config, PreprocessConfig.load(
             fp32_bundle.bundle.path(fp32_bundle.bundle.manifest.tokenizer.preprocessor_file)))
@@ -175,6 +184,8 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     began = time.perf_counter()
     step = on_step or (lambda name: None)
     out_dir = Path(out_dir)
+    if options.device == "cuda":
+        check_cuda(torch, onnxruntime)       # before minutes of export: a machine without a GPU is told at once
     checkpoint = ensure_checkpoint(checkpoint, options.size, options.seed).absolute()
     step("checkpoint")
     bundles = prepare_bundles(checkpoint, bundles_dir or out_dir / "bundles", options.precisions, seed=options.seed,
@@ -182,9 +193,12 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
                               fresh=options.fresh, on_step=step)
     threads = options.resolved_threads
     torch.set_num_threads(threads)
-    policies = {name: BundlePolicy(path, threads=threads, allow_unverified=True, verify_checksums=False)
+    backend = {"provider": options.device} if options.device != "cpu" else None
+    policies = {name: BundlePolicy(path, threads=threads, allow_unverified=True, verify_checksums=False,
+                                   prefill_chunk=options.prefill_chunk, crops_per_run=options.crops_per_run,
+                                   backend_options=backend)
                 for name, path in bundles.items()}
-    reference = Reference(checkpoint, policies["fp32"])
+    reference = Reference(checkpoint, policies["fp32"], options.device)
     frames = held_out_frames(options)
     warm_up(reference, policies, *frames.pop(0))
     step("warm-up")
@@ -196,15 +210,22 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     past = int(statistics.median(r.prompt_tokens for r in runs[REFERENCE])) + HALF_ANSWER_TOKENS
     rates = {name: decode_rate(policy, past, options.decode_rate_steps) for name, policy in policies.items()}
     step("decode rates")
-    bandwidth = measure_bandwidth(options.probe_bytes, threads=threads)
+    if options.device == "cuda":
+        bandwidth = cuda_bandwidth(torch, options.probe_bytes)
+    else:
+        bandwidth = measure_bandwidth(options.probe_bytes, threads=threads)
     decode = [_decode_row(name, policy.bundle, rates[name], bandwidth.read_gb_s, past) for name, policy in policies.items()]
     step("bandwidth")
     del policies, reference          # the memory probes below run in processes of their own
-    memory = [_memory_row(name, path, options, threads) for name, path in bundles.items()]
+    # The budget (1.3 x bundle + 300 MB) is the host's resident memory: a CPU or unified-memory (Jetson) figure.
+    # A discrete GPU holds the weights in its own memory, which VmHWM does not see, so no row is measured there.
+    memory = [_memory_row(name, path, options, threads) for name, path in bundles.items()] if options.device == "cpu" else []
     step("memory")
 
     machine = {"cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(), "processor": _cpu_name(),
-               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "device": options.device,
+               "gpu": torch.cuda.get_device_name() if options.device == "cuda" else None,
+               "prefill_chunk": options.prefill_chunk, "crops_per_run": options.crops_per_run}
     frames_info = {"n": len(frames), "width": options.frame_px[0], "height": options.frame_px[1], "seed": options.seed,
                    "source": "synthetic camera, held-out views", "instructions": [i for _, i in frames],
                    "crops": crops, "max_crops": max_crops, "prompt_tokens": [r.prompt_tokens for r in runs[REFERENCE]]}
@@ -215,6 +236,46 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_cuda(torch, onnxruntime) -> None:
+    """Both sides of a GPU comparison can reach the GPU: torch for the reference, onnxruntime's CUDA EP for edgeact."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device cuda: torch {torch.__version__} here sees no CUDA device; run on a machine with "
+                          "an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ConfigError(f"--device cuda: onnxruntime {onnxruntime.__version__} here has no CUDAExecutionProvider "
+                          f"(it has {', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu, or "
+                          "use --device cpu")
+
+
+def cuda_bandwidth(torch, array_bytes: int, repeats: int = 5):
+    """The GPU's streaming rates, as measure_bandwidth's on the host: a float32 sum (read) and a copy (read + write).
+
+    Both are timed with CUDA events around one kernel each; the best of `repeats` after a warm-up.
+    """
+    from edgeact.runtime.membw import Bandwidth
+
+    data = torch.ones(array_bytes // 4, dtype=torch.float32, device="cuda")
+    half = data[: len(data) // 2]
+    target = torch.empty_like(half)
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+        return max(min(times), 1e-9)
+
+    read_s = best(lambda: data.sum())
+    copy_s = best(lambda: target.copy_(half))
+    return Bandwidth(read_gb_s=data.nbytes / read_s / 1e9, copy_gb_s=2 * target.nbytes / copy_s / 1e9,
+                     array_bytes=data.nbytes, threads=1, repeats=repeats)
 
 
 def held_out_frames(options: PolicyBenchOptions) -> list[tuple[np.ndarray, str]]:

@@ -19,6 +19,7 @@ QUANTIZED = ("int8", "int4")
 SUITE_QUANT = ("int8", "fp8", "int4")
 SUITE_QUANT_FRAMES = 2
 LOOP_PRECISION = "int8"
+DEFAULT_PREFILL_CHUNK = 128            # runtime.bundle_policy's
 
 
 def register(subparsers) -> None:
@@ -34,6 +35,14 @@ def register(subparsers) -> None:
     p.add_argument("--size-checkpoint", default=DEFAULT_SIZE, metavar="SIZE",
                    help=f"synthetic size to create at CHECKPOINT when missing (default {DEFAULT_SIZE}: ~210M parameters)")
     _add_policy_options(p, default_out="out/bench-policy")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default), or cuda: the reference on torch's GPU, edgeact on onnxruntime's CUDA EP (no "
+                        "memory table: the weights are in the GPU's memory)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt positions per decoder run (default {DEFAULT_PREFILL_CHUNK}, for host memory; on a GPU "
+                        "e.g. 1024)")
+    p.add_argument("--crops-per-run", type=_positive_int, default=1,
+                   help="ViT crops per run (default 1, for host memory; on a GPU e.g. 9: all at once)")
     p.set_defaults(handler=_bench_policy)
 
     p = subparsers.add_parser(
@@ -87,7 +96,10 @@ def _options(args):
 
     return PolicyBenchOptions(frames=args.frames, threads=args.threads, seed=args.seed, precisions=args.precisions,
                               size=args.size_checkpoint, decode_rate_steps=args.decode_steps, rss_steps=args.rss_steps,
-                              probe_bytes=args.probe_mb << 20, fresh=args.fresh)
+                              probe_bytes=args.probe_mb << 20, fresh=args.fresh,
+                              device=getattr(args, "device", "cpu"),
+                              prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
+                              crops_per_run=getattr(args, "crops_per_run", 1))
 
 
 def _command_line() -> str:
@@ -160,6 +172,8 @@ def policy_tables(report: dict) -> list:
         kinds = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in b["decoder_by_kind"].items())
         decode.add_row(d["precision"], f"{b['total'] / 1e6:.1f}", kinds, f"{d['kv_bytes_at_context'] / 1e6:.1f}",
                        f"{d['decode_tokens_s']:.1f}", f"{d['limit_tokens_s']:.1f}", f"{d['fraction_of_limit']:.0%}")
+    if not report["memory"]:
+        return [latency, decode]       # --device cuda: the weights live in the GPU's memory, not the host's
     memory = Table(title="peak resident memory of a bundle-policy process",
                    caption="Each bundle's BundlePolicy in a fresh process, after loading and "
                            f"{report['memory'][0]['steps']} policy steps (VmHWM); budget = 1.3 x bundle bytes + 300 MB.",

@@ -47,7 +47,7 @@ class BundlePolicy:
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", *, n_actions: int | None = None,
                  unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_unverified: bool = False,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, crops_per_run: int = 1, allow_unverified: bool = False,
                  verify_checksums: bool = True, backend_options: dict[str, Any] | None = None):
         # load_bundle refuses a bundle whose verification failed unless allow_unverified.
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
@@ -65,7 +65,7 @@ class BundlePolicy:
             options["threads"] = threads
         self.backend = open_backend(backend, **options)
         self.vision = VisionStages(self.backend.stage(bundle, io.VISION_STAGE),
-                                   self.backend.stage(bundle, io.CONNECTOR_STAGE))
+                                   self.backend.stage(bundle, io.CONNECTOR_STAGE), crops_per_run)
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
         self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
                                      self.grammar, bundle.config.image_patch_id, self.stats)
@@ -168,7 +168,8 @@ class BundlePolicyConfig(PolicyConfig):
     unnorm_key: str | None = None          # which norm_stats (required when the bundle has several)
     forced_depth: str | None = None        # None, or "sensor": depth codes from the bundle's depth tokenizer
     threads: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK   # decoder positions per prefill run (host memory vs speed)
+    crops_per_run: int = 1                 # ViT crops per run: 1 on a CPU (host memory); on a GPU, e.g. 9 (all)
     allow_unverified: bool = False
     verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
 
@@ -179,6 +180,8 @@ class BundlePolicyConfig(PolicyConfig):
             raise ConfigError(f"forced_depth: {self.forced_depth!r} unknown; use 'sensor' or leave it unset")
         if self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk: {self.prefill_chunk} must be >= 1 (e.g. 512)")
+        if self.crops_per_run < 1:
+            raise ConfigError(f"crops_per_run: {self.crops_per_run} must be >= 1 (1 on a CPU; on a GPU, the most crops)")
         if self.n_actions is not None and self.n_actions < 1:
             raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")
 
@@ -193,5 +196,5 @@ class BundlePolicyConfig(PolicyConfig):
             options["target"] = self.target
         return BundlePolicy(path, self.backend, n_actions=self.n_actions, unnorm_key=self.unnorm_key,
                             forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
-                            allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
+                            crops_per_run=self.crops_per_run, allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
                             backend_options=options)

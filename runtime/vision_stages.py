@@ -2,7 +2,9 @@
 
 Why crop by crop: the ViT's activations grow with the crops it sees at once (a global view and
 up to max_crops crops per image), and over all crops they were the largest allocation of a
-policy step. One crop per call keeps one crop's activations live. Crops never attend to each
+policy step. One crop per call (crops_per_run=1, the default) keeps one crop's activations live
+in host memory. On a GPU the activations live in the device's arena and each run is bound by
+kernel launches, not arithmetic: there crops_per_run = the most crops runs the ViT once. Crops never attend to each
 other, so the result is the same as one batched call. The connector cannot be split that way:
 a pooled token may take patches from two neighbouring crops, so it runs once over the buffer.
 
@@ -19,7 +21,7 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from edgeact.runtime import stage_io as io
-from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.stage_spec import StageSpec, max_shape
 
 
@@ -35,8 +37,11 @@ class RunsStage(Protocol):
 class VisionStages:
     """images, image_masks, pooled_patches_idx -> image_features through the `vision` and `connector` stages."""
 
-    def __init__(self, vit: RunsStage, connector: RunsStage):
+    def __init__(self, vit: RunsStage, connector: RunsStage, crops_per_run: int = 1):
+        if crops_per_run < 1:
+            raise ConfigError(f"crops_per_run: {crops_per_run} must be >= 1 (1 on a CPU; on a GPU, the most crops)")
         self.vit, self.connector = vit, connector
+        self.crops_per_run = crops_per_run
         features = _tensor(connector.spec, io.PATCH_FEATURES, inputs=True)
         produced = _tensor(vit.spec, io.PATCH_FEATURES, inputs=False)
         if tuple(produced.dims[1:]) != tuple(features.dims[1:]):
@@ -57,18 +62,20 @@ class VisionStages:
         return out[io.IMAGE_FEATURES]
 
     def patch_features(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
-        """(n_crops, n_patches, F): the ViT on each crop in turn; a view of the buffer, valid until the next call."""
+        """(n_crops, n_patches, F): the ViT on crops_per_run crops at a time; a view of the buffer, valid until the next call."""
         n_crops = len(images)
         if not 1 <= n_crops <= self.max_crops or len(image_masks) != n_crops:
             raise EdgeactError(f"{n_crops} crops with {len(image_masks)} masks; this bundle's connector takes 1.."
                                f"{self.max_crops} crops, each with its mask: re-export with a larger --max-images "
                                "or preprocess fewer images per observation")
-        for crop in range(n_crops):
-            # A slice along the first axis of a C-ordered array is contiguous: fed without a copy. Every crop
-            # reuses the previous crop's activation memory; the last run gives it back.
-            out = self.vit.run({io.IMAGES: images[crop:crop + 1], io.IMAGE_MASKS: image_masks[crop:crop + 1]},
-                               release=crop == n_crops - 1)
-            self.features[crop] = out[io.PATCH_FEATURES][0]
+        step = self.crops_per_run
+        for first in range(0, n_crops, step):
+            # A slice along the first axis of a C-ordered array is contiguous: fed without a copy. Every run
+            # reuses the previous run's activation memory; the last run gives it back.
+            last = min(first + step, n_crops)
+            out = self.vit.run({io.IMAGES: images[first:last], io.IMAGE_MASKS: image_masks[first:last]},
+                               release=last == n_crops)
+            self.features[first:last] = out[io.PATCH_FEATURES][:last - first]
         return self.features[:n_crops]
 
 

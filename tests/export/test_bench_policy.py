@@ -4,13 +4,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from edgeact.export import commands_bench
 from edgeact.export.bench_bundles import default_recipe, ensure_checkpoint, exported_from, prepare_bundles
-from edgeact.export.bench_policy import JSON_NAME, REFERENCE, PolicyBenchOptions, bench_policy
+from edgeact.export.bench_policy import JSON_NAME, REFERENCE, PolicyBenchOptions, bench_policy, check_cuda
 from edgeact.runtime.errors import ConfigError
+
+
+def _cuda_ready() -> bool:
+    import onnxruntime
+    import torch
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 SYSTEMS = [REFERENCE, "fp32", "fp32+depth", "int8", "int8+depth", "int4", "int4+depth"]
 OPTIONS = PolicyBenchOptions(frames=1, threads=1, size="tiny", calibration_samples=1, decode_rate_steps=4,
@@ -85,6 +94,7 @@ def test_tables_carry_the_ratios_and_footnotes(bench):
     for needle in ("(a) PyTorch reference (generate_greedy)", "edgeact int4, forced depth", "MaskedGreedyConstraint",
                    "add-depth-tokenizer", "of limit", "peak / budget", "1.00x"):
         assert needle in text
+    assert len(commands_bench.policy_tables({**report, "memory": []})) == 2    # --device cuda: no host-memory table
 
 
 def test_valid_bundles_are_reused(bench):
@@ -105,6 +115,54 @@ def test_options_are_checked():
         PolicyBenchOptions(precisions=("fp8",))
     with pytest.raises(ConfigError, match="threads"):
         PolicyBenchOptions(threads=0)
+    with pytest.raises(ConfigError, match="device 'tpu' unknown; use one of cpu, cuda"):
+        PolicyBenchOptions(device="tpu")
+    with pytest.raises(ConfigError, match="prefill_chunk and crops_per_run must be >= 1"):
+        PolicyBenchOptions(crops_per_run=0)
+    assert commands_bench.DEFAULT_PREFILL_CHUNK == PolicyBenchOptions().prefill_chunk     # the CLI's literal copy
+
+
+def test_prefill_chunk_and_crops_per_run_reach_the_policies_with_the_same_answer(bench, tmp_path):
+    root, report = bench
+    options = replace(OPTIONS, precisions=("int8",), prefill_chunk=512, crops_per_run=9)
+    wide = bench_policy(root / "ckpt", tmp_path, options, bundles_dir=root / "out" / "bundles")
+    assert (wide["machine"]["prefill_chunk"], wide["machine"]["crops_per_run"]) == (512, 9)
+    rows = {s["system"]: s for s in wide["systems"]}
+    assert rows["fp32"]["identical_to_reference"] == [True] and rows["fp32+depth"]["identical_to_reference"] == [True]
+
+
+def _fake_runtimes(gpu: bool, providers: list[str]):
+    torch = SimpleNamespace(__version__="9.9", cuda=SimpleNamespace(is_available=lambda: gpu))
+    ort = SimpleNamespace(__version__="8.8", get_available_providers=lambda: providers)
+    return torch, ort
+
+
+def test_cuda_needs_both_torch_and_onnxruntime_on_the_gpu():
+    with pytest.raises(ConfigError, match="torch 9.9 here sees no CUDA device.*--device cpu"):
+        check_cuda(*_fake_runtimes(False, ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    with pytest.raises(ConfigError, match="onnxruntime 8.8 here has no CUDAExecutionProvider \\(it has "
+                                          "CPUExecutionProvider\\); install onnxruntime-gpu"):
+        check_cuda(*_fake_runtimes(True, ["CPUExecutionProvider"]))
+    check_cuda(*_fake_runtimes(True, ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+
+
+@pytest.mark.skipif(_cuda_ready(), reason="this machine has a GPU: the refusal is for machines without one")
+def test_cuda_bench_without_a_gpu_is_refused_before_any_export(tmp_path):
+    with pytest.raises(ConfigError, match="--device cuda"):
+        bench_policy(tmp_path / "ckpt", tmp_path / "out", replace(OPTIONS, device="cuda"))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs an NVIDIA GPU, a CUDA build of torch and onnxruntime-gpu")
+def test_cuda_bench_on_a_real_gpu(tmp_path):
+    report = bench_policy(tmp_path / "ckpt", tmp_path / "out", replace(OPTIONS, device="cuda"))
+    rows = {s["system"]: s for s in report["systems"]}
+    assert list(rows) == SYSTEMS
+    assert rows["fp32+depth"]["token_agreement"] > 0.9      # GPU float arithmetic: near ties may flip a token
+    assert report["machine"]["device"] == "cuda" and report["machine"]["gpu"]
+    assert report["bandwidth"]["read_gb_s"] > 100 and report["memory"] == []
+    assert len(commands_bench.policy_tables(report)) == 2
 
 
 def test_cli_passes_its_options_and_prints_the_tables(bench, monkeypatch, tmp_path, capsys):
@@ -123,6 +181,10 @@ def test_cli_passes_its_options_and_prints_the_tables(bench, monkeypatch, tmp_pa
     assert args.handler(args) == 0
     options = seen["options"]
     assert (options.frames, options.threads, options.precisions, options.size) == (3, 2, ("int4",), "bench")
+    assert options.device == "cpu"
+    args = parser.parse_args(["bench-policy", "--device", "cuda", "--prefill-chunk", "1024", "--crops-per-run", "9"])
+    options = commands_bench._options(args)
+    assert (options.device, options.prefill_chunk, options.crops_per_run) == ("cuda", 1024, 9)
     assert seen["bundles"] == commands_bench.Path(commands_bench.DEFAULT_BUNDLES)
     assert "edgeact int8, forced depth" in capsys.readouterr().out
 

@@ -117,9 +117,12 @@ def test_registered_as_policy_type_bundle(exported, tmp_path):
     link = tmp_path / "bundles"
     link.mkdir()
     shutil.copytree(exported.bundle_dir, link / "tiny")
-    config = BundlePolicyConfig(path="bundles/tiny", threads=1, prefill_chunk=64)
+    config = BundlePolicyConfig(path="bundles/tiny", threads=1, prefill_chunk=64, crops_per_run=3)
     policy = config.make_policy(PolicyContext(action_rate_hz=10.0, config_dir=tmp_path))
     assert isinstance(policy, BundlePolicy) and policy.decoder.max_chunk == 64
+    assert policy.vision.crops_per_run == 3
+    with pytest.raises(ConfigError, match="crops_per_run: 0 must be >= 1"):
+        BundlePolicyConfig(path="x", crops_per_run=0)
     with pytest.raises(ConfigError, match="path: the bundle directory is required"):
         BundlePolicyConfig()
     with pytest.raises(ConfigError, match="forced_depth: 'stereo' unknown"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgeact.runtime import stage_io as io
-from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.stage_spec import StageSpec, TensorSpec
 from edgeact.runtime.vision_stages import VisionStages
 
@@ -64,6 +64,23 @@ def test_each_crop_is_one_vit_call_and_tokens_may_pool_across_crops():
     assert buffer.shape == (MAX_CROPS, N_PATCHES, WIDTH)
     vision.run(images[:1], masks[:1], idx[:1])
     assert vision.features is buffer and vision.vit.crops_per_call == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("per_run, calls", [(2, [2, 2, 1]), (5, [5]), (9, [5])])
+def test_crops_per_run_batches_the_vit_with_the_same_features(per_run, calls):
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((5, N_PATCHES, PATCH_DIM)).astype(np.float32)
+    masks = rng.uniform(size=(5, N_PATCHES)).astype(np.float32)
+    idx = np.array([[0, 5], [9, 13], [19, -1]])
+    one = VisionStages(FakeVit(), FakeConnector()).run(images, masks, idx).copy()
+    vision = VisionStages(FakeVit(), FakeConnector(), crops_per_run=per_run)
+    np.testing.assert_array_equal(vision.run(images, masks, idx), one)
+    assert vision.vit.crops_per_call == calls and vision.vit.released == [False] * (len(calls) - 1) + [True]
+
+
+def test_crops_per_run_below_one_is_refused():
+    with pytest.raises(ConfigError, match="crops_per_run: 0 must be >= 1"):
+        VisionStages(FakeVit(), FakeConnector(), crops_per_run=0)
 
 
 def test_too_many_crops_or_a_missing_mask_is_refused_before_any_run():
