@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
-from edgeact.runtime.bundle_policy import DEFAULT_PREFILL_CHUNK
 from edgeact.runtime.errors import ConfigError
 
 REFERENCE = "reference"
@@ -52,8 +51,8 @@ class PolicyBenchOptions:
     probe_bytes: int = 512 << 20             # memory-bandwidth probe array
     fresh: bool = False                      # re-export and re-quantize even when valid bundles exist
     device: str = "cpu"                      # cpu, or cuda: the reference on torch's GPU, edgeact on the CUDA EP
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK   # the bundle policies' prompt positions per decoder run
-    crops_per_run: int = 1                   # the bundle policies' ViT crops per run
+    prefill_chunk: int | None = None         # the bundle policies' prompt positions per run (None: the device's default)
+    crops_per_run: int | None = None         # the bundle policies' ViT crops per run (None: the device's default)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -61,8 +60,8 @@ class PolicyBenchOptions:
         unknown = [p for p in self.precisions if p not in QUANTIZED]
         if unknown:
             raise ConfigError(f"precisions {unknown}: bench-policy compares fp32 with some of {', '.join(QUANTIZED)}")
-        if min(self.frames, self.decode_rate_steps, self.rss_steps, self.calibration_samples, self.prefill_chunk,
-               self.crops_per_run) < 1:
+        sizes = [s for s in (self.prefill_chunk, self.crops_per_run) if s is not None]
+        if min(self.frames, self.decode_rate_steps, self.rss_steps, self.calibration_samples, *sizes) < 1:
             raise ConfigError("frames, decode_rate_steps, rss_steps, calibration_samples, prefill_chunk and "
                               "crops_per_run must be >= 1")
         if self.threads is not None and self.threads < 1:
@@ -199,6 +198,7 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
                                    backend_options=backend)
                 for name, path in bundles.items()}
     reference = Reference(checkpoint, policies["fp32"], options.device)
+    prefill_chunk, crops_per_run = policies["fp32"].decoder.max_chunk, policies["fp32"].vision.crops_per_run
     frames = held_out_frames(options)
     warm_up(reference, policies, *frames.pop(0))
     step("warm-up")
@@ -225,7 +225,7 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     machine = {"cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(), "processor": _cpu_name(),
                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "device": options.device,
                "gpu": torch.cuda.get_device_name() if options.device == "cuda" else None,
-               "prefill_chunk": options.prefill_chunk, "crops_per_run": options.crops_per_run}
+               "prefill_chunk": prefill_chunk, "crops_per_run": crops_per_run}
     frames_info = {"n": len(frames), "width": options.frame_px[0], "height": options.frame_px[1], "seed": options.seed,
                    "source": "synthetic camera, held-out views", "instructions": [i for _, i in frames],
                    "crops": crops, "max_crops": max_crops, "prompt_tokens": [r.prompt_tokens for r in runs[REFERENCE]]}

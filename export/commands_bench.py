@@ -19,7 +19,6 @@ QUANTIZED = ("int8", "int4")
 SUITE_QUANT = ("int8", "fp8", "int4")
 SUITE_QUANT_FRAMES = 2
 LOOP_PRECISION = "int8"
-DEFAULT_PREFILL_CHUNK = 128            # runtime.bundle_policy's
 
 
 def register(subparsers) -> None:
@@ -38,11 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default), or cuda: the reference on torch's GPU, edgeact on onnxruntime's CUDA EP (no "
                         "memory table: the weights are in the GPU's memory)")
-    p.add_argument("--prefill-chunk", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
-                   help=f"prompt positions per decoder run (default {DEFAULT_PREFILL_CHUNK}, for host memory; on a GPU "
-                        "e.g. 1024)")
-    p.add_argument("--crops-per-run", type=_positive_int, default=1,
-                   help="ViT crops per run (default 1, for host memory; on a GPU e.g. 9: all at once)")
+    p.add_argument("--prefill-chunk", type=_positive_int,
+                   help="prompt positions per decoder run (default: 128 on a CPU, for host memory; 1024 on a GPU)")
+    p.add_argument("--crops-per-run", type=_positive_int,
+                   help="ViT crops per run (default: 1 on a CPU, for host memory; every crop at once on a GPU)")
     p.set_defaults(handler=_bench_policy)
 
     p = subparsers.add_parser(
@@ -98,8 +96,8 @@ def _options(args):
                               size=args.size_checkpoint, decode_rate_steps=args.decode_steps, rss_steps=args.rss_steps,
                               probe_bytes=args.probe_mb << 20, fresh=args.fresh,
                               device=getattr(args, "device", "cpu"),
-                              prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
-                              crops_per_run=getattr(args, "crops_per_run", 1))
+                              prefill_chunk=getattr(args, "prefill_chunk", None),
+                              crops_per_run=getattr(args, "crops_per_run", None))
 
 
 def _command_line() -> str:

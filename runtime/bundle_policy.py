@@ -37,6 +37,10 @@ from edgeact.runtime.vision_stages import VisionStages
 # Prompt positions per decoder run while prefilling. A chunk's activations are the policy's peak memory: 128 instead
 # of 512 took the int8 bench bundle's peak from 608 to 556 MiB (budget 561), at the same policy-step time on the CPU.
 DEFAULT_PREFILL_CHUNK = 128
+# On a GPU backend activations live in the device's memory and each run costs kernel launches: the prompt in one
+# run and the ViT over every crop at once. H100, onnxruntime CUDA EP, bench checkpoint (edgeact bench-policy
+# --device cuda): vision + prefill 84 ms -> 30 ms per policy step against 128 positions and one crop per run.
+DEVICE_PREFILL_CHUNK = 1024
 # depth_m (H, W) metres aligned to the RGB frame -> 100 depth codes in [0, 128)
 DepthTokenizer = Callable[[np.ndarray], Sequence[int]]
 ForcedDepth = Union[None, str, Sequence[int], np.ndarray, DepthTokenizer]
@@ -47,7 +51,7 @@ class BundlePolicy:
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", *, n_actions: int | None = None,
                  unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, crops_per_run: int = 1, allow_unverified: bool = False,
+                 prefill_chunk: int | None = None, crops_per_run: int | None = None, allow_unverified: bool = False,
                  verify_checksums: bool = True, backend_options: dict[str, Any] | None = None):
         # load_bundle refuses a bundle whose verification failed unless allow_unverified.
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
@@ -64,6 +68,12 @@ class BundlePolicy:
         if threads is not None:
             options["threads"] = threads
         self.backend = open_backend(backend, **options)
+        # Unset: sized for host memory on a CPU backend; one run each on a GPU backend (DEVICE_PREFILL_CHUNK).
+        on_device = self.backend.on_device
+        if prefill_chunk is None:
+            prefill_chunk = DEVICE_PREFILL_CHUNK if on_device else DEFAULT_PREFILL_CHUNK
+        if crops_per_run is None and not on_device:
+            crops_per_run = 1
         self.vision = VisionStages(self.backend.stage(bundle, io.VISION_STAGE),
                                    self.backend.stage(bundle, io.CONNECTOR_STAGE), crops_per_run)
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
@@ -168,8 +178,8 @@ class BundlePolicyConfig(PolicyConfig):
     unnorm_key: str | None = None          # which norm_stats (required when the bundle has several)
     forced_depth: str | None = None        # None, or "sensor": depth codes from the bundle's depth tokenizer
     threads: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK   # decoder positions per prefill run (host memory vs speed)
-    crops_per_run: int = 1                 # ViT crops per run: 1 on a CPU (host memory); on a GPU, e.g. 9 (all)
+    prefill_chunk: int | None = None       # prompt positions per decoder run; unset: 128 on a CPU, 1024 on a GPU
+    crops_per_run: int | None = None       # ViT crops per run; unset: 1 on a CPU (host memory), all on a GPU
     allow_unverified: bool = False
     verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
 
@@ -178,9 +188,9 @@ class BundlePolicyConfig(PolicyConfig):
             raise ConfigError("path: the bundle directory is required, e.g. path: bundles/molmoact-int8")
         if self.forced_depth not in (None, "sensor"):
             raise ConfigError(f"forced_depth: {self.forced_depth!r} unknown; use 'sensor' or leave it unset")
-        if self.prefill_chunk < 1:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk: {self.prefill_chunk} must be >= 1 (e.g. 512)")
-        if self.crops_per_run < 1:
+        if self.crops_per_run is not None and self.crops_per_run < 1:
             raise ConfigError(f"crops_per_run: {self.crops_per_run} must be >= 1 (1 on a CPU; on a GPU, the most crops)")
         if self.n_actions is not None and self.n_actions < 1:
             raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")

@@ -78,6 +78,7 @@ class Backend(ABC):
     """Opens a bundle's stages as engines of one kind."""
 
     name: str = ""
+    on_device: bool = False   # activations live in an accelerator's memory, not the host's (a GPU backend)
 
     @abstractmethod
     def stage(self, bundle: Bundle, name: str) -> StageEngine:

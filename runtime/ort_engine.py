@@ -343,6 +343,7 @@ class OrtBackend(Backend):
 
     def __init__(self, **options: Any):
         self.options = OrtOptions(**options)
+        self.on_device = self.options.on_device
 
     def stage(self, bundle: Bundle, name: str) -> OrtStageEngine:
         return OrtStageEngine(bundle, name, self.options)

@@ -297,6 +297,7 @@ class TrtBackend(Backend):
     """Opens the bundle's TensorRT engines (built by `edgeact build-engines`); options as TrtOptions."""
 
     name = "tensorrt"
+    on_device = True
 
     def __init__(self, **options: Any):
         self.options = TrtOptions(**options)

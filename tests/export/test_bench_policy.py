@@ -65,6 +65,7 @@ def test_frames_machine_and_json(bench):
     assert (frames["n"], frames["width"], frames["height"]) == (1, 640, 480)
     assert frames["prompt_tokens"][0] > 100 and 1 <= frames["crops"] <= frames["max_crops"] + 1
     assert report["machine"]["threads"] == 1
+    assert (report["machine"]["prefill_chunk"], report["machine"]["crops_per_run"]) == (128, 1)   # CPU defaults
     assert json.loads((root / "out" / JSON_NAME).read_text()) == json.loads(json.dumps(report))
 
 
@@ -119,7 +120,6 @@ def test_options_are_checked():
         PolicyBenchOptions(device="tpu")
     with pytest.raises(ConfigError, match="prefill_chunk and crops_per_run must be >= 1"):
         PolicyBenchOptions(crops_per_run=0)
-    assert commands_bench.DEFAULT_PREFILL_CHUNK == PolicyBenchOptions().prefill_chunk     # the CLI's literal copy
 
 
 def test_prefill_chunk_and_crops_per_run_reach_the_policies_with_the_same_answer(bench, tmp_path):

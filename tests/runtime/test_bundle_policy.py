@@ -129,6 +129,24 @@ def test_registered_as_policy_type_bundle(exported, tmp_path):
         BundlePolicyConfig(path="x", forced_depth="stereo")
 
 
+def test_run_sizes_default_to_host_memory_on_a_cpu_and_to_one_run_on_a_gpu(exported, monkeypatch):
+    from edgeact.runtime import bundle_policy, ort_engine
+
+    cpu = BundlePolicy(exported.bundle_dir, threads=1)
+    assert cpu.decoder.max_chunk == bundle_policy.DEFAULT_PREFILL_CHUNK and cpu.vision.crops_per_run == 1
+    # A GPU backend (here onnxruntime on the CPU, flagged as on a device): the prompt in one run, every crop at once.
+    monkeypatch.setattr(ort_engine.OrtBackend, "on_device", True, raising=False)
+    monkeypatch.setattr(ort_engine.OrtBackend, "__init__", lambda self, **o: setattr(self, "options",
+                                                                                      ort_engine.OrtOptions(**o)))
+    gpu = BundlePolicy(exported.bundle_dir, threads=1)
+    assert gpu.decoder.max_chunk == min(bundle_policy.DEVICE_PREFILL_CHUNK, gpu.decoder.layout.max_seq)
+    assert gpu.vision.crops_per_run == gpu.vision.max_crops
+    rgb, instruction = _frame(exported)
+    one, batched = cpu.infer(rgb, instruction), gpu.infer(rgb, instruction)
+    assert one.token_ids.tolist() == batched.token_ids.tolist()
+    assert BundlePolicy(exported.bundle_dir, threads=1, prefill_chunk=32, crops_per_run=2).vision.crops_per_run == 2
+
+
 def _frame(exported):
     rgb, _, _ = exported.observation(7)
     return rgb, "pick up the red block"
