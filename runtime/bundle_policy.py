@@ -21,7 +21,7 @@ import numpy as np
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.action_bins import ActionStats
 from edgeact.runtime.bundle import Bundle, load_bundle
-from edgeact.runtime.decode_program import DecodeProgram, DecodeResult
+from edgeact.runtime.decode_program import ACTION_DECODINGS, DecodeProgram, DecodeResult
 from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_TOKENIZER_STAGE  # noqa: F401  (the policy's name for it)
 from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
 from edgeact.runtime.engines import Backend, open_backend
@@ -52,7 +52,8 @@ class BundlePolicy:
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", *, n_actions: int | None = None,
                  unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
                  prefill_chunk: int | None = None, crops_per_run: int | None = None, allow_unverified: bool = False,
-                 verify_checksums: bool = True, backend_options: dict[str, Any] | None = None):
+                 verify_checksums: bool = True, backend_options: dict[str, Any] | None = None,
+                 action_decoding: str = "greedy"):
         # load_bundle refuses a bundle whose verification failed unless allow_unverified.
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
                                            allow_failed_verification=allow_unverified)
@@ -78,7 +79,7 @@ class BundlePolicy:
                                    self.backend.stage(bundle, io.CONNECTOR_STAGE), crops_per_run)
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
         self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
-                                     self.grammar, bundle.config.image_patch_id, self.stats)
+                                     self.grammar, bundle.config.image_patch_id, self.stats, action_decoding)
         self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle, self.backend)
         self._trace: np.ndarray | None = None
         self.depth_fallbacks = 0     # steps whose observation had no depth image: depth was decoded instead
@@ -182,6 +183,7 @@ class BundlePolicyConfig(PolicyConfig):
     crops_per_run: int | None = None       # ViT crops per run; unset: 1 on a CPU (host memory), all on a GPU
     allow_unverified: bool = False
     verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
+    action_decoding: str = "greedy"        # greedy (MolmoAct's), or median of each action bin's distribution
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -192,6 +194,9 @@ class BundlePolicyConfig(PolicyConfig):
             raise ConfigError(f"prefill_chunk: {self.prefill_chunk} must be >= 1 (e.g. 512)")
         if self.crops_per_run is not None and self.crops_per_run < 1:
             raise ConfigError(f"crops_per_run: {self.crops_per_run} must be >= 1 (1 on a CPU; on a GPU, the most crops)")
+        if self.action_decoding not in ACTION_DECODINGS:
+            raise ConfigError(f"action_decoding: {self.action_decoding!r} unknown; use one of "
+                              f"{', '.join(ACTION_DECODINGS)}")
         if self.n_actions is not None and self.n_actions < 1:
             raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")
 
@@ -206,5 +211,6 @@ class BundlePolicyConfig(PolicyConfig):
             options["target"] = self.target
         return BundlePolicy(path, self.backend, n_actions=self.n_actions, unnorm_key=self.unnorm_key,
                             forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
-                            crops_per_run=self.crops_per_run, allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
+                            crops_per_run=self.crops_per_run, action_decoding=self.action_decoding,
+                            allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
                             backend_options=options)

@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                         "policy (the model alone; for precisions this computer cannot run in time)")
     p.add_argument("--replan-every", type=positive_int, default=2,
                    help="lockstep: actions executed per plan (default 2)")
+    p.add_argument("--action-decoding", choices=("median", "greedy"), default="median",
+                   help="how action bins are picked: median of each bin distribution (default: the reference ARM "
+                        "succeeds more often with it) or greedy, MolmoAct's argmax")
     p.add_argument("--allow-unverified", action="store_true",
                    help="also run bundles whose verification failed (refused otherwise), to measure what it costs")
     p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
@@ -68,7 +71,7 @@ def _eval(args) -> int:
             if not path.is_absolute() and args.config:
                 path = Path(args.config).resolve().parent / path
             bundles["config"] = str(path)
-    systems = eval_systems(bundles, args.depth, args.allow_unverified)
+    systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
                           args.timing, args.replan_every, args.sheets)
 

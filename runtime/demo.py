@@ -50,7 +50,8 @@ def demo_config_dict(policy: str = "scripted", bundle: str | None = None, robot:
     sections: dict[str, Any] = {}
     if policy == "bundle":
         sections["policy"] = {"type": "bundle", "path": str(bundle), "process": True,
-                              "forced_depth": "sensor" if has_depth_stage(bundle) else None}
+                              "forced_depth": "sensor" if has_depth_stage(bundle) else None,
+                              "action_decoding": "median"}     # as `edgeact eval` runs the reference task
     base = mujoco_robot_config_dict(**sections)
     base["camera"].update(width=EVAL_CAMERA_PX[0], height=EVAL_CAMERA_PX[1])
     return episode_config_dict(base, *episode)

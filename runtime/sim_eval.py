@@ -48,6 +48,7 @@ class EvalSystem:
     precision: str              # the bundle manifest's
     depth: str                  # one of DEPTH_SOURCES
     allow_unverified: bool = False  # run it although its verification failed (to measure what that costs)
+    action_decoding: str = "median"  # how the policy picks action bins (decode_program.ACTION_DECODINGS)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class EvalReport:
                 per_template[e.template][1] += 1
             rows.append({
                 "system": system.name, "precision": system.precision, "depth": system.depth,
+                "action_decoding": system.action_decoding,
                 "bundle": str(system.bundle), "episodes": len(eps), "successes": len(wins),
                 "success_rate": len(wins) / len(eps), "per_template": per_template,
                 "episode_s_mean": _mean([e.episode_s for e in wins]),
@@ -140,10 +142,14 @@ def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
 
 
 def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[str],
-                 allow_unverified: bool = False) -> list[EvalSystem]:
+                 allow_unverified: bool = False, action_decoding: str = "median") -> list[EvalSystem]:
     """The systems to compare: each named bundle with each depth source (checked: exists, verified unless
-    `allow_unverified`, has the depth stage for "forced")."""
+    `allow_unverified`, has the depth stage for "forced"), all decoding actions the same way."""
     from edgeact.runtime.bundle import load_bundle
+    from edgeact.runtime.decode_program import ACTION_DECODINGS
+
+    if action_decoding not in ACTION_DECODINGS:
+        raise ConfigError(f"--action-decoding {action_decoding!r} unknown; use one of {', '.join(ACTION_DECODINGS)}")
 
     if not bundles:
         raise ConfigError("no bundle to evaluate: give --bundle NAME=PATH (or a config whose policy is a bundle)")
@@ -158,7 +164,7 @@ def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[
                 raise ConfigError(f"bundle {path} has no {DEPTH_STAGE} stage, so its depth cannot be forced; add one "
                                   "with `edgeact add-depth-tokenizer` or evaluate --depth generated")
             systems.append(EvalSystem(f"{name} / {depth} depth", Path(path).resolve(),
-                                      bundle_precision(bundle.manifest), depth, allow_unverified))
+                                      bundle_precision(bundle.manifest), depth, allow_unverified, action_decoding))
     return systems
 
 
@@ -207,7 +213,7 @@ def system_config_dict(base: dict[str, Any], system: EvalSystem) -> dict[str, An
         policy = {}
     policy.update({"type": "bundle", "path": str(system.bundle),
                    "forced_depth": "sensor" if system.depth == "forced" else None,
-                   "allow_unverified": system.allow_unverified})
+                   "allow_unverified": system.allow_unverified, "action_decoding": system.action_decoding})
     data["policy"] = policy
     camera = dict(data.get("camera") or {})
     if camera.get("type") != "mujoco":
@@ -298,7 +304,8 @@ class LockstepRunner:
         self._executor_type = ActionExecutor
         self.policy = policy if policy is not None else BundlePolicy(
             system.bundle, forced_depth="sensor" if system.depth == "forced" else None,
-            threads=getattr(config.policy, "threads", None), allow_unverified=system.allow_unverified)
+            threads=getattr(config.policy, "threads", None), allow_unverified=system.allow_unverified,
+            action_decoding=system.action_decoding)
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
 

@@ -15,7 +15,7 @@ from edgeact.runtime.answer import trace_to_pixels
 from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.decode_program import DecodeProgram
 from edgeact.runtime.engines import open_backend
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.grammar_walk import Forced, MaskedGreedyConstraint, answer_steps
 from edgeact.runtime.preprocess import ImagePreprocessor
@@ -97,7 +97,7 @@ def choices_made(grammar: AnswerGrammar, tokens, depth_codes=None, trace=None) -
 
 
 class Runner:
-    def __init__(self, exported: Exported, n_actions: int = 1, max_chunk: int = 64):
+    def __init__(self, exported: Exported, n_actions: int = 1, max_chunk: int = 64, action_decoding: str = "greedy"):
         self.exported = exported
         backend = open_backend("onnxruntime", threads=1)
         bundle = exported.bundle
@@ -106,7 +106,7 @@ class Runner:
         self.stats = ActionStats.from_norm_stats(bundle.manifest.norm_stats)
         self.program = DecodeProgram(backend.decoder(bundle, max_chunk), bundle.weight(io.EMBEDDING_WEIGHT),
                                      bundle.weight(io.LM_HEAD_WEIGHT), self.grammar, bundle.config.image_patch_id,
-                                     self.stats)
+                                     self.stats, action_decoding)
 
     def run(self, prompt, inputs, **forced):
         features = self.vision.run(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
@@ -165,6 +165,35 @@ def test_forcing_depth_and_trace_leaves_only_the_actions_to_decode(tmp_path_fact
     np.testing.assert_array_equal(steered.trace, FORCED_TRACE)
     np.testing.assert_allclose(steered.trace_px, trace_to_pixels(np.array(FORCED_TRACE), *FRAME_PX))
     assert set(steered.stage_seconds) == {"prefill", "decode", "parse"}
+
+
+def test_median_action_decoding_picks_each_bins_median_under_the_reference_model(tmp_path_factory):
+    import torch
+
+    exported = exported_bundle(tmp_path_factory, "D")
+    greedy, median = Runner(exported, n_actions=2), Runner(exported, n_actions=2, action_decoding="median")
+    _, inputs, prompt = exported.observation(6)
+    a, b = (r.run(prompt, inputs, depth_codes=FORCED_DEPTH) for r in (greedy, median))
+    # Only action bins are decoded differently: the depth codes and the trace before them are the greedy ones.
+    vb = exported.layout.base_vocab_size
+    action_ids = np.arange(vb - 256, vb)
+    positions = np.flatnonzero(np.isin(b.token_ids, action_ids))      # 2 actions x 7 bins, "," between actions
+    assert b.token_ids[:positions[0]].tolist() == a.token_ids[:positions[0]].tolist()
+    assert b.token_ids[positions].tolist() == b.answer.action_ids.reshape(-1).tolist() and len(positions) == 14
+    # The full PyTorch model, teacher-forced on the median answer: each action token is the median of its
+    # softmax over the 256 action ids.
+    ids = np.concatenate([prompt, b.token_ids])
+    tensors = [torch.from_numpy(np.array(x)) for x in (inputs.images, inputs.image_masks, inputs.pooled_patches_idx)]
+    with torch.no_grad():
+        logits = exported.model(torch.from_numpy(ids)[None], *tensors)[0].double().numpy()
+    picked = []
+    for position in len(prompt) + positions:
+        p = np.exp(logits[position - 1, action_ids] - logits[position - 1, action_ids].max())
+        picked.append(int(action_ids[np.searchsorted(np.cumsum(p) / p.sum(), 0.5)]))
+    assert b.token_ids[positions].tolist() == picked
+    assert a.answer.action_ids.reshape(-1).tolist() != picked      # this model's argmax and median differ here
+    with pytest.raises(ConfigError, match="action_decoding 'mean' unknown; use one of greedy, median"):
+        Runner(exported, action_decoding="mean")
 
 
 def test_actions_are_bin_centres_unnormalized_with_the_bundle_statistics(tmp_path_factory):

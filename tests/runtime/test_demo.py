@@ -129,3 +129,13 @@ def test_the_mujoco_demo_config_sets_the_episode_and_the_trained_camera(tmp_path
     assert (config.robot.task.seed, config.robot.task.template) == (11, "push_right")
     assert config.instruction == sample_episode(11, "push_right").instruction
     assert (config.camera.width, config.camera.height) == (160, 120) and config.robot.physics == "mujoco"
+
+
+def test_the_mujoco_demo_decodes_actions_as_the_eval_does(tmp_path_factory):
+    pytest.importorskip("mujoco", reason="the MuJoCo robot needs mujoco (pip install mujoco==4.0.0)")
+    from edgeact.runtime.demo import demo_config_dict
+    from tests.runtime.test_decode_program import exported_bundle
+
+    bundle = exported_bundle(tmp_path_factory, "D").bundle_dir
+    policy = demo_config_dict("bundle", str(bundle), robot="mujoco")["policy"]
+    assert policy["action_decoding"] == "median" and policy["path"] == str(bundle)

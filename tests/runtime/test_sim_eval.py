@@ -52,6 +52,11 @@ def test_the_system_config_takes_the_bundle_the_depth_source_and_the_trained_cam
     assert (system.name, system.precision, system.depth) == ("fp32 / forced depth", "fp32", "forced")
     data = system_config_dict(mujoco_robot_config_dict(), system)
     assert data["policy"]["path"] == str(with_depth.resolve()) and data["policy"]["forced_depth"] == "sensor"
+    assert system.action_decoding == data["policy"]["action_decoding"] == "median"     # the eval's default
+    greedy = eval_systems({"fp32": with_depth}, ["forced"], action_decoding="greedy")[0]
+    assert system_config_dict(mujoco_robot_config_dict(), greedy)["policy"]["action_decoding"] == "greedy"
+    with pytest.raises(ConfigError, match="--action-decoding 'mean' unknown; use one of greedy, median"):
+        eval_systems({"fp32": with_depth}, ["forced"], action_decoding="mean")
     assert (data["camera"]["width"], data["camera"]["height"]) == EVAL_CAMERA_PX
     simple = mujoco_robot_config_dict(camera={"type": "synthetic", "name": "front", "width": 64, "height": 48})
     with pytest.raises(ConfigError, match="camera.type"):
@@ -112,6 +117,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     assert np.mean([e.decode_steps_mean for e in forced]) < np.mean([e.decode_steps_mean for e in generated]) - 90
     rows = report.rows()
     assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
+    assert [r["action_decoding"] for r in rows] == ["median", "median"]
     data = json.loads((tmp_path / "eval.json").read_text())      # written as the episodes finish
     assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
     sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
