@@ -40,6 +40,9 @@ def demo_config_dict(policy: str = "scripted", bundle: str | None = None, robot:
         raise ConfigError("the bundle policy needs a bundle directory (--bundle PATH, from `edgeact export`)")
     if policy != "bundle" and bundle:
         raise ConfigError("a bundle was given but the policy is 'scripted'; add --policy bundle to use it")
+    if bundle:
+        # Absolute: a config written with --write-config elsewhere resolves relative paths against its own folder.
+        bundle = str(Path(bundle).resolve())
     if robot == "simple":
         if policy == "bundle":
             return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle), "process": True})

@@ -139,3 +139,12 @@ def test_the_mujoco_demo_decodes_actions_as_the_eval_does(tmp_path_factory):
     bundle = exported_bundle(tmp_path_factory, "D").bundle_dir
     policy = demo_config_dict("bundle", str(bundle), robot="mujoco")["policy"]
     assert policy["action_decoding"] == "median" and policy["path"] == str(bundle)
+
+
+def test_a_written_config_holds_the_bundle_path_absolute(tmp_path, monkeypatch):
+    # The config is read from its own folder, where the path given relative to the working directory means nothing.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert edgeact("demo", "--policy", "bundle", "--bundle", "out/b", "--write-config", "configs/robot.json") == 0
+    written = json.loads((tmp_path / "configs" / "robot.json").read_text())
+    assert written["policy"]["path"] == str(tmp_path / "out" / "b")
