@@ -217,8 +217,8 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     decode = [_decode_row(name, policy.bundle, rates[name], bandwidth.read_gb_s, past) for name, policy in policies.items()]
     step("bandwidth")
     del policies, reference          # the memory probes below run in processes of their own
-    # The budget (1.3 x bundle + 300 MB) is the host's resident memory: a CPU or unified-memory (Jetson) figure.
-    # A discrete GPU holds the weights in its own memory, which VmHWM does not see, so no row is measured there.
+    # The budget (1.3 x bundle + 300 MB) is about the host's resident memory (VmHWM). With --device cuda the weights
+    # and activations are the GPU driver's allocations, which VmHWM does not count, so no row is measured there.
     memory = [_memory_row(name, path, options, threads) for name, path in bundles.items()] if options.device == "cpu" else []
     step("memory")
 

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--prefill-chunk", type=_positive_int,
                    help="prompt positions per decoder run (default: 128 on a CPU, for host memory; 1024 on a GPU)")
     p.add_argument("--crops-per-run", type=_positive_int,
-                   help="ViT crops per run (default: 1 on a CPU, for host memory; every crop at once on a GPU)")
+                   help="ViT crops per run (default: 1 on a CPU, for host memory; on a GPU as many as the engine takes)")
     p.set_defaults(handler=_bench_policy)
 
     p = subparsers.add_parser(

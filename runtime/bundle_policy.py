@@ -180,7 +180,8 @@ class BundlePolicyConfig(PolicyConfig):
     forced_depth: str | None = None        # None, or "sensor": depth codes from the bundle's depth tokenizer
     threads: int | None = None
     prefill_chunk: int | None = None       # prompt positions per decoder run; unset: 128 on a CPU, 1024 on a GPU
-    crops_per_run: int | None = None       # ViT crops per run; unset: 1 on a CPU (host memory), all on a GPU
+    crops_per_run: int | None = None       # ViT crops per run; unset: 1 on a CPU (host memory), on a GPU as many as
+                                           # the ViT engine takes (all on the CUDA EP; TensorRT's profile: 1)
     allow_unverified: bool = False
     verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
     action_decoding: str = "greedy"        # greedy (MolmoAct's), or median of each action bin's distribution

@@ -38,6 +38,11 @@ class StageEngine(ABC):
 
     spec: StageSpec
 
+    def largest(self, symbol: str) -> int | None:
+        """The largest value of a symbolic dim this engine takes (default: the manifest's range; None: not a dim)."""
+        r = self.spec.dim_ranges.get(symbol)
+        return r.max if r is not None else None
+
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         """Outputs by name. They may be views of the engine's own buffers, valid until the next run.

@@ -48,7 +48,8 @@ from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_m
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
 from edgeact.runtime.stage_spec import (
-    StageSpec, bind_symbols, max_shape, numpy_dtype, optimization_profiles, resolve_shape,
+    StageSpec, bind_symbols, largest_in_profiles, max_shape, numpy_dtype, optimization_profiles, profile_dim_ranges,
+    resolve_shape,
 )
 
 PROVIDERS = {
@@ -196,6 +197,7 @@ class OrtStageEngine(StageEngine):
 
     def __init__(self, bundle: Bundle, name: str, options: OrtOptions):
         self.spec = bundle.stage(name)
+        self._profiled = options.provider == "tensorrt"    # the TensorRT EP builds engines for the manifest's profiles
         self.session = make_session(bundle, name, options)
         self._binding = self.session.io_binding()
         self._release = options.arena_shrink
@@ -210,6 +212,11 @@ class OrtStageEngine(StageEngine):
             dtype = numpy_dtype(t.dtype, f"{self._where} output {t.name!r}")
             buffer = np.empty(max_shape(t.dims, self.spec), dtype) if set(t.symbols()) <= input_symbols else None
             self._outputs[t.name] = (t, buffer)
+
+    def largest(self, symbol: str) -> int | None:
+        if self._profiled:
+            return largest_in_profiles([r for _, r in profile_dim_ranges(self.spec)], symbol)
+        return super().largest(symbol)
 
     def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         missing = sorted(set(self._in_dtypes) - set(feeds))

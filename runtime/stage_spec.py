@@ -318,6 +318,12 @@ def profile_dim_ranges(spec: StageSpec) -> list[tuple[str, dict[str, DimRange]]]
     return [(p.name, {**spec.dim_ranges, **p.dim_ranges}) for p in spec.profiles]
 
 
+def largest_in_profiles(ranges: Sequence[Mapping[str, DimRange]], symbol: str) -> int | None:
+    """The largest value of `symbol` that any of these profiles' ranges holds; None where none names it."""
+    values = [r[symbol].max for r in ranges if symbol in r]
+    return max(values) if values else None
+
+
 def optimization_profiles(spec: StageSpec) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
     """Per engine profile (profile_dim_ranges order), {input name: (min shape, opt shape, max shape)}."""
     profiles = []

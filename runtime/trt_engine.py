@@ -26,7 +26,9 @@ from edgeact.runtime.bundle import Bundle, DimRange, EngineRecord, StageSpec
 from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
-from edgeact.runtime.stage_spec import bind_symbols, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape
+from edgeact.runtime.stage_spec import (
+    bind_symbols, largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape,
+)
 
 TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
                     "(Jetson: JetPack ships TensorRT; pip install cuda-python); or use backend 'onnxruntime'")
@@ -224,6 +226,10 @@ class TrtStageEngine(StageEngine):
                                        numpy_dtype(t.dtype, f"stage {stage!r} output {t.name!r}"))
                       for t in self.spec.outputs}
         self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {stage!r} input {t.name!r}") for t in self.spec.inputs}
+
+    def largest(self, symbol: str) -> int | None:
+        """An engine takes what its optimization profiles hold (the ViT's: one crop), not the whole dim range."""
+        return largest_in_profiles(self.plan.ranges, symbol)
 
     def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         # `release` has nothing to do here: device buffers and activation memory are allocated once at load.

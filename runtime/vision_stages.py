@@ -4,8 +4,8 @@ Why crop by crop: the ViT's activations grow with the crops it sees at once (a g
 up to max_crops crops per image), and over all crops they were the largest allocation of a
 policy step. One crop per call (crops_per_run=1, the default) keeps one crop's activations live
 in host memory. On a GPU the activations live in the device's arena and each run is bound by
-kernel launches, not arithmetic: there every crop goes in one run (crops_per_run=None, BundlePolicy's
-default on a GPU backend). Crops never attend to each
+kernel launches, not arithmetic: there as many crops go in one run as the ViT engine takes
+(crops_per_run=None, BundlePolicy's default on a GPU backend: every crop on onnxruntime's CUDA EP). Crops never attend to each
 other, so the result is the same as one batched call. The connector cannot be split that way:
 a pooled token may take patches from two neighbouring crops, so it runs once over the buffer.
 
@@ -39,7 +39,7 @@ class VisionStages:
     """images, image_masks, pooled_patches_idx -> image_features through the `vision` and `connector` stages."""
 
     def __init__(self, vit: RunsStage, connector: RunsStage, crops_per_run: int | None = 1):
-        """crops_per_run: ViT crops per run; None: every crop of an observation in one run."""
+        """crops_per_run: ViT crops per run; None: as many as the connector and the ViT engine take."""
         if crops_per_run is not None and crops_per_run < 1:
             raise ConfigError(f"crops_per_run: {crops_per_run} must be >= 1 (1 on a CPU; on a GPU, the most crops)")
         self.vit, self.connector = vit, connector
@@ -52,7 +52,10 @@ class VisionStages:
         # observation fills become resident.
         self.features = np.empty(max_shape(features.dims, connector.spec), np.float32)
         self.max_crops = self.features.shape[0]
-        self.crops_per_run = crops_per_run or self.max_crops
+        # None: as many crops per run as both the connector and the ViT engine take (a TensorRT engine is built
+        # for the manifest's one-crop profile; onnxruntime's CUDA EP takes the whole range).
+        largest = getattr(vit, "largest", None)
+        self.crops_per_run = crops_per_run or min(self.max_crops, (largest and largest(io.N_CROPS)) or self.max_crops)
 
     def run(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
         """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included.

@@ -108,9 +108,14 @@ def test_vision_crop_by_crop_and_connector_through_the_tensorrt_api(exported, tm
     bundle = _with_records(exported, tmp_path, records, plans=True)
     calls = _install_fakes(monkeypatch)
     backend = open_backend("tensorrt")
-    vision = VisionStages(backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE))
+    assert backend.on_device
+    # crops_per_run unset (a GPU backend's default): as many as the engine takes, here its one-crop profile.
+    vision = VisionStages(backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE),
+                          crops_per_run=None)
+    assert vision.vit.largest(io.N_CROPS) == vision.crops_per_run == 1
     cpu = open_backend("onnxruntime", threads=1)
     reference = VisionStages(cpu.stage(bundle, io.VISION_STAGE), cpu.stage(bundle, io.CONNECTOR_STAGE))
+    assert reference.vit.largest(io.N_CROPS) == bundle.stage(io.VISION_STAGE).dim_ranges[io.N_CROPS].max > 1
     _, inputs, _ = exported.observation(3)
     args = (inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
     np.testing.assert_allclose(vision.run(*args), reference.run(*args), rtol=1e-6, atol=1e-6)

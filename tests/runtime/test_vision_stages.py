@@ -78,6 +78,18 @@ def test_crops_per_run_batches_the_vit_with_the_same_features(per_run, calls):
     assert vision.vit.crops_per_call == calls and vision.vit.released == [False] * (len(calls) - 1) + [True]
 
 
+def test_unset_crops_per_run_takes_what_the_vit_engine_takes():
+    class OneCropEngine(FakeVit):
+        def largest(self, symbol):
+            return {io.N_CROPS: 2}.get(symbol)
+
+    assert VisionStages(FakeVit(), FakeConnector(), crops_per_run=None).crops_per_run == MAX_CROPS
+    vision = VisionStages(OneCropEngine(), FakeConnector(), crops_per_run=None)
+    images = np.ones((3, N_PATCHES, PATCH_DIM), np.float32)
+    vision.patch_features(images, np.ones((3, N_PATCHES), np.float32))
+    assert vision.crops_per_run == 2 and vision.vit.crops_per_call == [2, 1]
+
+
 def test_crops_per_run_below_one_is_refused():
     with pytest.raises(ConfigError, match="crops_per_run: 0 must be >= 1"):
         VisionStages(FakeVit(), FakeConnector(), crops_per_run=0)
