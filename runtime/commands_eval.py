@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                         "policy (the model alone; for precisions this computer cannot run in time)")
     p.add_argument("--replan-every", type=positive_int, default=2,
                    help="lockstep: actions executed per plan (default 2)")
+    # Literal copies of decode_program.ACTION_DECODINGS and sim_eval.REFERENCE_ACTION_DECODING: importing them here
+    # would cost `edgeact --help` time; eval_systems checks the value again.
     p.add_argument("--action-decoding", choices=("median", "greedy"), default="median",
                    help="how action bins are picked: median of each bin distribution (default: the reference ARM "
                         "succeeds more often with it) or greedy, MolmoAct's argmax")

@@ -117,7 +117,6 @@ class DecodeProgram:
                 head = self._head_for(np.array(sorted(seg.action_ids), dtype=np.int64))
                 if action_decoding == "median":
                     self._median_head = head
-        self.action_decoding = action_decoding
 
     def _head_for(self, ids: np.ndarray) -> _Head:
         key = ids.tobytes()

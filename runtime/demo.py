@@ -47,14 +47,14 @@ def demo_config_dict(policy: str = "scripted", bundle: str | None = None, robot:
         if policy == "bundle":
             return sim_robot_config_dict(policy={"type": "bundle", "path": str(bundle), "process": True})
         return sim_robot_config_dict()
-    from edgeact.runtime.sim_eval import EVAL_CAMERA_PX, has_depth_stage
+    from edgeact.runtime.sim_eval import EVAL_CAMERA_PX, REFERENCE_ACTION_DECODING, has_depth_stage
     from edgeact.runtime.sim_robot import episode_config_dict, mujoco_robot_config_dict
 
     sections: dict[str, Any] = {}
     if policy == "bundle":
         sections["policy"] = {"type": "bundle", "path": str(bundle), "process": True,
                               "forced_depth": "sensor" if has_depth_stage(bundle) else None,
-                              "action_decoding": "median"}     # as `edgeact eval` runs the reference task
+                              "action_decoding": REFERENCE_ACTION_DECODING}     # as `edgeact eval` decodes
     base = mujoco_robot_config_dict(**sections)
     base["camera"].update(width=EVAL_CAMERA_PX[0], height=EVAL_CAMERA_PX[1])
     return episode_config_dict(base, *episode)

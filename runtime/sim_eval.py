@@ -32,6 +32,9 @@ import numpy as np
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop_events import Subscriber
 
+# How the reference task's policies pick action bins (decode_program.ACTION_DECODINGS): the committed reference ARM
+# succeeds more often with the median of each bin distribution than with greedy's argmax (README).
+REFERENCE_ACTION_DECODING = "median"
 EVAL_SEED = 1_000_000          # episode seeds far from the training recordings' (sim-demos counts from its --seed)
 TIMINGS = ("realtime", "lockstep")
 DEPTH_SOURCES = ("generated", "forced")
@@ -48,7 +51,7 @@ class EvalSystem:
     precision: str              # the bundle manifest's
     depth: str                  # one of DEPTH_SOURCES
     allow_unverified: bool = False  # run it although its verification failed (to measure what that costs)
-    action_decoding: str = "median"  # how the policy picks action bins (decode_program.ACTION_DECODINGS)
+    action_decoding: str = REFERENCE_ACTION_DECODING   # how the policy picks action bins
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
 
 
 def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[str],
-                 allow_unverified: bool = False, action_decoding: str = "median") -> list[EvalSystem]:
+                 allow_unverified: bool = False,
+                 action_decoding: str = REFERENCE_ACTION_DECODING) -> list[EvalSystem]:
     """The systems to compare: each named bundle with each depth source (checked: exists, verified unless
     `allow_unverified`, has the depth stage for "forced"), all decoding actions the same way."""
     from edgeact.runtime.bundle import load_bundle

@@ -63,6 +63,20 @@ def test_the_system_config_takes_the_bundle_the_depth_source_and_the_trained_cam
         system_config_dict(simple, system)
 
 
+def test_the_eval_command_offers_the_decodings_with_the_reference_tasks_as_default():
+    import argparse
+
+    from edgeact.runtime import commands_eval
+    from edgeact.runtime.decode_program import ACTION_DECODINGS
+    from edgeact.runtime.sim_eval import REFERENCE_ACTION_DECODING
+
+    parser = argparse.ArgumentParser()
+    commands_eval.register(parser.add_subparsers())
+    assert parser.parse_args(["eval"]).action_decoding == REFERENCE_ACTION_DECODING
+    for decoding in ACTION_DECODINGS:
+        assert parser.parse_args(["eval", "--action-decoding", decoding]).action_decoding == decoding
+
+
 class _ReplayExpert:
     """A stand-in policy that plays the scripted expert's actions of one episode, ignoring the frames."""
 
