@@ -197,3 +197,11 @@ def test_max_seq_and_external_data_options(tmp_path, exported):
         stages.decode(stages.embed(np.full(200 - len(prompt) + 1, exported.layout.bos_id)))
     with pytest.raises(ConfigError, match=r"max_seq 5000 exceeds the model's max_position_embeddings 4096"):
         export_bundle(exported.checkpoint, tmp_path / "long", ExportOptions(max_seq=5000))
+
+
+def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exported):
+    """Grouped attention stays 4-D: a 5-D group axis made every decode step copy each layer's whole
+    cache through onnxruntime's element-by-element 5-D Transpose (half of an int8 step's time)."""
+    graph = onnx.load(str(exported.bundle.stage_path(io.DECODER_STAGE)), load_external_data=False).graph
+    perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+    assert perms and all(len(p) <= 4 for p in perms), perms
