@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from edgeact.runtime import stage_io as io
 from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.kv_cache import is_fused
 
 QUANTIZED = ("int8", "int4")
 DEFAULT_SIZE = "bench"
@@ -32,11 +34,13 @@ def ensure_checkpoint(path: str | Path, size: str = DEFAULT_SIZE, seed: int = 0)
 
 def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions: tuple[str, ...] = QUANTIZED, *,
                     seed: int = 0, threads: int | None = None, calibration_samples: int = 8, fresh: bool = False,
-                    on_step: Callable[[str], None] | None = None) -> dict[str, Path]:
+                    on_step: Callable[[str], None] | None = None, attention: str = io.FUSED_ATTENTION) -> dict[str, Path]:
     """{"fp32": ..., "int8": ..., "int4": ...}: bundles under bundles_dir in bench-quant's layout, reused when valid.
 
     Each precision is `edgeact quantize --precision P` with its default options (int8: its default
     mode), in the directory bench-quant gives that recipe, so either command reuses the other's.
+    `attention` is the decoder's form (fused on a CPU, portable for onnxruntime's CUDA EP); bundles of
+    the other form are re-exported.
     """
     from edgeact.export.bundle_export import ExportOptions, export_bundle
     from edgeact.export.quantize import quantize_bundle
@@ -44,9 +48,9 @@ def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions:
     step = on_step or (lambda name: None)
     checkpoint, root = Path(checkpoint).absolute(), Path(bundles_dir).absolute()
     fp32 = root / "fp32"
-    exported = fresh or not exported_from(fp32, checkpoint)
+    exported = fresh or not exported_from(fp32, checkpoint, attention)
     if exported:
-        export_bundle(checkpoint, fp32, ExportOptions(), overwrite=True)
+        export_bundle(checkpoint, fp32, ExportOptions(attention=attention), overwrite=True)
     step("fp32 bundle")
     bundles = {"fp32": fp32}
     for precision in precisions:
@@ -72,8 +76,9 @@ def default_recipe(precision: str):
     return (names[0] if names else precision), default
 
 
-def exported_from(bundle_dir: Path, checkpoint: Path) -> bool:
-    """An fp32 bundle exported from this checkpoint (path and config) after its weights were last written."""
+def exported_from(bundle_dir: Path, checkpoint: Path, attention: str = io.FUSED_ATTENTION) -> bool:
+    """An fp32 bundle exported from this checkpoint (path and config), after its weights were last written,
+    with this form of the decoder."""
     from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, sha256_file
     from edgeact.runtime.errors import BundleError
 
@@ -85,6 +90,7 @@ def exported_from(bundle_dir: Path, checkpoint: Path) -> bool:
         return False
     newest_weights = max(p.stat().st_mtime for p in checkpoint.glob("*.safetensors*"))
     return (all(s.precision == "fp32" for s in manifest.stages.values())
+            and is_fused(manifest.stages[io.DECODER_STAGE]) == (attention == io.FUSED_ATTENTION)
             and manifest.model.source_checkpoint == str(checkpoint)
             and manifest.model.source_config_sha256 == sha256_file(checkpoint / "config.json")
             and (bundle_dir / MANIFEST_NAME).stat().st_mtime >= newest_weights)
@@ -110,6 +116,7 @@ def quantized_from(bundle_dir: Path, fp32_dir: Path, quant) -> bool:
     wanted = {k: v for k, v in quant.to_dict().items() if k != "extra"}
     arrays = [spec.file for spec in source.weights.values()]
     return (all(recorded.get(k) == v for k, v in wanted.items())
+            and is_fused(manifest.stages[io.DECODER_STAGE]) == is_fused(source.stages[io.DECODER_STAGE])
             and all(rel in manifest.files and manifest.files[rel].sha256 == source.files[rel].sha256 for rel in arrays))
 
 

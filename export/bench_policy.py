@@ -29,6 +29,7 @@ import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
 from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.stage_io import FUSED_ATTENTION, PORTABLE_ATTENTION
 
 REFERENCE = "reference"
 HALF_ANSWER_TOKENS = 100          # decode rate is measured at prompt + half an answer of context
@@ -189,7 +190,9 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     step("checkpoint")
     bundles = prepare_bundles(checkpoint, bundles_dir or out_dir / "bundles", options.precisions, seed=options.seed,
                               threads=options.threads, calibration_samples=options.calibration_samples,
-                              fresh=options.fresh, on_step=step)
+                              fresh=options.fresh, on_step=step,
+                              # onnxruntime's CUDA EP runs the portable decoder (the fused one is its CPU EP's)
+                              attention=PORTABLE_ATTENTION if options.device == "cuda" else FUSED_ATTENTION)
     threads = options.resolved_threads
     torch.set_num_threads(threads)
     backend = {"provider": options.device} if options.device != "cpu" else None

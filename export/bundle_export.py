@@ -37,6 +37,9 @@ class ExportOptions:
     opset: int | None = None        # default onnx_export.DEFAULT_OPSET
     external_data: bool | None = None   # None: only stages whose weights exceed EXTERNAL_DATA_BYTES
     name: str = ""                  # free-form model name for the manifest (default: the checkpoint's directory name)
+    # The decoder's attention (runtime/stage_io.py): "fused", onnxruntime's GroupQueryAttention over an in-place
+    # cache (the CPU runtime's fast form); "portable", standard ONNX ops (TensorRT, onnxruntime's GPU EPs).
+    attention: str = io.FUSED_ATTENTION
 
     def __post_init__(self) -> None:
         if self.max_seq is not None and self.max_seq < 2:
@@ -45,6 +48,9 @@ class ExportOptions:
             raise ConfigError(f"max_images is {self.max_images}; allow at least one camera image")
         if self.n_actions < 1:
             raise ConfigError(f"n_actions is {self.n_actions}; use 1 or the checkpoint's chunk size (8)")
+        if self.attention not in io.DECODER_ATTENTIONS:
+            raise ConfigError(f"attention {self.attention!r} unknown; use {io.FUSED_ATTENTION} (onnxruntime on a CPU) "
+                              f"or {io.PORTABLE_ATTENTION} (TensorRT, onnxruntime's CUDA / TensorRT EPs)")
         if self.opset is not None and self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old: LayerNormalization needs 17; use 19 (default) or newer")
 
@@ -56,7 +62,9 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
 
     from edgeact.export.bundle_writer import BundleWriter
     from edgeact.export.checkpoint import load_model
-    from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, decoder_io, export_stage
+    from edgeact.export.onnx_export import (
+        DEFAULT_OPSET, DecoderStage, FusedDecoderStage, decoder_io, export_stage, fused_decoder_io,
+    )
     from edgeact.runtime.bundle import sha256_file
     from edgeact.runtime.grammar import AnswerGrammar
     from edgeact.runtime.preprocess import ImagePreprocessor
@@ -83,15 +91,22 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
         _export_vision(writer, model, preprocessor, options, typical, Path(scratch), opset)
         step(EXPORT_STEPS[1])
 
-        din, dout = decoder_io(model)
-        proto = export_stage(DecoderStage(model).eval(), _decoder_example(model), din, dout,
-                             Path(scratch) / "decoder.onnx", opset)
-        ranges, profiles = _decoder_ranges(max_seq, typical["prompt_tokens"])
+        if options.attention == io.FUSED_ATTENTION:
+            din, dout = fused_decoder_io(model, max_seq)
+            stage, example = FusedDecoderStage(model), _fused_decoder_example(model, max_seq)
+            doc = ("the LLM trunk for prefill chunks and single decode steps alike, fused form: each layer's "
+                   "attention is onnxruntime's GroupQueryAttention writing the chunk into the (1, K, max_seq, h) "
+                   "cache buffers bound as both past and present; max_seq = dim_ranges.seq.max")
+        else:
+            din, dout = decoder_io(model)
+            stage, example = DecoderStage(model), _decoder_example(model)
+            doc = ("the LLM trunk for prefill chunks and single decode steps alike; returns only the new "
+                   "cache entries, which the runtime writes into its (1, max_seq, K, h) buffers; "
+                   "max_seq = dim_ranges.seq.max")
+        proto = export_stage(stage.eval(), example, din, dout, Path(scratch) / "decoder.onnx", opset)
+        ranges, profiles = _decoder_ranges(max_seq, typical["prompt_tokens"], options.attention)
         writer.add_onnx(io.DECODER_STAGE, proto, precision="fp32", inputs=din, outputs=dout, dim_ranges=ranges,
-                        profiles=profiles, external_data=_external(options, proto),
-                        doc="the LLM trunk for prefill chunks and single decode steps alike; returns only the new "
-                            "cache entries, which the runtime writes into its (1, max_seq, K, h) buffers; "
-                            "max_seq = dim_ranges.seq.max")
+                        profiles=profiles, external_data=_external(options, proto), doc=doc)
         del proto
         step(EXPORT_STEPS[2])
 
@@ -189,8 +204,11 @@ def _vision_ranges(preprocessor, max_images: int, typical: dict[str, int]) -> tu
             {io.N_CROPS: crops, io.N_TOKENS: (1, min(typical["tokens"], max_tokens), max_tokens)})
 
 
-def _decoder_ranges(max_seq: int, prompt_tokens: int) -> tuple[dict, list[dict]]:
+def _decoder_ranges(max_seq: int, prompt_tokens: int, attention: str = io.PORTABLE_ATTENTION) -> tuple[dict, list[dict]]:
     prompt = min(prompt_tokens, max_seq)
+    if attention == io.FUSED_ATTENTION:
+        # onnxruntime only (no engine profiles); the cache buffers are fixed at max_seq positions.
+        return {io.BATCH: (1, 1, 1), io.SEQ: (1, prompt, max_seq)}, []
     past_max = max_seq - 1      # the runtime keeps past_seq + seq <= max_seq (its cache size)
     ranges = {io.BATCH: (1, 1, 1), io.SEQ: (1, prompt, max_seq), io.PAST_SEQ: (0, min(prompt, past_max), past_max)}
     profiles = [
@@ -211,6 +229,21 @@ def _vision_example(preprocessor):
     frame = SyntheticCamera(SyntheticConfig(width=160, height=120)).render(0).color
     inputs = preprocessor(frame)
     return tuple(torch.from_numpy(np.array(a)) for a in (inputs.images, inputs.image_masks, inputs.pooled_patches_idx))
+
+
+def _fused_decoder_example(model, max_seq: int):
+    """The fused form's example: a 5-token chunk written after 3 filled positions of max_seq-long buffers."""
+    import torch
+
+    l = model.cfg.llm_config
+    gen = torch.Generator().manual_seed(0)
+    n_new, n_past = 5, 3
+    cache = [torch.zeros(1, l.num_key_value_heads, max_seq, l.head_dim) for _ in range(2 * l.num_hidden_layers)]
+    for block in cache:
+        block[:, :, :n_past] = torch.randn(1, l.num_key_value_heads, n_past, l.head_dim, generator=gen)
+    total = n_past + n_new
+    return (torch.randn(1, n_new, l.hidden_size, generator=gen), torch.arange(n_past, total)[None],
+            torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32), *cache)
 
 
 def _decoder_example(model):

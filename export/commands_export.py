@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from edgeact.runtime import stage_io
 from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
 
 DEFAULT_FRAMES = 3   # literal copy of verify.DEFAULT_FRAMES: importing verify here would cost `edgeact --help` time
@@ -25,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-images", type=_positive_int, default=2, help="camera images per observation (default 2)")
     p.add_argument("--chunk", type=_positive_int, default=1, help="actions per answer (fine-tuned checkpoints: 8)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 19)")
+    p.add_argument("--attention", choices=stage_io.DECODER_ATTENTIONS, default=stage_io.FUSED_ATTENTION,
+                   help="the decoder's attention: fused (default), onnxruntime's GroupQueryAttention updating the KV "
+                        "cache in place, the fast form on a CPU; portable, standard ONNX ops, for TensorRT "
+                        "(--target, build-engines) and onnxruntime's CUDA / TensorRT providers")
     p.add_argument("--external-data", action="store_true",
                    help="store every stage's weights in a .onnx.data file (default: only stages over 1 GiB)")
     p.add_argument("--name", default="", help="model name for the manifest (default: the checkpoint directory name)")
@@ -63,7 +68,8 @@ def _export(args: argparse.Namespace) -> int:
     from edgeact.export.bundle_export import EXPORT_STEPS, ExportOptions, export_bundle
 
     options = ExportOptions(max_seq=args.max_seq, max_images=args.max_images, n_actions=args.chunk, opset=args.opset,
-                            external_data=True if args.external_data else None, name=args.name)
+                            external_data=True if args.external_data else None, name=args.name,
+                            attention=args.attention)
     _set_threads(args.threads)
     console = _console()
     start = time.perf_counter()

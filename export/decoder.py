@@ -8,6 +8,8 @@ construction, so it traces to one ONNX graph for both uses.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,11 @@ from edgeact.runtime.arm_config import LlmConfig
 from edgeact.runtime.errors import ConfigError
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# attend(q (B, H, T, h), k, v (B, K, T, h) of the chunk, RoPE applied; past_k, past_v) -> (out (B, H, T, h),
+# present_k, present_v): a block's cache update and attention, causal over past + chunk. The export's
+# fused form (export/onnx_export.py) swaps in onnxruntime's GroupQueryAttention through it.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                  tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class TokenEmbedding(nn.Module):
@@ -80,16 +87,24 @@ class DecoderAttention(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (attention output (B, T, D), keys and values of past + chunk)."""
+                past_v: torch.Tensor, mask: torch.Tensor | None,
+                attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (attention output (B, T, D), keys and values of past + chunk).
+
+        `attend` replaces the cache update and the attention (see `Attend`); None: concatenate and
+        attend under `mask`.
+        """
         q, k, v = self.att_proj(x).split(self.split, dim=-1)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(self._heads(q, self.n_heads), cos, sin)
         k = apply_rope(self._heads(k, self.n_kv), cos, sin)
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, self._heads(v, self.n_kv)], dim=2)
-        out = grouped_attention(q, k, v, mask, float32_scores=False)
+        v = self._heads(v, self.n_kv)
+        if attend is None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            out = grouped_attention(q, k, v, mask, float32_scores=False)
+        else:
+            out, k, v = attend(q, k, v, past_k, past_v)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
         return self.attn_out(out), k, v
 
@@ -120,12 +135,13 @@ class DecoderBlock(nn.Module):
         self.norm_after = cfg.norm_after
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_v: torch.Tensor, mask: torch.Tensor | None,
+                attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.norm_after:
-            attn, k, v = self.self_attn(x, cos, sin, past_k, past_v, mask)
+            attn, k, v = self.self_attn(x, cos, sin, past_k, past_v, mask, attend)
             x = x + self.attn_norm(attn)
             return x + self.ff_norm(self.mlp(x)), k, v
-        attn, k, v = self.self_attn(self.attn_norm(x), cos, sin, past_k, past_v, mask)
+        attn, k, v = self.self_attn(self.attn_norm(x), cos, sin, past_k, past_v, mask, attend)
         x = x + attn
         return x + self.mlp(self.ff_norm(x)), k, v
 
@@ -163,10 +179,12 @@ class Decoder(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         past_key_values: KVCache | None = None,
+        attend: Attend | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """inputs_embeds (B, T, D), position_ids (B, T) -> (hidden (B, T, D) after ln_f, present cache).
 
-        The present cache holds past + this chunk, (B, K, T_past + T, h) per block.
+        The present cache holds past + this chunk, (B, K, T_past + T, h) per block; with `attend`,
+        whatever it returns (the export's in-place cache: runtime/kv_cache.py).
         """
         if past_key_values is None:
             past_key_values = self.empty_cache(inputs_embeds.shape[0], inputs_embeds.dtype, inputs_embeds.device)
@@ -175,11 +193,11 @@ class Decoder(nn.Module):
                 f"past_key_values has {len(past_key_values)} layers, this decoder {len(self.blocks)}; "
                 "pass the present_key_values this decoder returned, or None for a first chunk"
             )
-        mask = causal_mask(inputs_embeds.shape[1], past_key_values[0][0].shape[2], inputs_embeds.device)
+        mask = None if attend else causal_mask(inputs_embeds.shape[1], past_key_values[0][0].shape[2], inputs_embeds.device)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         x = inputs_embeds
         present: KVCache = []
         for block, (past_k, past_v) in zip(self.blocks, past_key_values):
-            x, k, v = block(x, cos, sin, past_k, past_v, mask)
+            x, k, v = block(x, cos, sin, past_k, past_v, mask, attend)
             present.append((k, v))
         return self.ln_f(x), present

@@ -18,8 +18,10 @@ from edgeact.export.bundle_writer import update_manifest, utc_now
 from edgeact.export.trt_targets import (
     check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles,
 )
+from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import EngineRecord, Manifest, StageSpec, load_bundle, sha256_file
 from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.kv_cache import require_portable
 
 TENSORRT_MISSING = ("TensorRT is not installed; build engines on the target (Jetson: JetPack ships it) "
                     "or pip install tensorrt on a machine with an NVIDIA GPU")
@@ -96,6 +98,8 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
     bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=allow_unverified)
     chosen = [bundle.stage(name) for name in (stages if stages is not None else bundle.manifest.stages)]
     for stage in chosen:
+        if stage.name == io.DECODER_STAGE:
+            require_portable(stage, "TensorRT")
         try:
             check_precision(tgt, stage.precision)
         except EdgeactError as exc:

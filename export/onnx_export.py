@@ -17,13 +17,16 @@ because the variant does not read them (-D ignores `image_masks`).
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edgeact.export.decoder import causal_mask
 from edgeact.export.model import MolmoActModel
+from edgeact.export.model_layers import grouped_attention
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import TensorSpec
@@ -84,6 +87,71 @@ class DecoderStage(nn.Module):
         return (hidden, *new)
 
 
+class _GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft GroupQueryAttention, past and present sharing one cache buffer.
+
+    q (B, S, H*h), k / v (B, S, K*h) with RoPE applied; past_k / past_v (B, K, max_seq, h), the whole
+    buffer; seqlens_k (B,) int32 = past + S - 1; total (scalar int32) = past + S. It writes the chunk at
+    [past, past + S) and attends causally over [0, past + S). Traced, the forward below computes
+    the same in torch (the reference's own grouped_attention) so the tracer sees true values and
+    shapes; exported, `symbolic` emits the one onnxruntime node, which runs it in place: onnxruntime
+    shares the buffer when past and present are bound to the same memory (runtime/ort_engine.py).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, n_heads: int, n_kv: int, scale: float):
+        b, s, _ = q.shape
+        h = past_k.shape[-1]
+        end = int(total)
+        start = end - s
+        present_k, present_v = past_k.clone(), past_v.clone()
+        present_k[:, :, start:end] = k.reshape(b, s, n_kv, h).transpose(1, 2)
+        present_v[:, :, start:end] = v.reshape(b, s, n_kv, h).transpose(1, 2)
+        heads = q.reshape(b, s, n_heads, h).transpose(1, 2)
+        out = grouped_attention(heads, present_k[:, :, :end], present_v[:, :, :end], causal_mask(s, start, q.device), False)
+        return out.transpose(1, 2).reshape(b, s, n_heads * h), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, n_heads: int, n_kv: int, scale: float):
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
+                                         total, num_heads_i=n_heads, kv_num_heads_i=n_kv, scale_f=scale, outputs=3)
+        for value, like in ((out, q), (present_k, past_k), (present_v, past_v)):
+            value.setType(like.type())
+        return out, present_k, present_v
+
+
+class FusedDecoderStage(nn.Module):
+    """inputs_embeds, position_ids, seqlens_k, total_sequence_length, the whole cache buffers -> hidden_states, presents.
+
+    The fused form of the decoder (stage_io.FUSED_ATTENTION): each block's cache update and attention
+    is one GroupQueryAttention node over a head-major (1, K, max_seq, h) buffer that the runtime
+    binds as past and present at once, so a step never copies or transposes the cache and binds
+    only the chunk's tensors. Everything else is the reference's own arithmetic.
+    """
+
+    def __init__(self, model: MolmoActModel):
+        super().__init__()
+        self.model = nn.ModuleDict({"transformer": model.decoder})
+        llm = model.cfg.llm_config
+        self.n_layers = llm.num_hidden_layers
+        # Python ints from the config, not traced sizes: they become the node's attributes.
+        self.heads = (llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
+                total_sequence_length: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n_heads, n_kv, h = self.heads
+
+        def attend(q, k, v, past_k, past_v):
+            flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
+            out, present_k, present_v = _GroupQueryAttention.apply(
+                *flat, past_k, past_v, seqlens_k, total_sequence_length, n_heads, n_kv, 1.0 / math.sqrt(h))
+            return out.unflatten(2, (n_heads, h)).transpose(1, 2), present_k, present_v
+
+        past = [(cache[2 * i], cache[2 * i + 1]) for i in range(self.n_layers)]
+        hidden, present = self.model["transformer"](inputs_embeds, position_ids, past, attend=attend)
+        return (hidden, *[t for pair in present for t in pair])
+
+
 # ------------------------------------------------------------------------------ I/O contracts
 def patch_feature_width(model: MolmoActModel) -> int:
     """F: the ViT width times the number of adapter_config.vit_layers concatenated per patch."""
@@ -120,6 +188,35 @@ def connector_io(model: MolmoActModel, patches_per_token: int) -> tuple[list[Ten
                           "one LLM-width feature per row of pooled_patches_idx, ALL rows: the runtime drops rows whose "
                           "indices are all -1 (as MolmoAct does) and adds the i-th remaining row to the embedding of "
                           "the i-th <im_patch> token")]
+    return inputs, outputs
+
+
+def fused_decoder_io(model: MolmoActModel, max_seq: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The fused form's contract: the cache buffers are whole, head-major and fixed at max_seq positions."""
+    l = model.cfg.llm_config
+    K, h, D = l.num_key_value_heads, l.head_dim, l.hidden_size
+    b, s = io.BATCH, io.SEQ
+    inputs = [
+        TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, D),
+                   "embeddings of the chunk's tokens (the `embedding` table row; plus the image feature at <im_patch>)"),
+        TensorSpec(io.POSITION_IDS, "int64", (b, s), "RoPE positions: past + 0 .. seq-1"),
+        TensorSpec(io.SEQLENS_K, "int32", (b,), "past + seq - 1 per row: where the chunk's last entry is written"),
+        TensorSpec(io.TOTAL_SEQUENCE_LENGTH, "int32", (), "past + seq: positions attended to (causal within the chunk)"),
+    ]
+    outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, D),
+                          "hidden states after the final norm; logits = hidden_states @ lm_head.T")]
+    for n in range(l.num_hidden_layers):
+        inputs += [
+            TensorSpec(io.past_key(n), "float32", (b, K, max_seq, h),
+                       f"layer {n} key cache, head-major, the whole buffer (RoPE applied); positions >= past unread"),
+            TensorSpec(io.past_value(n), "float32", (b, K, max_seq, h), f"layer {n} value cache, the whole buffer"),
+        ]
+        outputs += [
+            TensorSpec(io.present_key(n), "float32", (b, K, max_seq, h),
+                       f"layer {n} key cache with the chunk written at [past, past + seq): bind it to past_key.{n}'s "
+                       "memory and onnxruntime updates the cache in place"),
+            TensorSpec(io.present_value(n), "float32", (b, K, max_seq, h), f"layer {n} value cache, as present_key"),
+        ]
     return inputs, outputs
 
 
@@ -163,7 +260,8 @@ def export_stage(module: nn.Module, example: tuple[torch.Tensor, ...], inputs: l
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=[t.name for t in inputs],
                           output_names=[t.name for t in outputs], dynamic_axes=dynamic_axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+                          opset_version=opset, dynamo=False, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": 1} if isinstance(module, FusedDecoderStage) else None)
     proto = onnx.load(str(path))
     finish_graph(proto, module, inputs)
     return proto

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeact.export.quant_options import INT8_MODES, QuantizeOptions
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.kv_cache import is_fused
 
 BENCH_RECIPES = ("int8", "fp8", "int4")
 
@@ -73,6 +76,10 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
     work = Path(work_dir).absolute()
     work.mkdir(parents=True, exist_ok=True)
     fp32 = _fp32_bundle(Path(source).absolute(), work / "fp32", options)
+    # TensorRT-targeted recipes (fp8 for Thor) quantize the portable decoder, which TensorRT parses.
+    portable = None
+    if any(quant.target for _, quant in recipes) and is_fused(load_bundle(fp32, verify_checksums=False).stage(io.DECODER_STAGE)):
+        portable = _fp32_bundle(Path(source).absolute(), work / "fp32-portable", options, io.PORTABLE_ATTENTION)
     step("fp32 bundle")
     calib_dir = work / "calibration"
     needs_calibration = any(not quant.weight_only for _, quant in recipes)
@@ -83,7 +90,8 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
     outputs = []
     for name, quant in recipes:
         out = work / name
-        quantize_bundle(fp32, out, quant, calib_dir if needs_calibration else None, overwrite=True, report_frames=0,
+        quantize_bundle(portable if quant.target and portable else fp32, out, quant,
+                        calib_dir if needs_calibration else None, overwrite=True, report_frames=0,
                         seed=options.seed, threads=options.threads)
         outputs.append(out)
         step(f"{name} bundle")
@@ -92,8 +100,9 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
     return rows
 
 
-def _fp32_bundle(source: Path, out: Path, options: BenchOptions) -> Path:
-    """The source itself if it is a bundle; else the checkpoint exported to `out` (reused when it matches)."""
+def _fp32_bundle(source: Path, out: Path, options: BenchOptions, attention: str = io.FUSED_ATTENTION) -> Path:
+    """The source itself if it is a bundle; else the checkpoint exported to `out` with this form of the decoder
+    (reused when it matches)."""
     from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, read_manifest, sha256_file
 
     if (source / MANIFEST_NAME).is_file():
@@ -105,8 +114,10 @@ def _fp32_bundle(source: Path, out: Path, options: BenchOptions) -> Path:
     if not config.is_file():
         raise ConfigError(f"{source}: neither a bundle nor a checkpoint (no {MANIFEST_NAME} or config.json)")
     if (out / MANIFEST_NAME).is_file() and not options.fresh:
-        if read_manifest(out).model.source_config_sha256 == sha256_file(config):
+        manifest = read_manifest(out)
+        if (manifest.model.source_config_sha256 == sha256_file(config)
+                and is_fused(manifest.stages[io.DECODER_STAGE]) == (attention == io.FUSED_ATTENTION)):
             return out
     from edgeact.export.bundle_export import ExportOptions, export_bundle
 
-    return export_bundle(source, out, ExportOptions(max_seq=options.max_seq), overwrite=True)
+    return export_bundle(source, out, ExportOptions(max_seq=options.max_seq, attention=attention), overwrite=True)

@@ -97,7 +97,8 @@ class OrtBundle:
 
     def decoder_feeds(self, embeds: np.ndarray, start: int, past: Feeds) -> Feeds:
         return {stage_io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32),
-                stage_io.POSITION_IDS: np.arange(start, start + embeds.shape[1], dtype=np.int64)[None], **past}
+                stage_io.POSITION_IDS: np.arange(start, start + embeds.shape[1], dtype=np.int64)[None], **past,
+                **self.stages.cache.layout.chunk_feeds(start, embeds.shape[1])}
 
     def empty_past(self) -> Feeds:
         self.stages.cache.reset()

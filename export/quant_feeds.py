@@ -46,10 +46,7 @@ def _decoder_feeds(fp32: OrtBundle, calib: CalibrationSet, decode_steps: int, se
             continue
         keys, values = fp32.cache_after(embeds)
         for p in sorted(rng.integers(n_prompt, embeds.shape[1], size=decode_steps)):
-            past = {}
-            for layer in range(keys.shape[0]):
-                past[stage_io.past_key(layer)] = np.ascontiguousarray(keys[layer, :, :p])
-                past[stage_io.past_value(layer)] = np.ascontiguousarray(values[layer, :, :p])
+            past = fp32.stages.cache.layout.past_from(keys, values, int(p))
             yield fp32.decoder_feeds(embeds[:, p:p + 1], int(p), past)
 
 

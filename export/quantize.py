@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet
 from edgeact.export.quant_options import QuantizeOptions
+from edgeact.runtime import stage_io
 from edgeact.runtime.bundle import Bundle, load_bundle
 from edgeact.runtime.errors import BundleError
 
@@ -146,6 +147,11 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
 
 
 def _check_source(source: Bundle, options: QuantizeOptions) -> None:
+    if options.target is not None or options.backend == "modelopt":
+        from edgeact.runtime.kv_cache import require_portable
+
+        require_portable(source.stage(stage_io.DECODER_STAGE),
+                         f"TensorRT ({options.target})" if options.target else "TensorRT Model Optimizer")
     for name in options.stages:
         spec = source.stage(name)
         if spec.precision not in ("fp32", "fp16", "bf16"):

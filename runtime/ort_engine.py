@@ -7,10 +7,13 @@ manifest. The graph optimization level is the one the manifest records for a sta
 some fp8 / int4 graphs only run at "basic"), unless the options override it.
 
 Where the decoder's time goes, per step: the session run itself (the model's arithmetic and
-one read of the cache), then 4*n_layers+3 bind calls (a few microseconds each: the past
-grows, so its shapes change every step). Nothing is copied: the past is bound as the cache's
-contiguous prefix, new keys/values are written by onnxruntime straight into the cache at
-offset `length`, the hidden states into a buffer sized for the largest chunk.
+one read of the cache), then the bind calls (a few microseconds each). Nothing is copied. The
+fused decoder (runtime/stage_io.py) has its cache blocks bound once, as past and present at the
+same address, and onnxruntime's GroupQueryAttention writes each chunk into them in place: a step
+binds 5 tensors. The portable decoder binds 4*n_layers+3 (the past grows, so its shapes change
+every step): the past as the cache's contiguous prefix, new keys/values written by onnxruntime
+straight into the cache at offset `length`. The hidden states land in a buffer sized for the
+largest chunk.
 
 Host memory (OrtOptions cpu_arena / mem_pattern / arena_shrink). Left alone, a policy's
 resident memory grows over its first steps to up to 5x the bundle's bytes: each session's arena keeps the
@@ -46,7 +49,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
-from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_portable
 from edgeact.runtime.stage_spec import (
     StageSpec, bind_symbols, largest_in_profiles, max_shape, numpy_dtype, optimization_profiles, profile_dim_ranges,
     resolve_shape,
@@ -253,6 +256,8 @@ class OrtDecoderEngine(DecoderEngine):
         self.spec = bundle.stage(io.DECODER_STAGE)
         self.layout = layout = CacheLayout.from_stage(self.spec)
         self.max_chunk = check_max_chunk(max_chunk, layout)
+        if options.on_device:
+            require_portable(self.spec, f"onnxruntime's {options.provider} provider")
         self.session = make_session(bundle, io.DECODER_STAGE, options)
         self._binding = self.session.io_binding()
         # One RunOptions for every step: with None, onnxruntime 1.32 keeps ~100 B per call (a leak).
@@ -279,6 +284,17 @@ class OrtDecoderEngine(DecoderEngine):
         self._positions_ptr = self._positions.ctypes.data
         self._hidden_ptr = self._hidden.ctypes.data
         self._row = [layout.kv_heads, layout.head_dim]
+        if layout.fused:
+            # seqlens_k (1,) and total_sequence_length () live here; the cache blocks are bound once, as past and as
+            # present at the same address, which onnxruntime's GroupQueryAttention takes as "update in place".
+            self._lengths = np.zeros(2, np.int32)
+            self._lengths_ptr = self._lengths.ctypes.data
+            block = list(layout.block_shape)
+            for layer, (pk, pv, _, _) in enumerate(self._layers):
+                for kind, past_name, present_name in ((KEY, pk, io.present_key(layer)), (VALUE, pv, io.present_value(layer))):
+                    address = self.cache.pointer(layer, kind)
+                    self._binding.bind_input(past_name, "cpu", 0, self._cache_dtype, block, address)
+                    self._binding.bind_output(present_name, "cpu", 0, self._cache_dtype, block, address)
 
     def step(self, n: int) -> np.ndarray:
         if not 1 <= n <= self.max_chunk:
@@ -300,13 +316,18 @@ class OrtDecoderEngine(DecoderEngine):
         b, (device, device_id), dtype = self._binding, self._device, self._cache_dtype
         b.bind_input(io.INPUTS_EMBEDS, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._embeds_ptr)
         b.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self._positions_ptr)
-        past_shape, new_shape = [1, past, *self._row], [1, n, *self._row]
-        cache = self.cache
-        for layer, (pk, pv, nk, nv) in enumerate(self._layers):
-            b.bind_input(pk, device, device_id, dtype, past_shape, cache.pointer(layer, KEY))
-            b.bind_input(pv, device, device_id, dtype, past_shape, cache.pointer(layer, VALUE))
-            b.bind_output(nk, device, device_id, dtype, new_shape, cache.pointer(layer, KEY, past))
-            b.bind_output(nv, device, device_id, dtype, new_shape, cache.pointer(layer, VALUE, past))
+        if self.layout.fused:
+            self._lengths[0], self._lengths[1] = past + n - 1, past + n
+            b.bind_input(io.SEQLENS_K, "cpu", 0, np.int32, [1], self._lengths_ptr)
+            b.bind_input(io.TOTAL_SEQUENCE_LENGTH, "cpu", 0, np.int32, [], self._lengths_ptr + 4)
+        else:
+            past_shape, new_shape = [1, past, *self._row], [1, n, *self._row]
+            cache = self.cache
+            for layer, (pk, pv, nk, nv) in enumerate(self._layers):
+                b.bind_input(pk, device, device_id, dtype, past_shape, cache.pointer(layer, KEY))
+                b.bind_input(pv, device, device_id, dtype, past_shape, cache.pointer(layer, VALUE))
+                b.bind_output(nk, device, device_id, dtype, new_shape, cache.pointer(layer, KEY, past))
+                b.bind_output(nv, device, device_id, dtype, new_shape, cache.pointer(layer, VALUE, past))
         b.bind_output(io.HIDDEN_STATES, "cpu", 0, np.float32, [1, n, self.layout.hidden_size], self._hidden_ptr)
         if not release:                 # decode steps and the answer's short forced runs: the arena's fast path
             self.session.run_with_iobinding(b, self._run_options)

@@ -5,7 +5,8 @@ Verification and tests compare it with the PyTorch reference; the robot's fast d
 reference's `generate_greedy` step for step: one prefill of the prompt, then one decoder call
 per token, logits from the bundle's `lm_head` array (only the allowed rows when a constraint
 gives them), ties to the lowest id. Its KV cache is the runtime's (runtime/kv_cache.py) in host
-memory: the past is fed as the cache's prefix views, and each call's new keys/values are copied in.
+memory: the past is fed as the cache's prefix views, and each call's new keys/values are copied in
+(the fused form: its whole blocks, which the run updates in place).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import BundleError, EdgeactError
-from edgeact.runtime.kv_cache import CacheLayout, KVCache
+from edgeact.runtime.kv_cache import CacheLayout, KVCache, is_fused
 from edgeact.runtime.stage_spec import numpy_dtype
 from edgeact.runtime.vision_stages import VisionStages
 
@@ -42,14 +43,40 @@ class OrtStage:
             raise BundleError(f"{path}: onnxruntime cannot load stage {name!r} ({exc}); re-export the bundle") from None
         self.output_names = [t.name for t in self.spec.outputs]
         self.input_dtypes = {t.name: numpy_dtype(t.dtype, f"stage {name!r} input {t.name!r}") for t in self.spec.inputs}
+        # The fused decoder writes each present_key.L / present_value.L into the past array fed for it.
+        self._in_place = {}
+        if is_fused(self.spec):
+            layers = range(CacheLayout.from_stage(self.spec).n_layers)
+            self._in_place = {io.present_key(l): io.past_key(l) for l in layers} | \
+                             {io.present_value(l): io.past_value(l) for l in layers}
 
     def run(self, feeds: dict[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
-        """Outputs by name (new arrays); `release` is the StageEngine interface's, with no effect here."""
+        """Outputs by name (new arrays; a fused decoder's presents are its past feeds, updated in place);
+        `release` is the StageEngine interface's, with no effect here."""
         missing = sorted(set(self.input_dtypes) - set(feeds))
         if missing:
             raise EdgeactError(f"stage {self.spec.name!r}: inputs {missing} not given; it takes {list(self.input_dtypes)}")
         typed = {name: np.asarray(feeds[name], dtype=dtype) for name, dtype in self.input_dtypes.items()}
-        return dict(zip(self.output_names, self.session.run(self.output_names, typed)))
+        if not self._in_place:
+            return dict(zip(self.output_names, self.session.run(self.output_names, typed)))
+        binding = self.session.io_binding()
+        for name, array in typed.items():
+            if name in self._in_place.values():
+                if not (array.flags.c_contiguous and np.shares_memory(array, feeds[name])):
+                    raise EdgeactError(f"stage {self.spec.name!r}: {name} must be a C-contiguous "
+                                       f"{array.dtype} array: the fused decoder writes the chunk into it")
+                binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            else:
+                binding.bind_cpu_input(name, array)
+        others = [name for name in self.output_names if name not in self._in_place]
+        for name in others:             # first: copy_outputs_to_cpu lists outputs in binding order
+            binding.bind_output(name)
+        for present, past in self._in_place.items():
+            array = typed[past]
+            binding.bind_output(present, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return {**dict(zip(others, binding.copy_outputs_to_cpu()[:len(others)])),
+                **{present: typed[past] for present, past in self._in_place.items()}}
 
 
 class OrtStages:
@@ -90,9 +117,12 @@ class OrtStages:
         n = embeds.shape[0]
         past = self.cache.reserve(n)    # before the call: a too-long chunk must not run at all
         feeds = {io.INPUTS_EMBEDS: embeds[None], io.POSITION_IDS: np.arange(past, past + n, dtype=np.int64)[None],
-                 **self.cache.past_feeds()}
+                 **self.cache.past_feeds(), **self.cache.layout.chunk_feeds(past, n)}
         out = self.decoder.run(feeds)
-        self.cache.append(out)
+        if self.cache.layout.fused:
+            self.cache.commit(n)        # written into the cache's blocks by the run
+        else:
+            self.cache.append(out, n)
         return out[io.HIDDEN_STATES][0].astype(np.float32)
 
     def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:

@@ -25,7 +25,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle, DimRange, EngineRecord, StageSpec
 from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
-from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache
+from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_portable
 from edgeact.runtime.stage_spec import (
     bind_symbols, largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape,
 )
@@ -257,6 +257,7 @@ class TrtDecoderEngine(DecoderEngine):
     """The decoder engine over a device-resident KV cache; returns the chunk's last hidden row on the host."""
 
     def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord, max_chunk: int):
+        require_portable(bundle.stage(io.DECODER_STAGE), "TensorRT")
         self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
         self.spec = self.plan.spec
         self.layout = layout = CacheLayout.from_stage(self.spec)

@@ -9,7 +9,9 @@ CALIBRATION_SAMPLES = 2
 
 
 def tiny_sources(tmp_path_factory) -> dict[str, Path]:
-    """{'checkpoint', 'bundle', 'calibration'}: -D variant, tiny size, seed 5; built on first use."""
+    """{'checkpoint', 'bundle', 'portable', 'calibration'}: -D variant, tiny size, seed 5; built on first use.
+
+    'bundle' has the fused decoder (the CPU default), 'portable' the portable one TensorRT targets take."""
     if not _BUILT:
         from edgeact.calibration.calibration_set import build_calibration_set
         from edgeact.export.bundle_export import ExportOptions, export_bundle
@@ -18,9 +20,10 @@ def tiny_sources(tmp_path_factory) -> dict[str, Path]:
         root = tmp_path_factory.mktemp("quant_sources")
         checkpoint = make_checkpoint("D", "tiny", seed=5, out_dir=root / "checkpoint")
         bundle = export_bundle(checkpoint, root / "fp32", ExportOptions(max_seq=1024))
+        portable = export_bundle(checkpoint, root / "fp32-portable", ExportOptions(max_seq=1024, attention="portable"))
         calibration = root / "calibration"
         build_calibration_set(bundle, calibration, CALIBRATION_SAMPLES, seed=0, threads=1)
-        _BUILT.update(checkpoint=checkpoint, bundle=bundle, calibration=calibration)
+        _BUILT.update(checkpoint=checkpoint, bundle=bundle, portable=portable, calibration=calibration)
     return dict(_BUILT)
 
 

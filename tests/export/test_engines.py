@@ -18,6 +18,7 @@ from edgeact.runtime.bundle import load_bundle, sha256_file
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from tests.runtime.test_bundle import write_tiny_bundle
+from tests.runtime.test_decode_program import exported_bundle
 
 
 def fake_tensorrt(calls: dict, parse_ok: bool = True) -> types.ModuleType:
@@ -125,13 +126,16 @@ def test_cli_build_engines_without_tensorrt(tmp_path, monkeypatch, capsys, orin_
     assert f"edgeact build-engines: error: {TENSORRT_MISSING}" in capsys.readouterr().err
 
 
-def test_refusals_come_before_tensorrt_is_needed(tmp_path, monkeypatch):
+def test_refusals_come_before_tensorrt_is_needed(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     fp8 = write_tiny_bundle(tmp_path / "fp8", precision="fp8")
     with pytest.raises(BundleError, match=r"stage 'decoder' .*fp8 needs SM >= 8.9.*use int8 .* or int4 \(weight-only\)"):
         build_engines(fp8, "orin")
     with pytest.raises(ConfigError, match="unknown TensorRT target 'tx2'"):
         build_engines(fp8, "tx2")
+    fused = exported_bundle(tmp_path_factory, "D").bundle_dir      # the fused decoder, the CPU default
+    with pytest.raises(BundleError, match=r"fused decoder .* TensorRT cannot run; .*--attention portable"):
+        build_engines(fused, "orin")
     failed = write_tiny_bundle(tmp_path / "failed", verification="failed")
     with pytest.raises(BundleError, match="verification failed at gate 'decoder.top1_agreement'.*--allow-unverified"):
         build_engines(failed, "orin")

@@ -16,7 +16,7 @@ from edgeact.export.synthetic import make_checkpoint
 from edgeact.export.verify_compare import closeness
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
-from edgeact.runtime.errors import ConfigError, SequenceTooLongError
+from edgeact.runtime.errors import ConfigError, EdgeactError, SequenceTooLongError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
 from edgeact.runtime.ort_stages import OrtStage, OrtStages
@@ -31,9 +31,10 @@ COSINE = 0.99999
 class Exported:
     """A tiny checkpoint, its reference model and its exported bundle."""
 
-    def __init__(self, root, variant: str):
+    def __init__(self, root, variant: str, attention: str = io.FUSED_ATTENTION):
+        self.attention = attention
         self.checkpoint = make_checkpoint(variant, "tiny", seed=3, out_dir=root / f"ck{variant}")
-        self.bundle_dir = export_bundle(self.checkpoint, root / f"bundle{variant}")
+        self.bundle_dir = export_bundle(self.checkpoint, root / f"bundle{variant}", ExportOptions(attention=attention))
         self.model, self.ckpt = load_model(self.checkpoint)
         self.bundle = load_bundle(self.bundle_dir)
         self.tokenizer = load_tokenizer(self.ckpt.tokenizer_path)
@@ -45,9 +46,12 @@ class Exported:
         return inputs, build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
 
 
-@pytest.fixture(scope="module", params=["D", "O"])
+@pytest.fixture(scope="module", params=[("D", io.FUSED_ATTENTION), ("O", io.FUSED_ATTENTION),
+                                        ("D", io.PORTABLE_ATTENTION), ("O", io.PORTABLE_ATTENTION)],
+                ids=lambda p: "-".join(p))
 def exported(request, tmp_path_factory):
-    return Exported(tmp_path_factory.mktemp(f"export{request.param}"), request.param)
+    variant, attention = request.param
+    return Exported(tmp_path_factory.mktemp(f"export{variant}{attention}"), variant, attention)
 
 
 def _tensors(*arrays):
@@ -71,14 +75,19 @@ def test_stages_declare_named_dynamic_io_and_ranges_from_the_config(exported):
     assert connector.inputs[0].dims == vision.outputs[0].dims
     assert connector.outputs[0].dims == (io.N_TOKENS, llm.hidden_size)
     names = [t.name for t in decoder.inputs]
-    assert names[:2] == [io.INPUTS_EMBEDS, io.POSITION_IDS]
-    assert names[2:] == [n for layer in range(llm.num_hidden_layers) for n in (io.past_key(layer), io.past_value(layer))]
-    past = decoder.inputs[2]
-    assert past.dims == (io.BATCH, io.PAST_SEQ, llm.num_key_value_heads, llm.head_dim)      # seq-major
-    assert decoder.outputs[1].dims == (io.BATCH, io.SEQ, llm.num_key_value_heads, llm.head_dim)
-    assert decoder.dim_ranges[io.SEQ].max == llm.max_position_embeddings
-    assert decoder.dim_ranges[io.PAST_SEQ].min == 0
-    assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {"prefill": llm.max_position_embeddings, "decode": 1}
+    pasts = [n for layer in range(llm.num_hidden_layers) for n in (io.past_key(layer), io.past_value(layer))]
+    K, h, max_seq = llm.num_key_value_heads, llm.head_dim, llm.max_position_embeddings
+    assert decoder.dim_ranges[io.SEQ].max == max_seq
+    if exported.attention == io.FUSED_ATTENTION:
+        assert names == [io.INPUTS_EMBEDS, io.POSITION_IDS, io.SEQLENS_K, io.TOTAL_SEQUENCE_LENGTH, *pasts]
+        assert decoder.inputs[4].dims == decoder.outputs[1].dims == (io.BATCH, K, max_seq, h)     # whole, head-major
+        assert decoder.outputs[1].name == io.present_key(0) and decoder.profiles == ()
+    else:
+        assert names == [io.INPUTS_EMBEDS, io.POSITION_IDS, *pasts]
+        assert decoder.inputs[2].dims == (io.BATCH, io.PAST_SEQ, K, h)      # seq-major
+        assert decoder.outputs[1].dims == (io.BATCH, io.SEQ, K, h)
+        assert decoder.dim_ranges[io.PAST_SEQ].min == 0
+        assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {"prefill": max_seq, "decode": 1}
     assert all(t.doc for stage in (vision, connector, decoder) for t in (*stage.inputs, *stage.outputs))
     assert m.weights[io.EMBEDDING_WEIGHT].shape == (llm.vocab_size + llm.additional_vocab_size, llm.hidden_size)
     assert m.grammar["n_actions"] == 1 and m.verification.status == "not_run"
@@ -89,6 +98,9 @@ def test_linears_are_matmuls_with_in_out_weights_named_after_the_checkpoint(expo
     for stage in io.MODEL_STAGES:
         proto = onnx.load(str(exported.bundle.stage_path(stage)))
         onnx.checker.check_model(proto, full_check=True)
+        contrib = {n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}
+        fused = stage == io.DECODER_STAGE and exported.attention == io.FUSED_ATTENTION
+        assert contrib == ({"GroupQueryAttention"} if fused else set())       # portable graphs: standard ops only
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= DEFAULT_OPSET
         assert not [n for n in proto.graph.node if n.op_type == "Gemm"]
         inits = {t.name: t for t in proto.graph.initializer}
@@ -140,7 +152,10 @@ def test_decoder_matches_the_reference_for_prefill_chunks_and_single_steps(expor
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 12, llm.hidden_size, generator=gen)
     decoder = exported.model.decoder
-    shape = (1, 0, llm.num_key_value_heads, llm.head_dim)
+    K, h, fused = llm.num_key_value_heads, llm.head_dim, exported.attention == io.FUSED_ATTENTION
+    # Portable: the filled prefix, seq-major, grown by each call's new entries. Fused: whole head-major
+    # buffers that each call writes its chunk into, in place.
+    shape = (1, K, llm.max_position_embeddings, h) if fused else (1, 0, K, h)
     past_np = [np.zeros(shape, np.float32) for _ in range(2 * llm.num_hidden_layers)]
     cache = None
     # Prefill 7 tokens on an empty past, then a 3-token chunk, then two single-token steps.
@@ -149,17 +164,41 @@ def test_decoder_matches_the_reference_for_prefill_chunks_and_single_steps(expor
         with torch.inference_mode():
             hidden, cache = decoder(chunk, positions, cache)
         feeds = {io.INPUTS_EMBEDS: chunk.numpy(), io.POSITION_IDS: positions.numpy()}
+        if fused:
+            feeds |= {io.SEQLENS_K: np.array([stop - 1], np.int32), io.TOTAL_SEQUENCE_LENGTH: np.array(stop, np.int32)}
         for layer in range(llm.num_hidden_layers):
             feeds[io.past_key(layer)], feeds[io.past_value(layer)] = past_np[2 * layer], past_np[2 * layer + 1]
         out = stage.run(feeds)
         assert closeness(out[io.HIDDEN_STATES], hidden.numpy()).cosine >= COSINE
         for layer, (key, value) in enumerate(cache):
+            if fused:
+                # Written in place into the fed buffers; nothing past the chunk is touched.
+                assert out[io.present_key(layer)] is past_np[2 * layer]
+                got_key, got_value = past_np[2 * layer][:, :, :stop], past_np[2 * layer + 1][:, :, :stop]
+                assert not past_np[2 * layer][:, :, stop:].any()
+                assert closeness(got_key, key.numpy()).cosine >= COSINE
+                assert closeness(got_value, value.numpy()).cosine >= COSINE
+                continue
             new_key, new_value = out[io.new_key(layer)], out[io.new_value(layer)]
-            assert new_key.shape == (1, stop - start, llm.num_key_value_heads, llm.head_dim)
+            assert new_key.shape == (1, stop - start, K, h)
             assert closeness(new_key, key[:, :, start:stop].transpose(1, 2).numpy()).cosine >= COSINE
             assert closeness(new_value, value[:, :, start:stop].transpose(1, 2).numpy()).cosine >= COSINE
             past_np[2 * layer] = np.concatenate([past_np[2 * layer], new_key], axis=1)
             past_np[2 * layer + 1] = np.concatenate([past_np[2 * layer + 1], new_value], axis=1)
+
+
+def test_the_plain_runner_refuses_a_fused_past_it_cannot_write_in_place(tmp_path_factory):
+    exported = Exported(tmp_path_factory.mktemp("fused"), "D")
+    llm = exported.model.cfg.llm_config
+    stage = OrtStage(exported.bundle, io.DECODER_STAGE, threads=1)
+    block = np.zeros((1, llm.num_key_value_heads, llm.max_position_embeddings, llm.head_dim), np.float32)
+    feeds = {io.INPUTS_EMBEDS: np.zeros((1, 1, llm.hidden_size), np.float32), io.POSITION_IDS: np.zeros((1, 1), np.int64),
+             io.SEQLENS_K: np.zeros(1, np.int32), io.TOTAL_SEQUENCE_LENGTH: np.array(1, np.int32)}
+    for layer in range(llm.num_hidden_layers):
+        feeds[io.past_key(layer)], feeds[io.past_value(layer)] = block.copy(), block.copy()
+    feeds[io.past_value(0)] = block.astype(np.float64)     # would be converted: a copy the run would write into
+    with pytest.raises(EdgeactError, match="past_value.0 must be a C-contiguous float32 array"):
+        stage.run(feeds)
 
 
 @pytest.mark.parametrize("n_actions", [1, 2])
@@ -180,10 +219,15 @@ def test_greedy_decoding_with_the_stages_gives_identical_tokens(exported, n_acti
 
 
 def test_max_seq_and_external_data_options(tmp_path, exported):
-    out = export_bundle(exported.checkpoint, tmp_path / "short", ExportOptions(max_seq=200, external_data=True))
+    out = export_bundle(exported.checkpoint, tmp_path / "short", ExportOptions(max_seq=200, external_data=True,
+                                                                                   attention=exported.attention))
     bundle = load_bundle(out)
     decoder = bundle.stage(io.DECODER_STAGE)
-    assert decoder.dim_ranges[io.SEQ].max == 200 and decoder.dim_ranges[io.PAST_SEQ].max == 199
+    assert decoder.dim_ranges[io.SEQ].max == 200
+    if exported.attention == io.PORTABLE_ATTENTION:
+        assert decoder.dim_ranges[io.PAST_SEQ].max == 199
+    else:
+        assert decoder.inputs[4].dims[2] == 200
     assert decoder.external_data == ("stages/decoder.onnx.data",)
     assert bundle.stage(io.VISION_STAGE).external_data == ("stages/vision.onnx.data",)
     assert bundle.stage(io.CONNECTOR_STAGE).external_data == ("stages/connector.onnx.data",)

@@ -38,11 +38,20 @@ def quantized(sources, tmp_path_factory):
     before = tree_digest(sources["bundle"])
     root = tmp_path_factory.mktemp("quantized")
     # int4 goes under a directory that does not exist yet: quantize creates the parents it needs.
-    results = {name: quantize_bundle(sources["bundle"], root / ("missing-parent" if name == "int4" else "") / name,
+    # TensorRT targets quantize the portable decoder.
+    results = {name: quantize_bundle(sources["portable" if options.target else "bundle"],
+                                     root / ("missing-parent" if name == "int4" else "") / name,
                                      options, sources["calibration"],
                                      report_frames=1, threads=1)
                for name, options in RECIPES.items()}
     return results, before, tree_digest(sources["bundle"])
+
+
+def test_a_tensorrt_target_refuses_the_fused_decoder_before_any_work(sources, tmp_path):
+    with pytest.raises(BundleError, match=r"fused decoder .* which TensorRT \(orin\) cannot run; export the bundle "
+                                          r"with `edgeact export --attention portable`"):
+        quantize_bundle(sources["bundle"], tmp_path / "q", QuantizeOptions("int8", int8_mode="w8a16", target="orin"))
+    assert not (tmp_path / "q").exists()
 
 
 def test_missing_parent_directories_of_the_output_are_created(quantized):
@@ -102,7 +111,8 @@ def test_int8_puts_qdq_only_around_linear_matmuls(quantized, sources):
     source = _graph(sources["bundle"])
     inits = {t.name for t in source.graph.initializer}
     linear = {n.name for n in source.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    attention = {n.name for n in source.graph.node if n.op_type == "MatMul"} - linear
+    # Attention: the activation x activation MatMuls of a portable decoder, the GroupQueryAttention nodes of a fused one.
+    attention = {n.name for n in source.graph.node if n.op_type in ("MatMul", "GroupQueryAttention")} - linear
     graph = _graph(results["int8"].out)
     dq_outputs = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
     readers = {n.name: n for n in graph.graph.node}
@@ -197,7 +207,7 @@ def test_int4_writes_matmulnbits_for_onnxruntime_and_int4_qdq_for_tensorrt(quant
     block = {a.name: a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
     assert block["block_size"] == 32 and block["bits"] == 4
 
-    out = quantize_bundle(sources["bundle"], tmp_path / "orin", QuantizeOptions("int4", target="orin", block_size=32),
+    out = quantize_bundle(sources["portable"], tmp_path / "orin", QuantizeOptions("int4", target="orin", block_size=32),
                           report_frames=0).out
     trt = _graph(out)
     assert "MatMulNBits" not in [n.op_type for n in trt.graph.node]
@@ -259,7 +269,7 @@ def test_cli_quantize_int4_with_fp16_arrays(sources, tmp_path):
 
 def test_cli_quantize_int8_mode_w8a16_needs_no_calibration_and_is_an_int8_option_only(sources, tmp_path, capsys):
     out = tmp_path / "w8a16"
-    rc = main(["quantize", str(sources["bundle"]), "--precision", "int8", "--int8-mode", "w8a16", "--target", "orin",
+    rc = main(["quantize", str(sources["portable"]), "--precision", "int8", "--int8-mode", "w8a16", "--target", "orin",
                "--stages", "decoder", "--report-frames", "0", "--no-verify", "--out", str(out), "--threads", "1"])
     q = load_bundle(out).manifest.quantization
     assert rc == 0 and q.recipe == "int8-w8a16-qdq" and q.options["int8_mode"] == "w8a16"

@@ -32,13 +32,13 @@ _EXPORTS: dict[str, "Exported"] = {}
 class Exported:
     """A tiny synthetic checkpoint, its fp32 bundle, and what turns a frame into stage inputs."""
 
-    def __init__(self, root, variant: str):
+    def __init__(self, root, variant: str, attention: str = io.FUSED_ATTENTION):
         from edgeact.export.bundle_export import ExportOptions, export_bundle
         from edgeact.export.synthetic import make_checkpoint
 
-        self.variant = variant
+        self.variant, self.attention = variant, attention
         self.checkpoint = make_checkpoint(variant, "tiny", seed=5, out_dir=root / "checkpoint")
-        self.bundle_dir = export_bundle(self.checkpoint, root / "bundle", ExportOptions(max_seq=MAX_SEQ))
+        self.bundle_dir = export_bundle(self.checkpoint, root / "bundle", ExportOptions(max_seq=MAX_SEQ, attention=attention))
         self.bundle = load_bundle(self.bundle_dir)
         self.tokenizer = load_tokenizer(self.bundle.path("tokenizer.json"))
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
@@ -74,10 +74,12 @@ class Exported:
                                allowed_token_fn=MaskedGreedyConstraint(grammar, depth_codes=depth_codes, trace=trace)).token_ids
 
 
-def exported_bundle(tmp_path_factory, variant: str) -> Exported:
-    if variant not in _EXPORTS:
-        _EXPORTS[variant] = Exported(tmp_path_factory.mktemp(f"runtime_bundle_{variant}"), variant)
-    return _EXPORTS[variant]
+def exported_bundle(tmp_path_factory, variant: str, attention: str = io.FUSED_ATTENTION) -> Exported:
+    """The tiny bundle of a variant with this form of the decoder (fused: the CPU default), exported once per session."""
+    if (variant, attention) not in _EXPORTS:
+        _EXPORTS[variant, attention] = Exported(tmp_path_factory.mktemp(f"runtime_bundle_{variant}_{attention}"),
+                                                variant, attention)
+    return _EXPORTS[variant, attention]
 
 
 def choices_made(grammar: AnswerGrammar, tokens, depth_codes=None, trace=None) -> int:
@@ -113,9 +115,10 @@ class Runner:
         return self.program.run(prompt, features, inputs.pooled_patches_idx, image_size_px=FRAME_PX, **forced)
 
 
-@pytest.fixture(scope="module", params=["D", "O"])
+@pytest.fixture(scope="module", params=[(v, a) for a in io.DECODER_ATTENTIONS for v in ("D", "O")],
+                ids=lambda p: "-".join(p))
 def exported(request, tmp_path_factory):
-    return exported_bundle(tmp_path_factory, request.param)
+    return exported_bundle(tmp_path_factory, *request.param)
 
 
 FORCED_DEPTH = (np.arange(100) * 37) % 128

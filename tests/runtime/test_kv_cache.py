@@ -27,6 +27,57 @@ def decoder_spec(n_layers=3, kv_heads=2, head_dim=8, width=32, max_seq=40) -> St
                      dim_ranges={b: (1, 1, 1), s: (1, 8, max_seq), p: (0, 8, max_seq - 1)})
 
 
+def fused_decoder_spec(n_layers=2, kv_heads=2, head_dim=4, width=16, max_seq=12, buffer=None) -> StageSpec:
+    b, s = io.BATCH, io.SEQ
+    block = (b, kv_heads, buffer or max_seq, head_dim)
+    inputs = [TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, width)), TensorSpec(io.POSITION_IDS, "int64", (b, s)),
+              TensorSpec(io.SEQLENS_K, "int32", (b,)), TensorSpec(io.TOTAL_SEQUENCE_LENGTH, "int32", ())]
+    outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, width))]
+    for layer in range(n_layers):
+        inputs += [TensorSpec(io.past_key(layer), "float32", block), TensorSpec(io.past_value(layer), "float32", block)]
+        outputs += [TensorSpec(io.present_key(layer), "float32", block),
+                    TensorSpec(io.present_value(layer), "float32", block)]
+    return StageSpec("decoder", "stages/decoder.onnx", "fp32", inputs, outputs, dim_ranges={b: (1, 1, 1), s: (1, 8, max_seq)})
+
+
+def test_the_fused_layout_is_head_major_with_sequence_major_views():
+    layout = CacheLayout.from_stage(fused_decoder_spec())
+    assert layout.fused and not CacheLayout.from_stage(decoder_spec()).fused
+    assert (layout.n_layers, layout.max_seq, layout.kv_heads, layout.head_dim) == (2, 12, 2, 4)
+    assert layout.block_shape == (1, 2, 12, 4) and layout.nbytes == 2 * 2 * 12 * 2 * 4 * 4
+    lengths = layout.chunk_feeds(past=5, n=3)
+    assert lengths[io.SEQLENS_K].tolist() == [7] and lengths[io.SEQLENS_K].dtype == np.int32
+    assert lengths[io.TOTAL_SEQUENCE_LENGTH].shape == () and int(lengths[io.TOTAL_SEQUENCE_LENGTH]) == 8
+    assert CacheLayout.from_stage(decoder_spec()).chunk_feeds(5, 3) == {}
+    cache = KVCache(layout)
+    cache.block(1, VALUE)[0, 1, 4] = 7.0          # head 1, position 4, as stored
+    assert cache.values.shape == (2, 1, 12, 2, 4) and (cache.values[1, 0, 4, 1] == 7.0).all()
+    cache.reserve(5)
+    cache.commit(5)
+    assert cache.prefix(1, VALUE).shape == (1, 5, 2, 4) and (cache.prefix(1, VALUE)[0, 4, 1] == 7.0).all()
+    feeds = cache.past_feeds()                     # the whole blocks, bound in place, never the prefixes
+    assert feeds[io.past_value(1)].shape == (1, 2, 12, 4) and np.shares_memory(feeds[io.past_value(1)], cache.values)
+    assert cache.pointer(1, VALUE) == cache.block(1, VALUE).ctypes.data
+    with pytest.raises(EdgeactError, match="head-major: positions are not contiguous"):
+        cache.pointer(1, VALUE, 3)
+    with pytest.raises(EdgeactError, match="writes its chunk into the cache blocks .* commit"):
+        cache.append({}, 1)
+    with pytest.raises(BundleError, match="cache buffers of 10 positions but dim_ranges.seq.max is 12"):
+        CacheLayout.from_stage(fused_decoder_spec(buffer=10))
+
+
+def test_past_feeds_from_sequence_major_arrays_in_either_form():
+    rng = np.random.default_rng(0)
+    keys, values = rng.standard_normal((2, 2, 1, 6, 2, 4)).astype(np.float32)     # (layers, 1, T, K, h)
+    fused = CacheLayout.from_stage(fused_decoder_spec()).past_from(keys, values, past=4)
+    block = fused[io.past_key(1)]
+    assert block.shape == (1, 2, 12, 4) and not block[:, :, 4:].any()
+    np.testing.assert_array_equal(block[:, :, :4], keys[1][:, :4].transpose(0, 2, 1, 3))
+    portable = CacheLayout.from_stage(decoder_spec(n_layers=2, kv_heads=2, head_dim=4)).past_from(keys, values, past=4)
+    assert portable[io.past_value(0)].flags.c_contiguous
+    np.testing.assert_array_equal(portable[io.past_value(0)], values[0][:, :4])
+
+
 def test_layout_is_read_off_the_decoder_stage():
     layout = CacheLayout.from_stage(decoder_spec())
     assert (layout.n_layers, layout.max_seq, layout.kv_heads, layout.head_dim, layout.hidden_size) == (3, 40, 2, 8, 32)
@@ -69,23 +120,24 @@ def test_the_plain_runner_feeds_filled_prefixes_and_copies_new_entries_in():
     cache = KVCache(CacheLayout.from_stage(decoder_spec(n_layers=2, kv_heads=2, head_dim=4, max_seq=9)))
     new = {name: np.full((1, 3, 2, 4), float(layer + 1), np.float32)
            for layer in range(2) for name in (io.new_key(layer), io.new_value(layer))}
-    cache.append(new)
+    cache.append(new, 3)
     past = cache.past_feeds()[io.past_key(1)]
     assert past.shape == (1, 3, 2, 4) and past.flags.c_contiguous and np.shares_memory(past, cache.keys)
     assert (past == 2.0).all() and (cache.values[0, 0, :3] == 1.0).all() and (cache.keys[:, :, 3:] == 0).all()
     cache.rewind(1)
     assert cache.past_feeds()[io.past_value(0)].shape == (1, 1, 2, 4)
-    cache.append(new)
-    cache.append(new)
+    cache.append(new, 3)
+    cache.append(new, 3)
     with pytest.raises(SequenceTooLongError, match="10 positions exceed the bundle's max_seq 9"):
-        cache.append(new)
+        cache.append(new, 3)
     assert cache.length == 7 and cache.max_seq == 9
     with pytest.raises(EdgeactError, match="cannot rewind a cache of 7 positions to 8"):
         cache.rewind(8)
 
 
-def test_decode_steps_allocate_nothing_per_token(tmp_path_factory):
-    exported = exported_bundle(tmp_path_factory, "D")
+@pytest.mark.parametrize("attention", io.DECODER_ATTENTIONS)
+def test_decode_steps_allocate_nothing_per_token(tmp_path_factory, attention):
+    exported = exported_bundle(tmp_path_factory, "D", attention)
     engine = open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=64)
     assert engine.layout.max_seq == MAX_SEQ
     engine.embeds[:64] = np.random.default_rng(0).standard_normal((64, engine.layout.hidden_size))

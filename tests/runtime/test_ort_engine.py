@@ -16,9 +16,10 @@ from edgeact.runtime.ort_engine import OrtOptions, make_session, recorded_graph_
 from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
 
 
-@pytest.fixture(scope="module", params=["D", "O"])
+@pytest.fixture(scope="module", params=[(v, a) for a in io.DECODER_ATTENTIONS for v in ("D", "O")],
+                ids=lambda p: "-".join(p))
 def exported(request, tmp_path_factory):
-    return exported_bundle(tmp_path_factory, request.param)
+    return exported_bundle(tmp_path_factory, *request.param)
 
 
 def plain_session(bundle, stage):
@@ -33,13 +34,18 @@ def test_decoder_engine_matches_a_plain_session_chunk_by_chunk(exported):
     session = plain_session(bundle, io.DECODER_STAGE)
     layout = engine.layout
     assert (layout.max_seq, layout.n_layers) == (MAX_SEQ, bundle.config.llm_config.num_hidden_layers)
+    assert layout.fused == (exported.attention == io.FUSED_ATTENTION)
     rng = np.random.default_rng(0)
     embeds = rng.standard_normal((24, layout.hidden_size)).astype(np.float32)
-    past = [np.zeros((1, 0, layout.kv_heads, layout.head_dim), np.float32) for _ in range(2 * layout.n_layers)]
+    # The plain session's past: portable, the filled prefix grown by each call's new entries; fused, whole
+    # buffers of its own that the session returns updated (presents, not shared with the past).
+    shape = layout.block_shape if layout.fused else (1, 0, layout.kv_heads, layout.head_dim)
+    past = [np.zeros(shape, np.float32) for _ in range(2 * layout.n_layers)]
     # An empty past, a 7-token chunk, single steps, and a full max_chunk chunk.
     for start, stop in ((0, 7), (7, 8), (8, 9), (9, 10), (10, 24 - 8), (16, 24)):
         n = stop - start
-        feeds = {io.INPUTS_EMBEDS: embeds[None, start:stop], io.POSITION_IDS: np.arange(start, stop)[None]}
+        feeds = {io.INPUTS_EMBEDS: embeds[None, start:stop], io.POSITION_IDS: np.arange(start, stop)[None],
+                 **layout.chunk_feeds(start, n)}
         for layer in range(layout.n_layers):
             feeds[io.past_key(layer)], feeds[io.past_value(layer)] = past[2 * layer], past[2 * layer + 1]
         want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -50,9 +56,18 @@ def test_decoder_engine_matches_a_plain_session_chunk_by_chunk(exported):
         assert engine.length == stop
         for layer in range(layout.n_layers):
             for kind, name in ((KEY, io.new_key(layer)), (VALUE, io.new_value(layer))):
+                if layout.fused:
+                    # Written by onnxruntime in place into the cache blocks bound as past and present.
+                    name = io.present_key(layer) if kind == KEY else io.present_value(layer)
+                    np.testing.assert_allclose(engine.cache.block(layer, kind)[:, :, :stop], want[name][:, :, :stop],
+                                               rtol=1e-6, atol=1e-6)
+                    past[2 * layer + kind] = np.ascontiguousarray(want[name])
+                    continue
                 # The new entries were written by onnxruntime straight into the cache, after the past.
                 np.testing.assert_allclose(engine.cache.block(layer, kind)[:, start:stop], want[name], rtol=1e-6, atol=1e-6)
                 past[2 * layer + kind] = np.concatenate([past[2 * layer + kind], want[name]], axis=1)
+    # Sequence-major views of the cache, whichever layout it is stored in.
+    assert engine.cache.keys.shape == (layout.n_layers, 1, MAX_SEQ, layout.kv_heads, layout.head_dim)
 
 
 def test_vision_and_connector_engines_match_plain_sessions(exported):
@@ -77,7 +92,7 @@ def test_vision_and_connector_engines_match_plain_sessions(exported):
 def test_the_cache_is_sized_from_the_manifest_and_overflow_is_refused(tmp_path_factory):
     exported = exported_bundle(tmp_path_factory, "D")
     engine = open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=128)
-    assert engine.cache.block(0, KEY).shape[1] == exported.bundle.stage(io.DECODER_STAGE).dim_ranges[io.SEQ].max
+    assert engine.cache.keys.shape[2] == exported.bundle.stage(io.DECODER_STAGE).dim_ranges[io.SEQ].max
     for _ in range(MAX_SEQ // 128):
         engine.step(128)
     with pytest.raises(SequenceTooLongError, match=rf"{MAX_SEQ + 1} positions exceed the bundle's max_seq {MAX_SEQ}"):
@@ -99,8 +114,14 @@ def test_options_are_validated_and_name_the_fix(tmp_path_factory):
         open_backend("openvino")
     assert {"onnxruntime", "tensorrt"} <= set(backend_names())
     if "CUDAExecutionProvider" not in ort.get_available_providers():
+        portable = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle
         with pytest.raises(ConfigError, match="no CUDAExecutionProvider.*install onnxruntime-gpu"):
-            open_backend("onnxruntime", provider="cuda").decoder(bundle, 8)
+            open_backend("onnxruntime", provider="cuda").decoder(portable, 8)
+    # The fused decoder is onnxruntime's CPU kernel: a GPU provider is refused before any session is made.
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(BundleError, match=rf"fused decoder .* onnxruntime's {provider} provider cannot run; "
+                                              r"export the bundle with `edgeact export --attention portable`"):
+            open_backend("onnxruntime", provider=provider).decoder(bundle, 8)
 
 
 def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_factory, tmp_path):
@@ -126,7 +147,7 @@ def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_fa
 
 
 def test_tensorrt_ep_profiles_come_from_the_manifest(tmp_path_factory):
-    spec = exported_bundle(tmp_path_factory, "D").bundle.stage(io.DECODER_STAGE)
+    spec = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle.stage(io.DECODER_STAGE)
     options = trt_profile_options(spec)
     entries = {k: v.split(",") for k, v in options.items()}
     n_inputs = len(spec.inputs)

@@ -39,7 +39,7 @@ def _record(stage="decoder", target="h100", cc="9.0", version=FAKE_TRT_VERSION, 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return exported_bundle(tmp_path_factory, "D")
+    return exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION)      # TensorRT takes the portable decoder
 
 
 # ------------------------------------------------------------------------------- pure logic
@@ -87,6 +87,15 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch):
 
 
 # ----------------------------------------------------------------- the runner, end to end
+def test_a_fused_decoder_is_refused_naming_the_portable_export(tmp_path_factory, tmp_path, monkeypatch):
+    fused = exported_bundle(tmp_path_factory, "D")
+    bundle = _with_records(fused, tmp_path, [_record()], plans=True)
+    _install_fakes(monkeypatch)
+    with pytest.raises(BundleError, match=r"fused decoder .* TensorRT cannot run; export the bundle with "
+                                          r"`edgeact export --attention portable`"):
+        open_backend("tensorrt").decoder(bundle, max_chunk=32)
+
+
 def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
     bundle = _with_records(exported, tmp_path, [_record()], plans=True)
     calls = _install_fakes(monkeypatch)
