@@ -188,11 +188,12 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
         check_cuda(torch, onnxruntime)       # before minutes of export: a machine without a GPU is told at once
     checkpoint = ensure_checkpoint(checkpoint, options.size, options.seed).absolute()
     step("checkpoint")
+    # onnxruntime's CUDA EP runs the portable decoder (the fused one is its CPU EP's)
+    attention = PORTABLE_ATTENTION if options.device == "cuda" else FUSED_ATTENTION
     bundles = prepare_bundles(checkpoint, bundles_dir or out_dir / "bundles", options.precisions, seed=options.seed,
                               threads=options.threads, calibration_samples=options.calibration_samples,
                               fresh=options.fresh, on_step=step,
-                              # onnxruntime's CUDA EP runs the portable decoder (the fused one is its CPU EP's)
-                              attention=PORTABLE_ATTENTION if options.device == "cuda" else FUSED_ATTENTION)
+                              attention=attention)
     threads = options.resolved_threads
     torch.set_num_threads(threads)
     backend = {"provider": options.device} if options.device != "cpu" else None
@@ -233,6 +234,7 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
                    "source": "synthetic camera, held-out views", "instructions": [i for _, i in frames],
                    "crops": crops, "max_crops": max_crops, "prompt_tokens": [r.prompt_tokens for r in runs[REFERENCE]]}
     report = {"command": command, "checkpoint": str(checkpoint), "bundles": {k: str(v) for k, v in bundles.items()},
+              "decoder_attention": attention,
               "machine": machine, "frames": frames_info, "systems": systems, "bandwidth": asdict(bandwidth),
               "decode_context_tokens": past, "decode": decode, "memory": memory,
               "wall_s": round(time.perf_counter() - began, 1)}

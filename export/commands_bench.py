@@ -135,7 +135,8 @@ def policy_tables(report: dict) -> list:
                           f"{m['threads']} threads, medians)",
                     caption="(a) = generate_greedy on the PyTorch model with the grammar mask (MaskedGreedyConstraint): "
                             "KV-cached, one decoder call per answer token, the full model's logits each step -- the fair "
-                            "cached implementation. edgeact = BundlePolicy.infer (onnxruntime, decode program).\n"
+                            "cached implementation. edgeact = BundlePolicy.infer (onnxruntime, decode program, "
+                            f"{report.get('decoder_attention', 'portable')} decoder).\n"
                             "Forced depth: the 100 depth codes are given -- here the codes (a) produced for that frame. On "
                             "the robot the depth sensor's image gives them through the depth tokenizer stage (`edgeact "
                             "add-depth-tokenizer`), which these bundles do not have: its cost is not included.\n"

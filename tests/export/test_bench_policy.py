@@ -4,14 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
 from edgeact.export import commands_bench
-from edgeact.export.bench_bundles import default_recipe, ensure_checkpoint, exported_from, prepare_bundles
+from edgeact.export.bench_bundles import default_recipe, ensure_checkpoint, exported_from, prepare_bundles, quantized_from
+from edgeact.export.bundle_export import ExportOptions, export_bundle
 from edgeact.export.bench_policy import JSON_NAME, REFERENCE, PolicyBenchOptions, bench_policy, check_cuda
+from edgeact.runtime import stage_io as io
+from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.errors import ConfigError
 
 
@@ -93,7 +97,7 @@ def test_tables_carry_the_ratios_and_footnotes(bench):
         console.print(table)
     text = console.export_text()
     for needle in ("(a) PyTorch reference (generate_greedy)", "edgeact int4, forced depth", "MaskedGreedyConstraint",
-                   "add-depth-tokenizer", "of limit", "peak / budget", "1.00x"):
+                   "add-depth-tokenizer", "of limit", "peak / budget", "1.00x", "fused decoder"):
         assert needle in text
     assert len(commands_bench.policy_tables({**report, "memory": []})) == 2    # --device cuda: no host-memory table
 
@@ -109,6 +113,16 @@ def test_valid_bundles_are_reused(bench):
     other = ensure_checkpoint(root / "other", "tiny", seed=1)
     assert exported_from(root / "out" / "bundles" / "fp32", (root / "ckpt").absolute())
     assert not exported_from(root / "out" / "bundles" / "fp32", other.absolute())
+    # A CPU bench runs the fused decoder; the portable form (onnxruntime's CUDA EP) is another bundle, and a
+    # quantized bundle of one form is never reused over an fp32 bundle of the other.
+    assert load_bundle(manifests[0].parent).stage(io.DECODER_STAGE).inputs[2].name == io.SEQLENS_K
+    assert not exported_from(root / "out" / "bundles" / "fp32", (root / "ckpt").absolute(), io.PORTABLE_ATTENTION)
+    portable = root / "portable"
+    export_bundle(root / "ckpt", portable / "fp32", ExportOptions(attention=io.PORTABLE_ATTENTION))
+    name, recipe = default_recipe("int4")
+    shutil.copytree(root / "out" / "bundles" / name, portable / name)
+    assert quantized_from(root / "out" / "bundles" / name, root / "out" / "bundles" / "fp32", recipe)
+    assert not quantized_from(portable / name, portable / "fp32", recipe)
 
 
 def test_options_are_checked():
