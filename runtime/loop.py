@@ -120,18 +120,26 @@ class RobotLoop:
         finally:
             self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
             self._stop.set()
-            for thread in threads:
-                thread.join(JOIN_S)
-                if thread.is_alive():
-                    log.error("thread %s still busy %.0f s after the stop; going on without it", thread.name, JOIN_S)
+            # The control thread ends within a tick, and the robot goes to its safe state right after its last
+            # command; only then is the planner waited for, which may be inside a policy step of seconds.
+            # Waiting for it first left the motors uncommanded until the driver's watchdog tripped.
+            self._join(threads[:1])
             reason, detail, error = self._ended
             if not self.robot.estopped:                 # a latched e-stop already applied the safe state
                 self._bounded(lambda: self.robot.go_safe("exit", f"loop ended: {reason} ({detail})"))
+            self._join(threads[1:])
             with self._frames_lock:                     # no frame event after the stop event
                 self._finished = True
                 self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
                          self.stale_frames, error, self.control_scheduling)
+
+    @staticmethod
+    def _join(threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join(JOIN_S)
+            if thread.is_alive():
+                log.error("thread %s still busy %.0f s after the stop; going on without it", thread.name, JOIN_S)
 
     def _supervise(self, start_s: float, duration_s: float | None, progress) -> None:
         stall_s = self.settings.control_stall_s

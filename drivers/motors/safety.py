@@ -169,6 +169,7 @@ class SafetyGuard(MotorsBus):
                 error = str(e)
                 log.error("could not reach safe state %r after %s: %s", state, reason, e)
             self._forget_reference()
+            self._watchdog.disarm()     # safe now: the watchdog waits for the next command to re-arm it
             trip = SafetyTrip(reason, state, time.monotonic(), detail, error)
             self.trips.append(trip)
         if self.on_trip is not None:

@@ -147,6 +147,20 @@ def test_run_paces_follows_plans_and_ends_with_torque_off(sim):
     assert torque(sim) == [0] * 6
 
 
+def test_the_end_puts_the_robot_safe_at_once_while_a_long_policy_step_finishes(sim):
+    # A policy step (1.2 s) longer than the driver's watchdog (0.5 s) is running when the duration ends: the exit
+    # safe state follows the last command within a tick, and the watchdog never has to act.
+    config = robot_config_from_dict(config_data(sim, latency_s=1.2, limits={"watchdog_timeout_s": 0.5}))
+    events = Collect()
+    result = run_robot(config, 1.6, [events])
+    trips = [t.trip for t in events.of(TripEvent)]
+    assert result.reason == "duration" and result.plans >= 1
+    assert {t.reason for t in trips} == {"exit"}, [(t.reason, t.detail) for t in trips]   # the loop's, the guard's
+    last_command = events.of(CommandEvent)[-1].time_s
+    assert trips[0].time_s - last_command < 0.25
+    assert torque(sim) == [0] * 6
+
+
 def test_policy_exception_stops_safely_and_flushes_the_recording(sim, tmp_path):
     config = robot_config_from_dict(config_data(sim))
     scripted = ScriptedPolicyConfig(latency_s=0.02).make_policy(PolicyContext(10.0))
