@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeact.export.model_inputs import ModelInputError
-from edgeact.export.model_layers import RMSNorm, activation, grouped_attention
+from edgeact.export.model_layers import RMSNorm, activation, grouped_attention, merge_heads, split_heads
 from edgeact.runtime.arm_config import LlmConfig
 from edgeact.runtime.errors import ConfigError
 
@@ -55,11 +55,14 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, h) by the given angles; done in float32 so bf16 positions stay exact."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotate (B, heads, T, head_dim) by the given angles; done in float32 so bf16 positions stay exact.
+
+    head_dim is the config's Python int, not x.shape[-1]: an export then splits the halves with one
+    constant Split instead of shape arithmetic that every decode step would run."""
     x32 = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    first, second = x32.split((head_dim // 2, head_dim // 2), dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
@@ -84,7 +87,7 @@ class DecoderAttention(nn.Module):
         self.attn_out = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
+        return split_heads(x, n, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor | None,
@@ -97,15 +100,15 @@ class DecoderAttention(nn.Module):
         q, k, v = self.att_proj(x).split(self.split, dim=-1)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(self._heads(q, self.n_heads), cos, sin)
-        k = apply_rope(self._heads(k, self.n_kv), cos, sin)
+        q = apply_rope(self._heads(q, self.n_heads), cos, sin, self.head_dim)
+        k = apply_rope(self._heads(k, self.n_kv), cos, sin, self.head_dim)
         v = self._heads(v, self.n_kv)
         if attend is None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             out = grouped_attention(q, k, v, mask, float32_scores=False)
         else:
             out, k, v = attend(q, k, v, past_k, past_v)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
+        out = merge_heads(out.transpose(1, 2), self.n_heads * self.head_dim)
         return self.attn_out(out), k, v
 
 
@@ -115,11 +118,13 @@ class DecoderMlp(nn.Module):
     def __init__(self, cfg: LlmConfig):
         super().__init__()
         self.ff_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.halves = (cfg.intermediate_size, cfg.intermediate_size)
         self.ff_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act, "llm_config.hidden_act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, gate = self.ff_proj(x).chunk(2, dim=-1)
+        # Split by the config's sizes, not chunk(2): an export gets one constant Split, no shape arithmetic.
+        up, gate = self.ff_proj(x).split(self.halves, dim=-1)
         return self.ff_out(self.act(gate) * up)
 
 

@@ -62,6 +62,38 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class _ConstantReshape(torch.autograd.Function):
+    """x.reshape to `shape` where 0 keeps x's size at that position (-1: inferred): exported as one Reshape
+    to a constant.
+
+    Traced, x.reshape(x.shape[0], x.shape[1], n, h) records a Shape, Gather, Unsqueeze and Concat per
+    dynamic dim, nodes a decode step runs for every head split of every layer. ONNX's Reshape takes
+    0 as "keep this dim", so the shape can be a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape: tuple[int, ...]):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def split_heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
+    """(B, T, n * head_dim) -> (B, T, n, head_dim); n and head_dim are Python ints (constants in an export)."""
+    if torch.onnx.is_in_onnx_export():
+        return _ConstantReshape.apply(x, (0, -1, n, head_dim))
+    return x.unflatten(-1, (n, head_dim))
+
+
+def merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T, n, head_dim) -> (B, T, width = n * head_dim), the inverse of split_heads."""
+    if torch.onnx.is_in_onnx_export():
+        return _ConstantReshape.apply(x, (0, -1, width))
+    return x.flatten(2)
+
+
 def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -26,7 +26,7 @@ from torch import nn
 
 from edgeact.export.decoder import causal_mask
 from edgeact.export.model import MolmoActModel
-from edgeact.export.model_layers import grouped_attention
+from edgeact.export.model_layers import grouped_attention, merge_heads, split_heads
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import TensorSpec
@@ -142,10 +142,10 @@ class FusedDecoderStage(nn.Module):
         n_heads, n_kv, h = self.heads
 
         def attend(q, k, v, past_k, past_v):
-            flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]
+            flat = [merge_heads(t.transpose(1, 2), n * h) for t, n in ((q, n_heads), (k, n_kv), (v, n_kv))]
             out, present_k, present_v = _GroupQueryAttention.apply(
                 *flat, past_k, past_v, seqlens_k, total_sequence_length, n_heads, n_kv, 1.0 / math.sqrt(h))
-            return out.unflatten(2, (n_heads, h)).transpose(1, 2), present_k, present_v
+            return split_heads(out, n_heads, h).transpose(1, 2), present_k, present_v
 
         past = [(cache[2 * i], cache[2 * i + 1]) for i in range(self.n_layers)]
         hidden, present = self.model["transformer"](inputs_embeds, position_ids, past, attend=attend)

@@ -14,9 +14,10 @@ right after it: the backends bind `new_key.L` straight into `pointer(L, KEY, len
 cache is never copied or grown. Capacity is the stage's `dim_ranges["seq"].max` (the exporter's
 max_seq), never a literal. The storage is host memory (numpy) unless a backend passes an
 allocator for device memory (CUDA), in which case only pointers are handed out. A host cache
-also serves the plain onnxruntime runner (runtime/ort_stages.py), which feeds the prefixes
-(fused: the whole blocks) by name and copies each call's new keys/values in (`past_feeds`, `append`).
-`keys` / `values` / `prefix` are sequence-major views in either layout.
+also serves the plain onnxruntime runner (runtime/ort_stages.py), which feeds the prefixes by name
+and copies each call's new keys/values in (`past_feeds`, `append`); with the fused form it feeds the
+whole blocks, which the run updates in place. `keys` / `values` / `prefix` are sequence-major views
+in either layout.
 """
 from __future__ import annotations
 

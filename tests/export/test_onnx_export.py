@@ -249,3 +249,14 @@ def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exporte
     graph = onnx.load(str(exported.bundle.stage_path(io.DECODER_STAGE)), load_external_data=False).graph
     perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
     assert perms and all(len(p) <= 4 for p in perms), perms
+
+
+def test_the_fused_decoder_has_no_shape_arithmetic(exported):
+    """Every reshape and split of the decoder's layers has a constant shape (heads, RoPE halves, the MLP's
+    halves), so a decode step runs no Shape/Gather/Concat chains: the fused graph has no Shape node at all."""
+    graph = onnx.load(str(exported.bundle.stage_path(io.DECODER_STAGE)), load_external_data=False).graph
+    shapes = [n.name for n in graph.node if n.op_type == "Shape"]
+    if exported.attention == io.FUSED_ATTENTION:
+        assert not shapes, shapes
+    else:       # the portable attention reshapes by the chunk's and the past's lengths: one Shape per use, no more
+        assert len(shapes) <= 8 * exported.model.cfg.llm_config.num_hidden_layers
