@@ -58,9 +58,9 @@ def measure_bandwidth(array_bytes: int = DEFAULT_PROBE_BYTES, threads: int = 1, 
     copies), as the decoder's intra-op threads do: one core alone rarely saturates the memory bus.
     The read rate is the best of three streaming reads: np.sum, a BLAS dot of each slice with itself,
     and an OR-reduction of its bits. np.sum alone is not enough: its pairwise summation is bound by
-    arithmetic near 19 GB/s a core on this project's CI machine, where the other two stream 45 GB/s
-    on 2 cores and an fp32 decoder's GEMVs 49 GB/s. The best of `repeats` is kept: other processes
-    only ever make a run slower.
+    arithmetic (19 GB/s a core, 37-40 GB/s on 2 cores of the 2-core machine this was measured on),
+    where the dot streams 64-68 GB/s and an fp32 decoder's GEMVs 49 GB/s. The best of `repeats` is
+    kept: other processes only ever make a run slower.
     """
     if array_bytes < (1 << 20) or threads < 1 or repeats < 1:
         raise ConfigError(f"bandwidth probe of {array_bytes} bytes, {threads} threads, {repeats} repeats: use at "
