@@ -62,9 +62,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
 
     from edgeact.export.bundle_writer import BundleWriter
     from edgeact.export.checkpoint import load_model
-    from edgeact.export.onnx_export import (
-        DEFAULT_OPSET, DecoderStage, FusedDecoderStage, decoder_io, export_stage, fused_decoder_io,
-    )
+    from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, FusedDecoderStage, decoder_io, export_stage
     from edgeact.runtime.bundle import sha256_file
     from edgeact.runtime.grammar import AnswerGrammar
     from edgeact.runtime.preprocess import ImagePreprocessor
@@ -92,7 +90,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
         step(EXPORT_STEPS[1])
 
         if options.attention == io.FUSED_ATTENTION:
-            din, dout = fused_decoder_io(model, max_seq)
+            din, dout = decoder_io(model, fused_max_seq=max_seq)
             stage, example = FusedDecoderStage(model), _fused_decoder_example(model, max_seq)
             doc = ("the LLM trunk for prefill chunks and single decode steps alike, fused form: each layer's "
                    "attention is onnxruntime's GroupQueryAttention writing the chunk into the (1, K, max_seq, h) "

@@ -191,49 +191,39 @@ def connector_io(model: MolmoActModel, patches_per_token: int) -> tuple[list[Ten
     return inputs, outputs
 
 
-def fused_decoder_io(model: MolmoActModel, max_seq: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The fused form's contract: the cache buffers are whole, head-major and fixed at max_seq positions."""
-    l = model.cfg.llm_config
-    K, h, D = l.num_key_value_heads, l.head_dim, l.hidden_size
-    b, s = io.BATCH, io.SEQ
-    inputs = [
-        TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, D),
-                   "embeddings of the chunk's tokens (the `embedding` table row; plus the image feature at <im_patch>)"),
-        TensorSpec(io.POSITION_IDS, "int64", (b, s), "RoPE positions: past + 0 .. seq-1"),
-        TensorSpec(io.SEQLENS_K, "int32", (b,), "past + seq - 1 per row: where the chunk's last entry is written"),
-        TensorSpec(io.TOTAL_SEQUENCE_LENGTH, "int32", (), "past + seq: positions attended to (causal within the chunk)"),
-    ]
-    outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, D),
-                          "hidden states after the final norm; logits = hidden_states @ lm_head.T")]
-    for n in range(l.num_hidden_layers):
-        inputs += [
-            TensorSpec(io.past_key(n), "float32", (b, K, max_seq, h),
-                       f"layer {n} key cache, head-major, the whole buffer (RoPE applied); positions >= past unread"),
-            TensorSpec(io.past_value(n), "float32", (b, K, max_seq, h), f"layer {n} value cache, the whole buffer"),
-        ]
-        outputs += [
-            TensorSpec(io.present_key(n), "float32", (b, K, max_seq, h),
-                       f"layer {n} key cache with the chunk written at [past, past + seq): bind it to past_key.{n}'s "
-                       "memory and onnxruntime updates the cache in place"),
-            TensorSpec(io.present_value(n), "float32", (b, K, max_seq, h), f"layer {n} value cache, as present_key"),
-        ]
-    return inputs, outputs
-
-
-def decoder_io(model: MolmoActModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def decoder_io(model: MolmoActModel, fused_max_seq: int | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The portable decoder's contract; with fused_max_seq, the fused form's: the cache buffers are then
+    whole, head-major and fixed at that many positions, and the chunk's lengths are inputs."""
     l = model.cfg.llm_config
     K, h, D = l.num_key_value_heads, l.head_dim, l.hidden_size
     b, s, p = io.BATCH, io.SEQ, io.PAST_SEQ
+    fused = fused_max_seq is not None
     inputs = [
         TensorSpec(io.INPUTS_EMBEDS, "float32", (b, s, D),
                    "embeddings of the chunk's tokens (the `embedding` table row; plus the image feature at <im_patch>)"),
         TensorSpec(io.POSITION_IDS, "int64", (b, s),
+                   "RoPE positions: past + 0 .. seq-1" if fused else
                    "RoPE positions: past_seq + 0 .. seq-1. Attention is causal from the shapes alone (no mask "
                    "input): every row of a batch has the same past, no padding (batch 1 on the robot)"),
     ]
+    if fused:
+        inputs += [
+            TensorSpec(io.SEQLENS_K, "int32", (b,), "past + seq - 1 per row: where the chunk's last entry is written"),
+            TensorSpec(io.TOTAL_SEQUENCE_LENGTH, "int32", (), "past + seq: positions attended to (causal within the chunk)"),
+        ]
     outputs = [TensorSpec(io.HIDDEN_STATES, "float32", (b, s, D),
                           "hidden states after the final norm; logits = hidden_states @ lm_head.T")]
     for n in range(l.num_hidden_layers):
+        if fused:
+            block = (b, K, fused_max_seq, h)
+            inputs += [TensorSpec(io.past_key(n), "float32", block, f"layer {n} key cache, head-major, the whole buffer "
+                                                                     "(RoPE applied); positions >= past unread"),
+                       TensorSpec(io.past_value(n), "float32", block, f"layer {n} value cache, the whole buffer")]
+            outputs += [TensorSpec(io.present_key(n), "float32", block,
+                                   f"layer {n} key cache with the chunk written at [past, past + seq): bind it to "
+                                   f"past_key.{n}'s memory and onnxruntime updates the cache in place"),
+                        TensorSpec(io.present_value(n), "float32", block, f"layer {n} value cache, as present_key")]
+            continue
         inputs += [
             TensorSpec(io.past_key(n), "float32", (b, p, K, h),
                        f"layer {n} keys of the past positions, RoPE applied, seq-major; past_seq may be 0"),
