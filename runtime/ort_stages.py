@@ -49,6 +49,7 @@ class OrtStage:
             layers = range(CacheLayout.from_stage(self.spec).n_layers)
             self._in_place = {io.present_key(l): io.past_key(l) for l in layers} | \
                              {io.present_value(l): io.past_value(l) for l in layers}
+        self._pasts = set(self._in_place.values())
 
     def run(self, feeds: dict[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         """Outputs by name (new arrays; a fused decoder's presents are its past feeds, updated in place);
@@ -61,7 +62,7 @@ class OrtStage:
             return dict(zip(self.output_names, self.session.run(self.output_names, typed)))
         binding = self.session.io_binding()
         for name, array in typed.items():
-            if name in self._in_place.values():
+            if name in self._pasts:
                 if not (array.flags.c_contiguous and np.shares_memory(array, feeds[name])):
                     raise EdgeactError(f"stage {self.spec.name!r}: {name} must be a C-contiguous "
                                        f"{array.dtype} array: the fused decoder writes the chunk into it")
@@ -69,13 +70,15 @@ class OrtStage:
             else:
                 binding.bind_cpu_input(name, array)
         others = [name for name in self.output_names if name not in self._in_place]
-        for name in others:             # first: copy_outputs_to_cpu lists outputs in binding order
+        for name in others:             # first: get_outputs lists outputs in binding order
             binding.bind_output(name)
         for present, past in self._in_place.items():
             array = typed[past]
             binding.bind_output(present, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return {**dict(zip(others, binding.copy_outputs_to_cpu()[:len(others)])),
+        # Only the other outputs are fetched: copy_outputs_to_cpu would also copy every whole cache buffer.
+        values = binding.get_outputs()
+        return {**{name: values[i].numpy() for i, name in enumerate(others)},
                 **{present: typed[past] for present, past in self._in_place.items()}}
 
 
