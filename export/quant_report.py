@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeact.runtime import stage_io
+from edgeact.runtime.kv_cache import is_fused
+
 KINDS = ("depth", "trace", "action")
 ROW_FIELDS = ("bundle", "precision", "recipe", "stage_bytes", "size_ratio", "agreement_depth", "agreement_trace",
               "agreement_action", "action_error_bins", "agreement_forced", "decode_tokens_s", "decode_ratio", "frames")
@@ -114,8 +117,10 @@ def _row(bundle, sizes: dict[str, int], ref_total: int, rate: float, ref_rate: f
     m = bundle.bundle.manifest
     precisions = sorted({s.precision for s in m.stages.values()} - {"fp32"}) or ["fp32"]
     total = sum(sizes.values())
+    fused = is_fused(m.stages[stage_io.DECODER_STAGE])
     return {"bundle": str(bundle.bundle.root), "precision": "+".join(precisions),
             "recipe": m.quantization.recipe if m.quantization else "none", "stage_bytes": sizes,
+            "decoder": stage_io.FUSED_ATTENTION if fused else stage_io.PORTABLE_ATTENTION,
             "size_ratio": round(total / ref_total, 4) if ref_total else 1.0,
             **{k: round(v, 4) for k, v in scores.items()},
             "decode_tokens_s": round(rate, 1), "decode_ratio": round(rate / ref_rate, 3) if ref_rate else 1.0,
@@ -133,7 +138,9 @@ def report_table(rows: Sequence[dict[str, Any]], title: str = "quantization repo
                           ("speed", "right")):
         table.add_column(name, justify=justify)
     for row in rows:
-        table.add_row(row["precision"], row["recipe"], f"{sum(row['stage_bytes'].values()) / 1e6:.2f}",
+        # A recipe quantized from the other form of the decoder (fp8 for TensorRT: the portable one) says so.
+        recipe = row["recipe"] if row["decoder"] == rows[0]["decoder"] else f"{row['recipe']} ({row['decoder']})"
+        table.add_row(row["precision"], recipe, f"{sum(row['stage_bytes'].values()) / 1e6:.2f}",
                       f"{row['size_ratio']:.2f}x", f"{row['agreement_depth']:.1%}", f"{row['agreement_trace']:.1%}",
                       f"{row['agreement_action']:.1%}", f"{row['action_error_bins']:.2f}", f"{row['agreement_forced']:.1%}",
                       f"{row['decode_tokens_s']:.1f}", f"{row['decode_ratio']:.2f}x")

@@ -56,6 +56,9 @@ def test_bench_reports_every_precision_side_by_side_and_reuses_its_work(sources,
     assert sum(rows[4]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
     table = report_table(rows)
     assert table.row_count == 5 and len(table.columns) == 11
+    # fp8 targets TensorRT, so it is quantized from the portable export; the others from the fused one.
+    assert [r["decoder"] for r in rows] == ["fused", "fused", "fused", "portable", "fused"]
+    assert list(table.columns[1].cells)[3] == "fp8-e4m3-qdq (portable)" and list(table.columns[1].cells)[4] == "int4-rtn-nbits"
 
     exported = (work / "fp32" / "manifest.json").stat().st_mtime_ns
     again = bench_quantization(sources["checkpoint"], work, BenchOptions(precisions=("int4",), calibration_samples=1,
