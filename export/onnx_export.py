@@ -2,7 +2,10 @@
 
 The wrappers below only adapt I/O to the runtime's contract; the arithmetic is the reference
 model's own (`MolmoActModel.vision.patch_features`, `.vision.connect`, `.decoder`), so an
-exported stage computes what the reference computes. Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`.
+exported stage computes what the reference computes. The decoder has two forms
+(runtime/stage_io.py): portable (`DecoderStage`, standard ops) and fused (`FusedDecoderStage`),
+where each layer's cache update and attention is exported as one onnxruntime
+GroupQueryAttention node through the decoder's `attend` hook; the rest is the same arithmetic. Exporter: torch's TorchScript-based `torch.onnx.export(dynamo=False)`.
 It keeps the `dynamic_axes` names as the graph's dim_params, traces shape arithmetic (causal
 mask, cache slicing) symbolically, and folds each Linear's transposed weight into an (in, out)
 initializer feeding a plain MatMul (never a Gemm), which the int4 weight-only quantizer needs.
