@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--action-decoding", choices=("median", "greedy"), default="median",
                    help="how action bins are picked: median of each bin distribution (default: the reference ARM "
                         "succeeds more often with it) or greedy, MolmoAct's argmax")
+    p.add_argument("--trace", choices=("model", "expert"), default="model",
+                   help="whose trace each plan carries: the model's (default), or the scripted expert's from the "
+                        "arm's current pose, forced through trace steering (with --timing lockstep): then only the "
+                        "actions are the model's, which measures how well they follow a right trace")
     p.add_argument("--allow-unverified", action="store_true",
                    help="also run bundles whose verification failed (refused otherwise), to measure what it costs")
     p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
@@ -75,7 +79,7 @@ def _eval(args) -> int:
             bundles["config"] = str(path)
     systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
-                          args.timing, args.replan_every, args.sheets)
+                          args.timing, args.replan_every, args.sheets, args.trace)
 
     def progress(system: str, index: int, result) -> None:
         mark = "[green]ok[/]" if result.success else "[red]fail[/]"
@@ -88,7 +92,8 @@ def _eval(args) -> int:
         console.print(f"interrupted; the finished episodes are in {options.out_dir / REPORT_FILE}")
         return 130
     json_path = options.out_dir / REPORT_FILE
-    table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing})")
+    steered = ", the expert's trace" if options.trace == "expert" else ""
+    table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing}{steered})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
                    "policy plans/s", "decode steps"):
         table.add_column(column)

@@ -38,6 +38,9 @@ REFERENCE_ACTION_DECODING = "median"
 EVAL_SEED = 1_000_000          # episode seeds far from the training recordings' (sim-demos counts from its --seed)
 TIMINGS = ("realtime", "lockstep")
 DEPTH_SOURCES = ("generated", "forced")
+# Whose trace each plan carries: the model's own, or the scripted expert's from the arm's current pose
+# (forced through trace steering; lockstep only), which leaves only the actions to the model.
+TRACE_SOURCES = ("model", "expert")
 DEPTH_STAGE = "depth_tokenizer"
 # The camera the reference ARM was trained on (drivers.sim.demos.DemoConfig): same size, same rendering.
 EVAL_CAMERA_PX = (160, 120)
@@ -62,12 +65,18 @@ class EvalOptions:
     timing: str = "realtime"
     replan_every: int = 2       # lockstep: actions executed per plan
     sheets: int = 3             # episodes per system that get a PNG sheet (the first ones)
+    trace: str = "model"        # one of TRACE_SOURCES
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ConfigError(f"--episodes: evaluate at least 1 episode, got {self.episodes}")
         if self.timing not in TIMINGS:
             raise ConfigError(f"--timing {self.timing!r} unknown; use one of {', '.join(TIMINGS)}")
+        if self.trace not in TRACE_SOURCES:
+            raise ConfigError(f"--trace {self.trace!r} unknown; use one of {', '.join(TRACE_SOURCES)}")
+        if self.trace == "expert" and self.timing != "lockstep":
+            raise ConfigError("--trace expert steers each plan from the simulator's state, which only the lockstep "
+                              "evaluation reads between plans; add --timing lockstep")
         if not 1 <= self.replan_every <= 64 or self.sheets < 0:
             raise ConfigError(f"--replan-every must be in [1, 64] and --sheets >= 0; got {self.replan_every}, "
                               f"{self.sheets}")
@@ -114,7 +123,7 @@ class EvalReport:
                 per_template[e.template][1] += 1
             rows.append({
                 "system": system.name, "precision": system.precision, "depth": system.depth,
-                "action_decoding": system.action_decoding,
+                "action_decoding": system.action_decoding, "trace": self.options.trace,
                 "bundle": str(system.bundle), "episodes": len(eps), "successes": len(wins),
                 "success_rate": len(wins) / len(eps), "per_template": per_template,
                 "episode_s_mean": _mean([e.episode_s for e in wins]),
@@ -194,7 +203,7 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     plan = episode_plan(options.episodes, options.seed)
     for system in systems:
         runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
-                  else LockstepRunner(base_config, system, options.replan_every, source))
+                  else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))
         try:
             for index, (seed, template) in enumerate(plan):
                 sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
@@ -294,7 +303,8 @@ def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result
 class LockstepRunner:
     """Episodes in this process: the world waits while `policy.infer` runs (the system's bundle unless given)."""
 
-    def __init__(self, base: dict[str, Any], system: EvalSystem, replan_every: int, source: str, policy=None):
+    def __init__(self, base: dict[str, Any], system: EvalSystem, replan_every: int, source: str, policy=None,
+                 trace: str = "model"):
         from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
         from edgeact.drivers.sim.expert import ActionExecutor, ExpertConfig
         from edgeact.drivers.sim.mujoco_robot import MujocoWorld
@@ -302,7 +312,7 @@ class LockstepRunner:
         from edgeact.runtime.robot_config import robot_config_from_dict
 
         config = robot_config_from_dict(system_config_dict(base, system), source=source)
-        self.system, self.replan_every = system, replan_every
+        self.system, self.replan_every, self.trace = system, replan_every, trace
         self.mapper = config.actions.make_mapper(list(config.robot.motors))
         self.expert = ExpertConfig(action_rate_hz=config.rates.action_rate_hz, control_hz=config.rates.control_hz)
         self._executor_type = ActionExecutor
@@ -320,13 +330,15 @@ class LockstepRunner:
         episode = sample_episode(seed, template)
         reset_world(self.world, episode)
         executor = self._executor_type(self.world, self.mapper, self.expert)
+        steer = self._steering(episode, executor) if self.trace == "expert" else None
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))
         done, plans, steps, step_s, first_plan, first_frame = 0, 0, [], [], None, None
         success_at: float | None = None
         while done < limit and success_at is None:
             rgb, depth_m = self.renderer.render()[:2]
             start = time.perf_counter()
-            result = self.policy.infer(rgb, episode.instruction, depth_m=depth_m)
+            steering = {} if steer is None else {"trace": steer()}
+            result = self.policy.infer(rgb, episode.instruction, depth_m=depth_m, **steering)
             step_s.append(time.perf_counter() - start)
             plans += 1
             steps.append(result.decode_steps)
@@ -344,6 +356,23 @@ class LockstepRunner:
         if sheet is not None and first_plan is not None:
             out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
         return out
+
+    def _steering(self, episode, executor) -> Callable[[], list[list[int]]]:
+        """The trace of the expert's next actions from the arm's current pose, in this camera's image, as the
+        demonstrations record it (drivers/sim/demos.py)."""
+        from edgeact.drivers.sim.demos import OPTICAL_SITE, DemoConfig, future_trace
+        from edgeact.drivers.sim.expert import ExpertSteering
+
+        plan, horizon = ExpertSteering(episode, self.expert), DemoConfig().trace_horizon_actions
+        camera = self.world.site_pose(OPTICAL_SITE)     # on the base, which never moves
+
+        def trace() -> list[list[int]]:
+            position = executor.commanded_pose().position_m
+            # The commanded pose's frame is the base's, a translation of the world's: the arm's site says by how much.
+            to_world = self.world.site_pose("ee")[0] - executor.commanded_pose().position_m
+            return future_trace(plan.future(position, horizon) + to_world, 0, horizon, camera,
+                                self.renderer.intrinsics).tolist()
+        return trace
 
     def close(self) -> None:
         self.renderer.close()

@@ -115,6 +115,41 @@ def expert_waypoints(episode: Episode, config: ExpertConfig = ExpertConfig(),
             np.array([x, end_y, high])]
 
 
+# Steering from a learned policy's states: a waypoint counts as reached this close. The expert's own
+# 3 mm (waypoint_tolerance_m) is rarely hit by a policy's arm, which would then be steered back to a
+# waypoint it has in effect passed.
+STEER_REACHED_M = 0.025
+
+
+class ExpertSteering:
+    """The expert's plan continued from wherever the arm is: where its end effector would pass next.
+
+    For `edgeact eval --trace expert`: each plan's trace is the expert's, from the current pose, so
+    only the actions are the policy's. Positions are in the reference frame of `commanded_pose()`.
+    """
+
+    def __init__(self, episode: Episode, config: ExpertConfig, task_config: TaskConfig | None = None):
+        self.waypoints, self.config, self.index = expert_waypoints(episode, config, task_config), config, 0
+
+    def future(self, position_m: np.ndarray, n_actions: int) -> np.ndarray:
+        """(n_actions + 1, 3): the position now and after each of the expert's next actions (step_m each,
+        straight at the next waypoint not reached yet, holding after the last)."""
+        while self.index < len(self.waypoints) and \
+                np.linalg.norm(self.waypoints[self.index] - position_m) <= STEER_REACHED_M:
+            self.index += 1
+        position, index, out = np.asarray(position_m, float).copy(), self.index, []
+        out.append(position.copy())
+        for _ in range(n_actions):
+            while index < len(self.waypoints) and \
+                    np.linalg.norm(self.waypoints[index] - position) <= self.config.waypoint_tolerance_m:
+                index += 1
+            if index < len(self.waypoints):
+                to_go = self.waypoints[index] - position
+                position = position + to_go * min(1.0, self.config.step_m / float(np.linalg.norm(to_go)))
+            out.append(position.copy())
+        return np.asarray(out)
+
+
 class ActionExecutor:
     """Plays actions into a MujocoWorld as the runtime's control step would (see the module docstring)."""
 

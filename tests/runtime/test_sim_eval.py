@@ -118,6 +118,51 @@ def test_lockstep_execution_is_the_experts_so_its_actions_succeed(exported, tmp_
     assert (tmp_path / "sheet.png").stat().st_size > 10_000
 
 
+class _SteeredReplay(_ReplayExpert):
+    """The replaying stand-in, keeping the trace each plan was steered with."""
+
+    def __init__(self, actions: np.ndarray):
+        super().__init__(actions)
+        self.traces = []
+
+    def infer(self, rgb, instruction, depth_m=None, trace=None):
+        self.traces.append(trace)
+        return super().infer(rgb, instruction, depth_m)
+
+
+def test_the_expert_trace_is_the_experts_plan_from_the_arms_pose(exported, tmp_path):
+    # --trace expert: at the start, the steered trace is the one the demonstrations record for the expert's
+    # own rollout (within a few trace units of 256: it is the plan from the commanded pose, which the executed
+    # motion follows with a small lag), and every plan of the episode gets one.
+    from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+    from edgeact.drivers.sim.demos import CAMERA, OPTICAL_SITE, DemoConfig, future_trace
+    from edgeact.drivers.sim.expert import run_expert, runtime_action_mapper
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+    from edgeact.drivers.sim.task import sample_episode
+
+    seed, template = 1_000_002, "push_right"
+    mapper, _ = runtime_action_mapper()
+    world = MujocoWorld()
+    rollout = run_expert(world, sample_episode(seed, template), mapper)
+    renderer = MujocoRgbdRenderer(world, CAMERA, *EVAL_CAMERA_PX)
+    try:
+        recorded = future_trace(rollout.ee_positions_m, 0, DemoConfig().trace_horizon_actions,
+                                world.site_pose(OPTICAL_SITE), renderer.intrinsics)
+    finally:
+        renderer.close()
+    system = eval_systems({"expert": exported.bundle_dir}, ["generated"])[0]
+    policy = _SteeredReplay(rollout.actions)
+    runner = LockstepRunner(mujoco_robot_config_dict(), system, 2, "<test>", policy=policy, trace="expert")
+    try:
+        result = runner.episode(0, seed, template, None)
+    finally:
+        runner.close()
+    assert result.success and len(policy.traces) == result.plans
+    first = np.asarray(policy.traces[0])
+    assert first.shape == recorded.shape and np.abs(first - recorded).max() <= 4
+    assert all(t is not None and len(t) >= 1 for t in policy.traces)
+
+
 def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp_path):
     systems = eval_systems({"tiny": with_depth}, ["generated", "forced"])
     options = EvalOptions(episodes=2, out_dir=tmp_path, timing="lockstep", replan_every=8, sheets=1)
@@ -138,11 +183,28 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     assert sheets == ["tiny-forced-depth_000.png", "tiny-generated-depth_000.png"]
 
 
+def test_the_eval_command_offers_the_trace_sources():
+    import argparse
+
+    from edgeact.runtime import commands_eval
+    from edgeact.runtime.sim_eval import TRACE_SOURCES
+
+    parser = argparse.ArgumentParser()
+    commands_eval.register(parser.add_subparsers())
+    assert parser.parse_args(["eval"]).trace == "model"
+    for source in TRACE_SOURCES:       # the CLI's literal choices are the module's
+        assert parser.parse_args(["eval", "--trace", source]).trace == source
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="--timing"):
         EvalOptions(episodes=1, out_dir=".", timing="fast")
     with pytest.raises(ConfigError, match="--episodes"):
         EvalOptions(episodes=0, out_dir=".")
+    with pytest.raises(ConfigError, match="--trace expert .* add --timing lockstep"):
+        EvalOptions(episodes=1, out_dir=".", trace="expert")
+    with pytest.raises(ConfigError, match="--trace 'oracle' unknown; use one of model, expert"):
+        EvalOptions(episodes=1, out_dir=".", timing="lockstep", trace="oracle")
 
 
 def test_a_realtime_episode_runs_the_loop_and_reads_the_simulators_verdict(exported, tmp_path):
@@ -182,7 +244,7 @@ def test_an_interrupted_evaluation_keeps_the_episodes_it_finished(exported, tmp_
             return super().infer(rgb, instruction, depth_m)
 
     monkeypatch.setattr(sim_eval, "LockstepRunner",
-                        lambda base, system, replan_every, source: LockstepRunner(
+                        lambda base, system, replan_every, source, **options: LockstepRunner(
                             base, system, 8, source, policy=Interrupting(np.zeros((1, 7)))))
     systems = eval_systems({"tiny": exported.bundle_dir}, ["generated"])
     options = EvalOptions(episodes=3, out_dir=tmp_path, timing="lockstep", sheets=0)
