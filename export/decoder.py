@@ -198,7 +198,9 @@ class Decoder(nn.Module):
                 f"past_key_values has {len(past_key_values)} layers, this decoder {len(self.blocks)}; "
                 "pass the present_key_values this decoder returned, or None for a first chunk"
             )
-        mask = None if attend is not None else causal_mask(inputs_embeds.shape[1], past_key_values[0][0].shape[2], inputs_embeds.device)
+        mask = None
+        if attend is None:
+            mask = causal_mask(inputs_embeds.shape[1], past_key_values[0][0].shape[2], inputs_embeds.device)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         x = inputs_embeds
         present: KVCache = []
