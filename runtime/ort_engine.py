@@ -10,7 +10,7 @@ Where the decoder's time goes, per step: the session run itself (the model's ari
 one read of the cache), then the bind calls (a few microseconds each). Nothing is copied. The
 fused decoder (runtime/stage_io.py) has its cache blocks bound once, as past and present at the
 same address, and onnxruntime's GroupQueryAttention writes each chunk into them in place: a step
-binds 5 tensors. The portable decoder binds 4*n_layers+3 (the past grows, so its shapes change
+binds 3 tensors (its embeddings, positions and hidden states) and writes its two lengths. The portable decoder binds 4*n_layers+3 (the past grows, so its shapes change
 every step): the past as the cache's contiguous prefix, new keys/values written by onnxruntime
 straight into the cache at offset `length`. The hidden states land in a buffer sized for the
 largest chunk.
@@ -285,10 +285,13 @@ class OrtDecoderEngine(DecoderEngine):
         self._hidden_ptr = self._hidden.ctypes.data
         self._row = [layout.kv_heads, layout.head_dim]
         if layout.fused:
-            # seqlens_k (1,) and total_sequence_length () live here; the cache blocks are bound once, as past and as
-            # present at the same address, which onnxruntime's GroupQueryAttention takes as "update in place".
+            # Bound once: seqlens_k (1,) and total_sequence_length () live in _lengths, which each step rewrites;
+            # the cache blocks, as past and as present at the same address, which onnxruntime's
+            # GroupQueryAttention takes as "update in place".
             self._lengths = np.zeros(2, np.int32)
-            self._lengths_ptr = self._lengths.ctypes.data
+            address = self._lengths.ctypes.data
+            self._binding.bind_input(io.SEQLENS_K, "cpu", 0, np.int32, [1], address)
+            self._binding.bind_input(io.TOTAL_SEQUENCE_LENGTH, "cpu", 0, np.int32, [], address + 4)
             block = list(layout.block_shape)
             for layer, (pk, pv, _, _) in enumerate(self._layers):
                 for kind, past_name, present_name in ((KEY, pk, io.present_key(layer)), (VALUE, pv, io.present_value(layer))):
@@ -318,8 +321,6 @@ class OrtDecoderEngine(DecoderEngine):
         b.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self._positions_ptr)
         if self.layout.fused:
             self._lengths[0], self._lengths[1] = past + n - 1, past + n
-            b.bind_input(io.SEQLENS_K, "cpu", 0, np.int32, [1], self._lengths_ptr)
-            b.bind_input(io.TOTAL_SEQUENCE_LENGTH, "cpu", 0, np.int32, [], self._lengths_ptr + 4)
         else:
             past_shape, new_shape = [1, past, *self._row], [1, n, *self._row]
             cache = self.cache

@@ -369,7 +369,7 @@ class LockstepRunner:
         def trace() -> list[list[int]]:
             position = executor.commanded_pose().position_m
             # The commanded pose's frame is the base's, a translation of the world's: the arm's site says by how much.
-            to_world = self.world.site_pose("ee")[0] - executor.commanded_pose().position_m
+            to_world = self.world.site_pose("ee")[0] - position
             return future_trace(plan.future(position, horizon) + to_world, 0, horizon, camera,
                                 self.renderer.intrinsics).tolist()
         return trace

@@ -115,6 +115,12 @@ def expert_waypoints(episode: Episode, config: ExpertConfig = ExpertConfig(),
             np.array([x, end_y, high])]
 
 
+def step_toward(position_m: np.ndarray, target_m: np.ndarray, step_m: float) -> np.ndarray:
+    """The expert's translation for one action: straight at the target, at most step_m long."""
+    to_go = target_m - position_m
+    return to_go * min(1.0, step_m / float(np.linalg.norm(to_go)))
+
+
 # Steering from a learned policy's states: a waypoint counts as reached this close. The expert's own
 # 3 mm (waypoint_tolerance_m) is rarely hit by a policy's arm, which would then be steered back to a
 # waypoint it has in effect passed.
@@ -144,8 +150,7 @@ class ExpertSteering:
                     np.linalg.norm(self.waypoints[index] - position) <= self.config.waypoint_tolerance_m:
                 index += 1
             if index < len(self.waypoints):
-                to_go = self.waypoints[index] - position
-                position = position + to_go * min(1.0, self.config.step_m / float(np.linalg.norm(to_go)))
+                position = position + step_toward(position, self.waypoints[index], self.config.step_m)
             out.append(position.copy())
         return np.asarray(out)
 
@@ -250,8 +255,7 @@ def run_expert(world: Any, episode: Episode, mapper: Any, config: ExpertConfig =
                                           config.waypoint_tolerance_m):
             index, stalled = index + 1, False
         if index < len(waypoints):
-            to_go = waypoints[index] - pose.position_m
-            action[:3] = to_go * min(1.0, config.step_m / float(np.linalg.norm(to_go)))
+            action[:3] = step_toward(pose.position_m, waypoints[index], config.step_m)
         else:
             settle += 1
         action[3:6] = _rotation_step(pose.rotation, pose.position_m + action[:3], config)
