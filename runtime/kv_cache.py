@@ -4,8 +4,8 @@ Two layouts, one per form of the decoder stage (runtime/stage_io.py):
 
 Fused form: (n_layers, 2, 1, K, max_seq, h), head-major as onnxruntime's GroupQueryAttention keeps
 it. Each (layer, kind) block is bound whole as both `past_key.L` and `present_key.L`, once, and the
-node writes a chunk's entries into it in place: a step binds only the chunk's tensors and its
-lengths (`chunk_feeds`).
+node writes a chunk's entries into it in place: a step binds only the chunk's tensors, and two
+length inputs (`chunk_feeds`) say where the chunk goes.
 
 Portable form: (n_layers, 2 [key, value], 1, max_seq, K, h), sequence-major as the decoder stage's
 `past_key.L` / `new_key.L` tensors are. With batch 1 the filled part of one (layer, kind) block
@@ -228,7 +228,7 @@ class KVCache:
         return self._seq_major(self._host_blocks()[:, VALUE])
 
     def prefix(self, layer: int, kind: int) -> np.ndarray:
-        """The filled part (1, length, K, h) as a view: what the decoder reads as its past (portable layout)."""
+        """The filled part (1, length, K, h) as a view (what a portable decoder is fed as its past)."""
         return self._seq_major(self.block(layer, kind))[:, :self.length]
 
     # ------------------------------------------------------- the plain runner's copying path
