@@ -1,4 +1,5 @@
-"""Simulation sub-commands: `edgeact sim-demos` records the reference task's expert demonstrations (MuJoCo)."""
+"""Simulation sub-commands: `edgeact sim-demos` records the reference task's expert demonstrations (MuJoCo), or
+with --policy a bundle's own states labelled by the expert (DAgger)."""
 from __future__ import annotations
 
 
@@ -14,12 +15,26 @@ def register(subparsers) -> None:
     demos.add_argument("--execution-noise", type=float, default=0.0,
                        help="noise added to the executed steps, relative to the step (the recorded actions stay "
                             "the expert's: it shows how to come back to its path); default 0")
+    demos.add_argument("--rotation-noise", type=float, default=0.0, metavar="RAD",
+                       help="noise (std, rad per axis) added to the executed hand rotation of each action: states "
+                            "with the hand turned off the expert's orientation, labelled with its correction; "
+                            "default 0")
     demos.add_argument("--siblings", type=int, default=0,
                        help="also demonstrate each scene under up to this many other instructions naming another "
                             "block (default 0)")
     demos.add_argument("--trace-horizon", type=int, default=8, metavar="ACTIONS",
                        help="the trace covers this many actions ahead (default 8, the chunk; 0: to the end of the "
                             "episode)")
+    demos.add_argument("--policy", metavar="BUNDLE",
+                       help="DAgger: this bundle drives the arm (lockstep, forced depth where it has the depth stage) "
+                            "and every state it visits is labelled with the expert's plan from there; all episodes "
+                            "are kept. --execution-noise and --siblings do not apply")
+    demos.add_argument("--replan-every", type=int, default=2, metavar="ACTIONS",
+                       help="with --policy: actions executed per plan (default 2, as edgeact eval)")
+    demos.add_argument("--expert-mix", type=float, default=0.0, metavar="P",
+                       help="with --policy: probability per plan that the expert's chunk is executed instead "
+                            "(default 0)")
+    demos.add_argument("--threads", type=int, default=None, help="with --policy: onnxruntime threads")
     demos.set_defaults(handler=_demos)
 
 
@@ -28,15 +43,29 @@ def _demos(args) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from edgeact.drivers.sim.demos import DemoConfig, record_demos
+    from edgeact.drivers.sim.demos import DemoConfig, record_demos, record_policy_demos
+    from edgeact.runtime.errors import ConfigError
 
+    if args.policy and (args.execution_noise or args.rotation_noise or args.siblings):
+        raise ConfigError("sim-demos --policy: the policy's own states are recorded; drop --execution-noise, "
+                          "--rotation-noise and --siblings (they apply to the expert's recording)")
     config = DemoConfig(width=args.width, height=args.height, stride_actions=args.stride,
-                        execution_noise=args.execution_noise, siblings=args.siblings,
+                        execution_noise=args.execution_noise, rotation_noise_rad=args.rotation_noise,
+                        siblings=args.siblings,
                         trace_horizon_actions=args.trace_horizon)
     with Progress(transient=True) as bar:
-        task = bar.add_task("expert episodes", total=args.episodes)
-        summary = record_demos(args.out, args.episodes, args.seed, config,
-                               progress=lambda done, total: bar.update(task, completed=done))
+        task = bar.add_task("policy episodes" if args.policy else "expert episodes", total=args.episodes)
+        progress = lambda done, total: bar.update(task, completed=done)     # noqa: E731
+        if args.policy:
+            policy = _policy(args.policy, args.threads)
+            try:
+                summary = record_policy_demos(args.out, policy, args.episodes, args.seed, config,
+                                              replan_every=args.replan_every, expert_mix=args.expert_mix,
+                                              source=str(args.policy), progress=progress)
+            finally:
+                policy.close()
+        else:
+            summary = record_demos(args.out, args.episodes, args.seed, config, progress=progress)
     table = Table(title=f"demonstrations in {summary.out_dir}")
     for column in ("template", "successes", "episodes", "rate"):
         table.add_column(column)
@@ -44,6 +73,16 @@ def _demos(args) -> int:
         table.add_row(template, str(ok), str(n), f"{ok / n:.0%}" if n else "-")
     console = Console()
     console.print(table)
-    console.print(f"{summary.samples} samples from {summary.episodes} successful episodes, {summary.bytes_written / 1e6:.1f} MB, "
+    kept = "episodes of the policy, labelled by the expert" if args.policy else "successful episodes"
+    console.print(f"{summary.samples} samples from {summary.episodes} {kept}, {summary.bytes_written / 1e6:.1f} MB, "
                   f"{summary.seconds:.1f} s ({summary.seconds / args.episodes:.2f} s per episode)")
     return 0
+
+
+def _policy(bundle: str, threads: int | None):
+    """The bundle as `edgeact eval` runs it on the reference task: forced depth where it can, its action decoding."""
+    from edgeact.runtime.bundle_policy import BundlePolicy
+    from edgeact.runtime.sim_eval import REFERENCE_ACTION_DECODING, has_depth_stage
+
+    return BundlePolicy(bundle, forced_depth="sensor" if has_depth_stage(bundle) else None, threads=threads,
+                        action_decoding=REFERENCE_ACTION_DECODING)

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
                     "are recorded into --demos first (or reused when that directory already holds exactly that "
                     "recording), so one command is the whole recipe.",
     )
-    p.add_argument("--demos", type=Path, required=True, help="demonstration set (edgeact sim-demos --out DIR)")
+    p.add_argument("--demos", type=Path, required=True, nargs="+", metavar="DIR",
+                   help="demonstration sets (edgeact sim-demos --out DIR), trained on together; the first's action "
+                        "statistics are the model's (e.g. the expert's set, then a DAgger set of sim-demos --policy)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--generate-demos", type=_positive_int, metavar="N",
                    help="record N expert episodes into --demos first (seeded by --seed)")
@@ -104,11 +106,14 @@ def _train(args: argparse.Namespace) -> int:
 
     from edgeact.export.train_reference import TrainOptions, train_reference
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
+    from edgeact.runtime.errors import ConfigError
 
     console = Console(highlight=False)
     torch.set_num_threads(args.threads)
     if args.generate_demos:
-        _record(args.demos, args.generate_demos, args.seed, console)
+        if len(args.demos) != 1:
+            raise ConfigError(f"--generate-demos records into one --demos directory, got {len(args.demos)}")
+        _record(args.demos[0], args.generate_demos, args.seed, console)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,

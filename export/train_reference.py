@@ -146,19 +146,22 @@ class Trainer:
     preprocess_config: PreprocessConfig
 
 
-def prepare(demos_dir: str | Path, options: TrainOptions,
+def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
             depth_codes_fn: DepthCodesFn = pooled_depth_codes) -> Trainer:
-    """Load the demos, build the tokenizer, config and seeded model."""
-    from edgeact.drivers.sim.demos import load_demos
+    """Load the demos (one set, or several trained on together: the first's action statistics are the model's),
+    build the tokenizer, config and seeded model."""
+    from edgeact.drivers.sim.demos import joined_arrays, load_demos
     from edgeact.export.model import MolmoActModel
     from edgeact.export.synthetic import synthetic_config
     from edgeact.export.tokenizer_build import build_tokenizer
 
-    demos = load_demos(demos_dir)
+    dirs = [demos_dir] if isinstance(demos_dir, (str, Path)) else list(demos_dir)
+    sets = [load_demos(d) for d in dirs]
+    demos = sets[0]
     if NORM_KEY not in demos.norm_stats:
-        raise ConfigError(f"{demos_dir}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
+        raise ConfigError(f"{dirs[0]}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
                           "`edgeact sim-demos`")
-    arrays = demos.arrays()
+    arrays = joined_arrays(sets)
     tokenizer = build_tokenizer(extra_texts=task_instructions(pointing=options.pointing_batch > 0,
                                                               trace=options.trace_batch > 0))
     cfg = dataclasses.replace(synthetic_config(options.variant, options.size, tokenizer),
@@ -167,7 +170,8 @@ def prepare(demos_dir: str | Path, options: TrainOptions,
     encoder = ReferenceEncoder(tokenizer, cfg, preprocess_config, cfg.norm_stats, NORM_KEY, depth_codes_fn)
     train_idx, held_idx = split_by_episode(arrays["episode"], options.held_out_fraction, options.seed)
     if not len(train_idx):
-        raise ConfigError(f"{demos_dir}: no training samples left after holding out episodes; record more episodes")
+        raise ConfigError(f"{', '.join(map(str, dirs))}: no training samples left after holding out episodes; "
+                          "record more episodes")
     torch.manual_seed(options.seed)
     model = MolmoActModel(cfg)
     return Trainer(model, encoder, arrays, train_idx, held_idx, options, cfg, preprocess_config)
@@ -458,7 +462,7 @@ def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: 
     return out
 
 
-def train_reference(demos_dir: str | Path, out_dir: str | Path | None, options: TrainOptions = TrainOptions(),
+def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Path | None, options: TrainOptions = TrainOptions(),
                     depth_codes_fn: DepthCodesFn = pooled_depth_codes, *, overwrite: bool = False,
                     on_step: Callable[[int, float], None] | None = None) -> TrainReport:
     """Prepare, train, score the held-out episodes, and save to out_dir (None: keep nothing on disk)."""

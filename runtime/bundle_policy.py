@@ -185,8 +185,13 @@ class BundlePolicyConfig(PolicyConfig):
     allow_unverified: bool = False
     verify_checksums: bool = True          # hash every file at start (seconds per GB); sizes are always checked
     action_decoding: str = "greedy"        # greedy (MolmoAct's), or median of each action bin's distribution
+    cuda_tf32: bool = False                # onnxruntime's cuda / tensorrt providers: fp32 matrix products in TF32
+                                           # (faster vision and prefill; tokens may differ from fp32's)
 
     def __post_init__(self) -> None:
+        if self.cuda_tf32 and self.provider not in ("cuda", "tensorrt"):
+            raise ConfigError(f"cuda_tf32: applies to onnxruntime's cuda and tensorrt providers; provider is "
+                              f"{self.provider!r}: set provider: cuda, or drop cuda_tf32")
         if not self.path:
             raise ConfigError("path: the bundle directory is required, e.g. path: bundles/molmoact-int8")
         if self.forced_depth not in (None, "sensor"):
@@ -210,6 +215,8 @@ class BundlePolicyConfig(PolicyConfig):
             options["provider"] = self.provider
         if self.target is not None:
             options["target"] = self.target
+        if self.cuda_tf32:
+            options["cuda_tf32"] = True
         return BundlePolicy(path, self.backend, n_actions=self.n_actions, unnorm_key=self.unnorm_key,
                             forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
                             crops_per_run=self.crops_per_run, action_decoding=self.action_decoding,

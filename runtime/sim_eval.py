@@ -330,7 +330,7 @@ class LockstepRunner:
         episode = sample_episode(seed, template)
         reset_world(self.world, episode)
         executor = self._executor_type(self.world, self.mapper, self.expert)
-        steer = self._steering(episode, executor) if self.trace == "expert" else None
+        plan, steer = self._steering(episode, executor) if self.trace == "expert" else (None, None)
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))
         done, plans, steps, step_s, first_plan, first_frame = 0, 0, [], [], None, None
         success_at: float | None = None
@@ -346,6 +346,8 @@ class LockstepRunner:
                 first_plan, first_frame = result, rgb
             for action in result.actions[:self.replan_every]:
                 executor.execute(action)
+                if plan is not None:
+                    plan.observe(executor.commanded_pose().position_m)
                 done += 1
                 if task_outcome(self.world, episode).success:
                     success_at = done / self.expert.action_rate_hz
@@ -357,22 +359,19 @@ class LockstepRunner:
             out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
         return out
 
-    def _steering(self, episode, executor) -> Callable[[], list[list[int]]]:
-        """The trace of the expert's next actions from the arm's current pose, in this camera's image, as the
-        demonstrations record it (drivers/sim/demos.py)."""
-        from edgeact.drivers.sim.demos import OPTICAL_SITE, DemoConfig, future_trace
+    def _steering(self, episode, executor) -> tuple[Any, Callable[[], list[list[int]]]]:
+        """The expert's plan (to `observe` each executed action) and the trace of its next actions from the arm's
+        current pose, in this camera's image, as the demonstrations record it (drivers/sim/demos.py)."""
+        from edgeact.drivers.sim.demos import OPTICAL_SITE, DemoConfig, commanded_trace
         from edgeact.drivers.sim.expert import ExpertSteering
 
         plan, horizon = ExpertSteering(episode, self.expert), DemoConfig().trace_horizon_actions
         camera = self.world.site_pose(OPTICAL_SITE)     # on the base, which never moves
 
         def trace() -> list[list[int]]:
-            position = executor.commanded_pose().position_m
-            # The commanded pose's frame is the base's, a translation of the world's: the arm's site says by how much.
-            to_world = self.world.site_pose("ee")[0] - position
-            return future_trace(plan.future(position, horizon) + to_world, 0, horizon, camera,
-                                self.renderer.intrinsics).tolist()
-        return trace
+            positions = plan.chunk(self.mapper, executor.commanded_rad, horizon)[0]
+            return commanded_trace(self.world, positions, horizon, camera, self.renderer.intrinsics).tolist()
+        return plan, trace
 
     def close(self) -> None:
         self.renderer.close()

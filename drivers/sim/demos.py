@@ -60,6 +60,7 @@ class DemoConfig:
     stride_actions: int = 4             # a decision every this many actions (chunks overlap by chunk - stride)
     episodes_per_shard: int = 25
     execution_noise: float = 0.0        # ExpertConfig.execution_noise of the expert (when none is given)
+    rotation_noise_rad: float = 0.0     # ... and its rotation_noise_rad
     siblings: int = 0                   # other instructions demonstrated on each scene (see the module docstring)
     trace_horizon_actions: int = 8      # the trace covers this many actions ahead; 0: to the end of the episode
 
@@ -98,6 +99,14 @@ def future_trace(ee_positions_m: np.ndarray, k: int, horizon_actions: int,
     trace = pixels_to_trace(pixels, intrinsics.width, intrinsics.height)
     keep = [0] + [i for i in range(1, len(trace)) if not np.array_equal(trace[i], trace[i - 1])]
     return trace[keep]
+
+
+def commanded_trace(world: Any, positions_m: np.ndarray, horizon_actions: int,
+                    camera_pose: tuple[np.ndarray, np.ndarray], intrinsics: Any) -> np.ndarray:
+    """`future_trace` of commanded end-effector positions (n, 3), the first one now's. Their frame is the arm's
+    base's, a translation of the world's: the arm's site now says by how much."""
+    to_world = world.site_pose("ee")[0] - positions_m[0]
+    return future_trace(positions_m + to_world, 0, horizon_actions, camera_pose, intrinsics)
 
 
 def block_pixels(world: Any, depth_m: np.ndarray, camera_pose: tuple[np.ndarray, np.ndarray],
@@ -161,14 +170,10 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
     from edgeact.drivers.sim.mujoco_robot import MujocoWorld
 
-    if episodes < 1:
-        raise ConfigError(f"episodes: record at least 1, got {episodes}")
-    out = Path(out_dir)
-    if (out / MANIFEST).exists():
-        raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _new_set(out_dir, episodes)
     mapper, rates = runtime_action_mapper()
-    expert = expert or ExpertConfig(**rates, execution_noise=config.execution_noise)
+    expert = expert or ExpertConfig(**rates, execution_noise=config.execution_noise,
+                                    rotation_noise_rad=config.rotation_noise_rad)
     world = MujocoWorld()
     renderer = MujocoRgbdRenderer(world, CAMERA, config.width, config.height)
     camera_pose = world.site_pose(OPTICAL_SITE)     # the camera rides on the base, which the expert never moves
@@ -207,10 +212,26 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
         renderer.close()
     if not all_actions:
         raise DemoDatasetError(f"the expert succeeded in none of {episodes} episodes; nothing to write to {out}")
-    intr = renderer.intrinsics
+    return _finish(out, {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes},
+                   shards, config, expert, renderer.intrinsics, camera_pose, all_actions, start_s)
+
+
+def _new_set(out_dir: str | Path, episodes: int) -> Path:
+    if episodes < 1:
+        raise ConfigError(f"episodes: record at least 1, got {episodes}")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _finish(out: Path, head: dict[str, Any], shards: list[dict[str, Any]], config: DemoConfig, expert: ExpertConfig,
+            intr: Any, camera_pose: tuple[np.ndarray, np.ndarray], all_actions: list[np.ndarray],
+            start_s: float) -> DemoSummary:
+    """Write the manifest, last: a directory without one is never taken for a finished set."""
     manifest = {
-        "format": FORMAT, "seed": seed, "episodes_attempted": episodes, "episodes": records,
-        "successes": successes, "samples": sum(s["samples"] for s in shards), "shards": shards,
+        "format": FORMAT, **head, "samples": sum(s["samples"] for s in shards), "shards": shards,
         "image": {"width": config.width, "height": config.height, "camera": CAMERA,
                   "intrinsics": {"fx": intr.fx, "fy": intr.fy, "cx": intr.cx, "cy": intr.cy},
                   "camera_optical_pose_base": {"position_m": camera_pose[0].tolist(),
@@ -222,7 +243,90 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     size = sum(p.stat().st_size for p in out.iterdir())
-    return DemoSummary(out, len(records), successes, manifest["samples"], time.perf_counter() - start_s, size)
+    return DemoSummary(out, len(head["episodes"]), head["successes"], manifest["samples"],
+                       time.perf_counter() - start_s, size)
+
+
+# A waypoint counts as passed within this distance when labelling a policy's states: near the expert's own 3 mm,
+# so the labels still finish each approach, but not so near that a state beside a waypoint is sent back to it.
+LABEL_REACHED_M = 0.01
+
+
+def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: int,
+                        config: DemoConfig = DemoConfig(), expert: ExpertConfig | None = None,
+                        task: TaskConfig | None = None, replan_every: int = 2, expert_mix: float = 0.0,
+                        reached_m: float = LABEL_REACHED_M, source: str = "",
+                        progress: Callable[[int, int], None] | None = None) -> DemoSummary:
+    """DAgger's data (Ross et al. 2011): a learned policy drives the arm, and every state it visits is labelled
+    with what the expert would do from there.
+
+    `policy.infer(rgb, instruction, depth_m=...)` plans every `replan_every` actions and its first actions are
+    executed, as `edgeact eval --timing lockstep` does (with probability `expert_mix` per plan the expert's
+    chunk is executed instead). Every `config.stride_actions` actions a sample is written in the demos' format:
+    the frame, and as its answer the expert's plan continued from the commanded pose (`ExpertSteering.chunk`,
+    a waypoint passed within `reached_m`): its 8 actions and the trace of the positions they pass. Episodes end
+    at success or at the time limit, and all are kept: the states a policy gets wrong are the point. The
+    manifest's successes are the policy's.
+    """
+    from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
+    from edgeact.drivers.sim.expert import ActionExecutor, ExpertSteering
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+    from edgeact.drivers.sim.task import evaluate, reset_world
+
+    if not (1 <= replan_every <= 64 and 0.0 <= expert_mix <= 1.0 and reached_m > 0):
+        raise ConfigError(f"replan_every in [1, 64], expert_mix in [0, 1] and reached_m > 0; got {replan_every}, "
+                          f"{expert_mix}, {reached_m}")
+    out = _new_set(out_dir, episodes)
+    mapper, rates = runtime_action_mapper()
+    expert = expert or ExpertConfig(**rates)
+    world = MujocoWorld()
+    renderer = MujocoRgbdRenderer(world, CAMERA, config.width, config.height)
+    camera_pose = world.site_pose(OPTICAL_SITE)
+    start_s = time.perf_counter()
+    successes = {t: [0, 0] for t in TEMPLATES}
+    records, all_actions, shards, pending = [], [], [], _Shard()
+    try:
+        for i in range(episodes):
+            episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
+            reset_world(world, episode)
+            executor = ActionExecutor(world, mapper, expert)
+            steering = ExpertSteering(episode, expert, task, reached_m=reached_m)
+            mix_rng = np.random.default_rng([episode.seed, 0xDA66])
+            limit = min(expert.max_actions, int(round(episode.time_limit_s * expert.action_rate_hz)))
+            done, queued, success = 0, [], False
+            while done < limit and not success:
+                record, plan = done % config.stride_actions == 0, not queued or done % replan_every == 0
+                if record or plan:
+                    rgb, depth = renderer.render()[:2]
+                    positions, labels = steering.chunk(mapper, executor.commanded_rad, expert.chunk_size)
+                if record:
+                    trace = commanded_trace(world, positions, config.trace_horizon_actions, camera_pose,
+                                            renderer.intrinsics)
+                    pending.add(rgb, depth, episode.instruction, trace, labels, i, done,
+                                block_pixels(world, depth, camera_pose, renderer.intrinsics))
+                    all_actions.append(labels[:1])
+                if plan:
+                    by_expert = expert_mix > 0 and mix_rng.random() < expert_mix
+                    chosen = labels if by_expert else policy.infer(rgb, episode.instruction, depth_m=depth).actions
+                    queued = [np.asarray(a, dtype=np.float64) for a in chosen[:replan_every]]
+                executor.execute(queued.pop(0))
+                steering.observe(executor.commanded_pose().position_m)
+                done += 1
+                success = evaluate(world, episode, task).success
+            successes[episode.template][1] += 1
+            successes[episode.template][0] += int(success)
+            records.append({"index": i, "sibling": 0, **episode.to_dict(), "n_actions": done, "success": success})
+            if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
+                shards.append(pending.write(out / f"shard_{len(shards):04d}.npz"))
+                pending = _Shard()
+            if progress is not None:
+                progress(i + 1, episodes)
+    finally:
+        renderer.close()
+    head = {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes,
+            "labels": {"policy": source, "replan_every": replan_every, "expert_mix": expert_mix,
+                       "reached_m": reached_m}}
+    return _finish(out, head, shards, config, expert, renderer.intrinsics, camera_pose, all_actions, start_s)
 
 
 class _Shard:
@@ -268,6 +372,22 @@ class DemoDataset:
         """All shards concatenated."""
         parts = list(self.shards())
         return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
+
+
+def joined_arrays(sets: list[DemoDataset]) -> dict[str, np.ndarray]:
+    """Several sets' samples as one (e.g. the expert's and a policy's, for DAgger). Episode numbers are shifted
+    so each set's stay apart (a held-out split keeps whole episodes); the images must be of one size."""
+    sizes = {(d.manifest["image"]["width"], d.manifest["image"]["height"]) for d in sets}
+    if len(sizes) > 1:
+        raise DemoDatasetError(f"demonstration sets {[str(d.path) for d in sets]} have images of different sizes "
+                               f"{sorted(sizes)}; record them at one --width and --height")
+    parts, offset = [], 0
+    for demos in sets:
+        arrays = demos.arrays()
+        arrays["episode"] = arrays["episode"] + offset
+        offset = int(arrays["episode"].max()) + 1 if len(arrays["episode"]) else offset
+        parts.append(arrays)
+    return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
 
 
 def load_demos(path: str | Path) -> DemoDataset:

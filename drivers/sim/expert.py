@@ -59,6 +59,11 @@ class ExpertConfig:
     # (seeded by the episode): the recorded actions stay the expert's own, taken from states a little off its
     # path, so a model trained on them learns to come back to it (DART, Laskey et al. 2017). 0: none.
     execution_noise: float = 0.0
+    # The same for the hand's rotation: Gaussian noise of this std (rad, per axis) on each executed action's
+    # rotation, from a stream of its own (0: none, and the translation's noise is unchanged either way). A learned
+    # policy's rotation actions are never exact, so its hand drifts some degrees off the expert's orientation;
+    # without this the demonstrations hold that orientation within 1 degree after the first few actions.
+    rotation_noise_rad: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("action_rate_hz", "control_hz", "speed_m_s", "hover_m", "travel_m", "push_ee_z_m",
@@ -72,6 +77,9 @@ class ExpertConfig:
                               f"action_rate_hz ({self.action_rate_hz})")
         if not (math.isfinite(self.execution_noise) and 0 <= self.execution_noise <= 1):
             raise ConfigError(f"ExpertConfig.execution_noise: must be in [0, 1], got {self.execution_noise}")
+        if not (math.isfinite(self.rotation_noise_rad) and 0 <= self.rotation_noise_rad <= self.max_rotation_step_rad):
+            raise ConfigError(f"ExpertConfig.rotation_noise_rad: must be in [0, max_rotation_step_rad = "
+                              f"{self.max_rotation_step_rad}], got {self.rotation_noise_rad}")
         if not (1 <= self.chunk_size <= 64 and 0 <= self.settle_actions and self.max_actions >= 1):
             raise ConfigError(f"ExpertConfig: chunk_size in [1, 64], settle_actions >= 0, max_actions >= 1; got "
                               f"{self.chunk_size}, {self.settle_actions}, {self.max_actions}")
@@ -128,31 +136,55 @@ STEER_REACHED_M = 0.025
 
 
 class ExpertSteering:
-    """The expert's plan continued from wherever the arm is: where its end effector would pass next.
+    """The expert's plan continued from wherever the arm is: the actions it would take next, and where they lead.
 
-    For `edgeact eval --trace expert`: each plan's trace is the expert's, from the current pose, so
-    only the actions are the policy's. Positions are in the reference frame of `commanded_pose()`.
+    For `edgeact eval --trace expert` (each plan's trace is the expert's, from the current pose, so only the
+    actions are the policy's) and for DAgger's labels (`record_policy_demos`). A waypoint is passed once the arm
+    came within `reached_m` of it (`observe` each executed action's commanded position), or when a step toward
+    it would get nowhere (beyond the arm's reach: the expert's own stall rule, foreseen through the mapper's IK).
+    Positions are in the reference frame of `ActionExecutor.commanded_pose()`.
     """
 
-    def __init__(self, episode: Episode, config: ExpertConfig, task_config: TaskConfig | None = None):
+    def __init__(self, episode: Episode, config: ExpertConfig, task_config: TaskConfig | None = None,
+                 reached_m: float = STEER_REACHED_M):
         self.waypoints, self.config, self.index = expert_waypoints(episode, config, task_config), config, 0
+        self.reached_m = reached_m
 
-    def future(self, position_m: np.ndarray, n_actions: int) -> np.ndarray:
-        """(n_actions + 1, 3): the position now and after each of the expert's next actions (step_m each,
-        straight at the next waypoint not reached yet, holding after the last)."""
+    def observe(self, position_m: np.ndarray) -> None:
+        """Pass the waypoints the commanded end effector came within reached_m of. Call it after every executed
+        action: an arm that passes a waypoint between two plans is not sent back to it."""
         while self.index < len(self.waypoints) and \
-                np.linalg.norm(self.waypoints[self.index] - position_m) <= STEER_REACHED_M:
+                np.linalg.norm(self.waypoints[self.index] - position_m) <= self.reached_m:
             self.index += 1
-        position, index, out = np.asarray(position_m, float).copy(), self.index, []
-        out.append(position.copy())
+
+    def chunk(self, mapper: Any, commanded_rad: dict[str, float], n_actions: int) -> tuple[np.ndarray, np.ndarray]:
+        """The expert's next n_actions from the commanded joint state, played through the action mapper's inverse
+        kinematics as `ActionExecutor` would (no world is stepped): the positions (n_actions + 1, 3) of the
+        commanded end effector, now and after each action, and the actions (n_actions, 7) as `run_expert` makes
+        them."""
+        kin, q = mapper.kinematics, dict(commanded_rad)
+        pose = kin.forward(kin.q_from(q))
+
+        def after(action: np.ndarray) -> tuple[dict[str, float], Any]:
+            q_next = mapper.apply(q, action, 1.0)
+            return q_next, kin.forward(kin.q_from(q_next))
+
+        def stalls(target: np.ndarray) -> bool:
+            action = expert_action(pose, target, self.config)
+            return np.linalg.norm(after(action)[1].position_m - pose.position_m) < 0.2 * np.linalg.norm(action[:3])
+
+        self.observe(pose.position_m)
+        while self.index < len(self.waypoints) and stalls(self.waypoints[self.index]):
+            self.index += 1
+            self.observe(pose.position_m)
+        index, positions, actions = self.index, [pose.position_m], []
         for _ in range(n_actions):
-            while index < len(self.waypoints) and \
-                    np.linalg.norm(self.waypoints[index] - position) <= self.config.waypoint_tolerance_m:
-                index += 1
-            if index < len(self.waypoints):
-                position = position + step_toward(position, self.waypoints[index], self.config.step_m)
-            out.append(position.copy())
-        return np.asarray(out)
+            index = next_waypoint(self.waypoints, index, pose.position_m, positions[-2:], actions[-1:], self.config)
+            action = expert_action(pose, self.waypoints[index] if index < len(self.waypoints) else None, self.config)
+            q, pose = after(action)
+            positions.append(pose.position_m)
+            actions.append(action)
+        return np.asarray(positions), np.asarray(actions)
 
 
 class ActionExecutor:
@@ -182,7 +214,7 @@ class ActionExecutor:
 @dataclass(frozen=True, eq=False)
 class ExpertRollout:
     episode: Episode
-    actions: np.ndarray             # (T, 7) raw units, the expert's (executed with config.execution_noise added)
+    actions: np.ndarray             # (T, 7) raw units, the expert's (executed with the config's noise added)
     ee_positions_m: np.ndarray      # (T + 1, 3) the end-effector site (world frame) at each action boundary
     outcome: Outcome
     chunk_size: int
@@ -223,6 +255,29 @@ def matrix_rpy(rotation: np.ndarray) -> tuple[float, float, float]:
     return roll, pitch, yaw
 
 
+def next_waypoint(waypoints: list[np.ndarray], index: int, position_m: np.ndarray, visited: list[np.ndarray],
+                  last_action: list[np.ndarray], config: ExpertConfig) -> int:
+    """The waypoint the expert heads for from `position_m`: one is done when reached, or when the last action
+    toward it got nowhere (beyond the arm's reach). `visited` ends with the last two commanded positions (the
+    current one last) and `last_action` holds the action between them, when there was one."""
+    asked = float(np.linalg.norm(last_action[0][:3])) if last_action and len(visited) == 2 else 0.0
+    stalled = asked > 0 and np.linalg.norm(visited[1] - visited[0]) < 0.2 * asked
+    while index < len(waypoints) and (stalled or np.linalg.norm(waypoints[index] - position_m) <=
+                                      config.waypoint_tolerance_m):
+        index, stalled = index + 1, False
+    return index
+
+
+def expert_action(pose: Any, target_m: np.ndarray | None, config: ExpertConfig) -> np.ndarray:
+    """One expert action from the commanded pose: a step straight at the target waypoint (none: stay), the hand
+    turned toward its pitched-down orientation there, the gripper closed."""
+    action = hold_action()
+    if target_m is not None:
+        action[:3] = step_toward(pose.position_m, target_m, config.step_m)
+    action[3:6] = _rotation_step(pose.rotation, pose.position_m + action[:3], config)
+    return action
+
+
 def hold_action(gripper: float = GRIPPER_CLOSED) -> np.ndarray:
     action = np.zeros(ACTION_DIMS)
     action[-1] = gripper
@@ -242,26 +297,20 @@ def run_expert(world: Any, episode: Episode, mapper: Any, config: ExpertConfig =
     limit = min(config.max_actions, int(episode.time_limit_s * config.action_rate_hz))
     actions, ee = [], [world.site_pose("ee")[0]]
     noise_rng = np.random.default_rng([episode.seed, 0x5EED])
-    index, settle = 0, 0
-    last_position_m, last_asked_m = np.zeros(3), 0.0
+    rotation_rng = np.random.default_rng([episode.seed, 0x5EED, 1])
+    index, settle, visited = 0, 0, []
     while len(actions) < limit and settle < config.settle_actions:
         if on_action is not None:
             on_action(len(actions), world)
-        action = hold_action()
         pose = executor.commanded_pose()
-        # A waypoint is done when reached, or when the last action toward it got nowhere (beyond the arm's reach).
-        stalled = last_asked_m > 0 and np.linalg.norm(pose.position_m - last_position_m) < 0.2 * last_asked_m
-        while index < len(waypoints) and (stalled or np.linalg.norm(waypoints[index] - pose.position_m) <=
-                                          config.waypoint_tolerance_m):
-            index, stalled = index + 1, False
-        if index < len(waypoints):
-            action[:3] = step_toward(pose.position_m, waypoints[index], config.step_m)
-        else:
-            settle += 1
-        action[3:6] = _rotation_step(pose.rotation, pose.position_m + action[:3], config)
-        last_position_m, last_asked_m = pose.position_m, float(np.linalg.norm(action[:3]))
+        visited = visited[-1:] + [pose.position_m]
+        index = next_waypoint(waypoints, index, pose.position_m, visited, actions[-1:], config)
+        settle += index >= len(waypoints)
+        action = expert_action(pose, waypoints[index] if index < len(waypoints) else None, config)
         executed = action.copy()
-        executed[:3] += noise_rng.normal(0.0, config.execution_noise * last_asked_m, 3)
+        executed[:3] += noise_rng.normal(0.0, config.execution_noise * float(np.linalg.norm(action[:3])), 3)
+        if config.rotation_noise_rad:
+            executed[3:6] += rotation_rng.normal(0.0, config.rotation_noise_rad, 3)
         executor.execute(executed)
         actions.append(action)
         ee.append(world.site_pose("ee")[0])

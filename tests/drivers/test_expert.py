@@ -90,6 +90,38 @@ def test_execution_noise_moves_the_arm_off_the_path_and_the_expert_steers_back(w
         ExpertConfig(execution_noise=-0.1)
 
 
+def test_rotation_noise_turns_the_hand_off_and_the_expert_turns_it_back(world, mapper, rollouts):
+    # The executed rotation is perturbed (its own seeded stream: the translation noise stays as it was), the
+    # recorded rotation steps are the expert's corrections, and the expert still solves the task.
+    from edgeact.drivers.sim.expert import target_rotation
+
+    config = ExpertConfig(execution_noise=0.25, rotation_noise_rad=0.06)
+
+    def orientation_errors(errors):
+        def record(k, at):
+            site = at.site_pose("ee")
+            relative = target_rotation(site[0], config) @ site[1].T
+            errors.append(float(np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))))
+        return record
+
+    noisy, clean = [], []
+    for seed, template in enumerate(TEMPLATES):
+        episode = sample_episode(100 + seed, template)
+        translated = run_expert(world, episode, mapper, ExpertConfig(execution_noise=0.25),
+                                on_action=orientation_errors(clean))
+        turned = run_expert(world, episode, mapper, config, on_action=orientation_errors(noisy))
+        assert turned.outcome.success
+        assert np.array_equal(turned.actions[0], translated.actions[0])     # the same first state and answer
+        n = min(turned.n_actions, translated.n_actions)
+        assert np.abs(turned.actions[1:n, 3:6] - translated.actions[1:n, 3:6]).max() > 0.02     # it turns back
+        assert np.abs(turned.actions[:, 3:6]).max() <= config.max_rotation_step_rad + 1e-12
+    # Past the first turn the hand is some degrees off the expert's orientation; without the noise, about none.
+    assert np.median(clean[8:]) < 1.5 < np.median(noisy[8:])
+    for bad in (-0.01, 0.2):
+        with pytest.raises(Exception, match="rotation_noise_rad"):
+            ExpertConfig(rotation_noise_rad=bad)
+
+
 def test_the_runtime_control_step_replays_the_expert(world, mapper, rollouts):
     """The expert's actions, followed as one plan by the runtime's ChunkFollower at the control rate, end where the
     expert ended: demonstrations mean the same thing to the runtime."""

@@ -160,6 +160,34 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     assert "reusing" in capsys.readouterr().out
 
 
+def test_several_sets_train_together_with_the_first_sets_statistics(demos, tmp_path):
+    # DAgger: the expert's set and a set of a policy's states, trained on together.
+    import argparse
+    import shutil
+
+    from edgeact.drivers.sim.demos import MANIFEST, load_demos
+    from edgeact.export import commands_train
+    from edgeact.runtime.errors import ConfigError
+
+    second = tmp_path / "second"
+    shutil.copytree(demos, second)
+    manifest = json.loads((second / MANIFEST).read_text())
+    manifest["norm_stats"][NORM_KEY]["action"]["q99"] = [9.0] * 7      # another set's own statistics
+    (second / MANIFEST).write_text(json.dumps(manifest))
+    one, both = prepare(demos, TrainOptions(steps=1, **TINY)), prepare([demos, second], TrainOptions(steps=1, **TINY))
+    n = len(one.arrays["rgb"])
+    assert len(both.arrays["rgb"]) == 2 * n and len(both.train_idx) + len(both.held_idx) == 2 * n
+    assert not set(both.arrays["episode"][:n].tolist()) & set(both.arrays["episode"][n:].tolist())
+    assert both.cfg.norm_stats == {NORM_KEY: load_demos(demos).norm_stats[NORM_KEY]}
+    parser = argparse.ArgumentParser()
+    commands_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train-reference", "--demos", str(demos), str(second), "--out", str(tmp_path / "c"),
+                              "--generate-demos", "3"])
+    assert args.demos == [demos, second]
+    with pytest.raises(ConfigError, match="one --demos directory"):
+        args.handler(args)
+
+
 def test_the_loss_weighs_each_answer_kind(demos):
     from edgeact.export.train_reference import weighted_loss
     from edgeact.export.train_reference_data import KINDS

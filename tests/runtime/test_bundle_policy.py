@@ -129,6 +129,20 @@ def test_registered_as_policy_type_bundle(exported, tmp_path):
         BundlePolicyConfig(path="x", forced_depth="stereo")
 
 
+def test_tf32_is_asked_for_the_gpu_providers_only(monkeypatch):
+    from edgeact.runtime import bundle_policy
+
+    made = {}
+    monkeypatch.setattr(bundle_policy, "BundlePolicy", lambda path, backend, **kw: made.update(kw))
+    BundlePolicyConfig(path="/b", provider="cuda", cuda_tf32=True).make_policy(PolicyContext(action_rate_hz=10.0))
+    assert made["backend_options"] == {"provider": "cuda", "cuda_tf32": True}
+    BundlePolicyConfig(path="/b", provider="cuda").make_policy(PolicyContext(action_rate_hz=10.0))
+    assert made["backend_options"] == {"provider": "cuda"}          # fp32 stays fp32 unless asked
+    for provider in (None, "cpu"):
+        with pytest.raises(ConfigError, match="cuda_tf32: applies to onnxruntime's cuda and tensorrt providers"):
+            BundlePolicyConfig(path="/b", provider=provider, cuda_tf32=True)
+
+
 def test_run_sizes_default_to_host_memory_on_a_cpu_and_to_one_run_on_a_gpu(exported, monkeypatch):
     from edgeact.runtime import bundle_policy, ort_engine
 

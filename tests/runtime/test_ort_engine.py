@@ -124,6 +124,20 @@ def test_options_are_validated_and_name_the_fix(tmp_path_factory):
             open_backend("onnxruntime", provider=provider).decoder(bundle, 8)
 
 
+def test_the_cuda_provider_computes_fp32_unless_tf32_is_asked_for(tmp_path_factory):
+    from edgeact.runtime.ort_engine import _providers
+
+    bundle = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle
+    spec = bundle.stage(io.DECODER_STAGE)
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda = _providers(bundle, spec, OrtOptions(provider="cuda", device_id=1), gpu)
+    assert cuda == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]
+    trt = dict(p for p in _providers(bundle, spec, OrtOptions(provider="tensorrt"), gpu) if isinstance(p, tuple))
+    assert trt["CUDAExecutionProvider"] == {"device_id": 0, "use_tf32": 0}      # TensorRT's fallback too
+    tf32 = _providers(bundle, spec, OrtOptions(provider="cuda", cuda_tf32=True), gpu)
+    assert tf32[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 1})
+
+
 def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_factory, tmp_path):
     import shutil
 

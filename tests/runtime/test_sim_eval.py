@@ -161,6 +161,15 @@ def test_the_expert_trace_is_the_experts_plan_from_the_arms_pose(exported, tmp_p
     first = np.asarray(policy.traces[0])
     assert first.shape == recorded.shape and np.abs(first - recorded).max() <= 4
     assert all(t is not None and len(t) >= 1 for t in policy.traces)
+    # Along the way too: each plan's trace ends where the expert's own path is 8 actions later.
+    renderer = MujocoRgbdRenderer(world, CAMERA, *EVAL_CAMERA_PX)
+    try:
+        for plan, trace in enumerate(policy.traces):
+            ahead = future_trace(rollout.ee_positions_m, 2 * plan, DemoConfig().trace_horizon_actions,
+                                 world.site_pose(OPTICAL_SITE), renderer.intrinsics)
+            assert np.abs(np.asarray(trace)[-1] - ahead[-1]).max() <= 8, (plan, trace, ahead.tolist())
+    finally:
+        renderer.close()
 
 
 def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp_path):
@@ -252,3 +261,21 @@ def test_an_interrupted_evaluation_keeps_the_episodes_it_finished(exported, tmp_
         evaluate(mujoco_robot_config_dict(), systems, options)
     data = json.loads((tmp_path / "eval.json").read_text())
     assert [e["index"] for e in data["episodes"]] == [0]
+
+
+def test_sim_demos_with_a_bundle_records_its_states_labelled_by_the_expert(with_depth, tmp_path, capsys):
+    # DAgger's recording with a real bundle policy: it drives (forced depth from the camera), the expert labels.
+    from edgeact.drivers.sim.demos import load_demos
+    from edgeact.runtime.cli import main
+
+    out = tmp_path / "dagger"
+    assert main(["sim-demos", "--policy", str(with_depth), "--episodes", "1", "--seed", "7", "--stride", "4",
+                 "--replan-every", "4", "--threads", "1", "--out", str(out)]) == 0
+    assert "episodes of the policy, labelled by the expert" in capsys.readouterr().out
+    data = load_demos(out)
+    episode = data.manifest["episodes"][0]
+    assert data.manifest["labels"]["policy"] == str(with_depth) and data.manifest["labels"]["replan_every"] == 4
+    a = data.arrays()
+    assert len(a["rgb"]) == -(-episode["n_actions"] // 4) and a["rgb"].shape[1:] == (120, 160, 3)
+    assert np.array_equal(a["step"], np.arange(0, episode["n_actions"], 4))
+    assert set(a["instruction"]) == {episode["instruction"]}
