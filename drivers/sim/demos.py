@@ -179,7 +179,7 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     camera_pose = world.site_pose(OPTICAL_SITE)     # the camera rides on the base, which the expert never moves
     start_s = time.perf_counter()
     successes = {t: [0, 0] for t in TEMPLATES}
-    records, all_actions, shards, pending = [], [], [], _Shard()
+    records, all_actions, shards = [], [], _Shards(out, config.episodes_per_shard)
     try:
         for i in range(episodes):
             scene = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
@@ -200,12 +200,10 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
                     if k < rollout.n_actions:
                         trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, camera_pose,
                                              renderer.intrinsics)
-                        pending.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k, blocks)
+                        shards.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k, blocks)
                 all_actions.append(rollout.actions)
                 records.append({"index": i, "sibling": sibling, **episode.to_dict(), "n_actions": rollout.n_actions})
-            if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
-                shards.append(pending.write(out / f"shard_{len(shards):04d}.npz"))
-                pending = _Shard()
+            shards.episode_done(i, episodes)
             if progress is not None:
                 progress(i + 1, episodes)
     finally:
@@ -213,7 +211,7 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     if not all_actions:
         raise DemoDatasetError(f"the expert succeeded in none of {episodes} episodes; nothing to write to {out}")
     return _finish(out, {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes},
-                   shards, config, expert, renderer.intrinsics, camera_pose, all_actions, start_s)
+                   shards.written, config, expert, renderer.intrinsics, camera_pose, all_actions, start_s)
 
 
 def _new_set(out_dir: str | Path, episodes: int) -> Path:
@@ -284,7 +282,7 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     camera_pose = world.site_pose(OPTICAL_SITE)
     start_s = time.perf_counter()
     successes = {t: [0, 0] for t in TEMPLATES}
-    records, all_actions, shards, pending = [], [], [], _Shard()
+    records, all_actions, shards = [], [], _Shards(out, config.episodes_per_shard)
     try:
         for i in range(episodes):
             episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
@@ -302,7 +300,7 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
                 if record:
                     trace = commanded_trace(world, positions, config.trace_horizon_actions, camera_pose,
                                             renderer.intrinsics)
-                    pending.add(rgb, depth, episode.instruction, trace, labels, i, done,
+                    shards.add(rgb, depth, episode.instruction, trace, labels, i, done,
                                 block_pixels(world, depth, camera_pose, renderer.intrinsics))
                     all_actions.append(labels[:1])
                 if plan:
@@ -316,9 +314,7 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
             successes[episode.template][1] += 1
             successes[episode.template][0] += int(success)
             records.append({"index": i, "sibling": 0, **episode.to_dict(), "n_actions": done, "success": success})
-            if pending.n and ((i + 1) % config.episodes_per_shard == 0 or i + 1 == episodes):
-                shards.append(pending.write(out / f"shard_{len(shards):04d}.npz"))
-                pending = _Shard()
+            shards.episode_done(i, episodes)
             if progress is not None:
                 progress(i + 1, episodes)
     finally:
@@ -326,7 +322,24 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     head = {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes,
             "labels": {"policy": source, "replan_every": replan_every, "expert_mix": expert_mix,
                        "reached_m": reached_m}}
-    return _finish(out, head, shards, config, expert, renderer.intrinsics, camera_pose, all_actions, start_s)
+    return _finish(out, head, shards.written, config, expert, renderer.intrinsics, camera_pose, all_actions,
+                   start_s)
+
+
+class _Shards:
+    """A set's shards: samples gathered in memory and written as one compressed npz every `per_shard` episodes."""
+
+    def __init__(self, out: Path, per_shard: int):
+        self.out, self.per_shard, self.written, self.pending = out, per_shard, [], _Shard()
+
+    def add(self, *sample) -> None:
+        self.pending.add(*sample)
+
+    def episode_done(self, i: int, episodes: int) -> None:
+        """Episode i of `episodes` is recorded: write the shard when it is full or the set complete."""
+        if self.pending.n and ((i + 1) % self.per_shard == 0 or i + 1 == episodes):
+            self.written.append(self.pending.write(self.out / f"shard_{len(self.written):04d}.npz"))
+            self.pending = _Shard()
 
 
 class _Shard:

@@ -10,10 +10,10 @@ pytest.importorskip("pinocchio", reason="the expert acts through the 'ik' mapper
 from edgeact.drivers.sim.demos import (DemoConfig, DemoDatasetError, joined_arrays, load_demos,  # noqa: E402
                                        record_demos, record_policy_demos)
 from edgeact.drivers.sim.expert import (ActionExecutor, ExpertConfig, ExpertSteering, hold_action,  # noqa: E402
-                                        run_expert, runtime_action_mapper)
-from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
+                                        run_expert)
 from edgeact.drivers.sim.task import TEMPLATES, reset_world, sample_episode  # noqa: E402
 from edgeact.runtime.errors import ConfigError  # noqa: E402
+from tests.drivers.test_expert import mapper, world  # noqa: E402,F401  (the simulated world and IK mapper)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,16 +34,6 @@ class HoldStill:
 class Refuses:
     def infer(self, *args, **kwargs):
         raise AssertionError("with expert_mix 1 the policy is never asked")
-
-
-@pytest.fixture(scope="module")
-def world():
-    return MujocoWorld()
-
-
-@pytest.fixture(scope="module")
-def mapper():
-    return runtime_action_mapper()[0]
 
 
 def test_the_chunk_from_the_start_is_the_experts_first_chunk(world, mapper):
