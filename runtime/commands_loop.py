@@ -149,19 +149,12 @@ def _report_task(console, run, first_plan, sheet_path: Path) -> None:
     from edgeact.runtime.sim_eval import episode_sheet_from_run
 
     task = run.result.task
-    episode = task["episode"]
-    verdict = "[green]SUCCESS[/]" if task["first_success_s"] is not None else "[red]not done[/]"
-    table = Table(title=f"task: \"{episode['instruction']}\" (seed {episode['seed']})", show_header=False)
+    table = Table(title=f"task: \"{task['episode']['instruction']}\" (seed {task['episode']['seed']})",
+                  show_header=False)
     table.add_column("measure")
     table.add_column("value", justify="right")
-    when = task["first_success_s"]
-    table.add_row("result", verdict + (f" after {when:.1f} s" if when is not None else
-                                        f" within {episode['time_limit_s']:g} s"))
-    table.add_row("named block moved (x, y, z)", " ".join(f"{v * 100:+.1f}" for v in task["target_displacement_m"])
-                  + " cm")
-    table.add_row("end effector to the block's top (x, y, z)",
-                  " ".join(f"{v * 100:+.1f}" for v in task["ee_to_target_m"]) + " cm")
-    table.add_row("other blocks moved at most", f"{task['max_other_displacement_m'] * 100:.1f} cm")
+    for row in task_rows(task):
+        table.add_row(*row)
     console.print(table)
     if first_plan.plan is not None:
         try:
@@ -169,6 +162,26 @@ def _report_task(console, run, first_plan, sheet_path: Path) -> None:
             console.print(f"episode sheet: {path}")
         except EdgeactError as exc:
             console.print(f"episode sheet: not written: {exc}")
+
+
+def task_rows(task: dict) -> list[tuple[str, str]]:
+    """The episode's outcome as table rows (`TaskTracker.report`): when it first succeeded, and where things are
+    at the end of the run, which goes on after a success: a success undone since (a block pushed off the table)
+    is said so."""
+    when, episode = task["first_success_s"], task["episode"]
+    if when is None:
+        verdict = f"[red]not done[/] within {episode['time_limit_s']:g} s"
+    elif task["success"]:
+        verdict = f"[green]SUCCESS[/] after {when:.1f} s"
+    else:
+        verdict = f"[green]SUCCESS[/] after {when:.1f} s, [yellow]undone[/] by the end ({task['sim_time_s']:.1f} s)"
+    def centimetres(metres) -> str:
+        return " ".join(f"{x * 100:+.1f}" for x in metres) + " cm"
+
+    return [("result", verdict),
+            ("named block moved (x, y, z), at the end", centimetres(task["target_displacement_m"])),
+            ("end effector to the block's top (x, y, z), at the end", centimetres(task["ee_to_target_m"])),
+            ("other blocks moved at most, at the end", f"{task['max_other_displacement_m'] * 100:.1f} cm")]
 
 
 def _finish(result, console) -> int:
