@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     demos.add_argument("--policy", metavar="BUNDLE",
                        help="DAgger: this bundle drives the arm (lockstep, forced depth where it has the depth stage) "
                             "and every state it visits is labelled with the expert's plan from there; all episodes "
-                            "are kept. --execution-noise and --siblings do not apply")
+                            "are kept. --execution-noise, --rotation-noise and --siblings do not apply")
     demos.add_argument("--replan-every", type=int, default=2, metavar="ACTIONS",
                        help="with --policy: actions executed per plan (default 2, as edgeact eval)")
     demos.add_argument("--expert-mix", type=float, default=0.0, metavar="P",

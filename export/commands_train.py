@@ -82,8 +82,10 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
     manifest_path = demos / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
+        # A recording made before a DemoConfig field existed did what that field's default does.
+        recorded = {**asdict(DemoConfig()), **(manifest.get("demo_config") or {})}
         if (manifest.get("episodes_attempted") == episodes and manifest.get("seed") == seed
-                and manifest.get("demo_config") == asdict(config) and manifest.get("format") == FORMAT):
+                and recorded == asdict(config) and manifest.get("format") == FORMAT):
             console.print(f"reusing the {manifest['samples']} samples already recorded in {demos}")
             return
         raise ConfigError(f"{demos} holds another recording ({manifest.get('episodes_attempted')} episodes from seed "

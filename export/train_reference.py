@@ -462,9 +462,9 @@ def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: 
     return out
 
 
-def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Path | None, options: TrainOptions = TrainOptions(),
-                    depth_codes_fn: DepthCodesFn = pooled_depth_codes, *, overwrite: bool = False,
-                    on_step: Callable[[int, float], None] | None = None) -> TrainReport:
+def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Path | None,
+                    options: TrainOptions = TrainOptions(), depth_codes_fn: DepthCodesFn = pooled_depth_codes, *,
+                    overwrite: bool = False, on_step: Callable[[int, float], None] | None = None) -> TrainReport:
     """Prepare, train, score the held-out episodes, and save to out_dir (None: keep nothing on disk)."""
     trainer = prepare(demos_dir, options, depth_codes_fn)
     report = TrainReport(None, sum(p.numel() for p in trainer.model.parameters()), len(trainer.train_idx),

@@ -154,7 +154,11 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     assert json.loads((tmp_path / "ckpt" / "training_log.json").read_text())["options"]["pointing_batch"] == 2
     assert NORM_KEY in load_checkpoint(tmp_path / "ckpt").norm_stats
     assert (tmp_path / "ckpt" / commands_train.LOSS_PLOT).stat().st_size > 1000
-    # Again: the same recording is reused; an existing checkpoint needs --overwrite.
+    # Again: the same recording is reused (also one made before a DemoConfig field existed, which did what its
+    # default does); an existing checkpoint needs --overwrite.
+    manifest = json.loads((tmp_path / "demos" / "manifest.json").read_text())
+    del manifest["demo_config"]["rotation_noise_rad"]
+    (tmp_path / "demos" / "manifest.json").write_text(json.dumps(manifest))
     args = parser.parse_args(argv + ["--overwrite"])
     assert args.handler(args) == 0
     assert "reusing" in capsys.readouterr().out
