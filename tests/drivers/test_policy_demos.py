@@ -97,6 +97,19 @@ def test_with_expert_mix_1_the_expert_drives_and_each_label_is_its_next_chunk(tm
             assert np.allclose(a["actions"][i], rollout.chunk(int(a["step"][i])), atol=1e-6), (template, a["step"][i])
 
 
+@pytest.mark.parametrize("seed, template", [(16, "push_left"), (26, "push_right")])
+def test_a_waypoint_out_of_reach_is_skipped_as_the_expert_skips_it(tmp_path, world, mapper, seed, template):
+    # In these scenes a waypoint is beyond the arm's reach: the expert's stall rule moves on after one step that
+    # gets nowhere, and the labels foresee it through the IK. Without that the arm is sent at it for seconds.
+    rollout = run_expert(world, sample_episode(seed, template), mapper)
+    first = list(TEMPLATES).index(template)
+    record_policy_demos(tmp_path / "d", Refuses(), episodes=first + 1, seed=seed - first, config=SMALL,
+                        expert_mix=1.0, reached_m=ExpertConfig().waypoint_tolerance_m)
+    episode = load_demos(tmp_path / "d").manifest["episodes"][-1]
+    assert episode["seed"] == seed and episode["success"]
+    assert episode["n_actions"] <= rollout.n_actions
+
+
 def test_bad_options_are_refused_before_any_work(tmp_path):
     for kwargs, words in (({"replan_every": 0}, "replan_every"), ({"expert_mix": 1.5}, "expert_mix"),
                           ({"reached_m": 0.0}, "reached_m")):
