@@ -137,6 +137,8 @@ class RobotLoop:
     @staticmethod
     def _join(threads: list[threading.Thread]) -> None:
         for thread in threads:
+            if thread.ident is None:        # never started: a Ctrl-C or SIGTERM came between making and starting
+                continue
             thread.join(JOIN_S)
             if thread.is_alive():
                 log.error("thread %s still busy %.0f s after the stop; going on without it", thread.name, JOIN_S)

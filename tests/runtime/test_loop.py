@@ -147,6 +147,24 @@ def test_run_paces_follows_plans_and_ends_with_torque_off(sim):
     assert torque(sim) == [0] * 6
 
 
+def test_an_interrupt_while_the_threads_start_ends_as_an_interrupt_in_the_safe_state(sim, monkeypatch):
+    # SIGTERM can land between making the loop's threads and starting them: the end must not trip over a thread
+    # that never started (it did: "cannot join thread before it is started", exit status 1 instead of 130).
+    start = threading.Thread.start
+
+    def interrupted(self):
+        if self.name == "loop-planner":
+            raise KeyboardInterrupt
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    events = Collect()
+    result = run_robot(robot_config_from_dict(config_data(sim)), 5.0, [events])
+    assert (result.reason, result.error) == ("interrupt", None)
+    assert [e.reason for e in events.of(StopEvent)] == ["interrupt"]
+    assert torque(sim) == [0] * 6
+
+
 def test_the_end_puts_the_robot_safe_at_once_while_a_long_policy_step_finishes(sim):
     # A policy step (1.2 s) longer than the driver's watchdog (0.5 s) is running when the duration ends: the exit
     # safe state follows the last command within a tick, and the watchdog never has to act.
