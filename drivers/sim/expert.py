@@ -171,16 +171,19 @@ class ExpertSteering:
 
         def stalls(target: np.ndarray) -> bool:
             action = expert_action(pose, target, self.config)
-            return np.linalg.norm(after(action)[1].position_m - pose.position_m) < 0.2 * np.linalg.norm(action[:3])
+            return stalled(float(np.linalg.norm(after(action)[1].position_m - pose.position_m)),
+                           float(np.linalg.norm(action[:3])))
 
         self.observe(pose.position_m)
         while self.index < len(self.waypoints) and stalls(self.waypoints[self.index]):
             self.index += 1
             self.observe(pose.position_m)
-        index, positions, actions = self.index, [pose.position_m], []
+        index, positions, actions, asked_m = self.index, [pose.position_m], [], 0.0
         for _ in range(n_actions):
-            index = next_waypoint(self.waypoints, index, pose.position_m, positions[-2:], actions[-1:], self.config)
+            moved_m = float(np.linalg.norm(positions[-1] - positions[-2])) if len(positions) > 1 else 0.0
+            index = next_waypoint(self.waypoints, index, pose.position_m, moved_m, asked_m, self.config)
             action = expert_action(pose, self.waypoints[index] if index < len(self.waypoints) else None, self.config)
+            asked_m = float(np.linalg.norm(action[:3]))
             q, pose = after(action)
             positions.append(pose.position_m)
             actions.append(action)
@@ -255,16 +258,20 @@ def matrix_rpy(rotation: np.ndarray) -> tuple[float, float, float]:
     return roll, pitch, yaw
 
 
-def next_waypoint(waypoints: list[np.ndarray], index: int, position_m: np.ndarray, visited: list[np.ndarray],
-                  last_action: list[np.ndarray], config: ExpertConfig) -> int:
-    """The waypoint the expert heads for from `position_m`: one is done when reached, or when the last action
-    toward it got nowhere (beyond the arm's reach). `visited` ends with the last two commanded positions (the
-    current one last) and `last_action` holds the action between them, when there was one."""
-    asked = float(np.linalg.norm(last_action[0][:3])) if last_action and len(visited) == 2 else 0.0
-    stalled = asked > 0 and np.linalg.norm(visited[1] - visited[0]) < 0.2 * asked
-    while index < len(waypoints) and (stalled or np.linalg.norm(waypoints[index] - position_m) <=
+def stalled(moved_m: float, asked_m: float) -> bool:
+    """The expert's stall rule: an action that asked for asked_m of motion got the commanded end effector less than a
+    fifth of it (the waypoint is beyond the arm's reach)."""
+    return asked_m > 0 and moved_m < 0.2 * asked_m
+
+
+def next_waypoint(waypoints: list[np.ndarray], index: int, position_m: np.ndarray, moved_m: float, asked_m: float,
+                  config: ExpertConfig) -> int:
+    """The waypoint the expert heads for from `position_m`: one is done when reached, or when the last action toward
+    it (asked_m long; 0: none yet) moved the commanded end effector by only moved_m (`stalled`)."""
+    stuck = stalled(moved_m, asked_m)
+    while index < len(waypoints) and (stuck or np.linalg.norm(waypoints[index] - position_m) <=
                                       config.waypoint_tolerance_m):
-        index, stalled = index + 1, False
+        index, stuck = index + 1, False
     return index
 
 
@@ -298,17 +305,19 @@ def run_expert(world: Any, episode: Episode, mapper: Any, config: ExpertConfig =
     actions, ee = [], [world.site_pose("ee")[0]]
     noise_rng = np.random.default_rng([episode.seed, 0x5EED])
     rotation_rng = np.random.default_rng([episode.seed, 0x5EED, 1])
-    index, settle, visited = 0, 0, []
+    index, settle = 0, 0
+    last_position_m, last_asked_m = np.zeros(3), 0.0
     while len(actions) < limit and settle < config.settle_actions:
         if on_action is not None:
             on_action(len(actions), world)
         pose = executor.commanded_pose()
-        visited = visited[-1:] + [pose.position_m]
-        index = next_waypoint(waypoints, index, pose.position_m, visited, actions[-1:], config)
+        index = next_waypoint(waypoints, index, pose.position_m,
+                              float(np.linalg.norm(pose.position_m - last_position_m)), last_asked_m, config)
         settle += index >= len(waypoints)
         action = expert_action(pose, waypoints[index] if index < len(waypoints) else None, config)
+        last_position_m, last_asked_m = pose.position_m, float(np.linalg.norm(action[:3]))
         executed = action.copy()
-        executed[:3] += noise_rng.normal(0.0, config.execution_noise * float(np.linalg.norm(action[:3])), 3)
+        executed[:3] += noise_rng.normal(0.0, config.execution_noise * last_asked_m, 3)
         if config.rotation_noise_rad:
             executed[3:6] += rotation_rng.normal(0.0, config.rotation_noise_rad, 3)
         executor.execute(executed)
