@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                    help="whose trace each plan carries: the model's (default), or the scripted expert's from the "
                         "arm's current pose, forced through trace steering (with --timing lockstep): then only the "
                         "actions are the model's, which measures how well they follow a right trace")
+    p.add_argument("--ensemble", choices=("on", "off"),
+                   help="temporal ensembling (plan.ensemble): follow each action slot's mean over the plans that "
+                        "predicted it, or only the newest plan's action (default: the config's; the built-in robot's "
+                        "is on)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="also run bundles whose verification failed (refused otherwise), to measure what it costs")
     p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
@@ -79,7 +83,8 @@ def _eval(args) -> int:
             bundles["config"] = str(path)
     systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
-                          args.timing, args.replan_every, args.sheets, args.trace)
+                          args.timing, args.replan_every, args.sheets, args.trace,
+                          None if args.ensemble is None else args.ensemble == "on")
 
     def progress(system: str, index: int, result) -> None:
         mark = "[green]ok[/]" if result.success else "[red]fail[/]"

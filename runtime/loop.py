@@ -25,6 +25,7 @@ from edgeact.drivers.cameras.base import Camera, RGBDFrame
 from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard
 from edgeact.runtime.control import ActionMapper, ChunkFollower
 from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.ensemble import ActionEnsemble
 from edgeact.runtime.loop_events import CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent
 from edgeact.runtime.policy import Observation, Plan, Policy
 
@@ -49,6 +50,7 @@ class LoopSettings:
     instruction: str = ""
     supervise_s: float = 0.01           # how often the supervisor looks
     control_priority: int | None = None  # SCHED_FIFO priority asked for the control thread (best effort); None: don't
+    ensemble: bool = False              # follow the mean of the plans' predictions per action slot (ensemble.py)
 
     def __post_init__(self) -> None:
         if not (self.control_hz > 0 and self.action_rate_hz > 0 and self.control_stall_s > 0):
@@ -235,6 +237,7 @@ class RobotLoop:
     def _planner(self) -> None:
         last_number: int | None = None
         max_age_s = self.settings.max_frame_age_s
+        ensemble = ActionEnsemble(self.settings.action_rate_hz) if self.settings.ensemble else None
         while not self._stop.is_set():
             frame = self.camera.latest()
             if frame.frame_number == last_number or frame.age_s() > max_age_s:
@@ -249,6 +252,8 @@ class RobotLoop:
             plan = self.policy.step(obs)
             if self._stop.is_set():
                 return
+            if ensemble is not None:
+                plan = ensemble.merge(plan)
             done_s = self.clock()
             self._plan = plan
             self.hub.publish(PlanEvent(done_s, plan, self.plans, frame.frame_number,
@@ -281,7 +286,7 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     settings = LoopSettings(control_hz=config.rates.control_hz, action_rate_hz=config.rates.action_rate_hz,
                             plan_max_age_s=config.plan.max_age_s, max_frame_age_s=config.plan.max_frame_age_s,
                             control_stall_s=config.watchdog.control_stall_s, instruction=config.instruction,
-                            control_priority=config.rates.control_priority)
+                            control_priority=config.rates.control_priority, ensemble=config.plan.ensemble)
     estop_input = estop_check(config, estop)
     hub = EventHub(list(subscribers)).start()
     try:

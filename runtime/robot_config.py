@@ -186,12 +186,15 @@ class RatesSection:
 class PlanSection:
     max_age_s: float = 1.5                  # hold when the plan's observation is older than this
     max_frame_age_s: float = 0.25           # the planner waits for a newer frame than this
+    ensemble: bool = False                  # follow each action slot's mean over the plans (runtime/ensemble.py)
 
     def __post_init__(self) -> None:
         for name in ("max_age_s", "max_frame_age_s"):
             value = getattr(self, name)
             if not (0 < value <= 600):
                 raise ConfigError(f"{name}: must be in (0, 600] seconds, got {value}")
+        if not isinstance(self.ensemble, bool):
+            raise ConfigError(f"ensemble: must be true or false, got {self.ensemble!r}")
 
 
 @dataclass

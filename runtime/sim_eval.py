@@ -66,6 +66,7 @@ class EvalOptions:
     replan_every: int = 2       # lockstep: actions executed per plan
     sheets: int = 3             # episodes per system that get a PNG sheet (the first ones)
     trace: str = "model"        # one of TRACE_SOURCES
+    ensemble: bool | None = None    # plan.ensemble for every system (temporal ensembling); None: the config's
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -74,6 +75,8 @@ class EvalOptions:
             raise ConfigError(f"--timing {self.timing!r} unknown; use one of {', '.join(TIMINGS)}")
         if self.trace not in TRACE_SOURCES:
             raise ConfigError(f"--trace {self.trace!r} unknown; use one of {', '.join(TRACE_SOURCES)}")
+        if self.ensemble not in (None, True, False):
+            raise ConfigError(f"ensemble: true, false or null (the config's), got {self.ensemble!r}")
         if self.trace == "expert" and self.timing != "lockstep":
             raise ConfigError("--trace expert steers each plan from the simulator's state, which only the lockstep "
                               "evaluation reads between plans; add --timing lockstep")
@@ -201,6 +204,8 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     """Every system on the same seeded episodes; `progress(system, index, result)` after each episode."""
     report = EvalReport(systems, options)
     plan = episode_plan(options.episodes, options.seed)
+    if options.ensemble is not None:
+        base_config = {**base_config, "plan": {**(base_config.get("plan") or {}), "ensemble": options.ensemble}}
     for system in systems:
         runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
                   else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))
@@ -313,6 +318,7 @@ class LockstepRunner:
 
         config = robot_config_from_dict(system_config_dict(base, system), source=source)
         self.system, self.replan_every, self.trace = system, replan_every, trace
+        self.ensemble = config.plan.ensemble
         self.mapper = config.actions.make_mapper(list(config.robot.motors))
         self.expert = ExpertConfig(action_rate_hz=config.rates.action_rate_hz, control_hz=config.rates.control_hz)
         self._executor_type = ActionExecutor
@@ -326,6 +332,8 @@ class LockstepRunner:
     def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
         from edgeact.drivers.sim.task import evaluate as task_outcome
         from edgeact.drivers.sim.task import reset_world, sample_episode
+        from edgeact.runtime.ensemble import ActionEnsemble
+        from edgeact.runtime.policy import Plan
 
         episode = sample_episode(seed, template)
         reset_world(self.world, episode)
@@ -334,6 +342,8 @@ class LockstepRunner:
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))
         done, plans, steps, step_s, first_plan, first_frame = 0, 0, [], [], None, None
         success_at: float | None = None
+        rate = self.expert.action_rate_hz
+        ensemble = ActionEnsemble(rate) if self.ensemble else None
         while done < limit and success_at is None:
             rgb, depth_m = self.renderer.render()[:2]
             start = time.perf_counter()
@@ -344,13 +354,17 @@ class LockstepRunner:
             steps.append(result.decode_steps)
             if first_plan is None:
                 first_plan, first_frame = result, rgb
-            for action in result.actions[:self.replan_every]:
+            actions = result.actions
+            if ensemble is not None:    # the simulator's clock: action k of the episode starts at k / rate
+                actions = ensemble.merge(Plan(result.actions, result.actions_normalized, result.trace_px, None,
+                                              done / rate, done / rate)).actions
+            for action in actions[:self.replan_every]:
                 executor.execute(action)
                 if plan is not None:
                     plan.observe(executor.commanded_pose().position_m)
                 done += 1
                 if task_outcome(self.world, episode).success:
-                    success_at = done / self.expert.action_rate_hz
+                    success_at = done / rate
                     break
         out = EpisodeResult(self.system.name, index, seed, template, episode.instruction, success_at is not None,
                             success_at if success_at is not None else episode.time_limit_s, episode.time_limit_s,

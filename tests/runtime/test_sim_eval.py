@@ -90,7 +90,7 @@ class _ReplayExpert:
             hold[:, -1] = -1.0
             chunk = np.concatenate([chunk, hold])
         self.done += 2          # replan_every below
-        return SimpleNamespace(actions=chunk, trace_px=None, decode_steps=0)
+        return SimpleNamespace(actions=chunk, actions_normalized=chunk, trace_px=None, decode_steps=0)
 
     def close(self) -> None:
         pass
@@ -116,6 +116,75 @@ def test_lockstep_execution_is_the_experts_so_its_actions_succeed(exported, tmp_
     assert result.success and result.episode_s <= rollout.n_actions / rates["action_rate_hz"] + 1e-9
     assert result.plans >= result.episode_s * rates["action_rate_hz"] / 2 - 1
     assert (tmp_path / "sheet.png").stat().st_size > 10_000
+
+
+class _CountingPlans:
+    """Plan k (from 0) predicts k in every dimension of its 8 actions."""
+
+    def __init__(self):
+        self.plans = 0
+
+    def infer(self, rgb, instruction, depth_m=None):
+        chunk = np.full((8, 7), float(self.plans))
+        self.plans += 1
+        return SimpleNamespace(actions=chunk, actions_normalized=chunk / 10, trace_px=None, decode_steps=0)
+
+    def close(self) -> None:
+        pass
+
+
+class _Recording:
+    """Stands in for the simulator's ActionExecutor: keeps the actions it is given, moves nothing."""
+
+    executed: list = []
+
+    def __init__(self, world, mapper, config):
+        self.commanded_rad = world.joint_positions(mapper.joints)
+        _Recording.executed = []
+
+    def execute(self, action):
+        _Recording.executed.append(np.asarray(action, dtype=float).copy())
+
+
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_lockstep_executes_each_slots_mean_over_the_plans_with_ensembling(exported, ensemble):
+    # Plans every 2 actions, 8 per chunk: slot t was predicted by plans t//2 - 3 .. t//2 (those that exist), so
+    # with ensembling (the built-in robot's default) it gets their mean; without, the newest plan's action.
+    system = eval_systems({"tiny": exported.bundle_dir}, ["generated"])[0]
+    base = mujoco_robot_config_dict()
+    assert base["plan"]["ensemble"] is True
+    base["plan"]["ensemble"] = ensemble
+    runner = LockstepRunner(base, system, 2, "<test>", policy=_CountingPlans())
+    runner._executor_type = _Recording
+    try:
+        result = runner.episode(0, 1_000_000, "move_to", None)
+    finally:
+        runner.close()
+    executed = np.array(_Recording.executed)
+    assert not result.success and len(executed) == result.time_limit_s * 10 == 2 * result.plans
+    t = np.arange(len(executed))
+    expected = np.array([np.mean(np.arange(max(0, s // 2 - 3), s // 2 + 1)) for s in t]) if ensemble else t // 2
+    np.testing.assert_allclose(executed, np.repeat(expected[:, None], 7, axis=1))
+
+
+def test_the_eval_options_ensemble_overrides_the_configs(exported, tmp_path, monkeypatch):
+    from edgeact.runtime import sim_eval
+
+    seen = []
+
+    def runner(base, system, replan_every, source, **options):
+        seen.append(base["plan"]["ensemble"])
+        raise KeyboardInterrupt         # the setting is all this test needs
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", runner)
+    systems = eval_systems({"tiny": exported.bundle_dir}, ["generated"])
+    for ensemble in (False, True, None):
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(mujoco_robot_config_dict(), systems,
+                     EvalOptions(episodes=1, out_dir=tmp_path, timing="lockstep", sheets=0, ensemble=ensemble))
+    assert seen == [False, True, True]      # None: the config's, which is on for the built-in robot
+    with pytest.raises(ConfigError, match="ensemble: true, false or null"):
+        EvalOptions(episodes=1, out_dir=tmp_path, ensemble="on")
 
 
 class _SteeredReplay(_ReplayExpert):

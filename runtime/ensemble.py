@@ -1,0 +1,59 @@
+"""Temporal ensembling of overlapping action chunks (ACT's, Zhao et al. 2023).
+
+A plan's chunk covers the next n action slots; a new plan arrives before the old one's chunk is
+used up, so most slots are predicted by several plans. With ensembling on (`plan.ensemble: true`),
+each new plan's action for slot i is the mean of every kept plan's prediction for that slot (its
+own included), and the robot follows those means. A small policy whose action bins are uncertain
+then averages its noise over the plans instead of following whichever plan came last.
+
+Slots are matched in time: action i of a plan is meant for [t_obs + i/r, t_obs + (i+1)/r) (see
+control.py), and an older plan's prediction for the same slot is its action nearest to that start.
+The raw predictions are kept, never the means, so a prediction counts once whatever comes after.
+This runs in the planner's thread, once per plan: the control step only follows the merged plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import numpy as np
+
+from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.policy import Plan
+
+
+class ActionEnsemble:
+    """Merges each new plan with the kept plans' predictions for the same slots (uniform mean)."""
+
+    def __init__(self, action_rate_hz: float, max_plans: int = 16):
+        if not action_rate_hz > 0 or max_plans < 1:
+            raise ConfigError(f"action ensemble: action_rate_hz must be > 0 and max_plans >= 1, got "
+                              f"{action_rate_hz}, {max_plans}")
+        self.action_rate_hz = action_rate_hz
+        self._plans: deque[Plan] = deque(maxlen=max_plans)     # raw plans, oldest first
+
+    def merge(self, plan: Plan) -> Plan:
+        """The plan with each action replaced by the mean of every kept plan's prediction for its slot."""
+        r = self.action_rate_hz
+        # A kept plan whose chunk ends before this plan's first slot predicts nothing any more.
+        while self._plans and self._end_s(self._plans[0]) <= plan.observation_time_s:
+            self._plans.popleft()
+        sums, normalized = plan.actions.copy(), plan.actions_normalized.copy()
+        counts = np.ones(plan.n_actions)
+        starts_s = plan.observation_time_s + np.arange(plan.n_actions) / r
+        for old in self._plans:
+            index = np.rint((starts_s - old.observation_time_s) * r).astype(int)
+            covered = (index >= 0) & (index < old.n_actions)
+            sums[covered] += old.actions[index[covered]]
+            normalized[covered] += old.actions_normalized[index[covered]]
+            counts[covered] += 1
+        self._plans.append(plan)
+        return dataclasses.replace(plan, actions=sums / counts[:, None],
+                                   actions_normalized=normalized / counts[:, None])
+
+    def _end_s(self, plan: Plan) -> float:
+        return plan.observation_time_s + plan.n_actions / self.action_rate_hz
+
+    def reset(self) -> None:
+        """Forget every kept plan (a new episode, or the robot moved by other means)."""
+        self._plans.clear()
