@@ -91,7 +91,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
 
         if options.attention == io.FUSED_ATTENTION:
             din, dout = decoder_io(model, fused_max_seq=max_seq)
-            stage, example = FusedDecoderStage(model), _fused_decoder_example(model, max_seq)
+            stage, example = FusedDecoderStage(model, max_seq), _fused_decoder_example(model, max_seq)
             doc = ("the LLM trunk for prefill chunks and single decode steps alike, fused form: each layer's "
                    "attention is onnxruntime's GroupQueryAttention writing the chunk into the (1, K, max_seq, h) "
                    "cache buffers bound as both past and present; max_seq = dim_ranges.seq.max")

@@ -23,6 +23,10 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 # attend(q (B, H, T, h), k, v (B, K, T, h) of the chunk, RoPE applied; past_k, past_v) -> (out (B, H, T, h),
 # present_k, present_v): a block's cache update and attention, causal over past + chunk. The export's
 # fused form (export/onnx_export.py) swaps in onnxruntime's GroupQueryAttention through it.
+# A hook may also have `attend.packed(qkv (B, T, (H + 2K) h), the projection as it comes, RoPE NOT applied;
+# past_k, past_v) -> (out (B, T, H h), present_k, present_v)`: then RoPE at the chunk's positions
+# (past .. past + T - 1) is its job too. Blocks with q/k norms (use_qk_norm) call the hook itself: their
+# norms come between the projection and RoPE.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -97,7 +101,12 @@ class DecoderAttention(nn.Module):
         `attend` replaces the cache update and the attention (see `Attend`); None: concatenate and
         attend under `mask`.
         """
-        q, k, v = self.att_proj(x).split(self.split, dim=-1)
+        qkv = self.att_proj(x)
+        packed = getattr(attend, "packed", None)
+        if packed is not None and not self.use_qk_norm:
+            out, k, v = packed(qkv, past_k, past_v)
+            return self.attn_out(out), k, v
+        q, k, v = qkv.split(self.split, dim=-1)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(self._heads(q, self.n_heads), cos, sin, self.head_dim)

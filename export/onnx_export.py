@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeact.export.decoder import causal_mask
+from edgeact.export.decoder import apply_rope, causal_mask, rope_cos_sin
 from edgeact.export.model import MolmoActModel
 from edgeact.export.model_layers import grouped_attention, merge_heads, split_heads
 from edgeact.runtime import stage_io as io
@@ -123,22 +123,70 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
+class _RotaryGroupQueryAttention(torch.autograd.Function):
+    """GroupQueryAttention on the packed projection, RoPE inside: one node from att_proj's output to attn_out's input.
+
+    qkv (B, S, (H + 2K) h) as the projection gives it; the node splits it, rotates q and k at positions
+    past .. past + S - 1 (half-split layout, `cos_cache` / `sin_cache` (max_seq, h / 2)), writes the chunk
+    into the cache and attends, as `_GroupQueryAttention` does. Those positions are the runtime's
+    (it feeds position_ids = past + arange(S), runtime/ort_engine.py). The torch forward computes the
+    same with the reference's own `apply_rope` and `grouped_attention`.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, n_heads: int, n_kv: int,
+                scale: float):
+        b, s, _ = qkv.shape
+        h = past_k.shape[-1]
+        end = int(total)
+        q, k, v = qkv.split((n_heads * h, n_kv * h, n_kv * h), dim=-1)
+        cos = torch.cat([cos_cache[end - s:end]] * 2, dim=-1)[None, None]
+        sin = torch.cat([sin_cache[end - s:end]] * 2, dim=-1)[None, None]
+        # Plain reshapes here: this runs inside apply(), where another Function (split_heads') cannot.
+        q = apply_rope(q.reshape(b, s, n_heads, h).transpose(1, 2), cos, sin, h).transpose(1, 2).reshape(b, s, -1)
+        k = apply_rope(k.reshape(b, s, n_kv, h).transpose(1, 2), cos, sin, h).transpose(1, 2).reshape(b, s, -1)
+        return _GroupQueryAttention.forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, n_heads, n_kv, scale)
+
+    @staticmethod
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, n_heads: int, n_kv: int,
+                 scale: float):
+        absent = []
+        for _ in range(2):      # key and value: absent, so the node reads them from the packed query
+            value = g.op("prim::Constant")
+            value.setType(torch._C.OptionalType.ofTensor())
+            absent.append(value)
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", qkv, *absent, past_k, past_v,
+                                         seqlens_k, total, cos_cache, sin_cache, num_heads_i=n_heads,
+                                         kv_num_heads_i=n_kv, scale_f=scale, do_rotary_i=1, rotary_interleaved_i=0,
+                                         outputs=3)
+        out.setType(qkv.type().with_sizes([None, None, None]))
+        for value, like in ((present_k, past_k), (present_v, past_v)):
+            value.setType(like.type())
+        return out, present_k, present_v
+
+
 class FusedDecoderStage(nn.Module):
     """inputs_embeds, position_ids, seqlens_k, total_sequence_length, the whole cache buffers -> hidden_states, presents.
 
     The fused form of the decoder (stage_io.FUSED_ATTENTION): each block's cache update and attention
     is one GroupQueryAttention node over a head-major (1, K, max_seq, h) buffer that the runtime
     binds as past and present at once, so a step never copies or transposes the cache and binds
-    only the chunk's tensors. Everything else is the reference's own arithmetic.
+    only the chunk's tensors. Where a block has no q/k norms, the node also takes the packed
+    projection and applies RoPE itself (`_RotaryGroupQueryAttention`): per layer, the head splits,
+    rotations and merges (~20 nodes) are gone. Everything else is the reference's own arithmetic.
     """
 
-    def __init__(self, model: MolmoActModel):
+    def __init__(self, model: MolmoActModel, max_seq: int):
         super().__init__()
         self.model = nn.ModuleDict({"transformer": model.decoder})
         llm = model.cfg.llm_config
         self.n_layers = llm.num_hidden_layers
         # Python ints from the config, not traced sizes: they become the node's attributes.
         self.heads = (llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim)
+        # The rotary tables of positions 0 .. max_seq - 1, the reference's own angles (rope_cos_sin), half-width.
+        cos, sin = rope_cos_sin(torch.arange(max_seq)[None], llm.head_dim, llm.rope_theta)
+        self.register_buffer("rope_cos", cos[0, 0, :, :llm.head_dim // 2].contiguous(), persistent=False)
+        self.register_buffer("rope_sin", sin[0, 0, :, :llm.head_dim // 2].contiguous(), persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
                 total_sequence_length: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -150,6 +198,11 @@ class FusedDecoderStage(nn.Module):
                 *flat, past_k, past_v, seqlens_k, total_sequence_length, n_heads, n_kv, 1.0 / math.sqrt(h))
             return split_heads(out, n_heads, h).transpose(1, 2), present_k, present_v
 
+        def packed(qkv, past_k, past_v):
+            return _RotaryGroupQueryAttention.apply(qkv, past_k, past_v, seqlens_k, total_sequence_length,
+                                                    self.rope_cos, self.rope_sin, n_heads, n_kv, 1.0 / math.sqrt(h))
+
+        attend.packed = packed
         past = [(cache[2 * i], cache[2 * i + 1]) for i in range(self.n_layers)]
         hidden, present = self.model["transformer"](inputs_embeds, position_ids, past, attend=attend)
         return (hidden, *[t for pair in present for t in pair])

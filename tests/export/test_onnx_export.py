@@ -248,7 +248,19 @@ def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exporte
     cache through onnxruntime's element-by-element 5-D Transpose (half of an int8 step's time)."""
     graph = onnx.load(str(exported.bundle.stage_path(io.DECODER_STAGE)), load_external_data=False).graph
     perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
-    assert perms and all(len(p) <= 4 for p in perms), perms
+    assert all(len(p) <= 4 for p in perms), perms
+    llm = exported.model.cfg.llm_config
+    if exported.attention == io.FUSED_ATTENTION and not llm.use_qk_norm:
+        # The attention node takes the packed projection and rotates it itself: nothing is transposed at all.
+        assert not perms, perms
+        nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(nodes) == llm.num_hidden_layers
+        for node in nodes:
+            assert list(node.input[1:3]) == ["", ""]        # key and value come packed in the query input
+            assert {a.name: a.i for a in node.attribute if a.name in ("do_rotary", "rotary_interleaved")} == {
+                "do_rotary": 1, "rotary_interleaved": 0}
+    else:       # head splits for RoPE (portable form; q/k norms): transposed, but never in five dimensions
+        assert perms
 
 
 def test_the_fused_decoder_has_no_shape_arithmetic(exported):
