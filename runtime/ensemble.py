@@ -53,7 +53,3 @@ class ActionEnsemble:
 
     def _end_s(self, plan: Plan) -> float:
         return plan.observation_time_s + plan.n_actions / self.action_rate_hz
-
-    def reset(self) -> None:
-        """Forget every kept plan (a new episode, or the robot moved by other means)."""
-        self._plans.clear()

@@ -55,8 +55,6 @@ def test_a_plan_whose_chunk_has_ended_no_longer_counts():
     ensemble.merge(plan_of([50.0] * 8, 0.0))
     later = ensemble.merge(plan_of([1.0] * 8, 0.8))     # the first chunk covered [0, 0.8): nothing left
     np.testing.assert_allclose(later.actions, 1.0)
-    ensemble.reset()
-    np.testing.assert_allclose(ensemble.merge(plan_of([7.0] * 8, 0.9)).actions, 7.0)
     with pytest.raises(ConfigError, match="action_rate_hz must be > 0"):
         ActionEnsemble(0.0)
 
