@@ -158,8 +158,10 @@ def policy_tables(report: dict) -> list:
             f"{1000 * stages['vision+prefill']:.0f}", f"{1000 * stages['decode']:.0f}",
             f"{sum(same)}/{len(same)} ({s['token_agreement']:.0%})")
     bw = report["bandwidth"]
+    around = " / ".join(f"{p['read_gb_s']:.1f}" for p in report.get("bandwidth_probes", []))
+    around = f"; read {around} GB/s before / after the decode rates" if around else ""
     decode = Table(title=f"decode vs memory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s "
-                         f"({bw['array_bytes'] >> 20} MiB, {bw['threads']} threads, best of {bw['repeats']})",
+                         f"({bw['array_bytes'] >> 20} MiB, {bw['threads']} threads, best of {bw['repeats']}{around})",
                    caption=f"A decode step reads the decoder's weights, the LM-head rows of the widest choice (256 action "
                            f"bins, float32) and one embedding row; limit = read bandwidth / those bytes. Measured: "
                            f"single-token steps of the decode program at {report['decode_context_tokens']} positions of "

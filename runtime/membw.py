@@ -80,6 +80,16 @@ def measure_bandwidth(array_bytes: int = DEFAULT_PROBE_BYTES, threads: int = 1, 
                      array_bytes=data.nbytes, threads=threads, repeats=repeats)
 
 
+def best_of(probes: list[Bandwidth]) -> Bandwidth:
+    """One figure from probes taken at different moments (e.g. before and after a measurement it bounds):
+    each rate's best, as within a probe, since other processes only ever make a probe slower."""
+    if not probes:
+        raise ValueError("best_of: no bandwidth probe given")
+    return Bandwidth(read_gb_s=max(p.read_gb_s for p in probes), copy_gb_s=max(p.copy_gb_s for p in probes),
+                     array_bytes=probes[0].array_bytes, threads=probes[0].threads,
+                     repeats=sum(p.repeats for p in probes))
+
+
 def _best(run, repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):

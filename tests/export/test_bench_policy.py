@@ -83,6 +83,9 @@ def test_decode_against_bandwidth_and_memory_rows(bench):
         assert d["decode_tokens_s"] > 0 and math.isfinite(d["limit_tokens_s"])
         assert d["fraction_of_limit"] == pytest.approx(d["decode_tokens_s"] / d["limit_tokens_s"], rel=0.01)
     assert report["bandwidth"]["read_gb_s"] > 0 and report["bandwidth"]["threads"] == 1
+    # Probed before and after the decode rates; the limit is the better probe of the two.
+    probes = report["bandwidth_probes"]
+    assert len(probes) == 2 and report["bandwidth"]["read_gb_s"] == max(p["read_gb_s"] for p in probes)
     for m in report["memory"]:
         assert 0 < m["rss_after_load_bytes"] <= m["peak_rss_bytes"]
         assert m["budget_ratio"] == pytest.approx(m["peak_rss_bytes"] / m["budget_bytes"])

@@ -10,7 +10,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.membw import (
-    bandwidth_limit_tokens_s, decode_bytes_per_token,
+    Bandwidth, bandwidth_limit_tokens_s, best_of, decode_bytes_per_token,
     measure_bandwidth, onnx_initializers, policy_peak_rss,
 )
 from edgeact.runtime.telemetry import MEMORY_BUDGET_EXTRA_BYTES, MEMORY_BUDGET_FACTOR
@@ -122,6 +122,14 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path):
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(EdgeactError, match="notes.onnx"):
         onnx_initializers(path)
+
+
+def test_probes_at_two_moments_combine_to_each_rates_best():
+    slow, fast = Bandwidth(30.0, 40.0, 1 << 29, 2, 5), Bandwidth(60.0, 35.0, 1 << 29, 2, 5)
+    both = best_of([slow, fast])
+    assert (both.read_gb_s, both.copy_gb_s, both.repeats, both.threads) == (60.0, 40.0, 10, 2)
+    with pytest.raises(ValueError, match="no bandwidth probe"):
+        best_of([])
 
 
 def test_bandwidth_limit_is_bandwidth_over_bytes():
