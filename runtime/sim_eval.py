@@ -75,7 +75,7 @@ class EvalOptions:
             raise ConfigError(f"--timing {self.timing!r} unknown; use one of {', '.join(TIMINGS)}")
         if self.trace not in TRACE_SOURCES:
             raise ConfigError(f"--trace {self.trace!r} unknown; use one of {', '.join(TRACE_SOURCES)}")
-        if self.ensemble not in (None, True, False):
+        if self.ensemble is not None and not isinstance(self.ensemble, bool):
             raise ConfigError(f"ensemble: true, false or null (the config's), got {self.ensemble!r}")
         if self.trace == "expert" and self.timing != "lockstep":
             raise ConfigError("--trace expert steers each plan from the simulator's state, which only the lockstep "

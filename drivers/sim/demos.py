@@ -259,8 +259,8 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     with what the expert would do from there.
 
     `policy.infer(rgb, instruction, depth_m=...)` plans every `replan_every` actions and its first actions are
-    executed, as `edgeact eval --timing lockstep` does (with probability `expert_mix` per plan the expert's
-    chunk is executed instead). Every `config.stride_actions` actions a sample is written in the demos' format:
+    executed, as `edgeact eval --timing lockstep --ensemble off` does: each plan's own actions, not averaged
+    with earlier plans' (with probability `expert_mix` per plan the expert's chunk is executed instead). Every `config.stride_actions` actions a sample is written in the demos' format:
     the frame, and as its answer the expert's plan continued from the commanded pose (`ExpertSteering.chunk`,
     a waypoint passed within `reached_m`): its 8 actions and the trace of the positions they pass. Episodes end
     at success or at the time limit, and all are kept: the states a policy gets wrong are the point. The
