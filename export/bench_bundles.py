@@ -34,11 +34,12 @@ def ensure_checkpoint(path: str | Path, size: str = DEFAULT_SIZE, seed: int = 0)
 
 def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions: tuple[str, ...] = QUANTIZED, *,
                     seed: int = 0, threads: int | None = None, calibration_samples: int = 8, fresh: bool = False,
-                    on_step: Callable[[str], None] | None = None, attention: str = io.FUSED_ATTENTION) -> dict[str, Path]:
+                    on_step: Callable[[str], None] | None = None, attention: str = io.FUSED_ATTENTION,
+                    int8_mode: str | None = None) -> dict[str, Path]:
     """{"fp32": ..., "int8": ..., "int4": ...}: bundles under bundles_dir in bench-quant's layout, reused when valid.
 
-    Each precision is `edgeact quantize --precision P` with its default options (int8: its default
-    mode), in the directory bench-quant gives that recipe, so either command reuses the other's.
+    Each precision is `edgeact quantize --precision P` with its default options (int8: `int8_mode`, or
+    the default mode), in the directory bench-quant gives that recipe, so either command reuses the other's.
     `attention` is the decoder's form (fused on a CPU, portable for onnxruntime's CUDA EP); bundles of
     the other form are re-exported.
     """
@@ -54,11 +55,11 @@ def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions:
     step("fp32 bundle")
     bundles = {"fp32": fp32}
     for precision in precisions:
-        name, quant = default_recipe(precision)
+        name, quant = default_recipe(precision, int8_mode if precision == "int8" else None)
         out = root / name
         if fresh or not quantized_from(out, fp32, quant):
             calibration = None
-            if not quant.weight_only:
+            if quant.needs_calibration:
                 calibration = _calibration(fp32, root / "calibration", calibration_samples, seed, threads, exported)
             quantize_bundle(fp32, out, quant, calibration, overwrite=True, report_frames=0, seed=seed, threads=threads)
         bundles[precision] = out
@@ -66,12 +67,12 @@ def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions:
     return bundles
 
 
-def default_recipe(precision: str):
-    """(directory name in bench-quant's work dir, QuantizeOptions) of `edgeact quantize --precision P`'s defaults."""
+def default_recipe(precision: str, int8_mode: str | None = None):
+    """(directory name in bench-quant's work dir, QuantizeOptions) of `edgeact quantize --precision P [--int8-mode M]`."""
     from edgeact.export.quant_bench import BenchOptions
     from edgeact.export.quant_options import QuantizeOptions
 
-    default = QuantizeOptions(precision)
+    default = QuantizeOptions(precision, int8_mode=int8_mode)
     names = [name for name, quant in BenchOptions(precisions=(precision,)).recipes() if quant == default]
     return (names[0] if names else precision), default
 

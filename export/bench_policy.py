@@ -188,12 +188,14 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
         check_cuda(torch, onnxruntime)       # before minutes of export: a machine without a GPU is told at once
     checkpoint = ensure_checkpoint(checkpoint, options.size, options.seed).absolute()
     step("checkpoint")
-    # onnxruntime's CUDA EP runs the portable decoder (the fused one is its CPU EP's)
-    attention = PORTABLE_ATTENTION if options.device == "cuda" else FUSED_ATTENTION
+    # onnxruntime's CUDA EP runs the portable decoder (the fused one is its CPU EP's) and int8 w8a16: the default
+    # int8 mode (w8a8-dynamic) is written and measured for the CPU EP only.
+    cuda = options.device == "cuda"
+    attention = PORTABLE_ATTENTION if cuda else FUSED_ATTENTION
     bundles = prepare_bundles(checkpoint, bundles_dir or out_dir / "bundles", options.precisions, seed=options.seed,
                               threads=options.threads, calibration_samples=options.calibration_samples,
-                              fresh=options.fresh, on_step=step,
-                              attention=attention)
+                              fresh=options.fresh, on_step=step, attention=attention,
+                              int8_mode="w8a16" if cuda else None)
     threads = options.resolved_threads
     torch.set_num_threads(threads)
     backend = {"provider": options.device} if options.device != "cpu" else None

@@ -37,8 +37,9 @@ class ExportOptions:
     opset: int | None = None        # default onnx_export.DEFAULT_OPSET
     external_data: bool | None = None   # None: only stages whose weights exceed EXTERNAL_DATA_BYTES
     name: str = ""                  # free-form model name for the manifest (default: the checkpoint's directory name)
-    # The decoder's attention (runtime/stage_io.py): "fused", onnxruntime's GroupQueryAttention over an in-place
-    # cache (the CPU runtime's fast form); "portable", standard ONNX ops (TensorRT, onnxruntime's GPU EPs).
+    # The attention's form (runtime/stage_io.py): "fused", onnxruntime's GroupQueryAttention over an in-place
+    # cache in the decoder and its MultiHeadAttention in the ViT (the CPU runtime's fast form); "portable",
+    # standard ONNX ops (TensorRT, onnxruntime's GPU EPs).
     attention: str = io.FUSED_ATTENTION
 
     def __post_init__(self) -> None:
@@ -171,7 +172,8 @@ def _export_vision(writer, model, preprocessor, options: ExportOptions, typical:
     pool_h, pool_w = preprocessor.config.pooling
     vision_ranges, connector_ranges = _vision_ranges(preprocessor, options.max_images, typical)
     vin, vout = vision_io(model)
-    proto = export_stage(VisionStage(model).eval(), (images, masks), vin, vout, scratch / "vision.onnx", opset)
+    vit = VisionStage(model, fused=options.attention == io.FUSED_ATTENTION).eval()
+    proto = export_stage(vit, (images, masks), vin, vout, scratch / "vision.onnx", opset)
     # The graph takes a batch of crops (dim_ranges), but engines are built for what the runtime runs: one
     # crop per call. A batch profile would size TensorRT's activation memory for every crop at once.
     writer.add_onnx(io.VISION_STAGE, proto, precision="fp32", inputs=vin, outputs=vout, dim_ranges=vision_ranges,

@@ -8,7 +8,7 @@ from edgeact.runtime.cli_args import console as _console, positive_int as _posit
 
 # Literal copies (quant_options imports nothing heavy, but `edgeact --help` should import nothing at all).
 PRECISIONS = ("int8", "fp8", "int4")
-INT8_MODES = ("w8a8", "w8a16")
+INT8_MODES = ("w8a8", "w8a16", "w8a8-dynamic")
 TARGETS_HELP = "orin, orin-nx, orin-nano, thor, h100, h200, ada, ampere, a100"
 
 
@@ -26,8 +26,10 @@ def _csv(text: str) -> tuple[str, ...]:
 def _register_quantize(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="write a new bundle with stages quantized to int8, fp8 or int4 (the source is never modified)",
-        description="Quantize a bundle's stages by a recipe into a new bundle: int8 w8a16 (weight-only int8, no "
-                    "calibration: the default, as decoding is bandwidth-bound), int8 w8a8 (per-channel weights, "
+        description="Quantize a bundle's stages by a recipe into a new bundle: int8 w8a8-dynamic (int8 weights, "
+                    "each token's activations scaled at run time, no calibration; onnxruntime only, the default "
+                    "there), int8 w8a16 (weight-only int8, no calibration: the default for TensorRT targets, as "
+                    "decoding is bandwidth-bound), int8 w8a8 (per-channel weights, "
                     "calibrated activations, Q/DQ around linear layers, optional SmoothQuant), fp8 (E4M3 Q/DQ, "
                     "for SM >= 8.9: Ada, Hopper, Thor) or int4 (weight-only, block-wise). The new bundle's "
                     "manifest records the recipe, its options and a report against the source: size, agreement of "
@@ -38,8 +40,10 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--target", help=f"TensorRT target the bundle is for ({TARGETS_HELP}); refuses a precision "
                                     "it cannot run (fp8 on Orin); int4 and int8 w8a16 are written as Q/DQ for TensorRT targets")
     p.add_argument("--int8-mode", choices=INT8_MODES,
-                   help="int8: w8a16 (weights only; the default) or w8a8 (weights and calibrated activations; the "
-                        "default when --smoothquant, --quantize-attention or more --op-types ask for it)")
+                   help="int8: w8a8-dynamic (per-token activation scales at run time; onnxruntime only, the "
+                        "default without --target), w8a16 (weights only; the default for a --target) or w8a8 "
+                        "(weights and calibrated activations; the default when --smoothquant, "
+                        "--quantize-attention or more --op-types ask for it)")
     p.add_argument("--int8-format", choices=("auto", "nbits", "qdq"), default="auto",
                    help="int8 w8a16: nbits (onnxruntime MatMulNBits) or qdq (int8 DequantizeLinear, for TensorRT); "
                         "auto: by --target")
@@ -55,9 +59,10 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--quantize-attention", action="store_true",
                    help="int8/fp8: also the attention's activation x activation products")
     p.add_argument("--block-size", type=int, default=128,
-                   help="int4, int8 w8a16 nbits: weights per scale (32, 64 or 128; default 128)")
+                   help="int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights per scale (32, 64 or "
+                        "128; default 128)")
     p.add_argument("--accuracy-level", type=int, help="MatMulNBits compute on the CPU: 0 fp32 ... 4 int8 "
-                                                      "(default: 4 for int8 w8a16, 0 for int4)")
+                                                      "(default: 4 for int8 w8a16 / w8a8-dynamic, 0 for int4)")
     p.add_argument("--int4-format", choices=("auto", "nbits", "qdq"), default="auto",
                    help="nbits: onnxruntime MatMulNBits; qdq: int4 DequantizeLinear for TensorRT (auto: by --target)")
     p.add_argument("--arrays-fp16", action="store_true", help="store the embedding and LM-head arrays as float16")
@@ -165,7 +170,7 @@ def _register_bench(subparsers) -> None:
     p.add_argument("--precisions", type=_csv, default=PRECISIONS, help="comma-separated (default int8,fp8,int4)")
     p.add_argument("--fp8-target", default="thor", help="target the fp8 bundle is for (SM >= 8.9; default thor)")
     p.add_argument("--int8-modes", type=_csv, default=INT8_MODES,
-                   help="int8 modes to bench, a bundle and a row each (default w8a8,w8a16)")
+                   help="int8 modes to bench, a bundle and a row each (default w8a8,w8a16,w8a8-dynamic)")
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="int8 w8a8 with SmoothQuant")
     p.add_argument("--block-size", type=int, default=128, help="int4 block size (default 128)")
     p.add_argument("--samples", type=_positive_int, default=8, help="calibration samples (default 8)")

@@ -2,10 +2,10 @@
 
 From a checkpoint the fp32 bundle is exported first (reused when the work directory already
 holds one exported from the same config); then one calibration set (reused likewise) serves
-the int8 w8a8 and fp8 recipes, weight-only int8 w8a16 and int4 need none, and every bundle
+the int8 w8a8 and fp8 recipes, int8 w8a16, int8 w8a8-dynamic and int4 need none, and every bundle
 decodes the same held-out frames in one report run, so the decode speeds compare on one
-machine at one time. int8 gets a bundle (and a row) per int8 mode, in work/int8-w8a8 and
-work/int8-w8a16. FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
+machine at one time. int8 gets a bundle (and a row) per int8 mode, in work/int8-w8a8,
+work/int8-w8a16 and work/int8-w8a8-dynamic (no calibration either). FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
         portable = _fp32_bundle(Path(source).absolute(), work / "fp32-portable", options, io.PORTABLE_ATTENTION)
     step("fp32 bundle")
     calib_dir = work / "calibration"
-    needs_calibration = any(not quant.weight_only for _, quant in recipes)
+    needs_calibration = any(quant.needs_calibration for _, quant in recipes)
     if needs_calibration and (not (calib_dir / "manifest.json").is_file() or options.fresh):
         build_calibration_set(fp32, calib_dir, options.calibration_samples, options.seed,
                               threads=options.threads, overwrite=True)

@@ -12,8 +12,10 @@ BACKENDS = ("onnxruntime", "modelopt")
 INT4_FORMATS = ("auto", "nbits", "qdq")
 INT8_FORMATS = INT4_FORMATS                 # weight-only int8 (w8a16) is written in int4's two forms
 # int8: w8a8 is static Q/DQ on weights and activations (calibrated, SmoothQuant optional); w8a16 quantizes the
-# weights only. QuantizeOptions._default_int8_mode says which is chosen when none is asked for, and why.
-INT8_MODES = ("w8a8", "w8a16")
+# weights only; w8a8-dynamic quantizes each token's activations with its own scale at run time (onnxruntime on a
+# CPU only; export/quant_dynamic.py). QuantizeOptions._default_int8_mode says which is chosen when none is asked
+# for, and why.
+INT8_MODES = ("w8a8", "w8a16", "w8a8-dynamic")
 W8A16_ACCURACY_LEVEL = 4                    # int8 compute in MatMulNBits: the fast 8-bit kernel
 ARRAY_DTYPES = ("float32", "float16")
 # Stages each precision quantizes unless told: INT4 is weight-only, which pays where weights dominate
@@ -40,11 +42,12 @@ class QuantizeOptions:
     quantize_attention: bool = False        # int8 / fp8: also the activation x activation MatMuls (QK^T, PV)
     block_size: int = 128                   # int4, int8 w8a16 nbits: weights per scale, along the input dim
     accuracy_level: int | None = None       # MatMulNBits compute: 0 fp32 ... 4 int8 (onnxruntime CPU); None: 4 for
-                                            # int8 w8a16 (its fast 8-bit kernel), 0 for int4
+                                            # int8 w8a16 / w8a8-dynamic (its fast 8-bit kernel), 0 for int4
     int4_format: str = "auto"               # nbits: MatMulNBits (onnxruntime); qdq: DequantizeLinear int4 (TensorRT)
     arrays_dtype: str = "float32"           # embedding / lm_head arrays: kept fp32 unless asked
     backend: str = "onnxruntime"
-    int8_mode: str | None = None            # int8: w8a8 / w8a16; None: chosen in __post_init__ (see _default_int8_mode)
+    int8_mode: str | None = None            # int8: w8a8 / w8a16 / w8a8-dynamic; None: chosen in __post_init__
+                                            # (see _default_int8_mode)
     int8_format: str = "auto"               # int8 w8a16: nbits (MatMulNBits bits=8) or qdq (int8 DequantizeLinear)
     decode_steps: int = 2                   # decoder calibration: single-token steps per sample besides the chunk
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +105,9 @@ class QuantizeOptions:
                                   "Q/DQ: drop the format or use int8 mode w8a16")
             return
         w8a8_only = self._w8a8_only_options()
-        if w8a8_only:
+        if self.int8_mode == "w8a8-dynamic":
+            self._check_dynamic(w8a8_only)
+        elif w8a8_only:
             raise ConfigError(f"int8 mode w8a16 quantizes linear layers' weights only, but {', '.join(w8a8_only)} "
                               "asks for activation quantization (or a quantizer without weight-only int8); "
                               "use int8 mode w8a8, or drop those options")
@@ -110,18 +115,36 @@ class QuantizeOptions:
             # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
             object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
 
+    def _check_dynamic(self, w8a8_only: list[str]) -> None:
+        if self.for_tensorrt:
+            raise ConfigError(f"int8 mode w8a8-dynamic runs on onnxruntime (its per-token scales are computed in the "
+                              f"graph); TensorRT ({self.target}) cannot build it: use int8 mode w8a16 or w8a8 there")
+        if w8a8_only:
+            raise ConfigError(f"int8 mode w8a8-dynamic scales activations per token at run time and is written for "
+                              f"onnxruntime; {', '.join(w8a8_only)} belong to static w8a8: use int8 mode w8a8, or "
+                              "drop those options")
+        if self.int8_format not in ("auto", "nbits"):
+            raise ConfigError(f"int8 format {self.int8_format!r}: w8a8-dynamic keeps its W8A16 layers as MatMulNBits "
+                              "(nbits); drop the format or use int8 mode w8a16")
+
     def _default_int8_mode(self) -> str:
-        """w8a16 unless an option only W8A8 has was given.
+        """w8a8-dynamic on onnxruntime, w8a16 for TensorRT targets, w8a8 when an option only W8A8 has was given.
 
         Decoding one token reads every weight once and does two FLOPs per weight: on a robot's GPU
-        (AGX Orin: 204.8 GB/s) and on a CPU alike the decoder is bandwidth-bound, so what pays is
-        one byte per weight, which W8A16 gives without calibration and with less error (no static
-        activation ranges). W8A8's int8 GEMMs pay only where compute bounds -- long prefills, the ViT on
-        a GPU with INT8 tensor cores -- and on onnxruntime's CPU its Q/DQ graph decodes slower
-        than fp32 (it quantizes every linear layer's input on each run and leaves some weight
-        DequantizeLinear nodes unfused). Ask for w8a8 (--int8-mode w8a8) where compute bounds.
+        (AGX Orin: 204.8 GB/s) and on a CPU alike the decoder is bandwidth-bound, so what pays there
+        is one byte per weight. The ViT and the prompt's prefill are compute-bound, so what pays there
+        is int8 arithmetic. w8a8-dynamic gives both on onnxruntime's CPU without calibration: int8
+        weights, each token's activations quantized with its own scale at run time, and the decode
+        step within a few percent of W8A16's (export/quant_dynamic.py; bench checkpoint: ViT 0.7x,
+        prefill 0.8x W8A16's time). TensorRT cannot build it, so TensorRT targets get W8A16 (its
+        weight-only INT8 GEMMs). Static W8A8's per-tensor activation ranges come from a calibration
+        set, and on onnxruntime's CPU its Q/DQ graph decodes slower than fp32 (it quantizes every
+        linear layer's input on each run and leaves some weight DequantizeLinear nodes unfused): it
+        is chosen only when asked for (--int8-mode w8a8, or SmoothQuant, attention or more op types).
         """
-        return "w8a8" if self._w8a8_only_options() else "w8a16"
+        if self._w8a8_only_options():
+            return "w8a8"
+        return "w8a16" if self.for_tensorrt else "w8a8-dynamic"
 
     def _w8a8_only_options(self) -> list[str]:
         """The options given that mean activation quantization, or a backend without weight-only int8."""
@@ -133,6 +156,11 @@ class QuantizeOptions:
     @property
     def for_tensorrt(self) -> bool:
         return self.target is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges to measure: int8 w8a8 and fp8 (weight-only and dynamic recipes have none)."""
+        return not self.weight_only and self.int8_mode != "w8a8-dynamic"
 
     @property
     def weight_only(self) -> bool:

@@ -6,11 +6,14 @@ done: recipe, every option, per-stage notes (Q/DQ format, nodes quantized, calib
 the report comparing it with the source (export/quant_report.py). Each quantized graph is
 loaded and run in onnxruntime on the CPU before the bundle is published.
 
-int8 has two modes: w8a8 (export/quant_int8.py: static Q/DQ on weights and calibrated
-activations, SmoothQuant optional) and w8a16 (export/quant_w8a16.py: weights only, no
-calibration), the default unless a W8A8-only option is given (QuantizeOptions._default_int8_mode
-says why). Recipe names: int8-qdq / int8-smoothquant-qdq (w8a8), int8-w8a16-nbits (onnxruntime's
-MatMulNBits) / int8-w8a16-qdq (int8 DequantizeLinear + MatMul, for TensorRT targets).
+int8 has three modes: w8a8 (export/quant_int8.py: static Q/DQ on weights and calibrated
+activations, SmoothQuant optional), w8a16 (export/quant_w8a16.py: weights only, no
+calibration) and w8a8-dynamic (export/quant_dynamic.py: int8 weights, each token's activations
+quantized with its own scale at run time, no calibration; onnxruntime only).
+QuantizeOptions._default_int8_mode says which is chosen when none is asked for, and why.
+Recipe names: int8-qdq / int8-smoothquant-qdq (w8a8), int8-w8a16-nbits (onnxruntime's
+MatMulNBits) / int8-w8a16-qdq (int8 DequantizeLinear + MatMul, for TensorRT targets),
+int8-w8a8-dynamic.
 
 Backends. onnxruntime.quantization (with this package's own FP8 writer) is the default: it is
 a dependency already, runs on any CPU, and its Q/DQ placement -- int8/fp8 weights stored
@@ -47,17 +50,21 @@ QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "pub
 
 
 def _recipes() -> dict[str, Callable[..., dict[str, Any]]]:
-    """Recipe by precision (int8 w8a16: "int8-w8a16"): (src, dst, feeds, options, work_dir, threads) -> stage notes."""
+    """Recipe by precision (int8: by mode too): (src, dst, feeds, options, work_dir, threads) -> stage notes."""
+    from edgeact.export.quant_dynamic import quantize_w8a8_dynamic
     from edgeact.export.quant_fp8 import quantize_fp8
     from edgeact.export.quant_int4 import quantize_int4
     from edgeact.export.quant_int8 import quantize_int8
     from edgeact.export.quant_w8a16 import quantize_w8a16
 
-    return {"int8": quantize_int8, "int8-w8a16": quantize_w8a16, "fp8": quantize_fp8, "int4": quantize_int4}
+    return {"int8": quantize_int8, "int8-w8a16": quantize_w8a16, "int8-w8a8-dynamic": quantize_w8a8_dynamic,
+            "fp8": quantize_fp8, "int4": quantize_int4}
 
 
 def _recipe_key(options: QuantizeOptions) -> str:
-    return "int8-w8a16" if options.precision == "int8" and options.int8_mode == "w8a16" else options.precision
+    if options.precision == "int8" and options.int8_mode in ("w8a16", "w8a8-dynamic"):
+        return f"int8-{options.int8_mode}"
+    return options.precision
 
 
 def recipe_name(options: QuantizeOptions) -> str:
@@ -66,6 +73,8 @@ def recipe_name(options: QuantizeOptions) -> str:
     if options.precision == "int8":
         if options.int8_mode == "w8a16":
             return f"int8-w8a16-{options.resolved_int8_format()}"
+        if options.int8_mode == "w8a8-dynamic":
+            return "int8-w8a8-dynamic"
         return "int8-smoothquant-qdq" if options.smoothquant_alpha is not None else "int8-qdq"
     if options.precision == "fp8":
         return "fp8-e4m3-qdq"
@@ -88,8 +97,8 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     """Quantize `options.stages` of bundle `src` into a new bundle at `out` (atomic); returns what was done.
 
     calibration: a calibration set (or its directory); None builds DEFAULT_CALIBRATION_SAMPLES
-    synthetic-camera samples answered by `src` itself (weight-only recipes, int4 and int8 w8a16, need
-    none and ignore one given). report_frames: held-out frames the report decodes with both bundles
+    synthetic-camera samples answered by `src` itself (recipes without static activation ranges, int4,
+    int8 w8a16 and int8 w8a8-dynamic, need none and ignore one given). report_frames: held-out frames the report decodes with both bundles
     (0: no report). verify: run `edgeact verify`'s
     comparison with the source checkpoint (if the manifest's checkpoint exists) and record the verdict.
     """
@@ -161,7 +170,10 @@ def _check_source(source: Bundle, options: QuantizeOptions) -> None:
 
 def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: int, threads: int | None
                  ) -> tuple[CalibrationSet | None, dict[str, Any]]:
-    if options.weight_only and options.backend == "onnxruntime":
+    if not options.needs_calibration and options.backend == "onnxruntime":
+        if options.int8_mode == "w8a8-dynamic":
+            return None, {"used": False, "why": "int8 w8a8-dynamic scales activations at run time: no activation "
+                                                "statistics"}
         what = "int4 RTN" if options.precision == "int4" else "int8 w8a16"
         return None, {"used": False, "why": f"{what} is weight-only: no activation statistics"}
     if calibration is None:

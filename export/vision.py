@@ -7,11 +7,18 @@ on tensor values, so the exporter traces them as the `vision` and `connector` st
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from edgeact.export.model_layers import LayerNormFp32, activation, grouped_attention
 from edgeact.runtime.arm_config import AdapterConfig, VitConfig
+
+# The exporter's hook for the ViT's self-attention (export/onnx_export.py, fused form):
+# attend(q, k, v (N, T, H h) as the projections give them, n_heads, head_dim) -> (N, T, H h), the heads merged.
+# None: the reference's own head split, grouped_attention and merge.
+VitAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
 class MultiHeadAttention(nn.Module):
@@ -29,8 +36,15 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.reshape(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
 
-    def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs_q (N, Tq, C), inputs_kv (N, Tk, C); mask bool (N, Tk), True = attend. Returns (N, Tq, out)."""
+    def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor, mask: torch.Tensor | None = None,
+                attend: VitAttend | None = None) -> torch.Tensor:
+        """inputs_q (N, Tq, C), inputs_kv (N, Tk, C); mask bool (N, Tk), True = attend. Returns (N, Tq, out).
+
+        `attend` replaces the attention where there is no mask and every query head has its own KV head.
+        """
+        if attend is not None and mask is None and self.n_kv_heads == self.n_heads:
+            out = attend(self.wq(inputs_q), self.wk(inputs_kv), self.wv(inputs_kv), self.n_heads, self.head_dim)
+            return self.wo(out)
         q = self._heads(self.wq(inputs_q), self.n_heads)
         k = self._heads(self.wk(inputs_kv), self.n_kv_heads)
         v = self._heads(self.wv(inputs_kv), self.n_kv_heads)
@@ -64,9 +78,9 @@ class VitBlock(nn.Module):
         self.attention_norm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn_norm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: VitAttend | None = None) -> torch.Tensor:
         h = self.attention_norm(x)
-        x = x + self.attention(h, h)
+        x = x + self.attention(h, h, attend=attend)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -95,7 +109,7 @@ class VisionTransformer(nn.Module):
     def n_prefix_tokens(self) -> int:
         return 1 if self.cfg.use_cls_token else 0
 
-    def forward(self, patches: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
+    def forward(self, patches: torch.Tensor, n_layers: int, attend: VitAttend | None = None) -> list[torch.Tensor]:
         """patches (n_crops, n_patches, patch_dim) -> outputs of blocks 0 .. n_layers-1, CLS first for CLIP.
 
         The positional table is added as is: crops arrive at image_default_input_size, so no
@@ -110,7 +124,7 @@ class VisionTransformer(nn.Module):
             x = self.pre_ln(x)
         hidden_states = []
         for block in self.transformer.resblocks[:n_layers]:
-            x = block(x)
+            x = block(x, attend)
             hidden_states.append(x)
         return hidden_states
 
@@ -154,9 +168,10 @@ class VisionBackbone(nn.Module):
         if self.use_pad_embed:
             self.pad_embed = nn.Parameter(torch.zeros(2, pooled_in))
 
-    def patch_features(self, images: torch.Tensor, image_masks: torch.Tensor | None) -> torch.Tensor:
+    def patch_features(self, images: torch.Tensor, image_masks: torch.Tensor | None,
+                       attend: VitAttend | None = None) -> torch.Tensor:
         """(n_crops, n_patches, patch_dim) -> (n_crops, n_patches, V * len(vit_layers)) before pooling."""
-        hidden = self.image_vit(images, self.n_layers_run)
+        hidden = self.image_vit(images, self.n_layers_run, attend)
         features = torch.cat([hidden[lay] for lay in self.vit_layers], dim=-1)
         features = features[:, self.image_vit.n_prefix_tokens:]
         if self.use_pad_embed:

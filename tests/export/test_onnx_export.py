@@ -99,8 +99,9 @@ def test_linears_are_matmuls_with_in_out_weights_named_after_the_checkpoint(expo
         proto = onnx.load(str(exported.bundle.stage_path(stage)))
         onnx.checker.check_model(proto, full_check=True)
         contrib = {n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}
-        fused = stage == io.DECODER_STAGE and exported.attention == io.FUSED_ATTENTION
-        assert contrib == ({"GroupQueryAttention"} if fused else set())       # portable graphs: standard ops only
+        fused = {io.DECODER_STAGE: {"GroupQueryAttention"}, io.VISION_STAGE: {"MultiHeadAttention"}}
+        want = fused.get(stage, set()) if exported.attention == io.FUSED_ATTENTION else set()
+        assert contrib == want       # portable graphs: standard ops only
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= DEFAULT_OPSET
         assert not [n for n in proto.graph.node if n.op_type == "Gemm"]
         inits = {t.name: t for t in proto.graph.initializer}
@@ -261,6 +262,21 @@ def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exporte
                 "do_rotary": 1, "rotary_interleaved": 0}
     else:       # head splits for RoPE (portable form; q/k norms): transposed, but never in five dimensions
         assert perms
+
+
+def test_the_fused_vit_attends_in_one_node_per_block(exported):
+    """Fused form: each ViT block's attention is one MultiHeadAttention from wq/wk/wv to wo -- no head
+    transposes, products or softmax of its own (the crop-by-crop test above checks its values)."""
+    graph = onnx.load(str(exported.bundle.stage_path(io.VISION_STAGE))).graph
+    ops = [n.op_type for n in graph.node]
+    if exported.attention == io.FUSED_ATTENTION:
+        assert ops.count("MultiHeadAttention") == exported.model.vision.n_layers_run
+        assert "Softmax" not in ops and "Transpose" not in ops
+        heads = exported.model.cfg.vit_config.num_attention_heads
+        assert all({a.name: a.i for a in n.attribute}["num_heads"] == heads
+                   for n in graph.node if n.op_type == "MultiHeadAttention")
+    else:
+        assert ops.count("Softmax") == exported.model.vision.n_layers_run and "MultiHeadAttention" not in ops
 
 
 def test_the_fused_decoder_has_no_shape_arithmetic(exported):

@@ -45,20 +45,21 @@ def test_bench_reports_every_precision_side_by_side_and_reuses_its_work(sources,
     options = BenchOptions(precisions=("int8", "fp8", "int4"), calibration_samples=1, report_frames=1, threads=1,
                            int4_block_size=32)
     rows = bench_quantization(sources["checkpoint"], work, options)
-    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8", "fp8", "int4"]     # a row per int8 mode
-    assert [r["recipe"] for r in rows] == ["none", "int8-qdq", "int8-w8a16-nbits", "fp8-e4m3-qdq", "int4-rtn-nbits"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8", "int8", "fp8", "int4"]   # a row per int8 mode
+    assert [r["recipe"] for r in rows] == ["none", "int8-qdq", "int8-w8a16-nbits", "int8-w8a8-dynamic", "fp8-e4m3-qdq",
+                                           "int4-rtn-nbits"]
     for row in rows:
         assert set(ROW_FIELDS) <= set(row)
         assert 0.0 <= row["agreement_depth"] <= 1.0 and 0.0 <= row["agreement_forced"] <= 1.0
         assert row["action_error_bins"] >= 0 and row["decode_tokens_s"] > 0
     assert rows[0]["size_ratio"] == 1.0 and rows[0]["agreement_action"] == 1.0 and rows[0]["decode_ratio"] == 1.0
     assert all(r["size_ratio"] < 1.0 for r in rows[1:])          # every recipe shrinks the stages
-    assert sum(rows[4]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
+    assert sum(rows[5]["stage_bytes"].values()) < sum(rows[0]["stage_bytes"].values())
     table = report_table(rows)
-    assert table.row_count == 5 and len(table.columns) == 11
+    assert table.row_count == 6 and len(table.columns) == 11
     # fp8 targets TensorRT, so it is quantized from the portable export; the others from the fused one.
-    assert [r["decoder"] for r in rows] == ["fused", "fused", "fused", "portable", "fused"]
-    assert list(table.columns[1].cells)[3] == "fp8-e4m3-qdq (portable)" and list(table.columns[1].cells)[4] == "int4-rtn-nbits"
+    assert [r["decoder"] for r in rows] == ["fused", "fused", "fused", "fused", "portable", "fused"]
+    assert list(table.columns[1].cells)[4] == "fp8-e4m3-qdq (portable)" and list(table.columns[1].cells)[5] == "int4-rtn-nbits"
 
     exported = (work / "fp32" / "manifest.json").stat().st_mtime_ns
     again = bench_quantization(sources["checkpoint"], work, BenchOptions(precisions=("int4",), calibration_samples=1,

@@ -1,4 +1,4 @@
-"""`edgeact quantize`: int8 (w8a8, w8a16), fp8, int4 bundles load, run and decode; the source stays untouched."""
+"""`edgeact quantize`: int8 (w8a8, w8a16, w8a8-dynamic), fp8, int4 bundles load, run and decode; the source stays untouched."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +20,8 @@ from tests.export.quant_fixtures import tiny_sources, tree_digest
 
 RECIPES = {
     "int8": QuantizeOptions("int8", int8_mode="w8a8"),
-    "int8-w8a16": QuantizeOptions("int8", block_size=32),               # the default int8 mode
+    "int8-w8a16": QuantizeOptions("int8", int8_mode="w8a16", block_size=32),
+    "int8-dynamic": QuantizeOptions("int8", block_size=32),             # the default int8 mode on onnxruntime
     "int8-w8a16-orin": QuantizeOptions("int8", int8_mode="w8a16", target="orin"),   # its TensorRT form
     "fp8": QuantizeOptions("fp8", target="thor"),
     "int4": QuantizeOptions("int4", block_size=32),
@@ -97,7 +98,7 @@ def test_manifest_records_recipe_options_report_and_stage_precisions(quantized, 
     assert q.recipe == results[name].recipe and q.recipe.startswith(precision)
     assert q.options["precision"] == precision and q.options["stages"].keys() == set(options.stages)
     assert q.options["int8_mode"] == options.int8_mode and (options.int8_mode is None) is (precision != "int8")
-    assert q.options["calibration"]["used"] is (not options.weight_only)
+    assert q.options["calibration"]["used"] is options.needs_calibration
     assert [row["precision"] for row in q.report] == ["fp32", precision]
     for stage, spec in m.stages.items():
         assert spec.precision == (precision if stage in options.stages else "fp32")
@@ -154,6 +155,96 @@ def test_int8_w8a16_is_weight_only_matmulnbits_8_bit_for_onnxruntime(quantized, 
     assert (weight_bytes - (fp32_bytes - w8a16_bytes)) / weight_bytes <= 0.3
 
 
+def test_int8_dynamic_quantizes_each_token_and_keeps_the_down_projections_w8a16(quantized, sources):
+    from edgeact.export.quant_dynamic import KEEP_W8A16
+
+    results, _, _ = quantized
+    result = results["int8-dynamic"]
+    assert result.recipe == "int8-w8a8-dynamic"
+    linear = _linear_weights(_graph(sources["bundle"]))
+    down = [name for name in linear if KEEP_W8A16.search(name)]
+    assert down and len(down) < len(linear)                   # the tiny model has its MLP down-projections
+    graph = _graph(result.out)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == len(linear) - len(down)
+    assert ops.count("MatMulNBits") == len(down) == result.stage_notes["decoder"]["w8a16_nodes"]
+    assert result.stage_notes["decoder"]["quantized_nodes"] == len(linear) and not _linear_weights(graph)
+    inits = {t.name: t for t in graph.graph.initializer}
+    by_output = {o: n for n in graph.graph.node for o in n.output}
+    for node in graph.graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            weight = inits[node.input[1]]
+            assert weight.data_type == onnx.TensorProto.INT8 and len(weight.dims) == 2
+            quant = by_output[node.input[0]]                  # the activations: one scale per row, at run time
+            attrs = {a.name: a.i for a in quant.attribute}
+            assert quant.op_type == "QuantizeLinear" and attrs == {"axis": -1, "block_size": weight.dims[0]}
+            assert by_output[quant.input[1]].op_type == "Mul"     # the scale is computed in the graph
+    opset = {o.domain: o.version for o in graph.opset_import}
+    assert opset[""] >= 21 and "com.microsoft" in opset
+    assert load_bundle(result.out).manifest.quantization.options["calibration"]["used"] is False
+
+
+def _dynamic_graph(tmp_path, weight, exclude=(), name="/blocks.0/mlp/ff_proj/MatMul"):
+    from onnx import TensorProto, helper
+
+    from edgeact.export.quant_dynamic import write_dynamic_int8_matmuls
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name=name)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], [numpy_helper.from_array(weight, "w")])
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "dynamic.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    counts = write_dynamic_int8_matmuls(src, dst, exclude)
+    return dst, counts
+
+
+def test_dynamic_int8_matmul_is_per_token_int8_arithmetic(tmp_path):
+    """onnxruntime's result equals numpy's per-row uint8 x per-channel int8 product; small rows keep their precision."""
+    import onnxruntime as ort
+
+    from edgeact.export.quant_w8a16 import quantize_weight_int8
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    path, counts = _dynamic_graph(tmp_path, w)
+    assert counts == (1, 0)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    x[1] *= 1e-3                  # a quiet token beside loud ones: its own scale
+    x[2] = 0.0                    # an all-zero row: scale 0, output exactly 0
+    x[3, 7] = 40.0                # an outlier in one token only
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    wq, w_scale = quantize_weight_int8(w)
+    scale = np.abs(x).max(axis=1, keepdims=True) / 127
+    q = np.clip(np.rint(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)), -127, 127)
+    expected = (q @ wq.astype(np.float32)) * w_scale * scale
+    assert np.all(np.isfinite(y)) and np.all(y[2] == 0.0)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    exact = x @ w
+    for row in (0, 1, 3, 4):      # every row within int8 rounding of its own range, the quiet one too
+        assert np.linalg.norm(y[row] - exact[row]) <= 0.02 * np.linalg.norm(exact[row])
+
+
+def test_dynamic_int8_leaves_excluded_and_down_projection_matmuls_alone(tmp_path):
+    w = np.ones((8, 4), np.float32)
+    path, counts = _dynamic_graph(tmp_path, w, exclude=("/blocks.0/mlp/ff_proj/MatMul",))
+    assert counts == (0, 0)       # excluded: stays float
+    graph = onnx.load(str(path))
+    assert [n.op_type for n in graph.graph.node] == ["MatMul"]       # untouched, and no opset raised for nothing
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 17
+    path, counts = _dynamic_graph(tmp_path, w, name="/transformer/blocks.3/mlp/ff_out/MatMul")
+    assert counts == (0, 1)       # a down-projection: left for the recipe's W8A16 pass
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMul"]
+
+
+def test_cli_quantize_int8_w8a8_dynamic_refuses_a_tensorrt_target(sources, tmp_path, capsys):
+    rc = main(["quantize", str(sources["portable"]), "--precision", "int8", "--int8-mode", "w8a8-dynamic",
+               "--target", "orin", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "use int8 mode w8a16 or w8a8 there" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_int8_w8a16_for_tensorrt_is_per_channel_int8_dequantize_into_matmul(quantized, sources):
     results, _, _ = quantized
     assert results["int8-w8a16-orin"].recipe == "int8-w8a16-qdq"
@@ -177,8 +268,8 @@ def test_int8_w8a16_for_tensorrt_is_per_channel_int8_dequantize_into_matmul(quan
         assert np.all(np.abs(q * scale - w) <= scale / 2 * 1.0001)          # round to nearest, per column
 
 
-@pytest.mark.parametrize("name", ["int8-w8a16", "int8-w8a16-orin"])
-def test_int8_w8a16_agrees_with_fp32_within_the_int8_gate(quantized, name):
+@pytest.mark.parametrize("name", ["int8-w8a16", "int8-w8a16-orin", "int8-dynamic"])
+def test_int8_w8a16_and_dynamic_agree_with_fp32_within_the_int8_gate(quantized, name):
     """Teacher-forced agreement with the fp32 bundle on held-out frames (the quantize report's row)."""
     from edgeact.export.verify import GATES
 
@@ -187,12 +278,15 @@ def test_int8_w8a16_agrees_with_fp32_within_the_int8_gate(quantized, name):
     assert report[1]["agreement_forced"] >= GATES["int8"].forced_agreement
 
 
-def test_int8_mode_defaults_to_w8a16_unless_activation_options_ask_for_w8a8():
+def test_int8_mode_defaults_to_dynamic_on_onnxruntime_w8a16_for_tensorrt_and_w8a8_when_asked():
     default = QuantizeOptions("int8")
-    assert default.int8_mode == "w8a16" and default.weight_only and default.accuracy_level == 4
+    assert default.int8_mode == "w8a8-dynamic" and not default.weight_only and not default.needs_calibration
+    assert default.accuracy_level == 4                   # its W8A16 down-projections: MatMulNBits' int8 kernel
     assert QuantizeOptions("int8", smoothquant_alpha=0.5).int8_mode == "w8a8"
     assert QuantizeOptions("int8", quantize_attention=True).int8_mode == "w8a8"
+    assert QuantizeOptions("int8", int8_mode="w8a8").needs_calibration and QuantizeOptions("fp8").needs_calibration
     orin = QuantizeOptions("int8", target="orin")
+    assert orin.int8_mode == "w8a16" and orin.weight_only
     assert orin.resolved_int8_format() == "qdq" and orin.accuracy_level is None     # MatMulNBits only on the CPU
     assert QuantizeOptions("int4").int8_mode is None and QuantizeOptions("int4").accuracy_level is None
 
@@ -251,6 +345,9 @@ def test_quantizing_a_quantized_bundle_or_into_the_source_is_refused(quantized, 
     (dict(precision="int8", int8_mode="w8a16", op_types=("MatMul", "Add")), "weights only"),
     (dict(precision="int8", int8_mode="w8a4"), "int8 mode 'w8a4' unknown"),
     (dict(precision="int8", int8_mode="w8a8", int8_format="nbits"), "w8a8 is always"),
+    (dict(precision="int8", int8_mode="w8a8-dynamic", target="orin"), r"TensorRT \(orin\) cannot build it"),
+    (dict(precision="int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.5), "belong to static w8a8"),
+    (dict(precision="int8", int8_mode="w8a8-dynamic", int8_format="qdq"), "keeps its W8A16 layers as MatMulNBits"),
     (dict(precision="int4", int8_mode="w8a16"), "int8 options"),
 ])
 def test_options_are_validated_with_a_fix(bad, match):

@@ -23,11 +23,12 @@ def exported(tmp_path_factory):
 
 
 def weight_only(exported, tmp_path_factory, precision: str):
-    """The tiny bundle's decoder quantized weight-only in blocks of 32 (int4; int8 in its default w8a16 mode)."""
+    """The tiny bundle's decoder quantized weight-only in blocks of 32 (int4; int8 in its w8a16 mode)."""
     from edgeact.export.quant_options import QuantizeOptions
     from edgeact.export.quantize import quantize_bundle
 
-    options = QuantizeOptions(precision, block_size=32, stages=("decoder",))
+    options = QuantizeOptions(precision, block_size=32, stages=("decoder",),
+                              int8_mode="w8a16" if precision == "int8" else None)
     assert options.weight_only
     out = tmp_path_factory.mktemp("membw") / precision
     quantize_bundle(exported.bundle_dir, out, options, report_frames=0, threads=1)

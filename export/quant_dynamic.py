@@ -1,0 +1,146 @@
+"""INT8 with dynamic per-token activations (W8A8 dynamic) for onnxruntime on a CPU: int8 GEMMs without calibration.
+
+Why: the ViT and the prompt's prefill are compute-bound (hundreds of rows per GEMM), and on a
+CPU with VNNI onnxruntime's int8 x int8 GEMM (MLAS U8S8) runs about 1.8x the rate of
+MatMulNBits' int8-compute path and 3x fp32 at 128-729 rows (bench checkpoint shapes, 2 threads).
+W8A16 keeps activations in float, so it cannot use that GEMM; static W8A8 (export/quant_int8.py)
+can, but its per-tensor activation ranges come from a calibration set and clip what the set
+did not show.
+
+What each linear MatMul becomes (its weight: int8, symmetric, one scale per output channel):
+
+    s  = max(|x|, over the row) / 127          one scale per token (row), computed at run time
+    q  = QuantizeLinear(x, s, 128)             uint8, blocked along the input dim (opset 21)
+    y  = MatMulIntegerToFloat(q, W_int8, 1, w_scale, 128) * s
+
+A token's scale is its own, so a token with small values (padding, a quiet image patch) keeps
+its precision, which one scale per tensor did not (measured on the reference ARM: per-tensor
+dynamic scales took the connector's worst-row cosine to 0 and the logits' to 0.92).
+
+The exception is the decoder MLP's down-projection (ff_out): its input, SiLU(gate) * up, carries
+the few very large channels a per-token scale cannot hold (the reference ARM's logits cosine
+0.987 against the 0.99 gate with it, 0.992 without). It keeps W8A16 (MatMulNBits bits=8, as
+export/quant_w8a16.py writes it), whose activations are quantized per block of the input dim.
+
+onnxruntime-only: QuantizeLinear with run-time scales and MatMulIntegerToFloat are not TensorRT's
+explicit-quantization pattern, so TensorRT targets are refused in QuantizeOptions.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big
+from edgeact.export.quant_options import QuantizeOptions
+
+# Linear layers that keep W8A16: the decoder MLP's down-projection (module path .../mlp/ff_out).
+KEEP_W8A16 = re.compile(r"/mlp/ff_out/MatMul$")
+ACTIVATION_ZERO_POINT = 128      # uint8 activations, symmetric around 128: MLAS's fast U8S8 GEMM
+ACTIVATION_MAX = 127
+MIN_OPSET = 21                   # blocked QuantizeLinear (one scale per row)
+_PREFIX = "int8_dynamic"
+
+
+def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
+                          threads: int | None = None) -> dict[str, Any]:
+    """Per-token dynamic int8 for every linear MatMul but the down-projections (W8A16); feeds are not read."""
+    from edgeact.export.quant_int4 import write_matmul_nbits
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dynamic_path = work_dir / "dynamic.onnx"
+    dynamic, kept = write_dynamic_int8_matmuls(src, dynamic_path, options.exclude_nodes)
+    # The linear MatMuls left in float are the kept down-projections and exclude_nodes; the latter stay float.
+    written = write_matmul_nbits(dynamic_path, dst, options, bits=8) if kept else 0
+    if not kept:
+        _copy_model(dynamic_path, dst)
+    return {"format": "dynamic", "mode": "w8a8-dynamic", "quantized_nodes": dynamic + written,
+            "activations": "int8 per token, scale from each row's absolute max at run time (no calibration)",
+            "weights": "int8 symmetric per output channel",
+            "w8a16_nodes": written, "w8a16_why": "MLP down-projections (ff_out): outlier channels in their input",
+            "w8a16_weights": f"int8 symmetric, blocks of {options.block_size} along the input dim",
+            "accuracy_level": options.accuracy_level}
+
+
+def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Rewrite src's linear MatMuls (but KEEP_W8A16's and `exclude`) into the per-token int8 form; (rewritten, kept)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeact.export.quant_w8a16 import quantize_weight_int8
+
+    proto = onnx.load(str(src))
+    linear = const_weight_matmuls(proto, ("MatMul",), tuple(exclude))
+    targets = {n.name for n in linear if not KEEP_W8A16.search(n.name)}
+    inits = {t.name: t for t in proto.graph.initializer}
+    consts = {"axes": np.array([-1], np.int64), "inv_max": np.array(1.0 / ACTIVATION_MAX, np.float32),
+              "one": np.array(1.0, np.float32), "zp": np.array(ACTIVATION_ZERO_POINT, np.uint8)}
+    if targets:
+        proto.graph.initializer.extend(numpy_helper.from_array(v, f"{_PREFIX}/{k}") for k, v in consts.items())
+    c = {k: f"{_PREFIX}/{k}" for k in consts}
+    quantized: dict[str, tuple[str, str]] = {}     # float weight -> (int8 weight, scale); a weight may be shared
+    nodes = []
+    for node in proto.graph.node:
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        x, weight, y = node.input[0], node.input[1], node.output[0]
+        if weight not in quantized:
+            w = numpy_helper.to_array(inits[weight])
+            q, scale = quantize_weight_int8(w, per_channel=True)
+            quantized[weight] = (f"{weight}_int8", f"{weight}_scale")
+            proto.graph.initializer.extend([numpy_helper.from_array(q, quantized[weight][0]),
+                                            numpy_helper.from_array(scale, quantized[weight][1])])
+        w_int8, w_scale = quantized[weight]
+        k_dim = int(inits[weight].dims[0])
+        t = {s: f"{node.name}/{_PREFIX}/{s}" for s in ("abs", "max", "scale", "shape", "zp", "q", "y")}
+        nodes += [
+            helper.make_node("Abs", [x], [t["abs"]], name=t["abs"]),
+            helper.make_node("ReduceMax", [t["abs"], c["axes"]], [t["max"]], name=t["max"], keepdims=1),
+            # An all-zero row gets scale 0: its q is arbitrary, its output q * 0 = 0 (tested).
+            helper.make_node("Mul", [t["max"], c["inv_max"]], [t["scale"]], name=t["scale"]),
+            # The zero point must have the scale's shape (blocked QuantizeLinear): 128 for every row.
+            helper.make_node("Shape", [t["scale"]], [t["shape"]], name=t["shape"]),
+            helper.make_node("Expand", [c["zp"], t["shape"]], [t["zp"]], name=t["zp"]),
+            helper.make_node("QuantizeLinear", [x, t["scale"], t["zp"]], [t["q"]], name=t["q"],
+                             axis=-1, block_size=k_dim),
+            helper.make_node("MatMulIntegerToFloat", [t["q"], w_int8, c["one"], w_scale, c["zp"]], [t["y"]],
+                             name=node.name, domain="com.microsoft"),
+            helper.make_node("Mul", [t["y"], t["scale"]], [y], name=f"{node.name}/{_PREFIX}/rescale"),
+        ]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    still_read = {i for n in proto.graph.node for i in n.input}
+    kept_inits = [t for t in proto.graph.initializer if t.name in still_read]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept_inits)
+    if targets:
+        _require_opset(proto)
+    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data")
+    return len(targets), len(linear) - len(targets)
+
+
+def _require_opset(proto) -> None:
+    """Blocked QuantizeLinear is opset 21; the ops an exported stage uses mean the same at 21 (types were added)."""
+    from onnx import helper
+
+    domains = {o.domain: o for o in proto.opset_import}
+    default = domains.get("") or domains.get("ai.onnx")
+    if default is None:
+        proto.opset_import.append(helper.make_opsetid("", MIN_OPSET))
+    elif default.version < MIN_OPSET:
+        default.version = MIN_OPSET
+    if "com.microsoft" not in domains:
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    proto.ir_version = max(proto.ir_version, 10)     # opset 21 needs IR 10
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(src))
+    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data")
