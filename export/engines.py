@@ -84,6 +84,26 @@ def _cc_from_nvidia_smi(device: int) -> tuple[int, int] | None:
         return None
 
 
+# onnxruntime contrib ops the fused export writes (the attention); every other one comes from an onnxruntime
+# quantization recipe (MatMulNBits, int8 w8a8-dynamic's MatMulIntegerToFloat).
+_FUSED_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})
+
+
+def require_standard_ops(stage: str, onnx_path: Path, target: str) -> None:
+    """Refuse a stage holding onnxruntime contrib ops (com.microsoft), which TensorRT's ONNX parser cannot read."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    contrib = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    if not contrib:
+        return
+    fix = (f"export the bundle with `edgeact export --attention {io.PORTABLE_ATTENTION}`"
+           if _FUSED_ATTENTION_OPS & set(contrib) else
+           f"quantize the portable fp32 bundle for the target: `edgeact quantize --target {target}`")
+    raise BundleError(f"stage {stage!r} ({onnx_path}) holds onnxruntime ops {', '.join(contrib)}, which TensorRT "
+                      f"cannot parse; {fix}")
+
+
 def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,
                   timing_cache: str | Path | None = None, stages: Iterable[str] | None = None,
                   allow_unverified: bool = False, on_stage: Callable[[str, int, int], None] | None = None,
@@ -104,6 +124,8 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
             check_precision(tgt, stage.precision)
         except EdgeactError as exc:
             raise BundleError(f"stage {stage.name!r} ({bundle.path(stage.file)}): {exc}") from None
+    for stage in chosen:
+        require_standard_ops(stage.name, bundle.path(stage.file), tgt.name)
     trt = import_tensorrt()
     cc = device_compute_capability()
     check_device(tgt, cc)

@@ -136,9 +136,29 @@ def test_refusals_come_before_tensorrt_is_needed(tmp_path, tmp_path_factory, mon
     fused = exported_bundle(tmp_path_factory, "D").bundle_dir      # the fused decoder, the CPU default
     with pytest.raises(BundleError, match=r"fused decoder .* TensorRT cannot run; .*--attention portable"):
         build_engines(fused, "orin")
+    # The fused export's ViT (MultiHeadAttention) is refused on its own too, with the same fix.
+    with pytest.raises(BundleError, match=r"stage 'vision' .* MultiHeadAttention, which TensorRT cannot parse; "
+                                          r"export the bundle with `edgeact export --attention portable`"):
+        build_engines(fused, "orin", stages=["vision"], allow_unverified=True)
     failed = write_tiny_bundle(tmp_path / "failed", verification="failed")
     with pytest.raises(BundleError, match="verification failed at gate 'decoder.top1_agreement'.*--allow-unverified"):
         build_engines(failed, "orin")
+
+
+def test_a_bundle_quantized_for_onnxruntime_is_refused_before_tensorrt_is_needed(tmp_path, tmp_path_factory,
+                                                                                 monkeypatch):
+    from edgeact.export.quant_options import QuantizeOptions
+    from edgeact.export.quantize import quantize_bundle
+    from tests.export.quant_fixtures import tiny_sources
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    portable = tiny_sources(tmp_path_factory)["portable"]
+    out = tmp_path / "int8-dynamic"      # no --target: onnxruntime's w8a8-dynamic, even on a portable export
+    quantize_bundle(portable, out, QuantizeOptions("int8", stages=("decoder",)), report_frames=0, threads=1)
+    with pytest.raises(BundleError, match=r"stage 'decoder' .* MatMulIntegerToFloat, MatMulNBits, which TensorRT "
+                                          r"cannot parse; quantize the portable fp32 bundle for the target: "
+                                          r"`edgeact quantize --target orin`"):
+        build_engines(out, "orin", allow_unverified=True)
 
 
 def test_build_records_engines_in_the_manifest(tmp_path, monkeypatch, capsys, orin_gpu):
