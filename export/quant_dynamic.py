@@ -56,12 +56,14 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
     written = write_matmul_nbits(dynamic_path, dst, options, bits=8) if kept else 0
     if not kept:
         _copy_model(dynamic_path, dst)
-    return {"format": "dynamic", "mode": "w8a8-dynamic", "quantized_nodes": dynamic + written,
-            "activations": "int8 per token, scale from each row's absolute max at run time (no calibration)",
-            "weights": "int8 symmetric per output channel",
-            "w8a16_nodes": written, "w8a16_why": "MLP down-projections (ff_out): outlier channels in their input",
-            "w8a16_weights": f"int8 symmetric, blocks of {options.block_size} along the input dim",
-            "accuracy_level": options.accuracy_level}
+    notes = {"format": "dynamic", "mode": "w8a8-dynamic", "quantized_nodes": dynamic + written,
+             "activations": "int8 per token, scale from each row's absolute max at run time (no calibration)",
+             "weights": "int8 symmetric per output channel", "w8a16_nodes": written}
+    if written:
+        notes.update({"w8a16_why": "MLP down-projections (ff_out): outlier channels in their input",
+                      "w8a16_weights": f"int8 symmetric, blocks of {options.block_size} along the input dim",
+                      "accuracy_level": options.accuracy_level})
+    return notes
 
 
 def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
