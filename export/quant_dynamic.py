@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, replace_nodes, save_onnx
 from edgeact.export.quant_options import QuantizeOptions
 
 # Linear layers that keep W8A16: the decoder MLP's down-projection (module path .../mlp/ff_out).
@@ -69,7 +69,7 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
 def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
     """Rewrite src's linear MatMuls (but KEEP_W8A16's and `exclude`) into the per-token int8 form; (rewritten, kept)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from edgeact.export.quant_w8a16 import quantize_weight_int8
 
@@ -112,16 +112,10 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
                              name=node.name, domain="com.microsoft"),
             helper.make_node("Mul", [t["y"], t["scale"]], [y], name=f"{node.name}/{_PREFIX}/rescale"),
         ]
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    still_read = {i for n in proto.graph.node for i in n.input}
-    kept_inits = [t for t in proto.graph.initializer if t.name in still_read]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept_inits)
+    replace_nodes(proto, nodes)
     if targets:
         _require_opset(proto)
-    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
+    save_onnx(proto, dst)
     return len(targets), len(linear) - len(targets)
 
 
@@ -143,6 +137,4 @@ def _require_opset(proto) -> None:
 def _copy_model(src: Path, dst: Path) -> None:
     import onnx
 
-    proto = onnx.load(str(src))
-    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
+    save_onnx(onnx.load(str(src)), dst)      # re-saved: external data is named after its file

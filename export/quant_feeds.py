@@ -120,8 +120,7 @@ def tensor_stats(model_path: str | Path, tensor_names: list[str], feeds: FeedSou
         if name not in known:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     path = Path(work_dir) / "stats_probe.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                    location="stats_probe.onnx.data")
+    save_onnx(proto, path)
     del proto
     session = make_session(path, threads)
     names = {i.name for i in session.get_inputs()}
@@ -143,3 +142,21 @@ def tensor_stats(model_path: str | Path, tensor_names: list[str], feeds: FeedSou
 def is_big(proto) -> bool:
     # protobuf cannot serialize a message over 2 GB: big models go to an external-data file.
     return sum(len(t.raw_data) for t in proto.graph.initializer) > (1 << 30)
+
+
+def save_onnx(proto, path: Path) -> None:
+    """Save a stage; a big one keeps its weights beside it in `<name>.data`."""
+    import onnx
+
+    onnx.save_model(proto, str(path), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+
+
+def replace_nodes(proto, nodes) -> None:
+    """Make `nodes` the graph's node list and drop the initializers no node reads any more."""
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    still_read = {i for n in proto.graph.node for i in n.input}
+    kept = [t for t in proto.graph.initializer if t.name in still_read]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)

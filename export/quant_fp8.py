@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, save_onnx, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
 
 E4M3_MAX = 448.0
@@ -73,8 +73,7 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
         added.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=f"{node.name}.w_dq", **attrs))
         node.input[1] = out
     _insert_before_readers(proto, added)
-    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
+    save_onnx(proto, dst)
     return {"format": "qdq", "activations": "float8e4m3fn per-tensor, amax/448",
             "weights": f"float8e4m3fn per-{'channel' if options.per_channel else 'tensor'}, amax/448",
             "quantized_nodes": len(nodes), "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}

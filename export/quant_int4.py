@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, save_onnx
 from edgeact.export.quant_int8 import quiet_quantizer_logs
 from edgeact.export.quant_options import QuantizeOptions
 
@@ -50,8 +50,6 @@ def write_matmul_nbits(src: Path, dst: Path, options: QuantizeOptions, bits: int
         quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=exclude, algo_config=config)
         quantizer.process()
     result = quantizer.model.model
-    big = sum(len(t.raw_data) for t in result.graph.initializer) > (1 << 30)
-    onnx.save_model(result, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
+    save_onnx(result, dst)
     op = "DequantizeLinear" if qdq else "MatMulNBits"
     return sum(1 for n in result.graph.node if n.op_type == op)

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, save_onnx, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
 
 
@@ -61,8 +61,7 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
         stats = tensor_stats(src, sorted({n.input[0] for n in linear}), feeds, work_dir, threads)
         rows = apply_smoothquant(proto, linear, {k: v.channel_absmax for k, v in stats.items()}, options.smoothquant_alpha)
         src = work_dir / "smoothed.onnx"
-        onnx.save_model(proto, str(src), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                        location="smoothed.onnx.data")
+        save_onnx(proto, src)
         notes["smoothquant"] = {"alpha": options.smoothquant_alpha, "tensors": len(rows),
                                 "folded_into_norms": sum(r["folded"] for r in rows),
                                 "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, replace_nodes, save_onnx
 from edgeact.export.quant_options import QuantizeOptions
 from edgeact.runtime.errors import BundleError
 
@@ -90,12 +90,6 @@ def write_int8_dequantize_matmuls(src: Path, dst: Path, exclude: tuple[str, ...]
             node.input[1] = dequantized[name]
             changed += 1
         nodes.append(node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    still_read = {i for n in proto.graph.node for i in n.input}
-    kept = [t for t in proto.graph.initializer if t.name in still_read]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    onnx.save_model(proto, str(dst), save_as_external_data=is_big(proto), all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
+    replace_nodes(proto, nodes)
+    save_onnx(proto, dst)
     return changed
