@@ -40,7 +40,8 @@ class QuantizeOptions:
     smoothquant_alpha: float | None = None  # int8: SmoothQuant strength in (0, 1); None: off
     per_channel: bool = True                # int8 (w8a8, w8a16 qdq) / fp8 weights: one scale per output channel
     quantize_attention: bool = False        # int8 / fp8: also the activation x activation MatMuls (QK^T, PV)
-    block_size: int = 128                   # int4, int8 w8a16 nbits: weights per scale, along the input dim
+    block_size: int = 128                   # int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights
+                                            # per scale, along the input dim
     accuracy_level: int | None = None       # MatMulNBits compute: 0 fp32 ... 4 int8 (onnxruntime CPU); None: 4 for
                                             # int8 w8a16 / w8a8-dynamic (its fast 8-bit kernel), 0 for int4
     int4_format: str = "auto"               # nbits: MatMulNBits (onnxruntime); qdq: DequantizeLinear int4 (TensorRT)
