@@ -42,6 +42,7 @@ ACTIVATION_ZERO_POINT = 128      # uint8 activations, symmetric around 128: MLAS
 ACTIVATION_MAX = 127
 MIN_OPSET = 21                   # blocked QuantizeLinear (one scale per row)
 _PREFIX = "int8_dynamic"
+_BIG_TENSOR = 1 << 20            # elements: tensors this big are weights, left out of the shape inference's copy
 
 
 def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
@@ -83,6 +84,10 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
         proto.graph.initializer.extend(numpy_helper.from_array(v, f"{_PREFIX}/{k}") for k, v in consts.items())
     c = {k: f"{_PREFIX}/{k}" for k in consts}
     quantized: dict[str, tuple[str, str]] = {}     # float weight -> (int8 weight, scale); a weight may be shared
+    # The zero point tensor has the scale's shape, (..., rows, 1): made once per row shape, read by every linear
+    # layer whose input has those leading dims (a decode step: 2 nodes instead of 2 per layer).
+    row_shapes = _row_shapes({n.input[0] for n in linear if n.name in targets}, proto) if targets else {}
+    zero_points: dict[tuple, str] = {}
     nodes = []
     for node in proto.graph.node:
         if node.name not in targets:
@@ -103,10 +108,15 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
             helper.make_node("ReduceMax", [t["abs"], c["axes"]], [t["max"]], name=t["max"], keepdims=1),
             # An all-zero row gets scale 0: its q is arbitrary, its output q * 0 = 0 (tested).
             helper.make_node("Mul", [t["max"], c["inv_max"]], [t["scale"]], name=t["scale"]),
+        ]
+        rows = row_shapes.get(x) or ("only", node.name)
+        if rows not in zero_points:
             # The zero point must have the scale's shape (blocked QuantizeLinear): 128 for every row.
-            helper.make_node("Shape", [t["scale"]], [t["shape"]], name=t["shape"]),
-            helper.make_node("Expand", [c["zp"], t["shape"]], [t["zp"]], name=t["zp"]),
-            helper.make_node("QuantizeLinear", [x, t["scale"], t["zp"]], [t["q"]], name=t["q"],
+            zero_points[rows] = t["zp"]
+            nodes += [helper.make_node("Shape", [t["scale"]], [t["shape"]], name=t["shape"]),
+                      helper.make_node("Expand", [c["zp"], t["shape"]], [t["zp"]], name=t["zp"])]
+        nodes += [
+            helper.make_node("QuantizeLinear", [x, t["scale"], zero_points[rows]], [t["q"]], name=t["q"],
                              axis=-1, block_size=k_dim),
             helper.make_node("MatMulIntegerToFloat", [t["q"], w_int8, c["one"], w_scale, c["zp"]], [t["y"]],
                              name=node.name, domain="com.microsoft"),
@@ -117,6 +127,58 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
         _require_opset(proto)
     save_onnx(proto, dst)
     return len(targets), len(linear) - len(targets)
+
+
+def _row_shapes(tensors: set[str], proto) -> dict[str, tuple]:
+    """Each tensor's leading dims (all but the last) as onnxruntime's symbolic shape inference names them.
+
+    Equal names mean equal sizes at run time (the inference unifies them), so tensors with equal
+    leading dims can share one zero point. Tensors whose dims it cannot name are left out (each
+    then gets its own), as is everything when it fails.
+    """
+    import logging
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    previous = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)      # it logs every op it cannot infer as a warning
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_structure_only(proto), auto_merge=True)
+    except Exception:   # noqa: BLE001 -- any failure only costs the sharing
+        return {}
+    finally:
+        logging.getLogger().setLevel(previous)
+    shapes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input):
+        if value.name not in tensors:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        lead = tuple(d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                     for d in dims[:-1])
+        if dims and None not in lead:
+            shapes[value.name] = lead
+    return shapes
+
+
+def _structure_only(proto):
+    """The model without its big float tensors' data (names, types and dims stay), for shape inference.
+
+    The inference copies the model, and evaluates ops whose inputs are all constants (a positional
+    table's Unsqueeze); weight matrices feed only their MatMul, so theirs is the data it never reads.
+    """
+    from onnx import ModelProto, TensorProto
+
+    light = ModelProto(ir_version=proto.ir_version)
+    light.opset_import.extend(proto.opset_import)
+    graph = light.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(proto.graph, field))
+    for tensor in proto.graph.initializer:
+        if tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and np.prod(tensor.dims) >= _BIG_TENSOR:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+        else:
+            graph.initializer.append(tensor)
+    return light
 
 
 def _require_opset(proto) -> None:

@@ -179,6 +179,8 @@ def test_int8_dynamic_quantizes_each_token_and_keeps_the_down_projections_w8a16(
             attrs = {a.name: a.i for a in quant.attribute}
             assert quant.op_type == "QuantizeLinear" and attrs == {"axis": -1, "block_size": weight.dims[0]}
             assert by_output[quant.input[1]].op_type == "Mul"     # the scale is computed in the graph
+    # Every decoder linear layer reads (batch, seq, width) rows: one zero point tensor serves them all.
+    assert ops.count("Expand") == 1 and ops.count("QuantizeLinear") == len(linear) - len(down)
     opset = {o.domain: o.version for o in graph.opset_import}
     assert opset[""] >= 21 and "com.microsoft" in opset
     assert load_bundle(result.out).manifest.quantization.options["calibration"]["used"] is False
@@ -237,6 +239,41 @@ def test_dynamic_int8_leaves_excluded_and_down_projection_matmuls_alone(tmp_path
     path, counts = _dynamic_graph(tmp_path, w, name="/transformer/blocks.3/mlp/ff_out/MatMul")
     assert counts == (0, 1)       # a down-projection: left for the recipe's W8A16 pass
     assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMul"]
+
+
+def test_dynamic_int8_shares_a_zero_point_where_shape_inference_proves_equal_rows(tmp_path, monkeypatch):
+    """Two layers reading the same rows share one; if the inference fails each gets its own, with equal results."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from edgeact.export.quant_dynamic import write_dynamic_int8_matmuls
+
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="/a/MatMul"),
+         helper.make_node("MatMul", ["x", "w2"], ["y2"], name="/b/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "rows", 16])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["batch", "rows", 8]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["batch", "rows", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    results = []
+    for fails in (False, True):
+        if fails:
+            def broken(*args, **kwargs):
+                raise RuntimeError("no shapes")
+            monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(broken))
+        dst = tmp_path / f"dynamic-{fails}.onnx"
+        assert write_dynamic_int8_matmuls(src, dst) == (2, 0)
+        ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+        assert ops.count("Expand") == (2 if fails else 1)
+        results.append(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x}))
+    for shared, own in zip(*results):
+        np.testing.assert_array_equal(shared, own)
 
 
 def test_cli_quantize_int8_w8a8_dynamic_refuses_a_tensorrt_target(sources, tmp_path, capsys):
