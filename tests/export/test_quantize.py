@@ -276,6 +276,14 @@ def test_dynamic_int8_shares_a_zero_point_where_shape_inference_proves_equal_row
         np.testing.assert_array_equal(shared, own)
 
 
+def test_the_cli_choices_are_the_options_own():
+    """The CLI keeps literal copies (so `edgeact --help` imports nothing): they must not drift from the options."""
+    from edgeact.export import commands_quantize, quant_options
+
+    assert commands_quantize.INT8_MODES == quant_options.INT8_MODES
+    assert commands_quantize.PRECISIONS == quant_options.PRECISIONS
+
+
 def test_cli_quantize_int8_w8a8_dynamic_refuses_a_tensorrt_target(sources, tmp_path, capsys):
     rc = main(["quantize", str(sources["portable"]), "--precision", "int8", "--int8-mode", "w8a8-dynamic",
                "--target", "orin", "--out", str(tmp_path / "x")])
