@@ -65,6 +65,16 @@ def register(subparsers) -> None:
     p.add_argument("--action-sigma", type=float, default=0.0, metavar="BINS",
                    help="soft targets for the action tokens: a Gaussian of this width in bins around the true bin "
                         "(default 0: the one bin)")
+    p.add_argument("--connector-init", choices=("variance", "torch"), default="torch",
+                   help="the connector's linear layers from PyTorch's default init (default), which starts the image "
+                        "features ~10x below the token embeddings, or from N(0, 1/fan_in), which keeps their scale")
+    p.add_argument("--feature-decay", type=float, default=0.0, metavar="W",
+                   help="add W x the mean square of the image features to the loss: the decoder reads them through "
+                        "RMSNorm, so unchecked they grow with every step (default 0: off; 0.01 holds them near the "
+                        "token embeddings' scale)")
+    p.add_argument("--depth-input-noise", type=float, default=0.0, metavar="P",
+                   help="replace each depth code the model is fed in the answer by a random one with probability P "
+                        "(the labels stay true), so the trace cannot be read off the depth codes alone (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -119,7 +129,9 @@ def _train(args: argparse.Namespace) -> int:
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
-                           trace_batch=args.trace_batch, action_sigma=args.action_sigma)
+                           trace_batch=args.trace_batch, action_sigma=args.action_sigma,
+                           connector_init=args.connector_init, feature_decay=args.feature_decay,
+                           depth_input_noise=args.depth_input_noise)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 
@@ -152,6 +164,10 @@ def _train(args: argparse.Namespace) -> int:
         end = report.trace_end
         rows.append(("held-out trace end (greedy)", f"{end['model']:.1f} units off; a constant end point: "
                                                     f"{end['constant']:.1f} ({end['frames']} first frames)"))
+    if report.image_use:
+        use = report.image_use
+        rows.append(("held-out trace + action loss", f"{use['own']:.3f} with the sample's frame, {use['other']:.3f} "
+                                                     f"with another's (equal: the image is ignored)"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -38,6 +38,7 @@ from edgeact.runtime.preprocess_config import PreprocessConfig
 LOG_FILE = "training_log.json"
 NORM_KEY = "edgeact_sim_reference"      # drivers.sim.demos.NORM_KEY (not imported: that pulls in mujoco)
 TRACE_END_FRAMES = 16                   # held-out first frames answered greedily to see where the trace ends
+CONNECTOR_INITS = ("variance", "torch")
 POINT_ANSWER_BOUND = 14                 # ids in a greedy pointing answer: ` [[x, y]]` and end-of-text, with room
 
 
@@ -86,6 +87,22 @@ class TrainOptions:
     trace_batch: int = 0
     # Soft targets for the action tokens: a Gaussian of this many bins around the true bin (0: the one bin).
     action_sigma: float = 0.0
+    # The three options below were tried against the committed ARM's finding that it ignores the image (README,
+    # "The reference ARM ignores the image"); none raised closed-loop success, so all default to the recipe's.
+    # "variance": the connector's linear layers (attention pooling, SwiGLU projector) drawn with std 1 / sqrt(fan_in),
+    # which keeps the size of what passes through, instead of PyTorch's default (1 / sqrt(3 fan_in), "torch"), which
+    # shrinks it ~1.7x per layer: with it the projector's gate multiplies two small numbers, and the image features
+    # start at ~1/10 of the token embeddings.
+    connector_init: str = "torch"
+    # This times the mean square of the batch's image features is added to the loss. The decoder reads them through
+    # RMSNorm, so the answer's loss barely depends on their scale and its gradient is orthogonal to them: every Adam
+    # step makes them longer. Unchecked they grew to 70-250 000x the token embeddings' RMS; 0.01 holds them near
+    # 2x (0: off).
+    feature_decay: float = 0.0
+    # Each depth code the model is fed in the answer (the labels stay true) is replaced by a random code with this
+    # probability. The codes show where the gripper and the blocks are but not their colours; fed clean, they are
+    # the easiest way to the trace, and a model that answers from them alone ignores the image (0: off).
+    depth_input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
@@ -98,6 +115,13 @@ class TrainOptions:
             raise ConfigError(f"TrainOptions.pointing_first_steps: the steps on pointing samples alone need "
                               f"pointing_batch > 0 and must leave steps for the full answer (0 < N < steps = "
                               f"{self.steps}); got {self.pointing_first_steps} with pointing_batch {self.pointing_batch}")
+        if self.connector_init not in CONNECTOR_INITS:
+            raise ConfigError(f"TrainOptions.connector_init: one of {', '.join(CONNECTOR_INITS)}; got "
+                              f"{self.connector_init!r}")
+        if not 0 <= self.depth_input_noise <= 1:
+            raise ConfigError(f"TrainOptions.depth_input_noise: a probability in [0, 1]; got {self.depth_input_noise}")
+        if not self.feature_decay >= 0:
+            raise ConfigError(f"TrainOptions.feature_decay: a weight >= 0; got {self.feature_decay}")
         if not self.action_sigma >= 0:
             raise ConfigError(f"TrainOptions.action_sigma: a width in action bins, >= 0; got {self.action_sigma}")
         if self.trace_batch < 0:
@@ -128,6 +152,8 @@ class TrainReport:
     action_bin_error: float = float("nan")                 # mean |predicted - true| action bin, held out
     # trace_end_error on held-out first frames: {"model": ..., "constant": ..., "frames": n} (trace units)
     trace_end: dict[str, float] = field(default_factory=dict)
+    # image_reliance on held-out samples: {"own": ..., "other": ..., "samples": n} (mean cross-entropy, nats)
+    image_use: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir) if self.out_dir else None}
@@ -174,7 +200,20 @@ def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
                           "record more episodes")
     torch.manual_seed(options.seed)
     model = MolmoActModel(cfg)
+    if options.connector_init == "variance":
+        init_connector(model)
     return Trainer(model, encoder, arrays, train_idx, held_idx, options, cfg, preprocess_config)
+
+
+def init_connector(model) -> None:
+    """Redraw the connector's linear weights (attention pooling, projector) from N(0, 1 / fan_in): each layer then
+    keeps the scale of its input, and the projected image features start larger than the token embeddings."""
+    backbone = model.vision
+    with torch.no_grad():
+        for part in (backbone.image_pooling_2d, backbone.image_projector):
+            for layer in part.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.normal_(0.0, layer.in_features ** -0.5)
 
 
 def collate(sequences: list[TrainingSequence], pad_id: int) -> dict[str, torch.Tensor]:
@@ -287,6 +326,17 @@ class Draws:
         return picked
 
 
+def corrupt_depth_inputs(sequence: TrainingSequence, depth_ids: np.ndarray, p: float,
+                         rng: np.random.Generator) -> TrainingSequence:
+    """The sequence with each depth code among its answer's inputs replaced by a random code with probability p;
+    the labels (what each position is asked to predict) stay the true ones."""
+    ids = sequence.ids.copy()
+    answer = np.arange(len(ids)) >= sequence.n_prompt
+    hit = answer & np.isin(ids, depth_ids) & (rng.random(len(ids)) < p)
+    ids[hit] = rng.choice(depth_ids, int(hit.sum()))
+    return dataclasses.replace(sequence, ids=ids)
+
+
 def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Run options.steps AdamW steps over shuffled epochs of the training samples; the loss of each step."""
     options, model = trainer.options, trainer.model
@@ -309,13 +359,21 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     point_draws = Draws(np.arange(len(pointing)), [options.seed, 1]) if pointing is not None else None
     trace_draws = Draws(trainer.train_idx, [options.seed, 2])
     action_ids = torch.as_tensor(np.asarray(trainer.encoder.layout.action_ids, dtype=np.int64))
+    depth_ids = np.asarray(trainer.encoder.layout.depth_code_ids, dtype=np.int64)
+    noise_rng = np.random.default_rng([options.seed, 3])
 
     def sequences_loss(sequences: list[TrainingSequence], first_action_weight: float = 1.0):
         batch = collate(sequences, pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = batch_logits(forward, batch)
-        return batch, weighted_loss(logits.float(), batch, weights, first_action_weight, action_ids,
-                                    options.action_sigma)
+            # The features once more, outside the compiled graph: the ViT's share of a step is small (4 layers of
+            # width 64 over the crops, against the decoder over ~550 positions).
+            features = model.image_features(batch["images"], batch["image_masks"], batch["pooled_patches_idx"]) \
+                if options.feature_decay else None
+        loss = weighted_loss(logits.float(), batch, weights, first_action_weight, action_ids, options.action_sigma)
+        if features is not None:
+            loss = loss + options.feature_decay * features.float().pow(2).mean()
+        return batch, loss
 
     losses = []
     model.train()
@@ -324,8 +382,10 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             group["lr"] = lr_at(step, options)
         loss = torch.zeros(())
         if step >= options.pointing_first_steps:
-            loss = sequences_loss([trainer.encoder.encode(trainer.arrays, i) for i in answers.take(options.batch_size)],
-                                  options.first_action_weight)[1]
+            sequences = [trainer.encoder.encode(trainer.arrays, i) for i in answers.take(options.batch_size)]
+            if options.depth_input_noise:
+                sequences = [corrupt_depth_inputs(s, depth_ids, options.depth_input_noise, noise_rng) for s in sequences]
+            loss = sequences_loss(sequences, options.first_action_weight)[1]
         if point_draws is not None:
             pairs = pointing[point_draws.take(options.pointing_batch)]
             points, point_loss = sequences_loss([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c))
@@ -398,6 +458,33 @@ def trace_end_error(trainer: Trainer, indices: np.ndarray, frames: int = TRACE_E
                         dtype=float)
     return (float(np.linalg.norm(ends - truth, axis=1).mean()),
             float(np.linalg.norm(truth - truth.mean(axis=0), axis=1).mean()), len(firsts))
+
+
+def image_reliance(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -> tuple[float, float]:
+    """Teacher-forced cross-entropy of the trace and action tokens (mean, nats) with each sample's own frame, and with
+    the frame of the next sample in `indices` (same prompt, same depth codes, another scene's pixels).
+
+    The two are equal for a model that ignores the image: its answer then comes from the instruction and the depth
+    codes alone, which show where things are but not their colours, so it cannot tell the named block from the others
+    (the first reference ARMs were such models)."""
+    pad_id = trainer.encoder.layout.bos_id
+    scored = (KINDS.index("trace"), KINDS.index("action"))
+    totals, count = np.zeros(2), 0
+    with torch.inference_mode():
+        for start in range(0, len(indices) - 1, batch_size):
+            chunk = [int(i) for i in indices[start:start + batch_size + 1]]
+            own = [trainer.encoder.encode(trainer.arrays, i) for i in chunk]
+            if len(own) < 2:
+                break
+            other = [dataclasses.replace(s, image_inputs=own[k + 1].image_inputs) for k, s in enumerate(own[:-1])]
+            for j, sequences in enumerate((own[:-1], other)):
+                batch = collate(sequences, pad_id)
+                logits = batch_logits(trainer.model, batch).float()
+                mask = torch.isin(batch["kinds"], torch.tensor(scored)) & (batch["labels"] != IGNORE)
+                ce = F.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum")
+                totals[j] += float(ce)
+            count += int(mask.sum())
+    return (float(totals[0] / count), float(totals[1] / count)) if count else (float("nan"), float("nan"))
 
 
 def teacher_forced_accuracy(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -> tuple[dict[str, float], float]:
@@ -481,6 +568,9 @@ def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Pat
         model_error, constant_error, frames = trace_end_error(trainer, trainer.held_idx)
         if frames:
             report.trace_end = {"model": model_error, "constant": constant_error, "frames": frames}
+        if len(held) > 1:
+            own, other = image_reliance(trainer, held)
+            report.image_use = {"own": own, "other": other, "samples": len(held)}
     if out_dir is not None:
         save(trainer, out_dir, report, overwrite)
     return report

@@ -109,6 +109,7 @@ def test_training_learns_and_saves_a_loadable_checkpoint(demos, tmp_path):
     assert len(report.losses) == 10 and np.mean(report.losses[-3:]) < np.mean(report.losses[:3]) - 0.5
     assert set(report.held_out_accuracy) == {"depth", "trace", "action", "text", "all"}
     assert report.held_out_samples > 0 and np.isfinite(report.action_bin_error)
+    assert report.image_use["samples"] == 4 and np.isfinite(report.image_use["own"])
 
     model, ckpt = load_model(out)       # the checkpoint's own checks: shapes, norm_stats, tokenizer
     assert ckpt.norm_stats == {NORM_KEY: load_demos(demos).norm_stats[NORM_KEY]}
@@ -431,3 +432,89 @@ def test_soft_action_targets_make_a_near_bin_cheaper_than_a_far_one():
     assert weighted_loss(far, batch, weights, action_ids=action_ids, action_sigma=1e-3) == pytest.approx(hard[1])
     with pytest.raises(Exception, match="action_sigma"):
         TrainOptions(action_sigma=-1.0)
+
+
+def test_the_connector_init_starts_the_image_features_above_the_token_embeddings(demos):
+    from edgeact.runtime.errors import ConfigError
+
+    def scales(trainer):
+        a = trainer.arrays
+        inputs = trainer.encoder.image_inputs(a["rgb"][0])
+        with torch.no_grad():
+            features = trainer.model.image_features(torch.from_numpy(inputs.images), torch.from_numpy(inputs.image_masks),
+                                                    torch.from_numpy(inputs.pooled_patches_idx))
+            embeddings = trainer.model.embed(torch.arange(100)[None])
+        return float(features.pow(2).mean().sqrt()), float(embeddings.pow(2).mean().sqrt())
+
+    # PyTorch's default init shrinks each linear layer's output, and the projector's gate multiplies two such
+    # outputs: the image features start far below the token embeddings they are added to.
+    feature, embedding = scales(prepare(demos, TrainOptions(steps=1, **TINY)))      # the recipe's default
+    assert feature < 0.5 * embedding
+    trainer = prepare(demos, TrainOptions(steps=1, connector_init="variance", **TINY))
+    variance, same_embedding = scales(trainer)
+    assert same_embedding == embedding and variance > 2 * embedding and variance > 8 * feature
+    # Only the connector's linear layers are redrawn: the ViT and the decoder keep the seeded default init.
+    default = prepare(demos, TrainOptions(steps=1, connector_init="torch", **TINY)).model.state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        redrawn = "image_pooling_2d" in name or "image_projector" in name
+        assert torch.equal(tensor, default[name]) != (redrawn and name.endswith("weight")), name
+    with pytest.raises(ConfigError, match="connector_init"):
+        TrainOptions(connector_init="xavier")
+
+
+def test_image_reliance_is_equal_for_a_model_blind_to_the_image(demos):
+    from edgeact.export.train_reference import image_reliance
+
+    # Untrained, with image features as large as the token embeddings (the variance init): the answer's loss
+    # changes with another scene's frame.
+    trainer = prepare(demos, TrainOptions(steps=1, connector_init="variance", **TINY))
+    everything = np.arange(len(trainer.arrays["step"]))
+    own, other = image_reliance(trainer, everything)
+    assert np.isfinite(own) and abs(own - other) > 1e-3
+    # With the projector's output zeroed every image feature is 0: the answer cannot depend on the frame.
+    with torch.no_grad():
+        trainer.model.vision.image_projector.w2.weight.zero_()
+    blind_own, blind_other = image_reliance(trainer, everything)
+    assert blind_own == pytest.approx(blind_other, abs=1e-6)
+    # One sample has no other frame to swap in.
+    assert all(np.isnan(image_reliance(trainer, everything[:1])))
+
+
+def test_feature_decay_holds_the_image_features_down(demos):
+    def feature_rms(feature_decay):
+        trainer = prepare(demos, TrainOptions(steps=6, feature_decay=feature_decay, **TINY))
+        train_steps(trainer)
+        inputs = trainer.encoder.image_inputs(trainer.arrays["rgb"][0])
+        with torch.no_grad():
+            features = trainer.model.image_features(torch.from_numpy(inputs.images), torch.from_numpy(inputs.image_masks),
+                                                    torch.from_numpy(inputs.pooled_patches_idx))
+        return float(features.pow(2).mean().sqrt())
+
+    # Same seed, same batches: only the penalty differs, and it pulls the features toward 0.
+    assert feature_rms(10.0) < 0.7 * feature_rms(0.0)
+    from edgeact.runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match="feature_decay"):
+        TrainOptions(feature_decay=-1.0)
+
+
+def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
+    from edgeact.export.train_reference import corrupt_depth_inputs
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    sequence = trainer.encoder.encode(trainer.arrays, 0)
+    depth_ids = np.asarray(trainer.encoder.layout.depth_code_ids)
+    fed = (np.arange(len(sequence.ids)) >= sequence.n_prompt) & np.isin(sequence.ids, depth_ids)
+    assert fed.sum() == 100         # every code the answer holds is also fed, to predict what follows it
+    rng = np.random.default_rng(0)
+    assert np.array_equal(corrupt_depth_inputs(sequence, depth_ids, 0.0, rng).ids, sequence.ids)
+    noisy = corrupt_depth_inputs(sequence, depth_ids, 0.5, rng)
+    changed = noisy.ids != sequence.ids
+    assert not changed[~fed].any() and 25 < changed.sum() < 75 and np.isin(noisy.ids[fed], depth_ids).all()
+    assert np.array_equal(noisy.labels, sequence.labels) and np.array_equal(noisy.kinds, sequence.kinds)
+    assert noisy.image_inputs is sequence.image_inputs
+    # In training: same seed, the noise changes the losses; off, nothing changes.
+    losses = [train_steps(prepare(demos, TrainOptions(steps=2, depth_input_noise=p, **TINY))) for p in (0.0, 0.0, 1.0)]
+    assert losses[0] == losses[1] != losses[2]
+    from edgeact.runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match="depth_input_noise"):
+        TrainOptions(depth_input_noise=1.5)
