@@ -466,7 +466,7 @@ def image_reliance(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -
 
     The two are equal for a model that ignores the image: its answer then comes from the instruction and the depth
     codes alone, which show where things are but not their colours, so it cannot tell the named block from the others
-    (the first reference ARMs were such models)."""
+    (the committed reference ARM is such a model: README, "The reference ARM ignores the image")."""
     pad_id = trainer.encoder.layout.bos_id
     scored = (KINDS.index("trace"), KINDS.index("action"))
     totals, count = np.zeros(2), 0
@@ -570,7 +570,7 @@ def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Pat
             report.trace_end = {"model": model_error, "constant": constant_error, "frames": frames}
         if len(held) > 1:
             own, other = image_reliance(trainer, held)
-            report.image_use = {"own": own, "other": other, "samples": len(held)}
+            report.image_use = {"own": own, "other": other, "samples": len(held) - 1}   # the last has no next frame
     if out_dir is not None:
         save(trainer, out_dir, report, overwrite)
     return report

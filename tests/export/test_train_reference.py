@@ -109,7 +109,7 @@ def test_training_learns_and_saves_a_loadable_checkpoint(demos, tmp_path):
     assert len(report.losses) == 10 and np.mean(report.losses[-3:]) < np.mean(report.losses[:3]) - 0.5
     assert set(report.held_out_accuracy) == {"depth", "trace", "action", "text", "all"}
     assert report.held_out_samples > 0 and np.isfinite(report.action_bin_error)
-    assert report.image_use["samples"] == 4 and np.isfinite(report.image_use["own"])
+    assert report.image_use["samples"] == 3 and np.isfinite(report.image_use["own"])
 
     model, ckpt = load_model(out)       # the checkpoint's own checks: shapes, norm_stats, tokenizer
     assert ckpt.norm_stats == {NORM_KEY: load_demos(demos).norm_stats[NORM_KEY]}
