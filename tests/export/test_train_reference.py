@@ -518,3 +518,27 @@ def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
     from edgeact.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match="depth_input_noise"):
         TrainOptions(depth_input_noise=1.5)
+
+
+def test_the_command_defaults_are_the_options_own():
+    """The CLI keeps literal copies of TrainOptions' defaults (importing it would pull torch into `edgeact --help`):
+    an option whose default changes in one place only would train another recipe from the command line."""
+    import argparse
+    import dataclasses
+
+    from edgeact.export import commands_train
+    from edgeact.export.train_reference import CONNECTOR_INITS
+
+    parser = argparse.ArgumentParser()
+    commands_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train-reference", "--demos", "d", "--out", "o"])
+    defaults = TrainOptions()
+    cli = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "size": args.size,
+           "pointing_batch": args.pointing_batch, "grounding_weight": args.grounding_weight,
+           "trace_batch": args.trace_batch, "action_sigma": args.action_sigma, "connector_init": args.connector_init,
+           "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise}
+    assert cli == {name: getattr(defaults, name) for name in cli}
+    for init in CONNECTOR_INITS:            # every init the options take, the command takes
+        assert parser.parse_args(["train-reference", "--demos", "d", "--out", "o", "--connector-init", init]
+                                 ).connector_init == init
+    assert set(cli) <= {f.name for f in dataclasses.fields(TrainOptions)}
