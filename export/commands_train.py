@@ -75,6 +75,10 @@ def register(subparsers) -> None:
     p.add_argument("--depth-input-noise", type=float, default=0.0, metavar="P",
                    help="replace each depth code the model is fed in the answer by a random one with probability P "
                         "(the labels stay true), so the trace cannot be read off the depth codes alone (default 0)")
+    p.add_argument("--target-probe", type=float, default=0.0, metavar="W",
+                   help="add W x a probe loss: at each trace and action position of the answer, a linear head (not "
+                        "saved) reads where the named block is in the image from the decoder's hidden state "
+                        "(default 0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -131,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
                            trace_batch=args.trace_batch, action_sigma=args.action_sigma,
                            connector_init=args.connector_init, feature_decay=args.feature_decay,
-                           depth_input_noise=args.depth_input_noise)
+                           depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 

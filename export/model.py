@@ -113,8 +113,18 @@ class MolmoActModel(nn.Module):
         pooled_patches_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One uncached pass over whole sequences: (B, T) ids -> (B, T, vocab_size) logits."""
+        return self.logits(self.hidden_states(input_ids, images, image_masks, pooled_patches_idx))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        images: torch.Tensor | None = None,
+        image_masks: torch.Tensor | None = None,
+        pooled_patches_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One uncached pass over whole sequences: (B, T) ids -> (B, T, D) hidden states after ln_f."""
         embeds = self.embed_multimodal(input_ids, images, image_masks, pooled_patches_idx)
         batch, length = embeds.shape[:2]
         position_ids = torch.arange(length, device=self.device).expand(batch, length)
         hidden, _ = self.decoder(embeds, position_ids)
-        return self.logits(hidden)
+        return hidden

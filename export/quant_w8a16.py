@@ -52,14 +52,15 @@ def quantize_w8a16(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpt
     return notes
 
 
-def quantize_weight_int8(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest of an (in, out) weight: (int8 weight, float32 scale (out,) or ()).
+def quantize_weight_int8(weight: np.ndarray, per_channel: bool = True,
+                         max_q: int = INT8_WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest of an (in, out) weight onto [-max_q, max_q]: (int8 weight, float32 scale (out,) or ()).
 
     A column of zeros gets scale 1 (any scale dequantizes zeros exactly; 0 would divide by zero).
     """
     absmax = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
-    scale = np.where(absmax > 0, absmax / INT8_WEIGHT_MAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(weight / scale), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).astype(np.int8)
+    scale = np.where(absmax > 0, absmax / max_q, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weight / scale), -max_q, max_q).astype(np.int8)
     return q, scale
 
 

@@ -100,9 +100,15 @@ class TrainOptions:
     # 2x (0: off).
     feature_decay: float = 0.0
     # Each depth code the model is fed in the answer (the labels stay true) is replaced by a random code with this
-    # probability. The codes show where the gripper and the blocks are but not their colours; fed clean, they are
-    # the easiest way to the trace, and a model that answers from them alone ignores the image (0: off).
+    # probability. The codes show where the arm is (not the blocks: README); fed clean, they are the easiest way to
+    # the trace's start, and a model that answers from them alone ignores the image (0: off).
     depth_input_noise: float = 0.0
+    # A probe loss in the answer: at every position that predicts a trace or action token, a linear head (trained here,
+    # not saved) reads from the decoder's last hidden state where the named block is in the image (16 x 16 bins of
+    # trace units; cross-entropy). The depth codes do not show the blocks (3 cm cubes on a 10 x 10 grid), so the
+    # answer can only find them in the image; this asks the answer's own positions to fetch them. Tried at 1: the
+    # answer still ignored the image and its trace got worse (README, "Where the blocks are"), so 0 (off).
+    target_probe_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0 or self.eval_samples < 0:
@@ -122,6 +128,8 @@ class TrainOptions:
             raise ConfigError(f"TrainOptions.depth_input_noise: a probability in [0, 1]; got {self.depth_input_noise}")
         if not self.feature_decay >= 0:
             raise ConfigError(f"TrainOptions.feature_decay: a weight >= 0; got {self.feature_decay}")
+        if not self.target_probe_weight >= 0:
+            raise ConfigError(f"TrainOptions.target_probe_weight: a weight >= 0; got {self.target_probe_weight}")
         if not self.action_sigma >= 0:
             raise ConfigError(f"TrainOptions.action_sigma: a width in action bins, >= 0; got {self.action_sigma}")
         if self.trace_batch < 0:
@@ -313,6 +321,33 @@ class Grounding:
                 + F.cross_entropy(self.heads["place"](features), places, ignore_index=IGNORE))
 
 
+class TargetProbe:
+    """The target probe (TrainOptions.target_probe_weight): a linear head on the answer's trace and action positions
+    that reads where the named block is in the image, dropped after training."""
+
+    BINS = 16                   # per axis, over the trace's 256 units
+
+    def __init__(self, trainer: Trainer):
+        from edgeact.drivers.sim.task import COLOURS
+
+        self.head = torch.nn.Linear(trainer.cfg.llm_config.hidden_size, 2 * self.BINS)
+        arrays = trainer.arrays
+        colour = np.array([next(c for c, name in enumerate(COLOURS) if f" {name} " in f" {text} ")
+                           for text in arrays["instruction"]])
+        target = arrays["blocks"][np.arange(len(colour)), colour]          # (n, 2) trace units, -1 where hidden
+        self.bins = np.where(target >= 0, np.clip(target * self.BINS // 256, 0, self.BINS - 1), IGNORE)
+
+    def loss(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], samples: list[int]) -> torch.Tensor:
+        kinds = batch["kinds"]
+        at = ((kinds == KINDS.index("trace")) | (kinds == KINDS.index("action"))) & (batch["labels"] != IGNORE)
+        rows, _ = torch.nonzero(at, as_tuple=True)
+        targets = torch.from_numpy(self.bins[np.asarray(samples)])[rows]     # (n, 2)
+        if not bool((targets != IGNORE).any()):     # every named block hidden in this batch: nothing to read
+            return hidden.new_zeros((), dtype=torch.float32)
+        scores = self.head(hidden[at].float()).reshape(-1, 2, self.BINS)
+        return F.cross_entropy(scores.reshape(-1, self.BINS), targets.reshape(-1), ignore_index=IGNORE)
+
+
 class Draws:
     """Shuffled epochs over a pool of sample indices, without end: `take(n)` gives the next n (seeded order)."""
 
@@ -351,6 +386,10 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     weights = torch.tensor(list(options.loss_weights) + [0.0])     # kind -1 (prompt, padding) -> index -1: no loss
     use_bf16 = options.bf16 and bf16_supported()
     forward = torch.compile(model, dynamic=True) if options.compile else model
+    probe = TargetProbe(trainer) if options.target_probe_weight else None
+    if probe is not None:
+        optimizer.add_param_group({"params": list(probe.head.parameters()), "weight_decay": 0.0})
+        hidden_fn = torch.compile(model.hidden_states, dynamic=True) if options.compile else model.hidden_states
     pointing = pointing_targets(trainer.arrays, trainer.train_idx) if options.pointing_batch else None
     if pointing is not None and not len(pointing):
         raise ConfigError("TrainOptions.pointing_batch: the demos show no visible block to point to; record them "
@@ -362,10 +401,17 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     depth_ids = np.asarray(trainer.encoder.layout.depth_code_ids, dtype=np.int64)
     noise_rng = np.random.default_rng([options.seed, 3])
 
-    def sequences_loss(sequences: list[TrainingSequence], first_action_weight: float = 1.0):
+    def sequences_loss(sequences: list[TrainingSequence], first_action_weight: float = 1.0,
+                       samples: list[int] | None = None):
         batch = collate(sequences, pad_id)
+        hidden = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = batch_logits(forward, batch)
+            if probe is not None and samples is not None:
+                hidden = hidden_fn(batch["input_ids"], batch["images"], batch["image_masks"],
+                                   batch["pooled_patches_idx"])
+                logits = model.logits(hidden)
+            else:
+                logits = batch_logits(forward, batch)
             # The features once more, outside the compiled graph: the ViT's share of a step is small (4 layers of
             # width 64 over the crops, against the decoder over ~550 positions).
             features = model.image_features(batch["images"], batch["image_masks"], batch["pooled_patches_idx"]) \
@@ -373,6 +419,8 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         loss = weighted_loss(logits.float(), batch, weights, first_action_weight, action_ids, options.action_sigma)
         if features is not None:
             loss = loss + options.feature_decay * features.float().pow(2).mean()
+        if hidden is not None:
+            loss = loss + options.target_probe_weight * probe.loss(hidden, batch, samples)
         return batch, loss
 
     losses = []
@@ -382,10 +430,11 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             group["lr"] = lr_at(step, options)
         loss = torch.zeros(())
         if step >= options.pointing_first_steps:
-            sequences = [trainer.encoder.encode(trainer.arrays, i) for i in answers.take(options.batch_size)]
+            samples = answers.take(options.batch_size)
+            sequences = [trainer.encoder.encode(trainer.arrays, i) for i in samples]
             if options.depth_input_noise:
                 sequences = [corrupt_depth_inputs(s, depth_ids, options.depth_input_noise, noise_rng) for s in sequences]
-            loss = sequences_loss(sequences, options.first_action_weight)[1]
+            loss = sequences_loss(sequences, options.first_action_weight, samples)[1]
         if point_draws is not None:
             pairs = pointing[point_draws.take(options.pointing_batch)]
             points, point_loss = sequences_loss([trainer.encoder.encode_pointing(trainer.arrays, int(i), int(c))
@@ -465,8 +514,8 @@ def image_reliance(trainer: Trainer, indices: np.ndarray, batch_size: int = 4) -
     the frame of the next sample in `indices` (same prompt, same depth codes, another scene's pixels).
 
     The two are equal for a model that ignores the image: its answer then comes from the instruction and the depth
-    codes alone, which show where things are but not their colours, so it cannot tell the named block from the others
-    (the committed reference ARM is such a model: README, "The reference ARM ignores the image")."""
+    codes alone, which show the arm but not the blocks, so it does not know where the named block is (the committed
+    reference ARM is such a model: README, "The reference ARM ignores the image")."""
     pad_id = trainer.encoder.layout.bos_id
     scored = (KINDS.index("trace"), KINDS.index("action"))
     totals, count = np.zeros(2), 0

@@ -218,15 +218,18 @@ def test_dynamic_int8_matmul_is_per_token_int8_arithmetic(tmp_path):
     x[3, 7] = 40.0                # an outlier in one token only
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
-    wq, w_scale = quantize_weight_int8(w)
+    from edgeact.export.quant_dynamic import WEIGHT_MAX
+
+    wq, w_scale = quantize_weight_int8(w, max_q=WEIGHT_MAX)
+    assert WEIGHT_MAX == 63 and np.abs(wq).max() == 63    # 2 x 255 x 63 fits int16: no U8S8 saturation (AVX2)
     scale = np.abs(x).max(axis=1, keepdims=True) / 127
     q = np.clip(np.rint(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)), -127, 127)
     expected = (q @ wq.astype(np.float32)) * w_scale * scale
     assert np.all(np.isfinite(y)) and np.all(y[2] == 0.0)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     exact = x @ w
-    for row in (0, 1, 3, 4):      # every row within int8 rounding of its own range, the quiet one too
-        assert np.linalg.norm(y[row] - exact[row]) <= 0.02 * np.linalg.norm(exact[row])
+    for row in (0, 1, 3, 4):      # every row within 7-bit x 8-bit rounding of its own range, the quiet one too
+        assert np.linalg.norm(y[row] - exact[row]) <= 0.03 * np.linalg.norm(exact[row])
 
 
 def test_dynamic_int8_leaves_excluded_and_down_projection_matmuls_alone(tmp_path):

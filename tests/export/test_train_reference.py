@@ -520,6 +520,42 @@ def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
         TrainOptions(depth_input_noise=1.5)
 
 
+def test_the_target_probe_reads_the_named_blocks_place_at_the_answers_trace_and_action_positions(demos):
+    from edgeact.drivers.sim.task import COLOURS
+    from edgeact.export.train_reference import TargetProbe
+
+    trainer = prepare(demos, TrainOptions(steps=1, target_probe_weight=1.0, **TINY))
+    probe = TargetProbe(trainer)
+    arrays = trainer.arrays
+    for i in range(len(arrays["instruction"])):         # the named block's bins, or IGNORE where it is hidden
+        colour = [c for c in COLOURS if c in str(arrays["instruction"][i])]
+        place = arrays["blocks"][i][COLOURS.index(colour[0])]
+        expected = place * 16 // 256 if place[0] >= 0 else [IGNORE, IGNORE]
+        assert list(probe.bins[i]) == list(expected)
+    samples = [0, 1]
+    batch = collate([trainer.encoder.encode(arrays, i) for i in samples], trainer.encoder.layout.bos_id)
+    hidden = torch.zeros(*batch["input_ids"].shape, trainer.cfg.llm_config.hidden_size, requires_grad=True)
+    probe.loss(hidden, batch, samples).backward()
+    # Only the positions that predict a trace digit or an action token are read.
+    read = hidden.grad.abs().sum(-1) > 0
+    kinds = batch["kinds"]
+    answer_moves = ((kinds == KINDS.index("trace")) | (kinds == KINDS.index("action"))) & (batch["labels"] != IGNORE)
+    visible = torch.tensor([probe.bins[i][0] != IGNORE for i in samples])[:, None]
+    assert torch.equal(read, answer_moves & visible) and read.any()
+    # A head that reads the right bins has a lower loss than one that cannot.
+    with torch.no_grad():
+        probe.head.weight.zero_()
+        probe.head.bias.zero_()
+        blind = float(probe.loss(hidden.detach(), batch, samples))
+    assert blind == pytest.approx(np.log(16), rel=1e-5)
+    # In training: the same seed with the probe on changes the weights' path; it is not saved with the checkpoint.
+    losses = [train_steps(prepare(demos, TrainOptions(steps=2, target_probe_weight=w, **TINY))) for w in (0.0, 1.0)]
+    assert losses[0][0] < losses[1][0] and all(np.isfinite(losses[1]))
+    from edgeact.runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match="target_probe_weight"):
+        TrainOptions(target_probe_weight=-1.0)
+
+
 def test_the_command_defaults_are_the_options_own():
     """The CLI keeps literal copies of TrainOptions' defaults (importing it would pull torch into `edgeact --help`):
     an option whose default changes in one place only would train another recipe from the command line."""
@@ -536,7 +572,8 @@ def test_the_command_defaults_are_the_options_own():
     cli = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "size": args.size,
            "pointing_batch": args.pointing_batch, "grounding_weight": args.grounding_weight,
            "trace_batch": args.trace_batch, "action_sigma": args.action_sigma, "connector_init": args.connector_init,
-           "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise}
+           "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise,
+           "target_probe_weight": args.target_probe}
     assert cli == {name: getattr(defaults, name) for name in cli}
     for init in CONNECTOR_INITS:            # every init the options take, the command takes
         assert parser.parse_args(["train-reference", "--demos", "d", "--out", "o", "--connector-init", init]
