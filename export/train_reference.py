@@ -332,8 +332,13 @@ class TargetProbe:
 
         self.head = torch.nn.Linear(trainer.cfg.llm_config.hidden_size, 2 * self.BINS)
         arrays = trainer.arrays
-        colour = np.array([next(c for c, name in enumerate(COLOURS) if f" {name} " in f" {text} ")
-                           for text in arrays["instruction"]])
+        named = [[c for c, name in enumerate(COLOURS) if f" {name} " in f" {text} "] for text in arrays["instruction"]]
+        unnamed = [i for i, found in enumerate(named) if len(found) != 1]
+        if unnamed:
+            raise ConfigError(f"TrainOptions.target_probe_weight: demo sample {unnamed[0]}'s instruction "
+                              f"{str(arrays['instruction'][unnamed[0]])!r} names no one block of {', '.join(COLOURS)}; "
+                              "train these demos without the target probe")
+        colour = np.array([found[0] for found in named])
         target = arrays["blocks"][np.arange(len(colour)), colour]          # (n, 2) trace units, -1 where hidden
         self.bins = np.where(target >= 0, np.clip(target * self.BINS // 256, 0, self.BINS - 1), IGNORE)
 

@@ -554,6 +554,9 @@ def test_the_target_probe_reads_the_named_blocks_place_at_the_answers_trace_and_
     from edgeact.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match="target_probe_weight"):
         TrainOptions(target_probe_weight=-1.0)
+    trainer.arrays = dict(arrays, instruction=np.array(["wave"] + list(arrays["instruction"][1:])))
+    with pytest.raises(ConfigError, match="sample 0's instruction 'wave' names no one block"):
+        TargetProbe(trainer)
 
 
 def test_the_command_defaults_are_the_options_own():
