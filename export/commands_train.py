@@ -54,8 +54,9 @@ def register(subparsers) -> None:
                    help="pointing samples per step besides the batch ('point to the red block' -> its place in the "
                         f"image): a grounding pre-task (default {DEFAULT_POINTING_BATCH}; 0: none)")
     p.add_argument("--grounding-weight", type=float, default=DEFAULT_GROUNDING_WEIGHT, metavar="W",
-                   help="weight of the dense grounding loss on the pointing samples' image tokens (which block each "
-                        f"shows, and where): needs --pointing-batch (default {DEFAULT_GROUNDING_WEIGHT}; 0: off)")
+                   help="weight of the dense grounding loss on the image tokens (which block each shows, and "
+                        "where): on the pointing samples' images with --pointing-batch, else on the answer batch's "
+                        f"(default {DEFAULT_GROUNDING_WEIGHT}; 0: off)")
     p.add_argument("--pointing-first", type=int, default=0, metavar="N",
                    help="train the first N steps on the pointing samples alone, then the full answer: a grounding "
                         "curriculum (needs --pointing-batch; default 0: off)")
@@ -75,6 +76,10 @@ def register(subparsers) -> None:
     p.add_argument("--depth-input-noise", type=float, default=0.0, metavar="P",
                    help="replace each depth code the model is fed in the answer by a random one with probability P "
                         "(the labels stay true), so the trace cannot be read off the depth codes alone (default 0)")
+    p.add_argument("--trace-input-noise", type=float, default=0.0, metavar="P",
+                   help="replace each trace digit the model is fed in the answer by a random digit with probability "
+                        "P (the labels stay true), so later trace points cannot be drawn on from the earlier ones "
+                        "alone (default 0)")
     p.add_argument("--target-probe", type=float, default=0.0, metavar="W",
                    help="add W x a probe loss: at each trace and action position of the answer, a linear head (not "
                         "saved) reads where the named block is in the image from the decoder's hidden state "
@@ -135,7 +140,8 @@ def _train(args: argparse.Namespace) -> int:
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
                            trace_batch=args.trace_batch, action_sigma=args.action_sigma,
                            connector_init=args.connector_init, feature_decay=args.feature_decay,
-                           depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe)
+                           depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe,
+                           trace_input_noise=args.trace_input_noise)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 
@@ -171,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
     if report.image_use:
         use = report.image_use
         rows.append(("held-out trace + action loss", f"{use['own']:.3f} with the sample's frame, {use['other']:.3f} "
-                                                     f"with another's (equal: the image is ignored)"))
+                                                     f"with another scene's (equal: the image is ignored)"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -109,7 +109,7 @@ def test_training_learns_and_saves_a_loadable_checkpoint(demos, tmp_path):
     assert len(report.losses) == 10 and np.mean(report.losses[-3:]) < np.mean(report.losses[:3]) - 0.5
     assert set(report.held_out_accuracy) == {"depth", "trace", "action", "text", "all"}
     assert report.held_out_samples > 0 and np.isfinite(report.action_bin_error)
-    assert report.image_use["samples"] == 3 and np.isfinite(report.image_use["own"])
+    assert report.image_use["samples"] == min(4, report.held_out_samples) and np.isfinite(report.image_use["own"])
 
     model, ckpt = load_model(out)       # the checkpoint's own checks: shapes, norm_stats, tokenizer
     assert ckpt.norm_stats == {NORM_KEY: load_demos(demos).norm_stats[NORM_KEY]}
@@ -291,8 +291,6 @@ def test_grounding_labels_mark_the_token_of_each_visible_block():
     blocks = np.array([[255, 0], [-1, -1], [0, 255]])        # red at the top right; green hidden; blue bottom left
     labels = grounding_labels(blocks, centres, grids, width=61, height=61)
     assert labels.tolist() == [0, 1, 3, IGNORE, 0, 1, 3, 0]
-    with pytest.raises(Exception, match="grounding_weight"):
-        TrainOptions(grounding_weight=1.0)                   # the loss is taken on pointing samples: none asked
 
 
 def test_the_grounding_loss_trains_beside_the_pointing_samples(demos):
@@ -301,6 +299,23 @@ def test_the_grounding_loss_trains_beside_the_pointing_samples(demos):
     assert with_grounding > train_reference(demos, None, TrainOptions(**options)).losses[0]
     report = train_reference(demos, None, TrainOptions(**dict(options, steps=3), grounding_weight=0.5))
     assert len(report.losses) == 3 and all(np.isfinite(report.losses))
+
+
+def test_without_pointing_samples_the_grounding_loss_is_taken_on_the_answer_batch(demos, monkeypatch):
+    from edgeact.export import train_reference as tr
+
+    seen = []
+    real = tr.Grounding.loss
+
+    def spy(self, model, batch, samples, arrays):
+        seen.append((batch["input_ids"].shape[0], list(samples)))
+        return real(self, model, batch, samples, arrays)
+
+    monkeypatch.setattr(tr.Grounding, "loss", spy)
+    options = dict(TINY, steps=1, batch_size=2)
+    with_grounding = train_reference(demos, None, TrainOptions(grounding_weight=1.0, **options)).losses[0]
+    assert with_grounding > train_reference(demos, None, TrainOptions(**options)).losses[0]
+    assert len(seen) == 1 and seen[0][0] == 2 and len(seen[0][1]) == 2    # the step's two answer samples
 
 
 def test_pointing_first_steps_train_on_pointing_samples_alone(demos):
@@ -476,8 +491,18 @@ def test_image_reliance_is_equal_for_a_model_blind_to_the_image(demos):
         trainer.model.vision.image_projector.w2.weight.zero_()
     blind_own, blind_other = image_reliance(trainer, everything)
     assert blind_own == pytest.approx(blind_other, abs=1e-6)
-    # One sample has no other frame to swap in.
-    assert all(np.isnan(image_reliance(trainer, everything[:1])))
+
+
+def test_image_reliance_swaps_in_a_frame_of_another_scene():
+    from edgeact.export.train_reference import other_scene_partners
+    from edgeact.runtime.errors import ConfigError
+
+    episodes = np.array([0, 0, 0, 0, 0, 0, 1, 2])
+    partners = other_scene_partners(episodes, np.arange(8))
+    assert (episodes[partners] != episodes).all()
+    assert partners.tolist() == [6, 6, 6, 7, 6, 6, 2, 3]      # half the samples on, then past the same episode
+    with pytest.raises(ConfigError, match="2 episodes or more"):
+        other_scene_partners(np.zeros(5, dtype=int), np.arange(5))
 
 
 def test_feature_decay_holds_the_image_features_down(demos):
@@ -498,7 +523,7 @@ def test_feature_decay_holds_the_image_features_down(demos):
 
 
 def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
-    from edgeact.export.train_reference import corrupt_depth_inputs
+    from edgeact.export.train_reference import corrupt_answer_inputs
 
     trainer = prepare(demos, TrainOptions(steps=1, **TINY))
     sequence = trainer.encoder.encode(trainer.arrays, 0)
@@ -506,8 +531,8 @@ def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
     fed = (np.arange(len(sequence.ids)) >= sequence.n_prompt) & np.isin(sequence.ids, depth_ids)
     assert fed.sum() == 100         # every code the answer holds is also fed, to predict what follows it
     rng = np.random.default_rng(0)
-    assert np.array_equal(corrupt_depth_inputs(sequence, depth_ids, 0.0, rng).ids, sequence.ids)
-    noisy = corrupt_depth_inputs(sequence, depth_ids, 0.5, rng)
+    assert np.array_equal(corrupt_answer_inputs(sequence, depth_ids, 0.0, rng).ids, sequence.ids)
+    noisy = corrupt_answer_inputs(sequence, depth_ids, 0.5, rng)
     changed = noisy.ids != sequence.ids
     assert not changed[~fed].any() and 25 < changed.sum() < 75 and np.isin(noisy.ids[fed], depth_ids).all()
     assert np.array_equal(noisy.labels, sequence.labels) and np.array_equal(noisy.kinds, sequence.kinds)
@@ -518,6 +543,27 @@ def test_depth_input_noise_replaces_fed_depth_codes_but_not_their_labels(demos):
     from edgeact.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match="depth_input_noise"):
         TrainOptions(depth_input_noise=1.5)
+
+
+def test_trace_input_noise_replaces_fed_trace_digits_only(demos):
+    from edgeact.export.train_reference import corrupt_answer_inputs
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    sequence = trainer.encoder.encode(trainer.arrays, 0)
+    digit_ids = np.asarray(trainer.encoder.layout.digit_ids)
+    answer = np.arange(len(sequence.ids)) >= sequence.n_prompt
+    # The answer's digits fed as inputs are the trace's: each is the label of the position before it.
+    fed = answer & np.isin(sequence.ids, digit_ids)
+    assert fed.any() and (sequence.kinds[np.flatnonzero(fed) - 1] == KINDS.index("trace")).all()
+    noisy = corrupt_answer_inputs(sequence, digit_ids, 1.0, np.random.default_rng(0))
+    changed = noisy.ids != sequence.ids
+    assert not changed[~fed].any() and changed.sum() >= 0.7 * fed.sum()      # 1 in 10 draws its own digit back
+    assert np.isin(noisy.ids[fed], digit_ids).all() and np.array_equal(noisy.labels, sequence.labels)
+    losses = [train_steps(prepare(demos, TrainOptions(steps=2, trace_input_noise=p, **TINY))) for p in (0.0, 0.0, 1.0)]
+    assert losses[0] == losses[1] != losses[2]
+    from edgeact.runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match="trace_input_noise"):
+        TrainOptions(trace_input_noise=-0.1)
 
 
 def test_the_target_probe_reads_the_named_blocks_place_at_the_answers_trace_and_action_positions(demos):
@@ -576,7 +622,7 @@ def test_the_command_defaults_are_the_options_own():
            "pointing_batch": args.pointing_batch, "grounding_weight": args.grounding_weight,
            "trace_batch": args.trace_batch, "action_sigma": args.action_sigma, "connector_init": args.connector_init,
            "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise,
-           "target_probe_weight": args.target_probe}
+           "target_probe_weight": args.target_probe, "trace_input_noise": args.trace_input_noise}
     assert cli == {name: getattr(defaults, name) for name in cli}
     for init in CONNECTOR_INITS:            # every init the options take, the command takes
         assert parser.parse_args(["train-reference", "--demos", "d", "--out", "o", "--connector-init", init]
