@@ -112,7 +112,13 @@ class DecoderAttention(nn.Module):
         q = apply_rope(self._heads(q, self.n_heads), cos, sin, self.head_dim)
         k = apply_rope(self._heads(k, self.n_kv), cos, sin, self.head_dim)
         v = self._heads(v, self.n_kv)
-        if attend is None:
+        if attend is None and self.training and past_k.shape[2] == 0:
+            # Training (whole sequences, no past): torch's fused causal kernel, the same arithmetic as
+            # causal_mask + grouped_attention without the (B, H, T, T) score and probability tensors.
+            # Measured 3.6x faster forward + backward (B 8, 6 heads, T 470, 2 threads). The export and the
+            # reference's generation run in eval mode and keep grouped_attention.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+        elif attend is None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             out = grouped_attention(q, k, v, mask, float32_scores=False)
         else:
