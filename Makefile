@@ -53,7 +53,7 @@ bench: system-deps $(STAMP)
 # into $(REFERENCE) to make it the one `make demo` uses.
 train-reference: system-deps $(STAMP)
 	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer
-	$(EDGEACT) train-reference --generate-demos 1200 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
+	$(EDGEACT) train-reference --generate-demos 1200 --demo-workers 2 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
 
 # Closed-loop success of the reference ARM per precision, with and without forced depth (see README).
 eval: system-deps $(STAMP)

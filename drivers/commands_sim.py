@@ -2,6 +2,8 @@
 with --policy a bundle's own states labelled by the expert (DAgger)."""
 from __future__ import annotations
 
+from edgeact.runtime.cli_args import positive_int
+
 
 def register(subparsers) -> None:
     demos = subparsers.add_parser("sim-demos", help="record expert demonstrations of the simulated reference task "
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
                        help="with --policy: probability per plan that the expert's chunk is executed instead "
                             "(default 0)")
     demos.add_argument("--threads", type=int, default=None, help="with --policy: onnxruntime threads")
+    demos.add_argument("--workers", type=positive_int, default=1,
+                       help="expert recording: simulator processes, one shard of episodes each at a time "
+                            "(the same set as one process writes; default 1)")
     demos.set_defaults(handler=_demos)
 
 
@@ -46,6 +51,8 @@ def _demos(args) -> int:
     from edgeact.drivers.sim.demos import DemoConfig, record_demos, record_policy_demos
     from edgeact.runtime.errors import ConfigError
 
+    if args.policy and args.workers != 1:
+        raise ConfigError("sim-demos --policy records in one process (the policy's); drop --workers")
     if args.policy and (args.execution_noise or args.rotation_noise or args.siblings):
         raise ConfigError("sim-demos --policy: the policy's own states are recorded; drop --execution-noise, "
                           "--rotation-noise and --siblings (they apply to the expert's recording)")
@@ -65,7 +72,7 @@ def _demos(args) -> int:
             finally:
                 policy.close()
         else:
-            summary = record_demos(args.out, args.episodes, args.seed, config, progress=progress)
+            summary = record_demos(args.out, args.episodes, args.seed, config, progress=progress, workers=args.workers)
     table = Table(title=f"demonstrations in {summary.out_dir}")
     for column in ("template", "successes", "episodes", "rate"):
         table.add_column(column)

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--generate-demos", type=_positive_int, metavar="N",
                    help="record N expert episodes into --demos first (seeded by --seed)")
+    p.add_argument("--demo-workers", type=_positive_int, default=1, metavar="N",
+                   help="with --generate-demos: simulator processes recording the episodes (the same set as one; "
+                        "default 1)")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR})")
@@ -88,7 +91,7 @@ def register(subparsers) -> None:
     p.set_defaults(handler=_train)
 
 
-def _record(demos: Path, episodes: int, seed: int, console) -> None:
+def _record(demos: Path, episodes: int, seed: int, console, workers: int = 1) -> None:
     """Record the demos, or reuse a finished recording of the same episodes and seed."""
     from dataclasses import asdict
 
@@ -114,7 +117,7 @@ def _record(demos: Path, episodes: int, seed: int, console) -> None:
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("expert episodes", total=episodes)
         summary = record_demos(demos, episodes, seed, config,
-                               progress=lambda done, total: bar.update(task, completed=done))
+                               progress=lambda done, total: bar.update(task, completed=done), workers=workers)
     console.print(f"recorded {summary.samples} samples from {summary.episodes} successful episodes of {episodes} "
                   f"in {summary.seconds:.0f} s -> {demos}")
 
@@ -134,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.generate_demos:
         if len(args.demos) != 1:
             raise ConfigError(f"--generate-demos records into one --demos directory, got {len(args.demos)}")
-        _record(args.demos[0], args.generate_demos, args.seed, console)
+        _record(args.demos[0], args.generate_demos, args.seed, console, args.demo_workers)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,

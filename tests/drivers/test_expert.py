@@ -223,6 +223,27 @@ def test_siblings_show_one_scene_under_other_instructions(tmp_path):
         DemoConfig(siblings=-1)
 
 
+def test_two_recording_processes_write_the_same_set_as_one(tmp_path):
+    """record_demos(workers=2) splits the episodes by shard over two simulator processes: same files, same manifest."""
+    from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos
+
+    config = DemoConfig(width=64, height=48, stride_actions=8, episodes_per_shard=2)
+    seen = []
+    one = record_demos(tmp_path / "one", episodes=5, seed=11, config=config)
+    two = record_demos(tmp_path / "two", episodes=5, seed=11, config=config, workers=2,
+                       progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]        # progress as each shard lands, in order
+    assert (one.episodes, one.samples, one.successes) == (two.episodes, two.samples, two.successes)
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
+    assert manifests[0] == manifests[1] and len(manifests[0]["shards"]) == 3
+    a, b = (load_demos(tmp_path / d).arrays() for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    with pytest.raises(ConfigError, match="workers"):
+        record_demos(tmp_path / "none", episodes=1, seed=0, config=config, workers=0)
+
+
 def test_demonstrations_round_trip(tmp_path):
     from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos
     from edgeact.runtime.answer import Answer, trace_to_pixels
