@@ -200,11 +200,17 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
                                  initializer=_start_worker, initargs=setup) as pool:
             futures = [pool.submit(_worker_block, lo, hi) for lo, hi in blocks]
             parts, done = [], 0
-            for (lo, hi), future in zip(blocks, futures):   # in shard order; progress as each shard lands
-                parts.append(future.result())
-                done += hi - lo
-                if progress is not None:
-                    progress(done, episodes)
+            try:
+                for (lo, hi), future in zip(blocks, futures):   # in shard order; progress as each shard lands
+                    parts.append(future.result())
+                    done += hi - lo
+                    if progress is not None:
+                        progress(done, episodes)
+            except BaseException:
+                # A worker failed (or Ctrl-C): raise now, not after the other blocks were recorded for nothing.
+                # No manifest is written, so the directory is never taken for a finished set.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     records = [r for part in parts for r in part.records]
     all_actions = [a for part in parts for a in part.actions]
     successes = {t: [sum(part.successes[t][k] for part in parts) for k in (0, 1)] for t in TEMPLATES}
@@ -270,7 +276,7 @@ class _Recorder:
                 records.append({"index": i, "sibling": sibling, **episode.to_dict(), "n_actions": rollout.n_actions})
             if progress is not None:
                 progress(i + 1)
-        written = (shard.write(self.out / f"shard_{lo // config.episodes_per_shard:04d}.npz") if shard.n else None)
+        written = shard.write(_shard_path(self.out, lo, config.episodes_per_shard)) if shard.n else None
         return _Part(records, actions, successes, written, renderer.intrinsics, camera_pose)
 
     def close(self) -> None:
@@ -414,8 +420,13 @@ class _Shards:
     def episode_done(self, i: int, episodes: int) -> None:
         """Episode i of `episodes` is recorded: write the shard when it is full or the set complete."""
         if self.pending.n and ((i + 1) % self.per_shard == 0 or i + 1 == episodes):
-            self.written.append(self.pending.write(self.out / f"shard_{len(self.written):04d}.npz"))
+            self.written.append(self.pending.write(_shard_path(self.out, i, self.per_shard)))
             self.pending = _Shard()
+
+
+def _shard_path(out: Path, episode: int, per_shard: int) -> Path:
+    """The shard file of the block of `per_shard` consecutive episodes that holds `episode`."""
+    return out / f"shard_{episode // per_shard:04d}.npz"
 
 
 class _Shard:
