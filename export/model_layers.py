@@ -80,18 +80,22 @@ class _ConstantReshape(torch.autograd.Function):
         return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
 
 
+def constant_reshape(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """x.reshape(shape) where 0 keeps x's size at that position and -1 is inferred; exported as one Reshape
+    to a constant (`_ConstantReshape`), in eager mode a plain reshape."""
+    if torch.onnx.is_in_onnx_export():
+        return _ConstantReshape.apply(x, shape)
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+
 def split_heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
     """(B, T, n * head_dim) -> (B, T, n, head_dim); n and head_dim are Python ints (constants in an export)."""
-    if torch.onnx.is_in_onnx_export():
-        return _ConstantReshape.apply(x, (0, -1, n, head_dim))
-    return x.unflatten(-1, (n, head_dim))
+    return constant_reshape(x, (0, -1, n, head_dim))
 
 
 def merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
     """(B, T, n, head_dim) -> (B, T, width = n * head_dim), the inverse of split_heads."""
-    if torch.onnx.is_in_onnx_export():
-        return _ConstantReshape.apply(x, (0, -1, width))
-    return x.flatten(2)
+    return constant_reshape(x, (0, -1, width))
 
 
 def grouped_attention(
@@ -117,14 +121,21 @@ def grouped_attention(
     # and the exported K^T stays a 4-D transpose that onnxruntime fuses into its MatMul. A 5-D
     # broadcast group axis became a 5-D Transpose of the whole cache per layer and step, which
     # onnxruntime's CPU kernel copies element by element (0.6 ms per MB).
-    q = q.reshape(b, n_kv, group * t_q, head_dim)
+    # The merges are reshapes to constant shapes (0 keeps B, -1 infers G*Tq): traced by sizes they
+    # recorded ~20 Shape/Gather/Unsqueeze/Concat nodes per layer that every decode step ran.
+    # int(): the tracer hands out sizes as traced values; heads and head size are fixed by the config.
+    q = constant_reshape(q, (0, int(n_kv), -1, int(head_dim)))
     if float32_scores:
         q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
     scores = scores.float()
-    if mask is not None:
+    if mask is not None and mask.dim() == 2:
+        # A (Tq, Tk) mask (the decoder's causal mask): row g*Tq + t of the merged axis is query t of the
+        # group's g-th head, so the mask repeated G times along its rows applies with no reshape of the scores.
+        scores = scores.masked_fill(~mask.repeat(int(group), 1), float("-inf"))
+    elif mask is not None:
         scores = scores.reshape(b, n_kv, group, t_q, t_k).masked_fill(~mask, float("-inf"))
         scores = scores.reshape(b, n_kv, group * t_q, t_k)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)
-    return out.reshape(b, n_heads, t_q, head_dim).to(out_dtype)
+    return constant_reshape(out, (0, int(n_heads), -1, int(head_dim))).to(out_dtype)

@@ -114,13 +114,17 @@ class DecoderStage(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The reference cache is head-major (B, K, T, h).
         cache = [(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2)) for i in range(self.n_layers)]
-        hidden, present = self.model["transformer"](inputs_embeds, position_ids, cache)
-        n_new = inputs_embeds.shape[1]
-        new: list[torch.Tensor] = []
-        for key, value in present:
-            n_all = key.shape[2]
-            new += [key[:, :, n_all - n_new:].transpose(1, 2), value[:, :, n_all - n_new:].transpose(1, 2)]
-        return (hidden, *new)
+        mask = causal_mask(inputs_embeds.shape[1], past[0].shape[1], inputs_embeds.device)
+
+        def attend(q, k, v, past_k, past_v):
+            # The reference's own cache update and attention (Decoder's default), returning the chunk's keys and
+            # values themselves: slicing them back out of past + chunk cost a Shape/Gather/Sub/Slice chain per
+            # layer and step.
+            out = grouped_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask, False)
+            return out, k, v
+
+        hidden, new = self.model["transformer"](inputs_embeds, position_ids, cache, attend=attend)
+        return (hidden, *[t.transpose(1, 2) for pair in new for t in pair])
 
 
 class _GroupQueryAttention(torch.autograd.Function):
