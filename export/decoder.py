@@ -106,11 +106,15 @@ class DecoderAttention(nn.Module):
         if packed is not None and not self.use_qk_norm:
             out, k, v = packed(qkv, past_k, past_v)
             return self.attn_out(out), k, v
-        q, k, v = qkv.split(self.split, dim=-1)
         if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(self._heads(q, self.n_heads), cos, sin, self.head_dim)
-        k = apply_rope(self._heads(k, self.n_kv), cos, sin, self.head_dim)
+            q, k, v = qkv.split(self.split, dim=-1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1)
+        else:
+            qk, v = qkv.split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        # q and k rotated as one tensor of H + K heads: RoPE is the same arithmetic head by head, and an export
+        # runs one set of its nodes per layer instead of two.
+        q, k = apply_rope(self._heads(qk, self.n_heads + self.n_kv), cos, sin, self.head_dim).split(
+            (self.n_heads, self.n_kv), dim=1)
         v = self._heads(v, self.n_kv)
         if attend is None and self.training and past_k.shape[2] == 0:
             # Training (whole sequences, no past): torch's fused causal kernel, the same arithmetic as

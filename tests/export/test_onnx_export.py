@@ -279,6 +279,15 @@ def test_the_fused_vit_attends_in_one_node_per_block(exported):
         assert ops.count("Softmax") == exported.model.vision.n_layers_run and "MultiHeadAttention" not in ops
 
 
+def test_queries_and_keys_are_rotated_together_once_per_layer(exported):
+    """RoPE's rotate-half (its one Neg) runs once per layer on q and k as one tensor of H + K heads, not once each;
+    the fused form of a model without q/k norms rotates inside GroupQueryAttention instead."""
+    graph = onnx.load(str(exported.bundle.stage_path(io.DECODER_STAGE)), load_external_data=False).graph
+    llm = exported.model.cfg.llm_config
+    in_graph = exported.attention != io.FUSED_ATTENTION or llm.use_qk_norm
+    assert [n.op_type for n in graph.node].count("Neg") == (llm.num_hidden_layers if in_graph else 0)
+
+
 def test_the_decoder_has_no_shape_arithmetic_per_layer(exported):
     """Every reshape and split of the decoder's layers has a constant shape (heads, the attention's group merges,
     RoPE halves, the MLP's halves), so a decode step runs no Shape/Gather/Concat chains per layer: the fused graph
