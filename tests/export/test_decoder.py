@@ -78,6 +78,20 @@ def test_grouped_kv_heads_equal_repeated_kv_heads():
         assert torch.allclose(gqa(ids), mha(ids), atol=1e-5)
 
 
+def test_a_causal_mask_applies_as_the_same_mask_broadcast_over_the_query_groups():
+    """grouped_attention repeats a (Tq, Tk) mask along its merged (group x query) axis; that must mask exactly
+    what the same mask broadcast to (B, K, G, Tq, Tk) masks (the 5-D path other callers take)."""
+    from edgeact.export.decoder import causal_mask
+    from edgeact.export.model_layers import grouped_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)   # 3 groups of 2 KV heads
+    mask = causal_mask(3, 4, q.device)
+    out = grouped_attention(q, k, v, mask, False)
+    assert torch.equal(out, grouped_attention(q, k, v, mask[None, None, None].expand(2, 2, 3, 3, 7), False))
+    assert not torch.equal(out, grouped_attention(q, k, v, None, False))
+
+
 def test_rope_makes_attention_depend_on_relative_positions_only(variant):
     model = tiny_model(variant)
     x = torch.randn(1, 6, 64)
