@@ -28,12 +28,11 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
+from edgeact.runtime.bench_compare import HALF_ANSWER_TOKENS, WARMUP_TRACE, decode_rate
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.stage_io import FUSED_ATTENTION, PORTABLE_ATTENTION
 
 REFERENCE = "reference"
-HALF_ANSWER_TOKENS = 100          # decode rate is measured at prompt + half an answer of context
-WARMUP_TRACE = ((128, 128),)      # warm-up steps force depth and trace: a handful of decoder calls
 JSON_NAME = "bench-policy.json"
 DEVICES = ("cpu", "cuda")
 
@@ -140,34 +139,6 @@ def run_bundle(policy, rgb: np.ndarray, instruction: str, depth_codes=None, trac
     return StepRun(latency, result.decode_steps, result.token_ids.tolist(), result.prompt_tokens,
                    {"preprocess": s.get("preprocess", 0.0), "vision+prefill": s.get("vision", 0.0) + s.get("prefill", 0.0),
                     "decode": s.get("decode", 0.0), "parse": s.get("parse", 0.0)})
-
-
-def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
-    """Single-token decode steps per second of the policy's decoder at `past` positions of context.
-
-    Each step is the decode program's per-choice step: one position through the decoder engine
-    (I/O binding, cache in place) and the LM head sliced to the action bins. The cache is rewound
-    to `past` before every step, so the context stays what it is and nothing else is timed.
-    """
-    from edgeact.runtime.grammar import Actions
-
-    decoder, program = policy.decoder, policy.program
-    ids = np.array(sorted(next(s for s in policy.grammar.segments if isinstance(s, Actions)).action_ids))
-    head = np.ascontiguousarray(program.lm_head[ids], dtype=np.float32)
-    logits = np.empty(len(ids), np.float32)
-    past = max(0, min(past, decoder.layout.max_seq - 1))
-    while decoder.length < past:        # normally the last answer's context is there already; else fill it
-        decoder.step(min(decoder.max_chunk, past - decoder.length))
-    decoder.cache.rewind(past)
-    np.copyto(decoder.embeds[0], program.embedding[policy.layout.bos_id])
-    start = 0.0
-    for k in range(warmup + steps):
-        if k == warmup:
-            start = time.perf_counter()
-        decoder.cache.rewind(past)
-        np.matmul(head, decoder.step(1), out=logits)
-        int(np.argmax(logits))
-    return steps / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------- the bench

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edgeact.runtime.commands",
     "edgeact.runtime.commands_loop",
     "edgeact.runtime.commands_eval",
+    "edgeact.runtime.commands_compare",
 )
 
 
