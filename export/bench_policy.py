@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
+from edgeact.runtime import bench_compare
 from edgeact.runtime.bench_compare import HALF_ANSWER_TOKENS, WARMUP_TRACE, decode_rate
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.stage_io import FUSED_ATTENTION, PORTABLE_ATTENTION
@@ -267,11 +268,7 @@ def cuda_bandwidth(torch, array_bytes: int, repeats: int = 5):
 
 def held_out_frames(options: PolicyBenchOptions) -> list[tuple[np.ndarray, str]]:
     """frames + 1 (RGB, instruction): synthetic-camera views that no calibration set uses; the first is the warm-up."""
-    from edgeact.calibration.calibration_build import DEFAULT_INSTRUCTIONS, synthetic_frames
-
-    width, height = options.frame_px
-    views = synthetic_frames(options.frames + 1, options.seed, width, height, held_out=True)
-    return [(rgb, DEFAULT_INSTRUCTIONS[i % len(DEFAULT_INSTRUCTIONS)]) for i, (_, rgb, _) in enumerate(views)]
+    return bench_compare.held_out_frames(options.frames + 1, options.seed, options.frame_px)
 
 
 def warm_up(reference: Reference, policies: dict, rgb: np.ndarray, instruction: str) -> None:

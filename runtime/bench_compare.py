@@ -79,6 +79,14 @@ def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def held_out_frames(n: int, seed: int, frame_px: tuple[int, int]) -> list[tuple[np.ndarray, str]]:
+    """n (RGB, instruction): seeded synthetic-camera views that no calibration set uses; benches warm up on the first."""
+    from edgeact.calibration.calibration_build import DEFAULT_INSTRUCTIONS, synthetic_frames
+
+    views = synthetic_frames(n, seed, *frame_px, held_out=True)
+    return [(rgb, DEFAULT_INSTRUCTIONS[i % len(DEFAULT_INSTRUCTIONS)]) for i, (_, rgb, _) in enumerate(views)]
+
+
 def labels_for(paths: list[Path]) -> list[str]:
     """Each bundle's folder name; where two share it, the parent folder too (`a/fp32`, `b/fp32`), and where
     those are equal as well, the position (`fp32 (2)`)."""
@@ -96,7 +104,6 @@ def orders(labels: list[str], rounds: int) -> list[list[str]]:
 def compare_bundles(paths: list[str | Path], options: CompareOptions = CompareOptions(),
                     on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every bundle round by round (see the module doc); the report, as written to JSON."""
-    from edgeact.calibration.calibration_build import DEFAULT_INSTRUCTIONS, synthetic_frames
     from edgeact.runtime.bundle_policy import BundlePolicy
 
     if not paths:
@@ -108,9 +115,7 @@ def compare_bundles(paths: list[str | Path], options: CompareOptions = CompareOp
     policies = {label: BundlePolicy(path, threads=options.threads, allow_unverified=True, verify_checksums=False,
                                     backend_options=backend) for label, path in zip(labels, paths)}
     step("load")
-    width, height = options.frame_px
-    views = synthetic_frames(options.frames + 1, options.seed, width, height, held_out=True)
-    frames = [(rgb, DEFAULT_INSTRUCTIONS[i % len(DEFAULT_INSTRUCTIONS)]) for i, (_, rgb, _) in enumerate(views)]
+    frames = held_out_frames(options.frames + 1, options.seed, options.frame_px)
     warm_rgb, warm_instruction = frames.pop(0)
     for policy in policies.values():     # buffers allocated and the frame's shapes met once, untimed
         policy.infer(warm_rgb, warm_instruction, depth_codes=np.zeros(100, np.int64), trace=WARMUP_TRACE)
