@@ -9,6 +9,7 @@ from edgeact.runtime.cli_args import console as _console, positive_int as _posit
 # Literal copies (quant_options imports nothing heavy, but `edgeact --help` should import nothing at all).
 PRECISIONS = ("int8", "fp8", "int4")
 INT8_MODES = ("w8a8", "w8a16", "w8a8-dynamic")
+DOWN_PROJECTIONS = ("smoothquant", "w8a16")
 TARGETS_HELP = "orin, orin-nx, orin-nano, thor, h100, h200, ada, ampere, a100"
 
 
@@ -27,8 +28,8 @@ def _register_quantize(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="write a new bundle with stages quantized to int8, fp8 or int4 (the source is never modified)",
         description="Quantize a bundle's stages by a recipe into a new bundle: int8 w8a8-dynamic (int8 weights, "
-                    "each token's activations scaled at run time, no calibration; onnxruntime only, the default "
-                    "there), int8 w8a16 (weight-only int8, no calibration: the default for TensorRT targets, as "
+                    "each token's activations scaled at run time, the MLP down-projections SmoothQuant-ed from "
+                    "calibration ranges first; onnxruntime only, the default there), int8 w8a16 (weight-only int8, no calibration: the default for TensorRT targets, as "
                     "decoding is bandwidth-bound), int8 w8a8 (per-channel weights, "
                     "calibrated activations, Q/DQ around linear layers, optional SmoothQuant), fp8 (E4M3 Q/DQ, "
                     "for SM >= 8.9: Ada, Hopper, Thor) or int4 (weight-only, block-wise). The new bundle's "
@@ -47,14 +48,21 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--int8-format", choices=("auto", "nbits", "qdq"), default="auto",
                    help="int8 w8a16: nbits (onnxruntime MatMulNBits) or qdq (int8 DequantizeLinear, for TensorRT); "
                         "auto: by --target")
+    p.add_argument("--down-projections", choices=DOWN_PROJECTIONS,
+                   help="int8 w8a8-dynamic: the MLP down-projections as per-token int8 after SmoothQuant (smoothquant, "
+                        "the default; --smoothquant sets its alpha, 0.5 unless given) or weight-only (w8a16: no "
+                        "calibration)")
     p.add_argument("--calibration", type=Path, help="calibration set (`edgeact calibrate`); default: build 8 "
-                                                    "synthetic-camera samples from BUNDLE on the fly (int8 w8a8, fp8)")
+                                                    "synthetic-camera samples from BUNDLE on the fly (int8 w8a8, fp8, "
+                                                    "w8a8-dynamic's SmoothQuant)")
     p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,connector,"
                                                "decoder; int4: decoder)")
     p.add_argument("--op-types", type=_csv, default=("MatMul",),
                    help="op types to quantize (default MatMul: linear layers only; more wrecks decoders)")
     p.add_argument("--exclude-nodes", type=_csv, default=(), help="node names to keep in float, comma-separated")
-    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="int8: apply SmoothQuant with this alpha (0.5 usual)")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="int8: apply SmoothQuant with this alpha (0.5 usual; w8a8 without --int8-mode, the "
+                        "down-projections' alpha with --int8-mode w8a8-dynamic)")
     p.add_argument("--per-tensor", action="store_true", help="int8/fp8: one weight scale per tensor, not per channel")
     p.add_argument("--quantize-attention", action="store_true",
                    help="int8/fp8: also the attention's activation x activation products")
@@ -88,7 +96,7 @@ def _quantize(args: argparse.Namespace) -> int:
         smoothquant_alpha=args.smoothquant, per_channel=not args.per_tensor, quantize_attention=args.quantize_attention,
         block_size=args.block_size, accuracy_level=args.accuracy_level, int4_format=args.int4_format,
         arrays_dtype="float16" if args.arrays_fp16 else "float32", backend=args.backend, decode_steps=args.decode_steps,
-        int8_mode=args.int8_mode, int8_format=args.int8_format)
+        int8_mode=args.int8_mode, int8_format=args.int8_format, down_projections=args.down_projections)
     console = _console()
     with _progress(console) as progress:
         task = progress.add_task(f"quantize {args.precision}", total=len(QUANTIZE_STEPS))

@@ -2,10 +2,10 @@
 
 From a checkpoint the fp32 bundle is exported first (reused when the work directory already
 holds one exported from the same config); then one calibration set (reused likewise) serves
-the int8 w8a8 and fp8 recipes, int8 w8a16, int8 w8a8-dynamic and int4 need none, and every bundle
-decodes the same held-out frames in one report run, so the decode speeds compare on one
+the int8 w8a8 and fp8 recipes and w8a8-dynamic's SmoothQuant (int8 w8a16 and int4 need none), and
+every bundle decodes the same held-out frames in one report run, so the decode speeds compare on one
 machine at one time. int8 gets a bundle (and a row) per int8 mode, in work/int8-w8a8,
-work/int8-w8a16 and work/int8-w8a8-dynamic (no calibration either). FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
+work/int8-w8a16 and work/int8-w8a8-dynamic. FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
 """
 from __future__ import annotations
 

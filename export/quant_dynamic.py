@@ -24,10 +24,18 @@ A token's scale is its own, so a token with small values (padding, a quiet image
 its precision, which one scale per tensor did not (measured on the reference ARM: per-tensor
 dynamic scales took the connector's worst-row cosine to 0 and the logits' to 0.92).
 
-The exception is the decoder MLP's down-projection (ff_out): its input, SiLU(gate) * up, carries
+The decoder MLP's down-projection (ff_out) needs one more step: its input, SiLU(gate) * up, carries
 the few very large channels a per-token scale cannot hold (the reference ARM's logits cosine
-0.987 against the 0.99 gate with it, 0.992 without). It keeps W8A16 (MatMulNBits bits=8, as
-export/quant_w8a16.py writes it), whose activations are quantized per block of the input dim.
+0.987 against the 0.99 gate quantized as is). SmoothQuant (export/smoothquant.py) moves them into
+the weight first: each input channel j is divided by s_j = max|X_j|^a / max|W_j|^(1-a) (one Mul per
+layer; there is no norm gain to fold it into) and row j of the weight multiplied by s_j, with the
+channels' ranges from the calibration set; then it takes per-token int8 like the rest
+(`down_projections="smoothquant"`, alpha 0.5; the reference ARM's logits cosine 0.9917 on an AVX2
+CPU, against 0.990003 with W8A16 there). `down_projections="w8a16"` keeps what every such bundle
+had before: W8A16 (MatMulNBits bits=8, as export/quant_w8a16.py writes it), whose activations are
+quantized per block of the input dim, and no calibration. Why per-token int8 there pays: on an AVX2
+CPU without VNNI, MatMulNBits' int8 path ran the `bench` prefill's down-projections at ~80 GOPS
+against ~210 for the U8S8 GEMMs (onnxruntime's profiler).
 
 onnxruntime-only: QuantizeLinear with run-time scales and MatMulIntegerToFloat are not TensorRT's
 explicit-quantization pattern, so TensorRT targets are refused in QuantizeOptions.
@@ -55,19 +63,26 @@ _BIG_TENSOR = 1 << 20            # elements: tensors this big are weights, left 
 
 def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
                           threads: int | None = None) -> dict[str, Any]:
-    """Per-token dynamic int8 for every linear MatMul but the down-projections (W8A16); feeds are not read."""
+    """Per-token dynamic int8 for every linear MatMul; the down-projections SmoothQuant-ed first (feeds give their
+    channel ranges), or kept W8A16 (feeds not read) as options.down_projections says."""
     from edgeact.export.quant_int4 import write_matmul_nbits
 
     work_dir.mkdir(parents=True, exist_ok=True)
     dynamic_path = work_dir / "dynamic.onnx"
-    dynamic, kept = write_dynamic_int8_matmuls(src, dynamic_path, options.exclude_nodes)
+    smoothing = None
+    if options.down_projections == "smoothquant":
+        src, smoothing = smooth_down_projections(src, feeds, options, work_dir, threads)
+    dynamic, kept = write_dynamic_int8_matmuls(src, dynamic_path, options.exclude_nodes,
+                                               keep_w8a16=smoothing is None)
     # The linear MatMuls left in float are the kept down-projections and exclude_nodes; the latter stay float.
     written = write_matmul_nbits(dynamic_path, dst, options, bits=8) if kept else 0
     if not kept:
         _copy_model(dynamic_path, dst)
     notes = {"format": "dynamic", "mode": "w8a8-dynamic", "quantized_nodes": dynamic + written,
-             "activations": "int8 per token, scale from each row's absolute max at run time (no calibration)",
+             "activations": "int8 per token, scale from each row's absolute max at run time",
              "weights": f"int8 symmetric per output channel, on [-{WEIGHT_MAX}, {WEIGHT_MAX}]", "w8a16_nodes": written}
+    if smoothing is not None:
+        notes["smoothquant"] = smoothing
     if written:
         notes.update({"w8a16_why": "MLP down-projections (ff_out): outlier channels in their input",
                       "w8a16_weights": f"int8 symmetric, blocks of {options.block_size} along the input dim",
@@ -75,8 +90,35 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
     return notes
 
 
-def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
-    """Rewrite src's linear MatMuls (but KEEP_W8A16's and `exclude`) into the per-token int8 form; (rewritten, kept)."""
+def smooth_down_projections(src: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
+                            threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """SmoothQuant on the down-projections' inputs (export/smoothquant.py), so that they too take per-token int8.
+
+    Their input, SiLU(gate) * up, has no norm gain to fold 1/s into: each gets an explicit Mul by 1/s (one per
+    layer) and its weight's rows are multiplied by s. The channels' ranges come from the calibration feeds.
+    """
+    import onnx
+
+    from edgeact.export.quant_feeds import tensor_stats
+    from edgeact.export.smoothquant import apply_smoothquant
+
+    proto = onnx.load(str(src))
+    down = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if KEEP_W8A16.search(n.name)]
+    if not down:
+        return src, {"alpha": options.smoothquant_alpha, "tensors": 0}
+    stats = tensor_stats(src, sorted({n.input[0] for n in down}), feeds, work_dir, threads)
+    rows = apply_smoothquant(proto, down, {k: v.channel_absmax for k, v in stats.items()}, options.smoothquant_alpha)
+    smoothed = work_dir / "smoothed.onnx"
+    save_onnx(proto, smoothed)
+    return smoothed, {"alpha": options.smoothquant_alpha, "tensors": len(rows),
+                      "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),
+                      "max_act_absmax_after": round(max((r["act_absmax_smoothed"] for r in rows), default=0.0), 4)}
+
+
+def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = (),
+                               keep_w8a16: bool = True) -> tuple[int, int]:
+    """Rewrite src's linear MatMuls (but `exclude`, and KEEP_W8A16's unless keep_w8a16 is off) into the per-token
+    int8 form; (rewritten, kept)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -84,7 +126,7 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
 
     proto = onnx.load(str(src))
     linear = const_weight_matmuls(proto, ("MatMul",), tuple(exclude))
-    targets = {n.name for n in linear if not KEEP_W8A16.search(n.name)}
+    targets = {n.name for n in linear if not (keep_w8a16 and KEEP_W8A16.search(n.name))}
     inits = {t.name: t for t in proto.graph.initializer}
     consts = {"axes": np.array([-1], np.int64), "inv_max": np.array(1.0 / ACTIVATION_MAX, np.float32),
               "one": np.array(1.0, np.float32), "zp": np.array(ACTIVATION_ZERO_POINT, np.uint8)}

@@ -17,6 +17,10 @@ INT8_FORMATS = INT4_FORMATS                 # weight-only int8 (w8a16) is writte
 # for, and why.
 INT8_MODES = ("w8a8", "w8a16", "w8a8-dynamic")
 W8A16_ACCURACY_LEVEL = 4                    # int8 compute in MatMulNBits: the fast 8-bit kernel
+# w8a8-dynamic's MLP down-projections, whose input has outlier channels (export/quant_dynamic.py): per-token int8
+# after SmoothQuant (the default), or W8A16 as every w8a8-dynamic bundle had them until SmoothQuant was added there.
+DOWN_PROJECTIONS = ("smoothquant", "w8a16")
+DYNAMIC_SMOOTHQUANT_ALPHA = 0.5             # alpha for them unless --smoothquant is given
 ARRAY_DTYPES = ("float32", "float16")
 # Stages each precision quantizes unless told: INT4 is weight-only, which pays where weights dominate
 # (the bandwidth-bound decoder); the small compute-bound ViT gains nothing from it. int8 takes the ViT in
@@ -51,6 +55,7 @@ class QuantizeOptions:
                                             # (see _default_int8_mode)
     int8_format: str = "auto"               # int8 w8a16: nbits (MatMulNBits bits=8) or qdq (int8 DequantizeLinear)
     decode_steps: int = 2                   # decoder calibration: single-token steps per sample besides the chunk
+    down_projections: str | None = None     # int8 w8a8-dynamic: one of DOWN_PROJECTIONS; None: smoothquant
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,11 +96,15 @@ class QuantizeOptions:
 
     def _check_int8_mode(self) -> None:
         if self.precision != "int8":
-            if self.int8_mode is not None or self.int8_format != "auto":
-                raise ConfigError(f"int8 mode / format are int8 options; drop them for {self.precision}")
+            if self.int8_mode is not None or self.int8_format != "auto" or self.down_projections is not None:
+                raise ConfigError(f"int8 mode / format / down-projections are int8 options; drop them for "
+                                  f"{self.precision}")
             return
         if self.int8_mode is None:
             object.__setattr__(self, "int8_mode", self._default_int8_mode())
+        if self.down_projections is not None and self.int8_mode != "w8a8-dynamic":
+            raise ConfigError(f"down-projections {self.down_projections!r} is an int8 w8a8-dynamic option, but the "
+                              f"int8 mode is {self.int8_mode}: add --int8-mode w8a8-dynamic, or drop it")
         if self.int8_mode not in INT8_MODES:
             raise ConfigError(f"int8 mode {self.int8_mode!r} unknown; use one of {', '.join(INT8_MODES)}")
         if self.int8_format not in INT8_FORMATS:
@@ -107,7 +116,8 @@ class QuantizeOptions:
             return
         w8a8_only = self._w8a8_only_options()
         if self.int8_mode == "w8a8-dynamic":
-            self._check_dynamic(w8a8_only)
+            # SmoothQuant applies there too: to the down-projections, which it moves from W8A16 to per-token int8.
+            self._check_dynamic([w for w in w8a8_only if w != "SmoothQuant"])
         elif w8a8_only:
             raise ConfigError(f"int8 mode w8a16 quantizes linear layers' weights only, but {', '.join(w8a8_only)} "
                               "asks for activation quantization (or a quantizer without weight-only int8); "
@@ -127,6 +137,16 @@ class QuantizeOptions:
         if self.int8_format not in ("auto", "nbits"):
             raise ConfigError(f"int8 format {self.int8_format!r}: w8a8-dynamic keeps its W8A16 layers as MatMulNBits "
                               "(nbits); drop the format or use int8 mode w8a16")
+        down = self.down_projections or "smoothquant"
+        if down not in DOWN_PROJECTIONS:
+            raise ConfigError(f"down-projections {down!r} unknown; use one of {', '.join(DOWN_PROJECTIONS)}")
+        if down == "w8a16" and self.smoothquant_alpha is not None:
+            raise ConfigError("SmoothQuant in w8a8-dynamic smooths the down-projections for per-token int8, but "
+                              "down-projections w8a16 keeps them weight-only: drop --smoothquant, or use "
+                              "--down-projections smoothquant")
+        object.__setattr__(self, "down_projections", down)
+        if down == "smoothquant" and self.smoothquant_alpha is None:
+            object.__setattr__(self, "smoothquant_alpha", DYNAMIC_SMOOTHQUANT_ALPHA)
 
     def _default_int8_mode(self) -> str:
         """w8a8-dynamic on onnxruntime, w8a16 for TensorRT targets, w8a8 when an option only W8A8 has was given.
@@ -160,8 +180,11 @@ class QuantizeOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation ranges to measure: int8 w8a8 and fp8 (weight-only and dynamic recipes have none)."""
-        return not self.weight_only and self.int8_mode != "w8a8-dynamic"
+        """Activation ranges to measure: int8 w8a8 and fp8; w8a8-dynamic the down-projections' channel ranges
+        for SmoothQuant (weight-only recipes have none)."""
+        if self.int8_mode == "w8a8-dynamic":
+            return self.down_projections == "smoothquant"
+        return not self.weight_only
 
     @property
     def weight_only(self) -> bool:

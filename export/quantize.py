@@ -9,7 +9,8 @@ loaded and run in onnxruntime on the CPU before the bundle is published.
 int8 has three modes: w8a8 (export/quant_int8.py: static Q/DQ on weights and calibrated
 activations, SmoothQuant optional), w8a16 (export/quant_w8a16.py: weights only, no
 calibration) and w8a8-dynamic (export/quant_dynamic.py: int8 weights, each token's activations
-quantized with its own scale at run time, no calibration; onnxruntime only).
+quantized with its own scale at run time; the MLP down-projections SmoothQuant-ed first, from a
+calibration set's channel ranges; onnxruntime only).
 QuantizeOptions._default_int8_mode says which is chosen when none is asked for, and why.
 Recipe names: int8-qdq / int8-smoothquant-qdq (w8a8), int8-w8a16-nbits (onnxruntime's
 MatMulNBits) / int8-w8a16-qdq (int8 DequantizeLinear + MatMul, for TensorRT targets),
@@ -97,9 +98,10 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     """Quantize `options.stages` of bundle `src` into a new bundle at `out` (atomic); returns what was done.
 
     calibration: a calibration set (or its directory); None builds DEFAULT_CALIBRATION_SAMPLES
-    synthetic-camera samples answered by `src` itself (recipes without static activation ranges, int4,
-    int8 w8a16 and int8 w8a8-dynamic, need none and ignore one given). report_frames: held-out frames the report decodes with both bundles
-    (0: no report). verify: run `edgeact verify`'s
+    synthetic-camera samples answered by `src` itself (recipes that measure no activation ranges, int4, int8
+    w8a16 and w8a8-dynamic with W8A16 down-projections, need none and ignore one given; the default w8a8-dynamic
+    reads its down-projections' channel ranges from it). report_frames: held-out frames the report decodes with
+    both bundles (0: no report). verify: run `edgeact verify`'s
     comparison with the source checkpoint (if the manifest's checkpoint exists) and record the verdict.
     """
     from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
@@ -172,8 +174,8 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
                  ) -> tuple[CalibrationSet | None, dict[str, Any]]:
     if not options.needs_calibration and options.backend == "onnxruntime":
         if options.int8_mode == "w8a8-dynamic":
-            return None, {"used": False, "why": "int8 w8a8-dynamic scales activations at run time: no activation "
-                                                "statistics"}
+            return None, {"used": False, "why": "int8 w8a8-dynamic with W8A16 down-projections scales activations "
+                                                "at run time: no activation statistics"}
         what = "int4 RTN" if options.precision == "int4" else "int8 w8a16"
         return None, {"used": False, "why": f"{what} is weight-only: no activation statistics"}
     if calibration is None:

@@ -131,7 +131,8 @@ def test_valid_bundles_are_reused(bench):
 def test_default_recipes_name_bench_quant_directories_and_the_gpu_run_asks_for_w8a16():
     """int8 on a CPU is its default mode (w8a8-dynamic); --device cuda asks for w8a16, which the CUDA EP was measured with."""
     name, quant = default_recipe("int8")
-    assert name == "int8-w8a8-dynamic" and quant.int8_mode == "w8a8-dynamic" and not quant.needs_calibration
+    assert name == "int8-w8a8-dynamic" and quant.int8_mode == "w8a8-dynamic" and quant.needs_calibration
+    assert quant.down_projections == "smoothquant"             # its channel ranges come from a calibration set
     name, quant = default_recipe("int8", "w8a16")
     assert name == "int8-w8a16" and quant.int8_mode == "w8a16" and quant.weight_only
     assert default_recipe("int4")[0] == "int4"

@@ -155,7 +155,7 @@ def test_a_bundle_quantized_for_onnxruntime_is_refused_before_tensorrt_is_needed
     portable = tiny_sources(tmp_path_factory)["portable"]
     out = tmp_path / "int8-dynamic"      # no --target: onnxruntime's w8a8-dynamic, even on a portable export
     quantize_bundle(portable, out, QuantizeOptions("int8", stages=("decoder",)), report_frames=0, threads=1)
-    with pytest.raises(BundleError, match=r"stage 'decoder' .* MatMulIntegerToFloat, MatMulNBits, which TensorRT "
+    with pytest.raises(BundleError, match=r"stage 'decoder' .* MatMulIntegerToFloat, which TensorRT "
                                           r"cannot parse; quantize the portable fp32 bundle for the target: "
                                           r"`edgeact quantize --target orin`"):
         build_engines(out, "orin", allow_unverified=True)

@@ -22,6 +22,7 @@ RECIPES = {
     "int8": QuantizeOptions("int8", int8_mode="w8a8"),
     "int8-w8a16": QuantizeOptions("int8", int8_mode="w8a16", block_size=32),
     "int8-dynamic": QuantizeOptions("int8", block_size=32),             # the default int8 mode on onnxruntime
+    "int8-dynamic-w8a16": QuantizeOptions("int8", block_size=32, down_projections="w8a16"),
     "int8-w8a16-orin": QuantizeOptions("int8", int8_mode="w8a16", target="orin"),   # its TensorRT form
     "fp8": QuantizeOptions("fp8", target="thor"),
     "int4": QuantizeOptions("int4", block_size=32),
@@ -155,7 +156,27 @@ def test_int8_w8a16_is_weight_only_matmulnbits_8_bit_for_onnxruntime(quantized, 
     assert (weight_bytes - (fp32_bytes - w8a16_bytes)) / weight_bytes <= 0.3
 
 
-def test_int8_dynamic_quantizes_each_token_and_keeps_the_down_projections_w8a16(quantized, sources):
+def _check_per_token_int8(graph, n_nodes):
+    """Every MatMulIntegerToFloat reads an int8 weight and activations quantized per row with a run-time scale."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    by_output = {o: n for n in graph.graph.node for o in n.output}
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == ops.count("QuantizeLinear") == n_nodes
+    for node in graph.graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            weight = inits[node.input[1]]
+            assert weight.data_type == onnx.TensorProto.INT8 and len(weight.dims) == 2
+            quant = by_output[node.input[0]]                  # the activations: one scale per row, at run time
+            attrs = {a.name: a.i for a in quant.attribute}
+            assert quant.op_type == "QuantizeLinear" and attrs == {"axis": -1, "block_size": weight.dims[0]}
+            assert by_output[quant.input[1]].op_type == "Mul"     # the scale is computed in the graph
+    # Every decoder linear layer reads (batch, seq, width) rows: one zero point tensor serves them all.
+    assert ops.count("Expand") == 1
+    opset = {o.domain: o.version for o in graph.opset_import}
+    assert opset[""] >= 21 and "com.microsoft" in opset
+
+
+def test_int8_dynamic_quantizes_each_token_with_the_down_projections_smoothed(quantized, sources):
     from edgeact.export.quant_dynamic import KEEP_W8A16
 
     results, _, _ = quantized
@@ -166,24 +187,81 @@ def test_int8_dynamic_quantizes_each_token_and_keeps_the_down_projections_w8a16(
     assert down and len(down) < len(linear)                   # the tiny model has its MLP down-projections
     graph = _graph(result.out)
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("MatMulIntegerToFloat") == len(linear) - len(down)
+    assert "MatMulNBits" not in ops and not _linear_weights(graph)
+    _check_per_token_int8(graph, len(linear))
+    notes = result.stage_notes["decoder"]
+    assert notes["quantized_nodes"] == len(linear) and notes["w8a16_nodes"] == 0
+    assert notes["smoothquant"]["tensors"] == len(down) and notes["smoothquant"]["alpha"] == 0.5
+    # Each down-projection's input is divided by its channel scales in one Mul before the row's quantizer.
+    by_output = {o: n for n in graph.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for name in down:
+        node = next(n for n in graph.graph.node if n.name == name)
+        smooth = by_output[by_output[node.input[0]].input[0]]
+        assert smooth.op_type == "Mul" and smooth.name.endswith(".smooth")
+        inv = inits[smooth.input[1]]
+        assert inv.shape == (linear[name].shape[0],) and np.all(inv > 0) and not np.allclose(inv, 1.0)
+    options = load_bundle(result.out).manifest.quantization.options
+    assert options["calibration"]["used"] is True and options["down_projections"] == "smoothquant"
+
+
+def test_int8_dynamic_can_keep_the_down_projections_w8a16_without_calibration(quantized, sources):
+    from edgeact.export.quant_dynamic import KEEP_W8A16
+
+    results, _, _ = quantized
+    result = results["int8-dynamic-w8a16"]
+    linear = _linear_weights(_graph(sources["bundle"]))
+    down = [name for name in linear if KEEP_W8A16.search(name)]
+    graph = _graph(result.out)
+    ops = [n.op_type for n in graph.graph.node]
+    _check_per_token_int8(graph, len(linear) - len(down))
     assert ops.count("MatMulNBits") == len(down) == result.stage_notes["decoder"]["w8a16_nodes"]
     assert result.stage_notes["decoder"]["quantized_nodes"] == len(linear) and not _linear_weights(graph)
-    inits = {t.name: t for t in graph.graph.initializer}
-    by_output = {o: n for n in graph.graph.node for o in n.output}
-    for node in graph.graph.node:
-        if node.op_type == "MatMulIntegerToFloat":
-            weight = inits[node.input[1]]
-            assert weight.data_type == onnx.TensorProto.INT8 and len(weight.dims) == 2
-            quant = by_output[node.input[0]]                  # the activations: one scale per row, at run time
-            attrs = {a.name: a.i for a in quant.attribute}
-            assert quant.op_type == "QuantizeLinear" and attrs == {"axis": -1, "block_size": weight.dims[0]}
-            assert by_output[quant.input[1]].op_type == "Mul"     # the scale is computed in the graph
-    # Every decoder linear layer reads (batch, seq, width) rows: one zero point tensor serves them all.
-    assert ops.count("Expand") == 1 and ops.count("QuantizeLinear") == len(linear) - len(down)
-    opset = {o.domain: o.version for o in graph.opset_import}
-    assert opset[""] >= 21 and "com.microsoft" in opset
+    assert "smoothquant" not in result.stage_notes["decoder"] and not any(n.name.endswith(".smooth")
+                                                                           for n in graph.graph.node)
     assert load_bundle(result.out).manifest.quantization.options["calibration"]["used"] is False
+
+
+def test_smoothing_a_down_projection_cuts_its_per_token_int8_error_on_outlier_channels(tmp_path):
+    """A few loud input channels (SiLU(gate) * up's) crush a row's other channels under one per-token scale; after
+    SmoothQuant the same per-token int8 product is about 3x closer to the float one, and still equals it in
+    exact arithmetic (the Mul by 1/s and the weight's rows times s cancel)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeact.export.quant_dynamic import smooth_down_projections, write_dynamic_int8_matmuls
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+
+    def activations(rows):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        x[:, [3, 40, 77]] *= 60.0                 # outlier channels, loud in every token
+        return x
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/mlp/ff_out/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    calibration = [activations(16) for _ in range(4)]
+    smoothed, notes = smooth_down_projections(src, lambda: iter({"x": x} for x in calibration),
+                                              QuantizeOptions("int8"), tmp_path)
+    assert notes["tensors"] == 1 and notes["max_act_absmax_after"] < notes["max_act_absmax_before"] / 10
+    x = activations(32)
+    exact = x @ w
+    errors = {}
+    for label, path in (("plain", src), ("smoothed", smoothed)):
+        dst = tmp_path / f"{label}-dynamic.onnx"
+        assert write_dynamic_int8_matmuls(path, dst, keep_w8a16=False) == (1, 0)
+        if label == "smoothed":                   # the smoothed float graph alone: the same product
+            y_float = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            np.testing.assert_allclose(y_float, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errors[label] = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+    assert errors["smoothed"] < errors["plain"] / 2 and errors["smoothed"] < 0.015, errors   # 0.0085 vs 0.026
 
 
 def _dynamic_graph(tmp_path, weight, exclude=(), name="/blocks.0/mlp/ff_proj/MatMul"):
@@ -284,6 +362,7 @@ def test_the_cli_choices_are_the_options_own():
     from edgeact.export import commands_quantize, quant_options
 
     assert commands_quantize.INT8_MODES == quant_options.INT8_MODES
+    assert commands_quantize.DOWN_PROJECTIONS == quant_options.DOWN_PROJECTIONS
     assert commands_quantize.PRECISIONS == quant_options.PRECISIONS
 
 
@@ -316,7 +395,7 @@ def test_int8_w8a16_for_tensorrt_is_per_channel_int8_dequantize_into_matmul(quan
         assert np.all(np.abs(q * scale - w) <= scale / 2 * 1.0001)          # round to nearest, per column
 
 
-@pytest.mark.parametrize("name", ["int8-w8a16", "int8-w8a16-orin", "int8-dynamic"])
+@pytest.mark.parametrize("name", ["int8-w8a16", "int8-w8a16-orin", "int8-dynamic", "int8-dynamic-w8a16"])
 def test_int8_w8a16_and_dynamic_agree_with_fp32_within_the_int8_gate(quantized, name):
     """Teacher-forced agreement with the fp32 bundle on held-out frames (the quantize report's row)."""
     from edgeact.export.verify import GATES
@@ -328,8 +407,12 @@ def test_int8_w8a16_and_dynamic_agree_with_fp32_within_the_int8_gate(quantized, 
 
 def test_int8_mode_defaults_to_dynamic_on_onnxruntime_w8a16_for_tensorrt_and_w8a8_when_asked():
     default = QuantizeOptions("int8")
-    assert default.int8_mode == "w8a8-dynamic" and not default.weight_only and not default.needs_calibration
-    assert default.accuracy_level == 4                   # its W8A16 down-projections: MatMulNBits' int8 kernel
+    assert default.int8_mode == "w8a8-dynamic" and not default.weight_only and default.needs_calibration
+    assert (default.down_projections, default.smoothquant_alpha) == ("smoothquant", 0.5)   # channel ranges to measure
+    kept = QuantizeOptions("int8", down_projections="w8a16")
+    assert kept.int8_mode == "w8a8-dynamic" and not kept.needs_calibration and kept.smoothquant_alpha is None
+    assert kept.accuracy_level == 4                      # its W8A16 down-projections: MatMulNBits' int8 kernel
+    assert QuantizeOptions("int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.7).smoothquant_alpha == 0.7
     assert QuantizeOptions("int8", smoothquant_alpha=0.5).int8_mode == "w8a8"
     assert QuantizeOptions("int8", quantize_attention=True).int8_mode == "w8a8"
     assert QuantizeOptions("int8", int8_mode="w8a8").needs_calibration and QuantizeOptions("fp8").needs_calibration
@@ -337,6 +420,21 @@ def test_int8_mode_defaults_to_dynamic_on_onnxruntime_w8a16_for_tensorrt_and_w8a
     assert orin.int8_mode == "w8a16" and orin.weight_only
     assert orin.resolved_int8_format() == "qdq" and orin.accuracy_level is None     # MatMulNBits only on the CPU
     assert QuantizeOptions("int4").int8_mode is None and QuantizeOptions("int4").accuracy_level is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(down_projections="fp16"), r"down-projections 'fp16' unknown; use one of smoothquant, w8a16"),
+    (dict(down_projections="w8a16", smoothquant_alpha=0.5, int8_mode="w8a8-dynamic"),
+     r"down-projections w8a16 keeps them weight-only: drop --smoothquant, or use --down-projections smoothquant"),
+    (dict(down_projections="smoothquant", int8_mode="w8a16"),
+     r"w8a8-dynamic option, but the int8 mode is w8a16: add --int8-mode w8a8-dynamic, or drop it"),
+    (dict(down_projections="w8a16", target="orin"), r"but the int8 mode is w8a16"),
+])
+def test_down_projection_options_that_do_not_fit_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantizeOptions("int8", **kwargs)
+    with pytest.raises(ConfigError, match=r"down-projections are int8 options; drop them for int4"):
+        QuantizeOptions("int4", down_projections="w8a16")
 
 
 def test_int4_writes_matmulnbits_for_onnxruntime_and_int4_qdq_for_tensorrt(quantized, sources, tmp_path):
@@ -394,7 +492,7 @@ def test_quantizing_a_quantized_bundle_or_into_the_source_is_refused(quantized, 
     (dict(precision="int8", int8_mode="w8a4"), "int8 mode 'w8a4' unknown"),
     (dict(precision="int8", int8_mode="w8a8", int8_format="nbits"), "w8a8 is always"),
     (dict(precision="int8", int8_mode="w8a8-dynamic", target="orin"), r"TensorRT \(orin\) cannot build it"),
-    (dict(precision="int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.5), "belong to static w8a8"),
+    (dict(precision="int8", int8_mode="w8a8-dynamic", quantize_attention=True), "belong to static w8a8"),
     (dict(precision="int8", int8_mode="w8a8-dynamic", int8_format="qdq"), "keeps its W8A16 layers as MatMulNBits"),
     (dict(precision="int4", int8_mode="w8a16"), "int8 options"),
 ])
