@@ -182,8 +182,8 @@ class QuantizeOptions:
     def needs_calibration(self) -> bool:
         """Activation ranges to measure: int8 w8a8 and fp8; w8a8-dynamic the down-projections' channel ranges
         for SmoothQuant (weight-only recipes have none)."""
-        if self.int8_mode == "w8a8-dynamic":
-            return self.down_projections == "smoothquant"
+        if self.int8_mode == "w8a8-dynamic":     # the down-projections are the decoder's
+            return self.down_projections == "smoothquant" and stage_io.DECODER_STAGE in self.stages
         return not self.weight_only
 
     @property

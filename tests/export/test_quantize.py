@@ -413,6 +413,7 @@ def test_int8_mode_defaults_to_dynamic_on_onnxruntime_w8a16_for_tensorrt_and_w8a
     assert kept.int8_mode == "w8a8-dynamic" and not kept.needs_calibration and kept.smoothquant_alpha is None
     assert kept.accuracy_level == 4                      # its W8A16 down-projections: MatMulNBits' int8 kernel
     assert QuantizeOptions("int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.7).smoothquant_alpha == 0.7
+    assert not QuantizeOptions("int8", stages=("vision", "connector")).needs_calibration    # no down-projection there
     assert QuantizeOptions("int8", smoothquant_alpha=0.5).int8_mode == "w8a8"
     assert QuantizeOptions("int8", quantize_attention=True).int8_mode == "w8a8"
     assert QuantizeOptions("int8", int8_mode="w8a8").needs_calibration and QuantizeOptions("fp8").needs_calibration
