@@ -29,8 +29,9 @@ def _register_quantize(subparsers) -> None:
         "quantize", help="write a new bundle with stages quantized to int8, fp8 or int4 (the source is never modified)",
         description="Quantize a bundle's stages by a recipe into a new bundle: int8 w8a8-dynamic (int8 weights, "
                     "each token's activations scaled at run time, the MLP down-projections SmoothQuant-ed from "
-                    "calibration ranges first; onnxruntime only, the default there), int8 w8a16 (weight-only int8, no calibration: the default for TensorRT targets, as "
-                    "decoding is bandwidth-bound), int8 w8a8 (per-channel weights, "
+                    "calibration ranges first; onnxruntime only, the default there), int8 w8a16 (weight-only "
+                    "int8, no calibration: the default for TensorRT targets, as decoding is bandwidth-bound), "
+                    "int8 w8a8 (per-channel weights, "
                     "calibrated activations, Q/DQ around linear layers, optional SmoothQuant), fp8 (E4M3 Q/DQ, "
                     "for SM >= 8.9: Ada, Hopper, Thor) or int4 (weight-only, block-wise). The new bundle's "
                     "manifest records the recipe, its options and a report against the source: size, agreement of "

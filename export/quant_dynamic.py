@@ -99,20 +99,13 @@ def smooth_down_projections(src: Path, feeds: FeedSource, options: QuantizeOptio
     """
     import onnx
 
-    from edgeact.export.quant_feeds import tensor_stats
-    from edgeact.export.smoothquant import apply_smoothquant
+    from edgeact.export.smoothquant import smooth_measured
 
     proto = onnx.load(str(src))
     down = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if KEEP_W8A16.search(n.name)]
     if not down:
         return src, {"alpha": options.smoothquant_alpha, "tensors": 0}
-    stats = tensor_stats(src, sorted({n.input[0] for n in down}), feeds, work_dir, threads)
-    rows = apply_smoothquant(proto, down, {k: v.channel_absmax for k, v in stats.items()}, options.smoothquant_alpha)
-    smoothed = work_dir / "smoothed.onnx"
-    save_onnx(proto, smoothed)
-    return smoothed, {"alpha": options.smoothquant_alpha, "tensors": len(rows),
-                      "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),
-                      "max_act_absmax_after": round(max((r["act_absmax_smoothed"] for r in rows), default=0.0), 4)}
+    return smooth_measured(proto, src, down, feeds, options.smoothquant_alpha, work_dir, threads)
 
 
 def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = (),

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, save_onnx, tensor_stats
+from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
 
 
@@ -55,17 +55,11 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
     proto = onnx.load(str(src))
     nodes = target_nodes(proto, options)
     if options.smoothquant_alpha is not None:
-        from edgeact.export.smoothquant import apply_smoothquant
+        from edgeact.export.smoothquant import smooth_measured
 
         linear = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if n.name in set(nodes)]
-        stats = tensor_stats(src, sorted({n.input[0] for n in linear}), feeds, work_dir, threads)
-        rows = apply_smoothquant(proto, linear, {k: v.channel_absmax for k, v in stats.items()}, options.smoothquant_alpha)
-        src = work_dir / "smoothed.onnx"
-        save_onnx(proto, src)
-        notes["smoothquant"] = {"alpha": options.smoothquant_alpha, "tensors": len(rows),
-                                "folded_into_norms": sum(r["folded"] for r in rows),
-                                "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),
-                                "max_act_absmax_after": round(max((r["act_absmax_smoothed"] for r in rows), default=0.0), 4)}
+        src, notes["smoothquant"] = smooth_measured(proto, src, linear, feeds, options.smoothquant_alpha, work_dir,
+                                                    threads)
     cache = work_dir / "int8_ranges.json"
     _write_range_cache(cache, tensor_stats(src, _calibrated_tensors(proto, nodes), feeds, work_dir, threads))
     big = is_big(proto)

@@ -174,8 +174,8 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
                  ) -> tuple[CalibrationSet | None, dict[str, Any]]:
     if not options.needs_calibration and options.backend == "onnxruntime":
         if options.int8_mode == "w8a8-dynamic":
-            return None, {"used": False, "why": "int8 w8a8-dynamic with W8A16 down-projections scales activations "
-                                                "at run time: no activation statistics"}
+            return None, {"used": False, "why": "int8 w8a8-dynamic scales activations at run time, and no "
+                                                "down-projection is SmoothQuant-ed here: no activation statistics"}
         what = "int4 RTN" if options.precision == "int4" else "int8 w8a16"
         return None, {"used": False, "why": f"{what} is weight-only: no activation statistics"}
     if calibration is None:

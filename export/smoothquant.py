@@ -12,6 +12,7 @@ onnxruntime's own SmoothQuant needs neural-compressor; this is the same transfor
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,21 @@ def apply_smoothquant(proto, nodes, act_absmax: dict[str, np.ndarray], alpha: fl
                      "act_absmax_smoothed": float((act_absmax[tensor] / scales).max())})
     _place_after_producers(proto, added)
     return rows
+
+
+def smooth_measured(proto, src: Path, nodes, feeds, alpha: float, work_dir: Path,
+                    threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """Smooth `nodes` of `proto` (the graph loaded from `src`) in place, with their inputs' channel ranges measured
+    on the calibration `feeds`; save it to work_dir/smoothed.onnx; (that path, the manifest's notes)."""
+    from edgeact.export.quant_feeds import save_onnx, tensor_stats
+
+    stats = tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads)
+    rows = apply_smoothquant(proto, nodes, {k: v.channel_absmax for k, v in stats.items()}, alpha)
+    path = Path(work_dir) / "smoothed.onnx"
+    save_onnx(proto, path)
+    return path, {"alpha": alpha, "tensors": len(rows), "folded_into_norms": sum(r["folded"] for r in rows),
+                  "max_act_absmax_before": round(max((r["act_absmax"] for r in rows), default=0.0), 4),
+                  "max_act_absmax_after": round(max((r["act_absmax_smoothed"] for r in rows), default=0.0), 4)}
 
 
 def _consumers(proto) -> dict[str, int]:

@@ -20,6 +20,7 @@ from tests.export.quant_fixtures import tiny_sources, tree_digest
 
 RECIPES = {
     "int8": QuantizeOptions("int8", int8_mode="w8a8"),
+    "int8-smoothquant": QuantizeOptions("int8", smoothquant_alpha=0.5),      # static w8a8 with SmoothQuant
     "int8-w8a16": QuantizeOptions("int8", int8_mode="w8a16", block_size=32),
     "int8-dynamic": QuantizeOptions("int8", block_size=32),             # the default int8 mode on onnxruntime
     "int8-dynamic-w8a16": QuantizeOptions("int8", block_size=32, down_projections="w8a16"),
@@ -203,6 +204,20 @@ def test_int8_dynamic_quantizes_each_token_with_the_down_projections_smoothed(qu
         assert inv.shape == (linear[name].shape[0],) and np.all(inv > 0) and not np.allclose(inv, 1.0)
     options = load_bundle(result.out).manifest.quantization.options
     assert options["calibration"]["used"] is True and options["down_projections"] == "smoothquant"
+
+
+def test_static_int8_with_smoothquant_records_its_smoothing(quantized, sources):
+    results, _, _ = quantized
+    result = results["int8-smoothquant"]
+    assert result.recipe == "int8-smoothquant-qdq"
+    notes = result.stage_notes["decoder"]["smoothquant"]
+    linear = _linear_weights(_graph(sources["bundle"]))
+    # Every linear layer's input is smoothed; those behind an RMSNorm by its gain, the others by a Mul.
+    graph = _graph(result.out)
+    muls = [n for n in graph.graph.node if n.name.endswith(".smooth")]
+    assert notes["alpha"] == 0.5 and 0 < notes["tensors"] <= len(linear)
+    assert notes["folded_into_norms"] > 0 and notes["tensors"] == notes["folded_into_norms"] + len(muls)
+    assert notes["max_act_absmax_after"] < notes["max_act_absmax_before"]
 
 
 def test_int8_dynamic_can_keep_the_down_projections_w8a16_without_calibration(quantized, sources):
