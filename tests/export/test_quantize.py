@@ -212,7 +212,7 @@ def test_static_int8_with_smoothquant_records_its_smoothing(quantized, sources):
     assert result.recipe == "int8-smoothquant-qdq"
     notes = result.stage_notes["decoder"]["smoothquant"]
     linear = _linear_weights(_graph(sources["bundle"]))
-    # Every linear layer's input is smoothed; those behind an RMSNorm by its gain, the others by a Mul.
+    # The linear layers' inputs are smoothed: those made by an RMSNorm through its gain, the others by a Mul.
     graph = _graph(result.out)
     muls = [n for n in graph.graph.node if n.name.endswith(".smooth")]
     assert notes["alpha"] == 0.5 and 0 < notes["tensors"] <= len(linear)
