@@ -29,7 +29,7 @@ import numpy as np
 
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
 from edgeact.runtime import bench_compare
-from edgeact.runtime.bench_compare import HALF_ANSWER_TOKENS, WARMUP_TRACE, decode_rate
+from edgeact.runtime.bench_compare import HALF_ANSWER_TOKENS, decode_rate
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.stage_io import FUSED_ATTENTION, PORTABLE_ATTENTION
 
@@ -275,7 +275,7 @@ def warm_up(reference: Reference, policies: dict, rgb: np.ndarray, instruction: 
     """Every system allocates its buffers and meets the frame's shapes once, untimed (a few decoder calls each)."""
     reference.run(rgb, instruction, max_new_tokens=2)
     for policy in policies.values():
-        run_bundle(policy, rgb, instruction, np.zeros(100, np.int64), WARMUP_TRACE)
+        bench_compare.warm_up(policy, rgb, instruction)
 
 
 def time_frames(reference: Reference, policies: dict, frames: list, on_frame: Callable[[], None]

@@ -69,11 +69,11 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
 
     work_dir.mkdir(parents=True, exist_ok=True)
     dynamic_path = work_dir / "dynamic.onnx"
-    smoothing = None
-    if options.down_projections == "smoothquant":
-        src, smoothing = smooth_down_projections(src, feeds, options, work_dir, threads)
-    dynamic, kept = write_dynamic_int8_matmuls(src, dynamic_path, options.exclude_nodes,
-                                               keep_w8a16=smoothing is None)
+    smooth = options.down_projections == "smoothquant"
+    smoothing = smooth_down_projections(src, feeds, options, work_dir, threads) if smooth else None
+    if smoothing is not None:
+        src = smoothing[0]
+    dynamic, kept = write_dynamic_int8_matmuls(src, dynamic_path, options.exclude_nodes, keep_w8a16=not smooth)
     # The linear MatMuls left in float are the kept down-projections and exclude_nodes; the latter stay float.
     written = write_matmul_nbits(dynamic_path, dst, options, bits=8) if kept else 0
     if not kept:
@@ -82,7 +82,7 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
              "activations": "int8 per token, scale from each row's absolute max at run time",
              "weights": f"int8 symmetric per output channel, on [-{WEIGHT_MAX}, {WEIGHT_MAX}]", "w8a16_nodes": written}
     if smoothing is not None:
-        notes["smoothquant"] = smoothing
+        notes["smoothquant"] = smoothing[1]
     if written:
         notes.update({"w8a16_why": "MLP down-projections (ff_out): outlier channels in their input",
                       "w8a16_weights": f"int8 symmetric, blocks of {options.block_size} along the input dim",
@@ -91,8 +91,9 @@ def quantize_w8a8_dynamic(src: Path, dst: Path, feeds: FeedSource, options: Quan
 
 
 def smooth_down_projections(src: Path, feeds: FeedSource, options: QuantizeOptions, work_dir: Path,
-                            threads: int | None = None) -> tuple[Path, dict[str, Any]]:
-    """SmoothQuant on the down-projections' inputs (export/smoothquant.py), so that they too take per-token int8.
+                            threads: int | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """SmoothQuant on the down-projections' inputs (export/smoothquant.py), so that they too take per-token int8;
+    (the smoothed graph, the manifest's notes), or None for a stage without down-projections (the ViT's).
 
     Their input, SiLU(gate) * up, has no norm gain to fold 1/s into: each gets an explicit Mul by 1/s (one per
     layer) and its weight's rows are multiplied by s. The channels' ranges come from the calibration feeds.
@@ -104,7 +105,7 @@ def smooth_down_projections(src: Path, feeds: FeedSource, options: QuantizeOptio
     proto = onnx.load(str(src))
     down = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if KEEP_W8A16.search(n.name)]
     if not down:
-        return src, {"alpha": options.smoothquant_alpha, "tensors": 0}
+        return None
     return smooth_measured(proto, src, down, feeds, options.smoothquant_alpha, work_dir, threads)
 
 

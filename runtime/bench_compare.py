@@ -34,7 +34,7 @@ WARMUP_TRACE = ((128, 128),)      # warm-up steps force depth and trace: a handf
 class CompareOptions:
     device: str = "cpu"              # onnxruntime provider: cpu, cuda, tensorrt
     threads: int | None = None       # onnxruntime intra-op threads (None: every core)
-    rounds: int = 6                  # decode-rate rounds; policy steps run max(1, rounds // 2) rounds
+    rounds: int = 6                  # decode-rate rounds; policy steps run policy_rounds
     decode_steps: int = 60           # timed single-token steps per bundle and round
     past: int | None = None          # context of the decode rate; None: the first frame's prompt + 100
     frames: int = 2                  # timed frames per policy round (one more warms up)
@@ -49,6 +49,11 @@ class CompareOptions:
                 raise ConfigError(f"{name} is {getattr(self, name)}; use a positive number")
         if self.past is not None and self.past < 0:
             raise ConfigError(f"past is {self.past}; use 0 or more positions of context")
+
+    @property
+    def policy_rounds(self) -> int:
+        """Rounds of whole policy steps: half the decode rounds (a policy step costs many decode steps), at least 1."""
+        return max(1, self.rounds // 2)
 
 
 def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
@@ -77,6 +82,15 @@ def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
         np.matmul(head, decoder.step(1), out=logits)
         int(np.argmax(logits))
     return steps / (time.perf_counter() - start)
+
+
+def warm_up(policy, rgb: np.ndarray, instruction: str) -> None:
+    """One untimed policy step with depth and trace forced (a handful of decoder calls): the policy's buffers are
+    allocated and the frame's shapes met before anything is timed."""
+    from edgeact.runtime.grammar import DepthCodes
+
+    n_codes = next(s for s in policy.grammar.segments if isinstance(s, DepthCodes)).n
+    policy.infer(rgb, instruction, depth_codes=np.zeros(n_codes, np.int64), trace=WARMUP_TRACE)
 
 
 def held_out_frames(n: int, seed: int, frame_px: tuple[int, int]) -> list[tuple[np.ndarray, str]]:
@@ -117,8 +131,8 @@ def compare_bundles(paths: list[str | Path], options: CompareOptions = CompareOp
     step("load")
     frames = held_out_frames(options.frames + 1, options.seed, options.frame_px)
     warm_rgb, warm_instruction = frames.pop(0)
-    for policy in policies.values():     # buffers allocated and the frame's shapes met once, untimed
-        policy.infer(warm_rgb, warm_instruction, depth_codes=np.zeros(100, np.int64), trace=WARMUP_TRACE)
+    for policy in policies.values():
+        warm_up(policy, warm_rgb, warm_instruction)
     first = policies[labels[0]]
     # The forced codes: what the first bundle decodes for each frame (untimed), the same for every bundle.
     decoded = [first.infer(rgb, instruction) for rgb, instruction in frames]
@@ -132,7 +146,7 @@ def compare_bundles(paths: list[str | Path], options: CompareOptions = CompareOp
             rates[label].append(decode_rate(policies[label], past, options.decode_steps))
         step("decode round")
     steps: dict[str, dict[str, list]] = {label: {"free_s": [], "forced_s": [], "decode_steps": []} for label in labels}
-    for order in orders(labels, max(1, options.rounds // 2)):
+    for order in orders(labels, options.policy_rounds):
         for (rgb, instruction), forced in zip(frames, codes):
             for label in order:
                 start = time.perf_counter()
@@ -162,7 +176,8 @@ def _report(paths: list[Path], labels: list[str], rates: dict, steps: dict, past
         row["decode_vs_first"] = row["decode_steps_per_s"] / base["decode_steps_per_s"]
         row["policy_vs_first"] = base["policy_step_s"] / row["policy_step_s"]
         row["forced_vs_first"] = base["forced_depth_step_s"] / row["forced_depth_step_s"]
-    return {"options": asdict(options), "decode_context_tokens": past, "bundles": rows}
+    return {"options": {**asdict(options), "policy_rounds": options.policy_rounds}, "decode_context_tokens": past,
+            "bundles": rows}
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:

@@ -33,7 +33,7 @@ def _compare(args) -> int:
                              decode_steps=args.decode_steps, past=args.past, frames=args.frames, seed=args.seed)
     console = _console()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench-compare", total=2 + options.rounds + max(1, options.rounds // 2))
+        task = progress.add_task("bench-compare", total=2 + options.rounds + options.policy_rounds)
         report = compare_bundles(args.bundles, options,
                                  on_step=lambda name: progress.update(task, advance=1, description=name))
     console.print(comparison_table(report))
@@ -47,7 +47,7 @@ def comparison_table(report: dict):
     o = report["options"]
     table = Table(title=f"bundles side by side ({o['device']}, {o['rounds']} decode rounds at "
                         f"{report['decode_context_tokens']} positions, {o['frames']} frames x "
-                        f"{max(1, o['rounds'] // 2)} policy rounds; medians, ratio > 1 = faster than the first)")
+                        f"{o['policy_rounds']} policy rounds; medians, ratio > 1 = faster than the first)")
     for column in ("bundle", "decode steps/s", "vs first", "policy step ms", "vs first", "decode steps",
                    "forced depth ms", "vs first"):
         table.add_column(column, justify="left" if column == "bundle" else "right")

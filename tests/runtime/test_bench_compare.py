@@ -62,6 +62,10 @@ def test_every_round_measures_every_bundle_first_in_turn_and_forces_the_first_bu
     forced = [(name, np.asarray(given)) for name, given, _ in infers if given is not None and np.any(given)]
     assert len(forced) == 2 * 2 and {name for name, _ in forced} == {first, second}
     assert all(any(np.array_equal(given, codes) for codes in untimed) for _, given in forced)
+    # Each bundle warmed up once, untimed, with as many codes as its grammar's depth segment takes.
+    warm = [np.asarray(given) for _, given, _ in infers if given is not None and not np.any(given)]
+    assert len(warm) == 2 and all(len(codes) == 100 for codes in warm)
+    assert report["options"]["policy_rounds"] == SMALL.policy_rounds == 1      # half of 3 decode rounds
 
 
 def test_the_command_prints_the_table_and_writes_the_json(bundles, tmp_path, capsys):
