@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     demos.add_argument("--trace-horizon", type=int, default=8, metavar="ACTIONS",
                        help="the trace covers this many actions ahead (default 8, the chunk; 0: to the end of the "
                             "episode)")
+    demos.add_argument("--first-chunk", action="store_true",
+                       help="record only each episode's first sample (the expert runs its first chunk, every "
+                            "episode kept): many scenes at a fraction of whole episodes' cost")
     demos.add_argument("--policy", metavar="BUNDLE",
                        help="DAgger: this bundle drives the arm (lockstep, forced depth where it has the depth stage) "
                             "and every state it visits is labelled with the expert's plan from there; all episodes "
@@ -53,13 +56,13 @@ def _demos(args) -> int:
 
     if args.policy and args.workers != 1:
         raise ConfigError("sim-demos --policy records in one process (the policy's); drop --workers")
-    if args.policy and (args.execution_noise or args.rotation_noise or args.siblings):
+    if args.policy and (args.execution_noise or args.rotation_noise or args.siblings or args.first_chunk):
         raise ConfigError("sim-demos --policy: the policy's own states are recorded; drop --execution-noise, "
-                          "--rotation-noise and --siblings (they apply to the expert's recording)")
+                          "--rotation-noise, --siblings and --first-chunk (they apply to the expert's recording)")
     config = DemoConfig(width=args.width, height=args.height, stride_actions=args.stride,
                         execution_noise=args.execution_noise, rotation_noise_rad=args.rotation_noise,
-                        siblings=args.siblings,
-                        trace_horizon_actions=args.trace_horizon)
+                        siblings=args.siblings, trace_horizon_actions=args.trace_horizon,
+                        first_chunk_only=args.first_chunk)
     with Progress(transient=True) as bar:
         task = bar.add_task("policy episodes" if args.policy else "expert episodes", total=args.episodes)
         progress = lambda done, total: bar.update(task, completed=done)     # noqa: E731
@@ -73,14 +76,16 @@ def _demos(args) -> int:
                 policy.close()
         else:
             summary = record_demos(args.out, args.episodes, args.seed, config, progress=progress, workers=args.workers)
-    table = Table(title=f"demonstrations in {summary.out_dir}")
-    for column in ("template", "successes", "episodes", "rate"):
-        table.add_column(column)
-    for template, (ok, n) in summary.successes.items():
-        table.add_row(template, str(ok), str(n), f"{ok / n:.0%}" if n else "-")
     console = Console()
-    console.print(table)
-    kept = "episodes of the policy, labelled by the expert" if args.policy else "successful episodes"
+    if not args.first_chunk:        # one chunk of an episode finishes no task: no success rate to show
+        table = Table(title=f"demonstrations in {summary.out_dir}")
+        for column in ("template", "successes", "episodes", "rate"):
+            table.add_column(column)
+        for template, (ok, n) in summary.successes.items():
+            table.add_row(template, str(ok), str(n), f"{ok / n:.0%}" if n else "-")
+        console.print(table)
+    kept = "episodes of the policy, labelled by the expert" if args.policy else \
+        "episodes' first chunks" if args.first_chunk else "successful episodes"
     console.print(f"{summary.samples} samples from {summary.episodes} {kept}, {summary.bytes_written / 1e6:.1f} MB, "
                   f"{summary.seconds:.1f} s ({summary.seconds / args.episodes:.2f} s per episode)")
     return 0

@@ -16,6 +16,9 @@ LOSS_PLOT = "training_loss.png"
 # (DemoConfig.siblings 2) and traces to the episode's end (trace_horizon_actions 0) were tried and did not help:
 # README, "The reference task and its evaluation".
 DEMO_STRIDE, DEMO_EXECUTION_NOISE = 2, 0.25
+# --generate-scenes: episode i of the first-chunk set is seeded SCENE_SEED_OFFSET + --seed + i, away from the expert
+# episodes' seeds (--seed + i) and from `edgeact eval`'s (1 000 000 + i by default; the README's sets up to 4 000 049).
+SCENE_SEED_OFFSET = 5_000_000
 
 
 def register(subparsers) -> None:
@@ -34,8 +37,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--generate-demos", type=_positive_int, metavar="N",
                    help="record N expert episodes into --demos first (seeded by --seed)")
+    p.add_argument("--generate-scenes", type=_positive_int, metavar="N",
+                   help="record N episodes' first chunks (sim-demos --first-chunk: the frame, trace and chunk an "
+                        "episode starts with, every scene kept) into the second --demos directory first, seeded "
+                        f"from {SCENE_SEED_OFFSET} + --seed (or reuse that recording)")
     p.add_argument("--demo-workers", type=_positive_int, default=1, metavar="N",
-                   help="with --generate-demos: simulator processes recording the episodes (the same set as one; "
+                   help="with --generate-demos / --generate-scenes: simulator processes recording the episodes (the "
+                        "same set as one; "
                         "default 1)")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
@@ -91,8 +99,9 @@ def register(subparsers) -> None:
     p.set_defaults(handler=_train)
 
 
-def _record(demos: Path, episodes: int, seed: int, console, workers: int = 1) -> None:
-    """Record the demos, or reuse a finished recording of the same episodes and seed."""
+def _record(demos: Path, episodes: int, seed: int, console, workers: int = 1, first_chunk: bool = False) -> None:
+    """Record the demos (first_chunk: each episode's first chunk only), or reuse a finished recording of the same
+    episodes, seed and settings."""
     from dataclasses import asdict
 
     from rich.progress import Progress
@@ -100,7 +109,8 @@ def _record(demos: Path, episodes: int, seed: int, console, workers: int = 1) ->
     from edgeact.drivers.sim.demos import FORMAT, MANIFEST, DemoConfig, record_demos
     from edgeact.runtime.errors import ConfigError
 
-    config = DemoConfig(stride_actions=DEMO_STRIDE, execution_noise=DEMO_EXECUTION_NOISE)
+    config = DemoConfig(stride_actions=DEMO_STRIDE, execution_noise=DEMO_EXECUTION_NOISE,
+                        first_chunk_only=first_chunk)
     manifest_path = demos / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -115,10 +125,11 @@ def _record(demos: Path, episodes: int, seed: int, console, workers: int = 1) ->
                           f"not {episodes} from {seed} with {asdict(config)}, format {FORMAT}; give another --demos "
                           "or delete it")
     with Progress(transient=True, console=console) as bar:
-        task = bar.add_task("expert episodes", total=episodes)
+        task = bar.add_task("first chunks" if first_chunk else "expert episodes", total=episodes)
         summary = record_demos(demos, episodes, seed, config,
                                progress=lambda done, total: bar.update(task, completed=done), workers=workers)
-    console.print(f"recorded {summary.samples} samples from {summary.episodes} successful episodes of {episodes} "
+    kept = "episodes' first chunks" if first_chunk else "successful episodes"
+    console.print(f"recorded {summary.samples} samples from {summary.episodes} {kept} of {episodes} "
                   f"in {summary.seconds:.0f} s -> {demos}")
 
 
@@ -134,10 +145,16 @@ def _train(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     torch.set_num_threads(args.threads)
+    if args.generate_scenes and len(args.demos) != 2:
+        raise ConfigError(f"--generate-scenes records into the second of two --demos directories (the expert's "
+                          f"episodes first), got {len(args.demos)}")
     if args.generate_demos:
-        if len(args.demos) != 1:
+        if len(args.demos) != 1 and not args.generate_scenes:
             raise ConfigError(f"--generate-demos records into one --demos directory, got {len(args.demos)}")
         _record(args.demos[0], args.generate_demos, args.seed, console, args.demo_workers)
+    if args.generate_scenes:
+        _record(args.demos[1], args.generate_scenes, SCENE_SEED_OFFSET + args.seed, console, args.demo_workers,
+                first_chunk=True)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
                            variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
                            grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,

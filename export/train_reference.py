@@ -189,7 +189,11 @@ class Trainer:
 def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
             depth_codes_fn: DepthCodesFn = pooled_depth_codes) -> Trainer:
     """Load the demos (one set, or several trained on together: the first's action statistics are the model's),
-    build the tokenizer, config and seeded model."""
+    build the tokenizer, config and seeded model.
+
+    The held-out episodes are drawn from the first set alone; every sample of the later sets (an episode's first
+    chunks, a policy's states) trains. So the held-out measures stay those of the first set's demonstrations,
+    whichever sets are added, and adding a set changes no held-out episode."""
     from edgeact.drivers.sim.demos import joined_arrays, load_demos
     from edgeact.export.model import MolmoActModel
     from edgeact.export.synthetic import synthetic_config
@@ -208,7 +212,9 @@ def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
                               norm_stats={NORM_KEY: demos.norm_stats[NORM_KEY]})
     preprocess_config = PreprocessConfig.for_model(cfg, max_crops=options.max_crops)
     encoder = ReferenceEncoder(tokenizer, cfg, preprocess_config, cfg.norm_stats, NORM_KEY, depth_codes_fn)
-    train_idx, held_idx = split_by_episode(arrays["episode"], options.held_out_fraction, options.seed)
+    n_first = sum(shard["samples"] for shard in demos.manifest["shards"])
+    train_idx, held_idx = split_by_episode(arrays["episode"][:n_first], options.held_out_fraction, options.seed)
+    train_idx = np.concatenate([train_idx, np.arange(n_first, len(arrays["episode"]))])
     if not len(train_idx):
         raise ConfigError(f"{', '.join(map(str, dirs))}: no training samples left after holding out episodes; "
                           "record more episodes")

@@ -23,6 +23,12 @@ last one clipped at the episode's end), projected with the camera's intrinsics a
 of the expert's episode instead, as MolmoAct's own traces do (the path to the goal); a reference
 ARM trained on those, with siblings, did worse on pushes (see README), so the chunk stays the default.
 
+First chunks: with `DemoConfig.first_chunk_only`, each episode is run for one chunk only (the expert's first
+`chunk_size` actions, executed as usual) and only its first sample is kept: the frame before the first action,
+the trace over those actions and the chunk itself, the same sample a whole episode's recording starts with
+(tested). Its outcome is not known, so every episode is kept. Far cheaper than a whole episode, it gives the
+training many more scenes to read the named block's place from (README: "More scenes").
+
 Siblings: with `DemoConfig.siblings` = n, each drawn scene is also demonstrated under up to n other
 instructions naming another block (`task.retarget`: same blocks, same arm start, only where that
 task could have been drawn). Their first frames are the same image with another answer, which
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,6 +69,7 @@ class DemoConfig:
     rotation_noise_rad: float = 0.0     # ... and its rotation_noise_rad
     siblings: int = 0                   # other instructions demonstrated on each scene (see the module docstring)
     trace_horizon_actions: int = 8      # the trace covers this many actions ahead; 0: to the end of the episode
+    first_chunk_only: bool = False      # each episode's first sample only, the expert run for one chunk (docstring)
 
     def __post_init__(self) -> None:
         if not (16 <= self.width <= 640 and 16 <= self.height <= 480):
@@ -73,6 +80,9 @@ class DemoConfig:
         if not (0 <= self.siblings < len(COLOURS) * len(TEMPLATES) and self.trace_horizon_actions >= 0):
             raise ConfigError(f"siblings must be in [0, {len(COLOURS) * len(TEMPLATES) - 1}] and "
                               f"trace_horizon_actions >= 0, got {self.siblings}, {self.trace_horizon_actions}")
+        if self.first_chunk_only and self.trace_horizon_actions == 0:
+            raise ConfigError("first_chunk_only records one chunk of each episode, so its trace cannot run to the "
+                              "episode's end: give trace_horizon_actions > 0 (at most the chunk size)")
 
 
 class DemoDatasetError(EdgeactError):
@@ -155,7 +165,8 @@ def sibling_episodes(scene: Episode, n: int, task: TaskConfig | None = None) -> 
 @dataclass(frozen=True)
 class DemoSummary:
     out_dir: Path
-    episodes: int                       # successful expert episodes written (siblings included)
+    episodes: int                       # expert episodes written (siblings included): the successful ones, or
+                                        # with first_chunk_only every one
     successes: dict[str, list[int]]     # template -> [successes, attempts]
     samples: int
     seconds: float
@@ -166,7 +177,7 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
                  expert: ExpertConfig | None = None, task: TaskConfig | None = None,
                  progress: Callable[[int, int], None] | None = None, workers: int = 1) -> DemoSummary:
     """Run `episodes` expert episodes (templates in turn, episode i from seed + i; each with up to config.siblings
-    sibling instructions) and write the successful ones.
+    sibling instructions) and write the successful ones (with config.first_chunk_only: each one's first chunk).
 
     Each shard holds the successes among `config.episodes_per_shard` consecutive episodes, and every episode is
     seeded by its own index, so `workers` processes (each its own simulator and renderer, one shard's episodes at a
@@ -174,11 +185,17 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     process on a 2-core machine."""
     if workers < 1:
         raise ConfigError(f"workers: {workers}; record with at least 1 process")
-    out = _new_set(out_dir, episodes)
     if expert is None:
         rates = runtime_action_mapper()[1]
         expert = ExpertConfig(**rates, execution_noise=config.execution_noise,
                               rotation_noise_rad=config.rotation_noise_rad)
+    if config.first_chunk_only:
+        if config.trace_horizon_actions > expert.chunk_size:
+            raise ConfigError(f"first_chunk_only runs {expert.chunk_size} actions per episode, so a trace over "
+                              f"{config.trace_horizon_actions} cannot be drawn: give trace_horizon_actions <= "
+                              f"{expert.chunk_size}")
+        expert = replace(expert, max_actions=expert.chunk_size)     # the expert stops after its first chunk
+    out = _new_set(out_dir, episodes)
     start_s = time.perf_counter()
     per = config.episodes_per_shard
     blocks = [(lo, min(lo + per, episodes)) for lo in range(0, episodes, per)]
@@ -257,16 +274,17 @@ class _Recorder:
                 frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
                 def grab(k: int, at: Any) -> None:
-                    if k % config.stride_actions == 0:
+                    if (k == 0) if config.first_chunk_only else (k % config.stride_actions == 0):
                         rgb, depth = renderer.render()[:2]
                         frames[k] = rgb, depth, block_pixels(at, depth, camera_pose, renderer.intrinsics)
 
                 rollout = run_expert(self.world, episode, self.mapper, self.expert, on_action=grab,
                                      task_config=self.task)
                 successes[episode.template][1] += 1
-                if not rollout.outcome.success:
+                if rollout.outcome.success:
+                    successes[episode.template][0] += 1
+                elif not config.first_chunk_only:       # a first chunk's episode is never finished: kept
                     continue
-                successes[episode.template][0] += 1
                 for k, (rgb, depth, blocks) in sorted(frames.items()):
                     if k < rollout.n_actions:
                         trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, camera_pose,
@@ -356,6 +374,9 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     if not (1 <= replan_every <= 64 and 0.0 <= expert_mix <= 1.0 and reached_m > 0):
         raise ConfigError(f"replan_every in [1, 64], expert_mix in [0, 1] and reached_m > 0; got {replan_every}, "
                           f"{expert_mix}, {reached_m}")
+    if config.first_chunk_only:
+        raise ConfigError("first_chunk_only records the expert's own first chunks; a policy's episodes are recorded "
+                          "whole: record_demos for first chunks")
     out = _new_set(out_dir, episodes)
     mapper, rates = runtime_action_mapper()
     expert = expert or ExpertConfig(**rates)

@@ -223,6 +223,41 @@ def test_siblings_show_one_scene_under_other_instructions(tmp_path):
         DemoConfig(siblings=-1)
 
 
+def test_a_first_chunk_is_the_sample_a_whole_episode_starts_with(tmp_path, capsys):
+    """sim-demos --first-chunk: the expert runs one chunk per episode and every episode's first sample is kept, the
+    same sample (frame, depth, trace, chunk, blocks) as the whole episode's recording starts with."""
+    import argparse
+
+    from edgeact.drivers import commands_sim
+    from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos
+
+    config = DemoConfig(width=64, height=48, stride_actions=4, execution_noise=0.25)
+    record_demos(tmp_path / "whole", episodes=3, seed=21, config=config)
+    parser = argparse.ArgumentParser()
+    commands_sim.register(parser.add_subparsers())
+    argv = ["sim-demos", "--first-chunk", "--episodes", "3", "--seed", "21", "--out", str(tmp_path / "first"),
+            "--width", "64", "--height", "48", "--stride", "4", "--execution-noise", "0.25"]
+    args = parser.parse_args(argv)
+    assert args.handler(args) == 0
+    assert "3 samples from 3 episodes' first chunks" in capsys.readouterr().out
+    whole, first = load_demos(tmp_path / "whole"), load_demos(tmp_path / "first")
+    assert first.manifest["demo_config"]["first_chunk_only"] and first.manifest["expert_config"]["max_actions"] == 8
+    a, b = whole.arrays(), first.arrays()
+    assert b["episode"].tolist() == [0, 1, 2] and not b["step"].any()
+    done = [e["index"] for e in whole.manifest["episodes"]]
+    assert done                                     # the expert finishes most episodes: some to compare with
+    for episode in done:
+        i, j = np.nonzero((a["episode"] == episode) & (a["step"] == 0))[0][0], episode
+        for name in a:
+            assert np.array_equal(a[name][i], b[name][j]), (episode, name)
+    with pytest.raises(ConfigError, match="to the episode's end"):
+        DemoConfig(first_chunk_only=True, trace_horizon_actions=0)
+    with pytest.raises(ConfigError, match="trace_horizon_actions <= 8"):
+        record_demos(tmp_path / "long", episodes=1, seed=0, config=DemoConfig(first_chunk_only=True,
+                                                                              trace_horizon_actions=12))
+    assert not (tmp_path / "long").exists()
+
+
 def test_two_recording_processes_write_the_same_set_as_one(tmp_path):
     """record_demos(workers=2) splits the episodes by shard over two simulator processes: same files, same manifest."""
     from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos

@@ -1,4 +1,5 @@
 """DAgger's data: a policy drives the simulated arm, the expert labels every state it visits."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
                           ({"reached_m": 0.0}, "reached_m")):
         with pytest.raises(ConfigError, match=words):
             record_policy_demos(tmp_path / "x", HoldStill(), episodes=1, seed=0, config=SMALL, **kwargs)
+    with pytest.raises(ConfigError, match="first_chunk_only records the expert's own"):
+        record_policy_demos(tmp_path / "x", HoldStill(), episodes=1, seed=0,
+                            config=dataclasses.replace(SMALL, first_chunk_only=True))
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="at least 1"):
         record_policy_demos(tmp_path / "y", HoldStill(), episodes=0, seed=0, config=SMALL)
@@ -142,9 +146,9 @@ def test_the_command_refuses_the_experts_options_with_a_policy(tmp_path):
 
     parser = argparse.ArgumentParser()
     commands_sim.register(parser.add_subparsers())
-    for extra in (["--execution-noise", "0.25"], ["--rotation-noise", "0.05"], ["--siblings", "1"]):
+    for extra in (["--execution-noise", "0.25"], ["--rotation-noise", "0.05"], ["--siblings", "1"], ["--first-chunk"]):
         args = parser.parse_args(["sim-demos", "--policy", str(tmp_path / "bundle"), "--episodes", "1",
                                   "--out", str(tmp_path / "o"), *extra])
-        with pytest.raises(ConfigError, match="drop --execution-noise, --rotation-noise and --siblings"):
+        with pytest.raises(ConfigError, match="drop --execution-noise, --rotation-noise, --siblings and --first-chunk"):
             args.handler(args)
     assert not (tmp_path / "o").exists()

@@ -145,13 +145,19 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     commands_train.register(parser.add_subparsers())
-    argv = ["train-reference", "--generate-demos", "3", "--demos", str(tmp_path / "demos"), "--out",
-            str(tmp_path / "ckpt"), "--steps", "2", "--size", "tiny", "--batch-size", "2", "--threads", "1",
-            "--pointing-batch", "2"]
+    argv = ["train-reference", "--generate-demos", "3", "--generate-scenes", "2", "--demos", str(tmp_path / "demos"),
+            str(tmp_path / "scenes"), "--out", str(tmp_path / "ckpt"), "--steps", "2", "--size", "tiny", "--batch-size",
+            "2", "--threads", "1", "--pointing-batch", "2"]
     args = parser.parse_args(argv)
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "reference ARM" in out and "held-out accuracy: point" in out
+    assert "from 2 episodes' first chunks of 2" in out
+    scenes = json.loads((tmp_path / "scenes" / "manifest.json").read_text())
+    assert scenes["seed"] == commands_train.SCENE_SEED_OFFSET and scenes["demo_config"]["first_chunk_only"]
+    log = json.loads((tmp_path / "ckpt" / "training_log.json").read_text())
+    demos_samples = json.loads((tmp_path / "demos" / "manifest.json").read_text())["samples"]
+    assert log["train_samples"] + log["held_out_samples"] == demos_samples + 2
     assert json.loads((tmp_path / "ckpt" / "training_log.json").read_text())["options"]["pointing_batch"] == 2
     assert NORM_KEY in load_checkpoint(tmp_path / "ckpt").norm_stats
     assert (tmp_path / "ckpt" / commands_train.LOSS_PLOT).stat().st_size > 1000
@@ -162,7 +168,7 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     (tmp_path / "demos" / "manifest.json").write_text(json.dumps(manifest))
     args = parser.parse_args(argv + ["--overwrite"])
     assert args.handler(args) == 0
-    assert "reusing" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("reusing") == 2
 
 
 def test_several_sets_train_together_with_the_first_sets_statistics(demos, tmp_path):
@@ -182,6 +188,9 @@ def test_several_sets_train_together_with_the_first_sets_statistics(demos, tmp_p
     one, both = prepare(demos, TrainOptions(steps=1, **TINY)), prepare([demos, second], TrainOptions(steps=1, **TINY))
     n = len(one.arrays["rgb"])
     assert len(both.arrays["rgb"]) == 2 * n and len(both.train_idx) + len(both.held_idx) == 2 * n
+    # Held out from the first set alone, the same episodes as without the second; all of the second trains.
+    assert np.array_equal(both.held_idx, one.held_idx) and len(one.held_idx)
+    assert np.array_equal(both.train_idx, np.concatenate([one.train_idx, np.arange(n, 2 * n)]))
     assert not set(both.arrays["episode"][:n].tolist()) & set(both.arrays["episode"][n:].tolist())
     assert both.cfg.norm_stats == {NORM_KEY: load_demos(demos).norm_stats[NORM_KEY]}
     parser = argparse.ArgumentParser()
@@ -190,6 +199,10 @@ def test_several_sets_train_together_with_the_first_sets_statistics(demos, tmp_p
                               "--generate-demos", "3"])
     assert args.demos == [demos, second]
     with pytest.raises(ConfigError, match="one --demos directory"):
+        args.handler(args)
+    args = parser.parse_args(["train-reference", "--demos", str(demos), "--out", str(tmp_path / "c"),
+                              "--generate-scenes", "3"])
+    with pytest.raises(ConfigError, match="second of two --demos"):
         args.handler(args)
 
 
