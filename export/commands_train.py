@@ -43,8 +43,7 @@ def register(subparsers) -> None:
                         f"from {SCENE_SEED_OFFSET} + --seed (or reuse that recording)")
     p.add_argument("--demo-workers", type=_positive_int, default=1, metavar="N",
                    help="with --generate-demos / --generate-scenes: simulator processes recording the episodes (the "
-                        "same set as one; "
-                        "default 1)")
+                        "same set as one; default 1)")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR})")
