@@ -27,7 +27,7 @@ First chunks: with `DemoConfig.first_chunk_only`, each episode is run for one ch
 `chunk_size` actions, executed as usual) and only its first sample is kept: the frame before the first action,
 the trace over those actions and the chunk itself, the same sample a whole episode's recording starts with
 (tested). Its outcome is not known, so every episode is kept. Far cheaper than a whole episode, it gives the
-training many more scenes to read the named block's place from (README: "More scenes").
+training many more scenes to read the named block's place from (README: "More compute, or more scenes?").
 
 Siblings: with `DemoConfig.siblings` = n, each drawn scene is also demonstrated under up to n other
 instructions naming another block (`task.retarget`: same blocks, same arm start, only where that
