@@ -146,9 +146,11 @@ def test_the_command_refuses_the_experts_options_with_a_policy(tmp_path):
 
     parser = argparse.ArgumentParser()
     commands_sim.register(parser.add_subparsers())
-    for extra in (["--execution-noise", "0.25"], ["--rotation-noise", "0.05"], ["--siblings", "1"], ["--first-chunk"]):
+    for extra in (["--execution-noise", "0.25"], ["--rotation-noise", "0.05"], ["--siblings", "1"],
+                  ["--first-chunk"]):
         args = parser.parse_args(["sim-demos", "--policy", str(tmp_path / "bundle"), "--episodes", "1",
                                   "--out", str(tmp_path / "o"), *extra])
-        with pytest.raises(ConfigError, match="drop --execution-noise, --rotation-noise, --siblings and --first-chunk"):
+        with pytest.raises(ConfigError,
+                           match="drop --execution-noise, --rotation-noise, --siblings and --first-chunk"):
             args.handler(args)
     assert not (tmp_path / "o").exists()

@@ -158,7 +158,7 @@ def test_the_command_records_demos_then_trains(tmp_path, capsys):
     log = json.loads((tmp_path / "ckpt" / "training_log.json").read_text())
     demos_samples = json.loads((tmp_path / "demos" / "manifest.json").read_text())["samples"]
     assert log["train_samples"] + log["held_out_samples"] == demos_samples + 2
-    assert json.loads((tmp_path / "ckpt" / "training_log.json").read_text())["options"]["pointing_batch"] == 2
+    assert log["options"]["pointing_batch"] == 2
     assert NORM_KEY in load_checkpoint(tmp_path / "ckpt").norm_stats
     assert (tmp_path / "ckpt" / commands_train.LOSS_PLOT).stat().st_size > 1000
     # Again: the same recording is reused (also one made before a DemoConfig field existed, which did what its
