@@ -24,7 +24,8 @@ SCENE_SEED_OFFSET = 5_000_000
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train-reference", help="train the small reference ARM (MolmoAct architecture) on the simulated task's demos",
-        description="Train a MolmoAct-architecture model of a few million parameters on the CPU to emit the full "
+        description="Train a MolmoAct-architecture model of a few million parameters on the CPU (or a GPU: "
+                    "--device cuda) to emit the full "
                     "answer (100 depth codes, the end-effector trace, an 8-action chunk) for the simulated "
                     "reference task, and save it as a MolmoAct checkpoint with the demos' action statistics "
                     "(norm_stats key 'edgeact_sim_reference'). With --generate-demos N the expert demonstrations "
@@ -94,6 +95,15 @@ def register(subparsers) -> None:
                    help="add W x a probe loss: at each trace and action position of the answer, a linear head (not "
                         "saved) reads where the named block is in the image from the decoder's hidden state "
                         "(default 0: off)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the steps run: cpu (default, the recipe) or cuda / cuda:N on a machine with an NVIDIA "
+                        "GPU (batches encoded on the CPU by --loader-workers, bfloat16 matrix products)")
+    p.add_argument("--loader-workers", type=int, default=0, metavar="N",
+                   help="processes encoding the batches ahead of the steps (default 0: between steps, as the "
+                        "recipe; a GPU needs several to stay busy); the same batches in the same order")
+    p.add_argument("--init", type=Path, metavar="CKPT",
+                   help="warm start from this checkpoint (same --size, --variant and first --demos set), e.g. the "
+                        "policy whose states a DAgger set (sim-demos --policy) recorded")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint")
     p.set_defaults(handler=_train)
 
@@ -160,7 +170,8 @@ def _train(args: argparse.Namespace) -> int:
                            trace_batch=args.trace_batch, action_sigma=args.action_sigma,
                            connector_init=args.connector_init, feature_decay=args.feature_decay,
                            depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe,
-                           trace_input_noise=args.trace_input_noise)
+                           trace_input_noise=args.trace_input_noise, device=args.device,
+                           loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 

@@ -137,6 +137,75 @@ def test_same_seed_same_weights(demos):
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
 
 
+def test_loader_workers_encode_the_same_batches_in_the_same_order(demos):
+    def run(workers):
+        trainer = prepare(demos, TrainOptions(steps=3, loader_workers=workers, **TINY))
+        return train_steps(trainer), trainer.model.state_dict()
+
+    (loss_a, a), (loss_b, b) = run(0), run(2)
+    assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
+    assert next(iter(a.values())).device.type == "cpu"     # back on the CPU for the held-out measures and saving
+
+
+def test_a_warm_start_begins_from_the_checkpoint_and_refuses_one_that_does_not_fit(demos, tmp_path):
+    import shutil
+
+    from edgeact.drivers.sim.demos import MANIFEST
+    from edgeact.export.checkpoint import load_checkpoint
+    from edgeact.runtime.errors import ConfigError
+
+    first = tmp_path / "first"
+    train_reference(demos, first, TrainOptions(steps=2, **TINY))
+    saved = load_checkpoint(first).tensors
+    warm = prepare(demos, TrainOptions(steps=1, seed=5, init=str(first), **TINY)).model.state_dict()
+    cold = prepare(demos, TrainOptions(steps=1, seed=5, **TINY)).model.state_dict()
+    assert all(torch.equal(warm[k], saved[k]) for k in saved)
+    assert not torch.equal(cold["lm_head.weight"], saved["lm_head.weight"])
+
+    with pytest.raises(ConfigError, match="do not fit this architecture.*--size"):
+        prepare(demos, TrainOptions(steps=1, init=str(first), **{**TINY, "size": "small"}))
+    with pytest.raises(ConfigError, match="tokenizer"):      # pointing adds its instructions to the tokenizer
+        prepare(demos, TrainOptions(steps=1, init=str(first), pointing_batch=1, **TINY))
+    other = tmp_path / "other"
+    shutil.copytree(demos, other)
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["norm_stats"][NORM_KEY]["action"]["q99"] = [9.0] * 7
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="action statistics.*first"):
+        prepare([other, demos], TrainOptions(steps=1, init=str(first), **TINY))
+
+
+def test_the_training_device_is_checked():
+    from edgeact.export.train_reference import training_device
+    from edgeact.runtime.errors import ConfigError
+
+    for bad in ("gpu", "cuda:x", "CPU"):
+        with pytest.raises(ConfigError, match="'cpu', 'cuda' or 'cuda:N'"):
+            TrainOptions(device=bad)
+    with pytest.raises(ConfigError, match="loader_workers"):
+        TrainOptions(loader_workers=-1)
+    with pytest.raises(ConfigError, match="grounding_weight, target_probe_weight train on the CPU only"):
+        TrainOptions(device="cuda", grounding_weight=1.0, target_probe_weight=1.0)
+    assert training_device(TrainOptions()) == torch.device("cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            training_device(TrainOptions(device=f"cuda:{torch.cuda.device_count()}"))
+    else:
+        with pytest.raises(ConfigError, match="no CUDA device.*train on the CPU"):
+            training_device(TrainOptions(device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA); the same steps run on the CPU "
+                                                          "in the tests above")
+def test_steps_on_a_cuda_device_train_and_save_from_the_cpu(demos, tmp_path):
+    report = train_reference(demos, tmp_path / "ckpt", TrainOptions(steps=10, device="cuda", loader_workers=2,
+                                                                     **TINY))
+    assert np.mean(report.losses[-3:]) < np.mean(report.losses[:3]) - 0.5
+    assert report.held_out_samples > 0 and np.isfinite(report.action_bin_error)
+    log = json.loads((tmp_path / "ckpt" / "training_log.json").read_text())
+    assert log["options"]["device"] == "cuda"
+
+
 def test_the_command_records_demos_then_trains(tmp_path, capsys):
     import argparse
 
@@ -635,7 +704,8 @@ def test_the_command_defaults_are_the_options_own():
            "pointing_batch": args.pointing_batch, "grounding_weight": args.grounding_weight,
            "trace_batch": args.trace_batch, "action_sigma": args.action_sigma, "connector_init": args.connector_init,
            "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise,
-           "target_probe_weight": args.target_probe, "trace_input_noise": args.trace_input_noise}
+           "target_probe_weight": args.target_probe, "trace_input_noise": args.trace_input_noise,
+           "device": args.device, "loader_workers": args.loader_workers, "init": args.init}
     assert cli == {name: getattr(defaults, name) for name in cli}
     for init in CONNECTOR_INITS:            # every init the options take, the command takes
         assert parser.parse_args(["train-reference", "--demos", "d", "--out", "o", "--connector-init", init]
