@@ -109,6 +109,14 @@ def _eval(args) -> int:
                       _fmt(row["period_error_p99_ms_max"], 2), _fmt(row["policy_hz_mean"], 2),
                       _fmt(row["decode_steps_mean"], 1))
     console.print(table)
+    failed = [row for row in report.rows() if row["failures"]]
+    if failed:
+        why = Table(title="why the failed episodes failed (their end state; eval.json has each one's measures)")
+        why.add_column("system")
+        why.add_column("failures")
+        for row in failed:
+            why.add_row(row["system"], ", ".join(f"{reason} {n}" for reason, n in row["failures"].items()))
+        console.print(why)
     console.print(f"results: {json_path}; sheets: {options.out_dir / 'sheets'}")
     return 0
 

@@ -20,7 +20,7 @@ def episode_sheet(path: str | Path, result: Any, frame_rgb: np.ndarray, plan: An
     path = Path(path)
     fig = png_figure(path, (13, 4.2), "the episode sheet", "or pass --sheets 0: the JSON has every number")
     image_ax, action_ax, timing_ax = fig.subplots(1, 3, width_ratios=(1.1, 1, 1))
-    verdict = "success" if result.success else "failure"
+    verdict = "success" if result.success else f"failure ({result.failure})" if result.failure else "failure"
     fig.suptitle(f"{result.system}: \"{result.instruction}\" (seed {result.seed}) -> {verdict} "
                  f"in {result.episode_s:.1f} s of {result.time_limit_s:.0f} s")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,13 @@ class EpisodeResult:
     trips: int = 0                          # safety trips besides the safe state at the end
     stop: str = ""
     sheet: str | None = None
+    # The end state (the named block's displacement, the end effector to its top face, the most another block
+    # moved) and, for a failed episode, why: drivers/sim/task.py Outcome.to_dict.
+    outcome: dict[str, Any] | None = None
+
+    @property
+    def failure(self) -> str | None:
+        return None if self.success or self.outcome is None else self.outcome["failure"]
 
 
 @dataclass
@@ -135,6 +143,7 @@ class EvalReport:
                 "policy_hz_mean": _mean([e.policy_hz for e in eps]),
                 "decode_steps_mean": _mean([e.decode_steps_mean for e in eps]),
                 "trips": sum(e.trips for e in eps),
+                "failures": dict(Counter(e.failure for e in eps if e.failure is not None).most_common()),
             })
         return rows
 
@@ -289,7 +298,19 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
                          float(first_success) if success else limit_s, limit_s, stats.plans,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
-                         sum(t["reason"] != "exit" for t in stats.trips), stop)
+                         sum(t["reason"] != "exit" for t in stats.trips), stop,
+                         outcome=_outcome_of_report(task, episode["template"], success))
+
+
+def _outcome_of_report(task: dict[str, Any], template: str, success: bool) -> dict[str, Any] | None:
+    """The end state of a simulator's task report (None: a report without it); no failure where the episode
+    succeeded on the way (the state may have changed since)."""
+    from edgeact.drivers.sim.task import Outcome
+
+    if "target_displacement_m" not in task:
+        return None
+    outcome = Outcome.from_report(task).to_dict(template)
+    return {**outcome, "failure": None} if success else outcome
 
 
 def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:
@@ -368,7 +389,8 @@ class LockstepRunner:
                     break
         out = EpisodeResult(self.system.name, index, seed, template, episode.instruction, success_at is not None,
                             success_at if success_at is not None else episode.time_limit_s, episode.time_limit_s,
-                            plans, _per_s(plans, sum(step_s)), _mean(steps), None, None, stop="lockstep")
+                            plans, _per_s(plans, sum(step_s)), _mean(steps), None, None, stop="lockstep",
+                            outcome=task_outcome(self.world, episode).to_dict(template))
         if sheet is not None and first_plan is not None:
             out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
         return out

@@ -209,12 +209,55 @@ def reset_world(world: Any, episode: Episode) -> None:
         world.drive(joint, torque_on=True, mode="position", goal=q)
 
 
+# Why an episode failed: the first condition of `evaluate`'s predicate its end state misses (Outcome.failure).
+FAILURES = ("disturbed another block", "block knocked off the table", "pushed the wrong way", "block not pushed",
+            "pushed short", "block moved", "block not reached", "wrong height over the block")
+BUDGED_M = 0.01                         # a named block moved less than this was not pushed
+
+
 @dataclass(frozen=True)
 class Outcome:
     success: bool
     target_displacement_m: np.ndarray       # (3,) of the named block since the start
     max_other_displacement_m: float         # the most any other block moved
     ee_to_target_m: np.ndarray              # (3,) end effector minus the named block's top-face centre
+
+    def failure(self, template: str, config: TaskConfig | None = None) -> str | None:
+        """Why this end state is no success, one of FAILURES (None: it is one). Blocks start resting on the table,
+        so the named block is off it once it sank more than its half height."""
+        if self.success:
+            return None
+        config = config or TaskConfig()
+        moved = np.asarray(self.target_displacement_m, dtype=float)
+        if self.max_other_displacement_m > config.disturb_m:
+            return "disturbed another block"
+        if template == "move_to":
+            if float(np.linalg.norm(moved)) > config.disturb_m:
+                return "block moved"
+            if float(np.linalg.norm(np.asarray(self.ee_to_target_m, dtype=float)[:2])) > config.move_radius_m:
+                return "block not reached"
+            return "wrong height over the block"
+        if moved[2] < -BLOCK_HALF_M:
+            return "block knocked off the table"
+        along = PUSH_SIGN[template] * moved[1]
+        if along <= -BUDGED_M:
+            return "pushed the wrong way"
+        if float(np.linalg.norm(moved[:2])) < BUDGED_M:
+            return "block not pushed"
+        return "pushed short"
+
+    def to_dict(self, template: str) -> dict[str, Any]:
+        """The end state's measures (m, rounded to 0.1 mm) and its failure, as an evaluation reports them."""
+        return {"target_displacement_m": [round(float(v), 4) for v in self.target_displacement_m],
+                "ee_to_target_m": [round(float(v), 4) for v in self.ee_to_target_m],
+                "max_other_displacement_m": round(float(self.max_other_displacement_m), 4),
+                "failure": self.failure(template)}
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any]) -> "Outcome":
+        """From a simulator's task report (runtime/sim_mujoco.py: TaskTracker.report)."""
+        return cls(bool(report["success"]), np.asarray(report["target_displacement_m"], dtype=float),
+                   float(report["max_other_displacement_m"]), np.asarray(report["ee_to_target_m"], dtype=float))
 
 
 def evaluate(world: Any, episode: Episode, config: TaskConfig | None = None) -> Outcome:

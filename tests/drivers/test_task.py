@@ -9,9 +9,9 @@ from edgeact.runtime.errors import ConfigError
 pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip install mujoco==4.0.0)")
 
 from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
-from edgeact.drivers.sim.task import (BLOCKS, COLOURS, PUSH_SIGN, READY_EE_XY_M, SHOULDER_XY_M,  # noqa: E402
-                                      TEMPLATES, TaskConfig, evaluate, instruction_for, reset_world, retarget,
-                                      sample_episode)
+from edgeact.drivers.sim.task import (BLOCKS, COLOURS, FAILURES, PUSH_SIGN, READY_EE_XY_M,  # noqa: E402
+                                      SHOULDER_XY_M, TEMPLATES, Outcome, TaskConfig, evaluate, instruction_for,
+                                      reset_world, retarget, sample_episode)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,6 +149,50 @@ def test_move_to_success_needs_the_end_effector_just_above_the_block(world):
     assert not far_below.success                        # 10.5 cm above the top face: too high to count
     assert evaluate(world, block_at([ee[0], ee[1], ee[2] - 0.06])).success
     assert not evaluate(world, block_at([ee[0] + 0.04, ee[1], ee[2] - 0.06])).success
+
+
+def test_a_failed_push_says_why(world):
+    e = sample_episode(5, "push_left")
+    target, other = e.target_block, next(b for b in BLOCKS.values() if b != e.target_block)
+    start = e.block_positions_m[target]
+
+    def why(offset_m, other_offset_m=(0.0, 0.0, 0.0)):
+        reset_world(world, e)
+        world.set_body_pose(target, start + offset_m)
+        world.set_body_pose(other, e.block_positions_m[other] + other_offset_m)
+        return evaluate(world, e).failure(e.template)
+
+    assert why([0.0, 0.06, 0.0]) is None                                # pushed 6 cm the asked way: a success
+    assert why([0.0, 0.0, 0.0]) == "block not pushed"
+    assert why([0.0, 0.03, 0.0]) == "pushed short"
+    assert why([0.0, -0.03, 0.0]) == "pushed the wrong way"
+    assert why([0.0, 0.06, -0.05]) == "block knocked off the table"     # far enough, but below the table top
+    assert why([0.0, 0.06, 0.0], [0.05, 0.0, 0.0]) == "disturbed another block"
+
+
+def test_a_failed_move_to_says_why(world):
+    e = sample_episode(8, "move_to")
+    reset_world(world, e)
+    ee = world.site_pose("ee")[0]
+
+    def why(block_m, start_m=None):
+        world.set_body_pose(e.target_block, block_m)
+        moved = dataclasses.replace(e, block_positions_m={**e.block_positions_m,
+                                                          e.target_block: np.array(start_m or block_m)})
+        outcome = evaluate(world, moved)
+        return outcome.failure(e.template), outcome
+
+    assert why([ee[0], ee[1], ee[2] - 0.06])[0] is None
+    assert why([ee[0] + 0.04, ee[1], ee[2] - 0.06])[0] == "block not reached"
+    assert why([ee[0], ee[1], ee[2] - 0.12])[0] == "wrong height over the block"
+    assert why([ee[0], ee[1], ee[2] - 0.06], [ee[0] + 0.04, ee[1], ee[2] - 0.06])[0] == "block moved"
+    # The simulator's task report carries the same measures, and gives the same answer.
+    failure, outcome = why([ee[0] + 0.04, ee[1], ee[2] - 0.06])
+    report = {"success": outcome.success, "target_displacement_m": outcome.target_displacement_m.tolist(),
+              "ee_to_target_m": outcome.ee_to_target_m.tolist(),
+              "max_other_displacement_m": outcome.max_other_displacement_m}
+    assert Outcome.from_report(report).to_dict(e.template) == outcome.to_dict(e.template)
+    assert outcome.to_dict(e.template)["failure"] == failure in FAILURES
 
 
 def test_no_move_to_episode_starts_as_a_success(world):

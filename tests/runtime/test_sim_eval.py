@@ -118,6 +118,29 @@ def test_lockstep_execution_is_the_experts_so_its_actions_succeed(exported, tmp_
     assert (tmp_path / "sheet.png").stat().st_size > 10_000
 
 
+def test_an_arm_that_holds_still_fails_for_not_reaching_the_block(exported, tmp_path):
+    system = eval_systems({"still": exported.bundle_dir}, ["generated"])[0]
+    runner = LockstepRunner(mujoco_robot_config_dict(), system, 8, "<test>", policy=_Still())
+    try:
+        result = runner.episode(0, 1_000_000, "move_to", tmp_path / "sheet.png")
+    finally:
+        runner.close()
+    assert not result.success and result.failure == "block not reached"
+    assert np.linalg.norm(result.outcome["ee_to_target_m"][:2]) > 0.025        # the task's reach radius
+    assert result.outcome["target_displacement_m"] == pytest.approx([0, 0, 0], abs=1e-3)
+
+
+class _Still:
+    """Every action zero: the arm holds its start."""
+
+    def infer(self, rgb, instruction, depth_m=None):
+        chunk = np.zeros((8, 7))
+        return SimpleNamespace(actions=chunk, actions_normalized=chunk, trace_px=None, decode_steps=0)
+
+    def close(self) -> None:
+        pass
+
+
 class _CountingPlans:
     """Plan k (from 0) predicts k in every dimension of its 8 actions."""
 
@@ -255,8 +278,14 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     rows = report.rows()
     assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
     assert [r["action_decoding"] for r in rows] == ["median", "median"]
+    # Each failed episode says why, from its end state; the rows count the reasons.
+    for e in report.episodes:
+        assert (e.failure is None) == e.success and set(e.outcome) >= {"target_displacement_m", "ee_to_target_m"}
+    assert [sum(r["failures"].values()) for r in rows] == [sum(not e.success for e in by_system[s.name])
+                                                           for s in systems]
     data = json.loads((tmp_path / "eval.json").read_text())      # written as the episodes finish
     assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
+    assert [e["outcome"] for e in data["episodes"]] == [e.outcome for e in report.episodes]
     sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
     assert sheets == ["tiny-forced-depth_000.png", "tiny-generated-depth_000.png"]
 
@@ -294,6 +323,7 @@ def test_a_realtime_episode_runs_the_loop_and_reads_the_simulators_verdict(expor
     assert episode.stop == "duration" and episode.plans >= 1 and episode.decode_steps_mean > 100
     assert 50 < episode.control_hz <= 101 and episode.period_error_p99_ms is not None
     assert episode.success == (episode.episode_s < episode.time_limit_s)
+    assert episode.outcome is not None and (episode.failure is None) == episode.success
     assert (tmp_path / "sheets" / "tiny-generated-depth_000.png").read_bytes()[:4] == b"\x89PNG"
 
 
