@@ -124,8 +124,8 @@ class TrainOptions:
     # device has it; weights and optimizer fp32. A GPU run is not bit-identical to a CPU run of the same options.
     device: str = "cpu"
     # Processes that encode the answer batches ahead of the steps (0: the training process between steps, as the
-    # recipe). A GPU step of the reference size took 42 ms at batch 64 on an H200, while one process encodes a
-    # sample in a few ms: without them the GPU waits on the encoding. Same batches, same order, either way.
+    # recipe). A GPU step of the reference size took 42 ms at batch 64 on an H200 (another run beside it), while one
+    # process encodes a sample in a few ms: without them the GPU waits on the encoding. Same batches, same order.
     loader_workers: int = 0
     # Warm start: a checkpoint of this architecture and tokenizer, trained with the same first demos set (its action
     # statistics), whose weights replace the seeded initialization, e.g. DAgger's next round goes on from the policy

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +84,9 @@ class EvalOptions:
         if not 1 <= self.replan_every <= 64 or self.sheets < 0:
             raise ConfigError(f"--replan-every must be in [1, 64] and --sheets >= 0; got {self.replan_every}, "
                               f"{self.sheets}")
+
+
+LATE = "succeeded after the time limit"      # a realtime episode's failure that is no end-state failure
 
 
 @dataclass
@@ -310,7 +313,10 @@ def _outcome_of_report(task: dict[str, Any], template: str, success: bool) -> di
     if "target_displacement_m" not in task:
         return None
     outcome = Outcome.from_report(task).to_dict(template)
-    return {**outcome, "failure": None} if success else outcome
+    if success:
+        return {**outcome, "failure": None}
+    # The end state may be a success the run saw only after the time limit (its last judgement).
+    return outcome if outcome["failure"] is not None else {**outcome, "failure": LATE}
 
 
 def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:
