@@ -148,12 +148,25 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from edgeact.export.train_reference import TrainOptions, train_reference
+    from edgeact.export.checkpoint import CONFIG_FILE
+    from edgeact.export.train_reference import TrainOptions, train_reference, training_device
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
     from edgeact.runtime.errors import ConfigError
 
     console = Console(highlight=False)
     torch.set_num_threads(args.threads)
+    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
+                           variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
+                           grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
+                           trace_batch=args.trace_batch, action_sigma=args.action_sigma,
+                           connector_init=args.connector_init, feature_decay=args.feature_decay,
+                           depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe,
+                           trace_input_noise=args.trace_input_noise, device=args.device,
+                           loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
+    training_device(options)        # before any recording: a missing GPU or checkpoint is said at once
+    if options.init is not None and not (Path(options.init) / CONFIG_FILE).is_file():
+        raise ConfigError(f"--init {options.init}: no checkpoint there ({CONFIG_FILE} missing); give a directory "
+                          "that `edgeact train-reference --out` wrote")
     if args.generate_scenes and len(args.demos) != 2:
         raise ConfigError(f"--generate-scenes records into the second of two --demos directories (the expert's "
                           f"episodes first), got {len(args.demos)}")
@@ -164,14 +177,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.generate_scenes:
         _record(args.demos[1], args.generate_scenes, SCENE_SEED_OFFSET + args.seed, console, args.demo_workers,
                 first_chunk=True)
-    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
-                           variant=args.variant, compile=args.compile, pointing_batch=args.pointing_batch,
-                           grounding_weight=args.grounding_weight, pointing_first_steps=args.pointing_first,
-                           trace_batch=args.trace_batch, action_sigma=args.action_sigma,
-                           connector_init=args.connector_init, feature_decay=args.feature_decay,
-                           depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe,
-                           trace_input_noise=args.trace_input_noise, device=args.device,
-                           loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
     depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 

@@ -195,6 +195,29 @@ def test_the_training_device_is_checked():
             training_device(TrainOptions(device="cuda"))
 
 
+def test_the_command_refuses_a_missing_gpu_or_checkpoint_before_recording_anything(tmp_path):
+    import argparse
+
+    from edgeact.export import commands_train
+    from edgeact.runtime.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    commands_train.register(parser.add_subparsers())
+    base = ["train-reference", "--demos", str(tmp_path / "demos"), "--out", str(tmp_path / "c"), "--generate-demos",
+            "3"]
+
+    def run(*extra):
+        args = parser.parse_args(base + list(extra))
+        return args.handler(args)
+
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        run("--init", str(tmp_path / "nowhere"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            run("--device", "cuda")
+    assert not (tmp_path / "demos").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA); the same steps run on the CPU "
                                                           "in the tests above")
 def test_steps_on_a_cuda_device_train_and_save_from_the_cpu(demos, tmp_path):
