@@ -178,10 +178,11 @@ def task_rows(task: dict) -> list[tuple[str, str]]:
     def centimetres(metres) -> str:
         return " ".join(f"{x * 100:+.1f}" for x in metres) + " cm"
 
+    end = task["outcome"]
     return [("result", verdict),
-            ("named block moved (x, y, z), at the end", centimetres(task["target_displacement_m"])),
-            ("end effector to the block's top (x, y, z), at the end", centimetres(task["ee_to_target_m"])),
-            ("other blocks moved at most, at the end", f"{task['max_other_displacement_m'] * 100:.1f} cm")]
+            ("named block moved (x, y, z), at the end", centimetres(end["target_displacement_m"])),
+            ("end effector to the block's top (x, y, z), at the end", centimetres(end["ee_to_target_m"])),
+            ("other blocks moved at most, at the end", f"{end['max_other_displacement_m'] * 100:.1f} cm")]
 
 
 def _finish(result, console) -> int:

@@ -302,21 +302,16 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
                          sum(t["reason"] != "exit" for t in stats.trips), stop,
-                         outcome=_outcome_of_report(task, episode["template"], success))
+                         outcome=_episode_outcome(task["outcome"], success))
 
 
-def _outcome_of_report(task: dict[str, Any], template: str, success: bool) -> dict[str, Any] | None:
-    """The end state of a simulator's task report (None: a report without it); no failure where the episode
-    succeeded on the way (the state may have changed since)."""
-    from edgeact.drivers.sim.task import Outcome
-
-    if "target_displacement_m" not in task:
-        return None
-    outcome = Outcome.from_report(task).to_dict(template)
+def _episode_outcome(end: dict[str, Any], success: bool) -> dict[str, Any]:
+    """The end state of a simulator's task report as the episode's: no failure where the episode succeeded on the
+    way (the state may have changed since), and a success seen only after the time limit (the run's last
+    judgement) is one."""
     if success:
-        return {**outcome, "failure": None}
-    # The end state may be a success the run saw only after the time limit (its last judgement).
-    return outcome if outcome["failure"] is not None else {**outcome, "failure": LATE}
+        return {**end, "failure": None}
+    return end if end["failure"] is not None else {**end, "failure": LATE}
 
 
 def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:

@@ -146,9 +146,7 @@ class TaskTracker:
             self.first_success_s = now_s - self.start_s
         return {"episode": self.episode.to_dict(), "success": outcome.success,
                 "first_success_s": self.first_success_s, "sim_time_s": now_s - self.start_s,
-                "target_displacement_m": [float(v) for v in outcome.target_displacement_m],
-                "ee_to_target_m": [float(v) for v in outcome.ee_to_target_m],
-                "max_other_displacement_m": float(outcome.max_other_displacement_m)}
+                "outcome": outcome.to_dict(self.episode.template)}
 
 
 # -- the parent's side ---------------------------------------------------------------------------

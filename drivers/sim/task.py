@@ -247,17 +247,12 @@ class Outcome:
         return "pushed short"
 
     def to_dict(self, template: str) -> dict[str, Any]:
-        """The end state's measures (m, rounded to 0.1 mm) and its failure, as an evaluation reports them."""
+        """The end state's measures (m, rounded to 0.1 mm) and its failure, as the simulator's task report and an
+        evaluation carry them."""
         return {"target_displacement_m": [round(float(v), 4) for v in self.target_displacement_m],
                 "ee_to_target_m": [round(float(v), 4) for v in self.ee_to_target_m],
                 "max_other_displacement_m": round(float(self.max_other_displacement_m), 4),
                 "failure": self.failure(template)}
-
-    @classmethod
-    def from_report(cls, report: dict[str, Any]) -> "Outcome":
-        """From a simulator's task report (runtime/sim_mujoco.py: TaskTracker.report)."""
-        return cls(bool(report["success"]), np.asarray(report["target_displacement_m"], dtype=float),
-                   float(report["max_other_displacement_m"]), np.asarray(report["ee_to_target_m"], dtype=float))
 
 
 def evaluate(world: Any, episode: Episode, config: TaskConfig | None = None) -> Outcome:

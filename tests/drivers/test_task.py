@@ -10,7 +10,7 @@ pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip ins
 
 from edgeact.drivers.sim.mujoco_robot import MujocoWorld  # noqa: E402
 from edgeact.drivers.sim.task import (BLOCKS, COLOURS, FAILURES, PUSH_SIGN, READY_EE_XY_M,  # noqa: E402
-                                      SHOULDER_XY_M, TEMPLATES, Outcome, TaskConfig, evaluate, instruction_for,
+                                      SHOULDER_XY_M, TEMPLATES, TaskConfig, evaluate, instruction_for,
                                       reset_world, retarget, sample_episode)
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,12 +186,7 @@ def test_a_failed_move_to_says_why(world):
     assert why([ee[0] + 0.04, ee[1], ee[2] - 0.06])[0] == "block not reached"
     assert why([ee[0], ee[1], ee[2] - 0.12])[0] == "wrong height over the block"
     assert why([ee[0], ee[1], ee[2] - 0.06], [ee[0] + 0.04, ee[1], ee[2] - 0.06])[0] == "block moved"
-    # The simulator's task report carries the same measures, and gives the same answer.
     failure, outcome = why([ee[0] + 0.04, ee[1], ee[2] - 0.06])
-    report = {"success": outcome.success, "target_displacement_m": outcome.target_displacement_m.tolist(),
-              "ee_to_target_m": outcome.ee_to_target_m.tolist(),
-              "max_other_displacement_m": outcome.max_other_displacement_m}
-    assert Outcome.from_report(report).to_dict(e.template) == outcome.to_dict(e.template)
     assert outcome.to_dict(e.template)["failure"] == failure in FAILURES
 
 

@@ -120,14 +120,15 @@ def test_the_mujoco_demo_runs_one_episode_and_reports_the_task(tmp_path, capsys)
 
 def test_the_task_report_says_when_a_success_was_undone_by_the_end():
     episode = {"instruction": "push the green block to the right", "seed": 1, "time_limit_s": 9.0}
-    task = {"episode": episode, "success": True, "first_success_s": 2.04, "sim_time_s": 9.0,
-            "target_displacement_m": [-0.027, -0.136, 0.0], "ee_to_target_m": [0.011, 0.022, 0.0],
-            "max_other_displacement_m": 0.0}
+    end = {"target_displacement_m": [-0.027, -0.136, 0.0], "ee_to_target_m": [0.011, 0.022, 0.0],
+           "max_other_displacement_m": 0.0, "failure": None}
+    task = {"episode": episode, "success": True, "first_success_s": 2.04, "sim_time_s": 9.0, "outcome": end}
     rows = dict(commands_loop.task_rows(task))
     assert rows["result"] == "[green]SUCCESS[/] after 2.0 s"
     assert rows["named block moved (x, y, z), at the end"] == "-2.7 -13.6 +0.0 cm"
     # The loop runs on after the first success: the block pushed on, off the table, is no success at the end.
-    fallen = dict(task, success=False, target_displacement_m=[-0.18, -0.23, -0.2])
+    fallen = dict(task, success=False, outcome={**end, "target_displacement_m": [-0.18, -0.23, -0.2],
+                                                "failure": "block knocked off the table"})
     assert dict(commands_loop.task_rows(fallen))["result"] == \
         "[green]SUCCESS[/] after 2.0 s, [yellow]undone[/] by the end (9.0 s)"
     never = dict(task, success=False, first_success_s=None)

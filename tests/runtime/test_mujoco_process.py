@@ -55,8 +55,9 @@ def test_the_episode_and_its_report_at_the_start(started):
     assert report["episode"] == episode.to_dict()
     assert report["success"] is False and report["first_success_s"] is None
     assert 0.0 <= report["sim_time_s"] < 60.0
-    assert report["target_displacement_m"] == pytest.approx([0.0, 0.0, 0.0], abs=2e-3)
-    assert report["max_other_displacement_m"] < 2e-3 and len(report["ee_to_target_m"]) == 3
+    assert report["outcome"]["target_displacement_m"] == pytest.approx([0.0, 0.0, 0.0], abs=2e-3)
+    assert report["outcome"]["max_other_displacement_m"] < 2e-3 and len(report["outcome"]["ee_to_target_m"]) == 3
+    assert report["outcome"]["failure"] == "block not reached"        # the arm at its start, away from the block
 
 
 def test_the_driver_reads_the_episode_arm_start(started):
@@ -126,7 +127,7 @@ def test_the_first_success_is_the_first_judgement_that_holds():
     assert tracker.first_success_s == pytest.approx(0.27, abs=world.timestep_s)
     report = tracker.report()
     assert report["success"] and report["first_success_s"] == tracker.first_success_s
-    assert report["target_displacement_m"][1] == pytest.approx(0.06, abs=0.01)
+    assert report["outcome"]["target_displacement_m"][1] == pytest.approx(0.06, abs=0.01)
 
     # The loop starts later than the reset (the robot stack loads meanwhile): times count from its start.
     tracker.mark_start()

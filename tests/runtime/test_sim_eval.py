@@ -136,16 +136,17 @@ def test_a_realtime_episode_says_why_from_the_simulators_report():
 
     episode = {"seed": 1, "template": "push_left", "instruction": "push the red block to the left", "time_limit_s": 9.0}
     end = {"target_displacement_m": [0.0, 0.02, 0.0], "ee_to_target_m": [0.0, 0.03, 0.05],
-           "max_other_displacement_m": 0.0}
+           "max_other_displacement_m": 0.0, "failure": "pushed short"}
 
     def result(success, first_success_s, **changes):
-        task = {"episode": episode, "success": success, "first_success_s": first_success_s, **end, **changes}
+        task = {"episode": episode, "success": success, "first_success_s": first_success_s,
+                "outcome": {**end, **changes}}
         return realtime_result("s", 0, task, TimingStats(100.0), "duration")
 
     assert result(False, None).failure == "pushed short"
     # A success on the way counts, whatever the end state; one seen only after the limit does not.
     assert result(False, 3.0).success and result(False, 3.0).failure is None
-    late = result(True, 9.4, target_displacement_m=[0.0, 0.06, 0.0])
+    late = result(True, 9.4, target_displacement_m=[0.0, 0.06, 0.0], failure=None)
     assert not late.success and late.failure == LATE
 
 
