@@ -211,8 +211,9 @@ def _train(args: argparse.Namespace) -> int:
                                                     f"{end['constant']:.1f} ({end['frames']} first frames)"))
     if report.image_use:
         use = report.image_use
+        note = image_use_note(use["own"], use["other"])
         rows.append(("held-out trace + action loss", f"{use['own']:.3f} with the sample's frame, {use['other']:.3f} "
-                                                     f"with another scene's ({image_use_note(use['own'], use['other'])})"))
+                                                     f"with another scene's ({note})"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
