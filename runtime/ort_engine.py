@@ -67,6 +67,12 @@ CPU_ARENAS = ("session", "off")
 # small and the next run reuses them without a malloc.
 SHRINK_MIN_TOKENS = 64
 ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"     # TensorRT-EP engine cache inside the bundle, per device
+# onnxruntime's CPU provider has no float8 kernels, and its QDQ rules keep every DequantizeLinear of an fp8 weight
+# in the graph for a fusion float8 does not have: each run dequantized every weight again (the reference ARM's
+# fp8 decoder stepped at 0.1x fp32's speed). With the QDQ rules off, constant folding turns those weights into
+# float once, at load; the activations' Q/DQ pairs still round every value as E4M3 does. On the CPU an fp8 stage
+# is an emulation of fp8's arithmetic, for checking accuracy (verify, the quantize report, lockstep eval).
+CPU_FP8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ def make_session(bundle: Bundle, stage: str, options: OrtOptions):
         so.inter_op_num_threads = 1
     so.enable_cpu_mem_arena = options.cpu_arena != "off"
     so.enable_mem_pattern = options.mem_pattern
+    if options.provider == "cpu":
+        apply_cpu_emulation(so, spec)
     level = options.graph_optimization or recorded_graph_level(bundle, stage)
     so.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -155,6 +163,13 @@ def make_session(bundle: Bundle, stage: str, options: OrtOptions):
     # glibc keeps those pages: 80 MB of the int8 bench bundle's 394 MB after load (measured, /proc VmRSS).
     release_heap()
     return session
+
+
+def apply_cpu_emulation(session_options, spec: StageSpec) -> None:
+    """Session settings for a stage whose precision the CPU provider only emulates (fp8: CPU_FP8_SESSION_CONFIG)."""
+    if spec.precision == "fp8":
+        for key, value in CPU_FP8_SESSION_CONFIG.items():
+            session_options.add_session_config_entry(key, value)
 
 
 def release_heap() -> None:

@@ -18,6 +18,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import BundleError, EdgeactError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache, is_fused
+from edgeact.runtime.ort_engine import apply_cpu_emulation
 from edgeact.runtime.stage_spec import numpy_dtype
 from edgeact.runtime.vision_stages import VisionStages
 
@@ -36,6 +37,8 @@ class OrtStage:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if providers[0] == "CPUExecutionProvider":
+            apply_cpu_emulation(options, self.spec)
         path = bundle.stage_path(name)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers))

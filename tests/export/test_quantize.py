@@ -481,6 +481,63 @@ def test_fp8_graph_is_e4m3_qdq_at_opset_19(quantized):
     assert len(fp8) > results["fp8"].stage_notes["decoder"]["quantized_nodes"] > 0   # weights plus the zero point
 
 
+def _optimized_graph(bundle, stage, tmp_path, emulate: bool):
+    """The graph onnxruntime's CPU provider runs for a stage (saved after its optimizations)."""
+    import onnxruntime as ort
+
+    from edgeact.runtime.ort_engine import apply_cpu_emulation
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3       # saving an "all"-level graph warns that it is this machine's
+    if emulate:
+        apply_cpu_emulation(options, bundle.stage(stage))
+    options.optimized_model_filepath = str(tmp_path / f"{stage}-{emulate}.onnx")
+    ort.InferenceSession(str(bundle.stage_path(stage)), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+def test_fp8_weights_on_the_cpu_are_dequantized_once_at_load_and_activations_still_round(quantized, tmp_path):
+    from ml_dtypes import float8_e4m3fn
+
+    from edgeact.runtime.ort_engine import OrtOptions, make_session
+    from edgeact.runtime.ort_stages import OrtStage
+
+    results, _, _ = quantized
+    bundle = load_bundle(results["fp8"].out, allow_failed_verification=True)
+    source = onnx.load(str(bundle.stage_path(io.DECODER_STAGE)))
+    inits = {t.name: t for t in source.graph.initializer}
+    fp8_weights = {t.name for t in source.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN
+                   and t.dims}
+    rounding = sum(n.op_type == "QuantizeLinear" for n in source.graph.node)
+    assert fp8_weights and rounding
+
+    # onnxruntime's own choice: a DequantizeLinear of every fp8 weight left in the graph, run on every call.
+    left = _optimized_graph(bundle, io.DECODER_STAGE, tmp_path, emulate=False)
+    assert {n.input[0] for n in left.graph.node if n.op_type == "DequantizeLinear"} >= fp8_weights
+
+    emulated = _optimized_graph(bundle, io.DECODER_STAGE, tmp_path, emulate=True)
+    dequantized = [n for n in emulated.graph.node if n.op_type == "DequantizeLinear"]
+    assert not {n.input[0] for n in dequantized} & fp8_weights
+    # The activations are still rounded to E4M3 at every linear layer's input.
+    assert sum(n.op_type == "QuantizeLinear" for n in emulated.graph.node) == rounding
+    assert len(dequantized) == rounding
+    # The folded weights are the fp8 weights dequantized, not the fp32 ones they came from.
+    node = next(n for n in source.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in fp8_weights)
+    weight = np.frombuffer(inits[node.input[0]].raw_data, float8_e4m3fn).reshape(inits[node.input[0]].dims)
+    expected = weight.astype(np.float32) * numpy_helper.to_array(inits[node.input[1]])
+    folded = [numpy_helper.to_array(t) for t in emulated.graph.initializer if tuple(t.dims) == expected.shape]
+    assert any(np.array_equal(f, expected) for f in folded)
+
+    # Both onnxruntime runners take the setting for fp8 stages on the CPU, and only for them.
+    key = "session.disable_quant_qdq"
+    session = make_session(bundle, io.DECODER_STAGE, OrtOptions(threads=1))
+    assert session.get_session_options().get_session_config_entry(key) == "1"
+    assert OrtStage(bundle, io.DECODER_STAGE, threads=1).session.get_session_options().get_session_config_entry(key) == "1"
+    int8 = load_bundle(results["int8-dynamic"].out, allow_failed_verification=True)
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        make_session(int8, io.DECODER_STAGE, OrtOptions(threads=1)).get_session_options().get_session_config_entry(key)
+
+
 def test_fp8_for_orin_is_refused_naming_int8_and_int4(sources, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"fp8 needs SM >= 8\.9.*int8.*int4"):
         QuantizeOptions("fp8", target="orin")
