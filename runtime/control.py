@@ -5,8 +5,11 @@ t_obs is the plan's observation (frame capture) time and r the action rate. A pl
 `plan.latency_s` after t_obs, so its first floor(latency * r) actions are already in the past:
 they are skipped, and the robot starts on the action whose slot is now (latency compensation).
 Within an action the joint targets move linearly from where the action started (interpolation
-at the control rate). After the last action, and whenever the plan is older than
-`plan_max_age_s`, the targets hold.
+at the control rate). A new plan takes over from where the robot was last sent, at the time it was
+sent: of the action whose slot is now, it applies only the share after the previous tick (the slot's
+earlier part ran under the previous plan; an action is a motion per slot, so applying it from the
+slot's start would add that part again at once, a jump that carries every later target too far).
+After the last action, and whenever the plan is older than `plan_max_age_s`, the targets hold.
 
 Action -> joints goes through an `ActionMapper` chosen by name. MolmoAct's actions are
 end-effector deltas; until inverse kinematics arrives with the simulated arm, the only mapper
@@ -184,12 +187,15 @@ class ChunkFollower:
         self._plan: Plan | None = None
         self._index: int | None = None      # the action whose start is self._start
         self._start: dict[str, float] = {}
+        self._begun = 0.0                   # the fraction of that action's slot gone when self._start was taken
+        self._last_tick_s: float | None = None
         self._hold: dict[str, float] | None = dict(self._last_sent)
 
     def record_sent(self, sent_rad: dict[str, float]) -> None:
         self._last_sent.update((j, v) for j, v in sent_rad.items() if j in self._last_sent)
 
     def decide(self, now_s: float, plan: Plan | None) -> ControlDecision:
+        previous_s, self._last_tick_s = self._last_tick_s, now_s
         if plan is None:
             return ControlDecision(self._holding(), "wait")
         new_plan = plan is not self._plan
@@ -204,16 +210,19 @@ class ChunkFollower:
         if self._index is None:             # first tick on this plan: the past actions are skipped
             skipped = min(index, plan.n_actions)
             self._index = skipped
+            # The robot is where the last tick sent it: this action's slot had run to there (to now on a first tick).
+            sent_at = position if previous_s is None else (previous_s - plan.observation_time_s) * self.action_rate_hz
+            self._begun = min(max(sent_at - index, 0.0), position - index) if index < plan.n_actions else 0.0
         last = min(index, plan.n_actions)
         while self._index < last:           # actions whose slot ended since the last tick: completed
-            self._start = self.mapper.apply(self._start, plan.actions[self._index], 1.0)
-            self._index += 1
+            self._start = self.mapper.apply(self._start, plan.actions[self._index], 1.0 - self._begun)
+            self._index, self._begun = self._index + 1, 0.0
         self._hold = None
         if index >= plan.n_actions:
             return ControlDecision(dict(self._start), "done", new_plan=new_plan, skipped_actions=skipped,
                                    plan_age_s=age_s)
         fraction = position - index
-        targets = self.mapper.apply(self._start, plan.actions[index], fraction)
+        targets = self.mapper.apply(self._start, plan.actions[index], fraction - self._begun)
         return ControlDecision(targets, "follow", index, fraction, new_plan, skipped, age_s)
 
     def _holding(self) -> dict[str, float]:

@@ -81,11 +81,13 @@ def test_latency_skips_the_actions_already_in_the_past():
     first = f.decide(T0 + 0.33, p)                      # the plan arrives 330 ms after its frame
     assert first.new_plan and first.skipped_actions == 3
     assert first.action_index == 3 and first.fraction == pytest.approx(0.3)
-    # Starts from where the robot was told to be; the skipped actions 10, 20, 30 are never applied.
-    assert first.targets_rad["a"] == pytest.approx(1.0 + 2.0 * 0.4 * 0.3)
+    # Starts from where the robot was told to be (first tick: no motion yet); the skipped actions 10, 20, 30 are
+    # never applied.
+    assert first.targets_rad["a"] == pytest.approx(1.0)
     nxt = f.decide(T0 + 0.45, p)
     assert nxt.action_index == 4 and nxt.skipped_actions == 0
-    assert nxt.targets_rad["a"] == pytest.approx(1.0 + 2.0 * (0.4 + 0.5 * 0.5))
+    # Action 3 ran for the 70 % of its slot left when the plan took over, action 4 for half of its slot.
+    assert nxt.targets_rad["a"] == pytest.approx(1.0 + 2.0 * (0.4 * 0.7 + 0.5 * 0.5))
 
 
 def test_a_plan_late_for_all_its_actions_does_not_move_the_robot():
@@ -107,7 +109,7 @@ def test_stale_plan_holds_where_the_robot_was_last_sent():
     assert f.decide(T0 + 0.5, p).targets_rad == stale.targets_rad          # frozen, not drifting
     fresh = f.decide(T0 + 0.52, plan([0.1] * 8, observation_time_s=T0 + 0.5))
     assert fresh.mode == "follow" and fresh.new_plan
-    assert fresh.targets_rad["a"] == pytest.approx(0.123 + 2.0 * 0.1 * 0.2)
+    assert fresh.targets_rad["a"] == pytest.approx(0.123 + 2.0 * 0.1 * 0.2)      # 20 ms of it since the last tick
 
 
 def test_a_new_plan_starts_from_what_was_really_sent():
@@ -116,6 +118,25 @@ def test_a_new_plan_starts_from_what_was_really_sent():
     f.record_sent({"a": 0.05, "b": -0.02, "g": 0.1})   # limits held the robot back
     d = f.decide(T0 + 0.1, plan([0.0] * 4, observation_time_s=T0 + 0.1))
     assert d.targets_rad["a"] == pytest.approx(0.05) and d.targets_rad["b"] == pytest.approx(-0.02)
+
+
+def test_plans_handing_over_mid_action_keep_the_planned_speed_without_jumps():
+    # Every plan asks for the same motion, 0.1 rad per 0.1 s action (1 rad/s); a new plan is ready every 0.1 s,
+    # 50 ms after its frame, so each takes over half-way through an action's slot. Followed at 100 Hz for 2 s.
+    f = ChunkFollower(JointDeltaConfig(joints=["j"], gains=[1.0]).make_mapper(["j"]), RATE_HZ, 1.0, {"j": 0.0})
+    current, targets = None, [0.0]
+    for tick in range(201):
+        now = T0 + tick / 100
+        k = int(round((now - T0 - 0.05) * 1000)) // 100      # the newest plan ready by now
+        if k >= 0 and (current is None or current.observation_time_s != T0 + 0.1 * k):
+            current = plan([0.1] * 8, observation_time_s=T0 + 0.1 * k)
+        d = f.decide(now, current)
+        f.record_sent(d.targets_rad)
+        targets.append(d.targets_rad["j"])
+    steps = np.diff(targets)
+    assert steps.max() == pytest.approx(0.01, abs=1e-9)      # 1 rad/s at 100 Hz on every tick, plan switches too
+    # The distance the plans asked for: 0.01 rad on each tick from the first plan's (tick 5, at 50 ms) to the last.
+    assert targets[-1] == pytest.approx(0.01 * (200 - 5 + 1), abs=1e-9)
 
 
 def test_no_plan_waits_at_the_initial_position():
