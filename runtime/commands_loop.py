@@ -223,6 +223,7 @@ def _summary_tables(summary: dict):
         ("policy steps per second", _fmt(p["plans_per_s"])),
         ("plans", str(p["plans"])),
         ("stale actions skipped per plan", _fmt(p["skipped_actions_mean"])),
+        ("plans stale on arrival (held)", str(p.get("stale_plans", 0))),
         ("camera frames per second", _fmt(summary["camera"]["fps"])),
         ("safety trips (besides the exit)", str(sum(t["reason"] != "exit" for t in summary["trips"]))),
     ):

@@ -53,8 +53,41 @@ class LoopSettings:
     ensemble: bool = False              # follow the mean of the plans' predictions per action slot (ensemble.py)
 
     def __post_init__(self) -> None:
-        if not (self.control_hz > 0 and self.action_rate_hz > 0 and self.control_stall_s > 0):
-            raise ConfigError(f"control_hz, action_rate_hz and control_stall_s must be > 0, got {self}")
+        """Each field is checked on its own, here, before a run turns the torque on; a bad one is named with the fix."""
+        def positive(name: str, what: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                     and value > 0):
+                raise ConfigError(f"LoopSettings.{name}: must be a finite number > 0 ({what}), got {value!r}")
+            return value
+
+        control_hz = positive("control_hz", "control ticks per second, e.g. 100")
+        action_rate_hz = positive("action_rate_hz", "actions per second of the policy's chunks, e.g. 10")
+        if action_rate_hz > control_hz:
+            raise ConfigError(f"LoopSettings.action_rate_hz: {action_rate_hz:g} is above control_hz "
+                              f"({control_hz:g}); each action must span at least one control tick: lower it to "
+                              f"at most {control_hz:g}")
+        plan_max_age_s = positive("plan_max_age_s", "hold once a plan's observation is older than this, e.g. 1.5")
+        check_plan_max_age(plan_max_age_s, action_rate_hz, "LoopSettings.plan_max_age_s", "action_rate_hz")
+        positive("max_frame_age_s", "the planner waits for a newer frame than this, e.g. 0.25")
+        control_stall_s = positive("control_stall_s", "the control thread silent this long stops the run, e.g. 0.5")
+        supervise_s = positive("supervise_s", "how often the supervisor looks, e.g. 0.01")
+        if supervise_s >= control_stall_s:
+            raise ConfigError(f"LoopSettings.supervise_s: {supervise_s:g} s is not under control_stall_s "
+                              f"({control_stall_s:g} s): a stalled control thread would go unseen that long; "
+                              f"lower it (e.g. 0.01)")
+
+
+def check_plan_max_age(max_age_s: float, action_rate_hz: float, where: str, rate_name: str) -> None:
+    """Refuse a plan age limit under one action period. A plan is held once its observation is older than the
+    limit, and it arrives one inference after its observation: under one action period not even its first action
+    runs to its end, and with a model's latency (longer than that) every plan is stale on arrival: the robot holds
+    the whole run."""
+    period_s = 1.0 / action_rate_hz
+    if max_age_s < period_s:
+        raise ConfigError(f"{where}: {max_age_s:g} s is under one action period ({period_s:.3f} s at {rate_name} "
+                          f"{action_rate_hz:g}): every plan would be stale on arrival and the robot would hold the "
+                          f"whole run; raise it to at least the policy's latency plus one action period (default 1.5)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +103,7 @@ class RunResult:
     control_scheduling: str = ""        # what the control thread ran under: "SCHED_FIFO 50", or normal and why
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)   # process role ("control", "policy", "sim") -> VmHWM
     task: dict | None = None            # the simulated task's report at the end (sim_mujoco.TaskTracker); None: no task
+    stale_plans: int = 0                # plans older than plan_max_age_s when they arrived: not followed (the robot held)
 
     @property
     def clean(self) -> bool:
@@ -83,7 +117,7 @@ class RobotLoop:
                  settings: LoopSettings, hub: EventHub, clock: Callable[[], float] = time.monotonic):
         self.robot, self.camera, self.policy, self.mapper = robot, camera, policy, mapper
         self.settings, self.hub, self.clock = settings, hub, clock
-        self.ticks = self.plans = self.overruns = self.stale_frames = 0
+        self.ticks = self.plans = self.overruns = self.stale_frames = self.stale_plans = 0
         self._stop = threading.Event()
         self._ended: tuple[str, str, BaseException | None] | None = None    # the first reason to stop wins
         self._ended_lock = threading.Lock()
@@ -119,6 +153,11 @@ class RobotLoop:
             self._supervise(start_s, duration_s, progress)
         except KeyboardInterrupt:
             self._end("interrupt", "Ctrl-C")
+        except EStopLatchedError as exc:       # e.g. pressed while the policy loaded: enable_torque refuses
+            self._end("estop", str(exc))
+        except Exception as exc:    # the start (torque, first read), or the caller's progress callback: not clean
+            log.exception("the loop failed")
+            self._end("error", f"{type(exc).__name__}: {exc}", exc)
         finally:
             self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
             self._stop.set()
@@ -134,7 +173,7 @@ class RobotLoop:
                 self._finished = True
                 self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
-                         self.stale_frames, error, self.control_scheduling)
+                         self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans)
 
     @staticmethod
     def _join(threads: list[threading.Thread]) -> None:
@@ -219,11 +258,17 @@ class RobotLoop:
             done_s = self.clock()
             follower.record_sent(sent)
             self._heartbeat_s = done_s
+            # A plan already too old when it arrived is not followed (the robot holds): no new plan's first
+            # command, no frame -> command latency, no skipped actions; it is counted as a stale plan.
+            stale_plan = decision.new_plan and decision.mode == "stale"
+            new_plan = decision.new_plan and not stale_plan
+            if stale_plan:
+                self.stale_plans += 1
             self.hub.publish(CommandEvent(                          # notify
                 start_s, self.ticks, start_s - previous_s, decision.mode, decision.targets_rad, sent, measured,
-                decision.action_index, decision.skipped_actions, decision.new_plan,
-                done_s - plan.observation_time_s if decision.new_plan else math.nan,
-                read_s - start_s, done_s - write_s, done_s - start_s))
+                decision.action_index, decision.skipped_actions if new_plan else 0, new_plan,
+                done_s - plan.observation_time_s if new_plan else math.nan,
+                read_s - start_s, done_s - write_s, done_s - start_s, stale_plan=stale_plan))
             self.ticks += 1
             previous_s = start_s
             next_s += period_s
@@ -351,8 +396,11 @@ def peak_rss_bytes(pid: int) -> int | None:
 
 
 def estop_check(config: "RobotConfig", event: threading.Event | None = None) -> Callable[[], bool]:
-    """The e-stop input the SafetyGuard polls: the config's e-stop file exists, or `event` is set."""
-    path = config.estop.file
+    """The e-stop input the SafetyGuard polls: the config's e-stop file exists, or `event` is set.
+
+    A relative e-stop file is beside the config file (RobotConfig.estop_path), not in the working directory:
+    an operator who touches the file next to the config stops the robot wherever it was started from."""
+    path = config.estop_path
 
     def active() -> bool:
         return (event is not None and event.is_set()) or (path is not None and os.path.exists(path))
@@ -361,4 +409,4 @@ def estop_check(config: "RobotConfig", event: threading.Event | None = None) -> 
 
 
 def _estop_source(config: "RobotConfig") -> str:
-    return f"e-stop file {config.estop.file} exists" if config.estop.file else "the e-stop input is set"
+    return f"e-stop file {config.estop_path} exists" if config.estop.file else "the e-stop input is set"

@@ -48,11 +48,13 @@ class CommandEvent:
     measured_rad: dict[str, float] | None
     action_index: int | None
     skipped_actions: int
-    new_plan: bool
+    new_plan: bool                  # the first command that follows a new plan
     frame_to_command_s: float       # on a plan's first tick: frame capture -> this command written; else nan
     state_read_s: float
     command_write_s: float
     work_s: float                   # the whole tick, before sleeping
+    stale_plan: bool = False        # a plan's first tick, the plan older than plan_max_age_s on arrival: held, not
+                                    # followed (new_plan is False, no frame -> command, no skipped actions)
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,8 @@ class WatchdogSection:
 
 @dataclass
 class EstopSection:
-    file: str | None = None                 # the e-stop latches when this file exists (`touch` it)
+    file: str | None = None                 # the e-stop latches when this file exists (`touch` it); a relative
+                                            # path is beside the config file (RobotConfig.estop_path)
     key: str | None = None                  # ... or when this key is pressed: one character, or space/enter/esc/tab
 
     def __post_init__(self) -> None:
@@ -248,10 +249,24 @@ class RobotConfig:
             if value < 3 * period_s:
                 raise ConfigError(f"{where}: {value} s is under three control periods ({3 * period_s:.3f} s at "
                                   f"{self.rates.control_hz:g} Hz); raise it or the watchdog trips on jitter")
+        from edgeact.runtime.loop import check_plan_max_age     # here: the loop's rule, one place
+
+        check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
 
     @property
     def config_dir(self) -> Path | None:
         return None if self.source.startswith("<") else Path(self.source).resolve().parent
+
+    @property
+    def estop_path(self) -> Path | None:
+        """The e-stop file: a relative `estop.file` is beside the config file, like every relative path in it
+        (the bundle's), whatever the working directory; a config not read from a file has only that to go by."""
+        if self.estop.file is None:
+            return None
+        path = Path(self.estop.file).expanduser()
+        if path.is_absolute():
+            return path
+        return (self.config_dir / path) if self.config_dir is not None else path.absolute()
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(getattr(self, name)) for name in ("robot", "camera", "policy", "actions", "instruction",

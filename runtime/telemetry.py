@@ -116,6 +116,7 @@ class TimingStats(Subscriber):
         self.stage_s: dict[str, collections.deque] = {}
         self.modes: collections.Counter = collections.Counter()
         self.ticks = self.overruns = self.plans = self.frames = 0
+        self.stale_plans = 0            # plans too old on arrival: held, so in neither frame -> command nor the skips
         self.first_tick_s = self.last_tick_s = math.nan
         self.trips: list[dict[str, Any]] = []
         self.stop: dict[str, str] | None = None
@@ -138,7 +139,9 @@ class TimingStats(Subscriber):
                               (self.command_write_s, e.command_write_s)):
             series.append(value)
         self.modes[e.mode] += 1
-        if e.new_plan:
+        if e.stale_plan:
+            self.stale_plans += 1
+        elif e.new_plan:
             self.frame_to_command_s.append(e.frame_to_command_s)
             self.skipped_actions.append(e.skipped_actions)
 
@@ -195,6 +198,7 @@ class TimingStats(Subscriber):
                 "step_ms": _stats_ms(_array(self.step_s)),
                 "decode_steps_mean": _mean(self.decode_steps),
                 "skipped_actions_mean": _mean(self.skipped_actions),
+                "stale_plans": self.stale_plans,
             },
             "stages_ms": {name: _stats_ms(_array(series)) for name, series in self.stages().items()},
             "frame_to_command_ms": _stats_ms(_array(self.frame_to_command_s)),

@@ -80,7 +80,8 @@ class RGBDFrame:
     color: np.ndarray               # (H, W, 3) uint8 RGB
     depth_m: np.ndarray             # (H, W) float32 metres, aligned to color; 0 = no data
     timestamp_s: float              # the device's (sensor's) timestamp of the color frame
-    capture_monotonic_s: float      # host time.monotonic() when the frame was received
+    capture_monotonic_s: float      # host time.monotonic() when the frame was taken, where the camera's clock says
+                                    # (RealSense: host-clock domains); else when it was received
     frame_number: int               # the device's color frame counter
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ pyrealsense2 is imported inside functions, so this module imports on a machine w
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from edgeact.drivers.cameras.base import (Camera, CameraConfig, CameraError, Cam
                                           Intrinsics, RGBDFrame, register_camera)
 from edgeact.drivers.cameras.playback import RecordingConfig
 from edgeact.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 NO_DEVICE_MESSAGE = ("no RealSense device found; is it plugged into a USB3 port? "
                      "`rs-enumerate-devices` lists what librealsense sees")
@@ -99,6 +102,33 @@ def intrinsics_from_rs(intr: Any) -> Intrinsics:
                       distortion_model=str(intr.model).rsplit(".", 1)[-1], distortion_coeffs=tuple(intr.coeffs))
 
 
+# What a frame's capture_monotonic_s measures (RealSenseCamera.capture_clock): the frame's own timestamp in the
+# host's clock (librealsense's global time, or its system time), or its arrival in this process.
+ARRIVAL = "arrival"
+HOST_CLOCK_DOMAINS = ("global_time", "system_time")
+
+
+def frame_capture_monotonic_s(frame: Any, received_s: float, wall_now_s: float | None = None,
+                              monotonic_now_s: float | None = None) -> tuple[float, str]:
+    """When `frame` was taken, on time.monotonic(), and what that time is: (seconds, clock).
+
+    A timestamp in a host-clock domain (global time: the device clock mapped to the host's;
+    system time: the host's clock when the driver got the frame) is milliseconds of the host's
+    wall clock: it moves to the monotonic clock by the two clocks' present offset, and is never
+    later than `received_s` (the frame cannot be taken after it reached us; a wall clock stepped
+    back would put it there). A hardware-clock timestamp counts from the device's power-up: the
+    frame keeps its arrival time, and the clock says so ("arrival").
+    """
+    domain = frame.get_frame_timestamp_domain()
+    name = str(domain).rsplit(".", 1)[-1]
+    if name not in HOST_CLOCK_DOMAINS:
+        return received_s, ARRIVAL
+    wall_s = time.time() if wall_now_s is None else wall_now_s
+    monotonic_s = time.monotonic() if monotonic_now_s is None else monotonic_now_s
+    taken_s = monotonic_s - (wall_s - frame.get_timestamp() / 1000.0)
+    return min(taken_s, received_s), name
+
+
 def _reason(exc: Exception) -> str:
     """librealsense's own reason, without its 'Failed to resolve request ...' preamble."""
     text = str(exc)
@@ -144,6 +174,11 @@ class RealSenseCamera(Camera):
         self._pass_frames = 0                   # frames delivered since the recording last (re)started
         self.device_name = ""
         self.serial_number = ""
+        # What the newest frame's capture_monotonic_s measures: "global_time" or "system_time" (its timestamp,
+        # on the host's clock), or "arrival" (when it reached this process: a hardware-clock timestamp, or a
+        # recording, whose host-clock timestamps are of the time it was recorded).
+        self.capture_clock = ""
+        self._told_arrival = False
 
     @property
     def is_recording(self) -> bool:
@@ -341,13 +376,28 @@ class RealSenseCamera(Camera):
             return None
         self._last_color_number = number
         self._pass_frames += 1
+        capture_s = self._capture_time_s(color_frame, received_s)
         pixels = np.asanyarray(color_frame.get_data())
         # Both copy out of librealsense's frame pool: the frames go back to it when we return.
         color = pixels.copy() if self._color_channels is None else pixels[..., self._color_channels]
         depth_m = np.asanyarray(depth_frame.get_data()).astype(np.float32) * np.float32(self._depth_scale_m)
         return RGBDFrame(color=color, depth_m=depth_m,
-                         timestamp_s=color_frame.get_timestamp() / 1000.0, capture_monotonic_s=received_s,
+                         timestamp_s=color_frame.get_timestamp() / 1000.0, capture_monotonic_s=capture_s,
                          frame_number=number)
+
+    def _capture_time_s(self, color_frame: Any, received_s: float) -> float:
+        """The color frame's capture time on time.monotonic() (see frame_capture_monotonic_s); sets capture_clock."""
+        if self._playback is not None:      # a recording's host-clock stamps are of when it was recorded
+            capture_s, self.capture_clock = received_s, ARRIVAL
+            return capture_s
+        capture_s, self.capture_clock = frame_capture_monotonic_s(color_frame, received_s)
+        if self.capture_clock == ARRIVAL and not self._told_arrival:
+            self._told_arrival = True
+            log.warning("RealSense %s of camera %r stamps its frames with its own clock (%s): frames are timed "
+                        "when they reach this process, which is later than their capture by the transfer; turn "
+                        "on the device's global time (option global_time_enabled) to time them at capture",
+                        self.serial_number, self.name, color_frame.get_frame_timestamp_domain())
+        return capture_s
 
     def _close(self) -> None:
         try:

@@ -3,13 +3,16 @@ and played back by the same pipeline code that drives a real camera; the device 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from edgeact.drivers.cameras.base import CameraError, CameraNotFoundError, Intrinsics
 from edgeact.drivers.cameras.playback import RecordingConfig
-from edgeact.drivers.cameras.realsense import NO_DEVICE_MESSAGE, RealSenseCamera, RealSenseConfig
+from edgeact.drivers.cameras import recording
+from edgeact.drivers.cameras.realsense import (NO_DEVICE_MESSAGE, RealSenseCamera, RealSenseConfig,
+                                               frame_capture_monotonic_s)
 from edgeact.drivers.cameras.recording import convert_bag_to_db3, write_recording
 
 rs = pytest.importorskip("pyrealsense2")
@@ -212,6 +215,89 @@ def test_disconnect_while_frames_flow_stops_the_thread_and_reconnect_works(numbe
         assert "camera-busy" not in _camera_threads()
 
 
+# -- capture times: the frame's own timestamp on the host clock, not when it reached us ----------
+
+def _write_host_clock_recording(path, monkeypatch, domain: str, start_wall_ms: float, count: int = 6):
+    """A recording whose frames carry `domain` timestamps: frame i at start_wall_ms + i / FPS (host wall clock)."""
+    software_frame = recording._software_frame
+
+    def stamped(rs_, pixels, bpp, profile, number, timestamp_ms, depth_units=None):
+        frame = software_frame(rs_, pixels, bpp, profile, number, start_wall_ms + timestamp_ms, depth_units)
+        frame.domain = getattr(rs.timestamp_domain, domain)
+        return frame
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recording, "_software_frame", stamped)
+        write_recording(path, _numbered_frames(count), COLOR_INTRINSICS, fps=FPS)
+
+
+def _raw_color_frames(path, count: int):
+    """(color frame, time.monotonic() when it arrived) for the first `count` frames, from librealsense's pipeline."""
+    pipeline, config = rs.pipeline(), rs.config()
+    config.enable_device_from_file(str(path), repeat_playback=False)
+    playback = config.resolve(rs.pipeline_wrapper(pipeline)).get_device().as_playback()
+    playback.set_real_time(False)
+    playback.pause()            # as RealSenseCamera does: no frame lost while the sensors start one by one
+    pipeline.start(config)
+    playback.resume()
+    out = []
+    try:
+        while len(out) < count:
+            ok, frames = pipeline.try_wait_for_frames(5000)
+            assert ok, "the recording gave no frame"
+            received_s = time.monotonic()
+            color = frames.get_color_frame()
+            color.keep()
+            out.append((color, received_s))
+    finally:
+        pipeline.stop()
+    return out
+
+
+@pytest.mark.parametrize("domain", ["global_time", "system_time"])
+def test_a_host_clock_timestamp_becomes_the_capture_time_not_the_read_time(tmp_path, monkeypatch, domain):
+    taken_ago_s = 2.0           # the frames were taken 2 s (and then every 1/FPS) before we read them
+    path = tmp_path / f"{domain}.db3"
+    _write_host_clock_recording(path, monkeypatch, domain, time.time() * 1000 - taken_ago_s * 1000)
+    frames = _raw_color_frames(path, 6)
+    stamps = []
+    for color, received_s in frames:
+        assert str(color.get_frame_timestamp_domain()).endswith(domain)
+        wall_s, monotonic_s = time.time(), time.monotonic()
+        capture_s, clock = frame_capture_monotonic_s(color, received_s, wall_s, monotonic_s)
+        assert clock == domain
+        # The frame's own time, moved to the monotonic clock; the read time would be received_s.
+        assert capture_s == pytest.approx(monotonic_s - (wall_s - color.get_timestamp() / 1000), abs=1e-6)
+        assert received_s - capture_s > taken_ago_s - 0.5
+        stamps.append(capture_s)
+    # Consecutive frames are 1 / FPS apart, as stamped, however they were read.
+    assert np.diff(stamps) == pytest.approx(np.full(len(stamps) - 1, 1 / FPS), abs=2e-3)
+
+
+def test_a_host_clock_timestamp_is_never_later_than_the_arrival(tmp_path, monkeypatch):
+    path = tmp_path / "future.db3"     # a wall clock stepped back between the capture and now
+    _write_host_clock_recording(path, monkeypatch, "global_time", time.time() * 1000 + 5000, count=2)
+    for color, received_s in _raw_color_frames(path, 2):
+        assert frame_capture_monotonic_s(color, received_s) == (received_s, "global_time")
+
+
+def test_a_hardware_clock_timestamp_keeps_the_arrival_time_and_says_so(numbered_recording):
+    for color, received_s in _raw_color_frames(numbered_recording, 2):      # write_recording: the device clock
+        assert frame_capture_monotonic_s(color, received_s) == (received_s, "arrival")
+
+
+def test_a_recording_times_its_frames_on_arrival_whatever_their_domain(tmp_path, monkeypatch):
+    # A recording's host-clock stamps are of the day it was recorded: as capture times they would make
+    # every frame look hours old, so playback times frames on arrival, and says so.
+    path = tmp_path / "old.db3"
+    _write_host_clock_recording(path, monkeypatch, "global_time", time.time() * 1000 - 3600e3, count=3)
+    camera = RecordingConfig(path=str(path), real_time=False, repeat=False).make_camera()
+    before_s = time.monotonic()
+    frames = _play_to_end(camera)
+    assert len(frames) == 3 and camera.capture_clock == "arrival"
+    assert all(before_s <= f.capture_monotonic_s <= time.monotonic() for f in frames)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 def test_missing_and_corrupt_recordings_are_named(tmp_path):
@@ -275,3 +361,6 @@ def test_a_real_realsense_streams_aligned_rgbd():
         assert np.count_nonzero(frame.depth_m) > 0
         later = camera.next_frame(timeout_s=5)
         assert later.frame_number > frame.frame_number and later.timestamp_s > frame.timestamp_s
+        # A D400 stamps global time unless turned off: frames are timed at capture, before they arrived.
+        assert camera.capture_clock in ("global_time", "system_time", "arrival")
+        assert later.capture_monotonic_s <= time.monotonic()

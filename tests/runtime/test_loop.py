@@ -4,6 +4,7 @@ The simulator runs in the test process and the loop drives it through the real s
 so "torque off" is read from the simulated motors' own registers.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,16 +15,19 @@ import time
 import numpy as np
 import pytest
 
+from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.motors.feetech import FeetechMotorsBus
 from edgeact.drivers.motors.serial_bus import make_serial_bus
 from edgeact.drivers.sim.servo_bus import SimServoBus
+from edgeact.runtime import cli
+from edgeact.runtime.commands_loop import EXIT_ESTOP
 from edgeact.runtime.errors import ConfigError
-from edgeact.runtime.loop import run_robot
+from edgeact.runtime.loop import LoopSettings, run_robot
 from edgeact.runtime.loop_events import CommandEvent, FrameEvent, PlanEvent, StopEvent, Subscriber, TripEvent
 from edgeact.runtime.policy import Observation, Plan, PolicyContext, ScriptedPolicy, ScriptedPolicyConfig, TimedPolicy
-from edgeact.runtime.robot_config import robot_config_from_dict
+from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from edgeact.runtime.telemetry import CommandRecorder
+from edgeact.runtime.telemetry import CommandRecorder, TimingStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -300,4 +304,130 @@ def test_sigterm_is_handled_like_ctrl_c(sim, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
+    assert torque(sim) == [0] * 6
+
+
+# -- the config's relative e-stop file, the settings, the start, the stale plans ------------------------------------
+
+def test_a_relative_estop_file_is_beside_the_config_wherever_the_robot_is_started(sim, tmp_path, monkeypatch):
+    config_dir, elsewhere = tmp_path / "robot", tmp_path / "elsewhere"
+    config_dir.mkdir()
+    elsewhere.mkdir()
+    path = config_dir / "robot.json"
+    path.write_text(json.dumps(config_data(sim, estop={"file": "robot.estop"})))
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "robot.estop").touch()        # a file of that name in the working directory is not the e-stop
+    config = load_robot_config(path)
+    events = Collect(at_tick=20, action=(config_dir / "robot.estop").touch)     # the operator, beside the config
+    result = run_robot(config, 20.0, [events])
+    assert result.reason == "estop" and result.duration_s < 10
+    assert config.estop_path == config_dir.resolve() / "robot.estop"
+    assert [t.trip.reason for t in events.of(TripEvent)][0] == "estop"
+    assert torque(sim) == [0] * 6
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"control_hz": math.inf}, "LoopSettings.control_hz: must be a finite number > 0 (control ticks per second, "
+                               "e.g. 100), got inf"),
+    ({"control_hz": -1}, "LoopSettings.control_hz: must be a finite number > 0"),
+    ({"supervise_s": 0.0}, "LoopSettings.supervise_s: must be a finite number > 0 (how often the supervisor looks, "
+                           "e.g. 0.01), got 0.0"),
+    ({"supervise_s": 1.0}, "LoopSettings.supervise_s: 1 s is not under control_stall_s (0.5 s)"),
+    ({"max_frame_age_s": -1.0}, "LoopSettings.max_frame_age_s: must be a finite number > 0"),
+    ({"plan_max_age_s": math.nan}, "LoopSettings.plan_max_age_s: must be a finite number > 0 (hold once a plan's "
+                                   "observation is older than this, e.g. 1.5), got nan"),
+    ({"plan_max_age_s": 0.05}, "LoopSettings.plan_max_age_s: 0.05 s is under one action period (0.100 s at "
+                               "action_rate_hz 10): every plan would be stale on arrival"),
+    ({"action_rate_hz": 200.0}, "LoopSettings.action_rate_hz: 200 is above control_hz (100)"),
+    ({"control_stall_s": math.inf}, "LoopSettings.control_stall_s: must be a finite number > 0"),
+])
+def test_loop_settings_refuse_each_bad_field_by_name_at_construction(fields, expected):
+    with pytest.raises(ConfigError) as info:
+        LoopSettings(**fields)
+    assert str(info.value).startswith(expected)
+    assert LoopSettings().control_hz == 100.0       # the defaults are valid
+
+
+def test_an_estop_pressed_while_the_policy_loads_ends_as_estop_and_the_cli_exits_3(sim, tmp_path, monkeypatch,
+                                                                                   capsys):
+    stop_file = tmp_path / "estop"
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim, estop={"file": str(stop_file)})))
+    load = ScriptedPolicyConfig.make_robot_policy
+
+    def slow_load(self, context):   # the operator hits the e-stop after the start's check, while the model loads
+        stop_file.touch()
+        return load(self, context)
+
+    monkeypatch.setattr(ScriptedPolicyConfig, "make_robot_policy", slow_load)
+    events = Collect()
+    result = run_robot(load_robot_config(path), 5.0, [events])
+    assert (result.reason, result.error) == ("estop", None) and "e-stop latched" in result.detail
+    assert [e.reason for e in events.of(StopEvent)] == ["estop"] and result.ticks == 0
+    assert torque(sim) == [0] * 6
+    stop_file.unlink()
+    monkeypatch.setattr(ScriptedPolicyConfig, "make_robot_policy", slow_load)
+    assert cli.main(["run", str(path), "--seconds", "5"]) == EXIT_ESTOP == 3
+    assert "stopped: estop (e-stop latched" in capsys.readouterr().out
+    assert torque(sim) == [0] * 6
+
+
+class FailingFirstReadBus(FeetechMotorsBus):
+    """The real driver, except that the first joint read after the torque goes on fails (a cable, a motor fault)."""
+
+    fail_next_read = False
+
+    def enable_torque(self, motors=None):
+        super().enable_torque(motors)
+        self.fail_next_read = True
+
+    def read_state(self, motors=None):
+        if self.fail_next_read:
+            self.fail_next_read = False
+            raise MotorBusError("motor 3 did not answer")
+        return super().read_state(motors)
+
+
+def test_a_failing_first_joint_read_ends_as_an_error_in_the_safe_state(sim):
+    config = robot_config_from_dict(config_data(sim))
+    real = make_serial_bus("feetech", sim.port, config.robot.motor_objects(), config.robot.calibration, timeout_s=0.2)
+    bus = FailingFirstReadBus(real.config, real.motors, real.calibration)
+    config.robot.make_bus = lambda port=None: bus
+    events = Collect()
+    result = run_robot(config, 5.0, [events])
+    assert result.reason == "error" and not result.clean and isinstance(result.error, MotorBusError)
+    assert result.detail == "MotorBusError: motor 3 did not answer" and result.ticks == 0
+    assert [e.reason for e in events.of(StopEvent)] == ["error"]
+    assert [t.trip.reason for t in events.of(TripEvent)][0] == "exit"     # the loop's own safe state
+    assert torque(sim) == [0] * 6
+
+
+def test_a_failing_progress_callback_ends_as_an_error_not_a_clean_stop(sim):
+    def progress(elapsed_s):
+        if elapsed_s > 0.3:
+            raise RuntimeError("progress bar broke")
+
+    events = Collect()
+    result = run_robot(robot_config_from_dict(config_data(sim)), 20.0, [events], progress=progress)
+    assert result.reason == "error" and isinstance(result.error, RuntimeError) and result.duration_s < 10
+    assert result.detail == "RuntimeError: progress bar broke"
+    assert [e.reason for e in events.of(StopEvent)] == ["error"]
+    assert torque(sim) == [0] * 6
+
+
+def test_plans_stale_on_arrival_are_counted_apart_and_not_as_latency_or_skips(sim):
+    # 300 ms of inference against a 200 ms plan age limit: every plan is too old when it arrives; the robot holds.
+    config = robot_config_from_dict(config_data(sim, latency_s=0.3, plan={"max_age_s": 0.2}))
+    events, stats = Collect(), TimingStats(config.rates.control_hz)
+    result = run_robot(config, 1.5, [events, stats])
+    assert result.reason == "duration" and result.plans >= 2
+    commands = events.of(CommandEvent)
+    stale = [c for c in commands if c.stale_plan]
+    assert len(stale) == result.stale_plans == stats.stale_plans >= 2
+    assert all(c.mode == "stale" and c.skipped_actions == 0 and math.isnan(c.frame_to_command_s) for c in stale)
+    assert not any(c.new_plan for c in commands)      # no command followed any of them
+    assert {c.mode for c in commands} <= {"wait", "stale"}
+    summary = stats.summary()
+    assert summary["policy"]["stale_plans"] == result.stale_plans
+    assert summary["frame_to_command_ms"]["n"] == 0 and summary["policy"]["skipped_actions_mean"] is None
     assert torque(sim) == [0] * 6

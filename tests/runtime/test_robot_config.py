@@ -1,5 +1,6 @@
 """The robot config file: the sample loads and round-trips, JSON and TOML read, bad fields are named with the fix."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,8 @@ def _with(section, **fields):
     (_with("robot", motors={"elbow": {"id": 1}}), "robot.motors.elbow: missing field(s) model"),
     (_with("robot", options={"timeout": 0.1}), "robot.options: unknown key 'timeout' (did you mean 'timeout_s'?)"),
     (_with("estop", key="F12"), "estop.key: one character or one of space"),
+    (_with("plan", max_age_s=0.05), "plan.max_age_s: 0.05 s is under one action period (0.100 s at "
+                                     "rates.action_rate_hz 10): every plan would be stale on arrival"),
     ({k: v for k, v in sim_robot_config_dict().items() if k != "actions"}, "actions: missing section"),
     ([1, 2], "the top level must be a table of sections"),
 ])
@@ -120,6 +123,23 @@ def test_bad_config_names_the_field_and_the_fix(data, expected):
     assert expected in message
     after = message[message.index(expected) + len(expected):][:1]
     assert not (after.isdigit() or after == "."), f"{expected!r} matched only part of a number in {message!r}"
+
+
+def test_a_relative_estop_file_is_beside_the_config_not_in_the_working_directory(tmp_path, monkeypatch):
+    config_dir, elsewhere = tmp_path / "robot", tmp_path / "elsewhere"
+    config_dir.mkdir()
+    elsewhere.mkdir()
+    path = config_dir / "robot.json"
+    path.write_text(json.dumps(_with("estop", file="stops/robot.estop")))
+    monkeypatch.chdir(elsewhere)
+    cfg = load_robot_config(path)
+    assert cfg.estop.file == "stops/robot.estop"            # kept as written (to_dict round-trips it)
+    assert cfg.estop_path == config_dir.resolve() / "stops" / "robot.estop"
+    path.write_text(json.dumps(_with("estop", file="/tmp/stop-the-arm")))
+    assert load_robot_config(path).estop_path == Path("/tmp/stop-the-arm")
+    # Not read from a file: only the working directory to go by, fixed when asked.
+    assert robot_config_from_dict(_with("estop", file="robot.estop")).estop_path == elsewhere / "robot.estop"
+    assert robot_config_from_dict(sim_robot_config_dict()).estop_path is None
 
 
 def test_file_errors_say_what_to_do(tmp_path):

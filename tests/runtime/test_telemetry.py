@@ -120,6 +120,20 @@ def test_timing_summary_has_the_bench_fields():
     assert s["trips"][0]["reason"] == "exit" and s["stop"]["reason"] == "duration"
 
 
+def test_plans_stale_on_arrival_are_counted_apart_from_the_latency_and_the_skips():
+    stats = _filled_stats()
+    for tick in (101, 102):     # two plans too old on arrival: held, no command of theirs was sent
+        stats.on_command(CommandEvent(time_s=tick * 0.01, tick=tick, period_s=0.01, mode="stale",
+                                      targets_rad={"a": 0.1}, sent_rad={"a": 0.1}, measured_rad={"a": 0.0},
+                                      action_index=None, skipped_actions=0, new_plan=False,
+                                      frame_to_command_s=math.nan, state_read_s=0.001, command_write_s=0.0005,
+                                      work_s=0.002, stale_plan=True))
+    s = stats.summary()
+    assert stats.stale_plans == s["policy"]["stale_plans"] == 2
+    assert s["frame_to_command_ms"]["n"] == 2 and s["policy"]["skipped_actions_mean"] == 2.0    # as without them
+    assert _filled_stats().summary()["policy"]["stale_plans"] == 0
+
+
 def test_summary_json_and_png(tmp_path):
     pytest.importorskip("matplotlib", reason="the timing plot needs matplotlib")
     stats = _filled_stats()
