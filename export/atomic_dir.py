@@ -6,7 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgeact.runtime.bundle import PARTIAL_INFIX  # the loader recognises interrupted writes by it
+# The loader recognises interrupted writes by these names, and names the bundle an interrupted overwrite left aside.
+from edgeact.runtime.bundle import OLD_INFIX, PARTIAL_INFIX, PREVIOUS_NAME
 
 
 def partial_dir(out_dir: Path) -> Path:
@@ -41,16 +42,18 @@ def fsync_tree(root: Path) -> None:
 
 
 def publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp` onto `out_dir`. An existing `out_dir` is moved aside first and removed
-    only after the rename succeeded; if the rename fails it is put back."""
+    """Rename the finished `tmp` onto `out_dir`. An existing `out_dir` is moved aside first (to
+    `.NAME.old-XXXX/previous`) and removed only after the rename succeeded; if the rename fails it is put
+    back. A kill between the two renames leaves no `out_dir`: the loader then names the previous bundle
+    and the move that restores it (runtime/bundle.py previous_bundles)."""
     set_usual_permissions(tmp)
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "previous")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{OLD_INFIX}", dir=out_dir.parent))
+        os.rename(out_dir, old / PREVIOUS_NAME)
         try:
             os.rename(tmp, out_dir)
         except BaseException:
-            os.rename(old / "previous", out_dir)
+            os.rename(old / PREVIOUS_NAME, out_dir)
             raise
         shutil.rmtree(old)
     else:

@@ -15,7 +15,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,11 +57,34 @@ class ExportOptions:
 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
-                  overwrite: bool = False, on_step: Callable[[str], None] | None = None) -> Path:
-    """Export a MolmoAct checkpoint into a bundle at `out_dir` (written atomically); verification is 'not_run'."""
-    import torch
+                  overwrite: bool = False, on_step: Callable[[str], None] | None = None,
+                  before_publish: Callable[[Path], Any] | None = None) -> Path:
+    """Export a MolmoAct checkpoint into a bundle at `out_dir` (written atomically); verification is 'not_run'.
+
+    before_publish(staged_dir): runs on the finished bundle before it is published (or replaces one at
+    `out_dir`), e.g. `lambda staged: verify_bundle(staged)`: the verdict is then in the bundle that appears
+    at `out_dir`, and an earlier bundle there stays until it is recorded. The model is freed before it runs.
+    """
+    import gc
 
     from edgeact.export.bundle_writer import BundleWriter
+
+    step = on_step or (lambda name: None)
+    checkpoint_dir, out_dir = Path(checkpoint_dir).absolute(), Path(out_dir).absolute()
+    # Refuses an existing bundle before the long work.
+    writer = BundleWriter(out_dir, overwrite=overwrite, before_publish=before_publish)
+    with writer:
+        _write_bundle(writer, checkpoint_dir, out_dir, options, step)
+        gc.collect()        # the model goes before before_publish (verification) loads its own reference copy
+    step(EXPORT_STEPS[4])
+    return out_dir
+
+
+def _write_bundle(writer, checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
+                  step: Callable[[str], None]) -> None:
+    """Everything export_bundle writes into the open `writer`; the model lives only in this frame."""
+    import torch
+
     from edgeact.export.checkpoint import load_model
     from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, FusedDecoderStage, decoder_io, export_stage
     from edgeact.runtime.bundle import sha256_file
@@ -70,11 +93,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
     from edgeact.runtime.preprocess_config import PreprocessConfig
     from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
 
-    step = on_step or (lambda name: None)
-    checkpoint_dir, out_dir = Path(checkpoint_dir).absolute(), Path(out_dir).absolute()
     opset = options.opset or DEFAULT_OPSET
-    writer = BundleWriter(out_dir, overwrite=overwrite)      # refuses an existing bundle before the long work
-
     model, ckpt = load_model(checkpoint_dir, dtype=torch.float32)
     cfg = model.cfg
     max_seq = _max_seq(options, cfg.llm_config.max_position_embeddings)
@@ -86,7 +105,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
     typical = _typical_sizes(preprocessor, tokenizer, layout)
     step(EXPORT_STEPS[0])
 
-    with writer, tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.trace-") as scratch:
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.trace-") as scratch:
         _export_vision(writer, model, preprocessor, options, typical, Path(scratch), opset)
         step(EXPORT_STEPS[1])
 
@@ -121,8 +140,6 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: Expo
         writer.set_grammar(grammar_record(options.n_actions))
         writer.set_norm_stats(ckpt.norm_stats)
         step(EXPORT_STEPS[3])
-    step(EXPORT_STEPS[4])
-    return out_dir
 
 
 def grammar_record(n_actions: int) -> dict:

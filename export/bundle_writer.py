@@ -5,8 +5,10 @@ manifest.json is written last (after every file is hashed and fsynced), and one 
 publishes the whole bundle. An exception (or Ctrl-C) inside the `with` block removes the
 temporary directory; a killed process leaves only the `.partial` directory, which the loader
 recognizes. Later steps (verify, build-engines) change a bundle only through
-`update_manifest`, which replaces manifest.json atomically. No torch here: onnx is imported
-only by `add_onnx` / stage helpers.
+`update_manifest`, which replaces manifest.json atomically. A `before_publish` step (verification)
+runs on the finished bundle in the temporary directory, so nothing at the target is replaced
+until its verdict is recorded. `--overwrite` replaces only an edgeact bundle. No torch here: onnx
+is imported only by `add_onnx` / stage helpers.
 """
 from __future__ import annotations
 
@@ -50,9 +52,14 @@ class BundleWriter:
             w.add_array("embed_tokens", table)
     """
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False,
+                 before_publish: Callable[[Path], Any] | None = None) -> None:
+        """`before_publish(staged_dir)` runs once the bundle is complete (manifest written) in its temporary
+        directory, before it replaces anything at `out_dir`: e.g. verification, which records its verdict
+        there with update_manifest. If it raises (or the process dies), nothing is published."""
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
+        self.before_publish = before_publish
         _check_replaceable(self.out_dir, overwrite)   # fail before a long export, not after
         self.tmp_dir: Path | None = None
         self.model: ModelInfo | None = None
@@ -204,6 +211,9 @@ class BundleWriter:
         manifest = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
         _write_json_durably(tmp / MANIFEST_NAME, manifest.to_dict())
         fsync_tree(tmp)
+        if self.before_publish is not None:
+            self.before_publish(tmp)            # the target still holds what it held (or nothing)
+            manifest = read_manifest(tmp)       # with what the step recorded (update_manifest: durable)
         _check_replaceable(self.out_dir, self.overwrite)
         publish(tmp, self.out_dir)
         self.tmp_dir = None
@@ -217,9 +227,36 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise BundleError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) or choose another directory")
-    # Never delete a directory that is not a bundle: a typo must not wipe someone's home.
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
-        raise BundleError(f"{out_dir}: exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+    # Never delete a directory that is not a bundle: a typo must not wipe someone's home, and other tools
+    # (calibration sets, demo recordings, web projects) write a manifest.json of their own.
+    why = "not a directory" if not out_dir.is_dir() else _not_a_bundle(out_dir) if any(out_dir.iterdir()) else ""
+    if why:
+        raise BundleError(f"{out_dir}: exists and is not a bundle ({why}); refusing to replace it: choose another "
+                          "output directory, or remove that one yourself if you really mean to replace it")
+
+
+# A bundle manifest's identifying fields (any schema version: an old bundle may be replaced by a re-export).
+_BUNDLE_FIELDS = {"schema_version": int, "tool": dict, "model": dict, "stages": dict, "files": dict}
+
+
+def _not_a_bundle(directory: Path) -> str:
+    """Why `directory` is not an edgeact bundle ('' if it is one): its manifest must be a bundle manifest."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return f"no {MANIFEST_NAME}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {MANIFEST_NAME} is not valid JSON"
+    if not isinstance(data, dict):
+        return f"its {MANIFEST_NAME} is not a bundle manifest"
+    missing = [k for k, kind in _BUNDLE_FIELDS.items() if not isinstance(data.get(k), kind)
+               or (kind is int and isinstance(data.get(k), bool))]
+    if missing:
+        return f"its {MANIFEST_NAME} is not a bundle manifest: no {', '.join(missing)}"
+    if data["tool"].get("name") != "edgeact":
+        return f"its {MANIFEST_NAME} was written by {data['tool'].get('name')!r}, not edgeact"
+    return ""
 
 
 def _hash_tree(root: Path, fsync: bool) -> Iterator[tuple[str, FileEntry]]:

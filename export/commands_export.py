@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 from edgeact.runtime import stage_io
+from edgeact.runtime.bundle import UNVERIFIED_FIX_DEFAULT
 from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
 
 DEFAULT_FRAMES = 3   # literal copy of verify.DEFAULT_FRAMES: importing verify here would cost `edgeact --help` time
@@ -73,6 +74,7 @@ def _export(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     console = _console()
     start = time.perf_counter()
+    reports = []
     with _progress(console) as progress:
         task = progress.add_task(EXPORT_STEPS[0], total=len(EXPORT_STEPS))
 
@@ -80,13 +82,20 @@ def _export(args: argparse.Namespace) -> int:
             index = EXPORT_STEPS.index(done)
             progress.update(task, advance=1, description=EXPORT_STEPS[min(index + 1, len(EXPORT_STEPS) - 1)])
 
-        out = export_bundle(args.checkpoint, args.out, options, overwrite=args.overwrite, on_step=on_step)
+        def verify_staged(staged: Path) -> None:
+            # The finished bundle, still in its temporary directory: the verdict is recorded before it is
+            # published, and an existing bundle at --out stays in place until then.
+            reports.append(_run_verification(console, staged, args.checkpoint, args, progress))
+
+        out = export_bundle(args.checkpoint, args.out, options, overwrite=args.overwrite, on_step=on_step,
+                            before_publish=None if args.no_verify else verify_staged)
     seconds = time.perf_counter() - start
-    report = None if args.no_verify else _run_verification(console, out, args.checkpoint, args)
     _print_bundle_summary(console, out, seconds)
-    if report is not None:
-        _print_report(console, report)
-        return 0 if report.passed else 1
+    if reports:
+        _print_report(console, reports[0])
+        return 0 if reports[0].passed else 1
+    console.print(f"verification not run (--no-verify); before using the bundle: edgeact verify {out} "
+                  f"--checkpoint {args.checkpoint}", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -105,13 +114,15 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_verification(console, bundle: Path, checkpoint: Path | None, args: argparse.Namespace):
+def _run_verification(console, bundle: Path, checkpoint: Path | None, args: argparse.Namespace, progress=None):
     from edgeact.export.verify import verify_bundle
 
-    with _progress(console) as progress:
-        task = progress.add_task("verifying on held-out frames", total=args.frames)
-        return verify_bundle(bundle, checkpoint, frames=args.frames, threads=args.threads,
-                             on_frame=lambda done, total: progress.update(task, completed=done))
+    if progress is None:
+        with _progress(console) as progress:
+            return _run_verification(console, bundle, checkpoint, args, progress)
+    task = progress.add_task("verifying on held-out frames", total=args.frames)
+    return verify_bundle(bundle, checkpoint, frames=args.frames, threads=args.threads,
+                         on_frame=lambda done, total: progress.update(task, completed=done))
 
 
 def _print_bundle_summary(console, out: Path, seconds: float) -> None:
@@ -167,5 +178,5 @@ def _print_report(console, report) -> None:
         console.print(Text("verification passed; recorded in the manifest", style="green"))
     else:
         gates = ", ".join(r["gate"] for r in report.failing())
-        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest, and load_bundle refuses the "
-                           "bundle unless --allow-unverified is given", style="bold red"))
+        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest, and the bundle is refused "
+                           f"when loaded: {UNVERIFIED_FIX_DEFAULT}", style="bold red"))

@@ -80,7 +80,10 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--decode-steps", type=int, default=2, help="decoder calibration: single-token steps per sample")
     p.add_argument("--report-frames", type=int, default=4, help="held-out frames the report decodes (0: no report)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip `edgeact verify` of the new bundle against the source checkpoint")
+                   help="skip `edgeact verify` of the new bundle against the source checkpoint (its manifest then "
+                        "says 'not_run'; verify it later with `edgeact verify OUT --checkpoint CKPT`)")
+    p.add_argument("--checkpoint", type=Path, help="reference checkpoint to verify against (default: the one "
+                                                   "BUNDLE's manifest records; refused before any work if missing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, help="onnxruntime CPU threads (default: its own)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a bundle already")
@@ -103,13 +106,17 @@ def _quantize(args: argparse.Namespace) -> int:
         task = progress.add_task(f"quantize {args.precision}", total=len(QUANTIZE_STEPS))
         result = quantize_bundle(args.bundle, args.out, options, args.calibration, overwrite=args.overwrite,
                                  report_frames=args.report_frames, seed=args.seed, threads=args.threads,
-                                 verify=not args.no_verify, on_step=lambda name: progress.advance(task))
+                                 verify=not args.no_verify, checkpoint=args.checkpoint,
+                                 on_step=lambda name: progress.advance(task))
     console.print(f"[bold]{result.out}[/bold]: {result.recipe}, stages "
                   + ", ".join(f"{n} ({notes.get('quantized_nodes', 0)} nodes)" for n, notes in result.stage_notes.items()))
     if result.report:
         print_report(result.report, console, title=f"{args.bundle.name} -> {args.out.name}")
     if result.verification is not None:
         console.print(f"verification: [bold]{result.verification}[/bold]")
+    else:
+        console.print(f"verification: [bold]not run[/bold] (--no-verify); before using the bundle: edgeact verify "
+                      f"{result.out} --checkpoint CKPT", soft_wrap=True, highlight=False)
     return 1 if result.verification == "failed" else 0
 
 

@@ -125,10 +125,20 @@ def add_depth_tokenizer(bundle_dir: str | Path, tokenizer_dir: str | Path, out_d
         row = {"gate": "depth_tokenizer_codes", "passed": agreement >= CODE_AGREEMENT_GATE, "stage": STAGE,
                "agreement": round(agreement, 6), "min": CODE_AGREEMENT_GATE, "images": int(len(check_images))}
         old = source.verification
-        results = [r for r in old.results if r.get("gate") != row["gate"]] + [row]
-        status = "failed" if not row["passed"] else old.status
-        writer.set_verification(status, dict(old.gates), results)
+        kept = [r for r in old.results if r.get("gate") != row["gate"]]
+        writer.set_verification(merged_status(old.status, kept, row), dict(old.gates), kept + [row])
     return Path(out_dir)
+
+
+def merged_status(old_status: str, kept: list[dict], row: dict) -> str:
+    """The verdict once the source's rows `kept` (its old depth-tokenizer row dropped) and the new `row` are all
+    there is: failed if any row fails; otherwise the source's own verdict, where a source that had failed only
+    at the replaced row had passed (its stages verified: rows left) or not run (no rows left) before it."""
+    if not row["passed"] or any(not r["passed"] for r in kept):
+        return "failed"
+    if old_status == "failed":
+        return "passed" if kept else "not_run"
+    return old_status
 
 
 def _stages(bundle_dir) -> set[str]:

@@ -47,7 +47,11 @@ from edgeact.runtime.bundle import Bundle, load_bundle
 from edgeact.runtime.errors import BundleError
 
 DEFAULT_CALIBRATION_SAMPLES = 8
-QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "publish bundle", "report")
+QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "report", "verify and publish bundle")
+# Why a source bundle is refused, and what to do: quantize has no option to start from a failed bundle.
+SOURCE_UNVERIFIED_FIX = ("quantize starts only from a bundle that passed (or has not run) verification: re-export "
+                         "the source (`edgeact export CKPT --out SOURCE --overwrite`), or re-verify it against the "
+                         "checkpoint it came from (`edgeact verify SOURCE --checkpoint CKPT`)")
 
 
 def _recipes() -> dict[str, Callable[..., dict[str, Any]]]:
@@ -94,6 +98,7 @@ class QuantizeResult:
 def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
                     calibration: str | Path | CalibrationSet | None = None, *, overwrite: bool = False,
                     report_frames: int = 4, seed: int = 0, threads: int | None = None, verify: bool = False,
+                    checkpoint: str | Path | None = None,
                     on_step: Callable[[str], None] | None = None) -> QuantizeResult:
     """Quantize `options.stages` of bundle `src` into a new bundle at `out` (atomic); returns what was done.
 
@@ -101,8 +106,10 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     synthetic-camera samples answered by `src` itself (recipes that measure no activation ranges, int4, int8
     w8a16 and w8a8-dynamic with W8A16 down-projections, need none and ignore one given; the default w8a8-dynamic
     reads its down-projections' channel ranges from it). report_frames: held-out frames the report decodes with
-    both bundles (0: no report). verify: run `edgeact verify`'s
-    comparison with the source checkpoint (if the manifest's checkpoint exists) and record the verdict.
+    both bundles (0: no report). verify: run `edgeact verify`'s comparison with the reference checkpoint
+    (`checkpoint`, default the one the source's manifest records; refused before any work if it is not
+    there) and record the verdict. Report and verdict are recorded before the bundle is published, so an
+    existing bundle at `out` (overwrite) is replaced only by a finished, judged one.
     """
     from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
     from edgeact.export.quant_decode import OrtBundle
@@ -116,8 +123,9 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
         from edgeact.export.quant_modelopt import require_modelopt
 
         require_modelopt()                                   # before any long work
-    source = load_bundle(src)
+    source = load_bundle(src, unverified_fix=SOURCE_UNVERIFIED_FIX)
     _check_source(source, options)
+    reference = _reference_checkpoint(source, checkpoint, out) if verify else None   # before any long work
     BundleWriter(out, overwrite=overwrite)                  # refuse an existing --out before the long work
     fp32 = OrtBundle(source, threads=threads)
     calib, calib_info = _calibration(source, calibration, options, seed, threads)
@@ -125,9 +133,31 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
 
     stage_notes: dict[str, dict[str, Any]] = {}
     arrays = [n for n in source.manifest.weights if options.arrays_dtype == "float16"]
+    rows: list[dict[str, Any]] = []
+    verdict: list[str] = []
+
+    def report_and_verify(staged: Path) -> None:
+        """On the finished bundle in its temporary directory: nothing at `out` is replaced before this is done."""
+        if report_frames > 0:
+            rows.extend(compare_bundles(src, [staged], n_frames=report_frames, seed=seed, threads=threads))
+            for row in rows:
+                if row.get("bundle") == str(staged):
+                    row["bundle"] = str(out)                # where it is published
+
+            def set_report(m):
+                m.quantization = dataclasses.replace(m.quantization, report=rows)
+
+            update_manifest(staged, set_report)
+        step(QUANTIZE_STEPS[3])
+        if reference is not None:
+            from edgeact.export.verify import verify_bundle
+
+            verdict.append(verify_bundle(staged, reference, threads=threads).status)
+
     out.parent.mkdir(parents=True, exist_ok=True)   # the scratch space sits beside the new bundle
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.quant-") as scratch, \
-            BundleWriter(out, overwrite=overwrite) as writer:
+    # The scratch space goes first (before report_and_verify runs as the writer commits).
+    with BundleWriter(out, overwrite=overwrite, before_publish=report_and_verify) as writer, \
+            tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.quant-") as scratch:
         manifest = copy_bundle(src, writer, skip_stages=options.stages, skip_weights=arrays)
         for name in options.stages:
             stage_notes[name] = _quantize_stage(source, fp32, calib, name, options, Path(scratch) / name, writer,
@@ -138,23 +168,26 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
             writer.add_array(name, source.weight(name).astype("float16"), rel=manifest.weights[name].file)
         recipe = recipe_name(options)
         writer.set_quantization(recipe, {**options.to_dict(), "calibration": calib_info, "stages": stage_notes})
-    step(QUANTIZE_STEPS[3])
-
-    rows: list[dict[str, Any]] = []
-    if report_frames > 0:
-        rows = compare_bundles(src, [out], n_frames=report_frames, seed=seed, threads=threads)
-
-        def set_report(m):
-            m.quantization = dataclasses.replace(m.quantization, report=rows)
-
-        update_manifest(out, set_report)
+        del fp32, calib          # the source's sessions are not needed by the report and verification
     step(QUANTIZE_STEPS[4])
-    verdict = None
-    if verify and Path(source.manifest.model.source_checkpoint or "/nonexistent").is_dir():
-        from edgeact.export.verify import verify_bundle
+    return QuantizeResult(out, recipe, stage_notes, rows, verdict[0] if verdict else None)
 
-        verdict = verify_bundle(out, threads=threads).status
-    return QuantizeResult(out, recipe, stage_notes, rows, verdict)
+
+def _reference_checkpoint(source: Bundle, checkpoint: str | Path | None, out: Path) -> Path:
+    """The checkpoint to verify the new bundle against; refused before any work, naming both ways on, if it is
+    not here: a bundle must never come out unverified without the user knowing."""
+    from edgeact.export.verify import reference_checkpoint
+
+    later = f"or pass --no-verify, then `edgeact verify {out} --checkpoint CKPT` before using it"
+    recorded = source.manifest.model.source_checkpoint
+    if checkpoint is None and not (recorded and (Path(recorded) / "config.json").is_file()):
+        raise BundleError(f"the reference checkpoint {recorded or '(none)'} recorded in {source.root} is not here, "
+                          f"so the quantized bundle cannot be verified: pass --checkpoint CKPT (the checkpoint "
+                          f"{source.root.name} was exported from), {later}")
+    try:
+        return reference_checkpoint(source, checkpoint)
+    except BundleError as exc:
+        raise BundleError(f"cannot verify the quantized bundle: {exc}; {later}") from None
 
 
 def _check_source(source: Bundle, options: QuantizeOptions) -> None:

@@ -84,6 +84,8 @@ class VerificationReport:
     checkpoint: str
     seconds: float
     gates: dict[str, Any] = field(default_factory=dict)
+    # The manifest's `files` (sha256 and size of each) of the content compared: the verdict holds for these only.
+    files: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -158,6 +160,7 @@ def verify_bundle(bundle_dir: str | Path, checkpoint_dir: str | Path | None = No
         gates={"table": {p: dataclasses.asdict(GATES[p]) for p in sorted(set(precisions.values()))},
                "stages": precisions, "frames": frames, "checkpoint": str(ckpt_dir),
                "held_out": {"frame_base": HELD_OUT_FRAME_BASE, "instructions": len(HELD_OUT_INSTRUCTIONS)}},
+        files=dict(bundle.manifest.files),      # load_bundle checked every sha256 against these
     )
     if record:
         record_verification(bundle_dir, report)
@@ -185,11 +188,22 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
 
 
 def record_verification(bundle_dir: str | Path, report: VerificationReport):
-    """Write the report into the bundle's manifest (atomically); returns the new Manifest."""
+    """Write the report into the bundle's manifest (atomically); returns the new Manifest.
+
+    Refuses (BundleError) if the manifest's files are no longer those verified (`report.files`): another
+    export, quantize or copy replaced the bundle meanwhile, and the verdict would describe other content.
+    """
     from edgeact.export.bundle_writer import update_manifest
     from edgeact.runtime.bundle import VerificationInfo
 
     def edit(manifest) -> None:
+        if manifest.files != report.files:
+            changed = sorted(rel for rel in set(manifest.files) | set(report.files)
+                             if manifest.files.get(rel) != report.files.get(rel))
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise BundleError(f"{bundle_dir}: the bundle changed while it was verified ({shown} differ from the "
+                              f"files compared); its verdict ({report.status}) is not recorded: re-run "
+                              f"`edgeact verify {bundle_dir}` on the bundle as it is now")
         manifest.verification = VerificationInfo(status=report.status, gates=report.gates, results=tuple(report.rows))
 
     return update_manifest(bundle_dir, edit)

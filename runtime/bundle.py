@@ -27,7 +27,15 @@ from edgeact.runtime.stage_spec import (  # noqa: F401
 )
 
 PARTIAL_INFIX = ".partial-"      # the writer builds `.NAME.partial-XXXX` beside the final directory
+# An overwrite moves the old bundle to `.NAME.old-XXXX/previous` and removes it once the new one is in place.
+OLD_INFIX = ".old-"
+PREVIOUS_NAME = "previous"
 ALLOW_UNVERIFIED_FLAG = "--allow-unverified"
+# How each caller loads a bundle whose verification failed; callers pass the one that applies to them.
+UNVERIFIED_FIX_CONFIG = "set `allow_unverified: true` in the robot config's policy section"
+UNVERIFIED_FIX_DEFAULT = (f"to load it anyway: {UNVERIFIED_FIX_CONFIG} (edgeact run, edgeact bench), pass "
+                          f"{ALLOW_UNVERIFIED_FLAG} (edgeact build-engines, edgeact eval), or "
+                          "allow_unverified=True (BundlePolicy in Python)")
 _CHUNK_BYTES = 1 << 20            # stream hashes: a 7B stage is gigabytes, never read it whole
 FIX_COPY = "re-copy or re-export the bundle"
 
@@ -56,13 +64,39 @@ def partial_exports(bundle_dir: str | Path) -> list[Path]:
     return sorted(parent.glob(f".{bundle_dir.name}{PARTIAL_INFIX}*"))
 
 
+def previous_bundles(bundle_dir: str | Path) -> list[Path]:
+    """Bundles an interrupted overwrite moved aside (`.NAME.old-XXXX/previous`) and did not get to remove."""
+    bundle_dir = Path(bundle_dir)
+    parent = bundle_dir.parent
+    if not parent.is_dir():
+        return []
+    return sorted(p / PREVIOUS_NAME for p in parent.glob(f".{bundle_dir.name}{OLD_INFIX}*")
+                  if (p / PREVIOUS_NAME / MANIFEST_NAME).is_file())
+
+
+def _interrupted_hint(bundle_dir: Path) -> str:
+    """What an interrupted export or overwrite left beside `bundle_dir`, and what to do with it ('' if nothing)."""
+    partial, previous = partial_exports(bundle_dir), previous_bundles(bundle_dir)
+    leftovers = ", ".join(p.name for p in partial)
+    cleanup = (f"; {leftovers} {'is' if len(partial) == 1 else 'are'} left by interrupted runs: remove "
+               f"{'it' if len(partial) == 1 else 'them'} (rm -r) once no export or quantize into {bundle_dir.name} "
+               "is running" if partial else "")
+    if previous and not bundle_dir.exists():
+        prev = previous[-1]
+        return (f"; an overwrite was interrupted after moving the previous bundle aside: it survives in {prev}; "
+                f"restore it with `mv {prev} {bundle_dir}` (then remove the empty {prev.parent.name}), or re-run the "
+                f"export{cleanup}")
+    if partial:
+        return f"; found {partial[0].name} beside it: the export was interrupted; re-run it{cleanup}"
+    return ""
+
+
 def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Parse and validate manifest.json (schema, fields, config); does not look at the other files."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
-        partial = partial_exports(bundle_dir)
-        hint = (f"; found {partial[0].name} beside it: the export was interrupted; re-run it" if partial else "")
+        hint = _interrupted_hint(bundle_dir)
         if not bundle_dir.exists():
             raise BundleError(f"{bundle_dir}: no bundle here{hint or '; check the path or run the export first'}")
         raise BundleError(f"{path}: missing; {bundle_dir} is not a bundle or an incomplete copy"
@@ -108,7 +142,9 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = T
                 raise BundleError(f"{rel}: sha256 mismatch (file corrupt or modified); {FIX_COPY}")
 
 
-def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool = False) -> None:
+def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool = False,
+                       fix: str = UNVERIFIED_FIX_DEFAULT) -> None:
+    """Refuse a bundle whose verification failed; `fix` is what the caller's user can do about it."""
     v = manifest.verification
     if v.status != "failed" or allow_failed:
         return
@@ -118,8 +154,8 @@ def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool
     raise BundleError(
         f"{where}: verification failed at gate {first['gate']!r}" + (f" ({details})" if details else "")
         + (f" and {more} more" if more else "")
-        + f"; its outputs differ from the reference beyond the gate. Re-export or quantize with another recipe, "
-        f"or pass {ALLOW_UNVERIFIED_FLAG} to load it anyway")
+        + f"; its outputs differ from the reference beyond the gate. Re-export or quantize with another recipe; "
+        + fix)
 
 
 class Bundle:
@@ -170,13 +206,15 @@ class Bundle:
         return sum(f.bytes for f in self.manifest.files.values())
 
 
-def load_bundle(path: str | Path, verify_checksums: bool = True, allow_failed_verification: bool = False) -> Bundle:
+def load_bundle(path: str | Path, verify_checksums: bool = True, allow_failed_verification: bool = False,
+                unverified_fix: str = UNVERIFIED_FIX_DEFAULT) -> Bundle:
     """Open a bundle directory; raises BundleError naming the file and the fix on anything wrong.
 
-    Sizes are always checked; `verify_checksums` also hashes every file (seconds per GB).
+    Sizes are always checked; `verify_checksums` also hashes every file (seconds per GB). `unverified_fix`:
+    how the caller's user loads a bundle whose verification failed (the end of that error).
     """
     root = Path(path)
     manifest = read_manifest(root)
-    check_verification(manifest, root, allow_failed_verification)   # cheap: refuse before hashing gigabytes
+    check_verification(manifest, root, allow_failed_verification, unverified_fix)   # cheap: before hashing gigabytes
     verify_files(root, manifest, checksums=verify_checksums)
     return Bundle(root, manifest)

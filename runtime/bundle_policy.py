@@ -11,6 +11,7 @@ do under the same constraints:
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.action_bins import ActionStats
-from edgeact.runtime.bundle import Bundle, load_bundle
+from edgeact.runtime.bundle import UNVERIFIED_FIX_CONFIG, UNVERIFIED_FIX_DEFAULT, Bundle, load_bundle
 from edgeact.runtime.decode_program import ACTION_DECODINGS, DecodeProgram, DecodeResult
 from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_TOKENIZER_STAGE  # noqa: F401  (the policy's name for it)
 from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
@@ -44,6 +45,10 @@ DEVICE_PREFILL_CHUNK = 1024
 # depth_m (H, W) metres aligned to the RGB frame -> 100 depth codes in [0, 128)
 DepthTokenizer = Callable[[np.ndarray], Sequence[int]]
 ForcedDepth = Union[None, str, Sequence[int], np.ndarray, DepthTokenizer]
+# How a robot config's user runs a bundle whose verification failed (`edgeact run` has no flag for it).
+ROBOT_CONFIG_UNVERIFIED_FIX = f"to run it anyway: {UNVERIFIED_FIX_CONFIG}"
+
+log = logging.getLogger(__name__)
 
 
 class BundlePolicy:
@@ -53,10 +58,12 @@ class BundlePolicy:
                  unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
                  prefill_chunk: int | None = None, crops_per_run: int | None = None, allow_unverified: bool = False,
                  verify_checksums: bool = True, backend_options: dict[str, Any] | None = None,
-                 action_decoding: str = "greedy"):
-        # load_bundle refuses a bundle whose verification failed unless allow_unverified.
+                 action_decoding: str = "greedy", unverified_fix: str = UNVERIFIED_FIX_DEFAULT):
+        # load_bundle refuses a bundle whose verification failed unless allow_unverified; `unverified_fix`
+        # is how the caller's user allows it (the robot config's field, a CLI flag).
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
-                                           allow_failed_verification=allow_unverified)
+                                           allow_failed_verification=allow_unverified, unverified_fix=unverified_fix)
+        _warn_if_never_verified(bundle)
         tokenizer_path = bundle.path(bundle.manifest.tokenizer.file)
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.layout = TokenLayout.from_tokenizer(self.tokenizer, str(tokenizer_path))
@@ -135,6 +142,16 @@ class BundlePolicy:
     def close(self) -> None:
         """Release device memory (TensorRT); host buffers and sessions go with the object."""
         self.backend.close()
+
+
+def _warn_if_never_verified(bundle: Bundle) -> None:
+    """A bundle never compared with its reference (`--no-verify`) loads, but not silently."""
+    if bundle.manifest.verification.status != "not_run":
+        return
+    checkpoint = bundle.manifest.model.source_checkpoint or "CKPT"
+    log.warning("%s: never verified (verification 'not_run', e.g. exported or quantized with --no-verify): its "
+                "outputs have not been compared with the reference model; verify it with `edgeact verify %s "
+                "--checkpoint %s` (the checkpoint it was exported from)", bundle.root, bundle.root, checkpoint)
 
 
 def _action_stats(bundle: Bundle, unnorm_key: str | None) -> ActionStats | None:
@@ -221,4 +238,4 @@ class BundlePolicyConfig(PolicyConfig):
                             forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
                             crops_per_run=self.crops_per_run, action_decoding=self.action_decoding,
                             allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
-                            backend_options=options)
+                            backend_options=options, unverified_fix=ROBOT_CONFIG_UNVERIFIED_FIX)

@@ -56,6 +56,40 @@ def test_overwrite_refuses_a_directory_that_is_not_a_bundle(tmp_path):
     assert (home / "notes.txt").read_text() == "precious"
 
 
+NOT_A_BUNDLE_MANIFEST = "its manifest.json is not a bundle manifest: no schema_version, tool"
+
+
+@pytest.mark.parametrize("manifest, why", [
+    ({"format": "edgeact-calibration", "version": 1, "seed": 0}, NOT_A_BUNDLE_MANIFEST),     # a calibration set
+    ({"name": "web-app", "short_name": "app", "icons": []}, NOT_A_BUNDLE_MANIFEST),          # a web project
+    ("{ not json", "its manifest.json is not valid JSON"),
+    ({"schema_version": 2, "tool": {"name": "other"}, "model": {}, "stages": {}, "files": {}},
+     "its manifest.json was written by 'other', not edgeact"),
+])
+def test_overwrite_replaces_only_an_edgeact_bundle_not_any_directory_with_a_manifest(tmp_path, manifest, why):
+    other = tmp_path / "calibration"
+    other.mkdir()
+    (other / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    (other / "samples.npz").write_bytes(b"precious")
+    with pytest.raises(BundleError) as err:
+        write_tiny_bundle(other, overwrite=True)
+    assert str(err.value).startswith(f"{other}: exists and is not a bundle ({why}")
+    assert "refusing to replace it" in str(err.value)
+    assert (other / "samples.npz").read_bytes() == b"precious" and _hidden_siblings(tmp_path) == []
+
+
+def test_overwrite_replaces_a_bundle_of_an_older_schema_and_an_empty_directory(tmp_path):
+    old = write_tiny_bundle(tmp_path / "old")
+    data = json.loads((old / "manifest.json").read_text())
+    data["schema_version"] = 1                   # unreadable now, and exactly what a re-export replaces
+    (old / "manifest.json").write_text(json.dumps(data))
+    write_tiny_bundle(old, precision="int8", overwrite=True)
+    assert load_bundle(old).stage("decoder").precision == "int8"
+    (tmp_path / "empty").mkdir()
+    write_tiny_bundle(tmp_path / "empty", overwrite=True)
+    load_bundle(tmp_path / "empty")
+
+
 def _writer_with_basics(w):
     w.set_model(tiny_config())
     w.add_json("tokenizer.json", {"model": {"type": "BPE"}})     # written in place, as an exporter may
@@ -185,3 +219,55 @@ def test_published_bundle_is_readable_by_other_users(tmp_path):
     for path in [out, *out.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, path
+
+
+def test_before_publish_runs_on_the_finished_bundle_while_the_old_one_stays_in_place(tmp_path):
+    path = write_tiny_bundle(tmp_path / "b", precision="fp16", verification="passed")
+    old = _snapshot(path)
+    seen = {}
+
+    def judge(staged):
+        seen["staged"], seen["target"] = staged, read_manifest(path)      # the old bundle, still loadable
+        assert read_manifest(staged).stages["decoder"].precision == "int8"
+        update_manifest(staged, lambda m: setattr(m, "verification", VerificationInfo(
+            "passed", {}, ({"gate": "decoder.top1_agreement", "passed": True},))))
+
+    with BundleWriter(path, overwrite=True, before_publish=judge) as w:
+        _writer_with_basics(w)
+        w.add_onnx("decoder", tiny_decoder_onnx(), precision="int8", dim_ranges=DECODER_RANGES)
+    assert seen["staged"].parent == tmp_path and seen["staged"].name.startswith(".b.partial-")
+    assert seen["target"].stages["decoder"].precision == "fp16"
+    m = load_bundle(path).manifest
+    assert m.stages["decoder"].precision == "int8" and m.verification.status == "passed" and w.manifest == m
+    assert _snapshot(path) != old and _hidden_siblings(tmp_path) == []
+
+    # A step that fails (or is interrupted) publishes nothing: the bundle there is untouched.
+    published = _snapshot(path)
+    def interrupted(staged):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with BundleWriter(path, overwrite=True, before_publish=interrupted) as w:
+            _writer_with_basics(w)
+            w.add_onnx("decoder", tiny_decoder_onnx(), precision="fp16", dim_ranges=DECODER_RANGES)
+    assert _snapshot(path) == published and _hidden_siblings(tmp_path) == []
+
+
+def test_a_kill_during_before_publish_leaves_the_old_bundle_whole(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = write_tiny_bundle(tmp_path / "b", precision="fp16", verification="passed")
+    old = _snapshot(path)
+    code = ("import os, sys\n"
+            "from edgeact.export.bundle_writer import BundleWriter\n"
+            "from tests.export.test_bundle_writer import _writer_with_basics, tiny_decoder_onnx, DECODER_RANGES\n"
+            "with BundleWriter(sys.argv[1], overwrite=True, before_publish=lambda staged: os._exit(9)) as w:\n"
+            "    _writer_with_basics(w)\n"
+            "    w.add_onnx('decoder', tiny_decoder_onnx(), precision='int8', dim_ranges=DECODER_RANGES)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 9, proc.stderr
+    assert _snapshot(path) == old and load_bundle(path).manifest.verification.status == "passed"
+    assert [n.startswith(".b.partial-") for n in _hidden_siblings(tmp_path)] == [True]

@@ -171,3 +171,26 @@ def test_add_depth_tokenizer_refuses_to_write_over_its_source(trained, held_out,
 
     with pytest.raises(BundleError, match="source bundle"):
         add_depth_tokenizer(source_bundle, trained.dir, source_bundle, check_images=held_out[:1], overwrite=True)
+
+
+def test_replacing_the_only_failing_depth_tokenizer_row_recomputes_the_status(trained, held_out, source_bundle,
+                                                                              tmp_path):
+    """A source that failed only at the old depth-tokenizer gate: the new stage's row decides, not the old status."""
+    import shutil
+
+    from edgeact.export.bundle_writer import update_manifest
+    from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
+    from edgeact.runtime.bundle import VerificationInfo, load_bundle
+
+    verified_rows = ({"gate": "tokens.forced", "passed": True, "value": 1.0, "limit": 1.0},)
+    old_depth_row = {"gate": "depth_tokenizer_codes", "passed": False, "agreement": 0.5, "min": 0.99}
+    cases = {"passed": verified_rows, "not_run": ()}      # the verdict of the source's own stages
+    for expected, rows in cases.items():
+        src = shutil.copytree(source_bundle, tmp_path / f"src-{expected}")
+        update_manifest(src, lambda m: setattr(m, "verification", VerificationInfo(
+            "failed", {}, (*rows, old_depth_row))))
+        out = add_depth_tokenizer(src, trained.dir, tmp_path / f"out-{expected}", check_images=held_out[:1])
+        v = load_bundle(out).manifest.verification
+        assert v.results[-1]["gate"] == "depth_tokenizer_codes" and v.results[-1]["passed"]
+        assert v.status == expected and [r["gate"] for r in v.results] == [r["gate"] for r in rows] + [
+            "depth_tokenizer_codes"]

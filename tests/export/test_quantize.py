@@ -656,3 +656,99 @@ def test_modelopt_backend_names_the_install_when_missing(sources, tmp_path):
     with pytest.raises(EdgeactError, match=r"nvidia-modelopt\[onnx\]"):
         quantize_bundle(sources["bundle"], tmp_path / "mo", QuantizeOptions("int4", backend="modelopt"), report_frames=0)
     assert not (tmp_path / "mo").exists()
+
+
+# ----------------------------------------------------------------------- verify and publish
+INT4 = QuantizeOptions("int4", block_size=32)
+
+
+def test_quantize_overwrite_verifies_the_new_bundle_before_it_replaces_the_verified_one(sources, tmp_path, monkeypatch):
+    import shutil
+
+    from edgeact.export import verify as verify_module
+    from edgeact.runtime.bundle import read_manifest
+
+    out = shutil.copytree(sources["bundle"], tmp_path / "out")
+    verify_module.verify_bundle(out, frames=1, threads=1)
+    old = tree_digest(out)
+    assert read_manifest(out).verification.status == "passed"
+    real, seen = verify_module.verify_bundle, []
+
+    def watched(bundle_dir, *a, **kw):
+        seen.append((bundle_dir, tree_digest(out)))       # the target while the new bundle is verified
+        return real(bundle_dir, *a, **{**kw, "frames": 1})
+
+    monkeypatch.setattr(verify_module, "verify_bundle", watched)
+    result = quantize_bundle(sources["bundle"], out, INT4, overwrite=True, report_frames=1, threads=1, verify=True)
+    (staged, during), = seen
+    assert staged != out and during == old
+    m = read_manifest(out)
+    assert m.stages[io.DECODER_STAGE].precision == "int4"
+    assert m.verification.status == result.verification and result.verification in ("passed", "failed")
+    assert [row["bundle"] for row in m.quantization.report] == [str(sources["bundle"]), str(out)]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # Verification interrupted: nothing is published, the bundle there stays whole.
+    published = tree_digest(out)
+
+    def interrupted(bundle_dir, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify_module, "verify_bundle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_bundle(sources["bundle"], out, INT4, overwrite=True, report_frames=0, threads=1, verify=True)
+    assert tree_digest(out) == published
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _source_copy(sources, tmp_path, edit):
+    import shutil
+
+    from edgeact.export.bundle_writer import update_manifest
+
+    src = shutil.copytree(sources["bundle"], tmp_path / "source")
+    update_manifest(src, edit)
+    return src
+
+
+def test_quantize_refuses_before_any_work_when_the_recorded_checkpoint_is_gone(sources, tmp_path, capsys):
+    import dataclasses
+
+    gone = tmp_path / "moved-away-checkpoint"
+    src = _source_copy(sources, tmp_path, lambda m: setattr(
+        m, "model", dataclasses.replace(m.model, source_checkpoint=str(gone))))
+    out = tmp_path / "int4"
+    expected = (f"the reference checkpoint {gone} recorded in {src} is not here, so the quantized bundle cannot be "
+                f"verified: pass --checkpoint CKPT (the checkpoint source was exported from), or pass --no-verify, "
+                f"then `edgeact verify {out} --checkpoint CKPT` before using it")
+    with pytest.raises(BundleError) as err:
+        quantize_bundle(src, out, INT4, report_frames=0, threads=1, verify=True)
+    assert str(err.value) == expected and not out.exists()
+    rc = main(["quantize", str(src), "--precision", "int4", "--block-size", "32", "--report-frames", "0",
+               "--out", str(out), "--threads", "1"])
+    assert rc == 2 and expected in " ".join(capsys.readouterr().err.split()) and not out.exists()
+
+    # The checkpoint named instead of the recorded one: verified, verdict recorded.
+    result = quantize_bundle(src, out, INT4, report_frames=0, threads=1, verify=True, checkpoint=sources["checkpoint"])
+    assert result.verification in ("passed", "failed")
+    assert load_bundle(out, allow_failed_verification=True).manifest.verification.status == result.verification
+    # --no-verify: the bundle says not_run, and the command says so with the way to verify it.
+    rc = main(["quantize", str(src), "--precision", "int4", "--block-size", "32", "--report-frames", "0", "--no-verify",
+               "--out", str(tmp_path / "unverified"), "--threads", "1"])
+    assert rc == 0 and load_bundle(tmp_path / "unverified").manifest.verification.status == "not_run"
+    assert (f"verification: not run (--no-verify); before using the bundle: edgeact verify {tmp_path / 'unverified'} "
+            "--checkpoint CKPT") in capsys.readouterr().out
+
+
+def test_quantize_from_a_failed_source_says_what_to_do_and_offers_no_flag_it_lacks(sources, tmp_path):
+    from edgeact.runtime.bundle import VerificationInfo
+
+    src = _source_copy(sources, tmp_path, lambda m: setattr(m, "verification", VerificationInfo(
+        "failed", {}, ({"gate": "tokens.forced", "passed": False, "value": 0.5, "limit": 1.0},))))
+    with pytest.raises(BundleError) as err:
+        quantize_bundle(src, tmp_path / "q", INT4, report_frames=0, threads=1)
+    msg = str(err.value)
+    assert "verification failed at gate 'tokens.forced'" in msg and "--allow-unverified" not in msg
+    assert "re-export the source (`edgeact export CKPT --out SOURCE --overwrite`)" in msg
+    assert "(`edgeact verify SOURCE --checkpoint CKPT`)" in msg
+    assert not (tmp_path / "q").exists()

@@ -11,9 +11,10 @@ import pytest
 from onnx import numpy_helper
 
 from edgeact.export.bundle_export import export_bundle
-from edgeact.export.bundle_writer import update_manifest
+from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
 from edgeact.export.synthetic import make_checkpoint
-from edgeact.export.verify import GATES, Gate, gate_for, held_out_observations, verify_bundle
+from edgeact.export import verify as verify_module
+from edgeact.export.verify import GATES, Gate, gate_for, held_out_observations, record_verification, verify_bundle
 from edgeact.runtime.bundle import load_bundle, read_manifest
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError
@@ -150,3 +151,71 @@ def test_cli_export_verify_and_inspect(checkpoints, tmp_path, capsys):
     assert manifest["stages"]["decoder"]["dim_ranges"]["seq"]["max"] == 1024
     assert main(["inspect", str(out)]) == 0
     assert "verification: passed" in capsys.readouterr().out
+
+
+def _digest(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_overwrite_verifies_the_new_bundle_before_it_replaces_the_verified_one(checkpoints, tmp_path,
+                                                                                     monkeypatch, capsys):
+    out = tmp_path / "bundle"
+    args = ["export", str(checkpoints["D"]), "--out", str(out), "--frames", "1", "--threads", "1", "--max-seq", "1024"]
+    assert main(args) == 0
+    old = _digest(out)
+    assert read_manifest(out).verification.status == "passed"
+    real, seen = verify_module.verify_bundle, []
+
+    def watched(bundle_dir, *a, **kw):
+        # While the new bundle is verified, the target still holds the old, verified bundle, byte for byte.
+        seen.append((bundle_dir, _digest(out)))
+        return real(bundle_dir, *a, **kw)
+
+    monkeypatch.setattr(verify_module, "verify_bundle", watched)
+    assert main(args + ["--overwrite", "--chunk", "2"]) == 0
+    (staged, during), = seen
+    assert staged != out and staged.parent == tmp_path and during == old
+    m = read_manifest(out)                       # published with its verdict
+    assert m.verification.status == "passed" and m.grammar["n_actions"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # Verification interrupted (Ctrl-C; a kill leaves the same plus a .partial directory): the old bundle stays.
+    published = _digest(out)
+
+    def interrupted(bundle_dir, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify_module, "verify_bundle", interrupted)
+    capsys.readouterr()
+    assert main(args + ["--overwrite", "--chunk", "3"]) == 130
+    assert _digest(out) == published and read_manifest(out).verification.status == "passed"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # --no-verify still publishes at once, saying it was not verified and how to.
+    assert main(args + ["--overwrite", "--no-verify"]) == 0
+    assert read_manifest(out).verification.status == "not_run"
+    assert f"edgeact verify {out} --checkpoint {checkpoints['D']}" in capsys.readouterr().out
+
+
+def test_a_verdict_is_not_recorded_onto_other_content(bundles, tmp_path):
+    """A bundle replaced (or changed) while it was verified keeps its own verification, not the other's verdict."""
+    target = _copy(bundles["D"], tmp_path)
+    other = shutil.copytree(bundles["D"], tmp_path / "other")
+    _perturb_decoder(other, 1.0)
+    replaced = []
+
+    def replace_mid_verification(done, total):
+        with BundleWriter(target, overwrite=True) as w:       # e.g. a concurrent `quantize --overwrite`
+            copy_bundle(other, w)
+        replaced.append(read_manifest(target).files)
+
+    with pytest.raises(BundleError, match=r"the bundle changed while it was verified \(stages/decoder.onnx differ "
+                                          r"from the files compared\); its verdict \(passed\) is not recorded: "
+                                          r"re-run `edgeact verify"):
+        verify_bundle(target, frames=1, threads=1, on_frame=replace_mid_verification)
+    assert replaced and read_manifest(target).verification.status == "not_run"
+    assert read_manifest(target).files == replaced[0]
+
+    report = verify_bundle(target, frames=1, threads=1, record=False)     # the new content, judged itself
+    record_verification(target, report)
+    assert read_manifest(target).verification.status == report.status == "failed"

@@ -172,7 +172,12 @@ def test_failed_verification_is_refused_unless_overridden(tmp_path):
         load_bundle(path)
     msg = str(err.value)
     assert "verification failed at gate 'decoder.top1_agreement'" in msg and "value=0.91" in msg
-    assert "--allow-unverified" in msg
+    # Each way to load it anyway, with the commands it applies to: `edgeact run` has no flag, only the config field.
+    assert "`allow_unverified: true` in the robot config's policy section (edgeact run, edgeact bench)" in msg
+    assert "--allow-unverified (edgeact build-engines, edgeact eval)" in msg
+    with pytest.raises(BundleError) as err:
+        load_bundle(path, unverified_fix="the caller's own fix")
+    assert str(err.value).endswith("Re-export or quantize with another recipe; the caller's own fix")
     bundle = load_bundle(path, allow_failed_verification=True)
     assert [r["gate"] for r in bundle.manifest.verification.failing()] == ["decoder.top1_agreement"]
 
@@ -193,6 +198,46 @@ def test_interrupted_export_leaves_no_bundle_and_the_loader_says_so(tmp_path):
     assert [p.name.startswith(".killed.partial-") for p in tmp_path.iterdir()] == [True]
     with pytest.raises(BundleError, match=r"killed: no bundle here; found \.killed\.partial-\S+ beside it: the export was interrupted; re-run it"):
         load_bundle(target)
+
+
+_KILLED_OVERWRITE = (
+    # A real kill (os._exit skips every cleanup, like SIGKILL or a power cut) right after the overwrite moved the
+    # old bundle aside and before it renamed the new one in.
+    "import os, sys\n"
+    "import edgeact.export.atomic_dir as atomic_dir\n"
+    "from tests.runtime.test_bundle import write_tiny_bundle\n"
+    "real = os.rename\n"
+    "def rename(src, dst):\n"
+    "    real(src, dst)\n"
+    "    if str(dst).endswith('previous'):\n"
+    "        os._exit(9)\n"
+    "atomic_dir.os.rename = rename\n"
+    "write_tiny_bundle(sys.argv[1], precision='int8', overwrite=True)\n"
+)
+
+
+def test_an_overwrite_killed_between_its_renames_names_the_surviving_bundle_and_the_move(tmp_path):
+    target = write_tiny_bundle(tmp_path / "b", precision="fp16")
+    before = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    killed = tmp_path / ".b.partial-left-by-an-earlier-kill"
+    killed.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_OVERWRITE, str(target)], capture_output=True, text=True,
+                          cwd=root)
+    assert proc.returncode == 9, proc.stderr
+    assert not target.exists()
+    (previous,) = tmp_path.glob(".b.old-*/previous")
+    with pytest.raises(BundleError) as err:
+        load_bundle(target)
+    msg = str(err.value)
+    assert f"it survives in {previous}; restore it with `mv {previous} {target}`" in msg
+    assert "the export was interrupted" not in msg
+    # Leftovers of killed runs are named, with when they may go; nothing is deleted by the loader.
+    assert killed.name in msg and "remove them (rm -r) once no export or quantize into b is running" in msg
+    assert killed.is_dir() and previous.is_dir()
+    previous.rename(target)                       # the move the message names
+    assert load_bundle(target).stage("decoder").precision == "fp16"
+    assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 
 def test_invalid_config_is_refused(bundle_dir):

@@ -107,6 +107,46 @@ def test_a_bundle_that_failed_verification_is_refused_unless_allowed(exported, t
     assert BundlePolicy(dst, threads=1, allow_unverified=True).infer(*_frame(exported)).actions.shape == (1, 7)
 
 
+def test_a_robot_config_is_told_its_own_fix_for_a_failed_bundle(exported, tmp_path):
+    """`edgeact run` has no --allow-unverified: the robot config's policy field is what lets it run."""
+    dst = shutil.copytree(exported.bundle_dir, tmp_path / "failed")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    row = {"gate": "tokens.greedy.action", "passed": False, "value": 0.4, "limit": 0.7}
+    manifest["verification"] = {"status": "failed", "gates": {}, "results": [row]}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    context = PolicyContext(action_rate_hz=10.0, config_dir=tmp_path)
+    with pytest.raises(BundleError) as err:
+        BundlePolicyConfig(path="failed", threads=1).make_policy(context)
+    msg = str(err.value)
+    assert "verification failed at gate 'tokens.greedy.action'" in msg
+    assert msg.endswith("to run it anyway: set `allow_unverified: true` in the robot config's policy section")
+    assert "--allow-unverified" not in msg
+    assert BundlePolicyConfig(path="failed", threads=1, allow_unverified=True).make_policy(context)
+
+
+def test_a_never_verified_bundle_loads_with_a_warning_naming_how_to_verify_it(exported, tmp_path, caplog):
+    from edgeact.export.bundle_writer import update_manifest
+    from edgeact.runtime.bundle import VerificationInfo, read_manifest
+
+    manifest = read_manifest(exported.bundle_dir)
+    assert manifest.verification.status == "not_run"          # exported without verification
+    with caplog.at_level("WARNING", logger="edgeact.runtime.bundle_policy"):
+        BundlePolicy(exported.bundle_dir, threads=1)
+    (record,) = [r for r in caplog.records if r.name == "edgeact.runtime.bundle_policy"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith(f"{exported.bundle_dir}: never verified (verification 'not_run'")
+    assert (f"verify it with `edgeact verify {exported.bundle_dir} --checkpoint "
+            f"{manifest.model.source_checkpoint}`") in record.getMessage()
+
+    caplog.clear()
+    verified = shutil.copytree(exported.bundle_dir, tmp_path / "verified")
+    update_manifest(verified, lambda m: setattr(m, "verification", VerificationInfo(
+        "passed", {}, ({"gate": "tokens.forced", "passed": True},))))
+    with caplog.at_level("WARNING", logger="edgeact.runtime.bundle_policy"):
+        BundlePolicy(verified, threads=1)
+    assert [r for r in caplog.records if r.name == "edgeact.runtime.bundle_policy"] == []
+
+
 def test_unnorm_key_must_name_the_bundle_statistics(exported):
     with pytest.raises(ConfigError, match="unnorm_key 'bridge' not in norm_stats; available keys: edgeact_sim"):
         BundlePolicy(exported.bundle_dir, unnorm_key="bridge")
