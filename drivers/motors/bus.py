@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from dataclasses import dataclass, field
 
 from edgeact.runtime.errors import EdgeactError
+
+log = logging.getLogger(__name__)
 
 
 class MotorBusError(EdgeactError):
@@ -31,14 +34,25 @@ class Motor:
     mode: str = "position"          # "position" (joints) or "velocity" (wheels)
 
 
+class _Unset(int):
+    """A calibration default nobody wrote: the same int, but a bus can tell it was not given (see `unset_fields`)."""
+
+
 @dataclass
 class MotorCalibration:
-    """Maps raw encoder units to radians: rad = sign * (raw - homing_offset) * rad_per_tick."""
+    """Maps raw encoder units to radians: rad = sign * (raw - homing_offset) * rad_per_tick.
 
-    homing_offset: int = 0          # raw reading at the joint's zero
-    range_min: int = 0              # raw limits found by moving the joint through its range
-    range_max: int = 4095
-    drive_mode: int = 0             # 0: raw increases with the joint angle, 1: inverted
+    The defaults are a 12-bit serial servo's (4096 ticks per turn); a bus whose raw unit differs
+    (Damiao's 16-bit MIT field) refuses a calibration that leaves them out (`unset_fields`)."""
+
+    homing_offset: int = _Unset(0)          # raw reading at the joint's zero
+    range_min: int = _Unset(0)              # raw limits found by moving the joint through its range
+    range_max: int = _Unset(4095)
+    drive_mode: int = _Unset(0)             # 0: raw increases with the joint angle, 1: inverted
+
+    def unset_fields(self) -> list[str]:
+        """The fields left at their (serial-servo) defaults rather than given."""
+        return [f for f in ("homing_offset", "range_min", "range_max", "drive_mode") if isinstance(getattr(self, f), _Unset)]
 
     def to_dict(self) -> dict:
         return {"homing_offset": self.homing_offset, "range_min": self.range_min,
@@ -83,8 +97,14 @@ class MotorsBus(abc.ABC):
         self.connect()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.disconnect()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.disconnect()
+        except MotorBusError as secondary:
+            if exc_type is None:
+                raise
+            # The exception in flight says what went wrong first; keep it and log what the exit could not do.
+            log.error("leaving the bus after %s: %s", exc_type.__name__, secondary)
 
     # -- discovery -------------------------------------------------------------------
     @abc.abstractmethod
@@ -120,6 +140,15 @@ class MotorsBus(abc.ABC):
         """Positions and velocities of many motors in one transaction, in rad and rad/s."""
 
     @abc.abstractmethod
-    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
+    def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
         """Write goal positions in one transaction; return what was really sent after the
-        calibrated range limits were applied (in rad)."""
+        calibrated range limits were applied (in rad).
+
+        `origin_rad` (per joint, optional): where the motion starts (the measured or last-sent position).
+        A joint found outside its calibrated range may then be sent anywhere between its origin and the
+        range, so a caller that limits steps (SafetyGuard) walks it back instead of it jumping to the
+        range's edge; it can never be sent further out than its origin."""
+
+    def position_limits_rad(self, name: str) -> tuple[float, float]:
+        """(low, high) joint angle `send` clamps to: the calibrated range; unbounded when the bus has none."""
+        return -math.inf, math.inf

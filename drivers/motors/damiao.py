@@ -111,6 +111,20 @@ class DamiaoBus(MotorsBus):
                 raise ConfigError(f"feedback id 0x{fb:X} of {name!r} is the CAN id of motor {esc_ids[fb]!r}; "
                                   "feedback ids (MST_ID) must differ from every command id (ESC_ID)")
         for name, cal in self.calibration.items():
+            # A partial calibration is refused rather than completed: MotorCalibration's defaults are serial
+            # ticks (zero 0, range 0..4095), which here would put joint zero at -PMAX inside a ~1.6 rad window
+            # at the end of the motor's travel. Completing it with Damiao defaults (zero at the motor's zero,
+            # range the whole ±PMAX) would be safe to start, but would silently drop the joint's range limits
+            # that whoever wrote homing_offset most likely meant to give: the person must say.
+            missing = [f for f in cal.unset_fields() if f != "drive_mode"]     # drive_mode 0 is right on any bus
+            if missing:
+                mid = dt.POSITION_MAX_UINT // 2
+                raise ConfigError(
+                    f"calibration of {name!r} lacks {', '.join(missing)}: a Damiao calibration needs homing_offset, "
+                    f"range_min and range_max in the 16-bit MIT position unit (0..{dt.POSITION_MAX_UINT}; the serial "
+                    f"defaults would put the joint's zero at -PMAX); give all three, e.g. homing_offset: {mid} "
+                    f"(the motor's own zero), range_min: 0, range_max: {dt.POSITION_MAX_UINT} (the whole ±PMAX), "
+                    "or remove the calibration entry")
             if not 0 <= cal.range_min < cal.range_max <= dt.POSITION_MAX_UINT:
                 raise ConfigError(f"calibration of {name!r} has range {cal.range_min}..{cal.range_max}; Damiao raw "
                                   f"positions are the 16-bit MIT field, 0..{dt.POSITION_MAX_UINT}, with min < max")
@@ -133,17 +147,23 @@ class DamiaoBus(MotorsBus):
                 raise
 
     def disconnect(self, disable_torque: bool | None = None) -> None:
+        """Close the bus; with torque on, disable every motor first. A motor that does not confirm it is
+        named in a MotorBusError raised after the bus is closed (as the serial buses do)."""
         with self._lock:
             if not self._link.is_open:
                 return
+            failure = None
             try:
                 if self.disable_torque_on_exit if disable_torque is None else disable_torque:
                     try:
-                        self.disable_torque()
-                    except MotorBusError as e:     # keep going: close the bus and let the others stay disabled
-                        log.warning("while disconnecting: %s", e)
+                        self.disable_torque()   # the disable frame goes to every motor before any reply is awaited
+                    except MotorBusError as e:  # keep going: close the bus, then tell the caller
+                        failure = e
             finally:
                 self._link.close()
+        if failure is not None:
+            raise MotorBusError(f"disconnected from CAN channel {self.config.channel!r}, but disabling torque "
+                                f"failed ({failure}); the motors may still hold torque: cut their power")
 
     def _check_motors(self) -> None:
         names = list(self.motors)
@@ -351,8 +371,9 @@ class DamiaoBus(MotorsBus):
             state.velocity_rad_s[n] = self._sign(n) * feedback[n].velocity_rad_s
         return state
 
-    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
-        """Hold each joint at its goal with the configured MIT gains; returns the positions sent."""
+    def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
+        """Hold each joint at its goal with the configured MIT gains; returns the positions sent
+        (`origin_rad`: see MotorsBus.send)."""
         commands = {}
         self._names(goal_position_rad)
         for name, goal in goal_position_rad.items():
@@ -360,17 +381,22 @@ class DamiaoBus(MotorsBus):
                 raise ConfigError(f"motor {name!r} is a velocity (wheel) motor; command it with send_velocity")
             kp, kd = self.config.gains.get(name, (self.config.kp, self.config.kd))
             commands[name] = dt.MitCommand(goal, 0.0, kp, kd, 0.0)
-        return {n: c.position_rad for n, c in self.send_mit(commands).items()}
+        return {n: c.position_rad for n, c in self.send_mit(commands, origin_rad).items()}
 
     def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
-        """Spin each motor at its goal velocity (MIT with kp = 0); returns the velocities sent."""
+        """Spin each wheel at its goal velocity (MIT with kp = 0); returns the velocities sent."""
+        joints = [n for n in self._names(goal_velocity_rad_s) if self.motors[n].mode != "velocity"]
+        if joints:      # kp = 0 lets a joint spin through its range limits: only wheels take velocities
+            raise ConfigError(f"motors {joints} are joints (position mode); send_velocity would spin them past "
+                              "their range limits: command them with send, or configure them with mode 'velocity'")
         commands = {n: dt.MitCommand(0.0, v, 0.0, self.config.velocity_kd, 0.0) for n, v in goal_velocity_rad_s.items()}
         return {n: c.velocity_rad_s for n, c in self.send_mit(commands).items()}
 
-    def send_mit(self, commands: dict[str, dt.MitCommand]) -> dict[str, dt.MitCommand]:
+    def send_mit(self, commands: dict[str, dt.MitCommand],
+                 origin_rad: dict[str, float] | None = None) -> dict[str, dt.MitCommand]:
         """Full MIT set-points in the joint frame; each field is clamped (position to the calibrated and the
-        model's range, velocity/torque to the model's, kp/kd to 0..500/0..5) and what was really sent (the
-        decoded frame) is returned."""
+        model's range, the former widened to `origin_rad` as MotorsBus.send says, velocity/torque to the
+        model's, kp/kd to 0..500/0..5) and what was really sent (the decoded frame) is returned."""
         self._names(commands)
         frames, sent = {}, {}
         for name, cmd in commands.items():
@@ -378,6 +404,9 @@ class DamiaoBus(MotorsBus):
             if bad:
                 raise MotorBusError(f"command for {name!r} has non-finite {bad}; refusing to send it")
             lo, hi = self.position_limits_rad(name)
+            origin = (origin_rad or {}).get(name)
+            if origin is not None and math.isfinite(origin):
+                lo, hi = min(lo, origin), max(hi, origin)
             sign, model = self._sign(name), self.model[name]
             motor_cmd = dt.MitCommand(self._to_motor(name, min(max(cmd.position_rad, lo), hi)),
                                       sign * cmd.velocity_rad_s, cmd.kp, cmd.kd, sign * cmd.torque_nm)

@@ -40,12 +40,12 @@ class DamiaoModel:
 
 
 _MODELS = (
-    # name        number  PMAX    VMAX   TMAX    (the 48 V "P" variants share the number)
+    # name        number  PMAX    VMAX   TMAX    (the 48 V "p" variants, DM_CAN's *_48V, share the number)
     ("dm3507", 3507, 12.566, 50.0, 5.0),
     ("dm4310", 4310, 12.5, 30.0, 10.0),
     ("dm4310p", 4310, 12.5, 50.0, 10.0),
-    ("dm4340", 4340, 12.5, 10.0, 28.0),
-    ("dm4340p", 4340, 12.5, 10.0, 28.0),
+    ("dm4340", 4340, 12.5, 8.0, 28.0),         # DM_CAN Limit_Param DM4340 (24 V)
+    ("dm4340p", 4340, 12.5, 10.0, 28.0),        # DM_CAN Limit_Param DM4340_48V
     ("dm6006", 6006, 12.5, 45.0, 20.0),
     ("dm8006", 8006, 12.5, 45.0, 40.0),
     ("dm8009", 8009, 12.5, 45.0, 54.0),

@@ -5,8 +5,14 @@
         while running:
             sent = robot.send(goal)          # what really went to the motors, after every limit
 
-`send` applies, in order: the joint's position limits, `max_step_rad` from the last sent (or, at
-first, measured) position, and `max_velocity_rad_s` times the real time since the previous command.
+`send` applies, in order: the joint's position limits (`joint_limits_rad` within the bus's calibrated
+range), `max_step_rad` from the last sent (or, at first, measured) position, and `max_velocity_rad_s`
+times the real time since the previous command. The first command after a (re)start (the first one,
+enable_torque, a trip, reset_estop) counts its time from the reading of the joints, so it holds them
+where they are, and motion starts at the velocity limit from the next command on. A joint found
+outside its range walks back into it by these steps instead of jumping to the range's edge.
+`send` and `send_velocity` are refused until the guard is connected (`connect()` or the `with`
+block), since that starts the watchdog and the e-stop polling.
 When no command arrives for `watchdog_timeout_s`, or the e-stop input is set, the robot goes to
 its safe state:
     "hold"        every joint holds its measured position (torque on); wheels get zero velocity
@@ -89,6 +95,16 @@ class SafetyGuard(MotorsBus):
         if config.safe_state == "stop" and not wheels:
             raise ConfigError("safe_state 'stop' stops wheels (velocity-mode motors) and this bus has none; "
                               "use 'hold' or 'torque_off'")
+        # Each joint's limits: the configured ones within the bus's calibrated range. Applied here, before the
+        # step limit, so the bus's own range clamp never has to move a joint (it would, at full speed).
+        self._limits: dict[str, tuple[float, float]] = {}
+        for name in (n for n, m in bus.motors.items() if m.mode != "velocity"):
+            bus_low, bus_high = bus.position_limits_rad(name)
+            low, high = config.joint_limits_rad.get(name, (-math.inf, math.inf))
+            self._limits[name] = (max(low, bus_low), min(high, bus_high))
+            if self._limits[name][0] >= self._limits[name][1]:
+                raise ConfigError(f"joint_limits_rad[{name!r}] {(low, high)} lies outside the bus's calibrated range "
+                                  f"({bus_low:.3f}, {bus_high:.3f}) rad; fix the limits or recalibrate the joint")
         self.bus, self.config, self.on_trip, self.clock = bus, config, on_trip, clock
         self._estop_input = (estop.is_set if hasattr(estop, "is_set") else estop) or (lambda: False)
         self.trips: list[SafetyTrip] = []
@@ -120,7 +136,19 @@ class SafetyGuard(MotorsBus):
             if self.bus.is_connected:
                 self.go_safe("exit", "leaving the safety block" + (f" on {exc[0].__name__}" if exc[0] else ""))
         finally:
-            self.bus.disconnect()
+            self.bus.__exit__(*exc)     # disconnects; a failure raises, or is logged behind an exception in flight
+
+    @property
+    def armed(self) -> bool:
+        """Connected: the watchdog and the e-stop polling run, so commands are accepted."""
+        return self._watchdog.is_running
+
+    def _refuse_if_not_armed(self) -> None:
+        # Refused rather than arming here: a guard that was never connected is also never left through its
+        # `with` block, so nothing would put the robot in its safe state on the way out.
+        if not self.armed:
+            raise SafetyError("the safety guard is not connected, so no watchdog or e-stop polling runs; use "
+                              "`with SafetyGuard(bus, config) as robot:` or call robot.connect() before sending")
 
     # -- the e-stop --------------------------------------------------------------------
     @property
@@ -188,30 +216,40 @@ class SafetyGuard(MotorsBus):
         if wheels:      # first: a rolling base is the larger hazard
             self.bus.send_velocity({n: 0.0 for n in wheels})
         if state == "hold" and joints:
-            self.bus.send(self.bus.read_state(joints).position_rad)
+            # Hold each joint where it is, even outside its calibrated range (origin = the measured position lets
+            # the bus send it unclamped): a safe state must not move anything, and a joint that sagged or was
+            # pushed out of range hits nothing new by staying there, while clamping it back would jump it at full
+            # speed. The next command after the trip walks it back into range by limited steps.
+            measured = self.bus.read_state(joints).position_rad
+            self.bus.send(measured, origin_rad=measured)
 
     def _forget_reference(self) -> None:
         self._reference_rad.clear()
         self._last_send_s = None
 
     # -- commands ----------------------------------------------------------------------
-    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
+    def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
+        """Goals through every limit; returns what was sent. `origin_rad` is ignored: steps start from the
+        guard's own reference (the last sent, or measured, position)."""
         with self._lock:
+            self._refuse_if_not_armed()
             self._refuse_if_estopped()
             self._check_goal(goal_position_rad)
-            now = self.clock()
             missing = [n for n in goal_position_rad if n not in self._reference_rad]
             if missing:
                 self._reference_rad.update(self.bus.read_state(missing).position_rad)
-            step = self.config.max_step_rad
-            if self._last_send_s is not None:
-                step = min(step, self.config.max_velocity_rad_s * max(now - self._last_send_s, 0.0))
+            now = self.clock()
+            # After a (re)start the previous "command" is the reading just made (the joints were there then), so
+            # this first command may move them only max_velocity * ~0 s: it holds them where they are.
+            last_s = now if self._last_send_s is None else self._last_send_s
+            step = min(self.config.max_step_rad, self.config.max_velocity_rad_s * max(now - last_s, 0.0))
             limited = {}
             for name, goal in goal_position_rad.items():
-                low, high = self.config.joint_limits_rad.get(name, (-math.inf, math.inf))
+                low, high = self._limits.get(name, (-math.inf, math.inf))
                 ref = self._reference_rad[name]
+                # range first, then the step: a joint outside its range moves toward it by at most `step`
                 limited[name] = min(max(min(max(goal, low), high), ref - step), ref + step)
-            sent = self.bus.send(limited)
+            sent = self.bus.send(limited, origin_rad={n: self._reference_rad[n] for n in limited})
             self._reference_rad.update(sent)
             self._last_send_s = now
             self._watchdog.feed()
@@ -222,8 +260,13 @@ class SafetyGuard(MotorsBus):
         if not hasattr(self.bus, "send_velocity"):
             raise ConfigError(f"{type(self.bus).__name__} has no send_velocity()")
         with self._lock:
+            self._refuse_if_not_armed()
             self._refuse_if_estopped()
             self._check_goal(goal_velocity_rad_s)
+            joints = sorted(n for n in goal_velocity_rad_s if self.motors[n].mode != "velocity")
+            if joints:      # a velocity would spin a joint past every position limit above
+                raise SafetyError(f"{joints} are joints (position mode), not wheels; send_velocity would drive them "
+                                  "past their position limits: command them with send")
             v_max = self.config.max_velocity_rad_s
             sent = self.bus.send_velocity({n: min(max(v, -v_max), v_max) for n, v in goal_velocity_rad_s.items()})
             self._watchdog.feed()

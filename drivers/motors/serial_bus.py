@@ -392,12 +392,3 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         if failures:
             raise MotorBusError(f"disconnected from {self.config.port}, but {'; '.join(failures)}; "
                                 "the motors may still hold torque: cut their power")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.disconnect()
-        except MotorBusError as secondary:
-            if exc_type is None:
-                raise
-            # The exception in flight says what went wrong first; keep it and log what the exit could not do.
-            log.error("leaving the bus after %s: %s", exc_type.__name__, secondary)

@@ -123,7 +123,7 @@ class SerialMotion:
             state.velocity_rad_s[name] = self._sign(name) * raw["present_velocity"][name] * spec.velocity_unit_rad_s
         return state
 
-    def send(self, goal_position_rad: dict[str, float]) -> dict[str, float]:
+    def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
         raws, sent = {}, {}
         for name, rad in goal_position_rad.items():
             motor, _ = self._motor(name)
@@ -131,7 +131,7 @@ class SerialMotion:
                 raise MotorBusError(f"motor '{name}' is a wheel (velocity mode); drive it with send_velocity")
             if not math.isfinite(rad):
                 raise MotorBusError(f"goal for motor '{name}' is {rad}; refusing to send a non-finite position")
-            raws[name] = self._rad_to_raw(name, rad)
+            raws[name] = self._rad_to_raw(name, rad, (origin_rad or {}).get(name))
             sent[name] = self._raw_to_rad(name, raws[name])
         self.sync_write("goal_position", raws)
         return sent
@@ -158,10 +158,24 @@ class SerialMotion:
         cal = self.calibration.get(name, MotorCalibration())
         return self._sign(name) * (raw - cal.homing_offset) * self._motor(name)[1].rad_per_tick
 
-    def _rad_to_raw(self, name: str, rad: float) -> int:
+    def _rad_to_raw(self, name: str, rad: float, origin_rad: float | None = None) -> int:
+        """Raw goal, clamped to the calibrated range widened to the origin (see MotorsBus.send)."""
         cal = self.calibration.get(name, MotorCalibration())
-        raw = round(cal.homing_offset + self._sign(name) * rad / self._motor(name)[1].rad_per_tick)
-        return min(max(raw, cal.range_min), cal.range_max)
+        lo, hi = cal.range_min, cal.range_max
+        if origin_rad is not None and math.isfinite(origin_rad):
+            origin = self._unclamped_raw(name, origin_rad)
+            lo, hi = min(lo, origin), max(hi, origin)
+        return min(max(self._unclamped_raw(name, rad), lo), hi)
+
+    def _unclamped_raw(self, name: str, rad: float) -> int:
+        cal = self.calibration.get(name, MotorCalibration())
+        return round(cal.homing_offset + self._sign(name) * rad / self._motor(name)[1].rad_per_tick)
+
+    def position_limits_rad(self, name: str) -> tuple[float, float]:
+        """(low, high) joint angle `send` clamps to: the calibrated range (the whole turn without a calibration)."""
+        cal = self.calibration.get(name, MotorCalibration())
+        ends = (self._raw_to_rad(name, cal.range_min), self._raw_to_rad(name, cal.range_max))
+        return min(ends), max(ends)
 
     # -- the safe stop (disconnect turns torque off through it) -------------------------------
     def _safe_stop(self) -> list[str]:

@@ -92,7 +92,7 @@ def test_system_and_parameter_frames():
 
 def test_tables_name_models_registers_and_faults():
     assert (DM4310.p_max_rad, DM4310.v_max_rad_s, DM4310.t_max_nm) == (12.5, 30.0, 10.0)
-    assert dt.MODELS["dm8009"].t_max_nm == 54.0 and dt.MODELS["dm4340"].v_max_rad_s == 10.0
+    assert dt.MODELS["dm8009"].t_max_nm == 54.0
     assert dt.model_number_for_ranges(12.5, 45.0, 54.0) == 8009
     assert dt.model_number_for_ranges(1.0, 2.0, 3.0) == 0
     with pytest.raises(ConfigError, match="unknown Damiao model 'dm9999'; use one of dm3507"):
@@ -118,6 +118,29 @@ def test_tables_name_models_registers_and_faults():
 def test_bad_config_is_refused_with_the_fix(motors, kw, message):
     with pytest.raises(ConfigError, match=message):
         DamiaoBus(motors, config=cfg("unused", **kw))
+
+
+def test_dm4340_ranges_follow_damiao_limit_param():
+    # DM_CAN.py Limit_Param: DM4340 = [12.5, 8, 28], DM4340_48V = [12.5, 10, 28]
+    assert [(dt.MODELS[n].p_max_rad, dt.MODELS[n].v_max_rad_s, dt.MODELS[n].t_max_nm) for n in ("dm4340", "dm4340p")] \
+        == [(12.5, 8.0, 28.0), (12.5, 10.0, 28.0)]
+    assert dt.model_number_for_ranges(12.5, 8.0, 28.0) == 4340 == dt.model_number_for_ranges(12.5, 10.0, 28.0)
+    assert SimDamiaoMotor(0x02, "dm4340").registers["VMAX"] == 8.0     # the simulated factory motor follows the table
+
+
+@pytest.mark.parametrize("given, missing", [
+    ({"drive_mode": 1}, "homing_offset, range_min, range_max"),
+    ({"homing_offset": 32767}, "range_min, range_max"),
+    ({"homing_offset": 32767, "range_max": 40000}, "range_min"),
+])
+def test_partial_calibration_is_refused_with_the_missing_fields(given, missing):
+    with pytest.raises(ConfigError, match=rf"calibration of 'a' lacks {missing}: a Damiao calibration needs "
+                                          r"homing_offset, range_min and range_max .* homing_offset: 32767 .*"
+                                          "range_min: 0, range_max: 65535"):
+        DamiaoBus({"a": Motor(1, "dm4310")}, {"a": MotorCalibration(**given)}, config=cfg("unused"))
+    full = MotorCalibration(homing_offset=32767, range_min=0, range_max=65535)     # drive_mode may be left out
+    bus = DamiaoBus({"a": Motor(1, "dm4310")}, {"a": full}, config=cfg("unused"))
+    assert bus.position_limits_rad("a") == pytest.approx((-12.5, 12.5), abs=1e-3)
 
 
 def test_bad_calibration_and_can_settings_are_refused():
@@ -278,3 +301,13 @@ def test_sim_leaves_no_thread_behind(channel):
         assert any(t.name == f"damiao-sim-{channel}" for t in threading.enumerate())
     assert set(threading.enumerate()) <= before
     assert not math.isnan(sim.motor(1).position_rad)
+
+
+def test_send_velocity_refuses_position_joints(sim, channel):
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.enable_torque()
+        with pytest.raises(ConfigError, match=r"motors \['shoulder'\] are joints \(position mode\); send_velocity would "
+                                              "spin them past their range limits: command them with send"):
+            bus.send_velocity({"shoulder": 3.0})
+        with sim.lock:
+            assert sim.motor(1).command.velocity_rad_s == 0.0      # nothing went out

@@ -65,6 +65,18 @@ def test_motor_that_stops_answering_times_out_and_the_others_end_disabled(sim, c
     assert sim.motor(1).enabled                             # (the silent one never heard it)
 
 
+def test_disconnect_says_when_a_motor_may_still_hold_torque(sim, channel):
+    bus = DamiaoBus(arm_motors(), config=cfg(channel, timeout_s=0.05, retries=0))
+    bus.connect()
+    bus.enable_torque()
+    sim.motor(1).stop_answering()
+    with pytest.raises(MotorBusError, match=r"disconnected from CAN channel .*motor 'shoulder' \(CAN id 0x01\) stopped "
+                                            r"answering.* the motors may still hold torque: cut their power"):
+        bus.disconnect()
+    assert not bus.is_connected and not sim.motor(2).enabled
+    assert sim.motor(1).enabled             # the silent motor never heard the disable: the caller had to learn it
+
+
 def test_garbage_frames_are_ignored_and_counted(sim, channel):
     with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
         bus.enable_torque()

@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from edgeact.drivers.motors.bus import Motor, MotorsBus, MotorState
+from edgeact.drivers.motors.bus import Motor, MotorCalibration, MotorsBus, MotorState
+from edgeact.drivers.motors import damiao_table as dt
 from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
 from edgeact.drivers.motors.safety import EStopLatchedError, SafetyConfig, SafetyError, SafetyGuard
 from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
@@ -18,11 +19,13 @@ pytestmark = pytest.mark.timeout(60)
 class FakeBus(MotorsBus):
     """Records every call; `send` returns the goal, cut at `bus_limit_rad` like a bus's calibrated range."""
 
-    def __init__(self, motors=None, bus_limit_rad=math.inf):
+    def __init__(self, motors=None, bus_limit_rad=math.inf, range_rad=None):
         super().__init__(motors or {"shoulder": Motor(1, "fake"), "elbow": Motor(2, "fake")})
         self.measured = {n: 0.0 for n in self.motors}
-        self.bus_limit_rad = bus_limit_rad
+        self.bus_limit_rad = bus_limit_rad      # a silent cut, like a bus that does not tell its range
+        self.range_rad = range_rad or {}        # the calibrated range the bus tells (position_limits_rad)
         self.calls = []
+        self.origins = []
         self._connected = False
 
     def connect(self):
@@ -66,10 +69,14 @@ class FakeBus(MotorsBus):
         self.calls.append(("read_state", list(names)))
         return MotorState({n: self.measured[n] for n in names}, {n: 0.0 for n in names}, time.monotonic())
 
-    def send(self, goal_position_rad):
+    def send(self, goal_position_rad, origin_rad=None):
         sent = {n: min(max(v, -self.bus_limit_rad), self.bus_limit_rad) for n, v in goal_position_rad.items()}
         self.calls.append(("send", sent))
+        self.origins.append(origin_rad)
         return sent
+
+    def position_limits_rad(self, name):
+        return self.range_rad.get(name, (-math.inf, math.inf))
 
     def names_called(self):
         return [c[0] for c in self.calls]
@@ -124,46 +131,96 @@ def test_guard_refuses_configs_that_do_not_fit_the_bus():
     wheel_on_plain_bus = FakeBus({"wheel": Motor(1, "fake", mode="velocity")})
     with pytest.raises(ConfigError, match=r"wheels \['wheel'\] need a bus with send_velocity"):
         SafetyGuard(wheel_on_plain_bus, SafetyConfig())
+    with pytest.raises(ConfigError, match=r"joint_limits_rad\['elbow'\] \(2.0, 3.0\) lies outside the bus's calibrated "
+                                          r"range \(-1.000, 1.000\) rad; fix the limits or recalibrate the joint"):
+        SafetyGuard(FakeBus(range_rad={"elbow": (-1.0, 1.0)}), SafetyConfig(joint_limits_rad={"elbow": (2.0, 3.0)}))
+
+
+def test_commands_are_refused_until_the_guard_is_connected():
+    bus = FakeWheelBus()
+    bus.connect()           # the caller connected the bus, then wrapped it
+    guard = SafetyGuard(bus, SafetyConfig(watchdog_timeout_s=0.05))
+    for command in (lambda: guard.send({"shoulder": 0.1}), lambda: guard.send_velocity({"wheel": 0.1})):
+        with pytest.raises(SafetyError, match=r"not connected, so no watchdog .* call robot.connect\(\) before sending"):
+            command()
+    assert not {"send", "send_velocity"} & set(bus.names_called())
+    with guard:             # connect() arms the watchdog (the bus was already connected)
+        guard.send({"shoulder": 0.1})
+        assert wait_for(lambda: guard.watchdog_trips == 1)
+    with pytest.raises(SafetyError, match="not connected"):
+        guard.send({"shoulder": 0.1})
+
+
+def test_send_velocity_refuses_joints():
+    bus = FakeWheelBus()
+    with SafetyGuard(bus, SafetyConfig(watchdog_timeout_s=60.0)) as guard:
+        with pytest.raises(SafetyError, match=r"\['shoulder'\] are joints \(position mode\), not wheels; .* command them "
+                                              "with send"):
+            guard.send_velocity({"wheel": 1.0, "shoulder": 3.0})
+        assert "send_velocity" not in bus.names_called()
+        assert guard.send_velocity({"wheel": 1.0}) == {"wheel": 1.0}
 
 
 # -- limits, in order --------------------------------------------------------------------
 
 def test_position_limit_then_max_step_then_velocity_limit():
     bus, clock = FakeBus(bus_limit_rad=0.45), Clock()
-    guard = SafetyGuard(bus, SafetyConfig(joint_limits_rad={"elbow": (-0.5, 0.5)}, max_step_rad=0.1,
-                                          max_velocity_rad_s=1.0), clock=clock)
-    assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.1)}        # step from the measured 0.0
-    assert bus.calls[:2] == [("read_state", ["elbow"]), ("send", {"elbow": pytest.approx(0.1)})]
-    clock.t += 1.0
-    assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.2)}        # step binds (velocity allows 1.0)
-    clock.t += 0.02
-    assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.22)}       # velocity binds: 1 rad/s * 20 ms
-    clock.t += 1.0
-    assert guard.send({"elbow": -2.0}) == {"elbow": pytest.approx(0.12)}      # back down, one step
-    for _ in range(10):
+    with SafetyGuard(bus, SafetyConfig(joint_limits_rad={"elbow": (-0.5, 0.5)}, max_step_rad=0.1,
+                                       max_velocity_rad_s=1.0, watchdog_timeout_s=60.0), clock=clock) as guard:
+        assert guard.send({"elbow": 2.0}) == {"elbow": 0.0}         # the first command holds the measured 0.0
+        assert bus.calls[1:3] == [("read_state", ["elbow"]), ("send", {"elbow": 0.0})]
         clock.t += 1.0
-        sent = guard.send({"elbow": 2.0})
-    assert sent == {"elbow": pytest.approx(0.45)}       # what the bus really sent (its own range), not 0.5
-    clock.t += 1.0
-    guard.bus.bus_limit_rad = math.inf
-    assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.5)}        # the joint limit holds
-    assert bus.names_called().count("read_state") == 1     # later steps start from what was sent
+        assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.1)}        # step binds (velocity allows 1.0)
+        clock.t += 1.0
+        assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.2)}
+        clock.t += 0.02
+        assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.22)}       # velocity binds: 1 rad/s * 20 ms
+        clock.t += 1.0
+        assert guard.send({"elbow": -2.0}) == {"elbow": pytest.approx(0.12)}      # back down, one step
+        for _ in range(10):
+            clock.t += 1.0
+            sent = guard.send({"elbow": 2.0})
+        assert sent == {"elbow": pytest.approx(0.45)}       # what the bus really sent (its own range), not 0.5
+        clock.t += 1.0
+        guard.bus.bus_limit_rad = math.inf
+        assert guard.send({"elbow": 2.0}) == {"elbow": pytest.approx(0.5)}        # the joint limit holds
+        assert bus.names_called().count("read_state") == 1     # later steps start from what was sent
+        assert bus.origins[-1] == {"elbow": pytest.approx(0.45)}    # the bus is told where each step starts
+
+
+def test_first_command_after_a_restart_is_velocity_limited():
+    bus, clock = FakeBus(), Clock()
+    config = SafetyConfig(max_step_rad=0.2, max_velocity_rad_s=1.0, watchdog_timeout_s=60.0)
+    with SafetyGuard(bus, config, clock=clock) as guard:
+        restarts = {"start": lambda: None, "enable_torque": guard.enable_torque,
+                    "watchdog trip": lambda: guard.go_safe("watchdog", "no command"),
+                    "reset_estop": lambda: (guard.trigger_estop(), guard.reset_estop())}
+        for what, restart in restarts.items():
+            restart()
+            bus.measured["elbow"] += 0.5        # the joint moved while nothing commanded it
+            clock.t += 10.0                     # long after the previous command
+            where = bus.measured["elbow"]
+            assert guard.send({"elbow": 9.0}) == {"elbow": pytest.approx(where)}, what    # holds, no 0.2 rad jump
+            clock.t += 0.01
+            assert guard.send({"elbow": 9.0}) == {"elbow": pytest.approx(where + 0.01)}, what   # 1 rad/s * 10 ms
 
 
 def test_goals_are_checked():
-    guard = SafetyGuard(FakeBus(), SafetyConfig())
-    with pytest.raises(SafetyError, match=r"non-finite goal for \['elbow'\]"):
-        guard.send({"elbow": float("nan")})
-    with pytest.raises(ConfigError, match=r"unknown joints \['wrist'\]"):
-        guard.send({"wrist": 0.0})
-    assert "send" not in guard.bus.names_called()
+    with SafetyGuard(FakeBus(), SafetyConfig(watchdog_timeout_s=60.0)) as guard:
+        with pytest.raises(SafetyError, match=r"non-finite goal for \['elbow'\]"):
+            guard.send({"elbow": float("nan")})
+        with pytest.raises(ConfigError, match=r"unknown joints \['wrist'\]"):
+            guard.send({"wrist": 0.0})
+        assert "send" not in guard.bus.names_called()
 
 
 # -- e-stop ------------------------------------------------------------------------------
 
 def test_estop_latches_until_released_and_reset():
-    bus, estop, trips = FakeBus(), threading.Event(), []
-    guard = SafetyGuard(bus, SafetyConfig(max_step_rad=1.0), estop=estop, on_trip=trips.append, clock=Clock())
+    bus, estop, trips, clock = FakeBus(), threading.Event(), [], Clock()
+    guard = SafetyGuard(bus, SafetyConfig(max_step_rad=1.0, watchdog_timeout_s=60.0), estop=estop,
+                        on_trip=trips.append, clock=clock)
+    guard.connect()
     bus.measured["elbow"] = 0.3
     guard.send({"elbow": 0.4})
     estop.set()
@@ -182,8 +239,11 @@ def test_estop_latches_until_released_and_reset():
     estop.clear()
     guard.reset_estop()
     n_reads = bus.names_called().count("read_state")
-    assert guard.send({"elbow": 0.5}) == {"elbow": pytest.approx(0.5)}
+    assert guard.send({"elbow": 0.5}) == {"elbow": pytest.approx(0.3)}
     assert bus.names_called().count("read_state") == n_reads + 1    # restarts from the measured position
+    clock.t += 0.05
+    assert guard.send({"elbow": 0.5}) == {"elbow": pytest.approx(0.45)}    # at the velocity limit: 3 rad/s * 50 ms
+    guard.disconnect()
 
 
 def test_estop_input_is_watched_without_commands_and_goes_torque_off():
@@ -313,3 +373,51 @@ def test_keyboard_interrupt_in_the_guard_block_ends_with_torque_off(sim, channel
     assert not sim.motor(1).enabled and not sim.motor(2).enabled
     assert robot.trips[-1].reason == "exit" and "KeyboardInterrupt" in robot.trips[-1].detail
     assert not any(t.name == "safety-watchdog" for t in threading.enumerate())
+
+
+# -- a joint outside its calibrated range: walked back, never jumped --------------------------------
+
+TICK_RAD = 2 * math.pi / 4096
+
+
+def test_joint_outside_its_calibrated_range_walks_back_in_limited_steps(start_sim, bus_for):
+    sim = start_sim("feetech", ids=[1])
+    sim.servo(1).position_ticks = 3600      # sagged past range_max (3072) while torque was off
+    cal = {"elbow": MotorCalibration(homing_offset=2048, range_min=1024, range_max=3072)}
+    bus, clock = bus_for(sim, {"elbow": Motor(1, "sts3215")}, cal), Clock()
+    config = SafetyConfig(max_step_rad=0.05, max_velocity_rad_s=0.5, watchdog_timeout_s=60.0)
+    with SafetyGuard(bus, config, clock=clock) as robot:
+        robot.enable_torque()
+        goals = []
+        for _ in range(5):
+            robot.send({"elbow": 0.0})          # the middle of the range
+            sim.wait_idle()
+            goals.append(sim.register(1, "goal_position"))
+            clock.t += 0.02
+        assert goals[0] == 3600                 # the first command holds the joint where it is
+        steps = [a - b for a, b in zip(goals, goals[1:])]
+        assert all(0 < s <= 0.5 * 0.02 / TICK_RAD + 1 for s in steps), goals    # back toward the range, ~6.5 ticks a tick
+
+        robot.go_safe("watchdog", "commands stopped")       # "hold": where the joint is, outside the range too
+        sim.wait_idle()
+        present = sim.register(1, "present_position")
+        assert present > 3400 and abs(sim.register(1, "goal_position") - present) <= 2
+    assert bus.position_limits_rad("elbow") == pytest.approx((-1024 * TICK_RAD, 1024 * TICK_RAD))   # what the guard used
+
+
+def test_damiao_hold_keeps_a_joint_outside_its_range_where_it_is(sim, channel):
+    m = dt.MODELS["dm4340"]
+    cal = {"elbow": MotorCalibration(homing_offset=32768, range_min=30000, range_max=36000)}   # about ±1.06 rad
+    with sim.lock:
+        sim.motor(2).position_rad = 2.0
+    bus = DamiaoBus({"elbow": Motor(0x02, "dm4340")}, cal,
+                    config=DamiaoBusConfig(interface="virtual", channel=channel, timeout_s=0.2))
+    clock = Clock()
+    with SafetyGuard(bus, SafetyConfig(max_step_rad=0.05, watchdog_timeout_s=60.0), clock=clock) as robot:
+        robot.enable_torque()
+        robot.go_safe("watchdog", "commands stopped")
+        assert sim.motor(2).command.position_rad == pytest.approx(2.0, abs=0.02)     # not the range's edge
+        assert robot.send({"elbow": 0.0}) == {"elbow": pytest.approx(2.0, abs=0.02)}
+        clock.t += 0.01
+        sent = robot.send({"elbow": 0.0})["elbow"]
+        assert sent == pytest.approx(2.0 - 0.03, abs=0.02) and sent > (36000 - 32768) * m.rad_per_tick
