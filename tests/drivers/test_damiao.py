@@ -120,12 +120,14 @@ def test_bad_config_is_refused_with_the_fix(motors, kw, message):
         DamiaoBus(motors, config=cfg("unused", **kw))
 
 
-def test_dm4340_ranges_follow_damiao_limit_param():
+def test_model_table_follows_damiao_limit_param_and_names():
     # DM_CAN.py Limit_Param: DM4340 = [12.5, 8, 28], DM4340_48V = [12.5, 10, 28]
     assert [(dt.MODELS[n].p_max_rad, dt.MODELS[n].v_max_rad_s, dt.MODELS[n].t_max_nm) for n in ("dm4340", "dm4340p")] \
         == [(12.5, 8.0, 28.0), (12.5, 10.0, 28.0)]
     assert dt.model_number_for_ranges(12.5, 8.0, 28.0) == 4340 == dt.model_number_for_ranges(12.5, 10.0, 28.0)
     assert SimDamiaoMotor(0x02, "dm4340").registers["VMAX"] == 8.0     # the simulated factory motor follows the table
+    # DM_CAN's names, as on the motors' labels: DM-H6215 and DM-G6220.
+    assert {"dmh6215", "dmg6220"} <= set(dt.MODELS) and not {"dmg6215", "dmh6220"} & set(dt.MODELS)
 
 
 @pytest.mark.parametrize("given, missing", [
