@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeact.drivers.motors.bus import MotorBusError
+from edgeact.drivers.motors.bus import MotorBusError, close_behind
 from edgeact.drivers.motors.serial_bus import SerialMotorsBus
 from edgeact.drivers.motors.serial_types import MotorConfigError
 
@@ -152,12 +152,7 @@ class OmniBase:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.close()
-        except MotorBusError as secondary:
-            if exc_type is None:
-                raise
-            log.error("stopping the base after %s: %s", exc_type.__name__, secondary)
+        close_behind(self.close, exc_type, "stopping the base")
 
     def _watch(self) -> None:
         """Stop the wheels when commands stop coming: a stalled planner must not leave the base driving."""

@@ -38,6 +38,17 @@ class _Unset(int):
     """A calibration default nobody wrote: the same int, but a bus can tell it was not given (see `unset_fields`)."""
 
 
+def close_behind(close, exc_type: type[BaseException] | None, what: str) -> None:
+    """Run `close()` on the way out of a `with` block. Its MotorBusError propagates when the block ended
+    cleanly; behind an exception in flight, which says what went wrong first, it is logged instead."""
+    try:
+        close()
+    except MotorBusError as secondary:
+        if exc_type is None:
+            raise
+        log.error("%s after %s: %s", what, exc_type.__name__, secondary)
+
+
 @dataclass
 class MotorCalibration:
     """Maps raw encoder units to radians: rad = sign * (raw - homing_offset) * rad_per_tick.
@@ -98,13 +109,7 @@ class MotorsBus(abc.ABC):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.disconnect()
-        except MotorBusError as secondary:
-            if exc_type is None:
-                raise
-            # The exception in flight says what went wrong first; keep it and log what the exit could not do.
-            log.error("leaving the bus after %s: %s", exc_type.__name__, secondary)
+        close_behind(self.disconnect, exc_type, "leaving the bus")
 
     # -- discovery -------------------------------------------------------------------
     @abc.abstractmethod
