@@ -119,7 +119,8 @@ def test_a_robot_config_is_told_its_own_fix_for_a_failed_bundle(exported, tmp_pa
         BundlePolicyConfig(path="failed", threads=1).make_policy(context)
     msg = str(err.value)
     assert "verification failed at gate 'tokens.greedy.action'" in msg
-    assert msg.endswith("to run it anyway: set `allow_unverified: true` in the robot config's policy section")
+    assert "to run it anyway: set `allow_unverified: true` in the robot config's policy section" in msg
+    assert msg.endswith("set it there, and run `edgeact run robot.json`)")
     assert "--allow-unverified" not in msg
     assert BundlePolicyConfig(path="failed", threads=1, allow_unverified=True).make_policy(context)
 
