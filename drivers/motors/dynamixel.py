@@ -119,6 +119,7 @@ class DynamixelBusConfig(SerialBusConfig):
 
     PROTOCOL: ClassVar[str] = "dynamixel"
     BAUD_RATES: ClassVar[tuple[int, ...]] = tuple(BAUD_RATES)
+    HAS_BUS_WATCHDOG: ClassVar[bool] = True
 
 
 class DynamixelMotorsBus(SerialMotorsBus):

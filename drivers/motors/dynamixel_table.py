@@ -41,7 +41,7 @@ X_SERIES_REGISTERS = table(
     position_d_gain=Register(80, 2),
     position_i_gain=Register(82, 2),
     position_p_gain=Register(84, 2),
-    bus_watchdog=Register(98, 1),
+    bus_watchdog=Register(98, 1, signed=True),           # 1..127: 20 ms units, 0 off/clear, -1 tripped
     goal_pwm=Register(100, 2, signed=True),
     goal_current=Register(102, 2, signed=True),
     goal_velocity=Register(104, 4, signed=True),          # 0.229 rpm per unit

@@ -61,6 +61,7 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         self._port_errors: tuple[type[BaseException], ...] = ()
         self._port_gone = False
         self._lock = threading.RLock()
+        self._watchdog_fed_s: dict[str, float] = {}   # motor -> last goal or arming write (bus_watchdog_s)
         self._validate()
 
     def _validate(self) -> None:

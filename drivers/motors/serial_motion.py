@@ -1,11 +1,16 @@
 """Named-motor half of SerialMotorsBus: registers by name, torque, state, goals, raw<->rad and the safe stop."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 from edgeact.drivers.motors.bus import MotorBusError, MotorCalibration, MotorState
 from edgeact.drivers.motors.serial_types import ModelSpec, MotorPortError, Register
+
+log = logging.getLogger(__name__)
+WATCHDOG_UNIT_S = 0.02   # Dynamixel bus_watchdog register unit
+WATCHDOG_TRIPPED = -1    # bus_watchdog reads 0xFF once it stopped the motor
 
 
 class SerialMotion:
@@ -83,10 +88,38 @@ class SerialMotion:
     # -- torque and motion -------------------------------------------------------------------
     def enable_torque(self, motors: list[str] | None = None) -> None:
         names = self._names(motors)
+        units = self.config.bus_watchdog_units
         with self._lock:
+            if units:  # a tripped watchdog refuses goals: clear it so the hold below takes
+                self.sync_write("bus_watchdog", dict.fromkeys(names, 0))
             self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
             self.sync_write("torque_enable", dict.fromkeys(names, 1))
             self._expect_torque(names, True)
+            if units:
+                self.sync_write("bus_watchdog", dict.fromkeys(names, units))
+                self._watchdog_fed_s.update(dict.fromkeys(names, time.monotonic()))
+
+    def _write_goals(self, register: str, raws: dict[str, int]) -> None:
+        """Goals in one sync write, after re-arming motors whose bus watchdog may have tripped meanwhile.
+
+        A sync write gets no status packet, so a tripped motor's Data Range Error is never heard: after a
+        silence toward a motor longer than half its watchdog time, read register 98 first, and clear and
+        re-arm those reading 0xFF, so this write is not dropped."""
+        with self._lock:
+            units = self.config.bus_watchdog_units
+            if units:
+                now = time.monotonic()
+                stale = [n for n in raws if now - self._watchdog_fed_s.get(n, now) > units * WATCHDOG_UNIT_S / 2]
+                if stale:
+                    tripped = [n for n, v in self.sync_read("bus_watchdog", stale).items() if v == WATCHDOG_TRIPPED]
+                    if tripped:
+                        log.warning("bus watchdog stopped %s (the host was silent over %.2f s); clearing and "
+                                    "re-arming it", ", ".join(tripped), units * WATCHDOG_UNIT_S)
+                        self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
+                        self.sync_write("bus_watchdog", dict.fromkeys(tripped, units))
+            self.sync_write(register, raws)
+            if units:
+                self._watchdog_fed_s.update(dict.fromkeys(raws, time.monotonic()))
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
         names = self._names(motors)
@@ -133,7 +166,7 @@ class SerialMotion:
                 raise MotorBusError(f"goal for motor '{name}' is {rad}; refusing to send a non-finite position")
             raws[name] = self._rad_to_raw(name, rad, (origin_rad or {}).get(name))
             sent[name] = self._raw_to_rad(name, raws[name])
-        self.sync_write("goal_position", raws)
+        self._write_goals("goal_position", raws)
         return sent
 
     def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
@@ -148,7 +181,7 @@ class SerialMotion:
             raw = round(self._sign(name) * rad_s / spec.velocity_unit_rad_s)
             raws[name] = max(-spec.max_velocity_raw, min(spec.max_velocity_raw, raw))
             sent[name] = self._sign(name) * raws[name] * spec.velocity_unit_rad_s
-        self.sync_write("goal_velocity", raws)
+        self._write_goals("goal_velocity", raws)
         return sent
 
     def _sign(self, name: str) -> float:

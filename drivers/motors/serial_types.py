@@ -155,9 +155,15 @@ class SerialBusConfig:
     baud_rate: int = 1_000_000
     timeout_s: float = 0.05             # wait for a status packet beyond its transfer time
     retries: int = 2                    # extra attempts after a timeout or a garbled reply
+    # Dynamixel Bus Watchdog (register 98): with torque on, each motor stops by itself once no instruction
+    # has reached it for this long, so a host that dies (SIGKILL, segfault, OOM) cannot leave wheels driving.
+    # None or 0: off. Set it a few control periods above the loop's worst pause (0.1-0.2 s at 100 Hz);
+    # 0.02-2.54 s in 20 ms steps. Feetech motors have no such register.
+    bus_watchdog_s: float | None = None
 
     PROTOCOL: ClassVar[str] = ""
     BAUD_RATES: ClassVar[tuple[int, ...]] = ()
+    HAS_BUS_WATCHDOG: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.port, str) or not self.port:
@@ -167,6 +173,22 @@ class SerialBusConfig:
             raise MotorConfigError(f"timeout_s {self.timeout_s} out of range; use (0, 5] seconds (0.05 suits 1 Mbaud)")
         if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
             raise MotorConfigError(f"retries {self.retries} out of range; use an integer in [0, 10]")
+        self.bus_watchdog_units  # validates bus_watchdog_s
+
+    @property
+    def bus_watchdog_units(self) -> int:
+        """bus_watchdog_s in the register's 20 ms units (0: off)."""
+        value = self.bus_watchdog_s
+        if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
+            return 0
+        if not self.HAS_BUS_WATCHDOG:
+            raise MotorConfigError(f"bus_watchdog_s {value}: {self.PROTOCOL} motors have no bus watchdog register "
+                                   "(a Dynamixel Protocol 2.0 feature); remove bus_watchdog_s or set it to None")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.02 <= value <= 2.54:
+            raise MotorConfigError(f"bus_watchdog_s {value!r} out of range; use None or 0 (off), or 0.02 to 2.54 "
+                                   "seconds in 20 ms steps, a few control periods above the loop's worst pause "
+                                   "(e.g. 0.1-0.2 at 100 Hz)")
+        return min(127, max(1, round(value / 0.02)))
 
 
 def check_baud_rate(protocol: str, baud_rate: int, supported: tuple[int, ...]) -> None:

@@ -225,10 +225,25 @@ class SimServoBus:
             self.received.append(instruction)
             baud = self._line_baud()
             live = [s for s in self.servos if s.powered and (baud is None or s.baud_rate == baud)]
+            for servo in self._addressed(instruction, live):
+                servo.heard()
             reply = self._dispatch(instruction, live)
             reply = self.faults.apply(reply) if reply else reply
         if reply:
             self._write(reply)
+
+    def _addressed(self, ins: Instruction, live: list[SimServo]) -> list[SimServo]:
+        """The servos an instruction packet speaks to (its id, or the ids a sync read / write names)."""
+        if ins.motor_id != BROADCAST_ID:
+            return [s for s in live if s.id == ins.motor_id]
+        if ins.code in (SYNC_READ, FAST_SYNC_READ):
+            ids = set(self.wire.address_size(ins.params)[2])
+        elif ins.code == SYNC_WRITE:
+            _, size, rest = self.wire.address_size(ins.params)
+            ids = {rest[at] for at in range(0, len(rest) - size, size + 1)}
+        else:
+            return live
+        return [s for s in live if s.id in ids]
 
     def _dispatch(self, ins: Instruction, live: list[SimServo]) -> bytes:
         wire = self.wire

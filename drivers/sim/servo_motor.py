@@ -38,6 +38,8 @@ class SimServo:
     Torque off: nothing moves. EEPROM registers survive `power_cycle()` when they were
     persisted (Feetech: only while the lock register is 0; Dynamixel: always). With a plant
     attached (`attach_plant`) the plant moves the shaft instead, and hears every write.
+    Dynamixel Bus Watchdog (register 98, 1..127 in 20 ms): with torque on and no instruction
+    heard (`heard()`) for that long, the servo stops and the register reads 0xFF until 0 is written.
     """
 
     def __init__(self, spec: ModelSpec, motor_id: int, baud_rate: int, *, position_ticks: int = 2048,
@@ -52,6 +54,7 @@ class SimServo:
         self.memory = bytearray(256)            # the control table, filled by _factory_reset
         self._position = float(position_ticks)
         self._last_update_s = time.monotonic()
+        self._last_instruction_s = self._last_update_s   # the Bus Watchdog's clock (Dynamixel)
         self._factory_reset(motor_id, baud_rate)
         self._saved = bytes(self.memory)        # what the EEPROM holds across a power cycle
 
@@ -158,8 +161,41 @@ class SimServo:
         names = {value: name for name, value in self.spec.operating_modes.items()}
         return ServoCommand(bool(torque), names.get(mode, "other"), float(target), velocity_ticks_s)
 
+    # -- bus watchdog (Dynamixel) ----------------------------------------------------------------
+    def heard(self) -> None:
+        """An instruction packet addressed to this servo arrived: the watchdog's interval restarts."""
+        self.update()  # a silence that already ran out trips before this packet counts
+        self._last_instruction_s = time.monotonic()
+
+    @property
+    def watchdog_tripped(self) -> bool:
+        return "bus_watchdog" in self.spec.registers and self.memory[self._reg("bus_watchdog").address] == 0xFF
+
+    def _watchdog_deadline(self) -> float | None:
+        if "bus_watchdog" not in self.spec.registers or not self.memory[self._reg("torque_enable").address]:
+            return None
+        units = self.memory[self._reg("bus_watchdog").address]
+        if not 1 <= units <= 127:
+            return None
+        return max(self._last_update_s, self._last_instruction_s + units * 0.02)
+
+    def _trip_watchdog(self) -> None:
+        """Stop as the real motor does: wheels to 0, joints hold where they are, 98 reads 0xFF."""
+        self.memory[self._reg("bus_watchdog").address] = 0xFF
+        self.set("goal_velocity", 0)
+        self.set("goal_position", round(self._position))
+        if self.plant is not None:
+            self.plant.command(self.command())
+
     def update(self) -> None:
         now = time.monotonic()
+        deadline = self._watchdog_deadline()
+        if deadline is not None and deadline <= now:
+            self._advance(deadline)   # motion under the old goal until the moment the watchdog ran out
+            self._trip_watchdog()
+        self._advance(now)
+
+    def _advance(self, now: float) -> None:
         dt, self._last_update_s = max(0.0, now - self._last_update_s), now
         if self.plant is not None:
             self._position, velocity_ticks_s = self.plant.state_ticks()

@@ -14,7 +14,9 @@ from edgeact.drivers.motors.dynamixel_table import ALERT_BIT
 from edgeact.drivers.motors.feetech import checksum
 from edgeact.drivers.sim.servo_motor import SimServo
 
+DATA_RANGE_ERROR = 4   # Protocol 2.0: also the answer to a goal write while the Bus Watchdog is tripped
 ACCESS_ERROR = 7   # Protocol 2.0: EEPROM written with torque on, or a read-only register written
+GOALS = ("goal_pwm", "goal_current", "goal_velocity", "goal_position")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,11 @@ class DynamixelWire(SimWire):
     def check_write(self, servo: SimServo, address: int, size: int) -> tuple[bool, int]:
         refused = servo.touches(address, size, read_only=True) or (
             servo.get("torque_enable") and servo.touches(address, size, eeprom=True))
-        return (False, ACCESS_ERROR | self.error_byte(servo)) if refused else (True, self.error_byte(servo))
+        if refused:
+            return False, ACCESS_ERROR | self.error_byte(servo)
+        if servo.watchdog_tripped and any(r.name in GOALS for r in servo.touches(address, size)):
+            return False, DATA_RANGE_ERROR | self.error_byte(servo)   # goals stay read-only until 98 is 0
+        return True, self.error_byte(servo)
 
 
 WIRES = {"feetech": FeetechWire, "dynamixel": DynamixelWire}
