@@ -6,10 +6,9 @@ import math
 import time
 
 from edgeact.drivers.motors.bus import MotorBusError, MotorCalibration, MotorState
-from edgeact.drivers.motors.serial_types import ModelSpec, MotorPortError, Register
+from edgeact.drivers.motors.serial_types import WATCHDOG_UNIT_S, ModelSpec, MotorPortError, Register
 
 log = logging.getLogger(__name__)
-WATCHDOG_UNIT_S = 0.02   # Dynamixel bus_watchdog register unit
 WATCHDOG_TRIPPED = -1    # bus_watchdog reads 0xFF once it stopped the motor
 
 
@@ -105,21 +104,22 @@ class SerialMotion:
         A sync write gets no status packet, so a tripped motor's Data Range Error is never heard: after a
         silence toward a motor longer than half its watchdog time, read register 98 first, and clear and
         re-arm those reading 0xFF, so this write is not dropped."""
-        with self._lock:
-            units = self.config.bus_watchdog_units
-            if units:
-                now = time.monotonic()
-                stale = [n for n in raws if now - self._watchdog_fed_s.get(n, now) > units * WATCHDOG_UNIT_S / 2]
-                if stale:
-                    tripped = [n for n, v in self.sync_read("bus_watchdog", stale).items() if v == WATCHDOG_TRIPPED]
-                    if tripped:
-                        log.warning("bus watchdog stopped %s (the host was silent over %.2f s); clearing and "
-                                    "re-arming it", ", ".join(tripped), units * WATCHDOG_UNIT_S)
-                        self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
-                        self.sync_write("bus_watchdog", dict.fromkeys(tripped, units))
+        units = self.config.bus_watchdog_units
+        if not units:
             self.sync_write(register, raws)
-            if units:
-                self._watchdog_fed_s.update(dict.fromkeys(raws, time.monotonic()))
+            return
+        with self._lock:
+            now = time.monotonic()
+            stale = [n for n in raws if now - self._watchdog_fed_s.get(n, now) > units * WATCHDOG_UNIT_S / 2]
+            if stale:
+                tripped = [n for n, v in self.sync_read("bus_watchdog", stale).items() if v == WATCHDOG_TRIPPED]
+                if tripped:
+                    log.warning("bus watchdog stopped %s (the host was silent over %.2f s); clearing and "
+                                "re-arming it", ", ".join(tripped), units * WATCHDOG_UNIT_S)
+                    self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
+                    self.sync_write("bus_watchdog", dict.fromkeys(tripped, units))
+            self.sync_write(register, raws)
+            self._watchdog_fed_s.update(dict.fromkeys(raws, time.monotonic()))
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
         names = self._names(motors)

@@ -149,6 +149,9 @@ class PacketCodec(abc.ABC):
 
 
 # -- config and registry ---------------------------------------------------------------
+WATCHDOG_UNIT_S = 0.02   # the Dynamixel bus_watchdog register's unit
+
+
 @dataclass
 class SerialBusConfig:
     port: str                           # e.g. /dev/ttyACM0, or a simulator's /dev/pts/N
@@ -173,11 +176,14 @@ class SerialBusConfig:
             raise MotorConfigError(f"timeout_s {self.timeout_s} out of range; use (0, 5] seconds (0.05 suits 1 Mbaud)")
         if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
             raise MotorConfigError(f"retries {self.retries} out of range; use an integer in [0, 10]")
-        self.bus_watchdog_units  # validates bus_watchdog_s
+        self._watchdog_units = self._checked_watchdog_units()   # once: goal writes read it every control tick
 
     @property
     def bus_watchdog_units(self) -> int:
         """bus_watchdog_s in the register's 20 ms units (0: off)."""
+        return self._watchdog_units
+
+    def _checked_watchdog_units(self) -> int:
         value = self.bus_watchdog_s
         if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
             return 0
@@ -188,7 +194,7 @@ class SerialBusConfig:
             raise MotorConfigError(f"bus_watchdog_s {value!r} out of range; use None or 0 (off), or 0.02 to 2.54 "
                                    "seconds in 20 ms steps, a few control periods above the loop's worst pause "
                                    "(e.g. 0.1-0.2 at 100 Hz)")
-        return min(127, max(1, round(value / 0.02)))
+        return min(127, max(1, round(value / WATCHDOG_UNIT_S)))
 
 
 def check_baud_rate(protocol: str, baud_rate: int, supported: tuple[int, ...]) -> None:

@@ -5,7 +5,7 @@ import abc
 import time
 from dataclasses import dataclass
 
-from edgeact.drivers.motors.serial_types import ModelSpec, Register
+from edgeact.drivers.motors.serial_types import WATCHDOG_UNIT_S, ModelSpec, Register
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class SimServo:
         units = self.memory[self._reg("bus_watchdog").address]
         if not 1 <= units <= 127:
             return None
-        return max(self._last_update_s, self._last_instruction_s + units * 0.02)
+        return max(self._last_update_s, self._last_instruction_s + units * WATCHDOG_UNIT_S)
 
     def _trip_watchdog(self) -> None:
         """Stop as the real motor does: wheels to 0, joints hold where they are, 98 reads 0xFF."""
