@@ -244,8 +244,11 @@ class RobotConfig:
             raise ConfigError(f"limits.joint_limits_rad: joints {unknown} are not motors ({', '.join(motors)})")
         self.actions.make_mapper(motors)    # its joints must exist; raises with the fix
         period_s = 1.0 / self.rates.control_hz
-        for where, value in (("limits.watchdog_timeout_s", self.limits.watchdog_timeout_s),
-                             ("watchdog.control_stall_s", self.watchdog.control_stall_s)):
+        checked = [("limits.watchdog_timeout_s", self.limits.watchdog_timeout_s),
+                   ("watchdog.control_stall_s", self.watchdog.control_stall_s)]
+        if self.robot.options.get("bus_watchdog_s"):    # the motors' own: set, it is a number (the bus checked)
+            checked.append(("robot.options.bus_watchdog_s", self.robot.options["bus_watchdog_s"]))
+        for where, value in checked:
             if value < 3 * period_s:
                 raise ConfigError(f"{where}: {value} s is under three control periods ({3 * period_s:.3f} s at "
                                   f"{self.rates.control_hz:g} Hz); raise it or the watchdog trips on jitter")

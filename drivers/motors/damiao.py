@@ -46,6 +46,11 @@ class DamiaoBusConfig:
     timeout_s: float = 0.02                                         # per try; a motor answers in < 1 ms
     retries: int = 2                                                # resends to a silent motor before giving up
     check_on_connect: bool = True
+    # The motors' own command timeout (register TIMEOUT, 50 µs units), written by enable_torque: a motor
+    # that hears no command for this long turns torque off by itself ("communication lost"), so a host
+    # that dies (SIGKILL, segfault, OOM) cannot leave wheels driving. None or 0: the motors' setting is
+    # left as it is. Set it a few control periods above the loop's worst pause (0.1-0.2 s at 100 Hz).
+    bus_watchdog_s: float | None = None
 
     def __post_init__(self):
         CanConfig(self.interface, self.channel, self.bitrate)     # validates them
@@ -59,6 +64,23 @@ class DamiaoBusConfig:
             raise ConfigError(f"timeout_s must be in (0, 1] s, got {self.timeout_s}")
         if not 0 <= self.retries <= 10:
             raise ConfigError(f"retries must be in 0..10, got {self.retries}")
+        self._timeout_units = self._checked_timeout_units()
+
+    @property
+    def timeout_units(self) -> int:
+        """bus_watchdog_s in the TIMEOUT register's 50 µs units (0: leave the motors' setting)."""
+        return self._timeout_units
+
+    def _checked_timeout_units(self) -> int:
+        value = self.bus_watchdog_s
+        if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
+            return 0
+        most_s = dt.TIMEOUT_MAX_UNITS * dt.TIMEOUT_UNIT_S
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.02 <= value <= most_s:
+            raise ConfigError(f"bus_watchdog_s {value!r} out of range; use None or 0 (the motors' own TIMEOUT "
+                              f"setting is kept), or 0.02 to {most_s:.0f} seconds, a few control periods above "
+                              "the loop's worst pause (e.g. 0.1-0.2 at 100 Hz)")
+        return round(value / dt.TIMEOUT_UNIT_S)
 
     @property
     def can_config(self) -> CanConfig:
@@ -347,7 +369,21 @@ class DamiaoBus(MotorsBus):
 
     # -- torque and motion -----------------------------------------------------------
     def enable_torque(self, motors: list[str] | None = None) -> None:
-        self._raise_on_errors(self._system(dt.CMD_ENABLE, motors, "enable"))
+        """Torque on, after arming the motors' own command timeout (`bus_watchdog_s`). A motor that turned
+        torque off because its timeout ran out ("communication lost": the last host went silent) is cleared
+        and enabled; any other fault is raised."""
+        names = self._names(motors)
+        with self._lock:
+            if self.config.timeout_units:
+                self.sync_write("TIMEOUT", dict.fromkeys(names, self.config.timeout_units))
+            feedback = self._system(dt.CMD_ENABLE, names, "enable")
+            lost = [n for n, fb in feedback.items() if fb.error == dt.STATUS_COMMUNICATION_LOST]
+            if lost:
+                log.warning("%s turned torque off after hearing no command for longer than its TIMEOUT; "
+                            "clearing that and enabling", ", ".join(self._labels(lost).values()))
+                self.clear_error(lost)
+                feedback.update(self._system(dt.CMD_ENABLE, lost, "enable"))
+            self._raise_on_errors(feedback)
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
         self._system(dt.CMD_DISABLE, motors, "disable")    # a motor in error is already torque-free

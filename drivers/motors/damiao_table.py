@@ -97,6 +97,7 @@ CTRL_MODE_MIT = 1
 # -- status codes (feedback byte 0, high nibble) -------------------------------------------
 STATUS_DISABLED = 0x0
 STATUS_ENABLED = 0x1
+STATUS_COMMUNICATION_LOST = 0xD
 STATUS_ERRORS: dict[int, tuple[str, str]] = {
     # code: (what the motor reports, what to do about it)
     0x8: ("overvoltage", "check the supply voltage (above OV_Value) and regenerative braking"),
@@ -104,7 +105,8 @@ STATUS_ERRORS: dict[int, tuple[str, str]] = {
     0xA: ("overcurrent", "check for a blocked joint or too-stiff gains (kp/kd), then clear the error"),
     0xB: ("MOS overtemperature", "let the driver cool down and reduce the load"),
     0xC: ("coil overtemperature", "let the motor cool down and reduce the continuous torque"),
-    0xD: ("communication lost", "commands stopped for longer than TIMEOUT; keep the command loop running"),
+    0xD: ("communication lost", "no command reached it for longer than its TIMEOUT (bus_watchdog_s), so it turned "
+                                "torque off; keep the command loop running, or raise bus_watchdog_s"),
     0xE: ("overload", "reduce the load or the commanded torque"),
 }
 
@@ -132,7 +134,7 @@ _REGISTERS = (
     ("UV_Value", 0, "float", True), ("KT_Value", 1, "float", True), ("OT_Value", 2, "float", True),
     ("OC_Value", 3, "float", True), ("ACC", 4, "float", True), ("DEC", 5, "float", True),
     ("MAX_SPD", 6, "float", True), ("MST_ID", 7, "uint", True), ("ESC_ID", 8, "uint", True),
-    ("TIMEOUT", 9, "uint", True),   # in units of 50 µs; 0 disables the motor's own command timeout
+    ("TIMEOUT", 9, "uint", True),   # in TIMEOUT_UNIT_S; 0 disables the motor's own command timeout
     ("CTRL_MODE", 10, "uint", True),  # 1 MIT, 2 position-velocity, 3 velocity, 4 force-position
     ("Damp", 11, "float", False), ("Inertia", 12, "float", False), ("hw_ver", 13, "uint", False),
     ("sw_ver", 14, "uint", False), ("SN", 15, "uint", False), ("NPP", 16, "uint", False),
@@ -147,6 +149,8 @@ _REGISTERS = (
 )
 REGISTERS: dict[str, Register] = {r[0]: Register(*r) for r in _REGISTERS}
 REGISTERS_BY_RID: dict[int, Register] = {r.rid: r for r in REGISTERS.values()}
+TIMEOUT_UNIT_S = 50e-6              # the TIMEOUT register counts 50 µs units
+TIMEOUT_MAX_UNITS = (1 << 32) - 1   # uint32
 
 
 def register(name: str) -> Register:

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 _MAX_STEP_S = 0.0005        # integration sub-step: stable for kp <= 500, kd <= 5 at 0.01 kg m²
 _MAX_CATCH_UP_S = 0.05      # after a stall (a loaded test machine) run at most this much physics at once
-_TIMEOUT_UNIT_S = 50e-6     # the TIMEOUT register counts 50 µs units
 
 
 class SimDamiaoMotor:
@@ -82,7 +81,7 @@ class SimDamiaoMotor:
 
     # -- physics -----------------------------------------------------------------------
     def step(self, dt_s: float, now_s: float) -> None:
-        timeout_s = int(self.registers["TIMEOUT"]) * _TIMEOUT_UNIT_S
+        timeout_s = int(self.registers["TIMEOUT"]) * dt.TIMEOUT_UNIT_S
         if self.enabled and timeout_s > 0 and now_s - self.last_command_s > timeout_s:
             self.error, self.enabled = 0xD, False
         n = max(1, int(dt_s / _MAX_STEP_S + 0.999))
