@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,19 @@ def close_behind(close, exc_type: type[BaseException] | None, what: str) -> None
         if exc_type is None:
             raise
         log.error("%s after %s: %s", what, exc_type.__name__, secondary)
+
+
+def bus_watchdog_units(value, unit_s: float, most_units: int, error: type[ConfigError] = ConfigError,
+                       off: str = "off", steps: str = "") -> int:
+    """A `bus_watchdog_s` setting (the motors' own timeout on a silent host) in its register's units:
+    0 for None or 0, else 0.02 s up to what the register holds; anything else raises `error` with the fix."""
+    if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
+        return 0
+    most_s = most_units * unit_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.02 <= value <= most_s:
+        raise error(f"bus_watchdog_s {value!r} out of range; use None or 0 ({off}), or 0.02 to {most_s:g} "
+                    f"seconds{steps}, a few control periods above the loop's worst pause (e.g. 0.1-0.2 at 100 Hz)")
+    return min(most_units, max(1, round(value / unit_s)))
 
 
 @dataclass

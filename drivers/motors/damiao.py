@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from edgeact.drivers.motors import damiao_table as dt
 from edgeact.drivers.motors.bus import (Motor, MotorBusError, MotorCalibration, MotorHardwareError, MotorsBus,
-                                        MotorState, MotorTimeoutError)
+                                        MotorState, MotorTimeoutError, bus_watchdog_units)
 from edgeact.drivers.motors.can_bus import CanConfig, CanLink, is_plain_data_frame
 from edgeact.runtime.errors import ConfigError
 
@@ -64,23 +64,13 @@ class DamiaoBusConfig:
             raise ConfigError(f"timeout_s must be in (0, 1] s, got {self.timeout_s}")
         if not 0 <= self.retries <= 10:
             raise ConfigError(f"retries must be in 0..10, got {self.retries}")
-        self._timeout_units = self._checked_timeout_units()
+        self._timeout_units = bus_watchdog_units(self.bus_watchdog_s, dt.TIMEOUT_UNIT_S, dt.TIMEOUT_MAX_UNITS,
+                                                 off="the motors' own TIMEOUT setting is kept")
 
     @property
     def timeout_units(self) -> int:
         """bus_watchdog_s in the TIMEOUT register's 50 µs units (0: leave the motors' setting)."""
         return self._timeout_units
-
-    def _checked_timeout_units(self) -> int:
-        value = self.bus_watchdog_s
-        if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
-            return 0
-        most_s = dt.TIMEOUT_MAX_UNITS * dt.TIMEOUT_UNIT_S
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.02 <= value <= most_s:
-            raise ConfigError(f"bus_watchdog_s {value!r} out of range; use None or 0 (the motors' own TIMEOUT "
-                              f"setting is kept), or 0.02 to {most_s:.0f} seconds, a few control periods above "
-                              "the loop's worst pause (e.g. 0.1-0.2 at 100 Hz)")
-        return round(value / dt.TIMEOUT_UNIT_S)
 
     @property
     def can_config(self) -> CanConfig:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
-from edgeact.drivers.motors.bus import Motor, MotorBusError, MotorCalibration
+from edgeact.drivers.motors.bus import Motor, MotorBusError, MotorCalibration, bus_watchdog_units
 from edgeact.runtime.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: serial_bus imports this module, so a runtime import would be circular
@@ -184,17 +184,12 @@ class SerialBusConfig:
         return self._watchdog_units
 
     def _checked_watchdog_units(self) -> int:
-        value = self.bus_watchdog_s
-        if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
-            return 0
-        if not self.HAS_BUS_WATCHDOG:
-            raise MotorConfigError(f"bus_watchdog_s {value}: {self.PROTOCOL} motors have no bus watchdog register "
-                                   "(a Dynamixel Protocol 2.0 feature); remove bus_watchdog_s or set it to None")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.02 <= value <= 2.54:
-            raise MotorConfigError(f"bus_watchdog_s {value!r} out of range; use None or 0 (off), or 0.02 to 2.54 "
-                                   "seconds in 20 ms steps, a few control periods above the loop's worst pause "
-                                   "(e.g. 0.1-0.2 at 100 Hz)")
-        return min(127, max(1, round(value / WATCHDOG_UNIT_S)))
+        units = bus_watchdog_units(self.bus_watchdog_s, WATCHDOG_UNIT_S, 127, MotorConfigError, steps=" in 20 ms steps")
+        if units and not self.HAS_BUS_WATCHDOG:
+            raise MotorConfigError(f"bus_watchdog_s {self.bus_watchdog_s}: {self.PROTOCOL} motors have no bus "
+                                   "watchdog register (a Dynamixel Protocol 2.0 feature); remove bus_watchdog_s or "
+                                   "set it to None")
+        return units
 
 
 def check_baud_rate(protocol: str, baud_rate: int, supported: tuple[int, ...]) -> None:
