@@ -65,20 +65,23 @@ def check_tensor_shapes(cfg: ArmConfig, shapes: dict[str, tuple[int, ...]],
     file, so they are reported against `default_where` (the weights file or the index).
     """
     expected = expected_tensor_shapes(cfg)
+    known = expected_tensor_shapes(cfg, unused_vit_blocks=True)     # may be present, never run
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise CheckpointError(
             f"{default_where}: {len(missing)} tensor(s) missing that config.json expects, "
             f"e.g. {_few(missing)}; was the checkpoint written for another config or variant ({cfg.variant})?"
         )
-    unexpected = [k for k in shapes if k not in expected]
+    unexpected = [k for k in shapes if k not in known]
     if unexpected:
         first = unexpected[0]
         raise CheckpointError(
             f"{where.get(first, default_where)}: {len(unexpected)} unexpected tensor(s) that config.json does not "
             f"describe, e.g. {_few(unexpected)}; was the checkpoint written for another config or variant ({cfg.variant})?"
         )
-    for name, want in expected.items():
+    for name, want in known.items():
+        if name not in shapes:
+            continue
         got = tuple(shapes[name])
         if got != tuple(want):
             raise CheckpointError(
@@ -263,8 +266,8 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype | None = None) -> C
     shapes, where = _read_headers(files)
     default_where = str(root / INDEX_FILE) if (root / INDEX_FILE).exists() else str(root / SINGLE_WEIGHTS_FILE)
     check_tensor_shapes(cfg, shapes, where, default_where)
-    tensors = _read_tensors(files, dtype)
     order = expected_tensor_shapes(cfg)
+    tensors = _read_tensors(files, dtype, set(order))
     return Checkpoint(
         config=cfg,
         tensors={k: tensors[k] for k in order},
@@ -298,6 +301,12 @@ def _weight_files(root: Path) -> dict[Path, list[str] | None]:
         weight_map = index["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid index ({exc!r}); it needs a 'weight_map' of tensor name to shard file") from None
+    bad = (f"a {type(weight_map).__name__}" if not isinstance(weight_map, dict) else
+           next((f"{name!r}: {fname!r}" for name, fname in weight_map.items()
+                 if not (isinstance(name, str) and isinstance(fname, str) and fname and Path(fname).name == fname)), None))
+    if bad is not None:
+        raise CheckpointError(f"{index_path}: not a valid index (weight_map has {bad}); it needs a 'weight_map' of "
+                              "tensor name to shard file name in this directory; re-download or re-export it")
     files: dict[Path, list[str] | None] = {}
     for name, fname in weight_map.items():
         files.setdefault(root / fname, []).append(name)
@@ -337,11 +346,14 @@ def _read_headers(files: dict[Path, list[str] | None]) -> tuple[dict[str, tuple[
     return shapes, where
 
 
-def _read_tensors(files: dict[Path, list[str] | None], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _read_tensors(files: dict[Path, list[str] | None], dtype: torch.dtype | None,
+                  wanted: set[str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         with _open(path) as f:
             for name in f.keys():
+                if name not in wanted:
+                    continue
                 try:
                     t = f.get_tensor(name)
                 except SafetensorError as exc:

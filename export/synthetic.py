@@ -176,7 +176,9 @@ def synthetic_tensors(cfg: ArmConfig, seed: int, dtype: torch.dtype = torch.floa
     """
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, shape in expected_tensor_shapes(cfg).items():
+    kept = expected_tensor_shapes(cfg)
+    # Drawn for the never-run ViT blocks too (then dropped): the other tensors keep their values.
+    for name, shape in expected_tensor_shapes(cfg, unused_vit_blocks=True).items():
         noise = torch.randn(shape, generator=gen, dtype=torch.float32)
         if _is_norm(name):
             t = 1.0 + 0.05 * noise if name.endswith("weight") else 0.05 * noise
@@ -186,6 +188,8 @@ def synthetic_tensors(cfg: ArmConfig, seed: int, dtype: torch.dtype = torch.floa
             t = noise / math.sqrt(shape[1])
         else:  # token, position, class and padding embeddings
             t = 0.5 * noise
+        if name not in kept:
+            continue
         out[name] = t.to(dtype)
         if on_tensor is not None:
             on_tensor(name)

@@ -2,6 +2,11 @@
 
 This table is the contract between the PyTorch reference (its `state_dict()` must match it
 exactly), the checkpoint writer, and the loader's missing / unexpected / shape checks.
+
+The ViT blocks deeper than the last layer the connector reads never run, and MolmoAct's own code
+builds and saves only the blocks up to that layer (25 of SigLIP2's 27 for -D, [-3, -9]), while
+config.json keeps the full depth. The table lists those blocks only; `unused_vit_blocks=True`
+adds the deeper ones, which a checkpoint may also hold (they are then ignored).
 """
 from __future__ import annotations
 
@@ -12,7 +17,13 @@ ADAPTER = "model.vision_backbone."
 LLM = "model.transformer."
 
 
-def expected_tensor_shapes(cfg: ArmConfig) -> dict[str, tuple[int, ...]]:
+def vit_blocks_run(cfg: ArmConfig) -> int:
+    """ViT blocks up to the deepest layer the connector reads (negative layers count from the end)."""
+    n = cfg.vit_config.num_hidden_layers
+    return max(lay + n if lay < 0 else lay for lay in cfg.adapter_config.vit_layers) + 1
+
+
+def expected_tensor_shapes(cfg: ArmConfig, unused_vit_blocks: bool = False) -> dict[str, tuple[int, ...]]:
     v, a, l = cfg.vit_config, cfg.adapter_config, cfg.llm_config
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -28,7 +39,7 @@ def expected_tensor_shapes(cfg: ArmConfig) -> dict[str, tuple[int, ...]]:
         shapes[VIT + "pre_ln.weight"] = (V,)
         shapes[VIT + "pre_ln.bias"] = (V,)
     q_out, kv_out = v.num_attention_heads * v.head_dim, v.num_key_value_heads * v.head_dim
-    for n in range(v.num_hidden_layers):
+    for n in range(v.num_hidden_layers if unused_vit_blocks else vit_blocks_run(cfg)):
         p = f"{VIT}transformer.resblocks.{n}."
         for name, out_dim in (("wq", q_out), ("wk", kv_out), ("wv", kv_out)):
             shapes[p + f"attention.{name}.weight"] = (out_dim, V)

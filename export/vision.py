@@ -152,8 +152,11 @@ class VisionBackbone(nn.Module):
         n = vit_cfg.num_hidden_layers
         # Negative layer numbers count from the ViT's end (-1 = last block's output).
         self.vit_layers = [lay + n if lay < 0 else lay for lay in adapter_cfg.vit_layers]
-        self.n_layers_run = max(self.vit_layers) + 1  # deeper blocks exist in the checkpoint but never run
+        self.n_layers_run = max(self.vit_layers) + 1
         self.image_vit = VisionTransformer(vit_cfg)
+        # Deeper blocks never run; MolmoAct's code does not build them, so its checkpoints lack them. They are
+        # built and then dropped so that everything created after them starts from the same random state.
+        del self.image_vit.transformer.resblocks[self.n_layers_run:]
         pooled_in = vit_cfg.hidden_size * len(self.vit_layers)
         self.image_pooling_2d = MultiHeadAttention(
             pooled_in,

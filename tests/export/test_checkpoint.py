@@ -355,3 +355,57 @@ def test_norm_stats_without_action(broken):
     _edit_config(path, lambda c: c["norm_stats"].update(other={"proprio": {}}))
     with pytest.raises(CheckpointError, match=r"norm_stats\['other'\] has no 'action'"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("weight_map, shown", [
+    (["a", "b"], "a list"),
+    ({"model.transformer.ln_f.weight": None}, "'model.transformer.ln_f.weight': None"),
+    ({"model.transformer.ln_f.weight": "../elsewhere.safetensors"},
+     "'model.transformer.ln_f.weight': '../elsewhere.safetensors'"),
+])
+def test_malformed_index_is_named(broken, weight_map, shown):
+    path = broken("D", 3)
+    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{INDEX}: not a valid index (weight_map has {shown})")):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- never-run ViT blocks
+
+
+def _vit_blocks(names) -> set[int]:
+    return {int(n.split("resblocks.")[1].split(".")[0]) for n in names if "resblocks." in n}
+
+
+def test_published_checkpoints_hold_only_the_vit_blocks_that_run(made, tmp_path):
+    """MolmoAct's code builds and saves ViT blocks only up to the deepest layer the connector reads, while
+    config.json keeps the full depth: such a checkpoint loads, and one that also holds the deeper blocks
+    (older writers) loads to the same model."""
+    from edgeact.export.generate import forward_logits
+
+    cfg = synthetic_config("D", "tiny")
+    n = cfg.vit_config.num_hidden_layers
+    deepest = max(lay % n for lay in cfg.adapter_config.vit_layers)
+    assert deepest + 1 < n      # the tiny -D config skips its last block, as -7B-D skips two
+    path = made[("D", 1)]
+    assert json.loads((path / "config.json").read_text())["vit_config"]["num_hidden_layers"] == n
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert _vit_blocks(f.keys()) == set(range(deepest + 1))
+
+    full = tmp_path / "with-unused-blocks"
+    import shutil
+    shutil.copytree(path, full)
+    block = {k: v for k, v in load_file(path / "model.safetensors").items() if f"resblocks.{deepest}." in k}
+    _rewrite(full / "model.safetensors",
+             lambda t: t.update({k.replace(f"resblocks.{deepest}.", f"resblocks.{n - 1}."): v for k, v in block.items()}))
+    model, ckpt = load_model(path)
+    model_full, ckpt_full = load_model(full)
+    assert list(ckpt_full.tensors) == list(ckpt.tensors)      # the unused block is not loaded
+    inputs = _prompt_and_images(ckpt)
+    assert torch.equal(forward_logits(model_full, *inputs), forward_logits(model, *inputs))
+
+    # A deeper block of the wrong shape is still a broken checkpoint.
+    _rewrite(full / "model.safetensors", lambda t: t.update(
+        {f"model.vision_backbone.image_vit.transformer.resblocks.{n - 1}.attention.wq.bias": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=rf"resblocks\.{n - 1}\.attention\.wq\.bias has shape \(3,\)"):
+        load_checkpoint(full)
