@@ -80,6 +80,9 @@ def recording_frames(path: str | Path, n: int, seed: int, timeout_s: float = 10.
                 break
     if not kept:
         raise CalibrationError(f"{path}: the recording holds no frames; record some with `edgeact record` first")
+    if seen[0] < n:
+        raise CalibrationError(f"{path}: the recording holds {seen[0]} frames, fewer than the {n} samples asked for; "
+                               f"ask for at most {seen[0]} (--samples {seen[0]}) or record a longer one")
     for _, number, color in sorted(kept, key=lambda item: item[0]):
         yield number, color, {"type": "recording", "path": str(path)}
 
@@ -169,6 +172,9 @@ def build_calibration_set(source: str | Path, out: str | Path | None, n_samples:
         raise CalibrationError(f"n_samples is {n_samples}; a calibration set needs at least 1 sample (16-64 usual)")
     if not instructions:
         raise CalibrationError("no instructions given; pass at least one")
+    if str(frames_source) != SYNTHETIC and (width, height) != (320, 240):
+        raise CalibrationError(f"width/height {width}x{height} size the synthetic camera's frames; a recording's "
+                               f"frames ({frames_source}) keep their own size: leave out --width/--height")
     answerer = _answerer(Path(source), threads)
     io = answerer.io
     rng = np.random.default_rng([seed, 1])

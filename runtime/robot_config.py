@@ -271,6 +271,18 @@ class RobotConfig:
             return path
         return (self.config_dir / path) if self.config_dir is not None else path.absolute()
 
+    @property
+    def camera_config(self) -> CameraConfig:
+        """The camera to make: a recording's relative `path` is beside the config file, as estop.file is (a config
+        not read from a file keeps the working directory's)."""
+        from edgeact.drivers.cameras.playback import RecordingConfig
+
+        camera = self.camera
+        if not isinstance(camera, RecordingConfig) or self.config_dir is None:
+            return camera
+        path = Path(camera.path).expanduser()
+        return camera if path.is_absolute() else dataclasses.replace(camera, path=str(self.config_dir / path))
+
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(getattr(self, name)) for name in ("robot", "camera", "policy", "actions", "instruction",
                                                               "rates", "limits", "plan", "watchdog", "estop")}

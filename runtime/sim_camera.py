@@ -28,6 +28,7 @@ class FrameRing:
     """The child's end of the ring: `on_frame` is a camera listener; `open` creates the slabs and tells the parent.
 
     Frames are announced only after `open` has sent "ready": the parent must know the slabs first.
+    `on_stop` is a camera stop listener: the parent hears why the camera stopped (after "ready").
     """
 
     def __init__(self, conn):
@@ -35,6 +36,8 @@ class FrameRing:
         self._slabs: list[FrameSlab] = []
         self._free: set[int] = set()
         self._lock = threading.Lock()
+        self._opened = False
+        self._stopped_by: BaseException | None = None      # the camera stopped before "ready" was sent
 
     def open(self, intrinsics: Intrinsics) -> bool:
         """Create the slabs, send ("ready", intrinsics, slab names, (h, w)); False when the parent is gone."""
@@ -42,8 +45,20 @@ class FrameRing:
         slabs = [FrameSlab(*shape_hw) for _ in range(CAMERA_SLABS)]
         ready = send_quietly(self._conn, ("ready", intrinsics, [slab.name for slab in slabs], shape_hw))
         with self._lock:
-            self._slabs, self._free = slabs, set(range(CAMERA_SLABS))
+            self._slabs, self._free, self._opened = slabs, set(range(CAMERA_SLABS)), True
+            stopped_by = self._stopped_by
+        if stopped_by is not None:
+            send_quietly(self._conn, ("error", portable_error(stopped_by)))
         return ready
+
+    def on_stop(self, error: BaseException) -> None:
+        """On the camera's capture thread when it stopped by itself (an error, the end of a recording): the
+        parent's next read raises `error` instead of waiting out its timeout."""
+        with self._lock:
+            if not self._opened:
+                self._stopped_by = error        # sent by open(), after "ready"
+                return
+        send_quietly(self._conn, ("error", portable_error(error)))
 
     def on_frame(self, frame: RGBDFrame) -> None:
         """On the camera's capture thread: into a free slab, then announced; dropped when none is free."""
@@ -179,6 +194,7 @@ def _serve_camera(conn, config: CameraConfig) -> None:
     try:
         camera = make_camera(config)
         camera.add_listener(ring.on_frame)
+        camera.add_stop_listener(ring.on_stop)
         camera.connect()
     except Exception as exc:        # the process boundary: the parent raises it from connect()
         send_quietly(conn, ("error", portable_error(exc)))

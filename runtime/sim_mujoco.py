@@ -372,6 +372,7 @@ class _CameraServer:
             try:
                 camera = MujocoCamera(config, world=self._world)
                 camera.add_listener(ring.on_frame)
+                camera.add_stop_listener(ring.on_stop)
                 camera.connect()
             except Exception as exc:    # the process boundary: the parent raises it from connect()
                 if camera is not None:

@@ -262,7 +262,7 @@ def make_robot_camera(config) -> Camera:
     """The camera of a robot config (not connected). A simulated robot whose simulator runs in its own process
     (robot.sim_in_own_process) has its simulated camera out of this process too: a synthetic camera in a process
     of its own, a "mujoco" camera in the MuJoCo simulator's process (the world it renders is there)."""
-    robot, camera = config.robot, config.camera
+    robot, camera = config.robot, config.camera_config     # a recording's relative path: beside the config file
     if robot.bus == "sim" and robot.sim_in_own_process:
         if camera.type_name in SIMULATED_CAMERAS:
             return ProcessCamera(camera)

@@ -162,6 +162,15 @@ class CameraConfig:
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ConfigError(f"camera {self.name!r}: timeout_s={self.timeout_s} must be a positive number")
 
+    def check_timeout_for_fps(self, fps: float, source: str = "") -> None:
+        """Refuse a timeout_s under three frame periods at `fps`: latest() returns no frame older than
+        timeout_s, so a shorter one reports a healthy stream as lost between its frames."""
+        if self.timeout_s < 3.0 / fps - 1e-9:
+            smallest_s = math.ceil(3000.0 / fps) / 1000.0      # rounded up to a millisecond: it passes
+            raise ConfigError(f"camera {self.name!r}: timeout_s={self.timeout_s} is under three frame periods at "
+                              f"{fps:g} fps{source}, so latest() would call a healthy stream lost between frames; "
+                              f"set timeout_s to at least {smallest_s:g}")
+
     def make_camera(self) -> "Camera":
         raise NotImplementedError(f"{type(self).__name__} does not name its camera class")
 
@@ -202,6 +211,7 @@ class Camera(abc.ABC):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._intrinsics: Intrinsics | None = None
+        self._stop_listeners: list[Callable[[BaseException], None]] = []
 
     # -- what subclasses implement -----------------------------------------------------------
     @abc.abstractmethod
@@ -300,6 +310,12 @@ class Camera(abc.ABC):
         with self._cond:
             self._state.listeners.append(callback)
 
+    def add_stop_listener(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` on the capture thread when capture stops by itself: `error` is what stopped
+        it, or a CameraError saying the stream ended. Not called for disconnect()."""
+        with self._cond:
+            self._stop_listeners.append(callback)
+
     def latest(self, timeout_s: float | None = None) -> RGBDFrame:
         """The newest frame (check `frame.age_s()`); waits at most timeout_s for the first one.
 
@@ -367,14 +383,20 @@ class Camera(abc.ABC):
                 frame = self._read(self.poll_s)
                 if frame is not None:
                     self._publish(frame)
+            return
         except EndOfStream:
             with self._cond:
                 self._state.ended = True
                 self._cond.notify_all()
+                stopped_by: BaseException = CameraError(self._ended_message(self._state.frames_received))
         except Exception as exc:  # the thread's boundary: hand any failure to the readers
             with self._cond:
-                self._state.error = exc
+                self._state.error = stopped_by = exc
                 self._cond.notify_all()
+        with self._cond:
+            stop_listeners = list(self._stop_listeners)
+        for callback in stop_listeners:
+            callback(stopped_by)
 
     def _publish(self, frame: RGBDFrame) -> None:
         with self._cond:

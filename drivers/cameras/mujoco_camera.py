@@ -46,6 +46,7 @@ class MujocoCameraConfig(CameraConfig):
                               "use 16..1920 x 16..1080 (the scene's offscreen buffer must be at least as large)")
         if not (0 < self.fps <= 120):
             raise ConfigError(f"mujoco camera {self.name!r}: fps={self.fps} must be in (0, 120]")
+        self.check_timeout_for_fps(self.fps)
         if not (0 < self.max_depth_m <= 100):
             raise ConfigError(f"mujoco camera {self.name!r}: max_depth_m={self.max_depth_m} must be in (0, 100]")
 

@@ -23,7 +23,7 @@ RECORDING_SUFFIXES = (".db3", ".bag")
 @register_camera("recording")
 @dataclass
 class RecordingConfig(CameraConfig):
-    path: str = ""
+    path: str = ""                  # relative, in a robot config file: beside that file (RobotConfig.camera_config)
     # True: frames come at the pace they were recorded and a slow reader misses some, as with a
     # live camera. False: every frame, as fast as the capture thread takes them (tests, offline runs).
     real_time: bool = True

@@ -62,6 +62,13 @@ class RealSenseConfig(CameraConfig):
         super().__post_init__()
         if (self.depth_width is None) != (self.depth_height is None):
             raise ConfigError(f"camera {self.name!r}: give both depth_width and depth_height, or neither")
+        # Checked with or without check_mode: librealsense reads 0 as "any" and fails late on a negative size.
+        for field_name in ("width", "height", "fps", "depth_width", "depth_height"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"camera {self.name!r}: {field_name}={value!r} must be a positive integer; "
+                                  f"give the mode's own, e.g. width=640, height=480, fps=30")
+        self.check_timeout_for_fps(self.fps)
         if self.depth_width is None:
             size = (self.width, self.height)
             if self.check_mode and self.fps in DEPTH_MODES.get(size, ()):
@@ -280,6 +287,8 @@ class RealSenseCamera(Camera):
         if depth.format() != rs.format.z16:
             raise CameraError(f"{source}: depth format {depth.format()} unsupported; use z16")
         self._color_channels = _COLOR_FORMATS[color_format]
+        if self.is_recording and color.fps() > 0:   # a device's fps was checked with its config
+            self.config.check_timeout_for_fps(color.fps(), f" (the rate of {source})")
         # librealsense's syncer pairs frames less than half a frame period apart.
         self._pair_tolerance_ms = 500.0 / max(color.fps(), 1)
         self._depth_scale_m = profile.get_device().first_depth_sensor().get_depth_scale()

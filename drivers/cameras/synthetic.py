@@ -41,6 +41,7 @@ class SyntheticConfig(CameraConfig):
                               f"use 16..1920 x 16..1080")
         if not (0 < self.fps <= 240):
             raise ConfigError(f"synthetic camera {self.name!r}: fps={self.fps} must be in (0, 240]")
+        self.check_timeout_for_fps(self.fps)
         if not (10 <= self.hfov_deg <= 150):
             raise ConfigError(f"synthetic camera {self.name!r}: hfov_deg={self.hfov_deg} must be in [10, 150]")
         if not (0.05 <= self.camera_height_m <= 2.0 and 5 <= self.pitch_deg <= 80):

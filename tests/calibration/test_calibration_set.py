@@ -115,6 +115,28 @@ def test_frames_from_a_realsense_recording(tmp_path):
     assert all(meta == {"type": "recording", "path": str(path)} for _, _, meta in got)
 
 
+def test_a_recording_shorter_than_the_samples_asked_for_is_refused(tmp_path):
+    pytest.importorskip("pyrealsense2")
+    from edgeact.drivers.cameras.base import Intrinsics
+    from edgeact.drivers.cameras.recording import write_recording
+
+    w, h = 64, 48
+    path = tmp_path / "short.db3"
+    frames = [(np.full((h, w, 3), i, np.uint8), np.full((h, w), 1.0, np.float32)) for i in range(3)]
+    write_recording(path, frames, Intrinsics(fx=50.0, fy=50.0, cx=31.5, cy=23.5, width=w, height=h), fps=30)
+    with pytest.raises(CalibrationError, match=r"short.db3: the recording holds 3 frames, fewer than the 16 samples "
+                                               r"asked for; ask for at most 3 \(--samples 3\) or record a longer one"):
+        list(recording_frames(path, 16, seed=0))
+    assert len(list(recording_frames(path, 3, seed=0))) == 3
+
+
+def test_a_synthetic_frame_size_is_refused_with_a_recording(tmp_path):
+    # --width/--height size the synthetic camera; a recording's frames would silently keep their own size.
+    with pytest.raises(CalibrationError, match=r"width/height 640x480 size the synthetic camera's frames; a "
+                                               r"recording's frames \(.*run.db3\) keep their own size: leave out"):
+        build_calibration_set(tmp_path, None, 1, frames_source=tmp_path / "run.db3", width=640, height=480)
+
+
 def test_cli_calibrate_writes_a_set(sources, tmp_path, capsys):
     out = tmp_path / "calib"
     assert main(["calibrate", str(sources["bundle"]), "--out", str(out), "--samples", "1", "--seed", "4",

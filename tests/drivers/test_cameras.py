@@ -5,12 +5,13 @@ import math
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from edgeact.drivers.cameras.base import (Camera, CameraConfig, CameraError, CameraTimeoutError, Intrinsics,
-                                          RGBDFrame, camera_config_from_dict, camera_types, make_camera)
+from edgeact.drivers.cameras.base import (Camera, CameraConfig, CameraError, CameraTimeoutError, EndOfStream,
+                                          Intrinsics, RGBDFrame, camera_config_from_dict, camera_types, make_camera)
 from edgeact.drivers.cameras.playback import RecordingConfig
 from edgeact.drivers.cameras.realsense import RealSenseConfig
 from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
@@ -78,6 +79,39 @@ def test_common_and_recording_config_validation():
         RecordingConfig()
     with pytest.raises(ConfigError, match="fps=0"):
         SyntheticConfig(fps=0)
+
+
+def test_a_timeout_under_three_frame_periods_is_refused_where_the_fps_is_known():
+    from edgeact.drivers.cameras.mujoco_camera import MujocoCameraConfig
+
+    # latest() returns no frame older than timeout_s: under three periods it calls a healthy stream lost.
+    with pytest.raises(ConfigError, match=r"'wrist': timeout_s=0.1 is under three frame periods at 6 fps.*"
+                                          r"set timeout_s to at least 0.5$"):
+        RealSenseConfig(name="wrist", fps=6, timeout_s=0.1)
+    with pytest.raises(ConfigError, match="timeout_s=0.1 is under three frame periods at 25 fps.*at least 0.12$"):
+        RealSenseConfig(width=1000, height=500, fps=25, check_mode=False, timeout_s=0.1)
+    with pytest.raises(ConfigError, match="timeout_s=0.05 is under three frame periods at 30 fps.*at least 0.1$"):
+        SyntheticConfig(timeout_s=0.05)
+    with pytest.raises(ConfigError, match="timeout_s=0.1 is under three frame periods at 15 fps.*at least 0.2$"):
+        MujocoCameraConfig(timeout_s=0.1)
+    with pytest.raises(ConfigError, match="at 7 fps.*at least 0.429$"):
+        SyntheticConfig(fps=7, timeout_s=0.4)
+    # The smallest value named works, and so do the defaults.
+    for config in (RealSenseConfig(fps=6, timeout_s=0.5), SyntheticConfig(timeout_s=0.1),
+                   MujocoCameraConfig(timeout_s=0.2), SyntheticConfig(fps=7, timeout_s=0.429),
+                   RealSenseConfig(), SyntheticConfig(), MujocoCameraConfig()):
+        assert config.timeout_s * config.fps >= 3 - 1e-9
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+@pytest.mark.parametrize(("field", "value"), [("width", 0), ("height", -480), ("fps", 0), ("fps", -5), ("fps", 30.0),
+                                              ("depth_width", 0), ("depth_height", -1)])
+def test_realsense_sizes_and_fps_are_positive_integers_with_or_without_the_mode_check(check_mode, field, value):
+    # librealsense reads 0 as "any" (fps=0: each stream picks its own rate) and fails late on a negative size.
+    given = {"depth_width": 640, "depth_height": 480} if field.startswith("depth") else {}
+    with pytest.raises(ConfigError, match=f"{field}={value!r} must be a positive integer; give the mode's own"):
+        RealSenseConfig(check_mode=check_mode, **{**given, field: value})
+    assert RealSenseConfig(width=1000, height=500, fps=25, check_mode=False).fps == 25
 
 
 def test_intrinsics_and_frame_validate():
@@ -170,7 +204,7 @@ def test_synthetic_capture_thread_serves_latest_frames_and_stops_cleanly():
 
 def test_latest_raises_when_no_frame_arrived_within_the_timeout():
     # At 0.5 fps frame 0 comes at once and frame 1 only after 2 s.
-    with SyntheticCamera(SyntheticConfig(name="wrist", width=32, height=24, fps=0.5)) as camera:
+    with SyntheticCamera(SyntheticConfig(name="wrist", width=32, height=24, fps=0.5, timeout_s=6.0)) as camera:
         assert camera.latest().frame_number == 0
         with pytest.raises(CameraTimeoutError, match="no frame for 0.1 s from camera 'wrist'"):
             camera.next_frame(timeout_s=0.1)
@@ -218,3 +252,44 @@ def test_latest_waits_a_bounded_time_when_nothing_ever_arrives():
         with pytest.raises(CameraTimeoutError, match="no frame for 0.2 s from camera 'dead'; cable or bandwidth?"):
             camera.latest()
         assert camera.frames_received == 0
+
+
+class _ScriptedCamera(_SilentCamera):
+    """Two frames, then what `then` says: raise an error, end the stream, or go quiet."""
+
+    def __init__(self, config: CameraConfig, then: str):
+        super().__init__(config)
+        self.then, self.sent = then, 0
+
+    def _read(self, timeout_s: float):
+        if self.sent < 2:
+            self.sent += 1
+            return RGBDFrame(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.float32), 0.0, time.monotonic(),
+                             self.sent)
+        if self.then == "error":
+            raise RuntimeError("GL context lost")
+        if self.then == "end":
+            raise EndOfStream
+        return super()._read(timeout_s)
+
+
+@pytest.mark.parametrize(("then", "heard"), [("error", "GL context lost"),
+                                             ("end", "stopped delivering after 2 frames")])
+def test_a_stop_listener_hears_why_capture_stopped_by_itself(then, heard):
+    stopped = []
+    camera = _ScriptedCamera(CameraConfig(name="front"), then)
+    camera.add_stop_listener(stopped.append)
+    with camera:
+        with pytest.raises(CameraError, match=heard):
+            for _ in range(3):
+                camera.next_frame(timeout_s=5)
+    assert [str(e) for e in stopped] == [f"camera 'front' {heard}" if then == "end" else heard]
+
+
+def test_a_stop_listener_is_not_called_for_disconnect():
+    stopped = []
+    camera = _ScriptedCamera(CameraConfig(name="front"), "quiet")
+    camera.add_stop_listener(stopped.append)
+    with camera:
+        camera.latest(timeout_s=5)
+    assert stopped == [] and _camera_threads() == []

@@ -14,6 +14,7 @@ from edgeact.drivers.cameras import recording
 from edgeact.drivers.cameras.realsense import (NO_DEVICE_MESSAGE, RealSenseCamera, RealSenseConfig,
                                                frame_capture_monotonic_s)
 from edgeact.drivers.cameras.recording import convert_bag_to_db3, write_recording
+from edgeact.runtime.errors import ConfigError
 
 rs = pytest.importorskip("pyrealsense2")
 
@@ -317,6 +318,17 @@ def test_missing_and_corrupt_recordings_are_named(tmp_path):
     assert not camera.is_connected
     with pytest.raises(CameraError, match="could not convert .*old.bag"):
         convert_bag_to_db3(old, tmp_path / "old.db3")
+
+
+def test_a_timeout_under_three_periods_of_the_recordings_rate_is_refused_at_connect(numbered_recording):
+    # A recording's rate is known once it is opened; latest() would call its healthy stream lost between frames.
+    camera = RecordingConfig(name="wrist", path=str(numbered_recording), timeout_s=0.05).make_camera()
+    with pytest.raises(ConfigError, match=r"'wrist': timeout_s=0.05 is under three frame periods at 30 fps \(the rate "
+                                          r"of recording .*numbered.db3\).*set timeout_s to at least 0.1$"):
+        camera.connect()
+    assert not camera.is_connected
+    with RecordingConfig(path=str(numbered_recording), timeout_s=0.1).make_camera() as camera:
+        assert camera.latest(timeout_s=5).frame_number >= 0
 
 
 def test_write_recording_rejects_what_it_cannot_store(tmp_path):

@@ -1,4 +1,4 @@
-"""Policies for the process-policy tests; a module of their own so that a spawned child can import them."""
+"""Policies (and a camera) for the process tests; a module of their own so that a spawned child can import them."""
 from __future__ import annotations
 
 import time
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext
 
@@ -72,3 +73,25 @@ class Failing:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class FailingCameraConfig(SyntheticConfig):
+    """A synthetic camera whose render fails from frame `fail_after` on (any driver or render error). Not registered:
+    the camera tests list the registered types."""
+
+    fail_after: int = 3
+
+    def make_camera(self) -> "FailingCamera":
+        return FailingCamera(self)
+
+
+class FailingCamera(SyntheticCamera):
+    def __init__(self, config: FailingCameraConfig, world=None):     # world: stands in for a MujocoCamera too
+        super().__init__(config)
+
+    def render(self, frame_number, capture_monotonic_s=None):
+        if frame_number >= self.config.fail_after:
+            raise RuntimeError("GL context lost")
+        return super().render(frame_number, capture_monotonic_s)
+

@@ -10,7 +10,7 @@ from edgeact.runtime.control import JointDeltaConfig
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.policy import ScriptedPolicyConfig, policy_type, policy_types
 from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
-from edgeact.runtime.sim_robot import sim_robot_config_dict
+from edgeact.runtime.sim_robot import make_robot_camera, sim_robot_config_dict
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -87,6 +87,9 @@ def _with(section, **fields):
     ({**sim_robot_config_dict(), "instrucion": "x"}, "unknown key 'instrucion' (did you mean 'instruction'?)"),
     (_with("camera", fsp=30), "camera: unknown key 'fsp' (did you mean 'fps'?)"),
     (_with("camera", fps=0), "camera: synthetic camera 'front': fps=0 must be in (0, 240]"),
+    (_with("camera", timeout_s=0.05), "camera: camera 'front': timeout_s=0.05 is under three frame periods at 30 fps, "
+                                      "so latest() would call a healthy stream lost between frames; set timeout_s to "
+                                      "at least 0.1"),
     (_with("camera", type="webcam"), "camera.type: camera type 'webcam' unknown; use one of"),
     (_with("policy", type="bundel"), "policy.type: policy type 'bundel' unknown; use one of"),
     (_with("policy", chunk_size=0), "policy.chunk_size: must be an integer in [1, 256], got 0"),
@@ -140,6 +143,28 @@ def test_a_relative_estop_file_is_beside_the_config_not_in_the_working_directory
     # Not read from a file: only the working directory to go by, fixed when asked.
     assert robot_config_from_dict(_with("estop", file="robot.estop")).estop_path == elsewhere / "robot.estop"
     assert robot_config_from_dict(sim_robot_config_dict()).estop_path is None
+
+
+def test_a_relative_recording_path_is_beside_the_config_not_in_the_working_directory(tmp_path, monkeypatch):
+    config_dir, elsewhere = tmp_path / "robot", tmp_path / "elsewhere"
+    config_dir.mkdir()
+    elsewhere.mkdir()
+    path = config_dir / "robot.json"
+    path.write_text(json.dumps({**sim_robot_config_dict(), "camera": {"type": "recording", "path": "runs/scene.db3"}}))
+    monkeypatch.chdir(elsewhere)
+    cfg = load_robot_config(path)
+    assert cfg.camera.path == "runs/scene.db3"              # kept as written (to_dict round-trips it)
+    beside = str(config_dir.resolve() / "runs" / "scene.db3")
+    assert cfg.camera_config.path == beside and cfg.camera_config.name == cfg.camera.name
+    assert make_robot_camera(cfg).config.path == beside     # what `edgeact run` plays
+    path.write_text(json.dumps({**sim_robot_config_dict(), "camera": {"type": "recording", "path": "/data/a.db3"}}))
+    assert load_robot_config(path).camera_config.path == "/data/a.db3"
+    # Not read from a file: only the working directory to go by; other cameras have no path.
+    from_dict = robot_config_from_dict({**sim_robot_config_dict(), "camera": {"type": "recording", "path": "a.db3"}})
+    assert make_robot_camera(from_dict).config.path == "a.db3"
+    path.write_text(json.dumps(sim_robot_config_dict()))
+    cfg = load_robot_config(path)
+    assert cfg.camera_config is cfg.camera
 
 
 def test_file_errors_say_what_to_do(tmp_path):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from edgeact.drivers.cameras.base import CameraError, CameraTimeoutError
 from edgeact.drivers.cameras.synthetic import SyntheticCamera, SyntheticConfig
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime import commands_loop
@@ -15,9 +16,11 @@ from edgeact.runtime.demo import measure
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop import request_realtime
 from edgeact.runtime.robot_config import robot_config_from_dict
+from edgeact.runtime.sim_camera import FrameRing
 from edgeact.runtime.sim_robot import (ProcessCamera, SimBusProcess, make_robot_camera, sim_robot_config_dict,
                                        start_sim_bus)
 from edgeact.runtime.telemetry import run_summary
+from tests.runtime.process_helpers import FailingCamera, FailingCameraConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,6 +89,54 @@ def test_the_camera_process_hands_over_the_frames_the_camera_renders():
         np.testing.assert_array_equal(frame.color, want.color)
         np.testing.assert_array_equal(frame.depth_m, want.depth_m)
     assert [f.frame_number for f in frames] == sorted({f.frame_number for f in frames})
+
+
+def test_the_camera_process_reports_why_its_camera_stopped():
+    # The child's capture thread fails: the parent raises that, not "no frame ... is the camera process alive?".
+    with ProcessCamera(FailingCameraConfig(name="front", width=32, height=24, fail_after=3)) as camera:
+        with pytest.raises(CameraError, match="camera 'front' stopped: GL context lost") as err:
+            for _ in range(20):
+                camera.next_frame(timeout_s=2)
+        assert not isinstance(err.value, CameraTimeoutError) and isinstance(err.value.__cause__, RuntimeError)
+
+
+def _messages(conn, until: str) -> list[str]:
+    kinds = []
+    while not kinds or kinds[-1] != until:
+        assert conn.poll(5), f"no {until!r} message after {kinds}"
+        kinds.append(conn.recv()[0])
+    return kinds
+
+
+def test_a_ring_tells_why_its_camera_stopped_only_after_ready():
+    parent, child = multiprocessing.Pipe()
+    ring = FrameRing(child)
+    try:
+        ring.on_stop(RuntimeError("died while connecting"))     # before "ready": the parent must hear that first
+        assert not parent.poll(0)
+        ring.open(FailingCameraConfig(width=32, height=24).intrinsics())
+        assert parent.recv()[0] == "ready"
+        kind, error = parent.recv()
+        assert kind == "error" and str(error) == "died while connecting"
+        ring.on_stop(CameraError("camera 'front' stopped delivering after 4 frames"))
+        assert parent.recv()[1].args == ("camera 'front' stopped delivering after 4 frames",)
+    finally:
+        ring.close()
+
+
+def test_the_mujoco_processs_camera_server_reports_why_its_camera_stopped(monkeypatch):
+    from edgeact.drivers.cameras import mujoco_camera
+    from edgeact.runtime.sim_mujoco import _CameraServer
+
+    monkeypatch.setattr(mujoco_camera, "MujocoCamera", FailingCamera)    # renders without a world; fails at frame 2
+    parent, child = multiprocessing.Pipe()
+    server = _CameraServer(child, world=None)
+    try:
+        server._start(FailingCameraConfig(name="front", width=32, height=24, fail_after=2))
+        kinds = _messages(parent, until="error")
+        assert kinds[0] == "ready" and set(kinds[1:-1]) <= {"frame"}
+    finally:
+        server.close()
 
 
 def test_a_simulated_camera_runs_beside_a_simulator_in_its_own_process():
