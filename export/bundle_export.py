@@ -226,11 +226,17 @@ def _decoder_ranges(max_seq: int, prompt_tokens: int, attention: str = io.PORTAB
     if attention == io.FUSED_ATTENTION:
         # onnxruntime only (no engine profiles); the cache buffers are fixed at max_seq positions.
         return {io.BATCH: (1, 1, 1), io.SEQ: (1, prompt, max_seq)}, []
+    from edgeact.runtime.bundle_policy import DEVICE_PREFILL_CHUNK
+
     past_max = max_seq - 1      # the runtime keeps past_seq + seq <= max_seq (its cache size)
     ranges = {io.BATCH: (1, 1, 1), io.SEQ: (1, prompt, max_seq), io.PAST_SEQ: (0, min(prompt, past_max), past_max)}
+    # A GPU runtime feeds at most DEVICE_PREFILL_CHUNK positions per run (its TensorRT decoder caps larger chunks at
+    # the profile's seq max); a box cannot bound past_seq + seq itself, so the widest shape an engine plans for is
+    # chunk + max_seq - 1 positions of attention, not 2 * max_seq - 1.
+    chunk = min(DEVICE_PREFILL_CHUNK, max_seq)
     profiles = [
         # Prompt prefill (past 0) and the answer's fixed sentences fed as chunks after a past.
-        {"name": "prefill", "dim_ranges": {io.SEQ: (1, prompt, max_seq), io.PAST_SEQ: (0, 0, past_max)}},
+        {"name": "prefill", "dim_ranges": {io.SEQ: (1, min(prompt, chunk), chunk), io.PAST_SEQ: (0, 0, past_max)}},
         {"name": "decode", "dim_ranges": {io.SEQ: (1, 1, 1),
                                           io.PAST_SEQ: (0, min(prompt + TYPICAL_ANSWER_TOKENS, past_max), past_max)}},
     ]

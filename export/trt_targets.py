@@ -62,7 +62,15 @@ PRECISION_MIN_SM: Mapping[str, tuple[int, int]] = MappingProxyType({
 })
 _PRECISION_NOTES = {"int8": "int8 (SmoothQuant W8A8 or W8A16)", "int4": "int4 (weight-only)", "fp8": "fp8",
                     "fp16": "fp16", "bf16": "bf16"}
-_ARCHS = {7: "Turing", 8: "Ampere", 9: "Hopper", 10: "Blackwell", 11: "Blackwell", 12: "Blackwell"}
+# Architecture by SM (major, minor): the major alone is ambiguous (8.9 is Ada, 8.0-8.7 Ampere).
+_ARCHS = {(7, 5): "Turing", (8, 0): "Ampere", (8, 6): "Ampere", (8, 7): "Ampere", (8, 9): "Ada", (9, 0): "Hopper"}
+_BLACKWELL_MAJORS = (10, 11, 12)      # 10.x data centre and Thor (11.0, once 10.1), 12.x desktop
+
+
+def _arch_name(compute_capability: tuple[int, int]) -> str:
+    """The GPU architecture of an SM number ("Ada" for 8.9); "" for one not in the table."""
+    cc = tuple(compute_capability)
+    return "Blackwell" if cc[0] in _BLACKWELL_MAJORS else _ARCHS.get(cc, "")
 
 
 def get_target(name: str | Target) -> Target:
@@ -94,8 +102,9 @@ def check_precision(target: str | Target, precision: str) -> None:
         return
     instead = [_PRECISION_NOTES[p] for p in ("int8", "int4", "fp16", "bf16")
                if p in supported_precisions(target) and p != precision]
+    arch = _arch_name(need)
     raise ConfigError(
-        f"{precision} needs SM >= {need[0]}.{need[1]} ({_ARCHS.get(need[0], '')} or newer); {target.name} "
+        f"{precision} needs SM >= {need[0]}.{need[1]}{f' ({arch} or newer)' if arch else ''}; {target.name} "
         f"({target.description}) is SM {target.sm}: use {' or '.join(instead[:2])} instead")
 
 

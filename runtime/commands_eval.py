@@ -56,7 +56,7 @@ def _eval(args) -> int:
 
     from edgeact.runtime.errors import ConfigError
     from edgeact.runtime.robot_config import read_config_dict
-    from edgeact.runtime.sim_eval import EVAL_SEED, REPORT_FILE, EvalOptions, eval_systems, evaluate
+    from edgeact.runtime.sim_eval import EVAL_SEED, REPORT_FILE, EvalInterrupted, EvalOptions, eval_systems, evaluate
     from edgeact.runtime.sim_robot import mujoco_robot_config_dict
 
     console = _console()
@@ -73,6 +73,9 @@ def _eval(args) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--bundle {item!r}: write NAME=PATH, e.g. int8=out/bundle-int8")
+        if name in bundles:
+            raise ConfigError(f"--bundle {name}= is given twice ({bundles[name]} and {path}); give each bundle its own "
+                              f"NAME, e.g. --bundle {name}-2={path}")
         bundles[name] = path
     if not bundles:
         policy = base.get("policy") or {}
@@ -91,12 +94,17 @@ def _eval(args) -> int:
         console.print(f"{system}: episode {index + 1}/{options.episodes} {result.instruction!r} {mark} "
                       f"({result.episode_s:.1f} s)")
 
+    json_path = options.out_dir / REPORT_FILE
     try:
         report = evaluate(base, systems, options, progress, source)
-    except KeyboardInterrupt:
-        console.print(f"interrupted; the finished episodes are in {options.out_dir / REPORT_FILE}")
+    except EvalInterrupted as stop:
+        done = len(stop.report.episodes)
+        finished = (f"{done} episode{'s' if done > 1 else ''} finished; they are in {json_path} (marked "
+                    f"\"interrupted\": true)" if done else
+                    f"no episode finished; {json_path} says so (\"interrupted\": true, no episodes)")
+        why = f" ({stop})" if str(stop) else ""
+        console.print(f"interrupted{why}: {finished}")
         return 130
-    json_path = options.out_dir / REPORT_FILE
     steered = ", the expert's trace" if options.trace == "expert" else ""
     table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing}{steered})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,15 @@ class EvalReport:
     systems: list[EvalSystem]
     options: EvalOptions
     episodes: list[EpisodeResult] = field(default_factory=list)
+    complete: bool = False          # every system ran every episode
+    interrupted: bool = False       # stopped (Ctrl-C, the robot's e-stop): `episodes` are the finished ones
+
+    def __post_init__(self) -> None:
+        # rows() and the episodes find their system by name
+        twice = sorted(name for name, n in Counter(s.name for s in self.systems).items() if n > 1)
+        if twice:
+            raise ConfigError(f"system {twice[0]!r} appears twice in the evaluation; each system needs its own name "
+                              "(one --bundle NAME per bundle, each --depth source once)")
 
     def rows(self) -> list[dict[str, Any]]:
         """One summary row per system: success rate (overall and per template) and the timing means."""
@@ -151,13 +161,26 @@ class EvalReport:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "edgeact.eval/1", "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
+        return {"schema": "edgeact.eval/1", "complete": self.complete, "interrupted": self.interrupted,
+                "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
                 "systems": self.rows(), "episodes": [asdict(e) for e in self.episodes]}
 
     def write_json(self, path: Path) -> Path:
+        """Write via a hidden temporary + os.replace: an interrupt never leaves a truncated report."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
         return path
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """An evaluation stopped by Ctrl-C (or the robot's e-stop); `report` holds the episodes that finished and is
+    written with "interrupted": true."""
+
+    def __init__(self, message: str, report: EvalReport):
+        super().__init__(message)
+        self.report = report
 
 
 def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
@@ -184,6 +207,10 @@ def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[
     unknown = sorted(set(depths) - set(DEPTH_SOURCES))
     if unknown or not depths:
         raise ConfigError(f"--depth {unknown or '(none)'}: use {' and/or '.join(DEPTH_SOURCES)}")
+    twice = sorted(depth for depth, n in Counter(depths).items() if n > 1)
+    if twice:
+        raise ConfigError(f"--depth {twice[0]} is given twice ({' '.join(depths)}); name each depth source once, "
+                          f"e.g. --depth {' '.join(dict.fromkeys(depths))}")
     systems = []
     for name, path in bundles.items():
         bundle = load_bundle(path, verify_checksums=False, allow_failed_verification=allow_unverified)
@@ -213,25 +240,39 @@ def bundle_precision(manifest) -> str:
 
 def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: EvalOptions,
              progress: Callable[[str, int, EpisodeResult], None] | None = None, source: str = "<eval>") -> EvalReport:
-    """Every system on the same seeded episodes; `progress(system, index, result)` after each episode."""
+    """Every system on the same seeded episodes; `progress(system, index, result)` after each episode.
+
+    The report (options.out_dir / REPORT_FILE) is written at once, replacing an older run's, with "complete": false
+    and no episodes; then after every episode; at the end with "complete": true. An interrupt writes it once more
+    with "interrupted": true and raises EvalInterrupted, which carries it.
+    """
     report = EvalReport(systems, options)
+    path = options.out_dir / REPORT_FILE
     plan = episode_plan(options.episodes, options.seed)
     if options.ensemble is not None:
         base_config = {**base_config, "plan": {**(base_config.get("plan") or {}), "ensemble": options.ensemble}}
-    for system in systems:
-        runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
-                  else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))
-        try:
-            for index, (seed, template) in enumerate(plan):
-                sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
-                    if index < options.sheets else None
-                result = runner.episode(index, seed, template, sheet)
-                report.episodes.append(result)
-                report.write_json(options.out_dir / REPORT_FILE)    # after every episode: an interrupt keeps them
-                if progress is not None:
-                    progress(system.name, index, result)
-        finally:
-            runner.close()
+    try:
+        report.write_json(path)
+        for system in systems:
+            runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
+                      else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))
+            try:
+                for index, (seed, template) in enumerate(plan):
+                    sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
+                        if index < options.sheets else None
+                    result = runner.episode(index, seed, template, sheet)
+                    report.episodes.append(result)
+                    report.write_json(path)    # after every episode: an interrupt keeps them
+                    if progress is not None:
+                        progress(system.name, index, result)
+            finally:
+                runner.close()
+    except KeyboardInterrupt as exc:
+        report.interrupted = True
+        report.write_json(path)
+        raise EvalInterrupted(str(exc), report) from exc
+    report.complete = True
+    report.write_json(path)
     return report
 
 

@@ -86,15 +86,16 @@ def tensor_bytes(dims: Sequence[int | str], dtype: str, spec: StageSpec,
 
 def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capability: tuple[int, int] | None,
                 trt_version: str) -> EngineRecord:
-    """The engine record to run: the named target's, or the one built for this GPU's SM; same TensorRT version."""
-    records = [r for r in bundle.manifest.engines if r.stage == stage]
+    """The engine record to run: the named target's, or the one built for this GPU's SM; same SM (a named
+    target's engine too) and same TensorRT version."""
+    records = built = [r for r in bundle.manifest.engines if r.stage == stage]
     how = f"edgeact build-engines {bundle.root} --target T"
     if target is not None:
         records = [r for r in records if r.target == target]
     elif compute_capability is not None:
-        records = [r for r in records if r.compute_capability == f"{compute_capability[0]}.{compute_capability[1]}"]
+        records = [r for r in records if runs_on_sm(r, compute_capability)]
     if not records:
-        have = sorted({f"{r.target} (SM {r.compute_capability})" for r in bundle.manifest.engines if r.stage == stage})
+        have = sorted({f"{r.target} (SM {r.compute_capability})" for r in built})
         raise BundleError(f"{bundle.root}: no TensorRT engine for stage {stage!r}"
                           + (f" and target {target!r}" if target else "")
                           + (f" on SM {compute_capability[0]}.{compute_capability[1]}" if compute_capability and not target else "")
@@ -103,10 +104,32 @@ def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capabili
         raise ConfigError(f"stage {stage!r} has engines for targets {[r.target for r in records]} on this SM; "
                           "choose one with the target option")
     record = records[0]
+    if compute_capability is not None and not runs_on_sm(record, compute_capability):
+        here = f"{compute_capability[0]}.{compute_capability[1]}"
+        fits = sorted({r.target for r in built if runs_on_sm(r, compute_capability)})
+        raise BundleError(f"{record.file}: target {record.target!r} is built for SM {record.compute_capability}, "
+                          f"this GPU is SM {here}; engines run only on the SM they were built on: build them on this "
+                          f"device with {how}" + (f", or set the target option to {' or '.join(map(repr, fits))} "
+                                                  f"(built for SM {here})" if fits else ""))
     if record.trt_version != trt_version:
         raise BundleError(f"{record.file}: built with TensorRT {record.trt_version}, this is TensorRT {trt_version}; "
                           f"engines run only on the version that built them: rebuild with {how}")
     return record
+
+
+def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> bool:
+    """Whether an engine built for the record's SM runs on a GPU of this SM: the same number, or another number
+    the record's target chip also reports (Thor: 11.0, 10.1 before CUDA 13), as build-engines' check_device allows."""
+    from edgeact.export.trt_targets import TARGETS
+
+    sm = tuple(compute_capability)
+    if record.compute_capability == f"{sm[0]}.{sm[1]}":
+        return True
+    chip = TARGETS.get(record.target)
+    if chip is None:
+        return False
+    numbers = {f"{a}.{b}" for a, b in (chip.compute_capability, *chip.also_reports)}
+    return record.compute_capability in numbers and f"{sm[0]}.{sm[1]}" in numbers
 
 
 # ------------------------------------------------------------------------------- CUDA glue
@@ -261,7 +284,9 @@ class TrtDecoderEngine(DecoderEngine):
         self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
         self.spec = self.plan.spec
         self.layout = layout = CacheLayout.from_stage(self.spec)
-        self.max_chunk = check_max_chunk(max_chunk, layout)
+        # No chunk longer than the engine's profiles take (the exporter's prefill profile: DEVICE_PREFILL_CHUNK).
+        self.max_chunk = min(check_max_chunk(max_chunk, layout),
+                             largest_in_profiles(self.plan.ranges, io.SEQ) or layout.max_seq)
         self.cache = KVCache(layout, allocate=cuda.allocator, device="cuda")
         D, n = layout.hidden_size, self.max_chunk
         self.embeds = np.zeros((n, D), np.float32)

@@ -87,10 +87,30 @@ def test_stages_declare_named_dynamic_io_and_ranges_from_the_config(exported):
         assert decoder.inputs[2].dims == (io.BATCH, io.PAST_SEQ, K, h)      # seq-major
         assert decoder.outputs[1].dims == (io.BATCH, io.SEQ, K, h)
         assert decoder.dim_ranges[io.PAST_SEQ].min == 0
-        assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {"prefill": max_seq, "decode": 1}
+        # Engines take the chunks a GPU runtime feeds (DEVICE_PREFILL_CHUNK), not the whole cache in one run.
+        from edgeact.runtime.bundle_policy import DEVICE_PREFILL_CHUNK
+
+        assert {p.name: p.dim_ranges[io.SEQ].max for p in decoder.profiles} == {
+            "prefill": min(DEVICE_PREFILL_CHUNK, max_seq), "decode": 1}
     assert all(t.doc for stage in (vision, connector, decoder) for t in (*stage.inputs, *stage.outputs))
     assert m.weights[io.EMBEDDING_WEIGHT].shape == (llm.vocab_size + llm.additional_vocab_size, llm.hidden_size)
     assert m.grammar["n_actions"] == 1 and m.verification.status == "not_run"
+
+
+def test_the_prefill_profile_takes_the_chunks_a_gpu_runtime_feeds_not_the_whole_cache():
+    from edgeact.export.bundle_export import _decoder_ranges
+    from edgeact.runtime.bundle_policy import DEVICE_PREFILL_CHUNK
+
+    max_seq = 4 * DEVICE_PREFILL_CHUNK
+    ranges, profiles = _decoder_ranges(max_seq, 1500)
+    prefill, decode = (p["dim_ranges"] for p in profiles)
+    assert [p["name"] for p in profiles] == ["prefill", "decode"]
+    assert prefill[io.SEQ] == (1, DEVICE_PREFILL_CHUNK, DEVICE_PREFILL_CHUNK)       # not max_seq positions at once
+    assert prefill[io.PAST_SEQ] == (0, 0, max_seq - 1)     # a chunk after any past the cache holds
+    assert decode[io.SEQ] == (1, 1, 1) and ranges[io.SEQ] == (1, 1500, max_seq)     # the graph takes any chunk
+    # A cache shorter than the chunk: the whole cache, the typical prompt as opt.
+    assert _decoder_ranges(512, 165)[1][0]["dim_ranges"][io.SEQ] == (1, 165, 512)
+    assert _decoder_ranges(max_seq, 1500, io.FUSED_ATTENTION) == ({io.BATCH: (1, 1, 1), io.SEQ: (1, 1500, max_seq)}, [])
 
 
 def test_linears_are_matmuls_with_in_out_weights_named_after_the_checkpoint(exported):

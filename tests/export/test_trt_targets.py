@@ -51,6 +51,19 @@ def test_fp8_for_orin_is_refused_naming_int8_and_int4():
         assert "use int8 (SmoothQuant W8A8 or W8A16) or int4 (weight-only) instead" in msg
 
 
+def test_refusals_name_the_architecture_of_the_sm_they_need():
+    from edgeact.export.trt_targets import _arch_name
+
+    with pytest.raises(ConfigError, match=r"fp8 needs SM >= 8\.9 \(Ada or newer\); orin "):
+        check_precision("orin", "fp8")
+    for target in TARGETS.values():      # each target's description names its chip's architecture
+        for sm in (target.compute_capability, *target.also_reports):
+            assert _arch_name(sm) in target.description, (target.name, sm)
+    assert (_arch_name((8, 0)), _arch_name((8, 9)), _arch_name((9, 0)), _arch_name((12, 0))) == (
+        "Ampere", "Ada", "Hopper", "Blackwell")
+    assert _arch_name((7, 0)) == ""
+
+
 @pytest.mark.parametrize("target", ["thor", "h100", "h200", "ada"])
 def test_fp8_allowed_from_sm_89(target):
     check_precision(target, "fp8")

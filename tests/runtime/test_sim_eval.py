@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("mujoco", reason="the evaluation runs the MuJoCo robot (pip install mujoco==4.0.0)")
 
 from edgeact.runtime.errors import ConfigError  # noqa: E402
-from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EvalOptions, LockstepRunner, episode_plan,  # noqa: E402
-                                      eval_systems, evaluate, system_config_dict)
+from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EpisodeResult, EvalOptions, EvalReport,  # noqa: E402
+                                      LockstepRunner, episode_plan, eval_systems, evaluate, system_config_dict)
 from edgeact.runtime.sim_robot import mujoco_robot_config_dict  # noqa: E402
 from tests.export.test_depth_tokenizer import trained_tokenizer  # noqa: E402
 from tests.runtime.test_decode_program import exported_bundle  # noqa: E402
@@ -380,6 +380,94 @@ def test_an_interrupted_evaluation_keeps_the_episodes_it_finished(exported, tmp_
         evaluate(mujoco_robot_config_dict(), systems, options)
     data = json.loads((tmp_path / "eval.json").read_text())
     assert [e["index"] for e in data["episodes"]] == [0]
+    assert data["interrupted"] and not data["complete"]
+
+
+class _Instant:
+    """A stand-in runner whose episodes end at once (a failure), for what evaluate does around them."""
+
+    interrupt_at: int | None = None     # the episode index at which Ctrl-C is pressed
+
+    def __init__(self, base, system, replan_every, source, **options):
+        self.system = system.name
+
+    def episode(self, index, seed, template, sheet):
+        if index == self.interrupt_at:
+            raise KeyboardInterrupt
+        return EpisodeResult(self.system, index, seed, template, template, False, 5.0, 5.0, 1, None, None, None, None)
+
+    def close(self) -> None:
+        pass
+
+
+def test_repeated_depth_sources_bundle_names_and_system_names_are_refused(tmp_path, capsys):
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    path = write_tiny_bundle(tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"--depth generated is given twice \(generated forced generated\); name "
+                                          r"each depth source once, e.g. --depth generated forced$"):
+        eval_systems({"fp32": path}, ["generated", "forced", "generated"])
+    other = tmp_path / "other"
+    assert main(["eval", "--bundle", f"int8={path}", "--bundle", f"int8={other}", "--depth", "generated",
+                 "--out", str(tmp_path / "eval")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--bundle int8= is given twice ({path} and {other}); give each bundle its own NAME, " \
+           f"e.g. --bundle int8-2={other}" in err
+    assert not (tmp_path / "eval").exists()
+    (system,) = eval_systems({"fp32": path}, ["generated"])
+    with pytest.raises(ConfigError, match="system 'fp32 / generated depth' appears twice in the evaluation"):
+        EvalReport([system, system], EvalOptions(episodes=1, out_dir=tmp_path))
+
+
+def test_the_report_replaces_an_older_one_at_once_and_says_when_it_is_complete(tmp_path, monkeypatch):
+    from edgeact.runtime import sim_eval
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    report_path = tmp_path / "eval" / "eval.json"
+    report_path.parent.mkdir()
+    report_path.write_text(json.dumps({"schema": "edgeact.eval/1", "episodes": [{"system": "old / generated depth"}]}))
+    seen = []
+
+    class Reading(_Instant):
+        def episode(self, index, seed, template, sheet):
+            seen.append(json.loads(report_path.read_text()))      # what eval.json says while the episode runs
+            return super().episode(index, seed, template, sheet)
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", Reading)
+    systems = eval_systems({"new": write_tiny_bundle(tmp_path / "b")}, ["generated"])
+    report = evaluate(mujoco_robot_config_dict(), systems,
+                      EvalOptions(episodes=2, out_dir=report_path.parent, timing="lockstep", sheets=0))
+    assert [(d["complete"], d["interrupted"], len(d["episodes"])) for d in seen] == [(False, False, 0),
+                                                                                     (False, False, 1)]
+    data = json.loads(report_path.read_text())
+    assert report.complete and data["complete"] and not data["interrupted"] and len(data["episodes"]) == 2
+    assert [p.name for p in report_path.parent.iterdir()] == ["eval.json"]       # no temporary left
+
+
+@pytest.mark.parametrize("interrupt_at, says", [
+    (0, "interrupted: no episode finished; {} says so (\"interrupted\": true, no episodes)"),
+    (1, "interrupted: 1 episode finished; they are in {} (marked \"interrupted\": true)"),
+    (3, "interrupted: 3 episodes finished; they are in {} (marked \"interrupted\": true)"),
+], ids=["before the first", "after one", "after three"])
+def test_an_interrupted_eval_marks_its_report_and_says_how_many_episodes_finished(tmp_path, monkeypatch, capsys,
+                                                                                  interrupt_at, says):
+    from edgeact.runtime import sim_eval
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps({"schema": "edgeact.eval/1", "episodes": [{"system": "old"}] * 5}))
+    monkeypatch.setattr(sim_eval, "LockstepRunner", type("Stopping", (_Instant,), {"interrupt_at": interrupt_at}))
+    bundle = write_tiny_bundle(tmp_path / "b")
+    assert main(["eval", "--bundle", f"new={bundle}", "--depth", "generated", "--timing", "lockstep",
+                 "--episodes", "20", "--sheets", "0", "--out", str(out)]) == 130
+    assert says.format(out / "eval.json") in " ".join(capsys.readouterr().out.split())
+    data = json.loads((out / "eval.json").read_text())
+    assert data["interrupted"] and not data["complete"] and data["options"]["episodes"] == 20
+    assert [(e["system"], e["index"]) for e in data["episodes"]] == [("new / generated depth", i)
+                                                                     for i in range(interrupt_at)]
 
 
 def test_sim_demos_with_a_bundle_records_its_states_labelled_by_the_expert(with_depth, tmp_path, capsys):

@@ -77,6 +77,22 @@ def test_the_engine_record_must_fit_this_gpu_and_tensorrt(exported, tmp_path):
         pick_engine(bundle, "vision", None, (9, 0), FAKE_TRT_VERSION)
 
 
+def test_a_named_targets_engine_must_be_built_for_this_gpus_sm(exported, tmp_path):
+    bundle = _with_records(exported, tmp_path, [_record(), _record(target="orin", cc="8.7")])
+    with pytest.raises(BundleError, match=r"engines/orin/decoder\.plan: target 'orin' is built for SM 8\.7, this GPU is "
+                                          r"SM 9\.0; .*build them on this device with edgeact build-engines .* --target "
+                                          r"T, or set the target option to 'h100' \(built for SM 9\.0\)$"):
+        pick_engine(bundle, "decoder", "orin", (9, 0), FAKE_TRT_VERSION)       # an Orin plan on an H100
+    assert pick_engine(bundle, "decoder", "orin", (8, 7), FAKE_TRT_VERSION).target == "orin"
+    # The SM numbers one chip reports under different CUDA toolkits (Thor: 10.1, 11.0) are one SM, as for
+    # build-engines (trt_targets.check_device); the target's own number on another chip is not.
+    thor = _with_records(exported, tmp_path / "thor", [_record(target="thor", cc="10.1")])
+    assert pick_engine(thor, "decoder", "thor", (11, 0), FAKE_TRT_VERSION).target == "thor"
+    assert pick_engine(thor, "decoder", None, (11, 0), FAKE_TRT_VERSION).target == "thor"
+    with pytest.raises(BundleError, match=r"target 'thor' is built for SM 10\.1, this GPU is SM 9\.0; .*--target T$"):
+        pick_engine(thor, "decoder", "thor", (9, 0), FAKE_TRT_VERSION)
+
+
 def test_missing_tensorrt_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)      # import tensorrt raises ImportError
     with pytest.raises(EdgeactError) as err:
@@ -110,6 +126,33 @@ def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, t
     # One context per profile; single-token steps ran on the decode profile (index 1), chunks on prefill (0).
     assert [(profile, shape[1]) for profile, shape in calls["executed"]] == [(0, 20), (0, 32), (1, 1), (1, 1), (0, 5), (1, 1)]
     assert calls["contexts"] == [0, 1]
+
+
+def test_the_decoder_feeds_no_chunk_longer_than_its_engines_profiles_take(exported, tmp_path, monkeypatch):
+    # A prefill chunk asked for (policy.prefill_chunk) beyond the engine's prefill profile is cut to it, so the
+    # decode program's chunks always fit a profile.
+    import dataclasses
+
+    from edgeact.export.bundle_writer import update_manifest
+    from edgeact.runtime.bundle import StageProfile
+
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+
+    def narrow(manifest):
+        spec = manifest.stages[io.DECODER_STAGE]
+        manifest.stages[io.DECODER_STAGE] = dataclasses.replace(spec, profiles=tuple(
+            StageProfile(p.name, {**p.dim_ranges, io.SEQ: DimRange(1, 16, 48)}) if p.name == "prefill" else p
+            for p in spec.profiles))
+    update_manifest(bundle.root, narrow)
+    bundle = load_bundle(bundle.root)
+    calls = _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=1024)
+    assert engine.max_chunk == 48 < MAX_SEQ
+    engine.embeds[:48] = 0.5
+    engine.step(48)
+    assert calls["executed"] == [(0, (1, 48, engine.layout.hidden_size))]
+    with pytest.raises(EdgeactError, match=r"decoder step of 49 positions; this engine takes 1\.\.48"):
+        engine.step(49)
 
 
 def test_vision_crop_by_crop_and_connector_through_the_tensorrt_api(exported, tmp_path, monkeypatch):
