@@ -20,10 +20,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache
-from edgeact.runtime.stage_spec import StageSpec
+from edgeact.runtime.stage_spec import StageSpec, largest_in_profiles
 
 # Built-in backends: the module that registers each (imported lazily, heavy dependencies inside).
 BUILTIN_BACKENDS = {
@@ -126,7 +127,11 @@ def open_backend(name: str, **options: Any) -> Backend:
 
 
 # ------------------------------------------------------------------------------- shared checks
-def check_max_chunk(max_chunk: int, layout: CacheLayout) -> int:
+def check_max_chunk(max_chunk: int, layout: CacheLayout, profiles: list | None = None) -> int:
+    """The decoder's largest chunk: within the cache, and within the engine's optimization profiles when it
+    builds for them (TensorRT: the exporter's prefill profile takes DEVICE_PREFILL_CHUNK positions)."""
     if max_chunk < 1:
         raise ConfigError(f"max_chunk is {max_chunk}; a decoder chunk holds at least one position (e.g. 256)")
+    if profiles:
+        max_chunk = min(max_chunk, largest_in_profiles(profiles, io.SEQ) or max_chunk)
     return min(max_chunk, layout.max_seq)

@@ -274,7 +274,9 @@ class OrtDecoderEngine(DecoderEngine):
     def __init__(self, bundle: Bundle, options: OrtOptions, max_chunk: int):
         self.spec = bundle.stage(io.DECODER_STAGE)
         self.layout = layout = CacheLayout.from_stage(self.spec)
-        self.max_chunk = check_max_chunk(max_chunk, layout)
+        # The TensorRT provider builds for the manifest's profiles: no chunk longer than they take.
+        self.max_chunk = check_max_chunk(max_chunk, layout, [r for _, r in profile_dim_ranges(self.spec)]
+                                         if options.provider == "tensorrt" else None)
         if options.on_device:
             require_portable(self.spec, f"onnxruntime's {options.provider} provider")
         self.session = make_session(bundle, io.DECODER_STAGE, options)

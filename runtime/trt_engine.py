@@ -284,9 +284,7 @@ class TrtDecoderEngine(DecoderEngine):
         self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
         self.spec = self.plan.spec
         self.layout = layout = CacheLayout.from_stage(self.spec)
-        # No chunk longer than the engine's profiles take (the exporter's prefill profile: DEVICE_PREFILL_CHUNK).
-        self.max_chunk = min(check_max_chunk(max_chunk, layout),
-                             largest_in_profiles(self.plan.ranges, io.SEQ) or layout.max_seq)
+        self.max_chunk = check_max_chunk(max_chunk, layout, self.plan.ranges)
         self.cache = KVCache(layout, allocate=cuda.allocator, device="cuda")
         D, n = layout.hidden_size, self.max_chunk
         self.embeds = np.zeros((n, D), np.float32)
