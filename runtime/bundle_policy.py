@@ -28,6 +28,7 @@ from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
 from edgeact.runtime.engines import Backend, open_backend
 from edgeact.runtime.errors import CheckpointError, ConfigError
 from edgeact.runtime.grammar import AnswerGrammar
+from edgeact.runtime.grammar_walk import trace_points
 from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext, register_policy
 from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
@@ -60,9 +61,11 @@ class BundlePolicy:
                  unnorm_key: str | None = None, forced_depth: ForcedDepth = None, threads: int | None = None,
                  prefill_chunk: int | None = None, crops_per_run: int | None = None, allow_unverified: bool = False,
                  verify_checksums: bool = True, backend_options: dict[str, Any] | None = None,
-                 action_decoding: str = "greedy", unverified_fix: str = UNVERIFIED_FIX_DEFAULT):
+                 action_decoding: str = "greedy", unverified_fix: str = UNVERIFIED_FIX_DEFAULT,
+                 require_norm_stats: bool = False):
         # load_bundle refuses a bundle whose verification failed unless allow_unverified; `unverified_fix`
-        # is how the caller's user allows it (the robot config's field, a CLI flag).
+        # is how the caller's user allows it (the robot config's field, a CLI flag). require_norm_stats: refuse a
+        # bundle without action statistics (the robot's policy: its actions would not be in robot units); else warn.
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
                                            allow_failed_verification=allow_unverified, unverified_fix=unverified_fix)
         _warn_if_never_verified(bundle)
@@ -73,7 +76,7 @@ class BundlePolicy:
         self.grammar = AnswerGrammar(self.tokenizer, self.layout, n_actions=n_actions)
         self.preprocessor = ImagePreprocessor(
             bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file)))
-        self.stats = _action_stats(bundle, unnorm_key)
+        self.stats = _action_stats(bundle, unnorm_key, require_norm_stats)
         options = dict(backend_options or {})
         if threads is not None:
             options["threads"] = threads
@@ -95,8 +98,10 @@ class BundlePolicy:
 
     # -------------------------------------------------------------------------------- steering
     def steer(self, trace: Sequence[Sequence[int]] | None) -> None:
-        """Force this trace ([x, y] in [0, 256), 1..5 points) in every following step; None to let the model plan."""
-        self._trace = None if trace is None else np.asarray(trace, dtype=np.int64).reshape(-1, 2)
+        """Force this trace ([x, y] in [0, 256), 1..5 points) in every following step; None to let the model plan.
+
+        A malformed trace is refused here (GrammarError), not at the next step, and the previous one stays."""
+        self._trace = None if trace is None else trace_points(trace, self.grammar.max_trace_points, "steer()")
 
     @property
     def steering_trace(self) -> np.ndarray | None:
@@ -156,10 +161,17 @@ def _warn_if_never_verified(bundle: Bundle) -> None:
                 "--checkpoint %s` (the checkpoint it was exported from)", bundle.root, bundle.root, checkpoint)
 
 
-def _action_stats(bundle: Bundle, unnorm_key: str | None) -> ActionStats | None:
+def _action_stats(bundle: Bundle, unnorm_key: str | None, required: bool = False) -> ActionStats | None:
     norm_stats = bundle.manifest.norm_stats
     if not norm_stats and unnorm_key is None:
-        return None     # a bundle without statistics: actions stay normalized
+        # Without statistics the actions stay normalized: [-1, 1] where the robot expects metres and radians.
+        problem = (f"{bundle.root}: the bundle has no norm_stats, so its actions are normalized bin centres in "
+                   "[-1, 1], not robot units (a full-scale bin would command 1 m or 1 rad); re-export it from a "
+                   "checkpoint whose config.json has norm_stats (the training data's action q01/q99)")
+        if required:
+            raise ConfigError(problem)
+        log.warning("%s; Plan.actions are normalized", problem)
+        return None
     try:
         return ActionStats.from_norm_stats(norm_stats, unnorm_key)
     except CheckpointError as exc:      # here the statistics come from the bundle, and the key from the caller
@@ -240,4 +252,5 @@ class BundlePolicyConfig(PolicyConfig):
                             forced_depth=self.forced_depth, threads=self.threads, prefill_chunk=self.prefill_chunk,
                             crops_per_run=self.crops_per_run, action_decoding=self.action_decoding,
                             allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
-                            backend_options=options, unverified_fix=ROBOT_CONFIG_UNVERIFIED_FIX)
+                            backend_options=options, unverified_fix=ROBOT_CONFIG_UNVERIFIED_FIX,
+                            require_norm_stats=True)

@@ -30,9 +30,9 @@ import numpy as np
 from edgeact.runtime.action_bins import ActionStats, action_ids_to_values, unnormalize_actions
 from edgeact.runtime.answer import Answer, trace_to_pixels
 from edgeact.runtime.engines import DecoderEngine
-from edgeact.runtime.errors import ConfigError, EdgeactError, SequenceTooLongError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError, SequenceTooLongError
 from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes
-from edgeact.runtime.grammar_walk import Forced, answer_steps
+from edgeact.runtime.grammar_walk import Forced, answer_steps, longest_answer
 
 STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
 # How an action bin is chosen: "greedy" (the argmax; token-identical to masked greedy decoding, as MolmoAct
@@ -41,6 +41,10 @@ STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
 # argmax often commands full speed; the median follows the bulk. Reference ARM, fp32 with forced depth, 100
 # lockstep episodes: 14 % greedy, 26 % median (README, "The reference task and its evaluation").
 ACTION_DECODINGS = ("greedy", "median")
+
+
+class NonFiniteOutputError(BundleError):
+    """The decoder engine gave a hidden state with NaN or inf: every choice made from it would be garbage."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +106,7 @@ class DecodeProgram:
         self.decoder, self.embedding, self.lm_head = decoder, embedding, lm_head
         self.grammar, self.image_patch_id, self.stats = grammar, image_patch_id, stats
         self._base_vocab = grammar.layout.base_vocab_size
+        self._longest = longest_answer(grammar)    # answer ids at most, end-of-text included (trace not forced)
         self._seq = np.zeros(decoder.layout.max_seq, np.int64)     # prompt, then answer ids: what is (to be) fed
         self._hidden = np.zeros(decoder.layout.hidden_size, np.float32)
         self._patches = (np.zeros(0, np.int64), np.zeros((0, decoder.layout.hidden_size), np.float32))
@@ -136,6 +141,8 @@ class DecodeProgram:
         trace: force these [x, y] points in [0, 256) (a user's edited plan); only actions are chosen.
         image_size_px: (width, height) of the first image, to give the trace in pixels.
         stage_seconds: times already spent (preprocess, vision); prefill, decode and parse are added.
+        Raises SequenceTooLongError before the prefill where the longest answer the grammar allows (with this
+        forced trace, if any) would not fit after the prompt in max_seq.
         """
         seconds = dict(stage_seconds or {})
         start = time.perf_counter()
@@ -143,7 +150,7 @@ class DecodeProgram:
         n_prompt = len(prompt)
         if n_prompt == 0:
             raise EdgeactError("the prompt is empty; build it with edgeact.runtime.prompt.build_prompt_ids")
-        self._check_room(0, n_prompt)
+        self._check_fits(n_prompt, self._longest if trace is None else longest_answer(self.grammar, trace))
         self._seq[:n_prompt] = prompt
         self._patches = self._patch_features(prompt, image_features, pooled_patches_idx)
         self.decoder.reset()
@@ -162,7 +169,7 @@ class DecodeProgram:
                 if len(step.ids) == 1:
                     sent = int(step.ids[0])      # a closed set of one: the masked argmax needs no logits
                 else:
-                    calls = self._feed(fed, n_seq)
+                    calls = self._feed(fed, n_seq, "prefill" if prefill_end is None else "decode")
                     fed = n_seq
                     if prefill_end is None:
                         prefill_end = time.perf_counter()
@@ -184,12 +191,21 @@ class DecodeProgram:
         return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, depth_codes is not None,
                             trace is not None, image_size_px, seconds)
 
+    def _check_fits(self, n_prompt: int, longest: int) -> None:
+        """Refuse before the prefill a prompt after which the longest answer the grammar allows would not fit."""
+        excess = n_prompt + longest - len(self._seq)
+        if excess > 0:
+            raise SequenceTooLongError(
+                f"the prompt's {n_prompt} tokens plus the longest answer's {longest} need {n_prompt + longest} "
+                f"positions, more than the bundle's max_seq {len(self._seq)}; shorten the instruction by at least "
+                f"{excess} token{'s' if excess > 1 else ''} or re-export with a larger --max-seq")
+
     def _check_room(self, n_seq: int, k: int) -> None:
         if n_seq + k > len(self._seq):
             raise SequenceTooLongError(f"prompt and answer need more than the bundle's max_seq {len(self._seq)} "
                                        "positions; re-export with a larger --max-seq or shorten the prompt")
 
-    def _feed(self, start: int, end: int) -> int:
+    def _feed(self, start: int, end: int, stage: str) -> int:
         """Feed seq[start:end] in chunks of at most max_chunk; the last position's hidden state is left in _hidden."""
         decoder, calls = self.decoder, 0
         while start < end:
@@ -198,6 +214,11 @@ class DecodeProgram:
             self._hidden = decoder.step(n)
             start += n
             calls += 1
+        if not np.isfinite(self._hidden).all():     # D values per choice; argmax over NaN would pick the first id
+            raise NonFiniteOutputError(
+                f"decoder stage ({stage}, position {end - 1}): the engine produced non-finite values (NaN or inf) in "
+                "the hidden state, e.g. an fp16 overflow, so no token can be chosen; run an fp32 bundle or one that "
+                "passed `edgeact verify`")
         return calls
 
     def _embed(self, start: int, n: int) -> None:

@@ -2,7 +2,8 @@
 
 The stage (exported by edgeact.export.depth_tokenizer_export) does all of its preprocessing in
 the graph: clipping to its range, scaling, the resize to its square. Here the sensor's array is
-only checked, its non-finite pixels set to 0 ("no data", as a depth camera reports them), and fed
+only checked (float metres: an integer image, or one whose median is implausible in metres, is refused),
+its non-finite pixels set to 0 ("no data", as a depth camera reports them), and fed
 through whichever backend runs the bundle's other stages. Forcing these codes replaces the 100
 sequential depth decode steps of the answer with one small convolutional pass.
 """
@@ -14,6 +15,7 @@ from edgeact.runtime.answer import N_DEPTH_CODES, N_DEPTH_TOKENS
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.engines import Backend, StageEngine
 from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.policy import depth_units_problem
 
 STAGE = "depth_tokenizer"
 INPUT, OUTPUT = "depth_m", "codes"
@@ -37,6 +39,9 @@ class StageDepthTokenizer:
         if depth.ndim != 2:
             raise EdgeactError(f"{self._where}: depth image of shape {depth.shape}; give the aligned depth as "
                                "(height, width) metres (a uint16 sensor image must be scaled by its depth unit first)")
+        problem = depth_units_problem(depth)
+        if problem:
+            raise EdgeactError(f"{self._where}: the depth image {problem}")
         depth = depth.astype(np.float32, copy=False)
         if not np.isfinite(depth).all():
             depth = np.where(np.isfinite(depth), depth, np.float32(0.0))

@@ -13,7 +13,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from edgeact.runtime.answer import N_DEPTH_TOKENS, TRACE_RANGE
+from edgeact.runtime.answer import MAX_TRACE_POINTS, N_DEPTH_TOKENS, TRACE_RANGE
 from edgeact.runtime.errors import GrammarError
 from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes, End, Fixed, Trace
 
@@ -120,11 +120,30 @@ def _forced_depth(seg: DepthCodes, depth_codes: Sequence[int]) -> tuple[int, ...
     return tuple(seg.code_ids[int(c)] for c in codes)
 
 
+def trace_points(trace, max_points: int = MAX_TRACE_POINTS, what: str = "a forced trace") -> np.ndarray:
+    """`trace` as (n, 2) int64 points [x, y], 1 <= n <= max_points, integers (integral floats too) in [0, 256).
+
+    GrammarError naming the value otherwise: nothing is reshaped, truncated or clipped into a different trace.
+    """
+    try:
+        points = np.asarray(trace)
+    except ValueError:      # ragged: points of different lengths
+        points = None
+    if points is None or points.ndim != 2 or points.shape[1:] != (2,) or not 1 <= len(points) <= max_points:
+        raise GrammarError(f"{what} needs 1..{max_points} points [x, y], an (n, 2) array; got "
+                           f"{getattr(points, 'shape', 'a ragged sequence')}: {trace!r}")
+    if points.dtype.kind not in "iuf" or (points.dtype.kind == "f" and not (np.isfinite(points).all()
+                                                                            and (points == np.rint(points)).all())):
+        raise GrammarError(f"{what} needs integer coordinates on the {TRACE_RANGE}x{TRACE_RANGE} trace grid; got "
+                           f"{points.tolist()}; round them first (pixels: edgeact.runtime.answer.pixels_to_trace)")
+    if points.min() < 0 or points.max() >= TRACE_RANGE:
+        raise GrammarError(f"{what} needs coordinates in [0, {TRACE_RANGE}) (the trace grid, not pixels: convert "
+                           f"with edgeact.runtime.answer.pixels_to_trace); got {points.tolist()}")
+    return points.astype(np.int64)
+
+
 def _forced_trace(seg: Trace, trace: Sequence[Sequence[int]]) -> tuple[int, ...]:
-    points = np.asarray(trace, dtype=np.int64).reshape(-1, 2) if len(trace) else np.zeros((0, 2), np.int64)
-    if not 1 <= len(points) <= seg.max_points or points.min() < 0 or points.max() >= TRACE_RANGE:
-        raise GrammarError(f"a forced trace needs 1..{seg.max_points} points [x, y] with integers in "
-                           f"[0, {TRACE_RANGE}); got {points.tolist()}")
+    points = trace_points(trace, seg.max_points)
     ids: list[int] = []
     for k, (x, y) in enumerate(points):
         if k:
@@ -133,6 +152,29 @@ def _forced_trace(seg: Trace, trace: Sequence[Sequence[int]]) -> tuple[int, ...]
         ids += seg.coord_sep.ids
         ids += [seg.digit_ids[int(c)] for c in str(int(y))]
     return tuple(ids)
+
+
+def longest_answer(grammar: AnswerGrammar, trace: Sequence[Sequence[int]] | None = None) -> int:
+    """The most ids an answer can have, end-of-text included: every point of the trace with 3-digit coordinates,
+    or, forced, `trace`'s own length. Forced depth codes are as many as chosen ones."""
+    n = 0
+    for seg in grammar.segments:
+        if isinstance(seg, Fixed):
+            n += len(seg.piece.ids)
+        elif isinstance(seg, DepthCodes):
+            n += seg.n
+        elif isinstance(seg, Trace):
+            if trace is not None:
+                n += len(_forced_trace(seg, trace))
+            else:
+                point = 2 * len(str(seg.max_value)) + len(seg.coord_sep.ids)     # x, y: 3 digits each
+                n += seg.max_points * point + (seg.max_points - 1) * len(seg.point_sep.ids)
+        elif isinstance(seg, Actions):
+            action = seg.dims + (seg.dims - 1) * len(seg.token_sep.ids)
+            n += seg.n_actions * action + (seg.n_actions - 1) * len(seg.action_sep.ids)
+        elif isinstance(seg, End):
+            n += 1
+    return n
 
 
 class MaskedGreedyConstraint:

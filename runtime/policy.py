@@ -34,6 +34,28 @@ BUILTIN_POLICY_MODULES = (
 )
 
 
+# A frame stamped this far after time.monotonic() comes from another clock (time.time(): decades ahead).
+MAX_TIMESTAMP_AHEAD_S = 1.0
+# Depth whose valid pixels' median exceeds this is not metres from a depth camera: millimetres or raw sensor units.
+MAX_MEDIAN_DEPTH_M = 20.0
+
+
+def depth_units_problem(depth: np.ndarray) -> str | None:
+    """Why the array `depth` is not depth in metres (an integer dtype; an implausible median), or None."""
+    if depth.dtype.kind != "f":
+        return (f"is {depth.dtype}: an integer image is in raw sensor units (e.g. millimetres), not metres; "
+                "multiply it by the sensor's depth scale (RealSense: depth_scale, often 0.001) and pass float32 metres")
+    step = max(1, int((depth.size / 4096) ** 0.5))      # ~4k pixels: the median moves little, the cost stays small
+    sample = depth[::step, ::step]
+    valid = sample[np.isfinite(sample) & (sample > 0)]
+    median = float(np.median(valid)) if valid.size else 0.0
+    if median > MAX_MEDIAN_DEPTH_M:
+        return (f"has a median of {median:.4g} over its valid pixels, implausible in metres "
+                f"(> {MAX_MEDIAN_DEPTH_M:g}): it looks like millimetres or raw sensor units; multiply it by the "
+                "sensor's depth scale (0.001 for millimetres) and pass metres")
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class Observation:
     """What the policy sees: the newest camera frame plus the joint state of the last control read."""
@@ -50,8 +72,27 @@ class Observation:
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
             raise ValueError(f"Observation.rgb must be (H, W, 3) uint8, got "
                              f"{getattr(rgb, 'shape', None)} {getattr(rgb, 'dtype', type(rgb).__name__)}")
-        if self.depth_m is not None and self.depth_m.shape != rgb.shape[:2]:
-            raise ValueError(f"Observation.depth_m must be {rgb.shape[:2]} like rgb, got {self.depth_m.shape}")
+        depth = self.depth_m
+        if depth is not None:
+            if not isinstance(depth, np.ndarray):
+                raise ValueError(f"Observation.depth_m must be a numpy array (H, W) of float32 metres or None, got "
+                                 f"{type(depth).__name__}; pass np.asarray(depth, np.float32)")
+            if depth.shape != rgb.shape[:2]:
+                raise ValueError(f"Observation.depth_m must be {rgb.shape[:2]} like rgb, got {depth.shape}")
+            problem = depth_units_problem(depth)
+            if problem:
+                raise ValueError(f"Observation.depth_m {problem}")
+        if not isinstance(self.instruction, str):
+            raise ValueError(f"Observation.instruction must be a str, got {type(self.instruction).__name__} "
+                             f"{self.instruction!r}; say what the robot should do, e.g. 'pick up the red block'")
+        t = self.timestamp_s
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not math.isfinite(t):
+            raise ValueError(f"Observation.timestamp_s must be a finite number, time.monotonic() when the frame was "
+                             f"captured; got {t!r}")
+        now = time.monotonic()
+        if t > now + MAX_TIMESTAMP_AHEAD_S:
+            raise ValueError(f"Observation.timestamp_s {t!r} is {t - now:.4g} s ahead of time.monotonic() ({now:.3f}): "
+                             "it comes from another clock (time.time()?); stamp frames with time.monotonic()")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +116,9 @@ class Plan:
             if not np.isfinite(value).all():
                 raise ValueError(f"Plan.{name} holds non-finite values; the policy's output is broken")
             object.__setattr__(self, name, value)
+        for name in ("observation_time_s", "created_time_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"Plan.{name} is {getattr(self, name)!r}; it must be a finite time.monotonic() value")
         if self.actions.shape != self.actions_normalized.shape:
             raise ValueError(f"Plan.actions {self.actions.shape} and actions_normalized "
                              f"{self.actions_normalized.shape} differ in shape")

@@ -195,8 +195,8 @@ class ProcessPolicy:
     """The policy `config` builds, run in a child process (start method "spawn" or "forkserver").
 
     Construction waits for the child to load the policy and re-raises its error (a missing bundle
-    is the same ConfigError / BundleError as in-process). `step` has the wrapped policy's results;
-    `close` stops the child (bounded: asked, then terminated, then killed).
+    is the same ConfigError / BundleError as in-process). `step` has the wrapped policy's results, `steer`
+    its steering (its refusals raised here); `close` stops the child (bounded: asked, then terminated, then killed).
     """
 
     def __init__(self, config: PolicyConfig, context: PolicyContext, *, start_method: str = "spawn",
@@ -238,6 +238,15 @@ class ProcessPolicy:
             if not self._child.send(request):
                 self._fail(f"it exited before a step ({self._child.exit_status()})")
             return self._receive(self.step_timeout_s, "a step")
+
+    def steer(self, trace) -> None:
+        """The wrapped policy's steer(trace) in the child (a forced trace, or None); its refusal is raised here."""
+        with self._lock:
+            if self._broken:
+                raise PolicyProcessError(f"{self.description} is unusable: {self._broken}")
+            if not self._child.send(("steer", trace)):
+                self._fail(f"it exited before steering ({self._child.exit_status()})")
+            self._receive(self.step_timeout_s, "steering")
 
     def _write_frame(self, obs: Observation) -> str:
         height, width = obs.rgb.shape[:2]
@@ -295,17 +304,29 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
 
     def answer(request: tuple) -> tuple:
         nonlocal slab
+        if request[0] == "steer":
+            return steer(request[1])
         _, slab_name, shape_hw, has_depth, timestamp_s, proprio, instruction, frame_number = request
         if slab is None or slab.name != slab_name:
             if slab is not None:
                 slab.close()
             slab = FrameSlab(*shape_hw, name=slab_name)
-        obs = Observation(rgb=_read_only(slab.rgb), depth_m=_read_only(slab.depth_m) if has_depth else None,
-                          timestamp_s=timestamp_s, proprio=proprio, instruction=instruction,
-                          frame_number=frame_number)
         try:
+            obs = Observation(rgb=_read_only(slab.rgb), depth_m=_read_only(slab.depth_m) if has_depth else None,
+                              timestamp_s=timestamp_s, proprio=proprio, instruction=instruction,
+                              frame_number=frame_number)
             return ("plan", policy.step(obs))
         except Exception as exc:        # the step's error is the parent's to raise
+            return ("error", portable_error(exc), traceback.format_exc())
+
+    def steer(trace) -> tuple:
+        try:
+            if not callable(getattr(policy, "steer", None)):
+                raise ConfigError(f"policy type {config.type_name!r} ({type(policy).__name__}) cannot be steered: it "
+                                  "has no steer(trace); steer a bundle policy")
+            policy.steer(trace)
+            return ("steered", None)
+        except Exception as exc:        # a refused trace is the parent's to raise
             return ("error", portable_error(exc), traceback.format_exc())
 
     try:

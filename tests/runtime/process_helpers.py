@@ -95,3 +95,27 @@ class FailingCamera(SyntheticCamera):
             raise RuntimeError("GL context lost")
         return super().render(frame_number, capture_monotonic_s)
 
+
+@dataclass
+class SteerEchoConfig(PolicyConfig):
+    """Plans whose trace is the one steer() forced, checked as the bundle policy checks it."""
+
+    def make_policy(self, context: PolicyContext) -> "SteerEcho":
+        return SteerEcho()
+
+
+class SteerEcho:
+    def __init__(self):
+        self.trace = None
+
+    def steer(self, trace) -> None:
+        from edgeact.runtime.grammar_walk import trace_points
+
+        self.trace = None if trace is None else trace_points(trace, what="steer()")
+
+    def step(self, obs: Observation) -> Plan:
+        values = np.zeros((1, 7))
+        return Plan(values, values, self.trace, None, obs.timestamp_s, time.monotonic())
+
+    def close(self) -> None:
+        pass

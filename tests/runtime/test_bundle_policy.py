@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.answer import trace_to_pixels
 from edgeact.runtime.bundle_policy import BundlePolicy, BundlePolicyConfig
-from edgeact.runtime.errors import BundleError, ConfigError
+from edgeact.runtime.errors import BundleError, ConfigError, GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.policy import Observation, Plan, Policy, PolicyContext, policy_type
 from tests.runtime.test_decode_program import FRAME_PX, exported_bundle
@@ -70,6 +71,37 @@ def test_forced_depth_and_steering_cut_the_decode_steps(exported):
     assert steered.decode_steps == 6 < forced.decode_steps
     policy.steer(None)
     assert policy.infer(*_frame(exported)).token_ids.tolist() == forced.token_ids.tolist()
+
+
+def test_steer_refuses_a_malformed_trace_at_once_and_keeps_the_last_one(exported):
+    policy = BundlePolicy(exported.bundle_dir, threads=1, forced_depth=DEPTH)
+    policy.steer([[30, 40]])
+    for bad in ([[10, 20, 30], [40, 50, 60]], [10, 20, 30, 40], [[12.9, 200.99]], [[320, 240]], [[1, 1]] * 6, []):
+        with pytest.raises(GrammarError, match=r"^steer\(\) needs "):
+            policy.steer(bad)
+    assert policy.steering_trace.tolist() == [[30, 40]]
+    assert policy.step(observation(exported)).trace_px.shape == (1, 2)     # the loop's next step still plans
+    policy.steer(np.array([[12.0, 200.0]]))                                 # integral floats: taken as they are
+    assert policy.steering_trace.tolist() == [[12, 200]] and policy.steering_trace.dtype == np.int64
+    with pytest.raises(GrammarError, match=r"^a forced trace needs 1\.\.5 points \[x, y\], an \(n, 2\) array; got "
+                                           r"\(2, 3\)"):
+        policy.infer(*_frame(exported), trace=np.array([[1, 2, 3], [4, 5, 6]]))
+
+
+def test_a_bundle_without_norm_stats_warns_and_the_robot_config_refuses_it(exported, tmp_path, caplog):
+    from edgeact.export.bundle_writer import update_manifest
+
+    dst = shutil.copytree(exported.bundle_dir, tmp_path / "nostats")
+    update_manifest(dst, lambda m: setattr(m, "norm_stats", {}))
+    with caplog.at_level("WARNING", logger="edgeact.runtime.bundle_policy"):
+        policy = BundlePolicy(dst, threads=1, forced_depth=DEPTH)
+    assert policy.stats is None
+    problem = (rf"^{dst}: the bundle has no norm_stats, so its actions are normalized bin centres in \[-1, 1\], not "
+               r"robot units .*re-export it from a checkpoint whose config\.json has norm_stats")
+    assert [r for r in caplog.records if re.match(problem + r".*; Plan\.actions are normalized$", r.getMessage())]
+    with pytest.raises(ConfigError, match=problem):
+        BundlePolicyConfig(path="nostats", threads=1).make_policy(PolicyContext(action_rate_hz=10.0,
+                                                                                config_dir=tmp_path))
 
 
 def test_a_depth_tokenizer_reads_the_observation_depth(exported):

@@ -5,7 +5,8 @@ import pytest
 from edgeact.runtime.answer import Answer
 from edgeact.runtime.errors import GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
-from edgeact.runtime.grammar_walk import Choice, Forced, MaskedGreedyConstraint, answer_steps
+from edgeact.runtime.grammar_walk import (Choice, Forced, MaskedGreedyConstraint, answer_steps, longest_answer,
+                                         trace_points)
 
 
 def walk(grammar, pick, **force):
@@ -85,6 +86,42 @@ def test_forced_depth_and_trace_come_through_exactly(tok, layout):
 def test_bad_forced_values_are_refused(tok, layout, bad):
     with pytest.raises(GrammarError):
         list(answer_steps(AnswerGrammar(tok, layout), **bad))  # choices ignore a None reply
+
+
+@pytest.mark.parametrize("trace, message", [
+    ([[10, 20, 30], [40, 50, 60]], r"1\.\.5 points \[x, y\], an \(n, 2\) array; got \(2, 3\)"),   # 3-D points
+    ([10, 20, 30, 40], r"an \(n, 2\) array; got \(4,\)"),                                          # a flat list
+    ([[1, 2], [3]], r"got a ragged sequence"),
+    ([[1, 1]] * 6, r"1\.\.5 points.*got \(6, 2\)"),
+    ([[12.9, 200.99]], r"integer coordinates.*\[\[12\.9, 200\.99\]\]; round them first"),          # not truncated
+    ([[np.nan, 1.0]], r"integer coordinates"),
+    ([["1", "2"]], r"integer coordinates"),
+    ([[320, 240]], r"in \[0, 256\) \(the trace grid, not pixels: convert with .*pixels_to_trace\); got "
+                   r"\[\[320, 240\]\]"),
+    ([[-1, 0]], r"in \[0, 256\)"),
+])
+def test_a_malformed_trace_is_refused_naming_it(trace, message):
+    with pytest.raises(GrammarError, match=r"^steer\(\) needs .*" + message):
+        trace_points(trace, what="steer()")
+
+
+def test_a_trace_of_integers_or_integral_floats_is_taken_as_is():
+    assert trace_points([[12.0, 200.0], [0, 255]]).tolist() == [[12, 200], [0, 255]]
+    assert trace_points(np.array([[3, 4]], np.uint8)).dtype == np.int64
+    with pytest.raises(GrammarError, match=r"1\.\.2 points"):
+        trace_points([[1, 1]] * 3, max_points=2)
+
+
+@pytest.mark.parametrize("n_actions", [1, 8])
+def test_longest_answer_counts_the_ids_of_the_longest_answer(tok, layout, n_actions):
+    grammar = AnswerGrammar(tok, layout, n_actions=n_actions)
+    actions = np.resize(layout.action_ids, (n_actions, 7))
+    longest = Answer(np.zeros(100, np.int64), [[255, 255]] * 5, actions)
+    assert longest_answer(grammar) == len(grammar.to_ids(longest))          # end-of-text included
+    for trace in ([[1, 1]], [[0, 255], [17, 9], [200, 100]]):              # forced: exactly that trace's length
+        assert longest_answer(grammar, trace) == len(grammar.to_ids(Answer(np.zeros(100, np.int64), trace, actions)))
+    rng = np.random.default_rng(0)                                          # no walk is longer
+    assert max(len(walk(grammar, lambda c: int(rng.choice(c)))[0]) for _ in range(30)) <= longest_answer(grammar)
 
 
 def test_masked_greedy_constraint_follows_the_walk_and_refuses_off_grammar_tokens(tok, layout):

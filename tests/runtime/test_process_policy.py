@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from edgeact.drivers.sim.servo_bus import SimServoBus
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, GrammarError
 from edgeact.runtime.loop import run_robot
 from edgeact.runtime.policy import Observation, PolicyContext, ScriptedPolicy, ScriptedPolicyConfig
 from edgeact.runtime.process_policy import (ChildTraceback, PolicyProcessError, ProcessPolicy, policy_threads,
                                             with_thread_default)
 from edgeact.runtime.robot_config import robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from tests.runtime.process_helpers import FailingConfig, FrameEchoConfig
+from tests.runtime.process_helpers import FailingConfig, FrameEchoConfig, SteerEchoConfig
 from tests.runtime.test_loop import IDS, Collect, config_data, torque
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,6 +75,31 @@ def test_an_error_in_the_step_is_raised_here_with_its_type_message_and_traceback
         assert isinstance(info.value.__cause__, ChildTraceback)
         assert "Traceback" in str(info.value.__cause__) and "process_helpers.py" in str(info.value.__cause__)
         assert remote.step(observation(3.0)).actions.shape == (2, 7)     # the child lives on after its error
+    finally:
+        remote.close()
+
+
+def test_steering_reaches_the_policy_in_the_child_and_its_refusal_is_raised_here():
+    remote = ProcessPolicy(SteerEchoConfig(), CONTEXT)
+    try:
+        remote.steer([[10, 20], [30, 40]])
+        assert remote.step(observation(1.0)).trace_px.tolist() == [[10, 20], [30, 40]]
+        with pytest.raises(GrammarError, match=r"^steer\(\) needs 1\.\.5 points \[x, y\].*got \(1, 3\)") as info:
+            remote.steer([[10, 20, 30]])
+        assert isinstance(info.value.__cause__, ChildTraceback)
+        assert remote.step(observation(2.0)).trace_px.tolist() == [[10, 20], [30, 40]]     # kept; the child lives on
+        remote.steer(None)
+        assert remote.step(observation(3.0)).trace_px is None
+    finally:
+        remote.close()
+
+
+def test_steering_a_policy_that_cannot_be_steered_says_so():
+    remote = ProcessPolicy(ScriptedPolicyConfig(latency_s=0.0), CONTEXT)
+    try:
+        with pytest.raises(ConfigError, match=r"^policy type 'scripted' \(ScriptedPolicy\) cannot be steered"):
+            remote.steer([[1, 1]])
+        assert remote.step(observation(1.0)).actions.shape == (8, 7)
     finally:
         remote.close()
 
