@@ -1,6 +1,8 @@
 """The bundle's depth tokenizer stage on the runtime side: the PyTorch encoder's codes, and forced_depth='sensor' in the policy."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,18 @@ def test_the_loop_config_opens_a_sensor_policy(with_depth, depth_images, exporte
     policy = config.make_policy(PolicyContext(action_rate_hz=10.0))
     plan = policy.step(observation(exported, depth_images[1]))
     np.testing.assert_array_equal(plan.depth_codes, stage(depth_images[1]))
+
+
+def test_the_readmes_python_example_runs_as_written(with_depth, capsys):
+    """README "The policy from Python": its code block, on this test's bundle instead of the demo's."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### The policy from Python, without the loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"out/demo/bundle-int8"' in code
+    namespace: dict = {}
+    exec(compile(code.replace('"out/demo/bundle-int8"', repr(str(with_depth))), "README.md", "exec"), namespace)
+    plan, steered = namespace["plan"], namespace["steered"]
+    assert plan.actions.shape[1] == 7 and plan.depth_codes is not None and plan.trace_px.shape[1] == 2
+    assert "depth_tokenizer" in plan.stage_seconds
+    assert len(steered.trace_px) == 2 and steered.decode_steps < plan.decode_steps
+    assert capsys.readouterr().out.startswith(f"{plan.actions.shape} ")
