@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +34,11 @@ from edgeact.runtime.control import GRIPPER_DIM, ActionMapper, MapperConfig, reg
 from edgeact.runtime.errors import ConfigError
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
+_MAX_HALVINGS = 8               # an IK step that gains nothing is halved at most this often
+# A step that turns the hand toward its target may move the position off by this much per radian gained
+# (the orientation's null-space step is exact only to first order); the next step takes that back.
+_POSITION_PER_TURN_M = 0.05
+_POLISH_ITERATIONS = 10
 BASE_FRAME = "base"
 
 
@@ -89,7 +94,8 @@ class IkSettings:
     tolerance_m: float = 1e-5
     tolerance_rad: float = 1e-4
     max_iterations: int = 40
-    damping: float = 1e-3           # least-squares damping (m, and rad for the orientation task)
+    damping: float = 1e-3           # least-squares damping of the position task (m)
+    orientation_damping: float = 0.05   # of the orientation task, solved in the position's null space (rad)
     max_step_rad: float = 0.3       # largest joint change in one iteration: no wild jumps near singularities
     track_orientation: bool = True  # False: position only (the orientation is whatever the arm ends at)
 
@@ -187,52 +193,94 @@ class ArmKinematics:
     def solve(self, target: Pose, q_start_rad: Sequence[float], settings: IkSettings = IkSettings()) -> IkResult:
         """Joint positions that put the end effector at `target` (reference frame), starting the search
         from `q_start_rad` (the nearest solution to it is found)."""
-        pin = self._pin
         q_arm = np.clip(np.asarray(q_start_rad, dtype=np.float64), self.lower_rad, self.upper_rad)
-        ref_rotation_t = self._reference.rotation.T
-        previous = (math.inf, math.inf, q_arm)
         with self._lock:
-            for iteration in range(settings.max_iterations + 1):
-                q = self._full_q(q_arm)
-                pin.computeJointJacobians(self.model, self.data, q)
-                pin.updateFramePlacements(self.model, self.data)
-                reached = self._reference.actInv(self.data.oMf[self._ee])
-                error_p = target.position_m - reached.translation
-                error_r = pin.log3(target.rotation @ reached.rotation.T)
-                distance_m, angle_rad = float(np.linalg.norm(error_p)), float(np.linalg.norm(error_r))
-                converged = distance_m <= settings.tolerance_m and (
-                    angle_rad <= settings.tolerance_rad or not settings.track_orientation)
-                # Stop when done, or when an iteration no longer gets closer (the nearest pose the arm reaches);
-                # a last step that made the position worse is taken back.
-                stuck = previous[0] - distance_m < 1e-6 and previous[1] - angle_rad < 1e-5
-                if stuck and distance_m > previous[0]:
-                    distance_m, angle_rad, q_arm = previous
-                if converged or stuck or iteration == settings.max_iterations:
-                    break
-                previous = (distance_m, angle_rad, q_arm)
-                jacobian = pin.getFrameJacobian(self.model, self.data, self._ee, pin.LOCAL_WORLD_ALIGNED)
-                jacobian = jacobian[:, self._q_index]
-                step = self._step(ref_rotation_t @ jacobian[:3], error_p, ref_rotation_t @ jacobian[3:], error_r,
-                                  q_arm, settings)
-                if not np.any(np.abs(step) > 1e-9):
-                    break       # nothing moves any more: the nearest reachable pose, or a limit
-                q_arm = np.clip(q_arm + step, self.lower_rad, self.upper_rad)
+            result = self._iterate(target, q_arm, settings)
+            if settings.track_orientation and result.position_error_m > settings.tolerance_m:
+                # An orientation the arm cannot take at that position keeps trading position for turn: end with
+                # the position alone, from there (the hand stays as near its orientation as that allows).
+                polished = self._iterate(target, result.q_rad, replace(settings, track_orientation=False,
+                                                                      max_iterations=_POLISH_ITERATIONS))
+                if polished.position_error_m < result.position_error_m:
+                    result = replace(polished, iterations=result.iterations + polished.iterations, converged=False)
+        return result
+
+    def _iterate(self, target: Pose, q_arm: np.ndarray, settings: IkSettings) -> IkResult:
+        """Damped least-squares iterations from q_arm (within the limits); the caller holds the lock."""
+        pin = self._pin
+        ref_rotation_t = self._reference.rotation.T
+        best = None             # (distance, angle, q, step taken from q) of the last accepted iterate
+        halvings = 0
+        for iteration in range(settings.max_iterations + 1):
+            q = self._full_q(q_arm)
+            pin.computeJointJacobians(self.model, self.data, q)
+            pin.updateFramePlacements(self.model, self.data)
+            reached = self._reference.actInv(self.data.oMf[self._ee])
+            error_p = target.position_m - reached.translation
+            error_r = pin.log3(target.rotation @ reached.rotation.T)
+            distance_m, angle_rad = float(np.linalg.norm(error_p)), float(np.linalg.norm(error_r))
+            if best is not None and not self._better(distance_m, angle_rad, best, settings):
+                # The step overshot (the Jacobian is only good near where it was taken): try half of it
+                # from the last accepted point; when even a small step gains nothing, that point is the
+                # nearest pose the arm reaches.
+                previous_q, step = best[2], best[3] * 0.5
+                if halvings < _MAX_HALVINGS and np.any(np.abs(step) > 1e-9) and iteration < settings.max_iterations:
+                    halvings += 1
+                    q_arm = np.clip(previous_q + step, self.lower_rad, self.upper_rad)
+                    best = (*best[:3], step)
+                    continue
+                distance_m, angle_rad, q_arm = best[:3]
+                break
+            halvings = 0
+            converged = distance_m <= settings.tolerance_m and (
+                angle_rad <= settings.tolerance_rad or not settings.track_orientation)
+            if converged or iteration == settings.max_iterations:
+                break
+            jacobian = pin.getFrameJacobian(self.model, self.data, self._ee, pin.LOCAL_WORLD_ALIGNED)
+            jacobian = jacobian[:, self._q_index]
+            step = self._step(ref_rotation_t @ jacobian[:3], error_p, ref_rotation_t @ jacobian[3:], error_r,
+                              q_arm, settings)
+            if not np.any(np.abs(step) > 1e-9):
+                break       # nothing moves any more: the nearest reachable pose, or a limit
+            best = (distance_m, angle_rad, q_arm, step)
+            q_arm = np.clip(q_arm + step, self.lower_rad, self.upper_rad)
+        converged = distance_m <= settings.tolerance_m and (
+            angle_rad <= settings.tolerance_rad or not settings.track_orientation)
         return IkResult(q_arm, distance_m, angle_rad, iteration, converged)
+
+    @staticmethod
+    def _better(distance_m: float, angle_rad: float, best: tuple, settings: IkSettings) -> bool:
+        """Whether a step gained on the last accepted point: the position first; once the position is within
+        its tolerance (and stays there), the orientation (when tracked)."""
+        if distance_m < best[0] - 1e-9:
+            return True
+        gained_rad = best[1] - angle_rad
+        return (settings.track_orientation and gained_rad > 1e-9
+                and distance_m <= max(best[0], settings.tolerance_m) + _POSITION_PER_TURN_M * gained_rad)
 
     def _step(self, j_pos: np.ndarray, e_pos: np.ndarray, j_rot: np.ndarray, e_rot: np.ndarray, q: np.ndarray,
               settings: IkSettings) -> np.ndarray:
-        """One task-priority DLS step; joints at a limit that the step would push further are frozen."""
+        """One task-priority DLS step; joints at a limit that the step would push further are frozen. The
+        position's part is shortened to max_step_rad first; the orientation's part gets what is left of it,
+        so a hard orientation never slows the position down."""
         free = np.ones(len(q), dtype=bool)
         for _ in range(len(q)):
-            step = _prioritized_step(j_pos * free, e_pos, j_rot * free if settings.track_orientation else None,
-                                     e_rot, settings.damping)
+            first, second = _prioritized_step(j_pos * free, e_pos, j_rot * free if settings.track_orientation else None,
+                                              e_rot, settings.damping, settings.orientation_damping)
+            step = first + second
             at_lower, at_upper = q <= self.lower_rad + 1e-12, q >= self.upper_rad - 1e-12
             blocked = free & ((at_lower & (step < 0)) | (at_upper & (step > 0)))
             if not blocked.any():
                 break
             free &= ~blocked
-        largest = float(np.max(np.abs(step), initial=0.0))
-        return step * (settings.max_step_rad / largest) if largest > settings.max_step_rad else step
+        largest = float(np.max(np.abs(first), initial=0.0))
+        if largest > settings.max_step_rad:
+            return first * (settings.max_step_rad / largest)
+        if float(np.max(np.abs(step), initial=0.0)) <= settings.max_step_rad:
+            return step
+        # The largest share of the orientation's part that keeps every joint's change within max_step_rad.
+        share = min((settings.max_step_rad - f * np.sign(s)) / abs(s) for f, s in zip(first, second) if abs(s) > 1e-12)
+        return first + max(0.0, min(1.0, share)) * second
 
 
 def _damped_pinv(jacobian: np.ndarray, damping: float) -> np.ndarray:
@@ -241,15 +289,17 @@ def _damped_pinv(jacobian: np.ndarray, damping: float) -> np.ndarray:
 
 
 def _prioritized_step(j1: np.ndarray, e1: np.ndarray, j2: np.ndarray | None, e2: np.ndarray,
-                      damping: float) -> np.ndarray:
-    """dq = J1+ e1 + N1 (J2 N1)+ (e2 - J2 J1+ e1): the second task only uses what the first leaves free."""
+                      damping: float, damping2: float) -> tuple[np.ndarray, np.ndarray]:
+    """dq = J1+ e1 + N1 (J2 N1)+ (e2 - J2 J1+ e1), as its two parts: the second task only uses what the first
+    leaves free. J2 N1 is rank-deficient wherever the arm cannot turn the hand some way, so its inverse
+    takes the larger damping2: near that, small singular values would otherwise ask for huge joint steps."""
     j1_pinv = _damped_pinv(j1, damping)
-    step = j1_pinv @ e1
+    first = j1_pinv @ e1
     if j2 is None:
-        return step
+        return first, np.zeros_like(first)
     null = np.eye(j1.shape[1]) - j1_pinv @ j1
     j2_null = j2 @ null
-    return step + null @ (_damped_pinv(j2_null, damping) @ (e2 - j2 @ step))
+    return first, null @ (_damped_pinv(j2_null, damping2) @ (e2 - j2 @ first))
 
 
 # -- the "ik" action mapper ------------------------------------------------------------------------
