@@ -39,6 +39,7 @@ _MAX_HALVINGS = 8               # an IK step that gains nothing is halved at mos
 # (the orientation's null-space step is exact only to first order); the next step takes that back.
 _POSITION_PER_TURN_M = 0.05
 _POLISH_ITERATIONS = 10
+_CRAWL_M, _CRAWL_RAD = 1e-6, 1e-4    # an accepted step gaining less than both: stop
 BASE_FRAME = "base"
 
 
@@ -234,7 +235,10 @@ class ArmKinematics:
             halvings = 0
             converged = distance_m <= settings.tolerance_m and (
                 angle_rad <= settings.tolerance_rad or not settings.track_orientation)
-            if converged or iteration == settings.max_iterations:
+            # Gains that small mean the pose the arm can take is reached (an orientation it cannot take only
+            # trades position for turn from here on).
+            crawling = best is not None and best[0] - distance_m < _CRAWL_M and best[1] - angle_rad < _CRAWL_RAD
+            if converged or crawling or iteration == settings.max_iterations:
                 break
             jacobian = pin.getFrameJacobian(self.model, self.data, self._ee, pin.LOCAL_WORLD_ALIGNED)
             jacobian = jacobian[:, self._q_index]
