@@ -82,6 +82,11 @@ class Observation:
             problem = depth_units_problem(depth)
             if problem:
                 raise ValueError(f"Observation.depth_m {problem}")
+        bad = {j: v for j, v in (self.proprio or {}).items()
+               if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"Observation.proprio must map each joint to a finite angle in rad, got {bad}; a joint "
+                             "whose read failed must not be passed as NaN (leave proprio None or read again)")
         if not isinstance(self.instruction, str):
             raise ValueError(f"Observation.instruction must be a str, got {type(self.instruction).__name__} "
                              f"{self.instruction!r}; say what the robot should do, e.g. 'pick up the red block'")

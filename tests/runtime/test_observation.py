@@ -97,3 +97,10 @@ def test_a_plan_with_a_non_finite_time_is_refused(field):
     times[field - 4] = float("nan")
     with pytest.raises(ValueError, match=r"Plan\.(observation|created)_time_s is nan; it must be a finite"):
         Plan(np.zeros((1, 7)), np.zeros((1, 7)), None, None, *times)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.1", None])
+def test_a_joint_state_that_is_not_a_finite_angle_is_refused(value):
+    with pytest.raises(ValueError, match=r"proprio must map each joint to a finite angle in rad, got \{'elbow': "):
+        observation(proprio={"shoulder": 0.1, "elbow": value})
+    assert observation(proprio={"shoulder": 0.1, "elbow": np.float32(-0.2)}).proprio["elbow"] == np.float32(-0.2)
