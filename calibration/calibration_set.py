@@ -3,7 +3,7 @@
 On disk a calibration set is a directory:
 
     manifest.json   {"format": "edgeact-calibration", "version": 1, "seed", "frames_source",
-                     "model": {name, config_sha256, source, kind}, "created_utc",
+                     "model": {name, config_sha256, source, kind, weights_sha256}, "created_utc",
                      "samples": [{"instruction", "frame", "grids", "camera"}, ...]}
     samples.npz     per sample i: images_i (n_crops, n_patches, patch_dim) float32,
                     image_masks_i (n_crops, n_patches) float32, pooled_patches_idx_i (n_tokens, pool) int64,
@@ -12,17 +12,20 @@ On disk a calibration set is a directory:
 `answer_ids` is the fp32 model's own grammar-masked greedy answer to the prompt: a decoder
 calibrated on prompt + answer sees the activations it will see on the robot (depth codes,
 digits, action bins), which text alone does not give. The answer depends on the model, so the
-manifest names the model it was decoded with; the images and prompts do not.
+manifest names the model it was decoded with; the images and prompts do not. A config names an
+architecture, not a model: `weights_sha256` (weights_sha256()) tells models of one config apart.
 Build one with `build_calibration_set` (the builder lives in calibration/calibration_build.py:
 it needs onnxruntime or torch, this module only numpy) or `edgeact calibrate`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +40,8 @@ _ARRAYS = ("images", "image_masks", "pooled_patches_idx", "prompt_ids", "answer_
 _DTYPES = {"images": np.float32, "image_masks": np.float32, "pooled_patches_idx": np.int64,
            "prompt_ids": np.int64, "answer_ids": np.int64}
 _NDIMS = {"images": 3, "image_masks": 2, "pooled_patches_idx": 2, "prompt_ids": 1, "answer_ids": 1}
+
+log = logging.getLogger(__name__)
 
 
 class CalibrationError(ConfigError):
@@ -86,19 +91,29 @@ class CalibrationSet:
     samples: tuple[CalibrationSample, ...]
     seed: int
     frames_source: dict[str, Any]            # {"type": "synthetic", ...} or {"type": "recording", "path": ...}
-    model: dict[str, Any]                    # {"name", "config_sha256", "source", "kind"} of the answering model
+    # {"name", "config_sha256", "source", "kind", "weights_sha256"} of the answering model
+    model: dict[str, Any]
     created_utc: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", tuple(self.samples))
         if not self.samples:
             raise CalibrationError("a calibration set needs at least one sample; build it with --samples 1 or more")
+        if "weights_sha256" not in self.model:     # built now: a loaded set has what it recorded ('' if nothing)
+            digest = weights_sha256(self.model.get("kind", ""), self.model.get("source", ""))
+            object.__setattr__(self, "model", {**self.model, "weights_sha256": digest})
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def check_model(self, config_sha256: str, patch_dim: int, vocab_rows: int) -> None:
-        """Refuse a set whose frames or ids do not fit the model about to be quantized."""
+    def check_model(self, config_sha256: str, patch_dim: int, vocab_rows: int,
+                    model_weights: Callable[[str], str] | None = None) -> None:
+        """Refuse a set whose frames or ids do not fit the model about to be quantized.
+
+        `model_weights(kind)`: that model's weights_sha256 as a set answered by a `kind` source records it ('' where
+        it cannot be told); a set decoded by other weights is refused. A set without a digest (built before sets
+        recorded one) is accepted with a warning.
+        """
         for s in self.samples:
             if s.images.shape[-1] != patch_dim:
                 raise CalibrationError(f"calibration images hold patches of {s.images.shape[-1]} values but the model "
@@ -112,6 +127,21 @@ class CalibrationSet:
             raise CalibrationError(f"the calibration answers were decoded by another model (config sha256 "
                                    f"{theirs[:12]}…, this one {config_sha256[:12]}…); rebuild the set from this bundle "
                                    "with `edgeact calibrate`")
+        if model_weights is None:
+            return
+        theirs, kind = self.model.get("weights_sha256", ""), self.model.get("kind", "")
+        ours = model_weights(kind) if theirs else ""
+        if not theirs or not ours:
+            why = ("records no weights digest (built before calibration sets recorded one)" if not theirs else
+                   f"was answered by the {kind} {self.model.get('source', '')!r}, whose weights cannot be compared "
+                   "with this model's (its source checkpoint is not here)")
+            log.warning("the calibration set %s: its answers are taken to be this model's; rebuild it from this "
+                        "bundle with `edgeact calibrate` to have that checked", why)
+        elif theirs != ours:
+            raise CalibrationError(f"the calibration answers were decoded by another model: same config, but the "
+                                   f"weights of the {kind} {self.model.get('source', '')!r} that answered (sha256 "
+                                   f"{theirs[:12]}…) are not this model's ({ours[:12]}…); rebuild the set from this "
+                                   "bundle with `edgeact calibrate`")
 
     # ------------------------------------------------------------------ disk
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
@@ -171,7 +201,29 @@ class CalibrationSet:
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"{root}: samples malformed ({exc}); rebuild the calibration set") from None
         return cls(samples=tuple(samples), seed=int(meta.get("seed", 0)), frames_source=dict(meta.get("frames_source", {})),
-                   model=dict(meta.get("model", {})), created_utc=str(meta.get("created_utc", "")))
+                   model={"weights_sha256": "", **meta.get("model", {})}, created_utc=str(meta.get("created_utc", "")))
+
+
+def weights_sha256(kind: str, source: str | Path) -> str:
+    """One sha256 over the weights of the model that answers, by file: a bundle's arrays (the embedding and lm_head,
+    sha256s as its manifest lists them; its stage graphs differ between exports of one checkpoint, fused or portable
+    attention, external data or not, and its arrays do not) or a checkpoint's *.safetensors. '' where the source is
+    not there."""
+    from edgeact.runtime.bundle import sha256_file
+
+    root = Path(source) if source else None
+    if kind == "bundle" and root is not None and (root / MANIFEST_FILE).is_file():
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        files = manifest.get("files", {})
+        entries = [(w["file"], files.get(w["file"], {}).get("sha256", ""))
+                   for w in manifest.get("weights", {}).values()]
+    elif kind == "checkpoint" and root is not None and root.is_dir():
+        entries = [(p.name, sha256_file(p)) for p in root.glob("*.safetensors")]
+    else:
+        entries = []
+    if not entries:
+        return ""
+    return hashlib.sha256("".join(f"{rel} {sha}\n" for rel, sha in sorted(entries)).encode()).hexdigest()
 
 
 def build_calibration_set(source: str | Path, out: str | Path | None, n_samples: int = 16, seed: int = 0,

@@ -31,6 +31,7 @@ from edgeact.runtime.bundle import (
     StageSpec, TensorSpec, TokenizerInfo, ToolInfo, VerificationInfo, WeightSpec, load_bundle, read_manifest,
     check_relpath, sha256_file, tool_version,
 )
+from edgeact.runtime.bundle_manifest import in_ort_trt_cache
 from edgeact.runtime.errors import BundleError
 
 _CHUNK_BYTES = 1 << 20
@@ -302,7 +303,8 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
     Files added to the bundle since (e.g. engines/orin/decoder.plan) are hashed and listed; files
     replaced in place must be named in `rehash`. A listed file that is missing, or whose size changed
     without being named in `rehash`, is refused: the bundle would no longer be what was verified.
-    Hidden files (a leading '.') are in-progress temporaries and are ignored.
+    Hidden files (a leading '.') are in-progress temporaries and are ignored, and so is onnxruntime's TensorRT
+    engine cache (ORT_TRT_CACHE_DIR): it is rebuilt at will, and a checksum of it would make the bundle "corrupt".
     """
     root = Path(bundle_dir)
     rehash = {check_relpath(r, "rehash") for r in rehash}
@@ -312,7 +314,8 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
         manifest = result if result is not None else manifest
         on_disk = {p.relative_to(root).as_posix(): p for p in root.rglob("*")
                    if p.is_file() and p.name != MANIFEST_NAME
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and not in_ort_trt_cache(p.relative_to(root).as_posix())}
         files = dict(manifest.files)
         for rel, entry in files.items():
             if rel not in on_disk:

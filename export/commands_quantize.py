@@ -59,14 +59,16 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,connector,"
                                                "decoder; int4: decoder)")
     p.add_argument("--op-types", type=_csv, default=("MatMul",),
-                   help="op types to quantize (default MatMul: linear layers only; more wrecks decoders)")
+                   help="int8 w8a8: op types to quantize (default MatMul: linear layers only; more wrecks "
+                        "decoders); fp8 quantizes constant-weight MatMuls only")
     p.add_argument("--exclude-nodes", type=_csv, default=(), help="node names to keep in float, comma-separated")
     p.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="int8: apply SmoothQuant with this alpha (0.5 usual; w8a8 without --int8-mode, the "
                         "down-projections' alpha with --int8-mode w8a8-dynamic)")
     p.add_argument("--per-tensor", action="store_true", help="int8/fp8: one weight scale per tensor, not per channel")
     p.add_argument("--quantize-attention", action="store_true",
-                   help="int8/fp8: also the attention's activation x activation products")
+                   help="int8 w8a8: also the attention's activation x activation products (fp8 quantizes "
+                        "constant-weight MatMuls only)")
     p.add_argument("--block-size", type=int, default=128,
                    help="int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights per scale (32, 64 or "
                         "128; default 128)")

@@ -95,23 +95,34 @@ def const_weight_matmuls(proto, op_types: tuple[str, ...] = ("MatMul",), exclude
 
 @dataclass
 class TensorStats:
-    """Range of one tensor over all calibration feeds; `channel_absmax` over the last axis."""
+    """Range of one tensor over all calibration feeds; `channel_absmax` over the last axis when asked for (SmoothQuant's
+    linear-layer inputs, whose last axis is the hidden size: the same in every feed), else None."""
     min: float
     max: float
-    channel_absmax: np.ndarray
+    channel_absmax: np.ndarray | None = None
 
     @property
     def absmax(self) -> float:
-        return float(self.channel_absmax.max())
+        return max(-self.min, self.max, 0.0)
 
     def update(self, value: np.ndarray) -> None:
         self.min, self.max = min(self.min, float(value.min())), max(self.max, float(value.max()))
-        np.maximum(self.channel_absmax, np.abs(value.reshape(-1, value.shape[-1])).max(axis=0), out=self.channel_absmax)
+        if self.channel_absmax is not None:
+            np.maximum(self.channel_absmax, _channel_absmax(value), out=self.channel_absmax)
+
+
+def _channel_absmax(value: np.ndarray) -> np.ndarray:
+    return np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
 
 
 def tensor_stats(model_path: str | Path, tensor_names: list[str], feeds: FeedSource, work_dir: Path,
-                 threads: int | None = None) -> dict[str, TensorStats]:
-    """Ranges of the named tensors, reduced feed by feed (never holding a feed's activations past its run)."""
+                 threads: int | None = None, channels: bool = True) -> dict[str, TensorStats]:
+    """Ranges of the named tensors, reduced feed by feed (never holding a feed's activations past its run).
+
+    Min and max always; `channels` (SmoothQuant's): also the absmax of each channel of the last axis, which must then
+    have one width in every feed (a linear layer's input; not an attention product's or a Softmax's, whose last axis
+    is the sequence length). Recipes that need ranges only pass channels=False.
+    """
     import onnx
 
     proto = onnx.load(str(model_path))
@@ -131,9 +142,15 @@ def tensor_stats(model_path: str | Path, tensor_names: list[str], feeds: FeedSou
                 continue        # an empty cache has no values to range; indices are not quantized
             if name not in stats:
                 stats[name] = TensorStats(float(value.min()), float(value.max()),
-                                          np.abs(value.reshape(-1, value.shape[-1])).max(axis=0))
-            else:
-                stats[name].update(value)
+                                          _channel_absmax(value) if channels else None)
+                continue
+            seen = stats[name].channel_absmax
+            if seen is not None and seen.shape[0] != value.shape[-1]:
+                raise CalibrationError(f"tensor {name!r}: its last axis is {seen.shape[0]} wide in one calibration "
+                                       f"feed and {value.shape[-1]} in another, so it has no per-channel ranges "
+                                       "(SmoothQuant smooths linear layers' inputs only); exclude the node that "
+                                       "reads it with --exclude-nodes, or drop --smoothquant")
+            stats[name].update(value)
     if not stats:
         raise CalibrationError("the calibration feeds produced no values; give a calibration set with samples")
     return stats

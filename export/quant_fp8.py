@@ -44,7 +44,8 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
     proto = onnx.load(str(src))
     _ensure_opset(proto)
     nodes = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if "MatMul" in options.op_types]
-    amax = {k: v.absmax for k, v in tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads).items()}
+    amax = {k: v.absmax for k, v in tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads,
+                                                  channels=False).items()}
     inits = {t.name: t for t in proto.graph.initializer}
     readers = defaultdict(list)
     for node in nodes:

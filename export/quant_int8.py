@@ -61,7 +61,9 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
         src, notes["smoothquant"] = smooth_measured(proto, src, linear, feeds, options.smoothquant_alpha, work_dir,
                                                     threads)
     cache = work_dir / "int8_ranges.json"
-    _write_range_cache(cache, tensor_stats(src, _calibrated_tensors(proto, nodes), feeds, work_dir, threads))
+    # Per-tensor ranges only: QK^T / PV inputs and Softmax have the sequence length as their last axis.
+    _write_range_cache(cache, tensor_stats(src, _calibrated_tensors(proto, nodes), feeds, work_dir, threads,
+                                           channels=False))
     big = is_big(proto)
     del proto
     # Outputs stay float: Q/DQ on a GEMM's output would round the residual stream it is added to.

@@ -43,7 +43,7 @@ class QuantizeOptions:
     exclude_nodes: tuple[str, ...] = ()
     smoothquant_alpha: float | None = None  # int8: SmoothQuant strength in (0, 1); None: off
     per_channel: bool = True                # int8 (w8a8, w8a16 qdq) / fp8 weights: one scale per output channel
-    quantize_attention: bool = False        # int8 / fp8: also the activation x activation MatMuls (QK^T, PV)
+    quantize_attention: bool = False        # int8 w8a8: also the activation x activation MatMuls (QK^T, PV)
     block_size: int = 128                   # int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights
                                             # per scale, along the input dim
     accuracy_level: int | None = None       # MatMulNBits compute: 0 fp32 ... 4 int8 (onnxruntime CPU); None: 4 for
@@ -90,9 +90,21 @@ class QuantizeOptions:
                                      ("arrays dtype", self.arrays_dtype, ARRAY_DTYPES), ("backend", self.backend, BACKENDS)):
             if value not in choices:
                 raise ConfigError(f"{name} {value!r} unknown; use one of {', '.join(choices)}")
+        self._check_fp8()
         self._check_int8_mode()
         if self.decode_steps < 0:
             raise ConfigError(f"decode_steps is {self.decode_steps}; use 0 or more")
+
+    def _check_fp8(self) -> None:
+        """The fp8 writer (export/quant_fp8.py) quantizes constant-weight MatMuls only: refuse what it would ignore."""
+        if self.precision != "fp8" or self.backend != "onnxruntime":
+            return
+        asked = [what for what, given in (("--quantize-attention", self.quantize_attention),
+                                          (f"--op-types {','.join(self.op_types)}", self.op_types != ("MatMul",)))
+                 if given]
+        if asked:
+            raise ConfigError(f"{' and '.join(asked)}: fp8 quantizes constant-weight MatMuls (the linear layers) "
+                              "only; drop it, or use --precision int8 --int8-mode w8a8 for Q/DQ on those nodes")
 
     def _check_int8_mode(self) -> None:
         if self.precision != "int8":

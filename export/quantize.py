@@ -44,7 +44,7 @@ from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet
 from edgeact.export.quant_options import QuantizeOptions
 from edgeact.runtime import stage_io
 from edgeact.runtime.bundle import Bundle, load_bundle
-from edgeact.runtime.errors import BundleError
+from edgeact.runtime.errors import BundleError, ConfigError
 
 DEFAULT_CALIBRATION_SAMPLES = 8
 QUANTIZE_STEPS = ("calibration", "quantize stages", "check in onnxruntime", "report", "verify and publish bundle")
@@ -114,6 +114,7 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
     from edgeact.export.quant_decode import OrtBundle
     from edgeact.export.quant_report import compare_bundles
+    from edgeact.export.verify import unmeasured_rows
 
     step = on_step or (lambda name: None)
     src, out = Path(src).absolute(), Path(out).absolute()
@@ -125,6 +126,7 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
         require_modelopt()                                   # before any long work
     source = load_bundle(src, unverified_fix=SOURCE_UNVERIFIED_FIX)
     _check_source(source, options)
+    _check_exclude_nodes(source, options)
     reference = _reference_checkpoint(source, checkpoint, out) if verify else None   # before any long work
     BundleWriter(out, overwrite=overwrite)                  # refuse an existing --out before the long work
     fp32 = OrtBundle(source, threads=threads)
@@ -159,6 +161,8 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     with BundleWriter(out, overwrite=overwrite, before_publish=report_and_verify) as writer, \
             tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.quant-") as scratch:
         manifest = copy_bundle(src, writer, skip_stages=options.stages, skip_weights=arrays)
+        # Rows of stages copied unchanged that `edgeact verify` cannot measure (the depth tokenizer's) still hold.
+        writer.set_verification("not_run", {}, unmeasured_rows(manifest))
         for name in options.stages:
             stage_notes[name] = _quantize_stage(source, fp32, calib, name, options, Path(scratch) / name, writer,
                                                 manifest.stages[name], seed, threads)
@@ -201,6 +205,33 @@ def _check_source(source: Bundle, options: QuantizeOptions) -> None:
         if spec.precision not in ("fp32", "fp16", "bf16"):
             raise BundleError(f"{source.root}: stage {name!r} is already {spec.precision}; quantize from the fp32 "
                               f"bundle `edgeact export` wrote (quantization is not stacked)")
+    done = source.manifest.quantization
+    if done is not None:
+        # One record per bundle: a second run's would replace the first's recipe, options and calibration.
+        quantized = sorted(n for n, spec in source.manifest.stages.items()
+                           if spec.precision not in ("fp32", "fp16", "bf16"))
+        raise BundleError(f"{source.root}: already quantized (recipe {done.recipe!r}, stages {quantized}), and "
+                          "quantizing it again would replace that record: quantize all the stages in one run "
+                          "(--stages) from the fp32 bundle `edgeact export` wrote (quantization is not stacked)")
+
+
+def _check_exclude_nodes(source: Bundle, options: QuantizeOptions) -> None:
+    """Refuse exclude_nodes names that no quantized stage has: a typo would quantize the layer meant to stay float."""
+    if not options.exclude_nodes:
+        return
+    import difflib
+
+    import onnx
+
+    names = sorted({n.name for stage in options.stages
+                    for n in onnx.load(str(source.stage_path(stage)), load_external_data=False).graph.node})
+    unknown = [x for x in options.exclude_nodes if x not in set(names)]
+    if unknown:
+        closest = "; ".join(f"{x!r}: " + (", ".join(map(repr, difflib.get_close_matches(x, names, n=3))) or "none near")
+                            for x in unknown)
+        raise ConfigError(f"exclude nodes {unknown} are not nodes of the stages quantized "
+                          f"({', '.join(options.stages)}); closest node names: {closest}; give the ONNX node names "
+                          "exactly (a leading '/' included)")
 
 
 def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: int, threads: int | None
@@ -222,11 +253,26 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
     cfg = source.config
     try:
         calib.check_model(source.manifest.model.source_config_sha256, cfg.vit_config.patch_dim,
-                          source.weight("embedding").shape[0])
+                          source.weight("embedding").shape[0], lambda kind: _weights_sha256(source, kind))
     except CalibrationError as exc:
         raise CalibrationError(f"{where}: {exc}") from None
     return calib, {"used": True, "source": where, "samples": len(calib), "seed": calib.seed,
                    "frames": calib.frames_source, "answered_by": calib.model, "decode_steps": options.decode_steps}
+
+
+def _weights_sha256(source: Bundle, kind: str) -> str:
+    """The source's weights digest as a calibration set answered by a `kind` source records it: the bundle's own, or
+    its source checkpoint's if that is here with the config it was exported from ('' otherwise)."""
+    from edgeact.calibration.calibration_set import weights_sha256
+    from edgeact.runtime.bundle import sha256_file
+
+    if kind == "bundle":
+        return weights_sha256(kind, source.root)
+    model = source.manifest.model
+    config = Path(model.source_checkpoint) / "config.json" if model.source_checkpoint else None
+    if kind != "checkpoint" or config is None or not config.is_file():
+        return ""
+    return weights_sha256(kind, config.parent) if sha256_file(config) == model.source_config_sha256 else ""
 
 
 def _quantize_stage(source: Bundle, fp32, calib, name: str, options: QuantizeOptions, work: Path, writer,

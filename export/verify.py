@@ -5,7 +5,9 @@ rows are gated by its own precision (vision by the ViT stage's, connector by the
 decoder and logits by the decoder's); token agreement, which every stage affects, by the loosest
 gate of all stages.
 `verify_bundle` works on any bundle (exported or quantized) and writes status, gates and rows
-into the manifest, where `load_bundle` refuses a failed bundle unless overridden.
+into the manifest, where `load_bundle` refuses a failed bundle unless overridden. Stages it does
+not measure (the depth tokenizer: its PyTorch encoder is not in the bundle) keep the rows the
+step that added them recorded, and count in the status; such a stage without a row fails it.
 
 Held-out inputs: synthetic camera frames numbered from HELD_OUT_FRAME_BASE on, at camera
 poses of their own, and instructions of their own; calibration sets must draw frames below
@@ -21,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from edgeact.export.depth_tokenizer_export import CODE_AGREEMENT_GATE
+from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_STAGE
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import PRECISIONS
 
@@ -73,6 +77,10 @@ _ROWS = (
     ("tokens.greedy.trace", "tokens.greedy.trace", None, "greedy_agreement"),
     ("tokens.greedy.action", "tokens.greedy.action", None, "greedy_agreement"),
 )
+MEASURED_STAGES = tuple(dict.fromkeys(stage for _, _, stage, _ in _ROWS if stage))
+# Stages verify cannot measure get their row from the step that adds them; verify keeps those rows. A stage
+# without one fails at that step's gate (its name and limit, so that running the step again replaces the row).
+UNMEASURED_GATES = {DEPTH_STAGE: ("depth_tokenizer_codes", CODE_AGREEMENT_GATE, "`edgeact add-depth-tokenizer`")}
 
 
 @dataclass
@@ -153,7 +161,7 @@ def verify_bundle(bundle_dir: str | Path, checkpoint_dir: str | Path | None = No
             on_frame(k + 1, frames)
 
     precisions = {name: spec.precision for name, spec in bundle.manifest.stages.items()}
-    rows = _gate_rows(totals, precisions)
+    rows = _gate_rows(totals, precisions) + unmeasured_rows(bundle.manifest, missing=True)
     report = VerificationReport(
         status="passed" if all(r["passed"] for r in rows) else "failed", stage_precisions=precisions, rows=rows,
         frames=frames, checkpoint=str(ckpt_dir), seconds=time.perf_counter() - start,
@@ -165,6 +173,29 @@ def verify_bundle(bundle_dir: str | Path, checkpoint_dir: str | Path | None = No
     if record:
         record_verification(bundle_dir, report)
     return report
+
+
+def unmeasured_rows(manifest, missing: bool = False) -> list[dict[str, Any]]:
+    """The manifest's result rows for its stages verify does not measure (the depth tokenizer's, written by the step
+    that added it), which a new verdict keeps; `missing`: plus a failed row for each such stage that has none.
+    Each in a measured row's columns (gate, stage, precision, value, limit, detail, passed)."""
+    rows = []
+    for r in manifest.verification.results:
+        stage = r.get("stage")
+        if stage in manifest.stages and stage not in MEASURED_STAGES:
+            # add_depth_tokenizer writes agreement, min and images: kept in the columns verify's table prints.
+            detail = "checked when the stage was added" + (f", on {r['images']} images" if "images" in r else "")
+            rows.append({"gate": r["gate"], "stage": stage, "precision": manifest.stages[stage].precision,
+                         "value": r.get("value", r.get("agreement")), "limit": r.get("limit", r.get("min")),
+                         "detail": r.get("detail", detail), "passed": r["passed"]})
+    if missing:
+        for stage in sorted(set(manifest.stages) - set(MEASURED_STAGES) - {r["stage"] for r in rows}):
+            gate, limit, step = UNMEASURED_GATES.get(stage, (f"{stage}.unmeasured", 1.0, "the step that added it"))
+            rows.append({"gate": gate, "stage": stage, "precision": manifest.stages[stage].precision, "value": None,
+                         "limit": limit, "passed": False,
+                         "detail": f"no result row, and `edgeact verify` measures {', '.join(MEASURED_STAGES)} only: "
+                                   f"add the {stage} stage again with {step}, which checks it"})
+    return rows
 
 
 def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:

@@ -23,6 +23,15 @@ SCHEMA_CHANGES = {
 }
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_STATUSES = ("passed", "failed", "not_run")
+# onnxruntime's TensorRT provider keeps its engine cache here inside the bundle (runtime/ort_engine.py). The cache is
+# onnxruntime's, rebuilt whenever TensorRT or the GPU changes: never part of the bundle's content, never checksummed.
+ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"
+
+
+def in_ort_trt_cache(rel: str) -> bool:
+    """Whether bundle-relative path `rel` lies in onnxruntime's TensorRT engine cache (ORT_TRT_CACHE_DIR)."""
+    return rel == ORT_TRT_CACHE_DIR or rel.startswith(f"{ORT_TRT_CACHE_DIR}/")
+
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -150,7 +159,8 @@ class QuantizationInfo:
 
 @dataclass(frozen=True)
 class VerificationInfo:
-    """Result of comparing every stage with the reference. Each result row has 'gate' and 'passed'."""
+    """Result of comparing every stage with the reference. Each result row has 'gate' and 'passed', and 'stage' (the
+    stage it gates, or 'all'); a 'passed' manifest has a row for every stage (Manifest.validate)."""
     status: str = "not_run"
     gates: dict[str, Any] = field(default_factory=dict)
     results: tuple[dict[str, Any], ...] = ()
@@ -256,6 +266,15 @@ class Manifest:
                 raise field_error("engines", f"engine {rec.file!r} is for unknown stage {rec.stage!r}")
         if MANIFEST_NAME in self.files:
             raise field_error("files", f"{MANIFEST_NAME} cannot checksum itself")
+        gated = {r.get("stage") for r in self.verification.results}
+        ungated = [name for name in self.stages if name not in gated] if self.verification.status == "passed" else []
+        if ungated:
+            # A verdict that no row of a stage backs says nothing about it (an `edgeact verify` that measured the
+            # model stages only used to drop the depth tokenizer's row and pass the bundle).
+            raise field_error("verification", f"status is 'passed' but no result row gates stage {ungated[0]!r}, so "
+                              "the verdict does not cover it (an older `edgeact verify` or `quantize` dropped the row); "
+                              "write the bundle again: `edgeact add-depth-tokenizer` on the fp32 bundle, then "
+                              "`edgeact quantize` from that for a quantized one")
 
     def engines_for(self, target: str) -> dict[str, EngineRecord]:
         return {r.stage: r for r in self.engines if r.target == target}
@@ -291,7 +310,9 @@ class Manifest:
             model=ModelInfo.from_dict(get_field(data, "model", dict, "")),
             stages=map_fields(get_field(data, "stages", dict, ""), "stages", StageSpec.from_dict),
             weights=map_fields(get_field(data, "weights", dict, "", {}), "weights", WeightSpec.from_dict),
-            files=map_fields(get_field(data, "files", dict, ""), "files", FileEntry.from_dict),
+            # Entries in the TensorRT cache were swept in by an update_manifest that did not exclude it: dropped.
+            files={rel: entry for rel, entry in map_fields(get_field(data, "files", dict, ""), "files",
+                                                           FileEntry.from_dict).items() if not in_ort_trt_cache(rel)},
             tokenizer=TokenizerInfo.from_dict(get_field(data, "tokenizer", dict, "")),
             grammar=get_field(data, "grammar", dict, "", {}),
             norm_stats=get_field(data, "norm_stats", dict, "", {}),

@@ -47,6 +47,7 @@ import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
+from edgeact.runtime.bundle_manifest import ORT_TRT_CACHE_DIR   # TensorRT-EP engine cache inside the bundle, per device
 from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_max_chunk, register_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_portable
@@ -66,7 +67,6 @@ CPU_ARENAS = ("session", "off")
 # shorter runs (one token, or the few tokens of a forced sentence piece in the answer) keep theirs: they are
 # small and the next run reuses them without a malloc.
 SHRINK_MIN_TOKENS = 64
-ORT_TRT_CACHE_DIR = "engines/ort-tensorrt"     # TensorRT-EP engine cache inside the bundle, per device
 # onnxruntime's CPU provider has no float8 kernels, and its QDQ rules keep every DequantizeLinear of an fp8 weight
 # in the graph for a fusion float8 does not have: each run dequantized every weight again (the reference ARM's
 # fp8 decoder stepped at 0.1x fp32's speed). With the QDQ rules off, constant folding turns those weights into

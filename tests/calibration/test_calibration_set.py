@@ -9,6 +9,7 @@ import pytest
 from edgeact.calibration.calibration_build import recording_frames, synthetic_frames
 from edgeact.calibration.calibration_set import (
     ARRAYS_FILE, MANIFEST_FILE, CalibrationError, CalibrationSample, CalibrationSet, build_calibration_set,
+    weights_sha256,
 )
 from edgeact.export.quant_decode import OrtBundle
 from edgeact.runtime.bundle import load_bundle
@@ -88,9 +89,24 @@ def test_builder_answers_with_the_bundle_and_agrees_with_the_checkpoint(sources)
         assert len(answer.depth_codes) == 100
     from_torch = build_calibration_set(sources["checkpoint"], None, CALIBRATION_SAMPLES, seed=0, threads=1)
     assert from_torch.model["kind"] == "checkpoint" and from_torch.model["config_sha256"] == calib.model["config_sha256"]
+    assert from_torch.model["weights_sha256"] == weights_sha256("checkpoint", sources["checkpoint"]) != ""
     for a, b in zip(calib.samples, from_torch.samples, strict=True):
         np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
         np.testing.assert_array_equal(a.answer_ids, b.answer_ids)     # ONNX stages and reference decode alike
+
+
+def test_a_set_records_the_weights_that_answered_it_and_quantize_computes_them_alike(sources):
+    from edgeact.export.quantize import _weights_sha256
+
+    digest = CalibrationSet.load(sources["calibration"]).model["weights_sha256"]
+    # The bundle's arrays: the same for another export of the checkpoint (its graphs differ: portable attention).
+    assert digest == weights_sha256("bundle", sources["bundle"]) == weights_sha256("bundle", sources["portable"]) != ""
+    assert _weights_sha256(load_bundle(sources["portable"]), "bundle") == digest
+    # A set answered by the checkpoint is compared with the checkpoint the bundle was exported from.
+    assert _weights_sha256(load_bundle(sources["bundle"]), "checkpoint") == weights_sha256("checkpoint",
+                                                                                          sources["checkpoint"])
+    assert weights_sha256("bundle", "/nonexistent") == "" and CalibrationSet((_sample(),), 0, {}, {}).model == {
+        "weights_sha256": ""}
 
 
 def test_synthetic_frames_are_seeded_and_held_out_frames_differ():

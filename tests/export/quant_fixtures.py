@@ -31,3 +31,17 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under root, by relative path: proves a directory was not touched."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def with_depth_tokenizer(bundle_dir: Path, root: Path) -> Path:
+    """`bundle_dir` plus a depth_tokenizer stage (a random encoder, checked on two random depth images), in root."""
+    import numpy as np
+    import torch
+
+    from edgeact.export.depth_tokenizer import DepthTokenizerConfig, DepthVQVAE, save_depth_tokenizer
+    from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = save_depth_tokenizer(DepthVQVAE(DepthTokenizerConfig()), root / "depth_tokenizer", {"options": {}})
+    images = np.random.default_rng(0).uniform(0.3, 1.8, (2, 60, 80)).astype(np.float32)
+    return add_depth_tokenizer(bundle_dir, tokenizer, root / "with_depth", check_images=images)

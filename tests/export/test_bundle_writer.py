@@ -138,6 +138,25 @@ def test_onnx_written_in_place_and_proto_with_external_data(tmp_path):
     assert set(load_bundle(tmp_path / "b").manifest.stages) == {"decoder", "decoder_int8"}
 
 
+def test_onnxruntimes_tensorrt_engine_cache_is_never_checksummed(tmp_path):
+    from edgeact.runtime.ort_engine import ORT_TRT_CACHE_DIR
+
+    path = write_tiny_bundle(tmp_path / "b", verification="not_run")
+    cache = path / ORT_TRT_CACHE_DIR / "TensorrtExecutionProvider_TRTKernel_graph_main_1_0_0_sm87.engine"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"engine v1")                  # what a run with provider='tensorrt' leaves in the bundle
+    update_manifest(path, lambda m: None)            # as `edgeact verify` records its verdict
+    assert not [rel for rel in read_manifest(path).files if rel.startswith(ORT_TRT_CACHE_DIR)]
+    cache.write_bytes(b"engine v2, rebuilt")         # onnxruntime rebuilds its cache (new TensorRT, other profile)
+    load_bundle(path)
+
+    # A manifest an older update_manifest froze the cache into: the entry is dropped, the rebuilt cache loads.
+    data = json.loads((path / "manifest.json").read_text())
+    data["files"][cache.relative_to(path).as_posix()] = {"sha256": "0" * 64, "bytes": 9}
+    (path / "manifest.json").write_text(json.dumps(data))
+    assert ORT_TRT_CACHE_DIR not in str(list(load_bundle(path).manifest.files))
+
+
 def test_update_manifest_records_new_files_and_refuses_tampering(tmp_path):
     path = write_tiny_bundle(tmp_path / "b", verification="not_run")
     plan = path / "engines/orin/decoder.plan"
@@ -147,7 +166,8 @@ def test_update_manifest_records_new_files_and_refuses_tampering(tmp_path):
                           sha256_file(plan), ("prefill", "decode"))
 
     def mark(m):
-        m.verification = VerificationInfo("passed", {}, ({"gate": "decoder.top1_agreement", "passed": True},))
+        m.verification = VerificationInfo("passed", {}, ({"gate": "decoder.top1_agreement", "stage": "decoder",
+                                                          "passed": True},))
         m.engines.append(record)
     update_manifest(path, mark)
     bundle = load_bundle(path)
@@ -230,7 +250,7 @@ def test_before_publish_runs_on_the_finished_bundle_while_the_old_one_stays_in_p
         seen["staged"], seen["target"] = staged, read_manifest(path)      # the old bundle, still loadable
         assert read_manifest(staged).stages["decoder"].precision == "int8"
         update_manifest(staged, lambda m: setattr(m, "verification", VerificationInfo(
-            "passed", {}, ({"gate": "decoder.top1_agreement", "passed": True},))))
+            "passed", {}, ({"gate": "decoder.top1_agreement", "stage": "decoder", "passed": True},))))
 
     with BundleWriter(path, overwrite=True, before_publish=judge) as w:
         _writer_with_basics(w)

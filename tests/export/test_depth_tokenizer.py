@@ -182,7 +182,8 @@ def test_replacing_the_only_failing_depth_tokenizer_row_recomputes_the_status(tr
     from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
     from edgeact.runtime.bundle import VerificationInfo, load_bundle
 
-    verified_rows = ({"gate": "tokens.forced", "passed": True, "value": 1.0, "limit": 1.0},)
+    verified_rows = tuple({"gate": f"{stage}.cosine", "stage": stage, "passed": True, "value": 1.0, "limit": 1.0}
+                          for stage in ("vision", "connector", "decoder"))
     old_depth_row = {"gate": "depth_tokenizer_codes", "passed": False, "agreement": 0.5, "min": 0.99}
     cases = {"passed": verified_rows, "not_run": ()}      # the verdict of the source's own stages
     for expected, rows in cases.items():

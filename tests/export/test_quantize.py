@@ -16,7 +16,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError, ConfigError
-from tests.export.quant_fixtures import tiny_sources, tree_digest
+from tests.export.quant_fixtures import tiny_sources, tree_digest, with_depth_tokenizer
 
 RECIPES = {
     "int8": QuantizeOptions("int8", int8_mode="w8a8"),
@@ -568,6 +568,8 @@ def test_quantizing_a_quantized_bundle_or_into_the_source_is_refused(quantized, 
     (dict(precision="int8", int8_mode="w8a8-dynamic", quantize_attention=True), "belong to static w8a8"),
     (dict(precision="int8", int8_mode="w8a8-dynamic", int8_format="qdq"), "keeps its W8A16 layers as MatMulNBits"),
     (dict(precision="int4", int8_mode="w8a16"), "int8 options"),
+    (dict(precision="fp8", quantize_attention=True), "--quantize-attention: fp8 quantizes constant-weight MatMuls"),
+    (dict(precision="fp8", op_types=("MatMul", "Softmax")), "--op-types MatMul,Softmax: fp8 quantizes constant-weight"),
 ])
 def test_options_are_validated_with_a_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -752,3 +754,94 @@ def test_quantize_from_a_failed_source_says_what_to_do_and_offers_no_flag_it_lac
     assert "re-export the source (`edgeact export CKPT --out SOURCE --overwrite`)" in msg
     assert "(`edgeact verify SOURCE --checkpoint CKPT`)" in msg
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------- review fixes
+def _softmax_graph():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["p"], name="softmax")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq"])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, "seq"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_tensor_ranges_take_feeds_of_any_width_and_channel_ranges_name_a_tensor_without_them(tmp_path):
+    from edgeact.calibration.calibration_set import CalibrationError
+    from edgeact.export.quant_feeds import tensor_stats
+
+    onnx.save(_softmax_graph(), str(tmp_path / "g.onnx"))
+    feeds = lambda: iter([{"x": np.array([[1.0, -2.0, 3.0]], np.float32)},      # noqa: E731
+                          {"x": np.array([[4.0, 0.0, 1.0, -5.0, 2.0]], np.float32)}])   # the sequence grew
+    stats = tensor_stats(tmp_path / "g.onnx", ["x"], feeds, tmp_path, threads=1, channels=False)
+    assert (stats["x"].min, stats["x"].max, stats["x"].absmax) == (-5.0, 4.0, 5.0)
+    with pytest.raises(CalibrationError, match="tensor 'x': its last axis is 3 wide in one calibration feed and 5"):
+        tensor_stats(tmp_path / "g.onnx", ["x"], feeds, tmp_path, threads=1)
+
+
+def test_int8_w8a8_quantizes_the_portable_decoders_attention_products(sources, tmp_path):
+    out = tmp_path / "attention"
+    quantize_bundle(sources["portable"], out, QuantizeOptions("int8", int8_mode="w8a8", stages=(io.DECODER_STAGE,),
+                                                              quantize_attention=True),
+                    sources["calibration"], report_frames=0, threads=1)
+    graph = _graph(out).graph
+    inits = {t.name for t in graph.initializer}
+    dq_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    products = [n for n in matmuls if dq_of.get(n.input[1], n.input[1]) not in inits]     # QK^T and PV
+    assert len(products) == 4 and all(n.input[0] in dq_of and n.input[1] in dq_of for n in products)
+
+
+def test_exclude_nodes_that_name_no_node_are_refused_with_the_closest_names(sources, tmp_path):
+    typo = "transformer/blocks.0/mlp/ff_out/MatMul"          # the leading '/' forgotten
+    options = QuantizeOptions("int8", int8_mode="w8a16", stages=(io.DECODER_STAGE,), exclude_nodes=(typo,))
+    with pytest.raises(ConfigError, match=rf"exclude nodes \['{typo}'\] are not nodes of the stages quantized "
+                                          rf"\(decoder\); closest node names: '{typo}': '/{typo}'"):
+        quantize_bundle(sources["bundle"], tmp_path / "q", options, report_frames=0, threads=1)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantizing_the_other_stages_of_a_quantized_bundle_is_refused(sources, tmp_path):
+    first = quantize_bundle(sources["bundle"], tmp_path / "int4", INT4, report_frames=0, threads=1).out
+    with pytest.raises(BundleError, match=r"already quantized \(recipe 'int4-rtn-nbits', stages \['decoder'\]\).*"
+                                          r"quantize all the stages in one run \(--stages\) from the fp32 bundle"):
+        quantize_bundle(first, tmp_path / "stacked", QuantizeOptions("int8", int8_mode="w8a16", stages=("vision",)),
+                        report_frames=0, threads=1)
+    assert not (tmp_path / "stacked").exists()
+
+
+def test_a_calibration_set_answered_by_other_weights_of_the_same_config_is_refused(sources, tmp_path, caplog):
+    import json
+    import shutil
+
+    from edgeact.calibration.calibration_set import MANIFEST_FILE, CalibrationError, CalibrationSet
+    from edgeact.export.bundle_writer import update_manifest
+
+    other = shutil.copytree(sources["bundle"], tmp_path / "other")          # same config, other weights
+    np.save(other / "weights" / "embedding.npy", np.load(other / "weights" / "embedding.npy") * 1.5)
+    update_manifest(other, lambda m: None, rehash=["weights/embedding.npy"])
+    ours = CalibrationSet.load(sources["calibration"])
+    answered_by = {k: v for k, v in ours.model.items() if k != "weights_sha256"} | {"source": str(other)}
+    theirs = CalibrationSet(ours.samples, ours.seed, ours.frames_source, answered_by)     # recorded as it is built
+    assert theirs.model["weights_sha256"] not in ("", ours.model["weights_sha256"])
+    int8 = QuantizeOptions("int8", int8_mode="w8a8", stages=("connector",))
+    with pytest.raises(CalibrationError, match=r"decoded by another model: same config, but the weights of the bundle "
+                                               rf"'{other}' that answered .* rebuild the set from this bundle"):
+        quantize_bundle(sources["bundle"], tmp_path / "q", int8, theirs, report_frames=0, threads=1)
+
+    # A set written before sets recorded the digest: accepted, with a warning saying how to have it checked.
+    legacy = shutil.copytree(sources["calibration"], tmp_path / "legacy")
+    meta = json.loads((legacy / MANIFEST_FILE).read_text())
+    del meta["model"]["weights_sha256"]
+    (legacy / MANIFEST_FILE).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="edgeact.calibration.calibration_set"):
+        quantize_bundle(sources["bundle"], tmp_path / "q", int8, legacy, report_frames=0, threads=1)
+    assert "records no weights digest" in caplog.text and "`edgeact calibrate`" in caplog.text
+
+
+def test_a_depth_tokenizer_row_survives_quantization_and_its_verification(sources, tmp_path):
+    source = with_depth_tokenizer(sources["bundle"], tmp_path)
+    result = quantize_bundle(source, tmp_path / "int4", INT4, report_frames=0, threads=1, verify=True,
+                             checkpoint=sources["checkpoint"])
+    v = load_bundle(result.out, allow_failed_verification=True).manifest.verification
+    assert v.status == result.verification and "depth_tokenizer_codes" in [r["gate"] for r in v.results]

@@ -13,12 +13,14 @@ from onnx import numpy_helper
 from edgeact.export.bundle_export import export_bundle
 from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
 from edgeact.export.synthetic import make_checkpoint
+from edgeact.export import depth_tokenizer_export
 from edgeact.export import verify as verify_module
 from edgeact.export.verify import GATES, Gate, gate_for, held_out_observations, record_verification, verify_bundle
-from edgeact.runtime.bundle import load_bundle, read_manifest
+from edgeact.runtime.bundle import VerificationInfo, load_bundle, read_manifest
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import PRECISIONS
+from tests.export.quant_fixtures import with_depth_tokenizer
 
 GATE_NAMES = ["vision.cosine", "connector.cosine", "decoder.prefill.cosine", "decoder.cache.cosine", "decoder.step.cosine",
               "decoder.chunk.cosine", "logits.cosine", "tokens.forced", "tokens.greedy.depth",
@@ -219,3 +221,35 @@ def test_a_verdict_is_not_recorded_onto_other_content(bundles, tmp_path):
     report = verify_bundle(target, frames=1, threads=1, record=False)     # the new content, judged itself
     record_verification(target, report)
     assert read_manifest(target).verification.status == report.status == "failed"
+
+
+def test_verify_keeps_the_depth_tokenizer_row_it_cannot_measure_and_a_failed_one_fails_the_bundle(
+        bundles, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(depth_tokenizer_export, "CODE_AGREEMENT_GATE", 1.01)     # no agreement reaches it: fails
+    out = with_depth_tokenizer(bundles["D"], tmp_path)
+    assert main(["verify", str(out), "--frames", "1", "--threads", "1"]) == 1      # what `edgeact verify` runs
+    assert "verification FAILED at depth_tokenizer_codes" in " ".join(capsys.readouterr().out.split())
+    v = read_manifest(out).verification
+    assert v.status == "failed" and [r["gate"] for r in v.results] == GATE_NAMES + ["depth_tokenizer_codes"]
+    with pytest.raises(BundleError, match="verification failed at gate 'depth_tokenizer_codes'"):
+        load_bundle(out)
+
+    # A depth_tokenizer stage without its row (an older verify dropped it): failed, naming the step that checks it.
+    update_manifest(out, lambda m: setattr(m, "verification", VerificationInfo()))
+    report = verify_bundle(out, frames=1, threads=1)
+    (row,) = report.failing()
+    assert row["gate"] == "depth_tokenizer_codes" and row["stage"] == "depth_tokenizer"
+    assert "`edgeact add-depth-tokenizer`" in row["detail"] and read_manifest(out).verification.status == "failed"
+
+
+def test_a_passed_verdict_needs_a_row_for_every_stage(bundles, tmp_path):
+    target = _copy(bundles["D"], tmp_path)
+    rows = tuple({"gate": f"{s}.cosine", "stage": s, "passed": True} for s in ("vision", "decoder"))
+    with pytest.raises(BundleError, match=r"status is 'passed' but no result row gates stage 'connector'.*"
+                                          r"`edgeact verify`"):
+        update_manifest(target, lambda m: setattr(m, "verification", VerificationInfo("passed", {}, rows)))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["verification"] = {"status": "passed", "gates": {}, "results": list(rows)}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"no result row gates stage 'connector'"):
+        load_bundle(target)

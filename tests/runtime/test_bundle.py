@@ -24,8 +24,9 @@ from edgeact.runtime.errors import BundleError
 DECODER_RANGES = {"batch": (1, 1, 1), "seq": (1, 16, 64), "past_seq": (0, 64, 256)}
 DECODER_PROFILES = [{"name": "prefill", "dim_ranges": {"seq": (1, 16, 64)}},
                     {"name": "decode", "dim_ranges": {"seq": (1, 1, 1)}}]
-FAILED_RESULTS = [{"gate": "vision.cosine", "passed": True, "value": 0.9999, "limit": 0.999},
-                  {"gate": "decoder.top1_agreement", "passed": False, "value": 0.91, "limit": 0.99}]
+FAILED_RESULTS = [{"gate": "decoder.prefill.cosine", "stage": "decoder", "passed": True, "value": 0.9999,
+                   "limit": 0.999},
+                  {"gate": "decoder.top1_agreement", "stage": "decoder", "passed": False, "value": 0.91, "limit": 0.99}]
 
 
 def tiny_config() -> ArmConfig:

@@ -174,7 +174,7 @@ def test_a_never_verified_bundle_loads_with_a_warning_naming_how_to_verify_it(ex
     caplog.clear()
     verified = shutil.copytree(exported.bundle_dir, tmp_path / "verified")
     update_manifest(verified, lambda m: setattr(m, "verification", VerificationInfo(
-        "passed", {}, ({"gate": "tokens.forced", "passed": True},))))
+        "passed", {}, tuple({"gate": f"{stage}.cosine", "stage": stage, "passed": True} for stage in m.stages))))
     with caplog.at_level("WARNING", logger="edgeact.runtime.bundle_policy"):
         BundlePolicy(verified, threads=1)
     assert [r for r in caplog.records if r.name == "edgeact.runtime.bundle_policy"] == []
