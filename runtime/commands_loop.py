@@ -61,14 +61,21 @@ def _run(args) -> int:
     from edgeact.runtime.demo import policy_bundle_dir
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
-    from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, run_summary
+    from edgeact.runtime.telemetry import (CommandRecorder, LogSubscriber, TimingStats, distinct_outputs, output_file,
+                                           run_summary)
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
+    # The outputs are checked before the run: found unwritable after it, every number of the run would be lost.
+    outputs = {option: output_file(path, option) for option, path in (("--record", args.record), ("--json", args.json))
+               if path}
+    distinct_outputs(outputs)
     stats = TimingStats(config.rates.control_hz)
-    subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
     estop = threading.Event()
-    with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
+    with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
+        if args.json:
+            stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
+        subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
         result = run_robot(config, args.seconds, subscribers, estop=estop)
     console = _console(120)
     extra = run_summary(result, policy_bundle_dir(config))
@@ -130,7 +137,8 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
                         TimeRemainingColumn(), console=console, transient=True)
     estop = threading.Event()
     first_plan = FirstPlan()
-    with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop):
+    with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop,
+                                                     required=estop_key_required(config)):
         task = progress.add_task("running the loop", total=seconds)
         run = measure(config, seconds, out_dir, name, record, estop=estop, subscribers=(first_plan,),
                       progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
@@ -186,14 +194,20 @@ def task_rows(task: dict) -> list[tuple[str, str]]:
 
 
 def _finish(result, console) -> int:
-    """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report."""
+    """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report, and
+    so is a failed teardown (after the tables: the run's numbers stand)."""
     console.print(f"stopped: {result.reason} ({result.detail})")
+    teardown_error = getattr(result, "teardown_error", None)
+    if teardown_error is not None:
+        console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)
     if result.reason == "interrupt":
         return EXIT_INTERRUPTED
     if result.reason == "estop":
         return EXIT_ESTOP
     if result.error is not None:
         raise result.error
+    if teardown_error is not None:
+        raise teardown_error
     if not result.clean:
         from edgeact.runtime.cli import CommandError
 
@@ -228,6 +242,8 @@ def _summary_tables(summary: dict):
         ("safety trips (besides the exit)", str(sum(t["reason"] != "exit" for t in summary["trips"]))),
     ):
         loop.add_row(key, value)
+    if summary.get("incomplete"):
+        loop.add_row("[yellow]events the statistics missed (incomplete)[/]", str(summary["undelivered_events"]))
     if "control_thread" in summary:
         loop.add_row("control thread", summary["control_thread"]["scheduling"])
     if summary.get("memory", {}).get("peak_rss_mb"):
@@ -285,15 +301,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class KeyEstop:
-    """Sets `event` when `key` is pressed on the terminal at `fd` (stdin); a no-op without a key or a terminal.
+def estop_key_required(config) -> bool:
+    """A real robot whose only e-stop is the key: without a terminal to press it in, it must not start."""
+    return config.estop.key is not None and config.robot.bus != "sim" and config.estop.file is None
 
-    The terminal goes to cbreak mode (keys arrive without Enter, Ctrl-C still interrupts) and is
-    restored on exit.
+
+class KeyEstop:
+    """Sets `event` when `key` is pressed on the terminal at `fd` (stdin); a no-op without a key.
+
+    Without a terminal the key cannot be pressed: `required` (a real robot with no other e-stop)
+    refuses to start, else it is only logged. The terminal goes to cbreak mode (keys arrive without
+    Enter, Ctrl-C still interrupts) and is restored on exit.
     """
 
-    def __init__(self, key: str | None, event: threading.Event, fd: int | None = None):
-        self.key, self.event = key, event
+    def __init__(self, key: str | None, event: threading.Event, fd: int | None = None, required: bool = False):
+        self.key, self.event, self.required = key, event, required
         self.fd = sys.stdin.fileno() if fd is None and key is not None and _has_stdin() else fd
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -303,6 +325,12 @@ class KeyEstop:
         if self.key is None:
             return self
         if self.fd is None or not os.isatty(self.fd):
+            if self.required:
+                from edgeact.runtime.errors import ConfigError
+
+                raise ConfigError(f"the e-stop key {self.key!r} needs a terminal on stdin and there is none (nohup, "
+                                  "systemd, ssh without -t): the robot would run with no e-stop. Run it in a terminal "
+                                  "(over ssh: `ssh -t`), or set estop.file in the config (`touch` that file to stop)")
             logging.getLogger(__name__).warning("e-stop key %r needs a terminal on stdin; it is OFF for this run "
                                                 "(use the e-stop file instead)", self.key)
             return self

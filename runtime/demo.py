@@ -16,7 +16,8 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop import RunResult, run_robot
 from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, run_summary
+from edgeact.runtime.telemetry import (CommandRecorder, LogSubscriber, TimingStats, distinct_outputs, output_file,
+                                       run_summary)
 
 DEMO_POLICIES = ("scripted", "bundle")
 DEMO_ROBOTS = ("simple", "mujoco")
@@ -83,13 +84,24 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
 
     Besides TimingStats' numbers the summary has the run's own: how the control thread was
     scheduled, and each process's peak memory against the budget 1.3 x bundle bytes + 300 MB.
+    The outputs are checked, and an older NAME.json replaced by one marked "incomplete", before the
+    run starts: found unwritable after it, every number would be lost.
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; give a folder for {name}.json and {name}.png "
+                          "(it is made if missing)")
+    json_path = output_file(out_dir / f"{name}.json", "--out")
+    outputs = {"--out": json_path, f"--out ({name}.png)": out_dir / f"{name}.png"}
+    if record:
+        outputs["--record"] = output_file(record, "--record")
+    distinct_outputs(outputs)
     stats = TimingStats(config.rates.control_hz)
+    stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])
     result = run_robot(config, seconds, every, progress=progress, estop=estop)
-    out_dir = Path(out_dir)
     extra = run_summary(result, policy_bundle_dir(config))
-    json_path = stats.write_json(out_dir / f"{name}.json", extra)
+    json_path = stats.write_json(json_path, extra)
     summary = {**stats.summary(), **extra}
     try:
         return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"), stats=stats)

@@ -12,9 +12,11 @@ every event reaches the subscribers (the StopEvent, then the trips of the teardo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from contextlib import ExitStack
@@ -104,6 +106,9 @@ class RunResult:
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)   # process role ("control", "policy", "sim") -> VmHWM
     task: dict | None = None            # the simulated task's report at the end (sim_mujoco.TaskTracker); None: no task
     stale_plans: int = 0                # plans older than plan_max_age_s when they arrived: not followed (the robot held)
+    teardown_error: BaseException | None = None     # taking the robot down failed after the run (e.g. torque off
+                                                    # unconfirmed: motors without power); the run's numbers stand
+    undelivered_events: int = 0         # events the subscribers never got (too far behind): their summary is incomplete
 
     @property
     def clean(self) -> bool:
@@ -159,19 +164,20 @@ class RobotLoop:
             log.exception("the loop failed")
             self._end("error", f"{type(exc).__name__}: {exc}", exc)
         finally:
-            self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
-            self._stop.set()
-            # The control thread ends within a tick, and the robot goes to its safe state right after its last
-            # command; only then is the planner waited for, which may be inside a policy step of seconds.
-            # Waiting for it first left the motors uncommanded until the driver's watchdog tripped.
-            self._join(threads[:1])
-            reason, detail, error = self._ended
-            if not self.robot.estopped:                 # a latched e-stop already applied the safe state
-                self._bounded(lambda: self.robot.go_safe("exit", f"loop ended: {reason} ({detail})"))
-            self._join(threads[1:])
-            with self._frames_lock:                     # no frame event after the stop event
-                self._finished = True
-                self.hub.publish(StopEvent(self.clock(), reason, detail))
+            with interrupts_deferred():                 # a second Ctrl-C must not lose the run's result
+                self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
+                self._stop.set()
+                # The control thread ends within a tick, and the robot goes to its safe state right after its last
+                # command; only then is the planner waited for, which may be inside a policy step of seconds.
+                # Waiting for it first left the motors uncommanded until the driver's watchdog tripped.
+                self._join(threads[:1])
+                reason, detail, error = self._ended
+                if not self.robot.estopped:                 # a latched e-stop already applied the safe state
+                    self._bounded(lambda: self.robot.go_safe("exit", f"loop ended: {reason} ({detail})"))
+                self._join(threads[1:])
+                with self._frames_lock:                     # no frame event after the stop event
+                    self._finished = True
+                    self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
                          self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans)
 
@@ -321,7 +327,9 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
 
     Teardown runs in reverse on every way out: the SafetyGuard's exit (safe state, then the bus
     disconnect turns torque off), the policy's close, the camera, the simulator; then the
-    subscribers get their last events and are closed (files flushed). `estop` is an extra
+    subscribers get their last events and are closed (files flushed). Once the loop has ended the
+    result is always returned: a failing teardown is in its `teardown_error`, events the subscribers
+    never got in `undelivered_events`, and a further Ctrl-C is logged, not raised. `estop` is an extra
     e-stop input (the CLI's key listener sets it); `policy` replaces the configured one (tests).
     """
     # Here, not at the top: a robot's runtime imports neither the camera registry nor the simulator until it runs.
@@ -334,6 +342,8 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
                             control_priority=config.rates.control_priority, ensemble=config.plan.ensemble)
     estop_input = estop_check(config, estop)
     hub = EventHub(list(subscribers)).start()
+    teardown = ExitStack()      # entered once the loop has ended: Ctrl-C is deferred to the end of the teardown
+    result: RunResult | None = None
     try:
         if estop_input():
             raise ConfigError(f"the e-stop is active before the start ({_estop_source(config)}); release it to start")
@@ -352,6 +362,7 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             if mark_start is not None:      # a task's times count from here (the loop's start), not the reset
                 mark_start()
             guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
+            stack.callback(teardown.enter_context, interrupts_deferred())    # unwound first: before the guard's exit
             loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub)
             result = loop.run(duration_s, progress)
             # Read while the children live: each process's peak resident memory (the simulator is not the robot's),
@@ -359,11 +370,38 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             pids = {"control": os.getpid(), "policy": getattr(policy, "pid", None), "sim": getattr(sim, "pid", None),
                     "sim_camera": getattr(camera, "pid", None)}
             task_report = getattr(sim, "task_report", None)
-            return replace(result, peak_rss_bytes={role: rss for role, pid in pids.items()
-                                                   if pid is not None and (rss := peak_rss_bytes(pid)) is not None},
-                           task=task_report() if task_report is not None else None)
+            result = replace(result, peak_rss_bytes={role: rss for role, pid in pids.items()
+                                                     if pid is not None and (rss := peak_rss_bytes(pid)) is not None},
+                             task=task_report() if task_report is not None else None)
+    except Exception as exc:
+        if result is None:      # the run never ended (it never started): nothing to report but the error
+            raise
+        log.error("taking the robot down after the run failed: %s", exc)
+        result = replace(result, teardown_error=exc)
     finally:
-        hub.close()
+        with teardown:
+            hub.close()
+    return replace(result, undelivered_events=hub.undelivered)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C and SIGTERM are logged, not raised, in this block (the main thread's; elsewhere a no-op): once the
+    loop ends the robot is already in its safe state, and an interrupt in its teardown would lose the result."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def later(signum, frame):
+        log.warning("%s: already stopping (the robot is in its safe state); finishing the teardown first",
+                    signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, later) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def request_realtime(priority: int | None) -> str:

@@ -3,12 +3,17 @@
 The loop's threads only `publish` events (a queue put); one hub thread hands them to the
 subscribers in order, so a slow disk or a plot never delays a control tick. A subscriber that
 raises is kept as the hub's `error`, and the loop stops on it (into the safe state).
+Subscribers slower than the loop fall behind: the hub logs its backlog as it grows, drops the
+commands, frames and overruns beyond MAX_BACKLOG, and at the end waits DRAIN_S for them to catch
+up; what they never got is counted in `undelivered` (the run's summary is then "incomplete").
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +98,10 @@ class Subscriber:
 _HOOKS = {FrameEvent: "on_frame", PlanEvent: "on_plan", CommandEvent: "on_command", OverrunEvent: "on_overrun",
           TripEvent: "on_trip", StopEvent: "on_stop"}
 _CLOSE = object()
+_KEPT = (TripEvent, StopEvent)     # delivered even to subscribers too far behind: how the run ended
+DRAIN_S = 10.0              # close(): how long the subscribers may take to catch up with the queue
+MAX_BACKLOG = 20_000        # queued events beyond which commands, frames and overruns are dropped (~200 s at 100 Hz)
+FIRST_LAG_WARNING = 200     # a backlog this long is logged, and again each time it doubles
 
 
 class EventHub:
@@ -102,9 +111,18 @@ class EventHub:
         self.subscribers = list(subscribers or [])
         self.error: BaseException | None = None
         self.published = 0
+        self.dropped = 0            # events no subscriber got: over MAX_BACKLOG, or skipped after the drain timed out
+        self.abandoned = False      # a subscriber stuck past the drain: the hub thread left behind, subscribers open
+        self._skip = False          # the drain timed out: deliver only the trips and the stop
+        self._lag_warning = FIRST_LAG_WARNING
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    @property
+    def undelivered(self) -> int:
+        """Events that did not reach the subscribers (after close(); about, when a subscriber was `abandoned`)."""
+        return self.dropped + self._queue.qsize()
 
     def start(self) -> "EventHub":
         if self._thread is None and not self._closed:
@@ -114,6 +132,9 @@ class EventHub:
 
     def publish(self, event: Any) -> None:
         if not self._closed:
+            if self._queue.qsize() >= MAX_BACKLOG and not isinstance(event, (PlanEvent, *_KEPT)):
+                self.dropped += 1       # bounded memory: the subscribers are minutes behind
+                return
             self.published += 1
             self._queue.put(event)
 
@@ -121,16 +142,30 @@ class EventHub:
         """SafetyGuard's on_trip hook."""
         self.publish(TripEvent(trip))
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Deliver what is queued, stop the thread, close every subscriber (each even if another fails)."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Deliver what is queued, stop the thread, close every subscriber (each even if another fails).
+
+        Subscribers still behind after `timeout_s` (DRAIN_S) get only the trips and the stop from then on;
+        the rest counts as `undelivered`. No subscriber is closed while the hub thread may still call it:
+        one stuck even then leaves them all open (`abandoned`)."""
         if self._closed:
             return
         self._closed = True
+        timeout_s = DRAIN_S if timeout_s is None else timeout_s
         if self._thread is not None:
             self._queue.put(_CLOSE)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.error("event subscribers still busy after %.0f s; closing them anyway", timeout_s)
+                log.error("event subscribers still %d events behind after %.0f s; skipping the commands, frames and "
+                          "plans left, delivering only the trips and the stop (the summary is marked incomplete)",
+                          self._queue.qsize(), timeout_s)
+                self._skip = True
+                self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                self.abandoned = True
+                log.error("an event subscriber is stuck in one call for over %.0f s; leaving the subscribers open "
+                          "(their files may lack the run's end)", timeout_s)
+                return
         for sub in self.subscribers:
             try:
                 sub.close()
@@ -146,6 +181,11 @@ class EventHub:
 
     def _run(self) -> None:
         while (event := self._queue.get()) is not _CLOSE:
+            if self.abandoned:
+                return
+            if self._skip and not isinstance(event, _KEPT):
+                self.dropped += 1
+                continue
             hook = _HOOKS[type(event)]
             for sub in self.subscribers:
                 try:
@@ -154,3 +194,9 @@ class EventHub:
                     if self.error is None:
                         log.exception("subscriber %s failed on %s", type(sub).__name__, hook)
                         self.error = exc
+            backlog = self._queue.qsize()
+            if backlog >= self._lag_warning:    # logged as it doubles: a few lines however long the run
+                self._lag_warning = 2 * backlog
+                age_s = time.monotonic() - getattr(event, "time_s", math.nan)
+                log.warning("event subscribers are %d events (%.1f s) behind the loop: one is slower than the events "
+                            "come (a slow disk, a plot); the summary may end incomplete", backlog, age_s)

@@ -319,6 +319,8 @@ class RealtimeRunner:
             raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})")
         if result.error is not None:
             raise result.error
+        if result.teardown_error is not None:   # the simulated robot did not come down cleanly: no episode to trust
+            raise result.teardown_error
         out = realtime_result(self.system.name, index, result.task, stats, result.reason)
         if sheet is not None and first.plan is not None:
             out.sheet = str(episode_sheet_from_run(sheet, result.task, first.plan, stats, out))

@@ -5,13 +5,14 @@ import collections
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop_events import (CommandEvent, FrameEvent, OverrunEvent, PlanEvent, StopEvent, Subscriber,
                                          TripEvent)
 
@@ -66,12 +67,15 @@ def _json_default(value: Any) -> Any:
 
 
 class LogSubscriber(Subscriber):
-    """Trips, the stop, and (at most once per `every_s`) overruns and the plan rate, to the log."""
+    """Trips, the stop, and (at most once per `every_s`) overruns and the plan rate, to the log; checked on every
+    command too, so a policy that stopped answering is reported ("0 plans in the last N s") while the control
+    thread goes on."""
 
     def __init__(self, every_s: float = 5.0, logger: logging.Logger = log):
         self.every_s, self.log = every_s, logger
         self._last_s = time.monotonic()
         self._plans = self._overruns = 0
+        self._started = False
 
     def on_plan(self, e: PlanEvent) -> None:
         self._plans += 1
@@ -81,12 +85,20 @@ class LogSubscriber(Subscriber):
         self._overruns += 1
         self._maybe_report()
 
+    def on_command(self, e: CommandEvent) -> None:
+        if not self._started:       # the rates count from the loop's start, not the policy's load
+            self._started, self._last_s = True, time.monotonic()
+        self._maybe_report()
+
     def _maybe_report(self) -> None:
         now = time.monotonic()
         if now - self._last_s >= self.every_s:
-            rate = self._plans / (now - self._last_s)
-            self.log.info("%.2f plans/s, %d control overruns in the last %.0f s", rate, self._overruns,
-                          now - self._last_s)
+            if self._plans:
+                self.log.info("%.2f plans/s, %d control overruns in the last %.0f s",
+                              self._plans / (now - self._last_s), self._overruns, now - self._last_s)
+            else:
+                self.log.warning("0 plans in the last %.0f s: the policy has not finished a step (a stuck model or "
+                                 "policy process?); %d control overruns", now - self._last_s, self._overruns)
             self._last_s, self._plans, self._overruns = now, 0, 0
 
     def on_trip(self, e: TripEvent) -> None:
@@ -116,6 +128,7 @@ class TimingStats(Subscriber):
         self.stage_s: dict[str, collections.deque] = {}
         self.modes: collections.Counter = collections.Counter()
         self.ticks = self.overruns = self.plans = self.frames = 0
+        self._frames_since_first_tick = self._frames_in_ticks = 0     # the camera's rate over the ticks' span
         self.stale_plans = 0            # plans too old on arrival: held, so in neither frame -> command nor the skips
         self.first_tick_s = self.last_tick_s = math.nan
         self.trips: list[dict[str, Any]] = []
@@ -127,12 +140,15 @@ class TimingStats(Subscriber):
     # -- hooks -------------------------------------------------------------------------------
     def on_frame(self, e: FrameEvent) -> None:
         self.frames += 1
+        if self.ticks and e.time_s >= self.first_tick_s:
+            self._frames_since_first_tick += 1
 
     def on_command(self, e: CommandEvent) -> None:
         self.ticks += 1
         if self.ticks == 1:
             self.first_tick_s = e.time_s
         self.last_tick_s = e.time_s
+        self._frames_in_ticks = self._frames_since_first_tick     # frames from the first tick to this one
         self.tick_time_s.append(e.time_s)
         self.period_s.append(e.period_s)
         for series, value in ((self.work_s, e.work_s), (self.state_read_s, e.state_read_s),
@@ -202,18 +218,32 @@ class TimingStats(Subscriber):
             },
             "stages_ms": {name: _stats_ms(_array(series)) for name, series in self.stages().items()},
             "frame_to_command_ms": _stats_ms(_array(self.frame_to_command_s)),
-            "camera": {"frames": self.frames, "fps": _num(self.frames / span_s if self.ticks > 1 else math.nan)},
+            # Frames between the first and the last tick, over that span: not those of the start and the teardown.
+            "camera": {"frames": self._frames_in_ticks,
+                       "fps": _num(self._frames_in_ticks / span_s if self.ticks > 1 else math.nan)},
             "trips": list(self.trips),
             "stop": self.stop,
         }
 
     def write_json(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """The summary, plus `extra` sections (run_summary's), as JSON."""
+        """The summary, plus `extra` sections (run_summary's), as JSON: via a hidden temporary + os.replace, so an
+        interrupt never leaves a truncated file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         summary = {**self.summary(), **(extra or {})}
-        path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
         return path
+
+    def start_json(self, path: str | Path, option: str) -> Path:
+        """Before the run: replace an older run's JSON at `path` by this empty summary marked "incomplete" (a run
+        that dies leaves no stale numbers behind), checking that it can be written at all."""
+        try:
+            return self.write_json(path, {"incomplete": True})
+        except OSError as exc:
+            raise ConfigError(f"{option} {path}: cannot be written ({exc.strerror or exc}); give a path in a "
+                              f"writable folder") from None
 
     def plot_png(self, path: str | Path) -> Path:
         """Control periods over time and the stage latencies, as one PNG (needs matplotlib)."""
@@ -235,6 +265,29 @@ class TimingStats(Subscriber):
         bottom.tick_params(axis="x", labelrotation=20)
         fig.savefig(path, dpi=100)
         return path
+
+
+def output_file(path: str | Path, option: str) -> Path:
+    """Check an output file before the run (not after it, losing every number): not a folder, its folder made."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file path (e.g. {path / 'run.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:          # a file where a folder should be, no permission
+        raise ConfigError(f"{option} {path}: cannot make the folder {exc.filename or path.parent} "
+                          f"({exc.strerror or exc}); give a path in a folder that exists or can be made") from None
+    return path
+
+
+def distinct_outputs(outputs: dict[str, Path]) -> None:
+    """Refuse one file for two outputs (option -> path): the last one written would replace the other."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        other = seen.setdefault(Path(path).resolve(), option)
+        if other != option:
+            raise ConfigError(f"{other} and {option} name the same file {path}: the one written last would replace "
+                              f"the other (the JSON is written at the end); give them different paths")
 
 
 def png_figure(path: Path, figsize: tuple[float, float], what: str, fallback: str) -> Any:
@@ -270,7 +323,13 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None) -> dict[str, 
     runtime_bytes = sum(rss[role] for role in RUNTIME_ROLES if role in rss)
     bundle_bytes = directory_bytes(bundle_dir) if bundle_dir is not None else None
     budget = MEMORY_BUDGET_FACTOR * bundle_bytes + MEMORY_BUDGET_EXTRA_BYTES if bundle_bytes is not None else None
+    undelivered = getattr(result, "undelivered_events", 0)
+    teardown_error = getattr(result, "teardown_error", None)
     return {
+        # Events the subscribers (these statistics among them) never got: a subscriber fell too far behind.
+        "incomplete": bool(undelivered),
+        "undelivered_events": undelivered,
+        "teardown_error": None if teardown_error is None else f"{type(teardown_error).__name__}: {teardown_error}",
         "control_thread": {"scheduling": result.control_scheduling},
         "memory": {
             "peak_rss_mb": {role: _mb(value) for role, value in rss.items()},

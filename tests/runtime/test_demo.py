@@ -8,8 +8,10 @@ import time
 
 import pytest
 
-from edgeact.runtime import commands_loop
-from edgeact.runtime.errors import EdgeactError
+from edgeact.runtime import commands_loop, loop_events
+from edgeact.runtime.demo import measure
+from edgeact.runtime.errors import ConfigError, EdgeactError
+from edgeact.runtime.loop_events import Subscriber
 from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
 
@@ -165,3 +167,63 @@ def test_a_written_config_holds_the_bundle_path_absolute(tmp_path, monkeypatch):
     assert edgeact("demo", "--policy", "bundle", "--bundle", "out/b", "--write-config", "configs/robot.json") == 0
     written = json.loads((tmp_path / "configs" / "robot.json").read_text())
     assert written["policy"]["path"] == str(tmp_path / "out" / "b")
+
+
+def test_estop_key_required_without_a_terminal_refuses_naming_the_fixes(tmp_path):
+    event = threading.Event()
+    with open(tmp_path / "not-a-tty", "w+") as f:
+        with pytest.raises(ConfigError, match=r"the e-stop key 'q' needs a terminal on stdin .* the robot would run "
+                                              r"with no e-stop. Run it in a terminal \(over ssh: `ssh -t`\), or set "
+                                              r"estop.file in the config"):
+            commands_loop.KeyEstop("q", event, fd=f.fileno(), required=True).__enter__()
+    real = robot_config_from_dict({**sim_robot_config_dict(), "estop": {"key": "q"}})
+    real.robot.bus = "feetech"      # as on a robot: only the flag's inputs matter here
+    assert commands_loop.estop_key_required(real)
+    real.estop.file = "robot.estop"
+    assert not commands_loop.estop_key_required(real)
+    assert not commands_loop.estop_key_required(robot_config_from_dict({**sim_robot_config_dict(),
+                                                                       "estop": {"key": "q"}}))   # simulated: a warning
+
+
+def test_bench_refuses_an_out_that_is_a_file_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("edgeact.runtime.demo.run_robot", lambda *a, **k: pytest.fail("the run started"))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"--out {afile} is a file, not a folder; give a folder for bench.json"):
+        edgeact("bench", "--out", str(afile), "--seconds", "1")
+    with pytest.raises(ConfigError, match="--out and --record name the same file"):
+        edgeact("bench", "--out", str(tmp_path), "--record", str(tmp_path / "bench.json"), "--seconds", "1")
+
+
+def test_bench_replaces_an_older_json_at_the_start(tmp_path, monkeypatch):
+    # A run that dies (here: the simulator does not start) must not leave the older run's numbers looking current.
+    (tmp_path / "bench.json").write_text(json.dumps({"control": {"achieved_hz": 99.9}}))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the simulator did not start")
+
+    monkeypatch.setattr("edgeact.runtime.demo.run_robot", fails)
+    with pytest.raises(RuntimeError, match="the simulator did not start"):
+        edgeact("bench", "--out", str(tmp_path), "--seconds", "1")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["incomplete"] is True and data["control"]["achieved_hz"] is None
+
+
+class SlowPlot(Subscriber):
+    """A live plot slower than the control rate: 25 ms per command, at 100 commands per second."""
+
+    def on_command(self, event):
+        time.sleep(0.025)
+
+
+def test_a_subscriber_too_slow_to_catch_up_marks_the_summary_incomplete(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_events, "DRAIN_S", 0.3)
+    config = robot_config_from_dict(sim_robot_config_dict(), source="sim")
+    record = tmp_path / "record.jsonl"
+    run = measure(config, 1.0, tmp_path, "bench", record=record, subscribers=(SlowPlot(),))
+    data = json.loads(run.json_path.read_text())
+    assert data["incomplete"] is True and data["undelivered_events"] == run.result.undelivered_events > 0
+    assert data["control"]["ticks"] + data["undelivered_events"] >= run.result.ticks
+    assert data["stop"]["reason"] == "duration"                 # the stop and the trips still reach the statistics
+    events = [json.loads(line)["event"] for line in record.read_text().splitlines()]   # and the record, closed after
+    assert "stop" in events and events[-1] == "trip"

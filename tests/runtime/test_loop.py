@@ -19,7 +19,7 @@ from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.motors.feetech import FeetechMotorsBus
 from edgeact.drivers.motors.serial_bus import make_serial_bus
 from edgeact.drivers.sim.servo_bus import SimServoBus
-from edgeact.runtime import cli
+from edgeact.runtime import cli, commands_loop
 from edgeact.runtime.commands_loop import EXIT_ESTOP
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop import LoopSettings, run_robot
@@ -431,3 +431,92 @@ def test_plans_stale_on_arrival_are_counted_apart_and_not_as_latency_or_skips(si
     assert summary["policy"]["stale_plans"] == result.stale_plans
     assert summary["frame_to_command_ms"]["n"] == 0 and summary["policy"]["skipped_actions_mean"] is None
     assert torque(sim) == [0] * 6
+
+
+# -- a failed teardown, a second Ctrl-C, the e-stop key, the outputs: the run's result is never lost ------------------
+
+def cut_power(sim):
+    """A motor goes silent (its power cut, a loose cable); one, so that the teardown's retries take no long."""
+    with sim.lock:
+        sim.servo(3).powered = False
+
+
+def test_a_motor_losing_power_mid_run_ends_as_an_error_and_the_failed_teardown_is_returned_not_raised(sim):
+    events = Collect(at_tick=30, action=lambda: cut_power(sim))
+    result = run_robot(robot_config_from_dict(config_data(sim)), 20.0, [events])
+    assert result.reason == "error" and isinstance(result.error, MotorBusError) and result.ticks >= 30
+    assert isinstance(result.teardown_error, MotorBusError)        # the torque off could not be confirmed
+    assert "could not confirm torque off (motor 'elbow_flex' (id 3)" in str(result.teardown_error)
+    assert [e.reason for e in events.of(StopEvent)] == ["error"]
+    assert torque(sim) == [0, 0, 1, 0, 0, 0]                        # the others are off; the silent one is unknown
+
+
+def test_edgeact_run_writes_the_json_and_the_table_when_a_motor_loses_power(sim, tmp_path, capsys):
+    path, summary = tmp_path / "robot.json", tmp_path / "run.json"
+    path.write_text(json.dumps(config_data(sim)))
+
+    def cut_when_running():
+        deadline = time.monotonic() + 30
+        while len(sim.received) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cut_power(sim)
+
+    threading.Thread(target=cut_when_running, daemon=True).start()
+    assert cli.main(["run", str(path), "--seconds", "20", "--json", str(summary)]) == 2
+    captured = capsys.readouterr()
+    assert "achieved frequency" in captured.out and "stopped: error" in captured.out
+    assert "the teardown after the run failed: " in captured.out and "could not confirm torque off" in captured.out
+    data = json.loads(summary.read_text())
+    assert data["stop"]["reason"] == "error" and data["control"]["ticks"] > 0
+    assert "could not confirm torque off" in data["teardown_error"] and data["incomplete"] is False
+
+
+def test_a_second_ctrl_c_while_the_teardown_waits_for_the_planner_still_returns_the_result(sim, caplog):
+    # The first Ctrl-C (SIGTERM here, as `kill` sends it) stops the run; the second comes while the loop waits for a
+    # policy step of 1.5 s to end (the robot already safe): it is logged, and the run's result is still returned.
+    config = robot_config_from_dict(config_data(sim, latency_s=1.5))
+
+    class SecondCtrlC(Collect):
+        def on_trip(self, event):
+            self._add(event)
+            if event.trip.detail.startswith("loop ended"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    events = SecondCtrlC(at_tick=30, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with commands_loop._sigterm_as_interrupt():
+            result = run_robot(config, 20.0, [events])
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped run_robot: the run's result (JSON, table, the record's end) was lost")
+    assert (result.reason, result.error) == ("interrupt", None)
+    assert "SIGTERM: already stopping (the robot is in its safe state)" in caplog.text
+    assert [e.reason for e in events.of(StopEvent)] == ["interrupt"]
+    assert torque(sim) == [0] * 6
+
+
+def test_a_real_robot_whose_estop_key_cannot_be_pressed_does_not_start(sim, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim, estop={"key": "q"})))
+    with open(os.devnull) as not_a_terminal:
+        monkeypatch.setattr(sys, "stdin", not_a_terminal)
+        assert cli.main(["run", str(path), "--seconds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the e-stop key 'q' needs a terminal on stdin" in err and "`ssh -t`" in err and "estop.file" in err
+    assert not sim.received and torque(sim) == [0] * 6              # refused before the motors heard anything
+    path.write_text(json.dumps(config_data(sim, estop={"key": "q", "file": str(tmp_path / "estop")})))
+    with open(os.devnull) as not_a_terminal:                       # another e-stop is there: the key is only off
+        monkeypatch.setattr(sys, "stdin", not_a_terminal)
+        assert cli.main(["run", str(path), "--seconds", "0.5"]) == 0
+
+
+def test_edgeact_run_refuses_bad_output_paths_before_the_run(sim, tmp_path, monkeypatch, capsys):
+    path, same = tmp_path / "robot.json", tmp_path / "same.out"
+    path.write_text(json.dumps(config_data(sim)))
+    monkeypatch.setattr("edgeact.runtime.loop.run_robot", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["run", str(path), "--record", str(same), "--json", str(same)]) == 2
+    assert f"--record and --json name the same file {same}" in capsys.readouterr().err and not same.exists()
+    (tmp_path / "afile").write_text("not a folder")
+    assert cli.main(["run", str(path), "--json", str(tmp_path / "afile" / "run.json")]) == 2
+    assert f"--json {tmp_path / 'afile' / 'run.json'}: cannot make the folder" in capsys.readouterr().err
+    assert cli.main(["run", str(path), "--record", str(tmp_path)]) == 2
+    assert f"--record {tmp_path} is a folder; give a file path" in capsys.readouterr().err

@@ -1,16 +1,20 @@
 """Events and subscribers: the hub's order, threads and failures; the recorder's file; the timing summary and plot."""
 import json
+import logging
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from edgeact.drivers.motors.safety import SafetyTrip
+from edgeact.runtime import loop_events
+from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop_events import (CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent,
                                          Subscriber, TripEvent)
 from edgeact.runtime.policy import Plan
-from edgeact.runtime.telemetry import CommandRecorder, TimingStats
+from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,3 +151,94 @@ def test_empty_run_summary_is_valid_json():
     data = TimingStats(50.0).summary()
     assert data["control"]["achieved_hz"] is None and data["policy"]["latency_ms"]["n"] == 0
     json.dumps(data, allow_nan=False)
+
+
+def test_camera_fps_counts_only_the_frames_within_the_control_ticks():
+    # The camera runs from the torque on to the teardown (here 4 s at 30 fps), the ticks only from 1 s to 2 s: the
+    # frames before the first tick and after the last one are not the ticks' (counting them said 120 fps).
+    stats = TimingStats(target_hz=100.0)
+    frames = [FrameEvent(n / 30, n, n / 30) for n in range(120)]
+    ticks = [command(tick, 1.0 + tick * 0.01) for tick in range(101)]
+    for event in sorted(frames + ticks, key=lambda e: e.time_s):    # the hub delivers in publishing order
+        (stats.on_frame if isinstance(event, FrameEvent) else stats.on_command)(event)
+    camera = stats.summary()["camera"]
+    assert camera["frames"] == 30 and camera["fps"] == pytest.approx(30.0)     # the frames at 1.033 ... 2.0 s
+
+
+class Slow(Collect):
+    """A subscriber slower than the control rate (a plot, a slow disk): `delay_s` per command."""
+
+    def __init__(self, hub_thread, delay_s=0.01):
+        super().__init__()
+        self.delay_s, self.hub_thread, self.closed_while_delivering = delay_s, hub_thread, None
+
+    def on_command(self, event):
+        time.sleep(self.delay_s)
+        self._add(event)
+
+    def close(self):
+        self.closed_while_delivering = self.hub_thread().is_alive()
+        super().close()
+
+
+def test_subscribers_too_slow_for_the_drain_get_the_stop_and_are_closed_only_after_the_hub_thread(tmp_path):
+    hub = EventHub()
+    slow = Slow(lambda: hub._thread)
+    record = tmp_path / "commands.jsonl"
+    hub.subscribers = [slow, CommandRecorder(record)]
+    hub.start()
+    for tick in range(200):             # 2 s of commands for this subscriber
+        hub.publish(command(tick, tick * 0.01))
+    hub.trip(SafetyTrip("exit", "hold", 2.0, "loop ended"))
+    hub.publish(StopEvent(2.0, "duration", "2 s elapsed"))
+    hub.close(timeout_s=0.3)
+    assert slow.closed and slow.closed_while_delivering is False
+    assert hub.error is None                                    # the recorder never wrote to a closed file
+    assert isinstance(slow.events[-1], StopEvent) and isinstance(slow.events[-2], TripEvent)
+    commands = [e for e in slow.events if isinstance(e, CommandEvent)]
+    assert 0 < hub.undelivered == 200 - len(commands) < 200
+    lines = [json.loads(line) for line in record.read_text().splitlines()]   # complete lines, ending as the run did
+    assert [r["event"] for r in lines[-2:]] == ["trip", "stop"]
+
+
+def test_the_hub_logs_its_backlog_as_it_grows(caplog, monkeypatch):
+    monkeypatch.setattr(loop_events, "FIRST_LAG_WARNING", 20)
+    hub = EventHub()
+    hub.subscribers = [Slow(lambda: hub._thread, delay_s=0.005)]
+    hub.start()
+    for tick in range(100):
+        hub.publish(command(tick, time.monotonic()))
+    hub.close()
+    behind = [r.getMessage() for r in caplog.records if "behind the loop" in r.getMessage()]
+    assert len(behind) == 1 and int(behind[0].split()[3]) >= 95      # "event subscribers are 99 events": once, not
+                                                                    # per event, though the backlog stays over 20
+    assert hub.undelivered == 0
+
+
+def test_the_log_says_so_when_no_plan_came_while_the_control_thread_goes_on(caplog):
+    caplog.set_level(logging.INFO)
+    sub = LogSubscriber(every_s=0.05)
+    sub.on_command(command(0, 0.0))
+    sub.on_plan(plan_event(0, 0.0))
+    time.sleep(0.06)
+    sub.on_command(command(1, 0.06))
+    time.sleep(0.06)
+    sub.on_command(command(2, 0.12))            # the model hangs: commands only
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "plans/s" in messages[0]
+    assert messages[1].startswith("0 plans in the last 0 s: the policy has not finished a step")
+    assert caplog.records[1].levelname == "WARNING"
+
+
+def test_the_summary_json_is_replaced_at_the_start_and_written_atomically(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text('{"older": "run"}')
+    stats = TimingStats(100.0)
+    stats.start_json(path, "--out")
+    assert json.loads(path.read_text())["incomplete"] is True and "older" not in path.read_text()
+    stats.on_command(command(0, 0.0))
+    stats.write_json(path, {"incomplete": False})
+    assert json.loads(path.read_text())["control"]["ticks"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]      # no temporary left behind
+    with pytest.raises(ConfigError, match=r"--out .*: cannot be written .*; give a path in a writable folder"):
+        stats.start_json(tmp_path / "bench.json" / "x.json", "--out")
