@@ -631,7 +631,7 @@ def test_feature_decay_holds_the_image_features_down(demos):
         return float(features.pow(2).mean().sqrt())
 
     # Same seed, same batches: only the penalty differs, and it pulls the features toward 0.
-    assert feature_rms(10.0) < 0.7 * feature_rms(0.0)
+    assert feature_rms(100.0) < 0.7 * feature_rms(0.0)
     from edgeact.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match="feature_decay"):
         TrainOptions(feature_decay=-1.0)
