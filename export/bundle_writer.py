@@ -326,6 +326,7 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
             if rel not in files or rel in rehash:
                 files[rel] = _hash_entry(path, fsync=True)
         manifest.files = files
+        manifest.validate()         # as written (reading may soften an old verdict, writing may not)
         checked = Manifest.from_dict(manifest.to_dict())   # full validation before anything is replaced
         tmp = root / f".{MANIFEST_NAME}.tmp"
         _write_json_durably(tmp, checked.to_dict())

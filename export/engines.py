@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from edgeact.export.bundle_writer import update_manifest, utc_now
-from edgeact.export.trt_targets import (
+from edgeact.runtime.trt_targets import (
     check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles,
 )
 from edgeact.runtime import stage_io as io

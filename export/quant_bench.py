@@ -44,7 +44,7 @@ class BenchOptions:
         bad_modes = [m for m in self.int8_modes if m not in INT8_MODES]
         if "int8" in self.precisions and (bad_modes or not self.int8_modes):
             raise ConfigError(f"int8 modes {bad_modes or '(none)'}: bench some of {', '.join(INT8_MODES)}")
-        from edgeact.export.trt_targets import check_precision
+        from edgeact.runtime.trt_targets import check_precision
 
         if "fp8" in self.precisions:
             check_precision(self.fp8_target, "fp8")

@@ -37,7 +37,7 @@ QDQ_OP_TYPES = ("MatMul", "Gemm", "Conv", "Add", "Mul", "Softmax", "Gather", "Co
 @dataclass(frozen=True)
 class QuantizeOptions:
     precision: str
-    target: str | None = None               # TensorRT target (export/trt_targets.py); None: onnxruntime on a CPU
+    target: str | None = None               # TensorRT target (runtime/trt_targets.py); None: onnxruntime on a CPU
     stages: tuple[str, ...] | None = None   # default DEFAULT_STAGES[precision]
     op_types: tuple[str, ...] = ("MatMul",)
     exclude_nodes: tuple[str, ...] = ()
@@ -62,7 +62,7 @@ class QuantizeOptions:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} unknown; use one of {', '.join(PRECISIONS)}")
         if self.target is not None:
-            from edgeact.export.trt_targets import check_precision
+            from edgeact.runtime.trt_targets import check_precision
 
             check_precision(self.target, self.precision)   # e.g. fp8 on Orin: names int8 / int4 instead
         object.__setattr__(self, "stages", tuple(self.stages or DEFAULT_STAGES[self.precision]))

@@ -7,6 +7,7 @@ file. `from_dict` refuses anything malformed with a message that names the field
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -14,6 +15,8 @@ from typing import Any, Iterator
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import BundleError, CheckpointError
 from edgeact.runtime.stage_spec import DTYPES, StageSpec, check_relpath, field_error, get_field, map_fields
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # What each older schema lacks, for the error that refuses it (runtime/bundle.py).
@@ -189,6 +192,23 @@ class VerificationInfo:
                    results=tuple(get_field(data, "results", list, where, [])))
 
 
+def _ungated_failed(verification: VerificationInfo, stages: list[str]) -> VerificationInfo:
+    """A read verdict of 'passed' that no row backs for some stage (written by an `edgeact verify` or `quantize` that
+    dropped the depth tokenizer's row) becomes 'failed' at that stage: such a bundle loads as any failed one does
+    (`--allow-unverified`), and writers refuse to record a verdict like it (Manifest.validate)."""
+    gated = {r.get("stage") for r in verification.results}
+    ungated = [name for name in stages if name not in gated]
+    if verification.status != "passed" or not ungated:
+        return verification
+    rows = [{"gate": f"{name}.unverified", "stage": name, "passed": False,
+             "detail": f"no verification row covers stage {name!r} (an older `edgeact verify` or `quantize` dropped "
+                       "it): build the bundle again (`edgeact add-depth-tokenizer` on the fp32 export, then "
+                       "`edgeact quantize` from that), or run it as it is with --allow-unverified"} for name in ungated]
+    log.warning("the bundle's verification was recorded 'passed' without checking stage(s) %s: taken as failed",
+                ", ".join(ungated))
+    return VerificationInfo("failed", verification.gates, (*verification.results, *rows))
+
+
 @dataclass(frozen=True)
 class EngineRecord:
     """A TensorRT engine built on (and only valid for) one target, TensorRT version and SM."""
@@ -317,6 +337,8 @@ class Manifest:
             grammar=get_field(data, "grammar", dict, "", {}),
             norm_stats=get_field(data, "norm_stats", dict, "", {}),
             quantization=None if quant is None else QuantizationInfo.from_dict(quant),
-            verification=VerificationInfo.from_dict(get_field(data, "verification", dict, "", {"status": "not_run"})),
+            verification=_ungated_failed(
+                VerificationInfo.from_dict(get_field(data, "verification", dict, "", {"status": "not_run"})),
+                list(get_field(data, "stages", dict, ""))),
             engines=[EngineRecord.from_dict(r) for r in get_field(data, "engines", list, "", [])],
         )

@@ -200,7 +200,7 @@ def _finish(result, console) -> int:
     teardown_error = getattr(result, "teardown_error", None)
     if teardown_error is not None:
         console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)
-    if result.reason == "interrupt":
+    if result.reason == "interrupt" or getattr(result, "interrupted_late", False):   # Ctrl-C, maybe in the teardown
         return EXIT_INTERRUPTED
     if result.reason == "estop":
         return EXIT_ESTOP

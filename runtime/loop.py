@@ -109,6 +109,7 @@ class RunResult:
     teardown_error: BaseException | None = None     # taking the robot down failed after the run (e.g. torque off
                                                     # unconfirmed: motors without power); the run's numbers stand
     undelivered_events: int = 0         # events the subscribers never got (too far behind): their summary is incomplete
+    interrupted_late: bool = False      # Ctrl-C / SIGTERM came during the teardown (deferred): the caller stops too
 
     @property
     def clean(self) -> bool:
@@ -164,7 +165,8 @@ class RobotLoop:
             log.exception("the loop failed")
             self._end("error", f"{type(exc).__name__}: {exc}", exc)
         finally:
-            with interrupts_deferred():                 # a second Ctrl-C must not lose the run's result
+            late: list[int] = []
+            with interrupts_deferred(late):             # a second Ctrl-C must not lose the run's result
                 self._end("stopped", "the loop was left")     # no-op unless nothing else ended it
                 self._stop.set()
                 # The control thread ends within a tick, and the robot goes to its safe state right after its last
@@ -179,7 +181,8 @@ class RobotLoop:
                     self._finished = True
                     self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
-                         self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans)
+                         self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans,
+                         interrupted_late=bool(late))
 
     @staticmethod
     def _join(threads: list[threading.Thread]) -> None:
@@ -343,6 +346,7 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     estop_input = estop_check(config, estop)
     hub = EventHub(list(subscribers)).start()
     teardown = ExitStack()      # entered once the loop has ended: Ctrl-C is deferred to the end of the teardown
+    late: list[int] = []        # the signals it deferred
     result: RunResult | None = None
     try:
         if estop_input():
@@ -362,7 +366,7 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             if mark_start is not None:      # a task's times count from here (the loop's start), not the reset
                 mark_start()
             guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
-            stack.callback(teardown.enter_context, interrupts_deferred())    # unwound first: before the guard's exit
+            stack.callback(teardown.enter_context, interrupts_deferred(late))   # unwound first: before the guard's exit
             loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub)
             result = loop.run(duration_s, progress)
             # Read while the children live: each process's peak resident memory (the simulator is not the robot's),
@@ -381,13 +385,14 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     finally:
         with teardown:
             hub.close()
-    return replace(result, undelivered_events=hub.undelivered)
+    return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late))
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
-    """Ctrl-C and SIGTERM are logged, not raised, in this block (the main thread's; elsewhere a no-op): once the
-    loop ends the robot is already in its safe state, and an interrupt in its teardown would lose the result."""
+def interrupts_deferred(heard: list[int]):
+    """Ctrl-C and SIGTERM are logged and appended to `heard`, not raised, in this block (the main thread's; elsewhere
+    a no-op): once the loop ends the robot is already in its safe state, and an interrupt in its teardown would lose
+    the result. The caller stops after it (RunResult.interrupted_late)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -395,6 +400,7 @@ def interrupts_deferred():
     def later(signum, frame):
         log.warning("%s: already stopping (the robot is in its safe state); finishing the teardown first",
                     signal.Signals(signum).name)
+        heard.append(signum)
 
     previous = {sig: signal.signal(sig, later) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

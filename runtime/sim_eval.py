@@ -315,8 +315,9 @@ class RealtimeRunner:
         config = robot_config_from_dict(episode_config_dict(self.base, seed, template), source=self.source)
         stats, first = TimingStats(config.rates.control_hz), FirstPlan()
         result = run_robot(config, episode.time_limit_s, [stats, first])
-        if result.reason in ("interrupt", "estop"):     # the operator stopped it (robot already safe): so do we
-            raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})")
+        if result.reason in ("interrupt", "estop") or result.interrupted_late:  # the operator stopped it: so do we
+            raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})"
+                                    + ("; Ctrl-C during its teardown" if result.interrupted_late else ""))
         if result.error is not None:
             raise result.error
         if result.teardown_error is not None:   # the simulated robot did not come down cleanly: no episode to trust

@@ -5,7 +5,7 @@ Also the field-validation helpers the whole manifest schema shares. Dims are int
 range. Every shape derives from these alone, here and nowhere else: concrete shapes for the
 symbol values of a call, buffer sizes at the ranges' max, and the engine optimization profiles
 (min / opt / max shape per input) that the runtime's engines and the exporter's engine builder
-(export/trt_targets.py) both use.
+(runtime/trt_targets.py) both use.
 """
 from __future__ import annotations
 

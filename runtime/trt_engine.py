@@ -29,6 +29,7 @@ from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_p
 from edgeact.runtime.stage_spec import (
     bind_symbols, largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape,
 )
+from edgeact.runtime.trt_targets import TARGETS
 
 TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
                     "(Jetson: JetPack ships TensorRT; pip install cuda-python); or use backend 'onnxruntime'")
@@ -120,8 +121,6 @@ def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capabili
 def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> bool:
     """Whether an engine built for the record's SM runs on a GPU of this SM: the same number, or another number
     the record's target chip also reports (Thor: 11.0, 10.1 before CUDA 13), as build-engines' check_device allows."""
-    from edgeact.export.trt_targets import TARGETS
-
     sm = tuple(compute_capability)
     if record.compute_capability == f"{sm[0]}.{sm[1]}":
         return True

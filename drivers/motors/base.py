@@ -112,6 +112,7 @@ class OmniBase:
         self._lock = threading.Lock()       # one command at a time: the caller's or the watchdog's stop
         self._last_command_s = time.monotonic()
         self._sent_rad_s = dict.fromkeys(self.config.wheels, 0.0)    # the last wheel speeds sent: the ramp's origin
+        self._guard_trips = len(self.guard.trips) if self.guard is not None else 0   # at the last send
         self._moving = False
         self._stop_watch = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -158,10 +159,14 @@ class OmniBase:
                 self._stop_wheels()
                 raise EStopLatchedError("the e-stop is active: the base does not drive; release the e-stop (on a "
                                         "SafetyGuard also call reset_estop()) before sending again")
+            if self.guard is not None and len(self.guard.trips) != self._guard_trips:
+                # The guard stopped the wheels itself meanwhile (its watchdog, go_safe): ramp up from standstill.
+                self._sent_rad_s = dict.fromkeys(self.config.wheels, 0.0)
             now = time.monotonic()
             sent = self.bus.send_velocity(self.ramp(wheels, now - self._last_command_s))
             self._last_command_s = now
             self._sent_rad_s = dict(sent)
+            self._guard_trips = len(self.guard.trips) if self.guard is not None else 0
             self._moving = any(sent.values())
         return self.body_velocity(sent)
 

@@ -184,12 +184,11 @@ class SerialBusConfig:
         return self._watchdog_units
 
     def _checked_watchdog_units(self) -> int:
-        units = bus_watchdog_units(self.bus_watchdog_s, WATCHDOG_UNIT_S, 127, MotorConfigError, steps=" in 20 ms steps")
-        if units and not self.HAS_BUS_WATCHDOG:
+        if self.bus_watchdog_s not in (None, 0) and not self.HAS_BUS_WATCHDOG:   # before its range: no value works
             raise MotorConfigError(f"bus_watchdog_s {self.bus_watchdog_s}: {self.PROTOCOL} motors have no bus "
                                    "watchdog register (a Dynamixel Protocol 2.0 feature); remove bus_watchdog_s or "
                                    "set it to None")
-        return units
+        return bus_watchdog_units(self.bus_watchdog_s, WATCHDOG_UNIT_S, 127, MotorConfigError, steps=" in 20 ms steps")
 
 
 def check_baud_rate(protocol: str, baud_rate: int, supported: tuple[int, ...]) -> None:

@@ -164,6 +164,20 @@ def test_a_latched_estop_of_the_safety_guard_stops_the_base_and_refuses_its_comm
         assert any(goals(bus).values())
 
 
+def test_after_the_guard_stopped_the_wheels_the_base_ramps_up_from_standstill(lekiwi):
+    sim, bus = lekiwi
+    with SafetyGuard(bus, SafetyConfig(watchdog_timeout_s=0.1, max_velocity_rad_s=3.0)) as guard, \
+            OmniBase(guard, OmniBaseConfig(watchdog_s=2.0, max_wheel_accel_rad_s2=10.0)) as base:
+        deadline = time.monotonic() + 3.0
+        while base.send(wz_rad_s=2.0).wz_rad_s < 1.9 and time.monotonic() < deadline:   # up to full speed
+            time.sleep(0.01)
+        time.sleep(0.4)             # the caller pauses: the guard's watchdog (0.1 s) stops the wheels, the base's not
+        assert guard.watchdog_trips >= 1 and goals(bus) == dict.fromkeys(WHEEL_IDS, 0)
+        sent = base.send(wz_rad_s=2.0)
+        # From 0, not from the full speed the base last sent: at most 10 rad/s^2 x ACCEL_STEP_MAX_S per wheel.
+        assert max(abs(s) for s in base.wheel_speeds(sent).values()) <= 10.0 * ACCEL_STEP_MAX_S + 0.02   # raw steps
+
+
 def test_the_guards_velocity_limit_scales_the_wheels_together(lekiwi):
     sim, bus = lekiwi
     with SafetyGuard(bus, SafetyConfig(max_velocity_rad_s=1.0)) as guard, \

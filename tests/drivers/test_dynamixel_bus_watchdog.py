@@ -114,5 +114,7 @@ def test_feetech_refuses_a_bus_watchdog():
     assert FeetechBusConfig(port="/dev/null").bus_watchdog_units == 0
     with pytest.raises(MotorConfigError, match="bus_watchdog_s 0.1: feetech motors have no bus watchdog register"):
         FeetechBusConfig(port="/dev/null", bus_watchdog_s=0.1)
+    with pytest.raises(MotorConfigError, match="bus_watchdog_s 5.0: feetech motors have no bus watchdog register"):
+        FeetechBusConfig(port="/dev/null", bus_watchdog_s=5.0)      # not sent to a range no value of it meets
     with pytest.raises(MotorConfigError, match="remove bus_watchdog_s"):
         make_serial_bus("feetech", "/dev/null", bus_watchdog_s=0.2)

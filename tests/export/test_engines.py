@@ -13,7 +13,7 @@ import pytest
 
 import edgeact.export.engines as engines
 from edgeact.export.engines import TENSORRT_MISSING, build_engines, device_compute_capability
-from edgeact.export.trt_targets import optimization_profiles, targets_for_device
+from edgeact.runtime.trt_targets import optimization_profiles, targets_for_device
 from edgeact.runtime.bundle import load_bundle, sha256_file
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError

@@ -3,6 +3,7 @@
 The simulator runs in the test process and the loop drives it through the real serial driver,
 so "torque off" is read from the simulated motors' own registers.
 """
+import io
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.motors.feetech import FeetechMotorsBus
@@ -492,6 +494,21 @@ def test_a_second_ctrl_c_while_the_teardown_waits_for_the_planner_still_returns_
     assert "SIGTERM: already stopping (the robot is in its safe state)" in caplog.text
     assert [e.reason for e in events.of(StopEvent)] == ["interrupt"]
     assert torque(sim) == [0] * 6
+    assert result.interrupted_late
+
+
+def test_a_ctrl_c_during_the_teardown_of_a_finished_run_is_reported_not_dropped(sim, caplog):
+    # The run ended by its duration; the operator's Ctrl-C comes while it is taken down: the result still comes back,
+    # and says so, so that a caller running episodes one after another (edgeact eval) stops too.
+    class CtrlCAtClose(Collect):
+        def close(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+
+    result = run_robot(robot_config_from_dict(config_data(sim)), 0.5, [CtrlCAtClose()])
+    assert result.reason == "duration" and result.interrupted_late
+    assert "SIGINT: already stopping" in caplog.text
+    assert commands_loop._finish(result, Console(file=io.StringIO())) == commands_loop.EXIT_INTERRUPTED
 
 
 def test_a_real_robot_whose_estop_key_cannot_be_pressed_does_not_start(sim, tmp_path, monkeypatch, capsys):

@@ -197,7 +197,7 @@ def test_decoder_engine_on_a_real_gpu(exported, tmp_path):
     except ImportError:
         pytest.skip("needs an NVIDIA GPU with TensorRT 10 and cuda-python")
     from edgeact.export.engines import build_engines, device_compute_capability
-    from edgeact.export.trt_targets import targets_for_device
+    from edgeact.runtime.trt_targets import targets_for_device
 
     targets = targets_for_device(device_compute_capability())
     if not targets:

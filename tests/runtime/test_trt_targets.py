@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from edgeact.export.trt_targets import (
+from edgeact.runtime.trt_targets import (
     TARGETS, check_device, check_precision, engine_record, get_target, optimization_profiles, profile_names,
     supported_precisions, targets_for_device,
 )
@@ -52,7 +52,7 @@ def test_fp8_for_orin_is_refused_naming_int8_and_int4():
 
 
 def test_refusals_name_the_architecture_of_the_sm_they_need():
-    from edgeact.export.trt_targets import _arch_name
+    from edgeact.runtime.trt_targets import _arch_name
 
     with pytest.raises(ConfigError, match=r"fp8 needs SM >= 8\.9 \(Ada or newer\); orin "):
         check_precision("orin", "fp8")

@@ -1,5 +1,8 @@
 """TensorRT targets, the precisions each can run, and engine optimization profiles derived from a manifest.
 
+In the runtime: `edgeact build-engines` (export) builds with it, and the TensorRT runner picks an
+engine with the same table of the SM numbers each chip reports.
+
 Pure logic (no tensorrt import) so it is tested everywhere. Shapes come only from a stage's
 manifest (`dims` + `dim_ranges` + `profiles`), never from literals repeated in scripts: change
 the exporter's ranges and the engines follow. The derivation itself lives in
