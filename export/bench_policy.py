@@ -346,11 +346,14 @@ def _decode_row(name: str, bundle, rate: float, read_gb_s: float, past: int) -> 
     from edgeact.runtime.membw import bandwidth_limit_tokens_s, decode_bytes_per_token
 
     per_token = decode_bytes_per_token(bundle)
+    kv = per_token.kv_bytes_per_position * past
     limit = bandwidth_limit_tokens_s(read_gb_s, per_token.total)
-    return {"precision": name, "bytes_per_token": per_token.to_dict(),
-            "kv_bytes_at_context": per_token.kv_bytes_per_position * past,
-            "decode_tokens_s": round(rate, 2), "limit_tokens_s": round(limit, 2),
-            "fraction_of_limit": rate / limit}
+    # The goal's limit counts the weights a token reads; each measured step also reads the KV cache at `past`
+    # positions, so the limit with it is the one those steps could reach.
+    limit_kv = bandwidth_limit_tokens_s(read_gb_s, per_token.total + kv)
+    return {"precision": name, "bytes_per_token": per_token.to_dict(), "kv_bytes_at_context": kv,
+            "decode_tokens_s": round(rate, 2), "limit_tokens_s": round(limit, 2), "fraction_of_limit": rate / limit,
+            "limit_with_kv_tokens_s": round(limit_kv, 2), "fraction_of_limit_with_kv": rate / limit_kv}
 
 
 def _memory_row(name: str, path: Path, options: PolicyBenchOptions, threads: int) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError, Seque
 from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes
 from edgeact.runtime.grammar_walk import Forced, answer_steps, longest_answer
 
-STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
+STAGES = ("preprocess", "vision", "prefill", "decode", "release", "parse")
 # How an action bin is chosen: "greedy" (the argmax; token-identical to masked greedy decoding, as MolmoAct
 # decodes) or "median" (the bin where the distribution's cumulative probability reaches one half). A small model's
 # distribution over 256 bins is flat with its largest mass in an end bin (where the clipped tails land), so the
@@ -184,10 +184,11 @@ class DecodeProgram:
                 step = walk.send(sent)
             except StopIteration:
                 break
-        self.decoder.release()
         decoded = time.perf_counter()
+        self.decoder.release()      # not a decode step: timed apart, so decode seconds / steps is a step's time
         seconds["prefill"] = (prefill_end or decoded) - start
         seconds["decode"] = decoded - (prefill_end or decoded)
+        seconds["release"] = time.perf_counter() - decoded
         return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, depth_codes is not None,
                             trace is not None, image_size_px, seconds)
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import mmap
+import os
 import subprocess
 import sys
 import time
@@ -56,8 +57,8 @@ def measure_bandwidth(array_bytes: int = DEFAULT_PROBE_BYTES, threads: int = 1, 
 
     `threads` workers each stream their own slice at once (numpy releases the GIL in these reads and
     copies), as the decoder's intra-op threads do: one core alone rarely saturates the memory bus.
-    The read rate is the best of three streaming reads: np.sum, a BLAS dot of each slice with itself,
-    and an OR-reduction of its bits. np.sum alone is not enough: its pairwise summation is bound by
+    The read rate is the best of three streaming reads: np.sum, a BLAS dot of each slice with itself
+    (only with a thread per core: BLAS threads itself), and an OR-reduction of its bits. np.sum alone is not enough: its pairwise summation is bound by
     arithmetic (19 GB/s a core, 37-40 GB/s on 2 cores of the 2-core machine this was measured on),
     where the dot streams 64-68 GB/s and an fp32 decoder's GEMVs 49 GB/s. The best of `repeats` is
     kept: other processes only ever make a run slower.
@@ -71,13 +72,24 @@ def measure_bandwidth(array_bytes: int = DEFAULT_PROBE_BYTES, threads: int = 1, 
     reads = np.array_split(data, threads)
     sources, targets = np.array_split(data[:half], threads), np.array_split(target, threads)
     words = [part.view(np.uint64) for part in reads]
+    # The BLAS dot runs on BLAS's own thread pool, sized to every core whatever `threads` says: with fewer
+    # threads than cores it would measure more cores than the decoder it bounds may use, so it is left out.
+    dot = threads >= _cores()
     with ThreadPoolExecutor(threads) as pool:
         read_s = min(_best(lambda: list(pool.map(np.sum, reads)), repeats),
-                     _best(lambda: list(pool.map(lambda part: np.dot(part, part), reads)), repeats),
+                     _best(lambda: list(pool.map(lambda part: np.dot(part, part), reads)), repeats) if dot else math.inf,
                      _best(lambda: list(pool.map(np.bitwise_or.reduce, words)), repeats))
         copy_s = _best(lambda: list(pool.map(np.copyto, targets, sources)), repeats)
     return Bandwidth(read_gb_s=data.nbytes / read_s / 1e9, copy_gb_s=2 * target.nbytes / copy_s / 1e9,
                      array_bytes=data.nbytes, threads=threads, repeats=repeats)
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity), as BLAS sizes its pool."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
 
 
 def best_of(probes: list[Bandwidth]) -> Bandwidth:

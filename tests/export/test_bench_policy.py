@@ -82,6 +82,11 @@ def test_decode_against_bandwidth_and_memory_rows(bench):
     for d in report["decode"]:
         assert d["decode_tokens_s"] > 0 and math.isfinite(d["limit_tokens_s"])
         assert d["fraction_of_limit"] == pytest.approx(d["decode_tokens_s"] / d["limit_tokens_s"], rel=0.01)
+        # The KV cache the measured steps also read: the limit with it is lower by exactly its share of the bytes.
+        total = d["bytes_per_token"]["total"]
+        assert d["limit_with_kv_tokens_s"] == pytest.approx(
+            d["limit_tokens_s"] * total / (total + d["kv_bytes_at_context"]), rel=0.01)
+        assert d["fraction_of_limit_with_kv"] > d["fraction_of_limit"]
     assert report["bandwidth"]["read_gb_s"] > 0 and report["bandwidth"]["threads"] == 1
     # Probed before and after the decode rates; the limit is the better probe of the two.
     probes = report["bandwidth_probes"]

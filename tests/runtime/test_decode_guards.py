@@ -69,6 +69,16 @@ def test_finite_hidden_states_decode_as_before(tok, layout):
     assert result.actions.shape == (1, 7) and np.isfinite(result.actions).all()
 
 
+def test_the_decoders_release_is_timed_apart_from_the_decode_steps(tok, layout):
+    # release() (e.g. onnxruntime's arena shrink: one more run) is no decode step: decode seconds / steps is a step.
+    import time
+
+    decoder = StandInDecoder(512)
+    decoder.release = lambda: time.sleep(0.2)
+    result = program(tok, layout, decoder).run(prompt(40))
+    assert result.stage_seconds["release"] >= 0.2 > result.stage_seconds["decode"]
+
+
 @pytest.mark.parametrize("n_actions", [1, 8])
 def test_a_prompt_the_longest_answer_would_overflow_is_refused_before_the_prefill(tok, layout, n_actions):
     longest = longest_answer(AnswerGrammar(tok, layout, n_actions=n_actions))

@@ -167,7 +167,7 @@ def test_forcing_depth_and_trace_leaves_only_the_actions_to_decode(tmp_path_fact
     assert steered.decode_steps == 6 and steered.trace_forced and steered.depth_forced
     np.testing.assert_array_equal(steered.trace, FORCED_TRACE)
     np.testing.assert_allclose(steered.trace_px, trace_to_pixels(np.array(FORCED_TRACE), *FRAME_PX))
-    assert set(steered.stage_seconds) == {"prefill", "decode", "parse"}
+    assert set(steered.stage_seconds) == {"prefill", "decode", "release", "parse"}
 
 
 def test_median_action_decoding_picks_each_bins_median_under_the_reference_model(tmp_path_factory):

@@ -64,6 +64,20 @@ def test_bandwidth_probe_gives_positive_finite_rates():
         measure_bandwidth(1024)
 
 
+@pytest.mark.parametrize("threads, cores, dot_used", [(1, 2, False), (2, 2, True), (2, 4, False), (4, 4, True)])
+def test_the_probe_uses_blas_only_with_a_thread_per_core(monkeypatch, threads, cores, dot_used):
+    # BLAS runs its own pool on every core: with fewer probe threads than cores it would read faster than the
+    # decoder it bounds may (the limit too high, the fraction too low).
+    from edgeact.runtime import membw
+
+    calls = []
+    real_dot = np.dot
+    monkeypatch.setattr(membw, "_cores", lambda: cores)
+    monkeypatch.setattr(membw.np, "dot", lambda a, b: calls.append(1) or real_dot(a, b))
+    bw = measure_bandwidth(4 << 20, threads=threads, repeats=1)
+    assert bool(calls) == dot_used and bw.threads == threads and bw.read_gb_s > 0
+
+
 def test_initializers_of_fp32_and_int4_graphs_match_the_onnx_package(exported, int4_bundle):
     for bundle in (exported.bundle, int4_bundle):
         for stage in (io.DECODER_STAGE, io.VISION_STAGE, io.CONNECTOR_STAGE):
