@@ -396,6 +396,7 @@ class LockstepRunner:
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
 
     def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
+        from edgeact.drivers.sim.task import SuccessJudge
         from edgeact.drivers.sim.task import evaluate as task_outcome
         from edgeact.drivers.sim.task import reset_world, sample_episode
         from edgeact.runtime.ensemble import ActionEnsemble
@@ -408,6 +409,7 @@ class LockstepRunner:
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))
         done, plans, steps, step_s, first_plan, first_frame = 0, 0, [], [], None, None
         success_at: float | None = None
+        judge = SuccessJudge.for_episode(episode)
         rate = self.expert.action_rate_hz
         ensemble = ActionEnsemble(rate) if self.ensemble else None
         while done < limit and success_at is None:
@@ -429,8 +431,8 @@ class LockstepRunner:
                 if plan is not None:
                     plan.observe(executor.commanded_pose().position_m)
                 done += 1
-                if task_outcome(self.world, episode).success:
-                    success_at = done / rate
+                success_at = judge.update(done / rate, task_outcome(self.world, episode).success)
+                if success_at is not None:
                     break
         out = EpisodeResult(self.system.name, index, seed, template, episode.instruction, success_at is not None,
                             success_at if success_at is not None else episode.time_limit_s, episode.time_limit_s,

@@ -100,50 +100,53 @@ def build_world(joints: dict[str, Any], baud_rate: int, task: tuple[int, str | N
 
 
 class TaskTracker:
-    """An episode judged every TASK_EVAL_PERIOD_S of simulated time; the first success kept.
+    """An episode judged every TASK_EVAL_PERIOD_S of simulated time by the task's SuccessJudge (move_to: the end
+    effector held over the block for a while); the success kept.
 
     Times count from `mark_start()` (the loop's start: the robot stack loads after the reset, while the
     arm holds still), or from the reset when it is never called.
     """
 
     def __init__(self, world: Any, episode: Any, period_s: float = TASK_EVAL_PERIOD_S):
-        from edgeact.drivers.sim.task import evaluate
+        from edgeact.drivers.sim.task import SuccessJudge, evaluate
 
         self.world, self.episode, self.period_s, self._evaluate = world, episode, period_s, evaluate
-        self.first_success_s: float | None = None
+        self._new_judge = lambda: SuccessJudge.for_episode(episode)
+        self.judge = self._new_judge()
         self.start_s = 0.0
         self._next_s = 0.0
 
+    @property
+    def first_success_s(self) -> float | None:
+        return self.judge.success_s
+
     def mark_start(self) -> None:
-        """The episode's clock starts now; a success before (the arm held still: none) is forgotten."""
+        """The episode's clock starts now; what was judged before (the arm held still) is forgotten."""
         with self.world.lock:
             self.start_s = float(self.world.data.time)
-        self.first_success_s = None
+        self.judge = self._new_judge()
 
     def due_in_s(self) -> float:
         """Seconds (simulated, about wall seconds) until the next judgement, at most one period."""
         return min(max(self._next_s - self.world.time_s, 0.0), self.period_s)
 
     def poll(self) -> None:
-        """Judge the episode when its time has come (until it first succeeds)."""
-        if self.first_success_s is not None:
-            return
+        """Judge the episode when its time has come (until it succeeds; the schedule goes on, so that the caller
+        waiting for the next judgement does not spin)."""
         with self.world.lock:       # the time and the poses of one instant; the physics waits microseconds
             now_s = float(self.world.data.time)
             if now_s < self._next_s:
                 return
-            success = self._evaluate(self.world, self.episode).success
+            success = self._evaluate(self.world, self.episode).success if self.judge.success_s is None else True
         self._next_s = (math.floor(now_s / self.period_s) + 1) * self.period_s
-        if success:
-            self.first_success_s = now_s - self.start_s
+        self.judge.update(now_s - self.start_s, success)
 
     def report(self) -> dict[str, Any]:
         """The episode, its outcome now, and when it first succeeded (None: not yet)."""
         with self.world.lock:
             now_s = float(self.world.data.time)
             outcome = self._evaluate(self.world, self.episode)
-        if outcome.success and self.first_success_s is None:
-            self.first_success_s = now_s - self.start_s
+        self.judge.update(now_s - self.start_s, outcome.success)     # a last judgement, now
         return {"episode": self.episode.to_dict(), "success": outcome.success,
                 "first_success_s": self.first_success_s, "sim_time_s": now_s - self.start_s,
                 "outcome": outcome.to_dict(self.episode.template)}

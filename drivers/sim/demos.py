@@ -369,7 +369,7 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
     from edgeact.drivers.sim.expert import ActionExecutor, ExpertSteering
     from edgeact.drivers.sim.mujoco_robot import MujocoWorld
-    from edgeact.drivers.sim.task import evaluate, reset_world
+    from edgeact.drivers.sim.task import SuccessJudge, evaluate, reset_world
 
     if not (1 <= replan_every <= 64 and 0.0 <= expert_mix <= 1.0 and reached_m > 0):
         raise ConfigError(f"replan_every in [1, 64], expert_mix in [0, 1] and reached_m > 0; got {replan_every}, "
@@ -395,6 +395,7 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
             mix_rng = np.random.default_rng([episode.seed, 0xDA66])
             limit = min(expert.max_actions, int(round(episode.time_limit_s * expert.action_rate_hz)))
             done, queued, success = 0, [], False
+            judge = SuccessJudge.for_episode(episode, task)
             while done < limit and not success:
                 record, plan = done % config.stride_actions == 0, not queued or done % replan_every == 0
                 if record or plan:
@@ -413,7 +414,8 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
                 executor.execute(queued.pop(0))
                 steering.observe(executor.commanded_pose().position_m)
                 done += 1
-                success = evaluate(world, episode, task).success
+                holds = evaluate(world, episode, task).success
+                success = judge.update(done / expert.action_rate_hz, holds) is not None
             successes[episode.template][1] += 1
             successes[episode.template][0] += int(success)
             records.append({"index": i, "sibling": 0, **episode.to_dict(), "n_actions": done, "success": success})

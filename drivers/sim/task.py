@@ -6,7 +6,8 @@
     outcome = evaluate(world, episode)                  # the template's success predicate
 
 Templates (the instruction is what the model is told):
-  move_to     "move to the {colour} block"              the end effector hovers just above the block
+  move_to     "move to the {colour} block"              the end effector hovers just above the block (for
+                                                        move_dwell_s: SuccessJudge)
   push_left   "push the {colour} block to the left"     the block slides >= success_push_m along +y
   push_right  "push the {colour} block to the right"    ... along -y
 Left and right are the robot's (its base frame: x forward, y left); the camera, on the mast behind the
@@ -64,6 +65,7 @@ class TaskConfig:
     move_start_clearance_m: float = 0.07    # move_to: the block this far (horizontally) from the ready end effector,
                                             # so no arm start is already a success
     disturb_m: float = 0.025            # a block the task does not name may move at most this far
+    move_dwell_s: float = 0.5           # move_to: the end effector stays over the block this long (SuccessJudge)
     arm_start_noise_rad: float = 0.15   # each arm joint starts uniformly within +- this of zero ("ready")
     time_limit_s: dict[str, float] = field(default_factory=lambda: {"move_to": 5.0, "push_left": 9.0,
                                                                     "push_right": 9.0})
@@ -81,6 +83,8 @@ class TaskConfig:
         if self.success_push_m > self.push_distance_m:
             raise ConfigError(f"TaskConfig.success_push_m ({self.success_push_m}) exceeds push_distance_m "
                               f"({self.push_distance_m}): the expert could never succeed")
+        if not (math.isfinite(self.move_dwell_s) and self.move_dwell_s >= 0):
+            raise ConfigError(f"TaskConfig.move_dwell_s: must be a number of seconds >= 0, got {self.move_dwell_s}")
         if not 0 <= self.arm_start_noise_rad <= 0.5:
             raise ConfigError(f"TaskConfig.arm_start_noise_rad: must be in [0, 0.5], got {self.arm_start_noise_rad}")
         missing = sorted(set(TEMPLATES) - set(self.time_limit_s))
@@ -253,6 +257,36 @@ class Outcome:
                 "ee_to_target_m": [round(float(v), 4) for v in self.ee_to_target_m],
                 "max_other_displacement_m": round(float(self.max_other_displacement_m), 4),
                 "failure": self.failure(template)}
+
+
+@dataclass
+class SuccessJudge:
+    """When an episode succeeds, from its predicate (`evaluate`) judged at successive times of one clock.
+
+    A push succeeds the first time its predicate holds. move_to ("the end effector hovers just above the
+    block") once its predicate has held without a break for TaskConfig.move_dwell_s: sweeping across the
+    table at hover height passes over every block on the way, and that is no success (a blind sweep
+    "reached" 27 of 30 blocks when any instant counted)."""
+
+    template: str
+    dwell_s: float
+    since_s: float | None = None        # the predicate has held since (move_to)
+    success_s: float | None = None      # when the episode succeeded; None: not yet
+
+    @classmethod
+    def for_episode(cls, episode: Episode, config: TaskConfig | None = None) -> "SuccessJudge":
+        return cls(episode.template, (config or TaskConfig()).move_dwell_s if episode.template == "move_to" else 0.0)
+
+    def update(self, time_s: float, holds: bool) -> float | None:
+        """The predicate's value at `time_s` (not before the last); returns the success time, once there is one."""
+        if self.success_s is None:
+            if not holds:
+                self.since_s = None
+            else:
+                self.since_s = time_s if self.since_s is None else self.since_s
+                if time_s - self.since_s >= self.dwell_s - 1e-9:
+                    self.success_s = time_s
+        return self.success_s
 
 
 def evaluate(world: Any, episode: Episode, config: TaskConfig | None = None) -> Outcome:

@@ -200,3 +200,18 @@ def test_no_move_to_episode_starts_as_a_success(world):
         if evaluate(world, episode).success:
             starts_done.append(seed)
     assert starts_done == []
+
+
+def test_move_to_succeeds_only_once_the_end_effector_stays_over_the_block():
+    # A sweep at hover height passes over every block on its way: that is no "move to". Pushes count at once.
+    from edgeact.drivers.sim.task import SuccessJudge, TaskConfig
+
+    move = SuccessJudge.for_episode(sample_episode(8, "move_to"))
+    assert move.dwell_s == TaskConfig().move_dwell_s == 0.5
+    for t, holds in [(0.0, False), (0.1, True), (0.2, True), (0.3, False), (0.4, True), (0.5, True), (0.8, True)]:
+        assert move.update(t, holds) is None            # passing over (0.1-0.2), then 0.4 s of 0.5 so far
+    assert move.update(0.9, True) == 0.9 and move.update(1.0, False) == 0.9     # held from 0.4 to 0.9: kept
+    push = SuccessJudge.for_episode(sample_episode(8, "push_left"))
+    assert push.update(0.0, False) is None and push.update(0.1, True) == 0.1
+    with pytest.raises(ConfigError, match="move_dwell_s"):
+        TaskConfig(move_dwell_s=-1.0)

@@ -136,6 +136,28 @@ def test_the_first_success_is_the_first_judgement_that_holds():
     tracker.poll()
     assert tracker.first_success_s == pytest.approx(0.1, abs=world.timestep_s)
     assert tracker.report()["sim_time_s"] == pytest.approx(0.1, abs=world.timestep_s)
+    # After the success the schedule goes on: the simulator's request loop waits for the next judgement instead
+    # of polling without a pause (it spun a core for the rest of every successful episode).
+    assert tracker.due_in_s() > 0
+
+
+def test_a_move_to_tracked_succeeds_after_the_end_effector_stayed_over_the_block():
+    from types import SimpleNamespace
+
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+
+    world = MujocoWorld()       # not started: stepped by hand
+    episode = sample_episode(8, "move_to")
+    reset_world(world, episode)
+    tracker = TaskTracker(world, episode)
+    over = [False, True, True, False, True, True, True, True, True, True]   # the predicate at 0.0, 0.1, ... s
+    tracker._evaluate = lambda w, e: SimpleNamespace(success=over[round(float(w.data.time) / 0.1)])
+    for _ in range(9):
+        tracker.poll()
+        world.step(round(0.1 / world.timestep_s))
+    assert tracker.first_success_s is None                  # over the block 0.1-0.2 s, then from 0.4 s: 0.4 s so far
+    tracker.poll()
+    assert tracker.first_success_s == pytest.approx(0.9, abs=2 * world.timestep_s)
 
 
 def test_a_run_reports_the_task_and_the_memory_of_control_and_sim():
