@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgeact.runtime.cli_args import positive_float
+
 PROTOCOLS = ("feetech", "dynamixel")
 
 
@@ -49,7 +51,7 @@ def register(subparsers) -> None:
     sim.add_argument("--ids", type=parse_ids, default=[1, 2, 3, 4, 5, 6], help="motor ids (default 1-6)")
     sim.add_argument("--model", help="motor model (default: sts3215 / xl430-w250)")
     sim.add_argument("--baud", type=int, default=1_000_000)
-    sim.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    sim.add_argument("--duration", type=positive_float, help="stop after this many seconds (default: run until Ctrl-C)")
     sim.set_defaults(handler=_sim)
 
 

@@ -138,7 +138,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ArmConfig, tensors: dict[str, torc
     validate_norm_stats(cfg.norm_stats, str(out / CONFIG_FILE))
     check_tensor_shapes(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, {}, "tensors to save")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out}: already exists and is not empty; choose another directory or overwrite it (CLI: --force)")
+        raise CheckpointError(f"{out}: already exists and is not empty; choose another directory or overwrite it (CLI: make-checkpoint --force, train-reference --overwrite)")
     # Hugging Face orders tensors as the model's state_dict does; the expected table has that order.
     names = list(expected_tensor_shapes(cfg))
     groups = _plan_shards(names, {k: _nbytes(tensors[k]) for k in names}, max_shard_bytes, n_shards)

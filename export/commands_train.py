@@ -164,6 +164,10 @@ def _train(args: argparse.Namespace) -> int:
                            trace_input_noise=args.trace_input_noise, device=args.device,
                            loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
     training_device(options)        # before any recording: a missing GPU or checkpoint is said at once
+    out = Path(args.out)            # before any work: the checkpoint is written only after the last step
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
+                          "to replace the checkpoint there")
     if options.init is not None and not (Path(options.init) / CONFIG_FILE).is_file():
         raise ConfigError(f"--init {options.init}: no checkpoint there ({CONFIG_FILE} missing); give a directory "
                           "that `edgeact train-reference --out` wrote")

@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     from edgeact.runtime.errors import EdgeactError
 
-    return isinstance(exc, (CommandError, EdgeactError, FileNotFoundError))
+    # A path the user gave that is taken, a file where a folder is needed, or not theirs to write: say it plainly.
+    return isinstance(exc, (CommandError, EdgeactError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                            IsADirectoryError, PermissionError))
 
 
 if __name__ == "__main__":

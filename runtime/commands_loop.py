@@ -177,8 +177,8 @@ def task_rows(task: dict) -> list[tuple[str, str]]:
     at the end of the run, which goes on after a success: a success undone since (a block pushed off the table)
     is said so."""
     when, episode = task["first_success_s"], task["episode"]
-    if when is None:
-        verdict = f"[red]not done[/] within {episode['time_limit_s']:g} s"
+    if when is None:     # the run may have stopped before the episode's time limit (--seconds)
+        verdict = f"[red]not done[/] within {min(episode['time_limit_s'], task['sim_time_s']):.1f} s"
     elif task["success"]:
         verdict = f"[green]SUCCESS[/] after {when:.1f} s"
     else:

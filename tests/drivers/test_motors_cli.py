@@ -107,3 +107,10 @@ def test_sim_command_serves_a_port_that_scan_finds(capsys):
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "stopped" in out, err
     assert not os.path.exists(port)
+
+
+@pytest.mark.parametrize("duration", ["-5", "0"])
+def test_a_simulated_bus_for_no_time_is_refused(duration, capsys):
+    with pytest.raises(SystemExit) as exit_info:        # argparse: usage and the reason, status 2
+        main(["motors", "sim", "--duration", duration])
+    assert exit_info.value.code == 2 and "--duration" in capsys.readouterr().err

@@ -215,6 +215,10 @@ def test_the_command_refuses_a_missing_gpu_or_checkpoint_before_recording_anythi
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             run("--device", "cuda")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")     # the checkpoint is written after the last step: say it first
+    with pytest.raises(ConfigError, match=r"--out .*c: already exists and is not empty; .* --overwrite"):
+        run()
     assert not (tmp_path / "demos").exists()
 
 

@@ -537,3 +537,12 @@ def test_edgeact_run_refuses_bad_output_paths_before_the_run(sim, tmp_path, monk
     assert f"--json {tmp_path / 'afile' / 'run.json'}: cannot make the folder" in capsys.readouterr().err
     assert cli.main(["run", str(path), "--record", str(tmp_path)]) == 2
     assert f"--record {tmp_path} is a folder; give a file path" in capsys.readouterr().err
+
+
+def test_an_output_path_under_a_file_is_one_clear_error_not_a_traceback(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = cli.main(["demo", "--write-config", str(afile / "robot.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeact demo: error: ") and "Traceback" not in err and str(afile) in err
