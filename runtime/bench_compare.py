@@ -56,6 +56,13 @@ class CompareOptions:
         return max(1, self.rounds // 2)
 
 
+def check_past(past: int, max_seq: int, where: str = "") -> None:
+    """A decode context the KV cache holds (a clamped one would be reported as the one asked for)."""
+    if not 0 <= past < max_seq:
+        raise ConfigError(f"--past {past}: the bundle's KV cache holds {max_seq} positions{where}; time the decode "
+                          f"at 0..{max_seq - 1} positions of context")
+
+
 def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
     """Single-token decode steps per second of the policy's decoder at `past` positions of context.
 
@@ -69,7 +76,7 @@ def decode_rate(policy, past: int, steps: int, warmup: int = 4) -> float:
     ids = np.array(sorted(next(s for s in policy.grammar.segments if isinstance(s, Actions)).action_ids))
     head = np.ascontiguousarray(program.lm_head[ids], dtype=np.float32)
     logits = np.empty(len(ids), np.float32)
-    past = max(0, min(past, decoder.layout.max_seq - 1))
+    check_past(past, decoder.layout.max_seq)
     while decoder.length < past:        # normally the last answer's context is there already; else fill it
         decoder.step(min(decoder.max_chunk, past - decoder.length))
     decoder.cache.rewind(past)
@@ -129,6 +136,9 @@ def compare_bundles(paths: list[str | Path], options: CompareOptions = CompareOp
     policies = {label: BundlePolicy(path, threads=options.threads, allow_unverified=True, verify_checksums=False,
                                     backend_options=backend) for label, path in zip(labels, paths)}
     step("load")
+    if options.past is not None:        # before any round (decode_rate refuses it too, but after the warm-ups)
+        for label, policy in policies.items():
+            check_past(options.past, policy.decoder.layout.max_seq, f" ({label})")
     frames = held_out_frames(options.frames + 1, options.seed, options.frame_px)
     warm_rgb, warm_instruction = frames.pop(0)
     for policy in policies.values():

@@ -77,6 +77,10 @@ def test_the_command_prints_the_table_and_writes_the_json(bundles, tmp_path, cap
     report = json.loads((out / "bench-compare.json").read_text())
     assert [r["path"] for r in report["bundles"]] == [str(b) for b in bundles]
     assert report["options"]["rounds"] == 2 and report["decode_context_tokens"] == 30
+    # A context past the KV cache is refused, not clamped and reported as the one asked for.
+    assert main(["bench-compare", *map(str, bundles), "--threads", "1", "--rounds", "1", "--decode-steps", "1",
+                 "--frames", "1", "--past", "100000", "--out", str(tmp_path / "past")]) == 2
+    assert "--past 100000: the bundle's KV cache holds" in capsys.readouterr().err
 
 
 def test_labels_orders_and_refusals():
