@@ -52,7 +52,7 @@ bench: system-deps $(STAMP)
 # MuJoCo robot, then CPU training (45 min on a 2-core AVX2 machine, see README). Copy out/reference/{checkpoint,depth_tokenizer}
 # into $(REFERENCE) to make it the one `make demo` uses.
 train-reference: system-deps $(STAMP)
-	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer
+	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer --overwrite
 	$(EDGEACT) train-reference --generate-demos 1200 --demo-workers 2 --demos out/reference/demos --depth-tokenizer out/reference/depth_tokenizer --out out/reference/checkpoint --threads 2 --overwrite
 
 # Closed-loop success of the reference ARM per precision, with and without forced depth (see README).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
@@ -17,7 +18,8 @@ def register(subparsers) -> None:
                     "robot camera, train a small VQ-VAE on the CPU, and save it (safetensors + config JSON with "
                     "the training report: reconstruction error in metres, codebook usage).",
     )
-    p.add_argument("--out", type=Path, required=True, help="directory to write the tokenizer into")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the tokenizer into (a new one)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--images", type=_positive_int, default=DEFAULT_IMAGES,
                    help=f"training images to render (default {DEFAULT_IMAGES})")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
@@ -45,15 +47,27 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from edgeact.export.atomic_dir import partial_dir, publish
     from edgeact.export.train_depth_tokenizer import TrainOptions, train_and_save
+    from edgeact.runtime.errors import ConfigError
 
     options = TrainOptions(images=args.images, steps=args.steps, seed=args.seed, threads=args.threads)
+    out = Path(args.out)            # before any work; written aside, then renamed into place (never half written)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
+                          "to replace what is there")
     console = _console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("training", total=options.steps)
-        report = train_and_save(args.out, options, on_step=lambda step, mse: progress.update(
-            task, completed=step + 1, description=f"training (mse {mse:.4f})"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir(out)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("training", total=options.steps)
+            report = train_and_save(tmp, options, on_step=lambda step, mse: progress.update(
+                task, completed=step + 1, description=f"training (mse {mse:.4f})"))
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"depth tokenizer -> {args.out}")
     table.add_column("measure")
     table.add_column("value")

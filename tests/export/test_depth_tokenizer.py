@@ -15,7 +15,8 @@ pytest.importorskip("mujoco", reason="the simulated depth images need mujoco (pi
 import torch  # noqa: E402
 
 from edgeact.export.depth_tokenizer import (  # noqa: E402
-    DepthTokenizerConfig, DepthVQVAE, load_depth_tokenizer, read_tokenizer_meta, save_depth_tokenizer,
+    CONFIG_FILE, WEIGHTS_FILE, DepthTokenizerConfig, DepthVQVAE, load_depth_tokenizer, read_tokenizer_meta,
+    save_depth_tokenizer,
 )
 from edgeact.export.train_depth_tokenizer import TrainOptions, sim_depth_images, train_depth_tokenizer  # noqa: E402
 from edgeact.runtime.errors import BundleError, ConfigError  # noqa: E402
@@ -195,3 +196,16 @@ def test_replacing_the_only_failing_depth_tokenizer_row_recomputes_the_status(tr
         assert v.results[-1]["gate"] == "depth_tokenizer_codes" and v.results[-1]["passed"]
         assert v.status == expected and [r["gate"] for r in v.results] == [r["gate"] for r in rows] + [
             "depth_tokenizer_codes"]
+
+
+def test_the_command_refuses_an_occupied_out_first_and_writes_a_new_one_whole(tmp_path):
+    from edgeact.runtime.cli import main
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    assert main(["train-depth-tokenizer", "--out", str(taken), "--images", "8", "--steps", "1"]) == 2
+    assert sorted(p.name for p in taken.iterdir()) == ["config.json"]     # refused before any rendering
+    assert main(["train-depth-tokenizer", "--out", str(taken), "--images", "8", "--steps", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in taken.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]             # no partial sibling left behind
