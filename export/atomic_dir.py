@@ -10,6 +10,11 @@ from pathlib import Path
 from edgeact.runtime.bundle import OLD_INFIX, PARTIAL_INFIX, PREVIOUS_NAME
 
 
+def occupied(out_dir: Path) -> bool:
+    """Whether writing a new directory at `out_dir` would replace something: a file, or a folder with contents."""
+    return out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+
+
 def partial_dir(out_dir: Path) -> Path:
     """A new empty hidden sibling of `out_dir` on the same file system (so the final rename is atomic)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)

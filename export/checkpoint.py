@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgeact.export.atomic_dir import fsync_tree, partial_dir, publish
+from edgeact.export.atomic_dir import fsync_tree, occupied, partial_dir, publish
 from edgeact.export.tensor_names import expected_tensor_shapes
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import CheckpointError
@@ -137,7 +137,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ArmConfig, tensors: dict[str, torc
     cfg.validate(str(out / CONFIG_FILE))
     validate_norm_stats(cfg.norm_stats, str(out / CONFIG_FILE))
     check_tensor_shapes(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, {}, "tensors to save")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if occupied(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists and is not empty; choose another directory or overwrite it (CLI: make-checkpoint --force, train-reference --overwrite)")
     # Hugging Face orders tensors as the model's state_dict does; the expected table has that order.
     names = list(expected_tensor_shapes(cfg))

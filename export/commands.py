@@ -40,10 +40,11 @@ def _register_make_checkpoint(subparsers) -> None:
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
+    from edgeact.export.atomic_dir import occupied
     from edgeact.runtime.cli import CommandError
 
     out: Path = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+    if occupied(out) and not args.force:
         raise CommandError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out")
 
     import torch

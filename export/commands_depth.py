@@ -47,13 +47,13 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from edgeact.export.atomic_dir import partial_dir, publish
+    from edgeact.export.atomic_dir import occupied, partial_dir, publish
     from edgeact.export.train_depth_tokenizer import TrainOptions, train_and_save
     from edgeact.runtime.errors import ConfigError
 
     options = TrainOptions(images=args.images, steps=args.steps, seed=args.seed, threads=args.threads)
     out = Path(args.out)            # before any work; written aside, then renamed into place (never half written)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if occupied(out) and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
                           "to replace what is there")
     console = _console()

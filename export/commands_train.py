@@ -148,6 +148,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
+    from edgeact.export.atomic_dir import occupied
     from edgeact.export.checkpoint import CONFIG_FILE
     from edgeact.export.train_reference import TrainOptions, train_reference, training_device
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
@@ -165,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
                            loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
     training_device(options)        # before any recording: a missing GPU or checkpoint is said at once
     out = Path(args.out)            # before any work: the checkpoint is written only after the last step
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if occupied(out) and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
                           "to replace the checkpoint there")
     if options.init is not None and not (Path(options.init) / CONFIG_FILE).is_file():

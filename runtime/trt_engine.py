@@ -125,10 +125,7 @@ def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> boo
     if record.compute_capability == f"{sm[0]}.{sm[1]}":
         return True
     chip = TARGETS.get(record.target)
-    if chip is None:
-        return False
-    numbers = {f"{a}.{b}" for a, b in (chip.compute_capability, *chip.also_reports)}
-    return record.compute_capability in numbers and f"{sm[0]}.{sm[1]}" in numbers
+    return chip is not None and chip.reports(record.compute_capability) and chip.reports(sm)
 
 
 # ------------------------------------------------------------------------------- CUDA glue

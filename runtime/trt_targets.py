@@ -34,6 +34,12 @@ class Target:
     def sm(self) -> str:
         return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
+    def reports(self, compute_capability: tuple[int, int] | str) -> bool:
+        """Whether this chip reports that SM number ((8, 7) or "8.7"): its own, or another it also reports."""
+        cc = (tuple(int(x) for x in compute_capability.split(".")) if isinstance(compute_capability, str)
+              else tuple(compute_capability))
+        return cc == self.compute_capability or cc in self.also_reports
+
 
 def _t(name, description, cc, bw, embedded, also=()) -> tuple[str, Target]:
     return name, Target(name, description, cc, bw, embedded, also)
@@ -115,7 +121,7 @@ def check_device(target: str | Target, compute_capability: tuple[int, int]) -> N
     """TensorRT engines run only on the SM they were built on: refuse to build for another target."""
     target = get_target(target)
     cc = tuple(compute_capability)
-    if cc == target.compute_capability or cc in target.also_reports:
+    if target.reports(cc):
         return
     here = ", ".join(t.name for t in targets_for_device(cc)) or "no known target"
     raise ConfigError(
