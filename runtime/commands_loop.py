@@ -51,14 +51,16 @@ def register(subparsers) -> None:
     p.add_argument("--bundle", metavar="PATH", help="bundle directory for --policy bundle")
     p.add_argument("--out", metavar="DIR", default="out/demo",
                    help="where demo.json and demo.png go (default out/demo)")
-    p.add_argument("--write-config", metavar="PATH", help="only write the demo's robot config (JSON) here and exit")
+    p.add_argument("--write-config", metavar="PATH", help="only write the demo's robot config here (a .json file) "
+                                                          "and exit")
+    p.add_argument("--overwrite", action="store_true", help="with --write-config: replace PATH if it exists")
     p.set_defaults(handler=_demo)
 
 
 # -- handlers -----------------------------------------------------------------------------------
 
 def _run(args) -> int:
-    from edgeact.runtime.demo import policy_bundle_dir
+    from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.telemetry import (CommandRecorder, LogSubscriber, TimingStats, distinct_outputs, output_file,
@@ -66,6 +68,7 @@ def _run(args) -> int:
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
+    check_policy_bundle(config)     # before --json's older file is replaced: a bad input leaves it as it was
     # The outputs are checked before the run: found unwritable after it, every number of the run would be lost.
     outputs = {option: output_file(path, option) for option, path in (("--record", args.record), ("--json", args.json))
                if path}
@@ -103,8 +106,8 @@ def _demo(args) -> int:
         raise ConfigError("--seed and --template choose a task episode: add --robot mujoco")
     episode = (DEMO_EPISODE[0] if args.seed is None else args.seed, args.template or DEMO_EPISODE[1])
     if args.write_config:
+        path = _config_to_write(Path(args.write_config), args.overwrite)
         data = demo_config_dict(args.policy, args.bundle, args.robot, episode)
-        path = Path(args.write_config)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"wrote the simulated robot's config to {path}; run it with `edgeact run {path}`")
@@ -114,6 +117,22 @@ def _demo(args) -> int:
     if seconds is None:
         seconds = DEMO_SECONDS if args.robot == "simple" else _episode_limit_s(episode)
     return _measure_and_report(config, seconds, Path(args.out), "demo")
+
+
+def _config_to_write(path: Path, overwrite: bool) -> Path:
+    """Refuse a --write-config path the config cannot go to as it is: written as JSON, it must be named so to load
+    back (there is no TOML writer here), and an existing file is the user's own edits until --overwrite says not."""
+    from edgeact.runtime.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--write-config {path} is a folder; give a file path (e.g. {path / 'robot.json'})")
+    if path.suffix.lower() != ".json":
+        raise ConfigError(f"--write-config {path}: the config is written as JSON; give a .json path "
+                          f"(e.g. {path.with_suffix('.json')})")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--write-config {path}: already exists; pass --overwrite to replace it, or give another "
+                          "path")
+    return path
 
 
 def _episode_limit_s(episode: tuple[int, str]) -> float:

@@ -84,9 +84,11 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
 
     Besides TimingStats' numbers the summary has the run's own: how the control thread was
     scheduled, and each process's peak memory against the budget 1.3 x bundle bytes + 300 MB.
-    The outputs are checked, and an older NAME.json replaced by one marked "incomplete", before the
-    run starts: found unwritable after it, every number would be lost.
+    The policy's bundle and the outputs are checked before anything is written (a bad input leaves an
+    older NAME.json as it was), then that NAME.json is replaced by one marked "incomplete" before the run
+    starts: found unwritable after it, every number would be lost.
     """
+    check_policy_bundle(config)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder; give a folder for {name}.json and {name}.png "
@@ -111,10 +113,25 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
 
 def policy_bundle_dir(config: RobotConfig) -> Path | None:
     """The bundle directory the config's policy loads (its `path`, relative to the config), if it has one."""
+    path = _policy_bundle_path(config)
+    return path if path is not None and path.is_dir() else None
+
+
+def check_policy_bundle(config: RobotConfig) -> None:
+    """Refuse a policy bundle that is not there or not a bundle before any output is touched: the run would
+    only find out in the policy's process. Reads the manifest alone; the policy's load checks the files."""
+    path = _policy_bundle_path(config)
+    if path is not None:
+        from edgeact.runtime.bundle import read_manifest
+
+        read_manifest(path)
+
+
+def _policy_bundle_path(config: RobotConfig) -> Path | None:
     path = getattr(config.policy, "path", None)
     if not path:
         return None
     path = Path(path)
     if not path.is_absolute() and config.config_dir is not None:
         path = config.config_dir / path
-    return path if path.is_dir() else None
+    return path

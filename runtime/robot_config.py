@@ -308,7 +308,8 @@ def read_config_dict(path: str | Path) -> dict[str, Any]:
     """The plain sections of a .json or .toml robot config file, not yet validated (callers may edit them)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config {path} not found; write a sample with `edgeact demo --write-config {path}`")
+        sample = path.with_suffix(".json") if path.name else Path("robot.json")    # --write-config writes JSON only
+        raise ConfigError(f"config {path} not found; write a sample with `edgeact demo --write-config {sample}`")
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix not in (".json", ".toml"):
