@@ -134,6 +134,8 @@ def _generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     console = Console()
     model, ckpt = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
+    # Before generating: a wrong --unnorm-key is refused at once, naming the checkpoint's keys.
+    stats = ActionStats.from_norm_stats(ckpt.norm_stats, args.unnorm_key)
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
     layout = TokenLayout.from_tokenizer(tokenizer, str(ckpt.tokenizer_path))
     rgb = _load_rgb(args.image)
@@ -164,7 +166,6 @@ def _generate(args: argparse.Namespace) -> int:
         return 1
     height, width = rgb.shape[:2]
     values = action_ids_to_values(answer.action_ids, layout.base_vocab_size)
-    stats = ActionStats.from_norm_stats(ckpt.norm_stats, args.unnorm_key)
     table.add_row("depth codes", f"{len(answer.depth_codes)}: {answer.depth_codes[:10].tolist()} ...")
     table.add_row("trace (0-255)", str(answer.trace.tolist()))
     table.add_row(f"trace (px of {width}x{height})", str(np.round(trace_to_pixels(answer.trace, width, height), 1).tolist()))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from edgeact.export.commands import SIZE_CHOICES
 from edgeact.runtime.cli_args import console as _console, positive_float as _positive_float, positive_int as _positive_int
 
 # Literal copies of bench_policy's defaults: importing it here would cost `edgeact --help` time.
@@ -16,7 +17,8 @@ DEFAULT_CHECKPOINT = "out/bench/ckpt"
 DEFAULT_BUNDLES = "out/bench/bundles"
 DEFAULT_SIZE = "bench"
 QUANTIZED = ("int8", "int4")
-SUITE_QUANT = ("int8", "fp8", "int4")
+QUANT_RECIPES = ("int8", "fp8", "int4")      # quant_bench.BENCH_RECIPES: what bench-quant can make
+SUITE_QUANT = QUANT_RECIPES
 SUITE_QUANT_FRAMES = 2
 LOOP_PRECISION = "int8"
 
@@ -31,8 +33,9 @@ def register(subparsers) -> None:
                     "decode rate against the memory-bandwidth limit and a policy process's peak resident memory.")
     p.add_argument("checkpoint", type=Path, nargs="?", default=Path(DEFAULT_CHECKPOINT), metavar="CHECKPOINT",
                    help=f"checkpoint directory; created (synthetic) when it does not exist (default {DEFAULT_CHECKPOINT})")
-    p.add_argument("--size-checkpoint", default=DEFAULT_SIZE, metavar="SIZE",
-                   help=f"synthetic size to create at CHECKPOINT when missing (default {DEFAULT_SIZE}: ~210M parameters)")
+    p.add_argument("--size-checkpoint", choices=SIZE_CHOICES, metavar="SIZE",
+                   help=f"synthetic size to create at CHECKPOINT when missing: {', '.join(SIZE_CHOICES)} "
+                        f"(default {DEFAULT_SIZE}: ~210M parameters)")
     _add_policy_options(p, default_out="out/bench-policy")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default), or cuda: the reference on torch's GPU, edgeact on onnxruntime's CUDA EP (no "
@@ -50,9 +53,11 @@ def register(subparsers) -> None:
                     "(`edgeact bench --seconds N`): the loop keeps its rate however long a policy step takes.")
     p.add_argument("--checkpoint", type=Path, default=Path(DEFAULT_CHECKPOINT),
                    help=f"checkpoint (created when missing; default {DEFAULT_CHECKPOINT})")
-    p.add_argument("--size-checkpoint", default=DEFAULT_SIZE, metavar="SIZE", help=f"default {DEFAULT_SIZE}")
+    p.add_argument("--size-checkpoint", choices=SIZE_CHOICES, metavar="SIZE",
+                   help=f"{', '.join(SIZE_CHOICES)} (default {DEFAULT_SIZE})")
     p.add_argument("--loop-seconds", type=_positive_float, default=20.0, help="control-loop bench length (default 20)")
-    p.add_argument("--quant-precisions", type=_csv, default=SUITE_QUANT, help="bench-quant's (default int8,fp8,int4)")
+    p.add_argument("--quant-precisions", type=_names(QUANT_RECIPES), default=SUITE_QUANT,
+                   help="bench-quant's (default int8,fp8,int4)")
     p.add_argument("--quant-frames", type=_positive_int, default=SUITE_QUANT_FRAMES,
                    help=f"bench-quant's held-out frames (default {SUITE_QUANT_FRAMES}: its fp8 rows decode slowly on a CPU)")
     _add_policy_options(p, default_out="out/bench")
@@ -65,7 +70,8 @@ def _add_policy_options(p, default_out: str) -> None:
                                                 f"{DEFAULT_BUNDLES}: bench-suite's, so each reuses the other's)")
     p.add_argument("--frames", type=_positive_int, default=2, help="timed frames (default 2; one more warms up)")
     p.add_argument("--threads", type=_positive_int, help="torch and onnxruntime threads (default: every core)")
-    p.add_argument("--precisions", type=_csv, default=QUANTIZED, help="quantized bundles to compare (default int8,int4)")
+    p.add_argument("--precisions", type=_names(QUANTIZED), default=QUANTIZED,
+                   help="quantized bundles to compare (default int8,int4)")
     p.add_argument("--decode-steps", type=_positive_int, default=32, help="timed single-token steps per bundle")
     p.add_argument("--rss-steps", type=_positive_int, default=2, help="policy steps of each memory probe (default 2)")
     p.add_argument("--probe-mb", type=_positive_int, default=512, help="bandwidth probe array in MiB (default 512)")
@@ -73,8 +79,33 @@ def _add_policy_options(p, default_out: str) -> None:
     p.add_argument("--fresh", action="store_true", help="re-export and re-quantize even when valid bundles exist")
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+def _names(allowed: tuple[str, ...]):
+    """argparse type: comma-separated names, each one of `allowed`, each once: a typo is refused before any work."""
+    def names(text: str) -> tuple[str, ...]:
+        given = tuple(t.strip() for t in text.split(",") if t.strip())
+        unknown = [n for n in given if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)} unknown; use some of {', '.join(allowed)}")
+        twice = sorted({n for n in given if given.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; name each once")
+        return given
+
+    return names
+
+
+def _check_size(checkpoint: Path, size: str | None) -> None:
+    """--size-checkpoint sizes a checkpoint being created: another one at CHECKPOINT is refused, not benched."""
+    if size is None or not (checkpoint / "config.json").is_file():
+        return
+    from edgeact.export.synthetic import synthetic_config
+    from edgeact.runtime.arm_config import ArmConfig
+    from edgeact.runtime.errors import ConfigError
+
+    if ArmConfig.load(checkpoint / "config.json") != synthetic_config("D", size):
+        raise ConfigError(f"{checkpoint} holds a checkpoint other than the synthetic {size} one, and --size-checkpoint "
+                          "only sizes a checkpoint being created; drop --size-checkpoint to bench this one, or point "
+                          "at a new directory")
 
 
 def _progress(console):
@@ -93,8 +124,8 @@ def _options(args):
     from edgeact.export.bench_policy import PolicyBenchOptions
 
     return PolicyBenchOptions(frames=args.frames, threads=args.threads, seed=args.seed, precisions=args.precisions,
-                              size=args.size_checkpoint, decode_rate_steps=args.decode_steps, rss_steps=args.rss_steps,
-                              probe_bytes=args.probe_mb << 20, fresh=args.fresh,
+                              size=args.size_checkpoint or DEFAULT_SIZE, decode_rate_steps=args.decode_steps,
+                              rss_steps=args.rss_steps, probe_bytes=args.probe_mb << 20, fresh=args.fresh,
                               device=getattr(args, "device", "cpu"),
                               prefill_chunk=getattr(args, "prefill_chunk", None),
                               crops_per_run=getattr(args, "crops_per_run", None))
@@ -106,8 +137,10 @@ def _command_line() -> str:
 
 # ---------------------------------------------------------------------------------- bench-policy
 def _bench_policy(args: argparse.Namespace) -> int:
+    options = _options(args)
+    _check_size(args.checkpoint, args.size_checkpoint)
     console = _console()
-    run_policy_bench(args.checkpoint, args.out, _options(args), args.bundles or Path(DEFAULT_BUNDLES), console)
+    run_policy_bench(args.checkpoint, args.out, options, args.bundles or Path(DEFAULT_BUNDLES), console)
     console.print(f"JSON: {args.out / 'bench-policy.json'}")
     return 0
 
@@ -200,6 +233,12 @@ def _bench_suite(args: argparse.Namespace) -> int:
         from edgeact.runtime.errors import ConfigError
 
         raise ConfigError(f"the control-loop bench runs the {LOOP_PRECISION} bundle: keep {LOOP_PRECISION} in --precisions")
+    # Every option is checked here, before minutes of checkpoint, export and quantization.
+    quant_options = BenchOptions(precisions=args.quant_precisions, report_frames=args.quant_frames, seed=args.seed,
+                                 threads=args.threads, fresh=args.fresh)
+    # bench-quant will have just written every bundle: --fresh must not make bench-policy redo them.
+    policy_options = dataclasses.replace(_options(args), fresh=False)
+    _check_size(args.checkpoint, args.size_checkpoint)
     console = _console()
     out: Path = args.out
     bundles = args.bundles or out / "bundles"
@@ -207,24 +246,21 @@ def _bench_suite(args: argparse.Namespace) -> int:
     began, walls = time.perf_counter(), {}
 
     start = time.perf_counter()
-    checkpoint = ensure_checkpoint(args.checkpoint, args.size_checkpoint, args.seed).absolute()
+    checkpoint = ensure_checkpoint(args.checkpoint, policy_options.size, args.seed).absolute()
     walls["checkpoint"] = time.perf_counter() - start
 
     start = time.perf_counter()
     console.rule("bench-quant")
-    options = BenchOptions(precisions=args.quant_precisions, report_frames=args.quant_frames, seed=args.seed,
-                           threads=args.threads, fresh=args.fresh)
     with _progress(console) as progress:
-        task = progress.add_task("bench-quant", total=3 + len(options.recipes()))
-        rows = bench_quantization(checkpoint, bundles, options, on_step=_advance(progress, task, "bench-quant"))
+        task = progress.add_task("bench-quant", total=3 + len(quant_options.recipes()))
+        rows = bench_quantization(checkpoint, bundles, quant_options, on_step=_advance(progress, task, "bench-quant"))
     print_report(rows, console, title=f"quantization of {checkpoint.name} (CPU, onnxruntime)")
     (out / "quant.json").write_text(json.dumps(rows, indent=2) + "\n")
     walls["bench-quant"] = time.perf_counter() - start
 
     start = time.perf_counter()
     console.rule("bench-policy")
-    # bench-quant has just written every bundle: --fresh must not make bench-policy redo them.
-    run_policy_bench(checkpoint, out / "policy", dataclasses.replace(_options(args), fresh=False), bundles, console)
+    run_policy_bench(checkpoint, out / "policy", policy_options, bundles, console)
     walls["bench-policy"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -19,6 +19,72 @@ from edgeact.runtime.bundle import load_bundle
 from edgeact.runtime.errors import ConfigError
 
 
+def _no_work(monkeypatch):
+    """Every expensive step of bench-suite / bench-policy recorded instead of run."""
+    work = []
+    monkeypatch.setattr("edgeact.export.bench_bundles.ensure_checkpoint", lambda *a: work.append("checkpoint"))
+    monkeypatch.setattr("edgeact.export.quant_bench.bench_quantization", lambda *a, **k: work.append("bench-quant"))
+    monkeypatch.setattr(commands_bench, "run_policy_bench", lambda *a: work.append("bench-policy"))
+    return work
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["bench-suite", "--quant-precisions", "int9"], "argument --quant-precisions: int9 unknown; use some of int8, fp8, int4"),
+    (["bench-suite", "--quant-precisions", "int8,int8"], "argument --quant-precisions: int8 given twice"),
+    (["bench-suite", "--precisions", "int8,fp8"], "argument --precisions: fp8 unknown; use some of int8, int4"),
+    (["bench-suite", "--size-checkpoint", "huge"], "argument --size-checkpoint: invalid choice: 'huge'"),
+    (["bench-policy", "--precisions", "int9"], "argument --precisions: int9 unknown; use some of int8, int4"),
+])
+def test_a_typo_in_the_bench_options_is_refused_while_parsing(argv, said, monkeypatch, tmp_path, capsys):
+    from edgeact.runtime.cli import main
+
+    work = _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2 and said in capsys.readouterr().err
+    assert work == [] and not (tmp_path / "out").exists()
+
+
+def test_suite_checks_every_option_before_the_checkpoint_is_made(monkeypatch, tmp_path, capsys):
+    from edgeact.runtime.cli import main
+
+    work = _no_work(monkeypatch)
+    # An empty list parses; bench-quant's own options refuse it, and now before the 790 MB checkpoint is written.
+    assert main(["bench-suite", "--quant-precisions", "", "--out", str(tmp_path / "out"),
+                 "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "precisions (none): bench some of int8, fp8, int4" in capsys.readouterr().err
+    assert work == [] and not (tmp_path / "out").exists()
+
+
+def test_size_checkpoint_of_another_size_than_the_checkpoint_there_is_refused(monkeypatch, tmp_path, capsys):
+    from edgeact.export.synthetic import synthetic_config
+    from edgeact.runtime.cli import main
+
+    work = _no_work(monkeypatch)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    synthetic_config("D", "tiny").save(ck / "config.json")
+    out = str(tmp_path / "out")
+    assert main(["bench-policy", str(ck), "--size-checkpoint", "small", "--out", out]) == 2
+    assert (f"{ck} holds a checkpoint other than the synthetic small one, and --size-checkpoint only sizes a "
+            "checkpoint being created") in capsys.readouterr().err
+    assert main(["bench-suite", "--checkpoint", str(ck), "--size-checkpoint", "bench", "--out", out]) == 2
+    assert "other than the synthetic bench one" in capsys.readouterr().err
+    assert work == []
+    # The size it holds, or no --size-checkpoint (a checkpoint of any size), is benched: re-running a command works.
+    assert main(["bench-policy", str(ck), "--size-checkpoint", "tiny", "--out", out]) == 0
+    assert main(["bench-policy", str(ck), "--out", out]) == 0
+    assert work == ["bench-policy", "bench-policy"]
+
+
+def test_literal_choices_match_the_tables_they_copy():
+    from edgeact.export import bench_bundles, commands, quant_bench, synthetic
+
+    assert commands_bench.QUANTIZED == bench_bundles.QUANTIZED
+    assert commands_bench.QUANT_RECIPES == quant_bench.BENCH_RECIPES
+    assert commands.SIZE_CHOICES == tuple(synthetic.SIZES)
+
+
 def _cuda_ready() -> bool:
     import onnxruntime
     import torch

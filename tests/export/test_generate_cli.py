@@ -31,3 +31,12 @@ def test_image_file_is_used_and_a_missing_one_is_a_clear_error(checkpoint, tmp_p
 def test_free_decoding_of_random_weights_reports_the_unparseable_answer(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--free", "--max-new-tokens", "8"]) == 1
     assert "not a valid answer" in capsys.readouterr().out
+
+
+def test_a_wrong_unnorm_key_is_refused_before_generating(checkpoint, monkeypatch, capsys):
+    def generate_greedy(*args, **kwargs):
+        raise AssertionError("generated before --unnorm-key was checked")
+
+    monkeypatch.setattr("edgeact.export.generate.generate_greedy", generate_greedy)
+    assert main(["generate", str(checkpoint), "--unnorm-key", "nope"]) == 2
+    assert "unnorm_key 'nope' not in norm_stats; available keys: edgeact_sim" in capsys.readouterr().err
