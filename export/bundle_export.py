@@ -85,6 +85,7 @@ def _write_bundle(writer, checkpoint_dir: Path, out_dir: Path, options: ExportOp
     """Everything export_bundle writes into the open `writer`; the model lives only in this frame."""
     import torch
 
+    from edgeact.calibration.calibration_set import weights_sha256
     from edgeact.export.checkpoint import load_model
     from edgeact.export.onnx_export import DEFAULT_OPSET, DecoderStage, FusedDecoderStage, decoder_io, export_stage
     from edgeact.runtime.bundle import sha256_file
@@ -136,6 +137,7 @@ def _write_bundle(writer, checkpoint_dir: Path, out_dir: Path, options: ExportOp
         writer.add_tokenizer(ckpt.tokenizer_path, preprocess.to_dict(), base_vocab_size=layout.base_vocab_size,
                              bos_id=layout.bos_id, image_patch_id=layout.im_patch_id)
         writer.set_model(cfg, checkpoint=checkpoint_dir, config_sha256=sha256_file(checkpoint_dir / "config.json"),
+                         weights_sha256=weights_sha256("checkpoint", checkpoint_dir),
                          name=options.name or checkpoint_dir.name)
         writer.set_grammar(grammar_record(options.n_actions))
         writer.set_norm_stats(ckpt.norm_stats)

@@ -16,6 +16,7 @@ HELD_OUT_FRAME_BASE so that verification never sees what calibration fitted.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from edgeact.export.depth_tokenizer_export import CODE_AGREEMENT_GATE
 from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_STAGE
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,9 @@ def unmeasured_rows(manifest, missing: bool = False) -> list[dict[str, Any]]:
 
 
 def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
-    """The checkpoint to compare with; refuses one whose config.json is not the one the bundle was exported from."""
+    """The checkpoint to compare with; refuses one whose config.json or weights are not those the bundle was exported
+    from. Another model of the same config would fail every gate of a good bundle, and that verdict would be recorded."""
+    from edgeact.calibration.calibration_set import weights_sha256
     from edgeact.runtime.bundle import sha256_file
 
     source = bundle.manifest.model.source_checkpoint
@@ -215,6 +220,16 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
     if recorded and sha256_file(config) != recorded:
         raise BundleError(f"{config}: differs from the config the bundle was exported from (sha256 {recorded[:12]}); "
                           "pass --checkpoint DIR with the checkpoint this bundle came from")
+    model = bundle.manifest.model
+    if not model.source_weights_sha256:
+        log.warning("%s records no weights digest of its checkpoint (exported before edgeact recorded one): cannot "
+                    "check that %s holds the model it was exported from, only its config", bundle.root, path)
+    elif (digest := weights_sha256("checkpoint", path)) != model.source_weights_sha256:
+        raise BundleError(f"{path}: its weights (sha256 {digest[:12] or 'none: no *.safetensors'}) are not those "
+                          f"{bundle.root} was exported from ({model.source_checkpoint or 'checkpoint'}, weights sha256 "
+                          f"{model.source_weights_sha256[:12]}): same config, another model, whose comparison would "
+                          "fail a good bundle; pass --checkpoint DIR with the checkpoint this bundle was exported "
+                          f"from, or export this one to a bundle of its own (`edgeact export {path} --out DIR`)")
     return path
 
 

@@ -99,6 +99,9 @@ class ModelInfo:
     variant: str                       # 'D' or 'O', as ArmConfig.variant reads it off the config
     source_checkpoint: str = ""
     source_config_sha256: str = ""
+    # calibration_set.weights_sha256 of the checkpoint: a config names an architecture, this the model ('' in bundles
+    # written before it was recorded)
+    source_weights_sha256: str = ""
     name: str = ""                     # free-form, e.g. 'molmoact-7b-d' or 'tiny-sim'
 
     def arm_config(self) -> ArmConfig:
@@ -109,7 +112,8 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "variant": self.variant, "name": self.name,
-                "source": {"checkpoint": self.source_checkpoint, "config_sha256": self.source_config_sha256}}
+                "source": {"checkpoint": self.source_checkpoint, "config_sha256": self.source_config_sha256,
+                           "weights_sha256": self.source_weights_sha256}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> "ModelInfo":
@@ -117,6 +121,7 @@ class ModelInfo:
         info = cls(config=get_field(data, "config", dict, where), variant=get_field(data, "variant", str, where),
                    source_checkpoint=get_field(source, "checkpoint", str, f"{where}.source", ""),
                    source_config_sha256=get_field(source, "config_sha256", str, f"{where}.source", ""),
+                   source_weights_sha256=get_field(source, "weights_sha256", str, f"{where}.source", ""),
                    name=get_field(data, "name", str, where, ""))
         cfg = info.arm_config()
         if cfg.variant != info.variant:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edgeact.calibration.calibration_set import weights_sha256
 from edgeact.export.bundle_export import export_bundle
 from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
 from edgeact.export.synthetic import make_checkpoint
@@ -133,6 +135,48 @@ def test_the_reference_must_be_the_exported_checkpoint(bundles, checkpoints, tmp
         verify_bundle(bundles["D"], checkpoints["O"], frames=1, record=False)
     with pytest.raises(BundleError, match=r"reference checkpoint \(given\) not found; pass --checkpoint DIR"):
         verify_bundle(bundles["D"], tmp_path / "nowhere", frames=1, record=False)
+
+
+def test_another_checkpoint_of_the_same_config_is_refused_and_the_verdict_kept(bundles, checkpoints, tmp_path,
+                                                                                capsys):
+    """A re-trained model of the same architecture would fail every gate of a good bundle: refused before comparing."""
+    bundle_dir = _copy(bundles["D"], tmp_path)
+    recorded = read_manifest(bundle_dir).model.source_weights_sha256
+    assert recorded == weights_sha256("checkpoint", checkpoints["D"]) != ""
+    other = make_checkpoint("D", "tiny", seed=8, out_dir=tmp_path / "retrained")
+    assert (other / "config.json").read_bytes() == (checkpoints["D"] / "config.json").read_bytes()
+    before = (bundle_dir / "manifest.json").read_bytes()
+    with pytest.raises(BundleError, match=rf"{re.escape(str(other))}: its weights \(sha256 [0-9a-f]{{12}}\) are not "
+                                          rf"those {re.escape(str(bundle_dir))} was exported from "
+                                          rf"\({re.escape(str(checkpoints['D']))}, weights sha256 {recorded[:12]}\).*"
+                                          r"pass --checkpoint DIR with the checkpoint this bundle was exported from, "
+                                          r"or export this one"):
+        verify_bundle(bundle_dir, other, frames=1, threads=1)
+    assert main(["verify", str(bundle_dir), "--checkpoint", str(other), "--frames", "1", "--threads", "1"]) == 2
+    assert "are not those" in capsys.readouterr().err
+    assert (bundle_dir / "manifest.json").read_bytes() == before      # no verdict recorded
+    # Re-trained in place: the checkpoint the manifest names now holds the other model.
+    update_manifest(bundle_dir, lambda m: setattr(m, "model", dataclasses.replace(m.model, source_checkpoint=str(other))))
+    before = (bundle_dir / "manifest.json").read_bytes()
+    with pytest.raises(BundleError, match=r"are not those"):
+        verify_bundle(bundle_dir, frames=1, threads=1)
+    assert (bundle_dir / "manifest.json").read_bytes() == before      # no verdict recorded
+
+
+def test_a_bundle_without_a_weights_digest_is_checked_by_its_config_only_with_a_warning(bundles, checkpoints,
+                                                                                       tmp_path, caplog):
+    bundle_dir = _copy(bundles["D"], tmp_path)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["model"]["source"]["weights_sha256"]          # as exported before the digest was recorded
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    other = make_checkpoint("D", "tiny", seed=8, out_dir=tmp_path / "retrained")
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest.model.source_weights_sha256 == ""
+    with caplog.at_level("WARNING", logger="edgeact.export.verify"):
+        assert verify_module.reference_checkpoint(bundle, other) == other
+    assert "records no weights digest of its checkpoint" in caplog.text and str(other) in caplog.text
+    report = verify_bundle(bundle_dir, frames=1, threads=1)         # against its own checkpoint: as before
+    assert report.passed and read_manifest(bundle_dir).verification.status == "passed"
 
 
 def test_cli_export_verify_and_inspect(checkpoints, tmp_path, capsys):
