@@ -38,7 +38,11 @@ split never separates them.
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -199,44 +203,77 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int, config: DemoConf
     start_s = time.perf_counter()
     per = config.episodes_per_shard
     blocks = [(lo, min(lo + per, episodes)) for lo in range(0, episodes, per)]
-    setup = (str(out), seed, config, expert, task)
-    if workers == 1 or len(blocks) == 1:
-        recorder = _Recorder(*setup)
-        try:
-            parts = [recorder.block(lo, hi, progress and (lambda done: progress(done, episodes)))
-                     for lo, hi in blocks]
-        finally:
-            recorder.close()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: each worker imports mujoco afresh and opens its own offscreen context (a forked GL context is not
-        # safe to share).
-        with ProcessPoolExecutor(min(workers, len(blocks)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=setup) as pool:
-            futures = [pool.submit(_worker_block, lo, hi) for lo, hi in blocks]
-            parts, done = [], 0
+    on_done = progress and (lambda done: progress(done, episodes))
+    with _recording_aside(out) as tmp:
+        setup = (str(tmp), seed, config, expert, task)
+        if workers == 1 or len(blocks) == 1:
+            recorder = _Recorder(*setup)
             try:
-                for (lo, hi), future in zip(blocks, futures):   # in shard order; progress as each shard lands
-                    parts.append(future.result())
-                    done += hi - lo
-                    if progress is not None:
-                        progress(done, episodes)
-            except BaseException:
-                # A worker failed (or Ctrl-C): raise now, not after the other blocks were recorded for nothing.
-                # No manifest is written, so the directory is never taken for a finished set.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    records = [r for part in parts for r in part.records]
-    all_actions = [a for part in parts for a in part.actions]
-    successes = {t: [sum(part.successes[t][k] for part in parts) for k in (0, 1)] for t in TEMPLATES}
-    if not all_actions:
-        raise DemoDatasetError(f"the expert succeeded in none of {episodes} episodes; nothing to write to {out}")
-    intr, camera_pose = parts[0].intrinsics, parts[0].camera_pose
-    return _finish(out, {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes},
-                   [part.shard for part in parts if part.shard is not None], config, expert, intr, camera_pose,
-                   all_actions, start_s)
+                parts = [recorder.block(lo, hi, on_done) for lo, hi in blocks]
+            finally:
+                recorder.close()
+        else:
+            parts = _record_in_workers(setup, blocks, workers, on_done)
+        records = [r for part in parts for r in part.records]
+        all_actions = [a for part in parts for a in part.actions]
+        successes = {t: [sum(part.successes[t][k] for part in parts) for k in (0, 1)] for t in TEMPLATES}
+        if not all_actions:
+            raise DemoDatasetError(f"the expert succeeded in none of {episodes} episodes; nothing to write to {out}")
+        intr, camera_pose = parts[0].intrinsics, parts[0].camera_pose
+        return _finish(tmp, out, {"seed": seed, "episodes_attempted": episodes, "episodes": records,
+                                  "successes": successes},
+                       [part.shard for part in parts if part.shard is not None], config, expert, intr, camera_pose,
+                       all_actions, start_s)
+
+
+def _record_in_workers(setup: tuple, blocks: list[tuple[int, int]], workers: int,
+                       progress: Callable[[int], None] | None) -> list[_Part]:
+    """The blocks recorded by `workers` simulator processes, in shard order; progress (episodes done) as each shard
+    lands. A worker's failure, or Ctrl-C, is raised at once, and the other workers stop at their next episode."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn: each worker imports mujoco afresh and opens its own offscreen context (a forked GL context is not
+    # safe to share).
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    with ProcessPoolExecutor(min(workers, len(blocks)), mp_context=context, initializer=_start_worker,
+                             initargs=(stop, *setup)) as pool:
+        try:
+            with _sigint_blocked():     # the workers start (on submit) deaf to Ctrl-C: it is this process's to handle
+                futures = [pool.submit(_worker_block, lo, hi) for lo, hi in blocks]
+            parts, done, pending = [], 0, set(futures)
+            for (lo, hi), future in zip(blocks, futures):
+                while not future.done():
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()      # a later block's failure raises now, not after this block is recorded
+                parts.append(future.result())
+                done += hi - lo
+                if progress is not None:
+                    progress(done)
+        except BaseException:
+            # A worker failed (or Ctrl-C): the others end their blocks at the next episode instead of recording
+            # them for nothing, and are gone before the caller removes the partial set.
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return parts
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile. Processes spawned meanwhile keep it blocked (a signal mask survives
+    exec), so Ctrl-C reaches only this process, which stops them; here it is delivered once unblocked, not lost.
+    Outside the main thread, where Python never handles signals, nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -263,14 +300,18 @@ class _Recorder:
         self.renderer = MujocoRgbdRenderer(self.world, CAMERA, config.width, config.height)
         self.camera_pose = self.world.site_pose(OPTICAL_SITE)   # on the base, which the expert never moves
 
-    def block(self, lo: int, hi: int, progress: Callable[[int], None] | None = None) -> _Part:
-        """Episodes lo..hi-1; their successes written as shard lo // episodes_per_shard."""
+    def block(self, lo: int, hi: int, progress: Callable[[int], None] | None = None,
+              stopped: Callable[[], bool] = lambda: False) -> _Part:
+        """Episodes lo..hi-1; their successes written as shard lo // episodes_per_shard. Raises _Stopped at the
+        next episode once `stopped()` says so."""
         config, renderer, camera_pose = self.config, self.renderer, self.camera_pose
         successes = {t: [0, 0] for t in TEMPLATES}
         records, actions, shard = [], [], _Shard()
         for i in range(lo, hi):
             scene = sample_episode(self.seed + i, list(TEMPLATES)[i % len(TEMPLATES)], self.task)
             for sibling, episode in enumerate([scene] + sibling_episodes(scene, config.siblings, self.task)):
+                if stopped():
+                    raise _Stopped(f"episodes {lo}..{hi - 1} stopped at {i}")
                 frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
                 def grab(k: int, at: Any) -> None:
@@ -301,33 +342,58 @@ class _Recorder:
         self.renderer.close()
 
 
+class _Stopped(Exception):
+    """A worker's block given up because the recording failed elsewhere or was interrupted (that error is raised)."""
+
+
 _WORKER: _Recorder | None = None      # a recording worker process's own recorder (record_demos, workers > 1)
+_STOP: Any = None                     # ... and the event record_demos sets to stop it
 
 
-def _start_worker(*setup) -> None:
-    global _WORKER
-    _WORKER = _Recorder(*setup)
+def _start_worker(stop: Any, *setup) -> None:
+    global _WORKER, _STOP
+    _WORKER, _STOP = _Recorder(*setup), stop
 
 
 def _worker_block(lo: int, hi: int) -> _Part:
     assert _WORKER is not None, "_start_worker runs first in every worker"
-    return _WORKER.block(lo, hi)
+    return _WORKER.block(lo, hi, stopped=_STOP.is_set)
 
 
 def _new_set(out_dir: str | Path, episodes: int) -> Path:
+    from edgeact.export.atomic_dir import occupied
+
     if episodes < 1:
         raise ConfigError(f"episodes: record at least 1, got {episodes}")
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
+    if occupied(out):       # publishing would replace it: never take what another run or the user put there
+        raise ConfigError(f"{out} already exists and holds no finished demonstration set (no {MANIFEST}: an "
+                          "interrupted recording of an older edgeact, or other files); delete it or record into "
+                          "another directory")
     return out
 
 
-def _finish(out: Path, head: dict[str, Any], shards: list[dict[str, Any]], config: DemoConfig, expert: ExpertConfig,
-            intr: Any, camera_pose: tuple[np.ndarray, np.ndarray], all_actions: list[np.ndarray],
-            start_s: float) -> DemoSummary:
-    """Write the manifest, last: a directory without one is never taken for a finished set."""
+@contextmanager
+def _recording_aside(out: Path) -> Iterator[Path]:
+    """A hidden sibling of `out` to record into, renamed into place by `_finish` (export/atomic_dir.py). A failed or
+    interrupted recording removes it: `out` only ever holds a finished set."""
+    from edgeact.export.atomic_dir import partial_dir
+
+    tmp = partial_dir(out)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # gone already once published
+
+
+def _finish(tmp: Path, out: Path, head: dict[str, Any], shards: list[dict[str, Any]], config: DemoConfig,
+            expert: ExpertConfig, intr: Any, camera_pose: tuple[np.ndarray, np.ndarray],
+            all_actions: list[np.ndarray], start_s: float) -> DemoSummary:
+    """Write the manifest into `tmp`, last, and rename the finished set into place at `out`."""
+    from edgeact.export.atomic_dir import fsync_tree, publish
+
     manifest = {
         "format": FORMAT, **head, "samples": sum(s["samples"] for s in shards), "shards": shards,
         "image": {"width": config.width, "height": config.height, "camera": CAMERA,
@@ -339,8 +405,10 @@ def _finish(out: Path, head: dict[str, Any], shards: list[dict[str, Any]], confi
         "demo_config": asdict(config), "expert_config": asdict(expert),
         "norm_stats": {NORM_KEY: {"action": action_statistics(np.concatenate(all_actions))}},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    size = sum(p.stat().st_size for p in out.iterdir())
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    size = sum(p.stat().st_size for p in tmp.iterdir())
+    fsync_tree(tmp)
+    publish(tmp, out)
     return DemoSummary(out, len(head["episodes"]), head["successes"], manifest["samples"],
                        time.perf_counter() - start_s, size)
 
@@ -385,50 +453,52 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
     camera_pose = world.site_pose(OPTICAL_SITE)
     start_s = time.perf_counter()
     successes = {t: [0, 0] for t in TEMPLATES}
-    records, all_actions, shards = [], [], _Shards(out, config.episodes_per_shard)
-    try:
-        for i in range(episodes):
-            episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
-            reset_world(world, episode)
-            executor = ActionExecutor(world, mapper, expert)
-            steering = ExpertSteering(episode, expert, task, reached_m=reached_m)
-            mix_rng = np.random.default_rng([episode.seed, 0xDA66])
-            limit = min(expert.max_actions, int(round(episode.time_limit_s * expert.action_rate_hz)))
-            done, queued, success = 0, [], False
-            judge = SuccessJudge.for_episode(episode, task)
-            while done < limit and not success:
-                record, plan = done % config.stride_actions == 0, not queued or done % replan_every == 0
-                if record or plan:
-                    rgb, depth = renderer.render()[:2]
-                    positions, labels = steering.chunk(mapper, executor.commanded_rad, expert.chunk_size)
-                if record:
-                    trace = commanded_trace(world, positions, config.trace_horizon_actions, camera_pose,
-                                            renderer.intrinsics)
-                    shards.add(rgb, depth, episode.instruction, trace, labels, i, done,
-                                block_pixels(world, depth, camera_pose, renderer.intrinsics))
-                    all_actions.append(labels[:1])
-                if plan:
-                    by_expert = expert_mix > 0 and mix_rng.random() < expert_mix
-                    chosen = labels if by_expert else policy.infer(rgb, episode.instruction, depth_m=depth).actions
-                    queued = [np.asarray(a, dtype=np.float64) for a in chosen[:replan_every]]
-                executor.execute(queued.pop(0))
-                steering.observe(executor.commanded_pose().position_m)
-                done += 1
-                holds = evaluate(world, episode, task).success
-                success = judge.update(done / expert.action_rate_hz, holds) is not None
-            successes[episode.template][1] += 1
-            successes[episode.template][0] += int(success)
-            records.append({"index": i, "sibling": 0, **episode.to_dict(), "n_actions": done, "success": success})
-            shards.episode_done(i, episodes)
-            if progress is not None:
-                progress(i + 1, episodes)
-    finally:
-        renderer.close()
-    head = {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes,
-            "labels": {"policy": source, "replan_every": replan_every, "expert_mix": expert_mix,
-                       "reached_m": reached_m}}
-    return _finish(out, head, shards.written, config, expert, renderer.intrinsics, camera_pose, all_actions,
-                   start_s)
+    with _recording_aside(out) as tmp:
+        records, all_actions, shards = [], [], _Shards(tmp, config.episodes_per_shard)
+        try:
+            for i in range(episodes):
+                episode = sample_episode(seed + i, list(TEMPLATES)[i % len(TEMPLATES)], task)
+                reset_world(world, episode)
+                executor = ActionExecutor(world, mapper, expert)
+                steering = ExpertSteering(episode, expert, task, reached_m=reached_m)
+                mix_rng = np.random.default_rng([episode.seed, 0xDA66])
+                limit = min(expert.max_actions, int(round(episode.time_limit_s * expert.action_rate_hz)))
+                done, queued, success = 0, [], False
+                judge = SuccessJudge.for_episode(episode, task)
+                while done < limit and not success:
+                    record, plan = done % config.stride_actions == 0, not queued or done % replan_every == 0
+                    if record or plan:
+                        rgb, depth = renderer.render()[:2]
+                        positions, labels = steering.chunk(mapper, executor.commanded_rad, expert.chunk_size)
+                    if record:
+                        trace = commanded_trace(world, positions, config.trace_horizon_actions, camera_pose,
+                                                renderer.intrinsics)
+                        shards.add(rgb, depth, episode.instruction, trace, labels, i, done,
+                                    block_pixels(world, depth, camera_pose, renderer.intrinsics))
+                        all_actions.append(labels[:1])
+                    if plan:
+                        by_expert = expert_mix > 0 and mix_rng.random() < expert_mix
+                        chosen = labels if by_expert else \
+                            policy.infer(rgb, episode.instruction, depth_m=depth).actions
+                        queued = [np.asarray(a, dtype=np.float64) for a in chosen[:replan_every]]
+                    executor.execute(queued.pop(0))
+                    steering.observe(executor.commanded_pose().position_m)
+                    done += 1
+                    holds = evaluate(world, episode, task).success
+                    success = judge.update(done / expert.action_rate_hz, holds) is not None
+                successes[episode.template][1] += 1
+                successes[episode.template][0] += int(success)
+                records.append({"index": i, "sibling": 0, **episode.to_dict(), "n_actions": done, "success": success})
+                shards.episode_done(i, episodes)
+                if progress is not None:
+                    progress(i + 1, episodes)
+        finally:
+            renderer.close()
+        head = {"seed": seed, "episodes_attempted": episodes, "episodes": records, "successes": successes,
+                "labels": {"policy": source, "replan_every": replan_every, "expert_mix": expert_mix,
+                           "reached_m": reached_m}}
+        return _finish(tmp, out, head, shards.written, config, expert, renderer.intrinsics, camera_pose, all_actions,
+                       start_s)
 
 
 class _Shards:
@@ -517,8 +587,15 @@ def load_demos(path: str | Path) -> DemoDataset:
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        raise DemoDatasetError(f"{root} has no {MANIFEST}: not a finished demonstration set (record one with "
-                               "`edgeact sim-demos --out DIR`)")
+        from edgeact.export.atomic_dir import occupied
+        from edgeact.runtime.bundle import PARTIAL_INFIX
+
+        fix = "delete it and record it again" if occupied(root) else "record one"
+        killed = ", ".join(sorted(p.name for p in root.parent.glob(f".{root.name}{PARTIAL_INFIX}*")))
+        leftover = (f"; {killed} beside it: left by a recording that was killed, remove it (rm -r) once no "
+                    f"sim-demos into {root.name} is running") if killed else ""
+        raise DemoDatasetError(f"{root} has no {MANIFEST}: not a finished demonstration set ({fix} with `edgeact "
+                               f"sim-demos --out DIR`){leftover}")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
         raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "

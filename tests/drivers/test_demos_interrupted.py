@@ -1,0 +1,71 @@
+"""An interrupted or failed demonstration recording leaves nothing a reader could take for a finished set."""
+import multiprocessing
+
+import pytest
+
+pytest.importorskip("mujoco", reason="the reference task runs in MuJoCo (pip install mujoco==4.0.0)")
+pytest.importorskip("pinocchio", reason="the expert acts through the 'ik' mapper (pip install pin==4.1.0)")
+
+from edgeact.drivers.sim.demos import DemoConfig, DemoDatasetError, load_demos, record_demos  # noqa: E402
+from edgeact.runtime.errors import ConfigError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+TINY = DemoConfig(width=48, height=32, stride_actions=8, episodes_per_shard=1)
+
+
+def interrupt(done: int, total: int) -> None:
+    if done == 2:
+        raise KeyboardInterrupt     # Ctrl-C once a shard (an episode's) is written, the next ones under way
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_interrupted_recording_leaves_nothing_behind(tmp_path, workers):
+    """Ctrl-C after a shard was written: no directory, no shard, no hidden partial set, no worker left running;
+    the reader refuses the path and a new recording there works."""
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        record_demos(out, episodes=4, seed=0, config=TINY, workers=workers, progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+    assert multiprocessing.active_children() == []
+    with pytest.raises(DemoDatasetError, match="no manifest.json.*record one with `edgeact sim-demos"):
+        load_demos(out)
+    record_demos(out, episodes=1, seed=0, config=TINY)
+    assert load_demos(out).manifest["episodes_attempted"] == 1
+
+
+def test_ctrl_c_ends_sim_demos_with_one_line_and_nothing_written(tmp_path, monkeypatch, capsys):
+    import edgeact.drivers.sim.demos as demos
+    from edgeact.runtime.cli import main
+
+    run_expert = demos.run_expert
+    calls = []
+
+    def interrupted_second_episode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_expert(*args, **kwargs)
+
+    monkeypatch.setattr(demos, "run_expert", interrupted_second_episode)
+    assert main(["sim-demos", "--episodes", "3", "--width", "48", "--height", "32", "--out",
+                 str(tmp_path / "d")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_without_a_finished_set_is_neither_recorded_into_nor_read(tmp_path):
+    """Files without a manifest (an older edgeact's interrupted recording, or anything else) are kept and refused;
+    a hidden partial set a killed recording left beside a path is named."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "shard_0000.npz").write_bytes(b"half")
+    with pytest.raises(ConfigError, match="holds no finished demonstration set.*delete it"):
+        record_demos(old, episodes=1, seed=0, config=TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "shard_0000.npz").read_bytes() == b"half"
+    with pytest.raises(DemoDatasetError, match="no manifest.json.*delete it and record it again"):
+        load_demos(old)
+    (tmp_path / ".killed.partial-x1y2").mkdir()
+    with pytest.raises(DemoDatasetError, match=r"\.killed\.partial-x1y2 beside it: left by a recording that was "
+                                               r"killed, remove it \(rm -r\)"):
+        load_demos(tmp_path / "killed")
