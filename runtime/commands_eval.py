@@ -1,10 +1,9 @@
 """`edgeact eval CONFIG --episodes N`: closed-loop success of bundles on the simulated reference task (runtime/sim_eval.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from edgeact.runtime.cli_args import console as _console, positive_int
+from edgeact.runtime.cli_args import console as _console, positive_int, write_config_file
 
 DEFAULT_OUT = "out/eval"
 
@@ -47,7 +46,9 @@ def register(subparsers) -> None:
                                             "any training recording's)")
     p.add_argument("--sheets", type=int, default=3, help="episodes per system with a PNG sheet (default 3)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where eval.json and sheets/ go (default {DEFAULT_OUT})")
-    p.add_argument("--write-config", metavar="PATH", help="only write the built-in MuJoCo robot's config here and exit")
+    p.add_argument("--write-config", metavar="PATH", help="only write the built-in MuJoCo robot's config here (a .json "
+                                                          "file) and exit")
+    p.add_argument("--overwrite", action="store_true", help="with --write-config: replace PATH if it exists")
     p.set_defaults(handler=_eval)
 
 
@@ -61,10 +62,7 @@ def _eval(args) -> int:
 
     console = _console()
     if args.write_config:
-        path = Path(args.write_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mujoco_robot_config_dict(), indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {path}")
+        console.print(f"wrote {write_config_file(args.write_config, mujoco_robot_config_dict(), args.overwrite)}")
         return 0
     base = read_config_dict(args.config) if args.config else mujoco_robot_config_dict()
     source = str(args.config) if args.config else "<eval: built-in MuJoCo robot>"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -11,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Iterator
-from edgeact.runtime.cli_args import console as _console, positive_float
+from edgeact.runtime.cli_args import console as _console, positive_float, write_config_file
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
@@ -106,10 +105,9 @@ def _demo(args) -> int:
         raise ConfigError("--seed and --template choose a task episode: add --robot mujoco")
     episode = (DEMO_EPISODE[0] if args.seed is None else args.seed, args.template or DEMO_EPISODE[1])
     if args.write_config:
-        path = _config_to_write(Path(args.write_config), args.overwrite)
-        data = demo_config_dict(args.policy, args.bundle, args.robot, episode)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        write_config_file(args.write_config, demo_config_dict(args.policy, args.bundle, args.robot, episode),
+                          args.overwrite)
+        path = args.write_config
         print(f"wrote the simulated robot's config to {path}; run it with `edgeact run {path}`")
         return 0
     config = demo_config(args.policy, args.bundle, args.robot, episode)
@@ -117,22 +115,6 @@ def _demo(args) -> int:
     if seconds is None:
         seconds = DEMO_SECONDS if args.robot == "simple" else _episode_limit_s(episode)
     return _measure_and_report(config, seconds, Path(args.out), "demo")
-
-
-def _config_to_write(path: Path, overwrite: bool) -> Path:
-    """Refuse a --write-config path the config cannot go to as it is: written as JSON, it must be named so to load
-    back (there is no TOML writer here), and an existing file is the user's own edits until --overwrite says not."""
-    from edgeact.runtime.errors import ConfigError
-
-    if path.is_dir():
-        raise ConfigError(f"--write-config {path} is a folder; give a file path (e.g. {path / 'robot.json'})")
-    if path.suffix.lower() != ".json":
-        raise ConfigError(f"--write-config {path}: the config is written as JSON; give a .json path "
-                          f"(e.g. {path.with_suffix('.json')})")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--write-config {path}: already exists; pass --overwrite to replace it, or give another "
-                          "path")
-    return path
 
 
 def _episode_limit_s(episode: tuple[int, str]) -> float:

@@ -1,4 +1,5 @@
-"""`edgeact demo`, `bench` and `run` refuse a bad input before an output is touched; `demo --write-config`'s file."""
+"""`edgeact demo`, `bench` and `run` refuse a bad input before an output is touched; `demo` and `eval --write-config`'s file."""
+import argparse
 import json
 
 import pytest
@@ -6,8 +7,20 @@ import pytest
 from edgeact.runtime.demo import demo_config_dict
 from edgeact.runtime.errors import BundleError, ConfigError
 from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
-from edgeact.runtime.sim_robot import sim_robot_config_dict
-from tests.runtime.test_demo import edgeact
+from edgeact.runtime.sim_robot import mujoco_robot_config_dict, sim_robot_config_dict
+
+
+def edgeact(*argv: str) -> int:
+    """The loop's and eval's sub-commands through argparse, as `edgeact` runs them."""
+    from edgeact.runtime import commands_eval, commands_loop
+
+    parser = argparse.ArgumentParser(prog="edgeact")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    commands_loop.register(subparsers)
+    commands_eval.register(subparsers)
+    args = parser.parse_args(list(argv))
+    return args.handler(args)
+
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,28 +88,34 @@ def test_run_refuses_a_config_whose_bundle_is_missing_and_keeps_the_older_json(t
     assert str(refused.value).startswith(f"{tmp_path / 'no-such-bundle'}: no bundle here")
 
 
-def test_write_config_refuses_an_existing_file_unless_overwrite(tmp_path):
+WRITERS = {"demo": sim_robot_config_dict, "eval": mujoco_robot_config_dict}     # command -> the config it writes
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_write_config_refuses_an_existing_file_unless_overwrite(tmp_path, command):
     path = tmp_path / "robot.json"
     path.write_text('{"edited": "by hand"}')
     with pytest.raises(ConfigError, match=f"--write-config {path}: already exists; pass --overwrite to replace it"):
-        edgeact("demo", "--write-config", str(path))
+        edgeact(command, "--write-config", str(path))
     assert path.read_text() == '{"edited": "by hand"}'
-    assert edgeact("demo", "--write-config", str(path), "--overwrite") == 0
-    assert load_robot_config(path).to_dict() == robot_config_from_dict(sim_robot_config_dict()).to_dict()
+    assert edgeact(command, "--write-config", str(path), "--overwrite") == 0
+    assert load_robot_config(path).to_dict() == robot_config_from_dict(WRITERS[command]()).to_dict()
 
 
+@pytest.mark.parametrize("command", WRITERS)
 @pytest.mark.parametrize("name", ["robot.toml", "robot.yaml", "robot"])
-def test_write_config_refuses_a_name_it_would_not_load_back_as_json(tmp_path, name):
+def test_write_config_refuses_a_name_it_would_not_load_back_as_json(tmp_path, name, command):
     path = tmp_path / name
     with pytest.raises(ConfigError, match=rf"--write-config {path}: the config is written as JSON; give a \.json "
                                           rf"path \(e\.g\. {tmp_path / 'robot.json'}\)"):
-        edgeact("demo", "--write-config", str(path))
+        edgeact(command, "--write-config", str(path))
     assert not path.exists()
 
 
-def test_write_config_refuses_a_folder(tmp_path):
+@pytest.mark.parametrize("command", WRITERS)
+def test_write_config_refuses_a_folder(tmp_path, command):
     with pytest.raises(ConfigError, match=f"--write-config {tmp_path} is a folder; give a file path"):
-        edgeact("demo", "--write-config", str(tmp_path), "--overwrite")
+        edgeact(command, "--write-config", str(tmp_path), "--overwrite")
 
 
 def test_the_written_bundle_config_loads_back_as_it_was_made(tmp_path):
