@@ -3,11 +3,13 @@
 Uses the documented `tensorrt` Python API: OnnxParser into a STRONGLY_TYPED network (the ONNX
 graph's types, QDQ nodes included, are the contract the verification gates checked; TensorRT
 10.12+ deprecates weak typing and 11.x removes it), one optimization profile per manifest
-profile, a timing cache reused across stages and runs, and a serialized plan per stage.
+profile, a timing cache reused across stages and runs (one TensorRT rejects, e.g. another GPU's,
+is replaced by an empty one with a warning), and a serialized plan per stage.
 tensorrt is imported inside functions: this module loads (and its errors explain) without it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -16,12 +18,14 @@ from typing import Callable, Iterable
 
 from edgeact.export.bundle_writer import update_manifest, utc_now
 from edgeact.runtime.trt_targets import (
-    check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles,
+    check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles, profile_names,
 )
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import EngineRecord, Manifest, StageSpec, load_bundle, sha256_file
 from edgeact.runtime.errors import BundleError, EdgeactError
 from edgeact.runtime.kv_cache import require_portable
+
+log = logging.getLogger(__name__)
 
 TENSORRT_MISSING = ("TensorRT is not installed; build engines on the target (Jetson: JetPack ships it) "
                     "or pip install tensorrt on a machine with an NVIDIA GPU")
@@ -142,19 +146,44 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
             on_stage(stage.name, i, len(chosen))
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        if cache is None:
-            # One cache for every stage: layers the stages share (same GEMM shapes) are timed once.
-            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-        config.set_timing_cache(cache, False)
+        # One cache for every stage: layers the stages share (same GEMM shapes) are timed once.
+        cache = _set_timing_cache(config, cache, cache_path)
         rel = engine_file(tgt, stage.name)
         _build_stage(trt, builder, logger, config, stage, bundle.path(stage.file), bundle.path(rel))
         if cache_path is not None:
-            _write_atomically(cache_path, config.get_timing_cache().serialize())
+            timed = config.get_timing_cache()
+            if timed is None:
+                log.warning("TensorRT returned no timing cache after stage %r; %s is not updated",
+                            stage.name, cache_path)
+            else:
+                _write_atomically(cache_path, timed.serialize())
         record = engine_record(stage, tgt, trt_version=str(trt.__version__), compute_capability=cc,
                                sha256=sha256_file(bundle.path(rel)), built_utc=utc_now())
         update_manifest(bundle.root, _recorder(record), rehash=[rel])
         records.append(record)
     return records
+
+
+def _set_timing_cache(config, cache, cache_path: Path | None):
+    """Give the builder config the timing cache (the saved one, read at the first stage); returns the cache set.
+
+    TensorRT rejects a cache it cannot read (create_timing_cache returns None) or one from another device or
+    version (set_timing_cache returns False, ignore_mismatch off); without a cache get_timing_cache then returns
+    None, and every later run would fail on the same file. Such a cache is replaced by an empty one.
+    """
+    if cache is None and cache_path is not None and cache_path.is_file():
+        cache = config.create_timing_cache(cache_path.read_bytes())
+        if cache is not None and config.set_timing_cache(cache, False):
+            return cache
+        log.warning("timing cache %s was rejected by TensorRT (another GPU or TensorRT version, or damaged); "
+                    "starting from an empty cache, which replaces it after this stage", cache_path)
+        cache = None
+    if cache is None:
+        cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise EdgeactError("TensorRT could not create or set even an empty timing cache (see its log); check the "
+                           "TensorRT install and the GPU")
+    return cache
 
 
 def _build_stage(trt, builder, logger, config, stage: StageSpec, onnx_path: Path, plan_path: Path) -> None:
@@ -165,11 +194,14 @@ def _build_stage(trt, builder, logger, config, stage: StageSpec, onnx_path: Path
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BundleError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse stage {stage.name!r}: "
                           f"{'; '.join(errors[:5]) or 'no error recorded'}; check the exporter's opset and ops")
-    for shapes in optimization_profiles(stage):
+    for profile_name, shapes in zip(profile_names(stage), optimization_profiles(stage)):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise BundleError(f"stage {stage.name!r}: TensorRT {trt.__version__} refused optimization profile "
+                              f"{profile_name!r} as invalid (see its log); fix the stage's profiles or "
+                              "dim_ranges in the manifest (re-export the bundle)")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BundleError(f"stage {stage.name!r}: TensorRT {trt.__version__} failed to build an engine (see its log "

@@ -1,8 +1,10 @@
 """The onnxruntime backend: stages as InferenceSessions driven through I/O binding into buffers allocated at load.
 
 Execution provider by name: "cpu", "cuda", or "tensorrt" (the TensorRT EP, CUDA and CPU as
-fallbacks for nodes it does not take), with its optimization profiles derived from the
-manifest. The graph optimization level is the one the manifest records for a stage
+fallbacks for nodes it does not take), with one optimization profile derived from the manifest's
+(`trt_profile_options`). A session whose requested provider did not initialise is refused
+(`check_provider`): onnxruntime would otherwise run it on its fallback and only print so. The
+graph optimization level is the one the manifest records for a stage
 (`quantization.options.stages.NAME.ort_graph_optimization`, written by `edgeact quantize`:
 some fp8 / int4 graphs only run at "basic"), unless the options override it.
 
@@ -73,6 +75,9 @@ SHRINK_MIN_TOKENS = 64
 # float once, at load; the activations' Q/DQ pairs still round every value as E4M3 does. On the CPU an fp8 stage
 # is an emulation of fp8's arithmetic, for checking accuracy (verify, the quantize report, lockstep eval).
 CPU_FP8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+# The manifest's decoder profile of single-token steps (export/bundle_export.py): the TensorRT EP's one profile
+# is tuned for its shapes (trt_profile_options).
+DECODE_PROFILE = "decode"
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ class OrtOptions:
     # is on; here it is off, so an fp32 bundle computes in fp32 (with TF32 an H100 answered 98 % of the reference's
     # tokens, measured with bench-policy --device cuda).
     cuda_tf32: bool = False
-    trt_cache_dir: str | None = None       # TensorRT EP engine cache (default: BUNDLE/engines/ort-tensorrt)
+    trt_cache_dir: str | None = None       # TensorRT EP engine cache (default: BUNDLE/engines/ort-tensorrt);
+                                           # a writable directory where the bundle's is read-only
     # Host memory: why these defaults (they keep a policy near 1.3 x bundle + 300 MB) is in the module docstring.
     cpu_arena: str = "session"             # session: an arena per session; off: every tensor from malloc
     mem_pattern: bool = True               # onnxruntime's pre-planned block per input shape (freed by the shrink)
@@ -120,17 +126,26 @@ def recorded_graph_level(bundle: Bundle, stage: str) -> str:
 
 
 def trt_profile_options(spec: StageSpec) -> dict[str, str]:
-    """The TensorRT EP's explicit profiles (trt_profile_{min,opt,max}_shapes), one per manifest profile.
+    """The TensorRT EP's explicit profile (trt_profile_{min,opt,max}_shapes): ONE covering every manifest profile.
 
-    Format "name:1x7x64,other:...", each input repeated once per profile, in profile order.
+    onnxruntime's TensorRT EP builds an engine with every profile it is given but runs its execution
+    context on profile 0 only (onnxruntime PR #31624, open): a second profile costs build time and memory,
+    never serves a step, and a shape only it holds fails. So the one profile spans them all (each dim from
+    the smallest min to the largest max), with the decode profile's opt: the step that runs most often
+    (DECODE_PROFILE; a stage without one takes its first profile's).
+    Format "name:1x7x64,other:...", one entry per input.
     """
+    named = profile_dim_ranges(spec)
     profiles = optimization_profiles(spec)
-    out = {}
-    for index, key in enumerate(("min", "opt", "max")):
-        entries = [f"{name}:{'x'.join(str(s) for s in shapes[index])}"
-                   for profile in profiles for name, shapes in profile.items()]
-        out[f"trt_profile_{key}_shapes"] = ",".join(entries)
-    return out
+    tuned = next((i for i, (name, _) in enumerate(named) if name == DECODE_PROFILE), 0)
+    entries: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    for tensor in spec.inputs:
+        name = tensor.name
+        lows = [min(dims) for dims in zip(*(p[name][0] for p in profiles))]
+        highs = [max(dims) for dims in zip(*(p[name][2] for p in profiles))]
+        for key, shape in (("min", lows), ("opt", profiles[tuned][name][1]), ("max", highs)):
+            entries[key].append(f"{name}:{'x'.join(str(s) for s in shape)}")
+    return {f"trt_profile_{key}_shapes": ",".join(values) for key, values in entries.items()}
 
 
 def make_session(bundle: Bundle, stage: str, options: OrtOptions):
@@ -159,10 +174,41 @@ def make_session(bundle: Bundle, stage: str, options: OrtOptions):
         raise BundleError(f"{path}: onnxruntime cannot load stage {stage!r} with {options.provider} at graph "
                           f"optimization {level!r} ({str(exc).splitlines()[0]}); re-export the bundle, or try "
                           "graph_optimization='basic'") from None
+    check_provider(session, stage, options)
     # Loading frees the parsed model's copies of the weights (prepacked kernels keep their own); without a trim
     # glibc keeps those pages: 80 MB of the int8 bench bundle's 394 MB after load (measured, /proc VmRSS).
     release_heap()
     return session
+
+
+def check_provider(session, stage: str, options: OrtOptions) -> None:
+    """Refuse a session whose requested provider is not the one it runs on.
+
+    When a provider fails to initialise (a CPU-only or CUDA-only onnxruntime build, TensorRT or cuDNN libraries
+    not found), onnxruntime prints "EP Error ... Falling back to [...]" and makes the session again with the
+    fallback providers, without their options: a benchmark or a verification would report the wrong backend.
+    """
+    wanted, running = PROVIDERS[options.provider][0], session.get_providers()
+    if not running or running[0] != wanted:
+        actual = running[0] if running else "no provider"
+        raise ConfigError(f"stage {stage!r}: onnxruntime runs on {actual}, not the requested {wanted} "
+                          f"(provider={options.provider!r}), which failed to initialise (onnxruntime's 'EP Error' "
+                          "output says why); install the onnxruntime-gpu build with TensorRT/CUDA (Jetson: "
+                          "the JetPack wheel) and put the TensorRT, CUDA and cuDNN libraries on the library path "
+                          "(LD_LIBRARY_PATH), or use provider='cpu'")
+
+
+def trt_cache_path(bundle: Bundle, options: OrtOptions) -> Path:
+    """The TensorRT EP's engine cache directory, created here: onnxruntime creates only its last level and fails
+    ("Failed to create directory") when its parent is missing, and an exported bundle has no BUNDLE/engines."""
+    cache = Path(options.trt_cache_dir) if options.trt_cache_dir else bundle.path(ORT_TRT_CACHE_DIR)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the TensorRT EP engine cache {cache} ({exc.strerror or exc}); set the "
+                          "onnxruntime backend option trt_cache_dir to a writable directory (a bundle on a robot "
+                          "may be read-only)") from None
+    return cache
 
 
 def apply_cpu_emulation(session_options, spec: StageSpec) -> None:
@@ -203,7 +249,7 @@ def _providers(bundle: Bundle, spec: StageSpec, options: OrtOptions, available: 
     out: list[Any] = []
     for name in wanted:
         if name == "TensorrtExecutionProvider":
-            cache = Path(options.trt_cache_dir) if options.trt_cache_dir else bundle.path(ORT_TRT_CACHE_DIR)
+            cache = trt_cache_path(bundle, options)
             out.append((name, {"device_id": options.device_id, "trt_fp16_enable": options.trt_fp16,
                                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                **trt_profile_options(spec)}))

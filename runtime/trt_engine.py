@@ -2,14 +2,17 @@
 
 Per stage: deserialize the plan, one execution context per optimization profile (the
 manifest's profiles, in the engine record's order: switching a context's profile costs a
-synchronization, keeping one context each costs only activation memory), device buffers
-sized once for the largest shapes its profiles take. A call picks the narrowest profile that
-holds its shapes, sets input shapes (`set_input_shape`) and addresses (`set_tensor_address`)
-and runs `execute_async_v3` on the engine's stream. The ViT's one profile is one crop
-(runtime/vision_stages.py calls it per crop), so its activations are one crop's on the GPU too.
+synchronization), device buffers sized once for the largest shapes its profiles take. The
+contexts share one activation buffer (USER_MANAGED, sized for the largest profile): they run
+one after another on one stream, and TensorRT's default would give each its own. A call
+picks the narrowest profile that holds its shapes, sets input shapes (`set_input_shape`) and
+addresses (`set_tensor_address`) and runs `execute_async_v3` on the engine's stream. The
+ViT's one profile is one crop (runtime/vision_stages.py calls it per crop), so its
+activations are one crop's on the GPU too.
 
 The decoder's KV cache lives in device memory (cudaMalloc once, sized like the host cache);
-keys/values of a chunk are written by the engine straight into the cache at offset `length`.
+keys/values of a chunk are written by the engine straight into the cache at offset `length`,
+so a cache row must keep TensorRT's 256-byte address alignment (`check_cache_alignment`).
 Per step only the chunk's embeddings and positions go host->device and one hidden row
 (D floats) comes back. tensorrt and cuda-python are imported when a backend is opened, with
 an error that says what to install.
@@ -34,6 +37,7 @@ from edgeact.runtime.trt_targets import TARGETS
 TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
                     "(Jetson: JetPack ships TensorRT; pip install cuda-python); or use backend 'onnxruntime'")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+TENSOR_ALIGNMENT_BYTES = 256     # IExecutionContext::setTensorAddress: "at least 256-byte alignment"
 
 
 # ------------------------------------------------------------------------------- pure logic
@@ -116,6 +120,22 @@ def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capabili
         raise BundleError(f"{record.file}: built with TensorRT {record.trt_version}, this is TensorRT {trt_version}; "
                           f"engines run only on the version that built them: rebuild with {how}")
     return record
+
+
+def check_cache_alignment(layout: CacheLayout, where: str) -> None:
+    """Refuse a cache whose rows would put a step's addresses off TensorRT's alignment.
+
+    A step binds new keys/values at `base + past * row_bytes` for every past, so rows must be a multiple of
+    TENSOR_ALIGNMENT_BYTES (cudaMalloc's blocks start on one).
+    """
+    if layout.row_bytes % TENSOR_ALIGNMENT_BYTES:
+        item = layout.row_bytes // (layout.kv_heads * layout.head_dim)
+        raise BundleError(f"{where}: this model size's KV cache rows are {layout.row_bytes} bytes (kv_heads "
+                          f"{layout.kv_heads} x head_dim {layout.head_dim} x {item} bytes of {layout.dtype}), not a "
+                          f"multiple of the {TENSOR_ALIGNMENT_BYTES} bytes TensorRT requires of tensor addresses: "
+                          "the cache after a past would be misaligned. Run this model on the onnxruntime backend, or "
+                          f"use a model size whose kv_heads x head_dim x element bytes is a multiple of "
+                          f"{TENSOR_ALIGNMENT_BYTES} (e.g. the synthetic 'bench' size)")
 
 
 def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> bool:
@@ -211,10 +231,28 @@ class _Plan:
         if self.engine.num_optimization_profiles != len(self.ranges):
             raise BundleError(f"{record.file}: {self.engine.num_optimization_profiles} profiles in the engine, "
                               f"{len(self.ranges)} in the manifest; rebuild the engine")
+        # One activation buffer for all contexts: the default (STATIC) gives each its own, sized for the largest
+        # profile (the decoder held it twice). They run one after another on one stream, so sharing is safe; its
+        # size, device_memory_size_v2, is the largest any profile needs.
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        scratch_bytes = int(self.engine.device_memory_size_v2)
+        scratch = cuda.malloc(scratch_bytes)
         self.contexts = []
         for index in range(len(self.ranges)):
-            context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(index, int(cuda.stream))
+            context = self.engine.create_execution_context(strategy)
+            if context is None:
+                raise EdgeactError(f"{record.file}: TensorRT could not create an execution context (see its log); "
+                                   "check the GPU's free memory")
+            context.set_device_memory(scratch, scratch_bytes)
+            try:
+                selected = context.set_optimization_profile_async(index, int(cuda.stream))
+            except RuntimeError:          # the Python binding raises where the C++ call returns false
+                selected = False
+            if not selected:
+                name = record.profiles[index] if record.profiles else "default"
+                raise BundleError(f"{record.file}: TensorRT refused optimization profile {index} ({name!r}) of the "
+                                  f"engine (see its log); rebuild it: edgeact build-engines {bundle.root} "
+                                  f"--target {record.target}")
             self.contexts.append(context)
         cuda.sync()
         self.stream = int(cuda.stream)
@@ -225,7 +263,9 @@ class _Plan:
             if not context.set_input_shape(name, tuple(shape)):
                 raise EdgeactError(f"stage {self.spec.name!r}: TensorRT refused shape {list(shape)} for {name!r}")
         for name, address in addresses.items():
-            context.set_tensor_address(name, address)
+            if not context.set_tensor_address(name, address):
+                raise EdgeactError(f"stage {self.spec.name!r}: TensorRT refused address {address:#x} for {name!r} "
+                                   f"(not a tensor of the engine, or not {TENSOR_ALIGNMENT_BYTES}-byte aligned)")
         if not context.execute_async_v3(self.stream):
             raise EdgeactError(f"stage {self.spec.name!r}: TensorRT execution failed (see its log)")
         return context
@@ -276,10 +316,12 @@ class TrtDecoderEngine(DecoderEngine):
     """The decoder engine over a device-resident KV cache; returns the chunk's last hidden row on the host."""
 
     def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord, max_chunk: int):
-        require_portable(bundle.stage(io.DECODER_STAGE), "TensorRT")
+        spec = bundle.stage(io.DECODER_STAGE)
+        require_portable(spec, "TensorRT")
+        self.layout = layout = CacheLayout.from_stage(spec)
+        check_cache_alignment(layout, f"{bundle.root}: decoder")
         self.cuda, self.plan = cuda, _Plan(trt, cuda, bundle, record)
         self.spec = self.plan.spec
-        self.layout = layout = CacheLayout.from_stage(self.spec)
         self.max_chunk = check_max_chunk(max_chunk, layout, self.plan.ranges)
         self.cache = KVCache(layout, allocate=cuda.allocator, device="cuda")
         D, n = layout.hidden_size, self.max_chunk

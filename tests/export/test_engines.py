@@ -34,6 +34,7 @@ def fake_tensorrt(calls: dict, parse_ok: bool = True) -> types.ModuleType:
     class TimingCache:
         def __init__(self, data):
             self.data = bytes(data)
+            self.device = calls.get("device", "orin-0")   # TensorRT keys a cache to the device that timed it
 
         def serialize(self):
             return self.data + b"+timed"
@@ -54,15 +55,25 @@ def fake_tensorrt(calls: dict, parse_ok: bool = True) -> types.ModuleType:
 
         def create_timing_cache(self, data):
             calls.setdefault("cache_loaded", []).append(bytes(data))
-            return TimingCache(data)
+            if bytes(data) in calls.get("unreadable_caches", ()):
+                return None                                    # TensorRT: a cache it cannot deserialize
+            cache = TimingCache(data)
+            if data.startswith(b"other-gpu"):
+                cache.device = "h100-0"
+            return cache
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.device != calls.get("device", "orin-0") and not ignore_mismatch:
+                return False                                   # another device's cache: rejected, none is set
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
 
         def add_optimization_profile(self, profile):
+            if len(self.profiles) in calls.get("invalid_profiles", ()):
+                return -1                                      # TensorRT: an invalid profile is not added
             self.profiles.append(profile.shapes)
             return len(self.profiles) - 1
 
@@ -192,6 +203,39 @@ def test_build_records_engines_in_the_manifest(tmp_path, monkeypatch, capsys, or
     assert calls["cache_loaded"][-1] == b"+timed"
     assert len(load_bundle(path).manifest.engines) == 1
     assert not [p for p in (path / "engines/orin").iterdir() if p.name.startswith(".")]
+
+
+def test_a_timing_cache_tensorrt_rejects_is_replaced_not_fatal(tmp_path, monkeypatch, caplog, orin_gpu):
+    # A cache saved on another GPU (set_timing_cache returns False) or damaged (create_timing_cache returns None):
+    # the build warns, starts from an empty cache and saves that one, so the next run does not fail the same way.
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    path = write_tiny_bundle(tmp_path / "b")
+    cache = tmp_path / "orin.timing"
+    for saved in (b"other-gpu", b"damaged"):
+        calls["unreadable_caches"] = {b"damaged"}
+        cache.write_bytes(saved)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edgeact.export.engines"):
+            (record,) = build_engines(path, "orin", timing_cache=cache)
+        assert f"timing cache {cache} was rejected by TensorRT" in caplog.text
+        assert calls["cache_loaded"][-2:] == [saved, b""] and cache.read_bytes() == b"+timed"
+        assert record.target == "orin"
+    # Even an empty cache refused: a clear error, not an AttributeError on None.
+    calls["unreadable_caches"] = {b"", b"damaged"}
+    cache.write_bytes(b"damaged")
+    with pytest.raises(EdgeactError, match="TensorRT could not create or set even an empty timing cache"):
+        build_engines(path, "orin", timing_cache=cache)
+
+
+def test_an_optimization_profile_tensorrt_refuses_is_named(tmp_path, monkeypatch, orin_gpu):
+    calls: dict = {"invalid_profiles": {1}}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    path = write_tiny_bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match=r"stage 'decoder': TensorRT 10\.99\.0 refused optimization profile "
+                                          r"'decode' as invalid .*re-export the bundle"):
+        build_engines(path, "orin")
+    assert "built" not in calls and load_bundle(path).manifest.engines == []
 
 
 def test_parse_failure_and_wrong_gpu_are_named(tmp_path, monkeypatch):

@@ -124,7 +124,7 @@ def test_options_are_validated_and_name_the_fix(tmp_path_factory):
             open_backend("onnxruntime", provider=provider).decoder(bundle, 8)
 
 
-def test_the_cuda_provider_computes_fp32_unless_tf32_is_asked_for(tmp_path_factory):
+def test_the_cuda_provider_computes_fp32_unless_tf32_is_asked_for(tmp_path_factory, tmp_path):
     from edgeact.runtime.ort_engine import _providers
 
     bundle = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle
@@ -132,7 +132,8 @@ def test_the_cuda_provider_computes_fp32_unless_tf32_is_asked_for(tmp_path_facto
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     cuda = _providers(bundle, spec, OrtOptions(provider="cuda", device_id=1), gpu)
     assert cuda == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]
-    trt = dict(p for p in _providers(bundle, spec, OrtOptions(provider="tensorrt"), gpu) if isinstance(p, tuple))
+    trt_options = OrtOptions(provider="tensorrt", trt_cache_dir=str(tmp_path / "cache"))   # not in the shared bundle
+    trt = dict(p for p in _providers(bundle, spec, trt_options, gpu) if isinstance(p, tuple))
     assert trt["CUDAExecutionProvider"] == {"device_id": 0, "use_tf32": 0}      # TensorRT's fallback too
     tf32 = _providers(bundle, spec, OrtOptions(provider="cuda", cuda_tf32=True), gpu)
     assert tf32[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 1})
@@ -160,15 +161,74 @@ def test_graph_optimization_follows_the_level_the_quantizer_recorded(tmp_path_fa
         recorded_graph_level(load_bundle(dst), io.DECODER_STAGE)
 
 
-def test_tensorrt_ep_profiles_come_from_the_manifest(tmp_path_factory):
+class _FakeSession:
+    """onnxruntime.InferenceSession as it comes back from a provider that failed to initialise: on its fallback."""
+    made: list = []
+    running: list = []
+
+    def __init__(self, path, options, providers):
+        _FakeSession.made.append(providers)
+
+    def get_providers(self):
+        return list(_FakeSession.running)
+
+
+def _fake_gpu_onnxruntime(monkeypatch, running):
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(_FakeSession, "made", [])
+    monkeypatch.setattr(_FakeSession, "running", running)
+
+
+def test_a_session_that_fell_back_from_the_requested_provider_is_refused(tmp_path_factory, tmp_path, monkeypatch):
+    bundle = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle
+    options = OrtOptions(provider="tensorrt", trt_cache_dir=str(tmp_path / "cache"))
+    _fake_gpu_onnxruntime(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match=r"stage 'vision': onnxruntime runs on CUDAExecutionProvider, not the "
+                                          r"requested TensorrtExecutionProvider .*install the onnxruntime-gpu build "
+                                          r"with TensorRT/CUDA .*LD_LIBRARY_PATH"):
+        make_session(bundle, io.VISION_STAGE, options)
+    _fake_gpu_onnxruntime(monkeypatch, ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="runs on CPUExecutionProvider, not the requested CUDAExecutionProvider"):
+        make_session(bundle, io.VISION_STAGE, OrtOptions(provider="cuda"))
+    _fake_gpu_onnxruntime(monkeypatch, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert make_session(bundle, io.VISION_STAGE, options).get_providers()[0] == "TensorrtExecutionProvider"
+
+
+def test_the_tensorrt_ep_cache_directory_is_made_or_named(tmp_path_factory, tmp_path, monkeypatch):
+    import shutil
+
+    # onnxruntime creates only the cache path's last level: BUNDLE/engines/ort-tensorrt needs engines/ made first.
+    root = shutil.copytree(exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle_dir, tmp_path / "b")
+    assert not (root / "engines").exists()
+    _fake_gpu_onnxruntime(monkeypatch, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    make_session(load_bundle(root), io.VISION_STAGE, OrtOptions(provider="tensorrt"))
+    trt_options = dict(_FakeSession.made[-1][0][1])
+    cache = root / "engines/ort-tensorrt"
+    assert trt_options["trt_engine_cache_path"] == str(cache) and cache.is_dir()
+    # Where it cannot be made (a read-only bundle; here a file in the way), the error names the option to move it.
+    blocked = shutil.copytree(root, tmp_path / "blocked", ignore=shutil.ignore_patterns("engines"))
+    (blocked / "engines").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"cannot create the TensorRT EP engine cache .*engines/ort-tensorrt .*set "
+                                          r"the onnxruntime backend option trt_cache_dir to a writable directory"):
+        make_session(load_bundle(blocked), io.VISION_STAGE, OrtOptions(provider="tensorrt"))
+    elsewhere = tmp_path / "cache" / "orin"
+    make_session(load_bundle(blocked), io.VISION_STAGE, OrtOptions(provider="tensorrt", trt_cache_dir=str(elsewhere)))
+    assert elsewhere.is_dir()
+
+
+def test_tensorrt_ep_gets_one_profile_covering_the_manifests(tmp_path_factory):
+    # onnxruntime's TensorRT EP runs on profile 0 only: one profile spanning prefill and decode, tuned for decode.
     spec = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle.stage(io.DECODER_STAGE)
     options = trt_profile_options(spec)
-    entries = {k: v.split(",") for k, v in options.items()}
-    n_inputs = len(spec.inputs)
-    assert all(len(v) == 2 * n_inputs for v in entries.values())      # two profiles: prefill, decode
+    entries = {k: dict(e.split(":") for e in v.split(",")) for k, v in options.items()}
+    assert all(list(v) == [t.name for t in spec.inputs] for v in entries.values())      # one entry per input
+    low, opt, high = (entries[f"trt_profile_{k}_shapes"] for k in ("min", "opt", "max"))
     D = spec.inputs[0].dims[2]
-    # prefill: seq 1..max_seq at past 0; decode: seq 1 at past 0..max_seq-1
-    assert entries["trt_profile_max_shapes"][0] == f"{io.INPUTS_EMBEDS}:1x{MAX_SEQ}x{D}"
-    assert entries["trt_profile_max_shapes"][n_inputs] == f"{io.INPUTS_EMBEDS}:1x1x{D}"
-    assert entries["trt_profile_min_shapes"][2].startswith(f"{io.past_key(0)}:1x0x")
-    assert entries["trt_profile_max_shapes"][n_inputs + 2].startswith(f"{io.past_key(0)}:1x{MAX_SEQ - 1}x")
+    past_opt = spec.profiles[[p.name for p in spec.profiles].index("decode")].dim_ranges[io.PAST_SEQ].opt
+    # seq from 1 (decode) to max_seq (prefill); past from 0 to max_seq-1; opt: a decode step at its typical past.
+    assert (low[io.INPUTS_EMBEDS], opt[io.INPUTS_EMBEDS], high[io.INPUTS_EMBEDS]) == (f"1x1x{D}", f"1x1x{D}",
+                                                                                      f"1x{MAX_SEQ}x{D}")
+    assert low[io.past_key(0)].startswith("1x0x") and high[io.past_key(0)].startswith(f"1x{MAX_SEQ - 1}x")
+    assert opt[io.past_key(0)].startswith(f"1x{past_opt}x") and 0 < past_opt < MAX_SEQ - 1

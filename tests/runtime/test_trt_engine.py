@@ -2,10 +2,11 @@
 
 Without a GPU, the runner is driven through stand-ins for `tensorrt` and cuda-python that
 implement the documented API surface it uses (deserialize_cuda_engine, one context per
-profile, set_input_shape, set_tensor_address, execute_async_v3; cudaMalloc, cudaMemcpyAsync)
-over host memory, and "execute" a plan by running the stage's ONNX graph with onnxruntime on
-the tensors at the addresses the runner set. So shapes, addresses, cache offsets and profile
-choice are checked against the onnxruntime engine. The real run is the `gpu`-marked test.
+profile over user-managed activation memory, set_input_shape, set_tensor_address,
+execute_async_v3; cudaMalloc, cudaMemcpyAsync) over host memory, and "execute" a plan by
+running the stage's ONNX graph with onnxruntime on the tensors at the addresses the runner set.
+So shapes, addresses, cache offsets and profile choice are checked against the onnxruntime
+engine. The real run is the `gpu`-marked test.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgeact.runtime import stage_io as io
+from edgeact.runtime import stage_io as io, trt_engine
 from edgeact.runtime.bundle import DimRange, EngineRecord, load_bundle
 from edgeact.runtime.engines import open_backend
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.kv_cache import CacheLayout
 from edgeact.runtime.trt_engine import (
     TENSORRT_MISSING, engine_shape, pick_engine, profile_ranges, select_profile, tensor_bytes,
 )
@@ -29,6 +31,7 @@ from edgeact.runtime.vision_stages import VisionStages
 from tests.runtime.test_decode_program import MAX_SEQ, exported_bundle
 
 FAKE_TRT_VERSION = "10.9.0"
+FAKE_ACTIVATION_BYTES = 4096      # the stand-in engine's device_memory_size_v2
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
 
@@ -128,6 +131,53 @@ def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, t
     assert calls["contexts"] == [0, 1]
 
 
+def test_the_profiles_contexts_share_one_activation_buffer(exported, tmp_path, monkeypatch):
+    # TensorRT's default (STATIC) gives each context activation memory for the largest profile: the decoder held
+    # it twice. The contexts run one after another on one stream, so one user-managed buffer serves both.
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    assert calls["strategies"] == ["USER_MANAGED", "USER_MANAGED"]
+    (address, size), second = calls["device_memory"]
+    assert second == (address, size) and size == FAKE_ACTIVATION_BYTES and calls["malloc"].count(size) == 1
+    engine.embeds[:3] = 0.5
+    engine.step(3)
+    engine.step(1)                                   # both contexts ran on the shared buffer
+    assert [profile for profile, _ in calls["executed"]] == [0, 1]
+
+
+def test_a_profile_tensorrt_refuses_is_named(exported, tmp_path, monkeypatch):
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch)
+    calls["refused_profiles"] = {1}                  # the Python binding raises RuntimeError for a refused profile
+    with pytest.raises(BundleError, match=r"engines/h100/decoder\.plan: TensorRT refused optimization profile 1 "
+                                          r"\('decode'\) .*rebuild it: edgeact build-engines .* --target h100"):
+        open_backend("tensorrt").decoder(bundle, max_chunk=32)
+
+
+def test_an_address_tensorrt_refuses_is_named(exported, tmp_path, monkeypatch):
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    calls["refused_addresses"] = {io.new_key(0)}
+    with pytest.raises(EdgeactError, match=rf"stage 'decoder': TensorRT refused address 0x[0-9a-f]+ for "
+                                           rf"'{io.new_key(0)}' \(not a tensor of the engine, or not \d+-byte aligned"):
+        engine.step(1)
+    assert calls["executed"] == []                   # refused before the engine ran on a wrong address
+
+
+def test_a_cache_whose_rows_break_tensorrts_address_alignment_is_refused(exported, tmp_path, monkeypatch):
+    # A step binds new keys/values at base + past * row_bytes; the tiny size's rows (2 kv heads x 16 x 4 bytes) are
+    # 128 bytes, so every odd past would hand TensorRT an address off its 256-byte alignment.
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch, alignment=256)
+    with pytest.raises(BundleError, match=r"decoder: this model size's KV cache rows are 128 bytes \(kv_heads 2 x "
+                                          r"head_dim 16 x 4 bytes of float32\), not a multiple of the 256 bytes "
+                                          r"TensorRT requires .*onnxruntime backend"):
+        open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    assert calls["malloc"] == []                     # refused before any device memory was taken
+
+
 def test_the_decoder_feeds_no_chunk_longer_than_its_engines_profiles_take(exported, tmp_path, monkeypatch):
     # A prefill chunk asked for (policy.prefill_chunk) beyond the engine's prefill profile is cut to it, so the
     # decode program's chunks always fit a profile.
@@ -205,6 +255,21 @@ def test_decoder_engine_on_a_real_gpu(exported, tmp_path):
     bundle_dir = shutil.copytree(exported.bundle_dir, tmp_path / "gpu")
     build_engines(bundle_dir, targets[0].name, stages=[io.DECODER_STAGE])
     bundle = load_bundle(bundle_dir)
+    row_bytes = CacheLayout.from_stage(bundle.stage(io.DECODER_STAGE)).row_bytes
+    if row_bytes % 256:
+        # The tiny size's 128-byte cache rows break TensorRT's address alignment: the runner refuses it at load,
+        # and the comparison runs on the small size (256-byte rows).
+        with pytest.raises(BundleError, match="KV cache rows are 128 bytes"):
+            open_backend("tensorrt").decoder(bundle, max_chunk=64)
+        from edgeact.export.bundle_export import ExportOptions, export_bundle
+        from edgeact.export.synthetic import make_checkpoint
+
+        checkpoint = make_checkpoint("D", "small", seed=0, out_dir=tmp_path / "small")
+        bundle_dir = export_bundle(checkpoint, tmp_path / "small-bundle",
+                                   ExportOptions(max_seq=1024, attention=io.PORTABLE_ATTENTION))
+        build_engines(bundle_dir, targets[0].name, stages=[io.DECODER_STAGE])
+        bundle = load_bundle(bundle_dir)
+        assert CacheLayout.from_stage(bundle.stage(io.DECODER_STAGE)).row_bytes % 256 == 0
     engine = open_backend("tensorrt").decoder(bundle, max_chunk=64)
     reference = open_backend("onnxruntime", threads=1).decoder(bundle, max_chunk=64)
     rng = np.random.default_rng(2)
@@ -235,8 +300,12 @@ def _host_array(address: int, shape, dtype) -> np.ndarray:
     return np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=dtype).reshape(shape)
 
 
-def _install_fakes(monkeypatch) -> dict:
-    calls = {"executed": [], "contexts": []}
+def _install_fakes(monkeypatch, alignment: int = 1) -> dict:
+    """Stand-ins for tensorrt and cuda-python; `alignment`: the address alignment the runner must keep (TensorRT's
+    256 bytes; 1 by default, so the tiny bundle's 128-byte cache rows run on the host-memory stand-in)."""
+    monkeypatch.setattr(trt_engine, "TENSOR_ALIGNMENT_BYTES", alignment)
+    calls = {"executed": [], "contexts": [], "strategies": [], "device_memory": [], "malloc": [],
+             "refused_profiles": set(), "refused_addresses": set()}
     blocks = {}
 
     cudart = types.SimpleNamespace(
@@ -250,6 +319,7 @@ def _install_fakes(monkeypatch) -> dict:
     )
 
     def malloc(nbytes):
+        calls["malloc"].append(nbytes)
         block = np.zeros(nbytes, np.uint8)
         blocks[block.ctypes.data] = block
         return 0, block.ctypes.data
@@ -261,10 +331,17 @@ def _install_fakes(monkeypatch) -> dict:
     cudart.cudaMalloc, cudart.cudaMemcpyAsync = malloc, memcpy
 
     class Context:
-        def __init__(self, engine):
+        def __init__(self, engine, strategy):
             self.engine, self.shapes, self.addresses, self.profile = engine, {}, {}, 0
+            self.strategy, self.device_memory = strategy, None
+
+        def set_device_memory(self, address, size):
+            self.device_memory = (address, size)
+            calls["device_memory"].append((address, size))
 
         def set_optimization_profile_async(self, index, stream):
+            if index in calls["refused_profiles"]:
+                raise RuntimeError("Error in set optimization profile async.")
             self.profile = index
             calls["contexts"].append(index)
             return True
@@ -274,10 +351,15 @@ def _install_fakes(monkeypatch) -> dict:
             return True
 
         def set_tensor_address(self, name, address):
+            if name in calls["refused_addresses"]:
+                return False
             self.addresses[name] = address
             return True
 
         def execute_async_v3(self, stream):
+            if self.strategy == "USER_MANAGED" and (self.device_memory is None
+                                                    or self.device_memory[1] < FAKE_ACTIVATION_BYTES):
+                return False          # TensorRT: a user-managed context runs only once it has its memory
             session = self.engine.session
             feeds = {i.name: _host_array(self.addresses[i.name], self.shapes[i.name], _ORT_TYPES[i.type]).copy()
                      for i in session.get_inputs()}
@@ -292,12 +374,16 @@ def _install_fakes(monkeypatch) -> dict:
             options.intra_op_num_threads = 1
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             self.num_optimization_profiles = 2 if any(i.name == io.POSITION_IDS for i in self.session.get_inputs()) else 1
+            self.device_memory_size_v2 = FAKE_ACTIVATION_BYTES
 
-        def create_execution_context(self):
-            return Context(self)
+        def create_execution_context(self, strategy="STATIC"):
+            calls["strategies"].append(strategy)
+            return Context(self, strategy)
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = FAKE_TRT_VERSION
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(
+        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED")
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
     trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
                                        "deserialize_cuda_engine": lambda self, data: Engine(data)})
