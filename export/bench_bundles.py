@@ -78,8 +78,9 @@ def default_recipe(precision: str, int8_mode: str | None = None):
 
 
 def exported_from(bundle_dir: Path, checkpoint: Path, attention: str = io.FUSED_ATTENTION) -> bool:
-    """An fp32 bundle exported from this checkpoint (path and config), after its weights were last written,
-    with this form of the decoder."""
+    """An fp32 bundle exported from this checkpoint (path, config and, where the bundle records them, weights), after
+    its weights were last written, with this form of the decoder."""
+    from edgeact.calibration.calibration_set import weights_sha256
     from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, sha256_file
     from edgeact.runtime.errors import BundleError
 
@@ -94,7 +95,9 @@ def exported_from(bundle_dir: Path, checkpoint: Path, attention: str = io.FUSED_
             and is_fused(manifest.stages[io.DECODER_STAGE]) == (attention == io.FUSED_ATTENTION)
             and manifest.model.source_checkpoint == str(checkpoint)
             and manifest.model.source_config_sha256 == sha256_file(checkpoint / "config.json")
-            and (bundle_dir / MANIFEST_NAME).stat().st_mtime >= newest_weights)
+            and (bundle_dir / MANIFEST_NAME).stat().st_mtime >= newest_weights
+            # another model of the same config copied in with its older times (cp -p, rsync -t) is caught here
+            and manifest.model.source_weights_sha256 in ("", weights_sha256("checkpoint", checkpoint)))
 
 
 def quantized_from(bundle_dir: Path, fp32_dir: Path, quant) -> bool:

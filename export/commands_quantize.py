@@ -186,12 +186,16 @@ def _register_bench(subparsers) -> None:
     p.add_argument("source", type=Path, metavar="CHECKPOINT_OR_BUNDLE")
     p.add_argument("--work", type=Path, help="directory for the bundles (default: SOURCE-quant-bench beside SOURCE)")
     p.add_argument("--precisions", type=_csv, default=PRECISIONS, help="comma-separated (default int8,fp8,int4)")
-    p.add_argument("--fp8-target", default="thor", help="target the fp8 bundle is for (SM >= 8.9; default thor)")
-    p.add_argument("--int8-modes", type=_csv, default=INT8_MODES,
+    # The options below that belong to one precision default to None, so that one given for none of --precisions is
+    # refused rather than ignored (BenchOptions' defaults fill the rest).
+    p.add_argument("--fp8-target", help="target the fp8 bundle is for (SM >= 8.9; default thor)")
+    p.add_argument("--int8-modes", type=_csv,
                    help="int8 modes to bench, a bundle and a row each (default w8a8,w8a16,w8a8-dynamic)")
-    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="int8 w8a8 with SmoothQuant")
-    p.add_argument("--block-size", type=int, default=128, help="int4 block size (default 128)")
-    p.add_argument("--samples", type=_positive_int, default=8, help="calibration samples (default 8)")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="int8 SmoothQuant alpha: w8a8 smoothed, and w8a8-dynamic's down-projections (default 0.5 "
+                        "there, none for w8a8)")
+    p.add_argument("--block-size", type=int, help="int4 block size (default 128)")
+    p.add_argument("--samples", type=_positive_int, help="calibration samples (default 8)")
     p.add_argument("--frames", type=_positive_int, default=4, help="held-out frames for agreement (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int)
@@ -204,10 +208,20 @@ def _bench(args: argparse.Namespace) -> int:
     from edgeact.export.quant_bench import BenchOptions, bench_quantization
     from edgeact.export.quant_report import print_report
 
-    options = BenchOptions(precisions=args.precisions, fp8_target=args.fp8_target, calibration_samples=args.samples,
-                           report_frames=args.frames, seed=args.seed, threads=args.threads,
-                           smoothquant_alpha=args.smoothquant, int4_block_size=args.block_size, fresh=args.fresh,
-                           int8_modes=args.int8_modes)
+    given = {"fp8_target": args.fp8_target, "int8_modes": args.int8_modes, "smoothquant_alpha": args.smoothquant,
+             "int4_block_size": args.block_size, "calibration_samples": args.samples}
+    options = BenchOptions(precisions=args.precisions, report_frames=args.frames, seed=args.seed, threads=args.threads,
+                           fresh=args.fresh, **{k: v for k, v in given.items() if v is not None})
+    unused = [flag for flag, key in (("--fp8-target", "fp8_target"), ("--int8-modes", "int8_modes"),
+                                     ("--smoothquant", "smoothquant_alpha"), ("--block-size", "int4_block_size"),
+                                     ("--samples", "calibration_samples"))
+              if given[key] is not None and key not in options.used_fields()]
+    if unused:
+        from edgeact.runtime.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(unused)}: no bundle of --precisions {','.join(options.precisions)} uses "
+                          f"{'it' if len(unused) == 1 else 'them'}; drop {'it' if len(unused) == 1 else 'them'}, or "
+                          "bench the precision (or int8 mode) it is for")
     work = args.work or args.source.parent / f"{args.source.name}-quant-bench"
     console = _console()
     with _progress(console) as progress:

@@ -20,6 +20,7 @@ from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.kv_cache import is_fused
 
 BENCH_RECIPES = ("int8", "fp8", "int4")
+SMOOTHED = ("w8a8", "w8a8-dynamic")       # int8 modes SmoothQuant applies to
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,30 @@ class BenchOptions:
         out: list[tuple[str, QuantizeOptions]] = []
         for precision in self.precisions:
             if precision == "int8":
+                # SmoothQuant as `edgeact quantize --smoothquant` applies it: w8a8 and w8a8-dynamic (the latter's
+                # down-projections); w8a16 keeps its weights alone.
                 out += [(f"int8-{mode}", QuantizeOptions(
-                    "int8", int8_mode=mode, smoothquant_alpha=self.smoothquant_alpha if mode == "w8a8" else None))
+                    "int8", int8_mode=mode, smoothquant_alpha=self.smoothquant_alpha if mode in SMOOTHED else None))
                     for mode in self.int8_modes]
             elif precision == "fp8":
                 out.append(("fp8", QuantizeOptions("fp8", target=self.fp8_target)))
             else:
                 out.append(("int4", QuantizeOptions("int4", block_size=self.int4_block_size)))
         return out
+
+    def used_fields(self) -> set[str]:
+        """The per-precision options some recipe of these precisions uses (the others would be ignored)."""
+        recipes = [quant for _, quant in self.recipes()]
+        used = {"fp8_target"} if "fp8" in self.precisions else set()
+        if "int8" in self.precisions:
+            used.add("int8_modes")
+            if any(mode in SMOOTHED for mode in self.int8_modes):
+                used.add("smoothquant_alpha")
+        if "int4" in self.precisions:
+            used.add("int4_block_size")
+        if any(quant.needs_calibration for quant in recipes):
+            used.add("calibration_samples")
+        return used
 
 
 def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchOptions = BenchOptions(),
@@ -103,7 +120,8 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
 def _fp32_bundle(source: Path, out: Path, options: BenchOptions, attention: str = io.FUSED_ATTENTION) -> Path:
     """The source itself if it is a bundle; else the checkpoint exported to `out` with this form of the decoder
     (reused when it matches)."""
-    from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle, read_manifest, sha256_file
+    from edgeact.export.bench_bundles import exported_from
+    from edgeact.runtime.bundle import MANIFEST_NAME, load_bundle
 
     if (source / MANIFEST_NAME).is_file():
         bundle = load_bundle(source, verify_checksums=False)
@@ -113,11 +131,8 @@ def _fp32_bundle(source: Path, out: Path, options: BenchOptions, attention: str 
     config = source / "config.json"
     if not config.is_file():
         raise ConfigError(f"{source}: neither a bundle nor a checkpoint (no {MANIFEST_NAME} or config.json)")
-    if (out / MANIFEST_NAME).is_file() and not options.fresh:
-        manifest = read_manifest(out)
-        if (manifest.model.source_config_sha256 == sha256_file(config)
-                and is_fused(manifest.stages[io.DECODER_STAGE]) == (attention == io.FUSED_ATTENTION)):
-            return out
+    if not options.fresh and exported_from(out, source, attention):
+        return out
     from edgeact.export.bundle_export import ExportOptions, export_bundle
 
     return export_bundle(source, out, ExportOptions(max_seq=options.max_seq, attention=attention), overwrite=True)

@@ -91,3 +91,64 @@ def test_teacher_forced_choices_of_a_bundle_reproduce_its_own_free_running_answe
     picked = runner.forced_choices(*observations[0], answers[0])
     assert len(picked) == sum(k is not None for k in answers[0].kinds) > 100
     assert forced_agreement(runner, observations, answers) == 1.0
+
+
+def test_the_fp32_export_is_redone_for_another_model_at_the_checkpoint_path(tmp_path):
+    """bench-quant reuses its fp32 export only for the checkpoint it came from: another model of the same config
+    put in its place (its files' times kept, as `cp -p` does) is exported again, not benched as the old one."""
+    import os
+
+    from edgeact.calibration.calibration_set import weights_sha256
+    from edgeact.export.quant_bench import _fp32_bundle
+    from edgeact.export.synthetic import make_checkpoint
+    from edgeact.runtime.bundle import read_manifest
+
+    checkpoint, work, options = tmp_path / "checkpoint", tmp_path / "fp32", BenchOptions(precisions=("int8",))
+    make_checkpoint("D", "tiny", seed=5, out_dir=checkpoint)
+    assert _fp32_bundle(checkpoint, work, options) == work
+    exported = (work / "manifest.json").stat().st_mtime_ns
+    assert _fp32_bundle(checkpoint, work, options) == work                     # the same model: reused
+    assert (work / "manifest.json").stat().st_mtime_ns == exported
+    old = {p.name: p.stat().st_mtime for p in checkpoint.iterdir()}
+    make_checkpoint("D", "tiny", seed=6, out_dir=checkpoint, overwrite=True)
+    for p in checkpoint.iterdir():
+        os.utime(p, (old[p.name], old[p.name]))
+    _fp32_bundle(checkpoint, work, options)
+    assert read_manifest(work).model.source_weights_sha256 == weights_sha256("checkpoint", checkpoint)
+
+
+def _bench_quant_cli(*argv: str, monkeypatch) -> list:
+    """`edgeact bench-quant ...` through argparse with the benchmark itself replaced: the options it would run with."""
+    import argparse
+
+    from edgeact.export import commands_quantize
+
+    ran = []
+    monkeypatch.setattr("edgeact.export.quant_bench.bench_quantization",
+                        lambda source, work, options, on_step=None: ran.append(options) or [])
+    monkeypatch.setattr("edgeact.export.quant_report.print_report", lambda *a, **k: None)
+    parser = argparse.ArgumentParser(prog="edgeact")
+    commands_quantize.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench-quant", "ckpt", *argv])
+    assert args.handler(args) == 0
+    return ran
+
+
+@pytest.mark.parametrize("argv, unused", [
+    (["--precisions", "int8", "--fp8-target", "h100"], "--fp8-target"),
+    (["--precisions", "fp8,int4", "--int8-modes", "w8a16"], "--int8-modes"),
+    (["--precisions", "int8", "--int8-modes", "w8a16", "--smoothquant", "0.5"], "--smoothquant"),
+    (["--precisions", "int8", "--block-size", "64"], "--block-size"),
+    (["--precisions", "int4", "--samples", "16"], "--samples"),
+])
+def test_bench_quant_refuses_an_option_no_benched_bundle_uses(argv, unused, monkeypatch):
+    with pytest.raises(ConfigError, match=f"{unused}: no bundle of --precisions .* uses it; drop it"):
+        _bench_quant_cli(*argv, monkeypatch=monkeypatch)
+
+
+def test_bench_quant_smoothquant_reaches_both_modes_that_smooth(monkeypatch):
+    (options,) = _bench_quant_cli("--precisions", "int8", "--smoothquant", "0.7", monkeypatch=monkeypatch)
+    alphas = {name: quant.smoothquant_alpha for name, quant in options.recipes()}
+    assert alphas == {"int8-w8a8": 0.7, "int8-w8a16": None, "int8-w8a8-dynamic": 0.7}
+    (default,) = _bench_quant_cli(monkeypatch=monkeypatch)          # no option given: every default, nothing refused
+    assert default == BenchOptions()
