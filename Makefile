@@ -49,7 +49,7 @@ bench: system-deps $(STAMP)
 	$(EDGEACT) bench-suite --out out/bench
 
 # The reference ARM: the depth tokenizer on simulated depth images, scripted-expert demonstrations on the
-# MuJoCo robot, then CPU training (45 min on a 2-core AVX2 machine, see README). Copy out/reference/{checkpoint,depth_tokenizer}
+# MuJoCo robot, then CPU training (45 min on a 2-core AVX2 machine, 26 min on a 2-core Zen 4 with bf16; see README). Copy out/reference/{checkpoint,depth_tokenizer}
 # into $(REFERENCE) to make it the one `make demo` uses.
 train-reference: system-deps $(STAMP)
 	$(EDGEACT) train-depth-tokenizer --out out/reference/depth_tokenizer --overwrite
