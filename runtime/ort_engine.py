@@ -250,7 +250,11 @@ def _providers(bundle: Bundle, spec: StageSpec, options: OrtOptions, available: 
     for name in wanted:
         if name == "TensorrtExecutionProvider":
             cache = trt_cache_path(bundle, options)
+            # An int8 stage's Q/DQ nodes run as int8 only with TensorRT's INT8 flag where the network is weakly
+            # typed, as the EP builds it ("to enable any quantized operations, the INT8 flag must be set": TensorRT
+            # 8's guide, JetPack 5); with no calibration table named, the graph's own scales are used.
             out.append((name, {"device_id": options.device_id, "trt_fp16_enable": options.trt_fp16,
+                               "trt_int8_enable": spec.precision == "int8",
                                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                **trt_profile_options(spec)}))
         elif name == "CUDAExecutionProvider":

@@ -232,3 +232,17 @@ def test_tensorrt_ep_gets_one_profile_covering_the_manifests(tmp_path_factory):
                                                                                       f"1x{MAX_SEQ}x{D}")
     assert low[io.past_key(0)].startswith("1x0x") and high[io.past_key(0)].startswith(f"1x{MAX_SEQ - 1}x")
     assert opt[io.past_key(0)].startswith(f"1x{past_opt}x") and 0 < past_opt < MAX_SEQ - 1
+
+
+def test_the_tensorrt_ep_runs_an_int8_stage_with_its_int8_flag(tmp_path_factory, tmp_path):
+    import dataclasses
+
+    from edgeact.runtime.ort_engine import _providers
+
+    bundle = exported_bundle(tmp_path_factory, "D", io.PORTABLE_ATTENTION).bundle
+    spec = bundle.stage(io.DECODER_STAGE)
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = OrtOptions(provider="tensorrt", trt_cache_dir=str(tmp_path))
+    flags = {precision: dict(_providers(bundle, dataclasses.replace(spec, precision=precision), options,
+                                        available)[0][1])["trt_int8_enable"] for precision in ("fp32", "int8", "int4")}
+    assert flags == {"fp32": False, "int8": True, "int4": False}
