@@ -74,6 +74,7 @@ def _run(args) -> int:
     distinct_outputs(outputs)
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
+    warn_without_estop(config)
     with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
         if args.json:
             stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
@@ -138,6 +139,7 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
                         TimeRemainingColumn(), console=console, transient=True)
     estop = threading.Event()
     first_plan = FirstPlan()
+    warn_without_estop(config)
     with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop,
                                                      required=estop_key_required(config)):
         task = progress.add_task("running the loop", total=seconds)
@@ -199,6 +201,8 @@ def _finish(result, console) -> int:
     so is a failed teardown (after the tables: the run's numbers stand)."""
     console.print(f"stopped: {result.reason} ({result.detail})")
     teardown_error = getattr(result, "teardown_error", None)
+    if teardown_error is None and getattr(result, "motors_at_exit", ""):     # a failed teardown says what it missed
+        console.print(f"motors now: {result.motors_at_exit}", markup=False)
     if teardown_error is not None:
         console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)
     if result.reason == "interrupt" or getattr(result, "interrupted_late", False):   # Ctrl-C, maybe in the teardown
@@ -300,6 +304,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def warn_without_estop(config) -> None:
+    """A real robot with no e-stop input configured starts, but not without a word: Ctrl-C is all that stops it."""
+    if config.robot.bus != "sim" and config.estop.file is None and config.estop.key is None:
+        logging.getLogger(__name__).warning(
+            "no e-stop is configured for this real robot (%s bus): only Ctrl-C or `kill` stop it. Set estop.file (the "
+            "robot stops while that file exists: `touch` it from another terminal) and/or "
+            "estop.key (a key to press in this terminal, e.g. \"space\") in %s", config.robot.bus, config.source)
 
 
 def estop_key_required(config) -> bool:

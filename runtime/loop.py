@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 from edgeact.drivers.cameras.base import Camera, RGBDFrame
-from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard
+from edgeact.drivers.motors.safety import EStopLatchedError, SafetyError, SafetyGuard
 from edgeact.runtime.control import ActionMapper, ChunkFollower
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.ensemble import ActionEnsemble
@@ -110,6 +110,7 @@ class RunResult:
                                                     # unconfirmed: motors without power); the run's numbers stand
     undelivered_events: int = 0         # events the subscribers never got (too far behind): their summary is incomplete
     interrupted_late: bool = False      # Ctrl-C / SIGTERM came during the teardown (deferred): the caller stops too
+    motors_at_exit: str = ""            # what the run left the motors in (motors_at_exit()); "" where not known
 
     @property
     def clean(self) -> bool:
@@ -144,8 +145,9 @@ class RobotLoop:
         start_s = self.clock()
         threads: list[threading.Thread] = []
         try:        # from the torque on: a Ctrl-C or SIGTERM at any moment ends as "interrupt", in the safe state
-            self.robot.enable_torque()
+            self.robot.enable_torque()      # first: it clears a Damiao motor's "communication lost" from a dead host
             initial = self.robot.read_state()
+            self.robot.check_start_positions(initial.position_rad)     # before the first command; holding, not moving
             self._proprio = dict(initial.position_rad)
             follower = ChunkFollower(self.mapper, self.settings.action_rate_hz, self.settings.plan_max_age_s,
                                      initial.position_rad)
@@ -160,7 +162,9 @@ class RobotLoop:
         except KeyboardInterrupt:
             self._end("interrupt", "Ctrl-C")
         except EStopLatchedError as exc:       # e.g. pressed while the policy loaded: enable_torque refuses
-            self._end("estop", str(exc))
+            self._end("estop", _latched_detail(exc))
+        except SafetyError as exc:      # the start refused (a joint outside its limits): its message is the whole story
+            self._end("error", f"{type(exc).__name__}: {exc}", exc)
         except Exception as exc:    # the start (torque, first read), or the caller's progress callback: not clean
             log.exception("the loop failed")
             self._end("error", f"{type(exc).__name__}: {exc}", exc)
@@ -238,7 +242,7 @@ class RobotLoop:
         try:
             body(*args)
         except EStopLatchedError as exc:
-            self._end("estop", str(exc))
+            self._end("estop", _latched_detail(exc))
         except Exception as exc:    # the thread's boundary: hand it to the supervisor, stop everything
             if not self._stop.is_set():
                 log.exception("%s failed", threading.current_thread().name)
@@ -316,6 +320,12 @@ class RobotLoop:
             last_number = frame.frame_number
 
 
+def _latched_detail(exc: EStopLatchedError) -> str:
+    """A run's end by the e-stop in words: what latched it (the guard's own advice, reset_estop(), is for a caller
+    that goes on; a run ends here, and what the motors are left in is told apart: RunResult.motors_at_exit)."""
+    return f"e-stop latched ({exc.trip.detail})" if exc.trip is not None else str(exc)
+
+
 # -- a whole run from a config ------------------------------------------------------------------
 
 def run_robot(config: "RobotConfig", duration_s: float | None = None, subscribers: list | tuple = (),
@@ -329,7 +339,8 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     its GIL serves the control thread. A simulator that judges a task (robot.task) reports it in `task`.
 
     Teardown runs in reverse on every way out: the SafetyGuard's exit (safe state, then the bus
-    disconnect turns torque off), the policy's close, the camera, the simulator; then the
+    disconnect turns torque off unless robot.disable_torque_on_exit is false: `motors_at_exit` in the result
+    says which), the policy's close, the camera, the simulator; then the
     subscribers get their last events and are closed (files flushed). Once the loop has ended the
     result is always returned: a failing teardown is in its `teardown_error`, events the subscribers
     never got in `undelivered_events`, and a further Ctrl-C is logged, not raised. `estop` is an extra
@@ -385,7 +396,32 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     finally:
         with teardown:
             hub.close()
-    return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late))
+    return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),
+                   motors_at_exit=motors_at_exit(config))
+
+
+def motors_at_exit(config: "RobotConfig") -> str:
+    """What a run on `config` leaves the motors in once it has ended, in words for the operator."""
+    robot, safe_state = config.robot, config.limits.safe_state
+    if robot.disable_torque_on_exit or safe_state == "torque_off":
+        why = "the bus disconnect" if robot.disable_torque_on_exit else "limits.safe_state 'torque_off'"
+        text = f"torque off on every motor ({why}): a joint under gravity falls"
+        if robot.disable_torque_on_exit and safe_state != "torque_off":
+            text += (f"; set robot.disable_torque_on_exit to false to leave them in the safe state "
+                     f"'{safe_state}' instead")
+        return text
+    text = ("torque ON, joints holding where they stopped and wheels stopped (limits.safe_state 'hold', "
+            "robot.disable_torque_on_exit false)" if safe_state == "hold" else
+            "torque ON, wheels stopped and joints at their last command (limits.safe_state 'stop', "
+            "robot.disable_torque_on_exit false)")
+    watchdog_s = robot.options.get("bus_watchdog_s")
+    if watchdog_s and robot.bus == "damiao-can":
+        text += (f"; the motors' own watchdog (robot.options.bus_watchdog_s) turns their torque off "
+                 f"{watchdog_s:g} s after the last command, so the hold lasts only that long")
+    elif watchdog_s:
+        text += (f"; the motors' bus watchdog (robot.options.bus_watchdog_s) trips {watchdog_s:g} s after the last "
+                 "command: they stop where they are, torque still on")
+    return text + "; turn torque off or cut the motor power to release them"
 
 
 @contextlib.contextmanager

@@ -28,6 +28,13 @@ BUS_TYPES = ("sim", "feetech", "dynamixel", "damiao-can")
 SIM_PHYSICS = ("simple", "mujoco")     # the "sim" bus's motors: speed-limited servos alone, or MuJoCo joints
 ESTOP_KEYS = {"space": " ", "enter": "\n", "esc": "\x1b", "tab": "\t"}
 MAX_CONTROL_HZ = 1000.0
+# limits.max_step_rad may be at most what limits.max_velocity_rad_s allows in this long (or one control period, if
+# longer): 10 periods at 100 Hz. The step limit caps the jump of the first command after a pause; a larger one lets
+# a hiccup of the loop become a full-speed lunge. The sample (0.1 rad at 2 rad/s) and the defaults (0.2, 3) fit.
+MAX_STEP_SPAN_S = 0.1
+# limits.watchdog_timeout_s at most: the SafetyGuard's watchdog is the last line when commands stop (a wheel keeps
+# its last velocity until then). 2 s is 200 periods at 100 Hz, far above any jitter the three-period floor allows for.
+MAX_WATCHDOG_TIMEOUT_S = 2.0
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -84,6 +91,9 @@ class RobotSection:
     physics: str = "simple"                 # "sim" bus only: "simple" or "mujoco"
     sim_process: bool | None = None         # "sim" bus only: serve the simulator from a child process
     task: SimTaskSection | None = None      # physics "mujoco" only: {"seed": 7, "template": "move_to"}
+    # After the run, the bus disconnect turns every motor's torque off (true), or leaves the motors in the run's
+    # safe state (false: with limits.safe_state "hold" an arm under gravity keeps holding; cut power to release it).
+    disable_torque_on_exit: bool = True
 
     def __post_init__(self) -> None:
         if self.bus not in BUS_TYPES:
@@ -109,6 +119,19 @@ class RobotSection:
         if unknown:
             raise ConfigError(f"calibration: names motors {unknown} that are not in motors ({', '.join(self.motors)})")
         self._check_models()
+        uncalibrated = [n for n, m in self.motors.items() if m.mode == "position" and n not in self.calibration]
+        if uncalibrated and self.bus in ("feetech", "dynamixel"):
+            # A serial servo without an entry reads raw tick 0 as the joint's zero and its whole turn as its range:
+            # a joint resting mid-travel (raw ~2048) reads ~pi rad, far outside any joint limit.
+            raise ConfigError(
+                f"calibration: no entry for the {self.bus} joint{'s' * (len(uncalibrated) > 1)} "
+                f"{', '.join(map(repr, uncalibrated))}; without one raw tick 0 would be the joint's zero and a joint "
+                "resting mid-travel would read ~3.1 rad. Give each "
+                "homing_offset, range_min and range_max in raw ticks (0..4095 on 12-bit servos) and drive_mode: "
+                "with torque off, read present_position at the joint's zero (homing_offset) and at both ends of its "
+                "travel (range_min < range_max); drive_mode 1 where the reading falls as the joint angle grows "
+                "(`edgeact motors calibrate CONFIG` measures them). "
+                'E.g. {"homing_offset": 2048, "range_min": 1024, "range_max": 3072, "drive_mode": 0}')
 
     @property
     def sim_in_own_process(self) -> bool:
@@ -148,6 +171,28 @@ class RobotSection:
             bus_type.CONFIG_TYPE(port=self.port or "(the simulator's pty)", baud_rate=self.baud_rate, **self.options)
         except ConfigError as exc:
             raise ConfigError(f"options or baud_rate: {exc}") from None
+        from edgeact.drivers.motors.serial_motion import check_calibration
+
+        for name, cal in self.calibration.items():
+            try:
+                check_calibration(bus_type.MODELS[self.motors[name].model], cal, name)
+            except ConfigError as exc:
+                raise ConfigError(f"calibration: {exc}") from None
+
+    def fastest_motor(self) -> tuple[str, float]:
+        """(model, top speed in rad/s) of the fastest motor on the bus, from the vendor's model table: the serial
+        servos' no-load speed (their goal velocity clamp), the Damiao models' VMAX (their velocity field's range)."""
+        if self.bus == "damiao-can":
+            from edgeact.drivers.motors import damiao_table
+
+            speeds = {m.model: damiao_table.model(m.model).v_max_rad_s for m in self.motors.values()}
+        else:
+            from edgeact.drivers.motors.serial_bus import serial_bus_class
+
+            models = serial_bus_class(self.protocol).MODELS
+            speeds = {m.model: models[m.model].max_velocity_raw * models[m.model].velocity_unit_rad_s
+                      for m in self.motors.values()}
+        return max(speeds.items(), key=lambda item: item[1])
 
     def motor_objects(self) -> dict[str, Motor]:
         return {name: Motor(m.id, m.model, m.mode) for name, m in self.motors.items()}
@@ -157,11 +202,12 @@ class RobotSection:
         if self.bus == "damiao-can":
             from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
 
-            return DamiaoBus(self.motor_objects(), self.calibration, config=DamiaoBusConfig(**self.options))
+            return DamiaoBus(self.motor_objects(), self.calibration, self.disable_torque_on_exit,
+                             config=DamiaoBusConfig(**self.options))
         from edgeact.drivers.motors.serial_bus import make_serial_bus
 
         return make_serial_bus(self.protocol, port or self.port, self.motor_objects(), self.calibration,
-                               baud_rate=self.baud_rate, **self.options)
+                               self.disable_torque_on_exit, baud_rate=self.baud_rate, **self.options)
 
 
 @dataclass
@@ -252,9 +298,31 @@ class RobotConfig:
             if value < 3 * period_s:
                 raise ConfigError(f"{where}: {value} s is under three control periods ({3 * period_s:.3f} s at "
                                   f"{self.rates.control_hz:g} Hz); raise it or the watchdog trips on jitter")
+        self._check_limits_act()
         from edgeact.runtime.loop import check_plan_max_age     # here: the loop's rule, one place
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
+
+    def _check_limits_act(self) -> None:
+        """Refuse limits that validate one by one but would never act: a velocity limit above what the motors can
+        do, a step limit beyond what that velocity allows in a moment, a watchdog that waits for ever."""
+        limits = self.limits
+        model, top_speed = self.robot.fastest_motor()
+        if limits.max_velocity_rad_s > top_speed:
+            raise ConfigError(f"limits.max_velocity_rad_s: {limits.max_velocity_rad_s:g} rad/s is above the fastest "
+                              f"motor of this robot ({model}: {top_speed:.2f} rad/s), so it would never limit anything; "
+                              f"use at most {top_speed:.2f} (default 3)")
+        span_s = max(MAX_STEP_SPAN_S, 1.0 / self.rates.control_hz)
+        if limits.max_step_rad > limits.max_velocity_rad_s * span_s:
+            raise ConfigError(f"limits.max_step_rad: {limits.max_step_rad:g} rad is more than "
+                              f"limits.max_velocity_rad_s allows in {span_s:g} s "
+                              f"({limits.max_velocity_rad_s * span_s:.3f} rad): after a pause the joints would jump "
+                              f"that far in one command; use at most {limits.max_velocity_rad_s * span_s:.3f}")
+        if limits.watchdog_timeout_s > MAX_WATCHDOG_TIMEOUT_S:
+            raise ConfigError(f"limits.watchdog_timeout_s: {limits.watchdog_timeout_s:g} s is over "
+                              f"{MAX_WATCHDOG_TIMEOUT_S:g} s: a stuck control loop would leave the robot (wheels "
+                              "driving, joints at their last goal) that long before the safe state; use 0.1-0.5 s "
+                              "(default 0.5)")
 
     @property
     def config_dir(self) -> Path | None:
@@ -343,6 +411,12 @@ def robot_config_from_dict(data: Any, source: str = "<dict>") -> RobotConfig:
         return RobotConfig(source=source, **kwargs)
     except ConfigError as exc:
         raise ConfigError(f"config {source}: {exc}") from None
+
+
+def robot_section_from_dict(data: Any, where: str = "robot") -> RobotSection:
+    """A config's robot section alone, validated as the whole config's loader does (e.g. to check a calibration
+    before the rest of the config is written)."""
+    return _build(RobotSection, data, where)
 
 
 def _lookup(registry: dict[str, type], type_name: Any, where: str) -> type:

@@ -10,7 +10,9 @@ range), `max_step_rad` from the last sent (or, at first, measured) position, and
 times the real time since the previous command. The first command after a (re)start (the first one,
 enable_torque, a trip, reset_estop) counts its time from the reading of the joints, so it holds them
 where they are, and motion starts at the velocity limit from the next command on. A joint found
-outside its range walks back into it by these steps instead of jumping to the range's edge.
+outside its range walks back into it by these steps instead of jumping to the range's edge; a run
+gives its first reading to `check_start_positions()` before its first command, which refuses to start
+with a joint outside its limits (the walk back would be motion nobody planned).
 `send` and `send_velocity` are refused until the guard is connected (`connect()` or the `with`
 block), since that starts the watchdog and the e-stop polling.
 When no command arrives for `watchdog_timeout_s`, or the e-stop input is set, the robot goes to
@@ -20,7 +22,8 @@ its safe state:
     "stop"        wheels (velocity-mode motors) get zero velocity; joints keep their last command
 A watchdog trip ends with the next command; an e-stop latches until `reset_estop()`. Leaving the
 `with` block, by an exception or Ctrl-C too, puts the robot in its safe state and then disconnects
-the bus (which turns torque off unless the bus was built with disable_torque_on_exit=False).
+the bus (which turns torque off unless the bus was built with disable_torque_on_exit=False: then the
+motors stay in the safe state).
 """
 from __future__ import annotations
 
@@ -38,6 +41,13 @@ from edgeact.runtime.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SAFE_STATES = ("hold", "torque_off", "stop")
+# The largest max_velocity_rad_s accepted on any bus: above the no-load speed of every serial servo in the model
+# tables but one (xl330-m077, 39 rad/s, a gripper servo), and ~190 rpm for the Damiao models, whose table gives only
+# their velocity field's range (8-280 rad/s). A robot config also refuses a limit above its own motors' top speed.
+MAX_VELOCITY_LIMIT_RAD_S = 20.0
+# A joint read this far outside its limits at the start still starts: one resting on its end stop may read a tick or
+# two past the calibrated end (0.0015 rad a tick on 12-bit servos); the first commands walk it back in.
+START_TOLERANCE_RAD = 0.02
 
 
 @dataclass
@@ -53,6 +63,9 @@ class SafetyConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.max_velocity_rad_s > MAX_VELOCITY_LIMIT_RAD_S:
+            raise ConfigError(f"max_velocity_rad_s {self.max_velocity_rad_s:g} is above {MAX_VELOCITY_LIMIT_RAD_S:g} "
+                              "rad/s: a limit that never acts; use the speed the robot may really move at (default 3)")
         if self.safe_state not in SAFE_STATES:
             raise ConfigError(f"safe_state must be one of {', '.join(map(repr, SAFE_STATES))}, got {self.safe_state!r}")
         for joint, limits in self.joint_limits_rad.items():
@@ -67,6 +80,10 @@ class SafetyError(MotorBusError):
 
 class EStopLatchedError(SafetyError):
     """The e-stop is latched: commands are refused until `reset_estop()`."""
+
+    def __init__(self, message: str, trip: "SafetyTrip | None" = None):
+        super().__init__(message)
+        self.trip = trip        # the trip that latched it, where known
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,8 @@ class SafetyGuard(MotorsBus):
         self._poll_estop()
         if self._latched is not None:
             raise EStopLatchedError(f"e-stop latched ({self._latched.detail}); the robot is in its safe state "
-                                    f"'{self._latched.safe_state}': release the e-stop and call reset_estop() to resume")
+                                    f"'{self._latched.safe_state}': release the e-stop and call reset_estop() to resume",
+                                    self._latched)
 
     # -- the watchdog and the safe state -----------------------------------------------------
     def _on_watchdog(self, age_s: float) -> None:
@@ -222,6 +240,27 @@ class SafetyGuard(MotorsBus):
             # speed. The next command after the trip walks it back into range by limited steps.
             measured = self.bus.read_state(joints).position_rad
             self.bus.send(measured, origin_rad=measured)
+
+    def check_start_positions(self, measured_rad: dict[str, float] | None = None) -> None:
+        """Refuse to start (SafetyError) while a joint rests outside its limits; call it before the first command,
+        with the joints' first reading (default: read them now).
+
+        Mid-run a joint found outside (sagged, pushed) walks back in by limited steps; at the start that walk would
+        be motion no plan asked for, at the velocity limit, and the reading itself is suspect (a wrong calibration
+        reads a joint at rest far from where it is). The person decides: move the joint, or fix the limits."""
+        joints = list(self._limits)
+        if not joints:
+            return
+        measured = measured_rad if measured_rad is not None else self.bus.read_state(joints).position_rad
+        outside = [f"'{n}' reads {measured[n]:+.3f} rad ({math.degrees(measured[n]):+.1f} deg) and its limits are "
+                   f"[{lo:+.3f}, {hi:+.3f}] rad" for n, (lo, hi) in self._limits.items()
+                   if not lo - START_TOLERANCE_RAD <= measured[n] <= hi + START_TOLERANCE_RAD]
+        if outside:
+            raise SafetyError(f"refusing to start with a joint outside its limits: {'; '.join(outside)}. Going on, the "
+                              "safety layer would drive it back at the velocity limit before any plan. With torque "
+                              "off, move it inside its limits by hand; or, if it rests where it should, correct "
+                              "limits.joint_limits_rad or its robot.calibration (a wrong homing_offset or range shifts "
+                              "the reading)")
 
     def _forget_reference(self) -> None:
         self._reference_rad.clear()

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from edgeact.drivers.motors.bus import (Motor, MotorBusError, MotorCalibration, MotorHardwareError,
                                         MotorProtocolError, MotorsBus, MotorTimeoutError)
-from edgeact.drivers.motors.serial_motion import SerialMotion
+from edgeact.drivers.motors.serial_motion import SerialMotion, check_calibration
 from edgeact.drivers.motors.serial_types import (ModelSpec, MotorConfigError, MotorPortError, PacketCodec, Register,
                                                  SerialBusConfig, StatusPacket, check_baud_rate)
 # This module used to hold the whole serial vocabulary; what was importable from it still is.
@@ -81,9 +81,7 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         for name, cal in self.calibration.items():
             if name not in self.motors:
                 raise MotorConfigError(f"calibration for unknown motor '{name}'; motors: {', '.join(self.motors)}")
-            if cal.range_min >= cal.range_max or cal.drive_mode not in (0, 1):
-                raise MotorConfigError(f"motor '{name}': calibration range [{cal.range_min}, {cal.range_max}] or "
-                                       f"drive_mode {cal.drive_mode} invalid; recalibrate the joint")
+            check_calibration(self.MODELS[self.motors[name].model], cal, name)
 
     # -- names ---------------------------------------------------------------------------
     @property

@@ -6,10 +6,35 @@ import math
 import time
 
 from edgeact.drivers.motors.bus import MotorBusError, MotorCalibration, MotorState
-from edgeact.drivers.motors.serial_types import WATCHDOG_UNIT_S, ModelSpec, MotorPortError, Register
+from edgeact.drivers.motors.serial_types import (WATCHDOG_UNIT_S, ModelSpec, MotorConfigError, MotorPortError,
+                                                 Register)
 
 log = logging.getLogger(__name__)
 WATCHDOG_TRIPPED = -1    # bus_watchdog reads 0xFF once it stopped the motor
+
+
+def check_calibration(spec: ModelSpec, calibration: MotorCalibration, name: str) -> None:
+    """What a valid calibration entry of a single-turn serial servo is; MotorConfigError with the fix if not.
+
+    Raw readings are used as the servo reports them, never unwrapped: every raw value (homing_offset,
+    range_min, range_max) must be one the encoder can read, 0..resolution-1 (0..4095 on 12-bit models),
+    with range_min < range_max, and drive_mode 0 or 1. A joint whose travel crosses the encoder's seam
+    (4095 -> 0) has no such range: a reading just past the seam would be taken a whole turn away."""
+    top = spec.resolution_ticks - 1
+    where = f"motor '{name}' ({spec.name}, raw positions 0..{top})"
+    if calibration.drive_mode not in (0, 1):
+        raise MotorConfigError(f"{where}: calibration drive_mode {calibration.drive_mode} invalid; use 0 (raw grows "
+                               "with the joint angle) or 1 (inverted)")
+    seam = (f"raw readings are single-turn and never unwrapped, so a joint whose travel crosses the encoder's "
+            f"{top} -> 0 seam cannot be calibrated as is: re-mount its horn so the whole travel reads inside "
+            f"0..{top} (mid-travel near {spec.resolution_ticks // 2}), or write the servo's own homing offset "
+            "register so it does; then measure the calibration again with torque off")
+    if not 0 <= calibration.range_min < calibration.range_max <= top:
+        raise MotorConfigError(f"{where}: calibration range [{calibration.range_min}, {calibration.range_max}] "
+                               f"must lie within 0..{top} with range_min < range_max; {seam}")
+    if not 0 <= calibration.homing_offset <= top:
+        raise MotorConfigError(f"{where}: calibration homing_offset {calibration.homing_offset} (the raw reading at "
+                               f"the joint's zero) must lie within 0..{top}; {seam}")
 
 
 class SerialMotion:

@@ -60,6 +60,28 @@ def test_config_names_the_supported_baud_rates_and_models():
         FeetechMotorsBus(FeetechBusConfig(port="/dev/ttyACM0"), {"a": Motor(1, "sts3215"), "b": Motor(1, "sts3215")})
 
 
+@pytest.mark.parametrize("protocol, model", [("feetech", "sts3215"), ("dynamixel", "xl430-w250")])
+@pytest.mark.parametrize("calibration, expected", [
+    (MotorCalibration(homing_offset=0, range_min=-1000, range_max=1000), r"calibration range \[-1000, 1000\] must lie "
+                                                                         r"within 0\.\.4095"),
+    (MotorCalibration(homing_offset=2048, range_min=1000, range_max=4096), r"calibration range \[1000, 4096\]"),
+    (MotorCalibration(homing_offset=-5, range_min=0, range_max=4095), "calibration homing_offset -5"),
+    (MotorCalibration(homing_offset=2048, range_min=1024, range_max=3072, drive_mode=2), "calibration drive_mode 2 invalid"),
+])
+def test_a_calibration_the_single_turn_encoder_cannot_read_is_refused_by_the_bus(protocol, model, calibration,
+                                                                                 expected):
+    # Raw readings are never unwrapped: a range across the encoder's 4095 -> 0 seam reads a joint a turn away.
+    from edgeact.drivers.motors.serial_bus import make_serial_bus, serial_bus_class
+    from edgeact.drivers.motors.serial_motion import check_calibration
+
+    with pytest.raises(MotorConfigError, match=rf"motor 'elbow' \({model}, raw positions 0\.\.4095\): {expected}"):
+        make_serial_bus(protocol, "/dev/ttyACM0", {"elbow": Motor(2, model)}, {"elbow": calibration})
+    with pytest.raises(MotorConfigError, match=expected):       # the one rule, for whoever writes a calibration
+        check_calibration(serial_bus_class(protocol).MODELS[model], calibration, "elbow")
+    whole_turn = MotorCalibration(homing_offset=4095, range_min=0, range_max=4095, drive_mode=1)
+    make_serial_bus(protocol, "/dev/ttyACM0", {"elbow": Motor(2, model)}, {"elbow": whole_turn})
+
+
 # -- the driver against the simulator ----------------------------------------------------------------
 def test_connect_scan_and_registers_by_name(start_sim, bus_for):
     sim = start_sim("feetech", ids=[1, 2, 3])

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.motors.feetech import FeetechMotorsBus
+from edgeact.drivers.motors.safety import SafetyError
 from edgeact.drivers.motors.serial_bus import make_serial_bus
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime import cli, commands_loop
@@ -246,7 +248,7 @@ class StallingBus(FeetechMotorsBus):
 
 
 def test_stalled_driver_trips_the_control_watchdog_into_the_safe_state(sim):
-    config = robot_config_from_dict(config_data(sim, limits={"safe_state": "torque_off", "watchdog_timeout_s": 5.0},
+    config = robot_config_from_dict(config_data(sim, limits={"safe_state": "torque_off", "watchdog_timeout_s": 2.0},
                                                 watchdog={"control_stall_s": 0.5}))
     real = make_serial_bus("feetech", sim.port, config.robot.motor_objects(), config.robot.calibration, timeout_s=0.2)
     stall = threading.Event()
@@ -546,3 +548,64 @@ def test_an_output_path_under_a_file_is_one_clear_error_not_a_traceback(tmp_path
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("edgeact demo: error: ") and "Traceback" not in err and str(afile) in err
+
+
+# -- the start with a joint outside its limits, what the motors are left in, a real robot without an e-stop ----------
+
+def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(sim):
+    sim.servo(3).position_ticks = 3300      # elbow_flex folded past its limit: +1.92 rad against [-1.4, 1.4]
+    config = robot_config_from_dict(config_data(sim))
+    events = Collect()
+    result = run_robot(config, 2.0, [events])
+    assert result.reason == "error" and isinstance(result.error, SafetyError) and result.ticks == 0
+    assert re.search(r"refusing to start with a joint outside its limits: 'elbow_flex' reads \+1\.921 rad "
+                     r"\(\+110\.0 deg\) and its limits are \[-1\.400, \+1\.400\] rad", result.detail), result.detail
+    assert "move it inside its limits by hand" in result.detail and "robot.calibration" in result.detail
+    time.sleep(0.2)                         # a walk back at 2 rad/s would have moved it ~100 ticks by now
+    assert round(sim.servo(3).position_ticks) == 3300 and torque(sim) == [0] * 6
+    assert not events.of(CommandEvent)
+
+
+def test_hold_at_exit_keeps_the_torque_on_only_when_asked_and_the_end_says_what_the_motors_are_in(sim):
+    estop = threading.Event()
+    config = robot_config_from_dict(config_data(sim, robot={"disable_torque_on_exit": False}))
+    result = run_robot(config, 20.0, [Collect(at_tick=10, action=estop.set)], estop=estop)
+    assert result.reason == "estop" and config.limits.safe_state == "hold"
+    assert torque(sim) == [1] * 6                                   # held after the run, as the config asked
+    out = io.StringIO()
+    assert commands_loop._finish(result, Console(file=out, width=300)) == EXIT_ESTOP
+    text = out.getvalue()
+    assert "stopped: estop (e-stop latched (e-stop input set))" in text and "reset_estop" not in text
+    assert "motors now: torque ON, joints holding where they stopped" in text
+    estop.clear()
+    result = run_robot(robot_config_from_dict(config_data(sim)), 0.3)      # the default: torque off at the end
+    assert torque(sim) == [0] * 6
+    assert result.motors_at_exit.startswith("torque off on every motor (the bus disconnect)")
+    assert "set robot.disable_torque_on_exit to false" in result.motors_at_exit
+
+
+def test_motors_at_exit_names_a_bus_watchdog_that_ends_the_hold():
+    from edgeact.runtime.loop import motors_at_exit
+
+    data = sim_robot_config_dict()
+    data["robot"] = {"bus": "damiao-can", "motors": {"elbow": {"id": 1, "model": "dm4310"}},
+                     "options": {"interface": "virtual", "bus_watchdog_s": 0.2}, "disable_torque_on_exit": False}
+    data["actions"] = {"type": "joint_delta", "joints": ["elbow"], "gains": [1.0]}
+    data["limits"] = {"safe_state": "hold"}
+    text = motors_at_exit(robot_config_from_dict(data))
+    assert text.startswith("torque ON, joints holding") and "turns their torque off 0.2 s after the last command" in text
+    data["limits"] = {"safe_state": "torque_off"}
+    assert motors_at_exit(robot_config_from_dict(data)).startswith("torque off on every motor (limits.safe_state")
+
+
+def test_a_real_robot_without_an_estop_starts_with_a_loud_warning(sim, tmp_path, caplog):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim)))           # estop.file and estop.key both null
+    assert cli.main(["run", str(path), "--seconds", "0.3"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no e-stop" in r.getMessage()]
+    assert len(warnings) == 1 and "Set estop.file" in warnings[0] and "estop.key" in warnings[0]
+    caplog.clear()
+    path.write_text(json.dumps(config_data(sim, estop={"file": str(tmp_path / "estop")})))
+    assert cli.main(["run", str(path), "--seconds", "0.3"]) == 0
+    commands_loop.warn_without_estop(robot_config_from_dict(sim_robot_config_dict()))    # the simulated robot
+    assert "no e-stop" not in caplog.text

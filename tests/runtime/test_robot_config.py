@@ -46,6 +46,10 @@ port = "/dev/ttyACM0"
 [robot.motors.elbow]
 id = 2
 model = "sts3215"
+[robot.calibration.elbow]
+homing_offset = 2048
+range_min = 1024
+range_max = 3072
 [camera]
 type = "synthetic"
 fps = 15
@@ -215,3 +219,77 @@ def test_damiao_can_bus_section():
     assert "robot.options: gains of 'default'" in _error(_damiao(options={"kp": -1.0}))
     assert "robot.motors.elbow.model: unknown Damiao model 'dm9999'" in _error(
         _damiao(motors={"elbow": {"id": 1, "model": "dm9999"}}))
+
+
+# -- values that validate one by one but would disable a protection; torque at exit ---------------------------------
+
+def _real(**edits):
+    """The sample on a real Feetech bus (its calibration kept), with `edits` (section -> fields) applied."""
+    data = _with("robot", bus="feetech", port="/dev/ttyACM0")
+    for section, fields in edits.items():
+        data[section] = {**data[section], **fields}
+    return data
+
+
+def _calibrated(**elbow):
+    data = _real()
+    data["robot"]["calibration"]["elbow_flex"] = {**data["robot"]["calibration"]["elbow_flex"], **elbow}
+    return data
+
+
+SEAM_FIX = "re-mount its horn so the whole travel reads inside 0..4095"
+
+
+@pytest.mark.parametrize("data, expected", [
+    (_calibrated(range_min=-1000, range_max=1000),
+     "robot.calibration: motor 'elbow_flex' (sts3215, raw positions 0..4095): calibration range [-1000, 1000] must "
+     "lie within 0..4095 with range_min < range_max"),
+    (_calibrated(range_min=-3000, range_max=9000), "calibration range [-3000, 9000] must lie within 0..4095"),
+    (_calibrated(range_min=3000, range_max=1000), "calibration range [3000, 1000] must lie within 0..4095"),
+    (_calibrated(homing_offset=70000), "calibration homing_offset 70000 (the raw reading at the joint's zero) must "
+                                       "lie within 0..4095"),
+    (_real(limits={"max_velocity_rad_s": 1e6, "max_step_rad": 1e3}), "limits.max_velocity_rad_s 1e+06 is above 20 rad/s"),
+    (_real(limits={"max_velocity_rad_s": 10.0}),
+     "limits.max_velocity_rad_s: 10 rad/s is above the fastest motor of this robot (sts3215: 5.22 rad/s)"),
+    (_real(limits={"max_step_rad": 1e3}),
+     "limits.max_step_rad: 1000 rad is more than limits.max_velocity_rad_s allows in 0.1 s (0.200 rad)"),
+    (_real(limits={"watchdog_timeout_s": 1e9}), "limits.watchdog_timeout_s: 1e+09 s is over 2 s"),
+])
+def test_values_that_would_disable_a_protection_are_refused_with_the_fix(data, expected):
+    message = _error(data)
+    assert expected in message
+    if "calibration range" in expected or "homing_offset" in expected:
+        assert SEAM_FIX in message and "homing offset register" in message
+
+
+def test_the_samples_and_the_defaults_keep_within_the_new_bounds():
+    robot_config_from_dict(_real())
+    robot_config_from_dict(_real(limits={"max_step_rad": 0.2, "max_velocity_rad_s": 2.0, "watchdog_timeout_s": 2.0}))
+    robot_config_from_dict(_real(limits={}, rates={"control_hz": 1000.0}))      # SafetyConfig's defaults
+    robot_config_from_dict(_calibrated(homing_offset=0, range_min=0, range_max=4095))     # the encoder's whole turn
+
+
+def test_a_real_serial_joint_without_calibration_is_refused_the_simulated_one_is_not():
+    data = _real()
+    del data["robot"]["calibration"]["elbow_flex"], data["robot"]["calibration"]["gripper"]
+    message = _error(data)
+    assert "robot.calibration: no entry for the feetech joints 'elbow_flex', 'gripper'; without one raw tick 0" in message
+    assert "read present_position at the joint's zero (homing_offset) and at both ends of its travel" in message
+    data["robot"]["bus"] = "dynamixel"
+    data["robot"]["motors"] = {n: {**m, "model": "xl430-w250"} for n, m in data["robot"]["motors"].items()}
+    assert "no entry for the dynamixel joints 'elbow_flex', 'gripper'" in _error(data)
+    simulated = sim_robot_config_dict()     # the simulator puts an uncalibrated motor at its own zero
+    del simulated["robot"]["calibration"]["gripper"]
+    robot_config_from_dict(simulated)
+    wheels = _real()                        # wheels have no position to calibrate
+    wheels["robot"]["motors"]["base"] = {"id": 7, "model": "sts3215", "mode": "velocity"}
+    robot_config_from_dict(wheels)
+
+
+def test_disable_torque_on_exit_reaches_the_serial_and_the_damiao_bus():
+    assert robot_config_from_dict(_real()).robot.make_bus().disable_torque_on_exit is True     # the default
+    assert robot_config_from_dict(_real(robot={"disable_torque_on_exit": False})).robot.make_bus() \
+        .disable_torque_on_exit is False
+    damiao = robot_config_from_dict(_damiao(options={"interface": "virtual"}, disable_torque_on_exit=False))
+    assert damiao.robot.make_bus().disable_torque_on_exit is False
+    assert "robot.disable_torque_on_exit: must be true or false" in _error(_real(robot={"disable_torque_on_exit": 0}))
