@@ -22,8 +22,17 @@ def parse_ids(text: str) -> list[int]:
     return sorted(ids)
 
 
+def parse_names(text: str) -> list[str]:
+    """'shoulder_pan,elbow_flex' -> ['shoulder_pan', 'elbow_flex']."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"motors {text!r}: name at least one, e.g. shoulder_pan,elbow_flex")
+    return names
+
+
 def register(subparsers) -> None:
-    motors = subparsers.add_parser("motors", help="scan, set up and simulate serial servo buses (Feetech, Dynamixel)")
+    motors = subparsers.add_parser("motors", help="scan, set up, calibrate and simulate motor buses (Feetech, Dynamixel; "
+                                                  "calibrate also Damiao)")
     actions = motors.add_subparsers(dest="motors_action", metavar="ACTION")
     actions.required = True
 
@@ -45,6 +54,17 @@ def register(subparsers) -> None:
     setup.add_argument("--timeout", type=float, default=0.05, help="seconds to wait for each reply (default 0.05)")
     setup.add_argument("--yes", action="store_true", help="do not ask before writing to the motor")
     setup.set_defaults(handler=_setup)
+
+    calibrate = actions.add_parser(
+        "calibrate", help="record a robot config's joints (zero pose, range) into its robot.calibration; torque stays off")
+    calibrate.add_argument("config", metavar="CONFIG", help="the robot config (.json; a .toml one needs --out)")
+    calibrate.add_argument("--motors", type=parse_names, help="only these motors, e.g. shoulder_pan,elbow_flex "
+                                                             "(default: every joint; wheels need none)")
+    calibrate.add_argument("--out", help="write the entries to this .json file instead of into CONFIG (to copy under "
+                                         "robot.calibration)")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    calibrate.add_argument("--yes", action="store_true", help="write into CONFIG without asking")
+    calibrate.set_defaults(handler=_calibrate)
 
     sim = actions.add_parser("sim", help="run a simulated servo bus on a pty and print its port (no hardware)")
     sim.add_argument("--protocol", choices=PROTOCOLS, default="feetech")
@@ -98,6 +118,15 @@ def _setup(args) -> int:
     done = flash_motor(args.port, found, args.id, args.baud, args.timeout)
     print(f"done: the {done.model} now answers as id {done.motor_id} at {done.baud_rate} baud")
     return 0
+
+
+def _calibrate(args) -> int:
+    import sys
+
+    from edgeact.drivers.calibrate_session import calibrate_config
+    from edgeact.runtime.cli_args import console
+
+    return calibrate_config(args.config, args.motors, args.out, args.overwrite, args.yes, sys.stdin, console())
 
 
 def _sim(args) -> int:
