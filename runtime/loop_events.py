@@ -3,9 +3,10 @@
 The loop's threads only `publish` events (a queue put); one hub thread hands them to the
 subscribers in order, so a slow disk or a plot never delays a control tick. A subscriber that
 raises is kept as the hub's `error`, and the loop stops on it (into the safe state).
-Subscribers slower than the loop fall behind: the hub logs its backlog as it grows, drops the
-commands, frames and overruns beyond MAX_BACKLOG, and at the end waits DRAIN_S for them to catch
-up; what they never got is counted in `undelivered` (the run's summary is then "incomplete").
+Subscribers slower than the loop fall behind: the publishers log the backlog as it grows and, at most
+every DROP_REPORT_S, how many events they drop: every event beyond MAX_BACKLOG but the trips and the
+stop. At the end the hub waits DRAIN_S for the subscribers to catch up; what they never got is
+counted in `undelivered` (the run's summary is then "incomplete").
 """
 from __future__ import annotations
 
@@ -100,8 +101,9 @@ _HOOKS = {FrameEvent: "on_frame", PlanEvent: "on_plan", CommandEvent: "on_comman
 _CLOSE = object()
 _KEPT = (TripEvent, StopEvent)     # delivered even to subscribers too far behind: how the run ended
 DRAIN_S = 10.0              # close(): how long the subscribers may take to catch up with the queue
-MAX_BACKLOG = 20_000        # queued events beyond which commands, frames and overruns are dropped (~200 s at 100 Hz)
-FIRST_LAG_WARNING = 200     # a backlog this long is logged, and again each time it doubles
+MAX_BACKLOG = 20_000        # queued events beyond which all but trips and the stop are dropped (~200 s at 100 Hz)
+FIRST_LAG_WARNING = 200     # a backlog this long is logged, and again each time it doubles, until it drains
+DROP_REPORT_S = 10.0        # dropped events are logged at most this often
 
 
 class EventHub:
@@ -115,6 +117,8 @@ class EventHub:
         self.abandoned = False      # a subscriber stuck past the drain: the hub thread left behind, subscribers open
         self._skip = False          # the drain timed out: deliver only the trips and the stop
         self._lag_warning = FIRST_LAG_WARNING
+        self._reported_s, self._reported_dropped = -math.inf, 0     # the last drop report: when, and the count then
+        self._delivering_s = math.nan       # time_s of the event the hub thread delivers: how far behind it is
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -131,12 +135,32 @@ class EventHub:
         return self
 
     def publish(self, event: Any) -> None:
-        if not self._closed:
-            if self._queue.qsize() >= MAX_BACKLOG and not isinstance(event, (PlanEvent, *_KEPT)):
-                self.dropped += 1       # bounded memory: the subscribers are minutes behind
-                return
-            self.published += 1
-            self._queue.put(event)
+        if self._closed:
+            return
+        backlog = self._queue.qsize()
+        if backlog >= self._lag_warning:        # logged here, as it grows: the hub thread may be stuck in a subscriber
+            self._lag_warning = 2 * backlog
+            behind_s = getattr(event, "time_s", math.nan) - self._delivering_s
+            log.warning("event subscribers are %d events%s behind the loop: one is slower than the events come or "
+                        "stuck (a slow or hung disk under --record, a plot); the summary may end incomplete", backlog,
+                        f" ({behind_s:.1f} s)" if math.isfinite(behind_s) else "")
+        if backlog >= MAX_BACKLOG and not isinstance(event, _KEPT):
+            self._drop(backlog)         # bounded memory (plans too): the subscribers are minutes behind
+            return
+        self.published += 1
+        self._queue.put(event)
+
+    def _drop(self, backlog: int) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._reported_s >= DROP_REPORT_S:
+            since = (f" ({self.dropped - self._reported_dropped} in the last {now - self._reported_s:.0f} s)"
+                     if math.isfinite(self._reported_s) else "")
+            log.warning("event subscribers are %d events behind the loop: dropping the commands, plans, frames and "
+                        "overruns beyond %d queued (trips and the stop are kept); %d dropped so far%s. A subscriber "
+                        "is stuck or too slow (a hung disk under --record?); the run's summary will be marked "
+                        "incomplete", backlog, MAX_BACKLOG, self.dropped, since)
+            self._reported_s, self._reported_dropped = now, self.dropped
 
     def trip(self, trip: SafetyTrip) -> None:
         """SafetyGuard's on_trip hook."""
@@ -187,6 +211,7 @@ class EventHub:
                 self.dropped += 1
                 continue
             hook = _HOOKS[type(event)]
+            self._delivering_s = getattr(event, "time_s", self._delivering_s)
             for sub in self.subscribers:
                 try:
                     getattr(sub, hook)(event)
@@ -194,9 +219,8 @@ class EventHub:
                     if self.error is None:
                         log.exception("subscriber %s failed on %s", type(sub).__name__, hook)
                         self.error = exc
-            backlog = self._queue.qsize()
-            if backlog >= self._lag_warning:    # logged as it doubles: a few lines however long the run
-                self._lag_warning = 2 * backlog
-                age_s = time.monotonic() - getattr(event, "time_s", math.nan)
-                log.warning("event subscribers are %d events (%.1f s) behind the loop: one is slower than the events "
-                            "come (a slow disk, a plot); the summary may end incomplete", backlog, age_s)
+            if self._lag_warning != FIRST_LAG_WARNING and self._queue.qsize() == 0:    # caught up: warn again
+                self._lag_warning, self._reported_s = FIRST_LAG_WARNING, -math.inf     # at the next lag
+                log.log(logging.WARNING if self.dropped else logging.INFO, "event subscribers caught up with the "
+                        "loop; %d events dropped so far%s", self.dropped,
+                        " (the run's summary will be marked incomplete)" if self.dropped else "")
