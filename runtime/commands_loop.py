@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("config", metavar="CONFIG", help="robot config (.json or .toml); `edgeact demo --write-config` "
                                                     "writes a sample")
     p.add_argument("--seconds", type=positive_float, help="stop after this long (default: run until Ctrl-C or e-stop)")
-    p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here")
+    p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here (beyond "
+                                                    "256 MiB in parts PATH.1, PATH.2, ..., the 8 newest kept)")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
     p.set_defaults(handler=_run)
 
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--seconds", type=positive_float, default=10.0, help="how long to run (default 10)")
     p.add_argument("--out", metavar="DIR", default="out/bench",
                    help="where bench.json and bench.png go (default out/bench)")
-    p.add_argument("--record", metavar="PATH", help="also write every command as JSON lines here")
+    p.add_argument("--record", metavar="PATH", help="also write every command as JSON lines here (in parts of "
+                                                    "256 MiB, the 8 newest kept)")
     p.set_defaults(handler=_bench_command)
 
     p = subparsers.add_parser("demo", help="run the loop on the built-in simulated arm (Feetech bus on a pty, "
@@ -62,8 +64,8 @@ def _run(args) -> int:
     from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
-    from edgeact.runtime.telemetry import (CommandRecorder, LogSubscriber, TimingStats, distinct_outputs, output_file,
-                                           run_summary)
+    from edgeact.runtime.recorder import CommandRecorder
+    from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file, run_summary
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)

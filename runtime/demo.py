@@ -16,8 +16,8 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop import RunResult, run_robot
 from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from edgeact.runtime.telemetry import (CommandRecorder, LogSubscriber, TimingStats, distinct_outputs, output_file,
-                                       run_summary)
+from edgeact.runtime.recorder import CommandRecorder
+from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file, run_summary
 
 DEMO_POLICIES = ("scripted", "bundle")
 DEMO_ROBOTS = ("simple", "mujoco")
@@ -74,7 +74,7 @@ class MeasuredRun:
     json_path: Path
     plot_path: Path | None
     plot_note: str = ""                 # why there is no plot
-    stats: TimingStats | None = None    # the samples behind the summary
+    stats: TimingStats | None = None    # the summary's statistics and the newest samples (plots, the sheet)
 
 
 def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",

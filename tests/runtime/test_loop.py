@@ -31,7 +31,8 @@ from edgeact.runtime.loop_events import CommandEvent, FrameEvent, PlanEvent, Sto
 from edgeact.runtime.policy import Observation, Plan, PolicyContext, ScriptedPolicy, ScriptedPolicyConfig, TimedPolicy
 from edgeact.runtime.robot_config import load_robot_config, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
-from edgeact.runtime.telemetry import CommandRecorder, TimingStats
+from edgeact.runtime.recorder import CommandRecorder
+from edgeact.runtime.telemetry import TimingStats
 
 pytestmark = pytest.mark.timeout(60)
 

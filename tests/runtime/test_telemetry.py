@@ -17,7 +17,8 @@ from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop_events import (CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent,
                                          Subscriber, TripEvent)
 from edgeact.runtime.policy import Plan
-from edgeact.runtime.telemetry import CommandRecorder, LogSubscriber, TimingStats, read_recording, recording_parts
+from edgeact.runtime.recorder import CommandRecorder, read_recording, recording_parts
+from edgeact.runtime.telemetry import LogSubscriber, TimingStats
 
 pytestmark = pytest.mark.timeout(60)
 
