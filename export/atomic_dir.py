@@ -46,6 +46,23 @@ def fsync_tree(root: Path) -> None:
             fsync_path(path)
 
 
+def publish_new(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` onto `out_dir`, which must be missing or an empty folder: unlike `publish`, what
+    appeared at `out_dir` meanwhile (another run's set, a user's files) is never replaced (FileExistsError)."""
+    set_usual_permissions(tmp)
+    try:
+        out_dir.rmdir()             # an empty folder only; a file or a folder with contents raises
+    except FileNotFoundError:
+        pass
+    except OSError:
+        raise FileExistsError(f"{out_dir} was filled while this was written") from None
+    try:
+        os.rename(tmp, out_dir)     # onto a folder that appeared with contents meanwhile: ENOTEMPTY
+    except OSError:
+        raise FileExistsError(f"{out_dir} appeared while this was written") from None
+    fsync_path(out_dir.parent)
+
+
 def publish(tmp: Path, out_dir: Path) -> None:
     """Rename the finished `tmp` onto `out_dir`. An existing `out_dir` is moved aside first (to
     `.NAME.old-XXXX/previous`) and removed only after the rename succeeded; if the rename fails it is put

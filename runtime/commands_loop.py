@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                                                     "writes a sample")
     p.add_argument("--seconds", type=positive_float, help="stop after this long (default: run until Ctrl-C or e-stop)")
     p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here (beyond "
-                                                    "256 MiB in parts PATH.1, PATH.2, ..., the 8 newest kept)")
+                                                    "256 MiB in numbered parts, run.jsonl then run.1.jsonl, "
+                                                    "run.2.jsonl, ...; the 8 newest kept)")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
     p.set_defaults(handler=_run)
 

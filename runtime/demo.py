@@ -128,8 +128,9 @@ def check_policy_bundle(config: RobotConfig) -> None:
 
 
 def _policy_bundle_path(config: RobotConfig) -> Path | None:
+    """The bundle policy's `path` (relative to the config); None for other policies (a plugin's path is its own)."""
     path = getattr(config.policy, "path", None)
-    if not path:
+    if not path or config.policy.type_name != "bundle":
         return None
     path = Path(path)
     if not path.is_absolute() and config.config_dir is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 from edgeact.drivers.cameras.base import Camera, RGBDFrame
-from edgeact.drivers.motors.safety import EStopLatchedError, SafetyError, SafetyGuard
+from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard, StartRefusedError
 from edgeact.runtime.control import ActionMapper, ChunkFollower
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.ensemble import ActionEnsemble
@@ -163,7 +163,13 @@ class RobotLoop:
             self._end("interrupt", "Ctrl-C")
         except EStopLatchedError as exc:       # e.g. pressed while the policy loaded: enable_torque refuses
             self._end("estop", _latched_detail(exc))
-        except SafetyError as exc:      # the start refused (a joint outside its limits): its message is the whole story
+        except StartRefusedError as exc:    # a joint outside its limits: its message is the whole story
+            # Nothing was commanded, and the person is told to move the joint by hand: torque off now, whatever
+            # robot.disable_torque_on_exit keeps at the end.
+            try:
+                self.robot.disable_torque()
+            except Exception:
+                log.exception("turning torque off after the refused start failed")
             self._end("error", f"{type(exc).__name__}: {exc}", exc)
         except Exception as exc:    # the start (torque, first read), or the caller's progress callback: not clean
             log.exception("the loop failed")
@@ -397,12 +403,14 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
         with teardown:
             hub.close()
     return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),
-                   motors_at_exit=motors_at_exit(config))
+                   motors_at_exit=motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
 
 
-def motors_at_exit(config: "RobotConfig") -> str:
+def motors_at_exit(config: "RobotConfig", start_refused: bool = False) -> str:
     """What a run on `config` leaves the motors in once it has ended, in words for the operator."""
     robot, safe_state = config.robot, config.limits.safe_state
+    if start_refused:
+        return "torque off on every motor (the start was refused before any command): move the joint by hand"
     if robot.disable_torque_on_exit or safe_state == "torque_off":
         why = "the bus disconnect" if robot.disable_torque_on_exit else "limits.safe_state 'torque_off'"
         text = f"torque off on every motor ({why}): a joint under gravity falls"

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.samples import EXACT_SAMPLES, RecentSamples, Series
+from edgeact.runtime.recorder import CommandRecorder  # noqa: F401  (its home until runtime/recorder.py)
 from edgeact.runtime.loop_events import (CommandEvent, FrameEvent, OverrunEvent, PlanEvent, StopEvent, Subscriber,
                                          TripEvent)
 

@@ -233,9 +233,11 @@ class _Plan:
                               f"{len(self.ranges)} in the manifest; rebuild the engine")
         # One activation buffer for all contexts: the default (STATIC) gives each its own, sized for the largest
         # profile (the decoder held it twice). They run one after another on one stream, so sharing is safe; its
-        # size, device_memory_size_v2, is the largest any profile needs.
+        # size, device_memory_size_v2, is the largest any profile needs. TensorRT 10.0 (before the V2 calls) names
+        # them device_memory_size and the context's device_memory setter.
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        scratch_bytes = int(self.engine.device_memory_size_v2)
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        scratch_bytes = int(size if size is not None else self.engine.device_memory_size)
         scratch = cuda.malloc(scratch_bytes)
         self.contexts = []
         for index in range(len(self.ranges)):
@@ -243,7 +245,10 @@ class _Plan:
             if context is None:
                 raise EdgeactError(f"{record.file}: TensorRT could not create an execution context (see its log); "
                                    "check the GPU's free memory")
-            context.set_device_memory(scratch, scratch_bytes)
+            if hasattr(context, "set_device_memory"):
+                context.set_device_memory(scratch, scratch_bytes)
+            else:
+                context.device_memory = scratch
             try:
                 selected = context.set_optimization_profile_async(index, int(cuda.stream))
             except RuntimeError:          # the Python binding raises where the C++ call returns false

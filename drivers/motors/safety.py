@@ -78,6 +78,10 @@ class SafetyError(MotorBusError):
     """The safety layer refused a command."""
 
 
+class StartRefusedError(SafetyError):
+    """`check_start_positions` refused the start: a joint rests outside its limits, and nothing was commanded."""
+
+
 class EStopLatchedError(SafetyError):
     """The e-stop is latched: commands are refused until `reset_estop()`."""
 
@@ -256,7 +260,7 @@ class SafetyGuard(MotorsBus):
                    f"[{lo:+.3f}, {hi:+.3f}] rad" for n, (lo, hi) in self._limits.items()
                    if not lo - START_TOLERANCE_RAD <= measured[n] <= hi + START_TOLERANCE_RAD]
         if outside:
-            raise SafetyError(f"refusing to start with a joint outside its limits: {'; '.join(outside)}. Going on, the "
+            raise StartRefusedError(f"refusing to start with a joint outside its limits: {'; '.join(outside)}. Going on, the "
                               "safety layer would drive it back at the velocity limit before any plan. With torque "
                               "off, move it inside its limits by hand; or, if it rests where it should, correct "
                               "limits.joint_limits_rad or its robot.calibration (a wrong homing_offset or range shifts "

@@ -38,8 +38,10 @@ split never separates them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -392,7 +394,7 @@ def _finish(tmp: Path, out: Path, head: dict[str, Any], shards: list[dict[str, A
             expert: ExpertConfig, intr: Any, camera_pose: tuple[np.ndarray, np.ndarray],
             all_actions: list[np.ndarray], start_s: float) -> DemoSummary:
     """Write the manifest into `tmp`, last, and rename the finished set into place at `out`."""
-    from edgeact.export.atomic_dir import fsync_tree, publish
+    from edgeact.export.atomic_dir import fsync_tree, publish_new
 
     manifest = {
         "format": FORMAT, **head, "samples": sum(s["samples"] for s in shards), "shards": shards,
@@ -408,7 +410,13 @@ def _finish(tmp: Path, out: Path, head: dict[str, Any], shards: list[dict[str, A
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     size = sum(p.stat().st_size for p in tmp.iterdir())
     fsync_tree(tmp)
-    publish(tmp, out)
+    try:
+        publish_new(tmp, out)
+    except FileExistsError:     # another run or the user put something at --out meanwhile: theirs stays as it is
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.recorded-", dir=out.parent))
+        os.rename(tmp, kept / out.name)
+        raise DemoDatasetError(f"{out} was filled by someone else while this recording ran; nothing there was "
+                               f"touched. The finished set is at {kept / out.name}: move it where you want it") from None
     return DemoSummary(out, len(head["episodes"]), head["successes"], manifest["samples"],
                        time.perf_counter() - start_s, size)
 

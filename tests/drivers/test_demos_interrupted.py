@@ -69,3 +69,22 @@ def test_a_directory_without_a_finished_set_is_neither_recorded_into_nor_read(tm
     with pytest.raises(DemoDatasetError, match=r"\.killed\.partial-x1y2 beside it: left by a recording that was "
                                                r"killed, remove it \(rm -r\)"):
         load_demos(tmp_path / "killed")
+
+
+def test_what_appears_at_out_while_recording_is_never_replaced(tmp_path):
+    """Another run or the user put files at --out while this one recorded: theirs stay untouched, and the finished
+    set is kept beside it under a name the error gives."""
+    out = tmp_path / "d"
+
+    def someone_else(done: int, total: int) -> None:
+        if done == 1:
+            out.mkdir(exist_ok=True)
+            (out / "notes.txt").write_text("keep me")
+
+    with pytest.raises(DemoDatasetError, match=rf"{out} was filled by someone else while this recording ran; "
+                                               r"nothing there was touched\. The finished set is at (\S+): move it"
+                       ) as refused:
+        record_demos(out, episodes=2, seed=0, config=TINY, progress=someone_else)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    kept = str(refused.value).split("The finished set is at ")[1].split(": move it")[0]
+    assert load_demos(kept).manifest["episodes_attempted"] == 2

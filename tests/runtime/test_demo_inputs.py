@@ -133,3 +133,32 @@ def test_a_missing_toml_config_suggests_a_sample_that_can_be_written_and_loaded(
         load_robot_config(missing)
     assert edgeact("demo", "--write-config", str(tmp_path / "robot.json")) == 0
     assert load_robot_config(tmp_path / "robot.json").robot.bus == "sim"
+
+
+def test_a_plugin_policy_whose_path_is_a_file_is_not_taken_for_a_bundle(tmp_path, monkeypatch):
+    """Only the bundle policy's path is checked for a manifest: a registered plugin's `path` is its own business."""
+    from dataclasses import dataclass
+
+    from edgeact.runtime import policy as policy_module
+    from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
+
+    policy_module.policy_types()                    # the built-in types registered, then the registry restored after
+    monkeypatch.setattr(policy_module, "_POLICY_TYPES", dict(policy_module._POLICY_TYPES))
+
+    @policy_module.register_policy("remote-test")
+    @dataclass
+    class RemoteConfig(policy_module.PolicyConfig):
+        path: str = ""
+
+        def make_policy(self, context):
+            raise NotImplementedError
+
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    data = sim_robot_config_dict(policy={"type": "remote-test", "path": "model.pt"})
+    config = robot_config_from_dict(data, source=str(tmp_path / "robot.json"))
+    check_policy_bundle(config)
+    assert policy_bundle_dir(config) is None
+    bundle = robot_config_from_dict(sim_robot_config_dict(policy={"type": "bundle", "path": "model.pt"}),
+                                    source=str(tmp_path / "robot.json"))
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        check_policy_bundle(bundle)                 # the same path as a bundle's is still refused

@@ -553,9 +553,11 @@ def test_an_output_path_under_a_file_is_one_clear_error_not_a_traceback(tmp_path
 
 # -- the start with a joint outside its limits, what the motors are left in, a real robot without an e-stop ----------
 
-def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(sim):
+@pytest.mark.parametrize("torque_off_at_exit", [True, False])
+def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(sim, torque_off_at_exit):
     sim.servo(3).position_ticks = 3300      # elbow_flex folded past its limit: +1.92 rad against [-1.4, 1.4]
-    config = robot_config_from_dict(config_data(sim))
+    # Torque off after the refusal whatever the exit setting: the person is told to move the joint by hand.
+    config = robot_config_from_dict(config_data(sim, robot={"disable_torque_on_exit": torque_off_at_exit}))
     events = Collect()
     result = run_robot(config, 2.0, [events])
     assert result.reason == "error" and isinstance(result.error, SafetyError) and result.ticks == 0
@@ -565,6 +567,7 @@ def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(
     time.sleep(0.2)                         # a walk back at 2 rad/s would have moved it ~100 ticks by now
     assert round(sim.servo(3).position_ticks) == 3300 and torque(sim) == [0] * 6
     assert not events.of(CommandEvent)
+    assert result.motors_at_exit.startswith("torque off on every motor (the start was refused before any command)")
 
 
 def test_hold_at_exit_keeps_the_torque_on_only_when_asked_and_the_end_says_what_the_motors_are_in(sim):

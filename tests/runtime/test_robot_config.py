@@ -265,7 +265,10 @@ def test_values_that_would_disable_a_protection_are_refused_with_the_fix(data, e
 def test_the_samples_and_the_defaults_keep_within_the_new_bounds():
     robot_config_from_dict(_real())
     robot_config_from_dict(_real(limits={"max_step_rad": 0.2, "max_velocity_rad_s": 2.0, "watchdog_timeout_s": 2.0}))
-    robot_config_from_dict(_real(limits={}, rates={"control_hz": 1000.0}))      # SafetyConfig's defaults
+    defaults = _real(rates={"control_hz": 1000.0})
+    defaults["limits"] = {"joint_limits_rad": defaults["limits"]["joint_limits_rad"]}     # SafetyConfig's defaults
+    config = robot_config_from_dict(defaults)
+    assert (config.limits.max_step_rad, config.limits.max_velocity_rad_s) == (0.2, 3.0)
     robot_config_from_dict(_calibrated(homing_offset=0, range_min=0, range_max=4095))     # the encoder's whole turn
 
 

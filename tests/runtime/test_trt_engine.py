@@ -146,6 +146,19 @@ def test_the_profiles_contexts_share_one_activation_buffer(exported, tmp_path, m
     assert [profile for profile, _ in calls["executed"]] == [0, 1]
 
 
+def test_tensorrt_10_0_names_for_the_shared_activation_buffer_work_too(exported, tmp_path, monkeypatch):
+    # device_memory_size_v2 / set_device_memory came with TensorRT 10.1; 10.0 has device_memory_size and a setter.
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    calls = _install_fakes(monkeypatch, trt_10_0=True)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    (address, size), second = calls["device_memory"]
+    assert second == (address, size) and size == FAKE_ACTIVATION_BYTES and calls["malloc"].count(size) == 1
+    engine.embeds[:3] = 0.5
+    engine.step(3)
+    engine.step(1)
+    assert [profile for profile, _ in calls["executed"]] == [0, 1]
+
+
 def test_a_profile_tensorrt_refuses_is_named(exported, tmp_path, monkeypatch):
     bundle = _with_records(exported, tmp_path, [_record()], plans=True)
     calls = _install_fakes(monkeypatch)
@@ -300,9 +313,10 @@ def _host_array(address: int, shape, dtype) -> np.ndarray:
     return np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=dtype).reshape(shape)
 
 
-def _install_fakes(monkeypatch, alignment: int = 1) -> dict:
+def _install_fakes(monkeypatch, alignment: int = 1, trt_10_0: bool = False) -> dict:
     """Stand-ins for tensorrt and cuda-python; `alignment`: the address alignment the runner must keep (TensorRT's
-    256 bytes; 1 by default, so the tiny bundle's 128-byte cache rows run on the host-memory stand-in)."""
+    256 bytes; 1 by default, so the tiny bundle's 128-byte cache rows run on the host-memory stand-in); `trt_10_0`:
+    TensorRT 10.0's names for the activation memory (device_memory_size, the device_memory setter; no V2 calls)."""
     monkeypatch.setattr(trt_engine, "TENSOR_ALIGNMENT_BYTES", alignment)
     calls = {"executed": [], "contexts": [], "strategies": [], "device_memory": [], "malloc": [],
              "refused_profiles": set(), "refused_addresses": set()}
@@ -339,6 +353,7 @@ def _install_fakes(monkeypatch, alignment: int = 1) -> dict:
             self.device_memory = (address, size)
             calls["device_memory"].append((address, size))
 
+
         def set_optimization_profile_async(self, index, stream):
             if index in calls["refused_profiles"]:
                 raise RuntimeError("Error in set optimization profile async.")
@@ -368,17 +383,32 @@ def _install_fakes(monkeypatch, alignment: int = 1) -> dict:
             calls["executed"].append((self.profile, self.shapes[session.get_inputs()[0].name]))
             return True
 
+    class Context10(Context):       # TensorRT 10.0: a setter without the size, no set_device_memory
+        def __setattr__(self, name, value):
+            if name == "device_memory" and value is not None:
+                value = (value, FAKE_ACTIVATION_BYTES)     # TensorRT takes the engine's size
+                calls["device_memory"].append(value)
+            object.__setattr__(self, name, value)
+
+        def __getattribute__(self, name):
+            if name == "set_device_memory":
+                raise AttributeError(name)
+            return object.__getattribute__(self, name)
+
     class Engine:
         def __init__(self, data):
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             self.num_optimization_profiles = 2 if any(i.name == io.POSITION_IDS for i in self.session.get_inputs()) else 1
-            self.device_memory_size_v2 = FAKE_ACTIVATION_BYTES
+            if trt_10_0:
+                self.device_memory_size = FAKE_ACTIVATION_BYTES
+            else:
+                self.device_memory_size_v2 = FAKE_ACTIVATION_BYTES
 
         def create_execution_context(self, strategy="STATIC"):
             calls["strategies"].append(strategy)
-            return Context(self, strategy)
+            return (Context10 if trt_10_0 else Context)(self, strategy)
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = FAKE_TRT_VERSION
