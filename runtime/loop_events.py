@@ -3,10 +3,11 @@
 The loop's threads only `publish` events (a queue put); one hub thread hands them to the
 subscribers in order, so a slow disk or a plot never delays a control tick. A subscriber that
 raises is kept as the hub's `error`, and the loop stops on it (into the safe state).
-Subscribers slower than the loop fall behind: the publishers log the backlog as it grows and, at most
+Subscribers slower than the loop fall behind: the publishers report the backlog as it grows and, at most
 every DROP_REPORT_S, how many events they drop: every event beyond MAX_BACKLOG but the trips and the
-stop. At the end the hub waits DRAIN_S for the subscribers to catch up; what they never got is
-counted in `undelivered` (the run's summary is then "incomplete").
+stop. They only queue those reports: the hub's reporter thread logs them, so a slow log stream (stderr on a
+hung disk) never delays a control tick either. At the end the hub waits DRAIN_S for the subscribers to catch
+up; what they never got is counted in `undelivered` (the run's summary is then "incomplete").
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ DRAIN_S = 10.0              # close(): how long the subscribers may take to catc
 MAX_BACKLOG = 20_000        # queued events beyond which all but trips and the stop are dropped (~200 s at 100 Hz)
 FIRST_LAG_WARNING = 200     # a backlog this long is logged, and again each time it doubles, until it drains
 DROP_REPORT_S = 10.0        # dropped events are logged at most this often
+REPORTER_JOIN_S = 1.0       # close(): how long the reporter may take to log what is left (a hung log stream: no longer)
 
 
 class EventHub:
@@ -121,6 +123,8 @@ class EventHub:
         self._delivering_s = math.nan       # time_s of the event the hub thread delivers: how far behind it is
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._reports: queue.SimpleQueue = queue.SimpleQueue()     # (level, format, args), or _CLOSE
+        self._reporter: threading.Thread | None = None
         self._closed = False
 
     @property
@@ -130,20 +134,23 @@ class EventHub:
 
     def start(self) -> "EventHub":
         if self._thread is None and not self._closed:
+            self._reporter = threading.Thread(target=self._log_reports, name="loop-events-log", daemon=True)
+            self._reporter.start()
             self._thread = threading.Thread(target=self._run, name="loop-events", daemon=True)
             self._thread.start()
         return self
 
     def publish(self, event: Any) -> None:
+        """Queue `event` for the subscribers; never blocks (the control tick calls it): no logging, no I/O."""
         if self._closed:
             return
         backlog = self._queue.qsize()
-        if backlog >= self._lag_warning:        # logged here, as it grows: the hub thread may be stuck in a subscriber
+        if backlog >= self._lag_warning:      # reported here, as it grows: the hub thread may be stuck in a subscriber
             self._lag_warning = 2 * backlog
             behind_s = getattr(event, "time_s", math.nan) - self._delivering_s
-            log.warning("event subscribers are %d events%s behind the loop: one is slower than the events come or "
-                        "stuck (a slow or hung disk under --record, a plot); the summary may end incomplete", backlog,
-                        f" ({behind_s:.1f} s)" if math.isfinite(behind_s) else "")
+            self._report(logging.WARNING, "event subscribers are %d events%s behind the loop: one is slower than the "
+                         "events come or stuck (a slow or hung disk under --record, a plot); the summary may end "
+                         "incomplete", backlog, f" ({behind_s:.1f} s)" if math.isfinite(behind_s) else "")
         if backlog >= MAX_BACKLOG and not isinstance(event, _KEPT):
             self._drop(backlog)         # bounded memory (plans too): the subscribers are minutes behind
             return
@@ -156,11 +163,20 @@ class EventHub:
         if now - self._reported_s >= DROP_REPORT_S:
             since = (f" ({self.dropped - self._reported_dropped} in the last {now - self._reported_s:.0f} s)"
                      if math.isfinite(self._reported_s) else "")
-            log.warning("event subscribers are %d events behind the loop: dropping the commands, plans, frames and "
-                        "overruns beyond %d queued (trips and the stop are kept); %d dropped so far%s. A subscriber "
-                        "is stuck or too slow (a hung disk under --record?); the run's summary will be marked "
-                        "incomplete", backlog, MAX_BACKLOG, self.dropped, since)
+            self._report(logging.WARNING, "event subscribers are %d events behind the loop: dropping the commands, "
+                         "plans, frames and overruns beyond %d queued (trips and the stop are kept); %d dropped so "
+                         "far%s. A subscriber is stuck or too slow (a hung disk under --record?); the run's summary "
+                         "will be marked incomplete", backlog, MAX_BACKLOG, self.dropped, since)
             self._reported_s, self._reported_dropped = now, self.dropped
+
+    def _report(self, level: int, msg: str, *args: Any) -> None:
+        """Hand a log line to the reporter thread: a queue put, so the publisher never waits on the log stream."""
+        self._reports.put((level, msg, args))
+
+    def _log_reports(self) -> None:
+        while (report := self._reports.get()) is not _CLOSE:
+            level, msg, args = report
+            log.log(level, msg, *args)
 
     def trip(self, trip: SafetyTrip) -> None:
         """SafetyGuard's on_trip hook."""
@@ -175,27 +191,42 @@ class EventHub:
         if self._closed:
             return
         self._closed = True
-        timeout_s = DRAIN_S if timeout_s is None else timeout_s
-        if self._thread is not None:
-            self._queue.put(_CLOSE)
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("event subscribers still %d events behind after %.0f s; skipping the commands, frames and "
-                          "plans left, delivering only the trips and the stop (the summary is marked incomplete)",
-                          self._queue.qsize(), timeout_s)
-                self._skip = True
-                self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                self.abandoned = True
-                log.error("an event subscriber is stuck in one call for over %.0f s; leaving the subscribers open "
-                          "(their files may lack the run's end)", timeout_s)
-                return
+        try:
+            self._drain(DRAIN_S if timeout_s is None else timeout_s)
+        finally:
+            self._end_reporter()
+        if self.abandoned:
+            return
         for sub in self.subscribers:
             try:
                 sub.close()
             except Exception as exc:    # keep closing the others: each holds its own file
                 log.exception("closing subscriber %s failed", type(sub).__name__)
                 self.error = self.error or exc
+
+    def _drain(self, timeout_s: float) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_CLOSE)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._report(logging.ERROR, "event subscribers still %d events behind after %.0f s; skipping the "
+                         "commands, frames and plans left, delivering only the trips and the stop (the summary is "
+                         "marked incomplete)", self._queue.qsize(), timeout_s)
+            self._skip = True
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.abandoned = True
+            self._report(logging.ERROR, "an event subscriber is stuck in one call for over %.0f s; leaving the "
+                         "subscribers open (their files may lack the run's end)", timeout_s)
+
+    def _end_reporter(self) -> None:
+        """Let the reporter log what is queued and end; a hung log stream keeps close() no longer than
+        REPORTER_JOIN_S (the daemon thread then ends once the stream lets its last line through)."""
+        if self._reporter is None:
+            return
+        self._reports.put(_CLOSE)
+        self._reporter.join(REPORTER_JOIN_S)
 
     def __enter__(self) -> "EventHub":
         return self.start()
@@ -221,6 +252,6 @@ class EventHub:
                         self.error = exc
             if self._lag_warning != FIRST_LAG_WARNING and self._queue.qsize() == 0:    # caught up: warn again
                 self._lag_warning, self._reported_s = FIRST_LAG_WARNING, -math.inf     # at the next lag
-                log.log(logging.WARNING if self.dropped else logging.INFO, "event subscribers caught up with the "
-                        "loop; %d events dropped so far%s", self.dropped,
-                        " (the run's summary will be marked incomplete)" if self.dropped else "")
+                self._report(logging.WARNING if self.dropped else logging.INFO, "event subscribers caught up with "
+                             "the loop; %d events dropped so far%s", self.dropped,    # via the reporter: in order
+                             " (the run's summary will be marked incomplete)" if self.dropped else "")

@@ -36,6 +36,16 @@ def stuck_hub(monkeypatch, max_backlog=100, first_lag_warning=10**9):
     return hub, stuck
 
 
+def logged(caplog, text, count, since=0, timeout_s=5.0):
+    """The messages with `text` after record `since`, once `count` have come: the hub's reporter thread logs them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        messages = [r.getMessage() for r in caplog.records[since:] if text in r.getMessage()]
+        if len(messages) >= count or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.005)
+
+
 def drained(hub, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     while hub._queue.qsize() and time.monotonic() < deadline:
@@ -67,13 +77,15 @@ def test_dropping_is_logged_while_the_subscriber_is_stuck_at_most_every_drop_rep
     try:
         for i in range(1, 200):
             hub.publish(command(i, i * 0.01))
-        dropping = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+        dropping = logged(caplog, "dropping", 1)
+        time.sleep(0.05)                                # a second report would be logged by now
+        assert dropping == logged(caplog, "dropping", 1)
         assert len(dropping) == 1 and dropping[0].startswith("event subscribers are 50 events behind the loop: "
                                                              "dropping the commands, plans")
         assert "; 1 dropped so far." in dropping[0] and "hung disk under --record" in dropping[0]
         monkeypatch.setattr(loop_events, "DROP_REPORT_S", 0.0)
         hub.publish(command(200, 2.0))                  # the next report says how many since the last one
-        dropping = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+        dropping = logged(caplog, "dropping", 2)
         assert len(dropping) == 2 and "; 150 dropped so far (149 in the last 0 s)." in dropping[1]
     finally:
         stuck.release.set()
@@ -91,11 +103,11 @@ def test_the_lag_is_logged_while_it_lasts_and_again_at_the_next_lag(monkeypatch,
             before = len(caplog.records)
             for i in range(40):
                 hub.publish(command(i, i * 0.01))
-            behind = [r.getMessage() for r in caplog.records[before:] if "behind the loop" in r.getMessage()]
+            behind = logged(caplog, "behind the loop", 2, since=before)
             assert [int(m.split()[3]) for m in behind] == [10, 20], episode    # while stuck, as it doubles
             stuck.release.set()
             assert drained(hub)
-            assert [r.getMessage() for r in caplog.records[before:] if "caught up" in r.getMessage()] == [
+            assert logged(caplog, "caught up", 1, since=before) == [
                 "event subscribers caught up with the loop; 0 events dropped so far"]
             stuck.release.clear()
             stuck.entered.clear()
@@ -106,3 +118,49 @@ def test_the_lag_is_logged_while_it_lasts_and_again_at_the_next_lag(monkeypatch,
         hub.close()
     assert hub.undelivered == 0
     assert len([e for e in stuck.events if isinstance(e, CommandEvent)]) == 1 + 2 * 41
+
+
+class SlowLog(logging.Handler):
+    """A log stream that takes `delay_s` a line (stderr on a hung disk, a full pipe)."""
+
+    def __init__(self, delay_s):
+        super().__init__(logging.WARNING)
+        self.delay_s = delay_s
+
+    def emit(self, record):
+        time.sleep(self.delay_s)
+
+
+def test_publish_never_waits_for_a_slow_log_handler(monkeypatch, caplog):
+    # publish() logged the lag and the drops itself: behind a stuck subscriber, a log line that took 0.5 s to
+    # write held the control tick that published for 0.5 s.
+    slow_log = SlowLog(delay_s=0.3)
+    logging.getLogger(loop_events.__name__).addHandler(slow_log)
+    hub, stuck = stuck_hub(monkeypatch, max_backlog=50, first_lag_warning=10)
+    try:
+        publish_s = []
+        for i in range(1, 100):     # past FIRST_LAG_WARNING (10, 20, 40) and MAX_BACKLOG (dropping)
+            start = time.perf_counter()
+            hub.publish(command(i, i * 0.01))
+            publish_s.append(time.perf_counter() - start)
+        assert max(publish_s) < 0.05
+        behind = logged(caplog, "behind the loop", 4)       # still logged while the subscriber is stuck
+        assert not stuck.release.is_set()
+        assert [int(m.split()[3]) for m in behind] == [10, 20, 40, 50] and "dropping" in behind[-1]
+    finally:
+        stuck.release.set()
+        hub.close()
+        logging.getLogger(loop_events.__name__).removeHandler(slow_log)
+    assert hub.undelivered == 99 - 50
+
+
+def test_closed_hubs_leave_no_thread_behind(monkeypatch):
+    # Many hubs in one process (`edgeact eval`'s episodes, these tests): each ends its hub and reporter threads.
+    before = set(threading.enumerate())
+    for episode in range(20):
+        hub, stuck = stuck_hub(monkeypatch, max_backlog=20, first_lag_warning=5)
+        for i in range(1, 40):
+            hub.publish(command(i, i * 0.01))
+        stuck.release.set()
+        hub.close()
+    assert set(threading.enumerate()) - before == set()
