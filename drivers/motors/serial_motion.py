@@ -149,10 +149,12 @@ class SerialMotion:
     def disable_torque(self, motors: list[str] | None = None) -> None:
         names = self._names(motors)
         with self._lock:
-            self._stop_wheels(names)
+            # Goals to where the joints are first, torque still on (they hold, nothing moves): no stale goal is
+            # left for the next enable, and no goal is written after the torque off, which some servo firmwares
+            # take as "torque on".
+            self._hold_in_place(names)
             self.sync_write("torque_enable", dict.fromkeys(names, 0))
             self._expect_torque(names, False)
-            self._hold_in_place(names)  # no stale goal is left for the next enable
 
     def _hold_in_place(self, names: list[str], check_errors: bool = True) -> None:
         joints = [n for n in names if self.motors[n].mode == "position"]
@@ -259,3 +261,7 @@ class SerialMotion:
     def _settle(self, names: list[str]) -> None:
         self._expect_torque(names, False, check_errors=False)
         self._hold_in_place(names, check_errors=False)
+        # The goal write came after the torque off (which had to go first, unanswered): torque off once more and
+        # checked, should a firmware have taken the goal as "torque on".
+        self.sync_write("torque_enable", dict.fromkeys(names, 0))
+        self._expect_torque(names, False, check_errors=False)

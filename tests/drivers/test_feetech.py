@@ -133,6 +133,32 @@ def test_enable_torque_holds_in_place_and_the_joint_follows_its_goal(start_sim, 
     assert sim.register(1, "goal_position") == sim.register(1, "present_position")
 
 
+def test_torque_stays_off_even_where_a_goal_write_would_turn_it_on(start_sim, bus_for, monkeypatch):
+    """Some servo firmwares take a goal write as "torque on": disable_torque writes the holding goal before the
+    torque off, and the disconnect's safe stop (torque off first, unanswered) turns it off again after its goal."""
+    from edgeact.drivers.sim.servo_motor import SimServo
+
+    goal = STS_SMS_REGISTERS["goal_position"].address
+    torque_address = STS_SMS_REGISTERS["torque_enable"].address
+    plain = SimServo.write_bytes
+
+    def goal_turns_torque_on(self, address, data):
+        plain(self, address, data)
+        if address == goal:
+            plain(self, torque_address, b"\x01")
+
+    monkeypatch.setattr(SimServo, "write_bytes", goal_turns_torque_on)
+    sim = start_sim("feetech", ids=[1, 2])
+    with bus_for(sim, arm_motors("feetech", ids=(1, 2))) as bus:
+        bus.enable_torque()
+        bus.disable_torque()
+        sim.wait_idle()                         # the last write (unanswered) reached the servos
+        assert [sim.register(i, "torque_enable") for i in (1, 2)] == [0, 0]
+        bus.enable_torque()
+    sim.wait_idle()
+    assert [sim.register(i, "torque_enable") for i in (1, 2)] == [0, 0]      # the disconnect's safe stop
+
+
 def test_eeprom_write_opens_and_closes_the_lock_so_it_survives_a_power_cycle(start_sim, bus_for):
     sim = start_sim("feetech", ids=[1])
     with bus_for(sim) as bus:
