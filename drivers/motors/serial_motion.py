@@ -116,7 +116,8 @@ class SerialMotion:
         with self._lock:
             if units:  # a tripped watchdog refuses goals: clear it so the hold below takes
                 self.sync_write("bus_watchdog", dict.fromkeys(names, 0))
-            self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
+            held = self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
+            self._expect_goals(held)
             self.sync_write("torque_enable", dict.fromkeys(names, 1))
             self._expect_torque(names, True)
             if units:
@@ -156,12 +157,32 @@ class SerialMotion:
             self.sync_write("torque_enable", dict.fromkeys(names, 0))
             self._expect_torque(names, False)
 
-    def _hold_in_place(self, names: list[str], check_errors: bool = True) -> None:
+    def _hold_in_place(self, names: list[str], check_errors: bool = True) -> dict[str, int]:
+        """Goals to the joints' present positions, wheels to 0; returns the goals written."""
         joints = [n for n in names if self.motors[n].mode == "position"]
+        present = {}
         if joints:
             present = self._sync_read_registers(["present_position"], joints, check_errors)["present_position"]
             self.sync_write("goal_position", present)
         self._stop_wheels(names)
+        return present
+
+    def _expect_goals(self, goals: dict[str, int]) -> None:
+        """Refuse torque on where a holding goal did not take: a sync write gets no answer, so a goal the motor
+        refused (out of its range: a Dynamixel counts whole turns while its torque is off) would go unheard, and
+        the joint would jump to its older goal the instant torque came on."""
+        if not goals:
+            return
+        got = self._sync_read_registers(["goal_position"], list(goals))["goal_position"]
+        wrong = [n for n in goals if got[n] != goals[n]]
+        if wrong:
+            raise MotorBusError(
+                f"{self.describe_ids([self.motors[n].id for n in wrong])} did not take the goal of holding where "
+                f"{'they are' if len(wrong) > 1 else 'it is'} ("
+                + ", ".join(f"'{n}' reads {goals[n]}, goal stays {got[n]}" for n in wrong)
+                + "); torque stays off, so nothing jumps to the older goal. A reading outside the encoder's one turn "
+                "(a motor that counted turns while its torque was off) is refused as a goal: turn the joint back "
+                "within its range by hand, or power-cycle the motor")
 
     def _stop_wheels(self, names: list[str]) -> None:
         self.sync_write("goal_velocity", {n: 0 for n in names if self.motors[n].mode == "velocity"})

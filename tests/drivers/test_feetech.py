@@ -159,6 +159,29 @@ def test_torque_stays_off_even_where_a_goal_write_would_turn_it_on(start_sim, bu
     assert [sim.register(i, "torque_enable") for i in (1, 2)] == [0, 0]      # the disconnect's safe stop
 
 
+def test_torque_is_not_turned_on_where_the_holding_goal_did_not_take(start_sim, bus_for, monkeypatch):
+    """A goal the motor refuses goes unheard in a sync write (a Dynamixel that counted turns with torque off refuses
+    a reading beyond one turn): torque on would jump the joint to its older goal, so it stays off, and says why."""
+    from edgeact.drivers.sim.servo_motor import SimServo
+
+    goal = STS_SMS_REGISTERS["goal_position"].address
+    plain = SimServo.write_bytes
+
+    def motor_2_refuses_goals(self, address, data):
+        if not (address == goal and self.id == 2):
+            plain(self, address, data)
+
+    sim = start_sim("feetech", ids=[1, 2])
+    sim.servo(2).set("goal_position", 100)              # an older run's goal, far from where the joint rests
+    monkeypatch.setattr(SimServo, "write_bytes", motor_2_refuses_goals)
+    with bus_for(sim, arm_motors("feetech", ids=(1, 2))) as bus:
+        with pytest.raises(MotorBusError, match=r"motor 'elbow' \(id 2\) did not take the goal of holding where "
+                                                r"it is \('elbow' reads 2048, goal stays 100\); torque stays off"):
+            bus.enable_torque()
+        assert [sim.register(i, "torque_enable") for i in (1, 2)] == [0, 0]
+        assert round(sim.servo(2).position_ticks) == 2048
+
+
 def test_eeprom_write_opens_and_closes_the_lock_so_it_survives_a_power_cycle(start_sim, bus_for):
     sim = start_sim("feetech", ids=[1])
     with bus_for(sim) as bus:
