@@ -6,15 +6,13 @@ the bus is connected with torque off on every motor and never turns it on.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, TextIO
 
 from edgeact.drivers.motors.calibrate import (SAMPLE_PERIOD_S, CalibrationError, JointSweep, RawReader,
                                               calibrations, read_zero_pose, sample_sweeps)
+from edgeact.runtime.cli_args import json_output_path, write_json_file
 from edgeact.runtime.errors import ConfigError
 
 CALIBRATION_FIELDS = ("homing_offset", "range_min", "range_max", "drive_mode")
@@ -49,7 +47,7 @@ def calibrate_config(config: str | Path, motors: list[str] | None, out: str | Pa
                   "your kinematics' positive direction.")
 
     if out is not None:
-        _write_json(out, entries)
+        write_json_file(out, entries)
         console.print(f"wrote the calibration of {len(entries)} motors to {out}; copy its entries under "
                       f"robot.calibration in {config}")
         return 0
@@ -61,7 +59,7 @@ def calibrate_config(config: str | Path, motors: list[str] | None, out: str | Pa
             return 1
     written = copy.deepcopy(data)
     written["robot"]["calibration"] = {**old, **entries}
-    _write_json(config, written)
+    write_json_file(config, written)
     console.print(f"wrote the calibration of {len(entries)} motors into {config}")
     return 0
 
@@ -75,16 +73,10 @@ def _check_target(config: Path, out: Path | None, overwrite: bool) -> Path | Non
             raise ConfigError(f"{config} is TOML and edgeact writes only JSON; pass --out calibration.json and copy "
                               "its entries under [robot.calibration]")
         return None
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file path (e.g. {out / 'calibration.json'})")
-    if out.suffix.lower() != ".json":
-        raise ConfigError(f"--out {out}: the calibration is written as JSON; give a .json path "
-                          f"(e.g. {out.with_suffix('.json')})")
     if out.resolve() == config.resolve():
         raise ConfigError(f"--out {out} is the config itself; leave --out out to write into the config (its other "
                           "content is kept)")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out}: already exists; pass --overwrite to replace it, or give another path")
+    json_output_path(out, overwrite, "--out", "calibration", "calibration.json")
     return out
 
 
@@ -138,16 +130,6 @@ def _joints_to_calibrate(section, motors: list[str] | None, config: Path) -> lis
         raise ConfigError(f"--motors: {', '.join(named_wheels)} turn freely (mode velocity, wheels) and need no "
                           "calibration; leave them out")
     return list(dict.fromkeys(motors))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Whole or not at all: a crash mid-write must not leave a truncated config."""
-    tmp = path.with_name(f".{path.name}.calibrate.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    if path.exists():
-        shutil.copymode(path, tmp)
-    os.replace(tmp, path)
 
 
 # -- the operator -------------------------------------------------------------------------------

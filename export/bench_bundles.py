@@ -97,7 +97,8 @@ def exported_from(bundle_dir: Path, checkpoint: Path, attention: str = io.FUSED_
             and manifest.model.source_config_sha256 == sha256_file(checkpoint / "config.json")
             and (bundle_dir / MANIFEST_NAME).stat().st_mtime >= newest_weights
             # another model of the same config copied in with its older times (cp -p, rsync -t) is caught here
-            and manifest.model.source_weights_sha256 in ("", weights_sha256("checkpoint", checkpoint)))
+            and (not manifest.model.source_weights_sha256     # hashed only where recorded (a full read)
+                 or manifest.model.source_weights_sha256 == weights_sha256("checkpoint", checkpoint)))
 
 
 def quantized_from(bundle_dir: Path, fp32_dir: Path, quant) -> bool:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from edgeact.export.commands import SIZE_CHOICES
+from edgeact.export.commands_quantize import PRECISIONS as QUANT_RECIPES     # what bench-quant can make (light)
 from edgeact.runtime.cli_args import console as _console, positive_float as _positive_float, positive_int as _positive_int
 
 # Literal copies of bench_policy's defaults: importing it here would cost `edgeact --help` time.
@@ -17,7 +18,6 @@ DEFAULT_CHECKPOINT = "out/bench/ckpt"
 DEFAULT_BUNDLES = "out/bench/bundles"
 DEFAULT_SIZE = "bench"
 QUANTIZED = ("int8", "int4")
-QUANT_RECIPES = ("int8", "fp8", "int4")      # quant_bench.BENCH_RECIPES: what bench-quant can make
 SUITE_QUANT = QUANT_RECIPES
 SUITE_QUANT_FRAMES = 2
 LOOP_PRECISION = "int8"

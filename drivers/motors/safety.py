@@ -127,6 +127,9 @@ class SafetyGuard(MotorsBus):
                 raise ConfigError(f"joint_limits_rad[{name!r}] {(low, high)} lies outside the bus's calibrated range "
                                   f"({bus_low:.3f}, {bus_high:.3f}) rad; fix the limits or recalibrate the joint")
         self.bus, self.config, self.on_trip, self.clock = bus, config, on_trip, clock
+        # Joints whose torque this guard turned off: "hold" writes them no goal (nothing to hold, and some servo
+        # firmwares take a goal write as torque on).
+        self._torque_off: set[str] = set()
         self._estop_input = (estop.is_set if hasattr(estop, "is_set") else estop) or (lambda: False)
         self.trips: list[SafetyTrip] = []
         self.watchdog_trips = 0
@@ -231,12 +234,13 @@ class SafetyGuard(MotorsBus):
 
     def _apply_safe_state(self, state: str) -> None:
         if state == "torque_off":
-            self.bus.disable_torque()
+            self.disable_torque()
             return
         wheels = [n for n, m in self.motors.items() if m.mode == "velocity"]
         joints = [n for n, m in self.motors.items() if m.mode != "velocity"]
         if wheels:      # first: a rolling base is the larger hazard
             self.bus.send_velocity({n: 0.0 for n in wheels})
+        joints = [n for n in joints if n not in self._torque_off]
         if state == "hold" and joints:
             # Hold each joint where it is, even outside its calibrated range (origin = the measured position lets
             # the bus send it unclamped): a safe state must not move anything, and a joint that sagged or was
@@ -328,9 +332,11 @@ class SafetyGuard(MotorsBus):
             self._refuse_if_estopped()
             self._forget_reference()    # the joints may have moved while torque was off
             self.bus.enable_torque(motors)
+            self._torque_off -= set(motors or self.motors)
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
         self.bus.disable_torque(motors)
+        self._torque_off |= set(motors or self.motors)
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         return self.bus.read_state(motors)

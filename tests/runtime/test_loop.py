@@ -554,8 +554,20 @@ def test_an_output_path_under_a_file_is_one_clear_error_not_a_traceback(tmp_path
 # -- the start with a joint outside its limits, what the motors are left in, a real robot without an e-stop ----------
 
 @pytest.mark.parametrize("torque_off_at_exit", [True, False])
-def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(sim, torque_off_at_exit):
+def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(sim, torque_off_at_exit,
+                                                                                monkeypatch):
+    from edgeact.drivers.sim.servo_motor import SimServo
+
+    plain, goal = SimServo.write_bytes, sim.servo(1).spec.register("goal_position").address
+    torque_address = sim.servo(1).spec.register("torque_enable").address
+
+    def goal_turns_torque_on(self, address, data):      # what some servo firmwares may do: no goal after torque off
+        plain(self, address, data)
+        if address == goal and self.get("torque_enable") == 0:
+            plain(self, torque_address, b"\x01")
+
     sim.servo(3).position_ticks = 3300      # elbow_flex folded past its limit: +1.92 rad against [-1.4, 1.4]
+    monkeypatch.setattr(SimServo, "write_bytes", goal_turns_torque_on)
     # Torque off after the refusal whatever the exit setting: the person is told to move the joint by hand.
     config = robot_config_from_dict(config_data(sim, robot={"disable_torque_on_exit": torque_off_at_exit}))
     events = Collect()
@@ -565,6 +577,7 @@ def test_a_joint_resting_outside_its_limits_refuses_the_start_and_nothing_moves(
                      r"\(\+110\.0 deg\) and its limits are \[-1\.400, \+1\.400\] rad", result.detail), result.detail
     assert "move it inside its limits by hand" in result.detail and "robot.calibration" in result.detail
     time.sleep(0.2)                         # a walk back at 2 rad/s would have moved it ~100 ticks by now
+    sim.wait_idle()
     assert round(sim.servo(3).position_ticks) == 3300 and torque(sim) == [0] * 6
     assert not events.of(CommandEvent)
     assert result.motors_at_exit.startswith("torque off on every motor (the start was refused before any command)")
