@@ -4,7 +4,8 @@ Uses the documented `tensorrt` Python API: OnnxParser into a STRONGLY_TYPED netw
 graph's types, QDQ nodes included, are the contract the verification gates checked; TensorRT
 10.12+ deprecates weak typing and 11.x removes it), one optimization profile per manifest
 profile, a timing cache reused across stages and runs (one TensorRT rejects, e.g. another GPU's,
-is replaced by an empty one with a warning), and a serialized plan per stage.
+is replaced by an empty one with a warning), and a serialized plan per stage. TF32 (on by default in
+TensorRT) is turned off unless asked for, so fp32 layers compute what the bundle verified.
 tensorrt is imported inside functions: this module loads (and its errors explain) without it.
 """
 from __future__ import annotations
@@ -111,12 +112,14 @@ def require_standard_ops(stage: str, onnx_path: Path, target: str) -> None:
 def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,
                   timing_cache: str | Path | None = None, stages: Iterable[str] | None = None,
                   allow_unverified: bool = False, on_stage: Callable[[str, int, int], None] | None = None,
-                  ) -> list[EngineRecord]:
+                  tf32: bool = False) -> list[EngineRecord]:
     """Build one engine per stage (or per named stage) into BUNDLE/engines/TARGET/ and record each.
 
     Checks first, before minutes of building: the bundle's checksums and verification, every
     stage's precision on the target, and that this GPU is the target's SM. Each finished engine is
-    recorded at once (an interrupted run keeps the engines already built).
+    recorded at once (an interrupted run keeps the engines already built). tf32 lets fp32 layers use TF32
+    (Ampere and later; TensorRT's default, which rounds matrix-product inputs to 10-bit mantissas); off, the
+    default, fp32 stays fp32 as the bundle was verified (the onnxruntime paths' cuda_tf32 default too).
     """
     tgt = get_target(target)
     bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=allow_unverified)
@@ -146,6 +149,8 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
             on_stage(stage.name, i, len(chosen))
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        # TF32 is a math mode, not a type: it applies to a strongly typed network's fp32 layers too.
+        (config.set_flag if tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
         # One cache for every stage: layers the stages share (same GEMM shapes) are timed once.
         cache = _set_timing_cache(config, cache, cache_path)
         rel = engine_file(tgt, stage.name)
@@ -158,7 +163,7 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
             else:
                 _write_atomically(cache_path, timed.serialize())
         record = engine_record(stage, tgt, trt_version=str(trt.__version__), compute_capability=cc,
-                               sha256=sha256_file(bundle.path(rel)), built_utc=utc_now())
+                               sha256=sha256_file(bundle.path(rel)), built_utc=utc_now(), tf32=tf32)
         update_manifest(bundle.root, _recorder(record), rehash=[rel])
         records.append(record)
     return records

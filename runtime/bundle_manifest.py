@@ -226,6 +226,9 @@ class EngineRecord:
     sha256: str
     profiles: tuple[str, ...] = ()   # optimization profile names, in engine profile-index order
     built_utc: str = ""
+    # Built with TensorRT's TF32 flag on (fp32 layers in TF32). A record without the key is from before build-engines
+    # turned TF32 off, i.e. built with TensorRT's default: on.
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         check_relpath(self.file, f"engines[{self.stage}].file")
@@ -234,14 +237,16 @@ class EngineRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "file": self.file, "target": self.target, "trt_version": self.trt_version,
                 "compute_capability": self.compute_capability, "precision": self.precision,
-                "sha256": self.sha256, "profiles": list(self.profiles), "built_utc": self.built_utc}
+                "sha256": self.sha256, "profiles": list(self.profiles), "built_utc": self.built_utc,
+                "tf32": self.tf32}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "engines") -> "EngineRecord":
         keys = ("stage", "file", "target", "trt_version", "compute_capability", "precision", "sha256")
         return cls(**{k: get_field(data, k, str, where) for k in keys},
                    profiles=tuple(get_field(data, "profiles", list, where, [])),
-                   built_utc=get_field(data, "built_utc", str, where, ""))
+                   built_utc=get_field(data, "built_utc", str, where, ""),
+                   tf32=get_field(data, "tf32", bool, where, True))
 
 
 # ------------------------------------------------------------------------------------ manifest

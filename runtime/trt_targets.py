@@ -156,10 +156,10 @@ def engine_file(target: str | Target, stage: str) -> str:
 
 
 def engine_record(stage: StageSpec, target: str | Target, *, trt_version: str, compute_capability: tuple[int, int],
-                  sha256: str, built_utc: str = "") -> EngineRecord:
+                  sha256: str, built_utc: str = "", tf32: bool = False) -> EngineRecord:
     target = get_target(target)
     return EngineRecord(
         stage=stage.name, file=engine_file(target, stage.name), target=target.name, trt_version=trt_version,
         compute_capability=f"{compute_capability[0]}.{compute_capability[1]}", precision=stage.precision,
-        sha256=sha256, profiles=tuple(profile_names(stage)), built_utc=built_utc,
+        sha256=sha256, profiles=tuple(profile_names(stage)), built_utc=built_utc, tf32=tf32,
     )

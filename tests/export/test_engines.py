@@ -14,7 +14,7 @@ import pytest
 import edgeact.export.engines as engines
 from edgeact.export.engines import TENSORRT_MISSING, build_engines, device_compute_capability
 from edgeact.runtime.trt_targets import optimization_profiles, targets_for_device
-from edgeact.runtime.bundle import load_bundle, sha256_file
+from edgeact.runtime.bundle import EngineRecord, load_bundle, sha256_file
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from tests.runtime.test_bundle import write_tiny_bundle
@@ -49,9 +49,20 @@ def fake_tensorrt(calls: dict, parse_ok: bool = True) -> types.ModuleType:
     class Config:
         def __init__(self):
             self.profiles, self.cache = [], None
+            self.flags = {trt.BuilderFlag.TF32}                # TensorRT: TF32 "Enabled by default"
+            calls.setdefault("configs", []).append(self)
 
         def set_memory_pool_limit(self, pool, size):
             calls["workspace"] = (pool, size)
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
+
+        def get_flag(self, flag):
+            return flag in self.flags
 
         def create_timing_cache(self, data):
             calls.setdefault("cache_loaded", []).append(bytes(data))
@@ -113,6 +124,7 @@ def fake_tensorrt(calls: dict, parse_ok: bool = True) -> types.ModuleType:
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, Parser
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
     return trt
 
 
@@ -203,6 +215,52 @@ def test_build_records_engines_in_the_manifest(tmp_path, monkeypatch, capsys, or
     assert calls["cache_loaded"][-1] == b"+timed"
     assert len(load_bundle(path).manifest.engines) == 1
     assert not [p for p in (path / "engines/orin").iterdir() if p.name.startswith(".")]
+
+
+def test_tf32_is_off_unless_asked_for_and_recorded(tmp_path, monkeypatch, orin_gpu):
+    # TensorRT enables TF32 by default; fp32 stages were verified in fp32, so the build clears it on every
+    # stage's config (strongly typed or not: a math mode, not a type), and the engine record says which.
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    path = write_tiny_bundle(tmp_path / "b", precision="fp32")
+    (record,) = build_engines(path, "orin")
+    assert calls["configs"] and not [c for c in calls["configs"] if c.get_flag("tf32")]
+    assert record.tf32 is False and load_bundle(path).engine("decoder", "orin").tf32 is False
+
+    calls["configs"].clear()
+    (record,) = build_engines(path, "orin", tf32=True)
+    assert calls["configs"] and all(c.get_flag("tf32") for c in calls["configs"])
+    assert record.tf32 is True and load_bundle(path).engine("decoder", "orin") == record
+
+
+def test_cli_tf32_flag_reaches_the_build(tmp_path, monkeypatch, capsys, orin_gpu):
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    path = write_tiny_bundle(tmp_path / "b", precision="fp32")
+    assert main(["build-engines", str(path), "--target", "orin"]) == 0
+    assert not calls["configs"][-1].get_flag("tf32") and load_bundle(path).engine("decoder", "orin").tf32 is False
+    capsys.readouterr()
+    assert main(["build-engines", str(path), "--target", "orin", "--tf32"]) == 0
+    assert calls["configs"][-1].get_flag("tf32") and load_bundle(path).engine("decoder", "orin").tf32 is True
+    assert "TF32" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert '"tf32": true' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["build-engines", "--help"])
+    assert "use TF32 on Ampere and later" in " ".join(capsys.readouterr().out.split())   # however argparse wraps
+
+
+def test_an_engine_record_without_tf32_reads_as_built_with_it():
+    # Manifests written before the field: their engines were built with TensorRT's default, TF32 on, and read so;
+    # a non-bool value is refused.
+    record = EngineRecord("decoder", "engines/orin/decoder.plan", "orin", "10.3.0", "8.7", "fp32", "0" * 64)
+    data = record.to_dict()
+    assert data["tf32"] is False and EngineRecord.from_dict(data) == record
+    del data["tf32"]
+    assert EngineRecord.from_dict(data).tf32 is True
+    assert EngineRecord.from_dict({**data, "tf32": False}).tf32 is False
+    with pytest.raises(BundleError, match=r"engines\.tf32: expected bool, found 'yes'"):
+        EngineRecord.from_dict({**data, "tf32": "yes"})
 
 
 def test_a_timing_cache_tensorrt_rejects_is_replaced_not_fatal(tmp_path, monkeypatch, caplog, orin_gpu):
