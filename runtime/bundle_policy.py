@@ -22,7 +22,8 @@ import numpy as np
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.action_bins import ActionStats
 from edgeact.runtime.bundle import UNVERIFIED_FIX_CONFIG, UNVERIFIED_FIX_DEFAULT, Bundle, load_bundle
-from edgeact.runtime.decode_program import ACTION_DECODINGS, DecodeProgram, DecodeResult
+from edgeact.runtime.decode_program import (ACTION_DECODINGS, DEFAULT_DRAFT_TOKENS, DecodeProgram, DecodeResult,
+                                           check_draft_tokens)
 from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_TOKENIZER_STAGE  # noqa: F401  (the policy's name for it)
 from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
 from edgeact.runtime.engines import Backend, open_backend
@@ -62,10 +63,13 @@ class BundlePolicy:
                  prefill_chunk: int | None = None, crops_per_run: int | None = None, allow_unverified: bool = False,
                  verify_checksums: bool = True, backend_options: dict[str, Any] | None = None,
                  action_decoding: str = "greedy", unverified_fix: str = UNVERIFIED_FIX_DEFAULT,
-                 require_norm_stats: bool = False):
+                 require_norm_stats: bool = False, draft_tokens: int = 0):
         # load_bundle refuses a bundle whose verification failed unless allow_unverified; `unverified_fix`
         # is how the caller's user allows it (the robot config's field, a CLI flag). require_norm_stats: refuse a
         # bundle without action statistics (the robot's policy: its actions would not be in robot units); else warn.
+        # draft_tokens: each decoder call also tries this many tokens of the previous answer (decode_program.py);
+        # for a stream of frames of one scene (a robot's loop), not for unrelated frames.
+        check_draft_tokens(draft_tokens)
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
                                            allow_failed_verification=allow_unverified, unverified_fix=unverified_fix)
         _warn_if_never_verified(bundle)
@@ -91,9 +95,11 @@ class BundlePolicy:
                                    self.backend.stage(bundle, io.CONNECTOR_STAGE), crops_per_run)
         self.decoder = self.backend.decoder(bundle, prefill_chunk)
         self.program = DecodeProgram(self.decoder, bundle.weight(io.EMBEDDING_WEIGHT), bundle.weight(io.LM_HEAD_WEIGHT),
-                                     self.grammar, bundle.config.image_patch_id, self.stats, action_decoding)
+                                     self.grammar, bundle.config.image_patch_id, self.stats, action_decoding,
+                                     draft_tokens)
         self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle, self.backend)
         self._trace: np.ndarray | None = None
+        self._instruction: str | None = None      # the last step's: another instruction drafts from nothing
         self.depth_fallbacks = 0     # steps whose observation had no depth image: depth was decoded instead
 
     # -------------------------------------------------------------------------------- steering
@@ -107,12 +113,19 @@ class BundlePolicy:
     def steering_trace(self) -> np.ndarray | None:
         return self._trace
 
+    def forget_draft(self) -> None:
+        """The next step drafts from no earlier answer (a new episode, scene or instruction)."""
+        self.program.forget_draft()
+
     # ------------------------------------------------------------------------------- inference
     def infer(self, rgb: np.ndarray, instruction: str, *, depth_m: np.ndarray | None = None,
               depth_codes: Sequence[int] | None = None, trace: Sequence[Sequence[int]] | None = None) -> DecodeResult:
         """One answer for one RGB frame (H, W, 3) uint8. Forced depth: `depth_codes`, else the policy's
         forced_depth (fixed codes, or its depth tokenizer on `depth_m`). Forced trace: `trace`, else steer()'s."""
         start = time.perf_counter()
+        if instruction != self._instruction:
+            self.program.forget_draft()
+            self._instruction = instruction
         inputs = self.preprocessor(rgb)
         prompt = build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
         seconds = {"preprocess": time.perf_counter() - start}
@@ -218,6 +231,9 @@ class BundlePolicyConfig(PolicyConfig):
     action_decoding: str = "greedy"        # greedy (MolmoAct's), or median of each action bin's distribution
     cuda_tf32: bool = False                # onnxruntime's cuda / tensorrt providers: fp32 matrix products in TF32
                                            # (faster vision and prefill; tokens may differ from fp32's)
+    # Each decoder call also tries up to this many tokens of the previous answer: consecutive frames of a scene
+    # have similar answers, so many choices need no call of their own; the tokens are the same as without (0: off).
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if self.cuda_tf32 and self.provider not in ("cuda", "tensorrt"):
@@ -236,6 +252,7 @@ class BundlePolicyConfig(PolicyConfig):
                               f"{', '.join(ACTION_DECODINGS)}")
         if self.n_actions is not None and self.n_actions < 1:
             raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")
+        check_draft_tokens(self.draft_tokens)
 
     def make_policy(self, context: PolicyContext) -> BundlePolicy:
         path = Path(self.path)
@@ -253,4 +270,4 @@ class BundlePolicyConfig(PolicyConfig):
                             crops_per_run=self.crops_per_run, action_decoding=self.action_decoding,
                             allow_unverified=self.allow_unverified, verify_checksums=self.verify_checksums,
                             backend_options=options, unverified_fix=ROBOT_CONFIG_UNVERIFIED_FIX,
-                            require_norm_stats=True)
+                            require_norm_stats=True, draft_tokens=self.draft_tokens)

@@ -12,7 +12,16 @@ It walks `grammar_walk.answer_steps`, the one definition of the answer's constra
   pick is the argmax, ties to the lowest id as export/generate.py's masked_argmax; a set of
   one id needs no logits at all; the chosen token is queued like a forced one (with
   action_decoding="median", action bins are the distribution's median instead: not greedy);
-- the answer's last tokens (after the last choice) are never fed: nothing follows them.
+- the answer's last tokens (after the last choice) are never fed: nothing follows them;
+- drafting (`draft_tokens` > 0): a robot's consecutive frames differ little, and so do their
+  answers. Each decoder call then also feeds up to `draft_tokens` tokens of the previous answer
+  after the queued ones (aligned by position, and by the first action bin from there on). Every
+  token is still decided as above, from the hidden state of its predecessor; a drafted token
+  that equals the decision saves that decision its own call, and at the first one that differs
+  the cache is rewound to it. So the tokens are the same with or without a draft (up to the
+  float rounding of a longer chunk), only the number of calls changes. The draft length halves
+  (down to 1) after a call whose first drafted token was wrong, doubles back after one whose every
+  drafted token held, and is whole again where the action bins begin.
 
 So a model invocation happens once per real choice instead of once per token. Where the time
 goes: the decoder steps (one per choice after the prefill); the sliced LM head is a
@@ -41,6 +50,9 @@ STAGES = ("preprocess", "vision", "prefill", "decode", "release", "parse")
 # argmax often commands full speed; the median follows the bulk. Reference ARM, fp32 with forced depth, 100
 # lockstep episodes: 14 % greedy, 26 % median (README, "The reference task and its evaluation").
 ACTION_DECODINGS = ("greedy", "median")
+# Drafted tokens per decoder call where a robot config leaves it unset (BundlePolicyConfig.draft_tokens): about
+# two action steps of the answer (7 bins and their separators each); the length adapts within each answer.
+DEFAULT_DRAFT_TOKENS = 16
 
 
 class NonFiniteOutputError(BundleError):
@@ -97,9 +109,14 @@ class DecodeProgram:
     """Decodes answers with one DecoderEngine; not thread-safe (one program per decoding thread)."""
 
     def __init__(self, decoder: DecoderEngine, embedding: np.ndarray, lm_head: np.ndarray, grammar: AnswerGrammar,
-                 image_patch_id: int, stats: ActionStats | None = None, action_decoding: str = "greedy"):
+                 image_patch_id: int, stats: ActionStats | None = None, action_decoding: str = "greedy",
+                 draft_tokens: int = 0):
         if action_decoding not in ACTION_DECODINGS:
             raise ConfigError(f"action_decoding {action_decoding!r} unknown; use one of {', '.join(ACTION_DECODINGS)}")
+        check_draft_tokens(draft_tokens)
+        if draft_tokens and not getattr(decoder, "all_hidden_states", False):
+            raise ConfigError(f"draft_tokens: {type(decoder).__name__} returns only a chunk's last hidden state, which "
+                              "drafting cannot verify with; set draft_tokens: 0")
         if embedding.shape[1] != decoder.layout.hidden_size or lm_head.shape[1] != decoder.layout.hidden_size:
             raise EdgeactError(f"embedding {list(embedding.shape)} / lm_head {list(lm_head.shape)} do not match the "
                                f"decoder's width {decoder.layout.hidden_size}; the bundle is inconsistent: re-export it")
@@ -115,6 +132,12 @@ class DecodeProgram:
         # rows each) on first use.
         self._heads: dict[bytes, _Head] = {}
         self._median_head: _Head | None = None       # the action bins' head, where actions are decoded by median
+        # Drafting: the last answer's ids and where its action bins begin (None until an answer was decoded).
+        self.draft_tokens = draft_tokens
+        self._previous: tuple[np.ndarray, int | None] | None = None
+        self._fed = 0            # positions in the cache; those from n_seq on hold drafted tokens not yet decided
+        self._rows_start = 0     # the position of the last decoder call's first hidden row
+        self._rows = np.zeros((0, decoder.layout.hidden_size), np.float32)   # a drafting call's hidden rows
         for seg in grammar.segments:
             if isinstance(seg, DepthCodes):
                 self._head_for(np.array(sorted(seg.code_ids), dtype=np.int64))
@@ -154,36 +177,45 @@ class DecodeProgram:
         self._seq[:n_prompt] = prompt
         self._patches = self._patch_features(prompt, image_features, pooled_patches_idx)
         self.decoder.reset()
-        n_seq, fed, steps = n_prompt, 0, 0
+        self._fed = self._rows_start = 0
+        n_seq, steps = n_prompt, 0
         prefill_end = None
+        draft = _Draft(self._previous, self.draft_tokens, n_prompt)
         walk = answer_steps(self.grammar, depth_codes=depth_codes, trace=trace)
         step = next(walk)
         while True:
             if isinstance(step, Forced):
                 k = len(step.ids)
                 self._check_room(n_seq, k)
-                self._seq[n_seq:n_seq + k] = step.ids
+                self._decide(n_seq, np.asarray(step.ids, dtype=np.int64), draft)
                 n_seq += k
                 sent = None
             else:
                 if len(step.ids) == 1:
                     sent = int(step.ids[0])      # a closed set of one: the masked argmax needs no logits
                 else:
-                    calls = self._feed(fed, n_seq, "prefill" if prefill_end is None else "decode")
-                    fed = n_seq
-                    if prefill_end is None:
+                    if step.kind == "action":
+                        draft.at_action(n_seq)
+                    if n_seq - 1 < self._fed:    # its predecessor went in with the last call (as a drafted token)
+                        hidden = self._row(n_seq - 1, "decode")
+                    elif prefill_end is None:
+                        self._feed(self._fed, n_seq, "prefill")
+                        hidden = self._hidden
                         prefill_end = time.perf_counter()
                     else:
+                        hidden, calls = self._call(n_seq, draft)
                         steps += calls
                     head = self._head_for(step.ids)
-                    sent = head.median(self._hidden) if head is self._median_head else head.pick(self._hidden)
+                    sent = head.median(hidden) if head is self._median_head else head.pick(hidden)
                 self._check_room(n_seq, 1)
-                self._seq[n_seq] = sent
+                self._decide(n_seq, np.array([sent], dtype=np.int64), draft)
                 n_seq += 1
             try:
                 step = walk.send(sent)
             except StopIteration:
                 break
+        if self.draft_tokens:
+            self._previous = (self._seq[n_prompt:n_seq].copy(), draft.actions_at)
         decoded = time.perf_counter()
         self.decoder.release()      # not a decode step: timed apart, so decode seconds / steps is a step's time
         seconds["prefill"] = (prefill_end or decoded) - start
@@ -212,15 +244,57 @@ class DecodeProgram:
         while start < end:
             n = min(end - start, decoder.max_chunk)
             self._embed(start, n)
+            self._rows_start = start
             self._hidden = decoder.step(n)
             start += n
             calls += 1
-        if not np.isfinite(self._hidden).all():     # D values per choice; argmax over NaN would pick the first id
-            raise NonFiniteOutputError(
-                f"decoder stage ({stage}, position {end - 1}): the engine produced non-finite values (NaN or inf) in "
-                "the hidden state, e.g. an fp16 overflow, so no token can be chosen; run an fp32 bundle or one that "
-                "passed `edgeact verify`")
+        self._fed = end
+        _check_finite(self._hidden, stage, end - 1)
         return calls
+
+    def _call(self, n_seq: int, draft: "_Draft") -> tuple[np.ndarray, int]:
+        """The decoder call for the choice at n_seq: the queued tokens, then what the draft offers after them (into
+        seq as undecided tokens). Returns the hidden state of position n_seq - 1 and the calls made."""
+        start = self._fed
+        room = min(self.decoder.max_chunk - (n_seq - start), len(self._seq) - n_seq)
+        offered = draft.offer(n_seq, room)
+        end = n_seq + len(offered)
+        self._seq[n_seq:end] = offered
+        if len(offered) == 0:
+            calls = self._feed(start, end, "decode")
+            return self._hidden, calls
+        self._embed(start, end - start)
+        self._rows_start = start
+        self.decoder.step(end - start)
+        self._rows = self.decoder.hidden_states(end - start)    # one copy per call on a device backend
+        self._fed = end
+        return self._row(n_seq - 1, "decode"), 1
+
+    def _row(self, position: int, stage: str) -> np.ndarray:
+        """The hidden state of `position`, from the last drafting call's rows."""
+        hidden = self._rows[position - self._rows_start]
+        _check_finite(hidden, stage, position)
+        return hidden
+
+    def _decide(self, position: int, ids: np.ndarray, draft: "_Draft") -> None:
+        """ids are the answer's tokens from `position` on. Where drafted tokens went in there, the first that
+        differs ends the draft: the cache forgets it and everything after it."""
+        end = position + len(ids)
+        if position < self._fed:
+            fed = self._seq[position:min(end, self._fed)]
+            wrong = np.flatnonzero(fed != ids[:len(fed)])
+            if len(wrong):
+                first = position + int(wrong[0])
+                self.decoder.cache.rewind(first)
+                draft.rejected(first)
+                self._fed = first
+            elif end >= self._fed:
+                draft.held(self._fed)
+        self._seq[position:end] = ids
+
+    def forget_draft(self) -> None:
+        """The next answer drafts from nothing (e.g. the scene or the instruction changed)."""
+        self._previous = None
 
     def _embed(self, start: int, n: int) -> None:
         """Embeddings of seq[start:start+n] into the decoder's input buffer, image features added in the prompt."""
@@ -262,3 +336,57 @@ class DecodeProgram:
         return DecodeResult(answer=answer, token_ids=token_ids, actions_normalized=normalized, actions=actions,
                             trace_px=trace_px, prompt_tokens=n_prompt, decode_steps=steps, depth_forced=depth_forced,
                             trace_forced=trace_forced, stage_seconds=seconds)
+
+
+def check_draft_tokens(draft_tokens: int) -> None:
+    """A draft length: an integer >= 0 (a call's chunk limit trims a longer draft)."""
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise ConfigError(f"draft_tokens: {draft_tokens!r} must be an integer >= 0 (0: off; {DEFAULT_DRAFT_TOKENS} "
+                          "drafts a robot's consecutive answers)")
+
+
+def _check_finite(hidden: np.ndarray, stage: str, position: int) -> None:
+    if not np.isfinite(hidden).all():     # D values per choice; argmax over NaN would pick the first id
+        raise NonFiniteOutputError(
+            f"decoder stage ({stage}, position {position}): the engine produced non-finite values (NaN or inf) in "
+            "the hidden state, e.g. an fp16 overflow, so no token can be chosen; run an fp32 bundle or one that "
+            "passed `edgeact verify`")
+
+
+class _Draft:
+    """What the previous answer offers at each position of this one, and how many tokens to offer per call.
+
+    Positions align one for one from the answer's start; from this answer's first action bin on, with the
+    previous answer's first action bin (the traces before them may differ in length)."""
+
+    def __init__(self, previous: tuple[np.ndarray, int | None] | None, most: int, n_prompt: int):
+        self.ids, self._prev_actions = previous if previous is not None else (np.zeros(0, np.int64), None)
+        self.most = self.length = most if previous is not None else 0
+        self.n_prompt = n_prompt
+        self.shift = 0                       # previous answer's index = this answer's index + shift
+        self.actions_at: int | None = None   # this answer's index of its first action bin
+        self._offered: tuple[int, int] | None = None
+
+    def at_action(self, position: int) -> None:
+        if self.actions_at is None:
+            self.actions_at = position - self.n_prompt
+            if self._prev_actions is not None:
+                self.shift = self._prev_actions - self.actions_at
+                self.length = self.most           # realigned: the draft gets its full length back
+
+    def offer(self, position: int, room: int) -> np.ndarray:
+        i = position - self.n_prompt + self.shift
+        n = max(0, min(self.length, room, len(self.ids) - i)) if i >= 0 else 0
+        self._offered = (position, position + n) if n else None
+        return self.ids[i:i + n]
+
+    def rejected(self, position: int) -> None:
+        if self._offered is not None and self._offered[0] <= position < self._offered[1]:
+            if position == self._offered[0]:
+                self.length = max(1, self.length // 2)     # the first drafted token was wrong: offer less
+            self._offered = None
+
+    def held(self, fed: int) -> None:
+        if self._offered is not None and self._offered[1] <= fed:
+            self.length = min(2 * self.length, self.most)
+            self._offered = None

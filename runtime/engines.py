@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache
 from edgeact.runtime.stage_spec import StageSpec, largest_in_profiles
 
@@ -62,6 +62,7 @@ class DecoderEngine(ABC):
     cache: KVCache
     max_chunk: int            # most positions one step() may feed
     embeds: np.ndarray        # (max_chunk, D) float32 host buffer: the caller writes a chunk's embeddings here
+    all_hidden_states: bool = False   # hidden_states() gives every row of a chunk (the decode program's drafting)
 
     @property
     def length(self) -> int:
@@ -75,6 +76,10 @@ class DecoderEngine(ABC):
     def step(self, n: int) -> np.ndarray:
         """Run embeds[:n] at positions length .. length+n-1; returns the (D,) hidden state of the last one
         (a view of the engine's buffer, valid until the next step)."""
+
+    def hidden_states(self, n: int) -> np.ndarray:
+        """(n, D) hidden states of the last step's n positions, on the host (valid until the next step)."""
+        raise EdgeactError(f"{type(self).__name__} returns only a chunk's last hidden state")
 
     def release(self) -> None:
         """The answer is complete: give back host memory the decode steps keep for reuse (default: none to give)."""

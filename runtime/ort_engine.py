@@ -321,6 +321,8 @@ class OrtStageEngine(StageEngine):
 class OrtDecoderEngine(DecoderEngine):
     """The decoder through one I/O binding over buffers allocated once: cache, embeddings, positions, hidden states."""
 
+    all_hidden_states = True
+
     def __init__(self, bundle: Bundle, options: OrtOptions, max_chunk: int):
         self.spec = bundle.stage(io.DECODER_STAGE)
         self.layout = layout = CacheLayout.from_stage(self.spec)
@@ -409,7 +411,8 @@ class OrtDecoderEngine(DecoderEngine):
                 release_heap()
 
     def hidden_states(self, n: int) -> np.ndarray:
-        """(n, D) view of the last step's hidden states (the decode program needs only the last row)."""
+        """(n, D) view of the last step's hidden states (the decode program reads more than the last row only when
+        it drafts)."""
         return self._hidden[:n]
 
 

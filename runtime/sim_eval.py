@@ -391,7 +391,7 @@ class LockstepRunner:
         self.policy = policy if policy is not None else BundlePolicy(
             system.bundle, forced_depth="sensor" if system.depth == "forced" else None,
             threads=getattr(config.policy, "threads", None), allow_unverified=system.allow_unverified,
-            action_decoding=system.action_decoding)
+            action_decoding=system.action_decoding, draft_tokens=getattr(config.policy, "draft_tokens", 0))
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
 
@@ -404,6 +404,8 @@ class LockstepRunner:
 
         episode = sample_episode(seed, template)
         reset_world(self.world, episode)
+        if hasattr(self.policy, "forget_draft"):
+            self.policy.forget_draft()         # the last episode's answers are of another scene
         executor = self._executor_type(self.world, self.mapper, self.expert)
         plan, steer = self._steering(episode, executor) if self.trace == "expert" else (None, None)
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))

@@ -320,6 +320,8 @@ class TrtStageEngine(StageEngine):
 class TrtDecoderEngine(DecoderEngine):
     """The decoder engine over a device-resident KV cache; returns the chunk's last hidden row on the host."""
 
+    all_hidden_states = True
+
     def __init__(self, trt, cuda: Cuda, bundle: Bundle, record: EngineRecord, max_chunk: int):
         spec = bundle.stage(io.DECODER_STAGE)
         require_portable(spec, "TensorRT")
@@ -334,6 +336,8 @@ class TrtDecoderEngine(DecoderEngine):
         self._positions = np.zeros(n, np.int64)
         self._ramp = np.arange(n, dtype=np.int64)
         self._last = np.zeros(D, np.float32)
+        self._rows = np.zeros((n, D), np.float32)      # hidden_states(): every row of the last step, when asked
+        self._last_n = 0
         self._embeds_dev, self._positions_dev = cuda.malloc(n * D * 4), cuda.malloc(n * 8)
         self._hidden_dev = cuda.malloc(n * D * 4)
         self._row_bytes = D * 4
@@ -362,7 +366,16 @@ class TrtDecoderEngine(DecoderEngine):
         cuda.to_host(self._last, self._hidden_dev + (n - 1) * self._row_bytes, self._row_bytes)
         cuda.sync()
         cache.commit(n)
+        self._last_n = n
         return self._last
+
+    def hidden_states(self, n: int) -> np.ndarray:
+        """(n, D): the last step's rows, copied from the device (the decode program's drafting)."""
+        if not 1 <= n <= self._last_n:
+            raise EdgeactError(f"hidden_states({n}): the last step fed {self._last_n} positions")
+        self.cuda.to_host(self._rows, self._hidden_dev, n * self._row_bytes)
+        self.cuda.sync()
+        return self._rows[:n]
 
 
 @register_backend("tensorrt")

@@ -11,6 +11,7 @@ import pytest
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.answer import trace_to_pixels
 from edgeact.runtime.bundle_policy import BundlePolicy, BundlePolicyConfig
+from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS
 from edgeact.runtime.errors import BundleError, ConfigError, GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.policy import Observation, Plan, Policy, PolicyContext, policy_type
@@ -71,6 +72,18 @@ def test_forced_depth_and_steering_cut_the_decode_steps(exported):
     assert steered.decode_steps == 6 < forced.decode_steps
     policy.steer(None)
     assert policy.infer(*_frame(exported)).token_ids.tolist() == forced.token_ids.tolist()
+
+
+def test_steps_draft_from_the_last_answer_until_the_instruction_changes(exported):
+    plain, drafting = (BundlePolicy(exported.bundle_dir, threads=1, draft_tokens=n) for n in (0, 16))
+    for instruction, drafted in (("pick up the red block", False), ("pick up the red block", True),
+                                 ("push the blue box to the left", False)):
+        rgb, _, _ = exported.observation(7, instruction)
+        one, two = (p.infer(rgb, instruction) for p in (plain, drafting))
+        assert two.token_ids.tolist() == one.token_ids.tolist()
+        # Drafted: the depth codes' 100 choices and the rest settle several per call; another instruction's first
+        # step has no answer of its own to draft from.
+        assert (two.decode_steps * 4 <= one.decode_steps) if drafted else (two.decode_steps == one.decode_steps)
 
 
 def test_steer_refuses_a_malformed_trace_at_once_and_keeps_the_last_one(exported):
@@ -194,6 +207,10 @@ def test_registered_as_policy_type_bundle(exported, tmp_path):
     policy = config.make_policy(PolicyContext(action_rate_hz=10.0, config_dir=tmp_path))
     assert isinstance(policy, BundlePolicy) and policy.decoder.max_chunk == 64
     assert policy.vision.crops_per_run == 3
+    assert policy.program.draft_tokens == DEFAULT_DRAFT_TOKENS > 0      # a robot's policy drafts by default
+    assert BundlePolicy(exported.bundle_dir, threads=1).program.draft_tokens == 0      # a library caller's does not
+    with pytest.raises(ConfigError, match="draft_tokens: -2 must be an integer >= 0"):
+        BundlePolicyConfig(path="x", draft_tokens=-2)
     with pytest.raises(ConfigError, match="crops_per_run: 0 must be >= 1"):
         BundlePolicyConfig(path="x", crops_per_run=0)
     with pytest.raises(ConfigError, match="path: the bundle directory is required"):

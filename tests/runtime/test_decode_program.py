@@ -99,7 +99,8 @@ def choices_made(grammar: AnswerGrammar, tokens, depth_codes=None, trace=None) -
 
 
 class Runner:
-    def __init__(self, exported: Exported, n_actions: int = 1, max_chunk: int = 64, action_decoding: str = "greedy"):
+    def __init__(self, exported: Exported, n_actions: int = 1, max_chunk: int = 64, action_decoding: str = "greedy",
+                 draft_tokens: int = 0):
         self.exported = exported
         backend = open_backend("onnxruntime", threads=1)
         bundle = exported.bundle
@@ -108,7 +109,7 @@ class Runner:
         self.stats = ActionStats.from_norm_stats(bundle.manifest.norm_stats)
         self.program = DecodeProgram(backend.decoder(bundle, max_chunk), bundle.weight(io.EMBEDDING_WEIGHT),
                                      bundle.weight(io.LM_HEAD_WEIGHT), self.grammar, bundle.config.image_patch_id,
-                                     self.stats, action_decoding)
+                                     self.stats, action_decoding, draft_tokens)
 
     def run(self, prompt, inputs, **forced):
         features = self.vision.run(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
@@ -141,6 +142,60 @@ def test_tokens_are_identical_to_masked_greedy_decoding_of_the_reference(exporte
             np.testing.assert_array_equal(result.depth_codes, depth)
         if trace is not None:
             np.testing.assert_array_equal(result.trace, trace)
+
+
+# A robot's stream: the same view twice (its own answer is the draft), another view (a draft that goes wrong at
+# once), then the first view again (a draft of another scene's answer).
+DRAFT_STREAM = ((3, "pick up the red block"), (3, "pick up the red block"), (8, "push the green box to the left"),
+                (3, "pick up the red block"))
+
+
+@pytest.mark.parametrize("forced", ["none", "depth", "trace"])
+def test_drafting_keeps_the_reference_tokens_and_saves_calls(exported, forced):
+    depth = FORCED_DEPTH if forced == "depth" else None
+    trace = FORCED_TRACE if forced == "trace" else None
+    plain, drafted = Runner(exported, n_actions=2), Runner(exported, n_actions=2, draft_tokens=16)
+    results = []
+    for i, (frame, instruction) in enumerate(DRAFT_STREAM):
+        _, inputs, prompt = exported.observation(frame, instruction)
+        one, two = plain.run(prompt, inputs, depth_codes=depth, trace=trace), drafted.run(
+            prompt, inputs, depth_codes=depth, trace=trace)
+        assert two.token_ids.tolist() == one.token_ids.tolist(), f"answer {i}"
+        if i == 2:      # a draft from another view's answer, checked against the full PyTorch model too
+            assert two.token_ids.tolist() == exported.reference(prompt, inputs, drafted.grammar, depth, trace)
+        results.append((one.decode_steps, two.decode_steps))
+    assert results[0][1] == results[0][0]              # nothing to draft from: one call per choice
+    # Its own answer as the draft: every drafted token holds, so a call settles several choices (a choice and its
+    # separator are two tokens: at most 8 choices per call of 16 drafted tokens).
+    assert results[1][1] * 4 <= results[1][0]
+    assert all(two <= one for one, two in results)     # a call settles at least the choice it was made for
+
+
+def test_a_new_scene_drafts_from_nothing(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported, draft_tokens=8)
+    _, inputs, prompt = exported.observation(3)
+    first = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    assert runner.run(prompt, inputs, depth_codes=FORCED_DEPTH).decode_steps < first.decode_steps
+    runner.program.forget_draft()
+    assert runner.run(prompt, inputs, depth_codes=FORCED_DEPTH).decode_steps == first.decode_steps
+
+
+@pytest.mark.parametrize("draft_tokens", [-1, 2.5, True])
+def test_a_draft_length_that_is_no_count_is_refused(tmp_path_factory, draft_tokens):
+    exported = exported_bundle(tmp_path_factory, "D")
+    with pytest.raises(ConfigError, match="draft_tokens: .* must be an integer >= 0"):
+        Runner(exported, draft_tokens=draft_tokens)
+
+
+def test_a_draft_longer_than_a_call_takes_is_trimmed(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    plain, drafted = Runner(exported, max_chunk=4), Runner(exported, max_chunk=4, draft_tokens=100)
+    for frame in (3, 3):
+        _, inputs, prompt = exported.observation(frame)
+        one, two = plain.run(prompt, inputs, depth_codes=FORCED_DEPTH), drafted.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+        assert two.token_ids.tolist() == one.token_ids.tolist()
+    assert two.decode_steps < one.decode_steps
 
 
 def test_an_action_chunk_is_identical_too(tmp_path_factory):

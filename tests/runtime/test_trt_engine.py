@@ -131,6 +131,22 @@ def test_decoder_engine_matches_onnxruntime_through_the_tensorrt_api(exported, t
     assert calls["contexts"] == [0, 1]
 
 
+def test_every_row_of_a_chunk_comes_back_for_drafting(exported, tmp_path, monkeypatch):
+    bundle = _with_records(exported, tmp_path, [_record()], plans=True)
+    _install_fakes(monkeypatch)
+    engine = open_backend("tensorrt").decoder(bundle, max_chunk=32)
+    reference = open_backend("onnxruntime", threads=1).decoder(bundle, max_chunk=32)
+    assert engine.all_hidden_states and reference.all_hidden_states
+    rng = np.random.default_rng(2)
+    for n in (12, 5):
+        engine.embeds[:n] = reference.embeds[:n] = rng.standard_normal((n, engine.layout.hidden_size))
+        engine.step(n)
+        reference.step(n)
+        np.testing.assert_allclose(engine.hidden_states(n), reference.hidden_states(n), rtol=1e-6, atol=1e-6)
+    with pytest.raises(EdgeactError, match="the last step fed 5 positions"):
+        engine.hidden_states(6)
+
+
 def test_the_profiles_contexts_share_one_activation_buffer(exported, tmp_path, monkeypatch):
     # TensorRT's default (STATIC) gives each context activation memory for the largest profile: the decoder held
     # it twice. The contexts run one after another on one stream, so one user-managed buffer serves both.
