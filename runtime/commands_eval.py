@@ -40,6 +40,11 @@ def register(subparsers) -> None:
                    help="temporal ensembling (plan.ensemble): follow each action slot's mean over the plans that "
                         "predicted it, or only the newest plan's action (default: the config's; the built-in robot's "
                         "is on)")
+    p.add_argument("--draft-tokens", type=int, metavar="N",
+                   help="drafted tokens per decoder call for every system (policy.draft_tokens); 0: one decoder call "
+                        "per choice, which is what decode steps per plan measured before drafting and what the "
+                        "forced-vs-generated depth comparison of decode steps needs (default: the config's; the "
+                        "built-in robot's is 16)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="also run bundles whose verification failed (refused otherwise), to measure what it costs")
     p.add_argument("--seed", type=int, help="seed of the first episode (default: the evaluation seeds, far from "
@@ -85,7 +90,7 @@ def _eval(args) -> int:
     systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
                           args.timing, args.replan_every, args.sheets, args.trace,
-                          None if args.ensemble is None else args.ensemble == "on")
+                          None if args.ensemble is None else args.ensemble == "on", args.draft_tokens)
 
     def progress(system: str, index: int, result) -> None:
         mark = "[green]ok[/]" if result.success else "[red]fail[/]"
@@ -106,7 +111,7 @@ def _eval(args) -> int:
     steered = ", the expert's trace" if options.trace == "expert" else ""
     table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing}{steered})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
-                   "policy plans/s", "decode steps"):
+                   "policy plans/s", "decode calls"):
         table.add_column(column)
     for row in report.rows():
         per = " ".join(f"{t} {ok}/{n}" for t, (ok, n) in row["per_template"].items())

@@ -69,6 +69,7 @@ class EvalOptions:
     sheets: int = 3             # episodes per system that get a PNG sheet (the first ones)
     trace: str = "model"        # one of TRACE_SOURCES
     ensemble: bool | None = None    # plan.ensemble for every system (temporal ensembling); None: the config's
+    draft_tokens: int | None = None     # policy.draft_tokens for every system (0: no drafting); None: the config's
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -79,6 +80,10 @@ class EvalOptions:
             raise ConfigError(f"--trace {self.trace!r} unknown; use one of {', '.join(TRACE_SOURCES)}")
         if self.ensemble is not None and not isinstance(self.ensemble, bool):
             raise ConfigError(f"ensemble: true, false or null (the config's), got {self.ensemble!r}")
+        if self.draft_tokens is not None and (isinstance(self.draft_tokens, bool)
+                                              or not isinstance(self.draft_tokens, int) or self.draft_tokens < 0):
+            raise ConfigError(f"--draft-tokens: an integer >= 0 (0 turns drafting off: one decoder call per choice), "
+                              f"got {self.draft_tokens!r}")
         if self.trace == "expert" and self.timing != "lockstep":
             raise ConfigError("--trace expert steers each plan from the simulator's state, which only the lockstep "
                               "evaluation reads between plans; add --timing lockstep")
@@ -124,6 +129,7 @@ class EvalReport:
     episodes: list[EpisodeResult] = field(default_factory=list)
     complete: bool = False          # every system ran every episode
     interrupted: bool = False       # stopped (Ctrl-C, the robot's e-stop): `episodes` are the finished ones
+    draft_tokens: dict[str, int] = field(default_factory=dict)     # each system's policy.draft_tokens (evaluate's)
 
     def __post_init__(self) -> None:
         # rows() and the episodes find their system by name
@@ -148,6 +154,7 @@ class EvalReport:
             rows.append({
                 "system": system.name, "precision": system.precision, "depth": system.depth,
                 "action_decoding": system.action_decoding, "trace": self.options.trace,
+                "draft_tokens": self.draft_tokens.get(system.name),
                 "bundle": str(system.bundle), "episodes": len(eps), "successes": len(wins),
                 "success_rate": len(wins) / len(eps), "per_template": per_template,
                 "episode_s_mean": _mean([e.episode_s for e in wins]),
@@ -246,11 +253,20 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     and no episodes; then after every episode; at the end with "complete": true. An interrupt writes it once more
     with "interrupted": true and raises EvalInterrupted, which carries it.
     """
+    from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS
+
     report = EvalReport(systems, options)
     path = options.out_dir / REPORT_FILE
     plan = episode_plan(options.episodes, options.seed)
     if options.ensemble is not None:
         base_config = {**base_config, "plan": {**(base_config.get("plan") or {}), "ensemble": options.ensemble}}
+    if options.draft_tokens is not None:    # another type's policy section gives way to the systems' bundle policy
+        policy = base_config.get("policy") or {}
+        policy = policy if policy.get("type") in (None, "bundle") else {}
+        base_config = {**base_config, "policy": {**policy, "draft_tokens": options.draft_tokens}}
+    report.draft_tokens = {s.name: system_config_dict(base_config, s)["policy"].get("draft_tokens",
+                                                                                   DEFAULT_DRAFT_TOKENS)
+                           for s in systems}
     try:
         report.write_json(path)
         for system in systems:

@@ -230,6 +230,43 @@ def test_the_eval_options_ensemble_overrides_the_configs(exported, tmp_path, mon
         EvalOptions(episodes=1, out_dir=tmp_path, ensemble="on")
 
 
+@pytest.mark.parametrize("policy, draft_tokens, expected", [
+    ({"type": "scripted", "chunk_size": 8}, None, 16),     # the built-in robot's: the bundle policy's default
+    ({"type": "scripted", "chunk_size": 8}, 0, 0),
+    ({"type": "bundle", "path": "set-by-eval", "draft_tokens": 4}, None, 4),
+    ({"type": "bundle", "path": "set-by-eval", "draft_tokens": 4}, 0, 0),
+    (None, 7, 7),
+], ids=["scripted, the config's", "scripted, off", "bundle, the config's", "bundle, off", "no policy, 7"])
+def test_the_eval_options_draft_tokens_override_the_configs_for_every_system(exported, tmp_path, monkeypatch,
+                                                                           policy, draft_tokens, expected):
+    from edgeact.runtime import sim_eval
+    from edgeact.runtime.robot_config import robot_config_from_dict
+
+    seen = []
+
+    class Seeing(_Instant):     # the policy config the runner builds its policy from
+        def __init__(self, base, system, replan_every, source, **options):
+            super().__init__(base, system, replan_every, source, **options)
+            seen.append(robot_config_from_dict(system_config_dict(base, system), source=source).policy.draft_tokens)
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", Seeing)
+    systems = eval_systems({"tiny": exported.bundle_dir}, ["generated"])
+    base = {**mujoco_robot_config_dict(), "policy": policy}
+    report = evaluate(base, systems, EvalOptions(episodes=1, out_dir=tmp_path, timing="lockstep", sheets=0,
+                                                 draft_tokens=draft_tokens))
+    assert seen == [expected]
+    assert [row["draft_tokens"] for row in report.rows()] == [expected]     # what ran, in the report
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [row["draft_tokens"] for row in data["systems"]] == [expected]
+    assert data["options"]["draft_tokens"] == draft_tokens
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5])
+def test_the_draft_tokens_option_is_an_integer_from_0(tmp_path, bad):
+    with pytest.raises(ConfigError, match=r"--draft-tokens: an integer >= 0 \(0 turns drafting off"):
+        EvalOptions(episodes=1, out_dir=tmp_path, draft_tokens=bad)
+
+
 class _SteeredReplay(_ReplayExpert):
     """The replaying stand-in, keeping the trace each plan was steered with."""
 
@@ -286,11 +323,10 @@ def test_the_expert_trace_is_the_experts_plan_from_the_arms_pose(exported, tmp_p
 
 def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp_path):
     systems = eval_systems({"tiny": with_depth}, ["generated", "forced"])
-    options = EvalOptions(episodes=2, out_dir=tmp_path, timing="lockstep", replan_every=8, sheets=1)
-    seen = []
     # Without drafting (which the policy config turns on by default): one decoder call per choice.
-    config = {**mujoco_robot_config_dict(), "policy": {"type": "bundle", "path": "set-by-eval", "draft_tokens": 0}}
-    report = evaluate(config, systems, options, lambda name, i, r: seen.append((name, i)))
+    options = EvalOptions(episodes=2, out_dir=tmp_path, timing="lockstep", replan_every=8, sheets=1, draft_tokens=0)
+    seen = []
+    report = evaluate(mujoco_robot_config_dict(), systems, options, lambda name, i, r: seen.append((name, i)))
     assert seen == [(s.name, i) for s in systems for i in range(2)]
     by_system = {s.name: [e for e in report.episodes if e.system == s.name] for s in systems}
     generated, forced = by_system.values()
@@ -300,6 +336,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     rows = report.rows()
     assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
     assert [r["action_decoding"] for r in rows] == ["median", "median"]
+    assert [r["draft_tokens"] for r in rows] == [0, 0]
     # Each failed episode says why, from its end state; the rows count the reasons.
     for e in report.episodes:
         assert (e.failure is None) == e.success and set(e.outcome) >= {"target_displacement_m", "ee_to_target_m"}
@@ -307,6 +344,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
                                                            for s in systems]
     data = json.loads((tmp_path / "eval.json").read_text())      # written as the episodes finish
     assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
+    assert [r["draft_tokens"] for r in data["systems"]] == [0, 0]
     assert [e["outcome"] for e in data["episodes"]] == [e.outcome for e in report.episodes]
     sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
     assert sheets == ["tiny-forced-depth_000.png", "tiny-generated-depth_000.png"]
@@ -323,6 +361,29 @@ def test_the_eval_command_offers_the_trace_sources():
     assert parser.parse_args(["eval"]).trace == "model"
     for source in TRACE_SOURCES:       # the CLI's literal choices are the module's
         assert parser.parse_args(["eval", "--trace", source]).trace == source
+
+
+def test_the_eval_command_takes_the_draft_tokens_for_every_system(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from edgeact.runtime import commands_eval, sim_eval
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    parser = argparse.ArgumentParser()
+    commands_eval.register(parser.add_subparsers())
+    assert parser.parse_args(["eval"]).draft_tokens is None       # the config's
+    assert parser.parse_args(["eval", "--draft-tokens", "0"]).draft_tokens == 0
+    monkeypatch.setattr(sim_eval, "LockstepRunner", _Instant)
+    bundle, out = write_tiny_bundle(tmp_path / "b"), tmp_path / "eval"
+    args = ["eval", "--bundle", f"tiny={bundle}", "--depth", "generated", "--timing", "lockstep", "--episodes", "1",
+            "--sheets", "0", "--out", str(out)]
+    assert main([*args, "--draft-tokens", "0"]) == 0
+    assert "decode calls" in capsys.readouterr().out
+    data = json.loads((out / "eval.json").read_text())
+    assert data["options"]["draft_tokens"] == 0 and [r["draft_tokens"] for r in data["systems"]] == [0]
+    assert main([*args, "--draft-tokens", "-1"]) == 2
+    assert "--draft-tokens: an integer >= 0 (0 turns drafting off" in " ".join(capsys.readouterr().err.split())
 
 
 def test_options_are_checked():
