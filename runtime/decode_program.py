@@ -217,6 +217,8 @@ class DecodeProgram:
         if self.draft_tokens:
             self._previous = (self._seq[n_prompt:n_seq].copy(), draft.actions_at)
         decoded = time.perf_counter()
+        if self._fed > n_seq:       # drafted tokens past the answer's end: forgotten, so release() has room
+            self.decoder.cache.rewind(n_seq)
         self.decoder.release()      # not a decode step: timed apart, so decode seconds / steps is a step's time
         seconds["prefill"] = (prefill_end or decoded) - start
         seconds["decode"] = decoded - (prefill_end or decoded)

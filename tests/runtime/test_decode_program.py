@@ -188,6 +188,20 @@ def test_a_draft_length_that_is_no_count_is_refused(tmp_path_factory, draft_toke
         Runner(exported, draft_tokens=draft_tokens)
 
 
+def test_drafted_tokens_past_the_answers_end_are_forgotten(tmp_path_factory):
+    exported = exported_bundle(tmp_path_factory, "D")
+    runner = Runner(exported, draft_tokens=16)
+    _, inputs, prompt = exported.observation(3)
+    answer = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    ids, actions_at = runner.program._previous
+    # A previous answer with more after its actions than this one has (as a longer grammar's would): the last call
+    # feeds drafted tokens beyond this answer's end, which the cache must not keep.
+    runner.program._previous = (np.concatenate([ids, ids[-20:]]), actions_at)
+    again = runner.run(prompt, inputs, depth_codes=FORCED_DEPTH)
+    assert again.token_ids.tolist() == answer.token_ids.tolist()
+    assert runner.program.decoder.length <= len(prompt) + len(again.token_ids)
+
+
 def test_a_draft_longer_than_a_call_takes_is_trimmed(tmp_path_factory):
     exported = exported_bundle(tmp_path_factory, "D")
     plain, drafted = Runner(exported, max_chunk=4), Runner(exported, max_chunk=4, draft_tokens=100)
