@@ -244,6 +244,7 @@ def _summary_tables(summary: dict):
         ("tick modes", modes or "-"),
         ("policy steps per second", _fmt(p["plans_per_s"])),
         ("plans", str(p["plans"])),
+        ("decoder calls per plan", _calls_per_plan(p)),
         ("stale actions skipped per plan", _fmt(p["skipped_actions_mean"])),
         ("plans stale on arrival (held)", str(p.get("stale_plans", 0))),
         ("camera frames per second", _fmt(summary["camera"]["fps"])),
@@ -264,6 +265,14 @@ def _summary_tables(summary: dict):
     for stage, s in rows.items():
         latency.add_row(stage, str(s["n"]), _fmt(s["p50"]), _fmt(s["p99"]), _fmt(s["max"]))
     return Group(loop, latency)
+
+
+def _calls_per_plan(policy: dict) -> str:
+    """Decoder calls per plan beside the closed choices the answers had: drafting settles several per call."""
+    choices = policy.get("choices_mean")
+    if not choices or policy.get("decode_steps_mean") is None:      # no plan, or a policy without a decoder
+        return _fmt(None)
+    return f"{_fmt(policy['decode_steps_mean'])} for {_fmt(choices)} choices"
 
 
 def _memory_row(memory: dict) -> str:

@@ -69,6 +69,8 @@ class DecodeResult:
     trace_px: np.ndarray | None        # (n_points, 2) [u, v] pixels of the first image, when its size is known
     prompt_tokens: int
     decode_steps: int                  # decoder invocations after the prefill (prompt + the answer's leading forced run)
+    choices: int                       # answer tokens chosen from more than one id (the first from the prefill);
+                                       # without drafting decode_steps == choices - 1
     depth_forced: bool
     trace_forced: bool
     stage_seconds: dict[str, float] = field(default_factory=dict)   # keys from STAGES
@@ -178,7 +180,7 @@ class DecodeProgram:
         self._patches = self._patch_features(prompt, image_features, pooled_patches_idx)
         self.decoder.reset()
         self._fed = self._rows_start = 0
-        n_seq, steps = n_prompt, 0
+        n_seq, steps, choices = n_prompt, 0, 0
         prefill_end = None
         draft = _Draft(self._previous, self.draft_tokens, n_prompt)
         walk = answer_steps(self.grammar, depth_codes=depth_codes, trace=trace)
@@ -194,6 +196,7 @@ class DecodeProgram:
                 if len(step.ids) == 1:
                     sent = int(step.ids[0])      # a closed set of one: the masked argmax needs no logits
                 else:
+                    choices += 1
                     if step.kind == "action":
                         draft.at_action(n_seq)
                     if n_seq - 1 < self._fed:    # its predecessor went in with the last call (as a drafted token)
@@ -223,7 +226,7 @@ class DecodeProgram:
         seconds["prefill"] = (prefill_end or decoded) - start
         seconds["decode"] = decoded - (prefill_end or decoded)
         seconds["release"] = time.perf_counter() - decoded
-        return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, depth_codes is not None,
+        return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, choices, depth_codes is not None,
                             trace is not None, image_size_px, seconds)
 
     def _check_fits(self, n_prompt: int, longest: int) -> None:
@@ -327,8 +330,8 @@ class DecodeProgram:
                                "and pooled_patches_idx from the same preprocessing")
         return positions, features
 
-    def _result(self, token_ids: np.ndarray, n_prompt: int, steps: int, depth_forced: bool, trace_forced: bool,
-                image_size_px: tuple[int, int] | None, seconds: dict[str, float]) -> DecodeResult:
+    def _result(self, token_ids: np.ndarray, n_prompt: int, steps: int, choices: int, depth_forced: bool,
+                trace_forced: bool, image_size_px: tuple[int, int] | None, seconds: dict[str, float]) -> DecodeResult:
         start = time.perf_counter()
         answer = self.grammar.parse_ids(token_ids)
         normalized = action_ids_to_values(answer.action_ids, self._base_vocab)
@@ -336,8 +339,8 @@ class DecodeProgram:
         trace_px = trace_to_pixels(answer.trace, *image_size_px) if image_size_px else None
         seconds["parse"] = time.perf_counter() - start
         return DecodeResult(answer=answer, token_ids=token_ids, actions_normalized=normalized, actions=actions,
-                            trace_px=trace_px, prompt_tokens=n_prompt, decode_steps=steps, depth_forced=depth_forced,
-                            trace_forced=trace_forced, stage_seconds=seconds)
+                            trace_px=trace_px, prompt_tokens=n_prompt, decode_steps=steps, choices=choices,
+                            depth_forced=depth_forced, trace_forced=trace_forced, stage_seconds=seconds)
 
 
 def check_draft_tokens(draft_tokens: int) -> None:

@@ -112,6 +112,8 @@ class Plan:
     created_time_s: float                   # time.monotonic() when the plan was ready
     stage_seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall seconds of this step
     decode_steps: int = 0                   # sequential decoder steps this plan took
+    choices: int = 0                        # closed choices the answer had; decode_steps / choices shows what
+                                            # drafting saved (without it, decode_steps == choices - 1)
 
     def __post_init__(self) -> None:
         for name in ("actions", "actions_normalized"):

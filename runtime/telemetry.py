@@ -88,7 +88,7 @@ class TimingStats(Subscriber):
         self.state_read_s, self.command_write_s = Series(), Series()
         self.frame_to_command_s, self.skipped_actions = Series(), Series()
         self.plan_latency_s, self.step_stats_s = Series(), Series()
-        self.frame_age_s, self.decode_steps = Series(), Series()
+        self.frame_age_s, self.decode_steps, self.choices = Series(), Series(), Series()
         self.stage_s: dict[str, Series] = {}
         self.modes: collections.Counter = collections.Counter()
         self.ticks = self.overruns = self.plans = self.frames = 0
@@ -137,6 +137,7 @@ class TimingStats(Subscriber):
         self.step_stats_s.append(e.step_s)
         self.frame_age_s.append(e.frame_age_s)
         self.decode_steps.append(e.plan.decode_steps)
+        self.choices.append(e.plan.choices)
         for stage, seconds in e.plan.stage_seconds.items():
             self.stage_s.setdefault(stage, Series()).append(seconds)
 
@@ -178,6 +179,7 @@ class TimingStats(Subscriber):
                 "latency_ms": _stats_ms(self.plan_latency_s),
                 "step_ms": _stats_ms(self.step_stats_s),
                 "decode_steps_mean": _mean(self.decode_steps),
+                "choices_mean": _mean(self.choices),        # beside decode_steps_mean: what drafting saved
                 "skipped_actions_mean": _mean(self.skipped_actions),
                 "stale_plans": self.stale_plans,
             },

@@ -31,7 +31,7 @@ class FrameEcho:
                 sum((obs.proprio or {}).values()), len(obs.instruction), float(self.config.threads or 0)]
         values = np.asarray([seen], dtype=np.float64)
         return Plan(values, np.zeros_like(values), None, None, obs.timestamp_s, time.monotonic(),
-                    {"echo": 0.0}, decode_steps=obs.frame_number)
+                    {"echo": 0.0}, decode_steps=obs.frame_number, choices=2 * obs.frame_number + 1)
 
     def close(self) -> None:
         pass

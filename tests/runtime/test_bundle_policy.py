@@ -15,7 +15,7 @@ from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS
 from edgeact.runtime.errors import BundleError, ConfigError, GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
 from edgeact.runtime.policy import Observation, Plan, Policy, PolicyContext, policy_type
-from tests.runtime.test_decode_program import FRAME_PX, exported_bundle
+from tests.runtime.test_decode_program import FRAME_PX, choices_made, exported_bundle
 
 DEPTH = (np.arange(100) * 11) % 128
 
@@ -47,6 +47,7 @@ def test_a_step_gives_the_plan_of_the_reference_answer(exported, policy):
     assert plan.actions.shape == (1, 7) and plan.observation_time_s == 12.5 and plan.created_time_s > 0
     assert {"preprocess", "vision", "prefill", "decode", "parse"} <= set(plan.stage_seconds)
     assert plan.decode_steps >= 100      # depth decoded by the model: 100 sequential choices
+    assert plan.choices == choices_made(policy.grammar, reference) == plan.decode_steps + 1     # no draft yet
 
 
 def test_the_vit_runs_once_per_crop_then_the_connector_once_over_all_crops(exported, policy, monkeypatch):

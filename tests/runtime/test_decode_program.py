@@ -137,7 +137,8 @@ def test_tokens_are_identical_to_masked_greedy_decoding_of_the_reference(exporte
         result = runner.run(prompt, inputs, depth_codes=depth, trace=trace)
         assert result.token_ids.tolist() == reference
         # One decoder call per real choice after the prefill; the last choice's token is never fed.
-        assert result.decode_steps == choices_made(runner.grammar, reference, depth, trace) - 1
+        assert result.choices == choices_made(runner.grammar, reference, depth, trace)
+        assert result.decode_steps == result.choices - 1
         if depth is not None:
             np.testing.assert_array_equal(result.depth_codes, depth)
         if trace is not None:
@@ -155,7 +156,7 @@ def test_drafting_keeps_the_reference_tokens_and_saves_calls(exported, forced):
     depth = FORCED_DEPTH if forced == "depth" else None
     trace = FORCED_TRACE if forced == "trace" else None
     plain, drafted = Runner(exported, n_actions=2), Runner(exported, n_actions=2, draft_tokens=16)
-    results = []
+    results, choices = [], []
     for i, (frame, instruction) in enumerate(DRAFT_STREAM):
         _, inputs, prompt = exported.observation(frame, instruction)
         one, two = plain.run(prompt, inputs, depth_codes=depth, trace=trace), drafted.run(
@@ -163,11 +164,14 @@ def test_drafting_keeps_the_reference_tokens_and_saves_calls(exported, forced):
         assert two.token_ids.tolist() == one.token_ids.tolist(), f"answer {i}"
         if i == 2:      # a draft from another view's answer, checked against the full PyTorch model too
             assert two.token_ids.tolist() == exported.reference(prompt, inputs, drafted.grammar, depth, trace)
+        assert two.choices == one.choices == one.decode_steps + 1      # the same choices, however many calls
         results.append((one.decode_steps, two.decode_steps))
+        choices.append(two.choices)
     assert results[0][1] == results[0][0]              # nothing to draft from: one call per choice
     # Its own answer as the draft: every drafted token holds, so a call settles several choices (a choice and its
     # separator are two tokens: at most 8 choices per call of 16 drafted tokens).
     assert results[1][1] * 4 <= results[1][0]
+    assert results[1][1] < choices[1] - 1             # what drafting saved: fewer calls than choices after the first
     assert all(two <= one for one, two in results)     # a call settles at least the choice it was made for
 
 

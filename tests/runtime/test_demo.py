@@ -1,5 +1,6 @@
 """`edgeact demo` and `edgeact bench` end to end on the built-in simulated robot; the sample config; the e-stop key."""
 import argparse
+import io
 import json
 import os
 import re
@@ -33,6 +34,7 @@ def test_demo_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys):
     for text in ("control loop (target 100 Hz)", "achieved frequency", "policy steps per second", "frame -> command",
                  f"timing JSON: {tmp_path / 'demo.json'}", "stopped: duration"):
         assert text in out
+    assert re.search(r"decoder calls per plan +[│|] +- +[│|]", out)      # the scripted policy decodes nothing
     summary = json.loads((tmp_path / "demo.json").read_text())
     control = summary["control"]
     assert control["target_hz"] == 100.0 and control["ticks"] > 20 and 10 < control["achieved_hz"] <= 105
@@ -120,6 +122,22 @@ def test_the_mujoco_demo_runs_one_episode_and_reports_the_task(tmp_path, capsys)
         assert (tmp_path / "demo-episode.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(EdgeactError, match="--robot mujoco"):
         edgeact("demo", "--seed", "3", "--seconds", "1")
+
+
+def test_the_loop_table_shows_the_decoder_calls_beside_the_choices():
+    from rich.console import Console
+
+    from tests.runtime.test_telemetry import _filled_stats
+
+    def row(summary) -> str:
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(commands_loop._summary_tables(summary))
+        return re.search(r"decoder calls per plan +[│|] +(.*?) +[│|]", console.export_text()).group(1)
+
+    summary = _filled_stats().summary()
+    assert row(summary) == "40.00 for 88.00 choices"         # drafting: fewer calls than choices - 1
+    for missing in (0.0, None):     # a policy without a decoder (scripted), or no plan at all
+        assert row({**summary, "policy": {**summary["policy"], "choices_mean": missing}}) == "-"
 
 
 def test_the_task_report_says_when_a_success_was_undone_by_the_end():

@@ -58,10 +58,11 @@ def test_the_child_sees_each_frame_whole_also_when_its_size_changes():
     try:
         for obs in (observation(1.0), observation(2.0, fill=3), observation(3.0, 48, 64, depth=False),
                     observation(4.0, 48, 64, fill=1)):
-            echo = remote.step(obs).actions[0]
+            plan = remote.step(obs)
             depth = -1.0 if obs.depth_m is None else obs.depth_m.astype(np.float64).sum()
-            assert list(echo) == [obs.rgb.shape[0], obs.rgb.shape[1], obs.rgb.astype(np.int64).sum(), depth, 0.75,
-                                  len("pick"), 3.0]
+            assert list(plan.actions[0]) == [obs.rgb.shape[0], obs.rgb.shape[1], obs.rgb.astype(np.int64).sum(),
+                                             depth, 0.75, len("pick"), 3.0]
+            assert (plan.decode_steps, plan.choices) == (obs.frame_number, 2 * obs.frame_number + 1)  # as they left
     finally:
         remote.close()
 

@@ -52,7 +52,7 @@ def command(tick, t, period=0.01, new_plan=False, frame_to_command=math.nan, mod
 def plan_event(index, t, latency=0.1):
     plan = Plan(actions=np.zeros((8, 7)), actions_normalized=np.zeros((8, 7)), trace_px=None, depth_codes=None,
                 observation_time_s=t - latency, created_time_s=t, stage_seconds={"vision": 0.03, "decode": 0.06},
-                decode_steps=40)
+                decode_steps=40, choices=88)
     return PlanEvent(time_s=t, plan=plan, index=index, frame_number=index, frame_age_s=0.01, step_s=0.09)
 
 
@@ -171,6 +171,7 @@ def test_timing_summary_has_the_bench_fields():
     p = s["policy"]
     assert p["plans"] == 5 and p["plans_per_s"] == pytest.approx(5.0)
     assert p["latency_ms"]["p50"] == pytest.approx(100.0) and p["decode_steps_mean"] == 40.0
+    assert p["choices_mean"] == 88.0      # beside the decoder calls: what drafting saved
     assert p["skipped_actions_mean"] == 2.0
     assert list(s["stages_ms"]) == ["capture", "vision", "decode", "state_read", "control_tick", "command_write"]
     assert s["stages_ms"]["decode"]["p99"] == pytest.approx(60.0)
