@@ -14,8 +14,10 @@ It walks `grammar_walk.answer_steps`, the one definition of the answer's constra
   action_decoding="median", action bins are the distribution's median instead: not greedy);
 - the answer's last tokens (after the last choice) are never fed: nothing follows them;
 - drafting (`draft_tokens` > 0): a robot's consecutive frames differ little, and so do their
-  answers. Each decoder call then also feeds up to `draft_tokens` tokens of the previous answer
-  after the queued ones (aligned by position, and by the first action bin from there on). Every
+  answers; and the actions of one chunk differ little from one another. Each decoder call then
+  also feeds up to `draft_tokens` drafted tokens after the queued ones: from the second action of
+  the chunk on, the action before it in this answer; elsewhere the previous answer's tokens
+  (aligned by position, and by the first action bin from there on). Every
   token is still decided as above, from the hidden state of its predecessor; a drafted token
   that equals the decision saves that decision its own call, and at the first one that differs
   the cache is rewound to it. So the tokens are the same with or without a draft (up to the
@@ -140,6 +142,12 @@ class DecodeProgram:
         self._fed = 0            # positions in the cache; those from n_seq on hold drafted tokens not yet decided
         self._rows_start = 0     # the position of the last decoder call's first hidden row
         self._rows = np.zeros((0, decoder.layout.hidden_size), np.float32)   # a drafting call's hidden rows
+        # Tokens from one action's first bin to the next's, and from the first action's first bin to the last's
+        # end: where an action is drafted from the one before it in the same answer.
+        actions = next(seg for seg in grammar.segments if isinstance(seg, Actions))
+        per_action = actions.dims + (actions.dims - 1) * len(actions.token_sep.ids)
+        self._action_stride = (per_action + len(actions.action_sep.ids), actions.n_actions * per_action
+                               + (actions.n_actions - 1) * len(actions.action_sep.ids))
         for seg in grammar.segments:
             if isinstance(seg, DepthCodes):
                 self._head_for(np.array(sorted(seg.code_ids), dtype=np.int64))
@@ -182,7 +190,7 @@ class DecodeProgram:
         self._fed = self._rows_start = 0
         n_seq, steps, choices = n_prompt, 0, 0
         prefill_end = None
-        draft = _Draft(self._previous, self.draft_tokens, n_prompt)
+        draft = _Draft(self._previous, self.draft_tokens, n_prompt, self._seq, self._action_stride)
         walk = answer_steps(self.grammar, depth_codes=depth_codes, trace=trace)
         step = next(walk)
         while True:
@@ -359,15 +367,19 @@ def _check_finite(hidden: np.ndarray, stage: str, position: int) -> None:
 
 
 class _Draft:
-    """What the previous answer offers at each position of this one, and how many tokens to offer per call.
+    """What to offer after the queued tokens at each position of this answer, and how many per call.
 
-    Positions align one for one from the answer's start; from this answer's first action bin on, with the
-    previous answer's first action bin (the traces before them may differ in length)."""
+    From the second action of the chunk on: the token one action earlier in this answer (decided, or offered
+    in the same call). Elsewhere the previous answer's: positions align one for one from the answer's start,
+    and from this answer's first action bin on with the previous answer's first action bin (the traces before
+    them may differ in length)."""
 
-    def __init__(self, previous: tuple[np.ndarray, int | None] | None, most: int, n_prompt: int):
+    def __init__(self, previous: tuple[np.ndarray, int | None] | None, most: int, n_prompt: int, seq: np.ndarray,
+                 action_stride: tuple[int, int]):
         self.ids, self._prev_actions = previous if previous is not None else (np.zeros(0, np.int64), None)
-        self.most = self.length = most if previous is not None else 0
-        self.n_prompt = n_prompt
+        self.most = self.length = most
+        self.n_prompt, self.seq = n_prompt, seq
+        self.stride, self.span = action_stride
         self.shift = 0                       # previous answer's index = this answer's index + shift
         self.actions_at: int | None = None   # this answer's index of its first action bin
         self._offered: tuple[int, int] | None = None
@@ -375,15 +387,29 @@ class _Draft:
     def at_action(self, position: int) -> None:
         if self.actions_at is None:
             self.actions_at = position - self.n_prompt
+            self.length = self.most              # drafted from here on as well as can be: the full length back
             if self._prev_actions is not None:
                 self.shift = self._prev_actions - self.actions_at
-                self.length = self.most           # realigned: the draft gets its full length back
 
     def offer(self, position: int, room: int) -> np.ndarray:
-        i = position - self.n_prompt + self.shift
-        n = max(0, min(self.length, room, len(self.ids) - i)) if i >= 0 else 0
+        out = np.empty(max(0, min(self.length, room)), np.int64)
+        n = 0
+        for q in range(position, position + len(out)):
+            token = self._token(q, position, out)
+            if token is None:
+                break
+            out[n] = token
+            n += 1
         self._offered = (position, position + n) if n else None
-        return self.ids[i:i + n]
+        return out[:n]
+
+    def _token(self, q: int, position: int, out: np.ndarray) -> int | None:
+        index = q - self.n_prompt
+        if self.actions_at is not None and self.actions_at + self.stride <= index < self.actions_at + self.span:
+            earlier = q - self.stride            # the same place in the action before
+            return int(self.seq[earlier] if earlier < position else out[earlier - position])
+        i = index + self.shift
+        return int(self.ids[i]) if 0 <= i < len(self.ids) else None
 
     def rejected(self, position: int) -> None:
         if self._offered is not None and self._offered[0] <= position < self._offered[1]:
