@@ -306,7 +306,7 @@ class DecodeProgram:
         self._seq[position:end] = ids
 
     def forget_draft(self) -> None:
-        """The next answer drafts from nothing (e.g. the scene or the instruction changed)."""
+        """The next answer drafts from no earlier answer (e.g. the scene or the instruction changed)."""
         self._previous = None
 
     def _embed(self, start: int, n: int) -> None:
