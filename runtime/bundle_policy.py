@@ -67,8 +67,9 @@ class BundlePolicy:
         # load_bundle refuses a bundle whose verification failed unless allow_unverified; `unverified_fix`
         # is how the caller's user allows it (the robot config's field, a CLI flag). require_norm_stats: refuse a
         # bundle without action statistics (the robot's policy: its actions would not be in robot units); else warn.
-        # draft_tokens: each decoder call also tries this many tokens of the previous answer (decode_program.py);
-        # for a stream of frames of one scene (a robot's loop), not for unrelated frames.
+        # draft_tokens: each decoder call also tries up to this many drafted tokens: the previous answer's, and from
+        # a chunk's second action on the action before it (decode_program.py); made for a stream of frames of one
+        # scene (a robot's loop).
         check_draft_tokens(draft_tokens)
         self.bundle = bundle = load_bundle(bundle_dir, verify_checksums=verify_checksums,
                                            allow_failed_verification=allow_unverified, unverified_fix=unverified_fix)
@@ -99,7 +100,7 @@ class BundlePolicy:
                                      draft_tokens)
         self._fixed_depth, self._depth_tokenizer = _depth_source(forced_depth, bundle, self.backend)
         self._trace: np.ndarray | None = None
-        self._instruction: str | None = None      # the last step's: another instruction drafts from nothing
+        self._instruction: str | None = None      # the last step's: another one drafts from no earlier answer
         self.depth_fallbacks = 0     # steps whose observation had no depth image: depth was decoded instead
 
     # -------------------------------------------------------------------------------- steering
@@ -231,8 +232,9 @@ class BundlePolicyConfig(PolicyConfig):
     action_decoding: str = "greedy"        # greedy (MolmoAct's), or median of each action bin's distribution
     cuda_tf32: bool = False                # onnxruntime's cuda / tensorrt providers: fp32 matrix products in TF32
                                            # (faster vision and prefill; tokens may differ from fp32's)
-    # Each decoder call also tries up to this many tokens of the previous answer: consecutive frames of a scene
-    # have similar answers, so many choices need no call of their own; the tokens are the same as without (0: off).
+    # Each decoder call also tries up to this many drafted tokens (the previous answer's; from a chunk's second
+    # action on, the action before it): consecutive frames of a scene have similar answers and a chunk's actions
+    # resemble each other, so many choices need no call of their own; the tokens are the same as without (0: off).
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:

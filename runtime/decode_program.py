@@ -25,8 +25,8 @@ It walks `grammar_walk.answer_steps`, the one definition of the answer's constra
   (down to 1) after a call whose first drafted token was wrong, doubles back after one whose every
   drafted token held, and is whole again where the action bins begin.
 
-So a model invocation happens once per real choice instead of once per token. Where the time
-goes: the decoder steps (one per choice after the prefill); the sliced LM head is a
+So a model invocation happens at most once per real choice instead of once per token. Where the
+time goes: the decoder steps (one per choice after the prefill, fewer with drafting); the sliced LM head is a
 (k x D) product with k <= 256; the grammar walk and buffer bookkeeping are microseconds.
 Buffers (token sequence, embeddings, logits per choice set) are allocated at load.
 """
@@ -52,8 +52,9 @@ STAGES = ("preprocess", "vision", "prefill", "decode", "release", "parse")
 # argmax often commands full speed; the median follows the bulk. Reference ARM, fp32 with forced depth, 100
 # lockstep episodes: 14 % greedy, 26 % median (README, "The reference task and its evaluation").
 ACTION_DECODINGS = ("greedy", "median")
-# Drafted tokens per decoder call where a robot config leaves it unset (BundlePolicyConfig.draft_tokens): about
-# two action steps of the answer (7 bins and their separators each); the length adapts within each answer.
+# Drafted tokens per decoder call where a robot config leaves it unset (BundlePolicyConfig.draft_tokens): most of
+# one action of the answer (7 bins and their separators, 19 tokens with the project's tokenizers); the length
+# adapts within each answer (README "Drafting from the previous answer": 4, 8 and 16 measured).
 DEFAULT_DRAFT_TOKENS = 16
 
 
@@ -72,7 +73,8 @@ class DecodeResult:
     prompt_tokens: int
     decode_steps: int                  # decoder invocations after the prefill (prompt + the answer's leading forced run)
     choices: int                       # answer tokens chosen from more than one id (the first from the prefill);
-                                       # without drafting decode_steps == choices - 1
+                                       # without drafting decode_steps == choices - 1, unless a forced run
+                                       # between two choices is longer than the decoder's chunk
     depth_forced: bool
     trace_forced: bool
     stage_seconds: dict[str, float] = field(default_factory=dict)   # keys from STAGES

@@ -113,7 +113,8 @@ class Plan:
     stage_seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall seconds of this step
     decode_steps: int = 0                   # sequential decoder steps this plan took
     choices: int = 0                        # closed choices the answer had; decode_steps / choices shows what
-                                            # drafting saved (without it, decode_steps == choices - 1)
+                                            # drafting saved (without it, decode_steps is choices - 1
+                                            # where no forced run exceeds the decoder's chunk)
 
     def __post_init__(self) -> None:
         for name in ("actions", "actions_normalized"):

@@ -82,7 +82,7 @@ class EvalOptions:
             raise ConfigError(f"ensemble: true, false or null (the config's), got {self.ensemble!r}")
         if self.draft_tokens is not None and (isinstance(self.draft_tokens, bool)
                                               or not isinstance(self.draft_tokens, int) or self.draft_tokens < 0):
-            raise ConfigError(f"--draft-tokens: an integer >= 0 (0 turns drafting off: one decoder call per choice), "
+            raise ConfigError(f"--draft-tokens: an integer >= 0 (0 turns drafting off: a decoder call per choice), "
                               f"got {self.draft_tokens!r}")
         if self.trace == "expert" and self.timing != "lockstep":
             raise ConfigError("--trace expert steers each plan from the simulator's state, which only the lockstep "

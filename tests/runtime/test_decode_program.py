@@ -167,11 +167,11 @@ def test_drafting_keeps_the_reference_tokens_and_saves_calls(exported, forced):
         assert two.choices == one.choices == one.decode_steps + 1      # the same choices, however many calls
         results.append((one.decode_steps, two.decode_steps))
         choices.append(two.choices)
-    # No previous answer: only the second action is drafted (from the first), so a call or more is saved at most.
+    # No previous answer: only the second action is drafted (from the first), which saves at most its 7 bins' calls.
     assert results[0][0] - 7 <= results[0][1] <= results[0][0]
     # Its own answer as the draft (the actions after the first drafted from the one before them in this answer, which
-    # mostly holds too): a call settles several choices (a choice and its separator are two tokens: at most 8 choices
-    # per call of 16 drafted tokens).
+    # mostly holds too): a call settles several choices (16 drafted tokens hold up to 16 depth codes, or 5-6 action
+    # bins with their two-token separators).
     assert results[1][1] * 3 <= results[1][0]
     assert results[1][1] < choices[1] - 1             # what drafting saved: fewer calls than choices after the first
     assert all(two <= one for one, two in results)     # a call settles at least the choice it was made for
@@ -190,6 +190,31 @@ def test_the_first_answer_drafts_each_action_from_the_one_before(tmp_path_factor
     repeated = int((bins[1:] == bins[:-1]).sum())      # bins equal to the action before's: what a draft can hold
     # Bins of actions 2..4 that repeat their predecessor's are settled by earlier calls.
     assert one.decode_steps - two.decode_steps >= repeated // 2 > 0
+
+
+def test_the_draft_offers_the_action_before_then_the_previous_answer_and_adapts_its_length():
+    from edgeact.runtime.decode_program import _Draft
+
+    # A prompt of 10; actions of 2 bins + 1 separator, 1 token between actions, 3 actions: stride 4, span 11.
+    seq, previous = np.zeros(64, np.int64), np.arange(100, 130)
+    draft = _Draft((previous, 5), 8, 10, seq, (4, 11))
+    np.testing.assert_array_equal(draft.offer(12, 20), previous[2:10])      # before the actions: by position
+    draft.rejected(12)                                                       # the first offered token was wrong
+    assert draft.length == 4
+    draft.at_action(20)          # the first action bin at answer index 10: the previous answer's at 5
+    assert draft.length == 8
+    seq[20:24] = [1, 2, 3, 4]    # the first action and the token after it, decided
+    # Actions 2 and 3 from the one before (decided, or offered in this call), then the previous answer re-aligned.
+    np.testing.assert_array_equal(draft.offer(24, 8), [1, 2, 3, 4, 1, 2, 3, previous[21 - 5]])
+    draft.rejected(26)           # wrong past the first offered token: the length stays
+    assert draft.length == 8
+    assert len(draft.offer(26, 3)) == 3                                      # the call's room trims the offer
+    draft.rejected(26)
+    assert draft.length == 4
+    draft.offer(26, 8)
+    draft.held(30)               # every offered token held: the length doubles back
+    assert draft.length == 8
+    assert len(_Draft(None, 8, 10, seq, (4, 11)).offer(12, 8)) == 0         # no previous answer, not in the actions
 
 
 def test_a_new_scene_drafts_from_nothing(tmp_path_factory):

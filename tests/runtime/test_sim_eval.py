@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("mujoco", reason="the evaluation runs the MuJoCo robot (pip install mujoco==4.0.0)")
 
 from edgeact.runtime.errors import ConfigError  # noqa: E402
+from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS  # noqa: E402
 from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EpisodeResult, EvalOptions, EvalReport,  # noqa: E402
                                       LockstepRunner, episode_plan, eval_systems, evaluate, system_config_dict)
 from edgeact.runtime.sim_robot import mujoco_robot_config_dict  # noqa: E402
@@ -159,6 +160,41 @@ class _Still:
 
     def close(self) -> None:
         pass
+
+
+class _StillForgetting(_Still):
+    """_Still that counts the evaluation's forget_draft calls and the plans between them."""
+
+    def __init__(self):
+        self.log: list[str] = []
+
+    def infer(self, rgb, instruction, depth_m=None):
+        self.log.append("plan")
+        return super().infer(rgb, instruction, depth_m)
+
+    def forget_draft(self) -> None:
+        self.log.append("forget")
+
+
+def test_lockstep_policies_draft_as_the_config_says_and_forget_each_episode(exported, tmp_path):
+    system = eval_systems({"tiny": exported.bundle_dir}, ["generated"])[0]
+    for policy_section, expected in (({}, DEFAULT_DRAFT_TOKENS), ({"type": "bundle", "draft_tokens": 5}, 5)):
+        runner = LockstepRunner({**mujoco_robot_config_dict(), **({"policy": policy_section} if policy_section else {})},
+                                system, 8, "<test>")
+        try:
+            assert runner.policy.program.draft_tokens == expected
+        finally:
+            runner.close()
+    still = _StillForgetting()
+    runner = LockstepRunner(mujoco_robot_config_dict(), system, 8, "<test>", policy=still)
+    try:
+        for index in range(2):
+            runner.episode(index, 1_000_000 + index, "move_to", None)
+    finally:
+        runner.close()
+    # Each episode starts with a forget, before its first plan: an earlier episode's answers are another scene's.
+    starts = [i for i, entry in enumerate(still.log) if entry == "forget"]
+    assert len(starts) == 2 and starts[0] == 0 and still.log[starts[1] - 1] == "plan" and still.log[-1] == "plan"
 
 
 class _CountingPlans:
