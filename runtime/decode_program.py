@@ -146,10 +146,12 @@ class DecodeProgram:
         self._rows = np.zeros((0, decoder.layout.hidden_size), np.float32)   # a drafting call's hidden rows
         # Tokens from one action's first bin to the next's, and from the first action's first bin to the last's
         # end: where an action is drafted from the one before it in the same answer.
-        actions = next(seg for seg in grammar.segments if isinstance(seg, Actions))
-        per_action = actions.dims + (actions.dims - 1) * len(actions.token_sep.ids)
-        self._action_stride = (per_action + len(actions.action_sep.ids), actions.n_actions * per_action
-                               + (actions.n_actions - 1) * len(actions.action_sep.ids))
+        actions = next((seg for seg in grammar.segments if isinstance(seg, Actions)), None)
+        self._action_stride = (0, 0)         # a grammar without actions: nothing drafted within the answer
+        if actions is not None:
+            per_action = actions.dims + (actions.dims - 1) * len(actions.token_sep.ids)
+            self._action_stride = (per_action + len(actions.action_sep.ids), actions.n_actions * per_action
+                                   + (actions.n_actions - 1) * len(actions.action_sep.ids))
         for seg in grammar.segments:
             if isinstance(seg, DepthCodes):
                 self._head_for(np.array(sorted(seg.code_ids), dtype=np.int64))
