@@ -201,7 +201,7 @@ class DecodeProgram:
             if isinstance(step, Forced):
                 k = len(step.ids)
                 self._check_room(n_seq, k)
-                self._decide(n_seq, np.asarray(step.ids, dtype=np.int64), draft)
+                self._decide(n_seq, step.ids, draft)
                 n_seq += k
                 sent = None
             else:
@@ -223,7 +223,7 @@ class DecodeProgram:
                     head = self._head_for(step.ids)
                     sent = head.median(hidden) if head is self._median_head else head.pick(hidden)
                 self._check_room(n_seq, 1)
-                self._decide(n_seq, np.array([sent], dtype=np.int64), draft)
+                self._decide(n_seq, (sent,), draft)
                 n_seq += 1
             try:
                 step = walk.send(sent)
@@ -293,13 +293,13 @@ class DecodeProgram:
         _check_finite(hidden, stage, position)
         return hidden
 
-    def _decide(self, position: int, ids: np.ndarray, draft: "_Draft") -> None:
+    def _decide(self, position: int, ids: tuple[int, ...], draft: "_Draft") -> None:
         """ids are the answer's tokens from `position` on. Where drafted tokens went in there, the first that
         differs ends the draft: the cache forgets it and everything after it."""
         end = position + len(ids)
-        if position < self._fed:
+        if position < self._fed:         # only where a draft went in: no array per token otherwise
             fed = self._seq[position:min(end, self._fed)]
-            wrong = np.flatnonzero(fed != ids[:len(fed)])
+            wrong = np.flatnonzero(fed != np.asarray(ids[:len(fed)], dtype=np.int64))
             if len(wrong):
                 first = position + int(wrong[0])
                 self.decoder.cache.rewind(first)
@@ -370,6 +370,9 @@ def _check_finite(hidden: np.ndarray, stage: str, position: int) -> None:
             "passed `edgeact verify`")
 
 
+_NOTHING = np.zeros(0, np.int64)
+
+
 class _Draft:
     """What to offer after the queued tokens at each position of this answer, and how many per call.
 
@@ -396,7 +399,10 @@ class _Draft:
                 self.shift = self._prev_actions - self.actions_at
 
     def offer(self, position: int, room: int) -> np.ndarray:
-        out = np.empty(max(0, min(self.length, room)), np.int64)
+        if self.length <= 0 or room <= 0:       # drafting off (or no room): the decode step's path stays as it was
+            self._offered = None
+            return _NOTHING
+        out = np.empty(min(self.length, room), np.int64)
         n = 0
         for q in range(position, position + len(out)):
             token = self._token(q, position, out)
