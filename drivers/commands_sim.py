@@ -54,6 +54,9 @@ def _demos(args) -> int:
     from edgeact.drivers.sim.demos import DemoConfig, record_demos, record_policy_demos
     from edgeact.runtime.errors import ConfigError
 
+    if args.seed < 0:       # numpy's generators take no negative seed: refused here, before --out is made
+        raise ConfigError(f"--seed must be an integer >= 0, got {args.seed}; episode i uses seed + i, so start "
+                          "from 0 (the default) or above")
     if args.policy and args.workers != 1:
         raise ConfigError("sim-demos --policy records in one process (the policy's); drop --workers")
     if args.policy and (args.execution_noise or args.rotation_noise or args.siblings or args.first_chunk):

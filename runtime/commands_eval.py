@@ -87,12 +87,14 @@ def _eval(args) -> int:
             if not path.is_absolute() and args.config:
                 path = Path(args.config).resolve().parent / path
             bundles["config"] = str(path)
-    systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
                           args.timing, args.replan_every, args.sheets, args.trace,
                           None if args.ensemble is None else args.ensemble == "on", args.draft_tokens)
+    systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
+    written = []        # the episodes in eval.json so far (evaluate writes each before calling progress)
 
     def progress(system: str, index: int, result) -> None:
+        written.append(result)
         mark = "[green]ok[/]" if result.success else "[red]fail[/]"
         console.print(f"{system}: episode {index + 1}/{options.episodes} {result.instruction!r} {mark} "
                       f"({result.episode_s:.1f} s)")
@@ -108,10 +110,16 @@ def _eval(args) -> int:
         why = f" ({stop})" if str(stop) else ""
         console.print(f"interrupted{why}: {finished}")
         return 130
+    except Exception:   # evaluate marked the report ("interrupted": true, "error"); the CLI reports the error itself
+        if written:
+            done = len(written)
+            console.print(f"stopped by an error: {done} episode{'s' if done > 1 else ''} finished; they are in "
+                          f"{json_path} (marked \"interrupted\": true, with the error)")
+        raise
     steered = ", the expert's trace" if options.trace == "expert" else ""
     table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing}{steered})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
-                   "policy plans/s", "decode calls"):
+                   "policy plans/s", "decode calls/plan"):
         table.add_column(column)
     for row in report.rows():
         per = " ".join(f"{t} {ok}/{n}" for t, (ok, n) in row["per_template"].items())

@@ -74,6 +74,9 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ConfigError(f"--episodes: evaluate at least 1 episode, got {self.episodes}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r} (numpy's generators take no "
+                              f"negative seed); leave it out for the evaluation seeds ({EVAL_SEED} on)")
         if self.timing not in TIMINGS:
             raise ConfigError(f"--timing {self.timing!r} unknown; use one of {', '.join(TIMINGS)}")
         if self.trace not in TRACE_SOURCES:
@@ -128,7 +131,8 @@ class EvalReport:
     options: EvalOptions
     episodes: list[EpisodeResult] = field(default_factory=list)
     complete: bool = False          # every system ran every episode
-    interrupted: bool = False       # stopped (Ctrl-C, the robot's e-stop): `episodes` are the finished ones
+    interrupted: bool = False       # stopped (Ctrl-C, the robot's e-stop, an error): `episodes` are the finished ones
+    error: str | None = None        # what stopped it, where an error did: "TypeName: message"
     draft_tokens: dict[str, int] = field(default_factory=dict)     # each system's policy.draft_tokens (evaluate's)
 
     def __post_init__(self) -> None:
@@ -139,7 +143,8 @@ class EvalReport:
                               "(one --bundle NAME per bundle, each --depth source once)")
 
     def rows(self) -> list[dict[str, Any]]:
-        """One summary row per system: success rate (overall and per template) and the timing means."""
+        """One summary row per system: success rate (overall and per template) and the timing means; decode steps
+        are a mean per plan over all the system's plans (an episode's mean weighs as many plans as it made)."""
         rows = []
         for system in self.systems:
             eps = [e for e in self.episodes if e.system == system.name]
@@ -161,7 +166,7 @@ class EvalReport:
                 "control_hz_mean": _mean([e.control_hz for e in eps]),
                 "period_error_p99_ms_max": _max([e.period_error_p99_ms for e in eps]),
                 "policy_hz_mean": _mean([e.policy_hz for e in eps]),
-                "decode_steps_mean": _mean([e.decode_steps_mean for e in eps]),
+                "decode_steps_mean": _per_plan([(e.decode_steps_mean, e.plans) for e in eps]),
                 "trips": sum(e.trips for e in eps),
                 "failures": dict(Counter(e.failure for e in eps if e.failure is not None).most_common()),
             })
@@ -169,7 +174,7 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "edgeact.eval/1", "complete": self.complete, "interrupted": self.interrupted,
-                "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
+                "error": self.error, "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
                 "systems": self.rows(), "episodes": [asdict(e) for e in self.episodes]}
 
     def write_json(self, path: Path) -> Path:
@@ -188,6 +193,15 @@ class EvalInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, report: EvalReport):
         super().__init__(message)
         self.report = report
+
+
+class InterruptedAfterEpisode(KeyboardInterrupt):
+    """Ctrl-C came while a finished episode's robot stack was taken down: `result` is complete (the task was read
+    before the teardown), so it counts; then the evaluation stops."""
+
+    def __init__(self, message: str, result: EpisodeResult):
+        super().__init__(message)
+        self.result = result
 
 
 def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
@@ -251,7 +265,8 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
 
     The report (options.out_dir / REPORT_FILE) is written at once, replacing an older run's, with "complete": false
     and no episodes; then after every episode; at the end with "complete": true. An interrupt writes it once more
-    with "interrupted": true and raises EvalInterrupted, which carries it.
+    with "interrupted": true and raises EvalInterrupted, which carries it. Any other error writes it with
+    "interrupted": true and "error" (else it would read as a run still going), and is raised again.
     """
     from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS
 
@@ -276,7 +291,11 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
                 for index, (seed, template) in enumerate(plan):
                     sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
                         if index < options.sheets else None
-                    result = runner.episode(index, seed, template, sheet)
+                    try:
+                        result = runner.episode(index, seed, template, sheet)
+                    except InterruptedAfterEpisode as late:
+                        report.episodes.append(late.result)     # written as interrupted, below
+                        raise
                     report.episodes.append(result)
                     report.write_json(path)    # after every episode: an interrupt keeps them
                     if progress is not None:
@@ -287,6 +306,10 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
         report.interrupted = True
         report.write_json(path)
         raise EvalInterrupted(str(exc), report) from exc
+    except Exception as exc:    # the policy's process died, a teardown failed, the simulator refused: stopped too
+        report.interrupted, report.error = True, f"{type(exc).__name__}: {exc}"
+        report.write_json(path)
+        raise
     report.complete = True
     report.write_json(path)
     return report
@@ -331,7 +354,9 @@ class RealtimeRunner:
         config = robot_config_from_dict(episode_config_dict(self.base, seed, template), source=self.source)
         stats, first = TimingStats(config.rates.control_hz), FirstPlan()
         result = run_robot(config, episode.time_limit_s, [stats, first])
-        if result.reason in ("interrupt", "estop") or result.interrupted_late:  # the operator stopped it: so do we
+        stopped = result.reason in ("interrupt", "estop")
+        failed = result.error is not None or result.teardown_error is not None
+        if stopped or (result.interrupted_late and failed):     # the operator stopped it: so do we
             raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})"
                                     + ("; Ctrl-C during its teardown" if result.interrupted_late else ""))
         if result.error is not None:
@@ -341,6 +366,8 @@ class RealtimeRunner:
         out = realtime_result(self.system.name, index, result.task, stats, result.reason)
         if sheet is not None and first.plan is not None:
             out.sheet = str(episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
+        if result.interrupted_late:     # Ctrl-C only during the teardown: the episode finished (its task was read)
+            raise InterruptedAfterEpisode(f"episode {index} finished; Ctrl-C during its teardown", out)
         return out
 
     def close(self) -> None:
@@ -356,22 +383,30 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
     limit_s = float(episode["time_limit_s"])
     first_success = task.get("first_success_s")
     success = first_success is not None and first_success <= limit_s
+    late = first_success is not None and not success
     summary = stats.summary()
     return EpisodeResult(system, index, int(episode["seed"]), episode["template"], episode["instruction"], success,
                          float(first_success) if success else limit_s, limit_s, stats.plans,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
                          sum(t["reason"] != "exit" for t in stats.trips), stop,
-                         outcome=_episode_outcome(task["outcome"], success))
+                         outcome=_episode_outcome(task["outcome"], success, late, episode["template"]))
 
 
-def _episode_outcome(end: dict[str, Any], success: bool) -> dict[str, Any]:
+def _episode_outcome(end: dict[str, Any], success: bool, late: bool, template: str) -> dict[str, Any]:
     """The end state of a simulator's task report as the episode's: no failure where the episode succeeded on the
-    way (the state may have changed since), and a success seen only after the time limit (the run's last
-    judgement) is one."""
+    way (the state may have changed since); a success judged only after the time limit (`late`: the run's last
+    judgement) is one; and a move_to whose predicate holds at the end but was never judged a success was over the
+    block for less than the dwell (a push's predicate is a success the moment it holds)."""
+    from edgeact.drivers.sim.task import dwell_failure
+
     if success:
         return {**end, "failure": None}
-    return end if end["failure"] is not None else {**end, "failure": LATE}
+    if end["failure"] is not None:
+        return end
+    if late:
+        return {**end, "failure": LATE}
+    return {**end, "failure": dwell_failure()} if template == "move_to" else end
 
 
 def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result: EpisodeResult | None = None) -> Path:
@@ -388,14 +423,15 @@ def episode_sheet_from_run(path: Path, task: dict[str, Any], plan, stats, result
 
 
 class LockstepRunner:
-    """Episodes in this process: the world waits while `policy.infer` runs (the system's bundle unless given)."""
+    """Episodes in this process: the world waits while `policy.infer` runs (unless given, the system's bundle as
+    realtime builds it from the config's policy section, every option included, but in this process)."""
 
     def __init__(self, base: dict[str, Any], system: EvalSystem, replan_every: int, source: str, policy=None,
                  trace: str = "model"):
         from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
         from edgeact.drivers.sim.expert import ActionExecutor, ExpertConfig
         from edgeact.drivers.sim.mujoco_robot import MujocoWorld
-        from edgeact.runtime.bundle_policy import BundlePolicy
+        from edgeact.runtime.policy import PolicyContext
         from edgeact.runtime.robot_config import robot_config_from_dict
 
         config = robot_config_from_dict(system_config_dict(base, system), source=source)
@@ -404,12 +440,14 @@ class LockstepRunner:
         self.mapper = config.actions.make_mapper(list(config.robot.motors))
         self.expert = ExpertConfig(action_rate_hz=config.rates.action_rate_hz, control_hz=config.rates.control_hz)
         self._executor_type = ActionExecutor
-        self.policy = policy if policy is not None else BundlePolicy(
-            system.bundle, forced_depth="sensor" if system.depth == "forced" else None,
-            threads=getattr(config.policy, "threads", None), allow_unverified=system.allow_unverified,
-            action_decoding=system.action_decoding, draft_tokens=getattr(config.policy, "draft_tokens", 0))
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
+        try:        # make_policy, not make_robot_policy: no child process, the world waits for this one
+            self.policy = policy if policy is not None else config.policy.make_policy(PolicyContext(
+                config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir, self.renderer.intrinsics))
+        except BaseException:
+            self.renderer.close()
+            raise
 
     def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
         from edgeact.drivers.sim.task import SuccessJudge
@@ -455,7 +493,8 @@ class LockstepRunner:
         out = EpisodeResult(self.system.name, index, seed, template, episode.instruction, success_at is not None,
                             success_at if success_at is not None else episode.time_limit_s, episode.time_limit_s,
                             plans, _per_s(plans, sum(step_s)), _mean(steps), None, None, stop="lockstep",
-                            outcome=task_outcome(self.world, episode).to_dict(template))
+                            outcome=task_outcome(self.world, episode).to_dict(template,
+                                                                              succeeded=success_at is not None))
         if sheet is not None and first_plan is not None:
             out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
         return out
@@ -522,6 +561,13 @@ def _per_s(count: int, seconds: float) -> float | None:
 def _mean(values) -> float | None:
     kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return round(sum(kept) / len(kept), 4) if kept else None
+
+
+def _per_plan(means_and_plans) -> float | None:
+    """The mean per plan of per-episode means, each weighed by its episode's plans."""
+    kept = [(float(m), n) for m, n in means_and_plans if m is not None and math.isfinite(float(m)) and n > 0]
+    plans = sum(n for _, n in kept)
+    return round(sum(m * n for m, n in kept) / plans, 4) if plans else None
 
 
 def _max(values) -> float | None:

@@ -130,6 +130,9 @@ def instruction_for(template: str, colour: str) -> str:
 def sample_episode(seed: int, template: str | None = None, config: TaskConfig | None = None) -> Episode:
     """The episode of `seed`: a template (drawn unless given), a target colour, a block layout, an arm start."""
     config = config or TaskConfig()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"episode seed must be an integer >= 0, got {seed!r}: numpy's generators take no "
+                          "negative seed; give one from 0 up")
     rng = np.random.default_rng(seed)
     template = template if template is not None else str(rng.choice(list(TEMPLATES)))
     colour = str(rng.choice(COLOURS))
@@ -213,10 +216,16 @@ def reset_world(world: Any, episode: Episode) -> None:
         world.drive(joint, torque_on=True, mode="position", goal=q)
 
 
-# Why an episode failed: the first condition of `evaluate`'s predicate its end state misses (Outcome.failure).
+# Why an episode failed: the first condition of `evaluate`'s predicate its end state misses (Outcome.failure);
+# or, for a move_to whose predicate holds at the end, that it never held for the dwell (dwell_failure).
 FAILURES = ("disturbed another block", "block knocked off the table", "pushed the wrong way", "block not pushed",
             "pushed short", "block moved", "block not reached", "wrong height over the block")
 BUDGED_M = 0.01                         # a named block moved less than this was not pushed
+
+
+def dwell_failure(config: TaskConfig | None = None) -> str:
+    """Why a move_to failed whose end effector is over the block at the end, but was not for move_dwell_s."""
+    return f"over the block, not for {(config or TaskConfig()).move_dwell_s:g} s"
 
 
 @dataclass(frozen=True)
@@ -226,12 +235,14 @@ class Outcome:
     max_other_displacement_m: float         # the most any other block moved
     ee_to_target_m: np.ndarray              # (3,) end effector minus the named block's top-face centre
 
-    def failure(self, template: str, config: TaskConfig | None = None) -> str | None:
+    def failure(self, template: str, config: TaskConfig | None = None, succeeded: bool | None = None) -> str | None:
         """Why this end state is no success, one of FAILURES (None: it is one). Blocks start resting on the table,
-        so the named block is off it once it sank more than its half height."""
-        if self.success:
-            return None
+        so the named block is off it once it sank more than its half height. `succeeded`: the episode's verdict
+        (SuccessJudge) where the caller has one: a move_to whose predicate holds now succeeded only if it held for
+        move_dwell_s, and one that did not fails with dwell_failure."""
         config = config or TaskConfig()
+        if self.success:
+            return dwell_failure(config) if template == "move_to" and succeeded is False else None
         moved = np.asarray(self.target_displacement_m, dtype=float)
         if self.max_other_displacement_m > config.disturb_m:
             return "disturbed another block"
@@ -250,13 +261,14 @@ class Outcome:
             return "block not pushed"
         return "pushed short"
 
-    def to_dict(self, template: str) -> dict[str, Any]:
-        """The end state's measures (m, rounded to 0.1 mm) and its failure, as the simulator's task report and an
-        evaluation carry them."""
+    def to_dict(self, template: str, config: TaskConfig | None = None,
+                succeeded: bool | None = None) -> dict[str, Any]:
+        """The end state's measures (m, rounded to 0.1 mm) and its failure (`failure`'s arguments), as the
+        simulator's task report and an evaluation carry them."""
         return {"target_displacement_m": [round(float(v), 4) for v in self.target_displacement_m],
                 "ee_to_target_m": [round(float(v), 4) for v in self.ee_to_target_m],
                 "max_other_displacement_m": round(float(self.max_other_displacement_m), 4),
-                "failure": self.failure(template)}
+                "failure": self.failure(template, config, succeeded)}
 
 
 @dataclass

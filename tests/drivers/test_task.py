@@ -215,3 +215,31 @@ def test_move_to_succeeds_only_once_the_end_effector_stays_over_the_block():
     assert push.update(0.0, False) is None and push.update(0.1, True) == 0.1
     with pytest.raises(ConfigError, match="move_dwell_s"):
         TaskConfig(move_dwell_s=-1.0)
+
+
+def test_a_move_to_over_the_block_that_was_never_judged_a_success_says_so(world):
+    # The predicate holds at the end, but the episode's SuccessJudge saw it hold less than move_dwell_s: no success,
+    # and the reason must say so (not None, which reads as a success, nor "block not reached").
+    e = sample_episode(8, "move_to")
+    reset_world(world, e)
+    ee = world.site_pose("ee")[0]
+    world.set_body_pose(e.target_block, [ee[0], ee[1], ee[2] - 0.06])
+    over = evaluate(world, dataclasses.replace(
+        e, block_positions_m={**e.block_positions_m, e.target_block: np.array([ee[0], ee[1], ee[2] - 0.06])}))
+    assert over.success                                         # the predicate, at this instant
+    assert over.failure(e.template, succeeded=False) == "over the block, not for 0.5 s"
+    assert over.failure(e.template, TaskConfig(move_dwell_s=0.8), succeeded=False) == "over the block, not for 0.8 s"
+    assert over.to_dict(e.template, succeeded=False)["failure"] == "over the block, not for 0.5 s"
+    assert over.failure(e.template, succeeded=True) is None and over.failure(e.template) is None
+
+
+def test_a_negative_seed_is_refused_with_the_fix(tmp_path, capsys):
+    from edgeact.runtime.cli import main
+
+    with pytest.raises(ConfigError, match=r"episode seed must be an integer >= 0, got -5"):
+        sample_episode(-5)
+    out = tmp_path / "demos"
+    assert main(["sim-demos", "--seed", "-5", "--episodes", "1", "--out", str(out)]) == 2
+    assert "edgeact sim-demos: error: --seed must be an integer >= 0, got -5" in " ".join(
+        capsys.readouterr().err.split())
+    assert not out.exists()

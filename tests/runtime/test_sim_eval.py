@@ -415,7 +415,7 @@ def test_the_eval_command_takes_the_draft_tokens_for_every_system(tmp_path, monk
     args = ["eval", "--bundle", f"tiny={bundle}", "--depth", "generated", "--timing", "lockstep", "--episodes", "1",
             "--sheets", "0", "--out", str(out)]
     assert main([*args, "--draft-tokens", "0"]) == 0
-    assert "decode calls" in capsys.readouterr().out
+    assert "decode calls/plan" in capsys.readouterr().out
     data = json.loads((out / "eval.json").read_text())
     assert data["options"]["draft_tokens"] == 0 and [r["draft_tokens"] for r in data["systems"]] == [0]
     assert main([*args, "--draft-tokens", "-1"]) == 2
@@ -588,3 +588,173 @@ def test_sim_demos_with_a_bundle_records_its_states_labelled_by_the_expert(with_
     assert len(a["rgb"]) == -(-episode["n_actions"] // 4) and a["rgb"].shape[1:] == (120, 160, 3)
     assert np.array_equal(a["step"], np.arange(0, episode["n_actions"], 4))
     assert set(a["instruction"]) == {episode["instruction"]}
+
+
+def test_an_evaluation_that_fails_marks_its_report_with_the_error_and_says_where_the_episodes_are(
+        tmp_path, monkeypatch, capsys):
+    # A policy process that dies, a failed teardown, a simulator error: eval.json must not read like a run still
+    # going ("complete": false, "interrupted": false); the error propagates after it is written.
+    from edgeact.runtime import sim_eval
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    class Failing(_Instant):
+        def episode(self, index, seed, template, sheet):
+            if index == 1:
+                raise RuntimeError("the policy's process died (exit -9)")
+            return super().episode(index, seed, template, sheet)
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", Failing)
+    systems = eval_systems({"new": write_tiny_bundle(tmp_path / "b")}, ["generated"])
+    with pytest.raises(RuntimeError, match="process died"):
+        evaluate(mujoco_robot_config_dict(), systems,
+                 EvalOptions(episodes=3, out_dir=tmp_path / "api", timing="lockstep", sheets=0))
+    data = json.loads((tmp_path / "api" / "eval.json").read_text())
+    assert data["interrupted"] and not data["complete"] and [e["index"] for e in data["episodes"]] == [0]
+    assert data["error"] == "RuntimeError: the policy's process died (exit -9)"
+    out = tmp_path / "cli"
+    with pytest.raises(RuntimeError, match="process died"):
+        main(["eval", "--bundle", f"new={tmp_path / 'b'}", "--depth", "generated", "--timing", "lockstep",
+              "--episodes", "3", "--sheets", "0", "--out", str(out)])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"1 episode finished; they are in {out / 'eval.json'} (marked \"interrupted\": true, with the error)" in said
+    # A complete run says it had no error.
+    monkeypatch.setattr(sim_eval, "LockstepRunner", _Instant)
+    evaluate(mujoco_robot_config_dict(), systems,
+             EvalOptions(episodes=1, out_dir=tmp_path / "ok", timing="lockstep", sheets=0))
+    assert json.loads((tmp_path / "ok" / "eval.json").read_text())["error"] is None
+
+
+def test_lockstep_builds_the_policy_from_the_configs_whole_policy_section(exported):
+    # Realtime builds the policy with BundlePolicyConfig.make_policy: lockstep must run the same policy, every
+    # option of the config's policy section included (here: actions per answer, a shorter prefill chunk).
+    from edgeact.runtime.bundle_policy import BundlePolicy
+
+    system = eval_systems({"tiny": exported.bundle_dir}, ["generated"])[0]
+    assert exported.bundle.manifest.grammar.get("n_actions", 1) != 2      # the bundle's own would not do
+    section = {"type": "bundle", "path": "set-by-eval", "n_actions": 2, "prefill_chunk": 7, "threads": 1}
+    runner = LockstepRunner({**mujoco_robot_config_dict(), "policy": section}, system, 2, "<test>")
+    try:
+        assert isinstance(runner.policy, BundlePolicy)      # in this process: the world waits for it
+        assert runner.policy.grammar.n_actions == 2 and runner.policy.decoder.max_chunk == 7
+    finally:
+        runner.close()
+
+
+def test_a_negative_seed_is_refused_before_anything_runs(tmp_path, capsys):
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    with pytest.raises(ConfigError, match=r"^--seed must be an integer >= 0, got -5"):
+        EvalOptions(episodes=1, out_dir=tmp_path, seed=-5)
+    out = tmp_path / "eval"
+    assert main(["eval", "--bundle", f"tiny={write_tiny_bundle(tmp_path / 'b')}", "--depth", "generated",
+                 "--timing", "lockstep", "--seed", "-5", "--out", str(out)]) == 2
+    assert "edgeact eval: error: --seed must be an integer >= 0, got -5" in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
+class _HoldThenExpert:
+    """Holds still for `hold` plans, then follows the scripted expert from the arm's pose (`runner`'s world)."""
+
+    runner = None
+
+    def __init__(self, seed: int, hold: int):
+        self.seed, self.hold, self.plans = seed, hold, 0
+
+    def infer(self, rgb, instruction, depth_m=None):
+        from edgeact.drivers.sim.expert import ExpertSteering, hold_action
+        from edgeact.drivers.sim.task import sample_episode
+
+        runner = self.runner
+        self.plans += 1
+        if self.plans == 1:
+            self.steer = ExpertSteering(sample_episode(self.seed, "move_to"), runner.expert)
+        if self.plans <= self.hold:
+            chunk = np.tile(hold_action(), (8, 1))
+        else:
+            chunk = self.steer.chunk(runner.mapper, runner.world.joint_positions(runner.mapper.joints), 8)[1]
+        return SimpleNamespace(actions=chunk, actions_normalized=chunk, trace_px=None, decode_steps=1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_move_to_over_the_block_at_the_end_but_not_for_the_dwell_fails_and_says_so(tmp_path):
+    # The arm arrives over the block about 0.3 s before the limit: the predicate holds at the end, but not for
+    # TaskConfig.move_dwell_s (0.5 s). A failure, and the failure table must count it.
+    from edgeact.runtime.sim_eval import EvalSystem
+
+    seed, policy = 1_000_000, _HoldThenExpert(1_000_000, hold=21)      # 21 plans of 2 actions: 4.2 s held
+    system = EvalSystem("hold-then-expert", tmp_path / "unused", "fp32", "generated")
+    base = mujoco_robot_config_dict()
+    base["plan"]["ensemble"] = False
+    runner = policy.runner = LockstepRunner(base, system, 2, "<test>", policy=policy)
+    try:
+        result = runner.episode(0, seed, "move_to", None)
+    finally:
+        runner.close()
+    assert not result.success and result.episode_s == result.time_limit_s
+    assert result.failure == result.outcome["failure"] == "over the block, not for 0.5 s"
+    report = EvalReport([system], EvalOptions(episodes=1, out_dir=tmp_path), [result])
+    assert report.rows()[0]["failures"] == {"over the block, not for 0.5 s": 1}
+
+
+def test_a_realtime_move_to_over_the_block_not_long_enough_is_no_late_success():
+    # The simulator's tracker never judged it a success (first_success_s None), yet the end state's predicate
+    # holds: "succeeded after the time limit" would be false.
+    from edgeact.runtime.sim_eval import LATE, realtime_result
+    from edgeact.runtime.telemetry import TimingStats
+
+    def result(template, first_success_s, failure):
+        episode = {"seed": 1, "template": template, "instruction": "x", "time_limit_s": 5.0}
+        task = {"episode": episode, "success": failure is None, "first_success_s": first_success_s,
+                "outcome": {"target_displacement_m": [0.0, 0.0, 0.0], "ee_to_target_m": [0.0, 0.0, 0.05],
+                            "max_other_displacement_m": 0.0, "failure": failure}}
+        return realtime_result("s", 0, task, TimingStats(100.0), "duration")
+
+    assert result("move_to", None, None).failure == "over the block, not for 0.5 s"
+    assert result("move_to", 5.3, None).failure == LATE             # held long enough, after the limit
+    assert result("push_left", 5.3, None).failure == LATE
+    assert result("move_to", None, "block not reached").failure == "block not reached"
+
+
+def test_a_ctrl_c_during_a_finished_episodes_teardown_keeps_that_episode(tmp_path, monkeypatch):
+    # The task was read before the teardown: the episode is complete. It counts, then the evaluation stops.
+    from edgeact.drivers.sim.task import sample_episode
+    from edgeact.runtime import loop
+    from edgeact.runtime.sim_eval import EvalInterrupted
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    def run_robot(config, duration_s, subscribers):
+        episode = sample_episode(config.robot.task.seed, config.robot.task.template)
+        report = {"episode": episode.to_dict(), "success": False, "first_success_s": None, "sim_time_s": duration_s,
+                  "outcome": {"target_displacement_m": [0.0, 0.0, 0.0], "ee_to_target_m": [0.1, 0.0, 0.05],
+                              "max_other_displacement_m": 0.0, "failure": "block not reached"}}
+        return SimpleNamespace(reason="duration", detail="", error=None, teardown_error=None, task=report,
+                               interrupted_late=True)
+
+    monkeypatch.setattr(loop, "run_robot", run_robot)
+    systems = eval_systems({"tiny": write_tiny_bundle(tmp_path / "b")}, ["generated"])
+    with pytest.raises(EvalInterrupted) as stopped:
+        evaluate(mujoco_robot_config_dict(), systems, EvalOptions(episodes=3, out_dir=tmp_path / "eval", sheets=0))
+    assert [e.index for e in stopped.value.report.episodes] == [0]
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert data["interrupted"] and not data["complete"] and [e["index"] for e in data["episodes"]] == [0]
+    assert data["episodes"][0]["outcome"]["failure"] == "block not reached"
+
+
+def test_the_decode_calls_are_a_mean_per_plan_over_the_systems_episodes(tmp_path):
+    from edgeact.runtime.sim_eval import EvalSystem
+
+    system = EvalSystem("s", tmp_path, "fp32", "generated")
+
+    def episode(index, plans, decode_steps_mean):
+        return EpisodeResult("s", index, index, "move_to", "x", False, 5.0, 5.0, plans, None, decode_steps_mean,
+                             None, None)
+
+    report = EvalReport([system], EvalOptions(episodes=3, out_dir=tmp_path),
+                        [episode(0, 1, 10.0), episode(1, 3, 2.0), episode(2, 0, None)])
+    assert report.rows()[0]["decode_steps_mean"] == pytest.approx((10.0 + 3 * 2.0) / 4)    # not (10 + 2) / 2
+    report.episodes = [episode(0, 0, None)]
+    assert report.rows()[0]["decode_steps_mean"] is None
