@@ -60,7 +60,7 @@ def prepare_bundles(checkpoint: str | Path, bundles_dir: str | Path, precisions:
         if fresh or not quantized_from(out, fp32, quant):
             calibration = None
             if quant.needs_calibration:
-                calibration = _calibration(fp32, root / "calibration", calibration_samples, seed, threads, exported)
+                calibration = calibration_for(fp32, root / "calibration", calibration_samples, seed, threads, exported)
             quantize_bundle(fp32, out, quant, calibration, overwrite=True, report_frames=0, seed=seed, threads=threads)
         bundles[precision] = out
         step(f"{precision} bundle")
@@ -125,10 +125,27 @@ def quantized_from(bundle_dir: Path, fp32_dir: Path, quant) -> bool:
             and all(rel in manifest.files and manifest.files[rel].sha256 == source.files[rel].sha256 for rel in arrays))
 
 
-def _calibration(fp32: Path, calib_dir: Path, samples: int, seed: int, threads: int | None, rebuild: bool) -> Path:
-    """bench-quant's calibration set when there is one for this fp32 bundle; else built (and kept) here."""
+def calibration_for(fp32: Path, calib_dir: Path, samples: int, seed: int, threads: int | None, rebuild: bool) -> Path:
+    """The benchmarks' calibration set: the one in calib_dir when it holds `samples` samples of `seed` answered by the
+    fp32 bundle's model; else built (and kept) there."""
     from edgeact.calibration.calibration_build import build_calibration_set
 
-    if rebuild or not (calib_dir / "manifest.json").is_file():
+    if rebuild or not _calibration_fits(calib_dir, fp32, samples, seed):
         build_calibration_set(fp32, calib_dir, samples, seed, threads=threads, overwrite=True)
     return calib_dir
+
+
+def _calibration_fits(calib_dir: Path, fp32: Path, samples: int, seed: int) -> bool:
+    from edgeact.calibration.calibration_set import MANIFEST_FILE, CalibrationError, CalibrationSet, weights_sha256
+    from edgeact.runtime.bundle import read_manifest
+
+    if not (calib_dir / MANIFEST_FILE).is_file():
+        return False
+    try:
+        calib = CalibrationSet.load(calib_dir)
+    except CalibrationError:
+        return False
+    model = calib.model
+    return (len(calib) == samples and calib.seed == seed and model.get("kind") == "bundle"
+            and model.get("config_sha256") == read_manifest(fp32).model.source_config_sha256
+            and model.get("weights_sha256", "") == weights_sha256("bundle", fp32) != "")

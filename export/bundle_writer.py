@@ -335,6 +335,16 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
         return checked
 
 
+def refuse_out_in_source(src: str | Path, out: str | Path) -> None:
+    """Refuse an output directory that is the source bundle or lies inside it, compared where the paths lead (symlinks
+    and `..` resolved): a bundle derived from another (quantize, add-depth-tokenizer) never modifies it."""
+    source, target = Path(src).resolve(), Path(out).resolve()
+    if target == source or source in target.parents:
+        where = "is the source bundle" if target == source else "lies inside the source bundle"
+        raise BundleError(f"{out}: {where} {src} ({source}); write the new bundle to another directory: the source "
+                          "bundle is never modified")
+
+
 def copy_bundle(src: str | Path, writer: BundleWriter, *, skip_stages: Iterable[str] = (),
                 skip_weights: Iterable[str] = ()) -> Manifest:
     """Start `writer` as a copy of bundle `src` (which is only read): every file is copied and its sha256

@@ -97,4 +97,10 @@ def _add(args: argparse.Namespace) -> int:
     console.print(f"{out}: stage depth_tokenizer added in {time.perf_counter() - start:.1f} s; ONNX and PyTorch codes "
                   f"{verdict} on {row['agreement'] * 100:.2f}% of {row['images']} held-out images' codes "
                   f"(gate {row['min'] * 100:.0f}%); verification status {manifest.verification.status!r}")
-    return 0 if row["passed"] else 1
+    # Exit status: the saved verdict (passed or not_run: 0), of which the new row is one part.
+    inherited = [r["gate"] for r in manifest.verification.failing() if r is not row]
+    if inherited:
+        console.print(f"{out}: the source's verification failed at {', '.join(inherited)}, and so does this bundle's: "
+                      "it is refused when loaded; verify the source against its checkpoint (`edgeact verify`) or "
+                      "export it again, then add the stage to that", style="bold red", highlight=False)
+    return 0 if manifest.verification.status in ("passed", "not_run") else 1

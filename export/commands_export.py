@@ -154,6 +154,10 @@ def _value(row: dict) -> str:
     return f"1 - {1 - v:.1e}" if row["gate"].endswith(".cosine") and 0 < 1 - v < 1e-3 else f"{v:.6f}"
 
 
+def _limit(row: dict) -> str:
+    return "-" if row["limit"] is None else f"{row['limit']:g}"     # a kept row recorded without one
+
+
 def _size(n_bytes: int) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n_bytes < 1024:
@@ -171,7 +175,7 @@ def _print_report(console, report) -> None:
         table.add_column(col)
     for row in report.rows:
         value = _value(row)
-        table.add_row(*map(Text, (row["gate"], row["stage"], row["precision"], value, f"{row['limit']:g}", row["detail"])),
+        table.add_row(*map(Text, (row["gate"], row["stage"], row["precision"], value, _limit(row), row["detail"])),
                       Text("pass", style="green") if row["passed"] else Text("FAIL", style="bold red"))
     console.print(table)
     if report.passed:

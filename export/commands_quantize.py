@@ -55,7 +55,7 @@ def _register_quantize(subparsers) -> None:
                         "calibration)")
     p.add_argument("--calibration", type=Path, help="calibration set (`edgeact calibrate`); default: build 8 "
                                                     "synthetic-camera samples from BUNDLE on the fly (int8 w8a8, fp8, "
-                                                    "w8a8-dynamic's SmoothQuant)")
+                                                    "w8a8-dynamic's SmoothQuant; the others refuse one)")
     p.add_argument("--stages", type=_csv, help="stages to quantize, comma-separated (default: vision,connector,"
                                                "decoder; int4: decoder)")
     p.add_argument("--op-types", type=_csv, default=("MatMul",),
@@ -65,7 +65,8 @@ def _register_quantize(subparsers) -> None:
     p.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="int8: apply SmoothQuant with this alpha (0.5 usual; w8a8 without --int8-mode, the "
                         "down-projections' alpha with --int8-mode w8a8-dynamic)")
-    p.add_argument("--per-tensor", action="store_true", help="int8/fp8: one weight scale per tensor, not per channel")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="int8 w8a8, int8 w8a16 qdq and fp8: one weight scale per tensor, not per channel")
     p.add_argument("--quantize-attention", action="store_true",
                    help="int8 w8a8: also the attention's activation x activation products (fp8 quantizes "
                         "constant-weight MatMuls only)")

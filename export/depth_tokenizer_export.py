@@ -9,8 +9,8 @@ nothing else has to agree on a preprocessing convention; TensorRT can run the wh
 A bundle is never modified: `add_depth_tokenizer` writes a NEW bundle, a checked copy of the
 source (copy_bundle) plus the stage and the tokenizer's config. The source's other stages are
 byte-identical, so its quantization record (the runtime reads graph optimization levels from
-it) and its verification rows are carried over; a row for the new stage is added: the ONNX
-codes must agree with the PyTorch encoder's on held-out simulated depth images.
+it) and its verification rows are carried over, except the added stage's, which one new row
+replaces: the ONNX codes must agree with the PyTorch encoder's on held-out simulated depth images.
 """
 from __future__ import annotations
 
@@ -95,9 +95,10 @@ def add_depth_tokenizer(bundle_dir: str | Path, tokenizer_dir: str | Path, out_d
     """
     import onnxruntime as ort
 
-    from edgeact.export.bundle_writer import BundleWriter, copy_bundle
+    from edgeact.export.bundle_writer import BundleWriter, copy_bundle, refuse_out_in_source
     from edgeact.export.depth_tokenizer import load_depth_tokenizer, read_tokenizer_meta
 
+    refuse_out_in_source(bundle_dir, out_dir)
     model = load_depth_tokenizer(tokenizer_dir)
     meta = read_tokenizer_meta(tokenizer_dir)
     if model.config.n_codes != 100 or model.config.codebook_size != 128:
@@ -105,8 +106,6 @@ def add_depth_tokenizer(bundle_dir: str | Path, tokenizer_dir: str | Path, out_d
                           f"{model.config.codebook_size} codes; MolmoAct's answer needs 10x10 codes of 128")
     if check_images is None:
         check_images = _held_out_images(meta)
-    if Path(out_dir).absolute() == Path(bundle_dir).absolute():
-        raise BundleError(f"{out_dir}: is the source bundle; write the new bundle to another directory")
     with BundleWriter(out_dir, overwrite=overwrite) as writer:
         source = copy_bundle(bundle_dir, writer, skip_stages=[STAGE] if STAGE in _stages(bundle_dir) else [])
         path = writer.stage_path(STAGE)
@@ -125,7 +124,9 @@ def add_depth_tokenizer(bundle_dir: str | Path, tokenizer_dir: str | Path, out_d
         row = {"gate": "depth_tokenizer_codes", "passed": agreement >= CODE_AGREEMENT_GATE, "stage": STAGE,
                "agreement": round(agreement, 6), "min": CODE_AGREEMENT_GATE, "images": int(len(check_images))}
         old = source.verification
-        kept = [r for r in old.results if r.get("gate") != row["gate"]]
+        # Every row of the stage goes, the reader's too: a source verified before its row was kept reads as failed
+        # at `depth_tokenizer.unverified` (runtime/bundle_manifest.py), which the new row answers.
+        kept = [r for r in old.results if r.get("gate") != row["gate"] and r.get("stage") != STAGE]
         writer.set_verification(merged_status(old.status, kept, row), dict(old.gates), kept + [row])
     return Path(out_dir)
 

@@ -1,8 +1,9 @@
 """`edgeact bench-quant`: one checkpoint or bundle quantized every way, compared side by side with its fp32 bundle.
 
 From a checkpoint the fp32 bundle is exported first (reused when the work directory already
-holds one exported from the same config); then one calibration set (reused likewise) serves
-the int8 w8a8 and fp8 recipes and w8a8-dynamic's SmoothQuant (int8 w8a16 and int4 need none), and
+holds one exported from the same config); then one calibration set (reused when it has the samples
+and seed asked for and was answered by this fp32 bundle's model) serves the int8 w8a8 and fp8
+recipes and w8a8-dynamic's SmoothQuant (int8 w8a16 and int4 need none, and are given none), and
 every bundle decodes the same held-out frames in one report run, so the decode speeds compare on one
 machine at one time. int8 gets a bundle (and a row) per int8 mode, in work/int8-w8a8,
 work/int8-w8a16 and work/int8-w8a8-dynamic. FP8 is built for a target with SM >= 8.9 (Thor by default): Orin has no FP8.
@@ -84,7 +85,7 @@ class BenchOptions:
 def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchOptions = BenchOptions(),
                        on_step: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows (fp32 first) of the side-by-side report; bundles are left in work_dir for inspection."""
-    from edgeact.calibration.calibration_build import build_calibration_set
+    from edgeact.export.bench_bundles import calibration_for
     from edgeact.export.quant_report import compare_bundles
     from edgeact.export.quantize import quantize_bundle
 
@@ -99,16 +100,14 @@ def bench_quantization(source: str | Path, work_dir: str | Path, options: BenchO
         portable = _fp32_bundle(Path(source).absolute(), work / "fp32-portable", options, io.PORTABLE_ATTENTION)
     step("fp32 bundle")
     calib_dir = work / "calibration"
-    needs_calibration = any(quant.needs_calibration for _, quant in recipes)
-    if needs_calibration and (not (calib_dir / "manifest.json").is_file() or options.fresh):
-        build_calibration_set(fp32, calib_dir, options.calibration_samples, options.seed,
-                              threads=options.threads, overwrite=True)
+    if any(quant.needs_calibration for _, quant in recipes):      # reused only if it has the samples, seed and model
+        calibration_for(fp32, calib_dir, options.calibration_samples, options.seed, options.threads, options.fresh)
     step("calibration set")
     outputs = []
     for name, quant in recipes:
         out = work / name
         quantize_bundle(portable if quant.target and portable else fp32, out, quant,
-                        calib_dir if needs_calibration else None, overwrite=True, report_frames=0,
+                        calib_dir if quant.needs_calibration else None, overwrite=True, report_frames=0,
                         seed=options.seed, threads=options.threads)
         outputs.append(out)
         step(f"{name} bundle")

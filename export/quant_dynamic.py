@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, replace_nodes, save_onnx
+from edgeact.export.quant_fp8 import ensure_opset
 from edgeact.export.quant_options import QuantizeOptions
 
 # Linear layers that keep W8A16: the decoder MLP's down-projection (module path .../mlp/ff_out).
@@ -57,6 +58,9 @@ ACTIVATION_ZERO_POINT = 128      # uint8 activations, symmetric around 128: MLAS
 ACTIVATION_MAX = 127
 WEIGHT_MAX = 63                  # 7-bit weights: no int16 saturation in U8S8 GEMMs without VNNI (module docstring)
 MIN_OPSET = 21                   # blocked QuantizeLinear (one scale per row)
+# From opset 19 on, the ops an exported stage uses mean at 21 what they meant (types were added): the version is
+# raised as it is. An older graph (`edgeact export --opset 17`) is converted to 19 first.
+CONVERTED_BELOW = 19
 _PREFIX = "int8_dynamic"
 _BIG_TENSOR = 1 << 20            # elements: tensors this big are weights, left out of the shape inference's copy
 
@@ -121,6 +125,9 @@ def write_dynamic_int8_matmuls(src: Path, dst: Path, exclude: tuple[str, ...] = 
     proto = onnx.load(str(src))
     linear = const_weight_matmuls(proto, ("MatMul",), tuple(exclude))
     targets = {n.name for n in linear if not (keep_w8a16 and KEEP_W8A16.search(n.name))}
+    if targets:        # before any opset-21 node goes in; MatMuls keep their names and weights
+        ensure_opset(proto, CONVERTED_BELOW)
+        linear = const_weight_matmuls(proto, ("MatMul",), tuple(exclude))
     inits = {t.name: t for t in proto.graph.initializer}
     consts = {"axes": np.array([-1], np.int64), "inv_max": np.array(1.0 / ACTIVATION_MAX, np.float32),
               "one": np.array(1.0, np.float32), "zp": np.array(ACTIVATION_ZERO_POINT, np.uint8)}
@@ -226,7 +233,7 @@ def _structure_only(proto):
 
 
 def _require_opset(proto) -> None:
-    """Blocked QuantizeLinear is opset 21; the ops an exported stage uses mean the same at 21 (types were added)."""
+    """Blocked QuantizeLinear is opset 21; a graph converted to CONVERTED_BELOW or newer means the same at 21."""
     from onnx import helper
 
     domains = {o.domain: o for o in proto.opset_import}

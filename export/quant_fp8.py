@@ -42,7 +42,7 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
     from onnx import TensorProto, helper, numpy_helper
 
     proto = onnx.load(str(src))
-    _ensure_opset(proto)
+    ensure_opset(proto)
     nodes = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if "MatMul" in options.op_types]
     amax = {k: v.absmax for k, v in tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads,
                                                   channels=False).items()}
@@ -80,12 +80,14 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
             "quantized_nodes": len(nodes), "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}
 
 
-def _ensure_opset(proto) -> None:
+def ensure_opset(proto, version: int = MIN_OPSET) -> None:
+    """Convert a graph of an older default-domain opset to `version` in place (an op's meaning can change between
+    opsets: 18 moved ReduceMean's axes from an attribute to an input); a newer graph is left as it is."""
     for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version < MIN_OPSET:
+        if opset.domain in ("", "ai.onnx") and opset.version < version:
             from onnx import version_converter
 
-            converted = version_converter.convert_version(proto, MIN_OPSET)
+            converted = version_converter.convert_version(proto, version)
             proto.CopyFrom(converted)
             return
 

@@ -1,7 +1,7 @@
 """What `edgeact quantize` may be asked: one validated options record per run, recorded verbatim in the manifest."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from edgeact.runtime import stage_io
@@ -32,6 +32,19 @@ DEFAULT_STAGES = {"int8": stage_io.MODEL_STAGES,
 # Op types a QDQ recipe may be asked to quantize. Linear layers are MatMul; quantizing Add/Mul/Softmax
 # too puts Q/DQ on the residual stream and the attention probabilities, which wrecks a decoder.
 QDQ_OP_TYPES = ("MatMul", "Gemm", "Conv", "Add", "Mul", "Softmax", "Gather", "Concat")
+# Options only some recipes read: field -> (its flag, the recipes that read it). The manifest records every option,
+# so one given to a recipe that does not read it would claim what was not done: refused (QuantizeOptions._check_read).
+RECIPE_OPTIONS = {
+    "op_types": ("--op-types", "int8 w8a8"),
+    "quantize_attention": ("--quantize-attention", "int8 w8a8"),
+    "per_channel": ("--per-tensor", "int8 w8a8, int8 w8a16 qdq and fp8"),
+    "block_size": ("--block-size", "int4, int8 w8a16 nbits and w8a8-dynamic's W8A16 down-projections"),
+    "accuracy_level": ("--accuracy-level", "the MatMulNBits forms: int4 nbits, int8 w8a16 nbits and w8a8-dynamic's "
+                                           "W8A16 down-projections"),
+    "int4_format": ("--int4-format", "int4"),
+    "decode_steps": ("--decode-steps", "recipes that calibrate the decoder: int8 w8a8, fp8 and w8a8-dynamic's "
+                                       "SmoothQuant"),
+}
 
 
 @dataclass(frozen=True)
@@ -90,21 +103,67 @@ class QuantizeOptions:
                                      ("arrays dtype", self.arrays_dtype, ARRAY_DTYPES), ("backend", self.backend, BACKENDS)):
             if value not in choices:
                 raise ConfigError(f"{name} {value!r} unknown; use one of {', '.join(choices)}")
-        self._check_fp8()
-        self._check_int8_mode()
         if self.decode_steps < 0:
             raise ConfigError(f"decode_steps is {self.decode_steps}; use 0 or more")
+        self._check_int8_mode()
+        nbits = [flag for flag, fmt in (("--int4-format", self.int4_format), ("--int8-format", self.int8_format))
+                 if fmt == "nbits"]
+        if self.for_tensorrt and nbits:
+            raise ConfigError(f"{' and '.join(nbits)} nbits with --target {self.target}: TensorRT cannot parse "
+                              "MatMulNBits; drop --int4-format/--int8-format or use qdq")
+        self._check_read()
+        if self.int8_mode in ("w8a16", "w8a8-dynamic") and self.accuracy_level is None \
+                and self.resolved_int8_format() == "nbits":
+            # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
+            object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
 
-    def _check_fp8(self) -> None:
-        """The fp8 writer (export/quant_fp8.py) quantizes constant-weight MatMuls only: refuse what it would ignore."""
-        if self.precision != "fp8" or self.backend != "onnxruntime":
+    def _check_read(self) -> None:
+        """Refuse an option of RECIPE_OPTIONS given (other than its default) to a recipe that does not read it."""
+        if self.backend != "onnxruntime":
             return
-        asked = [what for what, given in (("--quantize-attention", self.quantize_attention),
-                                          (f"--op-types {','.join(self.op_types)}", self.op_types != ("MatMul",)))
-                 if given]
-        if asked:
-            raise ConfigError(f"{' and '.join(asked)}: fp8 quantizes constant-weight MatMuls (the linear layers) "
-                              "only; drop it, or use --precision int8 --int8-mode w8a8 for Q/DQ on those nodes")
+        recipe, reads = self._recipe_reads()
+        defaults = {f.name: f.default for f in fields(self)}
+        unread = [name for name in RECIPE_OPTIONS if name not in reads and getattr(self, name) != defaults[name]]
+        if not unread:
+            return
+        given, why = [], []
+        for name in unread:
+            flag, read_by = RECIPE_OPTIONS[name]
+            value = getattr(self, name)
+            given.append(flag if isinstance(value, bool) else
+                         f"{flag} {','.join(value) if isinstance(value, tuple) else value}")
+            why.append(f"{flag} (read by {read_by})")
+        raise ConfigError(f"{_listed(given, 'and')}: {recipe}; it does not read {_listed(why, 'or')}, which the "
+                          f"manifest would record as applied: drop {'it' if len(given) == 1 else 'them'}")
+
+    def _recipe_reads(self) -> tuple[str, set[str]]:
+        """(what the recipe these options choose does, the fields of RECIPE_OPTIONS it reads); the recipes are
+        export/quant_int8.py, quant_w8a16.py, quant_dynamic.py, quant_fp8.py and quant_int4.py."""
+        calibrates_decoder = {"decode_steps"} if self.needs_calibration and stage_io.DECODER_STAGE in self.stages \
+            else set()
+        if self.precision == "fp8":
+            return ("fp8 quantizes constant-weight MatMuls (the linear layers) only, as E4M3 Q/DQ scaled by amax",
+                    {"per_channel"} | calibrates_decoder)
+        if self.precision == "int4":
+            fmt = self.resolved_int4_format()
+            level = {"accuracy_level"} if fmt == "nbits" else set()
+            return (f"int4 {fmt} rounds the linear MatMuls' weights in blocks (RTN, weight-only, no calibration"
+                    + (", no MatMulNBits accuracy level" if fmt == "qdq" else "") + ")",
+                    {"block_size", "int4_format"} | level)
+        if self.int8_mode == "w8a8":
+            return ("int8 w8a8 writes Q/DQ with per-channel or per-tensor scales (no blocks, no MatMulNBits)",
+                    {"op_types", "quantize_attention", "per_channel"} | calibrates_decoder)
+        if self.int8_mode == "w8a16":
+            if self.resolved_int8_format() == "nbits":
+                return ("int8 w8a16 nbits writes the linear layers' weights as MatMulNBits in blocks",
+                        {"block_size", "accuracy_level"})
+            return ("int8 w8a16 qdq writes the linear layers' weights per channel or per tensor behind a "
+                    "DequantizeLinear (no blocks, no MatMulNBits)", {"per_channel"})
+        if self.down_projections == "w8a16":
+            return ("int8 w8a8-dynamic writes every linear layer's weight per output channel, its MLP down-projections "
+                    "as W8A16 MatMulNBits in blocks", {"block_size", "accuracy_level"})
+        return ("int8 w8a8-dynamic writes every linear layer's weight per output channel, its MLP down-projections "
+                "SmoothQuant-ed (no blocks, no MatMulNBits)", calibrates_decoder)
 
     def _check_int8_mode(self) -> None:
         if self.precision != "int8":
@@ -134,9 +193,6 @@ class QuantizeOptions:
             raise ConfigError(f"int8 mode w8a16 quantizes linear layers' weights only, but {', '.join(w8a8_only)} "
                               "asks for activation quantization (or a quantizer without weight-only int8); "
                               "use int8 mode w8a8, or drop those options")
-        if self.accuracy_level is None and self.resolved_int8_format() == "nbits":
-            # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
-            object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
 
     def _check_dynamic(self, w8a8_only: list[str]) -> None:
         if self.for_tensorrt:
@@ -220,3 +276,7 @@ class QuantizeOptions:
         for key in ("stages", "op_types", "exclude_nodes"):
             data[key] = list(data[key])
         return data
+
+
+def _listed(items: list[str], conjunction: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conjunction} {items[-1]}"

@@ -104,22 +104,23 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
 
     calibration: a calibration set (or its directory); None builds DEFAULT_CALIBRATION_SAMPLES
     synthetic-camera samples answered by `src` itself (recipes that measure no activation ranges, int4, int8
-    w8a16 and w8a8-dynamic with W8A16 down-projections, need none and ignore one given; the default w8a8-dynamic
+    w8a16 and w8a8-dynamic with W8A16 down-projections, need none and refuse one given; the default w8a8-dynamic
     reads its down-projections' channel ranges from it). report_frames: held-out frames the report decodes with
     both bundles (0: no report). verify: run `edgeact verify`'s comparison with the reference checkpoint
     (`checkpoint`, default the one the source's manifest records; refused before any work if it is not
     there) and record the verdict. Report and verdict are recorded before the bundle is published, so an
     existing bundle at `out` (overwrite) is replaced only by a finished, judged one.
     """
-    from edgeact.export.bundle_writer import BundleWriter, copy_bundle, update_manifest
+    from edgeact.export.bundle_writer import BundleWriter, copy_bundle, refuse_out_in_source, update_manifest
     from edgeact.export.quant_decode import OrtBundle
     from edgeact.export.quant_report import compare_bundles
     from edgeact.export.verify import unmeasured_rows
 
     step = on_step or (lambda name: None)
+    refuse_out_in_source(src, out)
     src, out = Path(src).absolute(), Path(out).absolute()
-    if src == out:
-        raise BundleError(f"{out}: the quantized bundle must go to a new directory; the source bundle is never modified")
+    if calibration is not None and (why := _no_calibration_why(options)):
+        raise ConfigError(f"--calibration: {recipe_name(options)} {why}, so it reads no calibration set; drop it")
     if options.backend == "modelopt":
         from edgeact.export.quant_modelopt import require_modelopt
 
@@ -234,14 +235,20 @@ def _check_exclude_nodes(source: Bundle, options: QuantizeOptions) -> None:
                           "exactly (a leading '/' included)")
 
 
+def _no_calibration_why(options: QuantizeOptions) -> str | None:
+    """Why the recipe measures no activation statistics; None if it does."""
+    if options.needs_calibration or options.backend != "onnxruntime":
+        return None
+    if options.int8_mode == "w8a8-dynamic":
+        return "scales activations at run time, and no down-projection is SmoothQuant-ed here"
+    return "is weight-only"
+
+
 def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: int, threads: int | None
                  ) -> tuple[CalibrationSet | None, dict[str, Any]]:
-    if not options.needs_calibration and options.backend == "onnxruntime":
-        if options.int8_mode == "w8a8-dynamic":
-            return None, {"used": False, "why": "int8 w8a8-dynamic scales activations at run time, and no "
-                                                "down-projection is SmoothQuant-ed here: no activation statistics"}
-        what = "int4 RTN" if options.precision == "int4" else "int8 w8a16"
-        return None, {"used": False, "why": f"{what} is weight-only: no activation statistics"}
+    if why := _no_calibration_why(options):
+        what = {"int4": "int4 RTN", "int8": f"int8 {options.int8_mode}"}[options.precision]
+        return None, {"used": False, "why": f"{what} {why}: no activation statistics"}
     if calibration is None:
         from edgeact.calibration.calibration_build import build_calibration_set
 

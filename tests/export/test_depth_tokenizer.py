@@ -174,6 +174,23 @@ def test_add_depth_tokenizer_refuses_to_write_over_its_source(trained, held_out,
         add_depth_tokenizer(source_bundle, trained.dir, source_bundle, check_images=held_out[:1], overwrite=True)
 
 
+def test_add_depth_tokenizer_refuses_its_source_through_a_symlink_or_inside_it(trained, held_out, source_bundle,
+                                                                               tmp_path):
+    import shutil
+
+    from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
+
+    src = shutil.copytree(source_bundle, tmp_path / "src")
+    (tmp_path / "link").symlink_to(src)
+    before = tree_digest(src)
+    for bundle, out, what in ((tmp_path / "link", src, "is the source bundle"),
+                              (src, tmp_path / "link", "is the source bundle"),
+                              (src, src / "with_depth", "lies inside the source bundle")):
+        with pytest.raises(BundleError, match=f"{what} .*never modified"):
+            add_depth_tokenizer(bundle, trained.dir, out, check_images=held_out[:1], overwrite=True)
+    assert tree_digest(src) == before
+
+
 def test_replacing_the_only_failing_depth_tokenizer_row_recomputes_the_status(trained, held_out, source_bundle,
                                                                               tmp_path):
     """A source that failed only at the old depth-tokenizer gate: the new stage's row decides, not the old status."""

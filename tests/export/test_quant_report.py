@@ -152,3 +152,39 @@ def test_bench_quant_smoothquant_reaches_both_modes_that_smooth(monkeypatch):
     assert alphas == {"int8-w8a8": 0.7, "int8-w8a16": None, "int8-w8a8-dynamic": 0.7}
     (default,) = _bench_quant_cli(monkeypatch=monkeypatch)          # no option given: every default, nothing refused
     assert default == BenchOptions()
+
+
+def test_bench_reuses_its_calibration_set_only_for_the_samples_seed_and_model_asked_for(sources, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from edgeact.calibration.calibration_set import CalibrationSet, weights_sha256
+    from edgeact.export.bundle_writer import update_manifest
+
+    quantized = []
+    monkeypatch.setattr("edgeact.export.quantize.quantize_bundle",
+                        lambda src, out, quant, calibration, **kw: quantized.append((out.name, calibration)))
+    monkeypatch.setattr("edgeact.export.quant_report.compare_bundles", lambda *a, **kw: [])
+    work = tmp_path / "bench"
+    calibration = work / "calibration"
+
+    def bench(source=sources["bundle"], **options) -> CalibrationSet:
+        quantized.clear()
+        bench_quantization(source, work, BenchOptions(precisions=("int8", "int4"), int8_modes=("w8a8",),
+                                                      threads=1, **options))
+        return CalibrationSet.load(calibration)
+
+    first = bench(calibration_samples=1)
+    assert len(first) == 1 and first.seed == 0
+    assert quantized == [("int8-w8a8", calibration), ("int4", None)]     # int4 reads no calibration set
+    built = (calibration / "manifest.json").stat().st_mtime_ns
+    assert len(bench(calibration_samples=1)) == 1                       # the same request: reused
+    assert (calibration / "manifest.json").stat().st_mtime_ns == built
+    assert len(bench(calibration_samples=2)) == 2
+    assert bench(calibration_samples=2, seed=3).seed == 3
+
+    other = shutil.copytree(sources["bundle"], tmp_path / "other")          # same config, other weights
+    np.save(other / "weights" / "embedding.npy", np.load(other / "weights" / "embedding.npy") * 1.5)
+    update_manifest(other, lambda m: None, rehash=["weights/embedding.npy"])
+    again = bench(other, calibration_samples=2, seed=3)
+    assert again.model["source"] == str(other) and again.model["weights_sha256"] == weights_sha256("bundle", other)

@@ -22,7 +22,7 @@ RECIPES = {
     "int8": QuantizeOptions("int8", int8_mode="w8a8"),
     "int8-smoothquant": QuantizeOptions("int8", smoothquant_alpha=0.5),      # static w8a8 with SmoothQuant
     "int8-w8a16": QuantizeOptions("int8", int8_mode="w8a16", block_size=32),
-    "int8-dynamic": QuantizeOptions("int8", block_size=32),             # the default int8 mode on onnxruntime
+    "int8-dynamic": QuantizeOptions("int8"),                            # the default int8 mode on onnxruntime
     "int8-dynamic-w8a16": QuantizeOptions("int8", block_size=32, down_projections="w8a16"),
     "int8-w8a16-orin": QuantizeOptions("int8", int8_mode="w8a16", target="orin"),   # its TensorRT form
     "fp8": QuantizeOptions("fp8", target="thor"),
@@ -44,7 +44,7 @@ def quantized(sources, tmp_path_factory):
     # TensorRT targets quantize the portable decoder.
     results = {name: quantize_bundle(sources["portable" if options.target else "bundle"],
                                      root / ("missing-parent" if name == "int4" else "") / name,
-                                     options, sources["calibration"],
+                                     options, sources["calibration"] if options.needs_calibration else None,
                                      report_frames=1, threads=1)
                for name, options in RECIPES.items()}
     return results, before, tree_digest(sources["bundle"])
@@ -845,3 +845,97 @@ def test_a_depth_tokenizer_row_survives_quantization_and_its_verification(source
                              checkpoint=sources["checkpoint"])
     v = load_bundle(result.out, allow_failed_verification=True).manifest.verification
     assert v.status == result.verification and "depth_tokenizer_codes" in [r["gate"] for r in v.results]
+
+
+def test_default_int8_of_an_opset_17_export_is_converted_not_relabelled(sources, tmp_path):
+    """Opset 18 moved ReduceMean's axes from an attribute to an input: the graph is converted before it is raised to
+    the blocked QuantizeLinear's opset 21, and decodes as the fp32 bundle does."""
+    from edgeact.export.bundle_export import ExportOptions, export_bundle
+    from edgeact.export.verify import GATES
+
+    b17 = export_bundle(sources["checkpoint"], tmp_path / "b17", ExportOptions(max_seq=1024, opset=17))
+    result = quantize_bundle(b17, tmp_path / "int8", QuantizeOptions("int8"), sources["calibration"], report_frames=1,
+                             threads=1)
+    assert result.recipe == "int8-w8a8-dynamic"
+    for stage in io.MODEL_STAGES:
+        assert {o.domain: o.version for o in _graph(result.out, stage).opset_import}[""] == 21
+    assert result.report[1]["agreement_forced"] >= GATES["int8"].forced_agreement
+
+
+def test_the_source_is_never_the_output_however_it_is_spelled(sources, tmp_path):
+    import shutil
+
+    src = shutil.copytree(sources["bundle"], tmp_path / "src")
+    (tmp_path / "link").symlink_to(src)
+    before = tree_digest(src)
+    for source, out, what in ((tmp_path / "link", src, "is the source bundle"),
+                              (src, tmp_path / "link", "is the source bundle"),
+                              (src, src / "int4", "lies inside the source bundle")):
+        with pytest.raises(BundleError, match=f"{what} .*never modified"):
+            quantize_bundle(source, out, INT4, overwrite=True, report_frames=0, threads=1)
+    assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("fmt", ["int4_format", "int8_format"])
+def test_a_tensorrt_target_refuses_the_matmulnbits_format(fmt):
+    precision = "int4" if fmt == "int4_format" else "int8"
+    with pytest.raises(ConfigError, match=r"TensorRT cannot parse MatMulNBits; drop --int4-format/--int8-format or "
+                                          r"use qdq"):
+        QuantizeOptions(precision, target="orin", **{fmt: "nbits"})
+    assert QuantizeOptions(precision, target="orin", **{fmt: "qdq"}).for_tensorrt
+
+
+@pytest.mark.parametrize("kwargs, flag, recipe", [
+    (dict(precision="int8", per_channel=False), "--per-tensor", "int8 w8a8-dynamic"),
+    (dict(precision="int8", block_size=32), "--block-size 32", "int8 w8a8-dynamic"),   # SmoothQuant-ed: no W8A16 layer
+    (dict(precision="int8", accuracy_level=1), "--accuracy-level 1", "int8 w8a8-dynamic"),
+    (dict(precision="int4", quantize_attention=True), "--quantize-attention", "int4 nbits"),
+    (dict(precision="int4", op_types=("MatMul", "Gemm")), "--op-types MatMul,Gemm", "int4 nbits"),
+    (dict(precision="int4", per_channel=False), "--per-tensor", "int4 nbits"),
+    (dict(precision="int4", decode_steps=4), "--decode-steps 4", "int4 nbits"),
+    (dict(precision="int4", int4_format="qdq", accuracy_level=4), "--accuracy-level 4", "int4 qdq"),
+    (dict(precision="int8", int8_mode="w8a16", int8_format="qdq", block_size=32), "--block-size 32", "int8 w8a16 qdq"),
+    (dict(precision="int8", int8_mode="w8a16", int8_format="qdq", accuracy_level=1), "--accuracy-level 1",
+     "int8 w8a16 qdq"),
+    (dict(precision="int8", int8_mode="w8a16", per_channel=False), "--per-tensor", "int8 w8a16 nbits"),
+    (dict(precision="int8", int8_mode="w8a8", block_size=64), "--block-size 64", "int8 w8a8"),
+    (dict(precision="int8", int4_format="qdq"), "--int4-format qdq", "int8 w8a8-dynamic"),
+    (dict(precision="fp8", accuracy_level=2), "--accuracy-level 2", "fp8"),
+    (dict(precision="fp8", block_size=32), "--block-size 32", "fp8"),
+])
+def test_an_option_the_recipe_does_not_read_is_refused_not_recorded(kwargs, flag, recipe):
+    with pytest.raises(ConfigError, match=rf"^{flag}: {recipe} .*; it does not read {flag.split()[0]} \(read by "
+                                          r".*\), which the manifest would record as applied: drop it"):
+        QuantizeOptions(**kwargs)
+
+
+def test_every_option_the_recipe_does_not_read_is_named_at_once():
+    with pytest.raises(ConfigError, match=r"^--op-types MatMul,Gemm, --quantize-attention and --per-tensor: int4 nbits "
+                                          r".*; it does not read --op-types \(read by int8 w8a8\), --quantize-attention "
+                                          r"\(read by int8 w8a8\) or --per-tensor \(read by .*\), .*: drop them"):
+        QuantizeOptions("int4", quantize_attention=True, op_types=("MatMul", "Gemm"), per_channel=False)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(precision="int8", int8_mode="w8a8", per_channel=False, quantize_attention=True, op_types=("MatMul", "Gemm"),
+         decode_steps=4),
+    dict(precision="int8", int8_mode="w8a16", block_size=32, accuracy_level=1),
+    dict(precision="int8", int8_mode="w8a16", int8_format="qdq", per_channel=False),
+    dict(precision="int8", down_projections="w8a16", block_size=32, accuracy_level=1),
+    dict(precision="int8", decode_steps=4),                              # the down-projections' calibration
+    dict(precision="int4", block_size=32, accuracy_level=4, int4_format="nbits"),
+    dict(precision="int4", target="orin", block_size=32),
+    dict(precision="fp8", per_channel=False, decode_steps=4),
+])
+def test_the_options_each_recipe_reads_are_accepted(kwargs):
+    QuantizeOptions(**kwargs)
+
+
+def test_a_calibration_set_for_a_recipe_that_reads_none_is_refused_before_any_work(sources, tmp_path, capsys):
+    for options, recipe in ((INT4, "int4-rtn-nbits"), (QuantizeOptions("int8", int8_mode="w8a16"), "int8-w8a16-nbits"),
+                            (QuantizeOptions("int8", down_projections="w8a16"), "int8-w8a8-dynamic")):
+        with pytest.raises(ConfigError, match=rf"--calibration: {recipe} .* reads no calibration set; drop it"):
+            quantize_bundle(sources["bundle"], tmp_path / "q", options, sources["calibration"], report_frames=0)
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "int4", "--calibration", str(sources["calibration"]),
+               "--out", str(tmp_path / "q")])
+    assert rc == 2 and "--calibration: int4-rtn-nbits" in capsys.readouterr().err and not (tmp_path / "q").exists()

@@ -299,3 +299,63 @@ def test_a_passed_verdict_needs_a_row_for_every_stage(bundles, tmp_path):
     with pytest.raises(BundleError, match=r"verification failed at gate 'connector.unverified'.*--allow-unverified"):
         load_bundle(target)
     assert load_bundle(target, allow_failed_verification=True).manifest.verification.status == "failed"
+
+
+def _as_before_the_depth_row(bundle_dir) -> None:
+    """The manifest as an older `edgeact verify` left it: 'passed', with no row for the depth_tokenizer stage."""
+    path = bundle_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    rows = [{"gate": f"{s}.cosine", "stage": s, "precision": "fp32", "value": 1.0, "limit": 0.99999, "detail": "",
+             "passed": True} for s in ("vision", "connector", "decoder")]
+    manifest["verification"] = {"status": "passed", "gates": {}, "results": rows}
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_add_depth_tokenizer_on_a_bundle_from_before_the_depth_row_replaces_the_readers_failing_row(
+        bundles, tmp_path, monkeypatch, capsys):
+    """The reader marks such a bundle failed at `depth_tokenizer.unverified`; the new stage's row replaces that."""
+    old = with_depth_tokenizer(bundles["D"], tmp_path)
+    _as_before_the_depth_row(old)
+    assert read_manifest(old).verification.status == "failed"              # as the reader takes it
+    images = np.random.default_rng(1).uniform(0.3, 1.8, (2, 60, 80)).astype(np.float32)
+    monkeypatch.setattr(depth_tokenizer_export, "_held_out_images", lambda meta: images)
+    tokenizer = str(tmp_path / "depth_tokenizer")
+    assert main(["add-depth-tokenizer", str(old), "--tokenizer", tokenizer, "--out", str(tmp_path / "new")]) == 0
+    v = load_bundle(tmp_path / "new").manifest.verification                 # loads without --allow-unverified
+    assert v.status == "passed"
+    assert [r["gate"] for r in v.results] == ["vision.cosine", "connector.cosine", "decoder.cosine",
+                                              "depth_tokenizer_codes"]
+
+    # A source failed at another gate: the new bundle is failed too, and the command says so by its exit status.
+    failed = _copy(old, tmp_path)
+    update_manifest(failed, lambda m: setattr(m, "verification", VerificationInfo("failed", {}, (
+        {"gate": "vision.cosine", "stage": "vision", "passed": False, "value": 0.5, "limit": 0.99999},))))
+    capsys.readouterr()
+    assert main(["add-depth-tokenizer", str(failed), "--tokenizer", tokenizer, "--out", str(tmp_path / "bad")]) == 1
+    assert read_manifest(tmp_path / "bad").verification.status == "failed"
+    assert "vision.cosine" in " ".join(capsys.readouterr().out.split())
+
+
+def test_verify_of_a_bundle_from_before_the_depth_row_fails_at_the_depth_gate_not_the_readers_row(
+        bundles, tmp_path, capsys):
+    old = with_depth_tokenizer(bundles["D"], tmp_path)
+    _as_before_the_depth_row(old)
+    assert main(["verify", str(old), "--frames", "1", "--threads", "1"]) == 1
+    assert "verification FAILED at depth_tokenizer_codes" in " ".join(capsys.readouterr().out.split())
+    v = read_manifest(old).verification
+    assert v.status == "failed" and [r["gate"] for r in v.results] == GATE_NAMES + ["depth_tokenizer_codes"]
+    assert v.results[-1]["limit"] == depth_tokenizer_export.CODE_AGREEMENT_GATE
+
+
+def test_the_verify_table_prints_a_row_without_a_limit():
+    from rich.console import Console
+
+    from edgeact.export.commands_export import _print_report
+    from edgeact.export.verify import VerificationReport
+
+    row = {"gate": "depth_tokenizer_codes", "stage": "depth_tokenizer", "precision": "fp32", "value": None,
+           "limit": None, "detail": "checked when the stage was added", "passed": True}
+    console = Console(record=True, width=200)
+    _print_report(console, VerificationReport("passed", {}, [row], 1, "ckpt", 0.1))
+    line = next(t for t in console.export_text().splitlines() if "depth_tokenizer_codes" in t)
+    assert [c.strip() for c in line.split("│")][4:6] == ["nan", "-"]
