@@ -79,7 +79,11 @@ def recording_frames(path: str | Path, n: int, seed: int, timeout_s: float = 10.
                     raise
                 break
     if not kept:
-        raise CalibrationError(f"{path}: the recording holds no frames; record some with `edgeact record` first")
+        raise CalibrationError(
+            f"{path}: no color frame of the recording was paired with a depth frame (librealsense pairs frames "
+            f"less than half a frame period apart); is it a RealSense recording of both streams, taken together? "
+            f"Record one with a RealSense (`rs-record`, the RealSense Viewer) or write one from color and depth "
+            f"images with edgeact.drivers.cameras.recording.write_recording")
     if seen[0] < n:
         raise CalibrationError(f"{path}: the recording holds {seen[0]} frames, fewer than the {n} samples asked for; "
                                f"ask for at most {seen[0]} (--samples {seen[0]}) or record a longer one")

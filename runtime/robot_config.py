@@ -341,15 +341,17 @@ class RobotConfig:
 
     @property
     def camera_config(self) -> CameraConfig:
-        """The camera to make: a recording's relative `path` is beside the config file, as estop.file is (a config
-        not read from a file keeps the working directory's)."""
+        """The camera to make: a recording's `path` with `~` expanded, and a relative one beside the config file, as
+        estop.file is (a config not read from a file keeps the working directory's)."""
         from edgeact.drivers.cameras.playback import RecordingConfig
 
         camera = self.camera
-        if not isinstance(camera, RecordingConfig) or self.config_dir is None:
+        if not isinstance(camera, RecordingConfig):
             return camera
         path = Path(camera.path).expanduser()
-        return camera if path.is_absolute() else dataclasses.replace(camera, path=str(self.config_dir / path))
+        if not path.is_absolute() and self.config_dir is not None:
+            path = self.config_dir / path
+        return camera if str(path) == camera.path else dataclasses.replace(camera, path=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(getattr(self, name)) for name in ("robot", "camera", "policy", "actions", "instruction",

@@ -24,6 +24,8 @@ BUILTIN_CAMERA_MODULES = (
 
 DISTORTION_MODELS = ("none", "brown_conrady", "modified_brown_conrady", "inverse_brown_conrady",
                      "kannala_brandt4", "ftheta")
+# librealsense's intrinsics hold exactly this many coefficients, whatever the model (unused ones are 0).
+DISTORTION_COEFF_COUNT = 5
 
 
 class CameraError(EdgeactError):
@@ -64,6 +66,11 @@ class Intrinsics:
             raise ConfigError(f"distortion model {self.distortion_model!r} unknown; use one of "
                               f"{', '.join(DISTORTION_MODELS)}")
         object.__setattr__(self, "distortion_coeffs", tuple(float(c) for c in self.distortion_coeffs))
+        if len(self.distortion_coeffs) != DISTORTION_COEFF_COUNT:
+            raise ConfigError(f"{len(self.distortion_coeffs)} distortion coefficients given; RealSense intrinsics "
+                              f"hold exactly {DISTORTION_COEFF_COUNT} whatever the model (brown_conrady and its "
+                              f"variants: k1 k2 p1 p2 k3; kannala_brandt4: k1 k2 k3 k4 0; ftheta: w 0 0 0 0; "
+                              f"none: 0 0 0 0 0): pad with zeros the ones a model does not use")
 
     def matrix(self) -> np.ndarray:
         """The 3x3 camera matrix K."""
@@ -190,6 +197,7 @@ class _CaptureState:
     last_frame_number: int | None = None
     error: BaseException | None = None
     ended: bool = False
+    restarting: bool = False        # the source is starting over (a recording looping), until its next frame
     listeners: list[Callable[[RGBDFrame], None]] = field(default_factory=list)
 
 
@@ -228,6 +236,12 @@ class Camera(abc.ABC):
 
     def _capture_started(self) -> None:
         """Called by connect() once the capture thread runs (a source that needs a reader to start)."""
+
+    def _restart_begun(self) -> None:
+        """Called by a source on the capture thread as it starts over (a recording looping): until its next frame,
+        latest() waits for that frame (at most its timeout) rather than call the stream lost meanwhile."""
+        with self._cond:
+            self._state.restarting = True
 
     def _ended_message(self, frames: int) -> str:
         return f"camera {self.name!r} stopped delivering after {frames} frames"
@@ -317,7 +331,8 @@ class Camera(abc.ABC):
             self._stop_listeners.append(callback)
 
     def latest(self, timeout_s: float | None = None) -> RGBDFrame:
-        """The newest frame (check `frame.age_s()`); waits at most timeout_s for the first one.
+        """The newest frame (check `frame.age_s()`); waits at most timeout_s for the first one, and for the
+        next one while the source restarts (a recording looping) with none younger than timeout_s.
 
         Raises CameraTimeoutError when no frame arrived within timeout_s (default: the config's),
         and re-raises an error that stopped the capture thread.
@@ -326,7 +341,8 @@ class Camera(abc.ABC):
         deadline = time.monotonic() + timeout
         with self._cond:
             self._check_running()
-            while self._state.latest is None and not self._done():
+            while not self._done() and (self._state.latest is None or (
+                    self._state.restarting and self._state.latest.age_s() > timeout)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -409,6 +425,7 @@ class Camera(abc.ABC):
                     state.restarts += 1
             state.last_frame_number = frame.frame_number
             state.latest = frame
+            state.restarting = False
             state.sequence += 1
             state.frames_received += 1
             listeners = list(state.listeners)

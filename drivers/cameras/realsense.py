@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeact.drivers.cameras.base import (Camera, CameraConfig, CameraError, CameraNotFoundError, EndOfStream,
                                           Intrinsics, RGBDFrame, register_camera)
-from edgeact.drivers.cameras.playback import RecordingConfig
+from edgeact.drivers.cameras.playback import PlaybackPacer, RecordingConfig
 from edgeact.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ DEPTH_MODES: dict[tuple[int, int], tuple[int, ...]] = {
     (1280, 720): (6, 15, 30), (848, 480): (6, 15, 30, 60, 90), (640, 480): (6, 15, 30, 60, 90),
     (640, 360): (6, 15, 30, 60, 90), (480, 270): (6, 15, 30, 60, 90), (424, 240): (6, 15, 30, 60, 90),
 }
+
+# Longest a read of a recording waits for frames: the end of a pass shows only as no frame coming, and the
+# next pass should follow its last frame within a frame period (so latest() never sees a gap at the loop).
+PLAYBACK_WAIT_S = 0.01
 
 # resume() is bounded by librealsense itself (its reader thread's 10 s flush timeout); this is our
 # bound on waiting for a background resume when disconnecting.
@@ -161,6 +165,9 @@ class RealSenseCamera(Camera):
     pipeline's own repeat_playback restarts the recorded sensors one after another while its
     reader already runs, so a pass can lose one stream's frames and, when that pass ends before
     the restart is done, the playback stays stopped for good (no frame ever again).
+
+    librealsense plays a recording without its real-time pacing, which follows the host times the file
+    was written at; real-time playback is paced here, by the frames' own timestamps (PlaybackPacer).
     """
 
     def __init__(self, config: RealSenseConfig | RecordingConfig):
@@ -179,6 +186,7 @@ class RealSenseCamera(Camera):
         # Set once resume() has returned: until then a stopped playback has not started, not ended.
         self._playing = threading.Event()
         self._pass_frames = 0                   # frames delivered since the recording last (re)started
+        self._pacer: PlaybackPacer | None = None   # a real-time playback's
         self.device_name = ""
         self.serial_number = ""
         # What the newest frame's capture_monotonic_s measures: "global_time" or "system_time" (its timestamp,
@@ -211,11 +219,14 @@ class RealSenseCamera(Camera):
         except RuntimeError as exc:
             raise self._open_error(exc) from exc
         device = profile.get_device()
-        self.device_name = device.get_info(rs.camera_info.name)
-        self.serial_number = device.get_info(rs.camera_info.serial_number)
+        # For messages only, and not every recorder writes them.
+        self.device_name, self.serial_number = (device.get_info(info) if device.supports(info) else ""
+                                                for info in (rs.camera_info.name, rs.camera_info.serial_number))
         self._playback = device.as_playback() if device.is_playback() else None
         if self._playback is not None:
-            self._playback.set_real_time(self.config.real_time)
+            # Never librealsense's pacing (the host times the file was written at): _read paces by the frames'
+            # timestamps. Without it the playback waits for each frame to be taken, so none is lost.
+            self._playback.set_real_time(False)
             # Paused until every sensor runs: librealsense starts the recorded sensors one after
             # another, and a sensor not yet started would lose its first frame.
             self._playback.pause()
@@ -237,7 +248,7 @@ class RealSenseCamera(Camera):
         return intrinsics
 
     def _select_recording(self, rs: Any, rs_config: Any) -> None:
-        path = Path(self.config.path)
+        path = Path(self.config.path).expanduser()
         if not path.is_file():
             raise CameraNotFoundError(f"recording {path} not found")
         # Never librealsense's repeat: it can stop for good at the loop point; _replay loops instead.
@@ -291,6 +302,8 @@ class RealSenseCamera(Camera):
             self.config.check_timeout_for_fps(color.fps(), f" (the rate of {source})")
         # librealsense's syncer pairs frames less than half a frame period apart.
         self._pair_tolerance_ms = 500.0 / max(color.fps(), 1)
+        self._pacer = (PlaybackPacer(1.0 / max(color.fps(), 1))
+                       if self._playback is not None and self.config.real_time else None)
         self._depth_scale_m = profile.get_device().first_depth_sensor().get_depth_scale()
         color_intrinsics = intrinsics_from_rs(color.get_intrinsics())
         # Depth already on the color grid (same intrinsics, same origin) needs no aligning, and
@@ -322,8 +335,11 @@ class RealSenseCamera(Camera):
             raise CameraError(f"recording {self.config.path} of camera {self.name!r} played through without one "
                               f"color frame paired with depth; is it a RealSense recording of both streams?")
         self._join_resumer()
+        self._restart_begun()               # latest() waits for the next pass rather than call the stream lost
         self._pass_frames = 0
         self._last_color_number = None      # the next pass numbers its frames from the start again
+        if self._pacer is not None:
+            self._pacer.restart()
         self._playing.clear()
         self._pipeline.stop()
         self._playback.pause()
@@ -357,13 +373,18 @@ class RealSenseCamera(Camera):
 
     # -- capture ---------------------------------------------------------------------------------
     def _read(self, timeout_s: float) -> RGBDFrame | None:
+        # A recording's end is asked before the wait: once the playback has stopped, no frame comes after an empty
+        # wait (one asked after it could have stopped, and queued its last frame, since the wait ended).
+        ended = self._playback is not None and self._recording_ended()
+        if self._playback is not None:
+            timeout_s = min(timeout_s, PLAYBACK_WAIT_S)
         try:
             ok, frames = self._pipeline.try_wait_for_frames(max(1, int(timeout_s * 1000)))
         except RuntimeError as exc:
             raise CameraError(f"RealSense {self.serial_number} of camera {self.name!r} failed ({exc}); "
                               f"was it unplugged?") from exc
         if not ok:
-            if self._playback is not None and self._recording_ended():
+            if ended:
                 if not self.config.repeat:
                     raise EndOfStream
                 self._replay()
@@ -385,14 +406,20 @@ class RealSenseCamera(Camera):
             return None
         self._last_color_number = number
         self._pass_frames += 1
+        if self._pacer is not None:         # it comes when it is due: that is its arrival
+            received_s = self._pacer.due_s(color_frame.get_timestamp() / 1000.0)
         capture_s = self._capture_time_s(color_frame, received_s)
         pixels = np.asanyarray(color_frame.get_data())
         # Both copy out of librealsense's frame pool: the frames go back to it when we return.
         color = pixels.copy() if self._color_channels is None else pixels[..., self._color_channels]
         depth_m = np.asanyarray(depth_frame.get_data()).astype(np.float32) * np.float32(self._depth_scale_m)
-        return RGBDFrame(color=color, depth_m=depth_m,
-                         timestamp_s=color_frame.get_timestamp() / 1000.0, capture_monotonic_s=capture_s,
-                         frame_number=number)
+        frame = RGBDFrame(color=color, depth_m=depth_m,
+                          timestamp_s=color_frame.get_timestamp() / 1000.0, capture_monotonic_s=capture_s,
+                          frame_number=number)
+        wait_s = capture_s - time.monotonic()
+        if self._pacer is not None and wait_s > 0 and self._stop.wait(wait_s):
+            return None                     # disconnecting
+        return frame
 
     def _capture_time_s(self, color_frame: Any, received_s: float) -> float:
         """The color frame's capture time on time.monotonic() (see frame_capture_monotonic_s); sets capture_clock."""

@@ -7,7 +7,9 @@ pipeline code as a real camera's recording. pyrealsense2 2.59 writes rosbag2 `.d
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,6 +18,8 @@ import numpy as np
 
 from edgeact.drivers.cameras.base import CameraError, Intrinsics
 from edgeact.drivers.cameras.realsense import import_pyrealsense2
+
+log = logging.getLogger(__name__)
 
 Z16_MAX = 65535
 
@@ -29,27 +33,38 @@ def write_recording(path: str | Path, frames: Iterable[tuple[np.ndarray, np.ndar
     Depth is stored as z16 in units of `depth_scale` metres (rounded; 0, NaN and negatives mean
     no data). `depth_intrinsics` (default: the color's) gives depth its own pixel grid, as on a
     real camera; both sensors share one origin. `frame_numbers` (default 0, 1, 2 ...) and the
-    device timestamps (frame_number / fps) may skip, to record dropped frames. The recorder stamps
-    each message with the host clock, so real-time playback replays the file at the pace it was
-    written: `real_time=True` paces writing at `fps` for that; False writes as fast as it can.
+    device timestamps (frame_number / fps) may skip, to record dropped frames. `fps` is a whole number,
+    as a stream's rate is stored. The recorder stamps each message with the host clock: edgeact's
+    playback paces by the device timestamps and plays either kind at `fps`, but librealsense's own
+    real-time playback (the Viewer, rs.playback) replays the file at the pace it was written:
+    `real_time=True` paces writing at `fps` for that; False writes as fast as it can.
     `color_format` "bgr8" stores color as many RealSense recordings do (playback turns it back to RGB).
-    An existing file at `path` is replaced.
+
+    The file is written beside `path` under a temporary name and moved onto `path` only once complete, so an
+    existing recording there is replaced by a good one or left as it was. On Ctrl-C (KeyboardInterrupt) the
+    frames written so far are kept as `<stem>.interrupted.db3` beside `path` (a warning names it), so a long
+    real-time recording is not lost; on any other error nothing is left.
     """
     rs = import_pyrealsense2()
     path = Path(path)
     if path.suffix != ".db3":
         raise CameraError(f"recording {path} must end in .db3: pyrealsense2 2.59 writes rosbag2 (.db3) only")
-    if not (fps > 0 and math.isfinite(fps)):
-        raise CameraError(f"fps={fps} must be a positive number")
+    # The stream's rate is stored as an integer: 0.4 would be stored as 0 (unplayable), 29.97 as 30.
+    if isinstance(fps, bool) or not (math.isfinite(fps) and fps >= 1 and fps == int(fps)):
+        raise CameraError(f"fps={fps} must be a whole number of frames per second, at least 1 "
+                          f"(RealSense rates: 6, 15, 30, 60, 90)")
+    fps = int(fps)
     if not (0 < depth_scale < 1):
         raise CameraError(f"depth_scale={depth_scale} m per unit out of range; RealSense uses 0.001 (D400) "
                           f"or 0.0001 (D405)")
     if color_format not in ("rgb8", "bgr8"):
         raise CameraError(f"color_format {color_format!r} not supported; use rgb8 or bgr8")
     depth_intrinsics = depth_intrinsics or intrinsics
-    if path.exists():
-        path.unlink()       # start from a fresh file, whatever the recorder would make of an old one
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Sibling names, so os.replace stays on one file system; the recorder wants the .db3 suffix on them too.
+    writing = path.with_name(f".{path.stem}.{os.getpid()}.writing.db3")
+    interrupted = path.with_name(f"{path.stem}.interrupted.db3")
+    writing.unlink(missing_ok=True)     # a fresh file, whatever the recorder would make of an old one
 
     device = rs.software_device()
     device.register_info(rs.camera_info.name, "edgeact software RealSense")
@@ -67,7 +82,7 @@ def write_recording(path: str | Path, frames: Iterable[tuple[np.ndarray, np.ndar
     identity.translation = [0.0, 0.0, 0.0]
     depth_profile.register_extrinsics_to(color_profile, identity)
 
-    recorder = rs.recorder(str(path), device)
+    recorder = rs.recorder(str(writing), device)
     depth_profile = depth_profile.as_video_stream_profile()
     color_profile = color_profile.as_video_stream_profile()
     depth_sensor.open(depth_profile)
@@ -79,7 +94,7 @@ def write_recording(path: str | Path, frames: Iterable[tuple[np.ndarray, np.ndar
     written = 0
     first_number = previous_number = None
     start_s = time.monotonic()
-    complete = False
+    outcome = "failed"
     try:
         for index, (color, depth_m) in enumerate(frames):
             number = next(numbers, None) if numbers is not None else index
@@ -100,15 +115,24 @@ def write_recording(path: str | Path, frames: Iterable[tuple[np.ndarray, np.ndar
             written += 1
         if written == 0:
             raise CameraError(f"recording {path}: no frames given")
-        complete = True
+        outcome = "complete"
+    except KeyboardInterrupt:
+        outcome = "interrupted" if written else "failed"
+        raise
     finally:
         for sensor in (color_sensor, depth_sensor):
             sensor.stop()
             sensor.close()
         # The file is complete once the recorder is destroyed; drop every reference to it now.
         del recorder, device, depth_sensor, color_sensor
-        if not complete:
-            path.unlink(missing_ok=True)    # no half-written recording left to be mistaken for a good one
+        if outcome == "complete":
+            os.replace(writing, path)
+        elif outcome == "interrupted":
+            os.replace(writing, interrupted)
+            log.warning("writing %s interrupted: its %d frames so far are kept in %s; %s is left untouched",
+                        path, written, interrupted, path)
+        else:
+            writing.unlink(missing_ok=True)     # no half-written recording left to be mistaken for a good one
     return written
 
 
@@ -150,7 +174,7 @@ def _check_color(color: np.ndarray, intrinsics: Intrinsics, index: int) -> np.nd
     return np.ascontiguousarray(color)
 
 
-def _video_stream(rs: Any, kind: Any, uid: int, intrinsics: Intrinsics, fps: float, fmt: Any, bpp: int) -> Any:
+def _video_stream(rs: Any, kind: Any, uid: int, intrinsics: Intrinsics, fps: int, fmt: Any, bpp: int) -> Any:
     intr = rs.intrinsics()
     intr.width, intr.height = intrinsics.width, intrinsics.height
     intr.fx, intr.fy, intr.ppx, intr.ppy = intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy
@@ -158,7 +182,7 @@ def _video_stream(rs: Any, kind: Any, uid: int, intrinsics: Intrinsics, fps: flo
     intr.coeffs = list(intrinsics.distortion_coeffs)
     stream = rs.video_stream()
     stream.type, stream.index, stream.uid = kind, 0, uid
-    stream.width, stream.height, stream.fps = intrinsics.width, intrinsics.height, int(round(fps))
+    stream.width, stream.height, stream.fps = intrinsics.width, intrinsics.height, fps
     stream.bpp, stream.fmt, stream.intrinsics = bpp, fmt, intr
     return stream
 

@@ -19,6 +19,10 @@ class RenderedCamera(Camera):
     @abc.abstractmethod
     def render(self, frame_number: int) -> RGBDFrame: ...
 
+    def _render_due(self, frame_number: int, due_s: float) -> RGBDFrame:
+        """Frame `frame_number`, which came due at `due_s` (time.monotonic()); stamped when rendering began."""
+        return self.render(frame_number)
+
     def _start_clock(self) -> None:
         self._next_number = 0
         self._start_s = time.monotonic()
@@ -34,4 +38,4 @@ class RenderedCamera(Camera):
         # The newest frame whose time has come; older unrendered ones are lost, as on a real sensor.
         number = max(self._next_number, int((time.monotonic() - self._start_s) * self.config.fps))
         self._next_number = number + 1
-        return self.render(number)
+        return self._render_due(number, self._start_s + number / self.config.fps)

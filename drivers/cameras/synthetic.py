@@ -69,12 +69,19 @@ class SyntheticCamera(RenderedCamera):
         self._rays = _camera_rays(config)          # computed once; each frame reuses them
 
     def render(self, frame_number: int, capture_monotonic_s: float | None = None) -> RGBDFrame:
-        """Frame `frame_number` of the scene; the same number always gives the same pixels."""
+        """Frame `frame_number` of the scene; the same number always gives the same pixels.
+
+        Stamped `capture_monotonic_s`, else when rendering began: the ray casting (150 ms at 640x480) counts
+        in the frame's age, as a real sensor's transfer does."""
+        captured_s = time.monotonic() if capture_monotonic_s is None else capture_monotonic_s
         time_s = frame_number / self.config.fps
         color, depth_m = _render(self._rays, self.config.camera_height_m, time_s)
-        return RGBDFrame(color=color, depth_m=depth_m, timestamp_s=time_s,
-                         capture_monotonic_s=time.monotonic() if capture_monotonic_s is None else capture_monotonic_s,
+        return RGBDFrame(color=color, depth_m=depth_m, timestamp_s=time_s, capture_monotonic_s=captured_s,
                          frame_number=frame_number)
+
+    def _render_due(self, frame_number: int, due_s: float) -> RGBDFrame:
+        # The frame shows the scene at its due time: the sensor took it then, however late it is rendered.
+        return self.render(frame_number, capture_monotonic_s=due_s)
 
     def _open(self) -> Intrinsics:
         self._start_clock()

@@ -146,6 +146,29 @@ def test_a_recording_shorter_than_the_samples_asked_for_is_refused(tmp_path):
     assert len(list(recording_frames(path, 3, seed=0))) == 3
 
 
+def test_a_recording_without_a_color_frame_paired_with_depth_says_so(tmp_path, monkeypatch):
+    pytest.importorskip("pyrealsense2")
+    from edgeact.drivers.cameras import recording
+    from edgeact.drivers.cameras.base import Intrinsics
+
+    software_frame = recording._software_frame
+
+    def depth_half_a_second_late(rs, pixels, bpp, profile, number, timestamp_ms, depth_units=None):
+        late_ms = 500.0 if depth_units is not None else 0.0
+        return software_frame(rs, pixels, bpp, profile, number, timestamp_ms + late_ms, depth_units)
+
+    w, h = 64, 48
+    path = tmp_path / "unpaired.db3"
+    frames = [(np.zeros((h, w, 3), np.uint8), np.ones((h, w), np.float32))] * 20
+    monkeypatch.setattr(recording, "_software_frame", depth_half_a_second_late)
+    recording.write_recording(path, frames, Intrinsics(fx=50.0, fy=50.0, cx=31.5, cy=23.5, width=w, height=h), fps=30)
+    with pytest.raises(CalibrationError, match=r"unpaired.db3: no color frame of the recording was paired with a "
+                                               r"depth frame .*is it a RealSense recording of both streams.*"
+                                               r"write_recording") as err:
+        list(recording_frames(path, 4, seed=0))
+    assert "edgeact record" not in str(err.value)
+
+
 def test_a_synthetic_frame_size_is_refused_with_a_recording(tmp_path):
     # --width/--height size the synthetic camera; a recording's frames would silently keep their own size.
     with pytest.raises(CalibrationError, match=r"width/height 640x480 size the synthetic camera's frames; a "

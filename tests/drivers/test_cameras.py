@@ -127,6 +127,16 @@ def test_intrinsics_and_frame_validate():
         frame.depth_m[0, 0] = 1.0     # shared between threads: nobody may write into it
 
 
+@pytest.mark.parametrize("coeffs", [(0.1, -0.02, 0.003, 0.001), (0.1, -0.02, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0), ()])
+def test_intrinsics_refuse_a_distortion_other_than_realsenses_five_coefficients(coeffs):
+    # librealsense's intrinsics hold exactly five; another count would fail later, deep in pyrealsense2.
+    with pytest.raises(ConfigError, match=rf"{len(coeffs)} distortion coefficients given; RealSense intrinsics hold "
+                                          rf"exactly 5 .*kannala_brandt4: k1 k2 k3 k4 0"):
+        Intrinsics(fx=1, fy=1, cx=0, cy=0, width=4, height=4, distortion_model="kannala_brandt4",
+                   distortion_coeffs=coeffs)
+    assert len(Intrinsics(fx=1, fy=1, cx=0, cy=0, width=4, height=4).distortion_coeffs) == 5
+
+
 def test_cameras_import_without_pyrealsense2():
     # A robot without pyrealsense2 must still import the camera package and run the synthetic one.
     code = (
@@ -212,6 +222,31 @@ def test_latest_raises_when_no_frame_arrived_within_the_timeout():
             camera.latest(timeout_s=0.0)
 
 
+def test_a_synthetic_frame_is_stamped_when_its_capture_began_not_after_rendering(monkeypatch):
+    from edgeact.drivers.cameras import synthetic
+
+    render_s = 0.2
+    slow_render = synthetic._render
+
+    def render(*args):
+        time.sleep(render_s)        # as a large frame's ray casting takes (150 ms at 640x480)
+        return slow_render(*args)
+
+    monkeypatch.setattr(synthetic, "_render", render)
+    reached = []
+    camera = SyntheticCamera(SyntheticConfig(width=32, height=24, fps=2, timeout_s=5))
+    camera.add_listener(lambda frame: reached.append((frame, time.monotonic())))
+    with camera:
+        camera.next_frame()
+    # The render time counts in the frame's age, as a real sensor's transfer does: frame k was taken k/fps
+    # after connect, however late it is rendered.
+    assert reached and all(reached_s - frame.capture_monotonic_s >= render_s for frame, reached_s in reached)
+    assert all(frame.capture_monotonic_s == pytest.approx(camera._start_s + frame.frame_number / 2, abs=1e-9)
+               for frame, _ in reached)
+    frame = camera.render(3)
+    assert time.monotonic() - frame.capture_monotonic_s >= render_s
+
+
 def test_a_failing_listener_stops_capture_and_the_reader_hears_why():
     def broken(frame):
         raise RuntimeError("disk full")
@@ -293,3 +328,36 @@ def test_a_stop_listener_is_not_called_for_disconnect():
     with camera:
         camera.latest(timeout_s=5)
     assert stopped == [] and _camera_threads() == []
+
+
+class _RestartingCamera(_SilentCamera):
+    """One frame, then a restart of the source (a recording looping) that takes `restart_s`, then frames again."""
+
+    def __init__(self, config: CameraConfig, restart_s: float):
+        super().__init__(config)
+        self.restart_s, self.sent = restart_s, 0
+
+    def _frame(self) -> RGBDFrame:
+        self.sent += 1
+        return RGBDFrame(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.float32), 0.0, time.monotonic(), 0)
+
+    def _read(self, timeout_s: float):
+        if self.sent == 0:
+            return self._frame()
+        if self.sent == 1:
+            self._restart_begun()
+            self._stop.wait(self.restart_s)
+            return self._frame()
+        return super()._read(timeout_s)
+
+
+def test_latest_waits_out_a_restart_of_the_source_instead_of_calling_the_stream_lost():
+    # The restart outlasts timeout_s, but not timeout_s more: latest() gives the frame after it.
+    with _RestartingCamera(CameraConfig(name="front", timeout_s=0.5), restart_s=0.8) as camera:
+        first = camera.latest(timeout_s=5)
+        time.sleep(0.6)                     # the first frame is older than timeout_s now
+        newer = camera.latest()
+        assert newer is not first and newer.age_s() <= 0.5
+        time.sleep(0.6)                     # no restart now: an old frame is a lost stream
+        with pytest.raises(CameraTimeoutError, match="no frame for 0.5 s from camera 'front'"):
+            camera.latest()

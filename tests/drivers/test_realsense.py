@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from edgeact.drivers.cameras.base import CameraError, CameraNotFoundError, Intrinsics
+from edgeact.drivers.cameras.base import CameraError, CameraNotFoundError, CameraTimeoutError, Intrinsics
 from edgeact.drivers.cameras.playback import RecordingConfig
 from edgeact.drivers.cameras import recording
 from edgeact.drivers.cameras.realsense import (NO_DEVICE_MESSAGE, RealSenseCamera, RealSenseConfig,
@@ -206,6 +206,42 @@ def test_real_time_playback_keeps_the_recorded_pace(tmp_path):
     assert span_s >= 0.5 * (numbers[-1] - numbers[0]) / FPS
 
 
+def test_real_time_playback_paces_by_the_frames_own_timestamps_not_by_when_the_file_was_written(tmp_path):
+    # Written as fast as it could be (the recorder's host stamps span a few ms), recorded at 30 fps all the same.
+    path = tmp_path / "fast_written.db3"
+    count = 15
+    write_recording(path, _numbered_frames(count), COLOR_INTRINSICS, fps=FPS)
+    camera = RecordingConfig(path=str(path), real_time=True, repeat=False).make_camera()
+    seen = []
+    camera.add_listener(lambda frame: seen.append(time.monotonic()))
+    frames = _play_to_end(camera)
+    assert [f.frame_number for f in frames] == list(range(count))     # paced here, so librealsense drops none
+    span_s = frames[-1].capture_monotonic_s - frames[0].capture_monotonic_s
+    # A lower bound only (a loaded machine may stretch it): written at once, played at 30 fps.
+    assert span_s >= 0.7 * (count - 1) / FPS
+    # A frame is stamped when it comes due, never after it reached a reader.
+    assert all(f.capture_monotonic_s <= reached_s for f, reached_s in zip(frames, seen))
+
+
+def test_a_looping_real_time_recording_is_not_called_lost_at_its_loop_point(tmp_path):
+    # timeout_s 0.1 is three frame periods at 30 fps, which check_timeout_for_fps accepts: the restart of
+    # the recording at each loop must not leave latest() a gap that long.
+    path = tmp_path / "short_loop.db3"
+    write_recording(path, _numbered_frames(6), COLOR_INTRINSICS, fps=FPS)
+    camera = RecordingConfig(name="front", path=str(path), real_time=True, repeat=True, timeout_s=0.1).make_camera()
+    timeouts = []
+    with camera:
+        camera.latest(timeout_s=10)
+        deadline_s = time.monotonic() + 20
+        while camera.restarts < 4 and time.monotonic() < deadline_s:
+            try:
+                camera.latest()
+            except CameraTimeoutError as exc:
+                timeouts.append(str(exc))
+            time.sleep(0.003)
+    assert camera.restarts >= 4 and timeouts == []
+
+
 def test_disconnect_while_frames_flow_stops_the_thread_and_reconnect_works(numbered_recording):
     camera = RecordingConfig(name="busy", path=str(numbered_recording), real_time=False).make_camera()
     for _ in range(2):
@@ -344,6 +380,77 @@ def test_write_recording_rejects_what_it_cannot_store(tmp_path):
     with pytest.raises(CameraError, match="frame 2: frame_numbers must give one increasing number per frame"):
         write_recording(tmp_path / "back.db3", _numbered_frames(3), COLOR_INTRINSICS, fps=FPS, frame_numbers=[0, 5, 5])
     assert sorted(p.name for p in tmp_path.iterdir()) == []     # nothing half-written is left behind
+
+
+@pytest.mark.parametrize("fps", [0.4, 29.97, 0, -30, float("nan"), True])
+def test_write_recording_refuses_a_rate_that_is_not_a_whole_number_of_frames(tmp_path, fps):
+    # A stream's rate is stored as an integer: 0.4 would be stored as 0 (unplayable), 29.97 as 30.
+    with pytest.raises(CameraError, match=rf"fps={fps} must be a whole number of frames per second, at least 1 "
+                                          rf"\(RealSense rates: 6, 15, 30, 60, 90\)"):
+        write_recording(tmp_path / "rate.db3", _numbered_frames(1), COLOR_INTRINSICS, fps=fps)
+    assert list(tmp_path.iterdir()) == []
+    assert write_recording(tmp_path / "rate.db3", _numbered_frames(1), COLOR_INTRINSICS, fps=15.0) == 1
+
+
+def test_a_failed_rewrite_keeps_the_recording_it_would_have_replaced(tmp_path):
+    path = tmp_path / "scene.db3"
+    write_recording(path, _numbered_frames(4), COLOR_INTRINSICS, fps=FPS)
+    good = path.read_bytes()
+    far = [(np.zeros((H, W, 3), np.uint8), np.full((H, W), 100.0, np.float32))]   # beyond z16 at 1 mm
+    with pytest.raises(CameraError, match="exceeds the z16 range"):
+        write_recording(path, _numbered_frames(2) + far, COLOR_INTRINSICS, fps=FPS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.db3"]    # no temporary file left either
+    assert path.read_bytes() == good
+    # A good rewrite replaces it, and leaves nothing beside it.
+    assert write_recording(path, _numbered_frames(2), COLOR_INTRINSICS, fps=FPS) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.db3"]
+    frames = _play_to_end(RecordingConfig(path=str(path), real_time=False, repeat=False).make_camera())
+    assert [f.frame_number for f in frames] == [0, 1]
+
+
+def test_ctrl_c_while_writing_keeps_the_old_recording_and_the_frames_written_so_far_apart(tmp_path):
+    path = tmp_path / "scene.db3"
+    write_recording(path, _numbered_frames(4), COLOR_INTRINSICS, fps=FPS)
+    good = path.read_bytes()
+
+    def interrupted(after: int):
+        yield from _numbered_frames(after)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_recording(path, interrupted(3), COLOR_INTRINSICS, fps=FPS)
+    assert path.read_bytes() == good
+    kept = tmp_path / "scene.interrupted.db3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.db3", "scene.interrupted.db3"]
+    frames = _play_to_end(RecordingConfig(path=str(kept), real_time=False, repeat=False).make_camera())
+    assert [f.frame_number for f in frames] == [0, 1, 2]
+    # Interrupted before any frame: nothing worth keeping.
+    kept.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        write_recording(path, interrupted(0), COLOR_INTRINSICS, fps=FPS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.db3"] and path.read_bytes() == good
+
+
+def test_a_recording_whose_device_has_no_name_or_serial_plays(tmp_path, monkeypatch):
+    # Not every recorder writes the device's name and serial number; they are for messages only.
+    class Nameless(rs.software_device):
+        def register_info(self, info, value):
+            pass
+
+    path = tmp_path / "nameless.db3"
+    with monkeypatch.context() as patch:
+        patch.setattr(rs, "software_device", Nameless)
+        write_recording(path, _numbered_frames(2), COLOR_INTRINSICS, fps=FPS)
+    camera = RecordingConfig(path=str(path), real_time=False, repeat=False).make_camera()
+    assert len(_play_to_end(camera)) == 2
+    assert (camera.device_name, camera.serial_number) == ("", "")
+
+
+def test_a_recording_path_under_the_home_directory_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_recording(tmp_path / "scene.db3", _numbered_frames(2), COLOR_INTRINSICS, fps=FPS)
+    frames = _play_to_end(RecordingConfig(path="~/scene.db3", real_time=False, repeat=False).make_camera())
+    assert len(frames) == 2
 
 
 # -- a real device -----------------------------------------------------------------------------

@@ -171,6 +171,19 @@ def test_a_relative_recording_path_is_beside_the_config_not_in_the_working_direc
     assert cfg.camera_config is cfg.camera
 
 
+def test_a_recording_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    home, config_dir = tmp_path / "home", tmp_path / "robot"
+    home.mkdir()
+    config_dir.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    path = config_dir / "robot.json"
+    path.write_text(json.dumps({**sim_robot_config_dict(), "camera": {"type": "recording", "path": "~/runs/a.db3"}}))
+    cfg = load_robot_config(path)
+    assert cfg.camera.path == "~/runs/a.db3"                # kept as written
+    assert cfg.camera_config.path == str(home / "runs" / "a.db3")
+    assert make_robot_camera(cfg).config.path == str(home / "runs" / "a.db3")
+
+
 def test_file_errors_say_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="not found; write a sample with `edgeact demo --write-config"):
         load_robot_config(tmp_path / "missing.json")
