@@ -115,7 +115,17 @@ def _quantize(args: argparse.Namespace) -> int:
                   + ", ".join(f"{n} ({notes.get('quantized_nodes', 0)} nodes)" for n, notes in result.stage_notes.items()))
     if result.report:
         print_report(result.report, console, title=f"{args.bundle.name} -> {args.out.name}")
-    if result.verification is not None:
+    if result.verification == "failed":     # as `edgeact verify` says it: which gates, and how to load it anyway
+        from rich.text import Text
+
+        from edgeact.runtime.bundle import UNVERIFIED_FIX_DEFAULT, read_manifest
+
+        failing = read_manifest(result.out).verification.failing()
+        gates = ", ".join(r["gate"] for r in failing[:8]) + (f" and {len(failing) - 8} more" if len(failing) > 8 else "")
+        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest (`edgeact inspect {result.out}` "
+                           f"shows every gate), and the bundle is refused when loaded: {UNVERIFIED_FIX_DEFAULT}",
+                           style="bold red"))
+    elif result.verification is not None:
         console.print(f"verification: [bold]{result.verification}[/bold]")
     else:
         console.print(f"verification: [bold]not run[/bold] (--no-verify); before using the bundle: edgeact verify "

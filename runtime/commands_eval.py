@@ -136,7 +136,8 @@ def _eval(args) -> int:
         for row in failed:
             why.add_row(row["system"], ", ".join(f"{reason} {n}" for reason, n in row["failures"].items()))
         console.print(why)
-    console.print(f"results: {json_path}; sheets: {options.out_dir / 'sheets'}")
+    sheets = f"; sheets: {options.out_dir / 'sheets'}" if options.sheets else ""      # --sheets 0 writes none
+    console.print(f"results: {json_path}{sheets}")
     return 0
 
 

@@ -756,6 +756,28 @@ def test_quantize_from_a_failed_source_says_what_to_do_and_offers_no_flag_it_lac
     assert not (tmp_path / "q").exists()
 
 
+def test_a_quantized_bundle_that_fails_verification_is_named_with_its_gates_and_how_to_load_it(
+        sources, tmp_path, monkeypatch, capsys):
+    # The command's last word on a failed verdict: which gates failed and the way to load the bundle anyway, as
+    # `edgeact verify` says it (not a bare "failed").
+    from types import SimpleNamespace
+
+    from edgeact.export import quantize as quantize_module
+    from edgeact.runtime.bundle import UNVERIFIED_FIX_DEFAULT, VerificationInfo
+
+    rows = tuple({"gate": f"gate{i}", "passed": False, "value": 0.5, "limit": 0.99} for i in range(10))
+    failed = _source_copy(sources, tmp_path, lambda m: setattr(m, "verification", VerificationInfo(
+        "failed", {}, ({"gate": "logits.cosine", "passed": True, "value": 1.0, "limit": 0.99},) + rows)))
+    monkeypatch.setattr(quantize_module, "quantize_bundle", lambda *a, **k: SimpleNamespace(
+        out=failed, recipe="int4", stage_notes={}, report=None, verification="failed"))
+    rc = main(["quantize", str(sources["bundle"]), "--precision", "int4", "--out", str(tmp_path / "q")])
+    said = " ".join(capsys.readouterr().out.split())
+    assert rc == 1
+    assert (f"verification FAILED at gate0, gate1, gate2, gate3, gate4, gate5, gate6, gate7 and 2 more; recorded in "
+            f"the manifest (`edgeact inspect {failed}` shows every gate)") in said
+    assert " ".join(UNVERIFIED_FIX_DEFAULT.split()) in said and "logits.cosine" not in said
+
+
 # ---------------------------------------------------------------------------- review fixes
 def _softmax_graph():
     from onnx import TensorProto, helper

@@ -415,7 +415,9 @@ def test_the_eval_command_takes_the_draft_tokens_for_every_system(tmp_path, monk
     args = ["eval", "--bundle", f"tiny={bundle}", "--depth", "generated", "--timing", "lockstep", "--episodes", "1",
             "--sheets", "0", "--out", str(out)]
     assert main([*args, "--draft-tokens", "0"]) == 0
-    assert "decode calls/plan" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "decode calls/plan" in said
+    assert "results: " in said and "sheets:" not in said        # --sheets 0: no sheets folder to point at
     data = json.loads((out / "eval.json").read_text())
     assert data["options"]["draft_tokens"] == 0 and [r["draft_tokens"] for r in data["systems"]] == [0]
     assert main([*args, "--draft-tokens", "-1"]) == 2
