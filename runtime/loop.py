@@ -214,8 +214,8 @@ class RobotLoop:
                           f"(limit {stall_s * 1e3:.0f} ms): stalled in the driver or the step")
                 self._bounded(lambda: self.robot.trigger_estop(detail))
                 self._end("stall", detail)
-            elif self.robot.estopped:
-                self._end("estop", self.robot.trips[-1].detail if self.robot.trips else "e-stop")
+            elif self.robot.estopped:       # worded as the control thread's EStopLatchedError: whichever ends first
+                self._end("estop", _latched_words(self.robot.trips[-1].detail if self.robot.trips else None))
             elif duration_s is not None and now - start_s >= duration_s:
                 self._end("duration", f"{duration_s:g} s elapsed")
             elif progress is not None:
@@ -329,7 +329,11 @@ class RobotLoop:
 def _latched_detail(exc: EStopLatchedError) -> str:
     """A run's end by the e-stop in words: what latched it (the guard's own advice, reset_estop(), is for a caller
     that goes on; a run ends here, and what the motors are left in is told apart: RunResult.motors_at_exit)."""
-    return f"e-stop latched ({exc.trip.detail})" if exc.trip is not None else str(exc)
+    return _latched_words(exc.trip.detail) if exc.trip is not None else str(exc)
+
+
+def _latched_words(trip_detail: str | None) -> str:
+    return f"e-stop latched ({trip_detail})" if trip_detail else "e-stop latched"
 
 
 # -- a whole run from a config ------------------------------------------------------------------

@@ -601,6 +601,25 @@ def test_hold_at_exit_keeps_the_torque_on_only_when_asked_and_the_end_says_what_
     assert "set robot.disable_torque_on_exit to false" in result.motors_at_exit
 
 
+def test_the_supervisor_words_a_latched_estop_as_the_control_thread_does():
+    # Two threads can end a run on a latched e-stop: the control thread (EStopLatchedError) and the supervisor
+    # (robot.estopped). Whichever comes first, the run's detail reads the same (on a loaded machine the
+    # supervisor's came first now and then, and the end said only the trip's words).
+    from types import SimpleNamespace
+
+    from edgeact.runtime.loop import RobotLoop
+
+    ended = []
+    stop = threading.Event()
+    fake = SimpleNamespace(
+        _stop=stop, clock=time.monotonic, _heartbeat_s=time.monotonic() + 60.0, hub=SimpleNamespace(error=None),
+        settings=SimpleNamespace(supervise_s=0.001, control_stall_s=10.0),
+        robot=SimpleNamespace(estopped=True, trips=[SimpleNamespace(detail="e-stop input set")]),
+        _end=lambda reason, detail, error=None: (ended.append((reason, detail)), stop.set()))
+    RobotLoop._supervise(fake, time.monotonic(), None, None)
+    assert ended == [("estop", "e-stop latched (e-stop input set)")]
+
+
 def test_motors_at_exit_names_a_bus_watchdog_that_ends_the_hold():
     from edgeact.runtime.loop import motors_at_exit
 
