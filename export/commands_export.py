@@ -181,6 +181,17 @@ def _print_report(console, report) -> None:
     if report.passed:
         console.print(Text("verification passed; recorded in the manifest", style="green"))
     else:
-        gates = ", ".join(r["gate"] for r in report.failing())
-        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest, and the bundle is refused "
-                           f"when loaded: {UNVERIFIED_FIX_DEFAULT}", style="bold red"))
+        console.print(Text(failed_verification_text(report.failing()), style="bold red"))
+
+
+GATES_NAMED = 8        # a failed verdict's message names this many gates, then counts the rest
+
+
+def failed_verification_text(failing: list[dict], bundle_dir: str | Path | None = None) -> str:
+    """What a failed verdict means, as `verify` and `quantize` say it: the gates that failed, and how to load the
+    bundle anyway; with `bundle_dir` (no table printed above), where to see every gate."""
+    more = len(failing) - GATES_NAMED
+    gates = ", ".join(r["gate"] for r in failing[:GATES_NAMED]) + (f" and {more} more" if more > 0 else "")
+    where = f" (`edgeact inspect {bundle_dir}` shows every gate)" if bundle_dir is not None else ""
+    return (f"verification FAILED at {gates}; recorded in the manifest{where}, and the bundle is refused when "
+            f"loaded: {UNVERIFIED_FIX_DEFAULT}")

@@ -118,12 +118,10 @@ def _quantize(args: argparse.Namespace) -> int:
     if result.verification == "failed":     # as `edgeact verify` says it: which gates, and how to load it anyway
         from rich.text import Text
 
-        from edgeact.runtime.bundle import UNVERIFIED_FIX_DEFAULT, read_manifest
+        from edgeact.export.commands_export import failed_verification_text
+        from edgeact.runtime.bundle import read_manifest
 
-        failing = read_manifest(result.out).verification.failing()
-        gates = ", ".join(r["gate"] for r in failing[:8]) + (f" and {len(failing) - 8} more" if len(failing) > 8 else "")
-        console.print(Text(f"verification FAILED at {gates}; recorded in the manifest (`edgeact inspect {result.out}` "
-                           f"shows every gate), and the bundle is refused when loaded: {UNVERIFIED_FIX_DEFAULT}",
+        console.print(Text(failed_verification_text(read_manifest(result.out).verification.failing(), result.out),
                            style="bold red"))
     elif result.verification is not None:
         console.print(f"verification: [bold]{result.verification}[/bold]")

@@ -106,12 +106,13 @@ class QuantizeOptions:
         if self.decode_steps < 0:
             raise ConfigError(f"decode_steps is {self.decode_steps}; use 0 or more")
         self._check_int8_mode()
-        nbits = [flag for flag, fmt in (("--int4-format", self.int4_format), ("--int8-format", self.int8_format))
-                 if fmt == "nbits"]
-        if self.for_tensorrt and nbits:
-            raise ConfigError(f"{' and '.join(nbits)} nbits with --target {self.target}: TensorRT cannot parse "
-                              "MatMulNBits; drop --int4-format/--int8-format or use qdq")
         self._check_read()
+        # The weight format the recipe writes (int4's, or int8's): MatMulNBits is an onnxruntime contrib op.
+        flag, fmt = {"int4": ("--int4-format", self.int4_format),
+                     "int8": ("--int8-format", self.int8_format)}.get(self.precision, ("", ""))
+        if self.for_tensorrt and fmt == "nbits":
+            raise ConfigError(f"{flag} nbits with --target {self.target}: TensorRT cannot parse MatMulNBits; drop "
+                              f"{flag} (a target gets qdq) or give {flag} qdq")
         if self.int8_mode in ("w8a16", "w8a8-dynamic") and self.accuracy_level is None \
                 and self.resolved_int8_format() == "nbits":
             # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
@@ -132,7 +133,10 @@ class QuantizeOptions:
             value = getattr(self, name)
             given.append(flag if isinstance(value, bool) else
                          f"{flag} {','.join(value) if isinstance(value, tuple) else value}")
-            why.append(f"{flag} (read by {read_by})")
+            if name == "decode_steps" and self.needs_calibration:     # the recipe calibrates, but not the decoder
+                why.append(f"{flag} (it calibrates the decoder, which --stages leaves out)")
+            else:
+                why.append(f"{flag} (read by {read_by})")
         raise ConfigError(f"{_listed(given, 'and')}: {recipe}; it does not read {_listed(why, 'or')}, which the "
                           f"manifest would record as applied: drop {'it' if len(given) == 1 else 'them'}")
 

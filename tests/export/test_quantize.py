@@ -901,10 +901,24 @@ def test_the_source_is_never_the_output_however_it_is_spelled(sources, tmp_path)
 @pytest.mark.parametrize("fmt", ["int4_format", "int8_format"])
 def test_a_tensorrt_target_refuses_the_matmulnbits_format(fmt):
     precision = "int4" if fmt == "int4_format" else "int8"
-    with pytest.raises(ConfigError, match=r"TensorRT cannot parse MatMulNBits; drop --int4-format/--int8-format or "
-                                          r"use qdq"):
+    flag = "--" + fmt.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"^{flag} nbits with --target orin: TensorRT cannot parse MatMulNBits; "
+                                          rf"drop {flag} \(a target gets qdq\) or give {flag} qdq$"):
         QuantizeOptions(precision, target="orin", **{fmt: "nbits"})
     assert QuantizeOptions(precision, target="orin", **{fmt: "qdq"}).for_tensorrt
+
+
+@pytest.mark.parametrize("value", ["nbits", "qdq"])
+def test_another_precisions_weight_format_is_refused_as_unread_not_as_nbits(value):
+    # Not "give --int4-format qdq" to an int8 run, a fix that is refused in turn.
+    with pytest.raises(ConfigError, match=rf"^--int4-format {value}: .*it does not read --int4-format"):
+        QuantizeOptions("int8", target="orin", int4_format=value)
+
+
+def test_decode_steps_for_stages_without_the_decoder_says_why():
+    with pytest.raises(ConfigError, match=r"it does not read --decode-steps \(it calibrates the decoder, which "
+                                          r"--stages leaves out\)"):
+        QuantizeOptions("int8", int8_mode="w8a8", stages=("vision", "connector"), decode_steps=4)
 
 
 @pytest.mark.parametrize("kwargs, flag, recipe", [
