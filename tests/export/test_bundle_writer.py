@@ -291,3 +291,22 @@ def test_a_kill_during_before_publish_leaves_the_old_bundle_whole(tmp_path):
     assert proc.returncode == 9, proc.stderr
     assert _snapshot(path) == old and load_bundle(path).manifest.verification.status == "passed"
     assert [n.startswith(".b.partial-") for n in _hidden_siblings(tmp_path)] == [True]
+
+
+def test_an_output_is_refused_where_it_leads_into_the_source_bundle(tmp_path):
+    # quantize and add-depth-tokenizer write a new bundle and never modify their source: compared where the paths
+    # lead, through symlinks and `..`, and with nothing inside the source either.
+    from edgeact.export.bundle_writer import refuse_out_in_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "link").symlink_to(src)
+    for source, out, what in ((tmp_path / "link", src, "is the source bundle"),
+                              (src, tmp_path / "link", "is the source bundle"),
+                              (src, tmp_path / "elsewhere" / ".." / "src", "is the source bundle"),
+                              (src, src / "int4", "lies inside the source bundle"),
+                              (tmp_path / "link", src / "a" / "b", "lies inside the source bundle")):
+        with pytest.raises(BundleError, match=f"{what} .*write the new bundle to another directory: the source "
+                                              "bundle is never modified"):
+            refuse_out_in_source(source, out)
+    refuse_out_in_source(src, tmp_path / "src-int4")            # a sibling whose name starts alike is another place

@@ -174,8 +174,7 @@ def test_add_depth_tokenizer_refuses_to_write_over_its_source(trained, held_out,
         add_depth_tokenizer(source_bundle, trained.dir, source_bundle, check_images=held_out[:1], overwrite=True)
 
 
-def test_add_depth_tokenizer_refuses_its_source_through_a_symlink_or_inside_it(trained, held_out, source_bundle,
-                                                                               tmp_path):
+def test_add_depth_tokenizer_refuses_its_source_through_a_symlink(trained, held_out, source_bundle, tmp_path):
     import shutil
 
     from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
@@ -183,11 +182,8 @@ def test_add_depth_tokenizer_refuses_its_source_through_a_symlink_or_inside_it(t
     src = shutil.copytree(source_bundle, tmp_path / "src")
     (tmp_path / "link").symlink_to(src)
     before = tree_digest(src)
-    for bundle, out, what in ((tmp_path / "link", src, "is the source bundle"),
-                              (src, tmp_path / "link", "is the source bundle"),
-                              (src, src / "with_depth", "lies inside the source bundle")):
-        with pytest.raises(BundleError, match=f"{what} .*never modified"):
-            add_depth_tokenizer(bundle, trained.dir, out, check_images=held_out[:1], overwrite=True)
+    with pytest.raises(BundleError, match="is the source bundle .*never modified"):
+        add_depth_tokenizer(tmp_path / "link", trained.dir, src, check_images=held_out[:1], overwrite=True)
     assert tree_digest(src) == before
 
 
