@@ -322,7 +322,7 @@ class RealSenseCamera(Camera):
 
     # -- looping a recording -----------------------------------------------------------------------
     def _recording_ended(self) -> bool:
-        """Whether the playback has played the whole file (called after a read that got nothing)."""
+        """Whether the playback has played the whole file (asked before each read's wait: see _read)."""
         if self._resume_error is not None:
             raise CameraError(f"recording {self.config.path} of camera {self.name!r} could not be resumed "
                               f"({self._resume_error})") from self._resume_error
@@ -375,8 +375,9 @@ class RealSenseCamera(Camera):
     def _read(self, timeout_s: float) -> RGBDFrame | None:
         # A recording's end is asked before the wait: once the playback has stopped, no frame comes after an empty
         # wait (one asked after it could have stopped, and queued its last frame, since the wait ended).
-        ended = self._playback is not None and self._recording_ended()
+        ended = False
         if self._playback is not None:
+            ended = self._recording_ended()
             timeout_s = min(timeout_s, PLAYBACK_WAIT_S)
         try:
             ok, frames = self._pipeline.try_wait_for_frames(max(1, int(timeout_s * 1000)))
