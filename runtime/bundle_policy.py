@@ -158,7 +158,8 @@ class BundlePolicy:
         return Plan(actions=result.actions, actions_normalized=result.actions_normalized, trace_px=result.trace_px,
                     depth_codes=result.depth_codes, observation_time_s=obs.timestamp_s,
                     created_time_s=time.monotonic(), stage_seconds=dict(result.stage_seconds),
-                    decode_steps=result.decode_steps, choices=result.choices)
+                    decode_steps=result.decode_steps, choices=result.choices,
+                    trace_forced=result.trace_forced)
 
     def close(self) -> None:
         """Release device memory (TensorRT); host buffers and sessions go with the object."""

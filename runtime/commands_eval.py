@@ -35,11 +35,16 @@ def register(subparsers) -> None:
     p.add_argument("--trace", choices=("model", "expert"), default="model",
                    help="whose trace each plan carries: the model's (default), or the scripted expert's from the "
                         "arm's current pose, forced through trace steering (with --timing lockstep): then only the "
-                        "actions are the model's, which measures how well they follow a right trace")
+                        "actions are the model's; the built-in robot follows a given trace (plan.follow_trace "
+                        "steered): add --follow-trace never to measure how well the actions alone follow it")
     p.add_argument("--ensemble", choices=("on", "off"),
                    help="temporal ensembling (plan.ensemble): follow each action slot's mean over the plans that "
                         "predicted it, or only the newest plan's action (default: the config's; the built-in robot's "
                         "is on)")
+    p.add_argument("--follow-trace", choices=("never", "steered", "always"),
+                   help="move each plan's translations onto its trace lifted through the camera (plan.follow_trace): "
+                        "never, steered (a given trace, e.g. --trace expert) or always (the model's own trace too); "
+                        "default: the config's, the built-in robot's is steered")
     p.add_argument("--draft-tokens", type=int, metavar="N",
                    help="drafted tokens per decoder call for every system (policy.draft_tokens); 0: one decoder call "
                         "per choice, which is what decode steps per plan measured before drafting and what the "
@@ -89,7 +94,8 @@ def _eval(args) -> int:
             bundles["config"] = str(path)
     options = EvalOptions(args.episodes, Path(args.out), args.seed if args.seed is not None else EVAL_SEED,
                           args.timing, args.replan_every, args.sheets, args.trace,
-                          None if args.ensemble is None else args.ensemble == "on", args.draft_tokens)
+                          None if args.ensemble is None else args.ensemble == "on", args.draft_tokens,
+                          args.follow_trace)
     systems = eval_systems(bundles, args.depth, args.allow_unverified, args.action_decoding)
     written = []        # the episodes in eval.json so far (evaluate writes each before calling progress)
 
@@ -117,6 +123,8 @@ def _eval(args) -> int:
                           f"{json_path} (marked \"interrupted\": true, with the error)")
         raise
     steered = ", the expert's trace" if options.trace == "expert" else ""
+    if report.follow_trace == "always" or (report.follow_trace == "steered" and options.trace == "expert"):
+        steered += ", trace followed"
     table = Table(title=f"reference task, {options.episodes} episodes per system ({options.timing}{steered})")
     for column in ("system", "success", "per template", "episode s", "control Hz", "p99 period err ms",
                    "policy plans/s", "decode calls/plan"):

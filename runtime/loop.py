@@ -33,6 +33,7 @@ from edgeact.runtime.policy import Observation, Plan, Policy
 
 if TYPE_CHECKING:
     from edgeact.runtime.robot_config import RobotConfig
+    from edgeact.runtime.trace_follow import TraceFollower
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,12 @@ class RobotLoop:
     """One run of the loop on a connected SafetyGuard and camera; the caller owns their life."""
 
     def __init__(self, robot: SafetyGuard, camera: Camera, policy: Policy, mapper: ActionMapper,
-                 settings: LoopSettings, hub: EventHub, clock: Callable[[], float] = time.monotonic):
+                 settings: LoopSettings, hub: EventHub, clock: Callable[[], float] = time.monotonic,
+                 trace_follower: "TraceFollower | None" = None):
+        """`trace_follower` (plan.follow_trace) moves each plan's translations onto its trace, in the planner's
+        thread, from the joint positions the plan's observation carried; before the ensemble merges it."""
         self.robot, self.camera, self.policy, self.mapper = robot, camera, policy, mapper
+        self.trace_follower = trace_follower
         self.settings, self.hub, self.clock = settings, hub, clock
         self.ticks = self.plans = self.overruns = self.stale_frames = self.stale_plans = 0
         self._stop = threading.Event()
@@ -316,6 +321,8 @@ class RobotLoop:
             plan = self.policy.step(obs)
             if self._stop.is_set():
                 return
+            if self.trace_follower is not None:
+                plan = self.trace_follower.apply(plan, obs.proprio)
             if ensemble is not None:
                 plan = ensemble.merge(plan)
             done_s = self.clock()
@@ -388,7 +395,8 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
                 mark_start()
             guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
             stack.callback(teardown.enter_context, interrupts_deferred(late))   # unwound first: before the guard's exit
-            loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub)
+            loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub,
+                             trace_follower=trace_follower(config, mapper, camera.intrinsics))
             result = loop.run(duration_s, progress)
             # Read while the children live: each process's peak resident memory (the simulator is not the robot's),
             # and the task's outcome as the simulator judged it.
@@ -408,6 +416,17 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             hub.close()
     return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),
                    motors_at_exit=motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
+
+
+def trace_follower(config: "RobotConfig", mapper: ActionMapper, intrinsics) -> "TraceFollower | None":
+    """The config's plan.follow_trace as a TraceFollower on this camera's intrinsics; None for "never"."""
+    plan = config.plan
+    if plan.follow_trace == "never":
+        return None
+    from edgeact.runtime.trace_follow import TraceFollower
+
+    return TraceFollower(mapper, intrinsics, plan.trace_camera_frame, plan.trace_horizon_actions, plan.follow_trace,
+                         plan.trace_camera_pose)
 
 
 def motors_at_exit(config: "RobotConfig", start_refused: bool = False) -> str:

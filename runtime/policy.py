@@ -115,6 +115,8 @@ class Plan:
     choices: int = 0                        # closed choices the answer had; decode_steps / choices shows what
                                             # drafting saved (without it, decode_steps is choices - 1
                                             # where no forced run exceeds the decoder's chunk)
+    trace_forced: bool = False              # the trace was given (steering), not the model's: plan.follow_trace
+                                            # "steered" follows such a trace (runtime/trace_follow.py)
 
     def __post_init__(self) -> None:
         for name in ("actions", "actions_normalized"):

@@ -233,14 +233,30 @@ class PlanSection:
     max_age_s: float = 1.5                  # hold when the plan's observation is older than this
     max_frame_age_s: float = 0.25           # the planner waits for a newer frame than this
     ensemble: bool = False                  # follow each action slot's mean over the plans (runtime/ensemble.py)
+    # Move each plan's translations onto its trace lifted through the camera (runtime/trace_follow.py; needs the "ik"
+    # actions): "never", "steered" (a trace given by steering only), "always" (the model's own trace too).
+    follow_trace: str = "never"
+    trace_camera_frame: str = "camera_optical"  # the colour camera's optical frame in the robot description
+    trace_horizon_actions: int = 8          # the actions the trace's points span (evenly), as the model was trained
+    # A calibrated camera fixed to the base, replacing trace_camera_frame: {"position_m": [x, y, z],
+    # "quaternion_xyzw": [x, y, z, w]}, its optical frame in the actions' reference frame (a hand-eye calibration's).
+    trace_camera_pose: dict | None = None
 
     def __post_init__(self) -> None:
+        from edgeact.runtime.trace_follow import FOLLOW_TRACE, check_trace_horizon
+
         for name in ("max_age_s", "max_frame_age_s"):
             value = getattr(self, name)
             if not (0 < value <= 600):
                 raise ConfigError(f"{name}: must be in (0, 600] seconds, got {value}")
         if not isinstance(self.ensemble, bool):
             raise ConfigError(f"ensemble: must be true or false, got {self.ensemble!r}")
+        if self.follow_trace not in FOLLOW_TRACE:
+            raise ConfigError(f"follow_trace: {self.follow_trace!r} unknown; use one of {', '.join(FOLLOW_TRACE)}")
+        if not (isinstance(self.trace_camera_frame, str) and self.trace_camera_frame):
+            raise ConfigError(f"trace_camera_frame: name the camera's optical frame in the robot description "
+                              f"(e.g. \"camera_optical\"), got {self.trace_camera_frame!r}")
+        check_trace_horizon(self.trace_horizon_actions)
 
 
 @dataclass
@@ -288,7 +304,11 @@ class RobotConfig:
         unknown = sorted(set(self.limits.joint_limits_rad) - set(motors))
         if unknown:
             raise ConfigError(f"limits.joint_limits_rad: joints {unknown} are not motors ({', '.join(motors)})")
-        self.actions.make_mapper(motors)    # its joints must exist; raises with the fix
+        mapper = self.actions.make_mapper(motors)    # its joints must exist; raises with the fix
+        if self.plan.follow_trace != "never":
+            from edgeact.runtime.trace_follow import check_follow_trace
+
+            check_follow_trace(mapper, self.plan.trace_camera_frame, self.plan.trace_camera_pose)
         period_s = 1.0 / self.rates.control_hz
         checked = [("limits.watchdog_timeout_s", self.limits.watchdog_timeout_s),
                    ("watchdog.control_stall_s", self.watchdog.control_stall_s)]

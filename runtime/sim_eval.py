@@ -70,8 +70,11 @@ class EvalOptions:
     trace: str = "model"        # one of TRACE_SOURCES
     ensemble: bool | None = None    # plan.ensemble for every system (temporal ensembling); None: the config's
     draft_tokens: int | None = None     # policy.draft_tokens for every system (0: no drafting); None: the config's
+    follow_trace: str | None = None     # plan.follow_trace for every system (trace_follow.py); None: the config's
 
     def __post_init__(self) -> None:
+        from edgeact.runtime.trace_follow import FOLLOW_TRACE
+
         if self.episodes < 1:
             raise ConfigError(f"--episodes: evaluate at least 1 episode, got {self.episodes}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -83,6 +86,8 @@ class EvalOptions:
             raise ConfigError(f"--trace {self.trace!r} unknown; use one of {', '.join(TRACE_SOURCES)}")
         if self.ensemble is not None and not isinstance(self.ensemble, bool):
             raise ConfigError(f"ensemble: true, false or null (the config's), got {self.ensemble!r}")
+        if self.follow_trace is not None and self.follow_trace not in FOLLOW_TRACE:
+            raise ConfigError(f"--follow-trace {self.follow_trace!r} unknown; use one of {', '.join(FOLLOW_TRACE)}")
         if self.draft_tokens is not None and (isinstance(self.draft_tokens, bool)
                                               or not isinstance(self.draft_tokens, int) or self.draft_tokens < 0):
             raise ConfigError(f"--draft-tokens: an integer >= 0 (0 turns drafting off: a decoder call per choice), "
@@ -134,6 +139,7 @@ class EvalReport:
     interrupted: bool = False       # stopped (Ctrl-C, the robot's e-stop, an error): `episodes` are the finished ones
     error: str | None = None        # what stopped it, where an error did: "TypeName: message"
     draft_tokens: dict[str, int] = field(default_factory=dict)     # each system's policy.draft_tokens (evaluate's)
+    follow_trace: str = "never"     # plan.follow_trace of every system (evaluate's: the config's or the option's)
 
     def __post_init__(self) -> None:
         # rows() and the episodes find their system by name
@@ -159,6 +165,7 @@ class EvalReport:
             rows.append({
                 "system": system.name, "precision": system.precision, "depth": system.depth,
                 "action_decoding": system.action_decoding, "trace": self.options.trace,
+                "follow_trace": self.follow_trace,
                 "draft_tokens": self.draft_tokens.get(system.name),
                 "bundle": str(system.bundle), "episodes": len(eps), "successes": len(wins),
                 "success_rate": len(wins) / len(eps), "per_template": per_template,
@@ -275,6 +282,9 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     plan = episode_plan(options.episodes, options.seed)
     if options.ensemble is not None:
         base_config = {**base_config, "plan": {**(base_config.get("plan") or {}), "ensemble": options.ensemble}}
+    if options.follow_trace is not None:
+        base_config = {**base_config, "plan": {**(base_config.get("plan") or {}), "follow_trace": options.follow_trace}}
+    report.follow_trace = (base_config.get("plan") or {}).get("follow_trace", "never")
     if options.draft_tokens is not None:    # another type's policy section gives way to the systems' bundle policy
         policy = base_config.get("policy") or {}
         policy = policy if policy.get("type") in (None, "bundle") else {}
@@ -431,6 +441,7 @@ class LockstepRunner:
         from edgeact.drivers.cameras.mujoco_camera import MujocoRgbdRenderer
         from edgeact.drivers.sim.expert import ActionExecutor, ExpertConfig
         from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+        from edgeact.runtime.loop import trace_follower
         from edgeact.runtime.policy import PolicyContext
         from edgeact.runtime.robot_config import robot_config_from_dict
 
@@ -442,6 +453,7 @@ class LockstepRunner:
         self._executor_type = ActionExecutor
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, config.camera.camera, *EVAL_CAMERA_PX)
+        self.follower = trace_follower(config, self.mapper, self.renderer.intrinsics)  # plan.follow_trace, as the loop
         try:        # make_policy, not make_robot_policy: no child process, the world waits for this one
             self.policy = policy if policy is not None else config.policy.make_policy(PolicyContext(
                 config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir, self.renderer.intrinsics))
@@ -478,11 +490,15 @@ class LockstepRunner:
             steps.append(result.decode_steps)
             if first_plan is None:
                 first_plan, first_frame = result, rgb
-            actions = result.actions
-            if ensemble is not None:    # the simulator's clock: action k of the episode starts at k / rate
-                actions = ensemble.merge(Plan(result.actions, result.actions_normalized, result.trace_px, None,
-                                              done / rate, done / rate)).actions
-            for action in actions[:self.replan_every]:
+            # As the loop's planner: the trace followed from the joints at the frame, then the ensemble (the
+            # simulator's clock: action k of the episode starts at k / rate).
+            chunk = Plan(result.actions, result.actions_normalized, result.trace_px, None, done / rate, done / rate,
+                         trace_forced=bool(getattr(result, "trace_forced", False)))
+            if self.follower is not None:
+                chunk = self.follower.apply(chunk, executor.commanded_rad)
+            if ensemble is not None:
+                chunk = ensemble.merge(chunk)
+            for action in chunk.actions[:self.replan_every]:
                 executor.execute(action)
                 if plan is not None:
                     plan.observe(executor.commanded_pose().position_m)

@@ -83,8 +83,10 @@ MUJOCO_ROBOT_SECTIONS: dict[str, Any] = {
                 "gripper_action_range": [-1.0, 1.0], "gripper_range_rad": [0.0, 1.0],
                 "joint_limits_rad": {name: [-1.5, 1.5] for name in ARM_JOINTS}},
     # The reference ARM's action bins are uncertain: averaging each slot over the plans that predicted it
-    # (temporal ensembling, runtime/ensemble.py) makes it succeed more often (README).
-    "plan": {"max_age_s": 1.5, "max_frame_age_s": 0.25, "ensemble": True},
+    # (temporal ensembling, runtime/ensemble.py) makes it succeed more often (README). A trace given by steering is
+    # followed (runtime/trace_follow.py); the model's own is not: it is worse than its actions (README).
+    "plan": {"max_age_s": 1.5, "max_frame_age_s": 0.25, "ensemble": True, "follow_trace": "steered",
+             "trace_camera_frame": "camera_optical", "trace_horizon_actions": 8},
     "limits": {
         "joint_limits_rad": {**{name: [-1.5, 1.5] for name in ARM_JOINTS}, GRIPPER: [-0.15, 1.6]},
         "max_step_rad": 0.1,

@@ -56,6 +56,7 @@ from edgeact.drivers.sim.task import (BLOCK_HALF_M, BLOCKS, COLOURS, TEMPLATES, 
                                       sample_episode)
 from edgeact.runtime.answer import MAX_TRACE_POINTS, pixels_to_trace
 from edgeact.runtime.errors import ConfigError, EdgeactError
+from edgeact.runtime.trace_follow import project_points, trace_boundaries
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeact-sim-demos/2"      # 2: + blocks
@@ -95,22 +96,13 @@ class DemoDatasetError(EdgeactError):
     """A demonstration directory is missing, incomplete or of another format; the message says which."""
 
 
-def project_points(points_m: np.ndarray, camera_position_m: np.ndarray, camera_rotation: np.ndarray,
-                   intrinsics: Any) -> np.ndarray:
-    """World points (n, 3) -> pixels (n, 2) [u, v] through an optical frame (x right, y down, z forward)."""
-    in_camera = (np.asarray(points_m, dtype=np.float64) - camera_position_m) @ camera_rotation
-    z = np.maximum(in_camera[:, 2], 1e-6)
-    return np.stack([intrinsics.fx * in_camera[:, 0] / z + intrinsics.cx,
-                     intrinsics.fy * in_camera[:, 1] / z + intrinsics.cy], axis=1)
-
-
 def future_trace(ee_positions_m: np.ndarray, k: int, horizon_actions: int,
                  camera_pose: tuple[np.ndarray, np.ndarray], intrinsics: Any) -> np.ndarray:
     """The trace (n, 2) ints in [0, 256) of the end effector from action boundary k over the next horizon_actions
     actions (0: to the last boundary), at evenly spaced boundaries."""
     last = len(ee_positions_m) - 1
     horizon = horizon_actions if horizon_actions > 0 else max(last - k, 0)
-    picks = [min(k + round(i * horizon / (MAX_TRACE_POINTS - 1)), last) for i in range(MAX_TRACE_POINTS)]
+    picks = [min(k + b, last) for b in trace_boundaries(horizon)]
     pixels = project_points(ee_positions_m[picks], *camera_pose, intrinsics)
     trace = pixels_to_trace(pixels, intrinsics.width, intrinsics.height)
     keep = [0] + [i for i in range(1, len(trace)) if not np.array_equal(trace[i], trace[i - 1])]

@@ -13,6 +13,7 @@ from edgeact.runtime.errors import ConfigError  # noqa: E402
 from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS  # noqa: E402
 from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EpisodeResult, EvalOptions, EvalReport,  # noqa: E402
                                       LockstepRunner, episode_plan, eval_systems, evaluate, system_config_dict)
+from edgeact.runtime.answer import trace_to_pixels  # noqa: E402
 from edgeact.runtime.sim_robot import mujoco_robot_config_dict  # noqa: E402
 from tests.export.test_depth_tokenizer import trained_tokenizer  # noqa: E402
 from tests.runtime.test_decode_program import exported_bundle  # noqa: E402
@@ -357,6 +358,44 @@ def test_the_expert_trace_is_the_experts_plan_from_the_arms_pose(exported, tmp_p
         renderer.close()
 
 
+class _StrayingSteered(_ReplayExpert):
+    """The expert's actions going the other way sideways (dy negated), answering with the trace it is steered with
+    (in pixels of the evaluation's camera, marked as given: a steered plan)."""
+
+    def infer(self, rgb, instruction, depth_m=None, trace=None):
+        chunk = super().infer(rgb, instruction, depth_m).actions.copy()
+        chunk[:, 1] *= -1.0
+        return SimpleNamespace(actions=chunk, actions_normalized=np.clip(chunk, -1, 1), decode_steps=0,
+                               trace_forced=trace is not None,
+                               trace_px=None if trace is None else trace_to_pixels(np.asarray(trace), *EVAL_CAMERA_PX))
+
+
+@pytest.mark.parametrize("seed, template", [(1_000_001, "push_left"), (1_000_000, "move_to")])
+def test_a_steered_trace_is_followed_where_the_actions_stray(exported, seed, template):
+    # plan.follow_trace "steered" (the built-in robot's): actions that go the wrong way sideways, steered by the
+    # expert's trace, still do the task, their translations moved onto the trace's rays; without it they fail.
+    from edgeact.drivers.sim.expert import run_expert, runtime_action_mapper
+    from edgeact.drivers.sim.mujoco_robot import MujocoWorld
+    from edgeact.drivers.sim.task import sample_episode
+
+    mapper, _ = runtime_action_mapper()
+    rollout = run_expert(MujocoWorld(), sample_episode(seed, template), mapper)
+    system = eval_systems({"expert": exported.bundle_dir}, ["generated"])[0]
+    outcomes = {}
+    for follow in ("never", "steered"):
+        base = mujoco_robot_config_dict()
+        base["plan"]["follow_trace"] = follow
+        runner = LockstepRunner(base, system, 2, "<test>", policy=_StrayingSteered(rollout.actions), trace="expert")
+        try:
+            result = runner.episode(0, seed, template, None)
+        finally:
+            runner.close()
+        outcomes[follow] = (result.success, runner.follower.followed if runner.follower else 0, result.plans)
+    assert outcomes["never"][:2] == (False, 0)
+    success, followed, plans = outcomes["steered"]
+    assert success and followed >= plans - 1     # every plan but a last one-point trace (the hand there) followed
+
+
 def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp_path):
     systems = eval_systems({"tiny": with_depth}, ["generated", "forced"])
     # Without drafting (which the policy config turns on by default): one decoder call per choice.
@@ -373,6 +412,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
     assert [r["episodes"] for r in rows] == [2, 2] and all(0 <= r["success_rate"] <= 1 for r in rows)
     assert [r["action_decoding"] for r in rows] == ["median", "median"]
     assert [r["draft_tokens"] for r in rows] == [0, 0]
+    assert [r["follow_trace"] for r in rows] == ["steered", "steered"]    # the built-in robot's
     # Each failed episode says why, from its end state; the rows count the reasons.
     for e in report.episodes:
         assert (e.failure is None) == e.success and set(e.outcome) >= {"target_displacement_m", "ee_to_target_m"}
@@ -422,6 +462,32 @@ def test_the_eval_command_takes_the_draft_tokens_for_every_system(tmp_path, monk
     assert data["options"]["draft_tokens"] == 0 and [r["draft_tokens"] for r in data["systems"]] == [0]
     assert main([*args, "--draft-tokens", "-1"]) == 2
     assert "--draft-tokens: an integer >= 0 (0 turns drafting off" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_eval_command_sets_how_every_system_follows_its_trace(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from edgeact.runtime import commands_eval, sim_eval
+    from edgeact.runtime.cli import main
+    from edgeact.runtime.trace_follow import FOLLOW_TRACE
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    parser = argparse.ArgumentParser()
+    commands_eval.register(parser.add_subparsers())
+    assert parser.parse_args(["eval"]).follow_trace is None       # the config's
+    for when in FOLLOW_TRACE:           # the CLI's literal choices are the module's
+        assert parser.parse_args(["eval", "--follow-trace", when]).follow_trace == when
+    monkeypatch.setattr(sim_eval, "LockstepRunner", _Instant)
+    bundle, out = write_tiny_bundle(tmp_path / "b"), tmp_path / "eval"
+    args = ["eval", "--bundle", f"tiny={bundle}", "--depth", "generated", "--timing", "lockstep", "--episodes", "1",
+            "--sheets", "0", "--out", str(out)]
+    assert main([*args, "--follow-trace", "always"]) == 0
+    assert "trace followed" in capsys.readouterr().out
+    data = json.loads((out / "eval.json").read_text())
+    assert data["options"]["follow_trace"] == "always" and [r["follow_trace"] for r in data["systems"]] == ["always"]
+    assert main(args) == 0 and "trace followed" not in capsys.readouterr().out    # steered, the model's own trace
+    with pytest.raises(ConfigError, match="--follow-trace 'sometimes' unknown; use one of never, steered, always"):
+        EvalOptions(episodes=1, out_dir=tmp_path, follow_trace="sometimes")
 
 
 def test_options_are_checked():
