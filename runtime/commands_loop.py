@@ -251,6 +251,8 @@ def _summary_tables(summary: dict):
         ("safety trips (besides the exit)", str(sum(t["reason"] != "exit" for t in summary["trips"]))),
     ):
         loop.add_row(key, value)
+    if p.get("trace_followed"):
+        loop.add_row("plans moved onto their trace (plan.follow_trace)", str(p["trace_followed"]))
     if summary.get("incomplete"):
         loop.add_row("[yellow]events the statistics missed (incomplete)[/]", str(summary["undelivered_events"]))
     if "control_thread" in summary:

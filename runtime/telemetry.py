@@ -94,6 +94,7 @@ class TimingStats(Subscriber):
         self.ticks = self.overruns = self.plans = self.frames = 0
         self._frames_since_first_tick = self._frames_in_ticks = 0     # the camera's rate over the ticks' span
         self.stale_plans = 0            # plans too old on arrival: held, so in neither frame -> command nor the skips
+        self.trace_followed = 0         # plans whose translations were moved onto their trace (plan.follow_trace)
         self.first_tick_s = self.last_tick_s = self.first_plan_s = self.last_plan_s = math.nan
         self.trips: list[dict[str, Any]] = []
         self.stop: dict[str, str] | None = None
@@ -138,6 +139,7 @@ class TimingStats(Subscriber):
         self.frame_age_s.append(e.frame_age_s)
         self.decode_steps.append(e.plan.decode_steps)
         self.choices.append(e.plan.choices)
+        self.trace_followed += e.plan.trace_followed
         for stage, seconds in e.plan.stage_seconds.items():
             self.stage_s.setdefault(stage, Series()).append(seconds)
 
@@ -182,6 +184,7 @@ class TimingStats(Subscriber):
                 "choices_mean": _mean(self.choices),        # beside decode_steps_mean: what drafting saved
                 "skipped_actions_mean": _mean(self.skipped_actions),
                 "stale_plans": self.stale_plans,
+                "trace_followed": self.trace_followed,
             },
             "stages_ms": {name: _stats_ms(series) for name, series in self.stages().items()},
             "frame_to_command_ms": _stats_ms(self.frame_to_command_s),

@@ -161,7 +161,7 @@ class TraceFollower:
         actions = plan.actions.copy()
         actions[:, :3] = translations / self.mapper.config.translation_scale
         self.followed += 1
-        return dataclasses.replace(plan, actions=actions)
+        return dataclasses.replace(plan, actions=actions, trace_followed=True)
 
     def translations(self, trace_px: np.ndarray, actions: np.ndarray, joints_rad: dict[str, float]) -> np.ndarray:
         """(n_actions, 3) metres in the mapper's reference frame: the chunk's translations moved onto the trace."""

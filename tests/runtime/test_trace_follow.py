@@ -1,4 +1,6 @@
 """Trace as a plan (runtime/trace_follow.py): a plan's translations moved onto its trace lifted through the camera."""
+import re
+
 import numpy as np
 import pytest
 
@@ -296,3 +298,37 @@ def test_the_loop_follows_each_raw_plan_from_its_observations_joints_before_the_
     assert [joints for _, joints in follower.calls] == policy.proprio[:len(follower.calls)]
     assert any(joints for joints in policy.proprio)
     assert all((p.actions[:, 6] == 0.75).all() for p in plans)
+
+
+def test_the_run_summary_counts_the_plans_moved_onto_their_trace(mapper):
+    # A followed plan says so; `edgeact run`'s summary counts those plans and its table shows the count.
+    import dataclasses
+
+    from tests.runtime.test_telemetry import _filled_stats, plan_event
+
+    true_path, camera = path_of(mapper, chunk(0.01, 0.006, -0.003))
+    trace_px = project_points(true_path[trace_boundaries(8)], camera.position_m, camera.rotation, INTRINSICS)
+    plan = plan_of(chunk(0.01, -0.006, -0.003), trace_px)
+    followed = TraceFollower(mapper, INTRINSICS, "camera_optical", 8).apply(plan, JOINTS)
+    assert followed.trace_followed and not plan.trace_followed
+    stats = _filled_stats()         # five plans of their own, none followed
+    assert stats.summary()["policy"]["trace_followed"] == 0
+    event = plan_event(5, 1.2)
+    stats.on_plan(dataclasses.replace(event, plan=dataclasses.replace(event.plan, trace_followed=True)))
+    summary = stats.summary()
+    assert summary["policy"]["trace_followed"] == 1
+    assert re.search(r"plans moved onto their trace \(plan\.follow_trace\)\s*│\s*1\s", _printed(summary))
+    assert "plans moved onto their trace" not in _printed(_filled_stats().summary())
+
+
+def _printed(summary) -> str:
+    """`edgeact run`'s tables of this summary, as the terminal shows them."""
+    import io
+
+    from rich.console import Console
+
+    from edgeact.runtime.commands_loop import _summary_tables
+
+    out = io.StringIO()
+    Console(file=out, width=160).print(_summary_tables(summary))
+    return out.getvalue()
