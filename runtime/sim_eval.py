@@ -472,6 +472,8 @@ class LockstepRunner:
         reset_world(self.world, episode)
         if hasattr(self.policy, "forget_draft"):
             self.policy.forget_draft()         # the last episode's answers are of another scene
+        if self.follower is not None:
+            self.follower.forget()             # nor is its trace a path steered again
         executor = self._executor_type(self.world, self.mapper, self.expert)
         plan, steer = self._steering(episode, executor) if self.trace == "expert" else (None, None)
         limit = int(round(episode.time_limit_s * self.expert.action_rate_hz))

@@ -116,15 +116,44 @@ def test_a_chunk_on_its_own_path_is_left_as_it_is(mapper):
 
 
 def test_the_trace_is_read_from_the_hand_as_it_is_now(mapper):
-    # A model's first point is where it sees the hand, a few pixels off: the whole trace shifted by 6 px moves the
-    # chunk as the unshifted trace does.
+    # A model's first point is where it sees the hand, a few pixels off: the whole trace shifted by a few pixels
+    # moves the chunk as the unshifted trace does.
     true_path, camera = path_of(mapper, chunk(0.01, 0.006, -0.003))
     trace_px = project_points(true_path[trace_boundaries(8)], camera.position_m, camera.rotation, INTRINSICS)
     follower = TraceFollower(mapper, INTRINSICS, "camera_optical", 8)
     wrong = chunk(0.01, -0.006, -0.003)
     exact = follower.apply(plan_of(wrong, trace_px), JOINTS)
-    shifted = follower.apply(plan_of(wrong, trace_px + [6.0, -4.0]), JOINTS)
+    shifted = follower.apply(plan_of(wrong, trace_px + [3.0, -2.0]), JOINTS)
     np.testing.assert_allclose(shifted.actions, exact.actions, atol=1e-9)
+
+
+def test_a_path_drawn_once_is_followed_on_from_the_hand_and_held_at_its_end(mapper):
+    # A user draws a path once and every plan carries it (steer keeps it). Two actions run per plan, through the
+    # mapper's IK as the control step runs them: the hand goes along the path, plan after plan, and stays at its end
+    # (begun again from the hand at every plan, it would run on past it).
+    true_path, camera = path_of(mapper, chunk(0.01, 0.006, -0.003))
+    drawn = project_points(true_path[trace_boundaries(8)], camera.position_m, camera.rotation, INTRINSICS)
+    follower = TraceFollower(mapper, INTRINSICS, "camera_optical", 8)
+    wrong, joints = chunk(0.01, -0.006, -0.003), dict(JOINTS)
+
+    def hand_px(q) -> np.ndarray:
+        kin = mapper.kinematics
+        return project_points(kin.forward(kin.q_from(q)).position_m[None], camera.position_m, camera.rotation,
+                              INTRINSICS)[0]
+
+    def off_path(pixel) -> float:
+        from edgeact.runtime.trace_follow import path_ahead
+
+        return float(np.linalg.norm(path_ahead(drawn, pixel)[0] - pixel))
+
+    for plan in range(7):           # 14 actions: 6 more than the path spans
+        followed = follower.apply(plan_of(wrong, drawn), joints)
+        for action in followed.actions[:2]:
+            joints = mapper.apply(joints, action, 1.0)
+        assert off_path(hand_px(joints)) < 0.5, plan
+        if plan == 1:               # four actions in: the path's third point
+            assert np.linalg.norm(hand_px(joints) - drawn[2]) < 1.0
+    assert np.linalg.norm(hand_px(joints) - drawn[-1]) < 1.0
 
 
 def test_a_trace_with_repeats_written_once_is_spread_over_the_boundaries():
