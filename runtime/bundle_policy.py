@@ -159,7 +159,7 @@ class BundlePolicy:
                     depth_codes=result.depth_codes, observation_time_s=obs.timestamp_s,
                     created_time_s=time.monotonic(), stage_seconds=dict(result.stage_seconds),
                     decode_steps=result.decode_steps, choices=result.choices,
-                    trace_forced=result.trace_forced)
+                    trace_forced=result.trace_forced, trace_kept=result.trace_forced and self._trace is not None)
 
     def close(self) -> None:
         """Release device memory (TensorRT); host buffers and sessions go with the object."""

@@ -117,6 +117,8 @@ class Plan:
                                             # where no forced run exceeds the decoder's chunk)
     trace_forced: bool = False              # the trace was given (steering), not the model's: plan.follow_trace
                                             # "steered" follows such a trace (runtime/trace_follow.py)
+    trace_kept: bool = False                # the given trace is the one steer() keeps for every plan (a path drawn
+                                            # once), not one given with this observation alone
     trace_followed: bool = False            # its translations were moved onto its trace (runtime/trace_follow.py)
 
     def __post_init__(self) -> None:

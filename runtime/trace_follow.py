@@ -15,12 +15,14 @@ The trace is read relative to the hand: its first point is moved onto the hand's
 the path with it (a model's first point is where it sees the hand, a few pixels off). Read so, the path is lifted
 through the camera's pose only as a change of place, and an error in that pose moves the hand far less than it
 moves a path read as places (the tests' arm: a pose tilted 3 degrees moves a 96 mm chunk's end by under 1 mm so, by
-27 mm as places). A path drawn once and steered with plan after plan (`Policy.steer` keeps it: the same trace as
-the last plan's) is followed on from its point nearest to the hand (`path_ahead`), not begun again, and its end
-holds the hand (`forget()` between episodes). A trace of fewer than n points (a repeated point is written once:
-the hand still over a stretch) is spread over the boundaries so that it pauses where the chunk does
-(`spread_trace`). A trace of one point, a plan without one, or an observation without joint positions leaves the
-plan as it is.
+27 mm as places). A path drawn once and kept by `Policy.steer` for plan after plan (`Plan.trace_kept`, the same
+trace as the last plan's) is followed on from its point nearest to the hand, searched only ahead of where the hand
+had got (`path_ahead`: a path that comes back near itself is not begun again), its points then one per boundary in
+turn; where it ends the hand is held, in space too (`forget()` between episodes). Any other trace (the model's, or
+one given with each observation as the evaluation's expert's, which is drawn from the hand every time) of fewer
+than n points (a repeated point is written once: the hand still over a stretch) is spread over the boundaries so
+that it pauses where the chunk does (`spread_trace`). A trace of one point, a plan
+without one, or an observation without joint positions leaves the plan as it is.
 
 When (`plan.follow_trace`): "never"; "steered", plans whose trace was given (`Policy.steer`, the evaluation's
 expert trace): the robot goes where the drawn path goes, not only where the actions alone would take it;
@@ -118,26 +120,29 @@ def camera_pose_from_dict(data: Any) -> Pose:
     return Pose(np.array(position, dtype=np.float64), rotation)
 
 
-def path_ahead(trace_px: np.ndarray, hand_px: np.ndarray, tolerance_px: float = 2.0) -> np.ndarray:
-    """The drawn path (k, 2) from its point nearest to `hand_px` on: that point first, then the trace's points after
-    it. Of segments about as near (within `tolerance_px` of the nearest), the earliest: a path that comes back near
-    its start is not cut short."""
+def path_ahead(trace_px: np.ndarray, hand_px: np.ndarray, reached: tuple[int, float] = (0, 0.0),
+               tolerance_px: float = 1.0) -> tuple[np.ndarray, tuple[int, float]]:
+    """The drawn path (k, 2) from its point nearest to `hand_px` on, searched only from `reached` (segment, fraction
+    along it) on: where the hand had got to, so a path that comes back near itself is not begun again. Of points
+    about as near (within `tolerance_px` of the nearest), the earliest. Returns that point followed by the trace's
+    points after it (the end alone once it is reached), and where it lies, for the next search."""
     trace_px = np.asarray(trace_px, dtype=np.float64)
     nearest = []
-    for j in range(len(trace_px) - 1):
+    for j in range(reached[0], len(trace_px) - 1):
         a, b = trace_px[j], trace_px[j + 1]
         ab = b - a
         length2 = float(ab @ ab)
-        t = 0.0 if length2 == 0.0 else min(max(float((hand_px - a) @ ab) / length2, 0.0), 1.0)
-        nearest.append((float(np.linalg.norm(hand_px - (a + t * ab))), j, a + t * ab))
+        low = reached[1] if j == reached[0] else 0.0
+        t = low if length2 == 0.0 else min(max(float((hand_px - a) @ ab) / length2, low), 1.0)
+        nearest.append((float(np.linalg.norm(hand_px - (a + t * ab))), j, t, a + t * ab))
     if not nearest:
-        return trace_px
-    least = min(d for d, _, _ in nearest)
-    _, j, point = next(n for n in nearest if n[0] <= least + tolerance_px)
+        return trace_px[-1:], (max(len(trace_px) - 2, 0), 1.0)
+    least = min(n[0] for n in nearest)
+    _, j, t, point = next(n for n in nearest if n[0] <= least + tolerance_px)
     rest = trace_px[j + 1:]
     if np.allclose(point, rest[0]):        # cut at a point of the trace: written once
-        return rest
-    return np.vstack([point, rest])
+        return rest, (j, t)
+    return np.vstack([point, rest]), (j, t)
 
 
 def check_follow_trace(mapper: Any, camera_frame: str, camera_pose: Any = None) -> None:
@@ -176,11 +181,12 @@ class TraceFollower:
         self.camera_frame, self.when = camera_frame, when
         self.boundaries = trace_boundaries(horizon_actions)
         self.followed = 0        # plans moved onto their trace (telemetry, tests)
-        self._last_trace: np.ndarray | None = None      # the last followed plan's trace (a path steered again?)
+        self._last_trace: np.ndarray | None = None      # the last steered plan's trace (a path steered again?)
+        self._reached = (0, 0.0)                         # how far along it the hand has got (path_ahead)
 
     def forget(self) -> None:
         """A new episode: the next trace is not the last one's path steered again."""
-        self._last_trace = None
+        self._last_trace, self._reached = None, (0, 0.0)
 
     def applies(self, plan: Plan) -> bool:
         return self.when == "always" or (self.when == "steered" and plan.trace_forced)
@@ -189,14 +195,23 @@ class TraceFollower:
         """The plan with its translations moved onto its trace's rays; itself where that does not apply."""
         if not self.applies(plan) or plan.trace_px is None or len(plan.trace_px) < 2 or not joints_rad:
             return plan
-        translations = self.translations(np.asarray(plan.trace_px, dtype=np.float64), plan.actions, joints_rad)
+        trace_px = np.asarray(plan.trace_px, dtype=np.float64)
+        # The path steer() keeps, the same as the last plan's: followed on from where the hand got. A trace given
+        # with each observation (the evaluation's expert's) is drawn from the hand every time, even when it repeats.
+        again = plan.trace_kept and self._last_trace is not None and np.array_equal(self._last_trace, trace_px)
+        if not again:
+            self._last_trace, self._reached = (trace_px.copy() if plan.trace_kept else None), (0, 0.0)
+        translations = self.translations(trace_px, plan.actions, joints_rad, again)
         actions = plan.actions.copy()
         actions[:, :3] = translations / self.mapper.config.translation_scale
         self.followed += 1
         return dataclasses.replace(plan, actions=actions, trace_followed=True)
 
-    def translations(self, trace_px: np.ndarray, actions: np.ndarray, joints_rad: dict[str, float]) -> np.ndarray:
-        """(n_actions, 3) metres in the mapper's reference frame: the chunk's translations moved onto the trace."""
+    def translations(self, trace_px: np.ndarray, actions: np.ndarray, joints_rad: dict[str, float],
+                     again: bool = False) -> np.ndarray:
+        """(n_actions, 3) metres in the mapper's reference frame: the chunk's translations moved onto the trace.
+        `again`: the trace is a path steered again, followed on from the hand, its points one per boundary in turn,
+        and the hand held where the path ends."""
         q = self.kinematics.q_from(joints_rad)
         hand = self.kinematics.forward(q).position_m
         camera = self.fixed_camera or self.kinematics.frame_pose(self.camera_frame, q)
@@ -207,10 +222,15 @@ class TraceFollower:
         last = len(predicted) - 1
         projected = project_points(predicted[[min(b, last) for b in self.boundaries]], camera.position_m,
                                    camera.rotation, self.intrinsics)
-        again = self._last_trace is not None and np.array_equal(self._last_trace, trace_px)
-        self._last_trace = trace_px.copy()
-        ahead = (path_ahead(trace_px, projected[0]) if again else trace_px)[:len(self.boundaries)]
-        trace_px = spread_trace(ahead - ahead[0] + projected[0], projected)     # drawn from the hand as it is now
+        end = len(self.boundaries)          # the first boundary the path's end holds (again only)
+        if again:
+            ahead, self._reached = path_ahead(trace_px, projected[0], self._reached)
+            ahead = ahead[:len(self.boundaries)]
+            end = len(ahead) - 1
+            trace_px = ahead[np.minimum(np.arange(len(self.boundaries)), end)]
+        else:
+            trace_px = spread_trace(trace_px[:len(self.boundaries)], projected)
+        trace_px = trace_px - trace_px[0] + projected[0]                   # drawn from the hand as it is now
         boundaries = [b for b in self.boundaries if b <= last]
         moves = np.zeros_like(predicted)
         for b, pixel in zip(boundaries[1:], trace_px[1:len(boundaries)]):
@@ -222,4 +242,7 @@ class TraceFollower:
         # Positions between two boundaries move by the linear blend of theirs; past the last boundary, by its move.
         slots = np.arange(len(predicted))
         moves = np.stack([np.interp(slots, boundaries, moves[boundaries, axis]) for axis in range(3)], axis=1)
-        return np.diff(predicted + moves, axis=0)
+        positions = predicted + moves
+        if end < len(boundaries):           # the path's end reached: the hand stays where it gets there
+            positions[self.boundaries[end]:] = positions[self.boundaries[end]]
+        return np.diff(positions, axis=0)

@@ -71,7 +71,13 @@ def test_forced_depth_and_steering_cut_the_decode_steps(exported):
     steered = policy.step(observation(exported))
     np.testing.assert_allclose(steered.trace_px, trace_to_pixels(np.array([[30, 40], [200, 100]]), *FRAME_PX))
     assert steered.decode_steps == 6 < forced.decode_steps
+    # Marked as given and as the path steer() keeps (runtime/trace_follow.py follows it on); the model's own is not.
+    assert steered.trace_forced and steered.trace_kept
+    mine = policy.step(observation(exported))
+    assert mine.trace_kept and np.array_equal(mine.trace_px, steered.trace_px)
     policy.steer(None)
+    own = policy.step(observation(exported))
+    assert not own.trace_forced and not own.trace_kept
     assert policy.infer(*_frame(exported)).token_ids.tolist() == forced.token_ids.tolist()
 
 

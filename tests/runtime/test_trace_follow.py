@@ -56,9 +56,10 @@ def path_of(mapper, actions) -> tuple[np.ndarray, object]:
     return np.vstack([hand, hand + np.cumsum(steps, axis=0)]), kin.frame_pose("camera_optical", q)
 
 
-def plan_of(actions, trace_px, forced=True) -> Plan:
+def plan_of(actions, trace_px, forced=True, kept=False) -> Plan:
+    """A plan with this trace: the model's (forced False), given with its observation, or the one steer() keeps."""
     return Plan(actions, np.clip(actions * 50, -1, 1), None if trace_px is None else np.asarray(trace_px), None,
-                0.0, 0.0, trace_forced=forced)
+                0.0, 0.0, trace_forced=forced, trace_kept=forced and kept)
 
 
 def test_a_chunk_that_strays_sideways_is_moved_onto_the_drawn_path(mapper):
@@ -127,33 +128,87 @@ def test_the_trace_is_read_from_the_hand_as_it_is_now(mapper):
     np.testing.assert_allclose(shifted.actions, exact.actions, atol=1e-9)
 
 
-def test_a_path_drawn_once_is_followed_on_from_the_hand_and_held_at_its_end(mapper):
+@pytest.mark.parametrize("step, wrong", [
+    ((0.01, 0.006, -0.003), (0.01, -0.006, -0.003)),      # away from the camera, the chunk straying sideways
+    ((-0.01, 0.004, 0.0), (-0.01, 0.004, 0.0)),            # toward it (steps growing in the image), on the path
+    ((-0.008, -0.004, 0.004), (-0.008, -0.004, 0.004)),
+])
+def test_a_path_drawn_once_is_followed_on_from_the_hand_and_held_at_its_end(mapper, step, wrong):
     # A user draws a path once and every plan carries it (steer keeps it). Two actions run per plan, through the
-    # mapper's IK as the control step runs them: the hand goes along the path, plan after plan, and stays at its end
-    # (begun again from the hand at every plan, it would run on past it).
-    true_path, camera = path_of(mapper, chunk(0.01, 0.006, -0.003))
+    # mapper's IK as the control step runs them: the hand goes along the path, plan after plan, reaches its end and
+    # stays there (begun again from the hand at every plan, it would run on past it; spread by the chunk's step
+    # lengths, a chunk whose image steps grow would pause at every plan's first boundary and never get on).
+    true_path, camera = path_of(mapper, chunk(*step))
     drawn = project_points(true_path[trace_boundaries(8)], camera.position_m, camera.rotation, INTRINSICS)
     follower = TraceFollower(mapper, INTRINSICS, "camera_optical", 8)
-    wrong, joints = chunk(0.01, -0.006, -0.003), dict(JOINTS)
+    joints, kin = dict(JOINTS), mapper.kinematics
+
+    def hand(q) -> np.ndarray:
+        return kin.forward(kin.q_from(q)).position_m
 
     def hand_px(q) -> np.ndarray:
-        kin = mapper.kinematics
-        return project_points(kin.forward(kin.q_from(q)).position_m[None], camera.position_m, camera.rotation,
-                              INTRINSICS)[0]
+        return project_points(hand(q)[None], camera.position_m, camera.rotation, INTRINSICS)[0]
 
     def off_path(pixel) -> float:
-        from edgeact.runtime.trace_follow import path_ahead
+        return float(min(np.linalg.norm(pixel - (a + t * (b - a))) for a, b in zip(drawn[:-1], drawn[1:])
+                         for t in np.linspace(0.0, 1.0, 201)))
 
-        return float(np.linalg.norm(path_ahead(drawn, pixel)[0] - pixel))
-
+    ends = []
     for plan in range(7):           # 14 actions: 6 more than the path spans
-        followed = follower.apply(plan_of(wrong, drawn), joints)
+        followed = follower.apply(plan_of(chunk(*wrong), drawn, kept=True), joints)
         for action in followed.actions[:2]:
             joints = mapper.apply(joints, action, 1.0)
         assert off_path(hand_px(joints)) < 0.5, plan
         if plan == 1:               # four actions in: the path's third point
             assert np.linalg.norm(hand_px(joints) - drawn[2]) < 1.0
+        ends.append(hand(joints))
     assert np.linalg.norm(hand_px(joints) - drawn[-1]) < 1.0
+    assert np.abs(np.array(ends[4:]) - ends[3]).max() < 1e-4      # held there, in space too, from the fourth plan
+
+
+def test_the_path_ahead_is_searched_on_from_where_the_hand_got():
+    from edgeact.runtime.trace_follow import path_ahead
+
+    out_and_back = np.array([[50.0, 50.0], [65.0, 50.0], [80.0, 50.0], [65.0, 50.5], [50.0, 51.0]])
+    path, reached = path_ahead(out_and_back, np.array([60.0, 50.0]))
+    np.testing.assert_allclose(path, [[60, 50], [65, 50], [80, 50], [65, 50.5], [50, 51]])
+    assert reached == (0, pytest.approx(2 / 3))
+    path, reached = path_ahead(out_and_back, np.array([80.0, 50.0]), reached)     # at the turn
+    np.testing.assert_allclose(path[0], [80, 50])
+    path, reached = path_ahead(out_and_back, np.array([70.0, 50.4]), reached)     # on the way back: not out again
+    assert reached[0] == 2 and np.allclose(path[1:], [[65, 50.5], [50, 51]])
+    path, reached = path_ahead(out_and_back, np.array([49.0, 51.0]), reached)     # past the end: the end alone
+    np.testing.assert_allclose(path, [[50, 51]])
+    # A loop drawn back to its start: at the start, the whole loop is ahead (the earliest of the near points).
+    loop = np.array([[50.0, 50.0], [70.0, 50.0], [70.0, 70.0], [50.0, 70.0], [50.0, 50.5]])
+    np.testing.assert_allclose(path_ahead(loop, np.array([50.0, 50.2]))[0], loop)
+
+
+def test_only_the_path_steer_keeps_is_followed_on_and_forget_starts_afresh(mapper):
+    # A trace that repeats is read afresh from the hand each time when it is the model's or one given with each
+    # observation (the evaluation's expert's); the one steer() keeps is followed on from where the hand got; after
+    # forget() (a new episode) it is read afresh too.
+    true_path, camera = path_of(mapper, chunk(0.01, 0.006, -0.003))
+    drawn = project_points(true_path[trace_boundaries(8)], camera.position_m, camera.rotation, INTRINSICS)
+    moved_joints = mapper.apply(dict(JOINTS), chunk(0.01, 0.006, -0.003)[0], 1.0)
+    moved_joints = mapper.apply(moved_joints, chunk(0.01, 0.006, -0.003)[1], 1.0)    # two actions along the path
+
+    def second(forced: bool, kept: bool, forget: bool = False) -> np.ndarray:
+        follower = TraceFollower(mapper, INTRINSICS, "camera_optical", 8, "always")
+        follower.apply(plan_of(chunk(0.01, 0.006, -0.003), drawn, forced, kept), JOINTS)
+        if forget:
+            follower.forget()
+        return follower.apply(plan_of(chunk(0.01, 0.006, -0.003), drawn, forced, kept), moved_joints).actions
+
+    fresh = TraceFollower(mapper, INTRINSICS, "camera_optical", 8, "always").apply(
+        plan_of(chunk(0.01, 0.006, -0.003), drawn, forced=False), moved_joints).actions
+    for forced, kept, forget in ((False, False, False), (True, False, False), (True, True, True)):
+        np.testing.assert_allclose(second(forced, kept, forget), fresh, atol=1e-12)
+    # Followed on: the path's rest (from its third point) in the chunk's first six actions, then held.
+    on = second(forced=True, kept=True)
+    assert np.linalg.norm(on[:, :3].sum(axis=0) - (true_path[8] - true_path[2])) < 0.002
+    assert np.abs(on[6:, :3]).max() < 1e-9
+    assert np.linalg.norm(fresh[:, :3].sum(axis=0) - (true_path[8] - true_path[2])) > 0.02
 
 
 def test_a_trace_with_repeats_written_once_is_spread_over_the_boundaries():
@@ -361,3 +416,16 @@ def _printed(summary) -> str:
     out = io.StringIO()
     Console(file=out, width=160).print(_summary_tables(summary))
     return out.getvalue()
+
+
+def test_a_camera_with_lens_distortion_is_warned_about(mapper, caplog):
+    import dataclasses
+    import logging
+
+    distorted = dataclasses.replace(INTRINSICS, distortion_model="brown_conrady",
+                                    distortion_coeffs=(0.1, -0.05, 0.0, 0.0, 0.0))
+    with caplog.at_level(logging.WARNING, logger="edgeact.runtime.trace_follow"):
+        TraceFollower(mapper, INTRINSICS, "camera_optical", 8)
+        assert not caplog.records
+        TraceFollower(mapper, distorted, "camera_optical", 8)
+    assert "lens distortion (brown_conrady [0.1, -0.05, 0.0, 0.0, 0.0]) is not undone" in caplog.text
