@@ -21,8 +21,8 @@ had got (`path_ahead`: a path that comes back near itself is not begun again), i
 turn; where it ends the hand is held, in space too (`forget()` between episodes). Any other trace (the model's, or
 one given with each observation as the evaluation's expert's, which is drawn from the hand every time) of fewer
 than n points (a repeated point is written once: the hand still over a stretch) is spread over the boundaries so
-that it pauses where the chunk does (`spread_trace`). A trace of one point, a plan
-without one, or an observation without joint positions leaves the plan as it is.
+that it pauses where the chunk does (`spread_trace`). A trace of one point, a plan without one, or an observation
+without joint positions leaves the plan as it is.
 
 When (`plan.follow_trace`): "never"; "steered", plans whose trace was given (`Policy.steer`, the evaluation's
 expert trace): the robot goes where the drawn path goes, not only where the actions alone would take it;
@@ -217,8 +217,9 @@ class TraceFollower:
         camera = self.fixed_camera or self.kinematics.frame_pose(self.camera_frame, q)
         steps = np.array([self.mapper.delta(a)[:3] for a in actions])
         predicted = np.vstack([hand, hand + np.cumsum(steps, axis=0)])      # (n_actions + 1, 3): P_0 .. P_n
-        # The trace is spread over every boundary of its horizon (the chunk's end standing for those past it), then
-        # only the boundaries the chunk reaches are followed.
+        # The trace is laid over every boundary of its horizon (the chunk's end standing for those past it: spread
+        # where the chunk pauses, or a kept path's points in turn), then only the boundaries the chunk reaches are
+        # followed.
         last = len(predicted) - 1
         projected = project_points(predicted[[min(b, last) for b in self.boundaries]], camera.position_m,
                                    camera.rotation, self.intrinsics)
