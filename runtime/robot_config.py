@@ -243,7 +243,7 @@ class PlanSection:
     trace_camera_pose: dict | None = None
 
     def __post_init__(self) -> None:
-        from edgeact.runtime.trace_follow import FOLLOW_TRACE, check_trace_horizon
+        from edgeact.runtime.trace_follow import FOLLOW_TRACE, camera_pose_from_dict, check_trace_horizon
 
         for name in ("max_age_s", "max_frame_age_s"):
             value = getattr(self, name)
@@ -257,6 +257,8 @@ class PlanSection:
             raise ConfigError(f"trace_camera_frame: name the camera's optical frame in the robot description "
                               f"(e.g. \"camera_optical\"), got {self.trace_camera_frame!r}")
         check_trace_horizon(self.trace_horizon_actions)
+        if self.trace_camera_pose is not None:      # checked whether or not a trace is followed: a bad pose is named
+            camera_pose_from_dict(self.trace_camera_pose)
 
 
 @dataclass

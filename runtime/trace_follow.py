@@ -114,6 +114,8 @@ def camera_pose_from_dict(data: Any) -> Pose:
         raise ConfigError(f"{where}.quaternion_xyzw: a rotation's quaternion has length 1, this one {norm:.4f}; check "
                           f"its order (x, y, z, w) or divide it by its length")
     x, y, z, w = x / norm, y / norm, z / norm, w / norm
+    # The rotation matrix of a unit quaternion, written out rather than asked of Pinocchio: the config validates
+    # without the kinematics installed (tests/runtime/test_trace_follow.py builds its poses with Pinocchio's).
     rotation = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
                          [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
                          [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])

@@ -309,6 +309,9 @@ def test_the_config_refuses_a_camera_pose_that_is_not_one(pose, message):
     data["plan"]["trace_camera_pose"] = pose
     with pytest.raises(ConfigError, match=r"plan.trace_camera_pose.*" + message):
         robot_config_from_dict(data)
+    data["plan"]["follow_trace"] = "never"          # not followed, a bad pose is still named, not kept silently
+    with pytest.raises(ConfigError, match=r"plan.trace_camera_pose.*" + message):
+        robot_config_from_dict(data)
 
 
 def test_the_config_refuses_what_cannot_follow_a_trace_by_name(sim):  # noqa: F811
