@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: libusb for pyrealsense2; EGL + Mesa for MuJoCo offscreen rendering.
 APT_PACKAGES := libusb-1.0-0 libegl1 libopengl0 libgl1-mesa-dri
-EXTRAS := export,serial,can,realsense,sim,plot,dev
+EXTRAS := export,serial,can,realsense,sim,calibration,plot,dev
 
 .PHONY: setup system-deps test demo bench train-reference eval clean
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgeact.runtime.commands_loop",
     "edgeact.runtime.commands_eval",
     "edgeact.runtime.commands_compare",
+    "edgeact.calibration.commands",
 )
 
 

@@ -37,22 +37,22 @@ _running_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def start_mujoco_sim(section, priority: int | None = None) -> Iterator[Any]:
+def start_mujoco_sim(section, priority: int | None = None, hand_marker: Any = None) -> Iterator[Any]:
     """The MuJoCo robot of a "sim" robot section with physics "mujoco": a MujocoSimProcess when
     `section.sim_in_own_process`, else the world started here under the name "default" (a "mujoco"
     camera renders it) and its MujocoServoBus; either way each motor's calibration says how its ticks
     sit on its joint, and the world starts as `section.task`'s episode when there is one (the task is
-    tracked by the process only)."""
+    tracked by the process only). `hand_marker` sticks a calibration marker on the world's gripper."""
     joints = servo_joints(section)
     task = (section.task.seed, section.task.template) if section.task is not None else None
     if section.sim_in_own_process:
-        sim = MujocoSimProcess(joints, section.baud_rate, priority, task)
+        sim = MujocoSimProcess(joints, section.baud_rate, priority, task, hand_marker=hand_marker)
         try:
             yield sim
         finally:
             sim.stop()
         return
-    world, bus, _ = build_world(joints, section.baud_rate, task)
+    world, bus, _ = build_world(joints, section.baud_rate, task, hand_marker=hand_marker)
     with world:
         bus.start()
         try:
@@ -74,7 +74,7 @@ def servo_joints(section) -> dict[str, Any]:
 
 
 def build_world(joints: dict[str, Any], baud_rate: int, task: tuple[int, str | None] | None,
-                world_name: str = "default") -> tuple[Any, Any, Any]:
+                world_name: str = "default", hand_marker: Any = None) -> tuple[Any, Any, Any]:
     """(world, servo bus, episode or None), neither started; the world is reset to the episode before the
     bus is built, so its servos come up holding the episode's arm start."""
     from edgeact.drivers.sim.mujoco_robot import MujocoWorld, MujocoWorldConfig, MujocoWorldError
@@ -82,7 +82,7 @@ def build_world(joints: dict[str, Any], baud_rate: int, task: tuple[int, str | N
     from edgeact.drivers.sim.task import reset_world, sample_episode
 
     try:
-        world = MujocoWorld(MujocoWorldConfig(name=world_name))
+        world = MujocoWorld(MujocoWorldConfig(name=world_name, hand_marker=hand_marker))
     except MujocoWorldError as exc:
         raise ConfigError(f"robot: the MuJoCo simulator cannot build it: {exc}") from None
     episode = None
@@ -166,7 +166,7 @@ class MujocoSimProcess(SimChild):
 
     def __init__(self, joints: dict[str, Any], baud_rate: int, priority: int | None = None,
                  task: tuple[int, str | None] | None = None, world_name: str = "default",
-                 start_timeout_s: float = SIM_START_TIMEOUT_S):
+                 start_timeout_s: float = SIM_START_TIMEOUT_S, hand_marker: Any = None):
         with _running_lock:
             if world_name in _running:
                 raise ConfigError(f"a MuJoCo simulator process for world {world_name!r} is already running; stop it "
@@ -176,7 +176,8 @@ class MujocoSimProcess(SimChild):
         self._camera_lock = threading.Lock()
         self._camera_open = False               # the child renders one camera (the robot has one)
         self._frames, child_frames = multiprocessing.get_context("spawn").Pipe()
-        self._child = ChildProcess(_serve_mujoco, (child_frames, joints, baud_rate, priority, task, world_name),
+        self._child = ChildProcess(_serve_mujoco,
+                                   (child_frames, joints, baud_rate, priority, task, world_name, hand_marker),
                                    "edgeact-sim-mujoco")
         child_frames.close()        # the child holds its end; its death reads as EOF here
         try:
@@ -287,12 +288,12 @@ class MujocoProcessCamera(SlabCamera):
 # -- the child -----------------------------------------------------------------------------------
 
 def _serve_mujoco(conn, frames_conn, joints: dict[str, Any], baud_rate: int, priority: int | None,
-                  task: tuple[int, str | None] | None, world_name: str) -> None:
+                  task: tuple[int, str | None] | None, world_name: str, hand_marker: Any = None) -> None:
     """The simulator's process: world, bus and camera; answer requests until "stop" or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # like real motors, Ctrl-C does not stop it: the safe state needs it
     ask_realtime(priority)      # before the physics and bus threads start: threads inherit their creator's scheduling
     try:
-        world, bus, episode = build_world(joints, baud_rate, task, world_name)
+        world, bus, episode = build_world(joints, baud_rate, task, world_name, hand_marker)
     except Exception as exc:        # the process boundary: the parent raises it from its constructor
         send_quietly(conn, ("error", portable_error(exc)))
         return

@@ -126,21 +126,25 @@ def episode_config_dict(base: dict[str, Any], seed: int, template: str | None = 
 
 
 @contextlib.contextmanager
-def start_sim_bus(section, priority: int | None = None) -> Iterator[Any]:
+def start_sim_bus(section, priority: int | None = None, hand_marker: Any = None) -> Iterator[Any]:
     """The simulated Feetech bus for a "sim" robot section: its motors, ids and models, each at its zero.
 
     Served from a child process when `section.sim_in_own_process` (the default), in this process
     otherwise (tests that inspect the simulated registers or poke the MuJoCo world). The child asks
     for SCHED_FIFO `priority` (best effort): real motors answer in microseconds however busy the
     robot computer is, and a simulator starved by the machine's load would be blamed on the loop.
-    Physics "mujoco" yields a MujocoSimProcess (sim_mujoco.py), or the in-process MujocoServoBus.
+    Physics "mujoco" yields a MujocoSimProcess (sim_mujoco.py), or the in-process MujocoServoBus; its world carries
+    `hand_marker` (drivers/sim/mujoco_robot.py: HandMarker) when given: a hand-eye calibration's target.
     """
     if section.physics == "mujoco":
         from edgeact.runtime.sim_mujoco import start_mujoco_sim
 
-        with start_mujoco_sim(section, priority) as sim:
+        with start_mujoco_sim(section, priority, hand_marker) as sim:
             yield sim
         return
+    if hand_marker is not None:
+        raise ConfigError('robot.physics "simple": its simulated arm has no body to carry a marker and no camera that '
+                          'sees it; use the MuJoCo robot (robot.physics "mujoco")')
     motors = [(name, motor.id, motor.model,
                section.calibration[name].homing_offset if name in section.calibration else CENTRE_TICKS)
               for name, motor in section.motors.items()]

@@ -76,10 +76,29 @@ def running_world(name: str = "default") -> "MujocoWorld":
     return world
 
 
+@dataclass(frozen=True)
+class HandMarker:
+    """A printed marker stuck flat on a body of the robot (a hand-eye calibration's target, as one is taped onto a
+    real gripper for the calibration and taken off after): a thin square sheet textured with `image`."""
+
+    image: np.ndarray                       # (n, n) uint8 greyscale: the marker with its white quiet zone
+    sheet_side_m: float                     # the printed sheet's side, quiet zone included
+    body: str = "hand"
+    position_m: tuple[float, float, float] = (0.02, 0.0, 0.019)    # the sheet's centre: on top of the hand
+
+    def __post_init__(self) -> None:
+        image = np.asarray(self.image)
+        if image.dtype != np.uint8 or image.ndim != 2 or image.shape[0] != image.shape[1]:
+            raise ConfigError(f"hand marker image: a square (n, n) uint8 greyscale array, got {image.shape} {image.dtype}")
+        if not (math.isfinite(self.sheet_side_m) and 0 < self.sheet_side_m <= 0.5):
+            raise ConfigError(f"hand marker sheet side {self.sheet_side_m} m: give (0, 0.5] metres")
+
+
 @dataclass
 class MujocoWorldConfig:
     scene_path: str = str(SCENE_XML)
     name: str = "default"                   # cameras find a started world by this name
+    hand_marker: HandMarker | None = None   # a calibration marker on the gripper (not part of the task's robot)
     servo_speed_rad_s: float = 4.6          # position-mode speed profile: an STS3215 at 12 V (~3000 steps/s)
     tick_s: float = 0.005                   # the real-time thread wakes this often and catches up
     max_lag_s: float = 0.1                  # further behind the wall clock than this: skip ahead, count it
@@ -115,7 +134,8 @@ class MujocoWorld:
         self.config = config or MujocoWorldConfig()
         self._mj = mujoco = import_mujoco()
         try:
-            self.model = mujoco.MjModel.from_xml_path(self.config.scene_path)
+            self.model = (mujoco.MjModel.from_xml_path(self.config.scene_path) if self.config.hand_marker is None
+                          else _model_with_marker(mujoco, self.config.scene_path, self.config.hand_marker))
         except ValueError as exc:
             raise MujocoWorldError(f"MuJoCo cannot compile {self.config.scene_path}: {exc}") from None
         self.data = mujoco.MjData(self.model)
@@ -356,6 +376,29 @@ class MujocoWorld:
         if b < 0:
             raise MujocoWorldError(f"no body {body!r} in {self.config.scene_path}")
         return b
+
+
+def _model_with_marker(mujoco: Any, scene_path: str, marker: HandMarker) -> Any:
+    """The scene compiled with `marker` as a textured sheet on its body (no collisions, no mass to speak of)."""
+    import tempfile
+
+    from PIL import Image
+
+    spec = mujoco.MjSpec.from_file(scene_path)
+    body = spec.body(marker.body)
+    if body is None:
+        raise ConfigError(f"hand marker body {marker.body!r}: no such body in {scene_path}")
+    with tempfile.TemporaryDirectory(prefix="edgeact-marker-") as tmp:
+        png = Path(tmp) / "marker.png"
+        Image.fromarray(np.asarray(marker.image)).convert("RGB").save(png)
+        spec.add_texture(name="calibration_marker", type=mujoco.mjtTexture.mjTEXTURE_2D, file=str(png))
+        material = spec.add_material(name="calibration_marker")
+        material.textures[mujoco.mjtTextureRole.mjTEXROLE_RGB] = "calibration_marker"
+        half = marker.sheet_side_m / 2
+        body.add_geom(name="calibration_marker", type=mujoco.mjtGeom.mjGEOM_BOX, size=[half, half, 0.0005],
+                      pos=list(marker.position_m), material="calibration_marker", contype=0, conaffinity=0,
+                      mass=1e-4)
+        return spec.compile()
 
 
 class _OmniBase:
