@@ -31,6 +31,19 @@ def renderer(world, width, height):
     return MujocoRgbdRenderer(world, "front", width, height)
 
 
+def rendered_samples(world, cam, kinematics, marker, poses=16, spread_rad=0.4):
+    """Samples as the session takes them, the joints set in the world instead of driven there: each seeded pose's
+    frame rendered, the marker searched, the hand's pose by forward kinematics."""
+    samples = []
+    for q in calibration_poses(np.zeros(5), kinematics.lower_rad, kinematics.upper_rad, poses, spread_rad, seed=0):
+        world.set_joint_positions(dict(zip(ARM_JOINTS, q)))
+        view = detect_marker(cam.render()[0], cam.intrinsics, marker)
+        if view is not None:
+            hand = kinematics.forward(q)
+            samples.append(HandEyeSample(dict(zip(ARM_JOINTS, q)), transform(hand.rotation, hand.position_m), view))
+    return samples
+
+
 def test_the_simulated_marker_is_found_where_the_gripper_holds_it():
     """The rendered marker's corners, found by OpenCV, keep their place on the hand as the arm moves: its pose in the
     camera, carried to the base through the description's camera frame, is the same in the hand's frame at every
@@ -70,14 +83,7 @@ def test_solving_on_rendered_frames_finds_the_descriptions_camera():
     cam = renderer(world, 640, 480)
     kinematics = ArmKinematics()
     try:
-        samples = []
-        for q in calibration_poses(np.zeros(5), kinematics.lower_rad, kinematics.upper_rad, 16, 0.4, seed=0):
-            world.set_joint_positions(dict(zip(ARM_JOINTS, q)))
-            view = detect_marker(cam.render()[0], cam.intrinsics, marker)
-            if view is not None:
-                hand = kinematics.forward(q)
-                samples.append(HandEyeSample(dict(zip(ARM_JOINTS, q)), transform(hand.rotation, hand.position_m), view))
-        result = solve_fixed_camera(samples, cam.intrinsics, marker)
+        result = solve_fixed_camera(rendered_samples(world, cam, kinematics, marker), cam.intrinsics, marker)
     finally:
         cam.close()
     truth = kinematics.frame_pose("camera_optical", np.zeros(5))
@@ -104,14 +110,7 @@ def test_a_camera_off_its_described_place_is_found_where_it_is():
     cam = renderer(world, 640, 480)
     kinematics = ArmKinematics()
     try:
-        samples = []
-        for q in calibration_poses(np.zeros(5), kinematics.lower_rad, kinematics.upper_rad, 16, 0.4, seed=0):
-            world.set_joint_positions(dict(zip(ARM_JOINTS, q)))
-            view = detect_marker(cam.render()[0], cam.intrinsics, marker)
-            if view is not None:
-                hand = kinematics.forward(q)
-                samples.append(HandEyeSample(dict(zip(ARM_JOINTS, q)), transform(hand.rotation, hand.position_m), view))
-        result = solve_fixed_camera(samples, cam.intrinsics, marker)
+        result = solve_fixed_camera(rendered_samples(world, cam, kinematics, marker), cam.intrinsics, marker)
         camera = mujoco.mj_name2id(world.model, mujoco.mjtObj.mjOBJ_CAMERA, "front")
         where = world.data.cam_xpos[camera].copy()
         optical = world.data.cam_xmat[camera].reshape(3, 3) @ np.diag([1.0, -1.0, -1.0])   # y down, z forward
