@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--spread-rad", type=positive_float, default=0.35,
                    help="how far each joint moves from its start, at most (default 0.35 rad)")
     p.add_argument("--seed", type=int, default=0, help="the poses' seed (default 0)")
+    p.add_argument("--max-drop-m", type=float, default=0.0,
+                   help="how far below its start height the hand may go (default 0: never lower; start the arm "
+                        "clear of the table)")
     p.add_argument("--method", default="park", help="OpenCV's closed-form solver before the joint refinement: park "
                                                     "(default), tsai, horaud, andreff, daniilidis")
     p.add_argument("--marker-dictionary", default="DICT_4X4_50", help="the marker's ArUco dictionary (default DICT_4X4_50)")
@@ -39,11 +42,15 @@ def register(subparsers) -> None:
 
 
 def _calibrate_hand_eye(args) -> int:
+    import threading
+
     import numpy as np
 
     from edgeact.calibration.hand_eye import MAX_REPROJECTION_PX, MarkerSpec
     from edgeact.calibration.hand_eye_session import SessionOptions, calibrate
+    from edgeact.drivers.motors.safety import EStopLatchedError
     from edgeact.runtime.cli_args import console, json_output_path, write_json_file
+    from edgeact.runtime.commands_loop import KeyEstop, estop_key_required, sigterm_as_interrupt, warn_without_estop
     from edgeact.runtime.errors import ConfigError
     from edgeact.runtime.robot_config import read_config_dict, robot_config_from_dict
 
@@ -54,7 +61,8 @@ def _calibrate_hand_eye(args) -> int:
                           "the entry under plan.trace_camera_pose")
     out = None if args.out is None else json_output_path(args.out, args.overwrite, "--out", "result",
                                                           "hand_eye.json")
-    options = SessionOptions(poses=args.poses, spread_rad=args.spread_rad, seed=args.seed, method=args.method)
+    options = SessionOptions(poses=args.poses, spread_rad=args.spread_rad, seed=args.seed, method=args.method,
+                             max_drop_m=args.max_drop_m)
     marker = MarkerSpec(args.marker_dictionary, args.marker_id, args.marker_side_m)
     run_data = copy.deepcopy(data)
     if args.camera_size:
@@ -69,7 +77,18 @@ def _calibrate_hand_eye(args) -> int:
         state = ("marker seen" if record.seen else "marker not seen") if record.reached else "not reached (skipped)"
         out_console.print(f"pose {record.index + 1}/{total}: {state}")
 
-    result, records = calibrate(config, marker, options, on_pose)
+    estop = threading.Event()
+    warn_without_estop(config)
+    try:
+        # As `edgeact run`: `kill` stops the arm like Ctrl-C (through the guard's exit), the config's e-stop key works.
+        with sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
+            result, records = calibrate(config, marker, options, on_pose, estop)
+    except EStopLatchedError as exc:
+        detail = exc.trip.detail if exc.trip is not None else "e-stop"
+        out_console.print(f"[red]stopped by the e-stop ({detail}): the robot is in its safe state "
+                          f"'{config.limits.safe_state}' and the session ended; nothing was written. Release the "
+                          "e-stop and run the command again.[/red]")
+        return 1
     report = {**result.to_dict(), "poses": [{"target_rad": r.target_rad, "reached": r.reached, "seen": r.seen,
                                             "marker_reprojection_px": r.reprojection_px, "marker_side_px": r.side_px}
                                            for r in records]}

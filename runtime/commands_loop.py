@@ -78,7 +78,7 @@ def _run(args) -> int:
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
     warn_without_estop(config)
-    with _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
+    with sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
         if args.json:
             stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
         subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
@@ -143,7 +143,7 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
     estop = threading.Event()
     first_plan = FirstPlan()
     warn_without_estop(config)
-    with progress, _sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop,
+    with progress, sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop,
                                                      required=estop_key_required(config)):
         task = progress.add_task("running the loop", total=seconds)
         run = measure(config, seconds, out_dir, name, record, estop=estop, subscribers=(first_plan,),
@@ -304,7 +304,7 @@ def _log_to_stderr(level: int) -> None:
 # -- operator inputs -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """`kill PID` stops the robot like Ctrl-C does (into the safe state), not by dying mid-command."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -210,3 +210,189 @@ def test_a_marker_on_the_simple_simulated_arm_is_refused():
     with pytest.raises(ConfigError, match="MuJoCo robot"):
         with start_sim_bus(config.robot, hand_marker=sim_hand_marker(MarkerSpec())):
             pass
+
+
+# -- the session's motion and its ways out ---------------------------------------------------------
+
+class FakeArm:
+    """A guard's face for move_to: each send walks every joint toward its goal at `speed` rad/s of wall time,
+    except that a joint cannot pass `stop_at` (an obstacle)."""
+
+    def __init__(self, position, speed=4.0, stop_at=None):
+        import time
+
+        self.position, self.speed, self.stop_at = dict(position), speed, dict(stop_at or {})
+        self.sent, self._time, self._last = [], time.monotonic, time.monotonic()
+
+    def send(self, goal):
+        now = self._time()
+        step = self.speed * (now - self._last)
+        self._last = now
+        for name, target in goal.items():
+            here = self.position[name]
+            moved = here + max(-step, min(step, target - here))
+            if name in self.stop_at:
+                moved = min(moved, self.stop_at[name]) if target > here else max(moved, self.stop_at[name])
+            self.position[name] = moved
+        self.sent.append(dict(goal))
+        return dict(goal)
+
+    def read_state(self, names=None):
+        from edgeact.drivers.motors.bus import MotorState
+
+        return MotorState({n: self.position[n] for n in (names or self.position)})
+
+
+def test_move_to_waits_until_the_arm_stands_at_its_goal():
+    import time
+
+    from edgeact.calibration.hand_eye_session import STILL_S, move_to
+
+    arm = FakeArm({"a": 0.0, "b": 0.0})
+    start = time.monotonic()
+    assert move_to(arm, {"a": 0.6, "b": -0.4})
+    took = time.monotonic() - start
+    assert arm.position == pytest.approx({"a": 0.6, "b": -0.4}, abs=1e-9)
+    assert STILL_S <= took < STILL_S + 0.6          # 0.15 s of motion, then STILL_S standing
+    assert all(goal == {"a": 0.6, "b": -0.4} for goal in arm.sent)
+
+
+def test_move_to_gives_up_on_an_obstacle_at_once_and_holds_where_the_arm_stopped():
+    """A joint blocked short of its goal: given up within a second (not the 20 s timeout), and the last command is
+    where the arm stands, so the servo does not go on pushing."""
+    import time
+
+    from edgeact.calibration.hand_eye_session import MOVE_TIMEOUT_S, STALL_S, move_to
+
+    arm = FakeArm({"a": 0.0, "b": 0.0}, stop_at={"a": 0.25})
+    start = time.monotonic()
+    assert not move_to(arm, {"a": 0.6, "b": -0.4})
+    took = time.monotonic() - start
+    assert STALL_S <= took < STALL_S + 0.6 < MOVE_TIMEOUT_S
+    assert arm.sent[-1] == pytest.approx({"a": 0.25, "b": -0.4}, abs=1e-9)
+
+
+def test_poses_below_the_start_are_not_visited():
+    """The seeded offsets would put the hand into the table: every pose kept is at or above the start's height (in
+    the base frame, also with the actions in the camera's frame), the start first; some were dropped."""
+    from edgeact.calibration.hand_eye_session import above_start
+
+    for frame in ("base", "camera_optical"):
+        kinematics = ArmKinematics(reference_frame=frame)
+        base = ArmKinematics()
+        candidates = calibration_poses(np.zeros(5), kinematics.lower_rad, kinematics.upper_rad, 60, 0.35, seed=0)
+        kept = above_start(kinematics, candidates, 0.0)
+        heights = [base.forward(q).position_m[2] for q in kept]
+        assert np.array_equal(kept[0], candidates[0]) and 5 < len(kept) < len(candidates)
+        assert min(heights) >= heights[0] - 1e-9
+        assert len(above_start(kinematics, candidates, 0.05)) > len(kept)
+
+
+def mujoco_config(tmp_path, **sections):
+    from edgeact.runtime.robot_config import robot_config_from_dict
+    from edgeact.runtime.sim_robot import mujoco_robot_config_dict
+
+    data = mujoco_robot_config_dict()
+    data["camera"].update(width=320, height=240)
+    for name, value in sections.items():
+        data[name] = {**data.get(name, {}), **value}
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(data))
+    return robot_config_from_dict(data, source=str(path)), path
+
+
+@pytest.mark.parametrize("how", ["file", "event"])
+def test_the_estop_mid_session_stops_it_in_the_safe_state(tmp_path, how):
+    """The e-stop pressed after the second pose (the config's file appears, or the key's event is set): the session
+    ends at once with the guard's EStopLatchedError, nothing solved."""
+    import threading
+
+    from edgeact.calibration.hand_eye_session import SessionOptions, calibrate
+    from edgeact.drivers.motors.safety import EStopLatchedError
+
+    config, _ = mujoco_config(tmp_path, estop={"file": str(tmp_path / "STOP")})
+    event = threading.Event()
+    seen = []
+
+    def press(record, total):
+        seen.append(record.index)
+        if record.index == 1:
+            (tmp_path / "STOP").touch() if how == "file" else event.set()
+
+    with pytest.raises(EStopLatchedError):
+        calibrate(config, MarkerSpec(), SessionOptions(poses=8), press, event)
+    assert seen == [0, 1]
+
+
+def test_an_active_estop_refuses_the_start(tmp_path):
+    from edgeact.calibration.hand_eye_session import calibrate
+
+    config, _ = mujoco_config(tmp_path, estop={"file": str(tmp_path / "STOP")})
+    (tmp_path / "STOP").touch()
+    with pytest.raises(ConfigError, match="e-stop is active before the start"):
+        calibrate(config, MarkerSpec())
+
+
+def test_a_refused_start_turns_torque_off(tmp_path, monkeypatch):
+    """A joint outside its limits at the start: refused, and torque turned off at once (the message says to move
+    the joint by hand), even with robot.disable_torque_on_exit false."""
+    from edgeact.calibration.hand_eye_session import calibrate
+    from edgeact.drivers.motors.safety import SafetyGuard, StartRefusedError
+
+    limits = {"joint_limits_rad": {**{j: [-1.5, 1.5] for j in ARM_JOINTS}, "shoulder_pan": [0.3, 1.5],
+                                   "gripper": [-0.15, 1.6]}}
+    config, _ = mujoco_config(tmp_path, robot={"disable_torque_on_exit": False}, limits=limits)
+    calls = []
+    original = SafetyGuard.disable_torque
+    monkeypatch.setattr(SafetyGuard, "disable_torque", lambda self, motors=None: (calls.append(motors),
+                                                                                  original(self, motors)))
+    with pytest.raises(StartRefusedError, match="shoulder_pan"):
+        calibrate(config, MarkerSpec())
+    assert calls == [None]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "integer >= 0"),
+    (["--max-drop-m", "-0.1"], "0..0.5 m"),
+    (["--poses", "5"], "at least 6"),
+    (["--method", "guess"], "unknown"),
+    (["--marker-side-m", "2"], "0.005..1"),
+])
+def test_options_are_refused_before_the_robot_starts(robot_config, monkeypatch, args, message):
+    import edgeact.calibration.hand_eye_session as session
+    from edgeact.runtime.cli import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the session started before its options were checked")
+
+    monkeypatch.setattr(session, "calibrate", must_not_run)
+    with pytest.raises(ConfigError, match=message):
+        main(["-v", "calibrate-hand-eye", str(robot_config), *args])
+
+
+@pytest.mark.slow
+def test_kill_stops_the_session_like_ctrl_c(robot_config):
+    """`kill PID` (SIGTERM) mid-session ends as Ctrl-C does: through the guard's exit, "interrupted", status 130 (not
+    killed mid-command with no safe state)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    process = subprocess.Popen([sys.executable, "-m", "edgeact.runtime.cli", "calibrate-hand-eye", str(robot_config),
+                                "--poses", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "pose 2/" not in line and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, process.stderr.read()
+        assert "pose 2/" in line
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

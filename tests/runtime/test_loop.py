@@ -489,7 +489,7 @@ def test_a_second_ctrl_c_while_the_teardown_waits_for_the_planner_still_returns_
 
     events = SecondCtrlC(at_tick=30, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:
-        with commands_loop._sigterm_as_interrupt():
+        with commands_loop.sigterm_as_interrupt():
             result = run_robot(config, 20.0, [events])
     except KeyboardInterrupt:
         pytest.fail("the second Ctrl-C escaped run_robot: the run's result (JSON, table, the record's end) was lost")
