@@ -40,6 +40,18 @@ def register(subparsers) -> None:
                                                         "other content is kept)")
     p.set_defaults(handler=_calibrate_hand_eye)
 
+    m = subparsers.add_parser(
+        "hand-eye-marker", help="write the ArUco marker to print for calibrate-hand-eye (a PNG that prints to size)",
+        description="Write the marker as a PNG whose resolution is stored in it, so that printed at 100 %% (no "
+                    "fit-to-page) its black square is --marker-side-m wide; measure the print and pass what you "
+                    "measure to calibrate-hand-eye. The white border around the square is part of the marker.")
+    m.add_argument("--out", required=True, help="the .png to write")
+    m.add_argument("--marker-dictionary", default="DICT_4X4_50", help="ArUco dictionary (default DICT_4X4_50)")
+    m.add_argument("--marker-id", type=int, default=7, help="the marker's id (default 7)")
+    m.add_argument("--marker-side-m", type=positive_float, default=0.04, help="the black square's side (default 0.04)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    m.set_defaults(handler=_write_marker)
+
 
 def _calibrate_hand_eye(args) -> int:
     import threading
@@ -112,6 +124,31 @@ def _calibrate_hand_eye(args) -> int:
         written.setdefault("plan", {})["trace_camera_pose"] = result.config_entry()
         write_json_file(config_path, written)
         out_console.print(f"wrote plan.trace_camera_pose into {config_path}")
+    return 0
+
+
+PRINT_PIXELS = 600          # the black square's pixels in the PNG: sharp edges at any print size up to ~25 cm
+
+
+def _write_marker(args) -> int:
+    from PIL import Image
+
+    from edgeact.calibration.hand_eye import MarkerSpec
+    from edgeact.runtime.cli_args import console
+    from edgeact.runtime.errors import ConfigError
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the marker is written as PNG; give a .png path")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {out}: already exists; pass --overwrite to replace it")
+    marker = MarkerSpec(args.marker_dictionary, args.marker_id, args.marker_side_m)
+    image = marker.image(PRINT_PIXELS)
+    dpi = PRINT_PIXELS / (marker.side_m / 0.0254)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out, dpi=(dpi, dpi))
+    console().print(f"wrote {out}: {marker.dictionary} id {marker.marker_id}, the black square {marker.side_m * 1000:g} mm "
+                    f"when printed at 100 % ({dpi:.0f} dpi stored); measure it after printing")
     return 0
 
 

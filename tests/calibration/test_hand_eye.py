@@ -337,3 +337,27 @@ def test_calibration_poses_start_where_the_arm_is_and_stay_within_bounds():
             calibration_poses(start, low, high, 5, spread)
     with pytest.raises(ConfigError, match="count 0"):
         calibration_poses(start, low, high, 0, 0.4)
+
+
+def test_the_printable_marker_prints_to_size_and_is_the_asked_one(tmp_path):
+    """`edgeact hand-eye-marker`: a PNG whose stored resolution prints the black square at --marker-side-m, which
+    OpenCV reads as the asked dictionary and id; a taken path is kept without --overwrite."""
+    from PIL import Image
+
+    from edgeact.runtime.cli import main
+    from edgeact.runtime.errors import ConfigError
+
+    out = tmp_path / "marker.png"
+    assert main(["hand-eye-marker", "--out", str(out), "--marker-id", "3", "--marker-side-m", "0.05"]) == 0
+    image = Image.open(out)
+    dpi = image.info["dpi"][0]
+    pixels = np.asarray(image.convert("L"))
+    dark = np.nonzero(pixels.min(axis=0) < 128)[0]          # the columns the black square spans
+    assert (dark[-1] - dark[0] + 1) / dpi * 0.0254 == pytest.approx(0.05, rel=0.005)
+    detector = cv2.aruco.ArucoDetector(cv2.aruco.getPredefinedDictionary(cv2.aruco.DICT_4X4_50))
+    _, ids, _ = detector.detectMarkers(cv2.resize(pixels, (300, 300), interpolation=cv2.INTER_AREA))
+    assert ids is not None and ids.reshape(-1).tolist() == [3]
+    with pytest.raises(ConfigError, match="already exists"):
+        main(["-v", "hand-eye-marker", "--out", str(out)])
+    with pytest.raises(ConfigError, match="PNG"):
+        main(["-v", "hand-eye-marker", "--out", str(tmp_path / "marker.jpg")])
