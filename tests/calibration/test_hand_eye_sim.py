@@ -396,3 +396,26 @@ def test_kill_stops_the_session_like_ctrl_c(robot_config):
         process.kill()
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_the_command_says_the_estop_stopped_it(tmp_path, capsys, monkeypatch):
+    """The e-stop file touched while the command moves the arm (as the second pose's frame is searched): status 1,
+    the operator told the robot is in its safe state and what to do, nothing written into the config."""
+    import edgeact.calibration.hand_eye_session as session
+    from edgeact.runtime.cli import main
+
+    _, path = mujoco_config(tmp_path, estop={"file": "STOP"})
+    before = path.read_text()
+    searched = []
+
+    def detect_and_press(*args, **kwargs):
+        searched.append(1)
+        if len(searched) == 2:
+            (tmp_path / "STOP").touch()
+        return detect_marker(*args, **kwargs)
+
+    monkeypatch.setattr(session, "detect_marker", detect_and_press)
+    code = main(["calibrate-hand-eye", str(path), "--poses", "30", "--write"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "stopped by the e-stop (e-stop input set)" in text and "safe state 'hold'" in text
+    assert len(searched) == 2 and "pose 3/" not in text and path.read_text() == before
