@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeact.calibration.hand_eye import (METHODS, HandEyeError, HandEyeResult, HandEyeSample, MarkerSpec,
+from edgeact.calibration.hand_eye import (METHODS, HandEyeResult, HandEyeSample, MarkerSpec,
                                           calibration_poses, detect_marker, rotation_angle_deg, solve_fixed_camera,
                                           transform)
 from edgeact.runtime.errors import ConfigError
@@ -130,7 +130,7 @@ def calibrate(config: Any, marker: MarkerSpec, options: SessionOptions = Session
             if reached:
                 frame = camera.next_frame(FRAME_TIMEOUT_S)
                 measured = guard.read_state(joints).position_rad
-                hold(guard, goal)
+                guard.send(goal)        # fed again: the watchdog runs on while the frame is searched
                 view = detect_marker(np.asarray(frame.color), camera.intrinsics, marker)
                 if view is not None:
                     hand = kinematics.forward([measured[j] for j in joints])
@@ -201,11 +201,3 @@ def move_to(guard: Any, goal: dict[str, float], timeout_s: float = MOVE_TIMEOUT_
         time.sleep(max(0.0, period - (time.monotonic() - now)))
     guard.send(guard.read_state(names).position_rad)
     return False
-
-
-def hold(guard: Any, goal: dict[str, float]) -> None:
-    """One more command at the goal: the watchdog is fed while the frame is searched."""
-    guard.send(goal)
-
-
-__all__ = ["SessionOptions", "PoseRecord", "calibrate", "move_to", "sim_hand_marker", "HandEyeError"]
