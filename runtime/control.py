@@ -23,6 +23,7 @@ import abc
 import importlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -52,6 +53,11 @@ class MapperConfig:
 
     def make_mapper(self, joint_names: list[str]) -> ActionMapper:
         raise NotImplementedError(f"{type(self).__name__} does not say how to build its mapper")
+
+    def beside(self, config_dir: Path | None) -> "MapperConfig":
+        """This config with the files it names found from `config_dir` (the config file's folder) where they are
+        relative; None: a config not read from a file, whose paths stay the working directory's."""
+        return self
 
 
 _MAPPER_TYPES: dict[str, type[MapperConfig]] = {}

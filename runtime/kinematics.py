@@ -1,8 +1,13 @@
 """Forward and inverse kinematics of the arm from the robot description (Pinocchio), and the "ik" action mapper.
 
+The description is an MJCF file (the project's own robot, the simulator's) or a URDF (what a real
+arm's maker ships), told apart by its root element. Only the kinematic tree is read: joints, their
+axes, limits and placements, and the named frames (MJCF sites and bodies, URDF links and fixed
+joints); meshes are never opened, so `package://` paths need not resolve.
+
 Frames. The description's base frame (x forward, y left, z up; origin on the floor under the
-base's centre) is the world here: the base's planar joints, the wheels and the gripper are locked
-at zero, leaving the arm's joints. Poses and action deltas are expressed in a *reference frame*:
+base's centre; a URDF's root link) is the world here: the base's planar joints, the wheels and the
+gripper are locked at zero, leaving the arm's joints. Poses and action deltas are expressed in a *reference frame*:
 "base", or any frame of the description fixed to the base, e.g. "camera_optical" (the depth
 camera's optical frame: x right, y down, z forward).
 
@@ -48,6 +53,21 @@ def default_description() -> Path:
     from edgeact.drivers import sim
 
     return Path(sim.__file__).resolve().parent / "robot_description" / "robot.xml"
+
+
+def description_format(path: Path) -> str:
+    """"mjcf" or "urdf", from the file's root element (<mujoco> or <robot>); anything else is refused."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot().tag         # the whole file: a broken one is named here, with its line
+    except ET.ParseError as exc:
+        raise ConfigError(f"robot description {path} is not valid XML ({exc}); give a URDF or MJCF file") from None
+    formats = {"mujoco": "mjcf", "robot": "urdf"}
+    if root not in formats:
+        raise ConfigError(f"robot description {path}: its root element is <{root}>, neither a URDF's <robot> nor an "
+                          "MJCF's <mujoco>; give the arm's URDF (or an MJCF file)")
+    return formats[root]
 
 
 def import_pinocchio():
@@ -111,10 +131,11 @@ class ArmKinematics:
         pin = self._pin = import_pinocchio()
         path = Path(description) if description else default_description()
         if not path.is_file():
-            raise ConfigError(f"robot description {path} not found; give an MJCF file (default: "
+            raise ConfigError(f"robot description {path} not found; give the arm's URDF or an MJCF file (default: "
                               f"{default_description()})")
+        build = pin.buildModelFromUrdf if description_format(path) == "urdf" else pin.buildModelFromMJCF
         try:
-            full = pin.buildModelFromMJCF(str(path))
+            full = build(str(path))
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"Pinocchio cannot read the robot description {path}: {exc}") from None
         self.description = path
@@ -130,8 +151,14 @@ class ArmKinematics:
         self.data = self.model.createData()
         # The reduced model keeps the description's joint order; map ours onto it.
         self._q_index = np.array([self.model.joints[self.model.getJointId(j)].idx_q for j in self.joints])
-        if any(self.model.joints[self.model.getJointId(j)].nq != 1 for j in self.joints):
-            raise ConfigError(f"joints {list(self.joints)}: the arm's joints must each be one hinge or slide")
+        for joint in self.joints:
+            nq = self.model.joints[self.model.getJointId(joint)].nq
+            if nq == 2:         # Pinocchio's unbounded revolute: a URDF "continuous" joint
+                raise ConfigError(f"joint {joint!r} is continuous (no limits) in {path.name}: the IK needs its travel; "
+                                  "declare it type=\"revolute\" with <limit lower=... upper=...> (radians)")
+            if nq != 1:
+                raise ConfigError(f"joints {list(self.joints)}: the arm's joints must each be one hinge or slide "
+                                  f"({joint!r} has {nq} coordinates)")
         self.lower_rad = self.model.lowerPositionLimit[self._q_index].copy()
         self.upper_rad = self.model.upperPositionLimit[self._q_index].copy()
         for joint, (low, high) in (limits_rad or {}).items():
@@ -320,7 +347,8 @@ class IkConfig(MapperConfig):
     gripper_range_rad, clipped.
     """
 
-    description: str = ""                   # MJCF of the robot; "" = the packaged robot description
+    # The arm's URDF or MJCF; "" = the packaged robot description. A relative path is beside the config file.
+    description: str = ""
     joints: list[str] = field(default_factory=lambda: list(ARM_JOINTS))
     ee_frame: str = "ee"
     frame: str = BASE_FRAME                 # "base" or a frame fixed to the base, e.g. "camera_optical"
@@ -357,6 +385,14 @@ class IkConfig(MapperConfig):
         if not self.gripper_action_range[0] < self.gripper_action_range[1]:
             raise ConfigError(f"gripper_action_range: must be [low, high] with low < high, got "
                               f"{self.gripper_action_range}")
+
+    def beside(self, config_dir: Path | None) -> "IkConfig":
+        if not self.description:
+            return self
+        path = Path(self.description).expanduser()
+        if not path.is_absolute() and config_dir is not None:
+            path = config_dir / path
+        return self if str(path) == self.description else replace(self, description=str(path))
 
     def make_mapper(self, joint_names: list[str]) -> "IkMapper":
         wanted = self.joints + ([self.gripper_joint] if self.gripper_joint else [])

@@ -348,7 +348,7 @@ class RobotConfig:
 
     @property
     def config_dir(self) -> Path | None:
-        return None if self.source.startswith("<") else Path(self.source).resolve().parent
+        return config_dir_of(self.source)
 
     @property
     def estop_path(self) -> Path | None:
@@ -418,6 +418,11 @@ def read_config_dict(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_dir_of(source: str) -> Path | None:
+    """The folder of the config file `source` (relative paths in it are beside it); None for "<dict>" and the like."""
+    return None if source.startswith("<") else Path(source).resolve().parent
+
+
 def robot_config_from_dict(data: Any, source: str = "<dict>") -> RobotConfig:
     try:
         if not isinstance(data, dict):
@@ -429,7 +434,7 @@ def robot_config_from_dict(data: Any, source: str = "<dict>") -> RobotConfig:
         kwargs: dict[str, Any] = {name: _build(cls, data[name], name) for name, cls in SECTIONS.items() if name in data}
         kwargs["camera"] = _build_typed(data["camera"], "camera", lambda t: _lookup(camera_types(), t, "camera"))
         kwargs["policy"] = _build_typed(data["policy"], "policy", policy_type)
-        kwargs["actions"] = _build_typed(data["actions"], "actions", mapper_type)
+        kwargs["actions"] = _build_typed(data["actions"], "actions", mapper_type).beside(config_dir_of(source))
         if "instruction" in data:
             kwargs["instruction"] = _typed(data["instruction"], str, "instruction")
         return RobotConfig(source=source, **kwargs)
