@@ -30,6 +30,7 @@ import numpy as np
 from edgeact.export.bench_bundles import DEFAULT_SIZE, QUANTIZED, ensure_checkpoint, prepare_bundles
 from edgeact.runtime import bench_compare
 from edgeact.runtime.bench_compare import HALF_ANSWER_TOKENS, decode_rate
+from edgeact.runtime.device_info import read_device_info
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.stage_io import FUSED_ATTENTION, PORTABLE_ATTENTION
 
@@ -178,6 +179,7 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     reference = Reference(checkpoint, policies["fp32"], options.device)
     prefill_chunk, crops_per_run = policies["fp32"].decoder.max_chunk, policies["fp32"].vision.crops_per_run
     frames = held_out_frames(options)
+    host = read_device_info()       # the power mode and clocks the timed frames run under
     warm_up(reference, policies, *frames.pop(0))
     step("warm-up")
     runs = time_frames(reference, policies, frames, lambda: step("frame"))
@@ -211,7 +213,7 @@ def bench_policy(checkpoint: str | Path, out_dir: str | Path, options: PolicyBen
     machine = {"cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(), "processor": _cpu_name(),
                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "device": options.device,
                "gpu": torch.cuda.get_device_name() if options.device == "cuda" else None,
-               "prefill_chunk": prefill_chunk, "crops_per_run": crops_per_run}
+               "prefill_chunk": prefill_chunk, "crops_per_run": crops_per_run, "host": host.to_dict()}
     frames_info = {"n": len(frames), "width": options.frame_px[0], "height": options.frame_px[1], "seed": options.seed,
                    "source": "synthetic camera, held-out views", "instructions": [i for _, i in frames],
                    "crops": crops, "max_crops": max_crops, "prompt_tokens": [r.prompt_tokens for r in runs[REFERENCE]]}

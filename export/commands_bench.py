@@ -158,6 +158,15 @@ def run_policy_bench(checkpoint: Path, out: Path, options, bundles: Path, consol
     return report
 
 
+def _host_caption(host: dict | None) -> str:
+    """The device line and what keeps its figures from being steady (reports from before it have none)."""
+    from rich.markup import escape
+
+    if not host:
+        return ""
+    return escape("\nDevice: " + host["summary"] + "".join(f"\nNote: {note}" for note in host["notes"]))
+
+
 def policy_tables(report: dict) -> list:
     """The latency table (ratios to the reference), the bandwidth table and the memory table."""
     from rich.table import Table
@@ -175,7 +184,8 @@ def policy_tables(report: dict) -> list:
                             "add-depth-tokenizer`), which these bundles do not have: its cost is not included.\n"
                             f"Prompt {'/'.join(map(str, prompt))} tokens: {f['crops']} crops (max_crops "
                             f"{f['max_crops']}, global view included); {m['processor']}, torch {m['torch']}, "
-                            f"onnxruntime {m['onnxruntime']}.", caption_justify="left")
+                            f"onnxruntime {m['onnxruntime']}." + _host_caption(m.get("host")),
+                    caption_justify="left")
     for name, justify in (("system", "left"), ("latency ms", "right"), ("vs (a)", "right"), ("speed-up", "right"),
                           ("decode steps", "right"), ("vs (a)", "right"), ("ms / step", "right"),
                           ("vision+prefill ms", "right"), ("decode ms", "right"), ("tokens = (a)", "right")):

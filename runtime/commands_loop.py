@@ -63,6 +63,7 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
+    from edgeact.runtime.device_info import read_device_info
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.recorder import CommandRecorder
@@ -82,9 +83,10 @@ def _run(args) -> int:
         if args.json:
             stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
         subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
+        device = read_device_info()
         result = run_robot(config, args.seconds, subscribers, estop=estop)
     console = _console(120)
-    extra = run_summary(result, policy_bundle_dir(config))
+    extra = run_summary(result, policy_bundle_dir(config), device)
     console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
         console.print(f"timing summary: {stats.write_json(args.json, extra)}")
@@ -229,6 +231,7 @@ def _finish(result, console) -> int:
 def _summary_tables(summary: dict):
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     c, p = summary["control"], summary["policy"]
     loop = Table(title=f"control loop (target {c['target_hz']:g} Hz)", show_header=False)
@@ -259,6 +262,10 @@ def _summary_tables(summary: dict):
         loop.add_row("control thread", summary["control_thread"]["scheduling"])
     if summary.get("memory", {}).get("peak_rss_mb"):
         loop.add_row("peak RSS (VmHWM)", _memory_row(summary["memory"]))
+    if "device" in summary:
+        loop.add_row("device", Text(summary["device"]["summary"]))       # Text: no markup read in a model name
+        for note in summary["device"]["notes"]:
+            loop.add_row("[yellow]device note[/]", Text(note, style="yellow"))
     latency = Table(title="latency (ms)")
     for col in ("stage", "n", "p50", "p99", "max"):
         latency.add_column(col, justify="left" if col == "stage" else "right")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeact.runtime.device_info import read_device_info
 from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop import RunResult, run_robot
 from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
@@ -101,8 +102,9 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     stats = TimingStats(config.rates.control_hz)
     stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])
+    device = read_device_info()         # the power mode and clocks the run starts under
     result = run_robot(config, seconds, every, progress=progress, estop=estop)
-    extra = run_summary(result, policy_bundle_dir(config))
+    extra = run_summary(result, policy_bundle_dir(config), device)
     json_path = stats.write_json(json_path, extra)
     summary = {**stats.summary(), **extra}
     try:

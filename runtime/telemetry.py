@@ -292,8 +292,9 @@ MEMORY_BUDGET_EXTRA_BYTES = 300 * 2**20
 RUNTIME_ROLES = ("control", "policy")   # the robot's processes; "sim" stands in for hardware and is shown apart
 
 
-def run_summary(result: Any, bundle_dir: str | Path | None = None) -> dict[str, Any]:
-    """What a RunResult adds to the timing summary: the control thread's scheduling and the peak memory.
+def run_summary(result: Any, bundle_dir: str | Path | None = None, device: Any = None) -> dict[str, Any]:
+    """What a RunResult adds to the timing summary: the control thread's scheduling, the peak memory and the device
+    it ran on (`device`: a device_info.DeviceInfo read when the run began; None: read now).
 
     The runtime's figure sums each process's VmHWM: an upper bound (shared library pages count in
     each process, and peaks need not coincide).
@@ -304,6 +305,10 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None) -> dict[str, 
     budget = MEMORY_BUDGET_FACTOR * bundle_bytes + MEMORY_BUDGET_EXTRA_BYTES if bundle_bytes is not None else None
     undelivered = getattr(result, "undelivered_events", 0)
     teardown_error = getattr(result, "teardown_error", None)
+    if device is None:
+        from edgeact.runtime.device_info import read_device_info
+
+        device = read_device_info()
     return {
         # Events the subscribers (these statistics among them) never got: a subscriber fell too far behind.
         "incomplete": bool(undelivered),
@@ -317,6 +322,7 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None) -> dict[str, 
             "budget_mb": _mb(budget),
             "within_budget": None if budget is None or not rss else runtime_bytes <= budget,
         },
+        "device": device.to_dict(),
     }
 
 

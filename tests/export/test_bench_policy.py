@@ -16,6 +16,7 @@ from edgeact.export.bundle_export import ExportOptions, export_bundle
 from edgeact.export.bench_policy import JSON_NAME, REFERENCE, PolicyBenchOptions, bench_policy, check_cuda
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import load_bundle
+from edgeact.runtime.device_info import read_device_info
 from edgeact.runtime.errors import ConfigError
 
 
@@ -136,6 +137,7 @@ def test_frames_machine_and_json(bench):
     assert frames["prompt_tokens"][0] > 100 and 1 <= frames["crops"] <= frames["max_crops"] + 1
     assert report["machine"]["threads"] == 1
     assert (report["machine"]["prefill_chunk"], report["machine"]["crops_per_run"]) == (128, 1)   # CPU defaults
+    assert report["machine"]["host"]["summary"] == read_device_info().summary()      # power mode and clocks
     assert json.loads((root / "out" / JSON_NAME).read_text()) == json.loads(json.dumps(report))
 
 
@@ -171,7 +173,8 @@ def test_tables_carry_the_ratios_and_footnotes(bench):
         console.print(table)
     text = console.export_text()
     for needle in ("(a) PyTorch reference (generate_greedy)", "edgeact int4, forced depth", "MaskedGreedyConstraint",
-                   "add-depth-tokenizer", "of limit", "peak / budget", "1.00x", "fused decoder"):
+                   "add-depth-tokenizer", "of limit", "peak / budget", "1.00x", "fused decoder",
+                   f"Device: {report['machine']['host']['summary']}"):
         assert needle in text
     assert len(commands_bench.policy_tables({**report, "memory": []})) == 2    # --device cuda: no host-memory table
 
