@@ -55,19 +55,51 @@ def default_description() -> Path:
     return Path(sim.__file__).resolve().parent / "robot_description" / "robot.xml"
 
 
+XACRO_NAMESPACE = "{http://www.ros.org/wiki/xacro}"
+
+
 def description_format(path: Path) -> str:
-    """"mjcf" or "urdf", from the file's root element (<mujoco> or <robot>); anything else is refused."""
+    """"mjcf" or "urdf", from the file's root element (<mujoco> or <robot>, in any XML namespace); anything else,
+    and a xacro file not yet expanded, is refused with the fix."""
     import xml.etree.ElementTree as ET
 
     try:
-        root = ET.parse(path).getroot().tag         # the whole file: a broken one is named here, with its line
+        root = ET.parse(path).getroot()         # the whole file: a broken one is named here, with its line
     except ET.ParseError as exc:
         raise ConfigError(f"robot description {path} is not valid XML ({exc}); give a URDF or MJCF file") from None
+    if any(e.tag.startswith(XACRO_NAMESPACE) or any("${" in v or "$(" in v for v in e.attrib.values())
+           for e in root.iter()):
+        raise ConfigError(f"robot description {path} is a xacro file (xacro tags or ${{...}} / $(...) values): expand "
+                          f"it first, `xacro {path.name} > {path.name.removesuffix('.xacro')}` (ROS's xacro), and "
+                          "give the URDF it writes")
+    tag = root.tag.rsplit("}", 1)[-1]
     formats = {"mujoco": "mjcf", "robot": "urdf"}
-    if root not in formats:
-        raise ConfigError(f"robot description {path}: its root element is <{root}>, neither a URDF's <robot> nor an "
+    if tag not in formats:
+        raise ConfigError(f"robot description {path}: its root element is <{tag}>, neither a URDF's <robot> nor an "
                           "MJCF's <mujoco>; give the arm's URDF (or an MJCF file)")
-    return formats[root]
+    return formats[tag]
+
+
+# Which frame a name means where several share it (a URDF link and a joint both called "gripper"): the link's.
+_FRAME_PREFERENCE = ("BODY", "OP_FRAME", "FIXED_JOINT", "JOINT")
+
+
+def _rename_clashing(pin, model) -> dict[str, str]:
+    """Rename the joints whose name is also another frame's (a link called like a joint, as exporters write):
+    Pinocchio's reduction looks joints up by frame name and refuses the clash. Each such joint and its frame
+    become NAME_joint (the link keeps the name); returns {new: old} to give the joints their names back after."""
+    renamed = {}
+    for joint_id in range(1, model.njoints):
+        name = model.names[joint_id]
+        if not any(f.name == name and f.type != pin.FrameType.JOINT for f in model.frames):
+            continue
+        new = f"{name}_joint"
+        model.names[joint_id], renamed[new] = new, name
+        for i, frame in enumerate(model.frames):
+            if frame.name == name and frame.type == pin.FrameType.JOINT:
+                frame.name = new
+                model.frames[i] = frame
+    return renamed
 
 
 def import_pinocchio():
@@ -147,7 +179,15 @@ class ArmKinematics:
                               f"it (its joints: {', '.join(names[1:])})")
         keep = {full.getJointId(j) for j in self.joints}
         lock = [i for i in range(1, full.njoints) if i not in keep]
-        self.model = pin.buildReducedModel(full, lock, pin.neutral(full))
+        renamed = _rename_clashing(pin, full)
+        try:
+            self.model = pin.buildReducedModel(full, lock, pin.neutral(full))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"Pinocchio cannot hold {path.name}'s joints other than {list(self.joints)} still: "
+                              f"{exc}") from None
+        for new, old in renamed.items():     # the arm's joints answer to their own names again (their frames don't)
+            if self.model.existJointName(new):
+                self.model.names[self.model.getJointId(new)] = old
         self.data = self.model.createData()
         # The reduced model keeps the description's joint order; map ours onto it.
         self._q_index = np.array([self.model.joints[self.model.getJointId(j)].idx_q for j in self.joints])
@@ -161,6 +201,13 @@ class ArmKinematics:
                                   f"({joint!r} has {nq} coordinates)")
         self.lower_rad = self.model.lowerPositionLimit[self._q_index].copy()
         self.upper_rad = self.model.upperPositionLimit[self._q_index].copy()
+        for joint, low, high in zip(self.joints, self.lower_rad, self.upper_rad):
+            # A URDF <limit> without lower/upper reads as [0, 0], and exporters write "0 0": the IK would clamp
+            # every goal of that joint to 0, a large move the action never asked for.
+            if not (np.isfinite(low) and np.isfinite(high) and low < high):
+                raise ConfigError(f"joint {joint!r} of {path.name} has the limits [{low:g}, {high:g}]: the IK keeps "
+                                  "the arm within them, so they must be its real travel, lower < upper; give "
+                                  "<limit lower=... upper=...> in radians (URDF; MJCF: range=\"low high\")")
         for joint, (low, high) in (limits_rad or {}).items():
             if joint not in self.joints:
                 raise ConfigError(f"joint limits for {joint!r}: not one of the arm's joints {list(self.joints)}")
@@ -183,10 +230,13 @@ class ArmKinematics:
         self._lock = threading.Lock()
 
     def _frame_id(self, name: str) -> int:
-        if not self.model.existFrame(name):
+        rank = {kind: n for n, kind in enumerate(_FRAME_PREFERENCE)}
+        matches = [(rank.get(str(f.type).rsplit(".", 1)[-1], len(rank)), i)
+                   for i, f in enumerate(self.model.frames) if f.name == name]
+        if not matches:
             frames = sorted({f.name for f in self.model.frames})
             raise ConfigError(f"no frame {name!r} in {self.description.name}; its frames: {', '.join(frames)}")
-        return self.model.getFrameId(name)
+        return min(matches)[1]
 
     def _full_q(self, q_rad: Sequence[float]) -> np.ndarray:
         q_rad = np.asarray(q_rad, dtype=np.float64)

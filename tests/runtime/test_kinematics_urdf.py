@@ -147,6 +147,67 @@ def test_a_continuous_arm_joint_is_refused_with_the_fix(tmp_path, urdf):
     ArmKinematics(path, joints=ARM_JOINTS[:4], ee_frame="wrist")
 
 
+def _renamed_link(text: str, old: str, new: str) -> str:
+    return text.replace(f'<link name="{old}">', f'<link name="{new}">').replace(f'link="{old}"', f'link="{new}"')
+
+
+def test_a_link_named_like_a_joint_is_the_link(tmp_path, urdf):
+    """Makers' URDFs name a link like a joint (SO-101's: link "gripper", the jaw's joint "gripper"; here also an arm
+    joint's): the description loads, the arm's kinematics are unchanged, and the name means the link."""
+    text = _renamed_link(_renamed_link(urdf.read_text(), "hand", "gripper"), "forearm", "elbow_flex")
+    path = tmp_path / "clash.urdf"
+    path.write_text(text, encoding="utf-8")
+    mjcf, clash = ArmKinematics(), ArmKinematics(path)
+    for q in inner_configs(mjcf, 5, seed=5):
+        np.testing.assert_allclose(clash.forward(q).position_m, mjcf.forward(q).position_m, atol=1e-9)
+        for link, body in (("gripper", "hand"), ("elbow_flex", "forearm")):
+            np.testing.assert_allclose(clash.frame_pose(link, q).position_m, mjcf.frame_pose(body, q).position_m,
+                                       atol=1e-9)
+    mapper = IkConfig(description=str(path), ee_frame="gripper").make_mapper(MOTORS)
+    assert mapper.kinematics.ee_frame == "gripper"
+
+
+def _with_limit(text: str, joint: str, limit: str) -> str:
+    head, rest = text.split(f'<joint name="{joint}" type="revolute">', 1)
+    body, tail = rest.split("</joint>", 1)
+    return f'{head}<joint name="{joint}" type="revolute">{body.split("<limit", 1)[0]}{limit}</joint>{tail}'
+
+
+@pytest.mark.parametrize("limit, shown", [('<limit effort="3" velocity="5"/>', "[0, 0]"),
+                                          ('<limit lower="0" upper="0" effort="3" velocity="5"/>', "[0, 0]"),
+                                          ('<limit lower="1.5" upper="-1.5" effort="3" velocity="5"/>', "[1.5, -1.5]")])
+def test_an_arm_joint_without_its_travel_is_refused(tmp_path, urdf, limit, shown):
+    """A <limit> without lower/upper reads as [0, 0] (exporters also write 0 0): the IK would clamp every goal of
+    that joint to 0, a move no action asked for."""
+    path = tmp_path / "limits.urdf"
+    path.write_text(_with_limit(urdf.read_text(), "elbow_flex", limit), encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"joint 'elbow_flex' of limits.urdf has the limits \{shown[:-1]}\]: .*"
+                                          r"lower < upper; give <limit lower=\.\.\. upper=\.\.\.> in radians"):
+        ArmKinematics(path)
+
+
+@pytest.mark.parametrize("text", [
+    '<robot name="arm" xmlns:xacro="http://www.ros.org/wiki/xacro"><xacro:property name="l" value="0.1"/>'
+    '<link name="base"/></robot>',
+    '<robot name="arm"><link name="base"/><link name="a"/><joint name="j" type="revolute"><parent link="base"/>'
+    '<child link="a"/><limit lower="${-pi/2}" upper="${pi/2}" effort="1" velocity="1"/></joint></robot>',
+])
+def test_a_xacro_file_is_refused_with_the_command_that_expands_it(tmp_path, text):
+    path = tmp_path / "arm.urdf.xacro"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"is a xacro file .* `xacro arm.urdf.xacro > arm.urdf`"):
+        ArmKinematics(path)
+
+
+def test_a_urdf_in_an_xml_namespace_loads(tmp_path, urdf):
+    path = tmp_path / "namespaced.urdf"
+    path.write_text(urdf.read_text().replace('<robot name="edgeact_arm">',
+                                             '<robot name="edgeact_arm" xmlns="http://drake.mit.edu">'), encoding="utf-8")
+    q = np.array([0.1, 0.4, -0.2, 0.5, 0.1])
+    np.testing.assert_allclose(ArmKinematics(path).forward(q).position_m, ArmKinematics().forward(q).position_m,
+                               atol=1e-9)
+
+
 @pytest.mark.parametrize("text, message", [
     ('<?xml version="1.0"?><sdf version="1.7"><model name="arm"/></sdf>',
      r"root element is <sdf>, neither a URDF's <robot> nor an MJCF's <mujoco>"),
