@@ -1,4 +1,5 @@
-"""Loop sub-commands: `edgeact run CONFIG`, `edgeact bench [CONFIG] --seconds N`, `edgeact demo` (simulated robot)."""
+"""Loop sub-commands: `edgeact run CONFIG`, `edgeact check CONFIG`, `edgeact bench [CONFIG] --seconds N`, `edgeact demo`
+(simulated robot)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Iterator
-from edgeact.runtime.cli_args import console as _console, positive_float, write_config_file
+from edgeact.runtime.cli_args import (console as _console, positive_float, positive_int, write_config_file,
+                                      write_json_file)
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
@@ -29,6 +31,14 @@ def register(subparsers) -> None:
                                                     "run.2.jsonl, ...; the 8 newest kept)")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
     p.set_defaults(handler=_run)
+
+    p = subparsers.add_parser("check", help="check what `edgeact run CONFIG` needs without moving anything: e-stop, "
+                                            "device clocks, motors, start positions, kinematics, camera, policy")
+    p.add_argument("config", metavar="CONFIG", help="robot config (.json or .toml)")
+    p.add_argument("--frames", type=positive_int, default=5, help="camera frames to take (default 5)")
+    p.add_argument("--no-policy", action="store_true", help="do not load the policy nor answer a frame with it")
+    p.add_argument("--json", metavar="PATH", help="also write the checks as JSON here")
+    p.set_defaults(handler=_check)
 
     p = subparsers.add_parser("bench", help="measure the loop: control frequency, overruns, stage latencies")
     p.add_argument("config", metavar="CONFIG", nargs="?", help="robot config (default: the built-in simulated robot)")
@@ -91,6 +101,39 @@ def _run(args) -> int:
     if args.json:
         console.print(f"timing summary: {stats.write_json(args.json, extra)}")
     return _finish(result, console)
+
+
+def _check(args) -> int:
+    """Every check in a table as it is made; status 1 when one failed (the run would not start, or not run well)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgeact.runtime.preflight import FAIL, failed, preflight, report
+    from edgeact.runtime.robot_config import load_robot_config
+    from edgeact.runtime.telemetry import output_file
+
+    _log_to_stderr(logging.WARNING)
+    config = load_robot_config(args.config)         # a bad field: named here, before anything connects
+    json_path = output_file(args.json, "--json") if args.json else None
+    console = _console(120)
+    styles = {"ok": "green", "warn": "yellow", FAIL: "bold red", "skipped": "dim"}
+    console.print(f"check: {config.source} (nothing is moved; torque is left as it is)")
+    with sigterm_as_interrupt():
+        checks = preflight(config, args.frames, not args.no_policy,
+                           on_check=lambda c: console.print(Text(f"  {c.name}: {c.status}", style=styles[c.status])))
+    table = Table(title="edgeact check", show_lines=True)
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(c.name, Text(c.status, style=styles[c.status]), Text(c.detail))
+    console.print(table)
+    if json_path is not None:
+        write_json_file(json_path, report(checks))
+        console.print(f"checks: {json_path}")
+    bad = [c.name for c in checks if c.status == FAIL]
+    console.print(f"would not run as it is: fix {', '.join(dict.fromkeys(bad))} (above)" if failed(checks)
+                  else "ready: `edgeact run` would start")
+    return 1 if failed(checks) else 0
 
 
 def _bench_command(args) -> int:

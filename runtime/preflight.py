@@ -1,0 +1,220 @@
+"""`edgeact check CONFIG`: what `edgeact run CONFIG` needs, checked without moving anything.
+
+After wiring a robot, flashing its computer or copying a new bundle, this says in one table whether a
+run would start, and if not, everything that stops it (not only the first): the e-stop input, the
+device's power mode and clocks, every configured motor answering as the model the config says, every
+joint resting inside its limits (what the run refuses to start with), the hand's pose from the
+kinematics, the camera delivering frames (size, rate, depth), and the policy answering one of those
+frames, timed. Each problem comes with its fix.
+
+Nothing is commanded: torque is neither turned on nor off (the bus is left as it was found; a run with
+`robot.disable_torque_on_exit: false` may have left joints holding, and turning torque off would drop
+them). Connecting the bus is the run's own connect: it checks the motors' models and, where a motor is
+in the wrong operating mode, switches it with its torque off, as the run would. The policy runs in this
+process, once to warm up and once timed.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from edgeact.runtime.errors import EdgeactError
+
+OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
+PLACEHOLDER_INSTRUCTION = "move to the red block"     # when the config has none (the run takes it from the config)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str         # OK, WARN, FAIL or SKIPPED
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def failed(checks: list[Check]) -> bool:
+    return any(c.status == FAIL for c in checks)
+
+
+def preflight(config, frames: int = 5, with_policy: bool = True,
+              on_check: Callable[[Check], None] | None = None) -> list[Check]:
+    """Every check on `config` (a loaded RobotConfig), in order; `on_check` hears each as it is made."""
+    checks: list[Check] = []
+
+    def add(name: str, status: str, detail: str) -> None:
+        check = Check(name, status, detail)
+        checks.append(check)
+        if on_check is not None:
+            on_check(check)
+
+    if frames < 1:
+        raise ValueError(f"frames: take at least 1 camera frame, got {frames}")
+    _estop(config, add)
+    _device(add)
+    from edgeact.runtime.sim_robot import make_robot_camera, start_sim_bus
+
+    with ExitStack() as stack:
+        sim = None
+        if config.robot.bus == "sim":
+            sim = stack.enter_context(start_sim_bus(config.robot, None))
+        positions = _motors(config, sim.port if sim is not None else None, add, stack)
+        _kinematics(config, positions, add)
+        camera, frame = _camera(config, make_robot_camera, frames, add, stack)
+        _policy(config, camera, frame, positions, with_policy, add, stack)
+    return checks
+
+
+def _estop(config, add) -> None:
+    from edgeact.runtime.commands_loop import estop_key_required
+    from edgeact.runtime.loop import estop_check
+
+    if estop_check(config)():
+        add("e-stop", FAIL, f"active: the e-stop file {config.estop_path} exists, so the run would refuse to start; "
+                            "remove it once the robot is clear")
+    elif estop_key_required(config) and not sys.stdin.isatty():
+        add("e-stop", FAIL, f"estop.key {config.estop.key!r} is this real robot's only e-stop and there is no terminal "
+                            "here to press it in, so the run would refuse to start; run from a terminal or set "
+                            "estop.file")
+    elif config.robot.bus != "sim" and config.estop.file is None and config.estop.key is None:
+        add("e-stop", WARN, "none configured for this real robot: only Ctrl-C or `kill` stop a run; set estop.file "
+                            "and/or estop.key")
+    else:
+        where = [f"file {config.estop_path} (absent)" if config.estop.file else "",
+                 f"key {config.estop.key!r}" if config.estop.key else ""]
+        add("e-stop", OK, ", ".join(w for w in where if w) or "simulated robot, none configured")
+
+
+def _device(add) -> None:
+    from edgeact.runtime.device_info import read_device_info
+
+    device = read_device_info()
+    add("device", OK, device.summary())
+    for note in device.notes():
+        add("device", WARN, note)
+
+
+def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, float] | None:
+    """Connect as the run does, read every motor, check the joints' start positions; the positions read (rad)."""
+    from edgeact.drivers.motors.safety import SafetyGuard, StartRefusedError
+
+    try:
+        bus = config.robot.make_bus(sim_port)
+        bus.connect()
+    except EdgeactError as exc:
+        add("motors", FAIL, str(exc))
+        return None
+    # Left as found: no torque change on the way out (see the module docstring).
+    stack.callback(bus.disconnect, False)
+    try:
+        state = bus.read_state()
+    except EdgeactError as exc:
+        add("motors", FAIL, f"connected, but reading them failed: {exc}")
+        return None
+    positions = dict(state.position_rad)
+    joints = [n for n, m in bus.motors.items() if m.mode != "velocity"]
+    wheels = [n for n in bus.motors if n not in joints]
+    add("motors", OK, f"{len(bus.motors)} answer as configured on {config.robot.bus}: "
+                      + ", ".join(f"{n} {math.degrees(positions[n]):+.1f} deg" for n in joints)
+                      + (f"; wheels {', '.join(wheels)}" if wheels else ""))
+    try:
+        SafetyGuard(bus, config.limits).check_start_positions({n: positions[n] for n in joints})
+    except StartRefusedError as exc:
+        add("start positions", FAIL, str(exc))
+    else:
+        add("start positions", OK, "every joint rests inside its limits")
+    return positions
+
+
+def _kinematics(config, positions: dict[str, float] | None, add) -> None:
+    mapper = config.actions.make_mapper(list(config.robot.motors))
+    kinematics = getattr(mapper, "kinematics", None)
+    if kinematics is None:
+        add("kinematics", SKIPPED, f"actions {config.actions.type_name!r} map actions to joints without kinematics")
+        return
+    if positions is None:
+        add("kinematics", SKIPPED, "no joint positions read")
+        return
+    hand = kinematics.forward(kinematics.q_from(positions))
+    x, y, z = hand.position_m
+    add("kinematics", OK, f"{kinematics.description.name}: {kinematics.ee_frame!r} at ({x:+.3f}, {y:+.3f}, {z:+.3f}) m "
+                          f"in {kinematics.reference_frame!r}")
+
+
+def _camera(config, make_camera, frames: int, add, stack: ExitStack):
+    """Open the camera, take `frames` new frames; (camera, newest frame) or (None, None)."""
+    try:
+        camera = stack.enter_context(make_camera(config))
+        timeout_s = config.camera.timeout_s
+        frame = camera.latest(timeout_s)
+        start = time.monotonic()
+        for _ in range(frames):
+            frame = _next_frame(camera, frame, timeout_s)
+        span_s = time.monotonic() - start
+    except EdgeactError as exc:
+        add("camera", FAIL, str(exc))
+        return None, None
+    height, width = frame.color.shape[:2]
+    valid = float((frame.depth_m > 0).mean())
+    rate = f"{frames / span_s:.1f} frames/s" if span_s > 0 else "frames at once"
+    add("camera", OK, f"{config.camera.type_name}: {width}x{height}, {rate} over {frames} frames, "
+                      f"depth on {valid:.0%} of the pixels, newest {frame.age_s() * 1000:.0f} ms old")
+    return camera, frame
+
+
+def _next_frame(camera, after, timeout_s: float):
+    from edgeact.drivers.cameras.base import CameraTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        frame = camera.latest(timeout_s)
+        if frame.frame_number != after.frame_number:
+            return frame
+        if time.monotonic() > deadline:
+            raise CameraTimeoutError(f"camera {getattr(camera, 'name', '')!r}: the same frame for {timeout_s:g} s "
+                                     "(camera.timeout_s): it stopped delivering; check its cable, power and fps")
+        time.sleep(0.002)
+
+
+def _policy(config, camera, frame, positions, with_policy: bool, add, stack: ExitStack) -> None:
+    from edgeact.runtime.policy import Observation, PolicyContext
+
+    if not with_policy:
+        add("policy", SKIPPED, "--no-policy")
+        return
+    if frame is None:
+        add("policy", SKIPPED, "no camera frame to answer")
+        return
+    instruction = config.instruction or PLACEHOLDER_INSTRUCTION
+    try:
+        context = PolicyContext(config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir,
+                                camera.intrinsics)
+        started = time.monotonic()
+        policy = config.policy.make_policy(context)
+        stack.callback(policy.close)
+        load_s = time.monotonic() - started
+        proprio = {n: v for n, v in (positions or {}).items() if n in config.robot.motors}
+        seconds = []
+        for _ in range(2):          # the first warms up
+            observation = Observation(frame.color, frame.depth_m, frame.capture_monotonic_s, proprio or None,
+                                      instruction)
+            started = time.monotonic()
+            plan = policy.step(observation)
+            seconds.append(time.monotonic() - started)
+    except EdgeactError as exc:
+        add("policy", FAIL, str(exc))
+        return
+    trace = getattr(plan, "trace_px", None)
+    points = f", a trace of {len(trace)} points" if trace is not None and len(trace) else ""
+    add("policy", OK, f"{config.policy.type_name}: loaded in {load_s:.1f} s; answers a frame in {seconds[1]:.3f} s "
+                      f"(first {seconds[0]:.3f} s): {len(plan.actions)} actions{points}"
+                      + ("" if config.instruction else f" (instruction {instruction!r}: the config has none)"))
+
+
+def report(checks: list[Check]) -> dict[str, Any]:
+    return {"passed": not failed(checks), "checks": [c.to_dict() for c in checks]}

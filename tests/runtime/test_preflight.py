@@ -1,0 +1,141 @@
+"""`edgeact check CONFIG`: what a run needs, checked on the simulated Feetech arm without moving anything.
+
+The simulated servos run in the test process behind a pty and the check connects through the real serial driver,
+so "nothing moved" and "torque left as it was" are read from the motors' own registers.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeact.drivers.sim.servo_bus import SimServoBus
+from edgeact.runtime.cli import main
+from edgeact.runtime.preflight import FAIL, OK, SKIPPED, WARN, preflight
+from edgeact.runtime.robot_config import load_robot_config
+from edgeact.runtime.sim_robot import sim_robot_config_dict
+
+pytestmark = pytest.mark.timeout(60)
+
+IDS = range(1, 7)
+REGISTERS = ("torque_enable", "goal_position")
+
+
+@pytest.fixture
+def sim():
+    with SimServoBus("feetech", ids=IDS) as bus:
+        yield bus
+
+
+def write_config(folder: Path, sim, **sections) -> Path:
+    """The sample robot on the test's simulated bus (bus "feetech" on its pty: a real robot's config)."""
+    data = sim_robot_config_dict()
+    data["robot"] = {**data["robot"], "bus": "feetech", "port": sim.port, "options": {"timeout_s": 0.2}}
+    data["policy"] = {"type": "scripted", "chunk_size": 8, "latency_s": 0.0}
+    data["estop"] = {"file": "STOP"}
+    data.update(sections)                      # whole sections
+    path = folder / "robot.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def registers(sim) -> dict:
+    return {(i, r): sim.register(i, r) for i in IDS for r in REGISTERS}
+
+
+def statuses(checks) -> dict:
+    out = {}
+    for check in checks:
+        out.setdefault(check.name, []).append(check.status)
+    return {name: s[0] if len(s) == 1 else s for name, s in out.items()}
+
+
+@pytest.mark.parametrize("torque_on", [False, True])
+def test_a_ready_robot_passes_and_nothing_is_commanded(tmp_path, sim, torque_on):
+    """Every check passes; no goal is written and torque stays as it was (on, too: a run that ended holding)."""
+    if torque_on:
+        for i in IDS:
+            sim.servo(i).set("torque_enable", 1)
+    before = registers(sim)
+    checks = preflight(load_robot_config(write_config(tmp_path, sim)))
+    assert registers(sim) == before
+    got = statuses(checks)
+    assert got["e-stop"] == got["motors"] == got["start positions"] == got["camera"] == got["policy"] == OK
+    assert got["kinematics"] == SKIPPED            # joint_delta actions: no kinematics to check
+    motors = next(c for c in checks if c.name == "motors").detail
+    assert motors.startswith("6 answer as configured on feetech") and "shoulder_pan +0.0 deg" in motors
+    assert "128x96" in next(c for c in checks if c.name == "camera").detail
+    assert "answers a frame in" in next(c for c in checks if c.name == "policy").detail
+
+
+def test_everything_that_stops_a_run_is_reported_at_once_with_its_fix(tmp_path, sim, capsys):
+    """An active e-stop, a joint resting outside its limits and a camera without frames: all three in one run of
+    the command, status 1, and the policy check skipped for want of a frame."""
+    path = write_config(tmp_path, sim)
+    data = json.loads(path.read_text())
+    data["camera"] = {"type": "recording", "name": "front", "path": "missing.db3"}
+    data["limits"]["joint_limits_rad"]["shoulder_pan"] = [0.5, 1.0]          # the joint rests at 0
+    path.write_text(json.dumps(data))
+    (tmp_path / "STOP").touch()
+    out = tmp_path / "check.json"
+    code = main(["check", str(path), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    report = json.loads(out.read_text())
+    assert report["passed"] is False
+    got = {c["name"]: c for c in report["checks"]}
+    assert got["e-stop"]["status"] == FAIL and "remove it once the robot is clear" in got["e-stop"]["detail"]
+    assert got["start positions"]["status"] == FAIL and "'shoulder_pan' reads +0.000 rad" in \
+        got["start positions"]["detail"]
+    assert got["camera"]["status"] == FAIL and "missing.db3" in got["camera"]["detail"]
+    assert got["motors"]["status"] == OK and got["policy"]["status"] == SKIPPED
+    assert "would not run as it is: fix e-stop, start positions, camera" in printed
+
+
+def test_a_silent_motor_is_named_and_the_rest_still_checked(tmp_path):
+    """Motor 6 is not on the bus: the motors check names it; the camera and the policy are still checked."""
+    with SimServoBus("feetech", ids=range(1, 6)) as five:
+        checks = preflight(load_robot_config(write_config(tmp_path, five)))
+    got = statuses(checks)
+    motors = next(c for c in checks if c.name == "motors").detail
+    assert got["motors"] == FAIL and "motor 'gripper' (id 6) did not answer" in motors and "motors scan" in motors
+    assert "start positions" not in got and got["kinematics"] == SKIPPED
+    assert got["camera"] == got["policy"] == OK
+
+
+def test_a_corrupt_bundle_fails_the_policy_check(tmp_path, sim):
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    onnx = bundle / "stages" / "decoder.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 1
+    onnx.write_bytes(bytes(data))
+    config = load_robot_config(write_config(tmp_path, sim, policy={"type": "bundle", "path": "bundle"}))
+    checks = preflight(config)
+    policy = next(c for c in checks if c.name == "policy")
+    assert policy.status == FAIL and "sha256 mismatch" in policy.detail and "re-copy or re-export" in policy.detail
+
+
+def test_no_policy_skips_it_and_a_real_robot_without_an_estop_is_warned(tmp_path, sim):
+    path = write_config(tmp_path, sim)
+    data = json.loads(path.read_text())
+    data.pop("estop")
+    path.write_text(json.dumps(data))
+    checks = preflight(load_robot_config(path), frames=2, with_policy=False)
+    got = statuses(checks)
+    assert got["policy"] == SKIPPED and got["e-stop"] == WARN
+    assert "set estop.file" in next(c for c in checks if c.name == "e-stop").detail
+
+
+def test_the_kinematics_check_gives_the_hand_pose_on_the_mujoco_robot(tmp_path):
+    """The built-in MuJoCo robot ("ik" actions): the hand's pose from its description, the rendered camera."""
+    pytest.importorskip("mujoco", reason="the MuJoCo robot needs mujoco (the sim extra)")
+    from edgeact.runtime.sim_robot import mujoco_robot_config_dict
+
+    path = tmp_path / "mujoco.json"
+    path.write_text(json.dumps(mujoco_robot_config_dict()), encoding="utf-8")
+    checks = preflight(load_robot_config(path), frames=2, with_policy=False)
+    got = statuses(checks)
+    kinematics = next(c for c in checks if c.name == "kinematics")
+    assert got["motors"] == got["start positions"] == got["kinematics"] == got["camera"] == OK
+    assert kinematics.detail.startswith("robot.xml: 'ee' at (+0.2") and "in 'base'" in kinematics.detail
