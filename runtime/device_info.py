@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-JETSON_GPU_NODES = ("ga10b", "gv11b", "gp10b", "gpu")     # Orin, Xavier, TX2 / Nano, newer device trees
+TEGRA_GPU_NODES = ("ga10b", "gv11b", "gp10b")     # Orin, Xavier, TX2 / Nano
+GENERIC_GPU_NODE = "gpu"        # newer Jetson device trees, but also other boards' GPUs (a Mali's): Jetson only with L4T
 NVPMODEL_TIMEOUT_S = 5.0
 PIN_HINT = "`sudo jetson_clocks` pins them at the power mode's maximum (on another Linux: the performance governor)"
 
@@ -111,9 +112,11 @@ def read_device_info(root: str | Path = "/", nvpmodel: Callable[[], str | None] 
     root = Path(root)
     cpus = _online_cpus(root)
     governors, cpu = _cpu_clocks(root, cpus)
-    gpu_name, gpu = _gpu_clock(root)
+    l4t = _l4t(root)
+    gpu_name, gpu = _gpu_clock(root, TEGRA_GPU_NODES + ((GENERIC_GPU_NODE,) if l4t else ()))
+    jetson = l4t is not None or gpu is not None
     return DeviceInfo(model=_model(root), cpus_online=len(cpus) or (os.cpu_count() or 0), kernel=platform.release(),
-                      l4t=_l4t(root), power_mode=_power_mode(root, nvpmodel or _query_nvpmodel),
+                      l4t=l4t, power_mode=_power_mode(root, nvpmodel or _query_nvpmodel) if jetson else None,
                       cpu_governors=governors, cpu=cpu, gpu=gpu, gpu_name=gpu_name)
 
 
@@ -201,7 +204,7 @@ def _cpu_clocks(root: Path, cpus: list[int]) -> tuple[dict[str, int], Clock | No
                                   max(hw) if hw else None, single)
 
 
-def _gpu_clock(root: Path) -> tuple[str | None, Clock | None]:
+def _gpu_clock(root: Path, nodes: tuple[str, ...]) -> tuple[str | None, Clock | None]:
     devfreq = root / "sys/class/devfreq"
     try:
         entries = sorted(devfreq.iterdir())
@@ -209,7 +212,7 @@ def _gpu_clock(root: Path) -> tuple[str | None, Clock | None]:
         return None, None
     for entry in entries:
         node = _read(entry / "device/of_node/name")
-        if node not in JETSON_GPU_NODES:
+        if node not in nodes:
             continue
         available = [int(v) for v in (_read(entry / "available_frequencies") or "").split() if v.isdigit()]
         return node, Clock(_mhz(entry / "min_freq", 1e6), _mhz(entry / "max_freq", 1e6),   # Hz

@@ -10,8 +10,9 @@ frames, timed. Each problem comes with its fix.
 Nothing is commanded: torque is neither turned on nor off (the bus is left as it was found; a run with
 `robot.disable_torque_on_exit: false` may have left joints holding, and turning torque off would drop
 them). Connecting the bus is the run's own connect: it checks the motors' models and, where a motor is
-in the wrong operating mode, switches it with its torque off, as the run would. The policy runs in this
-process, once to warm up and once timed.
+in the wrong operating mode, switches it with its torque off, as the run would. The policy is made as the
+run makes it (in its own process where the config says so, with the run's threads) and answers a frame
+twice: once to warm up, once timed.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def failed(checks: list[Check]) -> bool:
 
 def preflight(config, frames: int = 5, with_policy: bool = True,
               on_check: Callable[[Check], None] | None = None) -> list[Check]:
-    """Every check on `config` (a loaded RobotConfig), in order; `on_check` hears each as it is made."""
+    """Every check on `config` (a loaded RobotConfig), in order; `on_check` hears each as it is made. A check that
+    raises (whatever the error: a driver's, onnxruntime's) is a failed check, and the others still run."""
     checks: list[Check] = []
 
     def add(name: str, status: str, detail: str) -> None:
@@ -53,20 +55,27 @@ def preflight(config, frames: int = 5, with_policy: bool = True,
         if on_check is not None:
             on_check(check)
 
+    def guarded(name: str, check: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return check()
+        except Exception as exc:        # noqa: BLE001 - reported as the failed check, with its type where unknown
+            add(name, FAIL, str(exc) if isinstance(exc, EdgeactError) else f"{type(exc).__name__}: {exc}")
+            return default
+
     if frames < 1:
         raise ValueError(f"frames: take at least 1 camera frame, got {frames}")
-    _estop(config, add)
-    _device(add)
+    guarded("e-stop", lambda: _estop(config, add))
+    guarded("device", lambda: _device(add))
     from edgeact.runtime.sim_robot import make_robot_camera, start_sim_bus
 
     with ExitStack() as stack:
-        sim = None
+        port = None
         if config.robot.bus == "sim":
-            sim = stack.enter_context(start_sim_bus(config.robot, None))
-        positions = _motors(config, sim.port if sim is not None else None, add, stack)
-        _kinematics(config, positions, add)
-        camera, frame = _camera(config, make_robot_camera, frames, add, stack)
-        _policy(config, camera, frame, positions, with_policy, add, stack)
+            port = guarded("simulator", lambda: stack.enter_context(start_sim_bus(config.robot, None)).port)
+        positions = guarded("motors", lambda: _motors(config, port, add, stack))
+        guarded("kinematics", lambda: _kinematics(config, positions, add))
+        camera, frame = guarded("camera", lambda: _camera(config, make_robot_camera, frames, add, stack), (None, None))
+        guarded("policy", lambda: _policy(config, camera, frame, positions, with_policy, add, stack))
     return checks
 
 
@@ -101,31 +110,43 @@ def _device(add) -> None:
 
 def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, float] | None:
     """Connect as the run does, read every motor, check the joints' start positions; the positions read (rad)."""
+    from edgeact.drivers.motors.bus import MotorHardwareError
     from edgeact.drivers.motors.safety import SafetyGuard, StartRefusedError
 
-    try:
-        bus = config.robot.make_bus(sim_port)
-        bus.connect()
-    except EdgeactError as exc:
-        add("motors", FAIL, str(exc))
+    if config.robot.bus == "sim" and sim_port is None:
+        add("motors", SKIPPED, "the simulator did not start")
         return None
+    bus = config.robot.make_bus(sim_port)
+    bus.connect()
     # Left as found: no torque change on the way out (see the module docstring).
     stack.callback(bus.disconnect, False)
     try:
-        state = bus.read_state()
-    except EdgeactError as exc:
-        add("motors", FAIL, f"connected, but reading them failed: {exc}")
-        return None
+        state, faults = bus.read_state(), {}
+    except MotorHardwareError:
+        lenient = getattr(bus, "read_state_with_faults", None)      # Damiao: a fault latched in the motor
+        if lenient is None:
+            raise
+        state, faults = lenient()
+        from edgeact.drivers.motors.damiao_table import STATUS_COMMUNICATION_LOST
+
+        if any(code != STATUS_COMMUNICATION_LOST for code in faults.values()):
+            bus.read_state()        # raises the driver's own message, with its fix
     positions = dict(state.position_rad)
     joints = [n for n, m in bus.motors.items() if m.mode != "velocity"]
     wheels = [n for n in bus.motors if n not in joints]
     add("motors", OK, f"{len(bus.motors)} answer as configured on {config.robot.bus}: "
                       + ", ".join(f"{n} {math.degrees(positions[n]):+.1f} deg" for n in joints)
                       + (f"; wheels {', '.join(wheels)}" if wheels else ""))
+    if faults:
+        add("motors", WARN, f"{', '.join(faults)} latched \"communication lost\" (the last run or host went silent "
+                            "while they held, so their own watchdog turned torque off): `edgeact run` clears it when "
+                            "it turns torque on")
     try:
         SafetyGuard(bus, config.limits).check_start_positions({n: positions[n] for n in joints})
     except StartRefusedError as exc:
         add("start positions", FAIL, str(exc))
+    except EdgeactError as exc:         # limits the guard refuses for this bus (as the run's guard would)
+        add("start positions", FAIL, f"the safety limits do not fit this bus: {exc}")
     else:
         add("start positions", OK, "every joint rests inside its limits")
     return positions
@@ -148,17 +169,13 @@ def _kinematics(config, positions: dict[str, float] | None, add) -> None:
 
 def _camera(config, make_camera, frames: int, add, stack: ExitStack):
     """Open the camera, take `frames` new frames; (camera, newest frame) or (None, None)."""
-    try:
-        camera = stack.enter_context(make_camera(config))
-        timeout_s = config.camera.timeout_s
-        frame = camera.latest(timeout_s)
-        start = time.monotonic()
-        for _ in range(frames):
-            frame = _next_frame(camera, frame, timeout_s)
-        span_s = time.monotonic() - start
-    except EdgeactError as exc:
-        add("camera", FAIL, str(exc))
-        return None, None
+    camera = stack.enter_context(make_camera(config))
+    timeout_s = config.camera.timeout_s
+    frame = camera.latest(timeout_s)
+    start = time.monotonic()
+    for _ in range(frames):
+        frame = _next_frame(camera, frame, timeout_s)
+    span_s = time.monotonic() - start
     height, width = frame.color.shape[:2]
     valid = float((frame.depth_m > 0).mean())
     rate = f"{frames / span_s:.1f} frames/s" if span_s > 0 else "frames at once"
@@ -191,24 +208,19 @@ def _policy(config, camera, frame, positions, with_policy: bool, add, stack: Exi
         add("policy", SKIPPED, "no camera frame to answer")
         return
     instruction = config.instruction or PLACEHOLDER_INSTRUCTION
-    try:
-        context = PolicyContext(config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir,
-                                camera.intrinsics)
+    context = PolicyContext(config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir,
+                            camera.intrinsics)
+    started = time.monotonic()
+    policy = config.policy.make_robot_policy(context)       # as the run has it: in its own process, its threads
+    stack.callback(policy.close)
+    load_s = time.monotonic() - started
+    proprio = {n: v for n, v in (positions or {}).items() if n in config.robot.motors}
+    seconds = []
+    for _ in range(2):          # the first warms up
+        observation = Observation(frame.color, frame.depth_m, frame.capture_monotonic_s, proprio or None, instruction)
         started = time.monotonic()
-        policy = config.policy.make_policy(context)
-        stack.callback(policy.close)
-        load_s = time.monotonic() - started
-        proprio = {n: v for n, v in (positions or {}).items() if n in config.robot.motors}
-        seconds = []
-        for _ in range(2):          # the first warms up
-            observation = Observation(frame.color, frame.depth_m, frame.capture_monotonic_s, proprio or None,
-                                      instruction)
-            started = time.monotonic()
-            plan = policy.step(observation)
-            seconds.append(time.monotonic() - started)
-    except EdgeactError as exc:
-        add("policy", FAIL, str(exc))
-        return
+        plan = policy.step(observation)
+        seconds.append(time.monotonic() - started)
     trace = getattr(plan, "trace_px", None)
     points = f", a trace of {len(trace)} points" if trace is not None and len(trace) else ""
     add("policy", OK, f"{config.policy.type_name}: loaded in {load_s:.1f} s; answers a frame in {seconds[1]:.3f} s "

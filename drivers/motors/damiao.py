@@ -387,14 +387,27 @@ class DamiaoBus(MotorsBus):
         self._system(dt.CMD_CLEAR_ERROR, motors, "clear error")
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
-        names = self._names(motors)
-        feedback = self._state_exchange(
-            {n: (dt.PARAM_CAN_ID, dt.param_frame(self.motors[n].id, dt.REFRESH)) for n in names}, "read_state")
+        feedback = self._read_feedback(motors)
         self._raise_on_errors(feedback)
+        return self._state(feedback)
+
+    def read_state_with_faults(self, motors: list[str] | None = None) -> tuple[MotorState, dict[str, int]]:
+        """read_state that does not raise on a latched fault: the state (a motor in fault still reports where it
+        is) and {motor: fault code} (damiao_table.STATUS_ERRORS). `edgeact check` reads a "communication lost"
+        this way: the run clears that one when it turns torque on."""
+        feedback = self._read_feedback(motors)
+        return self._state(feedback), {n: fb.error for n, fb in feedback.items() if fb.error is not None}
+
+    def _read_feedback(self, motors: list[str] | None) -> dict[str, dt.DamiaoFeedback]:
+        names = self._names(motors)
+        return self._state_exchange(
+            {n: (dt.PARAM_CAN_ID, dt.param_frame(self.motors[n].id, dt.REFRESH)) for n in names}, "read_state")
+
+    def _state(self, feedback: dict[str, dt.DamiaoFeedback]) -> MotorState:
         state = MotorState(timestamp_s=time.monotonic())
-        for n in names:
-            state.position_rad[n] = self._to_joint(n, feedback[n].position_rad)
-            state.velocity_rad_s[n] = self._sign(n) * feedback[n].velocity_rad_s
+        for n, fb in feedback.items():
+            state.position_rad[n] = self._to_joint(n, fb.position_rad)
+            state.velocity_rad_s[n] = self._sign(n) * fb.velocity_rad_s
         return state
 
     def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:

@@ -137,3 +137,17 @@ def test_nvpmodel_outputs(tmp_path, text):
     info = read_device_info(orin(tmp_path), nvpmodel=lambda: text)
     expected = {"": "MAXN (0)", "NV Power Mode: 15W\n": "15W", "NV Power Mode: MODE_30W\n2\n": "MODE_30W (2)"}[text]
     assert info.power_mode == expected          # "" -> the status file's mode 0, named from the conf
+
+
+def test_another_boards_gpu_named_gpu_is_not_taken_for_a_jetson(tmp_path):
+    """An RK3588's Mali devfreq node is also "gpu": without L4T it is not a Jetson's GPU (and no nvpmodel note);
+    with L4T (newer Jetson device trees name theirs "gpu") it is."""
+    write(tmp_path, "proc/device-tree/model", "Radxa ROCK 5B\x00")
+    write(tmp_path, "sys/class/devfreq/fb000000.gpu/device/of_node/name", "gpu\x00")
+    write(tmp_path, "sys/class/devfreq/fb000000.gpu/max_freq", "1000000000\n")
+    asked = []
+    info = read_device_info(tmp_path, nvpmodel=lambda: asked.append(1))
+    assert (info.jetson, info.gpu, info.power_mode, info.notes(), asked) == (False, None, None, [], [])
+    write(tmp_path, "etc/nv_tegra_release", RELEASE)
+    info = read_device_info(tmp_path, nvpmodel=lambda: NVPMODEL_MAXN)
+    assert info.jetson and info.gpu_name == "gpu" and info.gpu.max_mhz == 1000 and info.power_mode == "MAXN (0)"

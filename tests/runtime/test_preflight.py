@@ -139,3 +139,74 @@ def test_the_kinematics_check_gives_the_hand_pose_on_the_mujoco_robot(tmp_path):
     kinematics = next(c for c in checks if c.name == "kinematics")
     assert got["motors"] == got["start positions"] == got["kinematics"] == got["camera"] == OK
     assert kinematics.detail.startswith("robot.xml: 'ee' at (+0.2") and "in 'base'" in kinematics.detail
+
+
+def test_limits_the_guard_refuses_and_an_unexpected_error_are_failed_checks(tmp_path, sim):
+    """safe_state 'stop' on an arm without wheels (the run's SafetyGuard refuses it) and a policy that raises a
+    RuntimeError (as onnxruntime or CUDA do): both are rows of the table, the other checks still run."""
+    from dataclasses import dataclass
+
+    from edgeact.runtime.policy import PolicyConfig, register_policy
+
+    class Broken:
+        def step(self, observation):
+            raise RuntimeError("out of memory")
+
+        def close(self):
+            pass
+
+    @register_policy("preflight-test-broken")
+    @dataclass
+    class BrokenConfig(PolicyConfig):
+        def make_policy(self, context):
+            return Broken()
+
+    path = write_config(tmp_path, sim, policy={"type": "preflight-test-broken", "process": False})
+    data = json.loads(path.read_text())
+    data["limits"]["safe_state"] = "stop"
+    path.write_text(json.dumps(data))
+    checks = preflight(load_robot_config(path))
+    got = {c.name: c for c in checks}
+    assert got["start positions"].status == FAIL and "the safety limits do not fit this bus" in \
+        got["start positions"].detail and "safe_state 'stop'" in got["start positions"].detail
+    assert got["policy"].status == FAIL and got["policy"].detail == "RuntimeError: out of memory"
+    assert got["camera"].status == OK
+
+
+def test_a_damiao_motor_left_in_communication_lost_is_a_warning_as_the_run_clears_it(tmp_path):
+    """A run that ended holding on Damiao motors with their bus watchdog: once the host went quiet they latched
+    "communication lost". The run clears that at torque on, so the check warns, reads where they are and goes on;
+    another fault fails with the driver's message."""
+    pytest.importorskip("can", reason="Damiao motors are on CAN (python-can, the can extra)")
+    import time
+    import uuid
+
+    from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
+    from edgeact.runtime.robot_config import robot_config_from_dict
+
+    channel = f"preflight-{uuid.uuid4().hex[:8]}"
+    data = sim_robot_config_dict()
+    data["robot"] = {"bus": "damiao-can", "motors": {"elbow": {"id": 1, "model": "dm4310"}},
+                     "options": {"interface": "virtual", "channel": channel, "timeout_s": 0.2, "bus_watchdog_s": 0.1},
+                     "disable_torque_on_exit": False}
+    data["actions"] = {"type": "joint_delta", "joints": ["elbow"], "gains": [1.0]}
+    data["limits"] = {"safe_state": "hold"}
+    data["policy"] = {"type": "scripted", "chunk_size": 8, "latency_s": 0.0}
+    data["estop"] = {"file": str(tmp_path / "STOP")}
+    config = robot_config_from_dict(data)
+    with DamiaoSim(channel, [SimDamiaoMotor(0x01, "dm4310")]) as damiao:
+        bus = config.robot.make_bus()
+        bus.connect()
+        bus.enable_torque()
+        bus.disconnect(False)            # the run ended holding; then nothing more reached the motor
+        deadline = time.monotonic() + 5
+        while damiao.motor(1).error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert damiao.motor(1).error == 0xD
+        got = statuses(preflight(config, frames=2, with_policy=False))
+        assert got["motors"] == [OK, WARN] and got["start positions"] == OK
+        assert damiao.motor(1).error == 0xD and not damiao.motor(1).enabled      # nothing cleared, nothing enabled
+        damiao.motor(1).error = 0xA                                              # overcurrent: not the run's to clear
+        checks = preflight(config, frames=2, with_policy=False)
+        motors = next(c for c in checks if c.name == "motors")
+        assert motors.status == FAIL and "overcurrent" in motors.detail
