@@ -207,7 +207,7 @@ def _policy(config, camera, frame, positions, with_policy: bool, add, stack: Exi
     if frame is None:
         add("policy", SKIPPED, "no camera frame to answer")
         return
-    instruction = config.instruction or PLACEHOLDER_INSTRUCTION
+    instruction = config.instruction or PLACEHOLDER_INSTRUCTION     # a bundle policy's config always has one
     context = PolicyContext(config.rates.action_rate_hz, tuple(config.robot.motors), config.config_dir,
                             camera.intrinsics)
     started = time.monotonic()

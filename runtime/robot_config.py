@@ -302,6 +302,10 @@ class RobotConfig:
     source: str = "<dict>"                  # where it was read from (messages, relative paths)
 
     def __post_init__(self) -> None:
+        if self.policy.type_name == "bundle" and not self.instruction.strip():
+            # Found here, not by the first plan after torque is on: the model answers nothing without the task.
+            raise ConfigError("instruction: empty, and the bundle policy answers an instruction; say what the robot "
+                              "should do, e.g. \"instruction\": \"pick up the red block\"")
         motors = list(self.robot.motors)
         unknown = sorted(set(self.limits.joint_limits_rad) - set(motors))
         if unknown:

@@ -123,6 +123,8 @@ def _with(section, **fields):
     (_with("plan", max_age_s=0.05), "plan.max_age_s: 0.05 s is under one action period (0.100 s at "
                                      "rates.action_rate_hz 10): every plan would be stale on arrival"),
     ({k: v for k, v in sim_robot_config_dict().items() if k != "actions"}, "actions: missing section"),
+    ({**sim_robot_config_dict(policy={"type": "bundle", "path": "b"}), "instruction": " "},
+     "instruction: empty, and the bundle policy answers an instruction; say what the robot should do"),
     ([1, 2], "the top level must be a table of sections"),
 ])
 def test_bad_config_names_the_field_and_the_fix(data, expected):
