@@ -313,7 +313,9 @@ def test_a_host_clock_timestamp_becomes_the_capture_time_not_the_read_time(tmp_p
 
 def test_a_host_clock_timestamp_is_never_later_than_the_arrival(tmp_path, monkeypatch):
     path = tmp_path / "future.db3"     # a wall clock stepped back between the capture and now
-    _write_host_clock_recording(path, monkeypatch, "global_time", time.time() * 1000 + 5000, count=2)
+    # An hour ahead: still ahead when the frames are read however long writing and reading take (5 s was not, once,
+    # on a loaded machine, and the test then checked a past timestamp).
+    _write_host_clock_recording(path, monkeypatch, "global_time", time.time() * 1000 + 3_600_000, count=2)
     for color, received_s in _raw_color_frames(path, 2):
         assert frame_capture_monotonic_s(color, received_s) == (received_s, "global_time")
 
