@@ -7,9 +7,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: libusb for pyrealsense2; EGL + Mesa for MuJoCo offscreen rendering.
 APT_PACKAGES := libusb-1.0-0 libegl1 libopengl0 libgl1-mesa-dri
-EXTRAS := export,serial,can,realsense,sim,calibration,plot,dev
+EXTRAS := cpu,export,serial,can,realsense,sim,calibration,plot,dev
 
-.PHONY: setup system-deps test demo bench train-reference eval clean
+.PHONY: setup system-deps test test-robot-floor demo bench train-reference eval clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,21 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
+
+# The robot side (runtime, drivers, calibration) at the oldest numpy and onnxruntime pyproject allows: what PyPI gives
+# JetPack 6's Python 3.10. Its own venv, pinned as constraints.txt but for those two. Not part of `make test`.
+FLOOR := .venv-floor
+FLOOR_PINS := numpy==2.2.6 onnxruntime==1.23.2
+COMMA := ,
+test-robot-floor: system-deps
+	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	grep -v -e '^numpy==' -e '^onnxruntime==' constraints.txt > $(FLOOR)/constraints.txt
+	for pin in $(FLOOR_PINS); do echo $$pin >> $(FLOOR)/constraints.txt; done
+	# The export extra asks for the host's onnxruntime (its quantizer): the tests' fixtures get its other packages.
+	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check -c $(FLOOR)/constraints.txt \
+	  -e ".[$(subst export$(COMMA),,$(EXTRAS))]" onnx onnxscript safetensors
+	$(FLOOR)/bin/python -m pytest -q tests/runtime tests/drivers tests/calibration tests/test_packaging.py
 
 # The main job on the built-in simulated robot: the committed reference ARM (trained by `make train-reference`)
 # is exported to a verified bundle, given the depth tokenizer stage (depth forced from the camera) and

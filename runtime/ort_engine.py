@@ -148,8 +148,20 @@ def trt_profile_options(spec: StageSpec) -> dict[str, str]:
     return {f"trt_profile_{key}_shapes": ",".join(values) for key, values in entries.items()}
 
 
+def import_onnxruntime():
+    """onnxruntime, or a ConfigError saying which build to install. It is an extra, not a fixed dependency: the
+    build is the machine's (PyPI's CPU one, onnxruntime-gpu, or NVIDIA's Jetson wheel), and a dependency on PyPI's
+    "onnxruntime" would install the CPU build over a GPU one (both write the same package)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError(f"onnxruntime is not installed ({exc}); install the build for this machine: "
+                          "pip install 'edgeact[cpu]' (the CPU build), onnxruntime-gpu with an NVIDIA GPU, or on a "
+                          "Jetson NVIDIA's onnxruntime-gpu wheel for its JetPack") from None
+    return onnxruntime
+
 def make_session(bundle: Bundle, stage: str, options: OrtOptions):
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     spec = bundle.stage(stage)
     so = ort.SessionOptions()
@@ -417,7 +429,7 @@ class OrtDecoderEngine(DecoderEngine):
 
 
 def _run_options(shrink: bool = False):
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.RunOptions()
     if shrink:
@@ -431,7 +443,7 @@ def _run_options(shrink: bool = False):
 
 def _ort_device_allocator(device_id: int):
     def allocate(nbytes: int):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, "cuda", device_id)
         return value, value.data_ptr()

@@ -18,7 +18,7 @@ from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.errors import BundleError, EdgeactError
 from edgeact.runtime.kv_cache import CacheLayout, KVCache, is_fused
-from edgeact.runtime.ort_engine import apply_cpu_emulation
+from edgeact.runtime.ort_engine import apply_cpu_emulation, import_onnxruntime
 from edgeact.runtime.stage_spec import numpy_dtype
 from edgeact.runtime.vision_stages import VisionStages
 
@@ -30,7 +30,7 @@ class OrtStage:
 
     def __init__(self, bundle: Bundle, name: str, *, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.spec = bundle.stage(name)
         options = ort.SessionOptions()

@@ -30,3 +30,49 @@ def test_runtime_import_does_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_inference_engine_is_an_extra_and_the_robot_pins_fit_jetpack6():
+    """onnxruntime's build is the machine's (PyPI's CPU one, onnxruntime-gpu, NVIDIA's Jetson wheel): a fixed
+    dependency would install the CPU build over a GPU one. numpy is a range down to the last release with Python
+    3.10 wheels (JetPack 6); `make test-robot-floor` runs the robot side's tests there."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert not [d for d in core if d.startswith("onnxruntime")]
+    assert extras["cpu"] == ["onnxruntime>=1.23.2,<1.33"]
+    assert "onnxruntime>=1.32.0,<1.33" in extras["export"]      # the quantizer's needs are the host's
+    assert "numpy>=2.2.6,<2.5" in core
+    makefile = (ROOT / "Makefile").read_text()
+    assert "EXTRAS := cpu," in makefile and "FLOOR_PINS := numpy==2.2.6 onnxruntime==1.23.2" in makefile
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)
+    assert pins["numpy"] == "2.4.6" and pins["onnxruntime"] == "1.32.0"     # the ranges' other ends
+
+
+def test_without_onnxruntime_the_runtime_says_which_build_to_install():
+    code = (
+        "import sys\n"
+        "sys.modules['onnxruntime'] = None\n"          # as if not installed
+        "from edgeact.runtime.errors import ConfigError\n"
+        "from edgeact.runtime.ort_engine import import_onnxruntime\n"
+        "try:\n"
+        "    import_onnxruntime()\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "onnxruntime is not installed" in out and "pip install 'edgeact[cpu]'" in out and "Jetson" in out
+
+
+def test_the_robot_side_imports_onnxruntime_only_through_the_one_helper():
+    import ast
+
+    direct = []
+    for top in ("runtime", "drivers", "calibration"):
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n.split(".")[0] == "onnxruntime" for n in names):
+                    direct.append(str(path.relative_to(ROOT)))
+    assert direct == ["runtime/ort_engine.py"], direct          # import_onnxruntime's own import, once
