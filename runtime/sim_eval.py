@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeact.runtime.device_info import read_device_info
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop_events import Subscriber
 
@@ -140,6 +141,7 @@ class EvalReport:
     error: str | None = None        # what stopped it, where an error did: "TypeName: message"
     draft_tokens: dict[str, int] = field(default_factory=dict)     # each system's policy.draft_tokens (evaluate's)
     follow_trace: str = "never"     # plan.follow_trace of every system (evaluate's: the config's or the option's)
+    device: dict[str, Any] = field(default_factory=dict)   # device_info.DeviceInfo.to_dict() of the machine it ran on
 
     def __post_init__(self) -> None:
         # rows() and the episodes find their system by name
@@ -182,7 +184,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "edgeact.eval/1", "complete": self.complete, "interrupted": self.interrupted,
                 "error": self.error, "options": {**asdict(self.options), "out_dir": str(self.options.out_dir)},
-                "systems": self.rows(), "episodes": [asdict(e) for e in self.episodes]}
+                "device": self.device, "systems": self.rows(), "episodes": [asdict(e) for e in self.episodes]}
 
     def write_json(self, path: Path) -> Path:
         """Write via a hidden temporary + os.replace: an interrupt never leaves a truncated report."""
@@ -277,7 +279,7 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     """
     from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS
 
-    report = EvalReport(systems, options)
+    report = EvalReport(systems, options, device=read_device_info().to_dict())   # real-time figures are the machine's
     path = options.out_dir / REPORT_FILE
     plan = episode_plan(options.episodes, options.seed)
     if options.ensemble is not None:

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("mujoco", reason="the evaluation runs the MuJoCo robot (pip install mujoco==4.0.0)")
 
+from edgeact.runtime.device_info import read_device_info  # noqa: E402
 from edgeact.runtime.errors import ConfigError  # noqa: E402
 from edgeact.runtime.decode_program import DEFAULT_DRAFT_TOKENS  # noqa: E402
 from edgeact.runtime.sim_eval import (EVAL_CAMERA_PX, EpisodeResult, EvalOptions, EvalReport,  # noqa: E402
@@ -420,6 +421,7 @@ def test_lockstep_evaluation_of_two_systems_on_the_same_episodes(with_depth, tmp
                                                            for s in systems]
     data = json.loads((tmp_path / "eval.json").read_text())      # written as the episodes finish
     assert data["schema"] == "edgeact.eval/1" and len(data["episodes"]) == 4
+    assert data["device"]["summary"] == read_device_info().summary()        # the machine the timings are from
     assert [r["draft_tokens"] for r in data["systems"]] == [0, 0]
     assert [e["outcome"] for e in data["episodes"]] == [e.outcome for e in report.episodes]
     sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
