@@ -35,15 +35,12 @@ test: system-deps $(STAMP)
 # JetPack 6's Python 3.10. Its own venv, pinned as constraints.txt but for those two. Not part of `make test`.
 FLOOR := .venv-floor
 FLOOR_PINS := numpy==2.2.6 onnxruntime==1.23.2
-COMMA := ,
 test-robot-floor: system-deps
 	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
 	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	grep -v -e '^numpy==' -e '^onnxruntime==' constraints.txt > $(FLOOR)/constraints.txt
 	for pin in $(FLOOR_PINS); do echo $$pin >> $(FLOOR)/constraints.txt; done
-	# The export extra asks for the host's onnxruntime (its quantizer): the tests' fixtures get its other packages.
-	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check -c $(FLOOR)/constraints.txt \
-	  -e ".[$(subst export$(COMMA),,$(EXTRAS))]" onnx onnxscript safetensors
+	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check -c $(FLOOR)/constraints.txt -e ".[$(EXTRAS)]"
 	$(FLOOR)/bin/python -m pytest -q tests/runtime tests/drivers tests/calibration tests/test_packaging.py
 
 # The main job on the built-in simulated robot: the committed reference ARM (trained by `make train-reference`)
@@ -75,4 +72,4 @@ eval: system-deps $(STAMP)
 	MUJOCO_GL=egl $(EDGEACT) eval --episodes 50 --bundle fp32=$(DEMO)/bundle-fp32 --bundle int8=$(DEMO)/bundle-int8 --out out/eval
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR) build *.egg-info

@@ -23,7 +23,7 @@ from edgeact.runtime.trt_targets import (
 )
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.bundle import EngineRecord, Manifest, StageSpec, load_bundle, sha256_file
-from edgeact.runtime.errors import BundleError, EdgeactError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import require_portable
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ _FUSED_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})
 
 def require_standard_ops(stage: str, onnx_path: Path, target: str) -> None:
     """Refuse a stage holding onnxruntime contrib ops (com.microsoft), which TensorRT's ONNX parser cannot read."""
-    import onnx
+    try:
+        import onnx
+    except ImportError as exc:      # a robot installed with the runtime only (README "Installing on the robot")
+        raise ConfigError(f"build-engines reads the stages' graphs with the onnx package ({exc}); install it on the "
+                          "machine that builds the engines: pip install onnx") from None
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     contrib = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
 from edgeact.export.quant_options import QuantizeOptions
+from edgeact.runtime.errors import ConfigError
 
 
 
@@ -50,6 +51,7 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    _range_cache_api()          # before the smoothing and the range statistics, minutes of work
     notes: dict[str, Any] = {"format": "qdq", "activations": "int8 per-tensor symmetric, minmax",
                              "weights": "int8 per-channel symmetric" if options.per_channel else "int8 per-tensor symmetric"}
     proto = onnx.load(str(src))
@@ -95,11 +97,27 @@ def _write_range_cache(path: Path, stats) -> None:
     collected feeds instead of merging them (onnxruntime 1.32).
     """
     import numpy as np
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    calibrate = _range_cache_api()
+    CalibrationMethod, TensorData = calibrate.CalibrationMethod, calibrate.TensorData
+    TensorsData, save_tensors_data = calibrate.TensorsData, calibrate.save_tensors_data
 
     data = {name: TensorData(lowest=np.float32(min(s.min, 0.0)), highest=np.float32(max(s.max, 0.0)))
             for name, s in stats.items()}
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+
+
+def _range_cache_api():
+    """onnxruntime.quantization.calibrate, which hands quantize_static its ranges (save_tensors_data), or a
+    ConfigError: an older build (1.23.2, the newest for a Jetson's Python 3.10) lacks it."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    if not hasattr(calibrate, "save_tensors_data"):
+        raise ConfigError(f"the int8 quantizer hands its ranges to onnxruntime through save_tensors_data, which "
+                          f"onnxruntime {onnxruntime.__version__} here lacks; quantize with the tested build "
+                          "(pip install onnxruntime==1.32.0, as make setup installs)")
+    return calibrate
 
 
 def count_qdq_matmuls(path: Path) -> int:

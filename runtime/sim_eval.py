@@ -337,6 +337,9 @@ def system_config_dict(base: dict[str, Any], system: EvalSystem) -> dict[str, An
                    "forced_depth": "sensor" if system.depth == "forced" else None,
                    "allow_unverified": system.allow_unverified, "action_decoding": system.action_decoding})
     data["policy"] = policy
+    # Each episode answers its own instruction (lockstep passes it; realtime sets it per episode): a config without
+    # one is still a config to evaluate, and a bundle policy's config must name one to load.
+    data["instruction"] = data.get("instruction") or "the episode's own"
     camera = dict(data.get("camera") or {})
     if camera.get("type") != "mujoco":
         raise ConfigError(f"camera.type is {camera.get('type')!r}: the evaluation needs the MuJoCo robot's camera "

@@ -1,6 +1,8 @@
 """`edgeact quantize`: int8 (w8a8, w8a16, w8a8-dynamic), fp8, int4 bundles load, run and decode; the source stays untouched."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -972,3 +974,15 @@ def test_a_calibration_set_for_a_recipe_that_reads_none_is_refused_before_any_wo
     rc = main(["quantize", str(sources["bundle"]), "--precision", "int4", "--calibration", str(sources["calibration"]),
                "--out", str(tmp_path / "q")])
     assert rc == 2 and "--calibration: int4-rtn-nbits" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_an_onnxruntime_without_the_range_cache_api_is_named_before_any_work(monkeypatch):
+    """onnxruntime 1.23.2 (the newest for a Jetson's Python 3.10) lacks save_tensors_data, through which the static
+    int8 recipe hands its ranges to quantize_static: said with the build to use, before the minutes of statistics."""
+    from onnxruntime.quantization import calibrate
+
+    from edgeact.export import quant_int8
+
+    monkeypatch.delattr(calibrate, "save_tensors_data")
+    with pytest.raises(ConfigError, match=r"lacks; quantize with the tested build \(pip install onnxruntime==1\.32\.0"):
+        quant_int8.quantize_int8(Path("unread.onnx"), Path("unwritten.onnx"), None, None, Path("."))

@@ -64,6 +64,11 @@ def test_the_system_config_takes_the_bundle_the_depth_source_and_the_trained_cam
     simple = mujoco_robot_config_dict(camera={"type": "synthetic", "name": "front", "width": 64, "height": 48})
     with pytest.raises(ConfigError, match="camera.type"):
         system_config_dict(simple, system)
+    # A base config without an instruction (a scripted robot's): each episode answers its own, so it still loads.
+    bare = {**mujoco_robot_config_dict(), "instruction": ""}
+    from edgeact.runtime.robot_config import robot_config_from_dict
+
+    assert robot_config_from_dict(system_config_dict(bare, system)).policy.path == str(with_depth.resolve())
 
 
 def test_the_eval_command_offers_the_decodings_with_the_reference_tasks_as_default():
