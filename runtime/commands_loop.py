@@ -19,6 +19,7 @@ DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --he
 DEMO_ROBOTS = ("simple", "mujoco")       # demo.DEMO_ROBOTS
 DEMO_TEMPLATES = ("move_to", "push_left", "push_right")     # drivers.sim.task.TEMPLATES (no mujoco import for --help)
 EXIT_INTERRUPTED, EXIT_ESTOP = 130, 3
+CHECK_HINT = "`edgeact check {config}` lists everything that stops a run at once, without moving anything"
 
 
 def register(subparsers) -> None:
@@ -74,6 +75,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
     from edgeact.runtime.device_info import read_device_info
+    from edgeact.runtime.errors import EdgeactError
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.recorder import CommandRecorder
@@ -94,12 +96,18 @@ def _run(args) -> int:
             stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
         subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
         device = read_device_info()
-        result = run_robot(config, args.seconds, subscribers, estop=estop)
+        try:
+            result = run_robot(config, args.seconds, subscribers, estop=estop)
+        except EdgeactError:        # the robot never started (a motor, the camera, the bundle): there may be more
+            print(CHECK_HINT.format(config=args.config), file=sys.stderr)
+            raise
     console = _console(120)
     extra = run_summary(result, policy_bundle_dir(config), device)
     console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
         console.print(f"timing summary: {stats.write_json(args.json, extra)}")
+    if result.ticks == 0 and result.error is not None:      # refused at the start (e.g. a joint outside its limits)
+        print(CHECK_HINT.format(config=args.config), file=sys.stderr)
     return _finish(result, console)
 
 

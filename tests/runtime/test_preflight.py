@@ -210,3 +210,18 @@ def test_a_damiao_motor_left_in_communication_lost_is_a_warning_as_the_run_clear
         checks = preflight(config, frames=2, with_policy=False)
         motors = next(c for c in checks if c.name == "motors")
         assert motors.status == FAIL and "overcurrent" in motors.detail
+
+
+def test_a_run_that_cannot_start_points_to_the_check(tmp_path, sim, capsys):
+    """A silent motor stops `edgeact run` before torque is on, and a joint outside its limits refuses its start:
+    both say that `edgeact check` lists everything at once."""
+    with SimServoBus("feetech", ids=range(1, 6)) as five:
+        path = write_config(tmp_path, five)
+        assert main(["run", str(path), "--seconds", "1"]) == 2
+    assert f"`edgeact check {path}` lists everything that stops a run at once" in capsys.readouterr().err
+    path = write_config(tmp_path, sim)
+    data = json.loads(path.read_text())
+    data["limits"]["joint_limits_rad"]["shoulder_pan"] = [0.5, 1.0]
+    path.write_text(json.dumps(data))
+    assert main(["run", str(path), "--seconds", "1"]) == 2
+    assert f"`edgeact check {path}` lists everything" in capsys.readouterr().err
