@@ -116,7 +116,7 @@ def _check(args) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from edgeact.runtime.preflight import FAIL, failed, preflight, report
+    from edgeact.runtime.preflight import FAIL, OK, SKIPPED, WARN, failed, preflight, report
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.telemetry import output_file
 
@@ -124,7 +124,7 @@ def _check(args) -> int:
     config = load_robot_config(args.config)         # a bad field: named here, before anything connects
     json_path = output_file(args.json, "--json") if args.json else None
     console = _console(120)
-    styles = {"ok": "green", "warn": "yellow", FAIL: "bold red", "skipped": "dim"}
+    styles = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIPPED: "dim"}
     console.print(f"check: {config.source} (nothing is moved; torque is left as it is)")
     with sigterm_as_interrupt():
         checks = preflight(config, args.frames, not args.no_policy,

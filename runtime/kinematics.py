@@ -217,6 +217,7 @@ class ArmKinematics:
                 raise ConfigError(f"joint limits for {joint!r}: [{low}, {high}] leave nothing of the description's "
                                   f"range [{self.model.lowerPositionLimit[self._q_index[i]]}, "
                                   f"{self.model.upperPositionLimit[self._q_index[i]]}]")
+        self._frame_ids: dict[str, int] = {}
         self.ee_frame = ee_frame
         self._ee = self._frame_id(ee_frame)
         self.reference_frame = reference_frame
@@ -230,13 +231,17 @@ class ArmKinematics:
         self._lock = threading.Lock()
 
     def _frame_id(self, name: str) -> int:
+        found = self._frame_ids.get(name)        # frame_pose asks at every call: looked up once per name
+        if found is not None:
+            return found
         rank = {kind: n for n, kind in enumerate(_FRAME_PREFERENCE)}
         matches = [(rank.get(str(f.type).rsplit(".", 1)[-1], len(rank)), i)
                    for i, f in enumerate(self.model.frames) if f.name == name]
         if not matches:
             frames = sorted({f.name for f in self.model.frames})
             raise ConfigError(f"no frame {name!r} in {self.description.name}; its frames: {', '.join(frames)}")
-        return min(matches)[1]
+        found = self._frame_ids[name] = min(matches)[1]
+        return found
 
     def _full_q(self, q_rad: Sequence[float]) -> np.ndarray:
         q_rad = np.asarray(q_rad, dtype=np.float64)
