@@ -115,21 +115,21 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
 
 def policy_bundle_dir(config: RobotConfig) -> Path | None:
     """The bundle directory the config's policy loads (its `path`, relative to the config), if it has one."""
-    path = _policy_bundle_path(config)
+    path = bundle_path(config)
     return path if path is not None and path.is_dir() else None
 
 
 def check_policy_bundle(config: RobotConfig) -> None:
     """Refuse a policy bundle that is not there or not a bundle before any output is touched: the run would
     only find out in the policy's process. Reads the manifest alone; the policy's load checks the files."""
-    path = _policy_bundle_path(config)
+    path = bundle_path(config)
     if path is not None:
         from edgeact.runtime.bundle import read_manifest
 
         read_manifest(path)
 
 
-def _policy_bundle_path(config: RobotConfig) -> Path | None:
+def bundle_path(config: RobotConfig) -> Path | None:
     """The bundle policy's `path` (relative to the config); None for other policies (a plugin's path is its own)."""
     path = getattr(config.policy, "path", None)
     if not path or config.policy.type_name != "bundle":

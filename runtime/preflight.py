@@ -66,6 +66,7 @@ def preflight(config, frames: int = 5, with_policy: bool = True,
         raise ValueError(f"frames: take at least 1 camera frame, got {frames}")
     guarded("e-stop", lambda: _estop(config, add))
     guarded("device", lambda: _device(add))
+    guarded("bundle", lambda: _bundle(config, add))
     from edgeact.runtime.sim_robot import make_robot_camera, start_sim_bus
 
     with ExitStack() as stack:
@@ -106,6 +107,31 @@ def _device(add) -> None:
     add("device", OK, device.summary())
     for note in device.notes():
         add("device", WARN, note)
+
+
+def _bundle(config, add) -> None:
+    """A bundle policy's manifest: found, and judged against its reference (the policy check loads the files)."""
+    if config.policy.type_name != "bundle":
+        return
+    from edgeact.runtime.bundle import read_manifest
+    from edgeact.runtime.demo import bundle_path
+
+    path = bundle_path(config)
+    manifest = read_manifest(path)
+    precisions = "/".join(sorted({stage.precision for stage in manifest.stages.values()}))
+    what = f"{path}: {manifest.model.name or 'model'}, {len(manifest.stages)} stages ({precisions})"
+    status = manifest.verification.status
+    if status == "passed":
+        add("bundle", OK, f"{what}, verified against its reference (passed)")
+    elif status == "failed" and config.policy.allow_unverified:
+        add("bundle", WARN, f"{what}: FAILED verification, loaded only because policy.allow_unverified is true")
+    elif status == "failed":
+        add("bundle", FAIL, f"{what}: failed verification, so it does not load; re-export or re-quantize it, or set "
+                            "policy.allow_unverified to run it anyway")
+    else:
+        checkpoint = manifest.model.source_checkpoint or "CKPT"
+        add("bundle", WARN, f"{what}: never verified against its reference; `edgeact verify {path} --checkpoint "
+                            f"{checkpoint}`")
 
 
 def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, float] | None:

@@ -61,6 +61,7 @@ def test_a_ready_robot_passes_and_nothing_is_commanded(tmp_path, sim, torque_on)
     got = statuses(checks)
     assert got["e-stop"] == got["motors"] == got["start positions"] == got["camera"] == got["policy"] == OK
     assert got["kinematics"] == SKIPPED            # joint_delta actions: no kinematics to check
+    assert "bundle" not in got                      # a scripted policy has none
     motors = next(c for c in checks if c.name == "motors").detail
     assert motors.startswith("6 answer as configured on feetech") and "shoulder_pan +0.0 deg" in motors
     assert "128x96" in next(c for c in checks if c.name == "camera").detail
@@ -114,6 +115,23 @@ def test_a_corrupt_bundle_fails_the_policy_check(tmp_path, sim):
     checks = preflight(config)
     policy = next(c for c in checks if c.name == "policy")
     assert policy.status == FAIL and "sha256 mismatch" in policy.detail and "re-copy or re-export" in policy.detail
+    bundle_row = next(c for c in checks if c.name == "bundle")      # its manifest is whole: only the files are not
+    assert bundle_row.status == OK and "tiny-sim, 1 stages (fp16), verified against its reference" in bundle_row.detail
+
+
+@pytest.mark.parametrize("verification, allow, status, words", [
+    ("not_run", False, WARN, "never verified against its reference; `edgeact verify"),
+    ("failed", False, FAIL, "failed verification, so it does not load"),
+    ("failed", True, WARN, "FAILED verification, loaded only because policy.allow_unverified is true"),
+])
+def test_the_bundles_verdict_is_a_row(tmp_path, sim, verification, allow, status, words):
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    write_tiny_bundle(tmp_path / "bundle", verification=verification)
+    config = load_robot_config(write_config(tmp_path, sim, policy={"type": "bundle", "path": "bundle",
+                                                                    "allow_unverified": allow}))
+    row = next(c for c in preflight(config, frames=1, with_policy=False) if c.name == "bundle")
+    assert row.status == status and words in row.detail and str(tmp_path / "bundle") in row.detail
 
 
 def test_no_policy_skips_it_and_a_real_robot_without_an_estop_is_warned(tmp_path, sim):
