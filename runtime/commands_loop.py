@@ -378,9 +378,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def estop_missing(config) -> bool:
+    """A real robot with no e-stop input configured (it starts, but only Ctrl-C or `kill` stop it)."""
+    return config.robot.bus != "sim" and config.estop.file is None and config.estop.key is None
+
+
 def warn_without_estop(config) -> None:
     """A real robot with no e-stop input configured starts, but not without a word: Ctrl-C is all that stops it."""
-    if config.robot.bus != "sim" and config.estop.file is None and config.estop.key is None:
+    if estop_missing(config):
         logging.getLogger(__name__).warning(
             "no e-stop is configured for this real robot (%s bus): only Ctrl-C or `kill` stop it. Set estop.file (the "
             "robot stops while that file exists: `touch` it from another terminal) and/or "

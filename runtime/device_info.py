@@ -18,7 +18,7 @@ import platform
 import re
 import subprocess
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,10 +114,11 @@ def read_device_info(root: str | Path = "/", nvpmodel: Callable[[], str | None] 
     governors, cpu = _cpu_clocks(root, cpus)
     l4t = _l4t(root)
     gpu_name, gpu = _gpu_clock(root, TEGRA_GPU_NODES + ((GENERIC_GPU_NODE,) if l4t else ()))
-    jetson = l4t is not None or gpu is not None
-    return DeviceInfo(model=_model(root), cpus_online=len(cpus) or (os.cpu_count() or 0), kernel=platform.release(),
-                      l4t=l4t, power_mode=_power_mode(root, nvpmodel or _query_nvpmodel) if jetson else None,
-                      cpu_governors=governors, cpu=cpu, gpu=gpu, gpu_name=gpu_name)
+    info = DeviceInfo(model=_model(root), cpus_online=len(cpus) or (os.cpu_count() or 0), kernel=platform.release(),
+                      l4t=l4t, cpu_governors=governors, cpu=cpu, gpu=gpu, gpu_name=gpu_name)
+    if not info.jetson:         # nvpmodel is a Jetson's: not run elsewhere
+        return info
+    return replace(info, power_mode=_power_mode(root, nvpmodel or _query_nvpmodel))
 
 
 def _read(path: Path) -> str | None:

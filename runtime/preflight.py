@@ -81,7 +81,7 @@ def preflight(config, frames: int = 5, with_policy: bool = True,
 
 
 def _estop(config, add) -> None:
-    from edgeact.runtime.commands_loop import estop_key_required
+    from edgeact.runtime.commands_loop import estop_key_required, estop_missing
     from edgeact.runtime.loop import estop_check
 
     if estop_check(config)():
@@ -91,7 +91,7 @@ def _estop(config, add) -> None:
         add("e-stop", FAIL, f"estop.key {config.estop.key!r} is this real robot's only e-stop and there is no terminal "
                             "here to press it in, so the run would refuse to start; run from a terminal or set "
                             "estop.file")
-    elif config.robot.bus != "sim" and config.estop.file is None and config.estop.key is None:
+    elif estop_missing(config):
         add("e-stop", WARN, "none configured for this real robot: only Ctrl-C or `kill` stop a run; set estop.file "
                             "and/or estop.key")
     else:
@@ -200,7 +200,7 @@ def _camera(config, make_camera, frames: int, add, stack: ExitStack):
     frame = camera.latest(timeout_s)
     start = time.monotonic()
     for _ in range(frames):
-        frame = _next_frame(camera, frame, timeout_s)
+        frame = camera.next_frame(timeout_s)        # the camera's own timeout error when it stops delivering
     span_s = time.monotonic() - start
     height, width = frame.color.shape[:2]
     valid = float((frame.depth_m > 0).mean())
@@ -208,20 +208,6 @@ def _camera(config, make_camera, frames: int, add, stack: ExitStack):
     add("camera", OK, f"{config.camera.type_name}: {width}x{height}, {rate} over {frames} frames, "
                       f"depth on {valid:.0%} of the pixels, newest {frame.age_s() * 1000:.0f} ms old")
     return camera, frame
-
-
-def _next_frame(camera, after, timeout_s: float):
-    from edgeact.drivers.cameras.base import CameraTimeoutError
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        frame = camera.latest(timeout_s)
-        if frame.frame_number != after.frame_number:
-            return frame
-        if time.monotonic() > deadline:
-            raise CameraTimeoutError(f"camera {getattr(camera, 'name', '')!r}: the same frame for {timeout_s:g} s "
-                                     "(camera.timeout_s): it stopped delivering; check its cable, power and fps")
-        time.sleep(0.002)
 
 
 def _policy(config, camera, frame, positions, with_policy: bool, add, stack: ExitStack) -> None:
