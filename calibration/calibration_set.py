@@ -145,8 +145,8 @@ class CalibrationSet:
 
     # ------------------------------------------------------------------ disk
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write atomically (export/atomic_dir.py): a hidden sibling directory renamed into place once complete."""
-        from edgeact.export.atomic_dir import fsync_tree, partial_dir, publish
+        """Write atomically (runtime/atomic_dir.py): a hidden sibling directory renamed into place once complete."""
+        from edgeact.runtime.atomic_dir import fsync_tree, partial_dir, publish
 
         out = Path(out).absolute()
         if out.exists():

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgeact.export.atomic_dir import fsync_path, fsync_tree, partial_dir, publish
+from edgeact.runtime.atomic_dir import fsync_path, fsync_tree, partial_dir, publish
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.bundle import (
     MANIFEST_NAME, FileEntry, Manifest, ModelInfo, QuantizationInfo, StageProfile,

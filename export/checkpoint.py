@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgeact.export.atomic_dir import fsync_tree, occupied, partial_dir, publish
+from edgeact.runtime.atomic_dir import fsync_tree, occupied, partial_dir, publish
 from edgeact.export.tensor_names import expected_tensor_shapes
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import CheckpointError

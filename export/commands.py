@@ -40,7 +40,7 @@ def _register_make_checkpoint(subparsers) -> None:
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from edgeact.export.atomic_dir import occupied
+    from edgeact.runtime.atomic_dir import occupied
     from edgeact.runtime.cli import CommandError
 
     out: Path = args.out

@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from edgeact.export.atomic_dir import occupied, partial_dir, publish
+    from edgeact.runtime.atomic_dir import occupied, partial_dir, publish
     from edgeact.export.train_depth_tokenizer import TrainOptions, train_and_save
     from edgeact.runtime.errors import ConfigError
 

@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from edgeact.export.atomic_dir import occupied
+    from edgeact.runtime.atomic_dir import occupied
     from edgeact.export.checkpoint import CONFIG_FILE
     from edgeact.export.train_reference import TrainOptions, train_reference, training_device
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn

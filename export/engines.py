@@ -22,7 +22,7 @@ from edgeact.runtime.trt_targets import (
     check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles, profile_names,
 )
 from edgeact.runtime import stage_io as io
-from edgeact.runtime.bundle import EngineRecord, Manifest, StageSpec, load_bundle, sha256_file
+from edgeact.runtime.bundle import Bundle, EngineRecord, Manifest, StageSpec, load_bundle, sha256_file
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import require_portable
 
@@ -113,20 +113,12 @@ def require_standard_ops(stage: str, onnx_path: Path, target: str) -> None:
                       f"cannot parse; {fix}")
 
 
-def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,
-                  timing_cache: str | Path | None = None, stages: Iterable[str] | None = None,
-                  allow_unverified: bool = False, on_stage: Callable[[str, int, int], None] | None = None,
-                  tf32: bool = False) -> list[EngineRecord]:
-    """Build one engine per stage (or per named stage) into BUNDLE/engines/TARGET/ and record each.
-
-    Checks first, before minutes of building: the bundle's checksums and verification, every
-    stage's precision on the target, and that this GPU is the target's SM. Each finished engine is
-    recorded at once (an interrupted run keeps the engines already built). tf32 lets fp32 layers use TF32
-    (Ampere and later; TensorRT's default, which rounds matrix-product inputs to 10-bit mantissas); off, the
-    default, fp32 stays fp32 as the bundle was verified (the onnxruntime paths' cuda_tf32 default too).
-    """
+def check_buildable(bundle: Bundle, target: str, stages: Iterable[str] | None = None):
+    """What build_engines checks before minutes of building, for a bundle already loaded: every chosen stage's
+    precision on the target and its ops, that TensorRT imports, and that this GPU is the target's SM. Returns
+    (target, chosen stages, the tensorrt module, the compute capability). `edgeact flash --target` runs it before
+    copying a bundle into the store."""
     tgt = get_target(target)
-    bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=allow_unverified)
     chosen = [bundle.stage(name) for name in (stages if stages is not None else bundle.manifest.stages)]
     for stage in chosen:
         if stage.name == io.DECODER_STAGE:
@@ -140,8 +132,25 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
     trt = import_tensorrt()
     cc = device_compute_capability()
     check_device(tgt, cc)
+    return tgt, chosen, trt, cc
+
+
+def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,
+                  timing_cache: str | Path | None = None, stages: Iterable[str] | None = None,
+                  allow_unverified: bool = False, on_stage: Callable[[str, int, int], None] | None = None,
+                  tf32: bool = False) -> list[EngineRecord]:
+    """Build one engine per stage (or per named stage) into BUNDLE/engines/TARGET/ and record each.
+
+    Checks first, before minutes of building: the bundle's checksums and verification, every
+    stage's precision on the target, and that this GPU is the target's SM. Each finished engine is
+    recorded at once (an interrupted run keeps the engines already built). tf32 lets fp32 layers use TF32
+    (Ampere and later; TensorRT's default, which rounds matrix-product inputs to 10-bit mantissas); off, the
+    default, fp32 stays fp32 as the bundle was verified (the onnxruntime paths' cuda_tf32 default too).
+    """
     if workspace_gb <= 0:
         raise EdgeactError(f"workspace {workspace_gb} GB must be positive; Jetson Orin builds use 2-8 GB")
+    bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=allow_unverified)
+    tgt, chosen, trt, cc = check_buildable(bundle, target, stages)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

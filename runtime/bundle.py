@@ -55,6 +55,12 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_sha256(bundle_dir: str | Path) -> str:
+    """The sha256 of a bundle's manifest.json: it lists every file's sha256, so it names the whole bundle (engines
+    built into it since included)."""
+    return hashlib.sha256((Path(bundle_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
 def partial_exports(bundle_dir: str | Path) -> list[Path]:
     """Temporary directories an interrupted BundleWriter left beside `bundle_dir`."""
     bundle_dir = Path(bundle_dir)

@@ -217,7 +217,8 @@ class BundlePolicyConfig(PolicyConfig):
     # otherwise contend for the GIL with the 100 Hz control thread (`process: false` opts out).
     process_default: ClassVar[bool] = True
 
-    path: str = ""                         # bundle directory (relative: to the robot config's directory)
+    path: str = ""                         # bundle directory (relative: to the robot config's directory;
+                                           # a store's: ~/edgeact/bundles/current, edgeact flash)
     backend: str = "onnxruntime"           # onnxruntime or tensorrt
     provider: str | None = None            # onnxruntime only: cpu, cuda, tensorrt
     target: str | None = None              # tensorrt only: which engines (default: those for this GPU)
@@ -257,10 +258,15 @@ class BundlePolicyConfig(PolicyConfig):
             raise ConfigError(f"n_actions: {self.n_actions} must be >= 1 (1, or the checkpoint's chunk size 8)")
         check_draft_tokens(self.draft_tokens)
 
+    def bundle_dir(self, config_dir: str | Path | None) -> Path:
+        """`path` with `~` expanded; a relative one is beside the robot config (`config_dir`), as every path in it."""
+        path = Path(self.path).expanduser()
+        if not path.is_absolute() and config_dir is not None:
+            path = Path(config_dir) / path
+        return path
+
     def make_policy(self, context: PolicyContext) -> BundlePolicy:
-        path = Path(self.path)
-        if not path.is_absolute() and context.config_dir is not None:
-            path = Path(context.config_dir) / path
+        path = self.bundle_dir(context.config_dir)
         options: dict[str, Any] = {}
         if self.provider is not None:
             options["provider"] = self.provider

@@ -1,10 +1,11 @@
-"""Runtime sub-commands: `edgeact inspect BUNDLE` and `edgeact build-engines BUNDLE --target T`; no torch."""
+"""Runtime sub-commands: `edgeact inspect BUNDLE`, `edgeact build-engines BUNDLE --target T` and `edgeact flash`; no torch."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
 from edgeact.runtime.bundle import ALLOW_UNVERIFIED_FLAG
+from edgeact.runtime.bundle_store import DEFAULT_STORE
 from edgeact.runtime.cli_args import console as _console
 
 
@@ -28,6 +29,33 @@ def register(subparsers) -> None:
                    help="let fp32 layers use TF32 on Ampere and later: faster, about 3 decimal digits (default off, "
                         "so engines compute what the bundle verified)")
     p.set_defaults(handler=_build_engines)
+
+    p = subparsers.add_parser(
+        "flash", help="install a bundle into this robot's bundle store (checked, engines built) and make it current",
+        description="Install BUNDLE into the store: its files checked against the manifest as they are read, copied, "
+                    "read back from the storage and checked again, TensorRT engines built for --target, then "
+                    "STORE/current switched to it in one rename (the one it replaces stays as STORE/previous). "
+                    "Robot configs name STORE/current as policy.path. Without BUNDLE: --list, --use, --rollback "
+                    "or --remove.")
+    p.add_argument("bundle", metavar="BUNDLE", nargs="?", help="the bundle directory to install (e.g. copied here "
+                   "with rsync -a)")
+    p.add_argument("--store", metavar="DIR", help=f"the bundle store (default {DEFAULT_STORE})")
+    p.add_argument("--target", metavar="T", help="also build TensorRT engines for this GPU (orin, orin-nx, "
+                   "orin-nano, thor, ...; must be this GPU; checked before anything is copied)")
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace with --target "
+                   "(default 4 GB)")
+    p.add_argument("--no-activate", dest="activate", action="store_false",
+                   help="install only; current stays as it is (switch later with --use ID)")
+    p.add_argument("--keep", type=int, metavar="N", help="afterwards keep at most N installed bundles, removing the "
+                   "oldest (never current or previous)")
+    p.add_argument(ALLOW_UNVERIFIED_FLAG, dest="allow_unverified", action="store_true",
+                   help="install even if the bundle's verification failed")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="show the installed bundles, current and previous")
+    mode.add_argument("--use", metavar="ID", help="make an installed bundle current (its id or a unique prefix)")
+    mode.add_argument("--rollback", action="store_true", help="make the previous bundle current again")
+    mode.add_argument("--remove", metavar="ID", help="remove an installed bundle (not the current one)")
+    p.set_defaults(handler=_flash)
 
 
 def _inspect(args) -> int:
@@ -193,3 +221,63 @@ def _build_engines(args) -> int:
                                   ", ".join(r.profiles))))
     console.print(table)
     return 0
+
+
+def _flash(args) -> int:
+    from edgeact.runtime.bundle_store import BundleStore
+    from edgeact.runtime.cli import CommandError
+
+    store = BundleStore(args.store)
+    console = _console()
+    modes = [name for name in ("list", "use", "rollback", "remove") if getattr(args, name)]
+    if args.bundle is not None and modes:
+        raise CommandError(f"give BUNDLE to install it, or --{modes[0]}, not both")
+    if args.bundle is None and not modes:
+        raise CommandError("nothing to do: give BUNDLE to install, or --list, --use ID, --rollback or --remove ID")
+    if args.use:
+        id_, before = store.use(args.use)
+        console.print(f"current: {id_}" + (f" (was {before}; now previous)" if before else " (already)"))
+    elif args.rollback:
+        id_, before = store.rollback()
+        console.print(f"rolled back: current is {id_} again, previous is {before}")
+    elif args.remove:
+        console.print(f"removed {store.remove(args.remove)} from {store.root}")
+    elif args.bundle is not None:
+        result = store.flash(args.bundle, target=args.target, activate=args.activate, keep=args.keep,
+                             allow_unverified=args.allow_unverified, workspace_gb=args.workspace_gb,
+                             on_step=console.print)
+        if result.engines_built:
+            console.print(f"engines for {args.target}: {', '.join(result.engines_built)}")
+        if result.activated:
+            console.print(f"current: {result.id}" + (f" (was {result.previous}; now previous, for --rollback)"
+                                                    if result.previous else ""))
+        else:
+            console.print(f"installed {result.id}; current is unchanged (switch with --use {result.id})")
+        for id_ in result.removed:
+            console.print(f"removed {id_} (--keep {args.keep})")
+        console.print(f"robot configs load it as policy.path: {store.root / 'current'}")
+    console.print(_store_table(store))
+    return 0
+
+
+def _store_table(store):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"bundles in {store.root}")
+    for col in ("", "id", "model", "precision", "verification", "engines", "size", "installed (UTC)", "from"):
+        table.add_column(col)
+    for e in store.entries():
+        mark = "current" if e.current else "previous" if e.previous else ""
+        m = e.manifest
+        if m is None:
+            cells = (mark, e.id, Text(f"unreadable: {e.error}", style="bold red"), "", "", "", _size(e.bytes),
+                     e.installed_utc or "", e.source or "")
+        else:
+            precisions = "/".join(sorted({s.precision for s in m.stages.values()}))
+            engines = ", ".join(sorted({r.target for r in m.engines})) or "-"
+            cells = (mark, e.id, m.model.name or m.model.variant, precisions, m.verification.status, engines,
+                     _size(e.bytes), e.installed_utc or "", e.source or "")
+        table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in cells),
+                      style="bold" if e.current else None)
+    return table

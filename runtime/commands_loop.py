@@ -83,7 +83,7 @@ def _run(args) -> int:
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
-    check_policy_bundle(config)     # before --json's older file is replaced: a bad input leaves it as it was
+    config = check_policy_bundle(config)    # before --json's older file is replaced: a bad input leaves it as it was
     # The outputs are checked before the run: found unwritable after it, every number of the run would be lost.
     outputs = {option: output_file(path, option) for option, path in (("--record", args.record), ("--json", args.json))
                if path}

@@ -7,6 +7,7 @@ measured is the control process itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     older NAME.json as it was), then that NAME.json is replaced by one marked "incomplete" before the run
     starts: found unwritable after it, every number would be lost.
     """
-    check_policy_bundle(config)
+    config = check_policy_bundle(config)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder; give a folder for {name}.json and {name}.png "
@@ -119,22 +120,28 @@ def policy_bundle_dir(config: RobotConfig) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
-def check_policy_bundle(config: RobotConfig) -> None:
+def check_policy_bundle(config: RobotConfig) -> RobotConfig:
     """Refuse a policy bundle that is not there or not a bundle before any output is touched: the run would
-    only find out in the policy's process. Reads the manifest alone; the policy's load checks the files."""
-    path = bundle_path(config)
-    if path is not None:
-        from edgeact.runtime.bundle import read_manifest
+    only find out in the policy's process. Reads the manifest alone; the policy's load checks the files.
 
-        read_manifest(path)
+    Returns the config with the bundle's path resolved once (a store's `current` link followed: runtime/
+    bundle_store.py), so the policy, in its own process, and the run's summary all mean the bundle checked here,
+    even if `edgeact flash` switches `current` while the run starts or runs."""
+    path = bundle_path(config)
+    if path is None:
+        return config
+    from edgeact.runtime.bundle import read_manifest
+
+    read_manifest(path)
+    real = path.resolve()
+    if real == path:
+        return config
+    read_manifest(real)     # the link may have been switched meanwhile: the bundle pinned is checked too
+    return dataclasses.replace(config, policy=dataclasses.replace(config.policy, path=str(real)))
 
 
 def bundle_path(config: RobotConfig) -> Path | None:
     """The bundle policy's `path` (relative to the config); None for other policies (a plugin's path is its own)."""
-    path = getattr(config.policy, "path", None)
-    if not path or config.policy.type_name != "bundle":
+    if config.policy.type_name != "bundle" or not getattr(config.policy, "path", None):
         return None
-    path = Path(path)
-    if not path.is_absolute() and config.config_dir is not None:
-        path = config.config_dir / path
-    return path
+    return config.policy.bundle_dir(config.config_dir)

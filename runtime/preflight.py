@@ -119,7 +119,9 @@ def _bundle(config, add) -> None:
     path = bundle_path(config)
     manifest = read_manifest(path)
     precisions = "/".join(sorted({stage.precision for stage in manifest.stages.values()}))
-    what = f"{path}: {manifest.model.name or 'model'}, {len(manifest.stages)} stages ({precisions})"
+    real = path.resolve()       # a store's `current` (edgeact flash): say which bundle it is now
+    shown = f"{path} -> {real.name}" if real != path else f"{path}"
+    what = f"{shown}: {manifest.model.name or 'model'}, {len(manifest.stages)} stages ({precisions})"
     status = manifest.verification.status
     if status == "passed":
         add("bundle", OK, f"{what}, verified against its reference (passed)")

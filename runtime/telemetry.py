@@ -302,6 +302,13 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None, device: Any =
     rss = dict(result.peak_rss_bytes)
     runtime_bytes = sum(rss[role] for role in RUNTIME_ROLES if role in rss)
     bundle_bytes = directory_bytes(bundle_dir) if bundle_dir is not None else None
+    bundle = None
+    if bundle_dir is not None:
+        from edgeact.runtime.bundle import manifest_sha256
+
+        # Which bundle ran: its folder (a store's `current` link resolved when the run started) and its manifest's
+        # sha256, which lists every file's (edgeact flash names store entries by its first 12 hex digits).
+        bundle = {"path": str(bundle_dir), "manifest_sha256": manifest_sha256(bundle_dir)}
     budget = MEMORY_BUDGET_FACTOR * bundle_bytes + MEMORY_BUDGET_EXTRA_BYTES if bundle_bytes is not None else None
     undelivered = getattr(result, "undelivered_events", 0)
     teardown_error = getattr(result, "teardown_error", None)
@@ -323,6 +330,7 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None, device: Any =
             "within_budget": None if budget is None or not rss else runtime_bytes <= budget,
         },
         "device": device.to_dict(),
+        "bundle": bundle,
     }
 
 

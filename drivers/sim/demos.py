@@ -355,7 +355,7 @@ def _worker_block(lo: int, hi: int) -> _Part:
 
 
 def _new_set(out_dir: str | Path, episodes: int) -> Path:
-    from edgeact.export.atomic_dir import occupied
+    from edgeact.runtime.atomic_dir import occupied
 
     if episodes < 1:
         raise ConfigError(f"episodes: record at least 1, got {episodes}")
@@ -371,9 +371,9 @@ def _new_set(out_dir: str | Path, episodes: int) -> Path:
 
 @contextmanager
 def _recording_aside(out: Path) -> Iterator[Path]:
-    """A hidden sibling of `out` to record into, renamed into place by `_finish` (export/atomic_dir.py). A failed or
+    """A hidden sibling of `out` to record into, renamed into place by `_finish` (runtime/atomic_dir.py). A failed or
     interrupted recording removes it: `out` only ever holds a finished set."""
-    from edgeact.export.atomic_dir import partial_dir
+    from edgeact.runtime.atomic_dir import partial_dir
 
     tmp = partial_dir(out)
     try:
@@ -386,7 +386,7 @@ def _finish(tmp: Path, out: Path, head: dict[str, Any], shards: list[dict[str, A
             expert: ExpertConfig, intr: Any, camera_pose: tuple[np.ndarray, np.ndarray],
             all_actions: list[np.ndarray], start_s: float) -> DemoSummary:
     """Write the manifest into `tmp`, last, and rename the finished set into place at `out`."""
-    from edgeact.export.atomic_dir import fsync_tree, publish_new
+    from edgeact.runtime.atomic_dir import fsync_tree, publish_new
 
     manifest = {
         "format": FORMAT, **head, "samples": sum(s["samples"] for s in shards), "shards": shards,
@@ -587,7 +587,7 @@ def load_demos(path: str | Path) -> DemoDataset:
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        from edgeact.export.atomic_dir import occupied
+        from edgeact.runtime.atomic_dir import occupied
         from edgeact.runtime.bundle import PARTIAL_INFIX
 
         fix = "delete it and record it again" if occupied(root) else "record one"

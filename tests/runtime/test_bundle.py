@@ -205,7 +205,7 @@ _KILLED_OVERWRITE = (
     # A real kill (os._exit skips every cleanup, like SIGKILL or a power cut) right after the overwrite moved the
     # old bundle aside and before it renamed the new one in.
     "import os, sys\n"
-    "import edgeact.export.atomic_dir as atomic_dir\n"
+    "import edgeact.runtime.atomic_dir as atomic_dir\n"
     "from tests.runtime.test_bundle import write_tiny_bundle\n"
     "real = os.rename\n"
     "def rename(src, dst):\n"
