@@ -38,10 +38,10 @@ from typing import Any, Callable, Iterator
 
 from edgeact.runtime.atomic_dir import fsync_path, partial_dir, publish
 from edgeact.runtime.bundle import (
-    ALLOW_UNVERIFIED_FLAG, MANIFEST_NAME, PARTIAL_INFIX, Bundle, Manifest, check_verification, manifest_sha256,
-    read_manifest, verify_files,
+    ALLOW_UNVERIFIED_FLAG, MANIFEST_NAME, OLD_INFIX, PARTIAL_INFIX, PREVIOUS_NAME, Bundle, Manifest,
+    check_verification, manifest_sha256, read_manifest, verify_files,
 )
-from edgeact.runtime.errors import BundleError, ConfigError
+from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 
 DEFAULT_STORE = "~/edgeact/bundles"
 CURRENT, PREVIOUS = "current", "previous"
@@ -97,18 +97,41 @@ def entry_id(source: str | Path, manifest_digest: str) -> str:
 class BundleStore:
     def __init__(self, root: str | Path | None = None):
         self.root = store_path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--store {self.root}: a file, not a folder; the store is a folder (made if missing): "
+                              f"give another path, or move the file away")
 
     # -- reading ------------------------------------------------------------------------------------
 
     def link_target(self, link: str) -> str | None:
-        """The entry id `current` or `previous` points at (None: no such link)."""
+        """What `current` or `previous` points at: an entry's id as the link names it (None: no such link). The
+        entry may be missing (`link_entry` says whether it is there)."""
         path = self.root / link
         if not path.is_symlink():
             if path.exists():
                 raise BundleError(f"{path}: not a symlink; the store's {link!r} must be one (made by edgeact flash); "
                                   f"move it away and flash again")
             return None
-        return Path(os.readlink(path)).name
+        return os.readlink(path)
+
+    def link_entry(self, link: str) -> str | None:
+        """The installed entry `current` or `previous` points at; None when there is no link, or it points at no
+        entry of this store (removed by hand, or a folder elsewhere linked before the store was used)."""
+        target = self.link_target(link)
+        if target is None or "/" in target or not _ID_RE.fullmatch(target) or not (self.root / target).is_dir():
+            return None
+        return target
+
+    def dangling(self) -> list[str]:
+        """Lines about links that point at no installed entry, each with the fix."""
+        out = []
+        for link in (CURRENT, PREVIOUS):
+            target = self.link_target(link)
+            if target is not None and self.link_entry(link) is None:
+                fix = ("robot configs that load it do not start; make an installed bundle current: edgeact flash "
+                       "--use ID (or flash one)" if link == CURRENT else "--rollback has nothing to go back to")
+                out.append(f"{self.root / link} -> {target}: not an installed bundle here; {fix}")
+        return out
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -117,7 +140,7 @@ class BundleStore:
                       if p.is_dir() and not p.is_symlink() and _ID_RE.fullmatch(p.name))
 
     def entries(self) -> list[StoreEntry]:
-        current, previous = self.link_target(CURRENT), self.link_target(PREVIOUS)
+        current, previous = self.link_entry(CURRENT), self.link_entry(PREVIOUS)
         installs = self._last_installs()
         order = {id_: i for i, id_ in enumerate(installs)}      # oldest install first (the log's order)
         out = []
@@ -158,7 +181,7 @@ class BundleStore:
     def resolve(self, id_or_prefix: str) -> str:
         """An entry's id from its id, a unique prefix of it, or `current` / `previous`."""
         if id_or_prefix in (CURRENT, PREVIOUS):
-            target = self.link_target(id_or_prefix)
+            target = self.link_entry(id_or_prefix)
             if target is None:
                 raise ConfigError(f"{self.root}: no {id_or_prefix} bundle; `edgeact flash --list --store "
                                   f"{self.root}` shows what is installed")
@@ -176,8 +199,9 @@ class BundleStore:
     def locked(self) -> Iterator[None]:
         """One store operation at a time (two flashes at once must not switch `current` under each other); clears
         what killed operations left (hidden partial copies, half-removed entries)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        with storage_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -186,12 +210,34 @@ class BundleStore:
                     raise
                 raise ConfigError(f"{self.root}: another edgeact flash is working on this store; wait for it to "
                                   "finish") from None
-            self._clear_leftovers()
-            yield
+            with storage_errors(self.root):
+                self.link_target(CURRENT)       # a folder where a link must be: refused before any work
+                self.link_target(PREVIOUS)
+                self._clear_leftovers()
+                yield
         finally:
             os.close(fd)
 
+    def recover(self) -> None:
+        """What `locked` does on entering: finish or undo what a killed operation left (nothing else)."""
+        with self.locked():
+            pass
+
     def _clear_leftovers(self) -> None:
+        """Undo or finish what killed operations left: an entry a reinstall moved aside (`.ID.old-X/previous`, by
+        atomic_dir.publish) goes back where `current` may name it if the new copy never took its place, else is
+        deleted; copies in progress and half-removed entries are deleted; stray new links are unlinked."""
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if name.startswith(".") and OLD_INFIX in name and path.is_dir() and not path.is_symlink():
+                id_ = name[1:].split(OLD_INFIX)[0]
+                if _ID_RE.fullmatch(id_):
+                    aside = path / PREVIOUS_NAME
+                    if aside.is_dir() and not (self.root / id_).exists():
+                        os.rename(aside, self.root / id_)
+                        fsync_path(self.root)
+                        self._log("restore", bundle=id_)
+                    shutil.rmtree(path, ignore_errors=True)
         for path in self.root.iterdir():
             name = path.name
             if path.is_symlink() and re.fullmatch(rf"\.({CURRENT}|{PREVIOUS})\.new-\d+", name):
@@ -204,8 +250,10 @@ class BundleStore:
     def _log(self, action: str, **fields: Any) -> None:
         record = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, **fields,
                   "user": _user(), "host": socket.gethostname()}
-        with open(self.root / HISTORY_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.root / HISTORY_NAME
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
+        with open(path, "a") as f:
+            f.write(("\n" if torn else "") + json.dumps(record) + "\n")     # after a line a power cut tore
             f.flush()
             os.fsync(f.fileno())
 
@@ -226,7 +274,7 @@ class BundleStore:
     def _activate(self, id_: str, action: str) -> str | None:
         """`current` -> id_, `previous` -> what current was (if another); returns that."""
         check_whole(self.root / id_, checksums=False)
-        before = self.link_target(CURRENT)
+        before = self.link_entry(CURRENT)       # a link to no installed entry is replaced, not kept as previous
         if before == id_:
             return None
         # previous first: a power cut between the two leaves current as it was, with previous == current.
@@ -245,13 +293,13 @@ class BundleStore:
     def rollback(self) -> tuple[str, str]:
         """Swap `current` and `previous`; returns (the new current, the new previous)."""
         with self.locked():
-            previous, current = self.link_target(PREVIOUS), self.link_target(CURRENT)
+            previous, current = self.link_target(PREVIOUS), self.link_entry(CURRENT)
             if previous is not None and previous == current:   # a switch cut short between its two links
                 raise ConfigError(f"{self.root}: previous and current are both {current}; nothing to roll back to; "
                                   f"`edgeact flash --use ID --store {self.root}` makes any installed one current")
-            if previous is None or not (self.root / previous).is_dir():
+            if previous is None or self.link_entry(PREVIOUS) is None:
                 raise ConfigError(f"{self.root}: no previous bundle to roll back to"
-                                  + (f" ({previous} was removed)" if previous else "")
+                                  + (f" ({previous} is not an installed bundle here)" if previous else "")
                                   + f"; `edgeact flash --use ID --store {self.root}` makes any installed one current")
             self._activate(previous, "rollback")
             return previous, current
@@ -259,7 +307,7 @@ class BundleStore:
     def remove(self, id_or_prefix: str) -> str:
         with self.locked():
             id_ = self.resolve(id_or_prefix)
-            if id_ == self.link_target(CURRENT):
+            if id_ == self.link_entry(CURRENT):
                 raise ConfigError(f"{id_} is the current bundle (what robot configs load); make another current first "
                                   f"(edgeact flash --rollback, or --use ID), then remove it")
             self._remove(id_, "remove")
@@ -269,7 +317,7 @@ class BundleStore:
         # Out of sight in one rename, then deleted: a kill midway leaves a hidden folder the next operation clears.
         doomed = Path(tempfile.mkdtemp(prefix=f".{id_}{REMOVING_INFIX}", dir=self.root))
         os.rename(self.root / id_, doomed / id_)
-        if self.link_target(PREVIOUS) == id_:
+        if self.link_entry(PREVIOUS) == id_ or self.link_target(PREVIOUS) == id_:
             self._set_link(PREVIOUS, None)
         fsync_path(self.root)
         self._log(action, bundle=id_)
@@ -278,7 +326,7 @@ class BundleStore:
     def _prune(self, keep: int, spare: set[str]) -> list[str]:
         """Remove the oldest entries beyond `keep`, never `current`, `previous` or those in `spare`."""
         entries = self.entries()
-        protected = {self.link_target(CURRENT), self.link_target(PREVIOUS), *spare}
+        protected = {self.link_entry(CURRENT), self.link_entry(PREVIOUS), *spare}
         removable = [e.id for e in entries if e.id not in protected]
         excess = len(entries) - keep
         removed = removable[:max(0, excess)]
@@ -292,8 +340,10 @@ class BundleStore:
         """Install the bundle at `source`: check it, copy it in (checked as read and read back), build its TensorRT
         engines for `target`, then make it current (`activate`) and keep at most `keep` entries."""
         say = on_step or (lambda text: None)
-        if keep is not None and keep < 2:
-            raise ConfigError(f"--keep {keep}: keep at least 2 (the current bundle and the previous, for --rollback)")
+        if keep is not None and keep < (2 if activate else 3):
+            raise ConfigError(f"--keep {keep}: keep at least 2 (the current bundle and the previous, for --rollback)"
+                              if activate else f"--keep {keep} with --no-activate: keep at least 3 (the current "
+                              "bundle, the previous, and the one installed)")
         source = Path(source).expanduser()
         manifest = read_manifest(source)
         check_verification(manifest, source, allow_unverified, FLASH_UNVERIFIED_FIX)
@@ -317,7 +367,7 @@ class BundleStore:
                 try:
                     copy_checked(source, tmp, manifest)
                     if build is not None:
-                        built = _build(tmp, target, build, workspace_gb, allow_unverified, say)
+                        built = _build(tmp, source, target, build, workspace_gb, allow_unverified, say)
                     publish(tmp, dest)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -348,16 +398,44 @@ class BundleStore:
         return True
 
 
-def _build(tmp: Path, target: str, build, workspace_gb: float, allow_unverified: bool,
+def _build(tmp: Path, source: Path, target: str, build, workspace_gb: float, allow_unverified: bool,
            say: Callable[[str], None]) -> tuple[str, ...]:
     from edgeact.export.engines import build_engines
 
     def on_stage(name: str, index: int, total: int) -> None:
         say(f"building {name} for {target} ({index + 1}/{total}); TensorRT takes minutes per stage ...")
 
-    records = build_engines(tmp, target, workspace_gb=workspace_gb, allow_unverified=allow_unverified,
-                            stages=[s.name for s in build[1]], on_stage=on_stage)
+    try:
+        records = build_engines(tmp, target, workspace_gb=workspace_gb, allow_unverified=allow_unverified,
+                                stages=[s.name for s in build[1]], on_stage=on_stage)
+    except EdgeactError as exc:     # its paths are in the copy, which is deleted: name the source's files
+        raise type(exc)(f"{str(exc).replace(str(tmp), str(source))}; building the engines for {target} failed, "
+                        "so nothing was installed or switched") from None
     return tuple(r.stage for r in records)
+
+
+@contextmanager
+def storage_errors(root: Path) -> Iterator[None]:
+    """The storage's own failures as errors that say what to do (a robot's SD card or eMMC: ext4 remounts itself
+    read-only after I/O errors; recordings fill it)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise ConfigError(f"{root}: on a read-only file system ({exc.filename}); if it was writable before, "
+                              "the kernel may have remounted it after storage errors (check dmesg); remount it "
+                              "read-write, or give another --store") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(f"{root}: the storage filled up ({exc.filename}); nothing was installed or switched; "
+                              "free space (old recordings, logs) or remove old bundles (edgeact flash --list, "
+                              "--remove ID)") from None
+        raise
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def check_whole(bundle_dir: Path, checksums: bool) -> Manifest:

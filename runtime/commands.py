@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from edgeact.runtime.bundle import ALLOW_UNVERIFIED_FLAG
@@ -234,6 +235,10 @@ def _flash(args) -> int:
         raise CommandError(f"give BUNDLE to install it, or --{modes[0]}, not both")
     if args.bundle is None and not modes:
         raise CommandError("nothing to do: give BUNDLE to install, or --list, --use ID, --rollback or --remove ID")
+    for line in store.dangling():
+        console.print(f"note: {line}", style="yellow")
+    if args.list and store.root.is_dir() and os.access(store.root, os.W_OK):
+        store.recover()         # puts back an entry a killed reinstall moved aside (a read-only store: as it is)
     if args.use:
         id_, before = store.use(args.use)
         console.print(f"current: {id_}" + (f" (was {before}; now previous)" if before else " (already)"))

@@ -73,7 +73,7 @@ def register(subparsers) -> None:
 # -- handlers -----------------------------------------------------------------------------------
 
 def _run(args) -> int:
-    from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
+    from edgeact.runtime.demo import check_policy_bundle, policy_bundle
     from edgeact.runtime.device_info import read_device_info
     from edgeact.runtime.errors import EdgeactError
     from edgeact.runtime.loop import run_robot
@@ -96,13 +96,14 @@ def _run(args) -> int:
             stats.start_json(args.json, "--json")       # an older run's JSON never stands for this one
         subscribers = [stats, LogSubscriber()] + ([CommandRecorder(args.record)] if args.record else [])
         device = read_device_info()
+        bundle = policy_bundle(config)      # which bundle, read before it runs: it may be switched or removed after
         try:
             result = run_robot(config, args.seconds, subscribers, estop=estop)
         except EdgeactError:        # the robot never started (a motor, the camera, the bundle): there may be more
             print(CHECK_HINT.format(config=args.config), file=sys.stderr)
             raise
     console = _console(120)
-    extra = run_summary(result, policy_bundle_dir(config), device)
+    extra = run_summary(result, bundle, device)
     console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
         console.print(f"timing summary: {stats.write_json(args.json, extra)}")

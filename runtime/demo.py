@@ -19,7 +19,9 @@ from edgeact.runtime.loop import RunResult, run_robot
 from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
 from edgeact.runtime.recorder import CommandRecorder
-from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file, run_summary
+from edgeact.runtime.telemetry import (
+    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file, run_summary,
+)
 
 DEMO_POLICIES = ("scripted", "bundle")
 DEMO_ROBOTS = ("simple", "mujoco")
@@ -104,8 +106,9 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])
     device = read_device_info()         # the power mode and clocks the run starts under
+    bundle = policy_bundle(config)
     result = run_robot(config, seconds, every, progress=progress, estop=estop)
-    extra = run_summary(result, policy_bundle_dir(config), device)
+    extra = run_summary(result, bundle, device)
     json_path = stats.write_json(json_path, extra)
     summary = {**stats.summary(), **extra}
     try:
@@ -114,10 +117,11 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
         return MeasuredRun(result, summary, json_path, None, str(exc), stats)
 
 
-def policy_bundle_dir(config: RobotConfig) -> Path | None:
-    """The bundle directory the config's policy loads (its `path`, relative to the config), if it has one."""
+def policy_bundle(config: RobotConfig) -> dict[str, Any] | None:
+    """Which bundle the config's policy loads (telemetry.bundle_identity), if it has one; read when the run starts,
+    from the config check_policy_bundle pinned."""
     path = bundle_path(config)
-    return path if path is not None and path.is_dir() else None
+    return bundle_identity(path) if path is not None and path.is_dir() else None
 
 
 def check_policy_bundle(config: RobotConfig) -> RobotConfig:

@@ -292,23 +292,32 @@ MEMORY_BUDGET_EXTRA_BYTES = 300 * 2**20
 RUNTIME_ROLES = ("control", "policy")   # the robot's processes; "sim" stands in for hardware and is shown apart
 
 
-def run_summary(result: Any, bundle_dir: str | Path | None = None, device: Any = None) -> dict[str, Any]:
-    """What a RunResult adds to the timing summary: the control thread's scheduling, the peak memory and the device
-    it ran on (`device`: a device_info.DeviceInfo read when the run began; None: read now).
+def bundle_identity(bundle_dir: str | Path) -> dict[str, Any]:
+    """Which bundle a run loads, read when it starts (the folder may be switched, rebuilt or removed while it runs):
+    its folder (a store's `current` link resolved: runtime/bundle_store.py), its manifest's sha256 (which lists every
+    file's sha256) and its bytes."""
+    from edgeact.runtime.bundle import manifest_sha256
+
+    try:
+        digest = manifest_sha256(bundle_dir)
+    except OSError:
+        digest = None
+    return {"path": str(bundle_dir), "manifest_sha256": digest, "bytes": directory_bytes(bundle_dir)}
+
+
+def run_summary(result: Any, bundle: dict[str, Any] | str | Path | None = None, device: Any = None) -> dict[str, Any]:
+    """What a RunResult adds to the timing summary: the control thread's scheduling, the peak memory, the bundle
+    (`bundle`: a bundle_identity read when the run began, or a folder to read now) and the device it ran on
+    (`device`: a device_info.DeviceInfo read when the run began; None: read now).
 
     The runtime's figure sums each process's VmHWM: an upper bound (shared library pages count in
     each process, and peaks need not coincide).
     """
     rss = dict(result.peak_rss_bytes)
     runtime_bytes = sum(rss[role] for role in RUNTIME_ROLES if role in rss)
-    bundle_bytes = directory_bytes(bundle_dir) if bundle_dir is not None else None
-    bundle = None
-    if bundle_dir is not None:
-        from edgeact.runtime.bundle import manifest_sha256
-
-        # Which bundle ran: its folder (a store's `current` link resolved when the run started) and its manifest's
-        # sha256, which lists every file's (edgeact flash names store entries by its first 12 hex digits).
-        bundle = {"path": str(bundle_dir), "manifest_sha256": manifest_sha256(bundle_dir)}
+    if bundle is not None and not isinstance(bundle, dict):
+        bundle = bundle_identity(bundle)
+    bundle_bytes = bundle["bytes"] if bundle is not None else None
     budget = MEMORY_BUDGET_FACTOR * bundle_bytes + MEMORY_BUDGET_EXTRA_BYTES if bundle_bytes is not None else None
     undelivered = getattr(result, "undelivered_events", 0)
     teardown_error = getattr(result, "teardown_error", None)
@@ -330,7 +339,7 @@ def run_summary(result: Any, bundle_dir: str | Path | None = None, device: Any =
             "within_budget": None if budget is None or not rss else runtime_bytes <= budget,
         },
         "device": device.to_dict(),
-        "bundle": bundle,
+        "bundle": None if bundle is None else {"path": bundle["path"], "manifest_sha256": bundle["manifest_sha256"]},
     }
 
 

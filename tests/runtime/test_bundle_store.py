@@ -294,3 +294,151 @@ def test_check_names_the_bundle_current_points_at(tmp_path):
     row = next(c for c in preflight(load_robot_config(tmp_path / "robot.json"), frames=1, with_policy=False)
                if c.name == "bundle")
     assert row.status == OK and f"{store.root / CURRENT} -> {entry.id}: tiny-sim" in row.detail
+
+
+_KILLED_REINSTALL = (
+    # A real kill between the two renames that put a reinstalled entry in place (its old copy moved aside, the new one
+    # not yet renamed in): `current` names a folder that is not there until the next store operation puts it back.
+    "import os, sys\n"
+    "import edgeact.runtime.atomic_dir as atomic_dir\n"
+    "from edgeact.runtime import bundle_store\n"
+    "real = os.rename\n"
+    "def rename(src, dst):\n"
+    "    real(src, dst)\n"
+    "    if str(dst).endswith('previous'):\n"
+    "        os._exit(9)\n"
+    "atomic_dir.os.rename = rename\n"
+    "bundle_store.BundleStore(sys.argv[1]).flash(sys.argv[2])\n"
+)
+
+
+def test_a_reinstall_killed_midway_is_put_back_by_the_next_operation(tmp_path, capsys):
+    src = tiny(tmp_path / "b")
+    store = BundleStore(tmp_path / "store")
+    entry = store.flash(src)
+    (store.root / entry.id / "stages" / "decoder.onnx").write_bytes(b"damaged")        # so the next flash reinstalls
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REINSTALL, str(store.root), str(src)], cwd=Path.cwd(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    assert not (store.root / entry.id).exists()
+    with pytest.raises(BundleError, match=r"current: a link to .*, which is missing; an overwrite was interrupted .*"
+                                          r"`edgeact flash --list --store .*` shows what is installed"):
+        load_bundle(store.root / CURRENT)
+
+    assert main(["flash", "--list", "--store", str(store.root)]) == 0
+    assert f"current -> {entry.id}: not an installed bundle here" in capsys.readouterr().out   # said, then mended
+    assert store.link_entry(CURRENT) == entry.id and store.history()[-1]["action"] == "restore"
+    assert [p.name for p in store.root.iterdir() if ".old-" in p.name or ".partial-" in p.name] == []
+    with pytest.raises(BundleError, match="decoder.onnx: .* bytes but the manifest says"):
+        load_bundle(store.root / CURRENT)            # the copy that was current, damaged as it was before the kill
+    assert store.flash(src).copied                   # and the reinstall, done again, mends it
+    load_bundle(store.root / CURRENT)
+
+
+def test_the_summary_names_the_bundle_as_it_was_when_the_run_started(tmp_path):
+    """A run's bundle may be removed (it is no longer current) or rebuilt while the run goes on."""
+    from edgeact.runtime.telemetry import bundle_identity, run_summary
+
+    store = BundleStore(tmp_path / "store")
+    entry = store.flash(tiny(tmp_path / "a", 0))
+    at_start = bundle_identity((store.root / CURRENT).resolve())
+    digest = manifest_sha256(store.root / entry.id)
+    store.flash(tiny(tmp_path / "b", 1))
+    store.remove(entry.id)
+
+    class Result:
+        peak_rss_bytes, control_scheduling = {"control": 1 << 20}, "normal"
+
+    summary = run_summary(Result(), at_start)
+    assert summary["bundle"] == {"path": str(store.root / entry.id), "manifest_sha256": digest}
+    assert summary["memory"]["bundle_mb"] == round(at_start["bytes"] / 2**20, 1) and at_start["bytes"] > 0
+
+
+def test_storage_that_is_read_only_or_fills_up_is_said_plainly(tmp_path, monkeypatch, capsys):
+    import errno
+
+    store = BundleStore(tmp_path / "store")
+    good = store.flash(tiny(tmp_path / "a", 0))
+    src = tiny(tmp_path / "b", 1)
+
+    def full(source: Path, dest: Path) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+
+    monkeypatch.setattr(bundle_store, "_copy_file", full)
+    assert main(["flash", str(src), "--store", str(store.root)]) == 2
+    err = capsys.readouterr().err
+    assert "the storage filled up" in err and "nothing was installed or switched" in err and "Traceback" not in err
+    assert store.ids() == [good.id] and not [p for p in store.root.iterdir() if ".partial-" in p.name]
+    monkeypatch.undo()
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(bundle_store.LOCK_NAME):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(bundle_store.os, "open", read_only)
+    with pytest.raises(ConfigError, match=r"on a read-only file system .*remounted it after storage errors \(check "
+                                          r"dmesg\)"):
+        store.rollback()
+
+
+def test_links_that_name_no_installed_bundle(tmp_path, capsys):
+    store = BundleStore(tmp_path / "store")
+    a = store.flash(tiny(tmp_path / "a", 0))
+    outside = tiny(tmp_path / "elsewhere", 1)
+    os.remove(store.root / CURRENT)
+    os.symlink(outside, store.root / CURRENT)       # how a robot was set up before it had a store
+    b = store.flash(tiny(tmp_path / "b", 2))
+    assert b.previous is None and store.link_target(PREVIOUS) is None      # not kept as "previous"
+    store.use(a.id)
+    import shutil
+    shutil.rmtree(store.root / b.id)                # removed by hand: previous now names nothing
+    assert store.dangling() == [f"{store.root / PREVIOUS} -> {b.id}: not an installed bundle here; --rollback has "
+                                "nothing to go back to"]
+    with pytest.raises(ConfigError, match=f"no previous bundle to roll back to \\({b.id} is not an installed"):
+        store.rollback()
+    c = store.flash(tiny(tmp_path / "c", 3))
+    assert c.previous == a.id and store.link_entry(PREVIOUS) == a.id
+
+    (store.root / CURRENT).unlink()
+    (store.root / CURRENT).mkdir()                  # a folder where the link must be: refused before any copying
+    with pytest.raises(BundleError, match="current: not a symlink"):
+        store.flash(tiny(tmp_path / "d", 4))
+    assert sorted(store.ids()) == sorted([a.id, c.id])
+
+
+def test_odd_requests_are_refused_with_the_fix(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--store .*file: a file, not a folder"):
+        BundleStore(tmp_path / "file")
+    store = BundleStore(tmp_path / "store")
+    store.flash(tiny(tmp_path / "a", 0))
+    with pytest.raises(ConfigError, match="--keep 2 with --no-activate: keep at least 3"):
+        store.flash(tiny(tmp_path / "b", 1), activate=False, keep=2)
+
+
+def test_a_history_line_torn_by_a_power_cut_loses_nothing_after_it(tmp_path):
+    store = BundleStore(tmp_path / "store")
+    store.flash(tiny(tmp_path / "a", 0))
+    with open(store.root / "history.jsonl", "a") as f:
+        f.write('{"utc": "2026-')                   # no newline: the append was cut
+    b = store.flash(tiny(tmp_path / "b", 1))
+    assert [(r["action"], r["bundle"]) for r in store.history()][-2:] == [("install", b.id), ("switch", b.id)]
+    assert store.entries()[-1].id == b.id and store.entries()[-1].source == str((tmp_path / "b").resolve())
+
+
+def test_a_failed_engine_build_names_the_source_and_leaves_nothing(tmp_path, monkeypatch):
+    from edgeact.export import engines
+    from tests.export.test_engines import fake_tensorrt
+
+    monkeypatch.setattr(engines, "device_compute_capability", lambda device=0: (8, 7))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt({}, parse_ok=False))
+    store = BundleStore(tmp_path / "store")
+    src = tiny(tmp_path / "b")
+    with pytest.raises(BundleError) as err:
+        store.flash(src, target="orin")
+    assert str(src / "stages" / "decoder.onnx") in str(err.value) and ".partial-" not in str(err.value)
+    assert "building the engines for orin failed, so nothing was installed or switched" in str(err.value)
+    assert store.ids() == [] and [p.name for p in store.root.iterdir()] == [".lock"]

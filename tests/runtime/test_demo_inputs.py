@@ -140,7 +140,7 @@ def test_a_plugin_policy_whose_path_is_a_file_is_not_taken_for_a_bundle(tmp_path
     from dataclasses import dataclass
 
     from edgeact.runtime import policy as policy_module
-    from edgeact.runtime.demo import check_policy_bundle, policy_bundle_dir
+    from edgeact.runtime.demo import check_policy_bundle, policy_bundle
 
     policy_module.policy_types()                    # the built-in types registered, then the registry restored after
     monkeypatch.setattr(policy_module, "_POLICY_TYPES", dict(policy_module._POLICY_TYPES))
@@ -157,7 +157,7 @@ def test_a_plugin_policy_whose_path_is_a_file_is_not_taken_for_a_bundle(tmp_path
     data = sim_robot_config_dict(policy={"type": "remote-test", "path": "model.pt"})
     config = robot_config_from_dict(data, source=str(tmp_path / "robot.json"))
     check_policy_bundle(config)
-    assert policy_bundle_dir(config) is None
+    assert policy_bundle(config) is None
     bundle = robot_config_from_dict(sim_robot_config_dict(policy={"type": "bundle", "path": "model.pt"}),
                                     source=str(tmp_path / "robot.json"))
     with pytest.raises(BundleError, match="manifest.json: missing"):
