@@ -106,10 +106,10 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         hint = _interrupted_hint(bundle_dir)
         if not bundle_dir.exists() and bundle_dir.is_symlink():
             target = bundle_dir.parent / os.readlink(bundle_dir)
-            raise BundleError(f"{bundle_dir}: a link to {target}, which is missing{_interrupted_hint(target)}; in a "
-                              f"bundle store (edgeact flash), `edgeact flash --list --store {bundle_dir.parent}` "
-                              "shows what is installed (and puts back an entry an interrupted install moved aside); "
-                              "--rollback or --use ID makes one current")
+            raise BundleError(f"{bundle_dir}: a link to {target}, which is missing; in a bundle store (edgeact "
+                              f"flash), `edgeact flash --list --store {bundle_dir.parent}` shows what is installed "
+                              "(and puts back an entry an interrupted install moved aside), and --rollback or --use "
+                              "ID makes one current; otherwise point the link at a bundle")
         if not bundle_dir.exists():
             raise BundleError(f"{bundle_dir}: no bundle here{hint or '; check the path or run the export first'}")
         raise BundleError(f"{path}: missing; {bundle_dir} is not a bundle or an incomplete copy"

@@ -321,8 +321,8 @@ def test_a_reinstall_killed_midway_is_put_back_by_the_next_operation(tmp_path, c
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     assert not (store.root / entry.id).exists()
-    with pytest.raises(BundleError, match=r"current: a link to .*, which is missing; an overwrite was interrupted .*"
-                                          r"`edgeact flash --list --store .*` shows what is installed"):
+    with pytest.raises(BundleError, match=r"current: a link to .*, which is missing; in a bundle store .*"
+                                          r"`edgeact flash --list --store .*` shows what is installed \(and puts back"):
         load_bundle(store.root / CURRENT)
 
     assert main(["flash", "--list", "--store", str(store.root)]) == 0
