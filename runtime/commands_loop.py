@@ -370,7 +370,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        from edgeact.runtime.errors import Terminated
+
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

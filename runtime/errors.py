@@ -23,3 +23,8 @@ class SequenceTooLongError(BundleError):
 
 class GrammarError(EdgeactError):
     """Text or token ids do not follow the answer grammar."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, systemd stopping a service) raised as an interrupt: it stops the robot as Ctrl-C does,
+    and the run says which it was."""

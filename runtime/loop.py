@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from edgeact.drivers.cameras.base import Camera, RGBDFrame
 from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard, StartRefusedError
 from edgeact.runtime.control import ActionMapper, ChunkFollower
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, Terminated
 from edgeact.runtime.ensemble import ActionEnsemble
 from edgeact.runtime.loop_events import CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent
 from edgeact.runtime.policy import Observation, Plan, Policy
@@ -164,8 +164,8 @@ class RobotLoop:
             for thread in threads:
                 thread.start()
             self._supervise(start_s, duration_s, progress)
-        except KeyboardInterrupt:
-            self._end("interrupt", "Ctrl-C")
+        except KeyboardInterrupt as exc:
+            self._end("interrupt", "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
         except EStopLatchedError as exc:       # e.g. pressed while the policy loaded: enable_torque refuses
             self._end("estop", _latched_detail(exc))
         except StartRefusedError as exc:    # a joint outside its limits: its message is the whole story
@@ -394,10 +394,17 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             if mark_start is not None:      # a task's times count from here (the loop's start), not the reset
                 mark_start()
             guard = stack.enter_context(SafetyGuard(bus, config.limits, estop=estop_input, on_trip=hub.trip))
-            stack.callback(teardown.enter_context, interrupts_deferred(late))   # unwound first: before the guard's exit
+            deferring: list = []
+
+            def defer_interrupts() -> None:
+                if not deferring:
+                    deferring.append(teardown.enter_context(interrupts_deferred(late)))
+
+            stack.callback(defer_interrupts)        # unwound first: before the guard's exit
             loop = RobotLoop(guard, camera, TimedPolicy(policy), mapper, settings, hub,
                              trace_follower=trace_follower(config, mapper, camera.intrinsics))
             result = loop.run(duration_s, progress)
+            defer_interrupts()      # the run has ended: from here on its result must come back (a Ctrl-C waits)
             # Read while the children live: each process's peak resident memory (the simulator is not the robot's),
             # and the task's outcome as the simulator judged it.
             pids = {"control": os.getpid(), "policy": getattr(policy, "pid", None), "sim": getattr(sim, "pid", None),

@@ -22,6 +22,7 @@ FrameSlab: an RGB-D frame in shared memory) also carries the simulator's bus and
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ import signal
 import threading
 import time
 import traceback
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Callable
@@ -100,7 +102,17 @@ class ChildProcess:
         self.name = name
         self.conn, child_conn = mp.Pipe()
         self.process = mp.Process(target=target, args=(child_conn, *args), daemon=True, name=name)
-        self.process.start()
+        # The child inherits a blocked SIGINT, so a Ctrl-C to the process group while it imports and unpickles its
+        # arguments (0.1-0.3 s, before its main can ignore SIGINT) is held, not a KeyboardInterrupt traceback; its
+        # main then ignores SIGINT and unblocks it (ignore_interrupts). Ours is unblocked again at once. The first
+        # start launches multiprocessing's resource tracker, which unblocks SIGINT after launching itself: launched
+        # here first, it cannot undo the block.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_conn.close()      # the child holds its end; with ours closed, the child's death reads as EOF here
         self._stop_lock = threading.Lock()
 
@@ -138,7 +150,11 @@ class ChildProcess:
         if code is None:
             return "still running"
         if code < 0:
-            return f"killed by signal {signal.Signals(-code).name}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:      # a real-time signal (SIGRTMIN + n) has no name
+                name = str(-code)
+            return f"killed by signal {name}"
         return f"exit code {code}"
 
     def stop(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
@@ -215,7 +231,7 @@ class ProcessPolicy:
         self._child = ChildProcess(_child_main, (config, context, nice),
                                    f"edgeact-policy-{config.type_name or 'custom'}", start_method)
         try:
-            self._receive(ready_timeout_s, "loading the policy")
+            self._receive(ready_timeout_s, "loading the policy", loading=True)
         except BaseException:
             self.close()
             raise
@@ -259,25 +275,27 @@ class ProcessPolicy:
             np.copyto(self._slab.depth_m, obs.depth_m, casting="same_kind")
         return self._slab.name
 
-    def _receive(self, timeout_s: float, doing: str) -> Any:
+    def _receive(self, timeout_s: float, doing: str, loading: bool = False) -> Any:
         """The child's answer to the last request: its result, or its error re-raised here."""
         message = self._child.receive(timeout_s)
         if message is None:
             status = self._child.exit_status()
             self._fail(f"it exited during {doing} ({status})" if status != "still running"
-                       else f"it did not answer within {timeout_s:g} s during {doing}; it was stopped")
+                       else f"it did not answer within {timeout_s:g} s during {doing}; it was stopped", loading)
         kind, *payload = message
         if kind == "error":
             error, child_traceback = payload
             raise error from ChildTraceback(child_traceback)
         return payload[0]
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, loading: bool = False) -> None:
         self._broken = why
         self._child.stop(timeout_s=1.0)     # dead or hung: asking it nicely for long is pointless
-        raise PolicyProcessError(f"{self.description} failed: {why}; the loop stops and the robot goes to its safe "
-                                 "state. Look above for the child's own error output; to debug, run the policy "
-                                 "in-process with `process: false` in the policy section")
+        then = ("the robot was not started" if loading else
+                "the loop stops and the robot goes to its safe state")
+        raise PolicyProcessError(f"{self.description} failed: {why}; {then}. Look above for the child's own error "
+                                 "output (a crash in native code prints its Python stack there); to debug, run the "
+                                 "policy in-process with `process: false` in the policy section")
 
     def close(self) -> None:
         """Stop the child and free the shared frame; safe to call twice and while a step waits (it then fails)."""
@@ -292,13 +310,18 @@ class ProcessPolicy:
 
 def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -> None:
     """The policy process: load, then answer step requests until "stop" or the parent's end of the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops us after the robot
+    ignore_interrupts()     # Ctrl-C is the parent's to handle: it stops us after the robot
+    faulthandler.enable()   # a crash in native code (onnxruntime, a driver) prints the Python stack it came from
     if nice:
         os.nice(nice)       # lowering one's own priority is always permitted
     try:
         policy: Policy = config.make_policy(context)
     except BaseException as exc:    # the process boundary: everything goes back to the parent, which raises it
-        send_quietly(conn, ("error", portable_error(exc), traceback.format_exc()))
+        # sys.exit or a KeyboardInterrupt raised by the loading code is its failure, not the parent's exit or Ctrl-C.
+        error = (portable_error(exc) if isinstance(exc, Exception) else
+                 PolicyProcessError(f"loading the policy raised {type(exc).__name__}"
+                                    + (f" ({exc})" if str(exc) else "") + "; the robot was not started"))
+        send_quietly(conn, ("error", error, traceback.format_exc()))
         return
     slab: FrameSlab | None = None
 
@@ -336,6 +359,13 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
         policy.close()
         if slab is not None:
             slab.close()
+
+
+def ignore_interrupts() -> None:
+    """A child process's first step: ignore SIGINT (the terminal sends it to the whole process group; the parent
+    stops its children after the robot is safe), then unblock it (ChildProcess starts children with it blocked)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def serve_until_stop(conn, answer: Callable[[tuple], tuple | None]) -> None:

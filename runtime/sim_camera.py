@@ -11,14 +11,15 @@ which renders its world beside the physics (sim_mujoco.py).
 """
 from __future__ import annotations
 
-import signal
 import threading
 from typing import Callable
 
 import numpy as np
 
 from edgeact.drivers.cameras.base import Camera, CameraConfig, CameraError, Intrinsics, RGBDFrame, make_camera
-from edgeact.runtime.process_policy import ChildProcess, FrameSlab, portable_error, send_quietly, serve_until_stop
+from edgeact.runtime.process_policy import (
+    ChildProcess, FrameSlab, ignore_interrupts, portable_error, send_quietly, serve_until_stop,
+)
 
 CAMERA_SLABS = 3                    # frames in flight: one being read here, one being written there, one spare
 CAMERA_START_TIMEOUT_S = 60.0
@@ -189,7 +190,7 @@ class ProcessCamera(SlabCamera):
 
 def _serve_camera(conn, config: CameraConfig) -> None:
     """The camera's process: capture into the ring, take slabs back; stop on "stop" or when the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us, after the robot is safe
+    ignore_interrupts()     # the parent stops us, after the robot is safe
     ring = FrameRing(conn)
     try:
         camera = make_camera(config)

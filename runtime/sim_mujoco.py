@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-import signal
 import threading
 from typing import Any, Iterator
 
 from edgeact.drivers.cameras.base import CameraConfig, CameraError, Intrinsics
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.runtime.errors import ConfigError
-from edgeact.runtime.process_policy import ChildProcess, portable_error, send_quietly
+from edgeact.runtime.process_policy import ChildProcess, ignore_interrupts, portable_error, send_quietly
 from edgeact.runtime.sim_camera import CAMERA_START_TIMEOUT_S, FrameRing, SlabCamera, SlabFrames
 from edgeact.runtime.sim_robot import CENTRE_TICKS, SimChild, ask_realtime
 
@@ -290,7 +289,7 @@ class MujocoProcessCamera(SlabCamera):
 def _serve_mujoco(conn, frames_conn, joints: dict[str, Any], baud_rate: int, priority: int | None,
                   task: tuple[int, str | None] | None, world_name: str, hand_marker: Any = None) -> None:
     """The simulator's process: world, bus and camera; answer requests until "stop" or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # like real motors, Ctrl-C does not stop it: the safe state needs it
+    ignore_interrupts()     # like real motors, Ctrl-C does not stop it: the safe state needs it
     ask_realtime(priority)      # before the physics and bus threads start: threads inherit their creator's scheduling
     try:
         world, bus, episode = build_world(joints, baud_rate, task, world_name, hand_marker)

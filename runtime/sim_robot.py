@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import signal
 from typing import Any, Iterator
 
 from edgeact.drivers.cameras.base import Camera, make_camera
 from edgeact.drivers.motors.bus import MotorBusError
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime.errors import ConfigError
-from edgeact.runtime.process_policy import ChildProcess, send_quietly, serve_until_stop
+from edgeact.runtime.process_policy import ChildProcess, ignore_interrupts, send_quietly, serve_until_stop
 from edgeact.runtime.sim_camera import ProcessCamera
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
@@ -244,7 +243,7 @@ def _register_reply(sim: SimServoBus, motor_id: int, name: str) -> tuple:
 
 def _serve_sim_bus(conn, motors: list[tuple[str, int, str, int]], baud_rate: int, priority: int | None) -> None:
     """The simulated bus's process: serve the pty, answer register reads, stop on "stop" or when the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # like real motors, Ctrl-C does not stop it: the safe state needs it
+    ignore_interrupts()     # like real motors, Ctrl-C does not stop it: the safe state needs it
     if priority is not None:
         ask_realtime(priority)      # before the bus thread starts: threads inherit their creator's scheduling
     try:

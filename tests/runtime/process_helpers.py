@@ -1,6 +1,7 @@
 """Policies (and a camera) for the process tests; a module of their own so that a spawned child can import them."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ class FrameEcho:
 
 @dataclass
 class FailingConfig(PolicyConfig):
-    """Fails as told: at load ("load"), or with `error` on step number `fail_at` (from 0), or hangs there ("hang")."""
+    """Fails as told: at load ("load"; "load-exit": sys.exit(4); "load-interrupt": a KeyboardInterrupt; "load-wait":
+    sleeps 3 s first, then loads), or with `error` on step number `fail_at` (from 0), or hangs there ("hang")."""
 
     mode: str = "step"
     fail_at: int = 1
@@ -48,6 +50,12 @@ class FailingConfig(PolicyConfig):
     def make_policy(self, context: PolicyContext) -> "Failing":
         if self.mode == "load":
             raise ConfigError(f"path: {self.message}")
+        if self.mode == "load-exit":
+            sys.exit(4)
+        if self.mode == "load-interrupt":
+            raise KeyboardInterrupt
+        if self.mode == "load-wait":
+            time.sleep(3)
         return Failing(self)
 
 
@@ -65,6 +73,10 @@ class Failing:
         if step == self.config.fail_at:
             if self.config.mode == "hang":
                 time.sleep(60)
+            if self.config.mode == "segv":          # a crash in native code (a driver, an engine)
+                import faulthandler
+
+                faulthandler._sigsegv()
             if self.config.mode == "unpicklable":
                 raise UnpicklableError(7, self.config.message)
             raise RuntimeError(self.config.message)

@@ -24,6 +24,7 @@ from edgeact.drivers.motors.safety import SafetyError
 from edgeact.drivers.motors.serial_bus import make_serial_bus
 from edgeact.drivers.sim.servo_bus import SimServoBus
 from edgeact.runtime import cli, commands_loop
+from edgeact.runtime import loop as loop_module
 from edgeact.runtime.commands_loop import EXIT_ESTOP
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.loop import LoopSettings, run_robot
@@ -309,6 +310,7 @@ def test_sigterm_is_handled_like_ctrl_c(sim, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
+    assert "stopped: interrupt (SIGTERM)" in out        # systemd or `kill`, not a Ctrl-C at the terminal
     assert torque(sim) == [0] * 6
 
 
@@ -512,6 +514,22 @@ def test_a_ctrl_c_during_the_teardown_of_a_finished_run_is_reported_not_dropped(
     assert result.reason == "duration" and result.interrupted_late
     assert "SIGINT: already stopping" in caplog.text
     assert commands_loop._finish(result, Console(file=io.StringIO())) == commands_loop.EXIT_INTERRUPTED
+
+
+def test_a_ctrl_c_right_after_the_loop_ends_does_not_lose_the_result(sim, monkeypatch, caplog):
+    """Between the loop's end and the teardown the run reads each process's peak memory and the task's outcome; a
+    Ctrl-C there is deferred like one in the teardown, not raised (which lost the whole run's JSON and tables)."""
+    real = loop_module.peak_rss_bytes
+
+    def ctrl_c_while_reading(pid):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)                            # the handler runs here, in the main thread
+        return real(pid)
+
+    monkeypatch.setattr(loop_module, "peak_rss_bytes", ctrl_c_while_reading)
+    result = run_robot(robot_config_from_dict(config_data(sim)), 0.5, [])
+    assert result.reason == "duration" and result.interrupted_late and result.peak_rss_bytes
+    assert "SIGINT: already stopping" in caplog.text
 
 
 def test_a_real_robot_whose_estop_key_cannot_be_pressed_does_not_start(sim, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 Each test spawns a real child process (about half a second each on a quiet machine).
 """
 import os
+import re
 import signal
 
 import numpy as np
@@ -117,6 +118,57 @@ def test_an_error_that_does_not_pickle_still_comes_back_named():
 def test_a_load_error_is_raised_by_the_constructor_and_the_child_is_gone():
     with pytest.raises(ConfigError, match="^path: no bundle here$"):
         ProcessPolicy(FailingConfig(mode="load", message="no bundle here"), CONTEXT)
+
+
+@pytest.mark.parametrize("mode, words", [("load-exit", "loading the policy raised SystemExit (4)"),
+                                         ("load-interrupt", "loading the policy raised KeyboardInterrupt")])
+def test_an_exit_or_interrupt_while_the_child_loads_is_its_failure_not_ours(mode, words):
+    """Raised here as they were, they would end `edgeact run` silently with the child's code, or as if the operator
+    had pressed Ctrl-C."""
+    with pytest.raises(PolicyProcessError, match=re.escape(f"{words}; the robot was not started")):
+        ProcessPolicy(FailingConfig(mode=mode), CONTEXT)
+
+
+def test_a_child_killed_by_a_signal_without_a_name_is_named_by_its_number():
+    remote = ProcessPolicy(ScriptedPolicyConfig(latency_s=0.0), CONTEXT)
+    try:
+        os.kill(remote.pid, signal.SIGRTMIN + 2)        # real-time signals have no name in signal.Signals
+        with pytest.raises(PolicyProcessError, match=rf"killed by signal {int(signal.SIGRTMIN) + 2}\).*safe state"):
+            remote.step(observation(1.0))
+    finally:
+        remote.close()
+
+
+def test_a_crash_in_native_code_prints_the_childs_python_stack(capfd):
+    remote = ProcessPolicy(FailingConfig(mode="segv", fail_at=0), CONTEXT)
+    try:
+        with pytest.raises(PolicyProcessError, match=r"killed by signal SIGSEGV\).*Look above for the child's own "
+                                                     r"error output \(a crash in native code prints its Python stack"):
+            remote.step(observation(1.0))
+    finally:
+        remote.close()
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err and "process_helpers.py" in err and "in step" in err
+
+
+def test_a_ctrl_c_to_the_process_group_while_the_child_starts_is_ignored_by_it(capfd):
+    """SIGINT reaches every process of the terminal's group; a child still importing (before its main ignores
+    SIGINT) would die with a KeyboardInterrupt traceback. It starts with SIGINT blocked instead."""
+    import time
+
+    from edgeact.runtime.process_policy import ChildProcess, _child_main
+
+    # Sent to the child alone (the terminal's Ctrl-C reaches this process too, which handles it itself).
+    child = ChildProcess(_child_main, (FailingConfig(mode="load-wait"), CONTEXT, 0), "edgeact-policy-test")
+    try:
+        for _ in range(20):                         # through the child's imports, its unpickling and its loading
+            os.kill(child.pid, signal.SIGINT)
+            time.sleep(0.05)
+        message = child.receive(10.0)
+        assert message is not None and message[0] == "ready", child.exit_status()
+    finally:
+        child.stop()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_a_killed_child_makes_the_step_fail_loudly_and_for_good():
