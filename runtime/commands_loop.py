@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                                                     "256 MiB in numbered parts, run.jsonl then run.1.jsonl, "
                                                     "run.2.jsonl, ...; the 8 newest kept)")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
+    p.add_argument("--shadow", action="store_true",
+                   help="a rehearsal: everything runs (camera, policy, plans, control at its rate, safety checks, "
+                        "--record) but nothing is written to the motors (no goal, no torque change); each plan "
+                        "starts from the measured pose, so the arm can be moved by hand to see what it would do")
     p.set_defaults(handler=_run)
 
     p = subparsers.add_parser("check", help="check what `edgeact run CONFIG` needs without moving anything: e-stop, "
@@ -98,12 +102,14 @@ def _run(args) -> int:
         device = read_device_info()
         bundle = policy_bundle(config)      # which bundle, read before it runs: it may be switched or removed after
         try:
-            result = run_robot(config, args.seconds, subscribers, estop=estop)
+            result = run_robot(config, args.seconds, subscribers, estop=estop, shadow=args.shadow)
         except EdgeactError:        # the robot never started (a motor, the camera, the bundle): there may be more
             print(CHECK_HINT.format(config=args.config), file=sys.stderr)
             raise
     console = _console(120)
     extra = run_summary(result, bundle, device)
+    if result.shadow_withheld is not None:
+        extra["shadow"] = {"writes_withheld": result.shadow_withheld}
     console.print(_summary_tables({**stats.summary(), **extra}))
     if args.json:
         console.print(f"timing summary: {stats.write_json(args.json, extra)}")
@@ -257,6 +263,8 @@ def _finish(result, console) -> int:
     """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report, and
     so is a failed teardown (after the tables: the run's numbers stand)."""
     console.print(f"stopped: {result.reason} ({result.detail})")
+    if getattr(result, "shadow_withheld", None) is not None:
+        console.print(f"shadow run: {result.shadow_withheld} writes withheld; nothing reached the motors")
     teardown_error = getattr(result, "teardown_error", None)
     if teardown_error is None and getattr(result, "motors_at_exit", ""):     # a failed teardown says what it missed
         console.print(f"motors now: {result.motors_at_exit}", markup=False)

@@ -112,6 +112,7 @@ class RunResult:
     undelivered_events: int = 0         # events the subscribers never got (too far behind): their summary is incomplete
     interrupted_late: bool = False      # Ctrl-C / SIGTERM came during the teardown (deferred): the caller stops too
     motors_at_exit: str = ""            # what the run left the motors in (motors_at_exit()); "" where not known
+    shadow_withheld: int | None = None  # a shadow run (nothing written to the motors): the writes withheld
 
     @property
     def clean(self) -> bool:
@@ -347,8 +348,11 @@ def _latched_words(trip_detail: str | None) -> str:
 
 def run_robot(config: "RobotConfig", duration_s: float | None = None, subscribers: list | tuple = (),
               progress: Callable[[float], None] | None = None, estop: threading.Event | None = None,
-              policy: Policy | None = None) -> RunResult:
+              policy: Policy | None = None, shadow: bool = False) -> RunResult:
     """Build what `config` describes (starting the simulator for bus "sim"), run the loop, take it all down.
+
+    `shadow`: the motors are read and never written (drivers/motors/shadow.py): the run goes on as it would, and
+    the arm stays as it is.
 
     The policy runs in its own process when its config says so (`process`, see policy.py), and the
     simulator (its bus, its synthetic camera; the MuJoCo world with its bus and camera) in processes of
@@ -383,6 +387,10 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
             sim = (stack.enter_context(start_sim_bus(config.robot, config.rates.control_priority))
                    if config.robot.bus == "sim" else None)
             bus = config.robot.make_bus(sim.port if sim is not None else None)
+            if shadow:
+                from edgeact.drivers.motors.shadow import ShadowBus
+
+                bus = ShadowBus(bus)
             mapper = config.actions.make_mapper(list(bus.motors))
             camera = stack.enter_context(make_robot_camera(config))
             if policy is None:
@@ -421,8 +429,10 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     finally:
         with teardown:
             hub.close()
+    at_exit = (SHADOW_MOTORS_AT_EXIT if shadow else
+               motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
     return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),
-                   motors_at_exit=motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
+                   motors_at_exit=at_exit, shadow_withheld=bus.withheld if shadow else None)
 
 
 def trace_follower(config: "RobotConfig", mapper: ActionMapper, intrinsics) -> "TraceFollower | None":
@@ -434,6 +444,9 @@ def trace_follower(config: "RobotConfig", mapper: ActionMapper, intrinsics) -> "
 
     return TraceFollower(mapper, intrinsics, plan.trace_camera_frame, plan.trace_horizon_actions, plan.follow_trace,
                          plan.trace_camera_pose)
+
+
+SHADOW_MOTORS_AT_EXIT = "as they were: a shadow run writes nothing to the motors (no goal, no torque change)"
 
 
 def motors_at_exit(config: "RobotConfig", start_refused: bool = False) -> str:
