@@ -170,3 +170,56 @@ class MotorsBus(abc.ABC):
     def position_limits_rad(self, name: str) -> tuple[float, float]:
         """(low, high) joint angle `send` clamps to: the calibrated range; unbounded when the bus has none."""
         return -math.inf, math.inf
+
+
+class BusWrapper(MotorsBus):
+    """A MotorsBus around another one (`self.bus`): every call goes through to it unless the subclass takes it
+    (SafetyGuard: the limits, the e-stop and the watchdog; ShadowBus: every write withheld)."""
+
+    def __init__(self, bus: MotorsBus, disable_torque_on_exit: bool | None = None):
+        super().__init__(bus.motors, bus.calibration,
+                         bus.disable_torque_on_exit if disable_torque_on_exit is None else disable_torque_on_exit)
+        self.bus = bus
+
+    def connect(self) -> None:
+        self.bus.connect()
+
+    def disconnect(self, disable_torque: bool | None = None) -> None:
+        self.bus.disconnect(disable_torque)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.bus.is_connected
+
+    def position_limits_rad(self, name: str) -> tuple[float, float]:
+        return self.bus.position_limits_rad(name)
+
+    def ping(self, motor_id: int) -> int | None:
+        return self.bus.ping(motor_id)
+
+    def scan(self, ids: range | list[int] | None = None) -> dict[int, int]:
+        return self.bus.scan(ids)
+
+    def read(self, register: str, motor: str) -> int:
+        return self.bus.read(register, motor)
+
+    def write(self, register: str, motor: str, value: int) -> None:
+        self.bus.write(register, motor, value)
+
+    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
+        return self.bus.sync_read(register, motors)
+
+    def sync_write(self, register: str, values: dict[str, int]) -> None:
+        self.bus.sync_write(register, values)
+
+    def enable_torque(self, motors: list[str] | None = None) -> None:
+        self.bus.enable_torque(motors)
+
+    def disable_torque(self, motors: list[str] | None = None) -> None:
+        self.bus.disable_torque(motors)
+
+    def read_state(self, motors: list[str] | None = None) -> MotorState:
+        return self.bus.read_state(motors)
+
+    def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
+        return self.bus.send(goal_position_rad, origin_rad)

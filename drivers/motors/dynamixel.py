@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from edgeact.drivers.motors.bus import MotorBusError, MotorProtocolError, MotorTimeoutError
-from edgeact.drivers.motors.dynamixel_table import (ALERT_BIT, BAUD_RATES, HARDWARE_ERROR_BITS, INSTRUCTION_ERRORS,
-                                                    MODELS)
+from edgeact.drivers.motors.dynamixel_table import (ALERT_BIT, BAUD_RATES, GARBLED_INSTRUCTION_ERRORS,
+                                                    HARDWARE_ERROR_BITS, INSTRUCTION_ERRORS, MODELS)
 from edgeact.drivers.motors.serial_bus import SerialMotorsBus
 from edgeact.drivers.motors.serial_types import PacketCodec, SerialBusConfig, StatusPacket
 
@@ -140,6 +140,10 @@ class DynamixelMotorsBus(SerialMotorsBus):
 
     def _ping_reply_model(self, status: StatusPacket) -> int | None:
         return int.from_bytes(status.params[:2], "little") if len(status.params) == 3 else None
+
+    def _garbled_instruction(self, error: int) -> bool:
+        # CRC error, data length error: bytes lost or flipped on the way to the motor; it executed nothing.
+        return (error & 0x7F) in GARBLED_INSTRUCTION_ERRORS
 
     def _describe_status_error(self, motor_id: int, error: int) -> tuple[bool, str]:
         if error & ALERT_BIT:

@@ -97,6 +97,7 @@ HARDWARE_ERROR_BITS = {
 ALERT_BIT = 0x80
 
 # The status packet's low 7 error bits: why an instruction was refused.
+GARBLED_INSTRUCTION_ERRORS = frozenset({3, 5})     # CRC, data length: the packet arrived damaged (retried)
 INSTRUCTION_ERRORS = {
     1: "result fail (the motor could not process the instruction)",
     2: "instruction error (unknown instruction, or ACTION without REG_WRITE)",

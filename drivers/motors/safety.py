@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgeact.drivers.motors.bus import MotorBusError, MotorsBus, MotorState
+from edgeact.drivers.motors.bus import BusWrapper, MotorBusError, MotorsBus
 from edgeact.drivers.motors.watchdog import Watchdog
 from edgeact.runtime.errors import ConfigError
 
@@ -101,12 +101,12 @@ class SafetyTrip:
     error: str | None = None    # set when reaching the safe state failed (e.g. a motor stopped answering)
 
 
-class SafetyGuard(MotorsBus):
+class SafetyGuard(BusWrapper):
     """A MotorsBus that wraps another one and makes every command pass the safety limits."""
 
     def __init__(self, bus: MotorsBus, config: SafetyConfig, estop: threading.Event | Callable[[], bool] | None = None,
                  on_trip: Callable[[SafetyTrip], None] | None = None, clock: Callable[[], float] = time.monotonic):
-        super().__init__(bus.motors, bus.calibration, bus.disable_torque_on_exit)
+        super().__init__(bus)
         unknown = sorted(set(config.joint_limits_rad) - set(bus.motors))
         if unknown:
             raise ConfigError(f"joint_limits_rad names unknown joints {unknown}; the bus has {sorted(bus.motors)}")
@@ -141,10 +141,6 @@ class SafetyGuard(MotorsBus):
                                   name="safety-watchdog")
 
     # -- life ------------------------------------------------------------------------
-    @property
-    def is_connected(self) -> bool:
-        return self.bus.is_connected
-
     def connect(self) -> None:
         if not self.bus.is_connected:
             self.bus.connect()
@@ -335,27 +331,27 @@ class SafetyGuard(MotorsBus):
             self._torque_off -= set(motors or self.motors)
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
-        self.bus.disable_torque(motors)
-        self._torque_off |= set(motors or self.motors)
-
-    def read_state(self, motors: list[str] | None = None) -> MotorState:
-        return self.bus.read_state(motors)
-
-    # -- the rest passes through ---------------------------------------------------------
-    def ping(self, motor_id: int) -> int | None:
-        return self.bus.ping(motor_id)
-
-    def scan(self, ids: range | list[int] | None = None) -> dict[int, int]:
-        return self.bus.scan(ids)
-
-    def read(self, register: str, motor: str) -> int:
-        return self.bus.read(register, motor)
+        try:
+            self.bus.disable_torque(motors)
+        finally:    # a motor that did not confirm: the others went limp all the same, and "hold" must not wake them
+            self._torque_off |= set(motors or self.motors)
 
     def write(self, register: str, motor: str, value: int) -> None:
-        self.bus.write(register, motor, value)
-
-    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
-        return self.bus.sync_read(register, motors)
+        """A register write, refused while the e-stop is latched unless it turns torque off: a raw write of a goal
+        or of torque on would move the arm past every limit here."""
+        with self._lock:
+            self._refuse_latched_write(register, [value])
+            self.bus.write(register, motor, value)
 
     def sync_write(self, register: str, values: dict[str, int]) -> None:
-        self.bus.sync_write(register, values)
+        with self._lock:
+            self._refuse_latched_write(register, list(values.values()))
+            self.bus.sync_write(register, values)
+
+    def _refuse_latched_write(self, register: str, values: list[int]) -> None:
+        if not (register == "torque_enable" and not any(values)):
+            self._refuse_if_estopped()
+
+    def position_limits_rad(self, name: str) -> tuple[float, float]:
+        """The limits `send` applies: the configured ones within the bus's calibrated range (wheels: none)."""
+        return self._limits.get(name, (-math.inf, math.inf))

@@ -206,7 +206,7 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         reply_bytes = len(want) * (self.codec.status_overhead + max_params)
         with self._lock:
             self._require_port()
-            for _ in range(attempts):
+            for attempt in range(attempts):
                 self._send(packet)
                 if not want:
                     return {}
@@ -214,12 +214,20 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
                 deadline = time.monotonic() + (timeout_s or self.config.timeout_s) + wire_s
                 replies, bad = self._collect(want, max_params, deadline, accept_from or {})
                 if want <= replies.keys():
+                    # A motor that got the instruction garbled refused it unexecuted: send it again, as a garbled
+                    # reply is asked again (noise hits both directions of the line).
+                    if attempt + 1 < attempts and any(self._garbled_instruction(s.error) for s in replies.values()):
+                        continue
                     break
             else:
                 raise self._silence_error(sorted(want - replies.keys()), bad)
             if check_errors:
                 self._check_status_errors(replies)
         return replies
+
+    def _garbled_instruction(self, error: int) -> bool:
+        """Whether a status error says the motor received the instruction corrupted (and so did not execute it)."""
+        return False
 
     def _silence_error(self, missing: list[int], bad_bytes: int) -> MotorBusError:
         who = self.describe_ids(missing)

@@ -153,7 +153,15 @@ class SerialMotion:
             # Goals to where the joints are first, torque still on (they hold, nothing moves): no stale goal is
             # left for the next enable, and no goal is written after the torque off, which some servo firmwares
             # take as "torque on".
-            self._hold_in_place(names)
+            try:
+                self._hold_in_place(names)
+            except MotorPortError:
+                raise
+            except MotorBusError:
+                # A silent or faulted motor spoils the group read; the others must still go limp (the e-stop's and
+                # the watchdog's torque_off): torque off by broadcast, unanswered, then the error naming the motor.
+                self.sync_write("torque_enable", dict.fromkeys(names, 0))
+                raise
             self.sync_write("torque_enable", dict.fromkeys(names, 0))
             self._expect_torque(names, False)
 

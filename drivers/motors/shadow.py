@@ -13,49 +13,24 @@ from __future__ import annotations
 
 import threading
 
-from edgeact.drivers.motors.bus import MotorsBus, MotorState
+from edgeact.drivers.motors.bus import BusWrapper, MotorsBus, MotorState
 from edgeact.runtime.errors import ConfigError
 
 
-class ShadowBus(MotorsBus):
+class ShadowBus(BusWrapper):
     """`bus`, read-only: reads pass through, writes are counted in `withheld` and not sent."""
 
     def __init__(self, bus: MotorsBus):
         wheels = [name for name, motor in bus.motors.items() if motor.mode == "velocity"]
         if wheels and not hasattr(bus, "send_velocity"):    # as the SafetyGuard refuses it on the real run
             raise ConfigError(f"wheels {wheels} need a bus with send_velocity(); {type(bus).__name__} has none")
-        super().__init__(bus.motors, bus.calibration, disable_torque_on_exit=False)
-        self.bus = bus
+        super().__init__(bus, disable_torque_on_exit=False)
         self.withheld = 0                  # writes not sent: goals, velocities, torque changes, registers
         self._measured: dict[str, float] = {}   # the last reading, per joint: what "sent" reports
         self._lock = threading.Lock()
 
-    # -- life: the real bus's, but its torque is never touched ---------------------------------------
-    def connect(self) -> None:
-        self.bus.connect()
-
     def disconnect(self, disable_torque: bool | None = None) -> None:
-        self.bus.disconnect(False)
-
-    @property
-    def is_connected(self) -> bool:
-        return self.bus.is_connected
-
-    def position_limits_rad(self, name: str) -> tuple[float, float]:
-        return self.bus.position_limits_rad(name)
-
-    # -- reads pass through ---------------------------------------------------------------------------
-    def ping(self, motor_id: int) -> int | None:
-        return self.bus.ping(motor_id)
-
-    def scan(self, ids: range | list[int] | None = None) -> dict[int, int]:
-        return self.bus.scan(ids)
-
-    def read(self, register: str, motor: str) -> int:
-        return self.bus.read(register, motor)
-
-    def sync_read(self, register: str, motors: list[str] | None = None) -> dict[str, int]:
-        return self.bus.sync_read(register, motors)
+        self.bus.disconnect(False)          # the real bus's close, its torque never touched
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         state = self.bus.read_state(motors)

@@ -27,6 +27,7 @@ from edgeact.drivers.sim.servo_wire import WIRES, Instruction, SimWire, collide
 
 PING, READ, WRITE, REG_WRITE, ACTION = 0x01, 0x02, 0x03, 0x04, 0x05
 SYNC_READ, SYNC_WRITE, FAST_SYNC_READ = 0x82, 0x83, 0x8A
+CRC_ERROR = 3           # Protocol 2.0 status error: the instruction's CRC did not match
 BROADCAST_ID = 0xFE
 TCGETS2 = 0x802C542A   # Linux ioctl: struct termios2, whose c_ospeed is the slave's numeric baud rate
 IDLE_S = 0.02          # a packet stalled this long is abandoned, like a servo's inter-byte timeout
@@ -52,6 +53,9 @@ class SimFaults:
     garble: int = 0         # the reply is replaced by noise of the same length
     prefix_count: int = 0   # the next replies are preceded by `prefix` (noise the driver must skip)
     prefix: bytes = b""
+    # The next instructions reach the motors damaged (noise on the way out): nothing is executed; a Dynamixel
+    # (Protocol 2.0) answers its CRC error status (error 3), a Feetech ignores the packet (no answer).
+    damaged_instruction: int = 0
 
     def apply(self, reply: bytes) -> bytes:
         if self.drop:
@@ -225,9 +229,14 @@ class SimServoBus:
             self.received.append(instruction)
             baud = self._line_baud()
             live = [s for s in self.servos if s.powered and (baud is None or s.baud_rate == baud)]
-            for servo in self._addressed(instruction, live):
-                servo.heard()
-            reply = self._dispatch(instruction, live)
+            addressed = self._addressed(instruction, live)
+            if self.faults.damaged_instruction:
+                self.faults.damaged_instruction -= 1
+                reply = self._damaged_reply(instruction, addressed)
+            else:
+                for servo in addressed:
+                    servo.heard()
+                reply = self._dispatch(instruction, live)
             reply = self.faults.apply(reply) if reply else reply
         if reply:
             self._write(reply)
@@ -244,6 +253,14 @@ class SimServoBus:
         else:
             return live
         return [s for s in live if s.id in ids]
+
+    def _damaged_reply(self, ins: Instruction, addressed: list[SimServo]) -> bytes:
+        """What motors answer to an instruction whose CRC does not match: Protocol 2.0's error 3 from each motor
+        that would have answered (broadcast writes get no answer); Feetech firmware drops the packet."""
+        answers = ins.motor_id != BROADCAST_ID or ins.code in (PING, SYNC_READ, FAST_SYNC_READ)
+        if self.protocol != "dynamixel" or not answers:
+            return b""
+        return b"".join(self.wire.status(s.id, CRC_ERROR) for s in sorted(addressed, key=lambda s: s.id))
 
     def _dispatch(self, ins: Instruction, live: list[SimServo]) -> bytes:
         wire = self.wire
