@@ -263,6 +263,10 @@ def _finish(result, console) -> int:
     """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report, and
     so is a failed teardown (after the tables: the run's numbers stand)."""
     console.print(f"stopped: {result.reason} ({result.detail})")
+    if result.plans == 0 and result.stale_frames:
+        console.print(f"no plan was made: all {result.stale_frames} frames taken were older than "
+                      "plan.max_frame_age_s (the warnings above say how old); lower the camera's resolution or rate, "
+                      "or raise plan.max_frame_age_s", style="bold yellow", markup=False)
     if getattr(result, "shadow_withheld", None) is not None:
         console.print(f"shadow run: {result.shadow_withheld} writes withheld; nothing reached the motors")
     teardown_error = getattr(result, "teardown_error", None)
@@ -314,6 +318,8 @@ def _summary_tables(summary: dict):
         ("safety trips (besides the exit)", str(sum(t["reason"] != "exit" for t in summary["trips"]))),
     ):
         loop.add_row(key, value)
+    if summary.get("frames_too_old"):
+        loop.add_row("[yellow]frames too old to plan on (plan.max_frame_age_s)[/]", str(summary["frames_too_old"]))
     if p.get("trace_followed"):
         loop.add_row("plans moved onto their trace (plan.follow_trace)", str(p["trace_followed"]))
     if summary.get("incomplete"):

@@ -41,6 +41,7 @@ STOP_REASONS = ("duration", "interrupt", "stopped", "estop", "stall", "error")
 CLEAN_REASONS = ("duration", "interrupt", "stopped")
 JOIN_S = 2.0            # how long to wait for a thread to finish its step at the end
 SAFE_STATE_WAIT_S = 3.0  # how long a stuck driver may delay the safe state before we say "cut power"
+STALE_WARN_EVERY_S = 5.0  # frames too old to plan on: said at once, then at most this often
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class RobotLoop:
         self.settings, self.hub, self.clock = settings, hub, clock
         self.ticks = self.plans = self.overruns = self.stale_frames = self.stale_plans = 0
         self._stop = threading.Event()
+        self._stale_warned_s: float | None = None
         self._ended: tuple[str, str, BaseException | None] | None = None    # the first reason to stop wins
         self._ended_lock = threading.Lock()
         self._plan: Plan | None = None          # swapped whole: readers never see half a plan
@@ -261,6 +263,13 @@ class RobotLoop:
             self._end("error", f"{threading.current_thread().name}: {type(exc).__name__}: {exc}", exc)
 
     # -- threads ---------------------------------------------------------------------------------
+    def _warn_stale_frame(self, age_s: float, max_age_s: float) -> None:
+        """Said at once, then at most every STALE_WARN_EVERY_S while it lasts (the planner's thread)."""
+        now = self.clock()
+        if self._stale_warned_s is None or now - self._stale_warned_s >= STALE_WARN_EVERY_S:
+            self._stale_warned_s = now
+            log.warning("%s (%d such frames so far)", _stale_frames_words(age_s, max_age_s), self.stale_frames)
+
     def _on_frame(self, frame: RGBDFrame) -> None:
         with self._frames_lock:                         # the camera outlives the run by a little
             if not self._finished:
@@ -314,11 +323,12 @@ class RobotLoop:
                 frame = self.camera.next_frame()        # bounded by the camera's timeout
                 if frame.age_s() > max_age_s:           # this machine cannot keep up with the camera
                     self.stale_frames += 1
+                    self._warn_stale_frame(frame.age_s(), max_age_s)
                     continue
             taken_s = self.clock()
             obs = Observation(rgb=frame.color, depth_m=frame.depth_m, timestamp_s=frame.capture_monotonic_s,
                               proprio=self._proprio, instruction=self.settings.instruction,
-                              frame_number=frame.frame_number)
+                              frame_number=frame.frame_number, depth_from_camera=True)
             plan = self.policy.step(obs)
             if self._stop.is_set():
                 return
@@ -332,6 +342,12 @@ class RobotLoop:
                                        taken_s - frame.capture_monotonic_s, done_s - taken_s))
             self.plans += 1
             last_number = frame.frame_number
+
+
+def _stale_frames_words(age_s: float, max_age_s: float) -> str:
+    return (f"frames arrive {age_s * 1000:.0f} ms old, over plan.max_frame_age_s ({max_age_s * 1000:.0f} ms): the "
+            "policy is not asked with them and the robot holds; the camera's capture at this resolution and rate, or "
+            "this computer, is too slow: lower the camera's resolution or rate, or raise plan.max_frame_age_s")
 
 
 def _latched_detail(exc: EStopLatchedError) -> str:

@@ -66,6 +66,10 @@ class Observation:
     proprio: dict[str, float] | None        # joint -> rad, from the control thread's last read
     instruction: str
     frame_number: int = -1                  # the camera's frame counter (telemetry)
+    # The depth comes from a camera driver, which applied the sensor's depth scale (RealSenseCamera, recordings,
+    # the simulator): its units are known, so a far scene (a hall, outdoors) is not taken for millimetres. Left
+    # False (a caller's own arrays) the units heuristic below refuses integer images and implausible medians.
+    depth_from_camera: bool = False
 
     def __post_init__(self) -> None:
         rgb = self.rgb
@@ -79,7 +83,7 @@ class Observation:
                                  f"{type(depth).__name__}; pass np.asarray(depth, np.float32)")
             if depth.shape != rgb.shape[:2]:
                 raise ValueError(f"Observation.depth_m must be {rgb.shape[:2]} like rgb, got {depth.shape}")
-            problem = depth_units_problem(depth)
+            problem = None if self.depth_from_camera and depth.dtype.kind == "f" else depth_units_problem(depth)
             if problem:
                 raise ValueError(f"Observation.depth_m {problem}")
         bad = {j: v for j, v in (self.proprio or {}).items()

@@ -206,9 +206,21 @@ def _camera(config, make_camera, frames: int, add, stack: ExitStack):
     span_s = time.monotonic() - start
     height, width = frame.color.shape[:2]
     valid = float((frame.depth_m > 0).mean())
-    rate = f"{frames / span_s:.1f} frames/s" if span_s > 0 else "frames at once"
-    add("camera", OK, f"{config.camera.type_name}: {width}x{height}, {rate} over {frames} frames, "
-                      f"depth on {valid:.0%} of the pixels, newest {frame.age_s() * 1000:.0f} ms old")
+    fps = frames / span_s if span_s > 0 else math.inf
+    rate = f"{fps:.1f} frames/s" if span_s > 0 else "frames at once"
+    age_s, max_age_s = frame.age_s(), config.plan.max_frame_age_s
+    what = (f"{config.camera.type_name}: {width}x{height}, {rate} over {frames} frames, depth on {valid:.0%} of the "
+            f"pixels, newest {age_s * 1000:.0f} ms old")
+    asked = getattr(config.camera, "fps", None)
+    if age_s > max_age_s:
+        add("camera", WARN, f"{what}: older than plan.max_frame_age_s ({max_age_s * 1000:.0f} ms) when it arrives, "
+                            "so the run would not plan on such frames and the robot would hold; lower the camera's "
+                            "resolution or rate, or raise plan.max_frame_age_s")
+    elif asked and fps < 0.5 * asked:
+        add("camera", WARN, f"{what}: under half the configured {asked:g} frames/s (the camera, its link or this "
+                            "computer is slower than asked); lower the resolution or the rate")
+    else:
+        add("camera", OK, what)
     return camera, frame
 
 
@@ -231,7 +243,8 @@ def _policy(config, camera, frame, positions, with_policy: bool, add, stack: Exi
     proprio = {n: v for n, v in (positions or {}).items() if n in config.robot.motors}
     seconds = []
     for _ in range(2):          # the first warms up
-        observation = Observation(frame.color, frame.depth_m, frame.capture_monotonic_s, proprio or None, instruction)
+        observation = Observation(frame.color, frame.depth_m, frame.capture_monotonic_s, proprio or None, instruction,
+                                  depth_from_camera=True)
         started = time.monotonic()
         plan = policy.step(observation)
         seconds.append(time.monotonic() - started)

@@ -250,7 +250,7 @@ class ProcessPolicy:
                 raise PolicyProcessError(f"{self.description} is unusable: {self._broken}")
             slab_name = self._write_frame(obs)
             request = ("step", slab_name, self._slab.shape_hw, obs.depth_m is not None, obs.timestamp_s,
-                       obs.proprio, obs.instruction, obs.frame_number)
+                       obs.proprio, obs.instruction, obs.frame_number, obs.depth_from_camera)
             if not self._child.send(request):
                 self._fail(f"it exited before a step ({self._child.exit_status()})")
             return self._receive(self.step_timeout_s, "a step")
@@ -329,7 +329,7 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
         nonlocal slab
         if request[0] == "steer":
             return steer(request[1])
-        _, slab_name, shape_hw, has_depth, timestamp_s, proprio, instruction, frame_number = request
+        _, slab_name, shape_hw, has_depth, timestamp_s, proprio, instruction, frame_number, depth_from_camera = request
         if slab is None or slab.name != slab_name:
             if slab is not None:
                 slab.close()
@@ -337,7 +337,7 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
         try:
             obs = Observation(rgb=_read_only(slab.rgb), depth_m=_read_only(slab.depth_m) if has_depth else None,
                               timestamp_s=timestamp_s, proprio=proprio, instruction=instruction,
-                              frame_number=frame_number)
+                              frame_number=frame_number, depth_from_camera=depth_from_camera)
             return ("plan", policy.step(obs))
         except Exception as exc:        # the step's error is the parent's to raise
             return ("error", portable_error(exc), traceback.format_exc())

@@ -56,7 +56,9 @@ class LogSubscriber(Subscriber):
                               self._plans / (now - self._last_s), self._overruns, now - self._last_s)
             else:
                 self.log.warning("0 plans in the last %.0f s: the policy has not finished a step (a stuck model or "
-                                 "policy process?); %d control overruns", now - self._last_s, self._overruns)
+                                 "policy process?), or the frames were too old to plan on (then a warning about "
+                                 "plan.max_frame_age_s says so); %d control overruns", now - self._last_s,
+                                 self._overruns)
             self._last_s, self._plans, self._overruns = now, 0, 0
 
     def on_trip(self, e: TripEvent) -> None:
@@ -338,6 +340,8 @@ def run_summary(result: Any, bundle: dict[str, Any] | str | Path | None = None, 
             "budget_mb": _mb(budget),
             "within_budget": None if budget is None or not rss else runtime_bytes <= budget,
         },
+        # Frames the planner did not plan on: older than plan.max_frame_age_s when taken (the robot held).
+        "frames_too_old": getattr(result, "stale_frames", 0),
         "device": device.to_dict(),
         "bundle": None if bundle is None else {"path": bundle["path"], "manifest_sha256": bundle["manifest_sha256"]},
     }
