@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from edgeact.runtime.atomic_dir import fsync_tree, occupied, partial_dir, publish
 from edgeact.export.tensor_names import expected_tensor_shapes
+from edgeact.runtime.action_bins import ACTION_DIMS
 from edgeact.runtime.arm_config import ArmConfig
 from edgeact.runtime.errors import CheckpointError
 
@@ -110,6 +111,18 @@ def validate_norm_stats(norm_stats: Any, source: str = CONFIG_FILE) -> None:
         bounds = [x for s in NORM_STATS_REQUIRED for x in action[s]]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in bounds):
             raise CheckpointError(f"{source}: norm_stats[{key!r}]['action'] q01/q99 hold a non-number or non-finite value")
+        if lengths["q01"] != ACTION_DIMS:
+            raise CheckpointError(f"{source}: norm_stats[{key!r}]['action'] has {lengths['q01']} dimensions; MolmoAct's "
+                                  f"actions have {ACTION_DIMS} (dx, dy, dz, droll, dpitch, dyaw, gripper): one q01 / q99 "
+                                  "value each")
+        crossed = [i for i, (low, high) in enumerate(zip(action["q01"], action["q99"])) if low > high]
+        if crossed:
+            raise CheckpointError(f"{source}: norm_stats[{key!r}]['action'] has q01 > q99 in dimensions {crossed}: "
+                                  "swapped statistics would flip those actions' signs; q01 is the 1st percentile")
+        mask = action.get("mask")
+        if mask is not None and not all(isinstance(x, bool) for x in mask):
+            raise CheckpointError(f"{source}: norm_stats[{key!r}]['action']['mask'] must be true / false values (which "
+                                  f"dimensions are un-normalized), got {mask!r}")
 
 
 def _few(names: list[str]) -> str:
@@ -262,6 +275,10 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype | None = None) -> C
     tokenizer_path = root / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: not found; a checkpoint needs its tokenizer.json")
+    from edgeact.runtime.token_layout import TokenLayout
+
+    # Before the weights are read: a tokenizer of another checkpoint fails only at verification, or on the robot.
+    TokenLayout.from_file(tokenizer_path).check_config(cfg, str(tokenizer_path), str(root / CONFIG_FILE))
     files = _weight_files(root)
     shapes, where = _read_headers(files)
     default_where = str(root / INDEX_FILE) if (root / INDEX_FILE).exists() else str(root / SINGLE_WEIGHTS_FILE)

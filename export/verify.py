@@ -40,18 +40,22 @@ class Gate:
     logits_cosine: float
     forced_agreement: float     # teacher-forced: masked argmax at every choice of the reference answer
     greedy_agreement: float     # free-running masked greedy, per kind (depth, trace, action)
+    # Maximum relative error of each compared tensor's length (|len(bundle) / len(reference) - 1|), beside every
+    # cosine gate: a cosine is blind to scale. Measured on the reference ARM's bundles: fp32 ~1e-6, int8 and fp8 at
+    # most 1.2 %, int4 2 % (its logits' cosine 0.77); a stage off by 3x reads 2.0.
+    norm_err: float = 0.0
 
 
 # fp32 must reproduce the reference: only kernel summation order differs. Reduced precisions are
 # judged mostly on teacher-forced agreement: a free-running answer that flips one early token
 # continues differently, so its agreement measures luck as much as accuracy.
 GATES: Mapping[str, Gate] = MappingProxyType({
-    "fp32": Gate(0.99999, 0.99999, 0.99999, 1.0, 1.0),
-    "fp16": Gate(0.9995, 0.9995, 0.9995, 0.98, 0.9),
-    "bf16": Gate(0.995, 0.995, 0.995, 0.95, 0.8),
-    "int8": Gate(0.99, 0.99, 0.99, 0.9, 0.7),
-    "fp8": Gate(0.99, 0.99, 0.99, 0.9, 0.7),
-    "int4": Gate(0.98, 0.98, 0.98, 0.85, 0.6),
+    "fp32": Gate(0.99999, 0.99999, 0.99999, 1.0, 1.0, norm_err=1e-4),
+    "fp16": Gate(0.9995, 0.9995, 0.9995, 0.98, 0.9, norm_err=0.005),
+    "bf16": Gate(0.995, 0.995, 0.995, 0.95, 0.8, norm_err=0.02),
+    "int8": Gate(0.99, 0.99, 0.99, 0.9, 0.7, norm_err=0.05),
+    "fp8": Gate(0.99, 0.99, 0.99, 0.9, 0.7, norm_err=0.05),
+    "int4": Gate(0.98, 0.98, 0.98, 0.85, 0.6, norm_err=0.08),
 })
 if set(GATES) != set(PRECISIONS):   # a new precision must get its gates here, not silently none
     raise RuntimeError(f"GATES covers {sorted(GATES)} but stages may be {sorted(PRECISIONS)}")
@@ -109,7 +113,9 @@ class VerificationReport:
 def gate_for(precisions: list[str]) -> Gate:
     """The loosest gate of several stage precisions, field by field."""
     gates = [GATES[p] for p in precisions]
-    return Gate(**{f.name: min(getattr(g, f.name) for g in gates) for f in dataclasses.fields(Gate)})
+    # Loosest: the lowest minimum, and for norm_err (a maximum) the highest.
+    return Gate(**{f.name: (max if f.name == "norm_err" else min)(getattr(g, f.name) for g in gates)
+                   for f in dataclasses.fields(Gate)})
 
 
 def held_out_observations(n: int) -> list[tuple[Any, str]]:
@@ -278,8 +284,14 @@ def _gate_rows(totals: dict[str, Any], precisions: dict[str, str]) -> list[dict[
             row.update(value=value, limit=limit, detail=f"{m.matches}/{m.total} tokens")
         else:
             value = m.cosine
-            row.update(value=_finite(value), limit=limit, detail=f"max abs err {m.max_abs_err:.3g}",
-                       max_abs_err=_finite(m.max_abs_err))
+            norm_limit = gate_for(scope).norm_err
+            row.update(value=_finite(value), limit=limit,
+                       detail=f"max abs err {m.max_abs_err:.3g}, length err {m.norm_err:.2g} (<= {norm_limit:g})",
+                       max_abs_err=_finite(m.max_abs_err), norm_err=_finite(m.norm_err), norm_limit=norm_limit)
+            if not (m.norm_err <= norm_limit):      # a NaN fails too
+                row["passed"] = False
+                rows.append(row)
+                continue
         row["passed"] = bool(not math.isnan(value) and value >= limit)
         rows.append(row)
     return rows

@@ -66,9 +66,18 @@ class ActionStats:
             raise CheckpointError(f"norm_stats[{unnorm_key!r}] needs an 'action' entry with 'q01' and 'q99' lists")
         q01 = np.asarray(action["q01"], dtype=np.float64)
         q99 = np.asarray(action["q99"], dtype=np.float64)
+        where = f"norm_stats[{unnorm_key!r}]['action']"
+        if q01.shape != (ACTION_DIMS,) or q99.shape != (ACTION_DIMS,):
+            raise CheckpointError(f"{where}: q01 and q99 need {ACTION_DIMS} values (dx, dy, dz, droll, dpitch, dyaw, "
+                                  f"gripper), got {q01.size} and {q99.size}; the checkpoint's config.json is wrong")
+        if np.any(q01 > q99):
+            raise CheckpointError(f"{where}: q01 > q99 in dimensions {np.flatnonzero(q01 > q99).tolist()}: swapped "
+                                  "statistics would flip those actions' signs; the checkpoint's config.json is wrong")
         # Published statistics always carry a mask; without one every dimension was normalized.
-        mask = np.asarray(action.get("mask", [True] * len(q01)), dtype=bool)
-        return cls(q01, q99, mask)
+        raw_mask = action.get("mask", [True] * len(q01))
+        if len(raw_mask) != ACTION_DIMS or not all(isinstance(x, (bool, np.bool_)) for x in raw_mask):
+            raise CheckpointError(f"{where}: mask must be {ACTION_DIMS} true / false values, got {raw_mask!r}")
+        return cls(q01, q99, np.asarray(raw_mask, dtype=bool))
 
     def scaled_dims(self, n_dims: int) -> np.ndarray:
         if n_dims != self.q01.shape[0]:

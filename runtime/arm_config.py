@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,20 @@ class ArmConfig:
             raise CheckpointError(f"{source}: image_patch_id {self.image_patch_id} outside the embedding table ({l.vocab_size}+{l.additional_vocab_size})")
         if a.image_padding_embed not in (None, "pad_and_partial_pad", "pad_embed", "regress"):
             raise CheckpointError(f"{source}: adapter_config.image_padding_embed {a.image_padding_embed!r} unknown")
+        from edgeact.runtime.action_bins import N_ACTION_BINS
+
+        if self.n_action_bins != N_ACTION_BINS:
+            raise CheckpointError(f"{source}: n_action_bins {self.n_action_bins}, but MolmoAct's actions are "
+                                  f"{N_ACTION_BINS} bins over [-1, 1] (the last {N_ACTION_BINS} ids of the base "
+                                  f"vocabulary), the only layout edgeact decodes; a checkpoint with other bins would "
+                                  "be decoded wrongly")
+        positive = (("vit_config.layer_norm_eps", v.layer_norm_eps), ("llm_config.layer_norm_eps", l.layer_norm_eps),
+                    ("llm_config.rope_theta", l.rope_theta),
+                    ("llm_config.max_position_embeddings", l.max_position_embeddings))
+        for name, value in positive:
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise CheckpointError(f"{source}: {name} is {value!r}; it must be a positive number (MolmoAct-7B-D: "
+                                      "layer_norm_eps 1e-6, rope_theta 1000000, max_position_embeddings 4096)")
 
 
 def _build(klass, data: dict[str, Any], where: str):

@@ -70,6 +70,23 @@ class TokenLayout:
             digit_ids=np.array(digits, dtype=np.int64),
         )
 
+    def check_config(self, cfg, tokenizer_source: str, config_source: str) -> None:
+        """Refuse a tokenizer and a config.json that disagree: the <im_patch> id the prompt is built with must be the
+        one the model adds image features to, and every id the answer chooses from must be a row of the LM head."""
+        if self.im_patch_id != cfg.image_patch_id:
+            raise CheckpointError(f"{tokenizer_source} has <im_patch> at id {self.im_patch_id} but {config_source} "
+                                  f"says image_patch_id {cfg.image_patch_id}; they come from different checkpoints: "
+                                  "use the tokenizer.json the model was trained with")
+        rows = cfg.llm_config.vocab_size
+        chosen = {"depth codes": self.depth_code_ids, "digits": self.digit_ids, "action bins": self.action_ids}
+        outside = {name: (int(ids.min()), int(ids.max())) for name, ids in chosen.items()
+                   if ids.min() < 0 or ids.max() >= rows}
+        if outside:
+            spans = ", ".join(f"{name} at ids {lo}..{hi}" for name, (lo, hi) in outside.items())
+            raise CheckpointError(f"{tokenizer_source} has {spans}, outside the LM head's {rows} rows "
+                                  f"({config_source}: llm_config.vocab_size {rows}); the tokenizer and the config "
+                                  "come from different checkpoints")
+
     @classmethod
     def from_file(cls, path: str | Path) -> "TokenLayout":
         return cls.from_tokenizer(load_tokenizer(path), str(path))

@@ -342,11 +342,43 @@ def test_index_and_shard_disagreeing(broken):
     (lambda a: a.update(mask=a["mask"][:6]), "different lengths"),
     (lambda a: a.update(q01=a["q01"] + [0.0]), "different lengths"),
     (lambda a: a.update(q99=a["q99"][:-1] + ["inf"]), "non-number"),
+    (lambda a: a.update({k: v[:6] for k, v in a.items() if isinstance(v, list)}), "has 6 dimensions; MolmoAct's actions "
+                                                                                   "have 7"),
+    (lambda a: a.update(q01=a["q99"], q99=a["q01"]), r"has q01 > q99 in dimensions \[0, 1, 2, 3, 4, 5, 6\]: swapped"),
+    (lambda a: a.update(mask=["yes"] * 7), "mask'\\] must be true / false values"),
 ])
 def test_bad_norm_stats(broken, edit, message):
     path = broken()
     _edit_config(path, lambda c: edit(c["norm_stats"]["edgeact_sim"]["action"]))
     with pytest.raises(CheckpointError, match=r"config\.json: norm_stats\['edgeact_sim'\]\['action'\].*" + message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(n_action_bins=128), "n_action_bins 128, but MolmoAct's actions are 256 bins"),
+    (lambda c: c["llm_config"].update(rope_theta=-1.0), r"llm_config.rope_theta is -1.0; it must be a positive"),
+    (lambda c: c["vit_config"].update(layer_norm_eps=0.0), r"vit_config.layer_norm_eps is 0.0; it must be a positive"),
+    (lambda c: c["llm_config"].update(max_position_embeddings=0), r"llm_config.max_position_embeddings is 0; it must"),
+])
+def test_config_values_that_cannot_be_right_are_named_before_the_weights_load(broken, edit, message):
+    path = broken()
+    _edit_config(path, edit)
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        load_checkpoint(path)
+
+
+def test_a_tokenizer_of_another_checkpoint_is_refused(broken):
+    """The prompt's <im_patch> id must be the one the model adds image features to, and every id the answer chooses
+    must be a row of the LM head: both found at load, not after a whole export (or on the robot)."""
+    path = broken()
+    _edit_config(path, lambda c: c.update(image_patch_id=c["image_patch_id"] + 1))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json has <im_patch> at id \d+ but .*config\.json says "
+                                              r"image_patch_id \d+; they come from different checkpoints"):
+        load_checkpoint(path)
+    path = broken(shards=1)
+    _edit_config(path, lambda c: c["llm_config"].update(vocab_size=900))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json has depth codes at ids \d+\.\.\d+.*outside the LM "
+                                              r"head's 900 rows .*llm_config\.vocab_size 900"):
         load_checkpoint(path)
 
 

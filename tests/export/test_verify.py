@@ -120,8 +120,27 @@ def test_the_gate_table_is_frozen_complete_and_fp32_is_strictest():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GATES["fp32"].vision_cosine = 0.5       # type: ignore[misc]
     for field in dataclasses.fields(Gate):
-        assert all(getattr(GATES["fp32"], field.name) >= getattr(g, field.name) for g in GATES.values())
+        if field.name == "norm_err":            # a maximum: the strictest is the smallest
+            assert all(GATES["fp32"].norm_err <= g.norm_err for g in GATES.values())
+        else:
+            assert all(getattr(GATES["fp32"], field.name) >= getattr(g, field.name) for g in GATES.values())
     assert gate_for(["fp32", "int4", "fp16"]) == GATES["int4"]
+
+
+def test_a_stage_off_in_scale_fails_although_its_cosine_is_one():
+    """A cosine is blind to scale: outputs 3x too long have cosine 1, and the softmax that median action decoding
+    reads is sharper. Each compared tensor's length is gated too."""
+    from edgeact.export.verify import _gate_rows
+    from edgeact.export.verify_compare import closeness
+
+    want = np.random.default_rng(0).normal(size=(6, 32))
+    scaled, noisy = closeness(3.0 * want, want), closeness(want + 1e-9, want)
+    assert scaled.cosine > 0.999999 and abs(scaled.norm_err - 2.0) < 1e-9 and noisy.norm_err < 1e-6
+    for closeness_of_stage, passed in ((scaled, False), (noisy, True)):
+        (row,) = _gate_rows({"decoder.step": closeness_of_stage}, {"decoder": "fp32"})
+        assert row["passed"] is passed and row["norm_limit"] == GATES["fp32"].norm_err
+    (row,) = _gate_rows({"logits": closeness(1.03 * want, want)}, {"decoder": "int8"})
+    assert row["passed"] and "length err 0.03 (<= 0.05)" in row["detail"]     # quantization's few percent pass
 
 
 def test_held_out_observations_are_deterministic_and_distinct():

@@ -104,6 +104,17 @@ def test_unnorm_key_errors_list_the_keys():
     assert only.mask.all()
 
 
+@pytest.mark.parametrize("action, message", [
+    ({"q01": [0] * 6, "q99": [1] * 6}, "q01 and q99 need 7 values"),
+    ({"q01": [1] * 7, "q99": [0] * 7}, r"q01 > q99 in dimensions \[0, 1, 2, 3, 4, 5, 6\]: swapped"),
+    ({"q01": [0] * 7, "q99": [1] * 7, "mask": ["false"] * 7}, "mask must be 7 true / false values"),
+])
+def test_statistics_a_bundle_cannot_decode_with_are_refused(action, message):
+    """Swapped q01 / q99 would flip the actions' signs, and np.asarray(["false"], bool) is True: refused at load."""
+    with pytest.raises(CheckpointError, match=r"norm_stats\['sim'\]\['action'\]: " + message):
+        ActionStats.from_norm_stats({"sim": {"action": action}}, "sim")
+
+
 def test_trace_to_pixels_any_image_size():
     px = trace_to_pixels([[255, 0], [128, 128], [0, 255]], 640, 480)
     np.testing.assert_allclose(px, [[639.0, 0.0], [320.7529411764706, 240.4392156862745], [0.0, 479.0]])
