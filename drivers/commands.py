@@ -107,17 +107,27 @@ def _setup(args) -> int:
 
     check_new_settings(args.protocol, args.id, args.baud)
     if not args.yes:
-        input(f"Connect ONLY the motor to set up to {args.port} and power it, then press Enter (Ctrl-C aborts) ")
+        _ask(f"Connect ONLY the motor to set up to {args.port} and power it, then press Enter (Ctrl-C aborts) ")
     found = find_single_motor(args.port, args.protocol, args.search_baud, args.search_ids, args.timeout)
     print(f"found {found.model} (model {found.model_number}) with id {found.motor_id} at {found.baud_rate} baud")
     if not args.yes:
-        answer = input(f"Write id {args.id} and baud rate {args.baud} (plus safe defaults) to it? [y/N] ")
+        answer = _ask(f"Write id {args.id} and baud rate {args.baud} (plus safe defaults) to it? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("aborted; nothing was written")
             return 1
     done = flash_motor(args.port, found, args.id, args.baud, args.timeout)
     print(f"done: the {done.model} now answers as id {done.motor_id} at {done.baud_rate} baud")
     return 0
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:        # stdin is no terminal (a pipe, /dev/null, a service)
+        from edgeact.runtime.errors import ConfigError
+
+        raise ConfigError("motors setup asks for confirmation on a terminal and stdin has none; run it in a terminal, "
+                          "or pass --yes once only the motor to set up is connected") from None
 
 
 def _calibrate(args) -> int:

@@ -35,7 +35,7 @@ ALLOW_UNVERIFIED_FLAG = "--allow-unverified"
 # How each caller loads a bundle whose verification failed; callers pass the one that applies to them.
 UNVERIFIED_FIX_CONFIG = "set `allow_unverified: true` in the robot config's policy section"
 UNVERIFIED_FIX_DEFAULT = (f"to load it anyway: {UNVERIFIED_FIX_CONFIG} (edgeact run, edgeact bench), pass "
-                          f"{ALLOW_UNVERIFIED_FLAG} (edgeact build-engines, edgeact eval), or "
+                          f"{ALLOW_UNVERIFIED_FLAG} (edgeact flash, edgeact build-engines, edgeact eval), or "
                           "allow_unverified=True (BundlePolicy in Python)")
 _CHUNK_BYTES = 1 << 20            # stream hashes: a 7B stage is gigabytes, never read it whole
 FIX_COPY = "re-copy or re-export the bundle"
@@ -110,6 +110,9 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
                               f"flash), `edgeact flash --list --store {bundle_dir.parent}` shows what is installed "
                               "(and puts back an entry an interrupted install moved aside), and --rollback or --use "
                               "ID makes one current; otherwise point the link at a bundle")
+        if not bundle_dir.exists() and bundle_dir.name == "current" and not hint:
+            raise BundleError(f"{bundle_dir}: no bundle here; if {bundle_dir.parent} is a bundle store, nothing is "
+                              f"installed in it yet: `edgeact flash BUNDLE --store {bundle_dir.parent}`")
         if not bundle_dir.exists():
             raise BundleError(f"{bundle_dir}: no bundle here{hint or '; check the path or run the export first'}")
         raise BundleError(f"{path}: missing; {bundle_dir} is not a bundle or an incomplete copy"

@@ -48,9 +48,9 @@ DEVICE_PREFILL_CHUNK = 1024
 DepthTokenizer = Callable[[np.ndarray], Sequence[int]]
 ForcedDepth = Union[None, str, Sequence[int], np.ndarray, DepthTokenizer]
 # How a robot config's user runs a bundle whose verification failed (`edgeact run` has no flag for it).
-ROBOT_CONFIG_UNVERIFIED_FIX = (f"to run it anyway: {UNVERIFIED_FIX_CONFIG} (`edgeact demo` has no config file: "
-                               "write one with `edgeact demo ... --write-config robot.json`, set it there, and run "
-                               "`edgeact run robot.json`)")
+ROBOT_CONFIG_UNVERIFIED_FIX = (f"to run it anyway: {UNVERIFIED_FIX_CONFIG} (with `edgeact demo`, which has no config "
+                               "file: write one with `edgeact demo ... --write-config robot.json`, set it there, and "
+                               "run `edgeact run robot.json`)")
 
 log = logging.getLogger(__name__)
 

@@ -261,7 +261,10 @@ def _flash(args) -> int:
         for id_ in result.removed:
             console.print(f"removed {id_} (--keep {args.keep})")
         console.print(f"robot configs load it as policy.path: {store.root / 'current'}")
-    console.print(_store_table(store))
+    if store.ids():
+        console.print(_store_table(store))
+    else:
+        console.print(f"nothing installed in {store.root} yet: `edgeact flash BUNDLE --store {store.root}`")
     return 0
 
 

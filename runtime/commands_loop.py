@@ -94,6 +94,9 @@ def _run(args) -> int:
     distinct_outputs(outputs)
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
+    if args.shadow:
+        logging.getLogger(__name__).warning("shadow run: the motors are read and never written (no goal, no torque "
+                                            "change); the safe states and the exit below are the run's, withheld")
     warn_without_estop(config)
     with sigterm_as_interrupt(), KeyEstop(config.estop.key_char, estop, required=estop_key_required(config)):
         if args.json:

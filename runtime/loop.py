@@ -268,7 +268,7 @@ class RobotLoop:
         now = self.clock()
         if self._stale_warned_s is None or now - self._stale_warned_s >= STALE_WARN_EVERY_S:
             self._stale_warned_s = now
-            log.warning("%s (%d such frames so far)", _stale_frames_words(age_s, max_age_s), self.stale_frames)
+            log.warning("%s (frames too old so far: %d)", _stale_frames_words(age_s, max_age_s), self.stale_frames)
 
     def _on_frame(self, frame: RGBDFrame) -> None:
         with self._frames_lock:                         # the camera outlives the run by a little

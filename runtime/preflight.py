@@ -249,9 +249,10 @@ def _policy(config, camera, frame, positions, with_policy: bool, add, stack: Exi
         plan = policy.step(observation)
         seconds.append(time.monotonic() - started)
     trace = getattr(plan, "trace_px", None)
-    points = f", a trace of {len(trace)} points" if trace is not None and len(trace) else ""
+    points = (f", a trace of {len(trace)} point{'s' if len(trace) != 1 else ''}" if trace is not None and len(trace)
+              else "")
     add("policy", OK, f"{config.policy.type_name}: loaded in {load_s:.1f} s; answers a frame in {seconds[1]:.3f} s "
-                      f"(first {seconds[0]:.3f} s): {len(plan.actions)} actions{points}"
+                      f"(first {seconds[0]:.3f} s): {len(plan.actions)} action{'s' if len(plan.actions) != 1 else ''}{points}"
                       + ("" if config.instruction else f" (instruction {instruction!r}: the config has none)"))
 
 

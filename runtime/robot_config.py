@@ -462,11 +462,32 @@ def _build_typed(data: Any, where: str, lookup) -> Any:
     if not isinstance(data, dict) or "type" not in data:
         raise ConfigError(f"{where}: must be a table with a \"type\" key")
     rest = dict(data)
+    type_name = rest.pop("type")
     try:
-        cls = lookup(rest.pop("type"))
+        cls = lookup(type_name)
     except ConfigError as exc:
         raise ConfigError(f"{where}.type: {exc}") from None
+    if where == "policy":
+        _policy_keys_of_another_type(rest, cls, type_name)
     return _build(cls, rest, where)
+
+
+def _policy_keys_of_another_type(data: dict, cls: type, type_name: str) -> None:
+    """A written config's scripted policy given a bundle's `path`: say which type has those keys, not only that
+    they are unknown."""
+    from edgeact.runtime.policy import policy_types
+
+    own = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - own)
+    if not unknown:
+        return
+    for other, other_cls in sorted(policy_types().items()):
+        theirs = {f.name for f in dataclasses.fields(other_cls) if f.init}
+        if other != type_name and set(unknown) <= theirs:
+            drop = sorted(set(data) - theirs)
+            raise ConfigError(f"policy: {', '.join(map(repr, unknown))} {'is a field' if len(unknown) == 1 else 'are fields'}"
+                              f" of policy type {other!r}, not of {type_name!r}: set \"type\": \"{other}\""
+                              + (f" and drop {', '.join(map(repr, drop))} ({type_name!r}'s)" if drop else ""))
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

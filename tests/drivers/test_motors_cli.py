@@ -70,6 +70,18 @@ def test_setup_asks_first_and_writes_nothing_when_declined(start_sim, capsys, mo
     assert not [i for i in sim.received if i.code == 0x03]     # not a single write instruction
 
 
+def test_setup_without_a_terminal_to_confirm_on_says_so(start_sim, capsys, monkeypatch):
+    sim = start_sim("feetech", ids=[1])
+
+    def no_terminal(prompt):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_terminal)
+    assert main(["motors", "setup", "--port", sim.port, "--protocol", "feetech", "--id", "3", "--baud", "1000000"]) == 2
+    assert "stdin has none; run it in a terminal, or pass --yes once only the motor" in capsys.readouterr().err
+    assert not [i for i in sim.received if i.code == 0x03]
+
+
 def test_setup_checks_the_requested_settings_before_asking(capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt: pytest.fail("asked before checking the settings"))
     assert main(["motors", "setup", "--port", "/dev/ttyNOPE0", "--protocol", "dynamixel", "--id", "3",

@@ -175,7 +175,7 @@ def test_failed_verification_is_refused_unless_overridden(tmp_path):
     assert "verification failed at gate 'decoder.top1_agreement'" in msg and "value=0.91" in msg
     # Each way to load it anyway, with the commands it applies to: `edgeact run` has no flag, only the config field.
     assert "`allow_unverified: true` in the robot config's policy section (edgeact run, edgeact bench)" in msg
-    assert "--allow-unverified (edgeact build-engines, edgeact eval)" in msg
+    assert "--allow-unverified (edgeact flash, edgeact build-engines, edgeact eval)" in msg
     with pytest.raises(BundleError) as err:
         load_bundle(path, unverified_fix="the caller's own fix")
     assert str(err.value).endswith("Re-export or quantize with another recipe; the caller's own fix")

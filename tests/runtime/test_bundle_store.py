@@ -442,3 +442,13 @@ def test_a_failed_engine_build_names_the_source_and_leaves_nothing(tmp_path, mon
     assert str(src / "stages" / "decoder.onnx") in str(err.value) and ".partial-" not in str(err.value)
     assert "building the engines for orin failed, so nothing was installed or switched" in str(err.value)
     assert store.ids() == [] and [p.name for p in store.root.iterdir()] == [".lock"]
+
+
+def test_an_empty_store_says_to_flash_first(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["flash", "--list", "--store", str(store)]) == 0
+    out = " ".join(capsys.readouterr().out.split())          # the console wraps long lines
+    assert f"nothing installed in {store} yet: `edgeact flash BUNDLE --store {store}`" in out
+    with pytest.raises(BundleError, match=r"current: no bundle here; if .* is a bundle store, nothing is installed in it "
+                                          r"yet: `edgeact flash BUNDLE --store "):
+        load_bundle(store / CURRENT)

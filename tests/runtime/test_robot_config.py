@@ -311,3 +311,12 @@ def test_disable_torque_on_exit_reaches_the_serial_and_the_damiao_bus():
     damiao = robot_config_from_dict(_damiao(options={"interface": "virtual"}, disable_torque_on_exit=False))
     assert damiao.robot.make_bus().disable_torque_on_exit is False
     assert "robot.disable_torque_on_exit: must be true or false" in _error(_real(robot={"disable_torque_on_exit": 0}))
+
+
+def test_a_bundle_path_in_a_scripted_policy_names_the_type_that_has_it():
+    """A written config's scripted policy with only `path` set, as a first real config often is."""
+    data = sim_robot_config_dict()
+    data["policy"] = {**data["policy"], "path": "~/edgeact/bundles/current"}
+    with pytest.raises(ConfigError, match=r"policy: 'path' is a field of policy type 'bundle', not of 'scripted': set "
+                                          r"\"type\": \"bundle\" and drop .*'chunk_size'"):
+        robot_config_from_dict(data)
