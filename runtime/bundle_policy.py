@@ -29,7 +29,7 @@ from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
 from edgeact.runtime.engines import Backend, open_backend
 from edgeact.runtime.errors import CheckpointError, ConfigError
 from edgeact.runtime.grammar import AnswerGrammar
-from edgeact.runtime.grammar_walk import trace_points
+from edgeact.runtime.grammar_walk import depth_code_values, trace_points
 from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext, register_policy
 from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
@@ -205,7 +205,7 @@ def _depth_source(forced_depth: ForcedDepth, bundle: Bundle,
         return None, open_depth_tokenizer(bundle, backend)
     if callable(forced_depth):
         return None, forced_depth
-    return np.asarray(forced_depth, dtype=np.int64).reshape(-1), None
+    return depth_code_values(forced_depth), None
 
 
 @register_policy("bundle")

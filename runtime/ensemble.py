@@ -40,9 +40,12 @@ class ActionEnsemble:
             self._plans.popleft()
         sums, normalized = plan.actions.copy(), plan.actions_normalized.copy()
         counts = np.ones(plan.n_actions)
-        starts_s = plan.observation_time_s + np.arange(plan.n_actions) / r
+        slots = np.arange(plan.n_actions)
         for old in self._plans:
-            index = np.rint((starts_s - old.observation_time_s) * r).astype(int)
+            # The plans' offset in slots, rounded once and half up: every slot of this plan pairs with the old one's
+            # slot the same offset away (rounding each slot's time alone paired exact halves unevenly).
+            offset = int(np.floor((plan.observation_time_s - old.observation_time_s) * r + 0.5))
+            index = slots + offset
             covered = (index >= 0) & (index < old.n_actions)
             sums[covered] += old.actions[index[covered]]
             normalized[covered] += old.actions_normalized[index[covered]]

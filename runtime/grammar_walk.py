@@ -112,8 +112,19 @@ def _choose_trace(seg: Trace, closing_id: int) -> Generator[Step, int | None, No
                 return  # the closing piece's first token: the trace is complete
 
 
-def _forced_depth(seg: DepthCodes, depth_codes: Sequence[int]) -> tuple[int, ...]:
+def depth_code_values(depth_codes) -> np.ndarray:
+    """Forced depth codes as int64, refusing what is not integers (NaN, 3.7, True) rather than truncating it."""
     codes = np.asarray(depth_codes).reshape(-1)
+    integral = codes.dtype.kind in "iu" or (codes.dtype.kind == "f" and np.isfinite(codes).all()
+                                             and (codes == np.rint(codes)).all())
+    if not integral:
+        raise GrammarError(f"forced depth codes must be integers (the depth tokenizer's code indices); got "
+                           f"{codes.dtype} values such as {codes[:5].tolist()}")
+    return codes.astype(np.int64)
+
+
+def _forced_depth(seg: DepthCodes, depth_codes: Sequence[int]) -> tuple[int, ...]:
+    codes = depth_code_values(depth_codes)
     if codes.size != seg.n or codes.min(initial=0) < 0 or codes.max(initial=0) >= len(seg.code_ids):
         raise GrammarError(f"forced depth needs {N_DEPTH_TOKENS} codes in [0, {len(seg.code_ids)}), "
                            f"got {codes.size} codes in [{codes.min(initial=0)}, {codes.max(initial=0)}]")

@@ -50,6 +50,21 @@ def test_slots_are_matched_in_time_when_plans_do_not_start_on_a_slot_boundary():
     np.testing.assert_allclose(merged.actions[6:, 0], 100)
 
 
+@pytest.mark.parametrize("t0", [0.0, 100.0, 12345.6])
+def test_a_plan_half_a_slot_later_pairs_every_slot_the_same_offset_away(t0):
+    """A camera at twice the action rate stamps frames exactly half a slot apart: every slot of the new plan pairs
+    with the old plan's slot the same offset away (0 or 1: the clock's float rounding decides an exact half);
+    rounding each slot's time alone paired them unevenly (old slots 2, 2, 4, 4, 6, 6 at t0 = 0)."""
+    ensemble = ActionEnsemble(10.0)
+    ensemble.merge(plan_of(10.0 * np.arange(8.0), t0))
+    merged = ensemble.merge(plan_of([0.0] * 8, t0 + 0.05))
+    paired = 2 * merged.actions[:, 0] / 10              # (10 * old slot + 0) / 2, read back as the old slot
+    offsets = paired[:7] - np.arange(7.0)
+    assert np.allclose(offsets, offsets[0]) and offsets[0] in (0.0, 1.0), paired
+    if t0 == 0.0:
+        assert offsets[0] == 1.0                        # an exact half, rounded up
+
+
 def test_a_plan_whose_chunk_has_ended_no_longer_counts():
     ensemble = ActionEnsemble(10.0)
     ensemble.merge(plan_of([50.0] * 8, 0.0))

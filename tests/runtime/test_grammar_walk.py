@@ -159,3 +159,13 @@ def test_reference_masked_greedy_generation_yields_a_parseable_answer(tok, layou
                              allowed_token_fn=MaskedGreedyConstraint(grammar))
     answer = grammar.parse_ids(result.token_ids)
     assert answer.depth_codes.shape == (100,) and answer.action_ids.shape == (1, 7)
+
+
+@pytest.mark.parametrize("codes, shown", [(np.full(100, 3.7), "3.7"), (np.full(100, np.nan), "nan"),
+                                          (np.ones(100, bool), "True")])
+def test_forced_depth_codes_that_are_not_integers_are_refused_not_truncated(codes, shown):
+    from edgeact.runtime.grammar_walk import depth_code_values
+
+    with pytest.raises(GrammarError, match=f"forced depth codes must be integers .* such as \\[{shown}"):
+        depth_code_values(codes)
+    assert depth_code_values(np.full(100, 7.0)).tolist() == [7] * 100      # integral floats are codes
