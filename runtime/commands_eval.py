@@ -106,8 +106,11 @@ def _eval(args) -> int:
                       f"({result.episode_s:.1f} s)")
 
     json_path = options.out_dir / REPORT_FILE
+    from edgeact.runtime.commands_loop import sigterm_as_interrupt
+
     try:
-        report = evaluate(base, systems, options, progress, source)
+        with sigterm_as_interrupt():        # `kill`, a scheduler's timeout: marked "interrupted" as Ctrl-C is
+            report = evaluate(base, systems, options, progress, source)
     except EvalInterrupted as stop:
         done = len(stop.report.episodes)
         finished = (f"{done} episode{'s' if done > 1 else ''} finished; they are in {json_path} (marked "

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--seconds", type=positive_float, help="stop after this long (default: run until Ctrl-C or e-stop)")
     p.add_argument("--record", metavar="PATH", help="write every command, plan and trip as JSON lines here (beyond "
                                                     "256 MiB in numbered parts, run.jsonl then run.1.jsonl, "
-                                                    "run.2.jsonl, ...; the 8 newest kept)")
+                                                    "run.2.jsonl, ...; the 8 newest kept); an older recording at PATH "
+                                                    "and its parts are replaced (with a warning)")
     p.add_argument("--json", metavar="PATH", help="write the timing summary as JSON here at the end")
     p.add_argument("--shadow", action="store_true",
                    help="a rehearsal: everything runs (camera, policy, plans, control at its rate, safety checks, "
@@ -110,15 +111,21 @@ def _run(args) -> int:
             print(CHECK_HINT.format(config=args.config), file=sys.stderr)
             raise
     console = _console(120)
+    stats.exact_counts(result)
     extra = run_summary(result, bundle, device)
     if result.shadow_withheld is not None:
         extra["shadow"] = {"writes_withheld": result.shadow_withheld}
     console.print(_summary_tables({**stats.summary(), **extra}))
+    json_note = ""
     if args.json:
-        console.print(f"timing summary: {stats.write_json(args.json, extra)}")
+        try:
+            console.print(f"timing summary: {stats.write_json(args.json, extra)}")
+        except OSError as exc:  # a full disk: the run's end (the motors' state, its status) is still told
+            json_note = f"{args.json}: {exc.strerror or exc}"
+            console.print(f"timing summary NOT written: {json_note}", style="bold red", markup=False)
     if result.ticks == 0 and result.error is not None:      # refused at the start (e.g. a joint outside its limits)
         print(CHECK_HINT.format(config=args.config), file=sys.stderr)
-    return _finish(result, console)
+    return _unless_output_lost(_finish(result, console), json_note, "--json")
 
 
 def _check(args) -> int:
@@ -212,10 +219,11 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
         run = measure(config, seconds, out_dir, name, record, estop=estop, subscribers=(first_plan,),
                       progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
     console.print(_summary_tables(run.summary))
-    console.print(f"timing JSON: {run.json_path}\ntiming plot: {run.plot_path or 'not written: ' + run.plot_note}")
+    console.print(f"timing JSON: {run.json_path or 'NOT written: ' + run.json_note}\n"
+                  f"timing plot: {run.plot_path or 'not written: ' + run.plot_note}", markup=False)
     if run.result.task is not None:
         _report_task(console, run, first_plan, out_dir / f"{name}-episode.png")
-    return _finish(run.result, console)
+    return _unless_output_lost(_finish(run.result, console), run.json_note, "--out")
 
 
 def _report_task(console, run, first_plan, sheet_path: Path) -> None:
@@ -262,9 +270,21 @@ def task_rows(task: dict) -> list[tuple[str, str]]:
             ("other blocks moved at most, at the end", f"{end['max_other_displacement_m'] * 100:.1f} cm")]
 
 
+def _unless_output_lost(status: int, note: str, option: str) -> int:
+    """The run's own status, unless it ended cleanly and its summary could not be written: then that error."""
+    if note and status == 0:
+        from edgeact.runtime.cli import CommandError
+
+        raise CommandError(f"{option} {note}: the timing summary was not written (the run itself ended cleanly); "
+                           "free space or give another path")
+    return status
+
+
 def _finish(result, console) -> int:
     """The run's end as an exit status; an error is re-raised (after the robot is safe) for the CLI to report, and
     so is a failed teardown (after the tables: the run's numbers stand)."""
+    from edgeact.runtime.errors import OutputLostError
+
     console.print(f"stopped: {result.reason} ({result.detail})")
     if result.plans == 0 and result.stale_frames:
         console.print(f"no plan was made: all {result.stale_frames} frames taken were older than "
@@ -273,7 +293,8 @@ def _finish(result, console) -> int:
     if getattr(result, "shadow_withheld", None) is not None:
         console.print(f"shadow run: {result.shadow_withheld} writes withheld; nothing reached the motors")
     teardown_error = getattr(result, "teardown_error", None)
-    if teardown_error is None and getattr(result, "motors_at_exit", ""):     # a failed teardown says what it missed
+    motors_known = teardown_error is None or isinstance(teardown_error, OutputLostError)   # a file, not the motors
+    if motors_known and getattr(result, "motors_at_exit", ""):     # a failed teardown says what it missed
         console.print(f"motors now: {result.motors_at_exit}", markup=False)
     if teardown_error is not None:
         console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)

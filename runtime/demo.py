@@ -75,10 +75,11 @@ def demo_config(policy: str = "scripted", bundle: str | None = None, robot: str 
 class MeasuredRun:
     result: RunResult
     summary: dict[str, Any]
-    json_path: Path
+    json_path: Path | None              # None: it could not be written (json_note says why)
     plot_path: Path | None
     plot_note: str = ""                 # why there is no plot
     stats: TimingStats | None = None    # the summary's statistics and the newest samples (plots, the sheet)
+    json_note: str = ""                 # why there is no JSON
 
 
 def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",
@@ -108,13 +109,19 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     device = read_device_info()         # the power mode and clocks the run starts under
     bundle = policy_bundle(config)
     result = run_robot(config, seconds, every, progress=progress, estop=estop)
+    stats.exact_counts(result)
     extra = run_summary(result, bundle, device)
-    json_path = stats.write_json(json_path, extra)
     summary = {**stats.summary(), **extra}
+    json_note = ""
     try:
-        return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"), stats=stats)
-    except EdgeactError as exc:       # no matplotlib on this robot: the JSON still has every number
-        return MeasuredRun(result, summary, json_path, None, str(exc), stats)
+        json_path = stats.write_json(json_path, extra)
+    except OSError as exc:      # a full disk: the run's end (the tables, the motors' state, its status) still shows
+        json_path, json_note = None, f"{json_path}: {exc.strerror or exc}"
+    try:
+        return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"), stats=stats,
+                           json_note=json_note)
+    except (EdgeactError, OSError) as exc:     # no matplotlib on this robot, or no room: the JSON has every number
+        return MeasuredRun(result, summary, json_path, None, str(exc), stats, json_note=json_note)
 
 
 def policy_bundle(config: RobotConfig) -> dict[str, Any] | None:

@@ -28,3 +28,8 @@ class GrammarError(EdgeactError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill PID`, systemd stopping a service) raised as an interrupt: it stops the robot as Ctrl-C does,
     and the run says which it was."""
+
+
+class OutputLostError(EdgeactError):
+    """A run's output (a recording, a summary) could not be finished: the robot is as the run left it, the file may
+    lack its end."""

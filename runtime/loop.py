@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from edgeact.drivers.cameras.base import Camera, RGBDFrame
 from edgeact.drivers.motors.safety import EStopLatchedError, SafetyGuard, StartRefusedError
 from edgeact.runtime.control import ActionMapper, ChunkFollower
-from edgeact.runtime.errors import ConfigError, Terminated
+from edgeact.runtime.errors import ConfigError, OutputLostError, Terminated
 from edgeact.runtime.ensemble import ActionEnsemble
 from edgeact.runtime.loop_events import CommandEvent, EventHub, FrameEvent, OverrunEvent, PlanEvent, StopEvent
 from edgeact.runtime.policy import Observation, Plan, Policy
@@ -114,6 +114,7 @@ class RunResult:
     interrupted_late: bool = False      # Ctrl-C / SIGTERM came during the teardown (deferred): the caller stops too
     motors_at_exit: str = ""            # what the run left the motors in (motors_at_exit()); "" where not known
     shadow_withheld: int | None = None  # a shadow run (nothing written to the motors): the writes withheld
+    tick_span_s: float = math.nan       # from the first control tick's start to the last's (exact, as ticks is)
 
     @property
     def clean(self) -> bool:
@@ -132,6 +133,7 @@ class RobotLoop:
         self.trace_follower = trace_follower
         self.settings, self.hub, self.clock = settings, hub, clock
         self.ticks = self.plans = self.overruns = self.stale_frames = self.stale_plans = 0
+        self.first_tick_s = self.last_tick_s = math.nan
         self._stop = threading.Event()
         self._stale_warned_s: float | None = None
         self._ended: tuple[str, str, BaseException | None] | None = None    # the first reason to stop wins
@@ -200,7 +202,7 @@ class RobotLoop:
                     self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
                          self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans,
-                         interrupted_late=bool(late))
+                         interrupted_late=bool(late), tick_span_s=self.last_tick_s - self.first_tick_s)
 
     @staticmethod
     def _join(threads: list[threading.Thread]) -> None:
@@ -282,6 +284,9 @@ class RobotLoop:
         previous_s = math.nan
         while not self._stop.is_set():
             start_s = self.clock()
+            if self.ticks == 0:
+                self.first_tick_s = start_s
+            self.last_tick_s = start_s
             measured = self.robot.read_state().position_rad         # observe
             self._proprio = measured
             read_s = self.clock()
@@ -445,6 +450,11 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     finally:
         with teardown:
             hub.close()
+    if hub.close_error is not None and result.teardown_error is None:
+        # A recording whose last flush or sync failed (a failing SD card) may lack its end: the run says so.
+        exc = hub.close_error
+        result = replace(result, teardown_error=OutputLostError(
+            f"closing an output failed, so it may lack its end (the storage?): {type(exc).__name__}: {exc}"))
     at_exit = (SHADOW_MOTORS_AT_EXIT if shadow else
                motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
     return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),

@@ -114,6 +114,7 @@ class EventHub:
     def __init__(self, subscribers: list[Subscriber] | None = None):
         self.subscribers = list(subscribers or [])
         self.error: BaseException | None = None
+        self.close_error: BaseException | None = None      # a subscriber that failed to close (its file unflushed)
         self.published = 0
         self.dropped = 0            # events no subscriber got: over MAX_BACKLOG, or skipped after the drain timed out
         self.abandoned = False      # a subscriber stuck past the drain: the hub thread left behind, subscribers open
@@ -203,6 +204,7 @@ class EventHub:
             except Exception as exc:    # keep closing the others: each holds its own file
                 log.exception("closing subscriber %s failed", type(sub).__name__)
                 self.error = self.error or exc
+                self.close_error = self.close_error or exc
 
     def _drain(self, timeout_s: float) -> None:
         if self._thread is None:

@@ -47,13 +47,15 @@ class CommandRecorder(Subscriber):
         self.path, self.part_bytes, self.keep_parts = Path(path), part_bytes, keep_parts
         self.flush_every_s = flush_every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        replaced = self.path.is_file() and self.path.stat().st_size > 0
         self._file = self.path.open("w", encoding="utf-8")
         self._rotates = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)     # not /dev/null or a pipe
         older = recording_parts(self.path)[1:] if self._rotates else []
         for part in older:
             part.unlink()
-        if older:
-            log.info("deleted %d parts of an older recording at %s", len(older), self.path)
+        if replaced or older:   # said where it is seen: a recording kept for later is gone
+            log.warning("--record %s replaced an older recording there%s", self.path,
+                        f" and its {len(older)} numbered parts ({', '.join(p.name for p in older)})" if older else "")
         self.part, self._bytes, self._flushed_s = 0, 0, time.monotonic()
         self.lines = 0
 

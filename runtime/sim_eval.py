@@ -268,6 +268,13 @@ def bundle_precision(manifest) -> str:
     return decoder.precision if decoder is not None else "?"
 
 
+def _clear_sheets(folder: Path) -> None:
+    """Remove the episode sheets an earlier eval into the same --out wrote (SYSTEM_NNN.png); nothing else."""
+    if folder.is_dir():
+        for sheet in folder.glob("*_[0-9][0-9][0-9].png"):
+            sheet.unlink(missing_ok=True)
+
+
 def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: EvalOptions,
              progress: Callable[[str, int, EpisodeResult], None] | None = None, source: str = "<eval>") -> EvalReport:
     """Every system on the same seeded episodes; `progress(system, index, result)` after each episode.
@@ -296,6 +303,7 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
                            for s in systems}
     try:
         report.write_json(path)
+        _clear_sheets(options.out_dir / "sheets")     # an older run's sheets would pass for this one's
         for system in systems:
             runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
                       else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))

@@ -100,6 +100,7 @@ class TimingStats(Subscriber):
         self.first_tick_s = self.last_tick_s = self.first_plan_s = self.last_plan_s = math.nan
         self.trips: list[dict[str, Any]] = []
         self.stop: dict[str, str] | None = None
+        self._exact: tuple[int, int, float] | None = None      # the loop's own tick and overrun counts (exact_counts)
 
     # -- hooks -------------------------------------------------------------------------------
     def on_frame(self, e: FrameEvent) -> None:
@@ -160,8 +161,18 @@ class TimingStats(Subscriber):
                "control_tick": self.work_s, "command_write": self.command_write_s}
         return {name: series for name, series in out.items() if series}
 
+    def exact_counts(self, result: Any) -> None:
+        """Take the control loop's own counts from its RunResult where events were dropped on the way here (a stuck
+        subscriber): the ticks, overruns and achieved rate then count every tick, not the delivered ones; the
+        percentiles stay those of the delivered ticks (the summary is marked incomplete)."""
+        if getattr(result, "undelivered_events", 0):
+            self._exact = (result.ticks, result.overruns, result.tick_span_s)
+
     def summary(self) -> dict[str, Any]:
-        span_s = self.last_tick_s - self.first_tick_s if self.ticks > 1 else math.nan
+        ticks, overruns, span_s = self.ticks, self.overruns, (self.last_tick_s - self.first_tick_s
+                                                              if self.ticks > 1 else math.nan)
+        if self._exact is not None:
+            ticks, overruns, span_s = self._exact
         plan_span_s = self.last_plan_s - self.first_plan_s if self.plans > 1 else math.nan
         times = np.asarray(self.tick_time_s)
         return {
@@ -169,12 +180,12 @@ class TimingStats(Subscriber):
             "duration_s": _num(span_s),
             "control": {
                 "target_hz": self.target_hz,
-                "achieved_hz": _num((self.ticks - 1) / span_s if self.ticks > 1 else math.nan),
-                "ticks": self.ticks,
+                "achieved_hz": _num((ticks - 1) / span_s if ticks > 1 and span_s > 0 else math.nan),
+                "ticks": ticks,
                 "period_ms": _stats_ms(self.period_stats_s),
                 "period_error_ms": _stats_ms(self.period_error_s),
-                "overruns": self.overruns,
-                "overrun_fraction": _num(self.overruns / self.ticks if self.ticks else math.nan),
+                "overruns": overruns,
+                "overrun_fraction": _num(overruns / ticks if ticks else math.nan),
                 "modes": dict(self.modes),
             },
             "policy": {
@@ -210,8 +221,15 @@ class TimingStats(Subscriber):
         path.parent.mkdir(parents=True, exist_ok=True)
         summary = {**self.summary(), **(extra or {})}
         tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())        # on the storage before it replaces the older file (a power cut)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def start_json(self, path: str | Path, option: str) -> Path:

@@ -833,3 +833,42 @@ def test_the_decode_calls_are_a_mean_per_plan_over_the_systems_episodes(tmp_path
     assert report.rows()[0]["decode_steps_mean"] == pytest.approx((10.0 + 3 * 2.0) / 4)    # not (10 + 2) / 2
     report.episodes = [episode(0, 0, None)]
     assert report.rows()[0]["decode_steps_mean"] is None
+
+
+def test_a_sigterm_marks_the_eval_interrupted_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """`kill` (a scheduler's timeout): eval.json must not read as a run still going."""
+    import os
+    import signal
+
+    from edgeact.runtime import sim_eval
+    from edgeact.runtime.cli import main
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    class Killed(_Instant):
+        def episode(self, index, seed, template, sheet):
+            if index == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().episode(index, seed, template, sheet)
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", Killed)
+    out = tmp_path / "eval"
+    bundle = write_tiny_bundle(tmp_path / "b")
+    assert main(["eval", "--bundle", f"new={bundle}", "--depth", "generated", "--timing", "lockstep",
+                 "--episodes", "5", "--sheets", "0", "--out", str(out)]) == 130
+    data = json.loads((out / "eval.json").read_text())
+    assert data["interrupted"] and not data["complete"] and len(data["episodes"]) == 1
+
+
+def test_an_older_evals_sheets_are_cleared_from_the_same_out(tmp_path, monkeypatch):
+    from edgeact.runtime import sim_eval
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    sheets = tmp_path / "eval" / "sheets"
+    sheets.mkdir(parents=True)
+    (sheets / "old-generated-depth_004.png").write_bytes(b"png")       # an earlier run's episode 4
+    (sheets / "notes.png").write_bytes(b"mine")                         # not an episode sheet: kept
+    monkeypatch.setattr(sim_eval, "LockstepRunner", _Instant)
+    systems = eval_systems({"new": write_tiny_bundle(tmp_path / "b")}, ["generated"])
+    evaluate(mujoco_robot_config_dict(), systems, EvalOptions(episodes=1, out_dir=tmp_path / "eval",
+                                                              timing="lockstep", sheets=0))
+    assert sorted(p.name for p in sheets.iterdir()) == ["notes.png"]
