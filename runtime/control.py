@@ -43,8 +43,10 @@ class ActionMapper(abc.ABC):
     joints: tuple[str, ...]                 # every joint this mapper commands
 
     @abc.abstractmethod
-    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float) -> dict[str, float]:
-        """Targets after `fraction` (0..1) of `action`, begun with the joints at `start_rad`."""
+    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float,
+              span: float = 1.0) -> dict[str, float]:
+        """Targets after `fraction` (0..1) of `action`, begun with the joints at `start_rad`; `span`: the share of
+        the action's slot that was left at `start_rad` (an absolute goal, the gripper's, is reached at `span`)."""
 
 
 @dataclass
@@ -149,13 +151,20 @@ class JointDeltaMapper(ActionMapper):
         t = min(max((gripper_value - a_lo) / (a_hi - a_lo), 0.0), 1.0)
         return r_lo + t * (r_hi - r_lo)
 
-    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float) -> dict[str, float]:
+    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float,
+              span: float = 1.0) -> dict[str, float]:
         deltas = self._gains * np.asarray(action, dtype=np.float64)[self._dims] * fraction
         out = {j: start_rad[j] + float(d) for j, d in zip(self.config.joints, deltas)}
         if self.config.gripper_joint:
             g = self.config.gripper_joint
-            out[g] = start_rad[g] + fraction * (self.gripper_goal_rad(float(action[GRIPPER_DIM])) - start_rad[g])
+            out[g] = gripper_toward(start_rad[g], self.gripper_goal_rad(float(action[GRIPPER_DIM])), fraction, span)
         return out
+
+
+def gripper_toward(start_rad: float, goal_rad: float, fraction: float, span: float) -> float:
+    """The gripper's goal is absolute (not a delta like the arm's): it is reached when `fraction` reaches `span`, the
+    share of the action's slot that `start_rad` had left (less than 1 when a plan took over mid-slot)."""
+    return start_rad + min(fraction / span, 1.0) * (goal_rad - start_rad) if span > 0 else goal_rad
 
 
 # -- following a chunk -----------------------------------------------------------------------------
@@ -221,14 +230,15 @@ class ChunkFollower:
             self._begun = min(max(sent_at - index, 0.0), position - index) if index < plan.n_actions else 0.0
         last = min(index, plan.n_actions)
         while self._index < last:           # actions whose slot ended since the last tick: completed
-            self._start = self.mapper.apply(self._start, plan.actions[self._index], 1.0 - self._begun)
+            self._start = self.mapper.apply(self._start, plan.actions[self._index], 1.0 - self._begun,
+                                            span=1.0 - self._begun)
             self._index, self._begun = self._index + 1, 0.0
         self._hold = None
         if index >= plan.n_actions:
             return ControlDecision(dict(self._start), "done", new_plan=new_plan, skipped_actions=skipped,
                                    plan_age_s=age_s)
         fraction = position - index
-        targets = self.mapper.apply(self._start, plan.actions[index], fraction - self._begun)
+        targets = self.mapper.apply(self._start, plan.actions[index], fraction - self._begun, span=1.0 - self._begun)
         return ControlDecision(targets, "follow", index, fraction, new_plan, skipped, age_s)
 
     def _holding(self) -> dict[str, float]:

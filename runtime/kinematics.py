@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeact.runtime.control import GRIPPER_DIM, ActionMapper, MapperConfig, register_mapper
+from edgeact.runtime.control import GRIPPER_DIM, ActionMapper, MapperConfig, gripper_toward, register_mapper
 from edgeact.runtime.errors import ConfigError
 
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
@@ -460,12 +460,34 @@ class IkConfig(MapperConfig):
         return IkMapper(self, kinematics)
 
 
+IK_JUMP_RAD = 0.2          # a joint moved more than this by one solve: follow the hand's path instead (IkMapper._along)
+IK_PATH_STEPS = 10         # the path's points: the action's tenths (a control tick at 100 Hz, actions at 10 Hz)
+IK_PATH_SLACK_M = 1e-4     # the path's end may miss the target by this much more than the direct solve
+
+
 class IkMapper(ActionMapper):
     def __init__(self, config: IkConfig, kinematics: ArmKinematics):
         self.config, self.kinematics = config, kinematics
         self.joints = tuple(config.joints) + ((config.gripper_joint,) if config.gripper_joint else ())
         self.settings = IkSettings(track_orientation=config.track_orientation)
         self.last_result: IkResult | None = None     # the newest solve (telemetry, tests)
+
+    def _along(self, start_pose: Pose, delta: np.ndarray, fraction: float, q_start: np.ndarray,
+               direct: IkResult) -> IkResult:
+        """The solve again, following the hand's path from the start's joints through the action's tenths up to
+        `fraction`: a direct solve that moved a joint this far for a step of a few millimetres may have left for
+        another branch of the arm's solutions (measured: a 1.5 rad shoulder jump, the elbow at its limit, for 9 mm)
+        while one near the start reaches the target as well. The path's points are the same for every tick of the
+        action (its tenths), so consecutive ticks follow one path; a pure function of its inputs, so the control
+        thread's ticks and the expert's rollout agree. The path's end is taken unless it misses the target more."""
+        q = q_start
+        stops = [k / IK_PATH_STEPS for k in range(1, IK_PATH_STEPS + 1) if k / IK_PATH_STEPS < fraction] + [fraction]
+        for stop in stops:
+            stepped = self.kinematics.solve(start_pose.moved(delta * stop), q, self.settings)
+            q = np.asarray(stepped.q_rad, dtype=np.float64)
+        if stepped.position_error_m <= direct.position_error_m + IK_PATH_SLACK_M:
+            return stepped
+        return direct
 
     def delta(self, action: np.ndarray) -> np.ndarray:
         """The action's end-effector delta after scaling and the per-action caps."""
@@ -483,13 +505,16 @@ class IkMapper(ActionMapper):
         t = min(max((gripper_value - a_lo) / (a_hi - a_lo), 0.0), 1.0)
         return r_lo + t * (r_hi - r_lo)
 
-    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float) -> dict[str, float]:
+    def apply(self, start_rad: dict[str, float], action: np.ndarray, fraction: float,
+              span: float = 1.0) -> dict[str, float]:
         q_start = self.kinematics.q_from(start_rad)
-        target = self.kinematics.forward(q_start).moved(fraction * self.delta(action))
-        result = self.kinematics.solve(target, q_start, self.settings)
+        start_pose, delta = self.kinematics.forward(q_start), self.delta(action)
+        result = self.kinematics.solve(start_pose.moved(fraction * delta), q_start, self.settings)
+        if np.max(np.abs(np.asarray(result.q_rad) - q_start)) > IK_JUMP_RAD:
+            result = self._along(start_pose, delta, fraction, q_start, result)
         self.last_result = result
         out = {j: float(q) for j, q in zip(self.config.joints, result.q_rad)}
         if self.config.gripper_joint:
             g = self.config.gripper_joint
-            out[g] = start_rad[g] + fraction * (self.gripper_goal_rad(float(action[GRIPPER_DIM])) - start_rad[g])
+            out[g] = gripper_toward(start_rad[g], self.gripper_goal_rad(float(action[GRIPPER_DIM])), fraction, span)
         return out

@@ -139,6 +139,24 @@ def test_plans_handing_over_mid_action_keep_the_planned_speed_without_jumps():
     assert targets[-1] == pytest.approx(0.01 * (200 - 5 + 1), abs=1e-9)
 
 
+def test_the_gripper_reaches_its_goal_when_a_plan_takes_over_mid_slot():
+    """The gripper's value is an absolute goal: a plan that arrives with its slot under way still reaches it by the
+    slot's end (the arm's deltas apply only the slot's remaining share; the gripper's goal is not a delta)."""
+    mapper = JointDeltaConfig(joints=["a"], gains=[1.0], gripper_joint="g", gripper_action_range=[-1.0, 1.0],
+                              gripper_range_rad=[0.0, 1.0]).make_mapper(["a", "g"])
+    follower = ChunkFollower(mapper, 10.0, 2.0, {"a": 0.0, "g": 0.0})
+    follower.decide(0.74, None)
+    actions = np.zeros((8, 7))
+    actions[:, 6] = 1.0                             # "closed": 1.0 rad
+    chunk = Plan(actions, actions, None, None, 0.0, 0.0)
+    goals = []
+    for t in (0.75, 0.78, 0.80, 0.85, 1.2):         # the last slot [0.7, 0.8) was under way when it arrived
+        decision = follower.decide(t, chunk)
+        follower.record_sent(decision.targets_rad)
+        goals.append(decision.targets_rad["g"])
+    assert goals[0] < goals[1] < goals[2] == pytest.approx(1.0) and goals[3:] == [pytest.approx(1.0)] * 2
+
+
 def test_no_plan_waits_at_the_initial_position():
     f = follower(initial={"a": 0.3, "b": -0.1, "g": 0.2, "other": 0.0})
     d = f.decide(T0, None)

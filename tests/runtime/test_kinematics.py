@@ -245,3 +245,20 @@ def test_the_kinematics_never_import_mujoco():
             "k.ArmKinematics().solve(k.ArmKinematics().forward([0, 0, 0, 0, 0]), [0, 0, 0, 0, 0])\n"
             "assert 'mujoco' not in sys.modules, 'mujoco imported by the kinematics'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_ticks_of_one_action_stay_on_one_branch_of_the_arms_solutions():
+    """The control thread asks for 1/10 more of an action each tick: each solve searches from the tick before, so the
+    goals move as the hand does (searched from the action's start each time, the 9th tick of this 1.5 cm action
+    landed on another branch: the shoulder 1.47 rad away, the elbow at its limit)."""
+    from edgeact.runtime.kinematics import ARM_JOINTS, IkConfig
+
+    mapper = IkConfig().make_mapper(list(ARM_JOINTS) + ["gripper"])
+    q0 = np.array([0.722, 0.567, 1.396, 0.676, -2.515])
+    action = np.array([-0.0086, -0.0089, -0.0079, -0.039, -0.0243, -0.0182, 0.0])
+    start = {**dict(zip(ARM_JOINTS, q0)), "gripper": 0.0}
+    previous = q0
+    for fraction in np.arange(1, 11) / 10:
+        q = mapper.kinematics.q_from(mapper.apply(start, action, fraction))
+        assert np.max(np.abs(q - previous)) < 0.1, (fraction, q, previous)
+        previous = q
