@@ -30,6 +30,9 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 MIN_SAMPLES = 6                 # OpenCV needs 3; more poses average the detection's noise
 MIN_AXIS_SPREAD_DEG = 15.0      # the relative rotations' axes must span at least this angle
 MIN_TURN_DEG = 5.0              # a relative rotation smaller than this says nothing about the axes
+# At least this share of the poses must turn the hand MIN_TURN_DEG from the first: six poses nearly the same and two
+# turned 7 degrees passed the axes' spread, and the solve put the camera 0.4-0.9 m off, upside down, at 1-1.5 px.
+MIN_TURNED_SHARE = 0.5
 MAX_REPROJECTION_PX = 2.0       # median corner error above this: the chain disagrees (a wrong frame, units, ...)
 METHODS = {"park": "CALIB_HAND_EYE_PARK", "tsai": "CALIB_HAND_EYE_TSAI", "horaud": "CALIB_HAND_EYE_HORAUD",
            "andreff": "CALIB_HAND_EYE_ANDREFF", "daniilidis": "CALIB_HAND_EYE_DANIILIDIS"}
@@ -227,6 +230,12 @@ def check_diversity(samples: Sequence[HandEyeSample]) -> None:
         rvec = cv2.Rodrigues(first.T @ s.ref_T_hand[:3, :3])[0].reshape(3)
         if math.degrees(float(np.linalg.norm(rvec))) >= MIN_TURN_DEG:
             axes.append(rvec / np.linalg.norm(rvec))
+    needed = max(2, math.ceil(MIN_TURNED_SHARE * (len(samples) - 1)))
+    if len(axes) < needed:
+        raise HandEyeError(f"only {len(axes)} of the {len(samples) - 1} poses after the first turn the hand "
+                           f"{MIN_TURN_DEG:g} degrees or more from it (at least {needed} needed): nearly the same "
+                           "views leave the camera's pose undetermined, however small the reprojection error; spread "
+                           "the poses more (--spread-rad)")
     spread = max((math.degrees(math.acos(min(1.0, abs(float(a @ b))))) for i, a in enumerate(axes)
                   for b in axes[i + 1:]), default=0.0)
     if spread < MIN_AXIS_SPREAD_DEG:
@@ -253,6 +262,11 @@ def solve_fixed_camera(samples: Sequence[HandEyeSample], intrinsics: Any, marker
     hand_T_marker = _marker_in_hand(samples, ref_T_cam)
     linear = reprojection_errors(samples, ref_T_cam, hand_T_marker, intrinsics, marker)
     ref_T_cam, hand_T_marker = refine(samples, ref_T_cam, hand_T_marker, intrinsics, marker)
+    behind = [i for i, s in enumerate(samples) if _marker_depths(s, ref_T_cam, hand_T_marker, marker).min() <= 0]
+    if behind:      # a projection does not tell in front from behind: such a pose fits the pixels and is wrong
+        raise HandEyeError(f"the solution puts the marker behind the camera in {len(behind)} of {len(samples)} "
+                           "views: the poses do not determine the camera's pose; spread them more (--spread-rad) "
+                           "so that the wrist and the shoulder turn")
     errors = reprojection_errors(samples, ref_T_cam, hand_T_marker, intrinsics, marker)
     return HandEyeResult(ref_T_cam, hand_T_marker, errors, method,
                          extra={"linear_solution_median_reprojection_px": float(np.median(linear))})
@@ -298,6 +312,13 @@ def _marker_in_hand(samples: Sequence[HandEyeSample], ref_T_cam: np.ndarray) -> 
     u, _, vt = np.linalg.svd(sum(t[:3, :3] for t in each))
     rotation = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
     return transform(rotation, np.mean([t[:3, 3] for t in each], axis=0))
+
+
+def _marker_depths(sample: HandEyeSample, ref_T_cam: np.ndarray, hand_T_marker: np.ndarray,
+                   marker: MarkerSpec) -> np.ndarray:
+    """The marker's corners' depths (m, along the camera's optical axis) in one view, through the solved chain."""
+    corners = np.c_[marker.corners_m(), np.ones(4)]
+    return (invert(ref_T_cam) @ sample.ref_T_hand @ hand_T_marker @ corners.T)[2]
 
 
 def reprojection_errors(samples: Sequence[HandEyeSample], ref_T_cam: np.ndarray, hand_T_marker: np.ndarray,

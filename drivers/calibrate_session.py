@@ -61,6 +61,11 @@ def calibrate_config(config: str | Path, motors: list[str] | None, out: str | Pa
     written["robot"]["calibration"] = {**old, **entries}
     write_json_file(config, written)
     console.print(f"wrote the calibration of {len(entries)} motors into {config}")
+    still = [n for n in stand_in if n not in written["robot"]["calibration"]]
+    if still:       # the config loads only once every position joint has its entry
+        console.print(f"[yellow]{', '.join(still)} still need{'s' if len(still) == 1 else ''} a calibration: "
+                      f"`edgeact motors calibrate {config} --motors {','.join(still)}`; until then the config does "
+                      "not load[/yellow]")
     return 0
 
 
@@ -147,6 +152,14 @@ def _record(section, names: list[str], answers: TextIO, console, period_s: float
 
     bus = section.make_bus()    # its calibration is the stand-in (or none): the raw reads do not use it
     with bus:   # leaving it turns torque off again (it never came on)
+        if _torque_on(bus, names):  # an arm a run left holding: it falls the moment torque goes off
+            console.print(f"Torque is ON on motors of the {section.bus} bus (a run left them holding): the next step "
+                          "turns it off and the arm may drop.")
+            try:
+                _ask(answers, console, "Hold the arm, then press Enter to turn torque off (Ctrl-C leaves it on) ")
+            except BaseException:
+                bus.disconnect(False)       # not confirmed: the arm keeps holding (leaving the block then does nothing)
+                raise
         bus.disable_torque()
         reader = RawReader(bus, names)
         console.print(f"Torque is OFF on every motor of {section.bus} bus: the joints move freely by hand; hold the "
@@ -170,6 +183,17 @@ def _record(section, names: list[str], answers: TextIO, console, period_s: float
             raise CalibrationError("input ended during step 2 (no terminal on stdin?); run `edgeact motors "
                                    "calibrate` in a terminal, it waits for Enter")
     return sweeps
+
+
+def _torque_on(bus, names: list[str]) -> bool:
+    """Whether any of the motors reads torque on; False where the bus has no such register to read (Damiao)."""
+    from edgeact.drivers.motors.bus import MotorBusError
+    from edgeact.runtime.errors import ConfigError
+
+    try:
+        return any(bus.sync_read("torque_enable", names).values())
+    except (MotorBusError, ConfigError, KeyError, NotImplementedError):
+        return False
 
 
 def _sweep_table(sweeps: dict[str, JointSweep]):

@@ -54,7 +54,9 @@ def json_output_path(path: str | Path, overwrite: bool, option: str, what: str, 
 
 
 def write_json_file(path: Path, data: dict) -> None:
-    """Whole or not at all (written aside, then renamed): a crash mid-write must not leave a truncated file."""
+    """Whole or not at all (written aside, then renamed): a crash mid-write must not leave a truncated file. A
+    symlink is written through (its target replaced, the link kept)."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

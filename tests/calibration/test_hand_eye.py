@@ -179,6 +179,33 @@ def test_too_few_or_one_axis_poses_are_refused(kinematics, scene):
                                       (25, x), (15, -x)]))
 
 
+def test_poses_nearly_the_same_are_refused_however_well_they_reproject(kinematics, scene):
+    """Six poses within a fraction of a degree and two turned 7 degrees about far-apart axes passed the axes' check,
+    and the solve put the camera 0.4-0.9 m off, upside down, at 1-1.5 px: too few poses turn the hand."""
+    x = axis_at(0.0)
+    near = [(0.3, x), (0.2, axis_at(90)), (0.4, x), (0.1, np.array([0, 0, 1.0])), (0.3, axis_at(45))]
+    with pytest.raises(HandEyeError, match=r"only 2 of the 7 poses after the first turn the hand 5 degrees or more "
+                                           r"from it \(at least 4 needed\)"):
+        check_diversity(turned_about(near + [(7, x), (7, axis_at(90))]))
+    check_diversity(turned_about([(0.3, x), (0.2, axis_at(90)), (7, x), (7, axis_at(90)), (9, axis_at(45)),
+                                  (8, np.array([0, 0, 1.0])), (6, x)]))
+
+
+def test_a_solution_with_the_marker_behind_the_camera_is_refused(kinematics, scene, monkeypatch):
+    """A projection cannot tell in front from behind: a pose that fits the pixels with the marker behind the camera
+    is refused, whatever its reprojection error."""
+    from edgeact.calibration import hand_eye
+
+    samples = synthetic_samples(kinematics, scene)
+    ref_T_cam, mount = scene
+    turned = ref_T_cam @ transform(rotvec(math.pi, 0.0, 0.0), [0.0, 0.0, 0.0])     # facing the other way
+    assert all(hand_eye._marker_depths(s, ref_T_cam, mount, MarkerSpec()).min() > 0 for s in samples)
+    assert all(hand_eye._marker_depths(s, turned, mount, MarkerSpec()).max() < 0 for s in samples)
+    monkeypatch.setattr(hand_eye, "refine", lambda *args: (turned, mount))
+    with pytest.raises(HandEyeError, match=rf"puts the marker behind the camera in {len(samples)} of {len(samples)}"):
+        solve_fixed_camera(samples, PINHOLE, MarkerSpec())
+
+
 def test_unknown_methods_are_refused(kinematics, scene):
     """A method OpenCV's solver is not asked by name: refused with the known ones."""
     with pytest.raises(ConfigError, match="'lsq' unknown; use one of park, tsai"):

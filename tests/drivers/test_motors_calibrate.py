@@ -190,6 +190,43 @@ def test_calibrates_a_config_with_no_calibration_yet(start_sim, tmp_path, monkey
     assert set(load_robot_config(path).robot.calibration) == set(NAMES)
 
 
+def test_an_arm_left_holding_is_warned_of_before_torque_goes_off(start_sim, tmp_path, monkeypatch, capsys):
+    """A run left the motors holding (robot.disable_torque_on_exit false): the arm drops the moment torque goes off,
+    so the session says so and waits for Enter first; input that ends there leaves torque on."""
+    sim = start_sim("feetech", ids=IDS.values())
+    for i in IDS.values():
+        sim.servo(i).set("torque_enable", 1)
+    path = serial_config(tmp_path, sim.port)
+    before = path.read_text()
+    monkeypatch.setattr("sys.stdin", Operator())        # no line at all: the operator is not there
+    assert main(["motors", "calibrate", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "Torque is ON on motors of the feetech bus" in out and "Hold the arm, then press Enter" in out
+    assert [sim.register(i, "torque_enable") for i in IDS.values()] == [1] * 6 and path.read_text() == before
+
+
+def test_a_subset_into_a_config_without_the_others_says_which_still_need_one(start_sim, tmp_path, monkeypatch,
+                                                                              capsys):
+    sim = start_sim("feetech", ids=IDS.values())
+    path = serial_config(tmp_path, sim.port, calibration={})
+    monkeypatch.setattr("sys.stdin", serial_session(sim, ends={"elbow_flex": SWEEP_TICKS["elbow_flex"]}))
+    assert main(["motors", "calibrate", str(path), "--motors", "elbow_flex", "--yes"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    others = [n for n in NAMES if n != "elbow_flex"]
+    assert f"{', '.join(others)} still need a calibration: `edgeact motors calibrate {path} --motors " \
+           f"{','.join(others)}`; until then the config does not load" in out
+
+
+def test_a_symlinked_config_is_written_through_its_link(start_sim, tmp_path, monkeypatch):
+    sim = start_sim("feetech", ids=IDS.values())
+    real = serial_config(tmp_path, sim.port).rename(tmp_path / "so100.json")
+    link = tmp_path / "robot.json"
+    link.symlink_to(real.name)
+    monkeypatch.setattr("sys.stdin", serial_session(sim))
+    assert main(["motors", "calibrate", str(link), "--yes"]) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["robot"]["calibration"]["elbow_flex"]["range_min"] == 900
+
+
 def test_declining_the_confirmation_leaves_the_config_unchanged(start_sim, tmp_path, monkeypatch, capsys):
     sim = start_sim("feetech", ids=IDS.values())
     path = serial_config(tmp_path, sim.port)
