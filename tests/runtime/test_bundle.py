@@ -201,20 +201,20 @@ def test_interrupted_export_leaves_no_bundle_and_the_loader_says_so(tmp_path):
         load_bundle(target)
 
 
-_KILLED_OVERWRITE = (
-    # A real kill (os._exit skips every cleanup, like SIGKILL or a power cut) right after the overwrite moved the
-    # old bundle aside and before it renamed the new one in.
+# A real kill (os._exit skips every cleanup, like SIGKILL or a power cut) right after atomic_dir.publish moved the
+# old folder aside and before it renamed the new one in: the start of a script that then publishes.
+KILL_AFTER_MOVING_ASIDE = (
     "import os, sys\n"
     "import edgeact.runtime.atomic_dir as atomic_dir\n"
-    "from tests.runtime.test_bundle import write_tiny_bundle\n"
     "real = os.rename\n"
     "def rename(src, dst):\n"
     "    real(src, dst)\n"
     "    if str(dst).endswith('previous'):\n"
     "        os._exit(9)\n"
     "atomic_dir.os.rename = rename\n"
-    "write_tiny_bundle(sys.argv[1], precision='int8', overwrite=True)\n"
 )
+_KILLED_OVERWRITE = (KILL_AFTER_MOVING_ASIDE + "from tests.runtime.test_bundle import write_tiny_bundle\n"
+                     "write_tiny_bundle(sys.argv[1], precision='int8', overwrite=True)\n")
 
 
 def test_an_overwrite_killed_between_its_renames_names_the_surviving_bundle_and_the_move(tmp_path):

@@ -15,7 +15,7 @@ from edgeact.runtime.bundle import load_bundle, manifest_sha256, read_manifest
 from edgeact.runtime.bundle_store import CURRENT, PREVIOUS, BundleStore, entry_id
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
-from tests.runtime.test_bundle import DECODER_RANGES, write_tiny_bundle
+from tests.runtime.test_bundle import DECODER_RANGES, KILL_AFTER_MOVING_ASIDE, write_tiny_bundle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -296,20 +296,10 @@ def test_check_names_the_bundle_current_points_at(tmp_path):
     assert row.status == OK and f"{store.root / CURRENT} -> {entry.id}: tiny-sim" in row.detail
 
 
-_KILLED_REINSTALL = (
-    # A real kill between the two renames that put a reinstalled entry in place (its old copy moved aside, the new one
-    # not yet renamed in): `current` names a folder that is not there until the next store operation puts it back.
-    "import os, sys\n"
-    "import edgeact.runtime.atomic_dir as atomic_dir\n"
-    "from edgeact.runtime import bundle_store\n"
-    "real = os.rename\n"
-    "def rename(src, dst):\n"
-    "    real(src, dst)\n"
-    "    if str(dst).endswith('previous'):\n"
-    "        os._exit(9)\n"
-    "atomic_dir.os.rename = rename\n"
-    "bundle_store.BundleStore(sys.argv[1]).flash(sys.argv[2])\n"
-)
+# A real kill between the two renames that put a reinstalled entry in place (its old copy moved aside, the new one
+# not yet renamed in): `current` names a folder that is not there until the next store operation puts it back.
+_KILLED_REINSTALL = (KILL_AFTER_MOVING_ASIDE + "from edgeact.runtime import bundle_store\n"
+                     "bundle_store.BundleStore(sys.argv[1]).flash(sys.argv[2])\n")
 
 
 def test_a_reinstall_killed_midway_is_put_back_by_the_next_operation(tmp_path, capsys):
