@@ -240,6 +240,32 @@ class BundlePolicyConfig(PolicyConfig):
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:
+        from edgeact.runtime.engines import backend_names
+
+        if self.backend not in backend_names():
+            raise ConfigError(f"backend: {self.backend!r} unknown; use one of {', '.join(backend_names())}")
+        if self.backend == "tensorrt":
+            if self.target is not None:
+                from edgeact.runtime.trt_targets import get_target
+
+                try:
+                    get_target(self.target)
+                except ConfigError as exc:
+                    raise ConfigError(f"target: {exc}") from None
+            given = [name for name in ("provider", "threads") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: onnxruntime's setting{'s' if len(given) > 1 else ''}, and "
+                                  "backend is 'tensorrt' (its engines run on the GPU); drop "
+                                  f"{'them' if len(given) > 1 else 'it'}, or set backend: onnxruntime")
+        else:
+            if self.target is not None:
+                raise ConfigError("target: which TensorRT engines backend 'tensorrt' runs; backend is "
+                                  f"{self.backend!r}: drop target, or set backend: tensorrt")
+            if self.backend == "onnxruntime" and self.provider is not None:
+                from edgeact.runtime.ort_engine import PROVIDERS
+
+                if self.provider not in PROVIDERS:
+                    raise ConfigError(f"provider: {self.provider!r} unknown; use one of {', '.join(PROVIDERS)}")
         if self.cuda_tf32 and self.provider not in ("cuda", "tensorrt"):
             raise ConfigError(f"cuda_tf32: applies to onnxruntime's cuda and tensorrt providers; provider is "
                               f"{self.provider!r}: set provider: cuda, or drop cuda_tf32")

@@ -55,7 +55,15 @@ class VisionStages:
         # None: as many crops per run as both the connector and the ViT engine take (a TensorRT engine is built
         # for the manifest's one-crop profile; onnxruntime's CUDA EP takes the whole range).
         largest = getattr(vit, "largest", None)
-        self.crops_per_run = crops_per_run or min(self.max_crops, (largest and largest(io.N_CROPS)) or self.max_crops)
+        engine_limit = largest and largest(io.N_CROPS)      # None: the stage takes any count (the connector's bound)
+        engine_most = engine_limit or self.max_crops
+        if crops_per_run is not None and engine_limit and crops_per_run > engine_limit:
+            # Found at load, not at the first frame: a TensorRT engine (native, or onnxruntime's TensorRT provider) is
+            # built for its profile's crop counts and refuses more.
+            raise ConfigError(f"crops_per_run: {crops_per_run}, but stage {vit.spec.name!r} takes at most "
+                              f"{engine_most} crop{'s' if engine_most != 1 else ''} per run (its engine's profile); "
+                              f"set crops_per_run to {engine_most} or less, or leave it unset")
+        self.crops_per_run = crops_per_run or min(self.max_crops, engine_most)
 
     def run(self, images: np.ndarray, image_masks: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
         """(n_tokens, D): one feature per row of pooled_patches_idx, all-padding rows included.

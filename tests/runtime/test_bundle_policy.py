@@ -226,6 +226,20 @@ def test_registered_as_policy_type_bundle(exported, tmp_path):
         BundlePolicyConfig(path="x", forced_depth="stereo")
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"backend": "TensorRT"}, r"backend: 'TensorRT' unknown; use one of onnxruntime, tensorrt"),
+    ({"provider": "gpu"}, r"provider: 'gpu' unknown; use one of cpu, cuda, tensorrt"),
+    ({"backend": "tensorrt", "threads": 2}, r"threads: onnxruntime's setting, and backend is 'tensorrt'"),
+    ({"backend": "tensorrt", "provider": "cuda"}, r"provider: onnxruntime's setting, and backend is 'tensorrt'"),
+    ({"target": "orin"}, r"target: which TensorRT engines backend 'tensorrt' runs; backend is 'onnxruntime'"),
+    ({"backend": "tensorrt", "target": "orin_nx"}, r"target: unknown TensorRT target 'orin_nx'; use one of"),
+])
+def test_settings_of_the_other_backend_are_named_when_the_config_loads(fields, message):
+    """Found with the field named, not as a TypeError of an options class when the policy loads."""
+    with pytest.raises(ConfigError, match=message):
+        BundlePolicyConfig(path="x", **fields)
+
+
 def test_tf32_is_asked_for_the_gpu_providers_only(monkeypatch):
     from edgeact.runtime import bundle_policy
 

@@ -90,6 +90,18 @@ def test_unset_crops_per_run_takes_what_the_vit_engine_takes():
     assert vision.crops_per_run == 2 and vision.vit.crops_per_call == [2, 1]
 
 
+def test_more_crops_per_run_than_the_vit_engine_takes_is_refused_at_load():
+    """A TensorRT engine is built for its profile's crop counts: more per run would fail at the first frame."""
+    class TwoCropEngine(FakeVit):
+        def largest(self, symbol):
+            return {io.N_CROPS: 2}.get(symbol)
+
+    with pytest.raises(ConfigError, match=r"crops_per_run: 3, but stage .* takes at most 2 crops per run \(its "
+                                          r"engine's profile\); set crops_per_run to 2 or less"):
+        VisionStages(TwoCropEngine(), FakeConnector(), crops_per_run=3)
+    assert VisionStages(TwoCropEngine(), FakeConnector(), crops_per_run=2).crops_per_run == 2
+
+
 def test_crops_per_run_below_one_is_refused():
     with pytest.raises(ConfigError, match="crops_per_run: 0 must be >= 1"):
         VisionStages(FakeVit(), FakeConnector(), crops_per_run=0)
