@@ -131,8 +131,16 @@ def check_buildable(bundle: Bundle, target: str, stages: Iterable[str] | None = 
         require_standard_ops(stage.name, bundle.path(stage.file), tgt.name)
     trt = import_tensorrt()
     cc = device_compute_capability()
-    check_device(tgt, cc)
+    check_device(tgt, cc, jetson_model())
     return tgt, chosen, trt, cc
+
+
+def jetson_model() -> str | None:
+    """This Jetson's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"); None elsewhere."""
+    from edgeact.runtime.device_info import read_device_info
+
+    info = read_device_info()
+    return info.model if info.jetson else None
 
 
 def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,

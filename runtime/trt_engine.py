@@ -90,15 +90,18 @@ def tensor_bytes(dims: Sequence[int | str], dtype: str, spec: StageSpec,
 
 
 def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capability: tuple[int, int] | None,
-                trt_version: str) -> EngineRecord:
-    """The engine record to run: the named target's, or the one built for this GPU's SM; same SM (a named
-    target's engine too) and same TensorRT version."""
+                trt_version: str, jetson_model: str | None = None) -> EngineRecord:
+    """The engine record to run: the named target's, or the one built for this GPU's SM (on a Jetson,
+    `jetson_model`: for this module, as Orin AGX, NX and Nano share SM 8.7); same SM (a named target's engine too)
+    and same TensorRT version."""
     records = built = [r for r in bundle.manifest.engines if r.stage == stage]
     how = f"edgeact build-engines {bundle.root} --target T"
     if target is not None:
         records = [r for r in records if r.target == target]
     elif compute_capability is not None:
         records = [r for r in records if runs_on_sm(r, compute_capability)]
+        if jetson_model:        # another module's engines of this SM are not this module's
+            records = [r for r in records if _module_matches(r.target, jetson_model)]
     if not records:
         have = sorted({f"{r.target} (SM {r.compute_capability})" for r in built})
         raise BundleError(f"{bundle.root}: no TensorRT engine for stage {stage!r}"
@@ -138,6 +141,11 @@ def check_cache_alignment(layout: CacheLayout, where: str) -> None:
                           f"{TENSOR_ALIGNMENT_BYTES} (e.g. the synthetic 'bench' size)")
 
 
+def _module_matches(target: str, jetson_model: str) -> bool:
+    chip = TARGETS.get(target)
+    return chip is None or not chip.module_words or chip.module_words.lower() in jetson_model.lower()
+
+
 def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> bool:
     """Whether an engine built for the record's SM runs on a GPU of this SM: the same number, or another number
     the record's target chip also reports (Thor: 11.0, 10.1 before CUDA 13), as build-engines' check_device allows."""
@@ -146,6 +154,14 @@ def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> boo
         return True
     chip = TARGETS.get(record.target)
     return chip is not None and chip.reports(record.compute_capability) and chip.reports(sm)
+
+
+def _jetson_model() -> str | None:
+    """This Jetson's device-tree model; None elsewhere (engines are then matched by SM alone)."""
+    from edgeact.runtime.device_info import read_device_info
+
+    info = read_device_info()
+    return info.model if info.jetson else None
 
 
 # ------------------------------------------------------------------------------- CUDA glue
@@ -396,7 +412,8 @@ class TrtBackend(Backend):
         self.compute_capability = (int(major), int(minor))
 
     def _record(self, bundle: Bundle, stage: str) -> EngineRecord:
-        return pick_engine(bundle, stage, self.options.target, self.compute_capability, str(self.trt.__version__))
+        return pick_engine(bundle, stage, self.options.target, self.compute_capability, str(self.trt.__version__),
+                           _jetson_model())
 
     def stage(self, bundle: Bundle, name: str) -> TrtStageEngine:
         return TrtStageEngine(self.trt, self.cuda, bundle, self._record(bundle, name))

@@ -29,6 +29,9 @@ class Target:
     memory_bandwidth_gb_s: float          # what bounds decode speed: every token reads every weight once
     embedded: bool
     also_reports: tuple[tuple[int, int], ...] = ()   # other SM numbers the same chip reports
+    # Words of the Jetson module's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"): modules of one SM differ
+    # in GPU size and memory, and TensorRT engines are specific to the device model they were built on.
+    module_words: str = ""
 
     @property
     def sm(self) -> str:
@@ -41,20 +44,20 @@ class Target:
         return cc == self.compute_capability or cc in self.also_reports
 
 
-def _t(name, description, cc, bw, embedded, also=()) -> tuple[str, Target]:
-    return name, Target(name, description, cc, bw, embedded, also)
+def _t(name, description, cc, bw, embedded, also=(), module="") -> tuple[str, Target]:
+    return name, Target(name, description, cc, bw, embedded, also, module)
 
 
 TARGETS: Mapping[str, Target] = MappingProxyType(dict([
     # Jetson modules (developer.nvidia.com/cuda-gpus lists Orin AGX / NX / Nano at 8.7).
-    _t("orin", "Jetson AGX Orin 64GB (Ampere)", (8, 7), 204.8, True),
-    _t("orin-nx", "Jetson Orin NX 16GB (Ampere)", (8, 7), 102.4, True),
-    _t("orin-nano", "Jetson Orin Nano 8GB (Ampere)", (8, 7), 68.0, True),
+    _t("orin", "Jetson AGX Orin 64GB (Ampere)", (8, 7), 204.8, True, module="AGX Orin"),
+    _t("orin-nx", "Jetson Orin NX 16GB (Ampere)", (8, 7), 102.4, True, module="Orin NX"),
+    _t("orin-nano", "Jetson Orin Nano 8GB (Ampere)", (8, 7), 68.0, True, module="Orin Nano"),
     # Jetson AGX Thor (T5000, Blackwell): CUDA 13.0 renumbered its SM101 as SM110 ("SM101 has been
     # renumbered as SM110", CUDA 13.0 release notes; see also openxla/xla#30514 and
     # developer.nvidia.com/cuda-gpus, which lists Jetson T5000/T4000 at 11.0). Toolkits before 13
     # report 10.1. Memory: 128 GB LPDDR5X, 256-bit, 273 GB/s (T5000 module data sheet).
-    _t("thor", "Jetson AGX Thor T5000 (Blackwell)", (11, 0), 273.0, True, ((10, 1),)),
+    _t("thor", "Jetson AGX Thor T5000 (Blackwell)", (11, 0), 273.0, True, ((10, 1),), module="Thor"),
     # Desktop / data-centre GPUs a lent machine may have; bandwidth of the named card.
     _t("h100", "NVIDIA H100 SXM (Hopper)", (9, 0), 3350.0, False),
     _t("h200", "NVIDIA H200 (Hopper)", (9, 0), 4800.0, False),
@@ -117,10 +120,17 @@ def check_precision(target: str | Target, precision: str) -> None:
         f"({target.description}) is SM {target.sm}: use {' or '.join(instead[:2])} instead")
 
 
-def check_device(target: str | Target, compute_capability: tuple[int, int]) -> None:
-    """TensorRT engines run only on the SM they were built on: refuse to build for another target."""
+def check_device(target: str | Target, compute_capability: tuple[int, int], jetson_model: str | None = None) -> None:
+    """TensorRT engines run only on the SM they were built on: refuse to build for another target. On a Jetson
+    (`jetson_model`: its device-tree model) also for another module of the same SM (an Orin Nano is no AGX Orin)."""
     target = get_target(target)
     cc = tuple(compute_capability)
+    if target.reports(cc) and jetson_model and target.module_words \
+            and target.module_words.lower() not in jetson_model.lower():
+        here = [t.name for t in TARGETS.values() if t.module_words and t.module_words.lower() in jetson_model.lower()]
+        raise ConfigError(f"this is a {jetson_model}, not a {target.description}: engines are specific to the module "
+                          "they are built on; "
+                          + (f"build with --target {here[0]}" if here else "build for this module's target"))
     if target.reports(cc):
         return
     here = ", ".join(t.name for t in targets_for_device(cc)) or "no known target"

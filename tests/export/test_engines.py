@@ -333,3 +333,15 @@ def test_compute_capability_probes_fall_through_in_order(monkeypatch):
     monkeypatch.setattr(engines, "_cc_from_nvidia_smi", lambda device: None)
     with pytest.raises(EdgeactError, match="cannot read this GPU's compute capability .*pip install cuda-python"):
         device_compute_capability()
+
+
+def test_engines_for_another_jetson_module_of_the_same_sm_are_refused(tmp_path, monkeypatch, orin_gpu):
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    monkeypatch.setattr(engines, "jetson_model", lambda: "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit")
+    path = write_tiny_bundle(tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"not a Jetson AGX Orin 64GB .* build with --target orin-nano$"):
+        build_engines(path, "orin")
+    assert "built" not in calls and not (path / "engines").exists()
+    (record,) = build_engines(path, "orin-nano")
+    assert record.target == "orin-nano"

@@ -80,6 +80,20 @@ def test_the_engine_record_must_fit_this_gpu_and_tensorrt(exported, tmp_path):
         pick_engine(bundle, "vision", None, (9, 0), FAKE_TRT_VERSION)
 
 
+def test_on_a_jetson_the_engines_of_this_module_are_taken_not_only_of_this_sm(exported, tmp_path):
+    """Orin AGX, NX and Nano all report SM 8.7; engines are specific to the module that built them."""
+    bundle = _with_records(exported, tmp_path, [_record(target="orin", cc="8.7"),
+                                                _record(target="orin-nano", cc="8.7")])
+    agx, nano = "NVIDIA Jetson AGX Orin Developer Kit", "NVIDIA Jetson Orin Nano Developer Kit"
+    assert pick_engine(bundle, "decoder", None, (8, 7), FAKE_TRT_VERSION, agx).target == "orin"
+    assert pick_engine(bundle, "decoder", None, (8, 7), FAKE_TRT_VERSION, nano).target == "orin-nano"
+    with pytest.raises(ConfigError, match="engines for targets"):        # not a Jetson, or not known: ambiguous
+        pick_engine(bundle, "decoder", None, (8, 7), FAKE_TRT_VERSION)
+    only_nano = _with_records(exported, tmp_path / "nano", [_record(target="orin-nano", cc="8.7")])
+    with pytest.raises(BundleError, match=r"on SM 8\.7; it has orin-nano \(SM 8\.7\)\. Build them on this device"):
+        pick_engine(only_nano, "decoder", None, (8, 7), FAKE_TRT_VERSION, agx)
+
+
 def test_a_named_targets_engine_must_be_built_for_this_gpus_sm(exported, tmp_path):
     bundle = _with_records(exported, tmp_path, [_record(), _record(target="orin", cc="8.7")])
     with pytest.raises(BundleError, match=r"engines/orin/decoder\.plan: target 'orin' is built for SM 8\.7, this GPU is "

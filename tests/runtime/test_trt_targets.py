@@ -127,3 +127,15 @@ def test_engines_are_built_on_the_target_itself():
     with pytest.raises(ConfigError, match=r"this GPU is SM 9.0 \(h100, h200\) but target orin is SM 8.7.*run build-engines on the orin itself"):
         check_device("orin", (9, 0))
     assert [t.name for t in targets_for_device((8, 7))] == ["orin", "orin-nx", "orin-nano"]
+
+
+def test_on_a_jetson_the_module_must_be_the_targets_not_only_its_sm():
+    """Orin AGX, NX and Nano all report SM 8.7, but engines are specific to the module they are built on."""
+    agx = "NVIDIA Jetson AGX Orin Developer Kit"
+    check_device("orin", (8, 7), agx)
+    check_device("orin-nano", (8, 7), None)                     # not a Jetson (or not known): the SM alone
+    with pytest.raises(ConfigError, match=r"this is a NVIDIA Jetson AGX Orin Developer Kit, not a Jetson Orin Nano "
+                                          r"8GB \(Ampere\): engines are specific to the module .* --target orin$"):
+        check_device("orin-nano", (8, 7), agx)
+    with pytest.raises(ConfigError, match=r"--target orin-nano$"):
+        check_device("orin", (8, 7), "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super")
