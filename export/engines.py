@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from edgeact.export.bundle_writer import update_manifest, utc_now
+from edgeact.runtime.device_info import jetson_model
 from edgeact.runtime.trt_targets import (
     check_device, check_precision, engine_file, engine_record, get_target, optimization_profiles, profile_names,
 )
@@ -113,11 +114,13 @@ def require_standard_ops(stage: str, onnx_path: Path, target: str) -> None:
                       f"cannot parse; {fix}")
 
 
-def check_buildable(bundle: Bundle, target: str, stages: Iterable[str] | None = None):
+def check_buildable(bundle: Bundle, target: str, stages: Iterable[str] | None = None, workspace_gb: float = 4.0):
     """What build_engines checks before minutes of building, for a bundle already loaded: every chosen stage's
     precision on the target and its ops, that TensorRT imports, and that this GPU is the target's SM. Returns
     (target, chosen stages, the tensorrt module, the compute capability). `edgeact flash --target` runs it before
     copying a bundle into the store."""
+    if not workspace_gb > 0:
+        raise EdgeactError(f"workspace {workspace_gb} GB must be positive; Jetson Orin builds use 2-8 GB")
     tgt = get_target(target)
     chosen = [bundle.stage(name) for name in (stages if stages is not None else bundle.manifest.stages)]
     for stage in chosen:
@@ -135,14 +138,6 @@ def check_buildable(bundle: Bundle, target: str, stages: Iterable[str] | None = 
     return tgt, chosen, trt, cc
 
 
-def jetson_model() -> str | None:
-    """This Jetson's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"); None elsewhere."""
-    from edgeact.runtime.device_info import read_device_info
-
-    info = read_device_info()
-    return info.model if info.jetson else None
-
-
 def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 4.0,
                   timing_cache: str | Path | None = None, stages: Iterable[str] | None = None,
                   allow_unverified: bool = False, on_stage: Callable[[str, int, int], None] | None = None,
@@ -155,10 +150,8 @@ def build_engines(bundle_dir: str | Path, target: str, *, workspace_gb: float = 
     (Ampere and later; TensorRT's default, which rounds matrix-product inputs to 10-bit mantissas); off, the
     default, fp32 stays fp32 as the bundle was verified (the onnxruntime paths' cuda_tf32 default too).
     """
-    if workspace_gb <= 0:
-        raise EdgeactError(f"workspace {workspace_gb} GB must be positive; Jetson Orin builds use 2-8 GB")
     bundle = load_bundle(bundle_dir, verify_checksums=True, allow_failed_verification=allow_unverified)
-    tgt, chosen, trt, cc = check_buildable(bundle, target, stages)
+    tgt, chosen, trt, cc = check_buildable(bundle, target, stages, workspace_gb)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

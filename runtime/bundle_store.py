@@ -352,9 +352,7 @@ class BundleStore:
         if target is not None:
             from edgeact.export.engines import check_buildable     # TensorRT: only where engines are built
 
-            if workspace_gb <= 0:
-                raise ConfigError(f"--workspace-gb {workspace_gb}: must be positive; Jetson Orin builds use 2-8 GB")
-            build = check_buildable(Bundle(source, manifest), target)  # before copying gigabytes
+            build = check_buildable(Bundle(source, manifest), target, workspace_gb=workspace_gb)   # before copying
         id_ = entry_id(source, manifest_sha256(source))
         with self.locked():
             dest = self.root / id_
@@ -384,13 +382,13 @@ class BundleStore:
         if not dest.is_dir():
             return False
         try:
-            check_whole(dest, checksums=True)
+            installed = check_whole(dest, checksums=True)
         except BundleError as exc:
             say(f"{dest.name} is installed but damaged ({exc}); installing it again")
             return False
         if build is not None:
             tgt, chosen = build[0], build[1]
-            engines = read_manifest(dest).engines_for(tgt.name)
+            engines = installed.engines_for(tgt.name)
             if any(stage.name not in engines for stage in chosen):
                 say(f"{dest.name} is installed without engines for {tgt.name}; installing it again with them")
                 return False

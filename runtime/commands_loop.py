@@ -84,7 +84,7 @@ def _run(args) -> int:
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.recorder import CommandRecorder
-    from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file, run_summary
+    from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
@@ -111,18 +111,15 @@ def _run(args) -> int:
             print(CHECK_HINT.format(config=args.config), file=sys.stderr)
             raise
     console = _console(120)
-    stats.exact_counts(result)
-    extra = run_summary(result, bundle, device)
+    extra = stats.finish(result, bundle, device)
     if result.shadow_withheld is not None:
         extra["shadow"] = {"writes_withheld": result.shadow_withheld}
     console.print(_summary_tables({**stats.summary(), **extra}))
     json_note = ""
     if args.json:
-        try:
-            console.print(f"timing summary: {stats.write_json(args.json, extra)}")
-        except OSError as exc:  # a full disk: the run's end (the motors' state, its status) is still told
-            json_note = f"{args.json}: {exc.strerror or exc}"
-            console.print(f"timing summary NOT written: {json_note}", style="bold red", markup=False)
+        written, json_note = stats.write_final_json(args.json, extra)
+        console.print(f"timing summary: {written}" if written else f"timing summary NOT written: {json_note}",
+                      style=None if written else "bold red", markup=False)
     if result.ticks == 0 and result.error is not None:      # refused at the start (e.g. a joint outside its limits)
         print(CHECK_HINT.format(config=args.config), file=sys.stderr)
     return _unless_output_lost(_finish(result, console), json_note, "--json")

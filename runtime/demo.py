@@ -20,7 +20,7 @@ from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
 from edgeact.runtime.recorder import CommandRecorder
 from edgeact.runtime.telemetry import (
-    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file, run_summary,
+    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file,
 )
 
 DEMO_POLICIES = ("scripted", "bundle")
@@ -109,14 +109,9 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     device = read_device_info()         # the power mode and clocks the run starts under
     bundle = policy_bundle(config)
     result = run_robot(config, seconds, every, progress=progress, estop=estop)
-    stats.exact_counts(result)
-    extra = run_summary(result, bundle, device)
+    extra = stats.finish(result, bundle, device)
     summary = {**stats.summary(), **extra}
-    json_note = ""
-    try:
-        json_path = stats.write_json(json_path, extra)
-    except OSError as exc:      # a full disk: the run's end (the tables, the motors' state, its status) still shows
-        json_path, json_note = None, f"{json_path}: {exc.strerror or exc}"
+    json_path, json_note = stats.write_final_json(json_path, extra)
     try:
         return MeasuredRun(result, summary, json_path, stats.plot_png(out_dir / f"{name}.png"), stats=stats,
                            json_note=json_note)

@@ -107,6 +107,13 @@ class DeviceInfo:
         return out
 
 
+def jetson_model() -> str | None:
+    """This Jetson's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"); None elsewhere (engines are then
+    matched to the GPU by its SM alone)."""
+    info = read_device_info()
+    return info.model if info.jetson else None
+
+
 def read_device_info(root: str | Path = "/", nvpmodel: Callable[[], str | None] | None = None) -> DeviceInfo:
     """The device as far as its files say. `nvpmodel` returns `nvpmodel -q`'s output (None: it did not run)."""
     root = Path(root)

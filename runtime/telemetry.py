@@ -161,6 +161,12 @@ class TimingStats(Subscriber):
                "control_tick": self.work_s, "command_write": self.command_write_s}
         return {name: series for name, series in out.items() if series}
 
+    def finish(self, result: Any, bundle: dict[str, Any] | None, device: Any) -> dict[str, Any]:
+        """After the run: the loop's exact counts where events were dropped (exact_counts), then run_summary's
+        sections (the `extra` of summary() and write_json)."""
+        self.exact_counts(result)
+        return run_summary(result, bundle, device)
+
     def exact_counts(self, result: Any) -> None:
         """Take the control loop's own counts from its RunResult where events were dropped on the way here (a stuck
         subscriber): the ticks, overruns and achieved rate then count every tick, not the delivered ones; the
@@ -231,6 +237,14 @@ class TimingStats(Subscriber):
             tmp.unlink(missing_ok=True)
             raise
         return path
+
+    def write_final_json(self, path: str | Path, extra: dict[str, Any]) -> tuple[Path | None, str]:
+        """write_json at a run's end: (the path, "") or, where it could not be written (a full disk), (None, why), so
+        the run's end (the tables, the motors' state, its status) is still told; the caller reports the loss."""
+        try:
+            return self.write_json(path, extra), ""
+        except OSError as exc:
+            return None, f"{path}: {exc.strerror or exc}"
 
     def start_json(self, path: str | Path, option: str) -> Path:
         """Before the run: replace an older run's JSON at `path` by this empty summary marked "incomplete" (a run

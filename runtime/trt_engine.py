@@ -32,6 +32,7 @@ from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_p
 from edgeact.runtime.stage_spec import (
     bind_symbols, largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape,
 )
+from edgeact.runtime.device_info import jetson_model
 from edgeact.runtime.trt_targets import TARGETS
 
 TENSORRT_MISSING = ("the tensorrt backend needs TensorRT 10 and cuda-python on a machine with an NVIDIA GPU "
@@ -101,7 +102,7 @@ def pick_engine(bundle: Bundle, stage: str, target: str | None, compute_capabili
     elif compute_capability is not None:
         records = [r for r in records if runs_on_sm(r, compute_capability)]
         if jetson_model:        # another module's engines of this SM are not this module's
-            records = [r for r in records if _module_matches(r.target, jetson_model)]
+            records = [r for r in records if r.target not in TARGETS or TARGETS[r.target].on_module(jetson_model)]
     if not records:
         have = sorted({f"{r.target} (SM {r.compute_capability})" for r in built})
         raise BundleError(f"{bundle.root}: no TensorRT engine for stage {stage!r}"
@@ -141,11 +142,6 @@ def check_cache_alignment(layout: CacheLayout, where: str) -> None:
                           f"{TENSOR_ALIGNMENT_BYTES} (e.g. the synthetic 'bench' size)")
 
 
-def _module_matches(target: str, jetson_model: str) -> bool:
-    chip = TARGETS.get(target)
-    return chip is None or not chip.module_words or chip.module_words.lower() in jetson_model.lower()
-
-
 def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> bool:
     """Whether an engine built for the record's SM runs on a GPU of this SM: the same number, or another number
     the record's target chip also reports (Thor: 11.0, 10.1 before CUDA 13), as build-engines' check_device allows."""
@@ -154,14 +150,6 @@ def runs_on_sm(record: EngineRecord, compute_capability: tuple[int, int]) -> boo
         return True
     chip = TARGETS.get(record.target)
     return chip is not None and chip.reports(record.compute_capability) and chip.reports(sm)
-
-
-def _jetson_model() -> str | None:
-    """This Jetson's device-tree model; None elsewhere (engines are then matched by SM alone)."""
-    from edgeact.runtime.device_info import read_device_info
-
-    info = read_device_info()
-    return info.model if info.jetson else None
 
 
 # ------------------------------------------------------------------------------- CUDA glue
@@ -410,10 +398,11 @@ class TrtBackend(Backend):
         minor = self.cuda.check(cudart.cudaDeviceGetAttribute(
             cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, self.options.device_id), "cudaDeviceGetAttribute")
         self.compute_capability = (int(major), int(minor))
+        self.jetson_model = jetson_model()     # read once: which module's engines this GPU takes
 
     def _record(self, bundle: Bundle, stage: str) -> EngineRecord:
         return pick_engine(bundle, stage, self.options.target, self.compute_capability, str(self.trt.__version__),
-                           _jetson_model())
+                           self.jetson_model)
 
     def stage(self, bundle: Bundle, name: str) -> TrtStageEngine:
         return TrtStageEngine(self.trt, self.cuda, bundle, self._record(bundle, name))

@@ -37,6 +37,10 @@ class Target:
     def sm(self) -> str:
         return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
+    def on_module(self, jetson_model: str) -> bool:
+        """Whether this target is the Jetson module of that device-tree model (True for a target of no module)."""
+        return not self.module_words or self.module_words.lower() in jetson_model.lower()
+
     def reports(self, compute_capability: tuple[int, int] | str) -> bool:
         """Whether this chip reports that SM number ((8, 7) or "8.7"): its own, or another it also reports."""
         cc = (tuple(int(x) for x in compute_capability.split(".")) if isinstance(compute_capability, str)
@@ -125,9 +129,8 @@ def check_device(target: str | Target, compute_capability: tuple[int, int], jets
     (`jetson_model`: its device-tree model) also for another module of the same SM (an Orin Nano is no AGX Orin)."""
     target = get_target(target)
     cc = tuple(compute_capability)
-    if target.reports(cc) and jetson_model and target.module_words \
-            and target.module_words.lower() not in jetson_model.lower():
-        here = [t.name for t in TARGETS.values() if t.module_words and t.module_words.lower() in jetson_model.lower()]
+    if target.reports(cc) and jetson_model and not target.on_module(jetson_model):
+        here = [t.name for t in TARGETS.values() if t.module_words and t.on_module(jetson_model)]
         raise ConfigError(f"this is a {jetson_model}, not a {target.description}: engines are specific to the module "
                           "they are built on; "
                           + (f"build with --target {here[0]}" if here else "build for this module's target"))
