@@ -91,6 +91,10 @@ def register(subparsers) -> None:
                    help="replace each trace digit the model is fed in the answer by a random digit with probability "
                         "P (the labels stay true), so later trace points cannot be drawn on from the earlier ones "
                         "alone (default 0)")
+    p.add_argument("--colour-swap", type=float, default=0.0, metavar="P",
+                   help="show each answer sample, with probability P, with its blocks' colours exchanged in the frame "
+                        "and the instruction alike (the answer unchanged): every layout in every colour assignment "
+                        "(default 0: off)")
     p.add_argument("--target-probe", type=float, default=0.0, metavar="W",
                    help="add W x a probe loss: at each trace and action position of the answer, a linear head (not "
                         "saved) reads where the named block is in the image from the decoder's hidden state "
@@ -162,7 +166,8 @@ def _train(args: argparse.Namespace) -> int:
                            trace_batch=args.trace_batch, action_sigma=args.action_sigma,
                            connector_init=args.connector_init, feature_decay=args.feature_decay,
                            depth_input_noise=args.depth_input_noise, target_probe_weight=args.target_probe,
-                           trace_input_noise=args.trace_input_noise, device=args.device,
+                           trace_input_noise=args.trace_input_noise, colour_swap=args.colour_swap,
+                           device=args.device,
                            loader_workers=args.loader_workers, init=str(args.init) if args.init else None)
     training_device(options)        # before any recording: a missing GPU or checkpoint is said at once
     out = Path(args.out)            # before any work: the checkpoint is written only after the last step

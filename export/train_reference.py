@@ -131,6 +131,11 @@ class TrainOptions:
     # statistics), whose weights replace the seeded initialization, e.g. DAgger's next round goes on from the policy
     # that visited its states (None: PyTorch's seeded default init).
     init: str | None = None
+    # Each answer sample is shown, with this probability, with its blocks' colours exchanged (a random one of the five
+    # other assignments): the frame's blocks repainted with their own shading and the instruction's colour word
+    # exchanged alike (drivers/sim/recolour.py), the answer unchanged. Every recorded layout then comes in every colour
+    # assignment, so the named block can only be told by its colour in the image (0: off).
+    colour_swap: float = 0.0
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -151,7 +156,7 @@ class TrainOptions:
         if self.connector_init not in CONNECTOR_INITS:
             raise ConfigError(f"TrainOptions.connector_init: one of {', '.join(CONNECTOR_INITS)}; got "
                               f"{self.connector_init!r}")
-        for name in ("depth_input_noise", "trace_input_noise"):
+        for name in ("depth_input_noise", "trace_input_noise", "colour_swap"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"TrainOptions.{name}: a probability in [0, 1]; got {getattr(self, name)}")
         if not self.feature_decay >= 0:
@@ -510,8 +515,9 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
 
     # The answer batches, drawn up front in the order the steps take them, encoded ahead by the loader's workers.
     batches = [answers.take(options.batch_size) for _ in range(options.pointing_first_steps, options.steps)]
+    swaps = colour_swaps(batches, options.colour_swap, [options.seed, 5])
     loader = iter(torch.utils.data.DataLoader(
-        _Encoded(trainer.encoder, trainer.arrays), batch_sampler=batches, collate_fn=list,
+        _Encoded(trainer.encoder, trainer.arrays), batch_sampler=swaps, collate_fn=list,
         num_workers=options.loader_workers, prefetch_factor=4 if options.loader_workers else None))
     losses = []
     model.train()
@@ -558,8 +564,18 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     return losses
 
 
+def colour_swaps(batches: list[list[int]], p: float, seed) -> list[list[tuple[int, int]]]:
+    """The batches as (sample, colour exchange) pairs: with probability p an index into recolour.PERMUTATIONS, else
+    -1 (the sample as recorded). Drawn up front from one seeded generator: the same whatever the loader's workers."""
+    from edgeact.drivers.sim.recolour import PERMUTATIONS
+
+    rng = np.random.default_rng(seed)
+    return [[(int(i), int(rng.integers(len(PERMUTATIONS))) if p and rng.random() < p else -1) for i in batch]
+            for batch in batches]
+
+
 class _Encoded(torch.utils.data.Dataset):
-    """Training sample i as a TrainingSequence (what the loader's workers compute)."""
+    """Training sample (i, colour exchange) as a TrainingSequence (what the loader's workers compute)."""
 
     def __init__(self, encoder: ReferenceEncoder, arrays: dict[str, np.ndarray]):
         self.encoder, self.arrays = encoder, arrays
@@ -567,8 +583,9 @@ class _Encoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.arrays["episode"])
 
-    def __getitem__(self, i: int) -> TrainingSequence:
-        return self.encoder.encode(self.arrays, int(i))
+    def __getitem__(self, item: tuple[int, int]) -> TrainingSequence:
+        i, swap = item
+        return self.encoder.encode(self.arrays, int(i), swap)
 
 
 def pointing_accuracy(trainer: Trainer, pairs: np.ndarray) -> float:

@@ -135,9 +135,17 @@ class ReferenceEncoder:
         # The preprocessor's plan arrays are shared and read-only; a batch owns copies.
         return ImageInputs(inputs.images, inputs.image_masks.copy(), inputs.pooled_patches_idx.copy(), inputs.grids)
 
-    def encode(self, arrays: dict[str, np.ndarray], i: int) -> TrainingSequence:
-        image_inputs = self.image_inputs(arrays["rgb"][i])
-        prompt = self.prompt(str(arrays["instruction"][i]), image_inputs)
+    def encode(self, arrays: dict[str, np.ndarray], i: int, colour_swap: int = -1) -> TrainingSequence:
+        """Sample i; with colour_swap >= 0, its blocks' colours exchanged by recolour.PERMUTATIONS[colour_swap] in
+        the frame and the instruction alike (the answer stays: no block moved)."""
+        rgb, instruction = arrays["rgb"][i], str(arrays["instruction"][i])
+        if colour_swap >= 0:
+            from edgeact.drivers.sim.recolour import PERMUTATIONS, recolour_frame, recolour_instruction
+
+            permutation = PERMUTATIONS[colour_swap]
+            rgb, instruction = recolour_frame(rgb, permutation), recolour_instruction(instruction, permutation)
+        image_inputs = self.image_inputs(rgb)
+        prompt = self.prompt(instruction, image_inputs)
         return self._sequence(prompt, self.grammar.to_ids(self.answer(arrays, i)), image_inputs)
 
     def encode_pointing(self, arrays: dict[str, np.ndarray], i: int, colour: int) -> TrainingSequence:

@@ -742,9 +742,61 @@ def test_the_command_defaults_are_the_options_own():
            "trace_batch": args.trace_batch, "action_sigma": args.action_sigma, "connector_init": args.connector_init,
            "feature_decay": args.feature_decay, "depth_input_noise": args.depth_input_noise,
            "target_probe_weight": args.target_probe, "trace_input_noise": args.trace_input_noise,
-           "device": args.device, "loader_workers": args.loader_workers, "init": args.init}
+           "device": args.device, "loader_workers": args.loader_workers, "init": args.init,
+           "colour_swap": args.colour_swap}
     assert cli == {name: getattr(defaults, name) for name in cli}
     for init in CONNECTOR_INITS:            # every init the options take, the command takes
         assert parser.parse_args(["train-reference", "--demos", "d", "--out", "o", "--connector-init", init]
                                  ).connector_init == init
     assert set(cli) <= {f.name for f in dataclasses.fields(TrainOptions)}
+
+
+def test_a_colour_swap_exchanges_the_frames_blocks_and_the_instructions_word_but_not_the_answer(demos):
+    from edgeact.drivers.sim.recolour import PERMUTATIONS, recolour_frame, recolour_instruction
+    from edgeact.drivers.sim.task import COLOURS
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    encoder, arrays = trainer.encoder, trainer.arrays
+    i = int(trainer.train_idx[0])
+    plain = encoder.encode(arrays, i)
+    for swap, permutation in enumerate(PERMUTATIONS):
+        swapped = encoder.encode(arrays, i, swap)
+        answer = slice(plain.n_prompt - 1, None)
+        assert np.array_equal(swapped.labels[answer], plain.labels[answer])        # no block moved: same answer
+        instruction = recolour_instruction(str(arrays["instruction"][i]), permutation)
+        named = next(k for k, c in enumerate(COLOURS) if c in str(arrays["instruction"][i]))
+        assert (instruction != str(arrays["instruction"][i])) == (permutation[named] != named)
+        expected = encoder.prompt(instruction, encoder.image_inputs(recolour_frame(arrays["rgb"][i], permutation)))
+        assert np.array_equal(swapped.ids[:swapped.n_prompt], expected)
+        assert np.array_equal(swapped.image_inputs.images,
+                              encoder.image_inputs(recolour_frame(arrays["rgb"][i], permutation)).images)
+        assert not np.array_equal(swapped.image_inputs.images, plain.image_inputs.images)
+
+
+def test_colour_swaps_are_drawn_up_front_and_off_by_default():
+    from edgeact.drivers.sim.recolour import PERMUTATIONS
+    from edgeact.export.train_reference import colour_swaps
+
+    batches = [[0, 1, 2, 3]] * 200
+    assert all(swap == -1 for batch in colour_swaps(batches, 0.0, 0) for _, swap in batch)
+    drawn = colour_swaps(batches, 0.75, [0, 5])
+    assert drawn == colour_swaps(batches, 0.75, [0, 5])                       # seeded
+    assert [[i for i, _ in batch] for batch in drawn] == batches              # the samples and their order kept
+    swaps = np.array([swap for batch in drawn for _, swap in batch])
+    assert 0.70 < np.mean(swaps >= 0) < 0.80
+    assert set(swaps[swaps >= 0]) == set(range(len(PERMUTATIONS)))
+    from edgeact.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="colour_swap"):
+        TrainOptions(colour_swap=1.5)
+
+
+def test_colour_swapped_training_is_the_same_with_loader_workers(demos):
+    def run(workers):
+        trainer = prepare(demos, TrainOptions(steps=3, loader_workers=workers, colour_swap=1.0, **TINY))
+        return train_steps(trainer), trainer.model.state_dict()
+
+    (loss_a, a), (loss_b, b) = run(0), run(2)
+    assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
+    plain = train_steps(prepare(demos, TrainOptions(steps=3, **TINY)))
+    assert plain != loss_a                  # the swapped frames and words were what trained
