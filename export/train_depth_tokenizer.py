@@ -47,6 +47,8 @@ class TrainOptions:
         for name in ("images", "held_out", "steps", "batch", "restart_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed: {self.seed} must be an integer >= 0 (numpy's generators take no negative seed)")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate {self.learning_rate} must be a positive number (e.g. 2e-3)")
 

@@ -388,14 +388,15 @@ class Grounding:
                                           "place": torch.nn.Linear(hidden, per_view)})
         self.class_weights = torch.tensor([self.NONE_WEIGHT] + [1.0] * len(COLOURS))
 
-    def loss(self, model, batch: dict[str, torch.Tensor], samples: list[int], arrays) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], blocks: list[np.ndarray]) -> torch.Tensor:
+        """blocks: each image's block places (demos' `blocks` rows, COLOURS order) as the batch shows them."""
         # The image tokens again, outside the (possibly compiled) forward that consumed them: the ViT runs twice on
         # these images, a small part of a step (it is 4 layers of width 64 against the decoder's sequences).
         features = model.image_features(batch["images"], batch["image_masks"], batch["pooled_patches_idx"]).float()
-        blocks = torch.from_numpy(np.concatenate([grounding_labels(arrays["blocks"][i], self.centres, self.grids,
-                                                                   *self.size) for i in samples]))
-        places = torch.from_numpy(np.tile(self.places, len(samples)))
-        return (F.cross_entropy(self.heads["block"](features), blocks, weight=self.class_weights, ignore_index=IGNORE)
+        labels = torch.from_numpy(np.concatenate([grounding_labels(row, self.centres, self.grids, *self.size)
+                                                  for row in blocks]))
+        places = torch.from_numpy(np.tile(self.places, len(blocks)))
+        return (F.cross_entropy(self.heads["block"](features), labels, weight=self.class_weights, ignore_index=IGNORE)
                 + F.cross_entropy(self.heads["place"](features), places, ignore_index=IGNORE))
 
 
@@ -527,6 +528,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
         loss = torch.zeros((), device=device)
         if step >= options.pointing_first_steps:
             samples, sequences = batches[step - options.pointing_first_steps], next(loader)
+            swapped = swaps[step - options.pointing_first_steps]
             if options.depth_input_noise:
                 sequences = [corrupt_answer_inputs(s, depth_ids, options.depth_input_noise, noise_rng)
                              for s in sequences]
@@ -536,7 +538,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             batch, loss = sequences_loss(sequences, options.first_action_weight, samples)
             if grounding is not None and point_draws is None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    aux = grounding.loss(model, batch, samples, trainer.arrays)
+                    aux = grounding.loss(model, batch, [shown_blocks(trainer.arrays, i, swap) for i, swap in swapped])
                 loss = loss + options.grounding_weight * aux
         if point_draws is not None:
             pairs = pointing[point_draws.take(options.pointing_batch)]
@@ -545,7 +547,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
             loss = loss + options.pointing_weight * point_loss
             if grounding is not None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    aux = grounding.loss(model, points, [int(i) for i, _ in pairs], trainer.arrays)
+                    aux = grounding.loss(model, points, [trainer.arrays["blocks"][int(i)] for i, _ in pairs])
                 loss = loss + options.grounding_weight * aux
         if options.trace_batch:
             loss = loss + sequences_loss([trainer.encoder.encode_trace(trainer.arrays, i)
@@ -572,6 +574,15 @@ def colour_swaps(batches: list[list[int]], p: float, seed) -> list[list[tuple[in
     rng = np.random.default_rng(seed)
     return [[(int(i), int(rng.integers(len(PERMUTATIONS))) if p and rng.random() < p else -1) for i in batch]
             for batch in batches]
+
+
+def shown_blocks(arrays: dict[str, np.ndarray], i: int, swap: int) -> np.ndarray:
+    """Where each block colour is in sample i's frame as trained: recorded, or after its colour exchange."""
+    if swap < 0:
+        return arrays["blocks"][i]
+    from edgeact.drivers.sim.recolour import PERMUTATIONS, recolour_blocks
+
+    return recolour_blocks(arrays["blocks"][i], PERMUTATIONS[swap])
 
 
 class _Encoded(torch.utils.data.Dataset):

@@ -85,6 +85,8 @@ def test_the_config_refuses_a_grid_the_encoder_cannot_make():
         DepthTokenizerConfig(input_px=160, grid=10, channels=(16, 32, 32))
     with pytest.raises(ConfigError, match="max_depth_m"):
         DepthTokenizerConfig(max_depth_m=0.0)
+    with pytest.raises(ConfigError, match="seed: -1 must be an integer >= 0"):
+        TrainOptions(seed=-1)       # refused before any rendering, not numpy's ValueError mid-run
 
 
 def test_training_beats_a_constant_image_and_uses_the_codebook(trained):

@@ -416,9 +416,9 @@ def test_without_pointing_samples_the_grounding_loss_is_taken_on_the_answer_batc
     seen = []
     real = tr.Grounding.loss
 
-    def spy(self, model, batch, samples, arrays):
-        seen.append((batch["input_ids"].shape[0], list(samples)))
-        return real(self, model, batch, samples, arrays)
+    def spy(self, model, batch, blocks):
+        seen.append((batch["input_ids"].shape[0], list(blocks)))
+        return real(self, model, batch, blocks)
 
     monkeypatch.setattr(tr.Grounding, "loss", spy)
     options = dict(TINY, steps=1, batch_size=2)
@@ -800,3 +800,38 @@ def test_colour_swapped_training_is_the_same_with_loader_workers(demos):
     assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
     plain = train_steps(prepare(demos, TrainOptions(steps=3, **TINY)))
     assert plain != loss_a                  # the swapped frames and words were what trained
+
+
+def test_the_grounding_labels_follow_a_colour_swap(demos, monkeypatch):
+    """With the blocks' colours exchanged in the frame, the grounding loss must call each block by its new colour:
+    the rows it is given are the recorded ones exchanged, and each names the colour the swapped frame shows there."""
+    from edgeact.drivers.sim.recolour import PERMUTATIONS, block_masks, recolour_frame
+    from edgeact.export import train_reference as tr
+
+    seen = []
+    real = tr.Grounding.loss
+
+    def spy(self, model, batch, blocks):
+        seen.append([np.asarray(row).copy() for row in blocks])
+        return real(self, model, batch, blocks)
+
+    monkeypatch.setattr(tr.Grounding, "loss", spy)
+    options = TrainOptions(**dict(TINY, steps=2, batch_size=2), grounding_weight=1.0, colour_swap=1.0)
+    trainer = prepare(demos, options)
+    train_steps(trainer)
+    batches = tr.Draws(trainer.train_idx, options.seed)
+    swaps = tr.colour_swaps([batches.take(2) for _ in range(2)], 1.0, [options.seed, 5])
+    arrays = trainer.arrays
+    checked = 0
+    for step, rows in zip(swaps, seen, strict=True):
+        for (i, swap), row in zip(step, rows, strict=True):
+            assert swap >= 0 and np.array_equal(row, tr.shown_blocks(arrays, i, swap))
+            frame = recolour_frame(arrays["rgb"][i], PERMUTATIONS[swap])
+            masks = block_masks(frame)
+            height, width = frame.shape[:2]
+            for colour, (x, y) in enumerate(row):
+                if x >= 0:
+                    px, py = round(x / 255 * (width - 1)), round(y / 255 * (height - 1))
+                    assert masks[py, px] == colour
+                    checked += 1
+    assert checked >= 3
