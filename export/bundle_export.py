@@ -138,10 +138,24 @@ def _write_bundle(writer, checkpoint_dir: Path, out_dir: Path, options: ExportOp
                              bos_id=layout.bos_id, image_patch_id=layout.im_patch_id)
         writer.set_model(cfg, checkpoint=checkpoint_dir, config_sha256=sha256_file(checkpoint_dir / "config.json"),
                          weights_sha256=weights_sha256("checkpoint", checkpoint_dir),
-                         name=options.name or checkpoint_dir.name)
+                         name=options.name or checkpoint_dir.name, depth_codes=trained_depth_codes(checkpoint_dir))
         writer.set_grammar(grammar_record(options.n_actions))
         writer.set_norm_stats(ckpt.norm_stats)
         step(EXPORT_STEPS[3])
+
+
+def trained_depth_codes(checkpoint_dir: Path) -> str:
+    """The depth codes the checkpoint was trained on, as `edgeact train-reference` logged them ("" if not logged)."""
+    import json
+
+    from edgeact.export.train_reference import LOG_FILE
+
+    log = checkpoint_dir / LOG_FILE
+    try:
+        value = json.loads(log.read_text()).get("depth_codes", "") if log.is_file() else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def grammar_record(n_actions: int) -> dict:

@@ -175,10 +175,11 @@ class BundleWriter:
 
     # -------------------------------------------------------------------- descriptive fields
     def set_model(self, config: ArmConfig | dict, *, checkpoint: str | Path = "", config_sha256: str = "",
-                  weights_sha256: str = "", name: str = "") -> ModelInfo:
+                  weights_sha256: str = "", name: str = "", depth_codes: str = "") -> ModelInfo:
         cfg = config if isinstance(config, ArmConfig) else ArmConfig.from_dict(config, source="set_model(config)")
         self.model = ModelInfo(config=cfg.to_dict(), variant=cfg.variant, source_checkpoint=str(checkpoint),
-                               source_config_sha256=config_sha256, source_weights_sha256=weights_sha256, name=name)
+                               source_config_sha256=config_sha256, source_weights_sha256=weights_sha256, name=name,
+                               depth_codes=depth_codes)
         return self.model
 
     def set_grammar(self, grammar: dict[str, Any]) -> None:

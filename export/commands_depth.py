@@ -98,6 +98,11 @@ def _add(args: argparse.Namespace) -> int:
                   f"{verdict} on {row['agreement'] * 100:.2f}% of {row['images']} held-out images' codes "
                   f"(gate {row['min'] * 100:.0f}%); verification status {manifest.verification.status!r}")
     # Exit status: the saved verdict (passed or not_run: 0), of which the new row is one part.
+    if not manifest.model.depth_codes:
+        console.print(f"{out}: the bundle does not record which depth codes its model was trained on (a checkpoint "
+                      "not trained by `edgeact train-reference`): the stage was not checked against them; forced "
+                      "depth is right only if the model learned this tokenizer's codes", style="yellow",
+                      highlight=False)
     inherited = [r["gate"] for r in manifest.verification.failing() if r is not row]
     if inherited:
         console.print(f"{out}: the source's verification failed at {', '.join(inherited)}, and so does this bundle's: "

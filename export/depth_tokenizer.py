@@ -30,6 +30,10 @@ from torch.nn import functional as F
 from edgeact.runtime.errors import ConfigError
 
 WEIGHTS_FILE = "depth_tokenizer.safetensors"
+# The depth codes a reference ARM was trained on, as its training log and bundles record them (ModelInfo.depth_codes):
+# POOLED_CODES (train-reference's stand-in without --depth-tokenizer) or this prefix + the VQ-VAE weights' sha256.
+POOLED_CODES = "pooled"
+VQVAE_CODES_PREFIX = "vqvae:"
 CONFIG_FILE = "depth_tokenizer.json"
 FORMAT = "edgeact-depth-vqvae"
 
@@ -226,6 +230,16 @@ def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict:
         raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; point at a directory written "
                           "by edgeact train-depth-tokenizer")
     return meta
+
+
+def depth_codes_identity(tokenizer_dir: str | Path) -> str:
+    """What a model trained on this tokenizer's codes records (ModelInfo.depth_codes): "vqvae:" + its weights' sha256."""
+    from edgeact.runtime.bundle import sha256_file
+
+    weights = Path(tokenizer_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: not found; train a depth tokenizer first (edgeact train-depth-tokenizer --out DIR)")
+    return f"{VQVAE_CODES_PREFIX}{sha256_file(weights)}"
 
 
 def load_depth_tokenizer(tokenizer_dir: str | Path) -> DepthVQVAE:

@@ -96,9 +96,12 @@ def add_depth_tokenizer(bundle_dir: str | Path, tokenizer_dir: str | Path, out_d
     import onnxruntime as ort
 
     from edgeact.export.bundle_writer import BundleWriter, copy_bundle, refuse_out_in_source
-    from edgeact.export.depth_tokenizer import load_depth_tokenizer, read_tokenizer_meta
+    from edgeact.export.depth_tokenizer import depth_codes_identity, load_depth_tokenizer, read_tokenizer_meta
+    from edgeact.runtime.bundle import read_manifest
 
     refuse_out_in_source(bundle_dir, out_dir)
+    check_trained_codes(read_manifest(bundle_dir).model.depth_codes, depth_codes_identity(tokenizer_dir), bundle_dir,
+                        tokenizer_dir)
     model = load_depth_tokenizer(tokenizer_dir)
     meta = read_tokenizer_meta(tokenizer_dir)
     if model.config.n_codes != 100 or model.config.codebook_size != 128:
@@ -140,6 +143,25 @@ def merged_status(old_status: str, kept: list[dict], row: dict) -> str:
     if old_status == "failed":
         return "passed" if kept else "not_run"
     return old_status
+
+
+def check_trained_codes(trained: str, identity: str, bundle_dir, tokenizer_dir) -> None:
+    """Refuse a stage whose codes are not those the bundle's model was trained on (ModelInfo.depth_codes): forced
+    depth would feed it codes it never learned. Unrecorded ("", a checkpoint edgeact did not train) passes."""
+    from edgeact.export.depth_tokenizer import POOLED_CODES, VQVAE_CODES_PREFIX
+
+    if not trained or trained == identity:
+        return
+    if trained == POOLED_CODES:
+        raise BundleError(f"{bundle_dir}: its model was trained on the pooled stand-in depth codes (train-reference "
+                          f"without --depth-tokenizer), not on the codes of {tokenizer_dir}: forced depth from this "
+                          f"stage would feed it codes it never learned; train the model with --depth-tokenizer "
+                          f"{tokenizer_dir}, or run this bundle without a depth stage (its depth generated)")
+    theirs = trained.removeprefix(VQVAE_CODES_PREFIX)[:12]
+    raise BundleError(f"{bundle_dir}: its model was trained on another depth tokenizer's codes (weights sha256 "
+                      f"{theirs}...), not on {tokenizer_dir}'s ({identity.removeprefix(VQVAE_CODES_PREFIX)[:12]}...): "
+                      "forced depth from it would feed the model codes it never learned; give add-depth-tokenizer "
+                      "the tokenizer its checkpoint was trained with (`--depth-tokenizer` of train-reference)")
 
 
 def _stages(bundle_dir) -> set[str]:

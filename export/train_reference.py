@@ -751,8 +751,11 @@ def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: 
     out = save_checkpoint(out_dir, trainer.cfg, tensors, trainer.encoder.tokenizer, trainer.preprocess_config,
                           overwrite=overwrite)
     report.out_dir = out
-    (out / LOG_FILE).write_text(json.dumps({"options": dataclasses.asdict(trainer.options), **report.to_dict()},
-                                           indent=1) + "\n")
+    # Which depth codes the answers were trained on: `edgeact export` records it in the bundle, and add-depth-tokenizer
+    # refuses a stage whose codes the model never learned.
+    depth_codes = getattr(trainer.encoder.depth_codes_fn, "identity", "")
+    (out / LOG_FILE).write_text(json.dumps({"options": dataclasses.asdict(trainer.options), "depth_codes": depth_codes,
+                                            **report.to_dict()}, indent=1) + "\n")
     return out
 
 

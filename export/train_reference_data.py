@@ -56,11 +56,14 @@ def pooled_depth_codes(depth_m: np.ndarray) -> np.ndarray:
     return codes
 
 
+pooled_depth_codes.identity = "pooled"      # depth_tokenizer.POOLED_CODES: what a model trained on it records
+
+
 def vqvae_depth_codes_fn(tokenizer_dir: str | Path) -> DepthCodesFn:
     """The trained depth VQ-VAE (edgeact train-depth-tokenizer) as a depth_codes_fn."""
     import torch
 
-    from edgeact.export.depth_tokenizer import load_depth_tokenizer
+    from edgeact.export.depth_tokenizer import depth_codes_identity, load_depth_tokenizer
 
     model = load_depth_tokenizer(tokenizer_dir)
 
@@ -68,6 +71,7 @@ def vqvae_depth_codes_fn(tokenizer_dir: str | Path) -> DepthCodesFn:
         with torch.inference_mode():
             return model.codes(torch.as_tensor(np.asarray(depth_m, dtype=np.float32))).numpy().astype(np.int64)
 
+    codes.identity = depth_codes_identity(tokenizer_dir)
     return codes
 
 

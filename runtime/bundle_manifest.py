@@ -103,6 +103,9 @@ class ModelInfo:
     # written before it was recorded)
     source_weights_sha256: str = ""
     name: str = ""                     # free-form, e.g. 'molmoact-7b-d' or 'tiny-sim'
+    # The depth codes the model was trained to answer, from its checkpoint's training log: "pooled" (the stand-in),
+    # "vqvae:<sha256 of the depth tokenizer's weights>", or "" (not recorded: a checkpoint edgeact did not train)
+    depth_codes: str = ""
 
     def arm_config(self) -> ArmConfig:
         try:
@@ -113,7 +116,7 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "variant": self.variant, "name": self.name,
                 "source": {"checkpoint": self.source_checkpoint, "config_sha256": self.source_config_sha256,
-                           "weights_sha256": self.source_weights_sha256}}
+                           "weights_sha256": self.source_weights_sha256, "depth_codes": self.depth_codes}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> "ModelInfo":
@@ -122,6 +125,7 @@ class ModelInfo:
                    source_checkpoint=get_field(source, "checkpoint", str, f"{where}.source", ""),
                    source_config_sha256=get_field(source, "config_sha256", str, f"{where}.source", ""),
                    source_weights_sha256=get_field(source, "weights_sha256", str, f"{where}.source", ""),
+                   depth_codes=get_field(source, "depth_codes", str, f"{where}.source", ""),
                    name=get_field(data, "name", str, where, ""))
         cfg = info.arm_config()
         if cfg.variant != info.variant:

@@ -42,6 +42,11 @@ def test_its_bundle_plans_on_a_frame_of_the_simulated_camera(tmp_path):
     finally:
         renderer.close()
     exported = export_bundle(REFERENCE / "checkpoint", tmp_path / "export", ExportOptions(n_actions=8))
+    # The committed model was trained on the committed tokenizer's codes (its log says so): the stage is accepted.
+    from edgeact.export.depth_tokenizer import depth_codes_identity
+    from edgeact.runtime.bundle import read_manifest
+
+    assert read_manifest(exported).model.depth_codes == depth_codes_identity(REFERENCE / "depth_tokenizer")
     bundle = add_depth_tokenizer(exported, REFERENCE / "depth_tokenizer", tmp_path / "bundle",
                                  check_images=depth_m[None])
     policy = BundlePolicy(bundle, forced_depth="sensor", threads=1)

@@ -62,8 +62,13 @@ def test_the_vqvae_is_a_drop_in_depth_codes_fn(tmp_path):
 
     torch.manual_seed(0)
     save_depth_tokenizer(DepthVQVAE(), tmp_path)
-    codes = vqvae_depth_codes_fn(tmp_path)(np.random.default_rng(0).uniform(0.3, 1.5, (48, 64)))
+    fn = vqvae_depth_codes_fn(tmp_path)
+    codes = fn(np.random.default_rng(0).uniform(0.3, 1.5, (48, 64)))
     assert codes.shape == (100,) and codes.dtype == np.int64 and 0 <= codes.min() and codes.max() < 128
+    # What a model trained on it records: these weights' sha256 (another tokenizer's codes are other codes).
+    import hashlib
+
+    assert fn.identity == "vqvae:" + hashlib.sha256((tmp_path / "depth_tokenizer.safetensors").read_bytes()).hexdigest()
 
 
 def test_split_holds_out_whole_episodes():
@@ -117,6 +122,7 @@ def test_training_learns_and_saves_a_loadable_checkpoint(demos, tmp_path):
     assert sum(p.stat().st_size for p in out.iterdir()) < 20e6
     log = json.loads((out / "training_log.json").read_text())
     assert log["losses"] == report.losses and log["options"]["steps"] == 10
+    assert log["depth_codes"] == "pooled"         # the stand-in (no --depth-tokenizer): export records it
 
     # Grammar-masked greedy decoding of the loaded model gives a complete, parseable answer.
     encoder = ReferenceEncoder(load_tokenizer(out), ckpt.config, ckpt.preprocess_config, ckpt.norm_stats, NORM_KEY)

@@ -115,3 +115,44 @@ def test_the_readmes_python_example_runs_as_written(with_depth, capsys):
     assert "depth_tokenizer" in plan.stage_seconds
     assert len(steered.trace_px) == 2 and steered.decode_steps < plan.decode_steps
     assert capsys.readouterr().out.startswith(f"{plan.actions.shape} ")
+
+
+def test_a_stage_whose_codes_the_model_never_learned_is_refused(exported, trained, depth_images, tmp_path, capsys):
+    """The bundle records the depth codes its checkpoint was trained on (train-reference's log); a tokenizer stage
+    of other codes would force depth the model cannot read, so it is refused, naming both."""
+    import json
+    import shutil
+
+    from edgeact.export.bundle_export import ExportOptions, export_bundle
+    from edgeact.export.depth_tokenizer import depth_codes_identity
+    from edgeact.export.depth_tokenizer_export import add_depth_tokenizer
+    from edgeact.export.train_reference import LOG_FILE
+    from edgeact.runtime.errors import BundleError
+
+    identity = depth_codes_identity(trained.dir)
+
+    def bundle_trained_on(codes: str | None, name: str) -> Path:
+        checkpoint = tmp_path / f"{name}-checkpoint"
+        shutil.copytree(exported.checkpoint, checkpoint)
+        if codes is not None:
+            (checkpoint / LOG_FILE).write_text(json.dumps({"options": {}, "depth_codes": codes}))
+        out = export_bundle(checkpoint, tmp_path / f"{name}-bundle", ExportOptions(max_seq=512))
+        assert load_bundle(out, allow_failed_verification=True).manifest.model.depth_codes == (codes or "")
+        return out
+
+    with pytest.raises(BundleError, match="pooled stand-in depth codes.*--depth-tokenizer"):
+        add_depth_tokenizer(bundle_trained_on("pooled", "pooled"), trained.dir, tmp_path / "a", check_images=depth_images[:1])
+    other = "vqvae:" + "ab" * 32
+    with pytest.raises(BundleError, match="another depth tokenizer's codes .*abababababab"):
+        add_depth_tokenizer(bundle_trained_on(other, "other"), trained.dir, tmp_path / "b", check_images=depth_images[:1])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # Its own tokenizer passes, and the record goes on into the new bundle (and so into quantized ones).
+    out = add_depth_tokenizer(bundle_trained_on(identity, "own"), trained.dir, tmp_path / "c",
+                              check_images=depth_images[:1])
+    assert load_bundle(out, allow_failed_verification=True).manifest.model.depth_codes == identity
+    # A checkpoint edgeact did not train records nothing: added, and the command says it could not check.
+    from edgeact.runtime.cli import main
+
+    source = bundle_trained_on(None, "unknown")
+    assert main(["add-depth-tokenizer", str(source), "--tokenizer", str(trained.dir), "--out", str(tmp_path / "d")]) in (0, 1)
+    assert "does not record which depth codes" in " ".join(capsys.readouterr().out.split())
