@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, save_onnx, tensor_stats
-from edgeact.export.quant_options import QuantizeOptions
+from edgeact.export.quant_options import QuantizeOptions, require_targets
 
 E4M3_MAX = 448.0
 MIN_OPSET = 19
@@ -44,6 +44,7 @@ def quantize_fp8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOptio
     proto = onnx.load(str(src))
     ensure_opset(proto)
     nodes = [n for n in const_weight_matmuls(proto, ("MatMul",), options.exclude_nodes) if "MatMul" in options.op_types]
+    require_targets(nodes, src, options)
     amax = {k: v.absmax for k, v in tensor_stats(src, sorted({n.input[0] for n in nodes}), feeds, work_dir, threads,
                                                   channels=False).items()}
     inits = {t.name: t for t in proto.graph.initializer}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeact.export.quant_feeds import FeedSource, const_weight_matmuls, is_big, tensor_stats
-from edgeact.export.quant_options import QuantizeOptions
+from edgeact.export.quant_options import QuantizeOptions, require_targets
 from edgeact.runtime.errors import ConfigError
 
 
@@ -56,6 +56,7 @@ def quantize_int8(src: Path, dst: Path, feeds: FeedSource, options: QuantizeOpti
                              "weights": "int8 per-channel symmetric" if options.per_channel else "int8 per-tensor symmetric"}
     proto = onnx.load(str(src))
     nodes = target_nodes(proto, options)
+    require_targets(nodes, src, options)
     if options.smoothquant_alpha is not None:
         from edgeact.export.smoothquant import smooth_measured
 

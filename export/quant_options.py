@@ -113,8 +113,9 @@ class QuantizeOptions:
         if self.for_tensorrt and fmt == "nbits":
             raise ConfigError(f"{flag} nbits with --target {self.target}: TensorRT cannot parse MatMulNBits; drop "
                               f"{flag} (a target gets qdq) or give {flag} qdq")
-        if self.int8_mode in ("w8a16", "w8a8-dynamic") and self.accuracy_level is None \
-                and self.resolved_int8_format() == "nbits":
+        writes_nbits = self.int8_mode == "w8a16" or (self.int8_mode == "w8a8-dynamic" and
+                                                     self.down_projections == "w8a16")
+        if writes_nbits and self.accuracy_level is None and self.resolved_int8_format() == "nbits":
             # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
             object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
 
@@ -217,7 +218,13 @@ class QuantizeOptions:
                               "down-projections w8a16 keeps them weight-only: drop --smoothquant, or use "
                               "--down-projections smoothquant")
         object.__setattr__(self, "down_projections", down)
-        if down == "smoothquant" and self.smoothquant_alpha is None:
+        # The down-projections are the decoder's: without it nothing is smoothed, and the manifest must not say so.
+        decoder = stage_io.DECODER_STAGE in self.stages
+        if down == "smoothquant" and self.smoothquant_alpha is not None and not decoder:
+            raise ConfigError(f"SmoothQuant in w8a8-dynamic smooths the decoder's MLP down-projections, and stages "
+                              f"{list(self.stages)} leave the decoder out: drop --smoothquant, or add the decoder "
+                              "to --stages")
+        if down == "smoothquant" and self.smoothquant_alpha is None and decoder:
             object.__setattr__(self, "smoothquant_alpha", DYNAMIC_SMOOTHQUANT_ALPHA)
 
     def _default_int8_mode(self) -> str:
@@ -284,3 +291,15 @@ class QuantizeOptions:
 
 def _listed(items: list[str], conjunction: str) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+
+
+def require_targets(nodes: list, stage_file, options: "QuantizeOptions") -> None:
+    """A stage whose calibrated recipe found no node to quantize is the options' doing, not the calibration set's:
+    say which ones (the op types, the excluded nodes) and how to fix them."""
+    if nodes:
+        return
+    excluded = f" and --exclude-nodes leaves none of its linear layers ({len(options.exclude_nodes)} excluded)" \
+        if options.exclude_nodes else ""
+    raise ConfigError(f"{getattr(stage_file, 'name', stage_file)}: no node to quantize: --op-types "
+                      f"{','.join(options.op_types)} matches none of its constant-weight layers{excluded}; widen "
+                      "--op-types, exclude fewer nodes, or leave this stage out of --stages")

@@ -121,6 +121,9 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions,
     src, out = Path(src).absolute(), Path(out).absolute()
     if calibration is not None and (why := _no_calibration_why(options)):
         raise ConfigError(f"--calibration: {recipe_name(options)} {why}, so it reads no calibration set; drop it")
+    if checkpoint is not None and not verify:
+        raise ConfigError(f"--checkpoint {checkpoint}: the reference checkpoint is read only to verify the quantized "
+                          "bundle, and verification is off (--no-verify): drop one of them")
     if options.backend == "modelopt":
         from edgeact.export.quant_modelopt import require_modelopt
 
@@ -256,7 +259,7 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
         where = f"built on the fly: {DEFAULT_CALIBRATION_SAMPLES} synthetic-camera samples, seed {seed}"
     else:
         calib = calibration if isinstance(calibration, CalibrationSet) else CalibrationSet.load(calibration)
-        where = str(calibration) if not isinstance(calibration, CalibrationSet) else "in memory"
+        where = str(Path(calibration).absolute()) if not isinstance(calibration, CalibrationSet) else "in memory"
     cfg = source.config
     try:
         calib.check_model(source.manifest.model.source_config_sha256, cfg.vit_config.patch_dim,

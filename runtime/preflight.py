@@ -110,14 +110,16 @@ def _device(add) -> None:
 
 
 def _bundle(config, add) -> None:
-    """A bundle policy's manifest: found, and judged against its reference (the policy check loads the files)."""
+    """A bundle policy's manifest: found, every file it lists there at its size (an incomplete copy fails here, also
+    with --no-policy; the policy check loads them and checks their sha256), and judged against its reference."""
     if config.policy.type_name != "bundle":
         return
-    from edgeact.runtime.bundle import read_manifest
+    from edgeact.runtime.bundle import read_manifest, verify_files
     from edgeact.runtime.demo import bundle_path
 
     path = bundle_path(config)
     manifest = read_manifest(path)
+    verify_files(path, manifest, checksums=False)
     precisions = "/".join(sorted({stage.precision for stage in manifest.stages.values()}))
     real = path.resolve()       # a store's `current` (edgeact flash): say which bundle it is now
     shown = f"{path} -> {real.name}" if real != path else f"{path}"

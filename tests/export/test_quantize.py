@@ -440,6 +440,19 @@ def test_int8_mode_defaults_to_dynamic_on_onnxruntime_w8a16_for_tensorrt_and_w8a
     assert QuantizeOptions("int4").int8_mode is None and QuantizeOptions("int4").accuracy_level is None
 
 
+def test_w8a8_dynamic_records_only_what_it_applies():
+    """Its SmoothQuant is the decoder's down-projections' and its MatMulNBits the kept W8A16 ones': without them the
+    manifest must not record an alpha or an accuracy level, and an explicit --smoothquant there is refused."""
+    default = QuantizeOptions("int8")
+    assert default.accuracy_level is None                   # every layer per-token int8: no MatMulNBits written
+    no_decoder = QuantizeOptions("int8", stages=("vision", "connector"))
+    assert no_decoder.int8_mode == "w8a8-dynamic" and no_decoder.smoothquant_alpha is None
+    with pytest.raises(ConfigError, match=r"smooths the decoder's MLP down-projections, and stages \['vision', "
+                                          r"'connector'\] leave the decoder out"):
+        QuantizeOptions("int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.8, stages=("vision", "connector"))
+    assert QuantizeOptions("int8", int8_mode="w8a16").accuracy_level == 4
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(down_projections="fp16"), r"down-projections 'fp16' unknown; use one of smoothquant, w8a16"),
     (dict(down_projections="w8a16", smoothquant_alpha=0.5, int8_mode="w8a8-dynamic"),
@@ -823,6 +836,39 @@ def test_exclude_nodes_that_name_no_node_are_refused_with_the_closest_names(sour
                                           rf"\(decoder\); closest node names: '{typo}': '/{typo}'"):
         quantize_bundle(sources["bundle"], tmp_path / "q", options, report_frames=0, threads=1)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_calibrated_recipe_with_nothing_to_quantize_blames_the_options_not_the_calibration(sources, tmp_path):
+    """--op-types matching no layer of a stage, or --exclude-nodes leaving none: the stage and the options are named
+    (the calibration set has samples: it is not what is wrong)."""
+    from edgeact.export.quant_feeds import const_weight_matmuls
+
+    options = QuantizeOptions("int8", int8_mode="w8a8", op_types=("Conv",), stages=(io.VISION_STAGE,))
+    with pytest.raises(ConfigError, match=r"vision.*no node to quantize: --op-types Conv matches none"):
+        quantize_bundle(sources["bundle"], tmp_path / "conv", options, sources["calibration"], report_frames=0,
+                        threads=1)
+    connector = onnx.load(str(sources["bundle"] / "stages" / f"{io.CONNECTOR_STAGE}.onnx"), load_external_data=False)
+    every = tuple(n.name for n in const_weight_matmuls(connector, ("MatMul",), ()))
+    options = QuantizeOptions("fp8", stages=(io.CONNECTOR_STAGE,), exclude_nodes=every)
+    with pytest.raises(ConfigError, match=rf"connector.*no node to quantize.*\({len(every)} excluded\)"):
+        quantize_bundle(sources["bundle"], tmp_path / "fp8", options, sources["calibration"], report_frames=0,
+                        threads=1)
+    assert not (tmp_path / "conv").exists() and not (tmp_path / "fp8").exists()
+
+
+def test_the_calibration_source_is_recorded_absolute_and_an_unread_checkpoint_is_refused(sources, tmp_path,
+                                                                                         monkeypatch):
+    calibration = Path(sources["calibration"])
+    monkeypatch.chdir(calibration.parent)
+    options = QuantizeOptions("fp8", stages=(io.CONNECTOR_STAGE,))
+    out = quantize_bundle(sources["bundle"], tmp_path / "fp8", options, calibration.name, report_frames=0,
+                          threads=1).out
+    recorded = load_bundle(out).manifest.quantization.options["calibration"]["source"]
+    assert recorded == str(calibration.absolute())          # where it is, read from anywhere later
+    with pytest.raises(ConfigError, match="--checkpoint .*verification is off"):
+        quantize_bundle(sources["bundle"], tmp_path / "nv", INT4, report_frames=0, threads=1,
+                        checkpoint=tmp_path / "no-such-checkpoint")
+    assert not (tmp_path / "nv").exists()
 
 
 def test_quantizing_the_other_stages_of_a_quantized_bundle_is_refused(sources, tmp_path):

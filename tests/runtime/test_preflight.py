@@ -115,8 +115,26 @@ def test_a_corrupt_bundle_fails_the_policy_check(tmp_path, sim):
     checks = preflight(config)
     policy = next(c for c in checks if c.name == "policy")
     assert policy.status == FAIL and "sha256 mismatch" in policy.detail and "re-copy or re-export" in policy.detail
-    bundle_row = next(c for c in checks if c.name == "bundle")      # its manifest is whole: only the files are not
+    bundle_row = next(c for c in checks if c.name == "bundle")      # every file there at its size: only a sha256 is off
     assert bundle_row.status == OK and "tiny-sim, 1 stages (fp16), verified against its reference" in bundle_row.detail
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_incomplete_copy_fails_the_bundle_row_without_the_policy_check(tmp_path, sim, damage):
+    """The usual way a bundle breaks on its way to a robot: `check --no-policy` must not call it ready."""
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    onnx = bundle / "stages" / "decoder.onnx"
+    if damage == "missing":
+        onnx.unlink()
+    else:
+        onnx.write_bytes(onnx.read_bytes()[:-10])
+    config = load_robot_config(write_config(tmp_path, sim, policy={"type": "bundle", "path": "bundle"}))
+    checks = preflight(config, frames=1, with_policy=False)
+    row = next(c for c in checks if c.name == "bundle")
+    assert row.status == FAIL and "stages/decoder.onnx" in row.detail
+    assert ("missing from" if damage == "missing" else "bytes but the manifest says") in row.detail
 
 
 @pytest.mark.parametrize("verification, allow, status, words", [
