@@ -261,7 +261,10 @@ def task_rows(task: dict) -> list[tuple[str, str]]:
         return " ".join(f"{x * 100:+.1f}" for x in metres) + " cm"
 
     end = task["outcome"]
-    return [("result", verdict),
+    lagged = [("simulator", f"[yellow]fell behind real time {task['sim_lag_skips']} times[/] (a loaded machine): "
+                            "its clock ran slower than the wall clock, and the policy had more simulated time")] \
+        if task.get("sim_lag_skips") else []
+    return lagged + [("result", verdict),
             ("named block moved (x, y, z), at the end", centimetres(end["target_displacement_m"])),
             ("end effector to the block's top (x, y, z), at the end", centimetres(end["ee_to_target_m"])),
             ("other blocks moved at most, at the end", f"{end['max_other_displacement_m'] * 100:.1f} cm")]

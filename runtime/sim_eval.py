@@ -125,6 +125,7 @@ class EpisodeResult:
     # The end state (the named block's displacement, the end effector to its top face, the most another block
     # moved) and, for a failed episode, why: drivers/sim/task.py Outcome.to_dict.
     outcome: dict[str, Any] | None = None
+    sim_lag_skips: int = 0                  # realtime only: the physics skipped ahead (fell behind the wall clock)
 
     @property
     def failure(self) -> str | None:
@@ -413,7 +414,8 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
                          sum(t["reason"] != "exit" for t in stats.trips), stop,
-                         outcome=_episode_outcome(task["outcome"], success, late, episode["template"]))
+                         outcome=_episode_outcome(task["outcome"], success, late, episode["template"]),
+                         sim_lag_skips=int(task.get("sim_lag_skips", 0)))
 
 
 def _episode_outcome(end: dict[str, Any], success: bool, late: bool, template: str) -> dict[str, Any]:

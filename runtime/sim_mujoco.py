@@ -114,6 +114,7 @@ class TaskTracker:
         self.judge = self._new_judge()
         self.start_s = 0.0
         self._next_s = 0.0
+        self._lag_skips_at_start = world.lag_skips
 
     @property
     def first_success_s(self) -> float | None:
@@ -123,6 +124,7 @@ class TaskTracker:
         """The episode's clock starts now; what was judged before (the arm held still) is forgotten."""
         with self.world.lock:
             self.start_s = float(self.world.data.time)
+            self._lag_skips_at_start = self.world.lag_skips
         self.judge = self._new_judge()
 
     def due_in_s(self) -> float:
@@ -148,7 +150,10 @@ class TaskTracker:
         self.judge.update(now_s - self.start_s, outcome.success)     # a last judgement, now
         return {"episode": self.episode.to_dict(), "success": outcome.success,
                 "first_success_s": self.first_success_s, "sim_time_s": now_s - self.start_s,
-                "outcome": outcome.to_dict(self.episode.template)}
+                "outcome": outcome.to_dict(self.episode.template),
+                # Times the physics fell so far behind the wall clock that it skipped ahead (a loaded machine): the
+                # episode, judged on the simulated clock, then ran slower than it would on a robot.
+                "sim_lag_skips": self.world.lag_skips - self._lag_skips_at_start}
 
 
 # -- the parent's side ---------------------------------------------------------------------------

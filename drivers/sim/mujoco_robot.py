@@ -198,6 +198,11 @@ class MujocoWorld:
         """Command a servo joint as its control table would: torque, mode, goal (rad or rad/s)."""
         if mode not in MODES:
             raise MujocoWorldError(f"mode {mode!r} for joint {joint!r}: the simulator models {', '.join(MODES)}")
+        if not math.isfinite(goal):
+            # A NaN set point would stay (later goals move it by steps from where it is) and MuJoCo then zeroes
+            # every actuator's control: one bad goal would leave the whole robot limp.
+            raise MujocoWorldError(f"goal {goal!r} for joint {joint!r} is not a finite number (rad or rad/s); the "
+                                   "caller computed it from something non-finite (an IK or policy output?)")
         i, drive = self._drive(joint)
         with self.lock:
             if torque_on and (not self._torque[i] or self._velocity_mode[i] != (mode == "velocity")):

@@ -142,7 +142,7 @@ def sample_episode(seed: int, template: str | None = None, config: TaskConfig | 
     noise = config.arm_start_noise_rad
     arm = {joint: float(rng.uniform(-noise, noise)) for joint in ARM_JOINTS}
     arm[GRIPPER] = 0.0
-    return Episode(seed, template, colour, instruction, positions, yaws, arm, config.time_limit_s[template])
+    return Episode(int(seed), template, colour, instruction, positions, yaws, arm, config.time_limit_s[template])
 
 
 def retarget(episode: Episode, template: str, colour: str, config: TaskConfig | None = None) -> Episode | None:

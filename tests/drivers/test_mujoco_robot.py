@@ -118,6 +118,32 @@ def test_wheels_in_velocity_mode_drive_the_base_as_the_omni_kinematics_say(robot
         assert wait_for(lambda: np.abs(world.data.qvel[:3]).max() < 1e-3, timeout_s=2.0)
 
 
+def test_a_base_left_without_torque_stops_instead_of_coasting_on(robot):
+    """OmniBase.close() sends 0 rad/s and turns torque off a transaction later, often within one physics step: the
+    unpowered wheels must stop by their gearbox's friction, as a real base does, not spin on and drive it away."""
+    world, _, bus = robot
+    base = OmniBase(bus, OmniBaseConfig(watchdog_s=5.0, max_wheel_accel_rad_s2=1e6))
+    base.start()
+    base.send(vx_m_s=0.1)
+    assert wait_for(lambda: abs(world.data.qvel[0] - 0.1) < 0.005, timeout_s=2.0)
+    base.close()
+    bus.disable_torque(list(WHEELS))                          # and a torque off at speed, straight from the bus
+    t0 = world.time_s
+    assert wait_for(lambda: world.time_s - t0 > 0.5, timeout_s=5.0)
+    x0 = world.base_pose()[0]
+    assert wait_for(lambda: world.time_s - t0 > 1.5, timeout_s=5.0)
+    assert abs(world.base_pose()[0] - x0) < 0.002 and np.abs(world.data.qvel[:3]).max() < 1e-3
+
+
+def test_a_non_finite_goal_is_refused_and_leaves_the_robot_driven():
+    world = MujocoWorld()
+    with pytest.raises(MujocoWorldError, match="goal nan for joint 'elbow_flex' is not a finite number"):
+        world.drive("elbow_flex", torque_on=True, mode="position", goal=float("nan"))
+    world.drive("shoulder_pan", torque_on=True, mode="position", goal=0.5)
+    world.step(round(1.0 / world.timestep_s))
+    assert world.joint_state("shoulder_pan")[0] == pytest.approx(0.5, abs=0.01)
+
+
 def test_the_simulated_wheels_share_omnibase_geometry():
     world = MujocoWorld()
     from edgeact.drivers.motors.feetech import FeetechBusConfig, FeetechMotorsBus

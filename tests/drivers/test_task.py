@@ -41,6 +41,11 @@ def test_an_episode_is_a_function_of_its_seed():
     assert forced.to_dict() == a.to_dict()
     templates = {sample_episode(s).template for s in range(30)}
     assert templates == set(TEMPLATES)
+    # A numpy integer is taken as a seed (a loop over np.arange) and the episode still goes to JSON.
+    import json
+
+    from_numpy = sample_episode(np.int64(11))
+    assert json.loads(json.dumps(from_numpy.to_dict())) == json.loads(json.dumps(a.to_dict()))
 
 
 def doable(e, config: TaskConfig) -> bool:

@@ -139,6 +139,16 @@ def test_the_first_success_is_the_first_judgement_that_holds():
     # After the success the schedule goes on: the simulator's request loop waits for the next judgement instead
     # of polling without a pause (it spun a core for the rest of every successful episode).
     assert tracker.due_in_s() > 0
+    # Physics that fell behind the wall clock (a loaded machine) is said in the report and the run's table,
+    # counted from the loop's start.
+    from edgeact.runtime.commands_loop import task_rows
+
+    assert tracker.report()["sim_lag_skips"] == 0
+    assert not any(name == "simulator" for name, _ in task_rows(tracker.report()))
+    world.lag_skips += 3
+    assert tracker.report()["sim_lag_skips"] == 3
+    assert any(name == "simulator" and "fell behind real time 3 times" in text
+               for name, text in task_rows(tracker.report()))
 
 
 def test_a_move_to_tracked_succeeds_after_the_end_effector_stayed_over_the_block():
