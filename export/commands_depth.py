@@ -100,7 +100,7 @@ def _add(args: argparse.Namespace) -> int:
     # Exit status: the saved verdict (passed or not_run: 0), of which the new row is one part.
     if not manifest.model.depth_codes:
         console.print(f"{out}: the bundle does not record which depth codes its model was trained on (a checkpoint "
-                      "not trained by `edgeact train-reference`): the stage was not checked against them; forced "
+                      "not trained by `edgeact train-reference`, or trained before it recorded them): the stage was not checked against them; forced "
                       "depth is right only if the model learned this tokenizer's codes", style="yellow",
                       highlight=False)
     inherited = [r["gate"] for r in manifest.verification.failing() if r is not row]

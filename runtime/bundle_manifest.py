@@ -104,7 +104,8 @@ class ModelInfo:
     source_weights_sha256: str = ""
     name: str = ""                     # free-form, e.g. 'molmoact-7b-d' or 'tiny-sim'
     # The depth codes the model was trained to answer, from its checkpoint's training log: "pooled" (the stand-in),
-    # "vqvae:<sha256 of the depth tokenizer's weights>", or "" (not recorded: a checkpoint edgeact did not train)
+    # "vqvae:<sha256 of the depth tokenizer's weights>", or "" (not recorded: a checkpoint edgeact did not train, or
+    # trained before this was recorded)
     depth_codes: str = ""
 
     def arm_config(self) -> ArmConfig:
