@@ -24,6 +24,9 @@ def ensure_checkpoint(path: str | Path, size: str = DEFAULT_SIZE, seed: int = 0)
     path = Path(path)
     if (path / "config.json").is_file():
         return path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: a file, not a checkpoint directory; point at a checkpoint directory or at a new "
+                          "one to create a synthetic checkpoint in")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{path}: not a checkpoint (no config.json) and not empty; point at a checkpoint "
                           "directory or at a new one to create a synthetic checkpoint in")

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--size-checkpoint", choices=SIZE_CHOICES, metavar="SIZE",
                    help=f"synthetic size to create at CHECKPOINT when missing: {', '.join(SIZE_CHOICES)} "
                         f"(default {DEFAULT_SIZE}: ~210M parameters)")
-    _add_policy_options(p, default_out="out/bench-policy")
+    _add_policy_options(p, default_out="out/bench-policy",
+                        bundles_default=f"{DEFAULT_BUNDLES}: bench-suite's, so each reuses the other's")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default), or cuda: the reference on torch's GPU, edgeact on onnxruntime's CUDA EP (no "
                         "memory table: the weights are in the GPU's memory)")
@@ -60,14 +61,16 @@ def register(subparsers) -> None:
                    help="bench-quant's (default int8,fp8,int4)")
     p.add_argument("--quant-frames", type=_positive_int, default=SUITE_QUANT_FRAMES,
                    help=f"bench-quant's held-out frames (default {SUITE_QUANT_FRAMES}: its fp8 rows decode slowly on a CPU)")
-    _add_policy_options(p, default_out="out/bench")
+    _add_policy_options(p, default_out="out/bench",
+                        bundles_default=f"OUT/bundles; with the default --out, {DEFAULT_BUNDLES}, which bench-policy "
+                                        "reuses")
     p.set_defaults(handler=_bench_suite)
 
 
-def _add_policy_options(p, default_out: str) -> None:
+def _add_policy_options(p, default_out: str, bundles_default: str) -> None:
     p.add_argument("--out", type=Path, default=Path(default_out), help=f"results directory (default {default_out})")
     p.add_argument("--bundles", type=Path, help=f"where the fp32 / int8 / int4 bundles are kept and reused (default "
-                                                f"{DEFAULT_BUNDLES}: bench-suite's, so each reuses the other's)")
+                                                f"{bundles_default})")
     p.add_argument("--frames", type=_positive_int, default=2, help="timed frames (default 2; one more warms up)")
     p.add_argument("--threads", type=_positive_int, help="torch and onnxruntime threads (default: every core)")
     p.add_argument("--precisions", type=_names(QUANTIZED), default=QUANTIZED,
@@ -139,10 +142,27 @@ def _command_line() -> str:
 def _bench_policy(args: argparse.Namespace) -> int:
     options = _options(args)
     _check_size(args.checkpoint, args.size_checkpoint)
+    results_dir(args.out)       # before minutes of work: a bad --out would lose every figure at the end
     console = _console()
     run_policy_bench(args.checkpoint, args.out, options, args.bundles or Path(DEFAULT_BUNDLES), console)
     console.print(f"JSON: {args.out / 'bench-policy.json'}")
     return 0
+
+
+def results_dir(out: Path) -> Path:
+    """--out as a directory that exists and takes files, or a ConfigError naming it."""
+    from edgeact.runtime.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a directory; give a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgeact-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror}); give a writable directory") from None
+    return out
 
 
 def run_policy_bench(checkpoint: Path, out: Path, options, bundles: Path, console) -> dict:
@@ -252,7 +272,7 @@ def _bench_suite(args: argparse.Namespace) -> int:
     console = _console()
     out: Path = args.out
     bundles = args.bundles or out / "bundles"
-    out.mkdir(parents=True, exist_ok=True)
+    results_dir(out)
     began, walls = time.perf_counter(), {}
 
     start = time.perf_counter()

@@ -255,6 +255,15 @@ class TimingStats(Subscriber):
             raise ConfigError(f"{option} {path}: cannot be written ({exc.strerror or exc}); give a path in a "
                               f"writable folder") from None
 
+    def plot_title(self) -> str:
+        """The period plot's title, with the counts the JSON and the table give: the loop's own where events were
+        dropped on the way here (exact_counts)."""
+        ticks, overruns = self._exact[:2] if self._exact is not None else (self.ticks, self.overruns)
+        plotted = len(self.tick_time_s)
+        shown = f" (the newest {plotted} shown)" if plotted < ticks else ""
+        missed = f"; incomplete: {ticks - self.ticks} ticks' events missed" if self._exact is not None else ""
+        return f"control loop: {ticks} ticks{shown}, {overruns} overruns{missed}"
+
     def plot_png(self, path: str | Path) -> Path:
         """Control periods over time (the newest `plot_ticks` ticks) and the stage latencies of the whole run, as one
         PNG (needs matplotlib)."""
@@ -265,9 +274,7 @@ class TimingStats(Subscriber):
         if times.size:
             top.plot(times - self.first_tick_s, np.asarray(self.period_s) * 1e3, lw=0.6, label="period")
         top.axhline(1e3 / self.target_hz, color="black", ls="--", lw=0.8, label=f"target {self.target_hz:g} Hz")
-        shown = f" (the newest {times.size} shown)" if times.size < self.ticks else ""
-        top.set(xlabel="time since the first tick (s)", ylabel="control period (ms)",
-                title=f"control loop: {self.ticks} ticks{shown}, {self.overruns} overruns")
+        top.set(xlabel="time since the first tick (s)", ylabel="control period (ms)", title=self.plot_title())
         top.legend(loc="upper right")
         stages = self.stages()
         if stages:     # boxes from the whole run's percentiles: its samples are not kept

@@ -57,6 +57,36 @@ def test_suite_checks_every_option_before_the_checkpoint_is_made(monkeypatch, tm
     assert work == [] and not (tmp_path / "out").exists()
 
 
+def test_a_results_folder_that_cannot_be_one_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    """bench-policy wrote its JSON after minutes of work: an --out that is a file lost every figure then."""
+    from edgeact.export.bench_bundles import ensure_checkpoint
+    from edgeact.runtime.cli import main
+    from edgeact.runtime.errors import ConfigError
+
+    work = _no_work(monkeypatch)
+    occupied = tmp_path / "results"
+    occupied.write_text("a file")
+    for command in ("bench-policy", "bench-suite"):
+        argv = [command, "--out", str(occupied)]
+        argv += [str(tmp_path / "ck")] if command == "bench-policy" else ["--checkpoint", str(tmp_path / "ck")]
+        assert main(argv) == 2
+        assert f"--out {occupied}: a file, not a directory" in capsys.readouterr().err
+    assert work == [] and not (tmp_path / "ck").exists()
+    with pytest.raises(ConfigError, match="a file, not a checkpoint directory"):
+        ensure_checkpoint(occupied)
+    assert "OUT/bundles" in commands_bench_help("bench-suite") and "out/bench/bundles: bench-suite's" in \
+        commands_bench_help("bench-policy")
+
+
+def commands_bench_help(command: str) -> str:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    commands_bench.register(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return " ".join(sub.format_help().split())
+
+
 def test_size_checkpoint_of_another_size_than_the_checkpoint_there_is_refused(monkeypatch, tmp_path, capsys):
     from edgeact.export.synthetic import synthetic_config
     from edgeact.runtime.cli import main

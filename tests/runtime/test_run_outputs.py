@@ -73,7 +73,11 @@ def test_dropped_events_do_not_make_the_rate_and_overruns_the_delivered_ones():
         stats.on_command(CommandEvent(tick * 0.01, tick, 0.01, "follow", {}, {}, {}, None, 0, False, math.nan,
                                       0.0, 0.0, 0.001))
     assert stats.summary()["control"]["achieved_hz"] < 40
+    assert stats.plot_title() == "control loop: 100 ticks, 0 overruns"
     stats.exact_counts(SimpleNamespace(undelivered_events=200, ticks=300, overruns=2, tick_span_s=2.99))
     control = stats.summary()["control"]
     assert (control["ticks"], control["overruns"]) == (300, 2) and control["achieved_hz"] == pytest.approx(100.0)
+    # The PNG says what the JSON says, and that its plot lacks the missed ticks.
+    assert stats.plot_title() == ("control loop: 300 ticks (the newest 100 shown), 2 overruns; incomplete: 200 "
+                                  "ticks' events missed")
     stats.exact_counts(SimpleNamespace(undelivered_events=0, ticks=1, overruns=0, tick_span_s=0.0))   # nothing lost
