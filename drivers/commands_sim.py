@@ -35,11 +35,15 @@ def register(subparsers) -> None:
                             "and every state it visits is labelled with the expert's plan from there; all episodes "
                             "are kept. --execution-noise, --rotation-noise and --siblings do not apply")
     demos.add_argument("--replan-every", type=int, default=2, metavar="ACTIONS",
-                       help="with --policy: actions executed per plan (default 2, as edgeact eval)")
+                       help="with --policy: actions executed per plan, at most the plan's own (default 2, as edgeact "
+                            "eval)")
     demos.add_argument("--expert-mix", type=float, default=0.0, metavar="P",
                        help="with --policy: probability per plan that the expert's chunk is executed instead "
                             "(default 0)")
     demos.add_argument("--threads", type=int, default=None, help="with --policy: onnxruntime threads")
+    demos.add_argument("--allow-unverified", action="store_true",
+                       help="with --policy: drive with a bundle whose verification failed (e.g. a quantized one whose "
+                            "free-running tokens drift from fp32's), as edgeact eval --allow-unverified")
     demos.add_argument("--workers", type=positive_int, default=1,
                        help="expert recording: simulator processes, one shard of episodes each at a time "
                             "(the same set as one process writes; default 1)")
@@ -57,6 +61,8 @@ def _demos(args) -> int:
     if args.seed < 0:       # numpy's generators take no negative seed: refused here, before --out is made
         raise ConfigError(f"--seed must be an integer >= 0, got {args.seed}; episode i uses seed + i, so start "
                           "from 0 (the default) or above")
+    if args.allow_unverified and not args.policy:
+        raise ConfigError("--allow-unverified is for the bundle of --policy (the expert needs no bundle); drop it")
     if args.policy and args.workers != 1:
         raise ConfigError("sim-demos --policy records in one process (the policy's); drop --workers")
     if args.policy and (args.execution_noise or args.rotation_noise or args.siblings or args.first_chunk):
@@ -70,7 +76,7 @@ def _demos(args) -> int:
         task = bar.add_task("policy episodes" if args.policy else "expert episodes", total=args.episodes)
         progress = lambda done, total: bar.update(task, completed=done)     # noqa: E731
         if args.policy:
-            policy = _policy(args.policy, args.threads)
+            policy = _policy(args.policy, args.threads, args.allow_unverified)
             try:
                 summary = record_policy_demos(args.out, policy, args.episodes, args.seed, config,
                                               replan_every=args.replan_every, expert_mix=args.expert_mix,
@@ -94,10 +100,11 @@ def _demos(args) -> int:
     return 0
 
 
-def _policy(bundle: str, threads: int | None):
+def _policy(bundle: str, threads: int | None, allow_unverified: bool = False):
     """The bundle as `edgeact eval` runs it on the reference task: forced depth where it can, its action decoding."""
     from edgeact.runtime.bundle_policy import BundlePolicy
     from edgeact.runtime.sim_eval import REFERENCE_ACTION_DECODING, has_depth_stage
 
     return BundlePolicy(bundle, forced_depth="sensor" if has_depth_stage(bundle) else None, threads=threads,
-                        action_decoding=REFERENCE_ACTION_DECODING)
+                        action_decoding=REFERENCE_ACTION_DECODING, allow_unverified=allow_unverified,
+                        unverified_fix="to drive with it anyway: pass --allow-unverified to sim-demos")

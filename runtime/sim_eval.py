@@ -13,9 +13,13 @@ Two timings:
             inference latency and control jitter included. Success is the task's predicate holding
             at some moment of the episode (checked ~10 times per simulated second by the simulator).
   lockstep  the simulator waits while the policy thinks: every `replan_every` actions a new plan from
-            the current frame, its first actions executed as the control step executes them. It
+            the current frame, its first actions executed as the control step interpolates them (the
+            mapper's IK per tick), but without the safety layer's per-tick step and velocity limits:
+            each tick's joint goals go to the simulated servos, whose own speed profile bounds them. It
             measures the model alone, for precisions this computer cannot run in time (fp8 without
-            fp8 kernels) and for quick checks; its control and policy rates are not a robot's.
+            fp8 kernels) and for quick checks; its control rate is not a robot's, and its "policy
+            plans/s" is the policy's own rate on this computer (plans per second of inference), not
+            plans per second of episode time as in realtime.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ class EvalOptions:
     out_dir: Path
     seed: int = EVAL_SEED
     timing: str = "realtime"
-    replan_every: int = 2       # lockstep: actions executed per plan
+    replan_every: int = 2       # lockstep: actions executed per plan (at most the plan's own: a 1-action bundle's 1)
     sheets: int = 3             # episodes per system that get a PNG sheet (the first ones)
     trace: str = "model"        # one of TRACE_SOURCES
     ensemble: bool | None = None    # plan.ensemble for every system (temporal ensembling); None: the config's
@@ -115,7 +119,8 @@ class EpisodeResult:
     episode_s: float                        # time to the first success, else the episode's limit
     time_limit_s: float
     plans: int
-    policy_hz: float | None                 # plans per second of episode time
+    policy_hz: float | None                 # realtime: plans per second of episode time; lockstep: per second of
+                                            # inference (the policy's own rate here; the episode waits for it)
     decode_steps_mean: float | None
     control_hz: float | None                # realtime only
     period_error_p99_ms: float | None       # realtime only
@@ -256,11 +261,11 @@ def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[
 
 def has_depth_stage(bundle) -> bool:
     """Whether a bundle (a loaded Bundle or its directory) can force depth from the camera."""
-    from edgeact.runtime.bundle import load_bundle
+    from edgeact.runtime.bundle import read_manifest
 
-    if isinstance(bundle, (str, Path)):
-        bundle = load_bundle(bundle, verify_checksums=False)
-    return DEPTH_STAGE in bundle.manifest.stages
+    # The manifest alone: whether the bundle may load (its verification, its files) is the policy's to say.
+    manifest = read_manifest(bundle) if isinstance(bundle, (str, Path)) else bundle.manifest
+    return DEPTH_STAGE in manifest.stages
 
 
 def bundle_precision(manifest) -> str:

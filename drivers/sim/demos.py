@@ -466,7 +466,9 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
                 done, queued, success = 0, [], False
                 judge = SuccessJudge.for_episode(episode, task)
                 while done < limit and not success:
-                    record, plan = done % config.stride_actions == 0, not queued or done % replan_every == 0
+                    # A plan when the last one's actions are spent: replan_every of them, or all it had if fewer
+                    # (as edgeact eval executes them).
+                    record, plan = done % config.stride_actions == 0, not queued
                     if record or plan:
                         rgb, depth = renderer.render()[:2]
                         positions, labels = steering.chunk(mapper, executor.commanded_rad, expert.chunk_size)

@@ -128,6 +128,36 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
         record_policy_demos(tmp_path / "y", HoldStill(), episodes=0, seed=0, config=SMALL)
 
 
+
+def test_more_actions_per_plan_than_a_plan_holds_execute_the_whole_plan_then_replan(tmp_path):
+    """replan_every 10 with 8-action plans replanned at 0, 8, 10, 18, 20, ...: now at 0, 8, 16, ... as eval does."""
+    policy = HoldStill()
+    record_policy_demos(tmp_path / "d", policy, episodes=1, seed=40, config=SMALL, replan_every=10)
+    limit = round(sample_episode(40, "move_to").time_limit_s * 10)
+    assert len(policy.calls) == -(-limit // 8)
+
+
+def test_a_bundle_that_failed_verification_drives_only_when_allowed(tmp_path, tmp_path_factory):
+    """DAgger with a quantized bundle that fails the free-running gates (as eval runs it with --allow-unverified);
+    the refusal names sim-demos' own flag."""
+    import json
+    import shutil
+
+    from edgeact.drivers.commands_sim import _policy
+    from edgeact.runtime.errors import BundleError
+    from tests.runtime.test_decode_program import exported_bundle
+
+    bundle = shutil.copytree(exported_bundle(tmp_path_factory, "D").bundle_dir, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["verification"] = {"status": "failed", "gates": {}, "results": [
+        {"gate": "tokens.greedy.action", "passed": False, "agreement": 0.4, "min": 1.0}]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="pass --allow-unverified to sim-demos"):
+        _policy(str(bundle), 1)
+    policy = _policy(str(bundle), 1, allow_unverified=True)
+    policy.close()
+
+
 def test_sets_are_joined_with_their_episodes_kept_apart(tmp_path):
     a = record_demos(tmp_path / "a", episodes=2, seed=40, config=SMALL)
     b = record_policy_demos(tmp_path / "b", HoldStill(), episodes=1, seed=90, config=SMALL)

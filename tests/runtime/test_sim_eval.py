@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -136,6 +137,17 @@ def test_an_arm_that_holds_still_fails_for_not_reaching_the_block(exported, tmp_
     assert not result.success and result.failure == "block not reached"
     assert np.linalg.norm(result.outcome["ee_to_target_m"][:2]) > 0.025        # the task's reach radius
     assert result.outcome["target_displacement_m"] == pytest.approx([0, 0, 0], abs=1e-3)
+
+
+def test_more_actions_per_plan_than_a_plan_holds_execute_the_whole_plan_then_replan(exported, tmp_path):
+    """--replan-every 10 with 8-action plans: each plan's 8, then the next plan (as sim-demos --policy does)."""
+    system = eval_systems({"still": exported.bundle_dir}, ["generated"])[0]
+    runner = LockstepRunner(mujoco_robot_config_dict(), system, 10, "<test>", policy=_Still())
+    try:
+        result = runner.episode(0, 1_000_000, "move_to", None)
+    finally:
+        runner.close()
+    assert result.plans == math.ceil(result.time_limit_s * 10 / 8)          # 50 actions at 10 Hz: 7 plans
 
 
 def test_a_realtime_episode_says_why_from_the_simulators_report():
