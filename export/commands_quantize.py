@@ -74,7 +74,8 @@ def _register_quantize(subparsers) -> None:
                    help="int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights per scale (32, 64 or "
                         "128; default 128)")
     p.add_argument("--accuracy-level", type=int, help="MatMulNBits compute on the CPU: 0 fp32 ... 4 int8 "
-                                                      "(default: 4 for int8 w8a16 / w8a8-dynamic, 0 for int4)")
+                                                      "(default: 4 for int8 w8a16 and w8a8-dynamic's W8A16 "
+                                                      "down-projections, 0 for int4)")
     p.add_argument("--int4-format", choices=("auto", "nbits", "qdq"), default="auto",
                    help="nbits: onnxruntime MatMulNBits; qdq: int4 DequantizeLinear for TensorRT (auto: by --target)")
     p.add_argument("--arrays-fp16", action="store_true", help="store the embedding and LM-head arrays as float16")

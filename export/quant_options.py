@@ -60,7 +60,8 @@ class QuantizeOptions:
     block_size: int = 128                   # int4, int8 w8a16 nbits (and w8a8-dynamic's W8A16 layers): weights
                                             # per scale, along the input dim
     accuracy_level: int | None = None       # MatMulNBits compute: 0 fp32 ... 4 int8 (onnxruntime CPU); None: 4 for
-                                            # int8 w8a16 / w8a8-dynamic (its fast 8-bit kernel), 0 for int4
+                                            # int8 w8a16 and w8a8-dynamic's W8A16 down-projections (the fast 8-bit
+                                            # kernel), 0 for int4
     int4_format: str = "auto"               # nbits: MatMulNBits (onnxruntime); qdq: DequantizeLinear int4 (TensorRT)
     arrays_dtype: str = "float32"           # embedding / lm_head arrays: kept fp32 unless asked
     backend: str = "onnxruntime"
@@ -113,8 +114,7 @@ class QuantizeOptions:
         if self.for_tensorrt and fmt == "nbits":
             raise ConfigError(f"{flag} nbits with --target {self.target}: TensorRT cannot parse MatMulNBits; drop "
                               f"{flag} (a target gets qdq) or give {flag} qdq")
-        writes_nbits = self.int8_mode == "w8a16" or (self.int8_mode == "w8a8-dynamic" and
-                                                     self.down_projections == "w8a16")
+        writes_nbits = self.int8_mode == "w8a16" or self._dynamic_keeps_w8a16()
         if writes_nbits and self.accuracy_level is None and self.resolved_int8_format() == "nbits":
             # onnxruntime 1.32 runs 8-bit MatMulNBits at level 0 through a slow path (export/quant_w8a16.py).
             object.__setattr__(self, "accuracy_level", W8A16_ACCURACY_LEVEL)
@@ -164,11 +164,19 @@ class QuantizeOptions:
                         {"block_size", "accuracy_level"})
             return ("int8 w8a16 qdq writes the linear layers' weights per channel or per tensor behind a "
                     "DequantizeLinear (no blocks, no MatMulNBits)", {"per_channel"})
-        if self.down_projections == "w8a16":
+        if self._dynamic_keeps_w8a16():
             return ("int8 w8a8-dynamic writes every linear layer's weight per output channel, its MLP down-projections "
                     "as W8A16 MatMulNBits in blocks", {"block_size", "accuracy_level"})
+        if self.down_projections == "w8a16":
+            return ("int8 w8a8-dynamic writes every linear layer's weight per output channel; its W8A16 "
+                    "down-projections are the decoder's, which --stages leaves out (no MatMulNBits)", set())
         return ("int8 w8a8-dynamic writes every linear layer's weight per output channel, its MLP down-projections "
                 "SmoothQuant-ed (no blocks, no MatMulNBits)", calibrates_decoder)
+
+    def _dynamic_keeps_w8a16(self) -> bool:
+        """w8a8-dynamic writing its MLP down-projections as W8A16 MatMulNBits: they are the decoder's."""
+        return self.int8_mode == "w8a8-dynamic" and self.down_projections == "w8a16" and \
+            stage_io.DECODER_STAGE in self.stages
 
     def _check_int8_mode(self) -> None:
         if self.precision != "int8":

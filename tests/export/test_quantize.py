@@ -451,6 +451,12 @@ def test_w8a8_dynamic_records_only_what_it_applies():
                                           r"'connector'\] leave the decoder out"):
         QuantizeOptions("int8", int8_mode="w8a8-dynamic", smoothquant_alpha=0.8, stages=("vision", "connector"))
     assert QuantizeOptions("int8", int8_mode="w8a16").accuracy_level == 4
+    # W8A16 down-projections are the decoder's: without it no MatMulNBits, so no level or block size is read.
+    vision = QuantizeOptions("int8", int8_mode="w8a8-dynamic", down_projections="w8a16", stages=("vision",))
+    assert vision.accuracy_level is None
+    with pytest.raises(ConfigError, match="--block-size 32 and --accuracy-level 2: .*which --stages leaves out"):
+        QuantizeOptions("int8", int8_mode="w8a8-dynamic", down_projections="w8a16", stages=("vision",),
+                        accuracy_level=2, block_size=32)
 
 
 @pytest.mark.parametrize("kwargs, message", [
