@@ -25,11 +25,12 @@ from edgeact.runtime.bundle import UNVERIFIED_FIX_CONFIG, UNVERIFIED_FIX_DEFAULT
 from edgeact.runtime.decode_program import (ACTION_DECODINGS, DEFAULT_DRAFT_TOKENS, DecodeProgram, DecodeResult,
                                            check_draft_tokens)
 from edgeact.runtime.depth_tokenizer import STAGE as DEPTH_TOKENIZER_STAGE  # noqa: F401  (the policy's name for it)
-from edgeact.runtime.depth_tokenizer import open_depth_tokenizer
+from edgeact.runtime.depth_tokenizer import StageDepthTokenizer, open_depth_tokenizer
 from edgeact.runtime.engines import Backend, open_backend
-from edgeact.runtime.errors import CheckpointError, ConfigError
+from edgeact.runtime.errors import CheckpointError, ConfigError, EdgeactError, GrammarError
 from edgeact.runtime.grammar import AnswerGrammar
-from edgeact.runtime.grammar_walk import depth_code_values, trace_points
+from edgeact.runtime.answer import N_DEPTH_TOKENS
+from edgeact.runtime.grammar_walk import forced_depth_codes, trace_points
 from edgeact.runtime.policy import Observation, Plan, PolicyConfig, PolicyContext, register_policy
 from edgeact.runtime.preprocess import ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
@@ -120,18 +121,28 @@ class BundlePolicy:
 
     # ------------------------------------------------------------------------------- inference
     def infer(self, rgb: np.ndarray, instruction: str, *, depth_m: np.ndarray | None = None,
-              depth_codes: Sequence[int] | None = None, trace: Sequence[Sequence[int]] | None = None) -> DecodeResult:
+              depth_codes: Sequence[int] | None = None, trace: Sequence[Sequence[int]] | None = None,
+              depth_units_known: bool = False) -> DecodeResult:
         """One answer for one RGB frame (H, W, 3) uint8. Forced depth: `depth_codes`, else the policy's
-        forced_depth (fixed codes, or its depth tokenizer on `depth_m`). Forced trace: `trace`, else steer()'s."""
+        forced_depth (fixed codes, or its depth tokenizer on `depth_m`, (H, W) metres aligned to the frame).
+        Forced trace: `trace`, else steer()'s. depth_units_known: the depth comes from a camera driver that applied
+        the sensor's scale (Observation.depth_from_camera), so a far scene is not taken for millimetres."""
         start = time.perf_counter()
+        if depth_m is not None and np.shape(depth_m) != np.shape(rgb)[:2]:
+            raise EdgeactError(f"depth_m of shape {np.shape(depth_m)} is not aligned to the frame {np.shape(rgb)[:2]}; "
+                               "give the depth image aligned to the colour frame (the camera's aligned depth stream)")
         if instruction != self._instruction:
             self.program.forget_draft()
             self._instruction = instruction
         inputs = self.preprocessor(rgb)
         prompt = build_prompt_ids(self.tokenizer, self.layout, instruction, inputs)
+        # Before the depth tokenizer and the ViT: a prompt the longest answer would not fit after is refused first.
+        self.program.check_fits(len(prompt), self._trace if trace is None else trace)
         seconds = {"preprocess": time.perf_counter() - start}
         if depth_codes is None:
-            depth_codes = self._forced_depth(depth_m, seconds)
+            depth_codes = self._forced_depth(depth_m, seconds, depth_units_known)
+        else:
+            depth_codes = forced_depth_codes(depth_codes)       # a wrong shape or range refused before the ViT
         start = time.perf_counter()
         features = self.vision.run(inputs.images, inputs.image_masks, inputs.pooled_patches_idx)
         seconds["vision"] = time.perf_counter() - start       # ViT over every crop + connector
@@ -140,7 +151,8 @@ class BundlePolicy:
                                 trace=self._trace if trace is None else trace, image_size_px=(width, height),
                                 stage_seconds=seconds)
 
-    def _forced_depth(self, depth_m: np.ndarray | None, seconds: dict[str, float]) -> Sequence[int] | None:
+    def _forced_depth(self, depth_m: np.ndarray | None, seconds: dict[str, float],
+                      units_known: bool = False) -> Sequence[int] | None:
         if self._fixed_depth is not None:
             return self._fixed_depth
         if self._depth_tokenizer is None:
@@ -149,12 +161,13 @@ class BundlePolicy:
             self.depth_fallbacks += 1
             return None
         start = time.perf_counter()
-        codes = self._depth_tokenizer(depth_m)
+        codes = self._depth_tokenizer(depth_m, units_known=True) if units_known and \
+            isinstance(self._depth_tokenizer, StageDepthTokenizer) else self._depth_tokenizer(depth_m)
         seconds["depth_tokenizer"] = time.perf_counter() - start
         return codes
 
     def step(self, obs: Observation) -> Plan:
-        result = self.infer(obs.rgb, obs.instruction, depth_m=obs.depth_m)
+        result = self.infer(obs.rgb, obs.instruction, depth_m=obs.depth_m, depth_units_known=obs.depth_from_camera)
         return Plan(actions=result.actions, actions_normalized=result.actions_normalized, trace_px=result.trace_px,
                     depth_codes=result.depth_codes, observation_time_s=obs.timestamp_s,
                     created_time_s=time.monotonic(), stage_seconds=dict(result.stage_seconds),
@@ -205,7 +218,11 @@ def _depth_source(forced_depth: ForcedDepth, bundle: Bundle,
         return None, open_depth_tokenizer(bundle, backend)
     if callable(forced_depth):
         return None, forced_depth
-    return depth_code_values(forced_depth), None
+    try:
+        return forced_depth_codes(forced_depth), None
+    except GrammarError as exc:
+        raise ConfigError(f"forced_depth: {exc}; give 'sensor', {N_DEPTH_TOKENS} codes, a depth tokenizer callable, "
+                          "or None") from None
 
 
 @register_policy("bundle")

@@ -241,6 +241,11 @@ class DecodeProgram:
         return self._result(self._seq[n_prompt:n_seq].copy(), n_prompt, steps, choices, depth_codes is not None,
                             trace is not None, image_size_px, seconds)
 
+    def check_fits(self, n_prompt: int, trace=None) -> None:
+        """Refuse a prompt of n_prompt tokens after which the longest answer (with this forced trace) would not fit:
+        callers check it before their own work on the frame (the depth tokenizer, the ViT)."""
+        self._check_fits(n_prompt, self._longest if trace is None else longest_answer(self.grammar, trace))
+
     def _check_fits(self, n_prompt: int, longest: int) -> None:
         """Refuse before the prefill a prompt after which the longest answer the grammar allows would not fit."""
         excess = n_prompt + longest - len(self._seq)

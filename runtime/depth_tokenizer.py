@@ -15,7 +15,7 @@ from edgeact.runtime.answer import N_DEPTH_CODES, N_DEPTH_TOKENS
 from edgeact.runtime.bundle import Bundle
 from edgeact.runtime.engines import Backend, StageEngine
 from edgeact.runtime.errors import BundleError, EdgeactError
-from edgeact.runtime.policy import depth_units_problem
+from edgeact.runtime.policy import depth_units_problem, negative_depth_problem
 
 STAGE = "depth_tokenizer"
 INPUT, OUTPUT = "depth_m", "codes"
@@ -34,12 +34,15 @@ class StageDepthTokenizer:
         self.engine = engine
         self._where = where
 
-    def __call__(self, depth_m: np.ndarray) -> np.ndarray:
+    def __call__(self, depth_m: np.ndarray, units_known: bool = False) -> np.ndarray:
+        """The 100 codes of a depth image in metres. units_known: from a camera driver that applied the sensor's
+        depth scale (only the dtype is checked: a far scene's large median is real, not millimetres)."""
         depth = np.asarray(depth_m)
         if depth.ndim != 2:
             raise EdgeactError(f"{self._where}: depth image of shape {depth.shape}; give the aligned depth as "
                                "(height, width) metres (a uint16 sensor image must be scaled by its depth unit first)")
-        problem = depth_units_problem(depth)
+        problem = (None if units_known and depth.dtype.kind == "f" else depth_units_problem(depth)) or \
+            negative_depth_problem(depth)
         if problem:
             raise EdgeactError(f"{self._where}: the depth image {problem}")
         depth = depth.astype(np.float32, copy=False)

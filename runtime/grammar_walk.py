@@ -13,7 +13,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from edgeact.runtime.answer import MAX_TRACE_POINTS, N_DEPTH_TOKENS, TRACE_RANGE
+from edgeact.runtime.answer import MAX_TRACE_POINTS, N_DEPTH_CODES, N_DEPTH_TOKENS, TRACE_RANGE
 from edgeact.runtime.errors import GrammarError
 from edgeact.runtime.grammar import Actions, AnswerGrammar, DepthCodes, End, Fixed, Trace
 
@@ -113,14 +113,29 @@ def _choose_trace(seg: Trace, closing_id: int) -> Generator[Step, int | None, No
 
 
 def depth_code_values(depth_codes) -> np.ndarray:
-    """Forced depth codes as int64, refusing what is not integers (NaN, 3.7, True) rather than truncating it."""
-    codes = np.asarray(depth_codes).reshape(-1)
+    """Forced depth codes as int64, refusing what is not integers (NaN, 3.7, True) rather than truncating it, and
+    shapes other than a flat list or the tokenizer's square grid (a (2, 50) array is not 100 codes in order)."""
+    raw = np.asarray(depth_codes)
+    side = int(round(N_DEPTH_TOKENS ** 0.5))
+    if raw.ndim not in (1, 2) or (raw.ndim == 2 and raw.shape != (side, side)):
+        raise GrammarError(f"forced depth codes must be a flat sequence of {N_DEPTH_TOKENS} or a {side}x{side} grid; "
+                           f"got shape {raw.shape}")
+    codes = raw.reshape(-1)
     integral = codes.dtype.kind in "iu" or (codes.dtype.kind == "f" and np.isfinite(codes).all()
                                              and (codes == np.rint(codes)).all())
     if not integral:
         raise GrammarError(f"forced depth codes must be integers (the depth tokenizer's code indices); got "
                            f"{codes.dtype} values such as {codes[:5].tolist()}")
     return codes.astype(np.int64)
+
+
+def forced_depth_codes(depth_codes) -> np.ndarray:
+    """Forced depth codes checked as the answer needs them: N_DEPTH_TOKENS integers in [0, N_DEPTH_CODES)."""
+    codes = depth_code_values(depth_codes)
+    if codes.size != N_DEPTH_TOKENS or codes.min(initial=0) < 0 or codes.max(initial=0) >= N_DEPTH_CODES:
+        raise GrammarError(f"forced depth needs {N_DEPTH_TOKENS} codes in [0, {N_DEPTH_CODES}), got {codes.size} codes "
+                           f"in [{codes.min(initial=0)}, {codes.max(initial=0)}]")
+    return codes
 
 
 def _forced_depth(seg: DepthCodes, depth_codes: Sequence[int]) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -56,6 +56,18 @@ def depth_units_problem(depth: np.ndarray) -> str | None:
     return None
 
 
+def negative_depth_problem(depth: np.ndarray) -> str | None:
+    """Why a float depth image is not distances (values below 0), or None. 0 is "no data"; a negative value would
+    be taken for it silently (a sign-flipped or disparity image would read as an empty scene)."""
+    if depth.dtype.kind != "f" or not depth.size:
+        return None
+    lowest = float(np.nanmin(depth)) if not np.isnan(depth).all() else 0.0
+    if lowest < 0:
+        return (f"has negative values (min {lowest:.4g}): depth in metres is >= 0, with 0 for no data; pass the "
+                "sensor's depth, not a sign-flipped or disparity image")
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class Observation:
     """What the policy sees: the newest camera frame plus the joint state of the last control read."""
@@ -86,6 +98,12 @@ class Observation:
             problem = None if self.depth_from_camera and depth.dtype.kind == "f" else depth_units_problem(depth)
             if problem:
                 raise ValueError(f"Observation.depth_m {problem}")
+            problem = negative_depth_problem(depth)
+            if problem:
+                raise ValueError(f"Observation.depth_m {problem}")
+        if self.proprio is not None and not isinstance(self.proprio, Mapping):
+            raise ValueError(f"Observation.proprio must be a dict joint -> angle in rad (the control thread's last "
+                             f"read), or None; got {type(self.proprio).__name__}")
         bad = {j: v for j, v in (self.proprio or {}).items()
                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v)}
         if bad:
@@ -99,6 +117,9 @@ class Observation:
             raise ValueError(f"Observation.timestamp_s must be a finite number, time.monotonic() when the frame was "
                              f"captured; got {t!r}")
         now = time.monotonic()
+        if t < 0:
+            raise ValueError(f"Observation.timestamp_s {t!r} is negative: time.monotonic() never is; stamp frames with "
+                             "time.monotonic() when they are captured")
         if t > now + MAX_TIMESTAMP_AHEAD_S:
             raise ValueError(f"Observation.timestamp_s {t!r} is {t - now:.4g} s ahead of time.monotonic() ({now:.3f}): "
                              "it comes from another clock (time.time()?); stamp frames with time.monotonic()")

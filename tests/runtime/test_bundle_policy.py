@@ -141,6 +141,29 @@ def test_a_depth_tokenizer_reads_the_observation_depth(exported):
     assert policy.depth_fallbacks == 1 and plan.decode_steps >= 100
 
 
+def test_inputs_that_cannot_be_used_are_refused_before_any_stage_runs(exported):
+    """A prompt the longest answer would not fit after, depth not aligned to the frame, forced depth codes of another
+    shape or count: refused first, naming the input (infer is usable without an Observation's checks)."""
+    from edgeact.runtime.errors import EdgeactError, SequenceTooLongError
+
+    policy = BundlePolicy(exported.bundle_dir, threads=1)
+    ran = []
+    real = policy.vision.run
+    policy.vision.run = lambda *a: ran.append("vision") or real(*a)
+    rgb, _, _ = exported.observation(7, "pick up the red block")
+    with pytest.raises(SequenceTooLongError, match="shorten the instruction"):
+        policy.infer(rgb, "push the red block " * 400)
+    with pytest.raises(EdgeactError, match=r"depth_m of shape \(10, 10\) is not aligned to the frame"):
+        policy.infer(rgb, "pick up the red block", depth_m=np.ones((10, 10), np.float32))
+    with pytest.raises(GrammarError, match=r"a flat sequence of 100 or a 10x10 grid; got shape \(2, 50\)"):
+        policy.infer(rgb, "pick up the red block", depth_codes=DEPTH.reshape(2, 50))
+    assert ran == []
+    with pytest.raises(ConfigError, match=r"forced_depth: forced depth needs 100 codes in \[0, 128\), got 3 codes"):
+        BundlePolicy(exported.bundle_dir, forced_depth=[1, 2, 3])
+    assert policy.infer(rgb, "pick up the red block", depth_codes=DEPTH.reshape(10, 10)).depth_codes.tolist() == \
+        DEPTH.tolist()
+
+
 def test_sensor_depth_needs_a_depth_tokenizer_stage(exported):
     with pytest.raises(BundleError, match="forced_depth='sensor' needs a 'depth_tokenizer' stage"):
         BundlePolicy(exported.bundle_dir, forced_depth="sensor")

@@ -104,3 +104,26 @@ def test_a_joint_state_that_is_not_a_finite_angle_is_refused(value):
     with pytest.raises(ValueError, match=r"proprio must map each joint to a finite angle in rad, got \{'elbow': "):
         observation(proprio={"shoulder": 0.1, "elbow": value})
     assert observation(proprio={"shoulder": 0.1, "elbow": np.float32(-0.2)}).proprio["elbow"] == np.float32(-0.2)
+
+
+def test_a_far_scene_from_a_camera_reaches_the_depth_tokenizer_and_negative_depth_is_refused():
+    """A hall or outdoors (median over 20 m) from a camera driver passes the Observation and the stage alike (the loop
+    marks every frame depth_from_camera); a caller's own array of that median is still taken for millimetres."""
+    far = np.full((48, 64), 25.0, np.float32)
+    obs = observation(depth_m=far, depth_from_camera=True)
+    stage = StageDepthTokenizer(StandInEngine(), "bundle: stage 'depth_tokenizer'")
+    assert stage(obs.depth_m, units_known=True).shape == (100,)
+    with pytest.raises(EdgeactError, match="median of 25 over its valid pixels, implausible in metres"):
+        stage(far)
+    flipped = -DEPTH_M
+    with pytest.raises(ValueError, match=r"depth_m has negative values \(min -1\.7\): depth in metres is >= 0"):
+        observation(depth_m=flipped, depth_from_camera=True)
+    with pytest.raises(EdgeactError, match="has negative values"):
+        stage(flipped, units_known=True)        # not taken for "no data" (code of 0) silently
+
+
+def test_proprioception_that_is_not_a_dict_and_a_negative_timestamp_are_refused():
+    with pytest.raises(ValueError, match=r"proprio must be a dict joint -> angle in rad .*, or None; got list"):
+        observation(proprio=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"timestamp_s -5\.0 is negative: time\.monotonic\(\) never is"):
+        observation(timestamp_s=-5.0)
