@@ -261,6 +261,9 @@ class BundlePolicyConfig(PolicyConfig):
 
         if self.backend not in backend_names():
             raise ConfigError(f"backend: {self.backend!r} unknown; use one of {', '.join(backend_names())}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ConfigError(f"threads: {self.threads!r}; use a positive number of CPU threads, or leave it out "
+                              "(every core)")
         if self.backend == "tensorrt":
             if self.target is not None:
                 from edgeact.runtime.trt_targets import get_target

@@ -84,7 +84,8 @@ def _run(args) -> int:
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.recorder import CommandRecorder
-    from edgeact.runtime.telemetry import LogSubscriber, TimingStats, distinct_outputs, output_file
+    from edgeact.runtime.telemetry import (LogSubscriber, TimingStats, distinct_outputs, output_file,
+                                           outputs_not_inputs)
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
@@ -93,6 +94,7 @@ def _run(args) -> int:
     outputs = {option: output_file(path, option) for option, path in (("--record", args.record), ("--json", args.json))
                if path}
     distinct_outputs(outputs)
+    outputs_not_inputs(outputs, {"the robot config": Path(args.config), "the e-stop file": config.estop_path})
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
     if args.shadow:

@@ -20,7 +20,7 @@ from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
 from edgeact.runtime.recorder import CommandRecorder
 from edgeact.runtime.telemetry import (
-    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file,
+    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file, outputs_not_inputs,
 )
 
 DEMO_POLICIES = ("scripted", "bundle")
@@ -103,6 +103,8 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     if record:
         outputs["--record"] = output_file(record, "--record")
     distinct_outputs(outputs)
+    source = None if config.source.startswith("<") else Path(config.source)
+    outputs_not_inputs(outputs, {"the robot config": source, "the e-stop file": config.estop_path})
     stats = TimingStats(config.rates.control_hz)
     stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])

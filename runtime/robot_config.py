@@ -311,6 +311,32 @@ class RobotConfig:
         if unknown:
             raise ConfigError(f"limits.joint_limits_rad: joints {unknown} are not motors ({', '.join(motors)})")
         mapper = self.actions.make_mapper(motors)    # its joints must exist; raises with the fix
+        wheels = [name for name, motor in self.robot.motors.items() if motor.mode == "velocity"]
+        driven = sorted(set(mapper.joints) & set(wheels))
+        if driven:
+            # Found here, not by the control thread's first goal (a wheel takes velocities, not positions).
+            raise ConfigError(f"actions: joints {driven} are wheels (mode 'velocity' in robot.motors); the action "
+                              "mapper drives position joints: name position-mode motors in actions (its joints, "
+                              "gripper_joint)")
+        limited = sorted(set(self.limits.joint_limits_rad) & set(wheels))
+        if limited:
+            raise ConfigError(f"limits.joint_limits_rad: {limited} are wheels (mode 'velocity'): joint limits apply "
+                              "to position joints; drop them (limits.max_velocity_rad_s bounds the wheels)")
+        if self.limits.safe_state == "stop" and not wheels:
+            raise ConfigError("limits.safe_state: 'stop' stops wheels (velocity-mode motors) and this robot has none; "
+                              "use 'hold' or 'torque_off'")
+        ids: dict[int, str] = {}
+        for name, motor in self.robot.motors.items():
+            if ids.setdefault(motor.id, name) != name:
+                raise ConfigError(f"robot.motors: '{ids[motor.id]}' and '{name}' both have id {motor.id}; give each "
+                                  "motor its own id (`edgeact motors scan` lists the bus's)")
+        ik_limits = getattr(self.actions, "joint_limits_rad", None) or {}
+        for joint, (low, high) in ik_limits.items():
+            safe_low, safe_high = self.limits.joint_limits_rad.get(joint, (-math.inf, math.inf))
+            if low < safe_low or high > safe_high:
+                raise ConfigError(f"actions.joint_limits_rad.{joint}: [{low:g}, {high:g}] reaches past the safety "
+                                  f"limits [{safe_low:g}, {safe_high:g}] (limits.joint_limits_rad.{joint}): IK would "
+                                  "plan poses the safety layer then cuts short; keep the IK's inside them")
         if self.plan.follow_trace != "never":
             from edgeact.runtime.trace_follow import check_follow_trace
 
@@ -403,10 +429,16 @@ def load_robot_config(path: str | Path) -> RobotConfig:
 def read_config_dict(path: str | Path) -> dict[str, Any]:
     """The plain sections of a .json or .toml robot config file, not yet validated (callers may edit them)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give the robot config file (e.g. {path / 'robot.json'})")
     if not path.is_file():
         sample = path.with_suffix(".json") if path.name else Path("robot.json")    # --write-config writes JSON only
         raise ConfigError(f"config {path} not found; write a sample with `edgeact demo --write-config {sample}`")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                          "UTF-8") from None
     suffix = path.suffix.lower()
     if suffix not in (".json", ".toml"):
         raise ConfigError(f"config {path}: use a .json or .toml file")

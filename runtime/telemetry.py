@@ -310,6 +310,16 @@ def distinct_outputs(outputs: dict[str, Path]) -> None:
                               f"the other (the JSON is written at the end); give them different paths")
 
 
+def outputs_not_inputs(outputs: dict[str, Path], inputs: dict[str, Path | None]) -> None:
+    """Refuse an output (option -> path) that is one of the run's inputs (the robot config, the e-stop file): the
+    run would write over it (a config replaced by the timing JSON no longer loads)."""
+    named = {Path(path).resolve(): what for what, path in inputs.items() if path is not None}
+    for option, path in outputs.items():
+        what = named.get(Path(path).resolve())
+        if what is not None:
+            raise ConfigError(f"{option} {path} is {what}: the run would write over it; give {option} another path")
+
+
 def png_figure(path: Path, figsize: tuple[float, float], what: str, fallback: str) -> Any:
     """A matplotlib Figure on the Agg canvas (no pyplot: no global state, any thread), its folder made.
 

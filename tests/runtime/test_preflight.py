@@ -199,12 +199,12 @@ def test_limits_the_guard_refuses_and_an_unexpected_error_are_failed_checks(tmp_
 
     path = write_config(tmp_path, sim, policy={"type": "preflight-test-broken", "process": False})
     data = json.loads(path.read_text())
-    data["limits"]["safe_state"] = "stop"
+    data["limits"]["joint_limits_rad"] = {"shoulder_pan": [2.0, 3.0]}      # past this bus's calibrated range
     path.write_text(json.dumps(data))
     checks = preflight(load_robot_config(path))
     got = {c.name: c for c in checks}
     assert got["start positions"].status == FAIL and "the safety limits do not fit this bus" in \
-        got["start positions"].detail and "safe_state 'stop'" in got["start positions"].detail
+        got["start positions"].detail and "calibrated range" in got["start positions"].detail
     assert got["policy"].status == FAIL and got["policy"].detail == "RuntimeError: out of memory"
     assert got["camera"].status == OK
 

@@ -197,6 +197,46 @@ def test_file_errors_say_what_to_do(tmp_path):
     yaml.write_text("robot: {}")
     with pytest.raises(ConfigError, match="use a .json or .toml file"):
         load_robot_config(yaml)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"instruction": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match=r"latin\.json is not UTF-8 text \(invalid start byte at byte 17\); save it"):
+        load_robot_config(latin)
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.json is a folder; give the robot config file"):
+        load_robot_config(tmp_path / "dir.json")
+
+
+def _mujoco(section=None, **fields):
+    from edgeact.runtime.sim_robot import mujoco_robot_config_dict
+
+    data = mujoco_robot_config_dict()
+    if section:
+        data[section] = {**data[section], **fields}
+    return data
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["actions"].update(gripper_joint="base_left_wheel"),
+     "actions: joints ['base_left_wheel'] are wheels (mode 'velocity' in robot.motors); the action mapper drives "
+     "position joints"),
+    (lambda d: d["limits"].setdefault("joint_limits_rad", {}).update(base_left_wheel=[-0.1, 0.1]),
+     "limits.joint_limits_rad: ['base_left_wheel'] are wheels (mode 'velocity'): joint limits apply to position "
+     "joints"),
+    (lambda d: d["actions"].setdefault("joint_limits_rad", {}).update(shoulder_pan=[1.6, 2.0]),
+     "actions.joint_limits_rad.shoulder_pan: [1.6, 2] reaches past the safety limits [-1.5, 1.5]"),
+    (lambda d: d["robot"]["motors"]["gripper"].update(id=1),
+     "robot.motors: 'shoulder_pan' and 'gripper' both have id 1; give each motor its own id"),
+    (lambda d: d.update(policy={"type": "bundle", "path": "b", "threads": -1}, instruction="push it"),
+     "policy.threads: -1; use a positive number"),
+])
+def test_what_the_config_alone_decides_is_refused_at_load_not_by_the_running_loop(edit, expected):
+    """Each was accepted and failed once the loop ran (a wheel as the gripper: inside the control thread), or never
+    acted (IK limits past the guard's, a wheel's joint limit)."""
+    data = _mujoco()
+    edit(data)
+    assert expected in _error(data)
+    simple = _with("limits", safe_state="stop")       # a robot without wheels: nothing for 'stop' to stop
+    assert "limits.safe_state: 'stop' stops wheels (velocity-mode motors) and this robot has none" in _error(simple)
 
 
 def test_policy_registry_finds_types_by_name():

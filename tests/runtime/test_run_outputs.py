@@ -81,3 +81,19 @@ def test_dropped_events_do_not_make_the_rate_and_overruns_the_delivered_ones():
     assert stats.plot_title() == ("control loop: 300 ticks (the newest 100 shown), 2 overruns; incomplete: 200 "
                                   "ticks' events missed")
     stats.exact_counts(SimpleNamespace(undelivered_events=0, ticks=1, overruns=0, tick_span_s=0.0))   # nothing lost
+
+
+def test_an_output_that_names_the_robot_config_or_the_estop_file_is_refused(sim, tmp_path, capsys):
+    """`--json robot.json` replaced the config with the timing summary (the next run could not load it)."""
+    path = tmp_path / "robot.json"
+    data = config_data(sim)
+    data["estop"] = {"file": "stop.flag"}
+    path.write_text(json.dumps(data))
+    before = path.read_text()
+    assert cli.main(["run", str(path), "--seconds", "1", "--json", str(path)]) == 2
+    assert f"--json {path} is the robot config: the run would write over it" in capsys.readouterr().err
+    assert cli.main(["run", str(path), "--seconds", "1", "--record", str(tmp_path / "stop.flag")]) == 2
+    assert "is the e-stop file" in capsys.readouterr().err
+    assert path.read_text() == before and not (tmp_path / "stop.flag").exists()
+    assert cli.main(["bench", str(path), "--seconds", "1", "--record", str(path)]) == 2
+    assert "--record" in capsys.readouterr().err and path.read_text() == before
