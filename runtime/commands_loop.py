@@ -178,8 +178,11 @@ def _demo(args) -> int:
         raise ConfigError("--seed and --template choose a task episode: add --robot mujoco")
     episode = (DEMO_EPISODE[0] if args.seed is None else args.seed, args.template or DEMO_EPISODE[1])
     if args.write_config:
-        write_config_file(args.write_config, demo_config_dict(args.policy, args.bundle, args.robot, episode),
-                          args.overwrite)
+        from edgeact.runtime.robot_config import robot_config_from_dict
+
+        data = demo_config_dict(args.policy, args.bundle, args.robot, episode)
+        robot_config_from_dict(data, source=str(args.write_config))     # never write a config that cannot load
+        write_config_file(args.write_config, data, args.overwrite)
         path = args.write_config
         print(f"wrote the simulated robot's config to {path}; run it with `edgeact run {path}`")
         return 0

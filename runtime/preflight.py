@@ -87,6 +87,10 @@ def _estop(config, add) -> None:
     if estop_check(config)():
         add("e-stop", FAIL, f"active: the e-stop file {config.estop_path} exists, so the run would refuse to start; "
                             "remove it once the robot is clear")
+    elif config.estop_path is not None and not config.estop_path.parent.is_dir():
+        add("e-stop", FAIL, f"the e-stop file's folder {config.estop_path.parent} does not exist here, so the e-stop "
+                            "could never be pressed (`touch` fails there); give estop.file in an existing folder, "
+                            "e.g. /tmp/edgeact.estop")
     elif estop_key_required(config) and not sys.stdin.isatty():
         add("e-stop", FAIL, f"estop.key {config.estop.key!r} is this real robot's only e-stop and there is no terminal "
                             "here to press it in, so the run would refuse to start; run from a terminal or set "

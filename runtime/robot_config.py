@@ -354,6 +354,12 @@ class RobotConfig:
         from edgeact.runtime.loop import check_plan_max_age     # here: the loop's rule, one place
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
+        latency_s = getattr(self.policy, "latency_s", None)     # a scripted policy's: known before it runs
+        if latency_s is not None and self.plan.max_age_s < latency_s + 1.0 / self.rates.action_rate_hz:
+            raise ConfigError(f"plan.max_age_s: {self.plan.max_age_s:g} s is under policy.latency_s ({latency_s:g} s) "
+                              f"plus one action period: every plan would be stale on arrival and the robot would "
+                              f"hold the whole run; raise it to at least {latency_s + 1.0 / self.rates.action_rate_hz:g}")
+
 
     def _check_limits_act(self) -> None:
         """Refuse limits that validate one by one but would never act: a velocity limit above what the motors can
@@ -368,8 +374,8 @@ class RobotConfig:
         if limits.max_step_rad > limits.max_velocity_rad_s * span_s:
             raise ConfigError(f"limits.max_step_rad: {limits.max_step_rad:g} rad is more than "
                               f"limits.max_velocity_rad_s allows in {span_s:g} s "
-                              f"({limits.max_velocity_rad_s * span_s:.3f} rad): after a pause the joints would jump "
-                              f"that far in one command; use at most {limits.max_velocity_rad_s * span_s:.3f}")
+                              f"({limits.max_velocity_rad_s * span_s:.3g} rad): after a pause the joints would jump "
+                              f"that far in one command; use at most {limits.max_velocity_rad_s * span_s:.3g}")
         if limits.watchdog_timeout_s > MAX_WATCHDOG_TIMEOUT_S:
             raise ConfigError(f"limits.watchdog_timeout_s: {limits.watchdog_timeout_s:g} s is over "
                               f"{MAX_WATCHDOG_TIMEOUT_S:g} s: a stuck control loop would leave the robot (wheels "

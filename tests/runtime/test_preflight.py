@@ -152,6 +152,14 @@ def test_the_bundles_verdict_is_a_row(tmp_path, sim, verification, allow, status
     assert row.status == status and words in row.detail and str(tmp_path / "bundle") in row.detail
 
 
+def test_an_estop_file_in_a_folder_that_does_not_exist_fails_the_check(tmp_path, sim):
+    """Touching it would fail: on a robot whose only e-stop is that file, it could never be pressed."""
+    path = write_config(tmp_path, sim, estop={"file": str(tmp_path / "no-such-folder" / "edgeact.estop")})
+    row = next(c for c in preflight(load_robot_config(path), frames=1, with_policy=False) if c.name == "e-stop")
+    assert row.status == FAIL and "no-such-folder does not exist here, so the e-stop could never be pressed" in \
+        row.detail
+
+
 def test_no_policy_skips_it_and_a_real_robot_without_an_estop_is_warned(tmp_path, sim):
     path = write_config(tmp_path, sim)
     data = json.loads(path.read_text())

@@ -307,7 +307,7 @@ SEAM_FIX = "re-mount its horn so the whole travel reads inside 0..4095"
     (_real(limits={"max_velocity_rad_s": 10.0}),
      "limits.max_velocity_rad_s: 10 rad/s is above the fastest motor of this robot (sts3215: 5.22 rad/s)"),
     (_real(limits={"max_step_rad": 1e3}),
-     "limits.max_step_rad: 1000 rad is more than limits.max_velocity_rad_s allows in 0.1 s (0.200 rad)"),
+     "limits.max_step_rad: 1000 rad is more than limits.max_velocity_rad_s allows in 0.1 s (0.2 rad)"),
     (_real(limits={"watchdog_timeout_s": 1e9}), "limits.watchdog_timeout_s: 1e+09 s is over 2 s"),
 ])
 def test_values_that_would_disable_a_protection_are_refused_with_the_fix(data, expected):
@@ -360,3 +360,20 @@ def test_a_bundle_path_in_a_scripted_policy_names_the_type_that_has_it():
     with pytest.raises(ConfigError, match=r"policy: 'path' is a field of policy type 'bundle', not of 'scripted': set "
                                           r"\"type\": \"bundle\" and drop .*'chunk_size'"):
         robot_config_from_dict(data)
+
+
+def test_a_policy_slower_than_the_plan_age_is_refused_and_a_tiny_step_limit_named_as_it_is():
+    slow = sim_robot_config_dict()
+    slow["policy"] = {**slow["policy"], "latency_s": 2.0}
+    slow["plan"] = {**slow.get("plan", {}), "max_age_s": 1.5}
+    assert "plan.max_age_s: 1.5 s is under policy.latency_s (2 s) plus one action period" in _error(slow)
+    tiny = _with("limits", max_velocity_rad_s=0.001)
+    assert _error(tiny).endswith("use at most 0.0001")        # not "0.000", which max_step_rad > 0 refuses
+
+
+def test_write_config_never_writes_a_config_that_cannot_load(tmp_path, capsys):
+    from edgeact.runtime.cli import main
+
+    out = tmp_path / "s2.json"
+    assert main(["demo", "--robot", "mujoco", "--seed", "99999999999999999999", "--write-config", str(out)]) == 2
+    assert "robot.task.seed" in capsys.readouterr().err and not out.exists()
