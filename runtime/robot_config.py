@@ -153,6 +153,7 @@ class RobotSection:
                 except ConfigError as exc:
                     raise ConfigError(f"motors.{name}.model: {exc}") from None
             _check_keys(self.options, {f.name for f in dataclasses.fields(DamiaoBusConfig)}, "options")
+            _check_option_types(self.options, DamiaoBusConfig)
             try:
                 DamiaoBusConfig(**self.options)
             except ConfigError as exc:
@@ -167,6 +168,7 @@ class RobotSection:
                                   f"{', '.join(bus_type.MODELS)}{_suggest(m.model, bus_type.MODELS)}")
         config_fields = {f.name for f in dataclasses.fields(bus_type.CONFIG_TYPE)} - {"port", "baud_rate"}
         _check_keys(self.options, config_fields, "options")
+        _check_option_types(self.options, bus_type.CONFIG_TYPE)
         try:
             bus_type.CONFIG_TYPE(port=self.port or "(the simulator's pty)", baud_rate=self.baud_rate, **self.options)
         except ConfigError as exc:
@@ -548,6 +550,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}.{exc}" if _names_field(str(exc), fields_) else f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_option_types(options: dict[str, Any], config_type: type) -> None:
+    """Each bus option against its field's type ("no" is not false, "0.05" not a number, a pair not a triple),
+    named as options.<field>; the bus config's own checks (ranges) follow when it is built."""
+    hints = typing.get_type_hints(config_type)
+    for name, value in options.items():
+        if name in hints:
+            _convert(value, hints[name], f"options.{name}")
 
 
 def _names_field(message: str, fields_: dict) -> bool:

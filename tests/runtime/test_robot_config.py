@@ -377,3 +377,19 @@ def test_write_config_never_writes_a_config_that_cannot_load(tmp_path, capsys):
     out = tmp_path / "s2.json"
     assert main(["demo", "--robot", "mujoco", "--seed", "99999999999999999999", "--write-config", str(out)]) == 2
     assert "robot.task.seed" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"timeout_s": "0.05"}, "robot.options.timeout_s: must be a number, got '0.05'"),
+    ({"retries": True}, "robot.options.retries: must be an integer, got True"),
+])
+def test_bus_options_are_checked_by_their_types_and_named(options, expected):
+    """A truthy string turned a feature on; a string timeout ended in "'<' not supported" naming no field."""
+    assert expected in _error(_with("robot", options=options))
+
+
+def test_damiao_options_are_typed_too():
+    assert "robot.options.check_on_connect: must be true or false, got 'false'" in \
+        _error(_damiao(options={"check_on_connect": "false"}))
+    damiao = _damiao(options={"gains": {"gripper": [5, 1, 2]}})
+    assert "robot.options.gains.gripper: must be a list of 2 values, got [5, 1, 2]" in _error(damiao)
