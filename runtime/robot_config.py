@@ -356,11 +356,6 @@ class RobotConfig:
         from edgeact.runtime.loop import check_plan_max_age     # here: the loop's rule, one place
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
-        latency_s = getattr(self.policy, "latency_s", None)     # a scripted policy's: known before it runs
-        if latency_s is not None and self.plan.max_age_s < latency_s + 1.0 / self.rates.action_rate_hz:
-            raise ConfigError(f"plan.max_age_s: {self.plan.max_age_s:g} s is under policy.latency_s ({latency_s:g} s) "
-                              f"plus one action period: every plan would be stale on arrival and the robot would "
-                              f"hold the whole run; raise it to at least {latency_s + 1.0 / self.rates.action_rate_hz:g}")
 
 
     def _check_limits_act(self) -> None:
