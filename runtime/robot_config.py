@@ -332,13 +332,7 @@ class RobotConfig:
             if ids.setdefault(motor.id, name) != name:
                 raise ConfigError(f"robot.motors: '{ids[motor.id]}' and '{name}' both have id {motor.id}; give each "
                                   "motor its own id (`edgeact motors scan` lists the bus's)")
-        ik_limits = getattr(self.actions, "joint_limits_rad", None) or {}
-        for joint, (low, high) in ik_limits.items():
-            safe_low, safe_high = self.limits.joint_limits_rad.get(joint, (-math.inf, math.inf))
-            if low < safe_low or high > safe_high:
-                raise ConfigError(f"actions.joint_limits_rad.{joint}: [{low:g}, {high:g}] reaches past the safety "
-                                  f"limits [{safe_low:g}, {safe_high:g}] (limits.joint_limits_rad.{joint}): IK would "
-                                  "plan poses the safety layer then cuts short; keep the IK's inside them")
+        self._ik_within_safety_limits()
         if self.plan.follow_trace != "never":
             from edgeact.runtime.trace_follow import check_follow_trace
 
@@ -357,6 +351,24 @@ class RobotConfig:
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
 
+
+    def _ik_within_safety_limits(self) -> None:
+        """The IK's joint limits (actions.joint_limits_rad) kept inside the safety layer's: IK planning a pose past them
+        would be cut short by the guard every tick without a word (a session that narrows limits.joint_limits_rad
+        narrows what IK plans). Limits that do not overlap are refused."""
+        ik_limits = getattr(self.actions, "joint_limits_rad", None)
+        if not ik_limits:
+            return
+        kept = {}
+        for joint, (low, high) in ik_limits.items():
+            safe_low, safe_high = self.limits.joint_limits_rad.get(joint, (-math.inf, math.inf))
+            if max(low, safe_low) >= min(high, safe_high):
+                raise ConfigError(f"actions.joint_limits_rad.{joint}: [{low:g}, {high:g}] does not overlap the safety "
+                                  f"limits [{safe_low:g}, {safe_high:g}] (limits.joint_limits_rad.{joint}): IK could "
+                                  "plan no pose the safety layer allows; make them overlap")
+            kept[joint] = [max(low, safe_low), min(high, safe_high)]
+        if kept != {j: list(v) for j, v in ik_limits.items()}:
+            self.actions = dataclasses.replace(self.actions, joint_limits_rad=kept)
 
     def _check_limits_act(self) -> None:
         """Refuse limits that validate one by one but would never act: a velocity limit above what the motors can

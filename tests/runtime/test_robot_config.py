@@ -223,7 +223,7 @@ def _mujoco(section=None, **fields):
      "limits.joint_limits_rad: ['base_left_wheel'] are wheels (mode 'velocity'): joint limits apply to position "
      "joints"),
     (lambda d: d["actions"].setdefault("joint_limits_rad", {}).update(shoulder_pan=[1.6, 2.0]),
-     "actions.joint_limits_rad.shoulder_pan: [1.6, 2] reaches past the safety limits [-1.5, 1.5]"),
+     "actions.joint_limits_rad.shoulder_pan: [1.6, 2] does not overlap the safety limits [-1.5, 1.5]"),
     (lambda d: d["robot"]["motors"]["gripper"].update(id=1),
      "robot.motors: 'shoulder_pan' and 'gripper' both have id 1; give each motor its own id"),
     (lambda d: d.update(policy={"type": "bundle", "path": "b", "threads": -1}, instruction="push it"),
@@ -360,6 +360,18 @@ def test_a_bundle_path_in_a_scripted_policy_names_the_type_that_has_it():
     with pytest.raises(ConfigError, match=r"policy: 'path' is a field of policy type 'bundle', not of 'scripted': set "
                                           r"\"type\": \"bundle\" and drop .*'chunk_size'"):
         robot_config_from_dict(data)
+
+
+def test_ik_limits_past_the_safety_limits_are_narrowed_to_them():
+    """IK planned poses the guard then cut short every tick without a word; now it plans inside the guard's limits."""
+    data = _mujoco()
+    data["actions"].setdefault("joint_limits_rad", {})["shoulder_pan"] = [-1.5, 2.0]
+    data["limits"]["joint_limits_rad"]["shoulder_pan"] = [0.3, 1.5]
+    config = robot_config_from_dict(data)
+    assert config.actions.joint_limits_rad["shoulder_pan"] == [0.3, 1.5]
+    kinematics = config.actions.make_mapper(list(config.robot.motors)).kinematics
+    pan = kinematics.joints.index("shoulder_pan")
+    assert (kinematics.lower_rad[pan], kinematics.upper_rad[pan]) == pytest.approx((0.3, 1.5))
 
 
 def test_a_tiny_step_limit_is_named_as_it_is():
