@@ -61,7 +61,7 @@ def negative_depth_problem(depth: np.ndarray) -> str | None:
     be taken for it silently (a sign-flipped or disparity image would read as an empty scene)."""
     if depth.dtype.kind != "f" or not depth.size:
         return None
-    lowest = float(np.nanmin(depth)) if not np.isnan(depth).all() else 0.0
+    lowest = float(np.fmin.reduce(depth, axis=None))     # NaN (no data) skipped; NaN only if every pixel is
     if lowest < 0:
         return (f"has negative values (min {lowest:.4g}): depth in metres is >= 0, with 0 for no data; pass the "
                 "sensor's depth, not a sign-flipped or disparity image")

@@ -351,7 +351,6 @@ class RobotConfig:
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
 
-
     def _ik_within_safety_limits(self) -> None:
         """The IK's joint limits (actions.joint_limits_rad) kept inside the safety layer's: IK planning a pose past them
         would be cut short by the guard every tick without a word (a session that narrows limits.joint_limits_rad
