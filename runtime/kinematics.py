@@ -163,8 +163,8 @@ class ArmKinematics:
         pin = self._pin = import_pinocchio()
         path = Path(description) if description else default_description()
         if not path.is_file():
-            raise ConfigError(f"robot description {path} not found; give the arm's URDF or an MJCF file (default: "
-                              f"{default_description()})")
+            raise ConfigError(f"robot description {path} (actions.description) not found; give the arm's URDF or an "
+                              f"MJCF file (default: {default_description()})")
         build = pin.buildModelFromUrdf if description_format(path) == "urdf" else pin.buildModelFromMJCF
         try:
             full = build(str(path))
@@ -219,16 +219,22 @@ class ArmKinematics:
                                   f"{self.model.upperPositionLimit[self._q_index[i]]}]")
         self._frame_ids: dict[str, int] = {}
         self.ee_frame = ee_frame
-        self._ee = self._frame_id(ee_frame)
+        self._ee = self._named_frame(ee_frame, "the end effector (actions.ee_frame)")
         self.reference_frame = reference_frame
         self._reference = pin.SE3.Identity()
         if reference_frame != BASE_FRAME:
-            frame = self.model.frames[self._frame_id(reference_frame)]
+            frame = self.model.frames[self._named_frame(reference_frame, "the actions' reference (actions.frame)")]
             if frame.parentJoint != 0:
                 raise ConfigError(f"reference frame {reference_frame!r} moves with joint "
                                   f"{self.model.names[frame.parentJoint]!r}; use a frame fixed to the base")
             self._reference = frame.placement
         self._lock = threading.Lock()
+
+    def _named_frame(self, name: str, what: str) -> int:
+        try:
+            return self._frame_id(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
 
     def _frame_id(self, name: str) -> int:
         found = self._frame_ids.get(name)        # frame_pose asks at every call: looked up once per name

@@ -218,13 +218,15 @@ def test_ik_config_errors_name_the_fix():
         IkConfig(max_translation_m=0)
     with pytest.raises(ConfigError, match=r"joints \['elbow'\] are not motors of the robot"):
         IkConfig(joints=["elbow"]).make_mapper(["elbow_flex", "gripper"])
-    with pytest.raises(ConfigError, match="no frame 'nose' in robot.xml"):
+    with pytest.raises(ConfigError, match=r"the actions' reference \(actions.frame\): no frame 'nose' in robot.xml"):
         IkConfig(frame="nose").make_mapper(MOTORS)
+    with pytest.raises(ConfigError, match=r"the end effector \(actions.ee_frame\): no frame 'nose' in robot.xml"):
+        IkConfig(ee_frame="nose").make_mapper(MOTORS)
     with pytest.raises(ConfigError, match="reference frame 'hand' moves with joint 'wrist_roll'"):
         IkConfig(frame="hand").make_mapper(MOTORS)
     with pytest.raises(ConfigError, match="joint_limits_rad: 'elbow' is not one of joints"):
         IkConfig(joint_limits_rad={"elbow": [-1.0, 1.0]})
-    with pytest.raises(ConfigError, match="robot description /nowhere.xml not found"):
+    with pytest.raises(ConfigError, match=r"robot description /nowhere.xml \(actions.description\) not found"):
         IkConfig(description="/nowhere.xml").make_mapper(MOTORS)
 
 

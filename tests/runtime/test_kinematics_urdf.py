@@ -248,7 +248,7 @@ def test_a_relative_description_is_beside_the_config_file(tmp_path, urdf, monkey
     config = load_robot_config(folder / "robot.json")
     assert Path(config.actions.description) == folder / "arm.urdf"
     assert config.actions.make_mapper(MOTORS).kinematics.description == folder / "arm.urdf"
-    with pytest.raises(ConfigError, match="robot description arm.urdf not found"):
+    with pytest.raises(ConfigError, match=r"robot description arm.urdf \(actions.description\) not found"):
         robot_config_from_dict(_config_with("arm.urdf"))            # no file: the working directory's
     monkeypatch.setenv("HOME", str(folder))
     (folder / "home.json").write_text(json.dumps(_config_with("~/arm.urdf")), encoding="utf-8")
