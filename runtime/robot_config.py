@@ -154,6 +154,11 @@ class RobotSection:
                     raise ConfigError(f"motors.{name}.model: {exc}") from None
             _check_keys(self.options, {f.name for f in dataclasses.fields(DamiaoBusConfig)}, "options")
             _check_option_types(self.options, DamiaoBusConfig)
+            for key in ("gains", "feedback_ids"):        # per-motor options: a typo found here, not at connect
+                unknown = sorted(set(self.options.get(key) or {}) - set(self.motors))
+                if unknown:
+                    raise ConfigError(f"options.{key}: {unknown} are not motors ({', '.join(self.motors)})"
+                                      f"{_suggest(unknown[0], list(self.motors))}")
             try:
                 DamiaoBusConfig(**self.options)
             except ConfigError as exc:

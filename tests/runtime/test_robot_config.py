@@ -399,5 +399,7 @@ def test_bus_options_are_checked_by_their_types_and_named(options, expected):
 def test_damiao_options_are_typed_too():
     assert "robot.options.check_on_connect: must be true or false, got 'false'" in \
         _error(_damiao(options={"check_on_connect": "false"}))
+    assert "robot.options.gains: ['elbw'] are not motors (elbow) (did you mean 'elbow'?)" in \
+        _error(_damiao(options={"gains": {"elbw": [5, 1]}}))
     damiao = _damiao(options={"gains": {"gripper": [5, 1, 2]}})
     assert "robot.options.gains.gripper: must be a list of 2 values, got [5, 1, 2]" in _error(damiao)
