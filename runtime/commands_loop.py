@@ -94,7 +94,7 @@ def _run(args) -> int:
     outputs = {option: output_file(path, option) for option, path in (("--record", args.record), ("--json", args.json))
                if path}
     distinct_outputs(outputs)
-    outputs_not_inputs(outputs, {"the robot config": Path(args.config), "the e-stop file": config.estop_path})
+    outputs_not_inputs(outputs, config.input_files)
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
     if args.shadow:

@@ -103,8 +103,7 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
     if record:
         outputs["--record"] = output_file(record, "--record")
     distinct_outputs(outputs)
-    source = None if config.source.startswith("<") else Path(config.source)
-    outputs_not_inputs(outputs, {"the robot config": source, "the e-stop file": config.estop_path})
+    outputs_not_inputs(outputs, config.input_files)
     stats = TimingStats(config.rates.control_hz)
     stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])

@@ -19,7 +19,7 @@ from typing import Any
 
 from edgeact.drivers.cameras.base import CameraConfig, camera_types
 from edgeact.drivers.motors.bus import Motor, MotorCalibration, MotorsBus
-from edgeact.drivers.motors.safety import SafetyConfig
+from edgeact.drivers.motors.safety import SafetyConfig, safe_state_problem
 from edgeact.runtime.control import MapperConfig, mapper_type
 from edgeact.runtime.errors import ConfigError
 from edgeact.runtime.policy import PolicyConfig, policy_type
@@ -329,9 +329,9 @@ class RobotConfig:
         if limited:
             raise ConfigError(f"limits.joint_limits_rad: {limited} are wheels (mode 'velocity'): joint limits apply "
                               "to position joints; drop them (limits.max_velocity_rad_s bounds the wheels)")
-        if self.limits.safe_state == "stop" and not wheels:
-            raise ConfigError("limits.safe_state: 'stop' stops wheels (velocity-mode motors) and this robot has none; "
-                              "use 'hold' or 'torque_off'")
+        problem = safe_state_problem(self.limits.safe_state, bool(wheels), "robot")
+        if problem:
+            raise ConfigError(f"limits.safe_state: {problem}")
         ids: dict[int, str] = {}
         for name, motor in self.robot.motors.items():
             if ids.setdefault(motor.id, name) != name:
@@ -398,6 +398,12 @@ class RobotConfig:
     @property
     def config_dir(self) -> Path | None:
         return config_dir_of(self.source)
+
+    @property
+    def input_files(self) -> dict[str, Path | None]:
+        """The files a run reads (what -> path; None where there is none): no output may write over them."""
+        return {"the robot config": None if self.source.startswith("<") else Path(self.source),
+                "the e-stop file": self.estop_path}
 
     @property
     def estop_path(self) -> Path | None:

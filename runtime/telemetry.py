@@ -174,11 +174,15 @@ class TimingStats(Subscriber):
         if getattr(result, "undelivered_events", 0):
             self._exact = (result.ticks, result.overruns, result.tick_span_s)
 
-    def summary(self) -> dict[str, Any]:
-        ticks, overruns, span_s = self.ticks, self.overruns, (self.last_tick_s - self.first_tick_s
-                                                              if self.ticks > 1 else math.nan)
+    def _counts(self) -> tuple[int, int, float]:
+        """(ticks, overruns, span from the first tick to the last): the loop's own where events were dropped on the
+        way here (exact_counts), else the delivered ones."""
         if self._exact is not None:
-            ticks, overruns, span_s = self._exact
+            return self._exact
+        return self.ticks, self.overruns, self.last_tick_s - self.first_tick_s if self.ticks > 1 else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        ticks, overruns, span_s = self._counts()
         plan_span_s = self.last_plan_s - self.first_plan_s if self.plans > 1 else math.nan
         times = np.asarray(self.tick_time_s)
         return {
@@ -258,7 +262,7 @@ class TimingStats(Subscriber):
     def plot_title(self) -> str:
         """The period plot's title, with the counts the JSON and the table give: the loop's own where events were
         dropped on the way here (exact_counts)."""
-        ticks, overruns = self._exact[:2] if self._exact is not None else (self.ticks, self.overruns)
+        ticks, overruns, _ = self._counts()
         plotted = len(self.tick_time_s)
         shown = f" (the newest {plotted} shown)" if plotted < ticks else ""
         missed = f"; incomplete: {ticks - self.ticks} ticks' events missed" if self._exact is not None else ""

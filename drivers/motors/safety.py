@@ -101,6 +101,13 @@ class SafetyTrip:
     error: str | None = None    # set when reaching the safe state failed (e.g. a motor stopped answering)
 
 
+def safe_state_problem(safe_state: str, has_wheels: bool, holder: str) -> str | None:
+    """Why `safe_state` cannot act on a `holder` (a bus, a robot) with or without wheels, or None."""
+    if safe_state == "stop" and not has_wheels:
+        return f"'stop' stops wheels (velocity-mode motors) and this {holder} has none; use 'hold' or 'torque_off'"
+    return None
+
+
 class SafetyGuard(BusWrapper):
     """A MotorsBus that wraps another one and makes every command pass the safety limits."""
 
@@ -113,9 +120,9 @@ class SafetyGuard(BusWrapper):
         wheels = [n for n, m in bus.motors.items() if m.mode == "velocity"]
         if wheels and not hasattr(bus, "send_velocity"):
             raise ConfigError(f"wheels {wheels} need a bus with send_velocity(); {type(bus).__name__} has none")
-        if config.safe_state == "stop" and not wheels:
-            raise ConfigError("safe_state 'stop' stops wheels (velocity-mode motors) and this bus has none; "
-                              "use 'hold' or 'torque_off'")
+        problem = safe_state_problem(config.safe_state, bool(wheels), "bus")
+        if problem:
+            raise ConfigError(f"safe_state {problem}")
         # Each joint's limits: the configured ones within the bus's calibrated range. Applied here, before the
         # step limit, so the bus's own range clamp never has to move a joint (it would, at full speed).
         self._limits: dict[str, tuple[float, float]] = {}
