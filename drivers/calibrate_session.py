@@ -6,9 +6,12 @@ the bus is connected with torque off on every motor and never turns it on.
 from __future__ import annotations
 
 import copy
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, TextIO
+
+from rich.markup import escape
 
 from edgeact.drivers.motors.calibrate import (SAMPLE_PERIOD_S, CalibrationError, JointSweep, RawReader,
                                               calibrations, read_zero_pose, sample_sweeps)
@@ -48,28 +51,47 @@ def calibrate_config(config: str | Path, motors: list[str] | None, out: str | Pa
 
     if out is not None:
         write_json_file(out, entries)
-        console.print(f"wrote the calibration of {len(entries)} motors to {out}; copy its entries under "
-                      f"robot.calibration in {config}")
+        console.print(escape(f"wrote the calibration of {len(entries)} motors to {out}; copy its entries under "
+                             f"robot.calibration in {config}"))
         return 0
     if not yes:
-        console.print(f"Write the calibration of {', '.join(entries)} into {config}? Its other content is kept. "
-                      "[y/N] ", end="")
+        console.print(escape(f"Write the calibration of {', '.join(entries)} into {config}? Its other content is "
+                             f"kept, the file as it was saved as {_backup_path(config)}. [y/N] "), end="")
         if answers.readline().strip().lower() not in ("y", "yes"):
-            console.print(f"not written; {config} is unchanged")
+            console.print(escape(f"not written; {config} is unchanged"))
             return 1
     written = copy.deepcopy(data)
     written["robot"]["calibration"] = {**old, **entries}
+    backup = _back_up(config)
     write_json_file(config, written)
-    console.print(f"wrote the calibration of {len(entries)} motors into {config}")
+    console.print(escape(f"wrote the calibration of {len(entries)} motors into {config}; the config as it was: "
+                         f"{backup}"))
     still = [n for n in stand_in if n not in written["robot"]["calibration"]]
     if still:       # the config loads only once every position joint has its entry
-        console.print(f"[yellow]{', '.join(still)} still need{'s' if len(still) == 1 else ''} a calibration: "
-                      f"`edgeact motors calibrate {config} --motors {','.join(still)}`; until then the config does "
-                      "not load[/yellow]")
+        console.print(escape(f"{', '.join(still)} still need{'s' if len(still) == 1 else ''} a calibration: "
+                             f"`edgeact motors calibrate {config} --motors {','.join(still)}`; until then the config "
+                             "does not load"), style="yellow")
     return 0
 
 
 # -- the config ------------------------------------------------------------------------------------
+
+def _backup_path(config: Path) -> Path:
+    return config.with_name(config.name + ".bak")
+
+
+def _back_up(config: Path) -> Path:
+    """Keep the config as it was (byte for byte) beside it, replacing an older backup, before its calibration is
+    rewritten: a sweep made from the wrong zero pose is undone by copying it back."""
+    backup = _backup_path(config)
+    try:
+        shutil.copyfile(config, backup)
+    except OSError as exc:
+        raise ConfigError(f"{config}: its backup {backup} cannot be written ({exc.strerror or exc}); nothing was "
+                          f"written; free that path, or pass --out calibration.json and copy the entries by hand") \
+            from None
+    return backup
+
 
 def _check_target(config: Path, out: Path | None, overwrite: bool) -> Path | None:
     """Refuse a destination it cannot write before the operator moves anything."""
@@ -186,14 +208,14 @@ def _record(section, names: list[str], answers: TextIO, console, period_s: float
 
 
 def _torque_on(bus, names: list[str]) -> bool:
-    """Whether any of the motors reads torque on; False where the bus has no such register to read (Damiao)."""
+    """Whether any of the motors reports torque on (a serial motor's register, a Damiao motor's feedback); a read
+    that fails counts as on: the operator is warned rather than the arm dropped unannounced."""
     from edgeact.drivers.motors.bus import MotorBusError
-    from edgeact.runtime.errors import ConfigError
 
     try:
-        return any(bus.sync_read("torque_enable", names).values())
-    except (MotorBusError, ConfigError, KeyError, NotImplementedError):
-        return False
+        return any(bus.torque_enabled(names).values())
+    except MotorBusError:
+        return True
 
 
 def _sweep_table(sweeps: dict[str, JointSweep]):

@@ -171,6 +171,11 @@ class MotorsBus(abc.ABC):
         """(low, high) joint angle `send` clamps to: the calibrated range; unbounded when the bus has none."""
         return -math.inf, math.inf
 
+    def torque_enabled(self, motors: list[str] | None = None) -> dict[str, bool]:
+        """{motor: whether it holds (torque on)}, as the motors report it: their torque_enable register here; a
+        bus whose motors report it otherwise (Damiao: the enable flag of every feedback frame) overrides this."""
+        return {n: bool(v) for n, v in self.sync_read("torque_enable", motors).items()}
+
 
 class BusWrapper(MotorsBus):
     """A MotorsBus around another one (`self.bus`): every call goes through to it unless the subclass takes it
@@ -217,6 +222,9 @@ class BusWrapper(MotorsBus):
 
     def disable_torque(self, motors: list[str] | None = None) -> None:
         self.bus.disable_torque(motors)
+
+    def torque_enabled(self, motors: list[str] | None = None) -> dict[str, bool]:
+        return self.bus.torque_enabled(motors)
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         return self.bus.read_state(motors)

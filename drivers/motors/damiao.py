@@ -386,6 +386,10 @@ class DamiaoBus(MotorsBus):
         """Clear a latched fault; the motor comes back disabled."""
         self._system(dt.CMD_CLEAR_ERROR, motors, "clear error")
 
+    def torque_enabled(self, motors: list[str] | None = None) -> dict[str, bool]:
+        """Damiao motors have no torque register: every feedback frame says whether the motor is enabled."""
+        return {n: fb.enabled for n, fb in self._read_feedback(motors).items()}
+
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         feedback = self._read_feedback(motors)
         self._raise_on_errors(feedback)

@@ -112,12 +112,17 @@ def test_calibrate_writes_a_config_whose_zero_pose_reads_zero(serial_protocol, s
                                                               capsys):
     sim = start_sim(serial_protocol, ids=IDS.values())
     path = serial_config(tmp_path, sim.port, serial_protocol)
-    before = json.loads(path.read_text())
+    before_bytes = path.read_bytes()
+    before = json.loads(before_bytes)
     torque_seen = []
     monkeypatch.setattr("sys.stdin", serial_session(sim, torque_seen=torque_seen))
     assert main(["motors", "calibrate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "Step 1: move the arm to its zero pose" in out and "Step 2: move every joint through its full range" in out
+    flat = " ".join(out.split())
+    assert f"the file as it was saved as {path}.bak. [y/N]" in flat         # the answers offered, the default No
+    assert f"the config as it was: {path}.bak" in flat
+    assert (tmp_path / "robot.json.bak").read_bytes() == before_bytes      # the old calibration can be put back
     assert torque_seen == [0] * 6 and torque_on_writes(sim) == []      # torque never came on
 
     written = json.loads(path.read_text())
@@ -318,6 +323,28 @@ def test_calibrate_damiao_zero_pose_reads_zero(tmp_path, monkeypatch):
         with config.robot.make_bus() as bus:
             assert bus.read_state().position_rad == pytest.approx(dict.fromkeys(NAMES, 0.0), abs=1e-3)
             assert bus.position_limits_rad("elbow_flex") == pytest.approx((-0.9, 1.1), abs=1e-3)
+    assert sim.handler_errors == []
+
+
+def test_a_damiao_arm_left_holding_is_warned_of_before_torque_goes_off(tmp_path, monkeypatch, capsys):
+    """Damiao motors have no torque register: whether they hold is read from their feedback frames, and an arm
+    left enabled gets the same warning (and keeps holding when the operator is not there) as a serial one."""
+    from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
+
+    channel = f"cal-{uuid.uuid4().hex[:8]}"
+    data = sim_robot_config_dict()
+    data["robot"] = {"bus": "damiao-can", "motors": {n: {"id": IDS[n], "model": "dm4310"} for n in NAMES},
+                     "options": {"interface": "virtual", "channel": channel, "timeout_s": 0.2}}
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(data))
+    with DamiaoSim(channel, [SimDamiaoMotor(IDS[n], "dm4310") for n in NAMES]) as sim:
+        with sim.lock:
+            sim.motor(IDS["elbow_flex"]).enabled = True         # one motor a run left holding
+        monkeypatch.setattr("sys.stdin", Operator())
+        assert main(["motors", "calibrate", str(path), "--yes"]) == 2
+        assert [m.enabled for m in sim.motors.values()] == [n == "elbow_flex" for n in NAMES]
+    out = capsys.readouterr().out
+    assert "Torque is ON on motors of the damiao-can bus" in out and "Torque is OFF" not in out
     assert sim.handler_errors == []
 
 
