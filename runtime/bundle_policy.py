@@ -256,6 +256,10 @@ class BundlePolicyConfig(PolicyConfig):
     # resemble each other, so many choices need no call of their own; the tokens are the same as without (0: off).
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
+    @property
+    def cpu_threads_apply(self) -> bool:
+        return self.backend != "tensorrt"       # its engines run on the GPU: threads is refused there
+
     def __post_init__(self) -> None:
         from edgeact.runtime.engines import backend_names
 

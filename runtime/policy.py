@@ -210,6 +210,12 @@ class PolicyConfig:
     def in_own_process(self) -> bool:
         return self.process_default if self.process is None else self.process
 
+    @property
+    def cpu_threads_apply(self) -> bool:
+        """Whether the type's `threads` field (CPU threads, when it has one) is used as configured; a type whose
+        work can run elsewhere (a bundle on TensorRT) says False there, and no default is filled in for it."""
+        return True
+
     def make_robot_policy(self, context: PolicyContext) -> Policy:
         """The policy as the robot runs it: in its own process when `in_own_process`, else `make_policy`'s."""
         if not self.in_own_process:

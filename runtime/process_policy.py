@@ -75,10 +75,11 @@ def with_thread_default(config: PolicyConfig) -> PolicyConfig:
 
     Left unset, onnxruntime takes every core, and on a 2-core robot computer its spinning workers
     compete with the control thread and with each other (measured on a busy 2-core machine: 2
-    threads made half the plans 1 thread did). A value the user wrote is kept as written.
+    threads made half the plans 1 thread did). A value the user wrote is kept as written; a config
+    whose threads do not apply (`cpu_threads_apply`: a bundle on TensorRT) is kept as it is.
     """
     names = {f.name for f in dataclasses.fields(config)}
-    if "threads" in names and getattr(config, "threads") is None:
+    if "threads" in names and getattr(config, "threads") is None and config.cpu_threads_apply:
         return dataclasses.replace(config, threads=policy_threads())
     return config
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgeact.drivers.sim.servo_bus import SimServoBus
+from edgeact.runtime.bundle_policy import BundlePolicyConfig
 from edgeact.runtime.errors import ConfigError, GrammarError
 from edgeact.runtime.loop import run_robot
 from edgeact.runtime.policy import Observation, PolicyContext, ScriptedPolicy, ScriptedPolicyConfig
@@ -206,6 +207,9 @@ def test_threads_leave_one_core_to_control_unless_set():
     assert with_thread_default(FrameEchoConfig(threads=4)).threads == 4
     scripted = ScriptedPolicyConfig()
     assert with_thread_default(scripted) is scripted                    # no threads field: nothing to set
+    on_gpu = BundlePolicyConfig(path="bundle", backend="tensorrt")      # threads refused there: none filled in
+    assert with_thread_default(on_gpu) is on_gpu and on_gpu.in_own_process
+    assert with_thread_default(BundlePolicyConfig(path="bundle")).threads == policy_threads()
 
 
 def test_the_process_option_picks_the_wrapper():
