@@ -54,8 +54,8 @@ from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_m
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_portable
 from edgeact.runtime.stage_spec import (
-    StageSpec, bind_symbols, largest_in_profiles, max_shape, numpy_dtype, optimization_profiles, profile_dim_ranges,
-    resolve_shape,
+    StageSpec, largest_in_profiles, max_shape, numpy_dtype, optimization_profiles, profile_dim_ranges,
+    resolve_shape, stage_inputs,
 )
 
 PROVIDERS = {
@@ -288,6 +288,7 @@ class OrtStageEngine(StageEngine):
         self._run_options = _run_options(shrink=options.arena_shrink and options.cpu_arena != "off")
         self._keep_run_options = _run_options()      # run(release=False): the next run reuses the arena's regions
         self._where = f"stage {name!r}"
+        self._ranges = [r for _, r in profile_dim_ranges(self.spec)] if self._profiled else [self.spec.dim_ranges]
         self._in_dtypes = {t.name: numpy_dtype(t.dtype, f"{self._where} input {t.name!r}") for t in self.spec.inputs}
         input_symbols = {s for t in self.spec.inputs for s in t.symbols()}
         # An output whose dims the inputs fix gets a buffer now; any other is left for onnxruntime to allocate.
@@ -303,12 +304,9 @@ class OrtStageEngine(StageEngine):
         return super().largest(symbol)
 
     def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
-        missing = sorted(set(self._in_dtypes) - set(feeds))
-        if missing:
-            raise EdgeactError(f"{self._where}: inputs {missing} not given; it takes {list(self._in_dtypes)}")
-        # The bound arrays must stay alive until run_with_iobinding returns: keep them in `arrays`.
-        arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._in_dtypes.items()}
-        values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, self._where)
+        # The bound arrays must stay alive until run_with_iobinding returns: keep them in `arrays`. Sizes beyond the
+        # limits are refused before they overrun the output buffers (sized for the limits' maxima).
+        arrays, values = stage_inputs(self.spec.inputs, self._in_dtypes, feeds, self._where, self._ranges)
         b = self._binding
         for name, array in arrays.items():
             b.bind_cpu_input(name, array)

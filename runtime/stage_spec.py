@@ -311,6 +311,46 @@ def bind_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]
     return values
 
 
+def select_profile(ranges: Sequence[Mapping[str, DimRange]], values: Mapping[str, int], where: str = "") -> int:
+    """Index of the narrowest profile whose ranges hold every symbol value (ties: the lower index); an EdgeactError
+    naming the sizes and the limits when none does: the engines' buffers are sized for the limits' maxima."""
+    best, best_span = -1, None
+    for index, profile in enumerate(ranges):
+        if all(name not in profile or profile[name].min <= v <= profile[name].max for name, v in values.items()):
+            span = sum(profile[name].max - profile[name].min for name in values if name in profile)
+            if best_span is None or span < best_span:
+                best, best_span = index, span
+    if best < 0:
+        raise EdgeactError(f"{where + ': ' if where else ''}no engine profile holds {dict(values)}; profiles: "
+                           + "; ".join(str({k: (r.min, r.max) for k, r in p.items()}) for p in ranges)
+                           + ". Feed smaller inputs (fewer crops, smaller chunks), or export the bundle (rebuild "
+                             "the engines) with wider dim_ranges")
+    return best
+
+
+def stage_inputs(specs: Sequence[TensorSpec], dtypes: Mapping[str, Any], feeds: Mapping[str, Any], where: str,
+                 ranges: Sequence[Mapping[str, DimRange]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The feeds as contiguous arrays of the stage's input types, and the symbolic dims' values they bind.
+
+    Refused with the input named: a missing input; a value of another kind than the stage's (integer pixels for
+    float ones, float indices for integer ones: converting would run and give garbage; float64 for float32 is
+    fine); a shape the stage does not take; sizes no profile of `ranges` holds (beyond the buffers)."""
+    missing = sorted(set(dtypes) - set(feeds))
+    if missing:
+        raise EdgeactError(f"{where}: inputs {missing} not given; it takes {list(dtypes)}")
+    arrays = {}
+    for name, dtype in dtypes.items():
+        given = np.asarray(feeds[name])
+        kind, want = given.dtype.kind, np.dtype(dtype).kind
+        if not (kind == want or (kind in "iu" and want in "iu")):
+            raise EdgeactError(f"{where}: input {name!r} is {given.dtype} and the stage takes {np.dtype(dtype)}; "
+                               f"give {np.dtype(dtype)} values (the runtime's preprocessing makes them)")
+        arrays[name] = np.ascontiguousarray(given, dtype=dtype)
+    values = bind_symbols(specs, {k: a.shape for k, a in arrays.items()}, where)
+    select_profile(ranges, values, where)
+    return arrays, values
+
+
 def profile_dim_ranges(spec: StageSpec) -> list[tuple[str, dict[str, DimRange]]]:
     """(profile name, symbol ranges) per engine profile in manifest order; one 'default' when none are declared."""
     if not spec.profiles:

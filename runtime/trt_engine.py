@@ -30,7 +30,7 @@ from edgeact.runtime.engines import Backend, DecoderEngine, StageEngine, check_m
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 from edgeact.runtime.kv_cache import KEY, VALUE, CacheLayout, KVCache, require_portable
 from edgeact.runtime.stage_spec import (
-    bind_symbols, largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape,
+    largest_in_profiles, max_shape, numpy_dtype, profile_dim_ranges, resolve_shape, select_profile, stage_inputs,
 )
 from edgeact.runtime.device_info import jetson_model
 from edgeact.runtime.trt_targets import TARGETS
@@ -52,21 +52,6 @@ def profile_ranges(spec: StageSpec, record: EngineRecord) -> list[dict[str, DimR
         raise BundleError(f"engine {record.file}: profiles {missing} are not in the manifest's stage {spec.name!r}; "
                           f"rebuild it: edgeact build-engines BUNDLE --target {record.target}")
     return [by_name.get(n, dict(spec.dim_ranges)) for n in record.profiles]
-
-
-def select_profile(ranges: Sequence[Mapping[str, DimRange]], values: Mapping[str, int]) -> int:
-    """Index of the narrowest profile whose ranges hold every symbol value (ties: the lower index)."""
-    best, best_span = -1, None
-    for index, profile in enumerate(ranges):
-        if all(name not in profile or profile[name].min <= v <= profile[name].max for name, v in values.items()):
-            span = sum(profile[name].max - profile[name].min for name in values if name in profile)
-            if best_span is None or span < best_span:
-                best, best_span = index, span
-    if best < 0:
-        raise EdgeactError(f"no engine profile holds {dict(values)}; profiles: "
-                           + "; ".join(str({k: (r.min, r.max) for k, r in p.items()}) for p in ranges)
-                           + ". Rebuild the engines with wider dim_ranges, or feed smaller chunks")
-    return best
 
 
 def engine_shape(dims: Sequence[int | str], spec: StageSpec, ranges: Sequence[Mapping[str, DimRange]]) -> tuple[int, ...]:
@@ -302,12 +287,8 @@ class TrtStageEngine(StageEngine):
     def run(self, feeds: Mapping[str, np.ndarray], *, release: bool = True) -> dict[str, np.ndarray]:
         # `release` has nothing to do here: device buffers and activation memory are allocated once at load.
         where = f"stage {self.spec.name!r}"
-        missing = sorted({t.name for t in self.spec.inputs} - set(feeds))
-        if missing:
-            raise EdgeactError(f"{where}: inputs {missing} not given; it takes {[t.name for t in self.spec.inputs]}")
-        arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._in_dtypes.items()}
-        values = bind_symbols(self.spec.inputs, {k: a.shape for k, a in arrays.items()}, where)
-        select_profile(self.plan.ranges, values)     # refuses shapes no profile holds before they overrun a buffer
+        # shapes no profile holds are refused before they overrun a buffer
+        arrays, values = stage_inputs(self.spec.inputs, self._in_dtypes, feeds, where, self.plan.ranges)
         for name, array in arrays.items():
             self.cuda.to_device(self._device[name], array, array.nbytes)
         self.plan.run(values, {k: a.shape for k, a in arrays.items()}, self._device)

@@ -89,6 +89,40 @@ def test_vision_and_connector_engines_match_plain_sessions(exported):
     assert got.base is not None and got.base.size >= bundle.stage(io.CONNECTOR_STAGE).dim_ranges[io.N_TOKENS].max * got.shape[1]
 
 
+def test_stage_inputs_beyond_the_limits_or_of_another_kind_are_refused_by_name(tmp_path_factory):
+    """The output buffers are sized for the manifest's largest dims: anything larger is refused before it runs,
+    and an input of another kind (integer pixels, float indices) is refused rather than converted into garbage."""
+    bundle = exported_bundle(tmp_path_factory, "D").bundle
+    backend = open_backend("onnxruntime", threads=1)
+    vit, connector = backend.stage(bundle, io.VISION_STAGE), backend.stage(bundle, io.CONNECTOR_STAGE)
+    _, inputs, _ = exported_bundle(tmp_path_factory, "D").observation(1)
+    crops = bundle.stage(io.VISION_STAGE).dim_ranges[io.N_CROPS].max
+    too_many = {io.IMAGES: np.repeat(inputs.images[:1], crops + 1, axis=0),
+                io.IMAGE_MASKS: np.repeat(inputs.image_masks[:1], crops + 1, axis=0)}
+    with pytest.raises(EdgeactError, match=rf"stage 'vision': no engine profile holds \{{'{io.N_CROPS}': {crops + 1}"):
+        vit.run(too_many)
+    features = np.concatenate([vit.run({io.IMAGES: inputs.images[i:i + 1], io.IMAGE_MASKS: inputs.image_masks[i:i + 1]})
+                               [io.PATCH_FEATURES].copy() for i in range(len(inputs.images))])   # views of one buffer
+    tokens = bundle.stage(io.CONNECTOR_STAGE).dim_ranges[io.N_TOKENS].max
+    index = np.zeros((tokens + 1, inputs.pooled_patches_idx.shape[1]), np.int64)
+    with pytest.raises(EdgeactError, match=rf"stage 'connector': no engine profile holds .*'{io.N_TOKENS}': "
+                                           rf"{tokens + 1}.*Feed smaller inputs"):
+        connector.run({io.PATCH_FEATURES: features, io.POOLED_PATCHES_IDX: index})
+    pixels = (inputs.images[:1] * 100).astype(np.uint8)
+    with pytest.raises(EdgeactError, match=rf"input '{io.IMAGES}' is uint8 and the stage takes float32"):
+        vit.run({io.IMAGES: pixels, io.IMAGE_MASKS: inputs.image_masks[:1]})
+    with pytest.raises(EdgeactError, match=rf"input '{io.POOLED_PATCHES_IDX}' is float64 and the stage takes int64"):
+        connector.run({io.PATCH_FEATURES: features, io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx + 0.5})
+    # the same kind in another width is converted: float64 pixels, int32 indices
+    wide = vit.run({io.IMAGES: inputs.images[:1].astype(np.float64), io.IMAGE_MASKS: inputs.image_masks[:1]})
+    np.testing.assert_array_equal(wide[io.PATCH_FEATURES], features[:1])
+    pooled = connector.run({io.PATCH_FEATURES: features, io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx})
+    pooled = pooled[io.IMAGE_FEATURES].copy()
+    narrow = connector.run({io.PATCH_FEATURES: features,
+                            io.POOLED_PATCHES_IDX: inputs.pooled_patches_idx.astype(np.int32)})
+    np.testing.assert_array_equal(narrow[io.IMAGE_FEATURES], pooled)
+
+
 def test_the_cache_is_sized_from_the_manifest_and_overflow_is_refused(tmp_path_factory):
     exported = exported_bundle(tmp_path_factory, "D")
     engine = open_backend("onnxruntime", threads=1).decoder(exported.bundle, max_chunk=128)
