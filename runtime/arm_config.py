@@ -105,11 +105,14 @@ class ArmConfig:
         return "O" if self.vit_config.use_cls_token else "D"
 
     def to_dict(self) -> dict[str, Any]:
+        adapter = dataclasses.asdict(self.adapter_config)
+        if not adapter["pooling_attention_mask"]:   # MolmoAct's pooling: the published schema has no such key
+            del adapter["pooling_attention_mask"]
         out: dict[str, Any] = {
             "model_type": self.model_type,
             "architectures": list(self.architectures),
             "vit_config": dataclasses.asdict(self.vit_config),
-            "adapter_config": dataclasses.asdict(self.adapter_config),
+            "adapter_config": adapter,
             "llm_config": dataclasses.asdict(self.llm_config),
             "image_patch_id": self.image_patch_id,
             "n_action_bins": self.n_action_bins,

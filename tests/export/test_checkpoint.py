@@ -113,7 +113,9 @@ def test_files_follow_the_published_layout(made, variant, shards, tmp_path):
     assert config["model_type"] == "molmoact" and config["architectures"] == ["MolmoActForActionReasoning"]
     assert {"vit_config", "adapter_config", "llm_config", "image_patch_id", "n_action_bins", "norm_stats"} <= set(config)
     assert {"image_num_pos", "use_cls_token", "patch_bias", "pre_layernorm", "hidden_act"} <= set(config["vit_config"])
-    assert {"vit_layers", "text_hidden_size", "image_padding_embed"} <= set(config["adapter_config"])
+    assert set(config["adapter_config"]) == {       # exactly the published keys (MOLMOACT_FORMAT.md)
+        "vit_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "float32_attention",
+        "hidden_act", "intermediate_size", "text_hidden_size", "image_padding_embed"}
     assert {"vocab_size", "additional_vocab_size", "qkv_bias", "use_qk_norm", "norm_after", "rope_theta"} <= set(config["llm_config"])
     assert json.loads((path / "preprocessor_config.json").read_text())["max_crops"] >= 1
     assert (path / "tokenizer.json").read_bytes() == _saved_tokenizer(tmp_path).read_bytes()
