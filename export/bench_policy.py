@@ -104,7 +104,7 @@ class Reference:
         self.model = load_model(checkpoint, dtype=torch.float32)[0].to(device)
         self.policy = fp32_bundle          # tokenizer, layout, grammar and statistics: the same as the bundle's
         self.preprocessor = ImagePreprocessor(fp32_bundle.bundle.config, PreprocessConfig.load(
-            fp32_bundle.bundle.path(fp32_bundle.bundle.manifest.tokenizer.preprocessor_file)))
+            fp32_bundle.bundle.path(fp32_bundle.bundle.manifest.tokenizer.preprocessor_file), fp32_bundle.bundle.config))
         self.max_new_tokens = max_answer_tokens(fp32_bundle.grammar)
 
     def run(self, rgb: np.ndarray, instruction: str, max_new_tokens: int | None = None) -> StepRun:

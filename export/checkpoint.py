@@ -384,6 +384,6 @@ def _load_preprocess_config(path: Path, cfg: ArmConfig):
         return None  # older exports carry none; the runtime then derives defaults from the config
     from edgeact.runtime.preprocess_config import PreprocessConfig
 
-    config = PreprocessConfig.load(path)
+    config = PreprocessConfig.load(path, cfg)     # a key it leaves out: the model's default
     config.check(cfg, str(path))
     return config

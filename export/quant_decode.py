@@ -48,7 +48,7 @@ class TextIO:
 def bundle_text_io(bundle: Bundle) -> TextIO:
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer.file))
     layout = TokenLayout.from_tokenizer(tokenizer, str(bundle.path(bundle.manifest.tokenizer.file)))
-    preprocess = PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file))
+    preprocess = PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file), bundle.config)
     n_actions = int(bundle.manifest.grammar.get("n_actions", 1))
     return TextIO(tokenizer, layout, ImagePreprocessor(bundle.config, preprocess),
                   AnswerGrammar(tokenizer, layout, n_actions=n_actions))

@@ -158,7 +158,8 @@ def verify_bundle(bundle_dir: str | Path, checkpoint_dir: str | Path | None = No
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer.file))
     layout = TokenLayout.from_tokenizer(tokenizer, str(bundle.path(bundle.manifest.tokenizer.file)))
     grammar = AnswerGrammar(tokenizer, layout, n_actions=int(bundle.manifest.grammar.get("n_actions", 1)))
-    preprocessor = ImagePreprocessor(bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file)))
+    preprocessor = ImagePreprocessor(bundle.config, PreprocessConfig.load(
+        bundle.path(bundle.manifest.tokenizer.preprocessor_file), bundle.config))
     stages = OrtStages(bundle, threads=threads)
 
     totals: dict[str, Any] = {}

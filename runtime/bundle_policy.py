@@ -81,7 +81,8 @@ class BundlePolicy:
         n_actions = n_actions if n_actions is not None else int(bundle.manifest.grammar.get("n_actions", 1))
         self.grammar = AnswerGrammar(self.tokenizer, self.layout, n_actions=n_actions)
         self.preprocessor = ImagePreprocessor(
-            bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file)))
+            bundle.config, PreprocessConfig.load(bundle.path(bundle.manifest.tokenizer.preprocessor_file),
+                                                  bundle.config))
         self.stats = _action_stats(bundle, unnorm_key, require_norm_stats)
         options = dict(backend_options or {})
         if threads is not None:

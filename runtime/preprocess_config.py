@@ -80,15 +80,21 @@ class PreprocessConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = FILE_NAME) -> "PreprocessConfig":
-        # Keys of published processors that do not change the arithmetic (class names, do_pad ...) are ignored.
+    def from_dict(cls, data: dict[str, Any], source: str = FILE_NAME,
+                  cfg: ArmConfig | None = None) -> "PreprocessConfig":
+        """A key the file leaves out takes the model's default (for_model: -O normalizes as OpenAI CLIP) when `cfg`
+        is given, else the class default. Keys of published processors that do not change the arithmetic (class
+        names, do_pad ...) are ignored."""
+        base = cls() if cfg is None else cls.for_model(cfg)
+        resize = data.get("resize_mode", base.resize_mode)
         try:
             return cls(
-                max_crops=int(data.get("max_crops", 8)),
-                overlap_margins=tuple(data.get("overlap_margins", (4, 4))),
-                pooling=(int(data.get("image_pooling_h", 2)), int(data.get("image_pooling_w", 2))),
-                normalize_mode=data.get("normalize_mode", "siglip"),
-                resize_mode=_RESIZE_ALIASES.get(data.get("resize_mode", "pad"), data.get("resize_mode", "pad")),
+                max_crops=int(data.get("max_crops", base.max_crops)),
+                overlap_margins=tuple(data.get("overlap_margins", base.overlap_margins)),
+                pooling=(int(data.get("image_pooling_h", base.pooling[0])),
+                         int(data.get("image_pooling_w", base.pooling[1]))),
+                normalize_mode=data.get("normalize_mode", base.normalize_mode),
+                resize_mode=_RESIZE_ALIASES.get(resize, resize),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
@@ -102,7 +108,7 @@ class PreprocessConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PreprocessConfig":
+    def load(cls, path: str | Path, cfg: ArmConfig | None = None) -> "PreprocessConfig":
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME
@@ -112,4 +118,4 @@ class PreprocessConfig:
             raise CheckpointError(f"{path}: not found; a checkpoint needs {FILE_NAME}") from None
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(data, str(path), cfg)

@@ -43,7 +43,8 @@ class Exported:
         self.tokenizer = load_tokenizer(self.bundle.path("tokenizer.json"))
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         self.preprocessor = ImagePreprocessor(self.bundle.config,
-                                              PreprocessConfig.load(self.bundle.path("preprocessor_config.json")))
+                                              PreprocessConfig.load(self.bundle.path("preprocessor_config.json"),
+                                                                    self.bundle.config))
         self._model = None
 
     @property

@@ -193,6 +193,14 @@ def test_preprocess_config_file_round_trip_and_checks(tmp_path):
     published = {"crop_mode": "overlap-and-resize-c2", "resize_mode": "siglip", "normalize_mode": "siglip",
                  "max_crops": 8, "overlap_margins": [4, 4], "image_pooling_h": 2, "image_pooling_w": 2}
     assert PreprocessConfig.from_dict(published).resize_mode == "stretch"
+    # a file that leaves keys out gets the model's defaults: an -O model normalizes as OpenAI CLIP
+    sparse = {"max_crops": 4}
+    assert PreprocessConfig.from_dict(sparse, cfg=arm_config(378, "O")) == PreprocessConfig.for_model(
+        arm_config(378, "O"), max_crops=4)
+    assert PreprocessConfig.from_dict(sparse, cfg=arm_config(378, "O")).normalize_mode == "openai"
+    assert PreprocessConfig.from_dict(sparse, cfg=arm_config(378, "D")).normalize_mode == "siglip"
+    (tmp_path / "preprocessor_config.json").write_text('{"max_crops": 4}')
+    assert PreprocessConfig.load(tmp_path, arm_config(378, "O")).normalize_mode == "openai"
     with pytest.raises(ConfigError, match="normalize_mode"):
         PreprocessConfig(normalize_mode="imagenet")
     with pytest.raises(ConfigError, match="no crop window"):
