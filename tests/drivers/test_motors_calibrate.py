@@ -288,18 +288,24 @@ def test_a_toml_config_needs_out(tmp_path, monkeypatch, capsys):
 
 # -- Damiao over (virtual) CAN: the 16-bit MIT position field ----------------------------------------------------
 
-def test_calibrate_damiao_zero_pose_reads_zero(tmp_path, monkeypatch):
+def damiao_arm(tmp_path):
+    """(robot.json for six dm4310 on a fresh virtual CAN channel, the simulated motors to enter)."""
     from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
 
     channel = f"cal-{uuid.uuid4().hex[:8]}"
-    zero_rad = {n: 0.3 * i - 0.8 for i, n in enumerate(NAMES)}
-    ends_rad = {n: (z - 0.9, z + 1.1) for n, z in zero_rad.items()}
     data = sim_robot_config_dict()
     data["robot"] = {"bus": "damiao-can", "motors": {n: {"id": IDS[n], "model": "dm4310"} for n in NAMES},
                      "options": {"interface": "virtual", "channel": channel, "timeout_s": 0.2}}
     path = tmp_path / "robot.json"
     path.write_text(json.dumps(data))
-    with DamiaoSim(channel, [SimDamiaoMotor(IDS[n], "dm4310") for n in NAMES]) as sim:
+    return path, DamiaoSim(channel, [SimDamiaoMotor(IDS[n], "dm4310") for n in NAMES])
+
+
+def test_calibrate_damiao_zero_pose_reads_zero(tmp_path, monkeypatch):
+    zero_rad = {n: 0.3 * i - 0.8 for i, n in enumerate(NAMES)}
+    ends_rad = {n: (z - 0.9, z + 1.1) for n, z in zero_rad.items()}
+    path, damiao = damiao_arm(tmp_path)
+    with damiao as sim:
         def move(rad: dict) -> None:
             with sim.lock:
                 for name, value in rad.items():
@@ -329,15 +335,8 @@ def test_calibrate_damiao_zero_pose_reads_zero(tmp_path, monkeypatch):
 def test_a_damiao_arm_left_holding_is_warned_of_before_torque_goes_off(tmp_path, monkeypatch, capsys):
     """Damiao motors have no torque register: whether they hold is read from their feedback frames, and an arm
     left enabled gets the same warning (and keeps holding when the operator is not there) as a serial one."""
-    from edgeact.drivers.sim.damiao_motor import DamiaoSim, SimDamiaoMotor
-
-    channel = f"cal-{uuid.uuid4().hex[:8]}"
-    data = sim_robot_config_dict()
-    data["robot"] = {"bus": "damiao-can", "motors": {n: {"id": IDS[n], "model": "dm4310"} for n in NAMES},
-                     "options": {"interface": "virtual", "channel": channel, "timeout_s": 0.2}}
-    path = tmp_path / "robot.json"
-    path.write_text(json.dumps(data))
-    with DamiaoSim(channel, [SimDamiaoMotor(IDS[n], "dm4310") for n in NAMES]) as sim:
+    path, damiao = damiao_arm(tmp_path)
+    with damiao as sim:
         with sim.lock:
             sim.motor(IDS["elbow_flex"]).enabled = True         # one motor a run left holding
         monkeypatch.setattr("sys.stdin", Operator())
