@@ -321,7 +321,8 @@ class RobotLoop:
     def _planner(self) -> None:
         last_number: int | None = None
         max_age_s = self.settings.max_frame_age_s
-        ensemble = ActionEnsemble(self.settings.action_rate_hz) if self.settings.ensemble else None
+        ensemble = ActionEnsemble(self.settings.action_rate_hz, max_age_s=self.settings.plan_max_age_s) \
+            if self.settings.ensemble else None
         while not self._stop.is_set():
             frame = self.camera.latest()
             if frame.frame_number == last_number or frame.age_s() > max_age_s:

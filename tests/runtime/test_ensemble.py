@@ -70,8 +70,25 @@ def test_a_plan_whose_chunk_has_ended_no_longer_counts():
     ensemble.merge(plan_of([50.0] * 8, 0.0))
     later = ensemble.merge(plan_of([1.0] * 8, 0.8))     # the first chunk covered [0, 0.8): nothing left
     np.testing.assert_allclose(later.actions, 1.0)
-    with pytest.raises(ConfigError, match="action_rate_hz must be > 0"):
+    with pytest.raises(ConfigError, match="action_rate_hz and max_age_s must be > 0"):
         ActionEnsemble(0.0)
+
+
+def test_an_older_plan_counts_only_for_the_slots_it_was_young_enough_to_follow():
+    """plan.max_age_s 0.5 s and 0.8 s chunks: the control thread holds on a plan's slots from 0.5 s on, so they
+    never move the robot through a newer plan either."""
+    ensemble = ActionEnsemble(10.0, max_age_s=0.5)
+    ensemble.merge(plan_of([1.0] * 8, 0.0))
+    second = ensemble.merge(plan_of([0.0] * 8, 0.2))     # the first plan's slots 2-4 (0.2-0.5 s) still count
+    np.testing.assert_allclose(second.actions[:, 0], [0.5, 0.5, 0.5, 0, 0, 0, 0, 0])
+    third = ensemble.merge(plan_of([0.0] * 8, 0.6))      # the first: too old for any slot; the second: its 4
+    np.testing.assert_allclose(third.actions[:, 0], 0.0)
+    assert len(ensemble._plans) == 2                      # the first one dropped
+    unbounded = ActionEnsemble(10.0)                       # without a limit, the whole chunk counts
+    unbounded.merge(plan_of([1.0] * 8, 0.0))
+    np.testing.assert_allclose(unbounded.merge(plan_of([0.0] * 8, 0.6)).actions[:, 0], [0.5, 0.5, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ConfigError, match="max_age_s must be > 0"):
+        ActionEnsemble(10.0, max_age_s=0.0)
 
 
 class Alternating:
@@ -103,6 +120,19 @@ def test_the_loop_follows_the_ensembled_plans_when_the_config_asks(sim, ensemble
         assert (first_actions < 0.004 - 1e-9).all()
     else:
         np.testing.assert_allclose(first_actions, 0.004)
+
+
+def test_the_loop_ensembles_within_its_plan_age_limit(sim, monkeypatch):  # noqa: F811
+    made = []
+
+    class Recorded(ActionEnsemble):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr("edgeact.runtime.loop.ActionEnsemble", Recorded)
+    config = robot_config_from_dict(config_data(sim, plan={"ensemble": True, "max_age_s": 0.7}))
+    assert run_robot(config, 0.3, [Collect()], policy=Alternating()).clean
+    assert [e.max_age_s for e in made] == [0.7]
 
 
 def test_the_config_refuses_an_ensemble_that_is_not_a_boolean(sim):  # noqa: F811
