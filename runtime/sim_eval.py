@@ -544,10 +544,10 @@ class LockstepRunner:
         from edgeact.drivers.sim.expert import ExpertSteering
 
         plan, horizon = ExpertSteering(episode, self.expert), DemoConfig().trace_horizon_actions
-        camera = self.world.site_pose(OPTICAL_SITE)     # on the base, which never moves
 
         def trace() -> list[list[int]]:
             positions = plan.chunk(self.mapper, executor.commanded_rad, horizon)[0]
+            camera = self.world.site_pose(OPTICAL_SITE)     # now's: pushes move the base a little
             return commanded_trace(self.world, positions, horizon, camera, self.renderer.intrinsics).tolist()
         return plan, trace
 

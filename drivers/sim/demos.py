@@ -19,7 +19,9 @@ under `norm_stats[NORM_KEY]`, the form `ActionStats.from_norm_stats` reads.
 The trace: the end-effector site's true positions at 5 action boundaries evenly spaced over the next
 `DemoConfig.trace_horizon_actions` actions (default 8: the chunk's boundaries 0, 2, 4, 6, 8, the
 last one clipped at the episode's end), projected with the camera's intrinsics and extrinsics
-(site "camera_optical"); repeated points (a still arm) are written once. Horizon 0 spans the rest
+(site "camera_optical", read when the frame is rendered: the camera rides on the base, which the
+arm's pushes move a little; the manifest's `camera_optical_pose_base` is the pose every episode
+starts from); repeated points (a still arm) are written once. Horizon 0 spans the rest
 of the expert's episode instead, as MolmoAct's own traces do (the path to the goal); a reference
 ARM trained on those, with siblings, did worse on pushes (see README), so the chunk stays the default.
 
@@ -292,13 +294,16 @@ class _Recorder:
         self.mapper = runtime_action_mapper()[0]
         self.world = MujocoWorld()
         self.renderer = MujocoRgbdRenderer(self.world, CAMERA, config.width, config.height)
-        self.camera_pose = self.world.site_pose(OPTICAL_SITE)   # on the base, which the expert never moves
+        # The camera rides on the base, which the arm's pushes move a little (up to ~2.5 mm and 0.5 deg within an
+        # episode): each frame's labels are projected with the pose it was rendered from; this one (the start
+        # pose of every episode) goes into the set's metadata.
+        self.camera_pose = self.world.site_pose(OPTICAL_SITE)
 
     def block(self, lo: int, hi: int, progress: Callable[[int], None] | None = None,
               stopped: Callable[[], bool] = lambda: False) -> _Part:
         """Episodes lo..hi-1; their successes written as shard lo // episodes_per_shard. Raises _Stopped at the
         next episode once `stopped()` says so."""
-        config, renderer, camera_pose = self.config, self.renderer, self.camera_pose
+        config, renderer = self.config, self.renderer
         successes = {t: [0, 0] for t in TEMPLATES}
         records, actions, shard = [], [], _Shard()
         for i in range(lo, hi):
@@ -306,12 +311,13 @@ class _Recorder:
             for sibling, episode in enumerate([scene] + sibling_episodes(scene, config.siblings, self.task)):
                 if stopped():
                     raise _Stopped(f"episodes {lo}..{hi - 1} stopped at {i}")
-                frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+                frames: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
 
                 def grab(k: int, at: Any) -> None:
                     if (k == 0) if config.first_chunk_only else (k % config.stride_actions == 0):
                         rgb, depth = renderer.render()[:2]
-                        frames[k] = rgb, depth, block_pixels(at, depth, camera_pose, renderer.intrinsics)
+                        pose = at.site_pose(OPTICAL_SITE)       # where this frame was rendered from
+                        frames[k] = rgb, depth, block_pixels(at, depth, pose, renderer.intrinsics), pose
 
                 rollout = run_expert(self.world, episode, self.mapper, self.expert, on_action=grab,
                                      task_config=self.task)
@@ -320,9 +326,9 @@ class _Recorder:
                     successes[episode.template][0] += 1
                 elif not config.first_chunk_only:       # a first chunk's episode is never finished: kept
                     continue
-                for k, (rgb, depth, blocks) in sorted(frames.items()):
+                for k, (rgb, depth, blocks, pose) in sorted(frames.items()):
                     if k < rollout.n_actions:
-                        trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, camera_pose,
+                        trace = future_trace(rollout.ee_positions_m, k, config.trace_horizon_actions, pose,
                                              renderer.intrinsics)
                         shard.add(rgb, depth, episode.instruction, trace, rollout.chunk(k), i, k, blocks)
                 actions.append(rollout.actions)
@@ -330,7 +336,7 @@ class _Recorder:
             if progress is not None:
                 progress(i + 1)
         written = shard.write(_shard_path(self.out, lo, config.episodes_per_shard)) if shard.n else None
-        return _Part(records, actions, successes, written, renderer.intrinsics, camera_pose)
+        return _Part(records, actions, successes, written, renderer.intrinsics, self.camera_pose)
 
     def close(self) -> None:
         self.renderer.close()
@@ -473,10 +479,11 @@ def record_policy_demos(out_dir: str | Path, policy: Any, episodes: int, seed: i
                         rgb, depth = renderer.render()[:2]
                         positions, labels = steering.chunk(mapper, executor.commanded_rad, expert.chunk_size)
                     if record:
-                        trace = commanded_trace(world, positions, config.trace_horizon_actions, camera_pose,
+                        pose = world.site_pose(OPTICAL_SITE)    # the base moves a little: this frame's pose
+                        trace = commanded_trace(world, positions, config.trace_horizon_actions, pose,
                                                 renderer.intrinsics)
                         shards.add(rgb, depth, episode.instruction, trace, labels, i, done,
-                                    block_pixels(world, depth, camera_pose, renderer.intrinsics))
+                                    block_pixels(world, depth, pose, renderer.intrinsics))
                         all_actions.append(labels[:1])
                     if plan:
                         by_expert = expert_mix > 0 and mix_rng.random() < expert_mix

@@ -197,6 +197,36 @@ def test_the_trace_is_the_end_effector_path_in_the_image(world, rollouts):
         assert np.array_equal(future_trace(r.ee_positions_m, r.n_actions, horizon, camera, intrinsics), expected[[-1]])
 
 
+def test_each_sample_is_labelled_from_the_camera_pose_its_frame_was_rendered_from(tmp_path):
+    """The camera rides on the base, which a push moves a little: every sample's trace is projected from the pose
+    its frame was rendered from (episode 2, a push with execution noise, moves it ~2.5 mm and 0.5 deg)."""
+    from edgeact.drivers.cameras.base import Intrinsics
+    from edgeact.drivers.sim.demos import OPTICAL_SITE, DemoConfig, future_trace, load_demos, record_demos
+
+    config, episode = DemoConfig(stride_actions=4), 2
+    mapper, rates = runtime_action_mapper()
+    expert = ExpertConfig(**rates, execution_noise=0.25)
+    record_demos(tmp_path / "d", episodes=episode + 1, seed=0, config=config, expert=expert)
+    a = load_demos(tmp_path / "d").arrays()
+    world = MujocoWorld()
+    poses, start = {}, world.site_pose(OPTICAL_SITE)
+    scene = sample_episode(episode, list(TEMPLATES)[episode % len(TEMPLATES)])
+    r = run_expert(world, scene, mapper, expert,
+                   on_action=lambda k, at: poses.setdefault(k, at.site_pose(OPTICAL_SITE)))
+    image = json.loads((tmp_path / "d" / "manifest.json").read_text())["image"]
+    intrinsics = Intrinsics(**image["intrinsics"], width=image["width"], height=image["height"])
+    samples = np.nonzero(a["episode"] == episode)[0]
+    assert len(samples) >= 5
+    moved = 0
+    for i in samples:
+        k = int(a["step"][i])
+        want = future_trace(r.ee_positions_m, k, config.trace_horizon_actions, poses[k], intrinsics)
+        assert np.array_equal(a["trace"][i][:a["trace_len"][i]], want), k
+        moved += not np.array_equal(want, future_trace(r.ee_positions_m, k, config.trace_horizon_actions, start,
+                                                       intrinsics))
+    assert moved >= 1          # the start pose would have labelled some of them elsewhere
+
+
 def test_siblings_show_one_scene_under_other_instructions(tmp_path):
     from edgeact.drivers.sim.demos import DemoConfig, load_demos, record_demos, sibling_episodes
 
