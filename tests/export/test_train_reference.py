@@ -596,11 +596,11 @@ def test_image_reliance_is_equal_for_a_model_blind_to_the_image(demos):
     from edgeact.export.train_reference import image_reliance
 
     # Untrained, with image features as large as the token embeddings (the variance init): the answer's loss
-    # changes with another scene's frame.
+    # changes with another scene's frame (by ~1e-3 nats on these demos; blind, below by 1e-6).
     trainer = prepare(demos, TrainOptions(steps=1, connector_init="variance", **TINY))
     everything = np.arange(len(trainer.arrays["step"]))
     own, other = image_reliance(trainer, everything)
-    assert np.isfinite(own) and abs(own - other) > 1e-3
+    assert np.isfinite(own) and abs(own - other) > 1e-4
     # With the projector's output zeroed every image feature is 0: the answer cannot depend on the frame.
     with torch.no_grad():
         trainer.model.vision.image_projector.w2.weight.zero_()
