@@ -530,8 +530,9 @@ def _build_typed(data: Any, where: str, lookup) -> Any:
 
 
 def _policy_keys_of_another_type(data: dict, cls: type, type_name: str) -> None:
-    """A written config's scripted policy given a bundle's `path`: say which type has those keys, not only that
-    they are unknown."""
+    """Keys of another policy type (a scripted policy given a bundle's `path`, or a policy switched to "bundle"
+    with the scripted one's keys left in): say which type has them, and both ways out, not only that they are
+    unknown."""
     from edgeact.runtime.policy import policy_types
 
     own = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -542,9 +543,11 @@ def _policy_keys_of_another_type(data: dict, cls: type, type_name: str) -> None:
         theirs = {f.name for f in dataclasses.fields(other_cls) if f.init}
         if other != type_name and set(unknown) <= theirs:
             drop = sorted(set(data) - theirs)
-            raise ConfigError(f"policy: {', '.join(map(repr, unknown))} {'is a field' if len(unknown) == 1 else 'are fields'}"
-                              f" of policy type {other!r}, not of {type_name!r}: set \"type\": \"{other}\""
-                              + (f" and drop {', '.join(map(repr, drop))} ({type_name!r}'s)" if drop else ""))
+            names = ', '.join(map(repr, unknown))
+            raise ConfigError(f"policy: {names} {'is a field' if len(unknown) == 1 else 'are fields'} of policy type "
+                              f"{other!r}, not of {type_name!r}: for a {type_name!r} policy drop {names}; for a "
+                              f"{other!r} one set \"type\": \"{other}\""
+                              + (f" and drop {', '.join(map(repr, drop))} (of type {type_name!r})" if drop else ""))
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

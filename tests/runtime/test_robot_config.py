@@ -357,8 +357,14 @@ def test_a_bundle_path_in_a_scripted_policy_names_the_type_that_has_it():
     """A written config's scripted policy with only `path` set, as a first real config often is."""
     data = sim_robot_config_dict()
     data["policy"] = {**data["policy"], "path": "~/edgeact/bundles/current"}
-    with pytest.raises(ConfigError, match=r"policy: 'path' is a field of policy type 'bundle', not of 'scripted': set "
-                                          r"\"type\": \"bundle\" and drop .*'chunk_size'"):
+    with pytest.raises(ConfigError, match=r"policy: 'path' is a field of policy type 'bundle', not of 'scripted': for "
+                                          r"a 'scripted' policy drop 'path'; for a 'bundle' one set \"type\": \"bundle\" "
+                                          r"and drop .*'chunk_size'.* \(of type 'scripted'\)"):
+        robot_config_from_dict(data)
+    # The other way round: switched to a bundle, the scripted policy's keys left in. Dropping them is offered.
+    data["policy"]["type"] = "bundle"
+    with pytest.raises(ConfigError, match=r"policy: 'chunk_size', 'latency_s' are fields of policy type 'scripted', "
+                                          r"not of 'bundle': for a 'bundle' policy drop 'chunk_size', 'latency_s';"):
         robot_config_from_dict(data)
 
 
