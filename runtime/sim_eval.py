@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.runtime.device_info import read_device_info
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop_events import Subscriber
 
 # How the reference task's policies pick action bins (decode_program.ACTION_DECODINGS): the committed reference ARM
@@ -106,6 +106,7 @@ class EvalOptions:
 
 
 LATE = "succeeded after the time limit"      # a realtime episode's failure that is no end-state failure
+STALL = "control loop stalled: the watchdog put the robot safe"     # likewise: the machine, not the policy
 
 
 @dataclass
@@ -155,6 +156,14 @@ class EvalReport:
         if twice:
             raise ConfigError(f"system {twice[0]!r} appears twice in the evaluation; each system needs its own name "
                               "(one --bundle NAME per bundle, each --depth source once)")
+        by_slug: dict[str, list[str]] = {}
+        for s in self.systems:      # the sheets' file names: one system's would replace another's
+            by_slug.setdefault(_slug(s.name), []).append(s.name)
+        alike = next((names for names in by_slug.values() if len(names) > 1), None)
+        if alike:
+            raise ConfigError(f"systems {' and '.join(map(repr, alike))} differ only in punctuation, and their episode "
+                              f"sheets would share file names ({_slug(alike[0])}_NNN.png); give the bundles names "
+                              "that differ in letters or digits")
 
     def rows(self) -> list[dict[str, Any]]:
         """One summary row per system: success rate (overall and per template) and the timing means; decode steps
@@ -249,7 +258,10 @@ def eval_systems(bundles: dict[str, str | Path], depths: tuple[str, ...] | list[
                           f"e.g. --depth {' '.join(dict.fromkeys(depths))}")
     systems = []
     for name, path in bundles.items():
-        bundle = load_bundle(path, verify_checksums=False, allow_failed_verification=allow_unverified)
+        try:    # every file hashed now: a corrupt bundle is refused before any system runs, not after the others
+            bundle = load_bundle(path, verify_checksums=True, allow_failed_verification=allow_unverified)
+        except EdgeactError as exc:
+            raise _in_context(exc, f"--bundle {name}={path}") from None
         for depth in depths:
             if depth == "forced" and not has_depth_stage(bundle):
                 raise ConfigError(f"bundle {path} has no {DEPTH_STAGE} stage, so its depth cannot be forced; add one "
@@ -307,14 +319,17 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
     report.draft_tokens = {s.name: system_config_dict(base_config, s)["policy"].get("draft_tokens",
                                                                                    DEFAULT_DRAFT_TOKENS)
                            for s in systems}
+    where = ""      # the system (and episode) running: named in an error
     try:
         report.write_json(path)
         _clear_sheets(options.out_dir / "sheets")     # an older run's sheets would pass for this one's
         for system in systems:
+            where = f"system {system.name!r} (bundle {system.bundle})"
             runner = (RealtimeRunner(base_config, system, source) if options.timing == "realtime"
                       else LockstepRunner(base_config, system, options.replan_every, source, trace=options.trace))
             try:
                 for index, (seed, template) in enumerate(plan):
+                    where = f"system {system.name!r} (bundle {system.bundle}), episode {index} (seed {seed})"
                     sheet = options.out_dir / "sheets" / f"{_slug(system.name)}_{index:03d}.png" \
                         if index < options.sheets else None
                     try:
@@ -333,12 +348,22 @@ def evaluate(base_config: dict[str, Any], systems: list[EvalSystem], options: Ev
         report.write_json(path)
         raise EvalInterrupted(str(exc), report) from exc
     except Exception as exc:    # the policy's process died, a teardown failed, the simulator refused: stopped too
-        report.interrupted, report.error = True, f"{type(exc).__name__}: {exc}"
+        report.interrupted, report.error = True, f"{where + ': ' if where else ''}{type(exc).__name__}: {exc}"
         report.write_json(path)
+        if where and isinstance(exc, EdgeactError):
+            raise _in_context(exc, where) from exc
         raise
     report.complete = True
     report.write_json(path)
     return report
+
+
+def _in_context(exc: EdgeactError, where: str) -> EdgeactError:
+    """The same kind of error, its message led by where it happened (which bundle, system, episode)."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except Exception:       # a subclass built otherwise: the plain kind
+        return EdgeactError(f"{where}: {exc}")
 
 
 def system_config_dict(base: dict[str, Any], system: EvalSystem) -> dict[str, Any]:
@@ -370,6 +395,9 @@ class RealtimeRunner:
         if (base.get("robot") or {}).get("physics") != "mujoco":
             raise ConfigError("robot.physics must be 'mujoco' for the evaluation (the task lives in the MuJoCo "
                               "world); start from `edgeact eval --write-config PATH`")
+        if (base.get("robot") or {}).get("sim_process") is False:
+            raise ConfigError("robot.sim_process is false: real-time evaluation reads each episode's task from the "
+                              "simulator's own process; remove robot.sim_process, or evaluate with --timing lockstep")
         self.base, self.system, self.source = system_config_dict(base, system), system, source
 
     def episode(self, index: int, seed: int, template: str, sheet: Path | None) -> EpisodeResult:
@@ -394,7 +422,7 @@ class RealtimeRunner:
             raise result.teardown_error
         out = realtime_result(self.system.name, index, result.task, stats, result.reason)
         if sheet is not None and first.plan is not None:
-            out.sheet = str(episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
+            _draw_sheet(out, lambda: episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
         if result.interrupted_late:     # Ctrl-C only during the teardown: the episode finished (its task was read)
             raise InterruptedAfterEpisode(f"episode {index} finished; Ctrl-C during its teardown", out)
         return out
@@ -414,12 +442,15 @@ def realtime_result(system: str, index: int, task: dict[str, Any] | None, stats,
     success = first_success is not None and first_success <= limit_s
     late = first_success is not None and not success
     summary = stats.summary()
+    outcome = _episode_outcome(task["outcome"], success, late, episode["template"])
+    if stop == "stall" and not success:     # the robot was put safe mid-episode: the machine's failure, said so
+        outcome = {**outcome, "failure": STALL}
     return EpisodeResult(system, index, int(episode["seed"]), episode["template"], episode["instruction"], success,
                          float(first_success) if success else limit_s, limit_s, stats.plans,
                          _per_s(stats.plans, limit_s), summary["policy"]["decode_steps_mean"],
                          summary["control"]["achieved_hz"], summary["control"]["period_error_ms"]["p99"],
                          sum(t["reason"] != "exit" for t in stats.trips), stop,
-                         outcome=_episode_outcome(task["outcome"], success, late, episode["template"]),
+                         outcome=outcome,
                          sim_lag_skips=int(task.get("sim_lag_skips", 0)))
 
 
@@ -534,7 +565,7 @@ class LockstepRunner:
                             outcome=task_outcome(self.world, episode).to_dict(template,
                                                                               succeeded=success_at is not None))
         if sheet is not None and first_plan is not None:
-            out.sheet = str(_sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
+            _draw_sheet(out, lambda: _sheet(sheet, out, first_frame, first_plan, np.zeros(0), np.asarray(step_s) * 1e3))
         return out
 
     def _steering(self, episode, executor) -> tuple[Any, Callable[[], list[list[int]]]]:
@@ -579,6 +610,15 @@ def _initial_frame(episode) -> np.ndarray:
         return renderer.render()[0]
     finally:
         renderer.close()
+
+
+def _draw_sheet(result: EpisodeResult, draw: Callable[[], Path]) -> None:
+    """Draw a finished episode's sheet into result.sheet; a Ctrl-C meanwhile keeps the episode (it finished)."""
+    try:
+        result.sheet = str(draw())
+    except KeyboardInterrupt:
+        raise InterruptedAfterEpisode(f"episode {result.index} finished; Ctrl-C while its sheet was drawn",
+                                      result) from None
 
 
 def _sheet(path: Path, result: EpisodeResult, frame: np.ndarray, plan, period_ms: np.ndarray,

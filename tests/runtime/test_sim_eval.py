@@ -151,7 +151,7 @@ def test_more_actions_per_plan_than_a_plan_holds_execute_the_whole_plan_then_rep
 
 
 def test_a_realtime_episode_says_why_from_the_simulators_report():
-    from edgeact.runtime.sim_eval import LATE, realtime_result
+    from edgeact.runtime.sim_eval import LATE, STALL, realtime_result
     from edgeact.runtime.telemetry import TimingStats
 
     episode = {"seed": 1, "template": "push_left", "instruction": "push the red block to the left", "time_limit_s": 9.0}
@@ -168,6 +168,12 @@ def test_a_realtime_episode_says_why_from_the_simulators_report():
     assert result(False, 3.0).success and result(False, 3.0).failure is None
     late = result(True, 9.4, target_displacement_m=[0.0, 0.06, 0.0], failure=None)
     assert not late.success and late.failure == LATE
+    # A loop that stalled (the watchdog put the robot safe) is said to have, not counted as the policy's miss.
+    task = {"episode": episode, "success": False, "first_success_s": None, "outcome": end}
+    stalled = realtime_result("s", 0, task, TimingStats(100.0), "stall")
+    assert not stalled.success and stalled.failure == STALL and stalled.stop == "stall"
+    task["first_success_s"] = 2.0      # a success before the stall still counts
+    assert realtime_result("s", 0, task, TimingStats(100.0), "stall").success
 
 
 class _Still:
@@ -607,6 +613,12 @@ def test_repeated_depth_sources_bundle_names_and_system_names_are_refused(tmp_pa
     (system,) = eval_systems({"fp32": path}, ["generated"])
     with pytest.raises(ConfigError, match="system 'fp32 / generated depth' appears twice in the evaluation"):
         EvalReport([system, system], EvalOptions(episodes=1, out_dir=tmp_path))
+    # Names alike but for punctuation would write their episode sheets to the same files.
+    a, b = (eval_systems({name: path}, ["generated"])[0] for name in ("int8-a", "int8_a"))
+    with pytest.raises(ConfigError, match=r"systems 'int8-a / generated depth' and 'int8_a / generated depth' differ "
+                                          r"only in punctuation, and their episode sheets would share file names "
+                                          r"\(int8-a-generated-depth_NNN.png\)"):
+        EvalReport([a, b], EvalOptions(episodes=1, out_dir=tmp_path))
 
 
 def test_the_report_replaces_an_older_one_at_once_and_says_when_it_is_complete(tmp_path, monkeypatch):
@@ -698,7 +710,9 @@ def test_an_evaluation_that_fails_marks_its_report_with_the_error_and_says_where
                  EvalOptions(episodes=3, out_dir=tmp_path / "api", timing="lockstep", sheets=0))
     data = json.loads((tmp_path / "api" / "eval.json").read_text())
     assert data["interrupted"] and not data["complete"] and [e["index"] for e in data["episodes"]] == [0]
-    assert data["error"] == "RuntimeError: the policy's process died (exit -9)"
+    seed = episode_plan(3, EvalOptions(episodes=3, out_dir=tmp_path).seed)[1][0]
+    where = f"system 'new / generated depth' (bundle {systems[0].bundle}), episode 1 (seed {seed})"
+    assert data["error"] == f"{where}: RuntimeError: the policy's process died (exit -9)"
     out = tmp_path / "cli"
     with pytest.raises(RuntimeError, match="process died"):
         main(["eval", "--bundle", f"new={tmp_path / 'b'}", "--depth", "generated", "--timing", "lockstep",
@@ -710,6 +724,62 @@ def test_an_evaluation_that_fails_marks_its_report_with_the_error_and_says_where
     evaluate(mujoco_robot_config_dict(), systems,
              EvalOptions(episodes=1, out_dir=tmp_path / "ok", timing="lockstep", sheets=0))
     assert json.loads((tmp_path / "ok" / "eval.json").read_text())["error"] is None
+
+
+def test_an_error_names_the_system_and_episode_and_a_corrupt_bundle_is_refused_before_any_runs(tmp_path,
+                                                                                                 monkeypatch):
+    from edgeact.runtime import sim_eval
+    from edgeact.runtime.errors import BundleError
+    from edgeact.runtime.process_policy import PolicyProcessError
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    class Dying(_Instant):
+        def episode(self, index, seed, template, sheet):
+            raise PolicyProcessError("policy process (bundle) failed: it exited during a step")
+
+    monkeypatch.setattr(sim_eval, "LockstepRunner", Dying)
+    good = write_tiny_bundle(tmp_path / "good")
+    systems = eval_systems({"good": good}, ["generated"])
+    with pytest.raises(PolicyProcessError, match=r"^system 'good / generated depth' \(bundle .*good\), episode 0 "
+                                                 r"\(seed \d+\): policy process \(bundle\) failed"):
+        evaluate(mujoco_robot_config_dict(), systems,
+                 EvalOptions(episodes=2, out_dir=tmp_path / "eval", timing="lockstep", sheets=0))
+    # A file changed in place (its size kept): refused by its checksum up front, named by its --bundle.
+    bad = write_tiny_bundle(tmp_path / "bad")
+    stage = sorted(bad.rglob("*.onnx"))[0]
+    data = bytearray(stage.read_bytes())
+    data[-1] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"^--bundle bad={bad}: .*sha256"):
+        eval_systems({"good": good, "bad": bad}, ["generated"])
+
+
+def test_a_ctrl_c_while_a_sheet_is_drawn_keeps_the_finished_episode(tmp_path):
+    from edgeact.runtime.sim_eval import InterruptedAfterEpisode, _draw_sheet
+
+    finished = EpisodeResult("s", 4, 1, "push_left", "push the red block to the left", True, 3.0, 9.0, 10, 1.0,
+                             20.0, 100.0, 0.2)
+
+    def draw():
+        raise KeyboardInterrupt
+    with pytest.raises(InterruptedAfterEpisode, match="episode 4 finished; Ctrl-C while its sheet was drawn") as late:
+        _draw_sheet(finished, draw)
+    assert late.value.result is finished and finished.sheet is None
+    _draw_sheet(finished, lambda: tmp_path / "s_004.png")
+    assert finished.sheet == str(tmp_path / "s_004.png")
+
+
+def test_realtime_evaluation_refuses_a_simulator_in_the_loops_process(tmp_path):
+    from edgeact.runtime.sim_eval import RealtimeRunner
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    config = mujoco_robot_config_dict()
+    config["robot"]["sim_process"] = False
+    (system,) = eval_systems({"tiny": write_tiny_bundle(tmp_path / "b")}, ["generated"])
+    with pytest.raises(ConfigError, match="robot.sim_process is false: real-time evaluation reads each episode's task "
+                                          "from the simulator's own process; remove robot.sim_process, or evaluate "
+                                          "with --timing lockstep"):
+        RealtimeRunner(config, system, "<test>")
 
 
 def test_lockstep_builds_the_policy_from_the_configs_whole_policy_section(exported):
