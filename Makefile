@@ -14,16 +14,19 @@ EXTRAS := cpu,export,serial,can,realsense,sim,calibration,plot,dev
 setup: $(STAMP)
 
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# torch first, from the pinned CPU wheel, so nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt | system-deps
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# torch first, from the pinned CPU wheel, so nothing later pulls a CUDA build. A venv without pip (its creation
+# interrupted) is made again; the stamp is touched only once both installs succeeded, and is redone when the pins
+# or this file (EXTRAS, the torch pin) change.
+$(STAMP): pyproject.toml constraints.txt Makefile | system-deps
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
@@ -36,7 +39,7 @@ test: system-deps $(STAMP)
 FLOOR := .venv-floor
 FLOOR_PINS := numpy==2.2.6 onnxruntime==1.23.2
 test-robot-floor: system-deps
-	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(FLOOR)
 	$(FLOOR)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	grep -v -e '^numpy==' -e '^onnxruntime==' constraints.txt > $(FLOOR)/constraints.txt
 	for pin in $(FLOOR_PINS); do echo $$pin >> $(FLOOR)/constraints.txt; done

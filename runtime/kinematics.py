@@ -107,7 +107,7 @@ def import_pinocchio():
         import pinocchio
     except ImportError as exc:
         raise ConfigError(f"the arm's kinematics need Pinocchio ({exc}); install it with `pip install pin==4.1.0` "
-                          "(the edgeact[sim] extra)") from None
+                          "(the edgeact[kinematics] extra)") from None
     return pinocchio
 
 

@@ -95,3 +95,22 @@ def test_build_engines_without_the_onnx_package_says_to_install_it(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "build-engines reads the stages' graphs with the onnx package" in out and "pip install onnx" in out
+
+
+def test_every_robot_side_extra_names_one_pin_per_package_for_each_jetpack_python():
+    """A robot installs its extras on JetPack's Python (6: 3.10, 7: 3.12): each extra must select exactly one pinned
+    version of each package there and on the host's 3.11 (a second pin behind a marker where the host's has no
+    wheel for that Python)."""
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    robot = ("serial", "can", "realsense", "kinematics", "calibration", "plot", "tensorrt")
+    for name in robot:
+        for python in ("3.10", "3.11", "3.12"):
+            chosen = [r for r in map(Requirement, extras[name])
+                      if r.marker is None or r.marker.evaluate({"python_version": python, "extra": name})]
+            packages = [r.name for r in chosen]
+            assert sorted(packages) == sorted(set(packages)), (name, python, packages)
+            assert all(str(r.specifier).startswith("==") for r in chosen), (name, python, chosen)
+    assert [str(r.specifier) for r in map(Requirement, extras["calibration"])
+            if r.name == "scipy" and r.marker.evaluate({"python_version": "3.10", "extra": ""})] == ["==1.15.3"]

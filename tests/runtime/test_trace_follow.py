@@ -15,7 +15,7 @@ from edgeact.runtime.trace_follow import TraceFollower, project_points, spread_t
 from tests.runtime.test_ensemble import Alternating
 from tests.runtime.test_loop import Collect, config_data, sim  # noqa: F401 (the fixture)
 
-pytest.importorskip("pinocchio", reason="the arm's kinematics need Pinocchio (the edgeact[sim] extra)")
+pytest.importorskip("pinocchio", reason="the arm's kinematics need Pinocchio (the edgeact[kinematics] extra)")
 
 INTRINSICS = Intrinsics(fx=140.0, fy=140.0, cx=79.5, cy=59.5, width=160, height=120)
 # A pose of the simulated arm with the hand in front of the mast camera (checked below).
