@@ -10,6 +10,8 @@ Tests use python-can's in-process `virtual` interface with any channel name.
 """
 from __future__ import annotations
 
+import errno
+
 import logging
 from dataclasses import dataclass
 
@@ -85,6 +87,11 @@ class CanLink:
         try:
             self._bus.send(msg, timeout=0.1)
         except (OSError, self._can.CanError) as e:
+            if getattr(e, "errno", None) == errno.ENOBUFS or getattr(e, "error_code", None) == errno.ENOBUFS:
+                raise MotorBusError(
+                    f"sending on CAN channel {self.config.channel!r} failed: its transmit queue is full ({e}); "
+                    f"lengthen it (`sudo ip link set {self.config.channel} txqueuelen 1000`) or send fewer frames "
+                    "per cycle") from e
             raise MotorBusError(
                 f"sending on CAN channel {self.config.channel!r} failed ({e}); no device acknowledges frames: "
                 f"check that the motors are powered, the CAN-H/CAN-L wiring, the 120 ohm termination at both "

@@ -208,22 +208,33 @@ class DamiaoBus(MotorsBus):
         """Send each request (key: (arbitration_id, data, matcher)); return {key: matcher's reply}.
 
         Silent motors get `retries` resends; after that MotorTimeoutError names them (or, with
-        must_answer=False, they are just absent from the result)."""
+        must_answer=False, they are just absent from the result). A frame the CAN interface refuses (a full
+        transmit queue) does not stop the others being sent: every motor of a torque-off gets its frame; the
+        refused one is resent with the silent ones, and named if it never went out."""
         with self._lock:
             for msg in self._link.drain():  # late replies of an earlier exchange must not answer this one
                 self._route_unsolicited(msg)
-            pending, replies = dict(requests), {}
+            pending, replies, refused = dict(requests), {}, {}
             for _ in range(self.config.retries + 1):
-                for arb_id, data, _ in pending.values():
-                    self._link.send(arb_id, data)
+                for key, (arb_id, data, _) in pending.items():
+                    try:
+                        self._link.send(arb_id, data)
+                        refused.pop(key, None)
+                    except MotorBusError as exc:
+                        refused[key] = exc
                 deadline = time.monotonic() + self.config.timeout_s
-                while pending and (left := deadline - time.monotonic()) > 0:
+                while any(k not in refused for k in pending) and (left := deadline - time.monotonic()) > 0:
                     msg = self._link.recv(left)
                     if msg is None:
                         break
                     self._route(msg, pending, replies)
                 if not pending:
                     break
+            unsent = [k for k in pending if k in refused]
+            if unsent:
+                who = ", ".join(labels[k] if labels else str(k) for k in unsent)
+                answered = f"; the other motors' frames went out ({len(replies)} answered)" if replies else ""
+                raise MotorBusError(f"{who}: {what} not sent: {refused[unsent[-1]]}{answered}")
             if pending and must_answer:
                 who = ", ".join(labels[k] if labels else str(k) for k in pending)
                 tries = f"{self.config.retries + 1} tries of {self.config.timeout_s * 1000:.0f} ms"

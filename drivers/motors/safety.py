@@ -236,21 +236,52 @@ class SafetyGuard(BusWrapper):
         return trip
 
     def _apply_safe_state(self, state: str) -> None:
+        """Every part is attempted whatever another part raised (wheels stopped, then each joint held); the errors
+        are raised together at the end."""
         if state == "torque_off":
             self.disable_torque()
             return
         wheels = [n for n, m in self.motors.items() if m.mode == "velocity"]
         joints = [n for n, m in self.motors.items() if m.mode != "velocity"]
+        errors: list[MotorBusError] = []
         if wheels:      # first: a rolling base is the larger hazard
-            self.bus.send_velocity({n: 0.0 for n in wheels})
+            try:
+                self.bus.send_velocity({n: 0.0 for n in wheels})
+            except MotorBusError as exc:
+                errors.append(exc)
         joints = [n for n in joints if n not in self._torque_off]
         if state == "hold" and joints:
-            # Hold each joint where it is, even outside its calibrated range (origin = the measured position lets
-            # the bus send it unclamped): a safe state must not move anything, and a joint that sagged or was
-            # pushed out of range hits nothing new by staying there, while clamping it back would jump it at full
-            # speed. The next command after the trip walks it back into range by limited steps.
+            try:
+                self._hold(joints)
+            except MotorBusError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0] if len(errors) == 1 else MotorBusError("; ".join(str(e) for e in errors))
+
+    def _hold(self, joints: list[str]) -> None:
+        """Hold each joint where it is, even outside its calibrated range (origin = the measured position lets the
+        bus send it unclamped): a safe state must not move anything, and a joint that sagged or was pushed out of
+        range hits nothing new by staying there, while clamping it back would jump it at full speed. The next
+        command after the trip walks it back into range by limited steps. Where the group fails (one joint
+        silent), each joint is held on its own, so the others still hold."""
+        try:
             measured = self.bus.read_state(joints).position_rad
             self.bus.send(measured, origin_rad=measured)
+            return
+        except MotorBusError as exc:
+            if len(joints) == 1:
+                raise
+            group_error = exc
+        failed = []
+        for name in joints:
+            try:
+                measured = self.bus.read_state([name]).position_rad
+                self.bus.send(measured, origin_rad=measured)
+            except MotorBusError as exc:
+                failed.append(f"'{name}': {exc}")
+        if failed:
+            raise MotorBusError(f"could not hold {len(failed)} of {len(joints)} joints ({'; '.join(failed)}); the "
+                                f"others hold") from group_error
 
     def check_start_positions(self, measured_rad: dict[str, float] | None = None) -> None:
         """Refuse to start (SafetyError) while a joint rests outside its limits; call it before the first command,
@@ -285,6 +316,7 @@ class SafetyGuard(BusWrapper):
             self._refuse_if_not_armed()
             self._refuse_if_estopped()
             self._check_goal(goal_position_rad)
+            self._refuse_if_torque_off(goal_position_rad)
             missing = [n for n in goal_position_rad if n not in self._reference_rad]
             if missing:
                 self._reference_rad.update(self.bus.read_state(missing).position_rad)
@@ -313,6 +345,7 @@ class SafetyGuard(BusWrapper):
             self._refuse_if_not_armed()
             self._refuse_if_estopped()
             self._check_goal(goal_velocity_rad_s)
+            self._refuse_if_torque_off(goal_velocity_rad_s)
             joints = sorted(n for n in goal_velocity_rad_s if self.motors[n].mode != "velocity")
             if joints:      # a velocity would spin a joint past every position limit above
                 raise SafetyError(f"{joints} are joints (position mode), not wheels; send_velocity would drive them "
@@ -329,6 +362,18 @@ class SafetyGuard(BusWrapper):
         bad = sorted(n for n, v in goal.items() if not math.isfinite(v))
         if bad:
             raise SafetyError(f"non-finite goal for {bad}; refusing to send it (check the policy's output)")
+
+    def _refuse_if_torque_off(self, goal: dict[str, float]) -> None:
+        """A goal for a motor whose torque this guard turned off (a 'torque_off' trip, disable_torque()) is refused
+        until enable_torque(): it would not move the limp joint, the run would read as following its plan, and
+        some servo firmwares take a goal write as torque on, at once and at full speed."""
+        off = sorted(n for n in goal if n in self._torque_off)
+        if off:
+            last = self.trips[-1] if self.trips else None
+            why = f" (the {last.reason} trip's safe state 'torque_off': {last.detail})" \
+                if last is not None and last.safe_state == "torque_off" else ""
+            raise SafetyError(f"torque is off on {off}{why}; refusing to command them: call enable_torque() first "
+                              "(the arm may have sagged while limp: it then holds where it is read)")
 
     def enable_torque(self, motors: list[str] | None = None) -> None:
         with self._lock:

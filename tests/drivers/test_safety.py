@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from edgeact.drivers.motors.bus import Motor, MotorCalibration, MotorsBus, MotorState
+from edgeact.drivers.motors.bus import Motor, MotorBusError, MotorCalibration, MotorsBus, MotorState
 from edgeact.drivers.motors import damiao_table as dt
 from edgeact.drivers.motors.damiao import DamiaoBus, DamiaoBusConfig
 from edgeact.drivers.motors.safety import EStopLatchedError, SafetyConfig, SafetyError, SafetyGuard
@@ -289,6 +289,12 @@ def test_watchdog_trips_to_the_configured_safe_state(safe_state, expected):
         assert guard.watchdog_trips == 1 and trips[0].reason == "watchdog" and trips[0].safe_state == safe_state
         assert "no command for" in trips[0].detail and trips[0].error is None
         assert not guard.estopped
+        if safe_state == "torque_off":      # the limp arm is not commanded until torque is turned on again
+            with pytest.raises(SafetyError, match=r"torque is off on \['shoulder'\] \(the watchdog trip's safe state "
+                                                  r"'torque_off': no command for .*call enable_torque\(\) first"):
+                guard.send({"shoulder": 0.3})
+            assert bus.calls[n_calls:] == expected      # nothing was written
+            guard.enable_torque()
         guard.send({"shoulder": 0.3})              # a trip is not latched: the next command resumes ...
         assert bus.calls[-2][0] == "read_state"    # ... from the measured position
     assert trips[-1].reason == "exit" and bus.calls[-1] == ("disconnect", None)
@@ -362,6 +368,78 @@ def test_watchdog_on_damiao_holds_or_turns_torque_off(channel, safe_state):
                 else:
                     assert not shoulder.enabled and not sim.motor(2).enabled
         assert sim.handler_errors == []
+
+
+def test_a_frame_the_can_interface_refuses_does_not_stop_the_others_torque_off(sim, channel):
+    """A full transmit queue (SocketCAN's ENOBUFS) on one motor's disable frame: the others still get theirs, and
+    the refused one is sent again with the resends."""
+    import can
+
+    bus = damiao(channel)
+    with SafetyGuard(bus, SafetyConfig(safe_state="torque_off", watchdog_timeout_s=60.0)) as robot:
+        robot.enable_torque()
+        robot.send({"shoulder": 0.0, "elbow": 0.0})
+        raw, refused = bus._link._bus, []
+        real_send = raw.send
+
+        def full_queue_once(msg, timeout=None):
+            if msg.arbitration_id == 0x01 and bytes(msg.data) == dt.system_frame(dt.CMD_DISABLE) and not refused:
+                refused.append(msg)
+                raise can.CanOperationError("Failed to transmit: No buffer space available", 105)
+            return real_send(msg, timeout=timeout)
+        raw.send = full_queue_once
+        robot.trigger_estop("operator")
+        raw.send = real_send
+        assert refused and robot.trips[-1].error is None
+        with sim.lock:
+            assert not sim.motor(1).enabled and not sim.motor(2).enabled
+
+
+def test_a_can_interface_that_refuses_every_send_names_the_motors_and_the_fix(sim, channel):
+    import can
+
+    bus = damiao(channel)
+    with bus:
+        raw = bus._link._bus
+        real_send = raw.send
+
+        def full_queue(msg, timeout=None):
+            raise can.CanOperationError("Failed to transmit: No buffer space available", 105)
+        raw.send = full_queue
+        with pytest.raises(MotorBusError, match=r"'shoulder' \(CAN id 0x01\), motor 'elbow' \(CAN id 0x02\): disable not sent: "
+                                                r".*transmit queue is full .*txqueuelen 1000"):
+            bus.disable_torque()
+        raw.send = real_send
+
+
+def test_hold_holds_the_joints_when_the_wheels_fail_and_each_joint_when_one_is_silent():
+    class Failing(FakeWheelBus):
+        def __init__(self):
+            super().__init__()
+            self.motors["elbow"] = Motor(3, "fake")
+            self.measured.update(shoulder=0.3, elbow=-0.2)
+            self.silent = set()
+
+        def send_velocity(self, goal):
+            super().send_velocity(goal)
+            raise MotorBusError("motor 'wheel' stopped answering")
+
+        def read_state(self, motors=None):
+            state = super().read_state(motors)
+            if self.silent & set(motors or self.motors):
+                raise MotorBusError(f"{sorted(self.silent)} stopped answering")
+            return state
+
+    bus = Failing()
+    guard = SafetyGuard(bus, SafetyConfig(safe_state="hold"))
+    trip = guard.go_safe("watchdog", "commands stopped")
+    assert ("send", {"shoulder": 0.3, "elbow": -0.2}) in bus.calls        # held although the wheel failed
+    assert "motor 'wheel' stopped answering" in trip.error
+    bus.calls.clear()
+    bus.silent = {"elbow"}
+    trip = guard.go_safe("watchdog", "commands stopped")
+    assert ("send", {"shoulder": 0.3}) in bus.calls                          # the others still hold
+    assert "could not hold 1 of 2 joints ('elbow': ['elbow'] stopped answering); the others hold" in trip.error
 
 
 def test_keyboard_interrupt_in_the_guard_block_ends_with_torque_off(sim, channel):
