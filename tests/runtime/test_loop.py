@@ -238,15 +238,33 @@ def test_estop_input_event_ends_the_run(sim):
 
 
 class StallingBus(FeetechMotorsBus):
-    """The real driver, except that once `stall` is set, the control thread's next read hangs for 2.5 s."""
+    """The real driver, except that once `stall` is set, the control thread's next read hangs for `stall_s`."""
 
     stall = None
+    stall_s = 2.5
 
     def read_state(self, motors=None):
         if self.stall.is_set():
             self.stall.clear()
-            time.sleep(2.5)
+            time.sleep(self.stall_s)
         return super().read_state(motors)
+
+
+def test_a_watchdog_trip_into_torque_off_ends_the_run_instead_of_commanding_a_limp_arm(sim):
+    """A pause shorter than the control-stall limit but longer than the safety watchdog's: torque goes off, and the
+    next goal is refused (it would not move the limp arm, and the run would read as clean)."""
+    config = robot_config_from_dict(config_data(sim, limits={"safe_state": "torque_off", "watchdog_timeout_s": 0.2}))
+    real = make_serial_bus("feetech", sim.port, config.robot.motor_objects(), config.robot.calibration, timeout_s=0.2)
+    bus = StallingBus(real.config, real.motors, real.calibration)
+    bus.stall, bus.stall_s = threading.Event(), 0.6
+    config.robot.make_bus = lambda port=None: bus
+    events = Collect(at_tick=20, action=bus.stall.set)
+    result = run_robot(config, 20.0, [events])
+    assert result.reason == "error" and not result.clean and result.duration_s < 10
+    assert "torque is off on" in str(result.error) and "call enable_torque() first" in str(result.error)
+    first = events.of(TripEvent)[0].trip
+    assert first.reason == "watchdog" and first.safe_state == "torque_off"
+    assert torque(sim) == [0] * 6
 
 
 def test_stalled_driver_trips_the_control_watchdog_into_the_safe_state(sim):
