@@ -148,12 +148,13 @@ class CalibrationSet:
         """Write atomically (runtime/atomic_dir.py): a hidden sibling directory renamed into place once complete."""
         from edgeact.runtime.atomic_dir import fsync_tree, partial_dir, publish
 
+        from edgeact.runtime.atomic_dir import refuse_replacing
+
         out = Path(out).absolute()
         if out.exists():
             if not overwrite:
                 raise CalibrationError(f"{out}: already exists; pass --overwrite or choose another --out")
-            if not (out / MANIFEST_FILE).is_file():
-                raise CalibrationError(f"{out}: exists and is not a calibration set; refusing to replace it")
+            refuse_replacing(out, "a calibration set", "--out")     # a bundle (its own source) has a manifest too
         tmp = partial_dir(out)
         try:
             arrays = {f"{name}_{i}": getattr(s, name) for i, s in enumerate(self.samples) for name in _ARRAYS}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from edgeact.runtime.cli_args import positive_float
+from edgeact.runtime.cli_args import positive_float, seed_value
 
 SMALL_MARKER_PX = 40        # a marker narrower than this in the image: warn (its corners are coarse)
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--poses", type=int, default=15, help="arm poses to visit (default 15; at least 6 must see the marker)")
     p.add_argument("--spread-rad", type=positive_float, default=0.35,
                    help="how far each joint moves from its start, at most (default 0.35 rad)")
-    p.add_argument("--seed", type=int, default=0, help="the poses' seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="the poses' seed (default 0)")
     p.add_argument("--max-drop-m", type=float, default=0.0,
                    help="how far below its start height the hand may go (default 0: never lower; start the arm "
                         "clear of the table)")
@@ -73,6 +73,9 @@ def _calibrate_hand_eye(args) -> int:
                           "the entry under plan.trace_camera_pose")
     out = None if args.out is None else json_output_path(args.out, args.overwrite, "--out", "result",
                                                           "hand_eye.json")
+    if out is not None and out.resolve() == config_path.resolve():
+        raise ConfigError(f"--out {out} is the robot config: the result would replace it; give --write to add the "
+                          "pose to the config (its other content kept), or another --out")
     options = SessionOptions(poses=args.poses, spread_rad=args.spread_rad, seed=args.seed, method=args.method,
                              max_drop_m=args.max_drop_m)
     marker = MarkerSpec(args.marker_dictionary, args.marker_id, args.marker_side_m)

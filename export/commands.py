@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from edgeact.runtime.cli_args import positive_int as _positive_int
+from edgeact.runtime.cli_args import positive_int as _positive_int, seed_value
 
 # Choices are literals here (not imported from synthetic.py) so `edgeact --help` never loads torch.
 VARIANT_CHOICES = ("D", "O")
@@ -31,7 +31,7 @@ def _register_make_checkpoint(subparsers) -> None:
     p.add_argument("--size", choices=SIZE_CHOICES, default="tiny",
                    help="tiny: unit tests; small: a few M parameters; bench: 100-300 M parameters; "
                         "reference: the size trained on the simulated task (default tiny)")
-    p.add_argument("--seed", type=int, default=0, help="weights seed; the same seed gives identical files (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="weights seed; the same seed gives identical files (default 0)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
     p.add_argument("--shards", type=_positive_int, default=1, help="number of safetensors shards (default 1: model.safetensors)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weight dtype in the files (default float32)")

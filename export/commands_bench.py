@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from edgeact.export.commands import SIZE_CHOICES
 from edgeact.export.commands_quantize import PRECISIONS as QUANT_RECIPES     # what bench-quant can make (light)
-from edgeact.runtime.cli_args import console as _console, positive_float as _positive_float, positive_int as _positive_int
+from edgeact.runtime.cli_args import (console as _console, positive_float as _positive_float,
+                                      positive_int as _positive_int, results_dir, seed_value)
 
 # Literal copies of bench_policy's defaults: importing it here would cost `edgeact --help` time.
 DEFAULT_CHECKPOINT = "out/bench/ckpt"
@@ -78,7 +79,7 @@ def _add_policy_options(p, default_out: str, bundles_default: str) -> None:
     p.add_argument("--decode-steps", type=_positive_int, default=32, help="timed single-token steps per bundle")
     p.add_argument("--rss-steps", type=_positive_int, default=2, help="policy steps of each memory probe (default 2)")
     p.add_argument("--probe-mb", type=_positive_int, default=512, help="bandwidth probe array in MiB (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--fresh", action="store_true", help="re-export and re-quantize even when valid bundles exist")
 
 
@@ -147,22 +148,6 @@ def _bench_policy(args: argparse.Namespace) -> int:
     run_policy_bench(args.checkpoint, args.out, options, args.bundles or Path(DEFAULT_BUNDLES), console)
     console.print(f"JSON: {args.out / 'bench-policy.json'}")
     return 0
-
-
-def results_dir(out: Path) -> Path:
-    """--out as a directory that exists and takes files, or a ConfigError naming it."""
-    from edgeact.runtime.errors import ConfigError
-
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: a file, not a directory; give a directory for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".edgeact-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror}); give a writable directory") from None
-    return out
 
 
 def run_policy_bench(checkpoint: Path, out: Path, options, bundles: Path, console) -> dict:

@@ -5,7 +5,7 @@ import argparse
 import shutil
 import time
 from pathlib import Path
-from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int, seed_value
 
 # Literal copies of TrainOptions' defaults: importing it here would cost `edgeact --help` time.
 DEFAULT_IMAGES, DEFAULT_STEPS, DEFAULT_SEED = 256, 400, 0
@@ -19,12 +19,12 @@ def register(subparsers) -> None:
                     "the training report: reconstruction error in metres, codebook usage).",
     )
     p.add_argument("--out", type=Path, required=True, help="directory to write the tokenizer into (a new one)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a depth tokenizer")
     p.add_argument("--images", type=_positive_int, default=DEFAULT_IMAGES,
                    help=f"training images to render (default {DEFAULT_IMAGES})")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
                    help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="scene randomization and training seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=DEFAULT_SEED, help="scene randomization and training seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the model is small; more threads contend on a busy CPU)")
     p.set_defaults(handler=_train)
@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from edgeact.runtime.atomic_dir import occupied, partial_dir, publish
+    from edgeact.runtime.atomic_dir import occupied, partial_dir, publish, refuse_replacing
     from edgeact.export.train_depth_tokenizer import TrainOptions, train_and_save
     from edgeact.runtime.errors import ConfigError
 
@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)            # before any work; written aside, then renamed into place (never half written)
     if occupied(out) and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
-                          "to replace what is there")
+                          "to replace the depth tokenizer there")
+    refuse_replacing(out, "a depth tokenizer", "--out")
     console = _console()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int, seed_value, writable_file
 
 # Literal copies (quant_options imports nothing heavy, but `edgeact --help` should import nothing at all).
 PRECISIONS = ("int8", "fp8", "int4")
@@ -88,7 +88,7 @@ def _register_quantize(subparsers) -> None:
                         "says 'not_run'; verify it later with `edgeact verify OUT --checkpoint CKPT`)")
     p.add_argument("--checkpoint", type=Path, help="reference checkpoint to verify against (default: the one "
                                                    "BUNDLE's manifest records; refused before any work if missing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--threads", type=_positive_int, help="onnxruntime CPU threads (default: its own)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a bundle already")
     p.set_defaults(handler=_quantize)
@@ -150,7 +150,7 @@ def _register_calibrate(subparsers) -> None:
     p.add_argument("source", type=Path, metavar="BUNDLE", help="fp32 bundle (or a checkpoint directory)")
     p.add_argument("--out", type=Path, required=True, help="calibration set directory to create")
     p.add_argument("--samples", type=_positive_int, default=16, help="frames (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--frames", default="synthetic", help="'synthetic' (default) or a RealSense recording (.db3/.bag)")
     p.add_argument("--instruction", action="append", help="instruction(s) to draw from (repeat; default: six "
                                                           "pick-and-place instructions)")
@@ -207,7 +207,7 @@ def _register_bench(subparsers) -> None:
     p.add_argument("--block-size", type=int, help="int4 block size (default 128)")
     p.add_argument("--samples", type=_positive_int, help="calibration samples (default 8)")
     p.add_argument("--frames", type=_positive_int, default=4, help="held-out frames for agreement (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--fresh", action="store_true", help="re-export and re-calibrate even if --work has them")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -232,6 +232,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(unused)}: no bundle of --precisions {','.join(options.precisions)} uses "
                           f"{'it' if len(unused) == 1 else 'them'}; drop {'it' if len(unused) == 1 else 'them'}, or "
                           "bench the precision (or int8 mode) it is for")
+    if args.json:       # before minutes of work: a bad path would lose every figure at the end
+        writable_file(args.json, "--json")
     work = args.work or args.source.parent / f"{args.source.name}-quant-bench"
     console = _console()
     with _progress(console) as progress:

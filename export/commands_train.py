@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from edgeact.runtime.cli_args import positive_int as _positive_int
+from edgeact.runtime.cli_args import positive_int as _positive_int, seed_value
 
 # Literal copies of TrainOptions' defaults: importing it here would pull torch into `edgeact --help`.
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SIZE = 2400, 8, 1.5e-3, "reference"
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR})")
-    p.add_argument("--seed", type=int, default=0, help="weights, batch order and held-out split (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="weights, batch order and held-out split (default 0)")
     p.add_argument("--size", default=DEFAULT_SIZE, help=f"synthetic size of the architecture (default {DEFAULT_SIZE})")
     p.add_argument("--variant", default="D", choices=("D", "O"), help="MolmoAct-7B-D or -O architecture (default D)")
     p.add_argument("--depth-tokenizer", type=Path, metavar="DIR",
@@ -152,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from edgeact.runtime.atomic_dir import occupied
+    from edgeact.runtime.atomic_dir import occupied, refuse_replacing
     from edgeact.export.checkpoint import CONFIG_FILE
     from edgeact.export.train_reference import TrainOptions, train_reference, training_device
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
@@ -174,6 +174,10 @@ def _train(args: argparse.Namespace) -> int:
     if occupied(out) and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists and is not empty; choose another --out, or pass --overwrite "
                           "to replace the checkpoint there")
+    given = [d for d in args.demos if Path(d).resolve() == out.resolve()]
+    if given:
+        raise ConfigError(f"--out {out} is a --demos set this training reads; give the checkpoint another --out")
+    refuse_replacing(out, "a checkpoint", "--out")
     if options.init is not None and not (Path(options.init) / CONFIG_FILE).is_file():
         raise ConfigError(f"--init {options.init}: no checkpoint there ({CONFIG_FILE} missing); give a directory "
                           "that `edgeact train-reference --out` wrote")

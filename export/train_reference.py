@@ -176,8 +176,11 @@ class TrainOptions:
                 not any(self.loss_weights):
             raise ConfigError(f"TrainOptions.loss_weights: {len(KINDS)} weights >= 0 ({', '.join(KINDS)}), not all 0; "
                               f"got {self.loss_weights}")
-        if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and self.weight_decay >= 0 and self.grad_clip > 0):
-            raise ConfigError(f"TrainOptions: lr > 0, min_lr_fraction in [0, 1], weight_decay >= 0, grad_clip > 0; "
+        if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr_fraction <= 1
+                and math.isfinite(self.weight_decay) and self.weight_decay >= 0
+                and math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"TrainOptions: finite lr > 0, min_lr_fraction in [0, 1], finite weight_decay >= 0, "
+                              f"finite grad_clip > 0; "
                               f"got {self.lr}, {self.min_lr_fraction}, {self.weight_decay}, {self.grad_clip}")
 
 
@@ -748,6 +751,11 @@ def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: 
     from edgeact.export.checkpoint import save_checkpoint
 
     tensors = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:      # a checkpoint of NaN weights would load, export and verify against itself: never written
+        raise ConfigError(f"training diverged: {len(broken)} of {len(tensors)} weight tensors hold NaN or inf (e.g. "
+                          f"{broken[0]}); nothing was written to {out_dir}: lower --lr, or raise --steps so the "
+                          "warm-up is longer")
     out = save_checkpoint(out_dir, trainer.cfg, tensors, trainer.encoder.tokenizer, trainer.preprocess_config,
                           overwrite=overwrite)
     report.out_dir = out

@@ -15,6 +15,56 @@ def occupied(out_dir: Path) -> bool:
     return out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
 
 
+def folder_holds(path: Path) -> str | None:
+    """What the edgeact output at `path` is, read off its marker files: "a bundle", "a checkpoint", "a calibration
+    set", "a demonstration set", "a depth tokenizer", "a bundle store"; "a file" for a file, "nothing" for a
+    missing or empty folder; None for a folder of anything else."""
+    import json
+
+    if not path.exists():
+        return "nothing"
+    if not path.is_dir():
+        return "a file"
+    if not any(path.iterdir()):
+        return "nothing"
+
+    def read(name: str) -> dict:
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    manifest = read("manifest.json")
+    if "stages" in manifest and "schema_version" in manifest:
+        return "a bundle"
+    kind = str(manifest.get("format", ""))
+    if kind.startswith("edgeact-calibration"):
+        return "a calibration set"
+    if kind.startswith("edgeact-sim-demos"):
+        return "a demonstration set"
+    if "model_type" in read("config.json"):
+        return "a checkpoint"
+    if str(read("depth_tokenizer.json").get("format", "")).startswith("edgeact-depth"):
+        return "a depth tokenizer"
+    if (path / "history.jsonl").exists() or (path / "current").is_symlink():
+        return "a bundle store"
+    return None
+
+
+def refuse_replacing(out: Path, own: str, option: str) -> None:
+    """Refuse (ConfigError) an `--overwrite` that would replace anything but `own` (e.g. "a checkpoint") or nothing:
+    another tool's output, an input of this run, a folder of someone's files."""
+    from edgeact.runtime.errors import ConfigError
+
+    held = folder_holds(out)
+    if held in ("nothing", own):
+        return
+    what = held or "a folder that is not " + own
+    raise ConfigError(f"{option} {out} holds {what}: --overwrite replaces only {own}; choose another {option}, or "
+                      "remove that one yourself if you really mean to replace it")
+
+
 def partial_dir(out_dir: Path) -> Path:
     """A new empty hidden sibling of `out_dir` on the same file system (so the final rename is atomic)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)

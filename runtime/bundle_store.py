@@ -100,6 +100,12 @@ class BundleStore:
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--store {self.root}: a file, not a folder; the store is a folder (made if missing): "
                               f"give another path, or move the file away")
+        from edgeact.runtime.atomic_dir import folder_holds
+
+        held = folder_holds(self.root)
+        if held not in (None, "nothing", "a bundle store"):     # a store is made inside no edgeact output
+            raise ConfigError(f"--store {self.root} holds {held}, not a bundle store; give the store its own folder "
+                              f"(default {DEFAULT_STORE})")
 
     # -- reading ------------------------------------------------------------------------------------
 

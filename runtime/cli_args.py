@@ -29,6 +29,50 @@ def positive_float(text: str) -> float:
     return value
 
 
+SEED_LIMIT = 2 ** 63        # numpy's and torch's generators take whole numbers from 0 below this
+
+
+def seed_value(text: str) -> int:
+    """A --seed: a whole number from 0 (numpy's generators take no negative seed; torch's none past 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value}: a seed is a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def results_dir(out: Path, option: str = "--out") -> Path:
+    """An output directory that exists and takes files (checked before minutes of work, not after), or a ConfigError
+    naming it."""
+    from edgeact.runtime.errors import ConfigError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {out}: a file, not a directory; give a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgeact-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{option} {out}: cannot write there ({exc.strerror or exc}); give a writable directory") \
+            from None
+    return out
+
+
+def writable_file(path: Path, option: str) -> Path:
+    """An output file whose folder exists and takes files, checked before the work (results_dir's probe)."""
+    from edgeact.runtime.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file path (e.g. {path / 'results.json'})")
+    results_dir(path.parent, f"{option} {path}: its folder")
+    return path
+
+
 def console(width: int = 160):
     """A rich console; piped output (tests, logs) gets a wide fixed width so paths and dims do not wrap."""
     from rich.console import Console

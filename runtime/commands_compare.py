@@ -1,7 +1,7 @@
 """`edgeact bench-compare BUNDLE [BUNDLE ...]`: bundles measured side by side, interleaved (runtime/bench_compare.py)."""
 from __future__ import annotations
 
-from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int
+from edgeact.runtime.cli_args import console as _console, positive_int as _positive_int, results_dir, seed_value
 
 DEFAULT_OUT = "out/bench-compare"
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--decode-steps", type=_positive_int, default=60, help="timed single-token steps per round (default 60)")
     p.add_argument("--past", type=int, help="context of the decode rate (default: the first frame's prompt + 100)")
     p.add_argument("--frames", type=_positive_int, default=2, help="timed frames per policy round (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where bench-compare.json goes (default {DEFAULT_OUT})")
     p.set_defaults(handler=_compare)
 
@@ -31,6 +31,7 @@ def _compare(args) -> int:
 
     options = CompareOptions(device=args.device, threads=args.threads, rounds=args.rounds,
                              decode_steps=args.decode_steps, past=args.past, frames=args.frames, seed=args.seed)
+    results_dir(args.out)     # before the rounds: a bad --out would lose every figure at the end
     console = _console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench-compare", total=2 + options.rounds + options.policy_rounds)

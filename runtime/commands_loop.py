@@ -84,8 +84,8 @@ def _run(args) -> int:
     from edgeact.runtime.loop import run_robot
     from edgeact.runtime.robot_config import load_robot_config
     from edgeact.runtime.recorder import CommandRecorder
-    from edgeact.runtime.telemetry import (LogSubscriber, TimingStats, distinct_outputs, output_file,
-                                           outputs_not_inputs)
+    from edgeact.runtime.telemetry import (LogSubscriber, TimingStats, distinct_outputs, is_recording, is_timing_json,
+                                           not_another_file, output_file, outputs_not_inputs)
 
     _log_to_stderr(logging.INFO)
     config = load_robot_config(args.config)
@@ -95,6 +95,10 @@ def _run(args) -> int:
                if path}
     distinct_outputs(outputs)
     outputs_not_inputs(outputs, config.input_files)
+    if "--record" in outputs:       # an older run's output of the same kind is replaced; nothing else is
+        not_another_file(outputs["--record"], "--record", is_recording, "an edgeact recording")
+    if "--json" in outputs:
+        not_another_file(outputs["--json"], "--json", is_timing_json, "an edgeact timing summary")
     stats = TimingStats(config.rates.control_hz)
     estop = threading.Event()
     if args.shadow:
@@ -134,11 +138,14 @@ def _check(args) -> int:
 
     from edgeact.runtime.preflight import FAIL, OK, SKIPPED, WARN, failed, preflight, report
     from edgeact.runtime.robot_config import load_robot_config
-    from edgeact.runtime.telemetry import output_file
+    from edgeact.runtime.telemetry import not_another_file, output_file, outputs_not_inputs
 
     _log_to_stderr(logging.WARNING)
     config = load_robot_config(args.config)         # a bad field: named here, before anything connects
     json_path = output_file(args.json, "--json") if args.json else None
+    if json_path is not None:
+        outputs_not_inputs({"--json": json_path}, config.input_files)
+        not_another_file(json_path, "--json", _is_check_json, "an edgeact check report")
     console = _console(120)
     styles = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIPPED: "dim"}
     console.print(f"check: {config.source} (nothing is moved; torque is left as it is)")
@@ -158,6 +165,16 @@ def _check(args) -> int:
     console.print(f"would not run as it is: fix {', '.join(dict.fromkeys(bad))} (above)" if failed(checks)
                   else "ready: `edgeact run` would start")
     return 1 if failed(checks) else 0
+
+
+def _is_check_json(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"passed", "checks"}
 
 
 def _bench_command(args) -> int:

@@ -20,7 +20,8 @@ from edgeact.runtime.robot_config import RobotConfig, robot_config_from_dict
 from edgeact.runtime.sim_robot import sim_robot_config_dict
 from edgeact.runtime.recorder import CommandRecorder
 from edgeact.runtime.telemetry import (
-    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, output_file, outputs_not_inputs,
+    LogSubscriber, TimingStats, bundle_identity, distinct_outputs, is_recording, not_another_file, output_file,
+    outputs_not_inputs,
 )
 
 DEMO_POLICIES = ("scripted", "bundle")
@@ -104,6 +105,8 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
         outputs["--record"] = output_file(record, "--record")
     distinct_outputs(outputs)
     outputs_not_inputs(outputs, config.input_files)
+    if record:      # an older run's recording is replaced; nothing else is (NAME.json in --out is the run's own)
+        not_another_file(outputs["--record"], "--record", is_recording, "an edgeact recording")
     stats = TimingStats(config.rates.control_hz)
     stats.start_json(json_path, "--out")
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])

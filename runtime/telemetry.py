@@ -9,7 +9,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -302,6 +302,34 @@ def output_file(path: str | Path, option: str) -> Path:
         raise ConfigError(f"{option} {path}: cannot make the folder {exc.filename or path.parent} "
                           f"({exc.strerror or exc}); give a path in a folder that exists or can be made") from None
     return path
+
+
+def _first_json(path: Path, whole: bool) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.read(1 << 24) if whole else f.readline(1 << 20))    # a summary is far smaller
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def is_timing_json(path: Path) -> bool:
+    """Whether `path` holds a run's timing summary (TimingStats.write_json's, or the placeholder of a run that died)."""
+    data = _first_json(path, whole=True)
+    return isinstance(data, dict) and (data.get("incomplete") is True or isinstance(data.get("control"), dict))
+
+
+def is_recording(path: Path) -> bool:
+    """Whether `path` holds a CommandRecorder recording (its first line one of its events)."""
+    data = _first_json(path, whole=False)
+    return isinstance(data, dict) and data.get("event") in ("command", "plan", "trip", "stop")
+
+
+def not_another_file(path: Path, option: str, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse an output path that holds a file other than an older output of the same kind (a robot config, some
+    other file): the run replaces what is there."""
+    if path.is_file() and path.stat().st_size > 0 and not ours(path):
+        raise ConfigError(f"{option} {path} holds a file that is not {what}: the run would replace it; give {option} "
+                          "another path, or remove that file yourself")
 
 
 def distinct_outputs(outputs: dict[str, Path]) -> None:
