@@ -841,3 +841,17 @@ def test_the_grounding_labels_follow_a_colour_swap(demos, monkeypatch):
                     assert masks[py, px] == colour
                     checked += 1
     assert checked >= 3
+
+
+def test_a_diverged_model_is_never_written(demos, tmp_path):
+    """NaN weights would load, export and verify against themselves: the checkpoint is refused instead."""
+    from edgeact.export.train_reference import TrainReport, save
+    from edgeact.runtime.errors import ConfigError
+
+    trainer = prepare(demos, TrainOptions(steps=1, **TINY))
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ConfigError, match=r"training diverged: 1 of \d+ weight tensors hold NaN or inf .*nothing was "
+                                          r"written .*lower --lr"):
+        save(trainer, tmp_path / "ckpt", TrainReport(None, 0, 0, 0))
+    assert not (tmp_path / "ckpt").exists()
