@@ -288,6 +288,8 @@ class RobotLoop:
                 self.first_tick_s = start_s
             self.last_tick_s = start_s
             measured = self.robot.read_state().position_rad         # observe
+            if self._stop.is_set():     # a read that outlasted the stop: the robot may be in its exit safe state now
+                break
             self._proprio = measured
             read_s = self.clock()
             plan = self._plan
@@ -451,6 +453,14 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     finally:
         with teardown:
             hub.close()
+    if hub.error is not None and hub.error is not hub.close_error and result.error is None \
+            and result.teardown_error is None:
+        # A subscriber that failed on the run's last events (the stop, the exit trips, the backlog close() delivered):
+        # after the supervisor's last look, so only here can the run say its output may lack its end.
+        exc = hub.error
+        result = replace(result, teardown_error=OutputLostError(
+            f"a subscriber failed on the run's last events, so its output may lack its end: {type(exc).__name__}: "
+            f"{exc}"))
     if hub.close_error is not None and result.teardown_error is None:
         # A recording whose last flush or sync failed (a failing SD card) may lack its end: the run says so.
         exc = hub.close_error

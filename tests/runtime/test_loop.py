@@ -681,3 +681,53 @@ def test_a_real_robot_without_an_estop_starts_with_a_loud_warning(sim, tmp_path,
     assert cli.main(["run", str(path), "--seconds", "0.3"]) == 0
     commands_loop.warn_without_estop(robot_config_from_dict(sim_robot_config_dict()))    # the simulated robot
     assert "no e-stop" not in caplog.text
+
+
+def test_a_control_thread_that_outlives_the_stop_never_commands_after_the_exit_safe_state(sim, monkeypatch):
+    """A driver read stuck past the join's patience, returning just after the loop put the robot in its exit safe
+    state: the control thread must not command the motors again, nor publish after the StopEvent."""
+    from edgeact.drivers.motors.safety import SafetyGuard
+
+    start, exit_safe, stuck, late_sends = time.monotonic(), threading.Event(), [], []
+    real_read, real_send, real_go_safe = SafetyGuard.read_state, SafetyGuard.send, SafetyGuard.go_safe
+
+    def go_safe(self, reason, detail):
+        trip = real_go_safe(self, reason, detail)
+        if detail.startswith("loop ended"):
+            exit_safe.set()
+        return trip
+
+    def read_state(self, motors=None):
+        if threading.current_thread().name == "loop-control" and not stuck and time.monotonic() - start > 0.5:
+            stuck.append(True)
+            exit_safe.wait(5.0)         # returns just after the exit safe state
+        return real_read(self, motors)
+
+    def send(self, goal, origin_rad=None):
+        if exit_safe.is_set():
+            late_sends.append(threading.current_thread().name)
+        return real_send(self, goal, origin_rad)
+    monkeypatch.setattr(SafetyGuard, "go_safe", go_safe)
+    monkeypatch.setattr(SafetyGuard, "read_state", read_state)
+    monkeypatch.setattr(SafetyGuard, "send", send)
+    events = Collect()
+    result = run_robot(robot_config_from_dict(config_data(sim)), 0.7, [events])
+    assert stuck and exit_safe.is_set() and result.reason == "duration"
+    assert late_sends == []
+    kinds = [type(e).__name__ for e in events.events if not isinstance(e, FrameEvent)]
+    assert "CommandEvent" not in kinds[kinds.index("StopEvent"):]
+
+
+def test_a_subscriber_failing_on_the_last_events_is_said_as_a_lost_output(sim):
+    """The stop event reaches subscribers after the supervisor's last look: a failure there (a full disk under the
+    recording) must still be said (the CLI raises it after the tables), not pass unnoticed."""
+    from edgeact.runtime.errors import OutputLostError
+
+    class FailsAtEnd(Collect):
+        def on_stop(self, event):
+            raise OSError(28, "No space left on device")
+
+    result = run_robot(robot_config_from_dict(config_data(sim)), 0.3, [FailsAtEnd()])
+    assert result.reason == "duration" and result.error is None and isinstance(result.teardown_error, OutputLostError)
+    assert "a subscriber failed on the run's last events" in str(result.teardown_error)
+    assert "No space left on device" in str(result.teardown_error)
