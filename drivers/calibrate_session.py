@@ -24,10 +24,13 @@ CALIBRATION_FIELDS = ("homing_offset", "range_min", "range_max", "drive_mode")
 def calibrate_config(config: str | Path, motors: list[str] | None, out: str | Path | None, overwrite: bool,
                      yes: bool, answers: TextIO, console, period_s: float = SAMPLE_PERIOD_S) -> int:
     """Calibrate the config's joints (or `motors`) and write the entries into it (or to `out`); the exit status."""
-    from edgeact.runtime.robot_config import read_config_dict
+    from edgeact.runtime.robot_config import TOP_LEVEL, read_config_dict
 
     config = Path(config)
     data = read_config_dict(config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {config}: the top level is a JSON {type(data).__name__}, not a table of sections "
+                          f"({', '.join(TOP_LEVEL)}); see `edgeact demo --write-config sample.json`")
     out = _check_target(config, None if out is None else Path(out), overwrite)
     stand_in = _whole_turn_entries(data.get("robot"))
     section = _robot_section(data, config, calibration=stand_in)
@@ -128,7 +131,8 @@ def _robot_section(data: dict, config: Path, calibration: dict[str, Any]):
 
     robot = data.get("robot")
     if not isinstance(robot, dict):
-        raise ConfigError(f"config {config}: robot: missing section; see `edgeact demo --write-config sample.json`")
+        problem = "missing section" if robot is None else f"must be a table, got {type(robot).__name__}"
+        raise ConfigError(f"config {config}: robot: {problem}; see `edgeact demo --write-config sample.json`")
     try:
         return robot_section_from_dict({**robot, "calibration": calibration})
     except ConfigError as exc:

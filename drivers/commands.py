@@ -14,7 +14,11 @@ def parse_ids(text: str) -> list[int]:
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             low, _, high = part.partition("-")
-            ids.update(range(int(low), int(high or low) + 1))
+            first, last = int(low), int(high or low)
+            if last < first:
+                raise argparse.ArgumentTypeError(f"ids {text!r}: the range {part} is reversed; write it low to high, "
+                                                 f"{last}-{first}")
+            ids.update(range(first, last + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"ids {text!r} unreadable; write them like 1,2,5 or 1-6") from None
     if not ids or min(ids) < 0 or max(ids) > 252:

@@ -54,6 +54,18 @@ class ExportOptions:
                               f"or {io.PORTABLE_ATTENTION} (TensorRT, onnxruntime's CUDA / TensorRT EPs)")
         if self.opset is not None and self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old: LayerNormalization needs 17; use 19 (default) or newer")
+        if self.opset is not None and self.opset > (newest := _newest_opset()):
+            raise ConfigError(f"opset {self.opset}: torch's ONNX exporter writes opsets up to {newest}, and edgeact "
+                              f"needs 17 or newer; use 19 (default) or another from 17 to {newest}")
+
+
+def _newest_opset() -> int:
+    """The newest opset torch's TorchScript exporter (onnx_export.py) writes: torch.onnx's ONNX_MAX_OPSET."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:         # a torch that moved it: its exporter refuses what it cannot write, with a traceback
+        return 23               # torch 2.13's value
+    return ONNX_MAX_OPSET
 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,

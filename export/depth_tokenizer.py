@@ -225,7 +225,14 @@ def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: not found; train a depth tokenizer first "
                           "(edgeact train-depth-tokenizer --out DIR)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); the file is corrupt: copy the tokenizer directory again "
+                          "or re-run edgeact train-depth-tokenizer") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: the top level is a JSON {type(meta).__name__}, not the object edgeact "
+                          "train-depth-tokenizer writes (format, version, config); point at a directory written by it")
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; point at a directory written "
                           "by edgeact train-depth-tokenizer")
@@ -244,15 +251,22 @@ def depth_codes_identity(tokenizer_dir: str | Path) -> str:
 
 def load_depth_tokenizer(tokenizer_dir: str | Path) -> DepthVQVAE:
     """The model saved by `save_depth_tokenizer`, in eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_tokenizer_meta(tokenizer_dir)
+    if not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{Path(tokenizer_dir) / CONFIG_FILE}: 'config' is {meta.get('config')!r}, not the "
+                          "tokenizer's settings (input_px, grid, codebook_size ...); re-run edgeact train-depth-tokenizer")
     model = DepthVQVAE(DepthTokenizerConfig.from_dict(meta["config"]))
     weights = Path(tokenizer_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{weights}: not found beside {CONFIG_FILE}; re-run edgeact train-depth-tokenizer")
     try:
         model.load_state_dict(load_file(str(weights)))
+    except SafetensorError as exc:
+        raise ConfigError(f"{weights}: truncated or corrupt safetensors file ({exc}); copy the tokenizer directory "
+                          "again or re-run edgeact train-depth-tokenizer") from None
     except RuntimeError as exc:
         raise ConfigError(f"{weights}: does not match its config ({str(exc).splitlines()[0]}); re-train") from None
     return model.eval()

@@ -174,6 +174,11 @@ def synthetic_tensors(cfg: ArmConfig, seed: int, dtype: torch.dtype = torch.floa
     Norm weights are 1 plus noise and biases are small but non-zero, so a model that forgets
     one of them gives different logits.
     """
+    from edgeact.runtime.cli_args import SEED_LIMIT
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed {seed!r}: a seed is a whole number from 0 to 2**63 - 1 (what numpy's and torch's "
+                          "generators take); pick one in that range")
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     kept = expected_tensor_shapes(cfg)

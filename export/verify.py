@@ -16,6 +16,7 @@ HELD_OUT_FRAME_BASE so that verification never sees what calibration fitted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -223,6 +224,10 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
     config = path / "config.json"
     if not config.is_file():
         how = "given" if checkpoint_dir is not None else "recorded at export"
+        if _is_bundle(path):
+            raise BundleError(f"{path}: a bundle, not a checkpoint (reference checkpoint {how}); pass --checkpoint "
+                              f"DIR with the checkpoint (config.json, model.safetensors) this bundle was exported "
+                              f"from{f', recorded as {source}' if source else ''}")
         raise BundleError(f"{path}: reference checkpoint ({how}) not found; pass --checkpoint DIR with the checkpoint "
                           "this bundle was exported from")
     recorded = bundle.manifest.model.source_config_sha256
@@ -240,6 +245,15 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
                           "fail a good bundle; pass --checkpoint DIR with the checkpoint this bundle was exported "
                           f"from, or export this one to a bundle of its own (`edgeact export {path} --out DIR`)")
     return path
+
+
+def _is_bundle(path: Path) -> bool:
+    from edgeact.runtime.bundle_manifest import MANIFEST_NAME, manifest_kind
+
+    try:
+        return manifest_kind(json.loads((path / MANIFEST_NAME).read_text())) is None
+    except (OSError, ValueError):       # no manifest.json, or not JSON
+        return False
 
 
 def record_verification(bundle_dir: str | Path, report: VerificationReport):

@@ -55,6 +55,12 @@ class ActionStats:
     def from_norm_stats(cls, norm_stats: dict[str, Any], unnorm_key: str | None = None) -> "ActionStats":
         """Pick the statistics of `unnorm_key`; None is allowed when norm_stats holds exactly one key."""
         keys = sorted(norm_stats)
+        if not keys:
+            raise CheckpointError("norm_stats is empty: the checkpoint's config.json (or the bundle's manifest) has "
+                                  "no action statistics (per dataset, the q01 / q99 of the training actions, which "
+                                  "training writes, e.g. edgeact train-reference from its demos), so actions cannot "
+                                  "be turned into robot units; use a checkpoint whose config.json has norm_stats, or "
+                                  "a bundle exported from one")
         if unnorm_key is None:
             if len(keys) != 1:
                 raise CheckpointError(f"norm_stats holds {len(keys)} datasets; choose an unnorm_key from: {', '.join(keys) or '(none)'}")

@@ -123,6 +123,10 @@ class ArmConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> "ArmConfig":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: the top level is a JSON {_json_type(data)}, not an object; a MolmoAct "
+                                  "config.json is an object with model_type, vit_config, adapter_config, llm_config "
+                                  "and image_patch_id: re-download or re-export the checkpoint")
         if data.get("model_type") != MODEL_TYPE:
             raise CheckpointError(
                 f"{source}: model_type is {data.get('model_type')!r}, expected {MODEL_TYPE!r}; "
@@ -131,17 +135,28 @@ class ArmConfig:
         subs = {}
         for key, klass in (("vit_config", VitConfig), ("adapter_config", AdapterConfig), ("llm_config", LlmConfig)):
             if key not in data or not isinstance(data[key], dict):
-                raise CheckpointError(f"{source}: missing sub-config {key!r}; a MolmoAct config has vit_config, adapter_config and llm_config")
+                what = (f"missing sub-config {key!r}" if key not in data
+                        else f"sub-config {key!r} is a JSON {_json_type(data[key])}, not an object")
+                raise CheckpointError(f"{source}: {what}; a MolmoAct config has vit_config, adapter_config and "
+                                      "llm_config")
             subs[key] = _build(klass, data[key], f"{source}: {key}")
         if "image_patch_id" not in data:
             raise CheckpointError(f"{source}: missing key 'image_patch_id' (the token id of <im_patch>)")
         known = {"model_type", "architectures", "vit_config", "adapter_config", "llm_config",
                  "image_patch_id", "n_action_bins", "norm_stats"}
+        for key, value in (("image_patch_id", data["image_patch_id"]),
+                           ("n_action_bins", data.get("n_action_bins", 256))):
+            if not _is_int(value):
+                raise CheckpointError(f"{source}: {key} is {value!r}; it must be a whole number ({_MEANING[key]})")
+        architectures = data.get("architectures", [ARCHITECTURE])
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise CheckpointError(f"{source}: architectures is {architectures!r}; it must be a list of class names, "
+                                  f"e.g. [{ARCHITECTURE!r}]")
         cfg = cls(
-            image_patch_id=int(data["image_patch_id"]),
-            n_action_bins=int(data.get("n_action_bins", 256)),
+            image_patch_id=data["image_patch_id"],
+            n_action_bins=data.get("n_action_bins", 256),
             norm_stats=data.get("norm_stats") or {},
-            architectures=list(data.get("architectures", [ARCHITECTURE])),
+            architectures=list(architectures),
             extra={k: v for k, v in data.items() if k not in known},
             **subs,
         )
@@ -155,8 +170,9 @@ class ArmConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt or not the checkpoint's "
+                                  "config.json: re-download or re-export the checkpoint") from None
         return cls.from_dict(data, str(path))
 
     def save(self, path: str | Path) -> None:
@@ -172,6 +188,9 @@ class ArmConfig:
             )
         if v.hidden_act not in ("gelu_pytorch_tanh", "quick_gelu", "gelu"):
             raise CheckpointError(f"{source}: vit_config.hidden_act {v.hidden_act!r} unknown; use gelu_pytorch_tanh (SigLIP2) or quick_gelu (CLIP)")
+        if len(v.image_default_input_size) != 2:
+            raise CheckpointError(f"{source}: vit_config.image_default_input_size is {v.image_default_input_size}; "
+                                  "give [height, width] in pixels, e.g. [378, 378]")
         ph, pw = v.patches_per_side
         expected_pos = ph * pw + (1 if v.use_cls_token else 0)
         if v.image_num_pos != expected_pos:
@@ -205,13 +224,53 @@ class ArmConfig:
                                       "layer_norm_eps 1e-6, rope_theta 1000000, max_position_embeddings 4096)")
 
 
+# Keys of the sub-configs that a config may leave out (MOLMOACT_FORMAT.md lists the others, and published configs
+# give them all): edgeact's own pooling flag, and keys whose default is what MolmoAct does (newer transformers write
+# rope_parameters for rope_scaling; tie_word_embeddings is a base-class attribute).
+OPTIONAL_KEYS = frozenset({"pooling_attention_mask", "rope_scaling", "qk_norm_type", "tie_word_embeddings"})
+_MEANING = {"image_patch_id": "the token id of <im_patch>", "n_action_bins": "MolmoAct: 256"}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_type(name: str, value: Any, default: Any, where: str) -> None:
+    """A key the file gives must be of its default's JSON type (ints for sizes, lists of ints for the layer lists)."""
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = _is_int(value), "a whole number"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, list):
+        ok, wanted = isinstance(value, list) and all(_is_int(v) for v in value), "a list of whole numbers"
+    else:
+        return      # null-able keys (image_padding_embed, rope_scaling): checked where they are used
+    if not ok:
+        raise CheckpointError(f"{where}.{name} is {value!r}; it must be {wanted} (MolmoAct-7B-D: {default!r})")
+
+
 def _build(klass, data: dict[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(klass)}
-    required = {f.name for f in dataclasses.fields(klass)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    missing = sorted(required - set(data))
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    missing = [name for name in fields if name not in OPTIONAL_KEYS and name not in data]
     if missing:
-        raise CheckpointError(f"{where}: missing keys {missing}")
+        # A default would be MolmoAct-7B-D's size, not this checkpoint's: the error would then blame a value the
+        # file does not hold.
+        raise CheckpointError(f"{where} is missing {', '.join(map(repr, missing))}; a MolmoAct config.json gives "
+                              "every key of its sub-configs (MOLMOACT_FORMAT.md): put it back from the checkpoint's "
+                              "original config.json, or re-download or re-export the checkpoint")
+    for name, f in fields.items():
+        if name in data:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            _check_type(name, data[name], default, where)
     # Unknown keys in a sub-config are tolerated (published configs carry extras such as
     # initializer ranges); only the keys we model are read.
-    return klass(**{k: v for k, v in data.items() if k in names})
+    return klass(**{k: v for k, v in data.items() if k in fields})

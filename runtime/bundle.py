@@ -22,6 +22,7 @@ from edgeact.runtime.bundle_manifest import (  # noqa: F401
     MANIFEST_NAME, SCHEMA_CHANGES, SCHEMA_VERSION, VERIFICATION_STATUSES, EngineRecord, FileEntry, Manifest, ModelInfo,
     QuantizationInfo, TokenizerInfo, ToolInfo, VerificationInfo, WeightSpec,
 )
+from edgeact.runtime.bundle_manifest import OTHER_MANIFESTS, manifest_kind
 from edgeact.runtime.errors import BundleError
 from edgeact.runtime.stage_spec import (  # noqa: F401
     DTYPES, PRECISIONS, DimRange, StageProfile, StageSpec, TensorSpec, check_relpath, dim_symbols, dim_terms,
@@ -132,6 +133,12 @@ def _check_schema_version(data: Any, path: Path) -> None:
     found = data.get("schema_version") if isinstance(data, dict) else None
     if found == SCHEMA_VERSION:
         return
+    if (kind := manifest_kind(data)) is not None:
+        fix = "give a bundle directory (the --out of edgeact export or quantize)"
+        if kind in OTHER_MANIFESTS.values():
+            raise BundleError(f"{path}: the manifest of {kind}, not of a bundle; {fix}")
+        raise BundleError(f"{path}: not a bundle's manifest: it holds {kind}, where a bundle's is an object with "
+                          f"schema_version, model, stages and files; {fix}")
     ours = tool_version()
     fix = f"re-export with edgeact {ours}"
     if isinstance(found, int) and found > SCHEMA_VERSION:

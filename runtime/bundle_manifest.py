@@ -37,6 +37,24 @@ def in_ort_trt_cache(rel: str) -> bool:
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Other edgeact directories with a manifest.json, by its "format" (before any "/version"): named when one is given
+# where a bundle is expected, or a bundle where one of them is.
+OTHER_MANIFESTS = {"edgeact-calibration": "a quantization calibration set (edgeact calibrate)",
+                   "edgeact-sim-demos": "a demonstration set (edgeact sim-demos)"}
+_BUNDLE_KEYS = ("schema_version", "stages", "model", "files")
+
+
+def manifest_kind(data: Any) -> str | None:
+    """What the content of a manifest.json is, when it is not a bundle's: "a demonstration set (edgeact sim-demos)",
+    "a JSON list" ...; None when it looks like a bundle's (an object with any of a bundle's top-level keys)."""
+    if not isinstance(data, dict):
+        return f"a JSON {'list' if isinstance(data, list) else type(data).__name__}"
+    fmt = data.get("format")
+    if isinstance(fmt, str) and fmt.split("/")[0] in OTHER_MANIFESTS:
+        return OTHER_MANIFESTS[fmt.split("/")[0]]
+    if any(key in data for key in _BUNDLE_KEYS):
+        return None
+    return f"a JSON object with keys {', '.join(sorted(map(str, data))[:6]) or '(none)'}"
 
 
 # ----------------------------------------------------------------------------- weights, files

@@ -85,6 +85,10 @@ class PreprocessConfig:
         """A key the file leaves out takes the model's default (for_model: -O normalizes as OpenAI CLIP) when `cfg`
         is given, else the class default. Keys of published processors that do not change the arithmetic (class
         names, do_pad ...) are ignored."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level is a JSON {type(data).__name__}, not an object of preprocessor "
+                              "settings (max_crops, overlap_margins, image_pooling_h ...); re-download or re-export "
+                              "the checkpoint")
         base = cls() if cfg is None else cls.for_model(cfg)
         resize = data.get("resize_mode", base.resize_mode)
         try:
@@ -116,6 +120,7 @@ class PreprocessConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: not found; a checkpoint needs {FILE_NAME}") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt: re-download or re-export "
+                                  "the checkpoint") from None
         return cls.from_dict(data, str(path), cfg)

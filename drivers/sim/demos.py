@@ -46,6 +46,7 @@ import signal
 import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -367,12 +368,28 @@ def _new_set(out_dir: str | Path, episodes: int) -> Path:
         raise ConfigError(f"episodes: record at least 1, got {episodes}")
     out = Path(out_dir)
     if (out / MANIFEST).exists():
-        raise ConfigError(f"{out} already holds a demonstration set; give another --out or delete it")
+        raise ConfigError(f"{out} already holds {_held_by(out / MANIFEST)}; give another --out or delete it")
     if occupied(out):       # publishing would replace it: never take what another run or the user put there
         raise ConfigError(f"{out} already exists and holds no finished demonstration set (no {MANIFEST}: an "
                           "interrupted recording of an older edgeact, or other files); delete it or record into "
                           "another directory")
     return out
+
+
+def _held_by(manifest_path: Path) -> str:
+    """What the directory of `manifest_path` is: a demonstration set, or what else writes a manifest.json."""
+    from edgeact.runtime.bundle_manifest import OTHER_MANIFESTS, manifest_kind
+
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):       # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"a {MANIFEST} that is not valid JSON"
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return "a demonstration set"
+    kind = manifest_kind(data)
+    if kind is None:
+        return "a bundle (edgeact export)"
+    return kind if kind in OTHER_MANIFESTS.values() else f"a {MANIFEST} of another kind ({kind})"
 
 
 @contextmanager
@@ -563,10 +580,15 @@ class DemoDataset:
     def shards(self) -> Iterator[dict[str, np.ndarray]]:
         """Each shard's arrays (see the module docstring), in order."""
         for shard in self.manifest["shards"]:
-            with np.load(self.path / shard["file"], allow_pickle=False) as data:
-                arrays = {name: data[name] for name in ARRAYS}
+            path = self.path / shard["file"]
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {name: data[name] for name in ARRAYS}
+            except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as exc:
+                raise DemoDatasetError(f"{path}: truncated or corrupt shard ({type(exc).__name__}: {exc}); copy the "
+                                       "whole directory again, or record the set again") from None
             if len(arrays["rgb"]) != shard["samples"]:
-                raise DemoDatasetError(f"{self.path / shard['file']} holds {len(arrays['rgb'])} samples, the manifest "
+                raise DemoDatasetError(f"{path} holds {len(arrays['rgb'])} samples, the manifest "
                                        f"says {shard['samples']}; the set is damaged: record it again")
             yield arrays
 
@@ -605,7 +627,14 @@ def load_demos(path: str | Path) -> DemoDataset:
                     f"sim-demos into {root.name} is running") if killed else ""
         raise DemoDatasetError(f"{root} has no {MANIFEST}: not a finished demonstration set ({fix} with `edgeact "
                                f"sim-demos --out DIR`){leftover}")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DemoDatasetError(f"{manifest_path}: not valid JSON ({exc}); the set is damaged: record it again with "
+                               "`edgeact sim-demos`") from None
+    if not isinstance(manifest, dict):
+        raise DemoDatasetError(f"{manifest_path}: the top level is a JSON {type(manifest).__name__}, not a "
+                               "demonstration set's manifest; record the set again with `edgeact sim-demos`")
     if manifest.get("format") != FORMAT:
         raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
                                "record the set again with `edgeact sim-demos` (or train-reference --generate-demos)")

@@ -88,3 +88,40 @@ def test_what_appears_at_out_while_recording_is_never_replaced(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     kept = str(refused.value).split("The finished set is at ")[1].split(": move it")[0]
     assert load_demos(kept).manifest["episodes_attempted"] == 2
+
+
+def test_a_damaged_set_is_named_not_a_traceback(tmp_path):
+    """A manifest that is not JSON or not an object, and a truncated shard: refused naming the file and the fix."""
+    import json
+    import shutil
+
+    good = record_demos(tmp_path / "good", episodes=1, seed=0, config=TINY).out_dir
+    for name, content, message in (("png", b"\x89PNG\r\n\x1a\n", r"manifest\.json: not valid JSON \('utf-8'"),
+                                   ("list", b"[1, 2]", r"manifest\.json: the top level is a JSON list, not a "
+                                                       r"demonstration set's manifest")):
+        damaged = shutil.copytree(good, tmp_path / name)
+        (damaged / "manifest.json").write_bytes(content)
+        with pytest.raises(DemoDatasetError, match=message):
+            load_demos(damaged)
+    truncated = shutil.copytree(good, tmp_path / "truncated")
+    shard = truncated / json.loads((good / "manifest.json").read_text())["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(DemoDatasetError, match=rf"{shard}: truncated or corrupt shard \(BadZipFile.*record the set "
+                                               "again"):
+        load_demos(truncated).arrays()
+
+
+@pytest.mark.parametrize("manifest, held", [
+    ({"schema_version": 2, "model": {}, "stages": {}}, "a bundle (edgeact export)"),
+    ({"format": "edgeact-calibration", "version": 1, "samples": []}, "a quantization calibration set"),
+    ([1, 2], "a manifest.json of another kind (a JSON list)"),
+])
+def test_out_holding_something_else_names_what_it_holds(tmp_path, manifest, held):
+    import json
+    import re
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"{out} already holds {re.escape(held)}.*give another --out"):
+        record_demos(out, episodes=1, seed=0, config=TINY)

@@ -278,6 +278,19 @@ def test_refusals_before_the_bus_opens(tmp_path, monkeypatch, capsys, edit, args
     assert message in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.parametrize("content, message", [
+    ([{"robot": {}}], "the top level is a JSON list, not a table of sections (robot, camera"),
+    ({"robot": [1, 2]}, "robot: must be a table, got list"),
+])
+def test_a_config_that_is_not_a_table_of_sections_is_refused(tmp_path, monkeypatch, capsys, content, message):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(content))
+    monkeypatch.setattr("sys.stdin", Operator())
+    assert main(["motors", "calibrate", str(path), "--yes"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"config {path}: {message}" in err and "Traceback" not in err
+
+
 def test_a_toml_config_needs_out(tmp_path, monkeypatch, capsys):
     path = tmp_path / "robot.toml"
     path.write_text('[robot]\nbus = "feetech"\nport = "/dev/ttyACM0"\n')

@@ -101,6 +101,10 @@ def test_parse_ids():
     for bad in ("a-b", "300", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_ids(bad)
+    for reversed_ids, shown, fix in (("5-1", "5-1", "1-5"), ("1-3,9-7", "9-7", "7-9")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"ids '{reversed_ids}': the range {shown} is reversed; "
+                                                             rf"write it low to high, {fix}"):
+            parse_ids(reversed_ids)
 
 
 def test_sim_command_serves_a_port_that_scan_finds(capsys):

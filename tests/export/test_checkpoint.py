@@ -443,3 +443,68 @@ def test_published_checkpoints_hold_only_the_vit_blocks_that_run(made, tmp_path)
         {f"model.vision_backbone.image_vit.transformer.resblocks.{n - 1}.attention.wq.bias": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=rf"resblocks\.{n - 1}\.attention\.wq\.bias has shape \(3,\)"):
         load_checkpoint(full)
+
+
+# --------------------------------------------------------------------------- config.json that is not one
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", r"config\.json: not valid JSON \('utf-8' codec can't decode.*re-download or re-export"),
+    (b"[1, 2]", r"config\.json: the top level is a JSON list, not an object; a MolmoAct config\.json is an object"),
+    (b"", r"config\.json: not valid JSON \(Expecting value"),
+])
+def test_a_config_json_that_is_not_an_object_is_named(broken, content, message):
+    path = broken("D", 1)
+    (path / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(image_patch_id="abc"), r"image_patch_id is 'abc'; it must be a whole number \(the token id"),
+    (lambda c: c.update(image_patch_id=None), r"image_patch_id is None; it must be a whole number"),
+    (lambda c: c.update(n_action_bins="x"), r"n_action_bins is 'x'; it must be a whole number \(MolmoAct: 256\)"),
+    (lambda c: c.update(architectures=5), r"architectures is 5; it must be a list of class names"),
+    (lambda c: c["llm_config"].update(hidden_size="big"), r"llm_config\.hidden_size is 'big'; it must be a whole "
+                                                          r"number"),
+    (lambda c: c["vit_config"].update(num_hidden_layers=2.5), r"vit_config\.num_hidden_layers is 2\.5; it must be a "
+                                                              r"whole number"),
+    (lambda c: c["vit_config"].update(image_default_input_size="378"), r"vit_config\.image_default_input_size is "
+                                                                       r"'378'; it must be a list of whole numbers"),
+    (lambda c: c["vit_config"].update(image_default_input_size=[378]),
+     r"vit_config\.image_default_input_size is \[378\]; give \[height, width\]"),
+    (lambda c: c["llm_config"].update(use_qk_norm="no"), r"llm_config\.use_qk_norm is 'no'; it must be true or false"),
+    (lambda c: c.update(llm_config=[1]), r"sub-config 'llm_config' is a JSON list, not an object"),
+])
+def test_config_values_of_the_wrong_type_name_the_key_and_the_type(broken, edit, message):
+    path = broken("D", 1)
+    _edit_config(path, edit)
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("section, key", [("llm_config", "hidden_size"), ("vit_config", "hidden_size"),
+                                          ("llm_config", "vocab_size"), ("vit_config", "float32_attention"),
+                                          ("adapter_config", "text_hidden_size")])
+def test_a_missing_config_key_is_named_not_filled_with_7b_defaults(broken, section, key):
+    """A default would be MolmoAct-7B-D's value: the error then blamed a value the file does not hold (e.g.
+    'text_hidden_size 64 must equal llm_config.hidden_size 3584')."""
+    path = broken("D", 1)
+    _edit_config(path, lambda c: c[section].pop(key))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {section} is missing '{key}'; a MolmoAct config\.json "
+                                              r"gives every key"):
+        load_checkpoint(path)
+
+
+def test_optional_config_keys_may_be_left_out(broken):
+    path = broken("O", 1)
+    _edit_config(path, lambda c: [c["llm_config"].pop(k) for k in ("rope_scaling", "qk_norm_type",
+                                                                   "tie_word_embeddings")])
+    assert load_checkpoint(path).config == load_checkpoint(broken("O", 3)).config
+
+
+def test_the_committed_reference_checkpoints_config_loads():
+    from edgeact.runtime.arm_config import ArmConfig
+
+    root = Path(__file__).resolve().parents[2] / "drivers" / "sim" / "reference_arm" / "checkpoint"
+    assert ArmConfig.load(root / "config.json").variant == "D"

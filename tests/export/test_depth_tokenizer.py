@@ -117,6 +117,22 @@ def test_saved_tokenizer_loads_with_the_same_codes(trained, held_out):
         np.testing.assert_array_equal(loaded.codes(depth), trained.model.codes(depth))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / CONFIG_FILE).write_text(""), rf"{CONFIG_FILE}: not valid JSON \(Expecting value"),
+    (lambda d: (d / CONFIG_FILE).write_bytes(b"\x89PNG\r\n\x1a\n"), rf"{CONFIG_FILE}: not valid JSON \('utf-8'"),
+    (lambda d: (d / CONFIG_FILE).write_text("[1]"), rf"{CONFIG_FILE}: the top level is a JSON list, not the object"),
+    (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-100]),
+     rf"{WEIGHTS_FILE}: truncated or corrupt safetensors file"),
+    (lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x01"), rf"{WEIGHTS_FILE}: truncated or corrupt safetensors file"),
+])
+def test_a_damaged_tokenizer_directory_is_named(tmp_path, damage, message):
+    """What add-depth-tokenizer --tokenizer and train-reference --depth-tokenizer read: refused with the file named."""
+    saved = save_depth_tokenizer(DepthVQVAE(), tmp_path / "tokenizer")
+    damage(saved)
+    with pytest.raises(ConfigError, match=message):
+        load_depth_tokenizer(saved)
+
+
 def test_onnx_encoder_gives_the_pytorch_codes_on_held_out_sim_depth(trained, held_out, tmp_path):
     import onnxruntime as ort
 
@@ -221,6 +237,11 @@ def test_the_command_refuses_an_occupied_out_first_and_writes_a_new_one_whole(tm
     (taken / "config.json").write_text("{}")
     assert main(["train-depth-tokenizer", "--out", str(taken), "--images", "8", "--steps", "1"]) == 2
     assert sorted(p.name for p in taken.iterdir()) == ["config.json"]     # refused before any rendering
-    assert main(["train-depth-tokenizer", "--out", str(taken), "--images", "8", "--steps", "1", "--overwrite"]) == 0
-    assert sorted(p.name for p in taken.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
-    assert [p.name for p in tmp_path.iterdir()] == ["taken"]             # no partial sibling left behind
+    # --overwrite replaces an older depth tokenizer only, never a folder of something else
+    assert main(["train-depth-tokenizer", "--out", str(taken), "--images", "8", "--steps", "1", "--overwrite"]) == 2
+    assert sorted(p.name for p in taken.iterdir()) == ["config.json"]
+    fresh = tmp_path / "fresh"
+    for extra in ([], ["--overwrite"]):
+        assert main(["train-depth-tokenizer", "--out", str(fresh), "--images", "8", "--steps", "1", *extra]) == 0
+        assert sorted(p.name for p in fresh.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "taken"]     # no partial sibling left behind

@@ -264,6 +264,17 @@ def test_max_seq_and_external_data_options(tmp_path, exported):
         export_bundle(exported.checkpoint, tmp_path / "long", ExportOptions(max_seq=5000))
 
 
+def test_an_opset_outside_what_the_exporter_writes_is_refused_with_the_range():
+    from torch.onnx._constants import ONNX_MAX_OPSET
+
+    ExportOptions(opset=ONNX_MAX_OPSET)
+    with pytest.raises(ConfigError, match=rf"opset 99: torch's ONNX exporter writes opsets up to {ONNX_MAX_OPSET}.*"
+                                          rf"use 19 \(default\) or another from 17 to {ONNX_MAX_OPSET}"):
+        ExportOptions(opset=99)
+    with pytest.raises(ConfigError, match=r"opset 16 is too old"):
+        ExportOptions(opset=16)
+
+
 def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exported):
     """Grouped attention stays 4-D: a 5-D group axis made every decode step copy each layer's whole
     cache through onnxruntime's element-by-element 5-D Transpose (half of an int8 step's time)."""

@@ -133,3 +133,12 @@ def test_norm_stats_are_valid_with_the_gripper_left_normalized():
     assert all(len(v) == 7 for v in action.values())
     assert action["mask"] == [True] * 6 + [False]
     assert all(lo < hi for lo, hi in zip(action["q01"], action["q99"]))
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, 2 ** 63, -1])
+def test_a_seed_the_generators_do_not_take_is_refused_with_the_range(tmp_path, seed):
+    from edgeact.export.synthetic import make_checkpoint
+
+    with pytest.raises(ConfigError, match=rf"seed {seed}: a seed is a whole number from 0 to 2\*\*63 - 1"):
+        make_checkpoint("D", "tiny", seed, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()

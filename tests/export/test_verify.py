@@ -154,6 +154,11 @@ def test_the_reference_must_be_the_exported_checkpoint(bundles, checkpoints, tmp
         verify_bundle(bundles["D"], checkpoints["O"], frames=1, record=False)
     with pytest.raises(BundleError, match=r"reference checkpoint \(given\) not found; pass --checkpoint DIR"):
         verify_bundle(bundles["D"], tmp_path / "nowhere", frames=1, record=False)
+    with pytest.raises(BundleError, match=rf"{re.escape(str(bundles['O']))}: a bundle, not a checkpoint \(reference "
+                                          r"checkpoint given\); pass --checkpoint DIR with the checkpoint \(config\.json, "
+                                          rf"model\.safetensors\) this bundle was exported from, recorded as "
+                                          rf"{re.escape(str(checkpoints['D']))}"):
+        verify_bundle(bundles["D"], bundles["O"], frames=1, record=False)
 
 
 def test_another_checkpoint_of_the_same_config_is_refused_and_the_verdict_kept(bundles, checkpoints, tmp_path,

@@ -156,6 +156,22 @@ def test_wrong_schema_version_names_both_versions_and_the_fix(bundle_dir):
     assert f"re-export with edgeact {tool_version()}" in msg and "upgrade edgeact" in msg
 
 
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], r"manifest\.json: not a bundle's manifest: it holds a JSON list, where a bundle's is an object with "
+             r"schema_version, model, stages and files; give a bundle directory"),
+    ({"format": "edgeact-calibration", "version": 1, "seed": 0, "samples": []},
+     r"manifest\.json: the manifest of a quantization calibration set \(edgeact calibrate\), not of a bundle; give a "
+     r"bundle directory"),
+    ({"format": "edgeact-sim-demos/2", "shards": []}, r"the manifest of a demonstration set \(edgeact sim-demos\)"),
+    ({"hello": 1}, r"it holds a JSON object with keys hello, where a bundle's is"),
+])
+def test_a_manifest_that_is_not_a_bundles_says_what_it_is(tmp_path, content, message):
+    """Not 'schema_version None, but edgeact reads schema_version 2; re-export': nothing there was ever a bundle."""
+    (tmp_path / "manifest.json").write_text(json.dumps(content))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
 def test_invalid_json_and_missing_manifest(bundle_dir, tmp_path):
     (bundle_dir / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json: not valid JSON"):

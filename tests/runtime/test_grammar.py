@@ -104,6 +104,15 @@ def test_unnorm_key_errors_list_the_keys():
     assert only.mask.all()
 
 
+@pytest.mark.parametrize("unnorm_key", [None, "bridge"])
+def test_no_norm_stats_says_the_statistics_are_missing_and_where_they_come_from(unnorm_key):
+    """Not 'choose an unnorm_key from: (none)': there is no key to choose."""
+    with pytest.raises(CheckpointError, match=r"norm_stats is empty: the checkpoint's config\.json \(or the bundle's "
+                                              r"manifest\) has no action statistics.*which training writes.*use a "
+                                              r"checkpoint whose config\.json has norm_stats"):
+        ActionStats.from_norm_stats({}, unnorm_key)
+
+
 @pytest.mark.parametrize("action, message", [
     ({"q01": [0] * 6, "q99": [1] * 6}, "q01 and q99 need 7 values"),
     ({"q01": [1] * 7, "q99": [0] * 7}, r"q01 > q99 in dimensions \[0, 1, 2, 3, 4, 5, 6\]: swapped"),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeact.runtime.arm_config import AdapterConfig, ArmConfig, LlmConfig, VitConfig
-from edgeact.runtime.errors import ConfigError
+from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.preprocess import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageFormatError, ImagePreprocessor, concat_image_inputs, pool_index, select_tiling,
 )
@@ -205,3 +205,13 @@ def test_preprocess_config_file_round_trip_and_checks(tmp_path):
         PreprocessConfig(normalize_mode="imagenet")
     with pytest.raises(ConfigError, match="no crop window"):
         ImagePreprocessor(arm_config(56), PreprocessConfig(overlap_margins=(4, 4)))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00", r"preprocessor_config\.json: not valid JSON \('utf-8' codec can't decode.*re-download"),
+    (b"[2, 2]", r"preprocessor_config\.json: the top level is a JSON list, not an object of preprocessor settings"),
+])
+def test_a_preprocessor_config_that_is_not_an_object_is_named(tmp_path, content, message):
+    (tmp_path / "preprocessor_config.json").write_bytes(content)
+    with pytest.raises(EdgeactError, match=message):
+        PreprocessConfig.load(tmp_path, arm_config(378))
