@@ -177,7 +177,7 @@ def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool
     raise BundleError(
         f"{where}: verification failed at gate {first['gate']!r}" + (f" ({details})" if details else "")
         + (f" and {more} more" if more else "")
-        + f"; its outputs differ from the reference beyond the gate. Re-export or quantize with another recipe; "
+        + "; its outputs differ from the reference beyond the gate. Re-export or quantize with another recipe; "
         + fix)
 
 
