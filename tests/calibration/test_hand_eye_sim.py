@@ -352,7 +352,6 @@ def test_a_refused_start_turns_torque_off(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--seed", "-1"], "integer >= 0"),
     (["--max-drop-m", "-0.1"], "0..0.5 m"),
     (["--poses", "5"], "at least 6"),
     (["--method", "guess"], "unknown"),
@@ -368,6 +367,16 @@ def test_options_are_refused_before_the_robot_starts(robot_config, monkeypatch, 
     monkeypatch.setattr(session, "calibrate", must_not_run)
     with pytest.raises(ConfigError, match=message):
         main(["-v", "calibrate-hand-eye", str(robot_config), *args])
+
+
+def test_a_negative_seed_is_refused_by_its_option(robot_config, monkeypatch, capsys):
+    import edgeact.calibration.hand_eye_session as session
+    from edgeact.runtime.cli import main
+
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: pytest.fail("the session started"))
+    with pytest.raises(SystemExit) as stop:
+        main(["calibrate-hand-eye", str(robot_config), "--seed", "-1"])
+    assert stop.value.code == 2 and "a seed is a whole number from 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
