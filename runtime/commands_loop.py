@@ -353,6 +353,7 @@ def _summary_tables(summary: dict):
         ("achieved frequency", f"{_fmt(c['achieved_hz'])} Hz"),
         ("period p50 / p99 / max", f"{_fmt(period['p50'])} / {_fmt(period['p99'])} / {_fmt(period['max'])} ms"),
         ("period error vs target p99", f"{_fmt(error['p99'])} ms"),
+        ("command period error p99 (sends)", f"{_fmt((c.get('command_period_error_ms') or {}).get('p99'))} ms"),
         ("overruns", f"{c['overruns']} of {c['ticks']} ticks ({_fmt((c['overrun_fraction'] or 0) * 100)} %)"),
         ("tick modes", modes or "-"),
         ("policy steps per second", _fmt(p["plans_per_s"])),

@@ -40,7 +40,7 @@ class PlanEvent:
     plan: Plan
     index: int                      # plans made so far in this run, from 0
     frame_number: int
-    frame_age_s: float              # capture -> the worker took the frame (the "capture" stage)
+    frame_age_s: float              # capture -> the worker took the frame (the "capture" + "frame_wait" stages)
     step_s: float                   # the policy's step, wall time
 
 

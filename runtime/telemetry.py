@@ -87,6 +87,14 @@ class TimingStats(Subscriber):
         self.period_s, self.tick_time_s = RecentSamples(plot_ticks), RecentSamples(plot_ticks)     # the plot's (and the sheet's)
         self.step_s = RecentSamples(plot_ticks)                                               # newest samples
         self.period_stats_s, self.period_error_s, self.work_s = Series(), Series(), Series()
+        # The period between successive commands reaching the driver (each send's return): a slow or varying joint
+        # read delays the command though the tick woke on time, which the tick-start period cannot see.
+        self.command_period_s, self.command_period_error_s = Series(), Series()
+        self._last_command: tuple[int, float] | None = None      # (tick, when its send returned)
+        # Per frame, capture -> arrival in the loop (the camera's own latency), and arrival -> the planner took it
+        # (waiting for the planner); their sum is the frame's age when taken.
+        self.capture_s, self.frame_wait_s = Series(), Series()
+        self._arrivals: collections.OrderedDict[int, float] = collections.OrderedDict()
         self.state_read_s, self.command_write_s = Series(), Series()
         self.frame_to_command_s, self.skipped_actions = Series(), Series()
         self.plan_latency_s, self.step_stats_s = Series(), Series()
@@ -105,6 +113,11 @@ class TimingStats(Subscriber):
     # -- hooks -------------------------------------------------------------------------------
     def on_frame(self, e: FrameEvent) -> None:
         self.frames += 1
+        if math.isfinite(e.capture_s):
+            self.capture_s.append(e.time_s - e.capture_s)
+            self._arrivals[e.frame_number] = e.time_s - e.capture_s
+            while len(self._arrivals) > 64:         # the planner takes one of the newest frames
+                self._arrivals.popitem(last=False)
         if self.ticks and e.time_s >= self.first_tick_s:
             self._frames_since_first_tick += 1
 
@@ -118,6 +131,12 @@ class TimingStats(Subscriber):
         self.period_s.append(e.period_s)
         self.period_stats_s.append(e.period_s)
         self.period_error_s.append(abs(e.period_s - 1.0 / self.target_hz))
+        sent_s = e.time_s + e.work_s
+        if self._last_command is not None and self._last_command[0] == e.tick - 1:   # consecutive ticks only
+            period = sent_s - self._last_command[1]
+            self.command_period_s.append(period)
+            self.command_period_error_s.append(abs(period - 1.0 / self.target_hz))
+        self._last_command = (e.tick, sent_s)
         for series, value in ((self.work_s, e.work_s), (self.state_read_s, e.state_read_s),
                               (self.command_write_s, e.command_write_s)):
             series.append(value)
@@ -140,6 +159,9 @@ class TimingStats(Subscriber):
         self.step_s.append(e.step_s)
         self.step_stats_s.append(e.step_s)
         self.frame_age_s.append(e.frame_age_s)
+        arrival = self._arrivals.get(e.frame_number)
+        if arrival is not None:
+            self.frame_wait_s.append(max(e.frame_age_s - arrival, 0.0))
         self.decode_steps.append(e.plan.decode_steps)
         self.choices.append(e.plan.choices)
         self.trace_followed += e.plan.trace_followed
@@ -155,9 +177,13 @@ class TimingStats(Subscriber):
 
     # -- results -----------------------------------------------------------------------------
     def stages(self) -> dict[str, Series]:
-        """Stage name -> its seconds, in pipeline order. "capture" is a frame's age when the planner took it;
-        then the policy's own stage_seconds; then the control tick's joint read, whole tick, and command write."""
-        out = {"capture": self.frame_age_s, **self.stage_s, "state_read": self.state_read_s,
+        """Stage name -> its seconds, in pipeline order. "capture" is capture -> the frame's arrival in the loop (every
+        frame), "frame_wait" arrival -> the planner took it (the frames planned on); then the policy's own
+        stage_seconds; then the control tick's joint read, whole tick, and command write. Without frame events
+        (a camera that reports no capture time), "capture" is the whole age of the frames planned on."""
+        front = ({"capture": self.capture_s, "frame_wait": self.frame_wait_s} if self.capture_s
+                 else {"capture": self.frame_age_s})
+        out = {**front, **self.stage_s, "state_read": self.state_read_s,
                "control_tick": self.work_s, "command_write": self.command_write_s}
         return {name: series for name, series in out.items() if series}
 
@@ -194,6 +220,8 @@ class TimingStats(Subscriber):
                 "ticks": ticks,
                 "period_ms": _stats_ms(self.period_stats_s),
                 "period_error_ms": _stats_ms(self.period_error_s),
+                "command_period_ms": _stats_ms(self.command_period_s),
+                "command_period_error_ms": _stats_ms(self.command_period_error_s),
                 "overruns": overruns,
                 "overrun_fraction": _num(overruns / ticks if ticks else math.nan),
                 "modes": dict(self.modes),

@@ -359,3 +359,31 @@ def test_the_summary_json_is_replaced_at_the_start_and_written_atomically(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]      # no temporary left behind
     with pytest.raises(ConfigError, match=r"--out .*: cannot be written .*; give a path in a writable folder"):
         stats.start_json(tmp_path / "bench.json" / "x.json", "--out")
+
+
+def test_the_command_period_sees_a_read_that_delays_the_send_though_the_tick_woke_on_time():
+    """Ticks wake exactly every 10 ms, but a joint read of 1 ms then 5 ms delays every other send: the wake-up
+    period error is 0, the period between the commands sent 4 ms off."""
+    import dataclasses
+
+    stats = TimingStats(target_hz=100.0)
+    for tick in range(100):
+        e = command(tick, tick * 0.01, math.nan if tick == 0 else 0.01)
+        stats.on_command(dataclasses.replace(e, work_s=0.001 if tick % 2 else 0.005))
+    stats.on_command(dataclasses.replace(command(102, 1.02), work_s=0.05))     # after a gap: not a period
+    c = stats.summary()["control"]
+    assert c["period_error_ms"]["p99"] == pytest.approx(0.0, abs=1e-9)
+    assert c["command_period_error_ms"]["p99"] == pytest.approx(4.0) and c["command_period_ms"]["n"] == 99
+    assert c["command_period_ms"]["max"] == pytest.approx(14.0)
+
+
+def test_capture_is_the_cameras_latency_and_the_wait_for_the_planner_its_own_stage():
+    stats = TimingStats(target_hz=100.0)
+    stats.on_frame(FrameEvent(time_s=0.105, frame_number=7, capture_s=0.100))       # 5 ms to arrive
+    stats.on_frame(FrameEvent(time_s=0.138, frame_number=8, capture_s=0.133))
+    event = plan_event(0, 0.3)
+    stats.on_plan(PlanEvent(event.time_s, event.plan, 0, frame_number=7, frame_age_s=0.030, step_s=0.09))
+    stages = stats.summary()["stages_ms"]
+    assert list(stages)[:2] == ["capture", "frame_wait"]
+    assert stages["capture"]["n"] == 2 and stages["capture"]["max"] == pytest.approx(5.0)
+    assert stages["frame_wait"]["n"] == 1 and stages["frame_wait"]["p50"] == pytest.approx(25.0)
