@@ -284,12 +284,12 @@ class RobotLoop:
         previous_s = math.nan
         while not self._stop.is_set():
             start_s = self.clock()
-            if self.ticks == 0:
-                self.first_tick_s = start_s
-            self.last_tick_s = start_s
             measured = self.robot.read_state().position_rad         # observe
             if self._stop.is_set():     # a read that outlasted the stop: the robot may be in its exit safe state now
                 break
+            if self.ticks == 0:         # (only ticks that are counted: the span is the counted ticks')
+                self.first_tick_s = start_s
+            self.last_tick_s = start_s
             self._proprio = measured
             read_s = self.clock()
             plan = self._plan
