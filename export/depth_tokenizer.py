@@ -221,18 +221,14 @@ def save_depth_tokenizer(model: DepthVQVAE, out_dir: str | Path, report: dict | 
 
 
 def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict:
+    from edgeact.runtime.json_files import read_json_object
+
     path = Path(tokenizer_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: not found; train a depth tokenizer first "
                           "(edgeact train-depth-tokenizer --out DIR)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); the file is corrupt: copy the tokenizer directory again "
-                          "or re-run edgeact train-depth-tokenizer") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{path}: the top level is a JSON {type(meta).__name__}, not the object edgeact "
-                          "train-depth-tokenizer writes (format, version, config); point at a directory written by it")
+    meta = read_json_object(path, ConfigError, "the object edgeact train-depth-tokenizer writes (format, version, "
+                            "config)", "copy the tokenizer directory again, or re-run edgeact train-depth-tokenizer")
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; point at a directory written "
                           "by edgeact train-depth-tokenizer")

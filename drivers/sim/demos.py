@@ -627,14 +627,10 @@ def load_demos(path: str | Path) -> DemoDataset:
                     f"sim-demos into {root.name} is running") if killed else ""
         raise DemoDatasetError(f"{root} has no {MANIFEST}: not a finished demonstration set ({fix} with `edgeact "
                                f"sim-demos --out DIR`){leftover}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DemoDatasetError(f"{manifest_path}: not valid JSON ({exc}); the set is damaged: record it again with "
-                               "`edgeact sim-demos`") from None
-    if not isinstance(manifest, dict):
-        raise DemoDatasetError(f"{manifest_path}: the top level is a JSON {type(manifest).__name__}, not a "
-                               "demonstration set's manifest; record the set again with `edgeact sim-demos`")
+    from edgeact.runtime.json_files import read_json_object
+
+    manifest = read_json_object(manifest_path, DemoDatasetError, "a demonstration set's manifest",
+                                "the set is damaged: record it again with `edgeact sim-demos`")
     if manifest.get("format") != FORMAT:
         raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
                                "record the set again with `edgeact sim-demos` (or train-reference --generate-demos)")
