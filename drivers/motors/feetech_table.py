@@ -53,7 +53,7 @@ STS_SMS_REGISTERS = table(
     present_temperature=Register(63, 1, read_only=True),  # deg C
     status=Register(65, 1, read_only=True),
     moving=Register(66, 1, read_only=True),
-    present_current=Register(69, 2, read_only=True),
+    present_current=Register(69, 2, read_only=True, sign_bit=15),   # sign-magnitude, as Feetech's ReadCurrent
 )
 
 OPERATING_MODES = {"position": 0, "velocity": 1}

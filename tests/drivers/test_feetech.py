@@ -47,6 +47,8 @@ def test_sign_magnitude_registers():
     assert homing.encode(-5) == bytes([0x05, 0x08]) and homing.decode(bytes([0x05, 0x08])) == -5   # bit 11
     assert speed.encode(-100) == bytes([0x64, 0x80]) and speed.decode(bytes([0x64, 0x80])) == -100  # bit 15
     assert speed.decode(bytes([0x64, 0x00])) == 100
+    current = STS_SMS_REGISTERS["present_current"]          # Feetech's ReadCurrent: bit 15 is the sign
+    assert current.decode(bytes([0x10, 0x80])) == -16 and current.decode(bytes([0x10, 0x00])) == 16
     with pytest.raises(MotorBusError, match="does not fit register 'homing_offset'"):
         homing.encode(2048)
 
