@@ -177,6 +177,9 @@ def _train(args: argparse.Namespace) -> int:
     given = [d for d in args.demos if Path(d).resolve() == out.resolve()]
     if given:
         raise ConfigError(f"--out {out} is a --demos set this training reads; give the checkpoint another --out")
+    if args.init is not None and Path(args.init).resolve() == out.resolve():
+        raise ConfigError(f"--out {out} is the --init checkpoint this training starts from; give the new checkpoint "
+                          "another --out")
     refuse_replacing(out, "a checkpoint", "--out")
     if options.init is not None and not (Path(options.init) / CONFIG_FILE).is_file():
         raise ConfigError(f"--init {options.init}: no checkpoint there ({CONFIG_FILE} missing); give a directory "

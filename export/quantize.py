@@ -274,7 +274,7 @@ def _weights_sha256(source: Bundle, kind: str) -> str:
     """The source's weights digest as a calibration set answered by a `kind` source records it: the bundle's own, or
     its source checkpoint's if that is here with the config it was exported from ('' otherwise)."""
     from edgeact.calibration.calibration_set import weights_sha256
-    from edgeact.runtime.bundle import sha256_file
+    from edgeact.export.verify import config_matches
 
     if kind == "bundle":
         return weights_sha256(kind, source.root)
@@ -282,7 +282,7 @@ def _weights_sha256(source: Bundle, kind: str) -> str:
     config = Path(model.source_checkpoint) / "config.json" if model.source_checkpoint else None
     if kind != "checkpoint" or config is None or not config.is_file():
         return ""
-    return weights_sha256(kind, config.parent) if sha256_file(config) == model.source_config_sha256 else ""
+    return weights_sha256(kind, config.parent) if config_matches(config, model) else ""
 
 
 def _quantize_stage(source: Bundle, fp32, calib, name: str, options: QuantizeOptions, work: Path, writer,

@@ -215,7 +215,6 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
     """The checkpoint to compare with; refuses one whose config.json or weights are not those the bundle was exported
     from. Another model of the same config would fail every gate of a good bundle, and that verdict would be recorded."""
     from edgeact.calibration.calibration_set import weights_sha256
-    from edgeact.runtime.bundle import sha256_file
 
     source = bundle.manifest.model.source_checkpoint
     if checkpoint_dir is None and not source:
@@ -231,7 +230,7 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
         raise BundleError(f"{path}: reference checkpoint ({how}) not found; pass --checkpoint DIR with the checkpoint "
                           "this bundle was exported from")
     recorded = bundle.manifest.model.source_config_sha256
-    if recorded and sha256_file(config) != recorded:
+    if not config_matches(config, bundle.manifest.model):
         raise BundleError(f"{config}: differs from the config the bundle was exported from (sha256 {recorded[:12]}); "
                           "pass --checkpoint DIR with the checkpoint this bundle came from")
     model = bundle.manifest.model
@@ -245,6 +244,22 @@ def reference_checkpoint(bundle, checkpoint_dir: str | Path | None) -> Path:
                           "fail a good bundle; pass --checkpoint DIR with the checkpoint this bundle was exported "
                           f"from, or export this one to a bundle of its own (`edgeact export {path} --out DIR`)")
     return path
+
+
+def config_matches(config: Path, model) -> bool:
+    """Whether `config` (a checkpoint's config.json) is the one a bundle's model (its ModelInfo) was exported from: the
+    same bytes, or the same config written otherwise (another formatting; a key an older edgeact wrote with its
+    default value, such as adapter_config.pooling_attention_mask)."""
+    from edgeact.runtime.arm_config import ArmConfig
+    from edgeact.runtime.bundle import sha256_file
+    from edgeact.runtime.errors import EdgeactError
+
+    if not model.source_config_sha256 or sha256_file(config) == model.source_config_sha256:
+        return True
+    try:
+        return ArmConfig.load(config).to_dict() == ArmConfig.from_dict(model.config).to_dict()
+    except EdgeactError:
+        return False
 
 
 def _is_bundle(path: Path) -> bool:

@@ -106,6 +106,11 @@ class BundleStore:
         if held not in (None, "nothing", "a bundle store"):     # a store is made inside no edgeact output
             raise ConfigError(f"--store {self.root} holds {held}, not a bundle store; give the store its own folder "
                               f"(default {DEFAULT_STORE})")
+        for parent in self.root.parents:    # nor below one: replacing that output would take the store with it
+            if folder_holds(parent) in ("a bundle", "a checkpoint"):
+                raise ConfigError(f"--store {self.root} lies inside {parent}, which holds {folder_holds(parent)}: "
+                                  f"re-exporting it would delete the store; give the store its own folder (default "
+                                  f"{DEFAULT_STORE})")
 
     # -- reading ------------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.trace_follow import project_points, trace_boundaries
 
 MANIFEST = "manifest.json"
-FORMAT = "edgeact-sim-demos/2"      # 2: + blocks
+FORMAT = "edgeact-sim-demos/3"      # 2: + blocks; 3: labels projected from each frame's camera pose
 NORM_KEY = "edgeact_sim_reference"
 CAMERA, OPTICAL_SITE = "front", "camera_optical"
 ARRAYS = ("rgb", "depth_m", "instruction", "trace", "trace_len", "actions", "episode", "step", "blocks")

@@ -855,3 +855,24 @@ def test_a_diverged_model_is_never_written(demos, tmp_path):
                                           r"written .*lower --lr"):
         save(trainer, tmp_path / "ckpt", TrainReport(None, 0, 0, 0))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_recording_of_an_older_demo_format_is_not_reused(tmp_path):
+    """Demonstrations recorded before their labels followed the camera (format 2) are not taken for the recipe's."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from edgeact.drivers.sim.demos import FORMAT, DemoConfig
+    from edgeact.export.commands_train import DEMO_EXECUTION_NOISE, DEMO_STRIDE, _record
+    from edgeact.runtime.errors import ConfigError
+
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    config = DemoConfig(stride_actions=DEMO_STRIDE, execution_noise=DEMO_EXECUTION_NOISE)
+    (demos / "manifest.json").write_text(json.dumps({"format": "edgeact-sim-demos/2", "episodes_attempted": 3,
+                                                     "seed": 0, "demo_config": asdict(config), "samples": 9}))
+    assert FORMAT != "edgeact-sim-demos/2"
+    with pytest.raises(ConfigError, match=rf"holds another recording .*format edgeact-sim-demos/2\), not 3 from 0 .*"
+                                          rf"format {FORMAT}; give another --demos or delete it"):
+        _record(demos, 3, 0, Console(file=None))

@@ -161,6 +161,30 @@ def test_the_reference_must_be_the_exported_checkpoint(bundles, checkpoints, tmp
         verify_bundle(bundles["D"], bundles["O"], frames=1, record=False)
 
 
+def test_the_same_config_written_otherwise_is_still_the_exported_one(bundles, checkpoints, tmp_path):
+    """A config.json re-formatted, or written by an older edgeact with a key at its default value, is the config the
+    bundle was exported from; a config that differs in a value is not."""
+    import json
+    import shutil
+
+    from edgeact.export.verify import config_matches, reference_checkpoint
+    from edgeact.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundles["D"], verify_checksums=False)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["D"], copy)
+    data = json.loads((copy / "config.json").read_text())
+    data["adapter_config"]["pooling_attention_mask"] = False      # what an older edgeact wrote
+    (copy / "config.json").write_text(json.dumps(data, indent=4, sort_keys=True))
+    assert config_matches(copy / "config.json", bundle.manifest.model)
+    assert reference_checkpoint(bundle, copy) == copy
+    data["llm_config"]["rope_theta"] = 1234.0
+    (copy / "config.json").write_text(json.dumps(data))
+    assert not config_matches(copy / "config.json", bundle.manifest.model)
+    with pytest.raises(BundleError, match="differs from the config the bundle was exported from"):
+        reference_checkpoint(bundle, copy)
+
+
 def test_another_checkpoint_of_the_same_config_is_refused_and_the_verdict_kept(bundles, checkpoints, tmp_path,
                                                                                 capsys):
     """A re-trained model of the same architecture would fail every gate of a good bundle: refused before comparing."""

@@ -97,6 +97,11 @@ def test_train_reference_never_writes_over_its_demos_or_another_output(tmp_path,
     assert f"--out {demos} is a --demos set this training reads" in err(capsys)
     assert main([*base, "--out", str(bundle)]) == 2
     assert "holds a bundle: --overwrite replaces only a checkpoint" in err(capsys)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"model_type": "molmoact"}))
+    assert main([*base, "--init", str(init), "--out", str(init)]) == 2
+    assert f"--out {init} is the --init checkpoint this training starts from" in err(capsys)
     with pytest.raises(ConfigError, match="finite lr > 0"):
         TrainOptions(lr=float("inf"))
 
@@ -106,7 +111,10 @@ def test_train_depth_tokenizer_and_flash_leave_other_outputs_alone(tmp_path, cap
     assert "holds a bundle: --overwrite replaces only a depth tokenizer" in err(capsys)
     assert main(["flash", str(bundle), "--store", str(bundle)]) == 2
     assert f"--store {bundle} holds a bundle, not a bundle store" in err(capsys)
+    assert main(["flash", str(bundle), "--store", str(bundle / "store")]) == 2
+    assert f"--store {bundle / 'store'} lies inside {bundle}, which holds a bundle" in err(capsys)
     assert not (bundle / "current").exists() and not (bundle / "history.jsonl").exists()
+    assert not (bundle / "store").exists()
 
 
 def test_hand_eye_out_is_never_the_config(tmp_path, capsys):
