@@ -107,7 +107,8 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--free", action="store_true", help="decode without the grammar mask")
     p.add_argument("--chunk", type=_positive_int, default=1, help="actions per answer (fine-tuned checkpoints: 8)")
     p.add_argument("--unnorm-key", help="norm_stats key for un-normalizing actions (default: the only one)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    p.add_argument("--max-new-tokens", type=_positive_int,
+                   help="most answer tokens (default: the longest answer the grammar allows; with --free, 512)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(handler=_generate)
@@ -125,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
     from edgeact.runtime.answer import trace_to_pixels
     from edgeact.runtime.errors import GrammarError
     from edgeact.runtime.grammar import AnswerGrammar
-    from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
+    from edgeact.runtime.grammar_walk import MaskedGreedyConstraint, longest_answer
     from edgeact.runtime.preprocess import ImagePreprocessor
     from edgeact.runtime.prompt import build_prompt_ids
     from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
@@ -142,10 +143,11 @@ def _generate(args: argparse.Namespace) -> int:
     inputs = ImagePreprocessor(ckpt.config, ckpt.preprocess_config)(rgb)
     prompt = build_prompt_ids(tokenizer, layout, args.instruction, inputs)
     grammar = AnswerGrammar(tokenizer, layout, n_actions=args.chunk)
+    limit = args.max_new_tokens or (512 if args.free else longest_answer(grammar))
     as_tensor = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 -- copies: preprocess buffers are reused
     result = generate_greedy(
         model, as_tensor(prompt)[None], as_tensor(inputs.images).to(model.dtype), as_tensor(inputs.image_masks),
-        as_tensor(inputs.pooled_patches_idx), max_new_tokens=args.max_new_tokens, eos_token_id=layout.bos_id,
+        as_tensor(inputs.pooled_patches_idx), max_new_tokens=limit, eos_token_id=layout.bos_id,
         allowed_token_fn=None if args.free else MaskedGreedyConstraint(grammar),
     )
     text = tokenizer.decode(result.token_ids, skip_special_tokens=False)
@@ -161,7 +163,9 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         answer = grammar.parse_ids(result.token_ids)
     except GrammarError as exc:
-        table.add_row("parse", f"[red]not a valid answer[/red]: {exc}")
+        cut = (f" (generation stopped at --max-new-tokens {limit} before the end-of-text; raise it)"
+               if len(result.token_ids) >= limit and layout.bos_id not in result.token_ids else "")
+        table.add_row("parse", f"[red]not a valid answer[/red]: {exc}{cut}")
         console.print(table)
         return 1
     height, width = rgb.shape[:2]

@@ -28,6 +28,15 @@ def test_image_file_is_used_and_a_missing_one_is_a_clear_error(checkpoint, tmp_p
     assert "cannot read the image" in capsys.readouterr().err
 
 
+def test_a_long_chunk_is_generated_whole_and_a_cut_answer_names_the_limit(checkpoint, capsys):
+    """The default limit is the longest answer the grammar allows (24 actions: ~700 tokens, past the old 512)."""
+    assert main(["generate", str(checkpoint), "--chunk", "24", "--threads", "1"]) == 0
+    assert "actions (un-normalized)" in capsys.readouterr().out
+    assert main(["generate", str(checkpoint), "--chunk", "2", "--max-new-tokens", "50"]) == 1
+    said = " ".join(w for w in capsys.readouterr().out.split() if w != "│")     # the table wraps the cell
+    assert "generation stopped at --max-new-tokens 50 before the end-of-text; raise it" in said
+
+
 def test_free_decoding_of_random_weights_reports_the_unparseable_answer(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--free", "--max-new-tokens", "8"]) == 1
     assert "not a valid answer" in capsys.readouterr().out

@@ -93,3 +93,7 @@ def test_extra_texts_teach_new_words(tok):
 def test_extra_texts_with_action_characters_are_refused():
     with pytest.raises(ConfigError, match="action tokens"):
         build_tokenizer(["move 一 left"])
+    # Characters outside the action block that share an action character's last two bytes (U+5E02 ... and U+4E02:
+    # ?? B8 82): their merge would split that action token in two; every action token is checked.
+    with pytest.raises(ConfigError, match=r"action token '丂' \(U\+4E02\) does not round-trip"):
+        build_tokenizer(["市 渂 縂 踂 市渂縂踂"] * 20)
