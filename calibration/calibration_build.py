@@ -110,8 +110,11 @@ class _BundleAnswerer:
         self.ort = OrtBundle(path, threads=threads)
         m = self.ort.bundle.manifest
         self.io = self.ort.io
+        # model_weights_sha256: the whole model's weights (its checkpoint's digest, recorded at export), not only the
+        # bundle's arrays; n_actions: how many actions each answer holds (the decoder positions the set covers)
         self.model = {"kind": "bundle", "source": str(path), "name": m.model.name,
-                      "config_sha256": m.model.source_config_sha256}
+                      "config_sha256": m.model.source_config_sha256,
+                      "model_weights_sha256": m.model.source_weights_sha256, "n_actions": self.io.grammar.n_actions}
 
     def answer(self, prompt_ids: np.ndarray, inputs) -> np.ndarray:
         return self.ort.decode(prompt_ids, inputs).token_ids
@@ -120,9 +123,10 @@ class _BundleAnswerer:
 class _CheckpointAnswerer:
     """The PyTorch reference: full-model greedy decoding, every step masked to the grammar."""
 
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, n_actions: int = 1) -> None:
         import torch
 
+        from edgeact.calibration.calibration_set import weights_sha256
         from edgeact.export.checkpoint import load_model
         from edgeact.runtime.grammar import AnswerGrammar
         from edgeact.runtime.preprocess import ImagePreprocessor
@@ -135,9 +139,10 @@ class _CheckpointAnswerer:
         tokenizer = load_tokenizer(ckpt.tokenizer_path)
         layout = TokenLayout.from_tokenizer(tokenizer, str(ckpt.tokenizer_path))
         self.io = TextIO(tokenizer, layout, ImagePreprocessor(ckpt.config, ckpt.preprocess_config),
-                         AnswerGrammar(tokenizer, layout))
+                         AnswerGrammar(tokenizer, layout, n_actions=n_actions))
         digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
-        self.model = {"kind": "checkpoint", "source": str(path), "name": path.name, "config_sha256": digest}
+        self.model = {"kind": "checkpoint", "source": str(path), "name": path.name, "config_sha256": digest,
+                      "model_weights_sha256": weights_sha256("checkpoint", path), "n_actions": n_actions}
 
     def answer(self, prompt_ids: np.ndarray, inputs) -> np.ndarray:
         import torch
@@ -152,13 +157,17 @@ class _CheckpointAnswerer:
         return np.asarray(result.token_ids, np.int64)
 
 
-def _answerer(source: Path, threads: int | None):
+def _answerer(source: Path, threads: int | None, n_actions: int | None = None):
     from edgeact.runtime.bundle import MANIFEST_NAME
 
     if (source / MANIFEST_NAME).is_file():
-        return _BundleAnswerer(source, threads)
+        answerer = _BundleAnswerer(source, threads)
+        if n_actions is not None and n_actions != answerer.io.grammar.n_actions:
+            raise CalibrationError(f"--chunk {n_actions}: {source} answers with {answerer.io.grammar.n_actions} "
+                                   "actions per answer (its export's --chunk); drop --chunk for a bundle")
+        return answerer
     if (source / "config.json").is_file():
-        return _CheckpointAnswerer(source, threads)
+        return _CheckpointAnswerer(source, threads, 1 if n_actions is None else n_actions)
     raise CalibrationError(f"{source}: neither a bundle ({MANIFEST_NAME}) nor a checkpoint (config.json); "
                            "export a bundle with `edgeact export` first")
 
@@ -166,8 +175,12 @@ def _answerer(source: Path, threads: int | None):
 def build_calibration_set(source: str | Path, out: str | Path | None, n_samples: int = 16, seed: int = 0,
                           frames_source: str | Path = SYNTHETIC, *, instructions: tuple[str, ...] = DEFAULT_INSTRUCTIONS,
                           width: int = 320, height: int = 240, threads: int | None = None, overwrite: bool = False,
-                          on_sample: Callable[[int], None] | None = None) -> CalibrationSet:
-    """Frames -> preprocessed inputs + prompt -> fp32 answer, for n_samples; saved at `out` (None: not saved)."""
+                          on_sample: Callable[[int], None] | None = None, n_actions: int | None = None
+                          ) -> CalibrationSet:
+    """Frames -> preprocessed inputs + prompt -> fp32 answer, for n_samples; saved at `out` (None: not saved).
+
+    n_actions: actions per answer of a checkpoint's answers (the bundle to quantize's chunk; default 1); a bundle
+    answers with its own."""
     import datetime
 
     from edgeact.runtime.prompt import build_prompt_ids
@@ -179,7 +192,7 @@ def build_calibration_set(source: str | Path, out: str | Path | None, n_samples:
     if str(frames_source) != SYNTHETIC and (width, height) != (320, 240):
         raise CalibrationError(f"width/height {width}x{height} size the synthetic camera's frames; a recording's "
                                f"frames ({frames_source}) keep their own size: leave out --width/--height")
-    answerer = _answerer(Path(source), threads)
+    answerer = _answerer(Path(source), threads, n_actions)
     io = answerer.io
     rng = np.random.default_rng([seed, 1])
     samples = []

@@ -91,7 +91,8 @@ class CalibrationSet:
     samples: tuple[CalibrationSample, ...]
     seed: int
     frames_source: dict[str, Any]            # {"type": "synthetic", ...} or {"type": "recording", "path": ...}
-    # {"name", "config_sha256", "source", "kind", "weights_sha256"} of the answering model
+    # {"name", "config_sha256", "source", "kind", "weights_sha256", "model_weights_sha256", "n_actions"} of the
+    # answering model
     model: dict[str, Any]
     created_utc: str = ""
 
@@ -107,13 +108,24 @@ class CalibrationSet:
         return len(self.samples)
 
     def check_model(self, config_sha256: str, patch_dim: int, vocab_rows: int,
-                    model_weights: Callable[[str], str] | None = None) -> None:
+                    model_weights: Callable[[str], str] | None = None, *, model_weights_sha256: str = "",
+                    n_actions: int | None = None) -> None:
         """Refuse a set whose frames or ids do not fit the model about to be quantized.
 
-        `model_weights(kind)`: that model's weights_sha256 as a set answered by a `kind` source records it ('' where
-        it cannot be told); a set decoded by other weights is refused. A set without a digest (built before sets
-        recorded one) is accepted with a warning.
+        `model_weights_sha256`: the whole model's weights digest (its checkpoint's, as the bundle recorded it at
+        export); a set that recorded one is compared on it. Otherwise `model_weights(kind)`: that model's
+        weights_sha256 as a set answered by a `kind` source records it ('' where it cannot be told). A set decoded by
+        other weights is refused; one without a digest (built before sets recorded one) is accepted with a warning.
+        `n_actions`: the actions per answer of the bundle; a set whose answers hold another number is refused (its
+        decoder feeds would miss the positions the runtime feeds).
         """
+        theirs_actions = self.model.get("n_actions")
+        if n_actions is not None and theirs_actions is not None and int(theirs_actions) != n_actions:
+            source = "this bundle" if self.model.get("kind") == "bundle" else "the checkpoint with --chunk " \
+                f"{n_actions}"
+            raise CalibrationError(f"the calibration answers hold {theirs_actions} action(s) each and this bundle's "
+                                   f"hold {n_actions} (its export's --chunk): rebuild the set from {source} with "
+                                   "`edgeact calibrate`")
         for s in self.samples:
             if s.images.shape[-1] != patch_dim:
                 raise CalibrationError(f"calibration images hold patches of {s.images.shape[-1]} values but the model "
@@ -127,6 +139,13 @@ class CalibrationSet:
             raise CalibrationError(f"the calibration answers were decoded by another model (config sha256 "
                                    f"{theirs[:12]}…, this one {config_sha256[:12]}…); rebuild the set from this bundle "
                                    "with `edgeact calibrate`")
+        whole = self.model.get("model_weights_sha256", "")
+        if whole and model_weights_sha256 and whole != model_weights_sha256:
+            raise CalibrationError(f"the calibration answers were decoded by another model: the weights of the "
+                                   f"{self.model.get('kind', '')} {self.model.get('source', '')!r} that answered "
+                                   f"(sha256 {whole[:12]}…) are not this bundle's model's "
+                                   f"({model_weights_sha256[:12]}…); rebuild the set from this bundle with "
+                                   "`edgeact calibrate`")
         if model_weights is None:
             return
         theirs, kind = self.model.get("weights_sha256", ""), self.model.get("kind", "")

@@ -157,6 +157,9 @@ def _register_calibrate(subparsers) -> None:
     p.add_argument("--width", type=_positive_int, default=320, help="synthetic camera width px (default 320)")
     p.add_argument("--height", type=_positive_int, default=240, help="synthetic camera height px (default 240)")
     p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--chunk", type=_positive_int, help="a checkpoint source: actions per answer, as the bundle to "
+                                                       "quantize was exported with (its --chunk; default 1); a bundle "
+                                                       "answers with its own")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_calibrate)
 
@@ -172,7 +175,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         calib = build_calibration_set(args.source, args.out, args.samples, args.seed, args.frames,
                                       instructions=tuple(args.instruction or DEFAULT_INSTRUCTIONS), width=args.width,
                                       height=args.height, threads=args.threads, overwrite=args.overwrite,
-                                      on_sample=lambda i: progress.advance(task))
+                                      on_sample=lambda i: progress.advance(task), n_actions=args.chunk)
     table = Table(title=f"calibration set {args.out}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")

@@ -263,7 +263,9 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
     cfg = source.config
     try:
         calib.check_model(source.manifest.model.source_config_sha256, cfg.vit_config.patch_dim,
-                          source.weight("embedding").shape[0], lambda kind: _weights_sha256(source, kind))
+                          source.weight("embedding").shape[0], lambda kind: _weights_sha256(source, kind),
+                          model_weights_sha256=source.manifest.model.source_weights_sha256,
+                          n_actions=int(source.manifest.grammar.get("n_actions", 1)))
     except CalibrationError as exc:
         raise CalibrationError(f"{where}: {exc}") from None
     return calib, {"used": True, "source": where, "samples": len(calib), "seed": calib.seed,
@@ -279,6 +281,8 @@ def _weights_sha256(source: Bundle, kind: str) -> str:
     if kind == "bundle":
         return weights_sha256(kind, source.root)
     model = source.manifest.model
+    if kind == "checkpoint" and model.source_weights_sha256:
+        return model.source_weights_sha256      # what export hashed, not what the path holds now (retrained, moved)
     config = Path(model.source_checkpoint) / "config.json" if model.source_checkpoint else None
     if kind != "checkpoint" or config is None or not config.is_file():
         return ""

@@ -78,6 +78,34 @@ def test_check_model_refuses_another_model_or_patch_size():
         calib.check_model("", 588, 10)
 
 
+def test_check_model_compares_the_whole_models_weights_and_the_actions_per_answer():
+    """The arrays digest covers only the embedding and the LM head: the whole model's (its checkpoint's, recorded at
+    export) tells two models of one config apart; and answers of another chunk feed other decoder positions."""
+    model = {"config_sha256": "ab" * 32, "kind": "bundle", "source": "b", "weights_sha256": "",
+             "model_weights_sha256": "11" * 32, "n_actions": 1}
+    calib = CalibrationSet((_sample(),), 0, {}, model)
+    calib.check_model("ab" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1)
+    with pytest.raises(CalibrationError, match=r"decoded by another model: the weights of the bundle 'b' that "
+                                               r"answered \(sha256 111111111111…\) are not this bundle's model's"):
+        calib.check_model("ab" * 32, 588, 100, model_weights_sha256="22" * 32, n_actions=1)
+    with pytest.raises(CalibrationError, match=r"answers hold 1 action\(s\) each and this bundle's hold 8 \(its "
+                                               r"export's --chunk\): rebuild the set from this bundle"):
+        calib.check_model("ab" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=8)
+    older = CalibrationSet((_sample(),), 0, {}, {"config_sha256": "ab" * 32, "weights_sha256": ""})
+    older.check_model("ab" * 32, 588, 100, model_weights_sha256="22" * 32, n_actions=8)    # recorded neither
+
+
+def test_a_set_records_the_answering_models_weights_and_chunk(sources, tmp_path):
+    from edgeact.runtime.bundle import read_manifest
+
+    calib = build_calibration_set(sources["bundle"], None, n_samples=1, seed=0, threads=1)
+    manifest = read_manifest(sources["bundle"])
+    assert calib.model["model_weights_sha256"] == manifest.model.source_weights_sha256 != ""
+    assert calib.model["n_actions"] == int(manifest.grammar.get("n_actions", 1))
+    with pytest.raises(CalibrationError, match=r"--chunk 8: .* answers with 1 actions per answer"):
+        build_calibration_set(sources["bundle"], None, n_samples=1, seed=0, threads=1, n_actions=8)
+
+
 def test_builder_answers_with_the_bundle_and_agrees_with_the_checkpoint(sources):
     calib = CalibrationSet.load(sources["calibration"])       # built by the fixture from the fp32 bundle
     assert len(calib) == CALIBRATION_SAMPLES and calib.model["kind"] == "bundle"
