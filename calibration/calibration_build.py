@@ -4,7 +4,8 @@ Frames are preprocessed exactly as on the robot (runtime/preprocess.py), prompte
 few instructions, and answered by the fp32 model with grammar-masked greedy decoding: by the
 bundle's own ONNX stages in onnxruntime (the graphs the quantizer will change), or, given a
 checkpoint, by the PyTorch reference. Held-out frames for the quantization report come from
-the same generator under another seed stream, so they never repeat the calibration frames.
+the same generator under another seed stream and show the scene's odd frames, calibration its even
+ones, so they never repeat a calibration picture; verification's poses are never drawn.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ _SCENE_FRAMES = 120
 _PITCH_DEG = (25.0, 45.0)
 _HEIGHT_M = (0.40, 0.60)
 HELD_OUT_STREAM = 0x5EED      # seed-stream salt of report frames: disjoint from calibration frames' stream
+# The camera pitches `edgeact verify` renders its held-out frames at (export/verify.py held_out_observations): the
+# scene repeats every _SCENE_FRAMES frames, so only the pose keeps calibration's pictures from verification's.
+VERIFY_PITCHES = (30.0, 35.0, 40.0)
 
 
 def synthetic_frames(n: int, seed: int, width: int = 320, height: int = 240, *, held_out: bool = False
@@ -39,9 +43,13 @@ def synthetic_frames(n: int, seed: int, width: int = 320, height: int = 240, *, 
 
     rng = np.random.default_rng([seed, HELD_OUT_STREAM] if held_out else [seed])
     for _ in range(n):
-        camera = {"width": width, "height": height, "pitch_deg": round(float(rng.uniform(*_PITCH_DEG)), 2),
+        pitch = round(float(rng.uniform(*_PITCH_DEG)), 2)
+        if pitch in VERIFY_PITCHES:        # verification's poses are never drawn (its frames cover every scene)
+            pitch += 0.01
+        camera = {"width": width, "height": height, "pitch_deg": pitch,
                   "camera_height_m": round(float(rng.uniform(*_HEIGHT_M)), 3)}
-        frame = int(rng.integers(_SCENE_FRAMES))
+        # calibration draws the scene's even frames, held-out report frames its odd ones: never the same picture
+        frame = 2 * int(rng.integers(_SCENE_FRAMES // 2)) + (1 if held_out else 0)
         yield frame, SyntheticCamera(SyntheticConfig(**camera)).render(frame).color, {"type": SYNTHETIC, **camera}
 
 

@@ -10,8 +10,9 @@ not measure (the depth tokenizer: its PyTorch encoder is not in the bundle) keep
 step that added them recorded, and count in the status; such a stage without a row fails it.
 
 Held-out inputs: synthetic camera frames numbered from HELD_OUT_FRAME_BASE on, at camera
-poses of their own, and instructions of their own; calibration sets must draw frames below
-HELD_OUT_FRAME_BASE so that verification never sees what calibration fitted.
+poses of their own (pitches calibration never draws: the synthetic scene repeats every 120
+frames, so the pose is what keeps the pictures apart), so that verification never sees what
+calibration fitted.
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ GATES: Mapping[str, Gate] = MappingProxyType({
 })
 if set(GATES) != set(PRECISIONS):   # a new precision must get its gates here, not silently none
     raise RuntimeError(f"GATES covers {sorted(GATES)} but stages may be {sorted(PRECISIONS)}")
+
+from edgeact.calibration.calibration_build import VERIFY_PITCHES  # noqa: E402  (the pose calibration never draws)
 
 HELD_OUT_FRAME_BASE = 100_000
 HELD_OUT_INSTRUCTIONS = (
@@ -126,7 +129,8 @@ def held_out_observations(n: int) -> list[tuple[Any, str]]:
     width, height = HELD_OUT_CAMERA_PX
     out = []
     for k in range(n):
-        camera = SyntheticCamera(SyntheticConfig(width=width, height=height, pitch_deg=30.0 + 5.0 * (k % 3)))
+        pitch = VERIFY_PITCHES[k % len(VERIFY_PITCHES)]     # calibration never draws these (calibration_build)
+        camera = SyntheticCamera(SyntheticConfig(width=width, height=height, pitch_deg=pitch))
         out.append((camera.render(HELD_OUT_FRAME_BASE + 7 * k).color, HELD_OUT_INSTRUCTIONS[k % len(HELD_OUT_INSTRUCTIONS)]))
     return out
 

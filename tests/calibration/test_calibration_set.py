@@ -212,3 +212,19 @@ def test_cli_calibrate_writes_a_set(sources, tmp_path, capsys):
     assert len(calib) == 1 and calib.seed == 4 and calib.samples[0].instruction == "touch the blue box"
     assert "answered by" in capsys.readouterr().out
     assert main(["calibrate", str(tmp_path), "--out", str(tmp_path / "x"), "--samples", "1"]) == 2
+
+
+@pytest.mark.parametrize("seed", [929096, 356561, 0])
+def test_calibration_pictures_are_never_verifications_or_the_reports(seed):
+    """The synthetic scene repeats every 120 frames: calibration draws its even frames at poses verification never
+    renders, the report its odd frames (seeds that once drew verification's and the report's very pictures)."""
+    from edgeact.calibration.calibration_build import VERIFY_PITCHES
+    from edgeact.export.verify import DEFAULT_FRAMES, held_out_observations
+
+    calibration = [(f, c["pitch_deg"]) for f, _, c in synthetic_frames(64, seed)]
+    report = [f for f, _, _ in synthetic_frames(64, seed, held_out=True)]
+    assert all(f % 2 == 0 and pitch not in VERIFY_PITCHES for f, pitch in calibration)
+    assert all(f % 2 == 1 for f in report)
+    verify_pictures = [rgb for rgb, _ in held_out_observations(DEFAULT_FRAMES)]
+    for _, rgb, _ in synthetic_frames(16, seed):
+        assert not any(np.array_equal(rgb, v) for v in verify_pictures)
