@@ -159,10 +159,13 @@ class OmniBase:
                 self._stop_wheels()
                 raise EStopLatchedError("the e-stop is active: the base does not drive; release the e-stop (on a "
                                         "SafetyGuard also call reset_estop()) before sending again")
-            if self.guard is not None and len(self.guard.trips) != self._guard_trips:
-                # The guard stopped the wheels itself meanwhile (its watchdog, go_safe): ramp up from standstill.
-                self._sent_rad_s = dict.fromkeys(self.config.wheels, 0.0)
             now = time.monotonic()
+            bus_watchdog_s = getattr(getattr(self._raw, "config", None), "bus_watchdog_s", None)
+            if (self.guard is not None and len(self.guard.trips) != self._guard_trips) or \
+                    (bus_watchdog_s and now - self._last_command_s >= bus_watchdog_s):
+                # The guard stopped the wheels itself meanwhile (its watchdog, go_safe), or the motors' own bus
+                # watchdog did (a Dynamixel's, shorter than ours): ramp up from standstill.
+                self._sent_rad_s = dict.fromkeys(self.config.wheels, 0.0)
             sent = self.bus.send_velocity(self.ramp(wheels, now - self._last_command_s))
             self._last_command_s = now
             self._sent_rad_s = dict(sent)
@@ -226,12 +229,16 @@ class OmniBase:
         while not self._stop_watch.wait(self.config.watchdog_s / 4):
             with self._lock:
                 idle_s = time.monotonic() - self._last_command_s
-                estopped = self._moving and self._estopped()
+                try:
+                    estopped = self._moving and self._estopped()
+                except Exception:   # an e-stop input that cannot be read counts as pressed: the watchdog lives on
+                    log.exception("base: reading the e-stop input failed; stopping the wheels as if it were set")
+                    estopped = self._moving
                 if not self._moving or (idle_s <= self.config.watchdog_s and not estopped):
                     continue
                 try:
                     self._stop_wheels()
-                except MotorBusError as exc:   # keep watching: the next period tries again
+                except Exception as exc:   # keep watching: the next period tries again
                     log.error("base watchdog could not stop the wheels: %s", exc)
                     continue
                 if not estopped:

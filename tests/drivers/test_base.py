@@ -233,3 +233,46 @@ def test_full_reverse_is_ramped_not_sent_in_one_command(lekiwi):
         assert sent.wz_rad_s == pytest.approx(0, abs=2e-2)        # still straight, just slower
         base.stop()                                             # stops are immediate
         assert goals(bus) == dict.fromkeys(WHEEL_IDS, 0)
+
+
+def test_an_estop_input_that_raises_stops_the_wheels_and_the_watchdog_lives_on(lekiwi):
+    """A transient read error of the e-stop input (GPIO, a file) counts as pressed; it must not kill the watchdog
+    that stops the wheels when commands stop."""
+    sim, bus = lekiwi
+    reads = []
+
+    def flaky():
+        reads.append(threading.current_thread().name)
+        if threading.current_thread().name == "base-watchdog" and reads.count("base-watchdog") == 1:
+            raise OSError("gpio read failed")
+        return False
+
+    with OmniBase(bus, OmniBaseConfig(watchdog_s=0.4, max_wheel_accel_rad_s2=NO_RAMP), estop=flaky) as base:
+        base.send(wz_rad_s=1.0)
+        deadline = time.monotonic() + 5.0
+        while base.moving:
+            assert time.monotonic() < deadline, "the wheels kept driving"
+            time.sleep(0.02)
+        assert base._watchdog.is_alive() and goals(bus) == dict.fromkeys(WHEEL_IDS, 0)
+        base.send(wz_rad_s=1.0)                 # and it still stops them once commands stop
+        while base.moving:
+            assert time.monotonic() < deadline + 5.0, "the watchdog died"
+            time.sleep(0.02)
+
+
+def test_after_the_motors_own_bus_watchdog_stopped_them_the_base_ramps_from_standstill(start_sim, bus_for):
+    """A Dynamixel bus watchdog shorter than the base's stops the wheels unseen; the next command must ramp up from
+    standstill, not jump to the old speed."""
+    sim = start_sim("dynamixel", ids=WHEEL_IDS.values())
+    motors = {name: Motor(i, "xl430-w250", mode="velocity") for name, i in WHEEL_IDS.items()}
+    with bus_for(sim, motors, bus_watchdog_s=0.1) as bus:
+        with OmniBase(bus, OmniBaseConfig(watchdog_s=2.0, max_wheel_accel_rad_s2=10.0)) as base:
+            deadline = time.monotonic() + 5.0
+            while base.send(wz_rad_s=1.0).wz_rad_s < 0.99:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.3)                     # past the bus watchdog, within the base's
+            before = max(abs(v) for v in base._sent_rad_s.values())
+            base.send(wz_rad_s=1.0)
+            after = max(abs(v) for v in base._sent_rad_s.values())
+            assert before > 2.0 and after <= 10.0 * ACCEL_STEP_MAX_S + 0.03     # + one raw unit of velocity
