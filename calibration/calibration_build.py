@@ -156,11 +156,12 @@ class _CheckpointAnswerer:
         import torch
 
         from edgeact.export.generate import generate_greedy
-        from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
+        from edgeact.runtime.grammar_walk import MaskedGreedyConstraint, longest_answer
 
         t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 -- copies: preprocess buffers are reused
         result = generate_greedy(self.model_, t(prompt_ids)[None], t(inputs.images), t(inputs.image_masks),
-                                 t(inputs.pooled_patches_idx), max_new_tokens=1024, eos_token_id=self.io.layout.bos_id,
+                                 t(inputs.pooled_patches_idx), max_new_tokens=longest_answer(self.io.grammar),
+                                 eos_token_id=self.io.layout.bos_id,
                                  allowed_token_fn=MaskedGreedyConstraint(self.io.grammar))
         return np.asarray(result.token_ids, np.int64)
 

@@ -134,12 +134,15 @@ class CalibrationSet:
             if top >= vocab_rows:
                 raise CalibrationError(f"calibration token id {top} is outside the model's {vocab_rows} embedding rows; "
                                        "rebuild the set with this model's tokenizer (`edgeact calibrate`)")
+        whole = self.model.get("model_weights_sha256", "")
+        same_weights = bool(whole and model_weights_sha256 and whole == model_weights_sha256)
         theirs = self.model.get("config_sha256", "")
-        if theirs and config_sha256 and theirs != config_sha256:
+        # The config's bytes: another formatting of the same config (verify.config_matches) with the same weights is
+        # the same model, so the bytes are compared only where the weights cannot tell
+        if theirs and config_sha256 and theirs != config_sha256 and not same_weights:
             raise CalibrationError(f"the calibration answers were decoded by another model (config sha256 "
                                    f"{theirs[:12]}…, this one {config_sha256[:12]}…); rebuild the set from this bundle "
                                    "with `edgeact calibrate`")
-        whole = self.model.get("model_weights_sha256", "")
         if whole and model_weights_sha256 and whole != model_weights_sha256:
             raise CalibrationError(f"the calibration answers were decoded by another model: the weights of the "
                                    f"{self.model.get('kind', '')} {self.model.get('source', '')!r} that answered "

@@ -107,10 +107,13 @@ class BundleStore:
             raise ConfigError(f"--store {self.root} holds {held}, not a bundle store; give the store its own folder "
                               f"(default {DEFAULT_STORE})")
         for parent in self.root.parents:    # nor below one: replacing that output would take the store with it
-            if folder_holds(parent) in ("a bundle", "a checkpoint"):
-                raise ConfigError(f"--store {self.root} lies inside {parent}, which holds {folder_holds(parent)}: "
-                                  f"re-exporting it would delete the store; give the store its own folder (default "
-                                  f"{DEFAULT_STORE})")
+            try:
+                above = folder_holds(parent)
+            except OSError:                 # a folder it may pass through but not list: no edgeact output
+                continue
+            if above in ("a bundle", "a checkpoint"):
+                raise ConfigError(f"--store {self.root} lies inside {parent}, which holds {above}: re-exporting it "
+                                  f"would delete the store; give the store its own folder (default {DEFAULT_STORE})")
 
     # -- reading ------------------------------------------------------------------------------------
 

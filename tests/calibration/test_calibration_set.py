@@ -91,6 +91,8 @@ def test_check_model_compares_the_whole_models_weights_and_the_actions_per_answe
     with pytest.raises(CalibrationError, match=r"answers hold 1 action\(s\) each and this bundle's hold 8 \(its "
                                                r"export's --chunk\): rebuild the set from this bundle"):
         calib.check_model("ab" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=8)
+    # the config's bytes differ (another formatting of one config), the whole model's weights are the same: accepted
+    calib.check_model("cd" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1)
     older = CalibrationSet((_sample(),), 0, {}, {"config_sha256": "ab" * 32, "weights_sha256": ""})
     older.check_model("ab" * 32, 588, 100, model_weights_sha256="22" * 32, n_actions=8)    # recorded neither
 
@@ -228,3 +230,15 @@ def test_calibration_pictures_are_never_verifications_or_the_reports(seed):
     verify_pictures = [rgb for rgb, _ in held_out_observations(DEFAULT_FRAMES)]
     for _, rgb, _ in synthetic_frames(16, seed):
         assert not any(np.array_equal(rgb, v) for v in verify_pictures)
+
+
+def test_a_checkpoints_long_chunk_answers_are_whole(sources):
+    """A checkpoint answering 50 actions per answer (~1250 tokens): each answer runs to its end-of-text."""
+    from edgeact.runtime.grammar import AnswerGrammar
+    from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
+
+    calib = build_calibration_set(sources["checkpoint"], None, n_samples=1, seed=0, threads=1, n_actions=50)
+    tokenizer = load_tokenizer(sources["checkpoint"] / "tokenizer.json")
+    grammar = AnswerGrammar(tokenizer, TokenLayout.from_tokenizer(tokenizer), n_actions=50)
+    answer = grammar.parse_ids(calib.samples[0].answer_ids)
+    assert answer.action_ids.shape[0] == 50 and calib.model["n_actions"] == 50

@@ -145,3 +145,19 @@ def test_benchmark_outputs_are_checked_before_the_work(tmp_path, capsys, bundle)
     assert f"--out {blocker}: a file, not a directory" in err(capsys)
     assert main(["bench-quant", str(tmp_path / "no-checkpoint"), "--json", str(blocker / "x.json")]) == 2
     assert f"--json {blocker / 'x.json'}: its folder {blocker}: a file, not a directory" in err(capsys)
+
+
+def test_a_store_below_a_folder_that_cannot_be_listed_is_still_used(tmp_path, monkeypatch):
+    """A parent the user may pass through but not list (mode 0711) holds no edgeact output that could matter."""
+    import edgeact.runtime.atomic_dir as atomic_dir
+    from edgeact.runtime.bundle_store import BundleStore
+
+    locked = tmp_path / "locked"
+    real = atomic_dir.folder_holds
+
+    def holds(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(atomic_dir, "folder_holds", holds)
+    assert BundleStore(locked / "store").root == locked / "store"
