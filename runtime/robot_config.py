@@ -335,8 +335,10 @@ class RobotConfig:
         ids: dict[int, str] = {}
         for name, motor in self.robot.motors.items():
             if ids.setdefault(motor.id, name) != name:
+                scan = ("`edgeact motors scan` lists the bus's" if self.robot.bus in ("feetech", "dynamixel")
+                        else "each motor's CAN id is its ESC_ID, set with Damiao's tool")
                 raise ConfigError(f"robot.motors: '{ids[motor.id]}' and '{name}' both have id {motor.id}; give each "
-                                  "motor its own id (`edgeact motors scan` lists the bus's)")
+                                  f"motor its own id ({scan})")
         self._ik_within_safety_limits()
         if self.plan.follow_trace != "never":
             from edgeact.runtime.trace_follow import check_follow_trace

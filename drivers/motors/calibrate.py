@@ -85,7 +85,9 @@ class RawReader:
     def _read_damiao(self) -> dict[str, int]:
         from edgeact.drivers.motors import damiao_table as dt
 
-        self.bus.read_state(self.names)     # refreshes last_feedback: the motor-frame angle, before calibration
+        # refreshes last_feedback (the motor-frame angle, before calibration); a motor in "communication lost" is
+        # torque-free, as calibration wants it
+        self.bus.read_state_torque_free(self.names)
         out = {}
         for name in self.names:
             p_max = self.bus.model[name].p_max_rad

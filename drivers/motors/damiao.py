@@ -191,6 +191,14 @@ class DamiaoBus(MotorsBus):
                 raise ConfigError(f"{_label(name, self.motors[name])} is in control mode {value}, this driver uses MIT "
                                   f"(1): connect with check_on_connect=False, then write('CTRL_MODE', {name!r}, 1) "
                                   f"and save_params([{name!r}])")
+        if not self.config.timeout_units:   # the motors' own TIMEOUT is kept: say when one is set (an earlier run's)
+            for name, units in self.sync_read("TIMEOUT", names).items():
+                if units:
+                    log.warning("%s has its own command timeout set (TIMEOUT %d = %.3f s, from an earlier run or its "
+                                "saved settings): it turns torque off that long after the last command, whatever "
+                                "robot.disable_torque_on_exit says; set robot.options.bus_watchdog_s to choose it, or "
+                                "power-cycle the motor to clear it", _label(name, self.motors[name]), units,
+                                units * dt.TIMEOUT_UNIT_S)
         ranges = [self.sync_read(r, names) for r in ("PMAX", "VMAX", "TMAX")]
         for name in names:
             m, got = self.model[name], tuple(r[name] for r in ranges)
@@ -239,7 +247,8 @@ class DamiaoBus(MotorsBus):
                 who = ", ".join(labels[k] if labels else str(k) for k in pending)
                 tries = f"{self.config.retries + 1} tries of {self.config.timeout_s * 1000:.0f} ms"
                 raise MotorTimeoutError(f"{who} stopped answering (no reply to {what} after {tries}); "
-                                        "check the CAN cable/termination and the motor's power")
+                                        "check the CAN cable/termination, the motor's power, and that its ESC_ID "
+                                        "(CAN id) is the one configured")
             return replies
 
     def _route(self, msg, pending: dict, replies: dict) -> None:
@@ -306,7 +315,8 @@ class DamiaoBus(MotorsBus):
             raise MotorHardwareError("; ".join(
                 f"{_label(n, self.motors[n])} reports {dt.status_text(code)}: "
                 f"{dt.STATUS_ERRORS.get(code, ('', 'see the Damiao manual'))[1]}" for n, code in faults)
-                + f"; then clear_error({names}) and enable_torque({names})")
+                + f"; remove the cause, then power-cycle the motor to clear the fault (from Python: clear_error({names}) "
+                f"and enable_torque({names}))")
 
     # -- discovery -------------------------------------------------------------------
     def ping(self, motor_id: int) -> int | None:
@@ -404,6 +414,14 @@ class DamiaoBus(MotorsBus):
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         feedback = self._read_feedback(motors)
         self._raise_on_errors(feedback)
+        return self._state(feedback)
+
+    def read_state_torque_free(self, motors: list[str] | None = None) -> MotorState:
+        """read_state for what never turns torque on (a shadow run, calibration): a motor whose own TIMEOUT turned
+        torque off ("communication lost") is torque-free and reads where it is, so it is read, not refused (the real
+        run clears that when it turns torque on); any other fault is raised."""
+        feedback = self._read_feedback(motors)
+        self._raise_on_errors({n: fb for n, fb in feedback.items() if fb.error != dt.STATUS_COMMUNICATION_LOST})
         return self._state(feedback)
 
     def read_state_with_faults(self, motors: list[str] | None = None) -> tuple[MotorState, dict[str, int]]:

@@ -33,7 +33,8 @@ class ShadowBus(BusWrapper):
         self.bus.disconnect(False)          # the real bus's close, its torque never touched
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
-        state = self.bus.read_state(motors)
+        # a Damiao motor left in "communication lost" is torque-free: read, as the shadow never turns torque on
+        state = (getattr(self.bus, "read_state_torque_free", None) or self.bus.read_state)(motors)
         with self._lock:
             self._measured.update(state.position_rad)
         return state

@@ -21,8 +21,9 @@ def test_error_state_feedback_raises_a_clear_hardware_error(sim, channel, code, 
         bus.enable_torque()
         with sim.lock:
             sim.motor(2).inject_error(code)
-        with pytest.raises(MotorHardwareError, match=rf"motor 'elbow' \(CAN id 0x02\) reports {words}: .*"
-                                                     r"clear_error\(\['elbow'\]\) and enable_torque\(\['elbow'\]\)"):
+        with pytest.raises(MotorHardwareError, match=rf"motor 'elbow' \(CAN id 0x02\) reports {words}: .*power-cycle "
+                                                     r"the motor to clear the fault \(from Python: "
+                                                     r"clear_error\(\['elbow'\]\) and enable_torque\(\['elbow'\]\)\)"):
             bus.read_state()
         with pytest.raises(MotorHardwareError, match=words):
             bus.send({"shoulder": 0.0, "elbow": 0.0})
@@ -63,7 +64,7 @@ def test_motor_that_stops_answering_times_out_and_the_others_end_disabled(sim, c
                 elapsed = time.monotonic() - t0
     message = str(err.value)
     assert "motor 'shoulder' (CAN id 0x01) stopped answering" in message
-    assert "check the CAN cable/termination and the motor's power" in message and "elbow" not in message
+    assert "check the CAN cable/termination, the motor's power, and that its ESC_ID (CAN id) is the one configured" in message and "elbow" not in message
     assert (retries + 1) * timeout_s <= elapsed < 5.0       # bounded: three tries, not forever
     assert sim.motor(1).frames_handled > 0
     assert not sim.motor(2).enabled                         # leaving the block disabled the motor still there
@@ -144,3 +145,35 @@ def test_commands_on_a_closed_bus_say_connect(channel):
     bus = DamiaoBus(arm_motors(), config=cfg(channel))
     with pytest.raises(MotorBusError, match=r"call connect\(\) first"):
         bus.read_state()
+
+
+def test_a_motor_left_in_communication_lost_reads_for_what_never_turns_torque_on(sim, channel):
+    """Torque-free after its own TIMEOUT ran out: a shadow run and calibration read it (they never turn torque on);
+    any other fault still refuses."""
+    from edgeact.drivers.motors.calibrate import RawReader
+    from edgeact.drivers.motors.shadow import ShadowBus
+
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        with sim.lock:
+            sim.motor(2).inject_error(dt.STATUS_COMMUNICATION_LOST)
+        with pytest.raises(MotorHardwareError, match="communication lost"):
+            bus.read_state()
+        assert set(bus.read_state_torque_free().position_rad) == {"shoulder", "elbow"}
+        assert set(ShadowBus(bus).read_state().position_rad) == {"shoulder", "elbow"}
+        assert set(RawReader(bus, ["shoulder", "elbow"]).read()) == {"shoulder", "elbow"}
+        with sim.lock:
+            sim.motor(2).inject_error(0xA)
+        with pytest.raises(MotorHardwareError, match="overcurrent"):
+            bus.read_state_torque_free()
+
+
+def test_a_timeout_left_in_a_motor_is_said_at_connect(sim, channel, caplog):
+    """An earlier run's bus_watchdog_s stays in the motor's RAM: a config without one is told the motor will still
+    turn torque off by itself."""
+    with DamiaoBus(arm_motors(), config=cfg(channel)) as bus:
+        bus.write("TIMEOUT", "elbow", 2000)
+    with caplog.at_level("WARNING", logger="edgeact.drivers.motors.damiao"):
+        with DamiaoBus(arm_motors(), config=cfg(channel)):
+            pass
+    assert "motor 'elbow' (CAN id 0x02) has its own command timeout set (TIMEOUT 2000 = 0.100 s" in caplog.text
+    assert "shoulder" not in caplog.text

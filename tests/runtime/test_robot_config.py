@@ -274,6 +274,11 @@ def test_damiao_can_bus_section():
     assert "robot.options: gains of 'default'" in _error(_damiao(options={"kp": -1.0}))
     assert "robot.motors.elbow.model: unknown Damiao model 'dm9999'" in _error(
         _damiao(motors={"elbow": {"id": 1, "model": "dm9999"}}))
+    twice = _damiao(motors={"elbow": {"id": 1, "model": "dm4310"}, "wrist": {"id": 1, "model": "dm4310"}})
+    twice["actions"] = {"type": "joint_delta", "joints": ["elbow", "wrist"], "gains": [1.0, 1.0]}
+    said = _error(twice)       # `edgeact motors scan` is for the serial buses
+    assert "both have id 1; give each motor its own id (each motor's CAN id is its ESC_ID" in said
+    assert "motors scan" not in said
 
 
 # -- values that validate one by one but would disable a protection; torque at exit ---------------------------------
