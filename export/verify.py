@@ -17,7 +17,6 @@ calibration fitted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -267,12 +266,9 @@ def config_matches(config: Path, model) -> bool:
 
 
 def _is_bundle(path: Path) -> bool:
-    from edgeact.runtime.bundle_manifest import MANIFEST_NAME, manifest_kind
+    from edgeact.runtime.atomic_dir import folder_holds
 
-    try:
-        return manifest_kind(json.loads((path / MANIFEST_NAME).read_text())) is None
-    except (OSError, ValueError):       # no manifest.json, or not JSON
-        return False
+    return folder_holds(path) == "a bundle"
 
 
 def record_verification(bundle_dir: str | Path, report: VerificationReport):

@@ -138,14 +138,14 @@ def _check(args) -> int:
 
     from edgeact.runtime.preflight import FAIL, OK, SKIPPED, WARN, failed, preflight, report
     from edgeact.runtime.robot_config import load_robot_config
-    from edgeact.runtime.telemetry import not_another_file, output_file, outputs_not_inputs
+    from edgeact.runtime.telemetry import is_check_report, not_another_file, output_file, outputs_not_inputs
 
     _log_to_stderr(logging.WARNING)
     config = load_robot_config(args.config)         # a bad field: named here, before anything connects
     json_path = output_file(args.json, "--json") if args.json else None
     if json_path is not None:
         outputs_not_inputs({"--json": json_path}, config.input_files)
-        not_another_file(json_path, "--json", _is_check_json, "an edgeact check report")
+        not_another_file(json_path, "--json", is_check_report, "an edgeact check report")
     console = _console(120)
     styles = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIPPED: "dim"}
     console.print(f"check: {config.source} (nothing is moved; torque is left as it is)")
@@ -165,16 +165,6 @@ def _check(args) -> int:
     console.print(f"would not run as it is: fix {', '.join(dict.fromkeys(bad))} (above)" if failed(checks)
                   else "ready: `edgeact run` would start")
     return 1 if failed(checks) else 0
-
-
-def _is_check_json(path: Path) -> bool:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and set(data) == {"passed", "checks"}
 
 
 def _bench_command(args) -> int:

@@ -352,6 +352,12 @@ def is_recording(path: Path) -> bool:
     return isinstance(data, dict) and data.get("event") in ("command", "plan", "trip", "stop")
 
 
+def is_check_report(path: Path) -> bool:
+    """Whether `path` holds an `edgeact check --json` report (preflight.report's)."""
+    data = _first_json(path, whole=True)
+    return isinstance(data, dict) and set(data) == {"passed", "checks"}
+
+
 def not_another_file(path: Path, option: str, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse an output path that holds a file other than an older output of the same kind (a robot config, some
     other file): the run replaces what is there."""

@@ -176,6 +176,12 @@ class MotorsBus(abc.ABC):
         bus whose motors report it otherwise (Damiao: the enable flag of every feedback frame) overrides this."""
         return {n: bool(v) for n, v in self.sync_read("torque_enable", motors).items()}
 
+    def read_state_torque_free(self, motors: list[str] | None = None) -> MotorState:
+        """read_state for what never turns torque on (a shadow run, calibration): a fault that only means the motor
+        went torque-free by itself is read through, not refused (Damiao's "communication lost" overrides this); here
+        the same as read_state."""
+        return self.read_state(motors)
+
 
 class BusWrapper(MotorsBus):
     """A MotorsBus around another one (`self.bus`): every call goes through to it unless the subclass takes it
@@ -228,6 +234,9 @@ class BusWrapper(MotorsBus):
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
         return self.bus.read_state(motors)
+
+    def read_state_torque_free(self, motors: list[str] | None = None) -> MotorState:
+        return self.bus.read_state_torque_free(motors)
 
     def send(self, goal_position_rad: dict[str, float], origin_rad: dict[str, float] | None = None) -> dict[str, float]:
         return self.bus.send(goal_position_rad, origin_rad)

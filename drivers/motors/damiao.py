@@ -417,9 +417,8 @@ class DamiaoBus(MotorsBus):
         return self._state(feedback)
 
     def read_state_torque_free(self, motors: list[str] | None = None) -> MotorState:
-        """read_state for what never turns torque on (a shadow run, calibration): a motor whose own TIMEOUT turned
-        torque off ("communication lost") is torque-free and reads where it is, so it is read, not refused (the real
-        run clears that when it turns torque on); any other fault is raised."""
+        """A motor whose own TIMEOUT turned torque off ("communication lost") is torque-free and reads where it is,
+        so it is read, not refused (the real run clears that when it turns torque on); any other fault is raised."""
         feedback = self._read_feedback(motors)
         self._raise_on_errors({n: fb for n, fb in feedback.items() if fb.error != dt.STATUS_COMMUNICATION_LOST})
         return self._state(feedback)

@@ -33,8 +33,7 @@ class ShadowBus(BusWrapper):
         self.bus.disconnect(False)          # the real bus's close, its torque never touched
 
     def read_state(self, motors: list[str] | None = None) -> MotorState:
-        # a Damiao motor left in "communication lost" is torque-free: read, as the shadow never turns torque on
-        state = (getattr(self.bus, "read_state_torque_free", None) or self.bus.read_state)(motors)
+        state = self.bus.read_state_torque_free(motors)     # the shadow never turns torque on
         with self._lock:
             self._measured.update(state.position_rad)
         return state
