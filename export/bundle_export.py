@@ -29,6 +29,11 @@ TYPICAL_ANSWER_TOKENS = 256              # depth 102 + trace ~50 + sentences ~40
 EXPORT_STEPS = ("load checkpoint", "export vision", "export decoder", "write weights and tokenizer", "publish bundle")
 
 
+# The fused decoder is traced on a 5-token chunk written after 3 filled positions (_fused_decoder_example), so its
+# cache buffers must hold at least 8.
+FUSED_EXAMPLE_CHUNK, FUSED_EXAMPLE_POSITIONS = 5, 8
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     max_seq: int | None = None      # decoder positions (prompt + answer); default the config's max_position_embeddings
@@ -45,6 +50,10 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.max_seq is not None and self.max_seq < 2:
             raise ConfigError(f"max_seq is {self.max_seq}; a decoder needs room for a prompt and an answer (e.g. 2048)")
+        if self.max_seq is not None and self.attention == io.FUSED_ATTENTION and self.max_seq < FUSED_EXAMPLE_POSITIONS:
+            raise ConfigError(f"max_seq is {self.max_seq}; the fused attention's export traces {FUSED_EXAMPLE_POSITIONS} "
+                              f"positions, so it needs max_seq >= {FUSED_EXAMPLE_POSITIONS} (a prompt and an answer "
+                              f"need hundreds: e.g. 2048), or --attention {io.PORTABLE_ATTENTION}")
         if self.max_images < 1:
             raise ConfigError(f"max_images is {self.max_images}; allow at least one camera image")
         if self.n_actions < 1:
@@ -288,7 +297,7 @@ def _fused_decoder_example(model, max_seq: int):
 
     l = model.cfg.llm_config
     gen = torch.Generator().manual_seed(0)
-    n_new, n_past = 5, 3
+    n_new, n_past = FUSED_EXAMPLE_CHUNK, FUSED_EXAMPLE_POSITIONS - FUSED_EXAMPLE_CHUNK
     cache = [torch.zeros(1, l.num_key_value_heads, max_seq, l.head_dim) for _ in range(2 * l.num_hidden_layers)]
     for block in cache:
         block[:, :, :n_past] = torch.randn(1, l.num_key_value_heads, n_past, l.head_dim, generator=gen)
@@ -303,7 +312,7 @@ def _decoder_example(model):
 
     l = model.cfg.llm_config
     gen = torch.Generator().manual_seed(0)
-    n_new, n_past = 5, 3
+    n_new, n_past = FUSED_EXAMPLE_CHUNK, FUSED_EXAMPLE_POSITIONS - FUSED_EXAMPLE_CHUNK
     past = [torch.randn(1, n_past, l.num_key_value_heads, l.head_dim, generator=gen)
             for _ in range(2 * l.num_hidden_layers)]
     return (torch.randn(1, n_new, l.hidden_size, generator=gen), torch.arange(n_past, n_past + n_new)[None], *past)

@@ -275,6 +275,15 @@ def test_an_opset_outside_what_the_exporter_writes_is_refused_with_the_range():
         ExportOptions(opset=16)
 
 
+def test_a_fused_export_too_short_for_its_traced_example_is_refused_with_the_way_out(tmp_path):
+    """The fused decoder is traced on 8 positions: a shorter cache crashed inside torch with a shape error."""
+    with pytest.raises(ConfigError, match=r"max_seq is 7; the fused attention's export traces 8 positions, so it "
+                                          r"needs max_seq >= 8 .* or --attention portable"):
+        ExportOptions(max_seq=7)
+    ExportOptions(max_seq=8)
+    ExportOptions(max_seq=7, attention=io.PORTABLE_ATTENTION)
+
+
 def test_decoder_attention_never_transposes_the_cache_in_five_dimensions(exported):
     """Grouped attention stays 4-D: a 5-D group axis made every decode step copy each layer's whole
     cache through onnxruntime's element-by-element 5-D Transpose (half of an int8 step's time)."""
