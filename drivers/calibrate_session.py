@@ -178,7 +178,9 @@ def _record(section, names: list[str], answers: TextIO, console, period_s: float
 
     bus = section.make_bus()    # its calibration is the stand-in (or none): the raw reads do not use it
     with bus:   # leaving it turns torque off again (it never came on)
-        if _torque_on(bus, names):  # an arm a run left holding: it falls the moment torque goes off
+        # An arm a run left holding falls the moment torque goes off, and it goes off on every motor of the bus
+        # (not only the --motors being calibrated): each is asked.
+        if _torque_on(bus, list(bus.motors)):
             console.print(f"Torque is ON on motors of the {section.bus} bus (a run left them holding): the next step "
                           "turns it off and the arm may drop.")
             try:

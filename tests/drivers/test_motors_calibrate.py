@@ -195,19 +195,22 @@ def test_calibrates_a_config_with_no_calibration_yet(start_sim, tmp_path, monkey
     assert set(load_robot_config(path).robot.calibration) == set(NAMES)
 
 
-def test_an_arm_left_holding_is_warned_of_before_torque_goes_off(start_sim, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("subset", [[], ["--motors", "elbow_flex"]], ids=["all", "one limp joint of a holding arm"])
+def test_an_arm_left_holding_is_warned_of_before_torque_goes_off(start_sim, tmp_path, monkeypatch, capsys, subset):
     """A run left the motors holding (robot.disable_torque_on_exit false): the arm drops the moment torque goes off,
-    so the session says so and waits for Enter first; input that ends there leaves torque on."""
+    so the session says so and waits for Enter first; input that ends there leaves torque on. Torque goes off on
+    every motor of the bus, so a --motors subset is warned of when any other motor holds."""
     sim = start_sim("feetech", ids=IDS.values())
-    for i in IDS.values():
-        sim.servo(i).set("torque_enable", 1)
+    for name, i in IDS.items():
+        sim.servo(i).set("torque_enable", int(name not in subset))
     path = serial_config(tmp_path, sim.port)
     before = path.read_text()
     monkeypatch.setattr("sys.stdin", Operator())        # no line at all: the operator is not there
-    assert main(["motors", "calibrate", str(path)]) == 2
+    assert main(["motors", "calibrate", str(path), *subset]) == 2
     out = capsys.readouterr().out
     assert "Torque is ON on motors of the feetech bus" in out and "Hold the arm, then press Enter" in out
-    assert [sim.register(i, "torque_enable") for i in IDS.values()] == [1] * 6 and path.read_text() == before
+    assert ([sim.register(i, "torque_enable") for i in IDS.values()] ==
+            [int(name not in subset) for name in IDS] and path.read_text() == before)
 
 
 def test_a_subset_into_a_config_without_the_others_says_which_still_need_one(start_sim, tmp_path, monkeypatch,
