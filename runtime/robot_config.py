@@ -335,8 +335,9 @@ class RobotConfig:
         ids: dict[int, str] = {}
         for name, motor in self.robot.motors.items():
             if ids.setdefault(motor.id, name) != name:
-                scan = ("`edgeact motors scan` lists the bus's" if self.robot.bus in ("feetech", "dynamixel")
-                        else "each motor's CAN id is its ESC_ID, set with Damiao's tool")
+                scan = {"feetech": "`edgeact motors scan` lists the bus's", "dynamixel": "`edgeact motors scan` lists "
+                        "the bus's", "damiao-can": "each motor's CAN id is its ESC_ID, set with Damiao's tool",
+                        "sim": "the simulated bus answers on the ids robot.motors gives"}[self.robot.bus]
                 raise ConfigError(f"robot.motors: '{ids[motor.id]}' and '{name}' both have id {motor.id}; give each "
                                   f"motor its own id ({scan})")
         self._ik_within_safety_limits()

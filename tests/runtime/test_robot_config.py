@@ -225,7 +225,8 @@ def _mujoco(section=None, **fields):
     (lambda d: d["actions"].setdefault("joint_limits_rad", {}).update(shoulder_pan=[1.6, 2.0]),
      "actions.joint_limits_rad.shoulder_pan: [1.6, 2] does not overlap the safety limits [-1.5, 1.5]"),
     (lambda d: d["robot"]["motors"]["gripper"].update(id=1),
-     "robot.motors: 'shoulder_pan' and 'gripper' both have id 1; give each motor its own id"),
+     "robot.motors: 'shoulder_pan' and 'gripper' both have id 1; give each motor its own id (the simulated bus "
+     "answers on the ids robot.motors gives)"),
     (lambda d: d.update(policy={"type": "bundle", "path": "b", "threads": -1}, instruction="push it"),
      "policy.threads: -1; use a positive number"),
 ])
