@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgeact.calibration.calibration_set import CalibrationError, CalibrationSample, CalibrationSet
+from edgeact.calibration.calibration_set import (CalibrationError, CalibrationSample, CalibrationSet,
+                                                 config_meaning_sha256)
 
 SYNTHETIC = "synthetic"
 DEFAULT_INSTRUCTIONS = (
@@ -122,6 +123,7 @@ class _BundleAnswerer:
         # bundle's arrays; n_actions: how many actions each answer holds (the decoder positions the set covers)
         self.model = {"kind": "bundle", "source": str(path), "name": m.model.name,
                       "config_sha256": m.model.source_config_sha256,
+                      "config_meaning_sha256": config_meaning_sha256(self.ort.bundle.config),
                       "model_weights_sha256": m.model.source_weights_sha256, "n_actions": self.io.grammar.n_actions}
 
     def answer(self, prompt_ids: np.ndarray, inputs) -> np.ndarray:
@@ -150,6 +152,7 @@ class _CheckpointAnswerer:
                          AnswerGrammar(tokenizer, layout, n_actions=n_actions))
         digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
         self.model = {"kind": "checkpoint", "source": str(path), "name": path.name, "config_sha256": digest,
+                      "config_meaning_sha256": config_meaning_sha256(ckpt.config),
                       "model_weights_sha256": weights_sha256("checkpoint", path), "n_actions": n_actions}
 
     def answer(self, prompt_ids: np.ndarray, inputs) -> np.ndarray:

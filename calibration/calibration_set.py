@@ -3,7 +3,8 @@
 On disk a calibration set is a directory:
 
     manifest.json   {"format": "edgeact-calibration", "version": 1, "seed", "frames_source",
-                     "model": {name, config_sha256, source, kind, weights_sha256}, "created_utc",
+                     "model": {name, config_sha256, config_meaning_sha256, source, kind, weights_sha256,
+                               model_weights_sha256, n_actions}, "created_utc",
                      "samples": [{"instruction", "frame", "grids", "camera"}, ...]}
     samples.npz     per sample i: images_i (n_crops, n_patches, patch_dim) float32,
                     image_masks_i (n_crops, n_patches) float32, pooled_patches_idx_i (n_tokens, pool) int64,
@@ -91,8 +92,8 @@ class CalibrationSet:
     samples: tuple[CalibrationSample, ...]
     seed: int
     frames_source: dict[str, Any]            # {"type": "synthetic", ...} or {"type": "recording", "path": ...}
-    # {"name", "config_sha256", "source", "kind", "weights_sha256", "model_weights_sha256", "n_actions"} of the
-    # answering model
+    # {"name", "config_sha256", "config_meaning_sha256", "source", "kind", "weights_sha256", "model_weights_sha256",
+    # "n_actions"} of the answering model
     model: dict[str, Any]
     created_utc: str = ""
 
@@ -109,7 +110,7 @@ class CalibrationSet:
 
     def check_model(self, config_sha256: str, patch_dim: int, vocab_rows: int,
                     model_weights: Callable[[str], str] | None = None, *, model_weights_sha256: str = "",
-                    n_actions: int | None = None) -> None:
+                    n_actions: int | None = None, config_meaning: str = "") -> None:
         """Refuse a set whose frames or ids do not fit the model about to be quantized.
 
         `model_weights_sha256`: the whole model's weights digest (its checkpoint's, as the bundle recorded it at
@@ -117,7 +118,9 @@ class CalibrationSet:
         weights_sha256 as a set answered by a `kind` source records it ('' where it cannot be told). A set decoded by
         other weights is refused; one without a digest (built before sets recorded one) is accepted with a warning.
         `n_actions`: the actions per answer of the bundle; a set whose answers hold another number is refused (its
-        decoder feeds would miss the positions the runtime feeds).
+        decoder feeds would miss the positions the runtime feeds). `config_meaning`: the model's
+        config_meaning_sha256; where the config's bytes differ, a set that recorded the same meaning (another
+        formatting of one config) is accepted, any other refused.
         """
         theirs_actions = self.model.get("n_actions")
         if n_actions is not None and theirs_actions is not None and int(theirs_actions) != n_actions:
@@ -134,15 +137,15 @@ class CalibrationSet:
             if top >= vocab_rows:
                 raise CalibrationError(f"calibration token id {top} is outside the model's {vocab_rows} embedding rows; "
                                        "rebuild the set with this model's tokenizer (`edgeact calibrate`)")
-        whole = self.model.get("model_weights_sha256", "")
-        same_weights = bool(whole and model_weights_sha256 and whole == model_weights_sha256)
         theirs = self.model.get("config_sha256", "")
-        # The config's bytes: another formatting of the same config (verify.config_matches) with the same weights is
-        # the same model, so the bytes are compared only where the weights cannot tell
-        if theirs and config_sha256 and theirs != config_sha256 and not same_weights:
+        # The config's bytes, then what they say: another formatting of the same config is the same model
+        # (verify.config_matches), a config that differs in any field is not, whatever the weights
+        same_meaning = bool(config_meaning and config_meaning == self.model.get("config_meaning_sha256", ""))
+        if theirs and config_sha256 and theirs != config_sha256 and not same_meaning:
             raise CalibrationError(f"the calibration answers were decoded by another model (config sha256 "
                                    f"{theirs[:12]}…, this one {config_sha256[:12]}…); rebuild the set from this bundle "
                                    "with `edgeact calibrate`")
+        whole = self.model.get("model_weights_sha256", "")
         if whole and model_weights_sha256 and whole != model_weights_sha256:
             raise CalibrationError(f"the calibration answers were decoded by another model: the weights of the "
                                    f"{self.model.get('kind', '')} {self.model.get('source', '')!r} that answered "
@@ -225,6 +228,16 @@ class CalibrationSet:
             raise CalibrationError(f"{root}: samples malformed ({exc}); rebuild the calibration set") from None
         return cls(samples=tuple(samples), seed=int(meta.get("seed", 0)), frames_source=dict(meta.get("frames_source", {})),
                    model={"weights_sha256": "", **meta.get("model", {})}, created_utc=str(meta.get("created_utc", "")))
+
+
+def config_meaning_sha256(config) -> str:
+    """One sha256 over what a model's config says (its ArmConfig, or the dict a manifest records, read as one):
+    another formatting of the same config.json, or a key written with its default value, gives the same digest
+    (verify.config_matches' rule); another value of any field does not."""
+    from edgeact.runtime.arm_config import ArmConfig
+
+    cfg = config if isinstance(config, ArmConfig) else ArmConfig.from_dict(config)
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def weights_sha256(kind: str, source: str | Path) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet
+from edgeact.calibration.calibration_set import CalibrationError, CalibrationSet, config_meaning_sha256
 from edgeact.export.quant_options import QuantizeOptions
 from edgeact.runtime import stage_io
 from edgeact.runtime.bundle import Bundle, load_bundle
@@ -265,7 +265,8 @@ def _calibration(source: Bundle, calibration, options: QuantizeOptions, seed: in
         calib.check_model(source.manifest.model.source_config_sha256, cfg.vit_config.patch_dim,
                           source.weight("embedding").shape[0], lambda kind: _weights_sha256(source, kind),
                           model_weights_sha256=source.manifest.model.source_weights_sha256,
-                          n_actions=int(source.manifest.grammar.get("n_actions", 1)))
+                          n_actions=int(source.manifest.grammar.get("n_actions", 1)),
+                          config_meaning=config_meaning_sha256(cfg))
     except CalibrationError as exc:
         raise CalibrationError(f"{where}: {exc}") from None
     return calib, {"used": True, "source": where, "samples": len(calib), "seed": calib.seed,

@@ -9,7 +9,7 @@ import pytest
 from edgeact.calibration.calibration_build import recording_frames, synthetic_frames
 from edgeact.calibration.calibration_set import (
     ARRAYS_FILE, MANIFEST_FILE, CalibrationError, CalibrationSample, CalibrationSet, build_calibration_set,
-    weights_sha256,
+    config_meaning_sha256, weights_sha256,
 )
 from edgeact.export.quant_decode import OrtBundle
 from edgeact.runtime.bundle import load_bundle
@@ -91,8 +91,16 @@ def test_check_model_compares_the_whole_models_weights_and_the_actions_per_answe
     with pytest.raises(CalibrationError, match=r"answers hold 1 action\(s\) each and this bundle's hold 8 \(its "
                                                r"export's --chunk\): rebuild the set from this bundle"):
         calib.check_model("ab" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=8)
-    # the config's bytes differ (another formatting of one config), the whole model's weights are the same: accepted
-    calib.check_model("cd" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1)
+    # the config's bytes differ and the set recorded no meaning to compare: refused even with the same weights (a
+    # config edited after export answers otherwise from them)
+    with pytest.raises(CalibrationError, match=r"decoded by another model \(config sha256 abababababab…, this one "
+                                               r"cdcdcdcdcdcd…\); rebuild the set from this bundle"):
+        calib.check_model("cd" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1, config_meaning="ee" * 32)
+    # ... another formatting of one config (the same meaning): accepted; another meaning: refused
+    meant = CalibrationSet((_sample(),), 0, {}, {**model, "config_meaning_sha256": "ee" * 32})
+    meant.check_model("cd" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1, config_meaning="ee" * 32)
+    with pytest.raises(CalibrationError, match=r"decoded by another model \(config sha256"):
+        meant.check_model("cd" * 32, 588, 100, model_weights_sha256="11" * 32, n_actions=1, config_meaning="ff" * 32)
     older = CalibrationSet((_sample(),), 0, {}, {"config_sha256": "ab" * 32, "weights_sha256": ""})
     older.check_model("ab" * 32, 588, 100, model_weights_sha256="22" * 32, n_actions=8)    # recorded neither
 
@@ -119,6 +127,10 @@ def test_builder_answers_with_the_bundle_and_agrees_with_the_checkpoint(sources)
         assert len(answer.depth_codes) == 100
     from_torch = build_calibration_set(sources["checkpoint"], None, CALIBRATION_SAMPLES, seed=0, threads=1)
     assert from_torch.model["kind"] == "checkpoint" and from_torch.model["config_sha256"] == calib.model["config_sha256"]
+    # what the config says, read from the checkpoint's file and from the bundle's manifest, is one digest
+    assert (from_torch.model["config_meaning_sha256"] == calib.model["config_meaning_sha256"] ==
+            config_meaning_sha256(bundle.config) != config_meaning_sha256(
+                {**(config := bundle.config.to_dict()), "llm_config": {**config["llm_config"], "rope_theta": 1e4}}))
     assert from_torch.model["weights_sha256"] == weights_sha256("checkpoint", sources["checkpoint"]) != ""
     for a, b in zip(calib.samples, from_torch.samples, strict=True):
         np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
