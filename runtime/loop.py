@@ -322,6 +322,7 @@ class RobotLoop:
 
     def _planner(self) -> None:
         last_number: int | None = None
+        last_stamp_s: float | None = None
         max_age_s = self.settings.max_frame_age_s
         ensemble = ActionEnsemble(self.settings.action_rate_hz, max_age_s=self.settings.plan_max_age_s) \
             if self.settings.ensemble else None
@@ -333,6 +334,14 @@ class RobotLoop:
                     self.stale_frames += 1
                     self._warn_stale_frame(frame.age_s(), max_age_s)
                     continue
+            if last_stamp_s is not None and frame.capture_monotonic_s <= last_stamp_s:
+                # Stamped no later than the frame last planned on (a host clock stepped under a camera's host-clock
+                # stamps): its plan would replace a newer one and move the robot by an older view. Not planned on.
+                last_number = frame.frame_number
+                log.warning("camera frame %d is stamped %.1f ms before the frame last planned on; it is not planned "
+                            "on (did the host clock step? RealSense frames are stamped by it with the global time "
+                            "option on)", frame.frame_number, (last_stamp_s - frame.capture_monotonic_s) * 1000)
+                continue
             taken_s = self.clock()
             obs = Observation(rgb=frame.color, depth_m=frame.depth_m, timestamp_s=frame.capture_monotonic_s,
                               proprio=self._proprio, instruction=self.settings.instruction,
@@ -349,7 +358,7 @@ class RobotLoop:
             self.hub.publish(PlanEvent(done_s, plan, self.plans, frame.frame_number,
                                        taken_s - frame.capture_monotonic_s, done_s - taken_s))
             self.plans += 1
-            last_number = frame.frame_number
+            last_number, last_stamp_s = frame.frame_number, frame.capture_monotonic_s
 
 
 def _stale_frames_words(age_s: float, max_age_s: float) -> str:

@@ -33,6 +33,14 @@ class FarCamera(SyntheticCamera):
         return replace(frame, depth_m=np.where(frame.depth_m > 0, 30.0, 0.0).astype(np.float32))
 
 
+class SteppedClockCamera(SyntheticCamera):
+    """Every third frame is stamped 0.1 s early: the host clock stepped between its capture and its stamp's
+    conversion (host-clock stamps, drivers/cameras/realsense.py), so it reads as taken before the frame before it."""
+
+    def _render_due(self, frame_number, due_s):
+        return super()._render_due(frame_number, due_s - (0.1 if frame_number % 3 == 2 else 0.0))
+
+
 @pytest.fixture
 def sim():
     with SimServoBus("feetech", ids=IDS) as bus:
@@ -54,6 +62,28 @@ def test_frames_too_old_to_plan_on_are_said_with_the_fix(sim, tmp_path, monkeypa
     said = [r.getMessage() for r in caplog.records if "frames arrive" in r.getMessage()]
     assert said and "ms old, over plan.max_frame_age_s (250 ms)" in said[0] and "lower the camera's resolution" in said[0]
     assert len(said) == 1                           # said once, then every 5 s while it lasts (a 2 s run: once)
+
+
+def test_a_frame_stamped_before_the_last_planned_one_is_not_planned_on(sim, monkeypatch, caplog):
+    """Its plan would replace a newer one: the robot, following the newer plan, would step back to an older view."""
+    from edgeact.runtime.loop_events import Subscriber
+
+    class Plans(Subscriber):
+        def __init__(self):
+            self.stamps = []
+
+        def on_plan(self, event):
+            self.stamps.append((event.frame_number, event.plan.observation_time_s))
+
+    monkeypatch.setattr(sim_robot, "make_robot_camera", lambda config: SteppedClockCamera(config.camera_config))
+    plans = Plans()
+    with caplog.at_level(logging.WARNING):
+        result = run_robot(robot_config_from_dict(config_data(sim)), 1.5, subscribers=[plans])
+    assert result.reason == "duration" and result.error is None and len(plans.stamps) > 5
+    times = [t for _, t in plans.stamps]
+    assert all(b > a for a, b in zip(times, times[1:])), plans.stamps
+    said = [r.getMessage() for r in caplog.records if "before the frame last planned on" in r.getMessage()]
+    assert said and "did the host clock step?" in said[0]
 
 
 @pytest.mark.parametrize("own_process", [False, True])
