@@ -7,10 +7,10 @@ joint resting inside its limits (what the run refuses to start with), the hand's
 kinematics, the camera delivering frames (size, rate, depth), and the policy answering one of those
 frames, timed. Each problem comes with its fix.
 
-Nothing is commanded: torque is neither turned on nor off (the bus is left as it was found; a run with
-`robot.disable_torque_on_exit: false` may have left joints holding, and turning torque off would drop
-them). Connecting the bus is the run's own connect: it checks the motors' models and, where a motor is
-in the wrong operating mode, switches it with its torque off, as the run would. The policy is made as the
+Nothing is written to the motors: torque is neither turned on nor off (the bus is left as it was found; a
+run with `robot.disable_torque_on_exit: false` may have left joints holding, and turning torque off would
+drop them). Connecting the bus checks the motors' models as the run does; a motor in another operating mode
+than the config's is a warning (the run switches it as it connects, with its torque off), not switched. The policy is made as the
 run makes it (in its own process where the config says so, with the run's threads) and answers a frame
 twice: once to warm up, once timed.
 """
@@ -151,7 +151,7 @@ def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, fl
         add("motors", SKIPPED, "the simulator did not start")
         return None
     bus = config.robot.make_bus(sim_port)
-    bus.connect()
+    mode_changes = bus.connect_read_only()      # writes nothing: a motor in another mode is told, not switched
     # Left as found: no torque change on the way out (see the module docstring).
     stack.callback(bus.disconnect, False)
     try:
@@ -171,6 +171,8 @@ def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, fl
     add("motors", OK, f"{len(bus.motors)} answer as configured on {config.robot.bus}: "
                       + ", ".join(f"{n} {math.degrees(positions[n]):+.1f} deg" for n in joints)
                       + (f"; wheels {', '.join(wheels)}" if wheels else ""))
+    for change in mode_changes:
+        add("motors", WARN, f"{change} (a joint holding goes limp meanwhile: support the arm)")
     if faults:
         add("motors", WARN, f"{', '.join(faults)} latched \"communication lost\" (the last run or host went silent "
                             "while they held, so their own watchdog turned torque off): `edgeact run` clears it when "

@@ -68,7 +68,7 @@ def servo_joints(section) -> dict[str, Any]:
     for name, motor in section.motors.items():
         cal = section.calibration.get(name)
         joints[name] = ServoJoint(motor.id, motor.model, cal.homing_offset if cal else CENTRE_TICKS,
-                                  cal.drive_mode if cal else 0)
+                                  cal.drive_mode if cal else 0, motor.mode)
     return joints
 
 

@@ -109,6 +109,13 @@ class MotorsBus(abc.ABC):
     @abc.abstractmethod
     def connect(self) -> None: ...
 
+    def connect_read_only(self) -> list[str]:
+        """Connect writing nothing to the motors (a shadow run, `edgeact check`); returns what `connect` would have
+        changed, in words (a serial motor in another operating mode than the config's). This default is for buses
+        whose connect writes nothing."""
+        self.connect()
+        return []
+
     @abc.abstractmethod
     def disconnect(self, disable_torque: bool | None = None) -> None:
         """Close the bus; with torque on, first turn it off (default: disable_torque_on_exit)."""
@@ -194,6 +201,9 @@ class BusWrapper(MotorsBus):
 
     def connect(self) -> None:
         self.bus.connect()
+
+    def connect_read_only(self) -> list[str]:
+        return self.bus.connect_read_only()
 
     def disconnect(self, disable_torque: bool | None = None) -> None:
         self.bus.disconnect(disable_torque)

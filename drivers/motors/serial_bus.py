@@ -346,16 +346,27 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
 
     # -- life ----------------------------------------------------------------------------------
     def connect(self) -> None:
+        self._connect(write=True)
+
+    def connect_read_only(self) -> list[str]:
+        """The motors checked as `connect` does; a motor in another operating mode is not switched but told."""
+        return self._connect(write=False)
+
+    def _connect(self, write: bool) -> list[str]:
         with self._lock:
             if self._port is not None:
                 raise MotorBusError(f"bus on {self.config.port} is already connected")
             self._open_port()
             try:
                 self._check_motors()
-                self._apply_operating_modes()
+                wrong = self._wrong_operating_modes()
+                if write:
+                    self._apply_operating_modes(wrong)
             except BaseException:
                 self._close_port()
                 raise
+        return [f"motor '{name}' is in {mode} mode, the config says {self.motors[name].mode}: `edgeact run` "
+                "switches it as it connects, with its torque off" for name, mode in wrong.items()]
 
     def _check_motors(self) -> None:
         missing, wrong = [], []
@@ -373,17 +384,27 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         if wrong:
             raise MotorConfigError("; ".join(wrong) + "; fix the model in the config or the motor's id")
 
-    def _apply_operating_modes(self) -> None:
-        """Wheels must be in velocity mode and joints in position mode before anything moves."""
+    def _wrong_operating_modes(self) -> dict[str, str]:
+        """{motor: the mode it is in} for each motor not in the config's mode (a value no mode has: its number)."""
         if not self.motors:
-            return
+            return {}
         modes = self.sync_read("operating_mode")
+        wrong = {}
         for name, motor in self.motors.items():
             spec = self.MODELS[motor.model]
             if modes[name] != spec.operating_modes[motor.mode]:
-                log.info("motor '%s': switching to %s mode", name, motor.mode)
-                self.write_register(motor.id, "torque_enable", 0, spec)
-                self.write_register(motor.id, "operating_mode", spec.operating_modes[motor.mode], spec)
+                names = {value: mode for mode, value in spec.operating_modes.items()}
+                wrong[name] = names.get(modes[name], f"operating_mode {modes[name]}")
+        return wrong
+
+    def _apply_operating_modes(self, wrong: dict[str, str]) -> None:
+        """Wheels must be in velocity mode and joints in position mode before anything moves."""
+        for name in wrong:
+            motor = self.motors[name]
+            spec = self.MODELS[motor.model]
+            log.info("motor '%s': switching to %s mode", name, motor.mode)
+            self.write_register(motor.id, "torque_enable", 0, spec)
+            self.write_register(motor.id, "operating_mode", spec.operating_modes[motor.mode], spec)
 
     def disconnect(self, disable_torque: bool | None = None) -> None:
         with self._lock:

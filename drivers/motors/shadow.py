@@ -7,14 +7,19 @@ SafetyGuard, this passes every read through and withholds every write: goals, wh
 register writes. What it reports as sent is where the joints are (nothing moved them), so a plan's actions start
 from the measured pose, as they would on the real run from the pose the robot was told to hold.
 
-`connect` is the real bus's (on some motors it sets the operating mode, with torque off, as the run does).
+`connect` is the real bus's read-only one: the motors are checked as the run checks them, and a motor in another
+operating mode than the config's is not switched (the run switches it, with its torque off) but logged, and kept in
+`mode_changes_withheld`.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from edgeact.drivers.motors.bus import BusWrapper, MotorsBus, MotorState
 from edgeact.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ShadowBus(BusWrapper):
@@ -28,6 +33,16 @@ class ShadowBus(BusWrapper):
         self.withheld = 0                  # writes not sent: goals, velocities, torque changes, registers
         self._measured: dict[str, float] = {}   # the last reading, per joint: what "sent" reports
         self._lock = threading.Lock()
+        self.mode_changes_withheld: list[str] = []     # what the run's connect would have changed, in words
+
+    def connect(self) -> None:
+        self.mode_changes_withheld = self.bus.connect_read_only()
+        for change in self.mode_changes_withheld:
+            log.warning("shadow run: %s; not switched (a shadow run writes nothing)", change)
+
+    def connect_read_only(self) -> list[str]:
+        self.connect()
+        return list(self.mode_changes_withheld)
 
     def disconnect(self, disable_torque: bool | None = None) -> None:
         self.bus.disconnect(False)          # the real bus's close, its torque never touched

@@ -32,6 +32,7 @@ class ServoJoint:
     model: str | None = None                # None: the bus family's default (sts3215 for Feetech)
     homing_offset: int = CENTRE_TICKS       # the raw reading at joint zero
     drive_mode: int = 0                     # 1: ticks grow as the joint angle shrinks
+    mode: str = "position"                  # its operating mode, set up once as a robot's ("velocity": a wheel)
 
 
 class MujocoJointPlant(ServoPlant):
@@ -77,7 +78,11 @@ class MujocoServoBus(SimServoBus):
             except ValueError as exc:
                 raise MujocoWorldError(f"joint {name!r}: {exc}") from None
             plant = MujocoJointPlant(world, name, servo.spec.rad_per_tick, joint.homing_offset, sign)
+            if joint.mode not in servo.spec.operating_modes:
+                raise MujocoWorldError(f"joint {name!r}: mode {joint.mode!r} unknown; use one of "
+                                       f"{', '.join(servo.spec.operating_modes)}")
             with self.lock:
+                servo.set_saved("operating_mode", servo.spec.operating_modes[joint.mode])
                 if hold_at_start:
                     servo.set("goal_position", round(plant.state_ticks()[0]))
                     servo.set("torque_enable", 1)

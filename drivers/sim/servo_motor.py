@@ -89,6 +89,14 @@ class SimServo:
         reg = self._reg(name)
         self.memory[reg.address:reg.address + reg.size] = reg.encode(value)
 
+    def set_saved(self, name: str, value: int) -> None:
+        """Set an EEPROM register as a set-up tool once did: it holds across power cycles."""
+        self.set(name, value)
+        reg = self._reg(name)
+        saved = bytearray(self._saved)
+        saved[reg.address:reg.address + reg.size] = self.memory[reg.address:reg.address + reg.size]
+        self._saved = bytes(saved)
+
     @property
     def id(self) -> int:
         return self.memory[self._reg("id").address]

@@ -68,6 +68,26 @@ def test_a_ready_robot_passes_and_nothing_is_commanded(tmp_path, sim, torque_on)
     assert "answers a frame in" in next(c for c in checks if c.name == "policy").detail
 
 
+def test_a_motor_in_another_mode_is_a_warning_and_not_switched(tmp_path, sim):
+    """The run's connect switches it with its torque off (a holding joint drops): the check says so and writes
+    nothing, the motor is left holding in its mode."""
+    from edgeact.drivers.motors.serial_types import PacketCodec
+
+    for i in IDS:
+        sim.servo(i).set("torque_enable", 1)
+    velocity = sim.servo(2).spec.operating_modes["velocity"]
+    sim.servo(2).set("operating_mode", velocity)
+    before = registers(sim)
+    checks = preflight(load_robot_config(write_config(tmp_path, sim)), with_policy=False)
+    assert registers(sim) == before and sim.register(2, "operating_mode") == velocity
+    assert not [ins for ins in sim.received if ins.code in {PacketCodec.WRITE, PacketCodec.REG_WRITE,
+                                                             PacketCodec.SYNC_WRITE}]
+    assert statuses(checks)["motors"] == [OK, WARN]
+    assert ("motor 'shoulder_lift' is in velocity mode, the config says position: `edgeact run` switches it as it "
+            "connects, with its torque off (a joint holding goes limp meanwhile: support the arm)") in [
+        c.detail for c in checks if c.status == WARN]
+
+
 def test_everything_that_stops_a_run_is_reported_at_once_with_its_fix(tmp_path, sim, capsys):
     """An active e-stop, a joint resting outside its limits and a camera without frames: all three in one run of
     the command, status 1, and the policy check skipped for want of a frame."""

@@ -54,6 +54,23 @@ def test_a_shadow_run_plans_and_ticks_and_writes_nothing(sim, tmp_path, capsys, 
     assert moved > 0.01                                                     # the plans asked for motion
 
 
+def test_a_motor_in_another_mode_is_not_switched_by_a_shadow_run(sim, tmp_path, capsys, caplog):
+    """The run's connect would switch it with its torque off: the shadow logs that and writes nothing."""
+    for i in IDS:
+        sim.servo(i).set("torque_enable", 1)
+    velocity = sim.servo(2).spec.operating_modes["velocity"]
+    sim.servo(2).set("operating_mode", velocity)
+    before = registers(sim)
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_data(sim)))
+    assert cli.main(["run", str(path), "--seconds", "1", "--shadow"]) == 0
+    assert registers(sim) == before and sim.register(2, "operating_mode") == velocity
+    assert not [ins for ins in sim.received if ins.code in WRITES]
+    assert "nothing reached the motors" in capsys.readouterr().out
+    assert any("shadow run: motor 'shoulder_lift' is in velocity mode, the config says position" in r.getMessage()
+               and "not switched" in r.getMessage() for r in caplog.records)
+
+
 def test_the_shadow_bus_reads_through_and_reports_the_measured_pose_as_sent(sim):
     bus = ShadowBus(robot_config_from_dict(config_data(sim)).robot.make_bus())
     with bus:
