@@ -354,8 +354,14 @@ class RobotConfig:
             if value < 3 * period_s:
                 raise ConfigError(f"{where}: {value} s is under three control periods ({3 * period_s:.3f} s at "
                                   f"{self.rates.control_hz:g} Hz); raise it or the watchdog trips on jitter")
+        from edgeact.runtime.loop import LoopSettings, check_plan_max_age     # here: the loop's rules, one place
+
+        supervise_s = LoopSettings.supervise_s
+        if self.watchdog.control_stall_s <= supervise_s:
+            raise ConfigError(f"watchdog.control_stall_s: {self.watchdog.control_stall_s:g} s is not over the run's "
+                              f"supervisor period ({supervise_s:g} s, how often it looks for a stalled control "
+                              f"thread): raise it above {supervise_s:g} s (e.g. {max(0.05, 3 * period_s):g})")
         self._check_limits_act()
-        from edgeact.runtime.loop import check_plan_max_age     # here: the loop's rule, one place
 
         check_plan_max_age(self.plan.max_age_s, self.rates.action_rate_hz, "plan.max_age_s", "rates.action_rate_hz")
 

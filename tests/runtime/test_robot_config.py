@@ -110,6 +110,11 @@ def _with(section, **fields):
     (_with("robot", baud_rate=9600), "robot.options or baud_rate: baud rate 9600 not supported by feetech motors"),
     (_with("limits", watchdog_timeout_s=0.01), "limits.watchdog_timeout_s: 0.01 s is under three control periods"),
     (_with("watchdog", control_stall_s=-1), "watchdog.control_stall_s: must be in (0, 60] seconds, got -1"),
+    # three control periods at 1000 Hz, but not over the supervisor's look: `edgeact check` passed it, the run refused
+    ({**_with("watchdog", control_stall_s=0.01), "rates": {**sim_robot_config_dict()["rates"], "control_hz": 1000,
+                                                           "action_rate_hz": 10}},
+     "watchdog.control_stall_s: 0.01 s is not over the run's supervisor period (0.01 s, how often it looks for a "
+     "stalled control thread): raise it above 0.01 s (e.g. 0.05)"),
     (_with("robot", bus="feetch"), "robot.bus: must be one of sim, feetech, dynamixel, damiao-can, got 'feetch' "
                                    "(did you mean 'feetech'?)"),
     (_with("robot", port="/dev/ttyUSB0"), "robot.port: the simulated bus opens its own pty"),
