@@ -259,9 +259,15 @@ def _policy(config, camera, frame, positions, with_policy: bool, add, stack: Exi
     trace = getattr(plan, "trace_px", None)
     points = (f", a trace of {len(trace)} point{'s' if len(trace) != 1 else ''}" if trace is not None and len(trace)
               else "")
-    add("policy", OK, f"{config.policy.type_name}: loaded in {load_s:.1f} s; answers a frame in {seconds[1]:.3f} s "
-                      f"(first {seconds[0]:.3f} s): {len(plan.actions)} action{'s' if len(plan.actions) != 1 else ''}{points}"
-                      + ("" if config.instruction else f" (instruction {instruction!r}: the config has none)"))
+    what = (f"{config.policy.type_name}: loaded in {load_s:.1f} s; answers a frame in {seconds[1]:.3f} s (first "
+            f"{seconds[0]:.3f} s): {len(plan.actions)} action{'s' if len(plan.actions) != 1 else ''}{points}"
+            + ("" if config.instruction else f" (instruction {instruction!r}: the config has none)"))
+    if seconds[1] >= config.plan.max_age_s:     # a plan arrives at least this old: held, never followed
+        add("policy", WARN, f"{what}: over plan.max_age_s ({config.plan.max_age_s:g} s), so every plan would arrive "
+                            "stale and the robot would hold the whole run; use a faster bundle or precision (forced "
+                            "depth decodes fewer tokens), or raise plan.max_age_s")
+    else:
+        add("policy", OK, what)
 
 
 def report(checks: list[Check]) -> dict[str, Any]:

@@ -88,6 +88,18 @@ def test_a_motor_in_another_mode_is_a_warning_and_not_switched(tmp_path, sim):
         c.detail for c in checks if c.status == WARN]
 
 
+def test_a_policy_slower_than_the_plan_age_limit_is_a_warning(tmp_path, sim):
+    """Every plan would arrive stale and be held: the run starts and the robot never follows a plan."""
+    path = write_config(tmp_path, sim, policy={"type": "scripted", "chunk_size": 8, "latency_s": 0.3},
+                        plan={"max_age_s": 0.2})
+    checks = preflight(load_robot_config(path))
+    policy = next(c for c in checks if c.name == "policy")
+    assert policy.status == WARN and "over plan.max_age_s (0.2 s), so every plan would arrive stale" in policy.detail
+    fast = preflight(load_robot_config(write_config(tmp_path, sim, policy={"type": "scripted", "chunk_size": 8,
+                                                                           "latency_s": 0.05}, plan={"max_age_s": 0.2})))
+    assert next(c for c in fast if c.name == "policy").status == OK
+
+
 def test_everything_that_stops_a_run_is_reported_at_once_with_its_fix(tmp_path, sim, capsys):
     """An active e-stop, a joint resting outside its limits and a camera without frames: all three in one run of
     the command, status 1, and the policy check skipped for want of a frame."""
