@@ -98,10 +98,17 @@ class _Head:
                                "rows; the bundle's tokenizer and weights do not match: re-export it")
         self.weight = np.ascontiguousarray(lm_head[self.ids], dtype=np.float32)
         self.logits = np.empty(len(self.ids), np.float32)
+        # pick() scores one row per distinct row, the lowest id's: equal rows tie exactly, and a matmul over the small
+        # matrix may round them apart by where they sit, which would break "ties to the lowest id"
+        _, first = np.unique(self.weight, axis=0, return_index=True)
+        distinct = np.sort(first)
+        self._pick_ids = self.ids[distinct]
+        self._pick_weight = np.ascontiguousarray(self.weight[distinct])
+        self._pick_logits = np.empty(len(distinct), np.float32)
 
     def pick(self, hidden: np.ndarray) -> int:
-        np.matmul(self.weight, hidden, out=self.logits)
-        return int(self.ids[int(np.argmax(self.logits))])
+        np.matmul(self._pick_weight, hidden, out=self._pick_logits)
+        return int(self._pick_ids[int(np.argmax(self._pick_logits))])
 
     def median(self, hidden: np.ndarray) -> int:
         """The id at which the softmax's cumulative probability first reaches one half (ids in order)."""

@@ -336,3 +336,23 @@ def test_mismatched_image_tokens_and_features_are_refused(tmp_path_factory):
                            inputs.pooled_patches_idx[:4])
     with pytest.raises(EdgeactError, match="prompt is empty"):
         runner.program.run([])
+
+
+@pytest.mark.parametrize("tied, allowed", [(np.arange(15, 25), np.arange(15, 25)), (np.array([3, 17, 30]),
+                                                                                      np.arange(10, 32))],
+                         ids=["a digit set of equal rows", "scattered among others"])
+def test_equal_head_rows_tie_to_the_lowest_id_as_the_reference(tied, allowed):
+    """Ids whose LM-head rows are equal tie exactly; a matmul over the small sliced head rounded them apart by where
+    they sat (the program picked id 23 where masked greedy decoding's full-vocabulary logits tie to 15)."""
+    from edgeact.runtime.decode_program import _Head
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((40, 64)).astype(np.float32)
+    weight[tied] = weight[tied[-1]]
+    head = _Head(weight, allowed)
+    for _ in range(200):
+        hidden = rng.standard_normal(64).astype(np.float32)
+        picked = head.pick(hidden)
+        best = allowed[np.argmax(weight[allowed].astype(np.float64) @ hidden.astype(np.float64))]
+        assert picked == (tied[tied >= 10].min() if best in tied else best)
+    assert head.median(hidden) in allowed and len(head.ids) == len(allowed)     # the median still sees every id
