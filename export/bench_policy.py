@@ -96,7 +96,7 @@ class Reference:
         import torch
 
         from edgeact.export.checkpoint import load_model
-        from edgeact.export.verify_compare import max_answer_tokens
+        from edgeact.runtime.grammar_walk import longest_answer
         from edgeact.runtime.preprocess import ImagePreprocessor
         from edgeact.runtime.preprocess_config import PreprocessConfig
 
@@ -105,7 +105,7 @@ class Reference:
         self.policy = fp32_bundle          # tokenizer, layout, grammar and statistics: the same as the bundle's
         self.preprocessor = ImagePreprocessor(fp32_bundle.bundle.config, PreprocessConfig.load(
             fp32_bundle.bundle.path(fp32_bundle.bundle.manifest.tokenizer.preprocessor_file), fp32_bundle.bundle.config))
-        self.max_new_tokens = max_answer_tokens(fp32_bundle.grammar)
+        self.max_new_tokens = longest_answer(fp32_bundle.grammar)
 
     def run(self, rgb: np.ndarray, instruction: str, max_new_tokens: int | None = None) -> StepRun:
         from edgeact.export.generate import generate_greedy

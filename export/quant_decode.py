@@ -17,7 +17,7 @@ import numpy as np
 from edgeact.runtime import stage_io
 from edgeact.runtime.bundle import Bundle, load_bundle
 from edgeact.runtime.grammar import AnswerGrammar
-from edgeact.runtime.grammar_walk import MaskedGreedyConstraint
+from edgeact.runtime.grammar_walk import MaskedGreedyConstraint, longest_answer
 from edgeact.runtime.preprocess import ImageInputs, ImagePreprocessor
 from edgeact.runtime.preprocess_config import PreprocessConfig
 from edgeact.runtime.token_layout import TokenLayout, load_tokenizer
@@ -70,13 +70,12 @@ class OrtBundle:
     """OrtStages over a loaded bundle, plus its tokenizer, preprocessor and answer grammar."""
 
     def __init__(self, bundle: Bundle | str | Path, threads: int | None = None) -> None:
-        from edgeact.export.verify_compare import max_answer_tokens
         from edgeact.runtime.ort_stages import OrtStages
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, allow_failed_verification=True)
         self.stages = OrtStages(self.bundle, threads=threads)
         self.io = bundle_text_io(self.bundle)
-        self.max_answer_tokens = max_answer_tokens(self.io.grammar)
+        self.max_answer_tokens = longest_answer(self.io.grammar)
 
     # ------------------------------------------------------------------ feeds
     def vision_feeds(self, inputs: ImageInputs) -> Feeds:

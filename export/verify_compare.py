@@ -21,10 +21,8 @@ import torch
 from edgeact.export.generate import generate_greedy
 from edgeact.export.model import MolmoActModel
 from edgeact.runtime import stage_io
-from edgeact.runtime.action_bins import ACTION_DIMS
-from edgeact.runtime.answer import N_DEPTH_TOKENS, TRACE_RANGE, Answer
 from edgeact.runtime.grammar import AnswerGrammar
-from edgeact.runtime.grammar_walk import Choice, MaskedGreedyConstraint, answer_steps
+from edgeact.runtime.grammar_walk import Choice, MaskedGreedyConstraint, answer_steps, longest_answer
 from edgeact.runtime.ort_stages import OrtStages
 from edgeact.runtime.prompt import build_prompt_ids
 
@@ -115,13 +113,6 @@ def grammar_positions(grammar: AnswerGrammar, ids: Sequence[int]) -> list[tuple[
     return out
 
 
-def max_answer_tokens(grammar: AnswerGrammar) -> int:
-    """Length of the longest answer the grammar allows (every trace point, three-digit coordinates)."""
-    longest = Answer(np.zeros(N_DEPTH_TOKENS, np.int64), [[TRACE_RANGE - 1] * 2] * grammar.max_trace_points,
-                     np.full((grammar.n_actions, ACTION_DIMS), grammar.action_first_id, np.int64))
-    return len(grammar.to_ids(longest))
-
-
 def compare_observation(model: MolmoActModel, stages: OrtStages, grammar: AnswerGrammar, tokenizer, layout,
                         preprocessor, rgb: np.ndarray, instruction: str) -> dict[str, Measurement]:
     """All measurements for one camera frame and instruction, keyed by what they measure."""
@@ -143,12 +134,12 @@ def compare_observation(model: MolmoActModel, stages: OrtStages, grammar: Answer
     ort_features = connector.run({stage_io.PATCH_FEATURES: ort_patches,
                                   stage_io.POOLED_PATCHES_IDX: idx.numpy()})[stage_io.IMAGE_FEATURES]
     reference = generate_greedy(model, torch.from_numpy(prompt)[None], images, masks, idx,
-                                max_new_tokens=max_answer_tokens(grammar), eos_token_id=layout.bos_id,
+                                max_new_tokens=longest_answer(grammar), eos_token_id=layout.bos_id,
                                 allowed_token_fn=MaskedGreedyConstraint(grammar)).token_ids
     out.update(_decoder_measurements(model, stages, prompt, images, masks, idx, reference, grammar))
 
     greedy = stages.generate(prompt, None, None, inputs.pooled_patches_idx, image_features=ort_features,
-                             max_new_tokens=max_answer_tokens(grammar), eos_token_id=layout.bos_id,
+                             max_new_tokens=longest_answer(grammar), eos_token_id=layout.bos_id,
                              allowed_token_fn=MaskedGreedyConstraint(grammar))
     out.update(_greedy_agreement(grammar, reference, greedy))
     return out
