@@ -33,7 +33,7 @@ def place_model(model: Any, tmp_dir: Path, stage_name: str, external_data: bool
             dest = tmp_dir / "stages" / f"{stage_name}.onnx"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
-            for loc in external_locations(onnx.load(str(src), load_external_data=False)):
+            for loc in external_locations(src):
                 data = src.parent / loc
                 if not data.is_file():
                     raise BundleError(f"{data}: external data of {src.name} (stage {stage_name!r}) not found; "
@@ -54,7 +54,7 @@ def place_model(model: Any, tmp_dir: Path, stage_name: str, external_data: bool
     proto = onnx.load(str(dest), load_external_data=False)
     rel = dest.relative_to(tmp_dir).as_posix()
     ext_files = []
-    for loc in external_locations(proto):
+    for loc in external_locations(dest):
         ext_rel = check_relpath((dest.parent / loc).relative_to(tmp_dir).as_posix(), f"stages.{stage_name}.external_data")
         if not (tmp_dir / ext_rel).is_file():
             raise BundleError(f"{ext_rel}: external data of stage {stage_name!r} is missing; write it beside {rel}")
@@ -62,33 +62,17 @@ def place_model(model: Any, tmp_dir: Path, stage_name: str, external_data: bool
     return rel, sorted(set(ext_files)), graph_io(proto)
 
 
-def external_locations(proto) -> list[str]:
-    """Relative paths of the external-data files a model refers to (initializers, constants, subgraphs)."""
-    from onnx.external_data_helper import uses_external_data
+def external_locations(onnx_path: Path) -> list[str]:
+    """Relative paths of the external-data files a graph refers to (initializers, constants, subgraphs), as the
+    runtime's loader reads them (runtime/onnx_refs.py)."""
+    from edgeact.runtime.onnx_refs import external_files
 
-    locations: set[str] = set()
-
-    def tensors(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from tensors(attr.g)
-                for sub in attr.graphs:
-                    yield from tensors(sub)
-
-    for tensor in tensors(proto.graph):
-        if uses_external_data(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            loc = info.get("location", "")
-            if not loc or loc.startswith("/") or ".." in Path(loc).parts:
-                raise BundleError(f"tensor {tensor.name!r}: external data location {loc!r} must be a relative "
-                                  "path beside the .onnx file")
-            locations.add(loc)
-    return sorted(locations)
+    found = external_files(onnx_path)
+    for loc, tensors in found.items():
+        if not loc or loc.startswith("/") or ".." in Path(loc).parts:
+            raise BundleError(f"tensor {tensors[0]!r}: external data location {loc!r} must be a relative "
+                              "path beside the .onnx file")
+    return sorted(found)
 
 
 def graph_io(proto) -> tuple[list[GraphTensor], list[GraphTensor]]:

@@ -149,11 +149,20 @@ def _check_schema_version(data: Any, path: Path) -> None:
                       f"{SCHEMA_VERSION}{why}; {fix}")
 
 
-def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True) -> None:
-    """Every listed file exists with its recorded size and (if `checksums`) its sha256."""
+def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True, graphs: bool = True) -> None:
+    """Every listed file exists, a plain file inside the bundle, with its recorded size and (if `checksums`) its
+    sha256; and (if `graphs`) every stage's graph reads no file but its listed external data (runtime/onnx_refs.py;
+    `edgeact flash` checks the graphs of the copy it hashed, not the source's)."""
+    from edgeact.runtime.onnx_refs import check_external_files
+
     root = Path(bundle_dir)
     for rel, entry in sorted(manifest.files.items()):
         path = root / rel
+        linked = next((part for part in (root.joinpath(*rel.split("/")[:i + 1]) for i in range(rel.count("/") + 1))
+                       if part.is_symlink()), None)
+        if linked is not None:      # its bytes would live outside the bundle, and change after they were checked
+            raise BundleError(f"{rel}: {linked.relative_to(root).as_posix()} is a symbolic link; a bundle holds plain "
+                              f"files only (the exporter writes no links): {FIX_COPY} without links (cp -rL)")
         if not path.is_file():
             raise BundleError(f"{rel}: missing from {root} (listed in {MANIFEST_NAME}); the copy is incomplete: {FIX_COPY}")
         size = path.stat().st_size
@@ -163,6 +172,9 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = T
         for rel, entry in sorted(manifest.files.items()):
             if sha256_file(root / rel) != entry.sha256:
                 raise BundleError(f"{rel}: sha256 mismatch (file corrupt or modified); {FIX_COPY}")
+    for name, spec in sorted(manifest.stages.items()) if graphs else ():
+        check_external_files(root / spec.file, spec.file.rpartition("/")[0], spec.external_data,
+                             f"stage {name!r} ({spec.file})")
 
 
 def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool = False,

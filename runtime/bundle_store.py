@@ -361,7 +361,8 @@ class BundleStore:
         source = Path(source).expanduser()
         manifest = read_manifest(source)
         check_verification(manifest, source, allow_unverified, FLASH_UNVERIFIED_FIX)
-        verify_files(source, manifest, checksums=False)         # sizes now; the sha256 while copying
+        verify_files(source, manifest, checksums=False, graphs=False)   # sizes now; the sha256 while copying, the
+        #                                                                 graphs on the copy
         build = None
         if target is not None:
             from edgeact.export.engines import check_buildable     # TensorRT: only where engines are built

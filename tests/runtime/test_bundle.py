@@ -16,7 +16,8 @@ import pytest
 
 from edgeact.runtime.arm_config import AdapterConfig, ArmConfig, LlmConfig, VitConfig
 from edgeact.runtime.bundle import (
-    SCHEMA_VERSION, Bundle, DimRange, Manifest, StageSpec, TensorSpec, load_bundle, read_manifest, tool_version,
+    SCHEMA_VERSION, Bundle, DimRange, Manifest, StageSpec, TensorSpec, load_bundle, read_manifest, sha256_file,
+    tool_version,
 )
 from edgeact.runtime.cli import main
 from edgeact.runtime.errors import BundleError
@@ -63,7 +64,7 @@ def tiny_decoder_onnx(with_weight: bool = False):
 
 
 def write_tiny_bundle(out_dir: Path, *, verification: str = "passed", precision: str = "fp16",
-                      overwrite: bool = False, dim_ranges: dict | None = None) -> Path:
+                      overwrite: bool = False, dim_ranges: dict | None = None, external_data: bool = False) -> Path:
     from edgeact.export.bundle_writer import BundleWriter
 
     out_dir = Path(out_dir)
@@ -73,8 +74,9 @@ def write_tiny_bundle(out_dir: Path, *, verification: str = "passed", precision:
     with BundleWriter(out_dir, overwrite=overwrite) as w:
         w.set_model(tiny_config(), checkpoint="/ckpt/tiny", config_sha256="ab" * 32, name="tiny-sim")
         w.add_tokenizer(src / "tokenizer.json", {"image_size": 28})
-        w.add_onnx("decoder", tiny_decoder_onnx(), precision=precision, dim_ranges=dim_ranges or DECODER_RANGES,
-                   profiles=DECODER_PROFILES, doc="prefill and decode steps")
+        w.add_onnx("decoder", tiny_decoder_onnx(with_weight=external_data), precision=precision,
+                   dim_ranges=dim_ranges or DECODER_RANGES, profiles=DECODER_PROFILES, external_data=external_data,
+                   doc="prefill and decode steps")
         w.add_array("embed_tokens", np.arange(640 * 64, dtype=np.float16).reshape(640, 64))
         w.set_norm_stats({"sim_pick": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}})
         w.set_grammar({"kind": "molmoact-answer", "version": 1})
@@ -271,6 +273,60 @@ def test_manifest_paths_must_stay_inside_the_bundle(bundle_dir):
         load_bundle(bundle_dir)
 
 
+def _relist(bundle_dir: Path, rel: str) -> None:
+    """Record a file's present size and sha256, as a hand edit of the manifest would."""
+    path = bundle_dir / rel
+    _edit_manifest(bundle_dir, lambda d: d["files"].update({rel: {"sha256": sha256_file(path),
+                                                                  "bytes": path.stat().st_size}}))
+
+
+@pytest.mark.parametrize("location, why", [
+    ("../../outside.bin", "outside the bundle: onnxruntime 1.23 reads it"),
+    ("/etc/hostname", "an absolute path"),
+    ("extra.bin", "beside the graph, never listed nor checksummed"),
+])
+def test_a_graph_that_reads_a_file_the_manifest_does_not_list_is_refused(tmp_path, location, why):
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from edgeact.runtime.onnx_refs import external_files
+
+    bundle = write_tiny_bundle(tmp_path / "b", external_data=True)
+    graph = bundle / "stages" / "decoder.onnx"
+    proto = onnx.load(str(graph), load_external_data=False)
+    onnx_says = {e.value for t in _get_all_tensors(proto) if uses_external_data(t) for e in t.external_data
+                 if e.key == "location"}
+    assert sorted(external_files(graph)) == sorted(onnx_says) == ["decoder.onnx.data"]
+    load_bundle(bundle)
+    (bundle / "stages" / "extra.bin").write_bytes((bundle / "stages" / "decoder.onnx.data").read_bytes())
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, str(graph))
+    _relist(bundle, "stages/decoder.onnx")      # the manifest agrees with the edited graph: only the graph tells
+    with pytest.raises(BundleError, match=rf"stage 'decoder' \(stages/decoder.onnx\): its graph reads external data "
+                                          rf"from '{location}' \(tensor 'w_key'\), which is not one of the stage's "
+                                          r"listed external-data files \(stages/decoder.onnx.data\)"):
+        load_bundle(bundle)
+
+
+def test_a_listed_file_behind_a_symbolic_link_is_refused(tmp_path):
+    """Its bytes live outside the bundle and may change after they were checked."""
+    bundle = write_tiny_bundle(tmp_path / "b")
+    outside = tmp_path / "elsewhere"
+    (bundle / "weights").rename(outside)
+    (bundle / "weights").symlink_to(outside)
+    with pytest.raises(BundleError, match=r"weights/embed_tokens.npy: weights is a symbolic link; a bundle holds plain "
+                                          r"files only .* without links \(cp -rL\)"):
+        load_bundle(bundle)
+    (bundle / "weights").unlink()
+    outside.rename(bundle / "weights")
+    linked = tmp_path / "link"
+    linked.symlink_to(bundle)           # the bundle folder itself behind a link (a store's `current`): loads
+    load_bundle(linked)
+
+
 def test_referenced_file_without_checksum_is_refused(bundle_dir):
     _edit_manifest(bundle_dir, lambda d: d["files"].pop("weights/embed_tokens.npy"))
     with pytest.raises(BundleError, match="weights.embed_tokens: file 'weights/embed_tokens.npy' is not listed in 'files'"):
@@ -329,3 +385,30 @@ def test_bundle_object_errors_list_what_exists(bundle_dir):
         bundle.weight("lm_head")
     assert bundle.engine("decoder", "orin") is None
     assert os.path.getsize(bundle_dir / "weights/embed_tokens.npy") <= bundle.total_bytes()
+
+
+def test_the_graph_reader_finds_external_data_in_constants_and_subgraphs(tmp_path):
+    """runtime/onnx_refs.py walks the wire format itself (no onnx on the robot): the same locations as onnx's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    big = numpy_helper.from_array(np.ones((32, 32), np.float32), "c")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(
+        np.full((32, 32), 2.0, np.float32), "inner"))], "then", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["k"], value=big),
+         helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch)], "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [32, 32]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, [32, 32])])
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0, convert_attribute=True)
+    from edgeact.runtime.onnx_refs import external_files
+
+    found = external_files(path)
+    assert sorted(found) == sorted(p.name for p in tmp_path.iterdir() if p.name != "g.onnx") and len(found) == 2
+    path.write_bytes(path.read_bytes()[:-7] + b"\xff" * 7)       # a broken tail: named, not a crash
+    with pytest.raises(BundleError, match=r"g.onnx: not a readable ONNX graph"):
+        external_files(path)

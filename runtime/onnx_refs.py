@@ -1,0 +1,126 @@
+"""The files an ONNX graph reads besides itself: its tensors' external-data locations, read on the robot.
+
+A bundle lists and checksums every stage file, and a stage's external-data files in `StageSpec.external_data`. What
+the inference engine reads, though, is what the graph names: a location the manifest does not list (another file
+beside it, `../../x`, an absolute path) would be read unchecked, and onnxruntime 1.23 (JetPack 6's) follows such
+paths. `external_files` lists them so that the loader can hold them to the manifest.
+
+The runtime has no `onnx` package (the robot carries onnxruntime only), and protobuf's Python messages would copy
+every inline weight to walk the graph; so the few fields on the way to a tensor's external data are read here
+from the protobuf wire format (https://protobuf.dev/programming-guides/encoding/), on a memory map, skipping
+weights without reading them. The field numbers are onnx.proto's (onnx/onnx.proto, IR version 10).
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+from edgeact.runtime.errors import BundleError
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+# message -> {field number: message it holds}: only the paths that lead to a TensorProto
+_MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _ENTRY = range(8)
+_PATHS = {
+    _MODEL: {7: _GRAPH, 25: _FUNCTION},                         # graph, functions
+    _FUNCTION: {7: _NODE},                                      # node
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},                # node, initializer, sparse_initializer
+    _NODE: {5: _ATTRIBUTE},                                     # attribute
+    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},   # t, g, tensors, ...
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},                          # values, indices
+}
+_TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 8, 13, 14   # name, external_data, data_location
+_EXTERNAL = 1                                                   # TensorProto.DataLocation.EXTERNAL
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Corrupt
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int):
+    """(field number, wire type, value: an int, or the (start, end) of a length-delimited field)."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, end)
+        elif wire == _LEN:
+            size, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + size), pos + size
+        elif wire in (_I64, _I32):
+            value, pos = None, pos + (8 if wire == _I64 else 4)
+        else:
+            raise _Corrupt
+        if pos > end:
+            raise _Corrupt
+        yield number, wire, value
+
+
+def _tensor_locations(buf, start: int, end: int) -> tuple[str, list[str]]:
+    """A TensorProto's (name, the location values of its external data when its data lies outside)."""
+    name, locations, external = "", [], False
+    for number, wire, value in _fields(buf, start, end):
+        if number == _TENSOR_NAME and wire == _LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif number == _TENSOR_LOCATION and wire == _VARINT:
+            external = value == _EXTERNAL
+        elif number == _TENSOR_EXTERNAL and wire == _LEN:
+            entry = {n: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
+                     for n, w, v in _fields(buf, *value) if w == _LEN and n in (1, 2)}
+            if entry.get(1) == "location":
+                locations.append(entry.get(2, ""))
+    return name, [""] if external and not locations else locations     # "": external, with no location
+
+
+def external_files(onnx_path: str | Path) -> dict[str, list[str]]:
+    """{location as the graph writes it: [tensors whose data it holds]} for every tensor with external data."""
+    path = Path(onnx_path)
+    found: dict[str, list[str]] = {}
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stack = [(_MODEL, 0, len(buf))]
+            try:
+                while stack:
+                    kind, start, end = stack.pop()
+                    if kind == _TENSOR:
+                        name, locations = _tensor_locations(buf, start, end)
+                        for location in locations:
+                            found.setdefault(location, []).append(name)
+                        continue
+                    paths = _PATHS[kind]
+                    for number, wire, value in _fields(buf, start, end):
+                        if wire == _LEN and number in paths:
+                            stack.append((paths[number], *value))
+            except _Corrupt:
+                raise BundleError(f"{path}: not a readable ONNX graph (its protobuf encoding is broken); the file is "
+                                  "corrupt: copy the bundle again") from None
+    return found
+
+
+def check_external_files(onnx_path: Path, stage_dir_rel: str, listed: tuple[str, ...], where: str) -> None:
+    """Refuse a graph that reads any file other than its stage's listed external data (`listed`, bundle-relative):
+    a location outside the bundle, absolute, or not in the manifest (so never checksummed)."""
+    for location, tensors in external_files(onnx_path).items():
+        parts = location.replace("\\", "/").split("/")
+        rel = "/".join([p for p in stage_dir_rel.split("/") if p] + parts)
+        if (not location or location.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts
+                or rel not in listed):
+            raise BundleError(f"{where}: its graph reads external data from {location!r} (tensor "
+                              f"{tensors[0]!r}{f' and {len(tensors) - 1} more' if len(tensors) > 1 else ''}), which is "
+                              f"not one of the stage's listed external-data files ({', '.join(listed) or 'none'}): "
+                              "it would be read unchecked; the bundle was edited or is not edgeact's: re-export it")
