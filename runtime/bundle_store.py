@@ -359,7 +359,12 @@ class BundleStore:
                               if activate else f"--keep {keep} with --no-activate: keep at least 3 (the current "
                               "bundle, the previous, and the one installed)")
         source = Path(source).expanduser()
+        manifest_digest = manifest_sha256(source) if (source / MANIFEST_NAME).is_file() else None
         manifest = read_manifest(source)
+        if manifest_digest is None or manifest_sha256(source) != manifest_digest:
+            raise BundleError(f"{source / MANIFEST_NAME} changed while it was read (an `edgeact verify` or "
+                              "`build-engines` writing it?); flash it again once that has ended; nothing was "
+                              "installed or switched")
         check_verification(manifest, source, allow_unverified, FLASH_UNVERIFIED_FIX)
         verify_files(source, manifest, checksums=False, graphs=False)   # sizes now; the sha256 while copying, the
         #                                                                 graphs on the copy
@@ -368,7 +373,7 @@ class BundleStore:
             from edgeact.export.engines import check_buildable     # TensorRT: only where engines are built
 
             build = check_buildable(Bundle(source, manifest), target, workspace_gb=workspace_gb)   # before copying
-        id_ = entry_id(source, manifest_sha256(source))
+        id_ = entry_id(source, manifest_digest)
         with self.locked():
             dest = self.root / id_
             copied, built = False, ()
@@ -378,7 +383,7 @@ class BundleStore:
                 say(f"copying {source} into {dest} ({_mib(_bundle_bytes(manifest))}), checking every file's sha256")
                 tmp = partial_dir(dest)
                 try:
-                    copy_checked(source, tmp, manifest)
+                    copy_checked(source, tmp, manifest, manifest_digest)
                     if build is not None:
                         built = _build(tmp, source, target, build, workspace_gb, allow_unverified, say)
                     publish(tmp, dest)
@@ -469,16 +474,20 @@ def check_space(root: Path, needed: int, id_: str) -> None:
                           f"--remove ID, or flash with --keep N) or free space on that storage")
 
 
-def copy_checked(source: Path, dest: Path, manifest: Manifest) -> None:
+def copy_checked(source: Path, dest: Path, manifest: Manifest, manifest_digest: str | None = None) -> None:
     """Copy the manifest and every file it lists (nothing else: no caches the source grew) from `source` into the
-    empty folder `dest`, hashing what is read against the manifest; then flush, drop the written pages from the page
-    cache and read everything back from the storage, checking each sha256 again."""
+    empty folder `dest`, hashing what is read against the manifest (and the manifest against `manifest_digest`, the
+    one that was checked, where given); then flush, drop the written pages from the page cache and read everything
+    back from the storage, checking each sha256 again."""
     for rel, entry in sorted(manifest.files.items()):
         digest = _copy_file(source / rel, dest / rel)
         if digest != entry.sha256:
             raise BundleError(f"{source / rel}: sha256 mismatch in the source bundle (file corrupt or modified); "
                               f"re-copy or re-export it; nothing was installed")
-    _copy_file(source / MANIFEST_NAME, dest / MANIFEST_NAME)
+    if _copy_file(source / MANIFEST_NAME, dest / MANIFEST_NAME) != (manifest_digest or manifest_sha256(source)):
+        raise BundleError(f"{source / MANIFEST_NAME} changed while the bundle was copied (an `edgeact verify` or "
+                          "`build-engines` writing it?); flash it again once that has ended; nothing was installed "
+                          "or switched")
     for path in [dest, *dest.rglob("*")]:       # the files are flushed as written; their folders' entries here
         if path.is_dir():
             fsync_path(path)

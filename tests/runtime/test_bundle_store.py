@@ -111,6 +111,30 @@ def test_a_corrupt_or_unverified_source_is_refused_and_nothing_changes(tmp_path)
     assert store.link_target(CURRENT) == allowed.id
 
 
+def test_a_manifest_rewritten_during_the_copy_is_not_installed(tmp_path, monkeypatch):
+    """`edgeact verify SOURCE` recording a failed verdict while the files copy: the manifest checked is not the one
+    the copy would hold, so nothing is installed (it was installed and made current, then refused to load)."""
+    from edgeact.export.bundle_writer import update_manifest
+    from edgeact.runtime.bundle_manifest import VerificationInfo
+    from tests.runtime.test_bundle import FAILED_RESULTS
+
+    store = BundleStore(tmp_path / "store")
+    good = store.flash(tiny(tmp_path / "good", 0))
+    src = tiny(tmp_path / "src", 1, verification="not_run")
+    real = bundle_store._copy_file
+
+    def copy_file(s, d):
+        if s.name == "manifest.json":
+            update_manifest(src, lambda m: setattr(m, "verification", VerificationInfo("failed", {}, FAILED_RESULTS)))
+        return real(s, d)
+
+    monkeypatch.setattr(bundle_store, "_copy_file", copy_file)
+    with pytest.raises(BundleError, match=r"manifest.json changed while the bundle was copied .* nothing was installed "
+                                          r"or switched"):
+        store.flash(src)
+    assert store.ids() == [good.id] and store.link_target(CURRENT) == good.id
+
+
 def test_a_copy_that_reads_back_other_bytes_is_refused(tmp_path, monkeypatch):
     """Failing storage: the bytes written are not the bytes read back. Caught at install, not at the first plan."""
     store = BundleStore(tmp_path / "store")
