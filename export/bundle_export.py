@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeact.runtime import stage_io as io
+from edgeact.runtime.answer import grammar_record
 from edgeact.runtime.errors import ConfigError
 
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -177,16 +178,6 @@ def trained_depth_codes(checkpoint_dir: Path) -> str:
     except (OSError, ValueError, AttributeError):
         return ""
     return value if isinstance(value, str) else ""
-
-
-def grammar_record(n_actions: int) -> dict:
-    """What the manifest says about the answer; the runtime builds AnswerGrammar(tokenizer, layout, n_actions) from it."""
-    from edgeact.runtime.action_bins import ACTION_DIMS, N_ACTION_BINS
-    from edgeact.runtime.answer import MAX_TRACE_POINTS, N_DEPTH_TOKENS
-
-    return {"kind": "molmoact-answer", "version": 1, "n_actions": n_actions, "max_trace_points": MAX_TRACE_POINTS,
-            "n_depth_tokens": N_DEPTH_TOKENS, "action_dims": ACTION_DIMS, "n_action_bins": N_ACTION_BINS,
-            "decoding": "greedy, every step masked to the answer grammar (edgeact.runtime.grammar_walk)"}
 
 
 def _max_seq(options: ExportOptions, config_max: int) -> int:

@@ -5,13 +5,45 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeact.runtime.action_bins import ACTION_DIMS
-from edgeact.runtime.errors import GrammarError
+from edgeact.runtime.action_bins import ACTION_DIMS, N_ACTION_BINS
+from edgeact.runtime.errors import BundleError, GrammarError
 
 N_DEPTH_TOKENS = 100     # a 10x10 grid of depth VQ-VAE codes
 N_DEPTH_CODES = 128      # codebook size
 MAX_TRACE_POINTS = 5
 TRACE_RANGE = 256        # trace coordinates are integers in [0, 256)
+GRAMMAR_KIND, GRAMMAR_VERSION = "molmoact-answer", 1   # the answer a bundle's manifest says its model gives
+
+
+def grammar_record(n_actions: int) -> dict:
+    """What a bundle's manifest says about the answer; the runtime builds AnswerGrammar(tokenizer, layout, n_actions)
+    from it, and refuses a record it does not decode (check_grammar_record)."""
+    return {"kind": GRAMMAR_KIND, "version": GRAMMAR_VERSION, "n_actions": n_actions,
+            "max_trace_points": MAX_TRACE_POINTS, "n_depth_tokens": N_DEPTH_TOKENS, "action_dims": ACTION_DIMS,
+            "n_action_bins": N_ACTION_BINS,
+            "decoding": "greedy, every step masked to the answer grammar (edgeact.runtime.grammar_walk)"}
+
+
+def check_grammar_record(record: dict, where: str) -> None:
+    """Refuse an answer another edgeact wrote that this one would decode wrongly: another kind or version, or other
+    sizes than its own (the runtime decodes with its constants and reads only n_actions from the record)."""
+    kind, version = record.get("kind", GRAMMAR_KIND), record.get("version", GRAMMAR_VERSION)
+    if kind != GRAMMAR_KIND or version != GRAMMAR_VERSION:
+        newer = kind == GRAMMAR_KIND and isinstance(version, int) and version > GRAMMAR_VERSION
+        raise BundleError(f"{where}: its answer grammar is {kind!r} version {version!r}, and this edgeact decodes "
+                          f"{GRAMMAR_KIND!r} version {GRAMMAR_VERSION}; " + (
+                              "upgrade edgeact here to the version that wrote the bundle, or re-export it with this "
+                              "one" if newer else "re-export the bundle with edgeact"))
+    ours = {"max_trace_points": MAX_TRACE_POINTS, "n_depth_tokens": N_DEPTH_TOKENS, "action_dims": ACTION_DIMS,
+            "n_action_bins": N_ACTION_BINS}
+    differ = {key: record[key] for key in ours if key in record and record[key] != ours[key]}
+    if differ:
+        raise BundleError(f"{where}: its answer grammar has {differ}, and this edgeact decodes "
+                          f"{ {key: ours[key] for key in differ} }; re-export the bundle with this edgeact")
+    n_actions = record.get("n_actions", 1)
+    if isinstance(n_actions, bool) or not isinstance(n_actions, int) or n_actions < 1:
+        raise BundleError(f"{where}: its answer grammar's n_actions is {n_actions!r}; a count of actions per answer "
+                          "(1, or the checkpoint's chunk, e.g. 8) is needed: re-export the bundle")
 
 
 @dataclass(frozen=True, eq=False)   # arrays: equality below compares values

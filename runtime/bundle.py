@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeact.runtime.answer import check_grammar_record
 from edgeact.runtime.arm_config import ArmConfig
 # The schema is part of this module's API: `from edgeact.runtime.bundle import StageSpec, ...`.
 from edgeact.runtime.bundle_manifest import (  # noqa: F401
@@ -124,9 +125,11 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raise BundleError(f"{path}: not valid JSON ({exc}); the file is corrupt: {FIX_COPY}") from None
     _check_schema_version(data, path)
     try:
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}; the manifest is malformed or was edited by hand: re-export the bundle") from None
+    check_grammar_record(manifest.grammar, str(path))
+    return manifest
 
 
 def _check_schema_version(data: Any, path: Path) -> None:
@@ -230,7 +233,11 @@ class Bundle:
                 spec = self.manifest.weights[name]
             except KeyError:
                 raise BundleError(f"{self.root}: no weight {name!r}; it has {sorted(self.manifest.weights)}") from None
-            array = np.load(self.path(spec.file), mmap_mode="r", allow_pickle=False)
+            try:
+                array = np.load(self.path(spec.file), mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as exc:    # what a damaged header gives (checksums off: unseen before)
+                raise BundleError(f"{spec.file}: not a readable .npy array ({exc}); the file is corrupt: "
+                                  f"{FIX_COPY} (loading with checksums on finds such damage at load)") from None
             if str(array.dtype) != spec.dtype or tuple(array.shape) != spec.shape:
                 raise BundleError(f"{spec.file}: holds {array.dtype}{list(array.shape)} but the manifest says "
                                   f"{spec.dtype}{list(spec.shape)}; {FIX_COPY}")

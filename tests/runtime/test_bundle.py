@@ -327,10 +327,41 @@ def test_a_listed_file_behind_a_symbolic_link_is_refused(tmp_path):
     load_bundle(linked)
 
 
+@pytest.mark.parametrize("grammar, message", [
+    ({"kind": "molmoact-answer", "version": 2}, r"answer grammar is 'molmoact-answer' version 2, and this edgeact "
+                                                r"decodes 'molmoact-answer' version 1; upgrade edgeact here"),
+    ({"kind": "molmoact-answer-v2", "version": 1}, r"answer grammar is 'molmoact-answer-v2' version 1.*re-export"),
+    ({"kind": "molmoact-answer", "version": 1, "action_dims": 8, "n_action_bins": 512},
+     r"answer grammar has \{'action_dims': 8, 'n_action_bins': 512\}, and this edgeact decodes "
+     r"\{'action_dims': 7, 'n_action_bins': 256\}"),
+    ({"kind": "molmoact-answer", "version": 1, "n_actions": 0}, r"answer grammar's n_actions is 0"),
+])
+def test_an_answer_grammar_this_edgeact_would_decode_wrongly_is_refused(bundle_dir, grammar, message):
+    """The runtime decodes with its own constants and reads only n_actions: another grammar was taken silently."""
+    _edit_manifest(bundle_dir, lambda d: d.update(grammar=grammar))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
+def test_the_exporters_grammar_record_is_the_runtimes():
+    from edgeact.runtime.answer import check_grammar_record, grammar_record
+
+    check_grammar_record(grammar_record(8), "here")
+
+
 def test_referenced_file_without_checksum_is_refused(bundle_dir):
     _edit_manifest(bundle_dir, lambda d: d["files"].pop("weights/embed_tokens.npy"))
     with pytest.raises(BundleError, match="weights.embed_tokens: file 'weights/embed_tokens.npy' is not listed in 'files'"):
         read_manifest(bundle_dir)
+
+
+def test_a_damaged_array_with_checksums_off_is_named(bundle_dir):
+    """robot config `verify_checksums: false`: numpy's own error suggested loading pickled data unsafely."""
+    path = bundle_dir / "weights" / "embed_tokens.npy"
+    path.write_bytes(b"\0" * 6 + path.read_bytes()[6:])
+    bundle = load_bundle(bundle_dir, verify_checksums=False)
+    with pytest.raises(BundleError, match=r"weights/embed_tokens.npy: not a readable .npy array .* the file is corrupt"):
+        bundle.weight("embed_tokens")
 
 
 def test_weight_with_other_dtype_than_the_manifest_is_refused(bundle_dir):
