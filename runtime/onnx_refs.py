@@ -20,7 +20,7 @@ from edgeact.runtime.errors import BundleError
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 # message -> {field number: message it holds}: only the paths that lead to a TensorProto
-_MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _ENTRY = range(8)
+_MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION = range(7)
 _PATHS = {
     _MODEL: {7: _GRAPH, 25: _FUNCTION},                         # graph, functions
     _FUNCTION: {7: _NODE},                                      # node
