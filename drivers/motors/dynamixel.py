@@ -9,7 +9,7 @@ from edgeact.drivers.motors.bus import MotorBusError, MotorProtocolError, MotorT
 from edgeact.drivers.motors.dynamixel_table import (ALERT_BIT, BAUD_RATES, GARBLED_INSTRUCTION_ERRORS,
                                                     HARDWARE_ERROR_BITS, INSTRUCTION_ERRORS, MODELS)
 from edgeact.drivers.motors.serial_bus import SerialMotorsBus
-from edgeact.drivers.motors.serial_types import PacketCodec, SerialBusConfig, StatusPacket
+from edgeact.drivers.motors.serial_types import MotorConfigError, PacketCodec, SerialBusConfig, StatusPacket
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,15 @@ class DynamixelMotorsBus(SerialMotorsBus):
     CONFIG_TYPE = DynamixelBusConfig
     CODEC = DynamixelCodec()
     MODELS = MODELS
+
+    def _validate(self) -> None:
+        super()._validate()
+        for name, motor in self.motors.items():   # the bus takes 4.5 Mbps; an XL330 does not (Baud Rate 0..6)
+            rates = self.MODELS[motor.model].baud_rates
+            if self.config.baud_rate not in rates:
+                raise MotorConfigError(f"motor '{name}' ({motor.model}) does not run at {self.config.baud_rate} baud; "
+                                       f"use one of {', '.join(map(str, rates))} (and set the motors to it with "
+                                       "`edgeact motors setup`)")
 
     def _ping_model(self, motor_id: int, retries: int, timeout_s: float | None = None) -> int:
         replies = self._exchange(self.codec.ping(motor_id), [motor_id], self.codec.ping_params_len, retries=retries,

@@ -5,8 +5,10 @@ import math
 
 from edgeact.drivers.motors.serial_types import ModelSpec, Register, table
 
-# Baud rate -> value of the baud_rate register (address 8).
+# Baud rate -> value of the baud_rate register (address 8): 0..7 on the XL430 / XC430 / XM430 (the bus's set).
 BAUD_RATES = {9_600: 0, 57_600: 1, 115_200: 2, 1_000_000: 3, 2_000_000: 4, 3_000_000: 5, 4_000_000: 6, 4_500_000: 7}
+# The XL330 takes 0..6: no 4.5 Mbps (e-Manual, XL330-M077 / XL330-M288 control tables).
+XL330_BAUD_RATES = {baud: code for baud, code in BAUD_RATES.items() if code <= 6}
 
 # Signed registers are two's complement.
 X_SERIES_REGISTERS = table(
@@ -70,8 +72,8 @@ SETUP_DEFAULTS = {"return_delay_time": 0, "drive_mode": 0, "operating_mode": 3, 
 RPM_UNIT_RAD_S = 0.229 * 2 * math.pi / 60
 
 
-def _model(name: str, number: int, max_velocity_raw: int) -> ModelSpec:
-    return ModelSpec(name=name, model_number=number, registers=X_SERIES_REGISTERS, baud_rates=BAUD_RATES,
+def _model(name: str, number: int, max_velocity_raw: int, baud_rates: dict[int, int] = BAUD_RATES) -> ModelSpec:
+    return ModelSpec(name=name, model_number=number, registers=X_SERIES_REGISTERS, baud_rates=baud_rates,
                      operating_modes=OPERATING_MODES, setup_defaults=SETUP_DEFAULTS,
                      velocity_unit_rad_s=RPM_UNIT_RAD_S, max_velocity_raw=max_velocity_raw)
 
@@ -82,9 +84,15 @@ MODELS = {spec.name: spec for spec in (
     _model("xc430-w150", 1070, 460),
     _model("xm430-w350", 1020, 200),
     _model("xm430-w210", 1030, 330),
-    _model("xl330-m288", 1200, 445),
-    _model("xl330-m077", 1190, 1620),
+    _model("xl330-m288", 1200, 445, XL330_BAUD_RATES),
+    _model("xl330-m077", 1190, 1620, XL330_BAUD_RATES),
 )}
+
+# Shutdown(63) as shipped (e-Manual control tables): 52 = 0x34 (overheating, electrical shock, overload) on the
+# XL430 / XC430 / XM430; the XL330 adds input voltage: 53 = 0x35. A hardware error whose bit is set there turns
+# the motor's torque off, and only a reboot lets it back on.
+SHUTDOWN_FACTORY = {"xl430-w250": 0x34, "xc430-w150": 0x34, "xm430-w350": 0x34, "xm430-w210": 0x34,
+                    "xl330-m288": 0x35, "xl330-m077": 0x35}
 
 # Hardware Error Status (address 70), reported through the status packet's alert bit 0x80.
 HARDWARE_ERROR_BITS = {

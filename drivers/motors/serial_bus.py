@@ -62,6 +62,7 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         self._port_gone = False
         self._lock = threading.RLock()
         self._watchdog_fed_s: dict[str, float] = {}   # motor -> last goal or arming write (bus_watchdog_s)
+        self._velocity_limit_raw: dict[str, int] = {}  # wheel -> its Velocity Limit register (SerialMotion)
         self._validate()
 
     def _validate(self) -> None:

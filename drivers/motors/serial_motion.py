@@ -52,6 +52,8 @@ class SerialMotion:
 
     def write(self, register: str, motor: str, value: int) -> None:
         m, spec = self._motor(motor)
+        if register == "velocity_limit":
+            self._forget_velocity_limits([motor])
         self.write_register(m.id, register, value, spec)
 
     def reg_write(self, register: str, motor: str, value: int) -> None:
@@ -116,8 +118,10 @@ class SerialMotion:
         with self._lock:
             if units:  # a tripped watchdog refuses goals: clear it so the hold below takes
                 self.sync_write("bus_watchdog", dict.fromkeys(names, 0))
-            held = self._hold_in_place(names)  # a stale goal would make the joint jump the instant torque comes on
+            # A stale goal would make the joint jump the instant torque comes on: hold where the joints are.
+            held = self._hold_in_place(names, arming=True)
             self._expect_goals(held)
+            self._forget_velocity_limits(names)   # EEPROM may have changed while torque was off
             self.sync_write("torque_enable", dict.fromkeys(names, 1))
             self._expect_torque(names, True)
             if units:
@@ -150,6 +154,7 @@ class SerialMotion:
     def disable_torque(self, motors: list[str] | None = None) -> None:
         names = self._names(motors)
         with self._lock:
+            self._forget_velocity_limits(names)   # with torque off, EEPROM (Velocity Limit) may be written
             # Goals to where the joints are first, torque still on (they hold, nothing moves): no stale goal is
             # left for the next enable, and no goal is written after the torque off, which some servo firmwares
             # take as "torque on".
@@ -165,20 +170,32 @@ class SerialMotion:
             self.sync_write("torque_enable", dict.fromkeys(names, 0))
             self._expect_torque(names, False)
 
-    def _hold_in_place(self, names: list[str], check_errors: bool = True) -> dict[str, int]:
-        """Goals to the joints' present positions, wheels to 0; returns the goals written."""
+    def _hold_in_place(self, names: list[str], check_errors: bool = True, *, arming: bool = False) -> dict[str, int]:
+        """Goals to the joints' present positions, wheels to 0; returns the goals written.
+
+        `arming` (torque is about to come on): a Dynamixel counts whole turns while its torque is off, and resets
+        Present Position to within one turn the instant torque comes on in position mode. A joint turned by hand
+        past the encoder's seam reads a turn away (5000 for 904): as a goal that reading is refused (beyond
+        Max Position Limit), and the joint would jump to its older goal. The reading within one turn is the
+        same shaft angle, and where Present Position will be once torque is on: hold there. Only motors whose
+        torque is off: with torque on the reading is the motor's own, and a joint holding at 0 may read -1."""
         joints = [n for n in names if self.motors[n].mode == "position"]
         present = {}
         if joints:
-            present = self._sync_read_registers(["present_position"], joints, check_errors)["present_position"]
+            registers = ["present_position", "torque_enable"] if arming else ["present_position"]
+            got = self._sync_read_registers(registers, joints, check_errors)
+            present = got["present_position"]
+            if arming:
+                present = {n: raw if got["torque_enable"][n] else raw % self._motor(n)[1].resolution_ticks
+                           for n, raw in present.items()}
             self.sync_write("goal_position", present)
         self._stop_wheels(names)
         return present
 
     def _expect_goals(self, goals: dict[str, int]) -> None:
         """Refuse torque on where a holding goal did not take: a sync write gets no answer, so a goal the motor
-        refused (out of its range: a Dynamixel counts whole turns while its torque is off) would go unheard, and
-        the joint would jump to its older goal the instant torque came on."""
+        refused (a Dynamixel's Data Limit Error: outside its Min/Max Position Limit registers) would go unheard,
+        and the joint would jump to its older goal the instant torque came on."""
         if not goals:
             return
         got = self._sync_read_registers(["goal_position"], list(goals))["goal_position"]
@@ -188,9 +205,9 @@ class SerialMotion:
                 f"{self.describe_ids([self.motors[n].id for n in wrong])} did not take the goal of holding where "
                 f"{'they are' if len(wrong) > 1 else 'it is'} ("
                 + ", ".join(f"'{n}' reads {goals[n]}, goal stays {got[n]}" for n in wrong)
-                + "); torque stays off, so nothing jumps to the older goal. A reading outside the encoder's one turn "
-                "(a motor that counted turns while its torque was off) is refused as a goal: turn the joint back "
-                "within its range by hand, or power-cycle the motor")
+                + "); torque stays off, so nothing jumps to the older goal. A motor refuses a goal outside its own "
+                "position limit registers (min/max_position_limit): turn the joint back within them by hand, or "
+                "widen them (with torque off) to cover the calibrated range")
 
     def _stop_wheels(self, names: list[str]) -> None:
         self.sync_write("goal_velocity", {n: 0 for n in names if self.motors[n].mode == "velocity"})
@@ -226,19 +243,39 @@ class SerialMotion:
         return sent
 
     def send_velocity(self, goal_velocity_rad_s: dict[str, float]) -> dict[str, float]:
-        """Wheel speeds in one transaction, clamped to each model's top speed; returns what was sent."""
-        raws, sent = {}, {}
+        """Wheel speeds in one transaction, clamped to each motor's top speed; returns what was sent."""
         for name, rad_s in goal_velocity_rad_s.items():
-            motor, spec = self._motor(name)
+            motor, _ = self._motor(name)
             if motor.mode != "velocity":
                 raise MotorBusError(f"motor '{name}' is a joint (position mode); drive it with send")
             if not math.isfinite(rad_s):
                 raise MotorBusError(f"velocity for motor '{name}' is {rad_s}; refusing to send it")
-            raw = round(self._sign(name) * rad_s / spec.velocity_unit_rad_s)
-            raws[name] = max(-spec.max_velocity_raw, min(spec.max_velocity_raw, raw))
-            sent[name] = self._sign(name) * raws[name] * spec.velocity_unit_rad_s
-        self._write_goals("goal_velocity", raws)
+        raws, sent = {}, {}
+        with self._lock:
+            limits = self._velocity_limits(list(goal_velocity_rad_s))
+            for name, rad_s in goal_velocity_rad_s.items():
+                spec = self._motor(name)[1]
+                raw = round(self._sign(name) * rad_s / spec.velocity_unit_rad_s)
+                raws[name] = max(-limits[name], min(limits[name], raw))
+                sent[name] = self._sign(name) * raws[name] * spec.velocity_unit_rad_s
+            self._write_goals("goal_velocity", raws)
         return sent
+
+    def _velocity_limits(self, names: list[str]) -> dict[str, int]:
+        """Each wheel's top speed in raw units: its Velocity Limit register where the model has one, else the model's.
+
+        A Dynamixel refuses a Goal Velocity beyond its Velocity Limit(44) (Data Limit Error), and in a sync write
+        nobody hears it: the wheel would keep its older speed. The register is EEPROM, so it holds while torque is
+        on: read once, and again after the torque was off (enable_torque / disable_torque forget it)."""
+        cache = self._velocity_limit_raw
+        missing = [n for n in names if n not in cache and "velocity_limit" in self._motor(n)[1].registers]
+        if missing:
+            cache.update(self._sync_read_registers(["velocity_limit"], missing)["velocity_limit"])
+        return {n: cache[n] if n in cache else self._motor(n)[1].max_velocity_raw for n in names}
+
+    def _forget_velocity_limits(self, names: list[str]) -> None:
+        for name in names:
+            self._velocity_limit_raw.pop(name, None)
 
     def _sign(self, name: str) -> float:
         return -1.0 if self.calibration.get(name, MotorCalibration()).drive_mode else 1.0

@@ -38,10 +38,13 @@ class _Family:
     models: dict[str, ModelSpec]
     default_model: str
     wrap_ticks: int | None
+    factory: dict[str, dict[str, int]]     # model -> its own factory values of registers (beyond the generic ones)
 
 
-FAMILIES = {"feetech": _Family(feetech_table.MODELS, "sts3215", 4096),
-            "dynamixel": _Family(dynamixel_table.MODELS, "xl430-w250", None)}
+FAMILIES = {"feetech": _Family(feetech_table.MODELS, "sts3215", 4096, {}),
+            "dynamixel": _Family(dynamixel_table.MODELS, "xl430-w250", None,
+                                 {name: {"shutdown": shutdown} for name, shutdown in
+                                  dynamixel_table.SHUTDOWN_FACTORY.items()})}
 
 
 @dataclass
@@ -110,7 +113,8 @@ class SimServoBus:
         if baud not in spec.baud_rates:
             raise ValueError(f"{name} does not run at {baud} baud; use one of {', '.join(map(str, spec.baud_rates))}")
         servo = SimServo(spec, motor_id, baud, position_ticks=position_ticks,
-                         max_speed_ticks_s=self.max_speed_ticks_s, wrap_ticks=self.family.wrap_ticks)
+                         max_speed_ticks_s=self.max_speed_ticks_s, wrap_ticks=self.family.wrap_ticks,
+                         factory=self.family.factory.get(name))
         with self.lock:
             self.servos.append(servo)
         return servo
@@ -131,9 +135,12 @@ class SimServoBus:
             self.servo(motor_id).set(name, value)
 
     def inject_error(self, motor_id: int, bits: int) -> None:
-        """Vendor error bits (feetech_table.ERROR_BITS / dynamixel_table.HARDWARE_ERROR_BITS); 0 clears."""
+        """Vendor error bits (feetech_table.ERROR_BITS / dynamixel_table.HARDWARE_ERROR_BITS); 0 clears.
+
+        A Dynamixel shuts down on the bits set in its Shutdown(63): torque off, and refused until a power cycle
+        (or until the bits are cleared here)."""
         with self.lock:
-            self.servo(motor_id).hardware_error = bits
+            self.servo(motor_id).set_hardware_error(bits)
 
     def send_garbage(self, data: bytes) -> None:
         """Unsolicited noise on the line, now."""
@@ -260,7 +267,8 @@ class SimServoBus:
         answers = ins.motor_id != BROADCAST_ID or ins.code in (PING, SYNC_READ, FAST_SYNC_READ)
         if self.protocol != "dynamixel" or not answers:
             return b""
-        return b"".join(self.wire.status(s.id, CRC_ERROR) for s in sorted(addressed, key=lambda s: s.id))
+        return b"".join(self.wire.status(s.id, CRC_ERROR) for s in sorted(addressed, key=lambda s: s.id)
+                        if self.wire.answers(s, _kind(ins.code)))
 
     def _dispatch(self, ins: Instruction, live: list[SimServo]) -> bytes:
         wire = self.wire
@@ -275,12 +283,12 @@ class SimServoBus:
         if ins.code == SYNC_READ:
             address, size, ids = wire.address_size(ins.params)
             return b"".join(_one_voice([wire.status(s.id, wire.error_byte(s), s.read_bytes(address, size))
-                                        for s in live if s.id == i]) for i in ids)
+                                        for s in live if s.id == i and wire.answers(s, "read")]) for i in ids)
         if ins.code == FAST_SYNC_READ and self.protocol == "dynamixel" and self.fast_sync_read:
             address, size, ids = wire.address_size(ins.params)
             blocks = []
             for motor_id in ids:
-                found = [s for s in live if s.id == motor_id]
+                found = [s for s in live if s.id == motor_id and wire.answers(s, "read")]
                 if len(found) != 1:
                     break          # the chain breaks at a silent or doubled id: the packet stays short
                 blocks.append((wire.error_byte(found[0]), motor_id, found[0].read_bytes(address, size)))
@@ -300,6 +308,11 @@ class SimServoBus:
         return b""   # broadcasts other than ping and reads get no answer
 
     def _unicast(self, servo: SimServo, ins: Instruction) -> bytes:
+        reply = self._execute(servo, ins)
+        return reply if reply and self.wire.answers(servo, _kind(ins.code)) else b""
+
+    def _execute(self, servo: SimServo, ins: Instruction) -> bytes:
+        """Carry out an instruction addressed to `servo` alone; the status packet it would send."""
         wire = self.wire
         if ins.code == PING:
             return wire.status(servo.id, wire.error_byte(servo), wire.ping_params(servo))
@@ -308,9 +321,11 @@ class SimServoBus:
             return wire.status(servo.id, wire.error_byte(servo), servo.read_bytes(address, size))
         if ins.code in (WRITE, REG_WRITE):
             address, data = wire.address_data(ins.params)
-            if ins.code == REG_WRITE:
-                servo.staged = (address, data)
-                return wire.status(servo.id, wire.error_byte(servo))
+            if ins.code == REG_WRITE:   # checked as it is staged: a refused value is never staged
+                stage, error = wire.check_write(servo, address, data)
+                if stage:
+                    servo.staged = (address, data)
+                return wire.status(servo.id, error)
             error = self._apply_write(servo, address, data)
             return wire.status(servo.id, error)   # after an id change the motor answers as its new self
         if ins.code == ACTION:
@@ -319,10 +334,15 @@ class SimServoBus:
         return b""   # instructions the simulator does not model stay unanswered
 
     def _apply_write(self, servo: SimServo, address: int, data: bytes) -> int:
-        apply, error = self.wire.check_write(servo, address, len(data))
+        apply, error = self.wire.check_write(servo, address, data)
         if apply:
             servo.write_bytes(address, data)
         return error
+
+
+def _kind(code: int) -> str:
+    """The instruction's class for Status Return Level(68): "ping", "read" or "write" (all the others)."""
+    return "ping" if code == PING else "read" if code in (READ, SYNC_READ, FAST_SYNC_READ) else "write"
 
 
 def _one_voice(replies: list[bytes]) -> bytes:

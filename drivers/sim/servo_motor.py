@@ -14,7 +14,9 @@ class ServoCommand:
 
     torque_on: bool
     mode: str                       # "position", "velocity" (wheel mode), or "other" (a mode nobody models)
-    goal_position_ticks: float      # already clamped to the min/max position limit registers
+    # Feetech: clamped to the min/max position limit registers. Dynamixel: as written, since the wire refuses a
+    # goal outside them in position mode (Data Limit Error).
+    goal_position_ticks: float
     goal_velocity_ticks_s: float
 
 
@@ -38,15 +40,28 @@ class SimServo:
     Torque off: nothing moves. EEPROM registers survive `power_cycle()` when they were
     persisted (Feetech: only while the lock register is 0; Dynamixel: always). With a plant
     attached (`attach_plant`) the plant moves the shaft instead, and hears every write.
-    Dynamixel Bus Watchdog (register 98, 1..127 in 20 ms): with torque on and no instruction
-    heard (`heard()`) for that long, the servo stops and the register reads 0xFF until 0 is written.
+    `factory`: control-table values of this model that differ from the generic defaults.
+
+    Feetech (`wrap_ticks` set): Present Position reads a single turn; a goal outside the position
+    limit registers is clamped to them.
+    Dynamixel X-series (`wrap_ticks` None), as ROBOTIS' e-Manual says:
+    - Present Position counts whole turns, and is reset to within one turn (0..resolution-1) when
+      torque comes on in position mode, when the operating mode becomes position mode, and at
+      power-up (`power_cycle()`); the wire (DynamixelWire) refuses goals beyond the limit registers.
+    - Shutdown(63): a hardware error whose bit is set there clears Torque Enable (the motor goes
+      limp) and torque stays off until a reboot (`power_cycle()`; `inject_error(id, 0)` clears too).
+    - Bus Watchdog (register 98, 1..127 in 20 ms): with torque on and no instruction heard
+      (`heard()`) for that long, the servo stops and the register reads 0xFF until 0 is written.
     """
 
     def __init__(self, spec: ModelSpec, motor_id: int, baud_rate: int, *, position_ticks: int = 2048,
-                 max_speed_ticks_s: float = 3000.0, wrap_ticks: int | None = None):
+                 max_speed_ticks_s: float = 3000.0, wrap_ticks: int | None = None,
+                 factory: dict[str, int] | None = None):
         self.spec = spec
         self.max_speed_ticks_s = max_speed_ticks_s
         self.wrap_ticks = wrap_ticks            # Feetech reports a single turn; Dynamixel counts turns
+        self.counts_turns = wrap_ticks is None
+        self.factory = dict(factory or {})
         self.hardware_error = 0                 # injected vendor error bits (0: healthy)
         self.powered = True                     # False: silent, as with a loose cable
         self.staged: tuple[int, bytes] | None = None   # a REG_WRITE waiting for ACTION
@@ -67,7 +82,7 @@ class SimServo:
             "status_return_level": 2, "max_position_limit": 4095, "max_torque_limit": 1000, "torque_limit": 1000,
             "pwm_limit": 885, "velocity_limit": self.spec.max_velocity_raw, "max_voltage_limit": 140,
             "operating_mode": self.spec.operating_modes["position"], "lock": 1, "present_voltage": 120,
-            "present_input_voltage": 120, "present_temperature": 30,
+            "present_input_voltage": 120, "present_temperature": 30, **self.factory,
         }
         for name, value in defaults.items():
             if name in self.spec.registers:
@@ -128,7 +143,12 @@ class SimServo:
 
     def write_bytes(self, address: int, data: bytes) -> None:
         self.update()  # motion so far happened under the old goal
+        torque_was, mode_was = self._raw("torque_enable"), self._raw("operating_mode")
         self.memory[address:address + len(data)] = data
+        position = self.spec.operating_modes["position"]
+        if self._raw("operating_mode") == position and (
+                (self._raw("torque_enable") and not torque_was) or mode_was != position):
+            self._one_turn()
         persist = "lock" not in self.spec.registers or self.get("lock") == 0
         if persist and self.touches(address, len(data), eeprom=True):
             saved = bytearray(self._saved)
@@ -143,9 +163,12 @@ class SimServo:
         plant.command(self.command())
 
     def power_cycle(self) -> None:
-        """RAM back to defaults, EEPROM back to what was persisted, errors cleared; the shaft stays put."""
+        """RAM back to defaults, EEPROM back to what was persisted, errors cleared; the shaft stays put
+        (a Dynamixel's Present Position comes back within one turn)."""
         saved = self._saved
+        self.update()
         self.hardware_error = 0
+        self._one_turn()
         self._factory_reset(saved[self._reg("id").address], self.spec.baud_for_code(saved[self._reg("baud_rate").address]))
         for reg in self.spec.registers.values():
             if reg.eeprom:
@@ -163,8 +186,8 @@ class SimServo:
         velocity_ticks_s = raw * self.spec.velocity_unit_rad_s / self.spec.rad_per_tick
         goal = self._reg("goal_position")
         target = goal.decode(self.memory[goal.address:goal.address + goal.size])
-        low, high = self._limit("min_position_limit"), self._limit("max_position_limit")
-        if low < high:
+        low, high = self._raw("min_position_limit"), self._raw("max_position_limit")
+        if not self.counts_turns and low < high:   # Feetech clamps; a Dynamixel refused the write (DynamixelWire)
             target = min(max(target, low), high)
         names = {value: name for name, value in self.spec.operating_modes.items()}
         return ServoCommand(bool(torque), names.get(mode, "other"), float(target), velocity_ticks_s)
@@ -195,8 +218,35 @@ class SimServo:
         if self.plant is not None:
             self.plant.command(self.command())
 
+    # -- hardware errors and Shutdown(63) (Dynamixel) --------------------------------------------------
+    def set_hardware_error(self, bits: int) -> None:
+        """The motor detects `bits` now (0: healthy again); errors in Shutdown(63) turn its torque off."""
+        self.update()                 # motion so far happened before the fault
+        self.hardware_error = bits
+        self._apply_shutdown()
+
+    @property
+    def shut_down(self) -> bool:
+        """A hardware error selected by Shutdown(63) is present: torque is off and cannot come on until a reboot."""
+        return "shutdown" in self.spec.registers and bool(self.hardware_error & self._raw("shutdown"))
+
+    def _apply_shutdown(self) -> None:
+        if self.shut_down and self._raw("torque_enable"):
+            self.set("torque_enable", 0)      # output to 0 %: the motor goes limp
+            if self.plant is not None:
+                self.plant.command(self.command())
+
+    def _one_turn(self) -> None:
+        """Present Position back within one turn (Dynamixel); the shaft itself does not move.
+
+        With a plant the reading is the plant's joint, which a scene keeps within one turn: left as it is."""
+        if self.counts_turns and self.plant is None:
+            self._position %= self.spec.resolution_ticks
+            self._store_motion(0.0)
+
     def update(self) -> None:
         now = time.monotonic()
+        self._apply_shutdown()        # an error set directly on `hardware_error` (tests) shuts down from here on
         deadline = self._watchdog_deadline()
         if deadline is not None and deadline <= now:
             self._advance(deadline)   # motion under the old goal until the moment the watchdog ran out
@@ -225,7 +275,8 @@ class SimServo:
             self._position %= self.wrap_ticks
         self._store_motion(velocity_ticks_s)
 
-    def _limit(self, name: str) -> int:
+    def _raw(self, name: str) -> int:
+        """A register as memory holds it now (no update)."""
         reg = self._reg(name)
         return reg.decode(self.memory[reg.address:reg.address + reg.size])
 

@@ -15,6 +15,7 @@ from edgeact.drivers.motors.feetech import checksum
 from edgeact.drivers.sim.servo_motor import SimServo
 
 DATA_RANGE_ERROR = 4   # Protocol 2.0: also the answer to a goal write while the Bus Watchdog is tripped
+DATA_LIMIT_ERROR = 6   # Protocol 2.0: a goal beyond its limit register (position limits, Velocity Limit(44))
 ACCESS_ERROR = 7   # Protocol 2.0: EEPROM written with torque on, or a read-only register written
 GOALS = ("goal_pwm", "goal_current", "goal_velocity", "goal_position")
 
@@ -52,8 +53,12 @@ class SimWire(abc.ABC):
     def ping_params(self, servo: SimServo) -> bytes: ...
 
     @abc.abstractmethod
-    def check_write(self, servo: SimServo, address: int, size: int) -> tuple[bool, int]:
+    def check_write(self, servo: SimServo, address: int, data: bytes) -> tuple[bool, int]:
         """(apply the write?, error byte for the reply)."""
+
+    def answers(self, servo: SimServo, kind: str) -> bool:
+        """Whether `servo` sends a status packet for an instruction of this kind ("ping", "read" or "write")."""
+        return True
 
     def field(self, params: bytes, index: int) -> int:
         at = index * self.field_bytes
@@ -103,9 +108,9 @@ class FeetechWire(SimWire):
     def ping_params(self, servo: SimServo) -> bytes:
         return b""
 
-    def check_write(self, servo: SimServo, address: int, size: int) -> tuple[bool, int]:
+    def check_write(self, servo: SimServo, address: int, data: bytes) -> tuple[bool, int]:
         # STS firmware silently skips read-only bytes and reports no instruction errors.
-        return not servo.touches(address, size, read_only=True), self.error_byte(servo)
+        return not servo.touches(address, len(data), read_only=True), self.error_byte(servo)
 
 
 class DynamixelWire(SimWire):
@@ -155,13 +160,38 @@ class DynamixelWire(SimWire):
     def ping_params(self, servo: SimServo) -> bytes:
         return servo.spec.model_number.to_bytes(2, "little") + bytes([servo.get("firmware_version")])
 
-    def check_write(self, servo: SimServo, address: int, size: int) -> tuple[bool, int]:
+    def answers(self, servo: SimServo, kind: str) -> bool:
+        # Status Return Level(68): 0 answers PING only, 1 PING and READ, 2 every instruction.
+        level = servo.memory[servo.spec.register("status_return_level").address]
+        return kind == "ping" or level >= 2 or (kind == "read" and level >= 1)
+
+    def check_write(self, servo: SimServo, address: int, data: bytes) -> tuple[bool, int]:
+        size = len(data)
         refused = servo.touches(address, size, read_only=True) or (
             servo.get("torque_enable") and servo.touches(address, size, eeprom=True))
         if refused:
             return False, ACCESS_ERROR | self.error_byte(servo)
-        if servo.watchdog_tripped and any(r.name in GOALS for r in servo.touches(address, size)):
+        touched = {r.name for r in servo.touches(address, size)}
+        if servo.watchdog_tripped and touched & set(GOALS):
             return False, DATA_RANGE_ERROR | self.error_byte(servo)   # goals stay read-only until 98 is 0
+        after = bytearray(servo.memory)
+        after[address:address + size] = data
+
+        def value(name: str) -> int:
+            reg = servo.spec.register(name)
+            return reg.decode(after[reg.address:reg.address + reg.size])
+
+        if "baud_rate" in touched and value("baud_rate") not in servo.spec.baud_rates.values():
+            return False, DATA_RANGE_ERROR | self.error_byte(servo)   # e.g. code 7 (4.5 Mbps) on an XL330
+        if "status_return_level" in touched and value("status_return_level") > 2:
+            return False, DATA_RANGE_ERROR | self.error_byte(servo)
+        if "goal_position" in touched and value("operating_mode") == servo.spec.operating_modes["position"] and not (
+                value("min_position_limit") <= value("goal_position") <= value("max_position_limit")):
+            return False, DATA_LIMIT_ERROR | self.error_byte(servo)
+        if "goal_velocity" in touched and abs(value("goal_velocity")) > value("velocity_limit"):
+            return False, DATA_LIMIT_ERROR | self.error_byte(servo)
+        if "torque_enable" in touched and value("torque_enable") and servo.shut_down:
+            return False, self.error_byte(servo)   # only a reboot brings torque back after a Shutdown
         return True, self.error_byte(servo)
 
 
