@@ -248,10 +248,11 @@ class EventHub:
             for sub in self.subscribers:
                 try:
                     getattr(sub, hook)(event)
-                except Exception as exc:    # the loop sees self.error and stops into the safe state
-                    if self.error is None:
+                except BaseException as exc:    # the loop sees self.error and stops into the safe state; a
+                    if self.error is None:      # SystemExit too: it ended this thread, and every event after it
                         log.exception("subscriber %s failed on %s", type(sub).__name__, hook)
-                        self.error = exc
+                        self.error = exc if isinstance(exc, Exception) else RuntimeError(
+                            f"subscriber {type(sub).__name__} raised {type(exc).__name__}({exc}) on {hook}")
             if self._lag_warning != FIRST_LAG_WARNING and self._queue.qsize() == 0:    # caught up: warn again
                 self._lag_warning, self._reported_s = FIRST_LAG_WARNING, -math.inf     # at the next lag
                 self._report(logging.WARNING if self.dropped else logging.INFO, "event subscribers caught up with "

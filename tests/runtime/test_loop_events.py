@@ -164,3 +164,20 @@ def test_closed_hubs_leave_no_thread_behind(monkeypatch):
         stuck.release.set()
         hub.close()
     assert set(threading.enumerate()) - before == set()
+
+
+def test_a_subscriber_raising_system_exit_is_the_runs_error_and_the_others_get_every_event():
+    """SystemExit is not an Exception: it ended the hub's thread silently, every later event undelivered (a
+    recording without its stop), and the run went on as if nothing had happened."""
+    class Quits(Collect):
+        def on_command(self, event):
+            raise SystemExit(3)
+
+    after = Collect()
+    hub = EventHub([Quits(), after]).start()
+    for tick in range(5):
+        hub.publish(command(tick, tick * 0.01))
+    hub.publish(StopEvent(0.1, "duration", ""))
+    hub.close()
+    assert isinstance(hub.error, RuntimeError) and "subscriber Quits raised SystemExit(3) on on_command" in str(hub.error)
+    assert [type(e).__name__ for e in after.events] == ["CommandEvent"] * 5 + ["StopEvent"]
