@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from edgeact.runtime.errors import Terminated
+
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130      # 128 + the signal, as a shell reports it
     except Exception as exc:  # the boundary: turn errors into one clear line unless --verbose
         if args.verbose or not _is_user_error(exc):
             raise

@@ -118,7 +118,9 @@ def _eval(args) -> int:
                     f"no episode finished; {json_path} says so (\"interrupted\": true, no episodes)")
         why = f" ({stop})" if str(stop) else ""
         console.print(f"interrupted{why}: {finished}")
-        return 130
+        from edgeact.runtime.errors import Terminated
+
+        return 143 if isinstance(stop.__cause__, Terminated) else 130     # 128 + the signal, as a shell says
     except Exception:   # evaluate marked the report ("interrupted": true, "error"); the CLI reports the error itself
         if written:
             done = len(written)

@@ -18,7 +18,7 @@ DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
 DEMO_ROBOTS = ("simple", "mujoco")       # demo.DEMO_ROBOTS
 DEMO_TEMPLATES = ("move_to", "push_left", "push_right")     # drivers.sim.task.TEMPLATES (no mujoco import for --help)
-EXIT_INTERRUPTED, EXIT_ESTOP = 130, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_ESTOP = 130, 143, 3     # 128 + SIGINT, 128 + SIGTERM (the shell's)
 CHECK_HINT = "`edgeact check {config}` lists everything that stops a run at once, without moving anything"
 
 
@@ -311,7 +311,7 @@ def _finish(result, console) -> int:
     if teardown_error is not None:
         console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)
     if result.reason == "interrupt" or getattr(result, "interrupted_late", False):   # Ctrl-C, maybe in the teardown
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if result.reason == "interrupt" and result.detail == "SIGTERM" else EXIT_INTERRUPTED
     if result.reason == "estop":
         return EXIT_ESTOP
     if result.error is not None:

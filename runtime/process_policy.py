@@ -87,12 +87,15 @@ def with_thread_default(config: PolicyConfig) -> PolicyConfig:
 EXIT_REAP_POLLS = 100          # x 10 ms: how long a child that closed its pipes may take to become reapable
 
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}    # what a child ignores: its parent stops it (ChildProcess.stop)
+
+
 class ChildProcess:
     """A spawned child process and its pipe; the child's main takes the pipe first, then `args`.
 
     The plumbing of every process the robot starts (the policy; the simulator's bus and camera):
     bounded waits for answers that tell a dead child from a slow one, and a bounded stop (asked
-    with ("stop",), then SIGTERM, then SIGKILL).
+    with ("stop",), then SIGKILL).
     """
 
     def __init__(self, target: Callable[..., None], args: tuple, name: str, start_method: str = "spawn"):
@@ -103,13 +106,14 @@ class ChildProcess:
         self.name = name
         self.conn, child_conn = mp.Pipe()
         self.process = mp.Process(target=target, args=(child_conn, *args), daemon=True, name=name)
-        # The child inherits a blocked SIGINT, so a Ctrl-C to the process group while it imports and unpickles its
-        # arguments (0.1-0.3 s, before its main can ignore SIGINT) is held, not a KeyboardInterrupt traceback; its
-        # main then ignores SIGINT and unblocks it (ignore_interrupts). Ours is unblocked again at once. The first
-        # start launches multiprocessing's resource tracker, which unblocks SIGINT after launching itself: launched
-        # here first, it cannot undo the block.
+        # The child inherits a blocked SIGINT and SIGTERM, so a Ctrl-C to the process group (or systemd stopping the
+        # service: SIGTERM to the whole group) while it imports and unpickles its arguments (0.1-0.3 s, before its
+        # main can ignore them) is held, not a traceback or a death; its main then ignores both and unblocks them
+        # (ignore_interrupts). Ours are unblocked again at once. The first start launches multiprocessing's
+        # resource tracker, which unblocks SIGINT after launching itself: launched here first, it cannot undo the
+        # block.
         resource_tracker.ensure_running()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
         try:
             self.process.start()
         finally:
@@ -159,15 +163,14 @@ class ChildProcess:
         return f"exit code {code}"
 
     def stop(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Ask the child to stop; terminate it if it does not, kill it if that fails too. Safe from two threads."""
+        """Ask the child to stop; kill it if it does not (it ignores SIGTERM: ignore_interrupts). Safe from two
+        threads."""
         with self._stop_lock:
             process = self.process
             if process.is_alive() and self.send(("stop",)):
                 process.join(timeout_s)
-            for end in (process.terminate, process.kill):
-                if not process.is_alive():
-                    break
-                end()
+            if process.is_alive():
+                process.kill()
                 process.join(timeout_s)
             if process.is_alive():
                 log.error("%s (pid %s) survived SIGKILL; leaving it", self.name, process.pid)
@@ -363,10 +366,13 @@ def _child_main(conn, config: PolicyConfig, context: PolicyContext, nice: int) -
 
 
 def ignore_interrupts() -> None:
-    """A child process's first step: ignore SIGINT (the terminal sends it to the whole process group; the parent
-    stops its children after the robot is safe), then unblock it (ChildProcess starts children with it blocked)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    """A child process's first step: ignore SIGINT and SIGTERM (a terminal's Ctrl-C goes to the whole process group,
+    and so does systemd's SIGTERM when it stops a service; the parent stops its children after the robot is safe:
+    a simulator killed first would take the motors with it), then unblock them (ChildProcess starts children with
+    them blocked)."""
+    for interrupt in INTERRUPTS:
+        signal.signal(interrupt, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
 def serve_until_stop(conn, answer: Callable[[tuple], tuple | None]) -> None:

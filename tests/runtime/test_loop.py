@@ -284,6 +284,33 @@ def test_stalled_driver_trips_the_control_watchdog_into_the_safe_state(sim):
     assert torque(sim) == [0] * 6
 
 
+def test_sigterm_to_the_whole_process_group_still_ends_in_the_safe_state(tmp_path):
+    """systemd stops a service with SIGTERM to its whole process group: the simulated motors' process (a robot's
+    motors, here) died first and the run could not reach its safe state. Children ignore it; the run stops them."""
+    data = sim_robot_config_dict()
+    data["policy"] = {"type": "scripted", "chunk_size": 8, "latency_s": 0.02, "process": True}
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(data))
+    record = tmp_path / "commands.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path), "--seconds", "60", "--record", str(record)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while not record.exists() or record.read_text().count('"event": "command"') < 100:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "edgeact run did not start commanding the simulated arm"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, (out, err)
+    assert "stopped: interrupt (SIGTERM)" in out and "motors now: torque off on every motor" in out, (out, err)
+    assert "teardown after the run failed" not in out and "could not reach safe state" not in err, (out, err)
+
+
 def test_sigint_to_edgeact_run_ends_in_the_safe_state(sim, tmp_path):
     path = tmp_path / "robot.json"
     path.write_text(json.dumps(config_data(sim)))
@@ -327,7 +354,7 @@ def test_sigterm_is_handled_like_ctrl_c(sim, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err                  # 128 + SIGTERM, as a shell or systemd reads it
     assert "stopped: interrupt (SIGTERM)" in out        # systemd or `kill`, not a Ctrl-C at the terminal
     assert torque(sim) == [0] * 6
 

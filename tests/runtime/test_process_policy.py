@@ -152,9 +152,11 @@ def test_a_crash_in_native_code_prints_the_childs_python_stack(capfd):
     assert "Fatal Python error: Segmentation fault" in err and "process_helpers.py" in err and "in step" in err
 
 
-def test_a_ctrl_c_to_the_process_group_while_the_child_starts_is_ignored_by_it(capfd):
-    """SIGINT reaches every process of the terminal's group; a child still importing (before its main ignores
-    SIGINT) would die with a KeyboardInterrupt traceback. It starts with SIGINT blocked instead."""
+@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "systemd's stop"])
+def test_a_ctrl_c_to_the_process_group_while_the_child_starts_is_ignored_by_it(capfd, interrupt):
+    """SIGINT reaches every process of the terminal's group, and systemd stops a service with SIGTERM to its whole
+    group; a child still importing (before its main ignores them) would die with a traceback, or at once. It starts
+    with both blocked, then ignores them: its parent stops it once the robot is safe."""
     import time
 
     from edgeact.runtime.process_policy import ChildProcess, _child_main
@@ -163,10 +165,13 @@ def test_a_ctrl_c_to_the_process_group_while_the_child_starts_is_ignored_by_it(c
     child = ChildProcess(_child_main, (FailingConfig(mode="load-wait"), CONTEXT, 0), "edgeact-policy-test")
     try:
         for _ in range(20):                         # through the child's imports, its unpickling and its loading
-            os.kill(child.pid, signal.SIGINT)
+            os.kill(child.pid, interrupt)
             time.sleep(0.05)
         message = child.receive(10.0)
         assert message is not None and message[0] == "ready", child.exit_status()
+        os.kill(child.pid, interrupt)                   # once it serves, too
+        time.sleep(0.1)
+        assert child.alive, child.exit_status()
     finally:
         child.stop()
     assert "KeyboardInterrupt" not in capfd.readouterr().err

@@ -936,7 +936,7 @@ def test_a_sigterm_marks_the_eval_interrupted_as_ctrl_c_does(tmp_path, monkeypat
     out = tmp_path / "eval"
     bundle = write_tiny_bundle(tmp_path / "b")
     assert main(["eval", "--bundle", f"new={bundle}", "--depth", "generated", "--timing", "lockstep",
-                 "--episodes", "5", "--sheets", "0", "--out", str(out)]) == 130
+                 "--episodes", "5", "--sheets", "0", "--out", str(out)]) == 143       # 128 + SIGTERM
     data = json.loads((out / "eval.json").read_text())
     assert data["interrupted"] and not data["complete"] and len(data["episodes"]) == 1
 
