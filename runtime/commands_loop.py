@@ -227,12 +227,19 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
         task = progress.add_task("running the loop", total=seconds)
         run = measure(config, seconds, out_dir, name, record, estop=estop, subscribers=(first_plan,),
                       progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
-    console.print(_summary_tables(run.summary))
-    console.print(f"timing JSON: {run.json_path or 'NOT written: ' + run.json_note}\n"
-                  f"timing plot: {run.plot_path or 'not written: ' + run.plot_note}", markup=False)
-    if run.result.task is not None:
-        _report_task(console, run, first_plan, out_dir / f"{name}-episode.png")
-    return _unless_output_lost(_finish(run.result, console), run.json_note, "--out")
+    # The robot is safe and the numbers are written: a Ctrl-C or SIGTERM now waits for the report's end (the
+    # episode sheet renders the scene for a second or two), rather than leaving it half-printed and unsaid.
+    with interrupts_deferred() as late:
+        console.print(_summary_tables(run.summary))
+        console.print(f"timing JSON: {run.json_path or 'NOT written: ' + run.json_note}\n"
+                      f"timing plot: {run.plot_path or 'not written: ' + run.plot_note}", markup=False)
+        if run.result.task is not None:
+            _report_task(console, run, first_plan, out_dir / f"{name}-episode.png")
+        status = _unless_output_lost(_finish(run.result, console), run.json_note, "--out")
+    if late.signal is not None:
+        console.print(f"{late.signal.name} during the report: it was finished first")
+        return EXIT_TERMINATED if late.signal == signal.SIGTERM else EXIT_INTERRUPTED
+    return status
 
 
 def _report_task(console, run, first_plan, sheet_path: Path) -> None:
@@ -430,6 +437,29 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _Late:
+    signal: signal.Signals | None = None
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[_Late]:
+    """Ctrl-C and SIGTERM are noted, not raised, until the block ends (`.signal`: the last one, or None)."""
+    late = _Late()
+    if threading.current_thread() is not threading.main_thread():
+        yield late
+        return
+
+    def note(signum, frame):
+        late.signal = signal.Signals(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield late
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def estop_missing(config) -> bool:

@@ -86,7 +86,8 @@ class MeasuredRun:
 def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str = "bench",
             record: str | Path | None = None, progress: Callable[[float], None] | None = None,
             estop: threading.Event | None = None, subscribers: tuple = ()) -> MeasuredRun:
-    """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png.
+    """Run the loop for `seconds`, then write OUT_DIR/NAME.json (the summary) and OUT_DIR/NAME.png (an older run's
+    NAME.png and NAME-episode.png are removed when NAME.json is marked "incomplete").
 
     Besides TimingStats' numbers the summary has the run's own: how the control thread was
     scheduled, and each process's peak memory against the budget 1.3 x bundle bytes + 300 MB.
@@ -109,6 +110,8 @@ def measure(config: RobotConfig, seconds: float, out_dir: str | Path, name: str 
         not_another_file(outputs["--record"], "--record", is_recording, "an edgeact recording")
     stats = TimingStats(config.rates.control_hz)
     stats.start_json(json_path, "--out")
+    for older in (f"{name}.png", f"{name}-episode.png"):    # an older run's pictures never sit beside this run's JSON
+        (out_dir / older).unlink(missing_ok=True)
     every = [stats, LogSubscriber(), *subscribers] + ([CommandRecorder(record)] if record else [])
     device = read_device_info()         # the power mode and clocks the run starts under
     bundle = policy_bundle(config)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeact.runtime.telemetry import png_figure
+from edgeact.runtime.telemetry import png_figure, save_png
 
 ACTION_LABELS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
@@ -51,5 +51,4 @@ def episode_sheet(path: str | Path, result: Any, frame_rgb: np.ndarray, plan: An
     rates = [f"policy {result.policy_hz:.1f} plans/s" if result.policy_hz else "",
              f"control {result.control_hz:.1f} Hz" if result.control_hz else "lockstep: no control loop"]
     timing_ax.set(ylabel="ms", title=", ".join(r for r in rates if r))
-    fig.savefig(path, dpi=90)
-    return path
+    return save_png(fig, path, 90)

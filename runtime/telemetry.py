@@ -315,8 +315,7 @@ class TimingStats(Subscriber):
         bottom.set(ylabel="latency per step or tick (ms)",
                    title="stage latencies over the whole run: box p25-p75, whiskers p1-p99, dots min and max")
         bottom.tick_params(axis="x", labelrotation=20)
-        fig.savefig(path, dpi=100)
-        return path
+        return save_png(fig, path, 100)
 
 
 def output_file(path: str | Path, option: str) -> Path:
@@ -400,6 +399,18 @@ def png_figure(path: Path, figsize: tuple[float, float], what: str, fallback: st
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_png(fig: Any, path: Path, dpi: int) -> Path:
+    """Write `fig` as PNG via a hidden temporary + os.replace: an interrupt or a full disk never leaves a truncated
+    picture under the name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # -- the run's own numbers ----------------------------------------------------------------------

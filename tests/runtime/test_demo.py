@@ -229,6 +229,38 @@ def test_bench_replaces_an_older_json_at_the_start(tmp_path, monkeypatch):
     assert data["incomplete"] is True and data["control"]["achieved_hz"] is None
 
 
+def test_an_older_runs_pictures_go_with_its_json(tmp_path, monkeypatch):
+    """Its plot and episode sheet stood beside the new run's placeholder JSON, looking like the new run's."""
+    for old in ("bench.png", "bench-episode.png"):
+        (tmp_path / old).write_bytes(b"an older run's picture")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the simulator did not start")
+
+    monkeypatch.setattr("edgeact.runtime.demo.run_robot", fails)
+    with pytest.raises(RuntimeError, match="the simulator did not start"):
+        edgeact("bench", "--out", str(tmp_path), "--seconds", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+def test_an_interrupt_while_the_report_is_made_waits_for_its_end(tmp_path, monkeypatch, capsys):
+    """systemd's stop or a Ctrl-C after the loop ended: the report was cut short (no "motors now", no sheet)."""
+    import signal
+
+    tables = commands_loop._summary_tables
+
+    def interrupted_tables(summary):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return tables(summary)
+
+    monkeypatch.setattr(commands_loop, "_summary_tables", interrupted_tables)
+    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == commands_loop.EXIT_INTERRUPTED
+    out = capsys.readouterr().out
+    assert "motors now:" in out and "SIGINT during the report: it was finished first" in out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # put back
+
+
 class SlowPlot(Subscriber):
     """A live plot slower than the control rate: 25 ms per command, at 100 commands per second."""
 

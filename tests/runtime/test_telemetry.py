@@ -387,3 +387,25 @@ def test_capture_is_the_cameras_latency_and_the_wait_for_the_planner_its_own_sta
     assert list(stages)[:2] == ["capture", "frame_wait"]
     assert stages["capture"]["n"] == 2 and stages["capture"]["max"] == pytest.approx(5.0)
     assert stages["frame_wait"]["n"] == 1 and stages["frame_wait"]["p50"] == pytest.approx(25.0)
+
+
+def test_a_png_is_written_whole_or_not_at_all(tmp_path):
+    """A full disk or an interrupt mid-write left a truncated picture under the name an older run's had."""
+    from edgeact.runtime.telemetry import png_figure, save_png
+
+    path = tmp_path / "bench.png"
+    path.write_bytes(b"an older run's picture")
+    fig = png_figure(path, (2, 2), "a test plot", "")
+
+    def full_disk(target, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = full_disk
+    with pytest.raises(OSError, match="No space left"):
+        save_png(fig, path, 50)
+    assert path.read_bytes() == b"an older run's picture" and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+    fig = png_figure(path, (2, 2), "a test plot", "")
+    save_png(fig, path, 50)
+    assert path.read_bytes().startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
