@@ -136,6 +136,9 @@ def flash_motor(port: str, found: FoundMotor, new_id: int, new_baud_rate: int, t
     check_new_settings(found.protocol, new_id, new_baud_rate)
     with make_serial_bus(found.protocol, port, baud_rate=found.baud_rate, timeout_s=timeout_s) as bus:
         spec = bus.model_spec(found.model_number)
+        if new_baud_rate not in spec.baud_rates:      # the protocol's set, but not this model's (an XL330: no 4.5 M)
+            raise MotorConfigError(f"{spec.name} does not run at {new_baud_rate} baud; use one of "
+                                   f"{', '.join(map(str, spec.baud_rates))}")
         # The operator may have plugged in another motor since the search: check again before writing.
         answers, bad = bus.broadcast_ping(_broadcast_window_s(bus, [found.motor_id], timeout_s))
         if bad or list(answers) != [found.motor_id]:

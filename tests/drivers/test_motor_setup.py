@@ -93,3 +93,13 @@ def test_flash_checks_the_new_settings_before_touching_the_motor(start_sim):
     with pytest.raises(MotorConfigError, match=r"id 300 outside \[0, 252\]"):
         flash_motor(sim.port, found, 300, 1_000_000)
     assert len(sim.received) == 0
+
+
+def test_flash_refuses_a_baud_rate_the_protocol_takes_and_the_model_does_not(start_sim):
+    """4.5 Mbps is a Protocol 2.0 rate, but not an XL330's: the baud-rate write crashed with a KeyError."""
+    sim = start_sim("dynamixel", ids=[])
+    sim.add_motor(1, model="xl330-m288")
+    found = find_single_motor(sim.port, "dynamixel", [1_000_000], FEW_IDS, timeout_s=0.05)
+    with pytest.raises(MotorConfigError, match=r"xl330-m288 does not run at 4500000 baud; use one of 9600, .*4000000$"):
+        flash_motor(sim.port, found, 2, 4_500_000, timeout_s=0.05)
+    assert sim.register(1, "id") == 1       # nothing was written
