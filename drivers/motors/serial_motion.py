@@ -118,6 +118,8 @@ class SerialMotion:
         with self._lock:
             if units:  # a tripped watchdog refuses goals: clear it so the hold below takes
                 self.sync_write("bus_watchdog", dict.fromkeys(names, 0))
+            else:
+                self._clear_a_tripped_watchdog(names)
             # A stale goal would make the joint jump the instant torque comes on: hold where the joints are.
             held = self._hold_in_place(names, arming=True)
             self._expect_goals(held)
@@ -127,6 +129,19 @@ class SerialMotion:
             if units:
                 self.sync_write("bus_watchdog", dict.fromkeys(names, units))
                 self._watchdog_fed_s.update(dict.fromkeys(names, time.monotonic()))
+
+    def _clear_a_tripped_watchdog(self, names: list[str]) -> None:
+        """Without a bus watchdog of our own: one an earlier run or tool armed may have tripped (register 98 reads
+        0xFF), and a tripped motor refuses every goal, the holding one too. Cleared, and said; one left armed but
+        not tripped is left as it is (it is not ours)."""
+        watched = [n for n in names if "bus_watchdog" in self._motor(n)[1].registers]
+        if not watched:
+            return
+        tripped = [n for n, v in self.sync_read("bus_watchdog", watched).items() if v == WATCHDOG_TRIPPED]
+        if tripped:
+            log.warning("the bus watchdog of %s had stopped it (armed by an earlier run or tool, which then fell "
+                        "silent); clearing it so the motor takes goals again", ", ".join(tripped))
+            self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
 
     def _write_goals(self, register: str, raws: dict[str, int]) -> None:
         """Goals in one sync write, after re-arming motors whose bus watchdog may have tripped meanwhile.

@@ -118,3 +118,21 @@ def test_feetech_refuses_a_bus_watchdog():
         FeetechBusConfig(port="/dev/null", bus_watchdog_s=5.0)      # not sent to a range no value of it meets
     with pytest.raises(MotorConfigError, match="remove bus_watchdog_s"):
         make_serial_bus("feetech", "/dev/null", bus_watchdog_s=0.2)
+
+
+def test_a_watchdog_an_earlier_run_left_tripped_is_cleared_at_torque_on_without_the_option(start_sim, bus_for, caplog):
+    """A tripped motor refuses every goal, the holding one too: torque-on failed, blaming the position limits."""
+    sim = start_sim("dynamixel", ids=[1])
+    with sim.lock:
+        sim.servo(1).set("goal_position", 3000)      # the earlier run's last goal
+        sim.servo(1)._trip_watchdog()                # ... and its watchdog stopped it when that run fell silent
+    joint = {"elbow": Motor(1, "xl430-w250", "position")}
+    with bus_for(sim, joint) as bus, caplog.at_level(logging.WARNING):
+        assert bus.config.bus_watchdog_units == 0
+        bus.enable_torque()
+        sim.wait_idle()
+        with sim.lock:
+            servo = sim.servo(1)
+            assert servo.get("bus_watchdog") == 0 and servo.get("torque_enable") == 1
+            assert servo.get("goal_position") == round(servo.position_ticks)     # holds where it is, no jump
+    assert "the bus watchdog of elbow had stopped it" in caplog.text
