@@ -152,17 +152,18 @@ def _check_schema_version(data: Any, path: Path) -> None:
                       f"{SCHEMA_VERSION}{why}; {fix}")
 
 
-def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True, graphs: bool = True) -> None:
-    """Every listed file exists, a plain file inside the bundle, with its recorded size and (if `checksums`) its
+def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = True, graphs: bool = True,
+                 links: bool = False) -> None:
+    """Every listed file exists, a plain file inside the bundle (`links`: or behind a symbolic link: `edgeact flash`
+    reads its source so, hashing what it copies into plain files), with its recorded size and (if `checksums`) its
     sha256; and (if `graphs`) every stage's graph reads no file but its listed external data (runtime/onnx_refs.py;
-    `edgeact flash` checks the graphs of the copy it hashed, not the source's)."""
-    from edgeact.runtime.onnx_refs import check_external_files
-
+    `edgeact flash` checks the graphs of the copy it hashed, not the source's: `check_graphs`)."""
     root = Path(bundle_dir)
     for rel, entry in sorted(manifest.files.items()):
         path = root / rel
-        linked = next((part for part in (root.joinpath(*rel.split("/")[:i + 1]) for i in range(rel.count("/") + 1))
-                       if part.is_symlink()), None)
+        linked = None if links else next(
+            (part for part in (root.joinpath(*rel.split("/")[:i + 1]) for i in range(rel.count("/") + 1))
+             if part.is_symlink()), None)
         if linked is not None:      # its bytes would live outside the bundle, and change after they were checked
             raise BundleError(f"{rel}: {linked.relative_to(root).as_posix()} is a symbolic link; a bundle holds plain "
                               f"files only (the exporter writes no links): {FIX_COPY} without links (cp -rL)")
@@ -175,9 +176,19 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest, checksums: bool = T
         for rel, entry in sorted(manifest.files.items()):
             if sha256_file(root / rel) != entry.sha256:
                 raise BundleError(f"{rel}: sha256 mismatch (file corrupt or modified); {FIX_COPY}")
-    for name, spec in sorted(manifest.stages.items()) if graphs else ():
+    if graphs:
+        check_graphs(root, manifest)
+
+
+def check_graphs(bundle_dir: str | Path, manifest: Manifest, where: str | Path | None = None) -> None:
+    """Every stage's graph reads no file but its listed external data; errors name the stage's file under `where`
+    (default: the bundle folder itself)."""
+    from edgeact.runtime.onnx_refs import check_external_files
+
+    root = Path(bundle_dir)
+    for name, spec in sorted(manifest.stages.items()):
         check_external_files(root / spec.file, spec.file.rpartition("/")[0], spec.external_data,
-                             f"stage {name!r} ({spec.file})")
+                             f"stage {name!r} ({Path(where) / spec.file if where else spec.file})")
 
 
 def check_verification(manifest: Manifest, where: str | Path, allow_failed: bool = False,

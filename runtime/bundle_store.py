@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 from edgeact.runtime.atomic_dir import fsync_path, partial_dir, publish
 from edgeact.runtime.bundle import (
     ALLOW_UNVERIFIED_FLAG, MANIFEST_NAME, OLD_INFIX, PARTIAL_INFIX, PREVIOUS_NAME, Bundle, Manifest,
-    check_verification, manifest_sha256, read_manifest, verify_files,
+    check_graphs, check_verification, manifest_sha256, read_manifest, verify_files,
 )
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
 
@@ -366,8 +366,9 @@ class BundleStore:
                               "`build-engines` writing it?); flash it again once that has ended; nothing was "
                               "installed or switched")
         check_verification(manifest, source, allow_unverified, FLASH_UNVERIFIED_FIX)
-        verify_files(source, manifest, checksums=False, graphs=False)   # sizes now; the sha256 while copying, the
-        #                                                                 graphs on the copy
+        # Sizes now; the sha256 while copying, the graphs on the copy (so the bytes checked are the bytes installed,
+        # as plain files: a source's links are read through)
+        verify_files(source, manifest, checksums=False, graphs=False, links=True)
         build = None
         if target is not None:
             from edgeact.export.engines import check_buildable     # TensorRT: only where engines are built
@@ -491,6 +492,10 @@ def copy_checked(source: Path, dest: Path, manifest: Manifest, manifest_digest: 
     for path in [dest, *dest.rglob("*")]:       # the files are flushed as written; their folders' entries here
         if path.is_dir():
             fsync_path(path)
+    try:        # the bundle's own fault, not the storage's: named as the source's files, whose copies are dropped
+        check_graphs(dest, manifest, where=source)
+    except BundleError as exc:
+        raise BundleError(f"{exc}; nothing was installed or switched") from None
     try:
         verify_files(dest, read_manifest(dest), checksums=True)
     except BundleError as exc:

@@ -120,7 +120,9 @@ def _eval(args) -> int:
         console.print(f"interrupted{why}: {finished}")
         from edgeact.runtime.errors import Terminated
 
-        return 143 if isinstance(stop.__cause__, Terminated) else 130     # 128 + the signal, as a shell says
+        cause = stop.__cause__
+        sigterm = isinstance(cause, Terminated) or getattr(cause, "terminated", False)
+        return 143 if sigterm else 130      # 128 + the signal, as a shell says
     except Exception:   # evaluate marked the report ("interrupted": true, "error"); the CLI reports the error itself
         if written:
             done = len(written)

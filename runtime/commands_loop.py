@@ -229,16 +229,19 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
                       progress=lambda elapsed: progress.update(task, completed=min(elapsed, seconds)))
     # The robot is safe and the numbers are written: a Ctrl-C or SIGTERM now waits for the report's end (the
     # episode sheet renders the scene for a second or two), rather than leaving it half-printed and unsaid.
-    with interrupts_deferred() as late:
+    from edgeact.runtime.loop import interrupts_deferred
+
+    late: list[int] = []
+    with interrupts_deferred(late):
         console.print(_summary_tables(run.summary))
         console.print(f"timing JSON: {run.json_path or 'NOT written: ' + run.json_note}\n"
                       f"timing plot: {run.plot_path or 'not written: ' + run.plot_note}", markup=False)
         if run.result.task is not None:
             _report_task(console, run, first_plan, out_dir / f"{name}-episode.png")
         status = _unless_output_lost(_finish(run.result, console), run.json_note, "--out")
-    if late.signal is not None:
-        console.print(f"{late.signal.name} during the report: it was finished first")
-        return EXIT_TERMINATED if late.signal == signal.SIGTERM else EXIT_INTERRUPTED
+    if late:
+        console.print(f"{signal.Signals(late[-1]).name} during the report: it was finished first")
+        return EXIT_TERMINATED if late[-1] == signal.SIGTERM else EXIT_INTERRUPTED
     return status
 
 
@@ -318,7 +321,9 @@ def _finish(result, console) -> int:
     if teardown_error is not None:
         console.print(f"the teardown after the run failed: {teardown_error}", style="bold red", markup=False)
     if result.reason == "interrupt" or getattr(result, "interrupted_late", False):   # Ctrl-C, maybe in the teardown
-        return EXIT_TERMINATED if result.reason == "interrupt" and result.detail == "SIGTERM" else EXIT_INTERRUPTED
+        from edgeact.runtime.loop import terminated
+
+        return EXIT_TERMINATED if terminated(result) else EXIT_INTERRUPTED
     if result.reason == "estop":
         return EXIT_ESTOP
     if result.error is not None:
@@ -437,29 +442,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class _Late:
-    signal: signal.Signals | None = None
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[_Late]:
-    """Ctrl-C and SIGTERM are noted, not raised, until the block ends (`.signal`: the last one, or None)."""
-    late = _Late()
-    if threading.current_thread() is not threading.main_thread():
-        yield late
-        return
-
-    def note(signum, frame):
-        late.signal = signal.Signals(signum)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield late
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def estop_missing(config) -> bool:

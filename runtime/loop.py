@@ -112,6 +112,7 @@ class RunResult:
                                                     # unconfirmed: motors without power); the run's numbers stand
     undelivered_events: int = 0         # events the subscribers never got (too far behind): their summary is incomplete
     interrupted_late: bool = False      # Ctrl-C / SIGTERM came during the teardown (deferred): the caller stops too
+    late_signal: int | None = None      # the last of them (signal.SIGINT or signal.SIGTERM)
     motors_at_exit: str = ""            # what the run left the motors in (motors_at_exit()); "" where not known
     shadow_withheld: int | None = None  # a shadow run (nothing written to the motors): the writes withheld
     tick_span_s: float = math.nan       # from the first control tick's start to the last's (exact, as ticks is)
@@ -202,7 +203,8 @@ class RobotLoop:
                     self.hub.publish(StopEvent(self.clock(), reason, detail))
         return RunResult(reason, detail, self.clock() - start_s, self.ticks, self.plans, self.overruns,
                          self.stale_frames, error, self.control_scheduling, stale_plans=self.stale_plans,
-                         interrupted_late=bool(late), tick_span_s=self.last_tick_s - self.first_tick_s)
+                         interrupted_late=bool(late), late_signal=late[-1] if late else None,
+                         tick_span_s=self.last_tick_s - self.first_tick_s)
 
     @staticmethod
     def _join(threads: list[threading.Thread]) -> None:
@@ -478,6 +480,7 @@ def run_robot(config: "RobotConfig", duration_s: float | None = None, subscriber
     at_exit = (SHADOW_MOTORS_AT_EXIT if shadow else
                motors_at_exit(config, start_refused=isinstance(result.error, StartRefusedError)))
     return replace(result, undelivered_events=hub.undelivered, interrupted_late=result.interrupted_late or bool(late),
+                   late_signal=late[-1] if late else result.late_signal,
                    motors_at_exit=at_exit, shadow_withheld=bus.withheld if shadow else None)
 
 
@@ -541,6 +544,12 @@ def interrupts_deferred(heard: list[int]):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def terminated(result: RunResult) -> bool:
+    """Whether SIGTERM (a service manager's stop, `kill`) ended the run or came in its teardown, not Ctrl-C."""
+    late = result.late_signal == signal.SIGTERM and result.reason != "interrupt"
+    return (result.reason == "interrupt" and result.detail == "SIGTERM") or late
 
 
 def request_realtime(priority: int | None) -> str:

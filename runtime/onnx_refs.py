@@ -117,7 +117,8 @@ def check_external_files(onnx_path: Path, stage_dir_rel: str, listed: tuple[str,
     a location outside the bundle, absolute, or not in the manifest (so never checksummed)."""
     for location, tensors in external_files(onnx_path).items():
         parts = location.replace("\\", "/").split("/")
-        rel = "/".join([p for p in stage_dir_rel.split("/") if p] + parts)
+        # './x' and 'a//x' name what 'x' and 'a/x' do (the exporter lists them so); '..' never stays inside
+        rel = "/".join([p for p in stage_dir_rel.split("/") if p] + [p for p in parts if p not in ("", ".")])
         if (not location or location.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts
                 or rel not in listed):
             raise BundleError(f"{where}: its graph reads external data from {location!r} (tensor "

@@ -21,6 +21,7 @@ FrameSlab: an RGB-D frame in shared memory) also carries the simulator's bus and
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import faulthandler
 import logging
@@ -88,6 +89,7 @@ EXIT_REAP_POLLS = 100          # x 10 ms: how long a child that closed its pipes
 
 
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}    # what a child ignores: its parent stops it (ChildProcess.stop)
+EXIT_STOP_TIMEOUT_S = 1.0       # a child still running when the interpreter exits: asked this long, then killed
 
 
 class ChildProcess:
@@ -120,6 +122,10 @@ class ChildProcess:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_conn.close()      # the child holds its end; with ours closed, the child's death reads as EOF here
         self._stop_lock = threading.Lock()
+        # A child ignores SIGTERM, which is what multiprocessing stops daemon children with at exit (then waits for
+        # them): an exit that skipped stop() (an error on the way out) would wait forever. Stopped here first
+        # (atexit runs its hooks last registered first, multiprocessing's was registered at its import).
+        atexit.register(self._stop_at_exit)
 
     @property
     def pid(self) -> int | None:
@@ -172,9 +178,13 @@ class ChildProcess:
             if process.is_alive():
                 process.kill()
                 process.join(timeout_s)
+            atexit.unregister(self._stop_at_exit)
             if process.is_alive():
                 log.error("%s (pid %s) survived SIGKILL; leaving it", self.name, process.pid)
             self.conn.close()
+
+    def _stop_at_exit(self) -> None:
+        self.stop(EXIT_STOP_TIMEOUT_S)
 
 
 def send_quietly(conn, message: tuple) -> bool:

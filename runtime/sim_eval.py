@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -223,9 +224,10 @@ class InterruptedAfterEpisode(KeyboardInterrupt):
     """Ctrl-C came while a finished episode's robot stack was taken down: `result` is complete (the task was read
     before the teardown), so it counts; then the evaluation stops."""
 
-    def __init__(self, message: str, result: EpisodeResult):
+    def __init__(self, message: str, result: EpisodeResult, terminated: bool = False):
         super().__init__(message)
         self.result = result
+        self.terminated = terminated        # SIGTERM (a service manager's stop, `kill`), not Ctrl-C
 
 
 def episode_plan(episodes: int, seed: int) -> list[tuple[int, str]]:
@@ -414,8 +416,13 @@ class RealtimeRunner:
         stopped = result.reason in ("interrupt", "estop")
         failed = result.error is not None or result.teardown_error is not None
         if stopped or (result.interrupted_late and failed):     # the operator stopped it: so do we
-            raise KeyboardInterrupt(f"episode {index} stopped: {result.reason} ({result.detail})"
-                                    + ("; Ctrl-C during its teardown" if result.interrupted_late else ""))
+            from edgeact.runtime.errors import Terminated
+            from edgeact.runtime.loop import terminated
+
+            late = signal.Signals(result.late_signal).name if result.late_signal else ""
+            raise (Terminated if terminated(result) else KeyboardInterrupt)(
+                f"episode {index} stopped: {result.reason} ({result.detail})"
+                + (f"; {late} during its teardown" if result.interrupted_late else ""))
         if result.error is not None:
             raise result.error
         if result.teardown_error is not None:   # the simulated robot did not come down cleanly: no episode to trust
@@ -424,7 +431,10 @@ class RealtimeRunner:
         if sheet is not None and first.plan is not None:
             _draw_sheet(out, lambda: episode_sheet_from_run(sheet, result.task, first.plan, stats, out))
         if result.interrupted_late:     # Ctrl-C only during the teardown: the episode finished (its task was read)
-            raise InterruptedAfterEpisode(f"episode {index} finished; Ctrl-C during its teardown", out)
+            from edgeact.runtime.loop import terminated
+
+            raise InterruptedAfterEpisode(f"episode {index} finished; {signal.Signals(result.late_signal).name} during "
+                                          "its teardown", out, terminated(result))
         return out
 
     def close(self) -> None:
@@ -616,9 +626,12 @@ def _draw_sheet(result: EpisodeResult, draw: Callable[[], Path]) -> None:
     """Draw a finished episode's sheet into result.sheet; a Ctrl-C meanwhile keeps the episode (it finished)."""
     try:
         result.sheet = str(draw())
-    except KeyboardInterrupt:
-        raise InterruptedAfterEpisode(f"episode {result.index} finished; Ctrl-C while its sheet was drawn",
-                                      result) from None
+    except KeyboardInterrupt as exc:
+        from edgeact.runtime.errors import Terminated
+
+        sigterm = isinstance(exc, Terminated)
+        raise InterruptedAfterEpisode(f"episode {result.index} finished; {'SIGTERM' if sigterm else 'Ctrl-C'} while "
+                                      "its sheet was drawn", result, sigterm) from None
 
 
 def _sheet(path: Path, result: EpisodeResult, frame: np.ndarray, plan, period_ms: np.ndarray,

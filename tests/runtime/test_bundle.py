@@ -311,6 +311,22 @@ def test_a_graph_that_reads_a_file_the_manifest_does_not_list_is_refused(tmp_pat
         load_bundle(bundle)
 
 
+def test_a_location_written_otherwise_names_the_same_listed_file(tmp_path):
+    """'./decoder.onnx.data' is the file the exporter lists as stages/decoder.onnx.data (and onnxruntime reads)."""
+    import onnx
+
+    bundle = write_tiny_bundle(tmp_path / "b", external_data=True)
+    graph = bundle / "stages" / "decoder.onnx"
+    proto = onnx.load(str(graph), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "./decoder.onnx.data"
+    onnx.save_model(proto, str(graph))
+    _relist(bundle, "stages/decoder.onnx")
+    load_bundle(bundle)
+
+
 def test_a_listed_file_behind_a_symbolic_link_is_refused(tmp_path):
     """Its bytes live outside the bundle and may change after they were checked."""
     bundle = write_tiny_bundle(tmp_path / "b")

@@ -135,6 +135,40 @@ def test_a_manifest_rewritten_during_the_copy_is_not_installed(tmp_path, monkeyp
     assert store.ids() == [good.id] and store.link_target(CURRENT) == good.id
 
 
+def test_a_source_whose_graph_reads_an_unlisted_file_is_named_not_blamed_on_the_storage(tmp_path):
+    import onnx
+
+    from tests.runtime.test_bundle import _relist
+
+    store = BundleStore(tmp_path / "store")
+    src = write_tiny_bundle(tmp_path / "src", external_data=True)
+    graph = src / "stages" / "decoder.onnx"
+    (src / "stages" / "extra.bin").write_bytes((src / "stages" / "decoder.onnx.data").read_bytes())
+    proto = onnx.load(str(graph), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "extra.bin"
+    onnx.save_model(proto, str(graph))
+    _relist(src, "stages/decoder.onnx")
+    with pytest.raises(BundleError) as refused:
+        store.flash(src)
+    said = str(refused.value)
+    assert f"stage 'decoder' ({src}/stages/decoder.onnx): its graph reads external data from 'extra.bin'" in said
+    assert said.endswith("nothing was installed or switched") and "storage" not in said
+    assert store.ids() == []
+
+
+def test_a_source_with_a_linked_folder_is_installed_as_plain_files(tmp_path):
+    """flash hashes what it reads through the link and installs plain files (the robot's copy has no link)."""
+    store = BundleStore(tmp_path / "store")
+    src = tiny(tmp_path / "src")
+    (src / "weights").rename(tmp_path / "shared-weights")
+    (src / "weights").symlink_to(tmp_path / "shared-weights")
+    done = store.flash(src)
+    assert not (done.path / "weights").is_symlink() and load_bundle(store.root / CURRENT)
+
+
 def test_a_copy_that_reads_back_other_bytes_is_refused(tmp_path, monkeypatch):
     """Failing storage: the bytes written are not the bytes read back. Caught at install, not at the first plan."""
     store = BundleStore(tmp_path / "store")

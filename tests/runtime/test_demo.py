@@ -279,3 +279,21 @@ def test_a_subscriber_too_slow_to_catch_up_marks_the_summary_incomplete(tmp_path
     assert data["stop"]["reason"] == "duration"                 # the stop and the trips still reach the statistics
     events = [json.loads(line)["event"] for line in record.read_text().splitlines()]   # and the record, closed after
     assert "stop" in events and events[-1] == "trip"
+
+
+def test_a_sigterm_in_the_runs_teardown_exits_143(tmp_path, monkeypatch, capsys):
+    """systemd's stop lands while a run ends: deferred, then the exit said Ctrl-C's 130."""
+    import signal
+
+    from edgeact.runtime import loop
+
+    real = loop.peak_rss_bytes
+
+    def peak_rss_bytes(pid):
+        if pid == os.getpid():
+            os.kill(os.getpid(), signal.SIGTERM)        # during the teardown, after the loop's own end
+        return real(pid)
+
+    monkeypatch.setattr(loop, "peak_rss_bytes", peak_rss_bytes)
+    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == commands_loop.EXIT_TERMINATED
+    assert "motors now:" in capsys.readouterr().out

@@ -252,3 +252,27 @@ def test_a_policy_error_in_the_child_stops_the_loop_like_one_in_process(sim):
     assert result.reason == "error" and "loop-planner: RuntimeError: the model fell over" in result.detail
     assert set(result.peak_rss_bytes) == {"control", "policy"}     # the child outlives its step's error
     assert torque(sim) == [0] * 6
+
+
+def test_an_exit_that_skipped_stop_does_not_wait_forever_for_a_child(tmp_path):
+    """Children ignore SIGTERM, which multiprocessing stops daemon children with at exit (then waits): an error on
+    the way out that skipped stop() left the interpreter waiting for ever."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "from edgeact.runtime.policy import PolicyContext, ScriptedPolicyConfig\n"
+        "from edgeact.runtime.process_policy import ChildProcess, _child_main\n"
+        "if __name__ == '__main__':\n"
+        "    child = ChildProcess(_child_main, (ScriptedPolicyConfig(), PolicyContext(action_rate_hz=10.0), 0), 'c')\n"
+        "    assert child.receive(30.0)[0] == 'ready'\n"
+        "    print(child.pid, flush=True)\n"
+        "    raise RuntimeError('an error on the way out')\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "an error on the way out" in done.stderr, done.stderr
+    assert time.monotonic() - started < 40
+    pid = int(done.stdout.split()[0])
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

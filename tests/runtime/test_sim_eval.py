@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -889,7 +890,7 @@ def test_a_ctrl_c_during_a_finished_episodes_teardown_keeps_that_episode(tmp_pat
                   "outcome": {"target_displacement_m": [0.0, 0.0, 0.0], "ee_to_target_m": [0.1, 0.0, 0.05],
                               "max_other_displacement_m": 0.0, "failure": "block not reached"}}
         return SimpleNamespace(reason="duration", detail="", error=None, teardown_error=None, task=report,
-                               interrupted_late=True)
+                               interrupted_late=True, late_signal=signal.SIGINT)
 
     monkeypatch.setattr(loop, "run_robot", run_robot)
     systems = eval_systems({"tiny": write_tiny_bundle(tmp_path / "b")}, ["generated"])
@@ -899,6 +900,32 @@ def test_a_ctrl_c_during_a_finished_episodes_teardown_keeps_that_episode(tmp_pat
     data = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert data["interrupted"] and not data["complete"] and [e["index"] for e in data["episodes"]] == [0]
     assert data["episodes"][0]["outcome"]["failure"] == "block not reached"
+
+
+@pytest.mark.parametrize("reason, detail, late", [("interrupt", "SIGTERM", None), ("duration", "", signal.SIGTERM),
+                                                  ("interrupt", "Ctrl-C", None)],
+                         ids=["during the episode", "during its teardown", "Ctrl-C"])
+def test_a_sigterm_in_a_realtime_episode_exits_143(tmp_path, monkeypatch, capsys, reason, detail, late):
+    """The loop caught SIGTERM and the episode raised a plain KeyboardInterrupt: the eval exited 130 as for Ctrl-C."""
+    from edgeact.drivers.sim.task import sample_episode
+    from edgeact.runtime import loop
+    from edgeact.runtime.cli import main
+    from edgeact.runtime.loop import RunResult
+    from tests.runtime.test_bundle import write_tiny_bundle
+
+    def run_robot(config, duration_s, subscribers):
+        episode = sample_episode(config.robot.task.seed, config.robot.task.template)
+        report = {"episode": episode.to_dict(), "success": False, "first_success_s": None, "sim_time_s": 1.0,
+                  "outcome": {"target_displacement_m": [0.0, 0.0, 0.0], "ee_to_target_m": [0.1, 0.0, 0.05],
+                              "max_other_displacement_m": 0.0, "failure": "block not reached"}}
+        return RunResult(reason, detail, 1.0, 100, 3, 0, 0, None, "", task=report, interrupted_late=late is not None,
+                         late_signal=late)
+
+    monkeypatch.setattr(loop, "run_robot", run_robot)
+    bundle = write_tiny_bundle(tmp_path / "b")
+    status = main(["eval", "--bundle", f"new={bundle}", "--depth", "generated", "--timing", "realtime",
+                   "--episodes", "3", "--sheets", "0", "--out", str(tmp_path / "eval")])
+    assert status == (130 if detail == "Ctrl-C" else 143), capsys.readouterr().out
 
 
 def test_the_decode_calls_are_a_mean_per_plan_over_the_systems_episodes(tmp_path):
