@@ -154,7 +154,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from edgeact.runtime.atomic_dir import occupied, refuse_replacing
     from edgeact.export.checkpoint import CONFIG_FILE
-    from edgeact.export.train_reference import TrainOptions, train_reference, training_device
+    from edgeact.export.train_reference import (TrainOptions, check_init_depth_codes, depth_codes_identity,
+                                                distinct_demos_dirs, train_reference, training_device)
     from edgeact.export.train_reference_data import pooled_depth_codes, vqvae_depth_codes_fn
     from edgeact.runtime.errors import ConfigError
 
@@ -187,14 +188,23 @@ def _train(args: argparse.Namespace) -> int:
     if args.generate_scenes and len(args.demos) != 2:
         raise ConfigError(f"--generate-scenes records into the second of two --demos directories (the expert's "
                           f"episodes first), got {len(args.demos)}")
+    if args.generate_demos and len(args.demos) != 1 and not args.generate_scenes:
+        raise ConfigError(f"--generate-demos records into one --demos directory, got {len(args.demos)}")
+    distinct_demos_dirs(args.demos)
+    # Before any recording (minutes): the depth tokenizer loads, the --init checkpoint was trained on its codes,
+    # and the expert's set that --generate-scenes adds to is there.
+    depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
+    if options.init is not None:
+        check_init_depth_codes(options.init, depth_codes_identity(depth_fn), warn=False)   # prepare() warns
+    if args.generate_scenes and not args.generate_demos:
+        from edgeact.drivers.sim.demos import load_demos
+
+        load_demos(args.demos[0])
     if args.generate_demos:
-        if len(args.demos) != 1 and not args.generate_scenes:
-            raise ConfigError(f"--generate-demos records into one --demos directory, got {len(args.demos)}")
         _record(args.demos[0], args.generate_demos, args.seed, console, args.demo_workers)
     if args.generate_scenes:
         _record(args.demos[1], args.generate_scenes, SCENE_SEED_OFFSET + args.seed, console, args.demo_workers,
                 first_chunk=True)
-    depth_fn = vqvae_depth_codes_fn(args.depth_tokenizer) if args.depth_tokenizer else pooled_depth_codes
     recent: list[float] = []
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -206,15 +216,24 @@ def _train(args: argparse.Namespace) -> int:
             shown = sum(recent[-20:]) / len(recent[-20:])
             progress.update(task, completed=step + 1, description=f"training (loss {shown:.3f})")
 
-        report = train_reference(args.demos, args.out, options, depth_fn, overwrite=args.overwrite, on_step=on_step)
+        def plot(folder: Path, report) -> None:       # into the checkpoint before it is published
+            _plot_losses(report.losses, folder / LOSS_PLOT)
+
+        report = train_reference(args.demos, args.out, options, depth_fn, overwrite=args.overwrite, on_step=on_step,
+                                 extra_files=plot)
     table = Table(title=f"reference ARM -> {report.out_dir}")
     table.add_column("measure")
     table.add_column("value")
     losses = report.losses
     window = max(1, min(20, len(losses) // 5))
     rows = [("parameters", f"{report.n_parameters / 1e6:.2f} M"),
-            ("train / held-out samples", f"{report.train_samples} / {report.held_out_samples}"),
-            ("steps x batch", f"{options.steps} x {options.batch_size} ({report.seconds_per_step:.2f} s per step)"),
+            ("train / held-out samples", f"{report.train_samples} / {report.held_out_samples}"
+                                         + (f" ({report.held_out_scene_samples_dropped} samples of later --demos sets "
+                                            "left out: their scenes are held out)"
+                                            if report.held_out_scene_samples_dropped else "")),
+            ("steps x batch", f"{options.steps} x {options.batch_size} ({report.seconds_per_step:.2f} s per step, "
+                              f"{report.torch_threads} thread{'s' if report.torch_threads != 1 else ''}, "
+                              f"bf16 {'on' if report.bf16_autocast else 'off'})"),
             ("loss first / last", f"{sum(losses[:window]) / window:.3f} / {sum(losses[-window:]) / window:.3f} "
                                   f"(mean of {window} steps)")]
     rows += [(f"held-out accuracy: {kind}", f"{acc * 100:.1f}% of answers point nearest the named block (greedy)"
@@ -234,8 +253,9 @@ def _train(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    plot = _plot_losses(losses, report.out_dir / LOSS_PLOT)
-    console.print(f"loss curve: {plot}" if plot else "loss curve: not plotted (no matplotlib); see training_log.json")
+    plot = report.out_dir / LOSS_PLOT
+    console.print(f"loss curve: {plot}" if plot.is_file() else
+                  "loss curve: not plotted (no matplotlib); see training_log.json")
     return 0
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,8 +129,8 @@ class TrainOptions:
     # process encodes a sample in a few ms: without them the GPU waits on the encoding. Same batches, same order.
     loader_workers: int = 0
     # Warm start: a checkpoint of this architecture and tokenizer, trained with the same first demos set (its action
-    # statistics), whose weights replace the seeded initialization, e.g. DAgger's next round goes on from the policy
-    # that visited its states (None: PyTorch's seeded default init).
+    # statistics) and depth codes (its training_log.json), whose weights replace the seeded initialization, e.g.
+    # DAgger's next round goes on from the policy that visited its states (None: PyTorch's seeded default init).
     init: str | None = None
     # Each answer sample is shown, with this probability, with its blocks' colours exchanged (a random one of the five
     # other assignments): the frame's blocks repainted with their own shading and the instruction's colour word
@@ -156,6 +157,10 @@ class TrainOptions:
         if self.connector_init not in CONNECTOR_INITS:
             raise ConfigError(f"TrainOptions.connector_init: one of {', '.join(CONNECTOR_INITS)}; got "
                               f"{self.connector_init!r}")
+        if self.connector_init == "variance" and self.init is not None:
+            raise ConfigError(f"TrainOptions: connector_init 'variance' redraws a fresh model's connector, and init "
+                              f"{self.init!r} then replaces every weight with the checkpoint's, so the redraw would do "
+                              "nothing; drop --connector-init variance (the checkpoint's connector is kept) or --init")
         for name in ("depth_input_noise", "trace_input_noise", "colour_swap"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"TrainOptions.{name}: a probability in [0, 1]; got {getattr(self, name)}")
@@ -198,6 +203,12 @@ class TrainReport:
     trace_end: dict[str, float] = field(default_factory=dict)
     # image_reliance on held-out samples: {"own": ..., "other": ..., "samples": n} (mean cross-entropy, nats)
     image_use: dict[str, float] = field(default_factory=dict)
+    # Samples of the later --demos sets left out of training because their scene (seed) is a held-out episode's.
+    held_out_scene_samples_dropped: int = 0
+    # Whether the steps' matrix products ran in bfloat16 (TrainOptions.bf16 asks; the device must have it), and
+    # torch's CPU threads meanwhile: what the run's speed and its bit-exactness depend on.
+    bf16_autocast: bool | None = None
+    torch_threads: int = 0
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir) if self.out_dir else None}
@@ -214,6 +225,16 @@ class Trainer:
     options: TrainOptions
     cfg: ArmConfig
     preprocess_config: PreprocessConfig
+    held_out_scene_samples_dropped: int = 0     # later sets' samples of held-out scenes, not trained on
+
+
+def distinct_demos_dirs(dirs: list[str | Path]) -> None:
+    """Refuse (ConfigError) a demos set given twice: its samples would train twice, and its held-out scenes too."""
+    resolved = [Path(d).resolve() for d in dirs]
+    twice = [d for d, r in zip(dirs, resolved) if resolved.count(r) > 1]
+    if twice:
+        raise ConfigError(f"--demos {twice[0]} is given {resolved.count(Path(twice[0]).resolve())} times (as "
+                          f"{', '.join(map(str, twice))}); give each demonstration set once")
 
 
 def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
@@ -221,21 +242,21 @@ def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
     """Load the demos (one set, or several trained on together: the first's action statistics are the model's),
     build the tokenizer, config and seeded model.
 
-    The held-out episodes are drawn from the first set alone; every sample of the later sets (an episode's first
-    chunks, a policy's states) trains. So the held-out measures stay those of the first set's demonstrations,
-    whichever sets are added, and adding a set changes no held-out episode."""
-    from edgeact.drivers.sim.demos import joined_arrays, load_demos
+    The held-out episodes are drawn from the first set alone, so the held-out measures stay those of the first
+    set's demonstrations, whichever sets are added, and adding a set changes no held-out episode. The later sets'
+    samples (an episode's first chunks, a policy's states) train, except those of a held-out episode's scene (the
+    same scene seed: sets recorded from overlapping seeds show the same scenes), which are left out
+    (Trainer.held_out_scene_samples_dropped)."""
+    from edgeact.drivers.sim.demos import joined_sets, load_demos
     from edgeact.export.model import MolmoActModel
     from edgeact.export.synthetic import synthetic_config
     from edgeact.export.tokenizer_build import build_tokenizer
 
     dirs = [demos_dir] if isinstance(demos_dir, (str, Path)) else list(demos_dir)
-    sets = [load_demos(d) for d in dirs]
+    distinct_demos_dirs(dirs)
+    sets = [load_demos(d) for d in dirs]       # load_demos checks the manifest (norm_stats[NORM_KEY] among it)
     demos = sets[0]
-    if NORM_KEY not in demos.norm_stats:
-        raise ConfigError(f"{dirs[0]}: the manifest has no norm_stats[{NORM_KEY!r}]; record the demos again with "
-                          "`edgeact sim-demos`")
-    arrays = joined_arrays(sets)
+    arrays, scene_seeds = joined_sets(sets)
     tokenizer = build_tokenizer(extra_texts=task_instructions(pointing=options.pointing_batch > 0,
                                                               trace=options.trace_batch > 0))
     cfg = dataclasses.replace(synthetic_config(options.variant, options.size, tokenizer),
@@ -244,7 +265,9 @@ def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
     encoder = ReferenceEncoder(tokenizer, cfg, preprocess_config, cfg.norm_stats, NORM_KEY, depth_codes_fn)
     n_first = sum(shard["samples"] for shard in demos.manifest["shards"])
     train_idx, held_idx = split_by_episode(arrays["episode"][:n_first], options.held_out_fraction, options.seed)
-    train_idx = np.concatenate([train_idx, np.arange(n_first, len(arrays["episode"]))])
+    later = np.arange(n_first, len(arrays["episode"]))
+    held_scene = np.isin(scene_seeds[later], scene_seeds[held_idx])
+    train_idx = np.concatenate([train_idx, later[~held_scene]])
     if not len(train_idx):
         raise ConfigError(f"{', '.join(map(str, dirs))}: no training samples left after holding out episodes; "
                           "record more episodes")
@@ -253,17 +276,62 @@ def prepare(demos_dir: str | Path | list[str | Path], options: TrainOptions,
     if options.connector_init == "variance":
         init_connector(model)
     if options.init is not None:
-        warm_start(model, cfg, tokenizer, options.init)
-    return Trainer(model, encoder, arrays, train_idx, held_idx, options, cfg, preprocess_config)
+        warm_start(model, cfg, tokenizer, options.init, depth_codes_identity(depth_codes_fn))
+    return Trainer(model, encoder, arrays, train_idx, held_idx, options, cfg, preprocess_config,
+                   int(held_scene.sum()))
 
 
-def warm_start(model, cfg: ArmConfig, tokenizer, init: str | Path) -> None:
-    """Load the checkpoint `init` into the freshly built model: it must be this architecture, with this tokenizer
-    and these action statistics (those of the first demos set), or its action tokens would mean other actions."""
+def depth_codes_identity(depth_codes_fn: DepthCodesFn) -> str:
+    """Which depth codes a depth_codes_fn gives, as training_log.json records it ("pooled", "vqvae:<sha256>"; "" for
+    a function that does not say)."""
+    return getattr(depth_codes_fn, "identity", "")
+
+
+def _depth_codes_named(identity: str) -> str:
+    if identity == pooled_depth_codes.identity:
+        return "the pooled-depth stand-in's codes (no --depth-tokenizer)"
+    if identity.startswith("vqvae:"):
+        return f"a depth VQ-VAE's codes (--depth-tokenizer whose weights' sha256 is {identity[6:18]}...)"
+    return f"depth codes {identity!r}" if identity else "depth codes of unrecorded identity"
+
+
+def check_init_depth_codes(init: str | Path, identity: str, warn: bool = True) -> None:
+    """Refuse (ConfigError) a warm start from a checkpoint trained on other depth codes than this run's (`identity`,
+    see depth_codes_identity): its answers' depth tokens would mean other depths. Where the checkpoint has no
+    training log saying which (or its log does not record it), warn (warn=True) that this cannot be checked."""
+    log_path = Path(init) / LOG_FILE
+    try:
+        log = json.loads(log_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log = None
+    recorded = log.get("depth_codes") if isinstance(log, dict) else None
+    if not isinstance(recorded, str) or not recorded or not identity:
+        if warn:
+            why = (f"it has no readable {LOG_FILE}" if not isinstance(log, dict) else
+                   f"its {LOG_FILE} does not record depth_codes" if not isinstance(recorded, str) or not recorded else
+                   "this run's depth_codes_fn has no identity")
+            warnings.warn(f"--init {init}: whether it was trained on this run's depth codes "
+                          f"({_depth_codes_named(identity)}) cannot be checked: {why}; warm-start only from a "
+                          "checkpoint trained on the same depth codes", stacklevel=2)
+        return
+    if recorded != identity:
+        raise ConfigError(f"--init {init}: trained on {_depth_codes_named(recorded)} ({LOG_FILE} depth_codes "
+                          f"{recorded!r}), but this run trains on {_depth_codes_named(identity)} ({identity!r}); give "
+                          "the --depth-tokenizer it was trained with (none for the pooled stand-in), or train without "
+                          "--init")
+
+
+def warm_start(model, cfg: ArmConfig, tokenizer, init: str | Path, depth_codes: str | None = None) -> None:
+    """Load the checkpoint `init` into the freshly built model: it must be this architecture, with this tokenizer,
+    these action statistics (those of the first demos set) and, where `depth_codes` (this run's
+    depth_codes_identity) is given, these depth codes, or its action or depth tokens would mean other actions or
+    depths."""
     from edgeact.export.checkpoint import load_checkpoint
     from edgeact.runtime.token_layout import load_tokenizer
 
     ckpt = load_checkpoint(init)
+    if depth_codes is not None:
+        check_init_depth_codes(init, depth_codes)
     if ckpt.norm_stats.get(NORM_KEY) != cfg.norm_stats[NORM_KEY]:
         raise ConfigError(f"--init {init}: its action statistics (norm_stats[{NORM_KEY!r}]) are not the first "
                           "--demos set's; give first the demos set that checkpoint was trained on")
@@ -359,6 +427,11 @@ def bf16_supported() -> bool:
         return bool(check()) if check is not None else False
     except RuntimeError:
         return False
+
+
+def bf16_autocast(options: TrainOptions, device: torch.device) -> bool:
+    """Whether the steps run their matrix products in bfloat16: asked for (options.bf16) and native on the device."""
+    return options.bf16 and (bf16_supported() if device.type == "cpu" else torch.cuda.is_bf16_supported())
 
 
 def lr_at(step: int, options: TrainOptions) -> float:
@@ -476,7 +549,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
     pad_id = trainer.encoder.layout.bos_id
     # kind -1 (prompt, padding) -> index -1: no loss
     weights = torch.tensor(list(options.loss_weights) + [0.0], device=device)
-    use_bf16 = options.bf16 and (bf16_supported() if device.type == "cpu" else torch.cuda.is_bf16_supported())
+    use_bf16 = bf16_autocast(options, device)
     forward = torch.compile(model, dynamic=True) if options.compile else model
     probe = TargetProbe(trainer) if options.target_probe_weight else None
     if probe is not None:
@@ -552,7 +625,7 @@ def train_steps(trainer: Trainer, on_step: Callable[[int, float], None] | None =
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     aux = grounding.loss(model, points, [trainer.arrays["blocks"][int(i)] for i, _ in pairs])
                 loss = loss + options.grounding_weight * aux
-        if options.trace_batch:
+        if options.trace_batch and step >= options.pointing_first_steps:      # the first steps: pointing alone
             loss = loss + sequences_loss([trainer.encoder.encode_trace(trainer.arrays, i)
                                           for i in trace_draws.take(options.trace_batch)])[1]
         optimizer.zero_grad(set_to_none=True)
@@ -746,9 +819,15 @@ def greedy_answer(model, encoder: ReferenceEncoder, rgb: np.ndarray, instruction
     return encoder.grammar.parse_ids(result.token_ids)
 
 
-def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: bool = False) -> Path:
-    """The trained model as a MolmoAct checkpoint, with the training log beside the weights."""
-    from edgeact.export.checkpoint import save_checkpoint
+def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: bool = False,
+         extra_files: Callable[[Path, TrainReport], None] | None = None) -> Path:
+    """The trained model as a MolmoAct checkpoint, with the training log beside the weights (and what
+    `extra_files(folder, report)` writes there, e.g. a loss plot), published at out_dir at once: a cut leaves either
+    the previous out_dir or the whole new one, never a checkpoint without its log."""
+    import shutil
+
+    from edgeact.export.checkpoint import CheckpointError, save_checkpoint
+    from edgeact.runtime.atomic_dir import fsync_tree, occupied, partial_dir, publish
 
     tensors = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
@@ -756,24 +835,45 @@ def save(trainer: Trainer, out_dir: str | Path, report: TrainReport, overwrite: 
         raise ConfigError(f"training diverged: {len(broken)} of {len(tensors)} weight tensors hold NaN or inf (e.g. "
                           f"{broken[0]}); nothing was written to {out_dir}: lower --lr, or raise --steps so the "
                           "warm-up is longer")
-    out = save_checkpoint(out_dir, trainer.cfg, tensors, trainer.encoder.tokenizer, trainer.preprocess_config,
-                          overwrite=overwrite)
-    report.out_dir = out
-    # Which depth codes the answers were trained on: `edgeact export` records it in the bundle, and add-depth-tokenizer
-    # refuses a stage whose codes the model never learned.
-    depth_codes = getattr(trainer.encoder.depth_codes_fn, "identity", "")
-    (out / LOG_FILE).write_text(json.dumps({"options": dataclasses.asdict(trainer.options), "depth_codes": depth_codes,
-                                            **report.to_dict()}, indent=1) + "\n")
+    out = Path(out_dir)
+    if occupied(out) and not overwrite:
+        raise CheckpointError(f"{out}: already exists and is not empty; choose another directory or overwrite it "
+                              "(CLI: train-reference --overwrite)")
+    # The checkpoint is written whole (save_checkpoint) into a hidden sibling of out_dir, the log beside it there,
+    # and the finished folder renamed into place (the loaders name a `.NAME.partial-*` left by a cut).
+    stage = partial_dir(out)
+    try:
+        folder = save_checkpoint(stage / out.name, trainer.cfg, tensors, trainer.encoder.tokenizer,
+                                 trainer.preprocess_config)
+        report.out_dir = out
+        # Which depth codes the answers were trained on: `edgeact export` records it in the bundle, and
+        # add-depth-tokenizer refuses a stage whose codes the model never learned.
+        depth_codes = depth_codes_identity(trainer.encoder.depth_codes_fn)
+        (folder / LOG_FILE).write_text(json.dumps({"options": dataclasses.asdict(trainer.options),
+                                                   "depth_codes": depth_codes, **report.to_dict()}, indent=1) + "\n")
+        if extra_files is not None:
+            extra_files(folder, report)
+        fsync_tree(folder)
+        publish(folder, out)
+    except BaseException:
+        report.out_dir = None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)        # empty once published; on a failure, the partial checkpoint
     return out
 
 
 def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Path | None,
                     options: TrainOptions = TrainOptions(), depth_codes_fn: DepthCodesFn = pooled_depth_codes, *,
-                    overwrite: bool = False, on_step: Callable[[int, float], None] | None = None) -> TrainReport:
-    """Prepare, train, score the held-out episodes, and save to out_dir (None: keep nothing on disk)."""
+                    overwrite: bool = False, on_step: Callable[[int, float], None] | None = None,
+                    extra_files: Callable[[Path, TrainReport], None] | None = None) -> TrainReport:
+    """Prepare, train, score the held-out episodes, and save to out_dir (None: keep nothing on disk; extra_files:
+    see `save`)."""
     trainer = prepare(demos_dir, options, depth_codes_fn)
     report = TrainReport(None, sum(p.numel() for p in trainer.model.parameters()), len(trainer.train_idx),
-                         len(trainer.held_idx))
+                         len(trainer.held_idx), held_out_scene_samples_dropped=trainer.held_out_scene_samples_dropped)
+    report.bf16_autocast = bf16_autocast(options, training_device(options))
+    report.torch_threads = torch.get_num_threads()
     start = time.perf_counter()
     report.losses = train_steps(trainer, on_step)
     report.seconds_per_step = (time.perf_counter() - start) / options.steps
@@ -791,5 +891,5 @@ def train_reference(demos_dir: str | Path | list[str | Path], out_dir: str | Pat
         own, other = image_reliance(trainer, spread)
         report.image_use = {"own": own, "other": other, "samples": len(spread)}
     if out_dir is not None:
-        save(trainer, out_dir, report, overwrite)
+        save(trainer, out_dir, report, overwrite, extra_files)
     return report

@@ -597,21 +597,38 @@ class DemoDataset:
         parts = list(self.shards())
         return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
 
+    def scene_seeds(self, episodes: np.ndarray) -> np.ndarray:
+        """The scene seed (manifest `episodes[].seed`) of each of these episode numbers of this set's samples."""
+        seed_of = {int(e["index"]): int(e["seed"]) for e in self.manifest["episodes"]}
+        unknown = sorted({int(e) for e in np.asarray(episodes).tolist()} - seed_of.keys())
+        if unknown:
+            raise DemoDatasetError(f"{self.path / MANIFEST}: samples of episode {unknown[0]} but no such episode in "
+                                   "its 'episodes'; the set is damaged: record it again with `edgeact sim-demos`")
+        return np.array([seed_of[int(e)] for e in np.asarray(episodes).tolist()], dtype=np.int64)
+
 
 def joined_arrays(sets: list[DemoDataset]) -> dict[str, np.ndarray]:
     """Several sets' samples as one (e.g. the expert's and a policy's, for DAgger). Episode numbers are shifted
     so each set's stay apart (a held-out split keeps whole episodes); the images must be of one size."""
+    return joined_sets(sets)[0]
+
+
+def joined_sets(sets: list[DemoDataset]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`joined_arrays`, and each sample's scene seed (its episode's `seed` in its set's manifest): sets recorded
+    from overlapping seeds (sim-demos, --first-chunk and --policy all default to --seed 0) show the same scenes
+    under other episode numbers, which only the seeds tell."""
     sizes = {(d.manifest["image"]["width"], d.manifest["image"]["height"]) for d in sets}
     if len(sizes) > 1:
         raise DemoDatasetError(f"demonstration sets {[str(d.path) for d in sets]} have images of different sizes "
                                f"{sorted(sizes)}; record them at one --width and --height")
-    parts, offset = [], 0
+    parts, seeds, offset = [], [], 0
     for demos in sets:
         arrays = demos.arrays()
+        seeds.append(demos.scene_seeds(arrays["episode"]))
         arrays["episode"] = arrays["episode"] + offset
         offset = int(arrays["episode"].max()) + 1 if len(arrays["episode"]) else offset
         parts.append(arrays)
-    return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
+    return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}, np.concatenate(seeds)
 
 
 def load_demos(path: str | Path) -> DemoDataset:
@@ -634,7 +651,48 @@ def load_demos(path: str | Path) -> DemoDataset:
     if manifest.get("format") != FORMAT:
         raise DemoDatasetError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
                                "record the set again with `edgeact sim-demos` (or train-reference --generate-demos)")
+    _check_manifest(manifest_path, manifest)
     missing = [s["file"] for s in manifest["shards"] if not (root / s["file"]).is_file()]
     if missing:
         raise DemoDatasetError(f"{root}: shards {missing} are missing; copy the whole directory")
     return DemoDataset(root, manifest)
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """What a reader takes from a set's manifest is there and of its type, and the set holds samples: a damaged or
+    empty manifest is named (DemoDatasetError) instead of failing later as a KeyError or in np.concatenate."""
+    fix = "the set is damaged: record it again with `edgeact sim-demos`"
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
+                                               is_int(s.get("samples")) and s["samples"] >= 1 for s in shards):
+        raise DemoDatasetError(f"{path}: 'shards' is {_shown(shards)}, not a list of {{file, samples >= 1}}; {fix}")
+    if not shards:
+        raise DemoDatasetError(f"{path}: no shards, the set holds no samples; record it again with `edgeact "
+                               "sim-demos` (more episodes, if the expert succeeded in none)")
+    samples = manifest.get("samples")
+    if not is_int(samples) or samples != sum(s["samples"] for s in shards):
+        raise DemoDatasetError(f"{path}: 'samples' is {_shown(samples)}, not the {sum(s['samples'] for s in shards)} "
+                               f"its shards hold; {fix}")
+    image = manifest.get("image")
+    if not (isinstance(image, dict) and is_int(image.get("width")) and is_int(image.get("height"))):
+        raise DemoDatasetError(f"{path}: 'image' is {_shown(image)}, not the frames' {{width, height, ...}}; {fix}")
+    norm_stats = manifest.get("norm_stats")
+    if not (isinstance(norm_stats, dict) and isinstance(norm_stats.get(NORM_KEY), dict)):
+        raise DemoDatasetError(f"{path}: no norm_stats[{NORM_KEY!r}] (the actions' statistics, got "
+                               f"{_shown(norm_stats)}); {fix}")
+    episodes = manifest.get("episodes")
+    if not isinstance(episodes, list) or not all(isinstance(e, dict) and is_int(e.get("index")) and
+                                                 is_int(e.get("seed")) for e in episodes):
+        raise DemoDatasetError(f"{path}: 'episodes' is {_shown(episodes)}, not a list of {{index, seed, ...}}; {fix}")
+
+
+def _shown(value: Any) -> str:
+    """A manifest entry as an error message shows it: missing, or its JSON, cut short."""
+    if value is None:
+        return "missing"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
