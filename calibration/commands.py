@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
     m = subparsers.add_parser(
         "hand-eye-marker", help="write the ArUco marker to print for calibrate-hand-eye (a PNG that prints to size)",
-        description="Write the marker as a PNG whose resolution is stored in it, so that printed at 100 %% (no "
+        description="Write the marker as a PNG whose resolution is stored in it, so that printed at 100 % (no "
                     "fit-to-page) its black square is --marker-side-m wide; measure the print and pass what you "
                     "measure to calibrate-hand-eye. The white border around the square is part of the marker.")
     m.add_argument("--out", required=True, help="the .png to write")

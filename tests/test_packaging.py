@@ -114,3 +114,18 @@ def test_every_robot_side_extra_names_one_pin_per_package_for_each_jetpack_pytho
             assert all(str(r.specifier).startswith("==") for r in chosen), (name, python, chosen)
     assert [str(r.specifier) for r in map(Requirement, extras["calibration"])
             if r.name == "scipy" and r.marker.evaluate({"python_version": "3.10", "extra": ""})] == ["==1.15.3"]
+
+
+def test_every_commands_help_renders_as_written():
+    """argparse %-formats an option's help but a description only when it holds %(prog): a description's '%%'
+    printed as '%%' (hand-eye-marker's "printed at 100 %%")."""
+    import argparse
+
+    from edgeact.runtime.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(commands) > 20
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "%%" not in text and "%(" not in text, (name, text)
