@@ -381,8 +381,8 @@ def test_a_negative_seed_is_refused_by_its_option(robot_config, monkeypatch, cap
 
 @pytest.mark.slow
 def test_kill_stops_the_session_like_ctrl_c(robot_config):
-    """`kill PID` (SIGTERM) mid-session ends as Ctrl-C does: through the guard's exit, "interrupted", status 130 (not
-    killed mid-command with no safe state)."""
+    """`kill PID` (SIGTERM) mid-session ends as Ctrl-C does: through the guard's exit, "interrupted", status 143
+    (128 + SIGTERM; not killed mid-command with no safe state)."""
     import os
     import signal
     import subprocess
@@ -403,7 +403,7 @@ def test_kill_stops_the_session_like_ctrl_c(robot_config):
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    assert process.returncode == 143, err
     assert "interrupted" in err and "Traceback" not in err
 
 
