@@ -171,8 +171,8 @@ def _motors(config, sim_port: str | None, add, stack: ExitStack) -> dict[str, fl
     add("motors", OK, f"{len(bus.motors)} answer as configured on {config.robot.bus}: "
                       + ", ".join(f"{n} {math.degrees(positions[n]):+.1f} deg" for n in joints)
                       + (f"; wheels {', '.join(wheels)}" if wheels else ""))
-    for change in mode_changes:
-        add("motors", WARN, f"{change} (a joint holding goes limp meanwhile: support the arm)")
+    for change in mode_changes:     # a mode the run would switch, or position limit registers narrower than the range
+        add("motors", WARN, change)
     if faults:
         add("motors", WARN, f"{', '.join(faults)} latched \"communication lost\" (the last run or host went silent "
                             "while they held, so their own watchdog turned torque off): `edgeact run` clears it when "

@@ -111,8 +111,8 @@ class MotorsBus(abc.ABC):
 
     def connect_read_only(self) -> list[str]:
         """Connect writing nothing to the motors (a shadow run, `edgeact check`); returns what `connect` would have
-        changed, in words (a serial motor in another operating mode than the config's). This default is for buses
-        whose connect writes nothing."""
+        changed or warns of, in words (a serial motor in another operating mode than the config's; its position limit
+        registers narrower than its calibrated range). This default is for buses whose connect writes nothing."""
         self.connect()
         return []
 

@@ -63,6 +63,9 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
         self._lock = threading.RLock()
         self._watchdog_fed_s: dict[str, float] = {}   # motor -> last goal or arming write (bus_watchdog_s)
         self._velocity_limit_raw: dict[str, int] = {}  # wheel -> its Velocity Limit register (SerialMotion)
+        # joint -> its (Min, Max) Position Limit registers where they set a limit: read at connect and enable_torque,
+        # and where write() changes them (SerialMotion); send clamps to them from this cache, no read per tick.
+        self._position_limit_raw: dict[str, tuple[int, int]] = {}
         self._validate()
 
     def _validate(self) -> None:
@@ -363,11 +366,18 @@ class SerialMotorsBus(SerialMotion, MotorsBus):
                 wrong = self._wrong_operating_modes()
                 if write:
                     self._apply_operating_modes(wrong)
+                self._position_limit_raw.clear()
+                narrow = self._read_position_limits(list(self.motors))
             except BaseException:
                 self._close_port()
                 raise
-        return [f"motor '{name}' is in {mode} mode, the config says {self.motors[name].mode}: `edgeact run` "
-                "switches it as it connects, with its torque off" for name, mode in wrong.items()]
+        if write:
+            for words in narrow.values():
+                log.warning("%s", words)
+        modes = [f"motor '{name}' is in {mode} mode, the config says {self.motors[name].mode}: `edgeact run` "
+                 "switches it as it connects, with its torque off (a joint holding goes limp meanwhile: support the "
+                 "arm)" for name, mode in wrong.items()]
+        return modes + list(narrow.values())
 
     def _check_motors(self) -> None:
         missing, wrong = [], []

@@ -11,6 +11,8 @@ from edgeact.drivers.motors.serial_types import (WATCHDOG_UNIT_S, ModelSpec, Mot
 
 log = logging.getLogger(__name__)
 WATCHDOG_TRIPPED = -1    # bus_watchdog reads 0xFF once it stopped the motor
+POSITION_LIMITS = ("min_position_limit", "max_position_limit")   # a joint's own limits (EEPROM), raw ticks
+VENDOR_TOOL = {"dynamixel": "Dynamixel Wizard", "feetech": "Feetech's FD"}
 
 
 def check_calibration(spec: ModelSpec, calibration: MotorCalibration, name: str) -> None:
@@ -55,6 +57,8 @@ class SerialMotion:
         if register == "velocity_limit":
             self._forget_velocity_limits([motor])
         self.write_register(m.id, register, value, spec)
+        if register in POSITION_LIMITS:
+            self._read_position_limits([motor])   # send's clamp follows at once (torque is off: EEPROM)
 
     def reg_write(self, register: str, motor: str, value: int) -> None:
         """Stage a RAM write that takes effect at `action()`: many motors start at one instant."""
@@ -120,10 +124,15 @@ class SerialMotion:
                 self.sync_write("bus_watchdog", dict.fromkeys(names, 0))
             else:
                 self._clear_a_tripped_watchdog(names)
+            # EEPROM may have changed while torque was off; once torque is on it cannot.
+            self._forget_velocity_limits(names)
+            known = {n: self._position_limit_raw.get(n) for n in names}
+            for name, words in self._read_position_limits(names).items():
+                if self._position_limit_raw.get(name) != known[name]:
+                    log.warning("%s", words)      # changed since connect (which said it of the others)
             # A stale goal would make the joint jump the instant torque comes on: hold where the joints are.
             held = self._hold_in_place(names, arming=True)
             self._expect_goals(held)
-            self._forget_velocity_limits(names)   # EEPROM may have changed while torque was off
             self.sync_write("torque_enable", dict.fromkeys(names, 1))
             self._expect_torque(names, True)
             if units:
@@ -215,6 +224,17 @@ class SerialMotion:
             return
         got = self._sync_read_registers(["goal_position"], list(goals))["goal_position"]
         wrong = [n for n in goals if got[n] != goals[n]]
+        # A Feetech takes a goal beyond them and clamps it: at torque on the joint would drive to the limit.
+        beyond = {n: self._position_limit_raw[n] for n in goals if n not in wrong and n in self._position_limit_raw
+                  and not self._position_limit_raw[n][0] <= goals[n] <= self._position_limit_raw[n][1]}
+        if beyond and not wrong:
+            raise MotorBusError(
+                f"{self.describe_ids([self.motors[n].id for n in beyond])} would move the instant torque came on ("
+                + ", ".join(f"'{n}' reads {goals[n]}, beyond its position limit registers [{lo}, {hi}]"
+                            for n, (lo, hi) in beyond.items())
+                + "): the motor clamps the holding goal to them and drives there at full speed, so torque stays off. "
+                "Turn the joint back within them by hand, or widen them (with torque off) to cover the calibrated "
+                "range")
         if wrong:
             raise MotorBusError(
                 f"{self.describe_ids([self.motors[n].id for n in wrong])} did not take the goal of holding where "
@@ -300,20 +320,60 @@ class SerialMotion:
         return self._sign(name) * (raw - cal.homing_offset) * self._motor(name)[1].rad_per_tick
 
     def _rad_to_raw(self, name: str, rad: float, origin_rad: float | None = None) -> int:
-        """Raw goal, clamped to the calibrated range widened to the origin (see MotorsBus.send)."""
+        """Raw goal, clamped to the calibrated range widened to the origin (see MotorsBus.send), then to the motor's
+        own position limit registers (cached): a Dynamixel refuses a goal beyond them (in a sync write, unheard) and
+        a Feetech clamps it, so the goal sent is the one the motor takes."""
         cal = self.calibration.get(name, MotorCalibration())
         lo, hi = cal.range_min, cal.range_max
         if origin_rad is not None and math.isfinite(origin_rad):
             origin = self._unclamped_raw(name, origin_rad)
             lo, hi = min(lo, origin), max(hi, origin)
-        return min(max(self._unclamped_raw(name, rad), lo), hi)
+        raw = min(max(self._unclamped_raw(name, rad), lo), hi)
+        limits = self._position_limit_raw.get(name)
+        return raw if limits is None else min(max(raw, limits[0]), limits[1])
+
+    def _read_position_limits(self, names: list[str]) -> dict[str, str]:
+        """Read (one sync read) and cache the Min/Max Position Limit registers of the position-mode `names`; returns
+        {joint: the words saying so} for each calibrated joint whose registers are narrower than its calibrated range.
+
+        A pair with min >= max sets no limit (a Feetech's 0/0; the simulated Feetech clamps only where min < max).
+        EEPROM: they hold while torque is on, so connect, enable_torque and write() read them, never send."""
+        joints = [n for n in names if self.motors[n].mode == "position"
+                  and all(r in self._motor(n)[1].registers for r in POSITION_LIMITS)]
+        got = self._sync_read_registers(list(POSITION_LIMITS), joints) if joints else {}
+        narrow = {}
+        for name in names:
+            self._position_limit_raw.pop(name, None)
+            if name not in joints:
+                continue
+            low, high = (got[r][name] for r in POSITION_LIMITS)
+            if low >= high:
+                continue
+            self._position_limit_raw[name] = (low, high)
+            cal = self.calibration.get(name)
+            if cal is not None and (low > cal.range_min or high < cal.range_max):
+                narrow[name] = self._narrow_limits_words(name, cal, low, high)
+        return narrow
+
+    def _narrow_limits_words(self, name: str, cal: MotorCalibration, low: int, high: int) -> str:
+        lo, hi = max(low, cal.range_min), min(high, cal.range_max)
+        clamp = (f"goals are clamped to [{lo}, {hi}]" if lo <= hi else
+                 "the two do not overlap: every goal is sent to the registers' end nearest the range")
+        return (f"{self.describe_ids([self.motors[name].id])}: its own position limit registers allow raw [{low}, "
+                f"{high}], narrower than its calibrated range [{cal.range_min}, {cal.range_max}] (robot.calibration); "
+                f"the motor refuses or clamps a goal beyond them, so {clamp}. To reach the whole range, widen them "
+                f"(min_position_limit / max_position_limit, with torque off, e.g. with "
+                f"{VENDOR_TOOL.get(self.codec.name, 'the vendor tool')}), or narrow robot.calibration's range_min / "
+                "range_max to them")
 
     def _unclamped_raw(self, name: str, rad: float) -> int:
         cal = self.calibration.get(name, MotorCalibration())
         return round(cal.homing_offset + self._sign(name) * rad / self._motor(name)[1].rad_per_tick)
 
     def position_limits_rad(self, name: str) -> tuple[float, float]:
-        """(low, high) joint angle `send` clamps to: the calibrated range (the whole turn without a calibration)."""
+        """(low, high) joint angle `send` clamps to: the calibrated range (the whole turn without a calibration).
+        Once connected, `send` also keeps within the motor's own position limit registers (connect warns where
+        those are narrower); the range told here stays the calibrated one, as before connect."""
         cal = self.calibration.get(name, MotorCalibration())
         ends = (self._raw_to_rad(name, cal.range_min), self._raw_to_rad(name, cal.range_max))
         return min(ends), max(ends)

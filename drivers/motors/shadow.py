@@ -7,8 +7,9 @@ SafetyGuard, this passes every read through and withholds every write: goals, wh
 register writes. What it reports as sent is where the joints are (nothing moved them), so a plan's actions start
 from the measured pose, as they would on the real run from the pose the robot was told to hold.
 
-`connect` is the real bus's read-only one: the motors are checked as the run checks them, and a motor in another
-operating mode than the config's is not switched (the run switches it, with its torque off) but logged, and kept in
+`connect` is the real bus's read-only one: the motors are checked as the run checks them, and what the run's
+connect would change or warn of (a motor in another operating mode than the config's, which the run switches with
+its torque off; limit registers narrower than the calibrated range) is logged, not done, and kept in
 `mode_changes_withheld`.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ShadowBus(BusWrapper):
     def connect(self) -> None:
         self.mode_changes_withheld = self.bus.connect_read_only()
         for change in self.mode_changes_withheld:
-            log.warning("shadow run: %s; not switched (a shadow run writes nothing)", change)
+            log.warning("shadow run (it writes nothing to the motors): %s", change)
 
     def connect_read_only(self) -> list[str]:
         self.connect()
