@@ -106,3 +106,13 @@ def tiny_prompt(n_image_tokens: int, tokens_per_row: int = 2, n_text: int = 6, s
 @pytest.fixture(params=["D", "O"])
 def variant(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Three scripted-expert episodes at 64x48 (the training tests' demonstration set, recorded once per module)."""
+    from edgeact.drivers.sim.demos import DemoConfig, record_demos
+
+    out = tmp_path_factory.mktemp("demos") / "set"
+    record_demos(out, episodes=3, seed=0, config=DemoConfig(width=64, height=48, stride_actions=8))
+    return out

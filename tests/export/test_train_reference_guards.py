@@ -22,13 +22,6 @@ from edgeact.runtime.errors import ConfigError  # noqa: E402
 TINY = dict(size="tiny", batch_size=2, lr=3e-3, warmup_steps=2, held_out_fraction=0.34, eval_samples=0)
 
 
-@pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    from edgeact.drivers.sim.demos import DemoConfig, record_demos
-
-    out = tmp_path_factory.mktemp("demos") / "set"
-    record_demos(out, episodes=3, seed=0, config=DemoConfig(width=64, height=48, stride_actions=8))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,18 @@ def _relist(bundle_dir: Path, rel: str) -> None:
                                                                   "bytes": path.stat().st_size}}))
 
 
+def _set_location(graph: Path, location: str) -> None:
+    """Point every external-data tensor of the graph at `location` (as a hand edit or another tool would)."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, str(graph))
+
+
 @pytest.mark.parametrize("location, why", [
     ("../../outside.bin", "outside the bundle: onnxruntime 1.23 reads it"),
     ("/etc/hostname", "an absolute path"),
@@ -299,11 +311,7 @@ def test_a_graph_that_reads_a_file_the_manifest_does_not_list_is_refused(tmp_pat
     assert sorted(external_files(graph)) == sorted(onnx_says) == ["decoder.onnx.data"]
     load_bundle(bundle)
     (bundle / "stages" / "extra.bin").write_bytes((bundle / "stages" / "decoder.onnx.data").read_bytes())
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save_model(proto, str(graph))
+    _set_location(graph, location)
     _relist(bundle, "stages/decoder.onnx")      # the manifest agrees with the edited graph: only the graph tells
     with pytest.raises(BundleError, match=rf"stage 'decoder' \(stages/decoder.onnx\): its graph reads external data "
                                           rf"from '{location}' \(tensor 'w_key'\), which is not one of the stage's "
@@ -313,16 +321,8 @@ def test_a_graph_that_reads_a_file_the_manifest_does_not_list_is_refused(tmp_pat
 
 def test_a_location_written_otherwise_names_the_same_listed_file(tmp_path):
     """'./decoder.onnx.data' is the file the exporter lists as stages/decoder.onnx.data (and onnxruntime reads)."""
-    import onnx
-
     bundle = write_tiny_bundle(tmp_path / "b", external_data=True)
-    graph = bundle / "stages" / "decoder.onnx"
-    proto = onnx.load(str(graph), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "./decoder.onnx.data"
-    onnx.save_model(proto, str(graph))
+    _set_location(bundle / "stages" / "decoder.onnx", "./decoder.onnx.data")
     _relist(bundle, "stages/decoder.onnx")
     load_bundle(bundle)
 

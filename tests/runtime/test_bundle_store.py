@@ -136,20 +136,12 @@ def test_a_manifest_rewritten_during_the_copy_is_not_installed(tmp_path, monkeyp
 
 
 def test_a_source_whose_graph_reads_an_unlisted_file_is_named_not_blamed_on_the_storage(tmp_path):
-    import onnx
-
-    from tests.runtime.test_bundle import _relist
+    from tests.runtime.test_bundle import _relist, _set_location
 
     store = BundleStore(tmp_path / "store")
     src = write_tiny_bundle(tmp_path / "src", external_data=True)
-    graph = src / "stages" / "decoder.onnx"
     (src / "stages" / "extra.bin").write_bytes((src / "stages" / "decoder.onnx.data").read_bytes())
-    proto = onnx.load(str(graph), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "extra.bin"
-    onnx.save_model(proto, str(graph))
+    _set_location(src / "stages" / "decoder.onnx", "extra.bin")
     _relist(src, "stages/decoder.onnx")
     with pytest.raises(BundleError) as refused:
         store.flash(src)
