@@ -11,6 +11,11 @@ from edgeact.runtime.errors import ConfigError, EdgeactError
 log = logging.getLogger(__name__)
 
 
+# A joint read this far outside its limits at the start still starts: one resting on its end stop may read a tick or
+# two past the calibrated end (0.0015 rad a tick on 12-bit servos); the first commands walk it back in. The safety
+# layer's start check and a serial bus's torque-on (a motor's own limit registers) both allow it.
+START_TOLERANCE_RAD = 0.02
+
 class MotorBusError(EdgeactError):
     """A bus or motor failure, translated at the boundary into words that name the fix."""
 

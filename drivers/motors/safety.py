@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgeact.drivers.motors.bus import BusWrapper, MotorBusError, MotorsBus
+from edgeact.drivers.motors.bus import START_TOLERANCE_RAD, BusWrapper, MotorBusError, MotorsBus
 from edgeact.drivers.motors.watchdog import Watchdog
 from edgeact.runtime.errors import ConfigError
 
@@ -45,9 +45,6 @@ SAFE_STATES = ("hold", "torque_off", "stop")
 # tables but one (xl330-m077, 39 rad/s, a gripper servo), and ~190 rpm for the Damiao models, whose table gives only
 # their velocity field's range (8-280 rad/s). A robot config also refuses a limit above its own motors' top speed.
 MAX_VELOCITY_LIMIT_RAD_S = 20.0
-# A joint read this far outside its limits at the start still starts: one resting on its end stop may read a tick or
-# two past the calibrated end (0.0015 rad a tick on 12-bit servos); the first commands walk it back in.
-START_TOLERANCE_RAD = 0.02
 
 
 @dataclass

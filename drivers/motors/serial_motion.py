@@ -5,7 +5,7 @@ import logging
 import math
 import time
 
-from edgeact.drivers.motors.bus import MotorBusError, MotorCalibration, MotorState
+from edgeact.drivers.motors.bus import START_TOLERANCE_RAD, MotorBusError, MotorCalibration, MotorState
 from edgeact.drivers.motors.serial_types import (WATCHDOG_UNIT_S, ModelSpec, MotorConfigError, MotorPortError,
                                                  Register)
 
@@ -224,17 +224,25 @@ class SerialMotion:
             return
         got = self._sync_read_registers(["goal_position"], list(goals))["goal_position"]
         wrong = [n for n in goals if got[n] != goals[n]]
-        # A Feetech takes a goal beyond them and clamps it: at torque on the joint would drive to the limit.
-        beyond = {n: self._position_limit_raw[n] for n in goals if n not in wrong and n in self._position_limit_raw
-                  and not self._position_limit_raw[n][0] <= goals[n] <= self._position_limit_raw[n][1]}
+        # A Feetech takes a goal beyond them and clamps it: at torque on the joint would drive to the limit. A tick or
+        # two past (a joint resting on its end stop; the safety layer's start tolerance) is walked back in, as before.
+        beyond = {}
+        for n in goals:
+            if n in wrong or n not in self._position_limit_raw:
+                continue
+            (lo, hi), slack = self._position_limit_raw[n], START_TOLERANCE_RAD / self._motor(n)[1].rad_per_tick
+            if not lo - slack <= goals[n] <= hi + slack:
+                beyond[n] = (lo, hi)
         if beyond and not wrong:
             raise MotorBusError(
                 f"{self.describe_ids([self.motors[n].id for n in beyond])} would move the instant torque came on ("
                 + ", ".join(f"'{n}' reads {goals[n]}, beyond its position limit registers [{lo}, {hi}]"
+                            + (" and its calibrated range" if self._limits_cover_calibration(n) else "")
                             for n, (lo, hi) in beyond.items())
                 + "): the motor clamps the holding goal to them and drives there at full speed, so torque stays off. "
-                "Turn the joint back within them by hand, or widen them (with torque off) to cover the calibrated "
-                "range")
+                "Turn the joint back within them by hand"
+                + ("" if all(self._limits_cover_calibration(n) for n in beyond) else
+                   ", or widen them (with torque off) to cover the calibrated range"))
         if wrong:
             raise MotorBusError(
                 f"{self.describe_ids([self.motors[n].id for n in wrong])} did not take the goal of holding where "
@@ -243,6 +251,11 @@ class SerialMotion:
                 + "); torque stays off, so nothing jumps to the older goal. A motor refuses a goal outside its own "
                 "position limit registers (min/max_position_limit): turn the joint back within them by hand, or "
                 "widen them (with torque off) to cover the calibrated range")
+
+    def _limits_cover_calibration(self, name: str) -> bool:
+        """Whether the joint's limit registers (cached) hold its whole calibrated range."""
+        cal, limits = self.calibration.get(name), self._position_limit_raw.get(name)
+        return cal is not None and limits is not None and limits[0] <= cal.range_min and cal.range_max <= limits[1]
 
     def _stop_wheels(self, names: list[str]) -> None:
         self.sync_write("goal_velocity", {n: 0 for n in names if self.motors[n].mode == "velocity"})
@@ -336,7 +349,8 @@ class SerialMotion:
         """Read (one sync read) and cache the Min/Max Position Limit registers of the position-mode `names`; returns
         {joint: the words saying so} for each calibrated joint whose registers are narrower than its calibrated range.
 
-        A pair with min >= max sets no limit (a Feetech's 0/0; the simulated Feetech clamps only where min < max).
+        A pair with min >= max sets no limit on a Feetech (its 0/0; the simulated Feetech clamps only where min < max);
+        a Dynamixel refuses every goal outside it, so there it allows none: said, not cached (no clamp can help).
         EEPROM: they hold while torque is on, so connect, enable_torque and write() read them, never send."""
         joints = [n for n in names if self.motors[n].mode == "position"
                   and all(r in self._motor(n)[1].registers for r in POSITION_LIMITS)]
@@ -348,6 +362,11 @@ class SerialMotion:
                 continue
             low, high = (got[r][name] for r in POSITION_LIMITS)
             if low >= high:
+                if self.codec.name == "dynamixel":
+                    narrow[name] = (f"{self.describe_ids([self.motors[name].id])}: its position limit registers are "
+                                    f"min {low} >= max {high}, so it refuses every goal (Data Limit Error): set "
+                                    "min_position_limit below max_position_limit, around the calibrated range, with "
+                                    "torque off (e.g. Dynamixel Wizard)")
                 continue
             self._position_limit_raw[name] = (low, high)
             cal = self.calibration.get(name)

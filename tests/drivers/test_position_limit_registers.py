@@ -143,3 +143,40 @@ def test_edgeact_check_shows_registers_narrower_than_the_range_as_a_warning_row(
         "calibrated range [1024, 3072]") and "goals are clamped to [1024, 2900]" in rows[0]
     assert "goes limp" not in rows[0]
     assert not [i for i in sim.received if i.code in (PacketCodec.WRITE, PacketCodec.SYNC_WRITE)]
+
+
+def test_a_feetech_joint_a_tick_past_registers_equal_to_its_range_still_turns_torque_on(start_sim, bus_for):
+    """Registers set to the calibrated range (as a calibration tool may write them), the joint resting on its end stop
+    a tick past it: it started before (the motor walks it back in), as the safety layer's start tolerance allows."""
+    sim = start_sim("feetech", ids=[1, 2])
+    for limit, value in (("min_position_limit", 1000), ("max_position_limit", 3500)):
+        sim.servo(2).set_saved(limit, value)
+    sim.servo(2).position_ticks = 999
+    with bus_for(sim, arm_motors("feetech", ids=(1, 2)), calibrated("shoulder", "elbow")) as bus:
+        bus.enable_torque()
+        assert [sim.register(i, "torque_enable") for i in (1, 2)] == [1, 1]
+    sim.servo(2).position_ticks = 900           # far past both: refused, and the fix is not to widen them
+    with bus_for(sim, arm_motors("feetech", ids=(1, 2)), calibrated("shoulder", "elbow")) as bus:
+        with pytest.raises(MotorBusError) as refused:
+            bus.enable_torque()
+    said = str(refused.value)
+    assert "'elbow' reads 900, beyond its position limit registers [1000, 3500] and its calibrated range" in said
+    assert said.endswith("Turn the joint back within them by hand") and "widen" not in said
+
+
+def test_dynamixel_limit_registers_that_allow_no_goal_are_said(start_sim, bus_for, caplog):
+    """min >= max sets no limit on a Feetech; a Dynamixel refuses every goal then (silently, in a sync write)."""
+    sim = start_sim("dynamixel", ids=[1, 2])
+    sim.servo(2).set_saved("min_position_limit", 3000)
+    sim.servo(2).set_saved("max_position_limit", 1000)
+    bus = bus_for(sim, arm_motors("dynamixel", ids=(1, 2)), calibrated("shoulder", "elbow"))
+    said = bus.connect_read_only()
+    bus.disconnect(False)
+    assert len(said) == 1 and "motor 'elbow' (id 2): its position limit registers are min 3000 >= max 1000, so it " \
+                              "refuses every goal" in said[0]
+    feetech = start_sim("feetech", ids=[1, 2])
+    feetech.servo(2).set_saved("min_position_limit", 0)
+    feetech.servo(2).set_saved("max_position_limit", 0)
+    bus = bus_for(feetech, arm_motors("feetech", ids=(1, 2)), calibrated("shoulder", "elbow"))
+    assert bus.connect_read_only() == []        # a Feetech's 0/0: no limit
+    bus.disconnect(False)
