@@ -20,12 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from edgeact.runtime import stage_io as io
 from edgeact.runtime.errors import BundleError, ConfigError, EdgeactError
+from edgeact.runtime.protobuf_wire import fields, varint
 # One budget for every report: resident memory <= 1.3 x the bundle's bytes + 300 MB.
 from edgeact.runtime.telemetry import MEMORY_BUDGET_EXTRA_BYTES, MEMORY_BUDGET_FACTOR
 
@@ -136,11 +136,11 @@ def onnx_initializers(path: str | Path) -> list[Initializer]:
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graphs = [value for number, wire, value in _fields(buf, 0, len(buf)) if number == 7 and wire == 2]
+            graphs = [value for number, wire, value in fields(buf, 0, len(buf)) if number == 7 and wire == 2]
             if not graphs:
                 raise BundleError(f"{path}: no graph in this file; is it an ONNX model? re-export the bundle")
             tensors, consumers, packed = [], {}, {}
-            for number, wire, value in _fields(buf, *graphs[-1]):
+            for number, wire, value in fields(buf, *graphs[-1]):
                 if number == 5 and wire == 2:                # GraphProto.initializer
                     tensors.append(_tensor(buf, *value))
                 elif number == 1 and wire == 2:              # GraphProto.node
@@ -162,50 +162,17 @@ def onnx_initializers(path: str | Path) -> list[Initializer]:
     return out
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object]]:
-    """(field number, wire type, value) of one protobuf message: ints for varints, (start, end) spans otherwise."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield number, wire, value
-            continue
-        if wire == 2:
-            size, pos = _varint(buf, pos)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"protobuf wire type {wire} at byte {pos}")
-        yield number, wire, (pos, pos + size)
-        pos += size
-    if pos != end:
-        raise ValueError(f"a message overruns its {end - start} bytes")
-
-
 def _tensor(buf, start: int, end: int) -> tuple[str, int, tuple[int, ...]]:
     """TensorProto: dims (1, packed or not), data_type (2), name (8)."""
     name, dtype, dims = "", 0, []
-    for number, wire, value in _fields(buf, start, end):
+    for number, wire, value in fields(buf, start, end):
         if number == 1:
             if wire == 0:
                 dims.append(value)
             else:
                 pos, stop = value
                 while pos < stop:
-                    dim, pos = _varint(buf, pos)
+                    dim, pos = varint(buf, pos, stop)
                     dims.append(dim)
         elif number == 2 and wire == 0:
             dtype = value
@@ -217,7 +184,7 @@ def _tensor(buf, start: int, end: int) -> tuple[str, int, tuple[int, ...]]:
 def _node(buf, start: int, end: int) -> tuple[str, list[str], int]:
     """NodeProto: inputs (1), op_type (4), and the int attribute `bits` (5: AttributeProto name 1, i 3; default 4)."""
     op, inputs, bits = "", [], 4
-    for number, wire, value in _fields(buf, start, end):
+    for number, wire, value in fields(buf, start, end):
         if wire != 2:
             continue
         if number in (1, 4):
@@ -227,7 +194,7 @@ def _node(buf, start: int, end: int) -> tuple[str, list[str], int]:
             else:
                 op = text
         elif number == 5:
-            attribute = {n: v for n, w, v in _fields(buf, *value) if n in (1, 3)}
+            attribute = {n: v for n, w, v in fields(buf, *value) if n in (1, 3)}
             name = attribute.get(1)
             if isinstance(name, tuple) and bytes(buf[name[0]:name[1]]) == b"bits" and isinstance(attribute.get(3), int):
                 bits = attribute[3]

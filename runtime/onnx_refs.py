@@ -5,10 +5,9 @@ the inference engine reads, though, is what the graph names: a location the mani
 beside it, `../../x`, an absolute path) would be read unchecked, and onnxruntime 1.23 (JetPack 6's) follows such
 paths. `external_files` lists them so that the loader can hold them to the manifest.
 
-The runtime has no `onnx` package (the robot carries onnxruntime only), and protobuf's Python messages would copy
-every inline weight to walk the graph; so the few fields on the way to a tensor's external data are read here
-from the protobuf wire format (https://protobuf.dev/programming-guides/encoding/), on a memory map, skipping
-weights without reading them. The field numbers are onnx.proto's (onnx/onnx.proto, IR version 10).
+The runtime has no `onnx` package (the robot carries onnxruntime only): the few fields on the way to a tensor's
+external data are read from the wire format on a memory map (runtime/protobuf_wire.py), skipping weights unread.
+The field numbers are onnx.proto's (onnx/onnx.proto, IR version 10).
 """
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ import mmap
 from pathlib import Path
 
 from edgeact.runtime.errors import BundleError
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+from edgeact.runtime.protobuf_wire import LEN, VARINT, WireError, fields
 
 # message -> {field number: message it holds}: only the paths that lead to a TensorProto
 _MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION = range(7)
@@ -33,53 +31,17 @@ _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 8, 13, 14   # name, external_
 _EXTERNAL = 1                                                   # TensorProto.DataLocation.EXTERNAL
 
 
-class _Corrupt(Exception):
-    pass
-
-
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Corrupt
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf, pos: int, end: int):
-    """(field number, wire type, value: an int, or the (start, end) of a length-delimited field)."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            value, pos = _varint(buf, pos, end)
-        elif wire == _LEN:
-            size, pos = _varint(buf, pos, end)
-            value, pos = (pos, pos + size), pos + size
-        elif wire in (_I64, _I32):
-            value, pos = None, pos + (8 if wire == _I64 else 4)
-        else:
-            raise _Corrupt
-        if pos > end:
-            raise _Corrupt
-        yield number, wire, value
-
-
 def _tensor_locations(buf, start: int, end: int) -> tuple[str, list[str]]:
     """A TensorProto's (name, the location values of its external data when its data lies outside)."""
     name, locations, external = "", [], False
-    for number, wire, value in _fields(buf, start, end):
-        if number == _TENSOR_NAME and wire == _LEN:
+    for number, wire, value in fields(buf, start, end):
+        if number == _TENSOR_NAME and wire == LEN:
             name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
-        elif number == _TENSOR_LOCATION and wire == _VARINT:
+        elif number == _TENSOR_LOCATION and wire == VARINT:
             external = value == _EXTERNAL
-        elif number == _TENSOR_EXTERNAL and wire == _LEN:
+        elif number == _TENSOR_EXTERNAL and wire == LEN:
             entry = {n: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
-                     for n, w, v in _fields(buf, *value) if w == _LEN and n in (1, 2)}
+                     for n, w, v in fields(buf, *value) if w == LEN and n in (1, 2)}
             if entry.get(1) == "location":
                 locations.append(entry.get(2, ""))
     return name, [""] if external and not locations else locations     # "": external, with no location
@@ -103,10 +65,10 @@ def external_files(onnx_path: str | Path) -> dict[str, list[str]]:
                             found.setdefault(location, []).append(name)
                         continue
                     paths = _PATHS[kind]
-                    for number, wire, value in _fields(buf, start, end):
-                        if wire == _LEN and number in paths:
+                    for number, wire, value in fields(buf, start, end):
+                        if wire == LEN and number in paths:
                             stack.append((paths[number], *value))
-            except _Corrupt:
+            except (WireError, IndexError):
                 raise BundleError(f"{path}: not a readable ONNX graph (its protobuf encoding is broken); the file is "
                                   "corrupt: copy the bundle again") from None
     return found
