@@ -35,8 +35,6 @@ from edgeact.export.train_reference_data import (  # noqa: E402
 TINY = dict(size="tiny", batch_size=2, lr=3e-3, warmup_steps=2, held_out_fraction=0.34, eval_samples=4)
 
 
-
-
 def test_pooled_depth_codes_stand_in():
     low, high = DEPTH_RANGE_M
     depth = np.full((48, 64), low + (high - low) * 0.5, dtype=np.float32)

@@ -22,8 +22,6 @@ from edgeact.runtime.errors import ConfigError  # noqa: E402
 TINY = dict(size="tiny", batch_size=2, lr=3e-3, warmup_steps=2, held_out_fraction=0.34, eval_samples=0)
 
 
-
-
 @pytest.fixture(scope="module")
 def pooled_ckpt(demos, tmp_path_factory):
     """A checkpoint trained on the pooled stand-in's depth codes (its training_log.json says "pooled")."""
