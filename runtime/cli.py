@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.handler(args)
     except KeyboardInterrupt as exc:
-        from edgeact.runtime.errors import Terminated
+        from edgeact.runtime.errors import Terminated, interrupt_status
 
         print("interrupted", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130      # 128 + the signal, as a shell reports it
+        return interrupt_status(isinstance(exc, Terminated))
     except Exception as exc:  # the boundary: turn errors into one clear line unless --verbose
         if args.verbose or not _is_user_error(exc):
             raise

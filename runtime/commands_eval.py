@@ -118,11 +118,10 @@ def _eval(args) -> int:
                     f"no episode finished; {json_path} says so (\"interrupted\": true, no episodes)")
         why = f" ({stop})" if str(stop) else ""
         console.print(f"interrupted{why}: {finished}")
-        from edgeact.runtime.errors import Terminated
+        from edgeact.runtime.errors import Terminated, interrupt_status
 
         cause = stop.__cause__
-        sigterm = isinstance(cause, Terminated) or getattr(cause, "terminated", False)
-        return 143 if sigterm else 130      # 128 + the signal, as a shell says
+        return interrupt_status(isinstance(cause, Terminated) or getattr(cause, "terminated", False))
     except Exception:   # evaluate marked the report ("interrupted": true, "error"); the CLI reports the error itself
         if written:
             done = len(written)

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Iterator
 from edgeact.runtime.cli_args import (console as _console, positive_float, positive_int, write_config_file,
                                       write_json_file)
+from edgeact.runtime.errors import interrupt_status
 
 DEMO_SECONDS = 10.0
 DEMO_POLICIES = ("scripted", "bundle")   # demo.DEMO_POLICIES, kept here so --help stays light
 DEMO_ROBOTS = ("simple", "mujoco")       # demo.DEMO_ROBOTS
 DEMO_TEMPLATES = ("move_to", "push_left", "push_right")     # drivers.sim.task.TEMPLATES (no mujoco import for --help)
-EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_ESTOP = 130, 143, 3     # 128 + SIGINT, 128 + SIGTERM (the shell's)
+EXIT_ESTOP = 3
 CHECK_HINT = "`edgeact check {config}` lists everything that stops a run at once, without moving anything"
 
 
@@ -241,7 +242,7 @@ def _measure_and_report(config, seconds: float, out_dir: Path, name: str, record
         status = _unless_output_lost(_finish(run.result, console), run.json_note, "--out")
     if late:
         console.print(f"{signal.Signals(late[-1]).name} during the report: it was finished first")
-        return EXIT_TERMINATED if late[-1] == signal.SIGTERM else EXIT_INTERRUPTED
+        return interrupt_status(late[-1] == signal.SIGTERM)
     return status
 
 
@@ -323,7 +324,7 @@ def _finish(result, console) -> int:
     if result.reason == "interrupt" or getattr(result, "interrupted_late", False):   # Ctrl-C, maybe in the teardown
         from edgeact.runtime.loop import terminated
 
-        return EXIT_TERMINATED if terminated(result) else EXIT_INTERRUPTED
+        return interrupt_status(terminated(result))
     if result.reason == "estop":
         return EXIT_ESTOP
     if result.error is not None:

@@ -30,6 +30,14 @@ class Terminated(KeyboardInterrupt):
     and the run says which it was."""
 
 
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM: a command's status, as a shell says
+
+
+def interrupt_status(sigterm: bool) -> int:
+    """The exit status of a command an interrupt ended: SIGTERM's or Ctrl-C's."""
+    return EXIT_TERMINATED if sigterm else EXIT_INTERRUPTED
+
+
 class OutputLostError(EdgeactError):
     """A run's output (a recording, a summary) could not be finished: the robot is as the run left it, the file may
     lack its end."""

@@ -143,14 +143,17 @@ class SerialMotion:
         """Without a bus watchdog of our own: one an earlier run or tool armed may have tripped (register 98 reads
         0xFF), and a tripped motor refuses every goal, the holding one too. Cleared, and said; one left armed but
         not tripped is left as it is (it is not ours)."""
-        watched = [n for n in names if "bus_watchdog" in self._motor(n)[1].registers]
-        if not watched:
-            return
-        tripped = [n for n, v in self.sync_read("bus_watchdog", watched).items() if v == WATCHDOG_TRIPPED]
+        tripped = self._tripped_watchdogs([n for n in names if "bus_watchdog" in self._motor(n)[1].registers])
         if tripped:
             log.warning("the bus watchdog of %s had stopped it (armed by an earlier run or tool, which then fell "
                         "silent); clearing it so the motor takes goals again", ", ".join(tripped))
             self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
+
+    def _tripped_watchdogs(self, names: list[str]) -> list[str]:
+        """Those of `names` whose bus watchdog stopped them (register 98 reads 0xFF): one sync read."""
+        if not names:
+            return []
+        return [n for n, v in self.sync_read("bus_watchdog", names).items() if v == WATCHDOG_TRIPPED]
 
     def _write_goals(self, register: str, raws: dict[str, int]) -> None:
         """Goals in one sync write, after re-arming motors whose bus watchdog may have tripped meanwhile.
@@ -165,13 +168,12 @@ class SerialMotion:
         with self._lock:
             now = time.monotonic()
             stale = [n for n in raws if now - self._watchdog_fed_s.get(n, now) > units * WATCHDOG_UNIT_S / 2]
-            if stale:
-                tripped = [n for n, v in self.sync_read("bus_watchdog", stale).items() if v == WATCHDOG_TRIPPED]
-                if tripped:
-                    log.warning("bus watchdog stopped %s (the host was silent over %.2f s); clearing and "
-                                "re-arming it", ", ".join(tripped), units * WATCHDOG_UNIT_S)
-                    self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
-                    self.sync_write("bus_watchdog", dict.fromkeys(tripped, units))
+            tripped = self._tripped_watchdogs(stale)
+            if tripped:
+                log.warning("bus watchdog stopped %s (the host was silent over %.2f s); clearing and "
+                            "re-arming it", ", ".join(tripped), units * WATCHDOG_UNIT_S)
+                self.sync_write("bus_watchdog", dict.fromkeys(tripped, 0))
+                self.sync_write("bus_watchdog", dict.fromkeys(tripped, units))
             self.sync_write(register, raws)
             self._watchdog_fed_s.update(dict.fromkeys(raws, time.monotonic()))
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edgeact.runtime import commands_loop, loop_events
+from edgeact.runtime import commands_loop, errors, loop_events
 from edgeact.runtime.demo import measure
 from edgeact.runtime.errors import ConfigError, EdgeactError
 from edgeact.runtime.loop_events import Subscriber
@@ -255,7 +255,7 @@ def test_an_interrupt_while_the_report_is_made_waits_for_its_end(tmp_path, monke
         return tables(summary)
 
     monkeypatch.setattr(commands_loop, "_summary_tables", interrupted_tables)
-    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == commands_loop.EXIT_INTERRUPTED
+    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == errors.EXIT_INTERRUPTED
     out = capsys.readouterr().out
     assert "motors now:" in out and "SIGINT during the report: it was finished first" in out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # put back
@@ -295,5 +295,5 @@ def test_a_sigterm_in_the_runs_teardown_exits_143(tmp_path, monkeypatch, capsys)
         return real(pid)
 
     monkeypatch.setattr(loop, "peak_rss_bytes", peak_rss_bytes)
-    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == commands_loop.EXIT_TERMINATED
+    assert edgeact("bench", "--out", str(tmp_path), "--seconds", "1") == errors.EXIT_TERMINATED
     assert "motors now:" in capsys.readouterr().out

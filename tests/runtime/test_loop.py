@@ -23,7 +23,7 @@ from edgeact.drivers.motors.feetech import FeetechMotorsBus
 from edgeact.drivers.motors.safety import SafetyError
 from edgeact.drivers.motors.serial_bus import make_serial_bus
 from edgeact.drivers.sim.servo_bus import SimServoBus
-from edgeact.runtime import cli, commands_loop
+from edgeact.runtime import cli, commands_loop, errors
 from edgeact.runtime import loop as loop_module
 from edgeact.runtime.commands_loop import EXIT_ESTOP
 from edgeact.runtime.errors import ConfigError
@@ -284,6 +284,15 @@ def test_stalled_driver_trips_the_control_watchdog_into_the_safe_state(sim):
     assert torque(sim) == [0] * 6
 
 
+def wait_until_running(proc, running, timeout_s: float = 30.0) -> None:
+    """Until `running()` (the subprocess `edgeact run` commanding the arm); it must not have ended meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not running():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "edgeact run did not start commanding the simulated arm"
+        time.sleep(0.05)
+
+
 def test_sigterm_to_the_whole_process_group_still_ends_in_the_safe_state(tmp_path):
     """systemd stops a service with SIGTERM to its whole process group: the simulated motors' process (a robot's
     motors, here) died first and the run could not reach its safe state. Children ignore it; the run stops them."""
@@ -295,11 +304,8 @@ def test_sigterm_to_the_whole_process_group_still_ends_in_the_safe_state(tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path), "--seconds", "60", "--record", str(record)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 40
-        while not record.exists() or record.read_text().count('"event": "command"') < 100:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "edgeact run did not start commanding the simulated arm"
-            time.sleep(0.05)
+        wait_until_running(proc, lambda: record.exists() and record.read_text().count('"event": "command"') >= 100,
+                           40.0)
         os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=40)
     finally:
@@ -318,11 +324,7 @@ def test_sigint_to_edgeact_run_ends_in_the_safe_state(sim, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path), "--record", str(record)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while torque(sim) != [1] * 6 or len(sim.received) < 100:   # running: torque on, commands flowing
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "edgeact run did not start commanding the simulated arm"
-            time.sleep(0.05)
+        wait_until_running(proc, lambda: torque(sim) == [1] * 6 and len(sim.received) >= 100)  # commands flowing
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -343,11 +345,7 @@ def test_sigterm_is_handled_like_ctrl_c(sim, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while torque(sim) != [1] * 6:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "edgeact run did not start"
-            time.sleep(0.05)
+        wait_until_running(proc, lambda: torque(sim) == [1] * 6)
         os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -558,7 +556,7 @@ def test_a_ctrl_c_during_the_teardown_of_a_finished_run_is_reported_not_dropped(
     result = run_robot(robot_config_from_dict(config_data(sim)), 0.5, [CtrlCAtClose()])
     assert result.reason == "duration" and result.interrupted_late
     assert "SIGINT: already stopping" in caplog.text
-    assert commands_loop._finish(result, Console(file=io.StringIO())) == commands_loop.EXIT_INTERRUPTED
+    assert commands_loop._finish(result, Console(file=io.StringIO())) == errors.EXIT_INTERRUPTED
 
 
 def test_a_ctrl_c_right_after_the_loop_ends_does_not_lose_the_result(sim, monkeypatch, caplog):
